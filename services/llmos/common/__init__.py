@@ -1,0 +1,1 @@
+"""Runtime shared by every llmos service: settings, errors, telemetry, server bootstrap."""

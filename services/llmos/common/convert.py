@@ -1,0 +1,147 @@
+"""Conversions of the shared messages (sampling, chat, token chunks) with validation.
+
+The gateway validates public input here; the worker validates its own boundary
+with the same rules. Violations are collected and raised together as one
+INVALID_ARGUMENT with a `BadRequest` listing every field.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from llmos.v1 import common_pb2
+
+from .domain import ChatMessage, Chunk, FinishReason, GenerationInput, SamplingParams, Usage
+from .errors import FieldViolation, InvalidArgument
+
+MAX_PROMPT_CHARS = 1 << 20
+MAX_MESSAGES = 512
+MAX_NEW_TOKENS = 8192
+DEFAULT_MAX_TOKENS = 256
+MAX_STOP_STRINGS = 8
+
+FINISH_TO_PROTO = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+}
+FINISH_FROM_PROTO = {v: k for k, v in FINISH_TO_PROTO.items()}
+
+
+class Violations:
+    """Collects field violations; `raise_if_any` raises them as one InvalidArgument."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            message = "; ".join(f"{v.field}: {v.description}" for v in self.items)
+            raise InvalidArgument(message, reason="INVALID_FIELD", violations=self.items,
+                                  metadata={"field": self.items[0].field})
+
+
+def input_from_proto(request: Any, errors: Violations) -> GenerationInput:
+    """Reads the `prompt` / `messages` pair of a request: exactly one must be set."""
+    has_prompt = request.HasField("prompt")
+    if has_prompt and request.messages:
+        errors.add("prompt", "exactly one of prompt and messages may be set, not both")
+        return GenerationInput()
+    if not has_prompt and not request.messages:
+        errors.add("prompt", "one of prompt and messages is required")
+        return GenerationInput()
+    if has_prompt:
+        if not request.prompt:
+            errors.add("prompt", "must not be empty")
+        elif len(request.prompt) > MAX_PROMPT_CHARS:
+            errors.add("prompt", f"is longer than {MAX_PROMPT_CHARS} characters")
+        return GenerationInput(prompt=request.prompt)
+    if len(request.messages) > MAX_MESSAGES:
+        errors.add("messages", f"at most {MAX_MESSAGES} messages are allowed")
+    total = 0
+    for i, message in enumerate(request.messages):
+        if not message.role or len(message.role) > 64:
+            errors.add(f"messages[{i}].role", "is required, at most 64 characters")
+        if not message.content and message.role != "assistant":
+            errors.add(f"messages[{i}].content", "must not be empty")
+        total += len(message.content)
+    if total > MAX_PROMPT_CHARS:
+        errors.add("messages", f"hold more than {MAX_PROMPT_CHARS} characters")
+    return GenerationInput(messages=tuple(ChatMessage(m.role, m.content) for m in request.messages))
+
+
+def input_to_proto(source: GenerationInput, request: Any) -> None:
+    if source.prompt is not None:
+        request.prompt = source.prompt
+    for message in source.messages:
+        request.messages.add(role=message.role, content=message.content)
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams, errors: Violations,
+                        prefix: str = "sampling") -> SamplingParams:
+    """Validates `SamplingParams` and applies its defaults."""
+    if p.max_tokens < 0 or p.max_tokens > MAX_NEW_TOKENS:
+        errors.add(f"{prefix}.max_tokens", f"must be between 0 and {MAX_NEW_TOKENS}, got {p.max_tokens}")
+    if not (math.isfinite(p.temperature) and 0.0 <= p.temperature <= 2.0):
+        errors.add(f"{prefix}.temperature", f"must be between 0 and 2, got {p.temperature}")
+    if not (math.isfinite(p.top_p) and 0.0 <= p.top_p <= 1.0):
+        errors.add(f"{prefix}.top_p", f"must be in (0, 1] (0 means the default), got {p.top_p}")
+    if p.top_k < 0:
+        errors.add(f"{prefix}.top_k", f"must not be negative, got {p.top_k}")
+    if len(p.stop) > MAX_STOP_STRINGS:
+        errors.add(f"{prefix}.stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+    for i, stop in enumerate(p.stop):
+        if not 1 <= len(stop) <= 256:
+            errors.add(f"{prefix}.stop[{i}]", "must be 1 to 256 characters")
+    penalty = p.repetition_penalty
+    if not (math.isfinite(penalty) and (penalty == 0.0 or 0.1 <= penalty <= 10.0)):
+        errors.add(f"{prefix}.repetition_penalty", f"must be 0 or between 0.1 and 10, got {penalty}")
+    return SamplingParams(
+        max_tokens=p.max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=float(p.temperature),
+        top_p=float(p.top_p) or 1.0,
+        top_k=int(p.top_k),
+        seed=p.seed if p.HasField("seed") else None,
+        stop=tuple(p.stop),
+        repetition_penalty=float(penalty) or 1.0,
+        logprobs=p.logprobs,
+    )
+
+
+def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
+    p = common_pb2.SamplingParams(
+        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        stop=list(s.stop), repetition_penalty=s.repetition_penalty, logprobs=s.logprobs)
+    if s.seed is not None:
+        p.seed = s.seed
+    return p
+
+
+def usage_to_proto(usage: Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
+                            completion_tokens=usage.completion_tokens)
+
+
+def fill_chunk(message: Any, chunk: Chunk) -> Any:
+    """Copies a chunk into a `GenerateResponse` or `GenerateTokensResponse`."""
+    message.text = chunk.text
+    message.token_ids.extend(chunk.token_ids)
+    message.logprobs.extend(chunk.logprobs)
+    message.finish_reason = FINISH_TO_PROTO[chunk.finish_reason]
+    if chunk.usage is not None:
+        message.usage.CopyFrom(usage_to_proto(chunk.usage))
+    return message
+
+
+def chunk_from_proto(message: Any) -> Chunk:
+    usage = None
+    if message.HasField("usage"):
+        usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens)
+    return Chunk(text=message.text, token_ids=list(message.token_ids),
+                 logprobs=list(message.logprobs),
+                 finish_reason=FINISH_FROM_PROTO.get(message.finish_reason), usage=usage)

@@ -1,0 +1,63 @@
+"""Plain data shared by the cores of several services (no grpc, no protobuf)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.Enum):
+    """Why a generation ended; mirrors `llmos.v1.FinishReason`."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated sampling settings with defaults applied (see `SamplingParams` in the proto)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+    logprobs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """What to generate from: exactly one of `prompt` and `messages` is set."""
+
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] = ()
+
+
+@dataclass
+class Chunk:
+    """A piece of a token stream; the last one has `finish_reason` and `usage`."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None

@@ -1,0 +1,45 @@
+"""Model references: "name" or "name:tag"."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InvalidArgument
+
+DEFAULT_TAG = "latest"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True, order=True)
+class ModelRef:
+    name: str
+    tag: str = DEFAULT_TAG
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.tag}"
+
+
+def parse_model_ref(value: str, field: str = "model") -> ModelRef:
+    """Parses and validates "name[:tag]"; raises InvalidArgument naming `field`."""
+    if not value:
+        raise InvalidArgument.field(field, "is required", reason="MISSING_FIELD")
+    name, _, tag = value.partition(":")
+    return ModelRef(check_name(name, field), check_tag(tag or DEFAULT_TAG, field))
+
+
+def check_name(name: str, field: str = "name") -> str:
+    if not _NAME.match(name):
+        raise InvalidArgument.field(
+            field, f"model name {name[:140]!r} must be 1-128 of a-z, 0-9, '.', '_', '-', "
+                   "starting with a letter or digit", reason="INVALID_MODEL_NAME")
+    return name
+
+
+def check_tag(tag: str, field: str = "tag") -> str:
+    if not _TAG.match(tag):
+        raise InvalidArgument.field(
+            field, f"tag {tag[:80]!r} must be 1-64 of A-Z, a-z, 0-9, '.', '_', '-'",
+            reason="INVALID_MODEL_TAG")
+    return tag

@@ -1,0 +1,107 @@
+"""Server bootstrap shared by every service.
+
+`ServiceHost` builds a `grpc.aio` server with the tracing and error interceptors,
+serves `grpc.health.v1.Health` and server reflection, and binds its listen
+address (port 0 picks a free port). `run_service` runs a host until SIGTERM or
+SIGINT, then marks every service NOT_SERVING, drains in-flight calls within a
+grace period, runs the service's own cleanup and returns, so the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
+
+from .status import ErrorInterceptor
+from .telemetry import server_interceptor
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class ServiceHost:
+    """One gRPC server with health, reflection and the shared interceptors."""
+
+    def __init__(self, name: str, listen: str, provider: TracerProvider) -> None:
+        self.name = name
+        self.listen = listen
+        self.provider = provider
+        self.server = grpc.aio.server(
+            interceptors=[server_interceptor(provider), ErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._services: list[str] = []
+        self.address = ""
+
+    def add(self, service_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
+        """Registers a servicer; `service_name` is its full proto name."""
+        register(self.server)
+        self._services.append(service_name)
+
+    async def start(self) -> str:
+        """Binds, starts, marks every service SERVING; returns the bound "host:port"."""
+        reflection.enable_server_reflection(
+            [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        host = self.listen.rsplit(":", 1)[0]
+        port = self.server.add_insecure_port(self.listen)
+        if port == 0:
+            raise OSError(f"cannot bind {self.listen}")
+        await self.server.start()
+        self.address = f"{host}:{port}"
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s serving on %s", self.name, self.address)
+        return self.address
+
+    async def stop(self, grace: float) -> None:
+        """Marks NOT_SERVING, then lets in-flight calls finish for up to `grace` seconds."""
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+
+    async def _set_all(self, status: int) -> None:
+        for service in ["", *self._services]:
+            await self.health.set(service, status)
+
+
+def write_address_file(path: str, address: str) -> None:
+    """Writes the bound address atomically, so a launcher never reads half of it."""
+    target = Path(path)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(address)
+    os.replace(tmp, target)
+
+
+async def run_service(host: ServiceHost, *, address_file: str = "", grace: float = 10.0,
+                      on_started: Callable[[str], Awaitable[None]] | None = None,
+                      cleanups: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
+    """Runs `host` until SIGTERM or SIGINT, then drains and cleans up."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    address = await host.start()
+    if on_started is not None:
+        await on_started(address)
+    if address_file:
+        write_address_file(address_file, address)
+    await stop.wait()
+    log.info("%s stopping: draining for up to %.1fs", host.name, grace)
+    await host.stop(grace)
+    for cleanup in cleanups:
+        try:
+            await cleanup()
+        except Exception:  # noqa: BLE001 - cleanup must go on
+            log.exception("cleanup failed while stopping %s", host.name)
+    host.provider.shutdown()
+    log.info("%s stopped", host.name)

@@ -1,0 +1,51 @@
+"""Typed settings: frozen dataclasses filled from `LLMOS_<SERVICE>_<FIELD>` variables.
+
+Each service declares one dataclass; its `__main__` calls `from_env` once and
+passes the object down. Nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse(name: str, raw: str, kind: type) -> object:
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError(raw)
+        if kind in (int, float, str):
+            return kind(raw)
+        if typing.get_origin(kind) is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{name}: cannot read {raw!r} as {kind}") from None
+    raise TypeError(f"unsupported settings type {kind!r} for {name}")
+
+
+def from_env(cls: type[T], service: str, environ: Mapping[str, str] | None = None,
+             **overrides: object) -> T:
+    """Builds `cls` from `LLMOS_<SERVICE>_<FIELD>` variables, then `overrides`."""
+    env = os.environ if environ is None else environ
+    prefix = f"LLMOS_{service.upper()}_"
+    hints = typing.get_type_hints(cls)
+    values: dict[str, object] = {}
+    for field in dataclasses.fields(cls):
+        key = prefix + field.name.upper()
+        if key in env:
+            values[field.name] = _parse(key, env[key], hints[field.name])
+    values.update(overrides)
+    return cls(**values)

@@ -1,0 +1,132 @@
+"""The one place where typed errors meet gRPC statuses.
+
+`ErrorInterceptor` turns whatever a handler raises into a `google.rpc.Status` with
+`ErrorInfo` (and `BadRequest` / `RetryInfo` where they fit); anything unexpected
+becomes INTERNAL with a generic message and a logged traceback, never UNKNOWN.
+`from_rpc_error` reads such a status back from a failed call to another llmos
+service, so the code and reason pass through every hop unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from .errors import DOMAIN, FieldViolation, LlmosError, RemoteError
+
+log = logging.getLogger(__name__)
+
+_PASSED_THROUGH = {
+    grpc.StatusCode.CANCELLED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED,
+    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+def to_status(error: LlmosError) -> status_pb2.Status:
+    """Builds the rich status for a typed error."""
+    code = grpc.StatusCode[error.code]
+    status = status_pb2.Status(code=code.value[0], message=error.message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=DOMAIN, metadata=error.metadata))
+    violations = getattr(error, "violations", None)
+    if violations:
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in violations]))
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after * 1e9))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> LlmosError:
+    """Reads a failed call's status (with its details) back into a typed error."""
+    code = exc.code()
+    if code not in _PASSED_THROUGH:
+        return RemoteError("INTERNAL", "internal error in a downstream service",
+                           reason="INTERNAL", metadata={})
+    reason, metadata, violations, retry_after = code.name, {}, [], None
+    for key, value in exc.trailing_metadata() or ():
+        if key != rpc_status.GRPC_DETAILS_METADATA_KEY:
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                retry_after = info.retry_delay.ToNanoseconds() / 1e9
+    return RemoteError(code.name, exc.details() or code.name.lower(), reason=reason,
+                       metadata=metadata, violations=violations, retry_after=retry_after)
+
+
+def _as_status(exc: BaseException, method: str) -> status_pb2.Status:
+    if isinstance(exc, LlmosError):
+        return to_status(exc)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return to_status(from_rpc_error(exc))
+    log.error("unexpected error in %s", method, exc_info=exc)
+    return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    status = _as_status(exc, method)
+    log.debug("%s failed with code %d: %s", method, status.code, status.message)
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by unary-unary and unary-stream handlers to rich statuses."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behavior(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every error must become a status
+                    await _abort(context, exc, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            stream_behavior = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    async for item in stream_behavior(request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await _abort(context, exc, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler

@@ -1,0 +1,68 @@
+"""OpenTelemetry and logging setup for one service process.
+
+Every service names itself `llmos-<service>`. Spans are exported over OTLP when
+`OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set;
+`OTEL_EXPORTER_OTLP_PROTOCOL` picks `grpc` (default) or `http/protobuf`, and the
+other `OTEL_*` variables (sampler, batch delays, headers) work as the SDK defines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [trace=%(otel_trace_id)s span=%(otel_span_id)s] %(message)s"
+
+
+def make_tracer_provider(service: str, environ: Mapping[str, str] | None = None) -> TracerProvider:
+    """A tracer provider for `llmos-<service>`, exporting over OTLP when configured."""
+    env = os.environ if environ is None else environ
+    provider = TracerProvider(resource=Resource.create({"service.name": f"llmos-{service}"}))
+    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        if protocol.startswith("http"):
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
+
+
+def _not_plumbing() -> object:
+    """Traces every RPC but health checks and reflection, which are noise in a trace viewer."""
+    return filters.negate(filters.any_of(filters.health_check(),
+                                         filters.service_prefix("grpc.reflection")))
+
+
+def server_interceptor(provider: TracerProvider) -> object:
+    return aio_server_interceptor(tracer_provider=provider, filter_=_not_plumbing())
+
+
+def client_interceptors(provider: TracerProvider) -> list:
+    return aio_client_interceptors(tracer_provider=provider, filter_=_not_plumbing())
+
+
+class _TraceIds(logging.Filter):
+    """Puts the current trace and span ids on every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = trace.get_current_span().get_span_context()
+        record.otel_trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else "-"
+        record.otel_span_id = format(ctx.span_id, "016x") if ctx.is_valid else "-"
+        return True
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_TraceIds())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

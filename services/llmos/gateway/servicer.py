@@ -1,0 +1,105 @@
+"""gRPC face of the gateway, and its ports to the scheduler and the workers."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+
+import grpc
+
+from llmos.common.channels import Channels
+from llmos.common.convert import (FINISH_TO_PROTO, Violations, chunk_from_proto, fill_chunk,
+                                  input_from_proto, input_to_proto, sampling_from_proto,
+                                  sampling_to_proto, usage_to_proto)
+from llmos.common.domain import Chunk, FinishReason, Usage
+from llmos.common.errors import InvalidArgument
+from llmos.common.names import parse_model_ref
+from llmos.common.status import from_rpc_error
+from llmos.v1 import (gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, worker_pb2,
+                      worker_pb2_grpc)
+
+from .frontdoor import Assignment, FrontDoor, GenerateCall
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+TENANT_HEADER = "x-llmos-tenant"
+
+
+class GrpcScheduler:
+    def __init__(self, channels: Channels, address: str) -> None:
+        self._stub = scheduler_pb2_grpc.SchedulerServiceStub(channels.get(address))
+
+    async def admit(self, call: GenerateCall, request_id: str, timeout: float | None) -> Assignment:
+        try:
+            response = await self._stub.AdmitGeneration(scheduler_pb2.AdmitGenerationRequest(
+                request_id=request_id, model=call.model, tenant=call.tenant, priority=call.priority,
+                max_tokens=call.params.max_tokens), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return Assignment(response.worker_address, response.model)
+
+    async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None) -> None:
+        request = scheduler_pb2.FinishGenerationRequest(request_id=request_id,
+                                                        finish_reason=FINISH_TO_PROTO[reason])
+        if usage is not None:
+            request.usage.CopyFrom(usage_to_proto(usage))
+        try:
+            await self._stub.FinishGeneration(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not report the end of %s to the scheduler: %s", request_id, exc.code().name)
+
+
+class GrpcWorkers:
+    def __init__(self, channels: Channels) -> None:
+        self._channels = channels
+
+    async def generate(self, address: str, request_id: str, model: str, call: GenerateCall,
+                       timeout: float | None) -> AsyncIterator[Chunk]:
+        request = worker_pb2.GenerateTokensRequest(request_id=request_id, model=model,
+                                                   sampling=sampling_to_proto(call.params))
+        input_to_proto(call.source, request)
+        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
+        stream = stub.GenerateTokens(request, timeout=timeout)
+        try:
+            async for response in stream:
+                yield chunk_from_proto(response)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            stream.cancel()
+
+
+def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: str) -> GenerateCall:
+    errors = Violations()
+    model = request.model
+    try:
+        parse_model_ref(model)
+    except InvalidArgument as exc:
+        errors.items.extend(exc.violations)
+    source = input_from_proto(request, errors)
+    params = sampling_from_proto(request.sampling, errors)
+    if not -10 <= request.priority <= 10:
+        errors.add("priority", f"must be between -10 and 10, got {request.priority}")
+    if request.request_id and not _REQUEST_ID.match(request.request_id):
+        errors.add("request_id", "must be 1 to 128 printable ASCII characters without spaces")
+    errors.raise_if_any()
+    return GenerateCall(model, source, params, request.priority, request.request_id, tenant)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, front: FrontDoor) -> None:
+        self.front = front
+
+    async def Generate(self, request, context: grpc.aio.ServicerContext):
+        metadata = dict(context.invocation_metadata() or ())
+        call = call_from_proto(request, str(metadata.get(TENANT_HEADER, "default")))
+        async for request_id, chunk in self.front.generate(call, context.time_remaining()):
+            yield fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
+
+
+def register(host, front: FrontDoor) -> None:
+    servicer = GatewayServicer(front)
+    host.add(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
+             lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server))

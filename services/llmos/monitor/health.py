@@ -1,0 +1,60 @@
+"""The monitor's core: checks every service and worker and sums up the cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+SERVING, NOT_SERVING, UNREACHABLE = "serving", "not_serving", "unreachable"
+
+
+@dataclass(frozen=True)
+class ComponentHealth:
+    component: str
+    address: str
+    state: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterHealth:
+    healthy: bool
+    components: list[ComponentHealth]
+    check_time: float
+
+
+class ProbePort(Protocol):
+    async def check(self, address: str) -> tuple[str, str]:
+        """(state, detail) of the gRPC health check at `address`."""
+
+    async def workers(self) -> list[tuple[str, str]]:
+        """(worker id, address) of every registered worker."""
+
+
+class HealthMonitor:
+    def __init__(self, probe: ProbePort, services: dict[str, str]) -> None:
+        self._probe = probe
+        self._services = services
+
+    async def cluster_health(self) -> ClusterHealth:
+        targets = list(self._services.items())
+        try:
+            targets += [(f"worker/{wid}", address) for wid, address in sorted(await self._probe.workers())]
+        except Exception as exc:  # noqa: BLE001 - the registry's own check reports why
+            targets.append(("workers", ""))
+            workers_error = f"cannot list workers: {exc.__class__.__name__}"
+        else:
+            workers_error = ""
+        results = await asyncio.gather(*(self._probe.check(address) for _, address in targets
+                                         if address))
+        components = []
+        checked = iter(results)
+        for name, address in targets:
+            if not address:
+                components.append(ComponentHealth(name, address, UNREACHABLE, workers_error))
+                continue
+            state, detail = next(checked)
+            components.append(ComponentHealth(name, address, state, detail))
+        return ClusterHealth(all(c.state == SERVING for c in components), components, time.time())

@@ -1,0 +1,59 @@
+"""gRPC face of the monitor, and its probe over gRPC health checks."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmos.common.channels import Channels
+from llmos.v1 import monitor_pb2, monitor_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+from .health import NOT_SERVING, SERVING, UNREACHABLE, HealthMonitor
+
+_STATES = {SERVING: monitor_pb2.ComponentHealth.STATE_SERVING,
+           NOT_SERVING: monitor_pb2.ComponentHealth.STATE_NOT_SERVING,
+           UNREACHABLE: monitor_pb2.ComponentHealth.STATE_UNREACHABLE}
+
+
+class GrpcProbe:
+    def __init__(self, channels: Channels, registry_address: str, timeout: float) -> None:
+        self._channels = channels
+        self._registry = registry_pb2_grpc.RegistryServiceStub(channels.get(registry_address))
+        self._timeout = timeout
+
+    async def check(self, address: str) -> tuple[str, str]:
+        stub = health_pb2_grpc.HealthStub(self._channels.get(address))
+        try:
+            response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            return UNREACHABLE, f"health check failed: {exc.code().name}"
+        if response.status == health_pb2.HealthCheckResponse.SERVING:
+            return SERVING, ""
+        return NOT_SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def workers(self) -> list[tuple[str, str]]:
+        response = await self._registry.ListWorkers(registry_pb2.ListWorkersRequest(),
+                                                    timeout=self._timeout)
+        return [(w.worker_id, w.address) for w in response.workers]
+
+
+class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
+    def __init__(self, monitor: HealthMonitor) -> None:
+        self.monitor = monitor
+
+    async def GetClusterHealth(self, request, context):
+        health = await self.monitor.cluster_health()
+        checked = timestamp_pb2.Timestamp()
+        checked.FromNanoseconds(int(health.check_time * 1e9))
+        return monitor_pb2.GetClusterHealthResponse(
+            healthy=health.healthy, check_time=checked,
+            components=[monitor_pb2.ComponentHealth(component=c.component, address=c.address,
+                                                    state=_STATES[c.state], detail=c.detail)
+                        for c in health.components])
+
+
+def register(host, monitor: HealthMonitor) -> None:
+    servicer = MonitorServicer(monitor)
+    host.add(monitor_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name,
+             lambda server: monitor_pb2_grpc.add_MonitorServiceServicer_to_server(servicer, server))

@@ -1,0 +1,1 @@
+"""The model registry: catalog, model store, memory estimates and placement."""

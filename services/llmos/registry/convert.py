@@ -1,0 +1,31 @@
+"""Registry dataclasses ↔ protobuf messages."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from llmos.v1 import common_pb2
+
+from .models import ModelView, Placement
+
+_FORMATS = {"safetensors": common_pb2.SOURCE_FORMAT_SAFETENSORS, "gguf": common_pb2.SOURCE_FORMAT_GGUF}
+_STATES = {"available": common_pb2.Model.STATE_AVAILABLE, "loading": common_pb2.Model.STATE_LOADING,
+           "ready": common_pb2.Model.STATE_READY, "failed": common_pb2.Model.STATE_FAILED}
+
+
+def placement_to_proto(p: Placement) -> common_pb2.Placement:
+    return common_pb2.Placement(worker_id=p.worker_id, worker_address=p.address,
+                                state=_STATES[p.state], detail=p.detail,
+                                measured_bytes=p.measured_bytes)
+
+
+def model_to_proto(view: ModelView) -> common_pb2.Model:
+    r = view.record
+    created = timestamp_pb2.Timestamp()
+    created.FromNanoseconds(int(r.create_time * 1e9))
+    return common_pb2.Model(
+        name=r.name, tag=r.tag, digest=r.digest, source_format=_FORMATS[r.source_format],
+        source=r.source, architecture=r.architecture, parameter_count=r.parameter_count,
+        dtype=r.dtype, context_length=r.context_length, has_chat_template=r.has_chat_template,
+        create_time=created, estimated_bytes=r.estimated_bytes, state=_STATES[view.state],
+        placements=[placement_to_proto(p) for p in view.placements])

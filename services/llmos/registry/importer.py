@@ -1,0 +1,104 @@
+"""Brings model weights into the model store and describes them for the catalog."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmos.common.errors import FailedPrecondition, InvalidArgument, NotFound
+
+from .weights import PICKLE_SUFFIXES, WeightFacts, read_facts, safetensors_files, sha256_files
+
+log = logging.getLogger(__name__)
+
+# Files a model directory may carry besides its weights; anything else is left behind.
+_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json",
+               "merges.txt", "added_tokens.json")
+
+
+@dataclass(frozen=True)
+class Imported:
+    digest: str
+    source_format: str
+    path: Path
+    facts: WeightFacts
+
+
+class Importer:
+    """Copies safetensors directories and converts GGUF files into `store`/<digest>."""
+
+    def __init__(self, store: Path, python: str = sys.executable) -> None:
+        self.store = store
+        self.python = python
+        store.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def resolve(source: str) -> Path:
+        if not source:
+            raise InvalidArgument.field("source", "is required", reason="MISSING_FIELD")
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise NotFound(f"source {source!r} does not exist", reason="SOURCE_NOT_FOUND",
+                           metadata={"source": source})
+        return path.resolve()
+
+    @staticmethod
+    def source_digest(path: Path) -> tuple[str, str]:
+        """(format, digest) of a source, computed before anything is copied or converted."""
+        if path.is_dir():
+            return "safetensors", sha256_files(safetensors_files(path))
+        if path.suffix == ".gguf":
+            return "gguf", sha256_files([path])
+        if path.suffix in PICKLE_SUFFIXES:
+            raise InvalidArgument.field("source", "is a pickle file, which llmos does not load",
+                                        reason="PICKLE_WEIGHTS_REFUSED")
+        raise InvalidArgument.field("source", "must be a safetensors directory or a .gguf file",
+                                    reason="UNKNOWN_MODEL_FORMAT")
+
+    async def bring_in(self, path: Path, source_format: str, digest: str) -> Imported:
+        """Puts the weights in the store (unless already there) and reads their facts."""
+        target = self.store / digest.removeprefix("sha256:")
+        if not target.exists():
+            staging = target.with_name(target.name + f".staging-{time.monotonic_ns()}")
+            try:
+                if source_format == "gguf":
+                    await self._convert_gguf(path, staging)
+                else:
+                    await asyncio.to_thread(self._copy_dir, path, staging)
+                staging.rename(target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        facts = await asyncio.to_thread(read_facts, target)
+        return Imported(digest, source_format, target, facts)
+
+    @staticmethod
+    def _copy_dir(source: Path, target: Path) -> None:
+        target.mkdir(parents=True)
+        for path in safetensors_files(source):
+            shutil.copyfile(path, target / path.name)
+        for name in _SIDE_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, target / name)
+
+    async def _convert_gguf(self, source: Path, target: Path) -> None:
+        started = time.monotonic()
+        process = await asyncio.create_subprocess_exec(
+            self.python, "-m", "llmos.registry.gguf_convert", str(source), str(target),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            _, stderr = await process.communicate()
+        except asyncio.CancelledError:
+            process.kill()
+            await process.wait()
+            raise
+        if process.returncode != 0:
+            log.error("GGUF conversion of %s failed:\n%s", source, stderr.decode(errors="replace")[-4000:])
+            raise FailedPrecondition(f"could not convert GGUF file {source.name}",
+                                     reason="GGUF_CONVERSION_FAILED")
+        log.info("converted %s to safetensors in %.1fs", source.name, time.monotonic() - started)

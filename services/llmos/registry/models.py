@@ -1,0 +1,168 @@
+"""The registry's core: import into the catalog, and place models on workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from llmos.common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from llmos.common.names import ModelRef, check_name, check_tag, parse_model_ref
+
+from .catalog import Catalog, ModelRecord
+from .importer import Importer
+from .weights import estimate_bytes
+
+log = logging.getLogger(__name__)
+
+LOADING, READY, FAILED = "loading", "ready", "failed"
+
+
+@dataclass
+class Worker:
+    worker_id: str
+    address: str
+    node: str
+
+
+@dataclass
+class Placement:
+    worker_id: str
+    address: str
+    state: str
+    detail: str = ""
+    measured_bytes: int = 0
+
+
+@dataclass
+class ModelView:
+    record: ModelRecord
+    placements: list[Placement] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        states = {p.state for p in self.placements}
+        for candidate in (READY, LOADING, FAILED):
+            if candidate in states:
+                return candidate
+        return "available"
+
+
+class WorkerPort(Protocol):
+    async def start_model(self, address: str, model: str, path: str, estimated_bytes: int) -> int:
+        """Loads the model on the worker; returns the bytes it measured."""
+
+
+class ModelRegistry:
+    def __init__(self, catalog: Catalog, importer: Importer, workers: WorkerPort,
+                 kv_tokens: int = 8192, overhead_bytes: int = 256 << 20) -> None:
+        self.catalog = catalog
+        self.importer = importer
+        self._worker_port = workers
+        self._kv_tokens = kv_tokens
+        self._overhead = overhead_bytes
+        self.workers: dict[str, Worker] = {}
+        self._placements: dict[ModelRef, dict[str, Placement]] = {}
+        self._locks: dict[ModelRef, asyncio.Lock] = {}
+
+    # catalog ---------------------------------------------------------------
+
+    async def import_model(self, name: str, tag: str, source: str) -> tuple[ModelView, bool]:
+        ref = ModelRef(check_name(name, "name"), check_tag(tag or "latest", "tag"))
+        path = self.importer.resolve(source)
+        source_format, digest = await asyncio.to_thread(self.importer.source_digest, path)
+        existing = self.catalog.get(ref)
+        if existing is not None:
+            if existing.digest == digest:
+                return self.view(existing), False
+            raise AlreadyExists(f"model {ref} already holds other weights ({existing.digest[:19]}…)",
+                                reason="MODEL_TAG_TAKEN", metadata={"model": str(ref)})
+        imported = await self.importer.bring_in(path, source_format, digest)
+        facts = imported.facts
+        record = ModelRecord(
+            name=ref.name, tag=ref.tag, digest=digest, source_format=source_format,
+            source=str(path), path=str(imported.path), architecture=facts.architecture,
+            parameter_count=facts.parameter_count, dtype=facts.dtype,
+            context_length=facts.context_length, has_chat_template=facts.has_chat_template,
+            create_time=time.time(),
+            estimated_bytes=estimate_bytes(facts, self._kv_tokens, self._overhead))
+        self.catalog.put(record)
+        log.info("imported %s (%s, %d parameters)", ref, digest[:19], facts.parameter_count)
+        return self.view(record), True
+
+    def get(self, name: str) -> ModelView:
+        ref = parse_model_ref(name, "name")
+        record = self.catalog.get(ref)
+        if record is None:
+            raise NotFound(f"model {ref} is not in the catalog", reason="MODEL_NOT_FOUND",
+                           metadata={"model": str(ref)})
+        return self.view(record)
+
+    def list(self, page_size: int, page_token: str) -> tuple[list[ModelView], str]:
+        if page_size < 0 or page_size > 1000:
+            raise InvalidArgument.field("page_size", "must be between 0 and 1000")
+        size = page_size or 100
+        after = None
+        if page_token:
+            name, sep, tag = page_token.partition(":")
+            if not sep:
+                raise InvalidArgument.field("page_token", "is not a token this service issued",
+                                            reason="INVALID_PAGE_TOKEN")
+            after = (name, tag)
+        records = self.catalog.list(after, size + 1)
+        next_token = f"{records[size - 1].name}:{records[size - 1].tag}" if len(records) > size else ""
+        return [self.view(r) for r in records[:size]], next_token
+
+    def view(self, record: ModelRecord) -> ModelView:
+        return ModelView(record, list(self._placements.get(record.ref, {}).values()))
+
+    # workers and placement -------------------------------------------------
+
+    def register_worker(self, worker_id: str, address: str, node: str) -> None:
+        if not worker_id or len(worker_id) > 128:
+            raise InvalidArgument.field("worker_id", "is required, at most 128 characters")
+        if not address:
+            raise InvalidArgument.field("address", "is required")
+        known = self.workers.get(worker_id)
+        if known is None or known.address != address:
+            log.info("worker %s registered at %s", worker_id, address)
+            for placements in self._placements.values():
+                placements.pop(worker_id, None)
+        self.workers[worker_id] = Worker(worker_id, address, node)
+
+    async def load(self, name: str) -> tuple[ModelView, Placement]:
+        view = self.get(name)
+        ref = view.record.ref
+        lock = self._locks.setdefault(ref, asyncio.Lock())
+        async with lock:
+            placements = self._placements.setdefault(ref, {})
+            ready = [p for p in placements.values() if p.state == READY]
+            if ready:
+                return self.view(view.record), ready[0]
+            worker = self._pick_worker()
+            placement = Placement(worker.worker_id, worker.address, LOADING)
+            placements[worker.worker_id] = placement
+            try:
+                placement.measured_bytes = await self._worker_port.start_model(
+                    worker.address, str(ref), view.record.path, view.record.estimated_bytes)
+            except Exception as exc:
+                placement.state = FAILED
+                placement.detail = getattr(exc, "message", "load failed")
+                raise
+            placement.state = READY
+            log.info("model %s ready on worker %s (%d bytes measured, %d estimated)", ref,
+                     worker.worker_id, placement.measured_bytes, view.record.estimated_bytes)
+            return self.view(view.record), placement
+
+    def _pick_worker(self) -> Worker:
+        if not self.workers:
+            raise Unavailable("no worker is registered", reason="NO_WORKERS")
+        load = {wid: 0 for wid in self.workers}
+        for per_model in self._placements.values():
+            for wid, p in per_model.items():
+                if wid in load and p.state in (READY, LOADING):
+                    load[wid] += 1
+        candidates = sorted(self.workers.values(), key=lambda w: (load[w.worker_id], w.worker_id))
+        return candidates[0]

@@ -1,0 +1,67 @@
+"""gRPC face of the registry."""
+
+from __future__ import annotations
+
+import grpc
+
+from llmos.common.status import from_rpc_error
+from llmos.common.channels import Channels
+from llmos.v1 import registry_pb2, registry_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+from .convert import model_to_proto, placement_to_proto
+from .models import ModelRegistry
+
+
+class GrpcWorkers:
+    """The registry's port to workers, over gRPC."""
+
+    def __init__(self, channels: Channels, load_timeout: float) -> None:
+        self._channels = channels
+        self._timeout = load_timeout
+
+    async def start_model(self, address: str, model: str, path: str, estimated_bytes: int) -> int:
+        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
+        try:
+            response = await stub.StartModel(
+                worker_pb2.StartModelRequest(model=model, path=path, estimated_bytes=estimated_bytes),
+                timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return response.measured_bytes
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    async def ImportModel(self, request, context):
+        view, created = await self.registry.import_model(request.name, request.tag, request.source)
+        return registry_pb2.ImportModelResponse(model=model_to_proto(view), created=created)
+
+    async def GetModel(self, request, context):
+        return registry_pb2.GetModelResponse(model=model_to_proto(self.registry.get(request.name)))
+
+    async def ListModels(self, request, context):
+        views, token = self.registry.list(request.page_size, request.page_token)
+        return registry_pb2.ListModelsResponse(models=[model_to_proto(v) for v in views],
+                                               next_page_token=token)
+
+    async def LoadModel(self, request, context):
+        view, placement = await self.registry.load(request.name)
+        return registry_pb2.LoadModelResponse(model=model_to_proto(view),
+                                              placement=placement_to_proto(placement))
+
+    async def RegisterWorker(self, request, context):
+        self.registry.register_worker(request.worker_id, request.address, request.node)
+        return registry_pb2.RegisterWorkerResponse()
+
+    async def ListWorkers(self, request, context):
+        return registry_pb2.ListWorkersResponse(workers=[
+            registry_pb2.ListWorkersResponse.Worker(worker_id=w.worker_id, address=w.address, node=w.node)
+            for w in sorted(self.registry.workers.values(), key=lambda w: w.worker_id)])
+
+
+def register(host, registry: ModelRegistry) -> None:
+    servicer = RegistryServicer(registry)
+    host.add(registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
+             lambda server: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server))

@@ -1,0 +1,101 @@
+"""Facts read from a model directory without loading it: config, tensors, digest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmos.common.errors import FailedPrecondition, InvalidArgument
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+@dataclass(frozen=True)
+class WeightFacts:
+    architecture: str
+    parameter_count: int
+    weight_bytes: int
+    dtype: str
+    context_length: int
+    has_chat_template: bool
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        if any(p.suffix in PICKLE_SUFFIXES for p in directory.iterdir()):
+            raise InvalidArgument.field("source", "holds pickle weights (.bin/.pt), which llmos "
+                                        "does not load; convert them to safetensors",
+                                        reason="PICKLE_WEIGHTS_REFUSED")
+        raise InvalidArgument.field("source", "holds no *.safetensors files",
+                                    reason="NO_WEIGHTS")
+    return files
+
+
+def _tensor_header(path: Path) -> dict:
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length))
+
+
+def read_facts(directory: Path) -> WeightFacts:
+    """Reads config.json, the safetensors headers and the tokenizer config."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise FailedPrecondition(f"model directory has no readable config.json: {exc.__class__.__name__}",
+                                 reason="BAD_MODEL_CONFIG") from None
+    params = weight_bytes = 0
+    dtypes: dict[str, int] = {}
+    for path in safetensors_files(directory):
+        for name, info in _tensor_header(path).items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            params += count
+            weight_bytes += count * _DTYPE_BYTES.get(info["dtype"], 4)
+            dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + count
+    main_dtype = max(dtypes, key=dtypes.get) if dtypes else "F32"
+    heads = int(config.get("num_attention_heads", 1))
+    hidden = int(config.get("hidden_size", 0))
+    tokenizer_config = {}
+    if (directory / "tokenizer_config.json").exists():
+        tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    return WeightFacts(
+        architecture=(config.get("architectures") or ["unknown"])[0],
+        parameter_count=params,
+        weight_bytes=weight_bytes,
+        dtype=_DTYPE_NAMES.get(main_dtype, main_dtype.lower()),
+        context_length=int(config.get("max_position_embeddings", 2048)),
+        has_chat_template=bool(tokenizer_config.get("chat_template"))
+        or (directory / "chat_template.jinja").exists(),
+        num_layers=int(config.get("num_hidden_layers", 0)),
+        kv_heads=int(config.get("num_key_value_heads", heads)),
+        head_dim=int(config.get("head_dim", hidden // heads if heads else 0)),
+    )
+
+
+def estimate_bytes(facts: WeightFacts, kv_tokens: int, overhead_bytes: int) -> int:
+    """Weights at their stored dtype, a KV cache of `kv_tokens` in bf16, and runtime overhead."""
+    kv_bytes = facts.num_layers * 2 * facts.kv_heads * facts.head_dim * 2 * kv_tokens
+    return facts.weight_bytes + kv_bytes + overhead_bytes

@@ -1,0 +1,1 @@
+"""The resource manager: device inventory and memory leases."""

@@ -1,0 +1,48 @@
+"""Runs the resource manager: settings → core → servicer → serve."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmos.common.server import ServiceHost, run_service
+from llmos.common.settings import from_env
+from llmos.common.telemetry import make_tracer_provider, setup_logging
+
+from .inventory import node_name, probe_devices
+from .manager import ResourceManager
+from .servicer import register
+
+
+@dataclass(frozen=True)
+class ResourcesSettings:
+    listen: str = "127.0.0.1:50054"
+    address_file: str = ""
+    data_dir: str = ".llmos"
+    # Most bytes leases may hold on the host; 0 means 90% of its memory.
+    cpu_budget_bytes: int = 0
+    # Share of each GPU's memory that leases may hold.
+    budget_fraction: float = 0.9
+    grace_seconds: float = 5.0
+    log_level: str = "INFO"
+
+
+async def main(settings: ResourcesSettings) -> None:
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    manager = ResourceManager(node_name(), probe_devices, str(Path(settings.data_dir) / "resources.db"),
+                              settings.cpu_budget_bytes, settings.budget_fraction)
+    host = ServiceHost("resources", settings.listen, make_tracer_provider("resources"))
+    register(host, manager)
+
+    async def close() -> None:
+        manager.close()
+
+    await run_service(host, address_file=settings.address_file, grace=settings.grace_seconds,
+                      cleanups=[close])
+
+
+if __name__ == "__main__":
+    config = from_env(ResourcesSettings, "resources")
+    setup_logging(config.log_level)
+    asyncio.run(main(config))

@@ -1,0 +1,55 @@
+"""gRPC face of the resource manager."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from llmos.v1 import resources_pb2, resources_pb2_grpc
+
+from .leases import Lease
+from .manager import NodeView, ResourceManager
+
+_KINDS = {"cpu": resources_pb2.Device.KIND_CPU, "gpu": resources_pb2.Device.KIND_GPU}
+
+
+def lease_to_proto(lease: Lease) -> resources_pb2.Lease:
+    created = timestamp_pb2.Timestamp()
+    created.FromNanoseconds(int(lease.create_time * 1e9))
+    return resources_pb2.Lease(name=lease.name, holder=lease.holder, node=lease.node,
+                               device=lease.device, bytes=lease.bytes, create_time=created)
+
+
+def node_to_proto(node: NodeView) -> resources_pb2.Node:
+    return resources_pb2.Node(name=node.name, devices=[
+        resources_pb2.Device(name=d.info.name, kind=_KINDS[d.info.kind], product=d.info.product,
+                             total_bytes=d.info.total_bytes, used_bytes=d.info.used_bytes,
+                             leased_bytes=d.leased_bytes, budget_bytes=d.budget_bytes,
+                             cores=d.info.cores)
+        for d in node.devices])
+
+
+class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
+    def __init__(self, manager: ResourceManager) -> None:
+        self.manager = manager
+
+    async def ListNodes(self, request, context: grpc.aio.ServicerContext):
+        return resources_pb2.ListNodesResponse(nodes=[node_to_proto(n) for n in self.manager.nodes()])
+
+    async def AcquireLease(self, request, context: grpc.aio.ServicerContext):
+        lease = self.manager.acquire(request.holder, request.node, request.device, request.bytes)
+        return resources_pb2.AcquireLeaseResponse(lease=lease_to_proto(lease))
+
+    async def ReleaseLease(self, request, context: grpc.aio.ServicerContext):
+        self.manager.release(request.name)
+        return resources_pb2.ReleaseLeaseResponse()
+
+    async def ListLeases(self, request, context: grpc.aio.ServicerContext):
+        return resources_pb2.ListLeasesResponse(
+            leases=[lease_to_proto(lease) for lease in self.manager.leases.list()])
+
+
+def register(host, manager: ResourceManager) -> None:
+    servicer = ResourceServicer(manager)
+    host.add(resources_pb2.DESCRIPTOR.services_by_name["ResourceService"].full_name,
+             lambda server: resources_pb2_grpc.add_ResourceServiceServicer_to_server(servicer, server))

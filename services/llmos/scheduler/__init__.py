@@ -1,0 +1,1 @@
+"""The scheduler: request queue, admission and routing to workers."""

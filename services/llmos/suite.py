@@ -1,0 +1,130 @@
+"""Starts the whole suite as local processes and stops every one of them.
+
+Used by `llmos up` and by the end-to-end tests. Each service is its own process
+(`python -m llmos.<service>`), started in dependency order; each writes its bound
+address to a file once it serves, and is then health-checked over gRPC. Children
+get SIGTERM when the launcher dies (PR_SET_PDEATHSIG), so none is left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVICES = ("resources", "registry", "worker", "scheduler", "gateway", "monitor")
+DEFAULT_PORTS = {"gateway": 50051, "scheduler": 50052, "registry": 50053, "resources": 50054,
+                 "worker": 50055, "monitor": 50056}
+# Which other services' addresses each service is told about.
+NEEDS = {
+    "resources": (),
+    "registry": (),
+    "worker": ("resources", "registry"),
+    "scheduler": ("registry",),
+    "gateway": ("scheduler",),
+    "monitor": ("gateway", "scheduler", "registry", "resources"),
+}
+
+
+class SuiteError(RuntimeError):
+    pass
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def wait_healthy(address: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise SuiteError(f"{address} did not become healthy in {timeout:.0f}s")
+            time.sleep(0.1)
+
+
+@dataclass
+class Suite:
+    data_dir: Path
+    # Port per service; 0 picks a free one. Missing services use DEFAULT_PORTS.
+    ports: dict[str, int] = field(default_factory=dict)
+    # Extra environment for every child (e.g. OTEL_* or LLMOS_WORKER_DTYPE).
+    env: dict[str, str] = field(default_factory=dict)
+    python: str = sys.executable
+    addresses: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, timeout: float = 120.0) -> dict[str, str]:
+        self.data_dir = Path(self.data_dir).resolve()
+        for sub in ("run", "logs"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for service in SERVICES:
+                self._start_one(service, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return dict(self.addresses)
+
+    def _start_one(self, service: str, timeout: float) -> None:
+        prefix = f"LLMOS_{service.upper()}_"
+        address_file = self.data_dir / "run" / f"{service}.addr"
+        address_file.unlink(missing_ok=True)
+        port = self.ports.get(service, DEFAULT_PORTS[service])
+        env = {**os.environ, **self.env,
+               prefix + "LISTEN": f"127.0.0.1:{port}",
+               prefix + "ADDRESS_FILE": str(address_file),
+               prefix + "DATA_DIR": str(self.data_dir)}
+        for other in NEEDS[service]:
+            env[f"{prefix}{other.upper()}_ADDRESS"] = self.addresses[other]
+        log = open(self.data_dir / "logs" / f"{service}.log", "ab")
+        self.processes[service] = subprocess.Popen(
+            [self.python, "-m", f"llmos.{service}"], env=env, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, process_group=0)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not address_file.exists():
+            if self.processes[service].poll() is not None:
+                raise SuiteError(f"{service} exited with code {self.processes[service].returncode}; "
+                                 f"see {self.data_dir / 'logs' / (service + '.log')}")
+            if time.monotonic() > deadline:
+                raise SuiteError(f"{service} did not start in {timeout:.0f}s")
+            time.sleep(0.05)
+        self.addresses[service] = address_file.read_text().strip()
+        wait_healthy(self.addresses[service], max(1.0, deadline - time.monotonic()))
+
+    def stop(self, grace: float = 15.0) -> dict[str, int]:
+        """Stops the services front to back (gateway before workers, so streams drain):
+        SIGTERM, then SIGKILL after `grace` seconds. Returns each exit code."""
+        codes: dict[str, int] = {}
+        for service, process in reversed(list(self.processes.items())):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            codes[service] = process.returncode
+        self.processes.clear()
+        return codes
+
+    def log_tail(self, service: str, lines: int = 40) -> str:
+        path = self.data_dir / "logs" / f"{service}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""

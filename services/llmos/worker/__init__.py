@@ -1,0 +1,1 @@
+"""The worker: loaded models and the inference engine."""

@@ -1,0 +1,155 @@
+"""The worker's core: which models are loaded, their leases, and generation.
+
+A model is loaded only after the resource manager granted a memory lease for it;
+the lease is given back when the model is unloaded or its load fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from llmos.common.domain import Chunk, GenerationInput, SamplingParams
+from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound
+
+from .engine import Engine, Sequence
+from .loader import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+class ResourcesPort(Protocol):
+    async def acquire(self, holder: str, device: str, nbytes: int) -> str:
+        """Leases memory; returns the lease name."""
+
+    async def release(self, lease: str) -> None: ...
+
+
+@dataclass
+class Served:
+    loaded: LoadedModel
+    engine: Engine
+    lease: str
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    model: str
+    device: str
+    dtype: str
+    measured_bytes: int
+    running: int
+    tokens_generated: int
+
+
+Loader = Callable[[str, str, torch.device, torch.dtype], LoadedModel]
+
+
+class ModelHost:
+    def __init__(self, worker_id: str, resources: ResourcesPort, device: torch.device,
+                 dtype: torch.dtype, max_running: int = 64, loader: Loader = load_model) -> None:
+        self.worker_id = worker_id
+        self.device = device
+        self.dtype = dtype
+        self._resources = resources
+        self._max_running = max_running
+        self._loader = loader
+        self._served: dict[str, Served] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return f"cuda:{self.device.index or 0}"
+        return "cpu"
+
+    async def start_model(self, model: str, path: str, estimated_bytes: int) -> Served:
+        async with self._lock:
+            served = self._served.get(model)
+            if served is not None:
+                return served
+            if estimated_bytes <= 0:
+                raise InvalidArgument.field("estimated_bytes", "must be greater than 0")
+            lease = await self._resources.acquire(f"worker/{self.worker_id}/model/{model}",
+                                                  self.device_name, estimated_bytes)
+            try:
+                loaded = await asyncio.to_thread(self._loader, model, path, self.device, self.dtype)
+            except BaseException:
+                await self._resources.release(lease)
+                raise
+            served = Served(loaded, Engine(loaded, self._max_running), lease)
+            self._served[model] = served
+            return served
+
+    async def stop_model(self, model: str) -> None:
+        async with self._lock:
+            served = self._served.pop(model, None)
+            if served is None:
+                return
+            await asyncio.to_thread(served.engine.stop)
+            await self._resources.release(served.lease)
+            log.info("unloaded %s", model)
+
+    async def stop_all(self) -> None:
+        for model in list(self._served):
+            await self.stop_model(model)
+
+    def status(self) -> list[ModelStatus]:
+        return [ModelStatus(name, str(s.loaded.device), str(s.loaded.dtype).removeprefix("torch."),
+                            s.loaded.measured_bytes, s.engine.running, s.engine.tokens_generated)
+                for name, s in sorted(self._served.items())]
+
+    def _prompt_ids(self, loaded: LoadedModel, source: GenerationInput) -> list[int]:
+        tokenizer = loaded.tokenizer
+        if source.prompt is not None:
+            return tokenizer(source.prompt, add_special_tokens=True)["input_ids"]
+        if not tokenizer.chat_template:
+            raise FailedPrecondition(f"model {loaded.name} has no chat template; send a prompt",
+                                     reason="NO_CHAT_TEMPLATE", metadata={"model": loaded.name})
+        text = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in source.messages],
+            add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def generate(self, request_id: str, model: str, source: GenerationInput,
+                       params: SamplingParams) -> AsyncIterator[Chunk]:
+        served = self._served.get(model)
+        if served is None:
+            raise NotFound(f"model {model} is not loaded on worker {self.worker_id}",
+                           reason="MODEL_NOT_LOADED", metadata={"model": model})
+        loaded = served.loaded
+        prompt_ids = self._prompt_ids(loaded, source)
+        if len(prompt_ids) >= loaded.context_length:
+            raise InvalidArgument.field(
+                "prompt", f"is {len(prompt_ids)} tokens; the model's context holds "
+                          f"{loaded.context_length}", reason="PROMPT_TOO_LONG")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk | LlmosError] = asyncio.Queue()
+
+        def deliver(item: Chunk | LlmosError) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone; nobody is listening
+                pass
+
+        seq = Sequence(request_id, prompt_ids, params, deliver)
+        served.engine.submit(seq)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, LlmosError):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                served.engine.cancel(seq)

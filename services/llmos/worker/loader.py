@@ -1,0 +1,87 @@
+"""Loads a model directory from the model store onto a device."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmos.common.errors import FailedPrecondition, NotFound
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    measured_bytes: int
+    context_length: int
+    eos_ids: frozenset[int]
+
+
+def pick_device(preference: str) -> torch.device:
+    """"auto" picks CUDA when present, else the CPU."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(preference: str, device: torch.device) -> torch.dtype:
+    """"auto": bf16 on CUDA and on CPUs with native bf16, float32 otherwise."""
+    if preference != "auto":
+        return getattr(torch, preference)
+    if device.type == "cuda" or cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise NotFound(f"no model at {path}", reason="MODEL_PATH_NOT_FOUND", metadata={"path": path})
+    started = time.monotonic()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False,
+                                                     use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        log.error("cannot load %s from %s: %s", name, path, exc)
+        raise FailedPrecondition(f"the weights of {name} do not load", reason="MODEL_LOAD_FAILED",
+                                 metadata={"model": name}) from None
+    model.to(device).eval()
+    measured = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    context = int(getattr(model.config, "max_position_embeddings", 2048))
+    log.info("loaded %s on %s in %s in %.2fs (%d bytes)", name, device, dtype,
+             time.monotonic() - started, measured)
+    return LoadedModel(name, model, tokenizer, device, dtype, measured, context,
+                       _eos_ids(model, tokenizer))

@@ -1,0 +1,57 @@
+"""Picks the next token of one sequence from its logits, on its own random generator."""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+from llmos.common.domain import SamplingParams
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A generator seeded from `params.seed` (or at random); None for greedy decoding."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    return generator
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: seen tokens' positive logits are divided by it, negative ones multiplied."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(0, seen)
+    logits = logits.clone()
+    logits.scatter_(0, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           seen: torch.Tensor) -> tuple[int, float]:
+    """Returns (token id, its log-probability under the model's own distribution).
+
+    `logits` is the 1-D float vector of the last position; `seen` holds the ids of
+    the prompt and the output so far (for the repetition penalty).
+    """
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    scores = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        token = int(torch.argmax(scores))
+        return token, float(logprobs[token])
+    scores = scores / params.temperature
+    if 0 < params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = torch.cumsum(torch.softmax(sorted_scores, dim=-1), dim=-1)
+        # Drop a token when the tokens before it already reach top_p; always keep the first.
+        drop = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= params.top_p
+        drop[0] = False
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    token = int(torch.multinomial(probs, 1, generator=generator))
+    return token, float(logprobs[token])

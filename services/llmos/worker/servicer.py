@@ -1,0 +1,77 @@
+"""gRPC face of the worker."""
+
+from __future__ import annotations
+
+import grpc
+
+from llmos.common.channels import Channels
+from llmos.common.convert import Violations, fill_chunk, input_from_proto, sampling_from_proto
+from llmos.common.errors import InvalidArgument
+from llmos.common.status import from_rpc_error
+from llmos.v1 import resources_pb2, resources_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+from .host import ModelHost
+
+
+class GrpcResources:
+    """The worker's port to the resource manager."""
+
+    def __init__(self, channels: Channels, address: str) -> None:
+        self._stub = resources_pb2_grpc.ResourceServiceStub(channels.get(address))
+
+    async def acquire(self, holder: str, device: str, nbytes: int) -> str:
+        try:
+            response = await self._stub.AcquireLease(
+                resources_pb2.AcquireLeaseRequest(holder=holder, device=device, bytes=nbytes), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return response.lease.name
+
+    async def release(self, lease: str) -> None:
+        try:
+            await self._stub.ReleaseLease(resources_pb2.ReleaseLeaseRequest(name=lease), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, host: ModelHost) -> None:
+        self.host = host
+
+    async def StartModel(self, request, context):
+        if not request.model or not request.path:
+            raise InvalidArgument.field("model" if not request.model else "path", "is required")
+        served = await self.host.start_model(request.model, request.path, request.estimated_bytes)
+        return worker_pb2.StartModelResponse(
+            measured_bytes=served.loaded.measured_bytes, device=self.host.device_name,
+            dtype=str(served.loaded.dtype).removeprefix("torch."))
+
+    async def StopModel(self, request, context):
+        await self.host.stop_model(request.model)
+        return worker_pb2.StopModelResponse()
+
+    async def GenerateTokens(self, request, context):
+        errors = Violations()
+        if not request.request_id:
+            errors.add("request_id", "is required")
+        source = input_from_proto(request, errors)
+        params = sampling_from_proto(request.sampling, errors)
+        errors.raise_if_any()
+        async for chunk in self.host.generate(request.request_id, request.model, source, params):
+            yield fill_chunk(worker_pb2.GenerateTokensResponse(), chunk)
+
+    async def GetWorkerStatus(self, request, context):
+        models = [worker_pb2.LoadedModel(model=s.model, device=s.device, dtype=s.dtype,
+                                         measured_bytes=s.measured_bytes, running=s.running,
+                                         tokens_generated=s.tokens_generated)
+                  for s in self.host.status()]
+        return worker_pb2.GetWorkerStatusResponse(
+            worker_id=self.host.worker_id, models=models,
+            running=sum(m.running for m in models),
+            tokens_generated=sum(m.tokens_generated for m in models))
+
+
+def register(host, model_host: ModelHost) -> None:
+    servicer = WorkerServicer(model_host)
+    host.add(worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+             lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server))
