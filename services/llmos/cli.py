@@ -75,7 +75,8 @@ def ensure_model(client: Client, name: str) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    suite = Suite(args.data_dir)
+    base = DEFAULT_PORTS["gateway"]
+    suite = Suite(args.data_dir, ports={s: args.port_base + p - base for s, p in DEFAULT_PORTS.items()})
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", default=".llmos")
     up.add_argument("--model", default=DEFAULT_MODEL)
     up.add_argument("--no-sample", action="store_true", help="do not stream the sample answer")
+    up.add_argument("--port-base", type=int, default=DEFAULT_PORTS["gateway"],
+                    help="gateway port; the other services take the next five")
     up.set_defaults(func=cmd_up)
 
     gen = sub.add_parser("generate", help="stream an answer to the terminal")

@@ -13,7 +13,8 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -21,8 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
+from .settings import from_env
 from .status import ErrorInterceptor
-from .telemetry import server_interceptor
+from .telemetry import server_interceptor, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -82,26 +84,53 @@ def write_address_file(path: str, address: str) -> None:
     os.replace(tmp, target)
 
 
-async def run_service(host: ServiceHost, *, address_file: str = "", grace: float = 10.0,
-                      on_started: Callable[[str], Awaitable[None]] | None = None,
-                      cleanups: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
-    """Runs `host` until SIGTERM or SIGINT, then drains and cleans up."""
+@dataclass
+class Service:
+    """A built service: its host, what to do once it serves, and how to clean up."""
+
+    host: ServiceHost
+    on_started: Callable[[str], Awaitable[None]] | None = None
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def start(self) -> str:
+        address = await self.host.start()
+        if self.on_started is not None:
+            await self.on_started(address)
+        return address
+
+    async def stop(self, grace: float) -> None:
+        """Marks NOT_SERVING, drains for up to `grace` seconds, then cleans up."""
+        log.info("%s stopping: draining for up to %.1fs", self.host.name, grace)
+        await self.host.stop(grace)
+        for cleanup in self.cleanups:
+            try:
+                await cleanup()
+            except Exception:  # noqa: BLE001 - cleanup must go on
+                log.exception("cleanup failed while stopping %s", self.host.name)
+        self.host.provider.shutdown()
+        log.info("%s stopped", self.host.name)
+
+
+async def run_service(service: Service, *, address_file: str = "", grace: float = 10.0) -> None:
+    """Runs `service` until SIGTERM or SIGINT, then drains and cleans up."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    address = await host.start()
-    if on_started is not None:
-        await on_started(address)
+    address = await service.start()
     if address_file:
         write_address_file(address_file, address)
     await stop.wait()
-    log.info("%s stopping: draining for up to %.1fs", host.name, grace)
-    await host.stop(grace)
-    for cleanup in cleanups:
-        try:
-            await cleanup()
-        except Exception:  # noqa: BLE001 - cleanup must go on
-            log.exception("cleanup failed while stopping %s", host.name)
-    host.provider.shutdown()
-    log.info("%s stopped", host.name)
+    await service.stop(grace)
+
+
+def serve_main(name: str, settings_type: type, build: Callable[..., Awaitable[Service]]) -> None:
+    """The body of every service's `__main__`: settings from the environment, then serve."""
+    settings = from_env(settings_type, name)
+    setup_logging(settings.log_level)
+
+    async def run() -> None:
+        await run_service(await build(settings), address_file=settings.address_file,
+                          grace=settings.grace_seconds)
+
+    asyncio.run(run())

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from llmos.common.channels import Channels
-from llmos.common.server import ServiceHost, run_service
-from llmos.common.settings import from_env
-from llmos.common.telemetry import make_tracer_provider, setup_logging
+from opentelemetry.sdk.trace import TracerProvider
+
+from llmos.common.server import Service, ServiceHost, serve_main
+from llmos.common.telemetry import make_tracer_provider
 
 from .health import HealthMonitor
 from .servicer import GrpcProbe, register
@@ -27,19 +27,21 @@ class MonitorSettings:
     log_level: str = "INFO"
 
 
-async def main(settings: MonitorSettings) -> None:
-    provider = make_tracer_provider("monitor")
+async def build(settings: MonitorSettings, provider: TracerProvider | None = None) -> Service:
+    provider = provider or make_tracer_provider("monitor")
     channels = Channels(provider)
     monitor = HealthMonitor(GrpcProbe(channels, settings.registry_address, settings.check_timeout_seconds), {
         "gateway": settings.gateway_address, "scheduler": settings.scheduler_address,
         "registry": settings.registry_address, "resources": settings.resources_address})
     host = ServiceHost("monitor", settings.listen, provider)
     register(host, monitor)
-    await run_service(host, address_file=settings.address_file, grace=settings.grace_seconds,
-                      cleanups=[channels.close])
+
+    async def started(address: str) -> None:
+        monitor.add_service("monitor", address)
+
+    return Service(host, on_started=started, cleanups=[channels.close])
+
 
 
 if __name__ == "__main__":
-    config = from_env(MonitorSettings, "monitor")
-    setup_logging(config.log_level)
-    asyncio.run(main(config))
+    serve_main("monitor", MonitorSettings, build)

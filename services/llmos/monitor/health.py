@@ -36,7 +36,10 @@ class ProbePort(Protocol):
 class HealthMonitor:
     def __init__(self, probe: ProbePort, services: dict[str, str]) -> None:
         self._probe = probe
-        self._services = services
+        self._services = dict(services)
+
+    def add_service(self, name: str, address: str) -> None:
+        self._services[name] = address
 
     async def cluster_health(self) -> ClusterHealth:
         targets = list(self._services.items())

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmos.common.channels import Channels
-from llmos.common.server import ServiceHost, run_service
-from llmos.common.settings import from_env
-from llmos.common.telemetry import make_tracer_provider, setup_logging
+from opentelemetry.sdk.trace import TracerProvider
+
+from llmos.common.server import Service, ServiceHost, serve_main
+from llmos.common.telemetry import make_tracer_provider
 
 from .catalog import Catalog
 from .importer import Importer
@@ -31,10 +31,10 @@ class RegistrySettings:
     log_level: str = "INFO"
 
 
-async def main(settings: RegistrySettings) -> None:
+async def build(settings: RegistrySettings, provider: TracerProvider | None = None) -> Service:
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    provider = make_tracer_provider("registry")
+    provider = provider or make_tracer_provider("registry")
     channels = Channels(provider)
     catalog = Catalog(str(data / "registry.db"))
     registry = ModelRegistry(catalog, Importer(data / "models"),
@@ -47,11 +47,9 @@ async def main(settings: RegistrySettings) -> None:
         await channels.close()
         catalog.close()
 
-    await run_service(host, address_file=settings.address_file, grace=settings.grace_seconds,
-                      cleanups=[close])
+    return Service(host, cleanups=[close])
+
 
 
 if __name__ == "__main__":
-    config = from_env(RegistrySettings, "registry")
-    setup_logging(config.log_level)
-    asyncio.run(main(config))
+    serve_main("registry", RegistrySettings, build)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmos.common.server import ServiceHost, run_service
-from llmos.common.settings import from_env
-from llmos.common.telemetry import make_tracer_provider, setup_logging
+from opentelemetry.sdk.trace import TracerProvider
+
+from llmos.common.server import Service, ServiceHost, serve_main
+from llmos.common.telemetry import make_tracer_provider
 
 from .inventory import node_name, probe_devices
 from .manager import ResourceManager
@@ -28,21 +28,19 @@ class ResourcesSettings:
     log_level: str = "INFO"
 
 
-async def main(settings: ResourcesSettings) -> None:
+async def build(settings: ResourcesSettings, provider: TracerProvider | None = None) -> Service:
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     manager = ResourceManager(node_name(), probe_devices, str(Path(settings.data_dir) / "resources.db"),
                               settings.cpu_budget_bytes, settings.budget_fraction)
-    host = ServiceHost("resources", settings.listen, make_tracer_provider("resources"))
+    host = ServiceHost("resources", settings.listen, provider or make_tracer_provider("resources"))
     register(host, manager)
 
     async def close() -> None:
         manager.close()
 
-    await run_service(host, address_file=settings.address_file, grace=settings.grace_seconds,
-                      cleanups=[close])
+    return Service(host, cleanups=[close])
+
 
 
 if __name__ == "__main__":
-    config = from_env(ResourcesSettings, "resources")
-    setup_logging(config.log_level)
-    asyncio.run(main(config))
+    serve_main("resources", ResourcesSettings, build)

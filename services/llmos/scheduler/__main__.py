@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from llmos.common.channels import Channels
-from llmos.common.server import ServiceHost, run_service
-from llmos.common.settings import from_env
-from llmos.common.telemetry import make_tracer_provider, setup_logging
+from opentelemetry.sdk.trace import TracerProvider
+
+from llmos.common.server import Service, ServiceHost, serve_main
+from llmos.common.telemetry import make_tracer_provider
 
 from .queue import Scheduler
 from .servicer import GrpcRegistry, register
@@ -28,18 +28,16 @@ class SchedulerSettings:
     log_level: str = "INFO"
 
 
-async def main(settings: SchedulerSettings) -> None:
-    provider = make_tracer_provider("scheduler")
+async def build(settings: SchedulerSettings, provider: TracerProvider | None = None) -> Service:
+    provider = provider or make_tracer_provider("scheduler")
     channels = Channels(provider)
     scheduler = Scheduler(GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds),
                           settings.slots_per_worker, settings.max_queue)
     host = ServiceHost("scheduler", settings.listen, provider)
     register(host, scheduler)
-    await run_service(host, address_file=settings.address_file, grace=settings.grace_seconds,
-                      cleanups=[channels.close])
+    return Service(host, cleanups=[channels.close])
+
 
 
 if __name__ == "__main__":
-    config = from_env(SchedulerSettings, "scheduler")
-    setup_logging(config.log_level)
-    asyncio.run(main(config))
+    serve_main("scheduler", SchedulerSettings, build)

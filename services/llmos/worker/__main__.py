@@ -12,9 +12,10 @@ import grpc
 import torch
 
 from llmos.common.channels import Channels
-from llmos.common.server import ServiceHost, run_service
-from llmos.common.settings import from_env
-from llmos.common.telemetry import make_tracer_provider, setup_logging
+from opentelemetry.sdk.trace import TracerProvider
+
+from llmos.common.server import Service, ServiceHost, serve_main
+from llmos.common.telemetry import make_tracer_provider
 from llmos.v1 import registry_pb2, registry_pb2_grpc
 
 from .host import ModelHost
@@ -59,12 +60,12 @@ async def announce(stub: registry_pb2_grpc.RegistryServiceStub, request: registr
         await asyncio.sleep(interval)
 
 
-async def main(settings: WorkerSettings) -> None:
+async def build(settings: WorkerSettings, provider: TracerProvider | None = None) -> Service:
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     device = pick_device(settings.device)
     worker_id = settings.worker_id or f"{socket.gethostname()}-worker"
-    provider = make_tracer_provider("worker")
+    provider = provider or make_tracer_provider("worker")
     channels = Channels(provider)
     model_host = ModelHost(worker_id, GrpcResources(channels, settings.resources_address), device,
                            pick_dtype(settings.dtype, device), settings.max_running)
@@ -86,11 +87,9 @@ async def main(settings: WorkerSettings) -> None:
         await model_host.stop_all()
         await channels.close()
 
-    await run_service(host, address_file=settings.address_file, grace=settings.grace_seconds,
-                      on_started=started, cleanups=[close])
+    return Service(host, on_started=started, cleanups=[close])
+
 
 
 if __name__ == "__main__":
-    config = from_env(WorkerSettings, "worker")
-    setup_logging(config.log_level)
-    asyncio.run(main(config))
+    serve_main("worker", WorkerSettings, build)

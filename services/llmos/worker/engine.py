@@ -118,8 +118,8 @@ class Engine:
             inputs = seq.seen.unsqueeze(0)
         else:
             inputs = torch.tensor([[seq.output_ids[-1]]], dtype=torch.long, device=device)
-        out = model(input_ids=inputs, past_key_values=seq.cache, use_cache=True)
-        seq.cache = out.past_key_values
+        out = model(input_ids=inputs, cache=seq.cache, use_cache=True)
+        seq.cache = out.cache
         token, logprob = sample(out.logits[0, -1], seq.params, seq.generator, seq.seen)
         seq.output_ids.append(token)
         seq.seen = torch.cat([seq.seen, torch.tensor([token], device=device)])

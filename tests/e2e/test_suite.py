@@ -1,0 +1,169 @@
+"""The suite as six real processes: tiny model, SmolLM2, buf curl, one trace, clean shutdown.
+
+Tests run in file order against one suite; the last one stops it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from llmos.bundled import DEFAULT_MODEL, smollm2_gguf
+from llmos.client import Client
+from llmos.suite import SERVICES, Suite
+from llmos.v1 import common_pb2
+
+
+@pytest.fixture(scope="module")
+def suite(e2e_data_dir, trace_receiver, tiny_model_dir):
+    suite = Suite(e2e_data_dir, ports={s: 0 for s in SERVICES}, env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": trace_receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    })
+    try:
+        suite.start(timeout=120)
+    except Exception:
+        for service in SERVICES:
+            print(f"--- {service}\n{suite.log_tail(service)}", file=sys.stderr)
+        raise
+    yield suite
+    suite.stop()
+
+
+@pytest.fixture(scope="module")
+def client(suite):
+    a = suite.addresses
+    with Client(gateway=a["gateway"], registry=a["registry"], resources=a["resources"],
+                monitor=a["monitor"]) as client:
+        yield client
+
+
+def test_tiny_model_streams_through_every_service(client, tiny_model_dir):
+    client.import_model("tiny", str(tiny_model_dir))
+    client.load_model("tiny")
+    responses = list(client.generate("tiny", prompt="Once upon a time", max_tokens=8))
+    last = responses[-1]
+    assert last.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+    assert last.usage.completion_tokens == sum(len(r.token_ids) for r in responses) <= 8
+    assert client.cluster_health().healthy
+
+
+def test_errors_cross_process_boundaries_with_their_codes(client):
+    with pytest.raises(grpc.RpcError) as caught:
+        list(client.generate("no-such-model", prompt="hi"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as caught:
+        list(client.generate("tiny", prompt="hi", max_tokens=-5))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sampling.max_tokens" in caught.value.details()
+
+
+def test_one_generate_is_one_trace_across_the_processes(client, trace_receiver):
+    responses = list(client.generate("tiny", prompt="The capital of France is", max_tokens=4))
+    request_id = responses[0].request_id
+    assert request_id
+    gateway_span = worker_span = None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        spans = trace_receiver.snapshot()
+        servers = [s for s in spans if s["name"] == "/llmos.v1.WorkerService/GenerateTokens"
+                   and s["service"] == "llmos-worker"]
+        if servers:
+            worker_span = servers[-1]
+            trace = [s for s in spans if s["trace_id"] == worker_span["trace_id"]]
+            gateway_span = next((s for s in trace if s["service"] == "llmos-gateway"
+                                 and s["name"] == "/llmos.v1.GatewayService/Generate"
+                                 and s["parent_id"] == ""), None)
+            scheduler = [s for s in trace if s["service"] == "llmos-scheduler"]
+            if gateway_span and scheduler:
+                break
+        time.sleep(0.1)
+    assert worker_span and gateway_span, "no complete trace arrived"
+    trace = [s for s in trace_receiver.snapshot() if s["trace_id"] == worker_span["trace_id"]]
+    by_id = {s["span_id"]: s for s in trace}
+    services = {s["service"] for s in trace}
+    assert {"llmos-gateway", "llmos-scheduler", "llmos-worker"} <= services
+    # Each server span on the path hangs under a client span of the gateway, which hangs
+    # under the gateway's own server span: parent to child across the processes.
+    for method, service in [("/llmos.v1.WorkerService/GenerateTokens", "llmos-worker"),
+                            ("/llmos.v1.SchedulerService/AdmitGeneration", "llmos-scheduler")]:
+        server = next(s for s in trace if s["name"] == method and s["service"] == service
+                      and s["parent_id"])
+        parent = by_id[server["parent_id"]]
+        assert parent["service"] == "llmos-gateway" and parent["name"] == method
+        assert parent["parent_id"] == gateway_span["span_id"]
+
+
+@pytest.mark.smollm2
+def test_smollm2_says_paris(client):
+    response = client.import_model(DEFAULT_MODEL, str(smollm2_gguf()))
+    assert response.model.architecture == "LlamaForCausalLM"
+    assert response.model.has_chat_template
+    client.load_model(DEFAULT_MODEL)
+    responses = list(client.generate(DEFAULT_MODEL, messages=[("user", "What is the capital of France?")],
+                                     max_tokens=24))
+    text = "".join(r.text for r in responses)
+    assert "Paris" in text, text
+    assert len(responses) > 3, "the answer should arrive token by token"
+    assert responses[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+def _buf() -> str:
+    found = shutil.which("buf") or str(Path(sys.executable).parent / "buf")
+    assert Path(found).exists(), "buf (from buf-bin) is not installed"
+    return found
+
+
+def _json_stream(text: str) -> list[dict]:
+    decoder, items, index = json.JSONDecoder(), [], 0
+    while index < len(text):
+        if text[index].isspace():
+            index += 1
+            continue
+        item, index = decoder.raw_decode(text, index)
+        items.append(item)
+    return items
+
+
+def test_buf_curl_lists_methods_on_every_service(suite):
+    expected = {"gateway": "llmos.v1.GatewayService/Generate", "scheduler": "llmos.v1.SchedulerService/AdmitGeneration",
+                "registry": "llmos.v1.RegistryService/ImportModel", "resources": "llmos.v1.ResourceService/AcquireLease",
+                "worker": "llmos.v1.WorkerService/GenerateTokens", "monitor": "llmos.v1.MonitorService/GetClusterHealth"}
+    for service, method in expected.items():
+        out = subprocess.run([_buf(), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--list-methods",
+                              f"http://{suite.addresses[service]}"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert method in out.stdout.split() and "grpc.health.v1.Health/Check" in out.stdout.split()
+
+
+@pytest.mark.smollm2
+def test_buf_curl_generate_streams_paris(suite):
+    body = {"model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "sampling": {"maxTokens": 24}}
+    out = subprocess.run([_buf(), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d", json.dumps(body),
+                          f"http://{suite.addresses['gateway']}/llmos.v1.GatewayService/Generate"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    messages = _json_stream(out.stdout)
+    assert len(messages) > 3
+    assert "Paris" in "".join(m.get("text", "") for m in messages)
+    assert messages[-1]["finishReason"] == "FINISH_REASON_STOP"
+    assert messages[-1]["usage"]["completionTokens"] > 0
+
+
+def test_sigterm_stops_every_service_cleanly(suite):
+    pids = {name: process.pid for name, process in suite.processes.items()}
+    codes = suite.stop(grace=20)
+    assert codes == {name: 0 for name in SERVICES}
+    assert not [name for name, pid in pids.items() if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]

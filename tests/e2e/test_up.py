@@ -1,0 +1,77 @@
+"""`llmos up` as a newcomer runs it: a healthy suite, a streamed answer, and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+
+def free_port_block(size: int = 6) -> int:
+    """A base port whose next `size` ports are free right now."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + size >= 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + size):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                sockets.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free block of ports")
+
+
+def read_until(process: subprocess.Popen, marker: str, timeout: float) -> str:
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    output = ""
+    deadline = time.monotonic() + timeout
+    while marker not in output:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"`llmos up` did not print {marker!r}:\n{output}")
+        try:
+            output += lines.get(timeout=0.5)
+        except queue.Empty:
+            if process.poll() is not None:
+                raise AssertionError(f"`llmos up` exited ({process.returncode}):\n{output}") from None
+    return output
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_llmos_up_streams_an_answer_and_stops_everything(e2e_data_dir, stop_signal):
+    base = free_port_block()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmos.cli", "up", "--data-dir", str(e2e_data_dir), "--port-base", str(base)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        output = read_until(process, "press Ctrl-C to stop", timeout=280)
+        assert "Paris" in output
+        assert f"127.0.0.1:{base}" in output
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(children) >= 6
+        process.send_signal(stop_signal)
+        process.wait(timeout=60)
+        assert process.returncode == 0
+        gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, f"left running: {[p.pid for p in alive]}"
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -1,0 +1,172 @@
+"""Generate through real in-process services: stream shape, errors, cancellation, health."""
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from llmos.v1 import (common_pb2, gateway_pb2, registry_pb2, scheduler_pb2, worker_pb2)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SERVICE_NAMES = {"gateway": "llmos.v1.GatewayService", "scheduler": "llmos.v1.SchedulerService",
+                 "registry": "llmos.v1.RegistryService", "resources": "llmos.v1.ResourceService",
+                 "worker": "llmos.v1.WorkerService", "monitor": "llmos.v1.MonitorService"}
+
+
+def request(prompt="The capital of France is", max_tokens=12, **sampling):
+    return gateway_pb2.GenerateRequest(model="tiny", prompt=prompt,
+                                       sampling=common_pb2.SamplingParams(max_tokens=max_tokens, **sampling))
+
+
+async def collect(stack, req, **kwargs):
+    return [r async for r in stack.gateway.Generate(req, **kwargs)]
+
+
+def error_info(exc: grpc.aio.AioRpcError):
+    status = rpc_status.from_call(exc) if hasattr(exc, "trailing_metadata") else None
+    for key, value in exc.trailing_metadata():
+        if key == "grpc-status-details-bin":
+            from google.rpc import status_pb2
+            status = status_pb2.Status.FromString(value)
+    found = {}
+    for detail in status.details:
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                found[kind.__name__] = message
+    return found
+
+
+async def test_every_service_serves_health_and_reflection(stack):
+    for name, address in stack.addresses.items():
+        channel = stack.channels[name]
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING, name
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = [r async for r in reflect.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
+        services = {s.name for s in responses[0].list_services_response.service}
+        assert SERVICE_NAMES[name] in services and "grpc.health.v1.Health" in services
+
+
+async def test_stream_matches_plain_transformers_greedy_output(stack, tiny_reference):
+    model, tokenizer = tiny_reference
+    responses = await collect(stack, request(max_tokens=12))
+    assert all(r.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+    last = responses[-1]
+    assert last.finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP)
+    ids = [t for r in responses for t in r.token_ids]
+    prompt_ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.generate(prompt_ids, max_new_tokens=12, do_sample=False)[0, prompt_ids.shape[1]:]
+    assert ids == expected.tolist()[:len(ids)]
+    assert last.usage.prompt_tokens == prompt_ids.shape[1]
+    assert last.usage.completion_tokens == len(ids)
+    text = "".join(r.text for r in responses)
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert len({r.request_id for r in responses}) == 1 and responses[0].request_id
+
+
+async def test_chat_messages_use_the_chat_template(stack, tiny_reference):
+    _, tokenizer = tiny_reference
+    req = gateway_pb2.GenerateRequest(model="tiny:latest", messages=[
+        common_pb2.ChatMessage(role="user", content="What is the capital of France?")],
+        sampling=common_pb2.SamplingParams(max_tokens=4))
+    responses = await collect(stack, req)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                             add_generation_prompt=True, tokenize=False)
+    assert responses[-1].usage.prompt_tokens == len(tokenizer(rendered, add_special_tokens=False).input_ids)
+
+
+async def test_same_seed_same_text_and_logprobs_when_asked(stack):
+    req = request(max_tokens=16, temperature=1.0, seed=7, logprobs=True)
+    first, second = await collect(stack, req), await collect(stack, req)
+    assert [t for r in first for t in r.token_ids] == [t for r in second for t in r.token_ids]
+    assert all(len(r.logprobs) == len(r.token_ids) for r in first)
+    assert all(lp <= 0.0 for r in first for lp in r.logprobs)
+
+
+async def test_unknown_model_is_not_found_with_reason(stack):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stack, gateway_pb2.GenerateRequest(model="nope", prompt="hi"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(caught.value)["ErrorInfo"].reason == "MODEL_NOT_FOUND"
+
+
+@pytest.mark.parametrize("req,field", [
+    (gateway_pb2.GenerateRequest(model="tiny", prompt=""), "prompt"),
+    (gateway_pb2.GenerateRequest(model="tiny"), "prompt"),
+    (gateway_pb2.GenerateRequest(model="tiny", prompt="x", messages=[common_pb2.ChatMessage(role="user", content="y")]), "prompt"),
+    (gateway_pb2.GenerateRequest(model="tiny", prompt="x", sampling=common_pb2.SamplingParams(max_tokens=-1)), "sampling.max_tokens"),
+    (gateway_pb2.GenerateRequest(model="", prompt="x"), "model"),
+    (gateway_pb2.GenerateRequest(model="tiny", prompt="x", priority=99), "priority"),
+])
+async def test_bad_input_is_invalid_argument_naming_the_field(stack, req, field):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stack, req)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error_info(caught.value)
+    assert [v.field for v in details["BadRequest"].field_violations] == [field]
+    assert field in caught.value.details()
+
+
+async def test_a_prompt_longer_than_the_context_is_refused(stack):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stack, request(prompt="Paris " * 400))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value)["ErrorInfo"].reason == "PROMPT_TOO_LONG"
+
+
+async def _idle(stack):
+    for _ in range(100):
+        status = await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())
+        stats = await stack.scheduler.GetSchedulerStats(scheduler_pb2.GetSchedulerStatsRequest())
+        if status.running == 0 and stats.running == 0:
+            return status, stats
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not idle: worker running {status.running}, scheduler running {stats.running}")
+
+
+async def test_cancelling_a_stream_frees_the_worker_and_the_scheduler_slot(stack):
+    call = stack.gateway.Generate(request(max_tokens=200))
+    received = 0
+    async for _ in call:
+        received += 1
+        if received == 2:
+            break
+    call.cancel()
+    status, stats = await _idle(stack)
+    tokens_after_cancel = status.tokens_generated
+    await asyncio.sleep(0.2)
+    status = await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())
+    assert status.tokens_generated == tokens_after_cancel, "the cancelled sequence kept generating"
+
+
+async def test_concurrent_streams_each_get_their_own_answer(stack):
+    prompts = ["The capital of France is", "Once upon a time", "Café", "東京", "llmos streams", "Emoji too"]
+    alone = [await collect(stack, request(p, max_tokens=10)) for p in prompts]
+    together = await asyncio.gather(*(collect(stack, request(p, max_tokens=10)) for p in prompts))
+    ids = lambda rs: [t for r in rs for t in r.token_ids]  # noqa: E731
+    assert [ids(r) for r in together] == [ids(r) for r in alone]
+    await _idle(stack)
+
+
+async def test_monitor_reports_every_component_serving(stack):
+    from llmos.v1 import monitor_pb2
+    health = await stack.monitor.GetClusterHealth(monitor_pb2.GetClusterHealthRequest())
+    assert health.healthy
+    assert {c.component for c in health.components} >= {"gateway", "scheduler", "registry", "resources", "worker/w1"}
+
+
+async def test_registry_reports_the_model_ready_with_its_facts(stack):
+    model = (await stack.registry.GetModel(registry_pb2.GetModelRequest(name="tiny"))).model
+    assert model.state == common_pb2.Model.STATE_READY
+    assert model.architecture == "LlamaForCausalLM" and model.has_chat_template
+    assert model.placements[0].worker_id == "w1" and model.placements[0].measured_bytes > 0

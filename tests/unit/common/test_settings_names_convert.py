@@ -1,0 +1,75 @@
+from dataclasses import dataclass
+
+import pytest
+
+from llmos.common.convert import Violations, input_from_proto, sampling_from_proto
+from llmos.common.errors import InvalidArgument
+from llmos.common.names import ModelRef, parse_model_ref
+from llmos.common.settings import from_env
+from llmos.v1 import common_pb2, gateway_pb2
+
+
+@dataclass(frozen=True)
+class Example:
+    listen: str = "127.0.0.1:0"
+    slots: int = 4
+    ratio: float = 0.5
+    verbose: bool = False
+    roots: tuple[str, ...] = ()
+
+
+def test_settings_read_prefixed_variables_with_types():
+    env = {"LLMOS_DEMO_SLOTS": "16", "LLMOS_DEMO_RATIO": "0.9", "LLMOS_DEMO_VERBOSE": "true",
+           "LLMOS_DEMO_ROOTS": "/a, /b", "LLMOS_OTHER_SLOTS": "99"}
+    settings = from_env(Example, "demo", env)
+    assert settings == Example(slots=16, ratio=0.9, verbose=True, roots=("/a", "/b"))
+
+
+def test_settings_reject_a_malformed_number():
+    with pytest.raises(ValueError, match="LLMOS_DEMO_SLOTS"):
+        from_env(Example, "demo", {"LLMOS_DEMO_SLOTS": "many"})
+
+
+def test_model_refs_default_the_tag_and_reject_bad_names():
+    assert parse_model_ref("smollm2-135m-instruct") == ModelRef("smollm2-135m-instruct", "latest")
+    assert parse_model_ref("tiny:v2") == ModelRef("tiny", "v2")
+    for bad in ["", "Upper", "a b", "../etc", "x:bad tag"]:
+        with pytest.raises(InvalidArgument):
+            parse_model_ref(bad)
+
+
+def _violations(request) -> list[str]:
+    errors = Violations()
+    input_from_proto(request, errors)
+    sampling_from_proto(request.sampling, errors)
+    return [v.field for v in errors.items]
+
+
+def test_exactly_one_of_prompt_and_messages():
+    assert _violations(gateway_pb2.GenerateRequest(model="m")) == ["prompt"]
+    assert _violations(gateway_pb2.GenerateRequest(model="m", prompt="")) == ["prompt"]
+    both = gateway_pb2.GenerateRequest(model="m", prompt="x", messages=[common_pb2.ChatMessage(role="user", content="y")])
+    assert _violations(both) == ["prompt"]
+    assert _violations(gateway_pb2.GenerateRequest(model="m", prompt="hi")) == []
+
+
+def test_sampling_violations_name_each_field_and_defaults_apply():
+    request = gateway_pb2.GenerateRequest(model="m", prompt="x", sampling=common_pb2.SamplingParams(
+        max_tokens=-1, temperature=3.0, top_p=1.5, top_k=-2, repetition_penalty=0.01))
+    assert _violations(request) == ["sampling.max_tokens", "sampling.temperature", "sampling.top_p",
+                                    "sampling.top_k", "sampling.repetition_penalty"]
+    errors = Violations()
+    params = sampling_from_proto(common_pb2.SamplingParams(), errors)
+    assert errors.items == []
+    assert (params.max_tokens, params.temperature, params.top_p, params.repetition_penalty) == (256, 0.0, 1.0, 1.0)
+    assert params.greedy and params.seed is None
+
+
+def test_violations_raise_one_error_listing_all_fields():
+    errors = Violations()
+    errors.add("a", "bad")
+    errors.add("b", "worse")
+    with pytest.raises(InvalidArgument) as caught:
+        errors.raise_if_any()
+    assert [v.field for v in caught.value.violations] == ["a", "b"]
+    assert "a: bad" in caught.value.message and "b: worse" in caught.value.message

@@ -1,0 +1,95 @@
+import asyncio
+
+import pytest
+
+from llmos.common.domain import Chunk, FinishReason, GenerationInput, SamplingParams, Usage
+from llmos.common.errors import NotFound, Unavailable
+from llmos.gateway.frontdoor import Assignment, FrontDoor, GenerateCall
+
+
+class FakeScheduler:
+    def __init__(self, admit_error=None):
+        self.admit_error = admit_error
+        self.admitted = []
+        self.finished = []
+
+    async def admit(self, call, request_id, timeout):
+        if self.admit_error:
+            raise self.admit_error
+        self.admitted.append((request_id, timeout))
+        return Assignment("127.0.0.1:9", "tiny:latest")
+
+    async def finish(self, request_id, reason, usage):
+        self.finished.append((request_id, reason, usage))
+
+
+class FakeWorkers:
+    def __init__(self, chunks, error=None, gate=None):
+        self.chunks = chunks
+        self.error = error
+        self.gate = gate
+
+    async def generate(self, address, request_id, model, call, timeout):
+        for chunk in self.chunks:
+            yield chunk
+            if self.gate is not None:
+                await self.gate.wait()
+        if self.error:
+            raise self.error
+
+
+CALL = GenerateCall("tiny", GenerationInput(prompt="hi"), SamplingParams(), request_id="r1")
+DONE = Chunk("b", [2], finish_reason=FinishReason.STOP, usage=Usage(3, 2))
+
+
+async def _collect(front, call=CALL, timeout=None):
+    return [chunk async for _, chunk in front.generate(call, timeout)]
+
+
+async def test_streams_in_order_and_reports_the_end():
+    scheduler = FakeScheduler()
+    front = FrontDoor(scheduler, FakeWorkers([Chunk("a", [1]), DONE]))
+    chunks = await _collect(front, timeout=5.0)
+    await front.drain()
+    assert [c.text for c in chunks] == ["a", "b"]
+    assert scheduler.finished == [("r1", FinishReason.STOP, Usage(3, 2))]
+    assert 4.0 < scheduler.admitted[0][1] <= 5.0
+
+
+async def test_a_worker_failure_still_releases_the_slot():
+    scheduler = FakeScheduler()
+    front = FrontDoor(scheduler, FakeWorkers([Chunk("a", [1])], error=Unavailable("worker died")))
+    with pytest.raises(Unavailable):
+        await _collect(front)
+    await front.drain()
+    assert scheduler.finished == [("r1", None, None)]
+
+
+async def test_cancelling_the_stream_reports_cancelled():
+    scheduler = FakeScheduler()
+    gate = asyncio.Event()
+    front = FrontDoor(scheduler, FakeWorkers([Chunk("a", [1]), DONE], gate=gate))
+    task = asyncio.create_task(_collect(front))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await front.drain()
+    assert scheduler.finished == [("r1", FinishReason.CANCELLED, None)]
+
+
+async def test_admission_errors_pass_through_and_nothing_is_reported():
+    scheduler = FakeScheduler(admit_error=NotFound("no such model", reason="MODEL_NOT_FOUND"))
+    front = FrontDoor(scheduler, FakeWorkers([]))
+    with pytest.raises(NotFound):
+        await _collect(front)
+    await front.drain()
+    assert scheduler.finished == []
+
+
+async def test_a_request_without_an_id_gets_one():
+    scheduler = FakeScheduler()
+    front = FrontDoor(scheduler, FakeWorkers([DONE]))
+    call = GenerateCall("tiny", GenerationInput(prompt="hi"), SamplingParams())
+    ids = [rid async for rid, _ in front.generate(call, None)]
+    assert ids[0].startswith("req-") and len(ids[0]) > 10

@@ -1,0 +1,114 @@
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from llmos.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from llmos.registry.catalog import Catalog
+from llmos.registry.importer import Importer
+from llmos.registry.models import ModelRegistry
+from llmos.registry.weights import estimate_bytes, read_facts
+
+CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_attention_heads": 2,
+          "num_key_value_heads": 1, "num_hidden_layers": 2, "max_position_embeddings": 128}
+
+
+def make_source(path, fill=1.0):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(CONFIG))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    save_file({"a": np.full((4, 8), fill, dtype=np.float32), "b": np.zeros(8, dtype=np.float16)},
+              str(path / "model.safetensors"))
+    return path
+
+
+class FakeWorkers:
+    def __init__(self, fail=False):
+        self.fail = fail
+        self.calls = []
+
+    async def start_model(self, address, model, path, estimated_bytes):
+        self.calls.append((address, model))
+        if self.fail:
+            raise FailedPrecondition("the weights do not load", reason="MODEL_LOAD_FAILED")
+        return 1234
+
+
+@pytest.fixture
+def registry(tmp_path):
+    catalog = Catalog(str(tmp_path / "registry.db"))
+    yield ModelRegistry(catalog, Importer(tmp_path / "store"), FakeWorkers(), kv_tokens=16, overhead_bytes=100)
+    catalog.close()
+
+
+def test_facts_and_estimate_come_from_config_and_headers(tmp_path):
+    facts = read_facts(make_source(tmp_path / "m"))
+    assert facts.parameter_count == 40
+    assert facts.weight_bytes == 32 * 4 + 8 * 2
+    assert facts.dtype == "float32" and facts.context_length == 128 and facts.has_chat_template
+    # KV: 2 layers x (K and V) x 1 kv head x head_dim 4 x 2 bytes x 16 tokens
+    assert estimate_bytes(facts, kv_tokens=16, overhead_bytes=100) == 144 + 2 * 2 * 1 * 4 * 2 * 16 + 100
+
+
+async def test_import_is_idempotent_by_digest_and_persists(tmp_path, registry):
+    source = make_source(tmp_path / "src")
+    view, created = await registry.import_model("tiny", "", str(source))
+    assert created and view.record.tag == "latest" and view.record.digest.startswith("sha256:")
+    again, created_again = await registry.import_model("tiny", "latest", str(source))
+    assert not created_again and again.record == view.record
+    reopened = Catalog(str(tmp_path / "registry.db"))
+    assert reopened.get(view.record.ref) == view.record
+    reopened.close()
+
+
+async def test_other_weights_under_a_taken_tag_are_refused(tmp_path, registry):
+    await registry.import_model("tiny", "", str(make_source(tmp_path / "one")))
+    with pytest.raises(AlreadyExists):
+        await registry.import_model("tiny", "", str(make_source(tmp_path / "two", fill=2.0)))
+
+
+async def test_bad_sources_are_refused_with_reasons(tmp_path, registry):
+    with pytest.raises(NotFound):
+        await registry.import_model("x", "", str(tmp_path / "missing"))
+    pickle_dir = tmp_path / "pickled"
+    pickle_dir.mkdir()
+    (pickle_dir / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(InvalidArgument) as caught:
+        await registry.import_model("x", "", str(pickle_dir))
+    assert caught.value.reason == "PICKLE_WEIGHTS_REFUSED"
+    with pytest.raises(InvalidArgument):
+        await registry.import_model("Bad Name", "", str(make_source(tmp_path / "ok")))
+
+
+async def test_list_pages_through_the_catalog(tmp_path, registry):
+    source = make_source(tmp_path / "src")
+    for name in ["c", "a", "b"]:
+        await registry.import_model(name, "", str(source))
+    first, token = registry.list(2, "")
+    second, last = registry.list(2, token)
+    assert [v.record.name for v in first + second] == ["a", "b", "c"] and last == ""
+
+
+async def test_load_places_on_a_worker_and_is_idempotent(tmp_path, registry):
+    await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
+    with pytest.raises(Unavailable):
+        await registry.load("tiny")
+    registry.register_worker("w1", "127.0.0.1:9", "node")
+    view, placement = await registry.load("tiny")
+    assert (placement.worker_id, placement.state, placement.measured_bytes) == ("w1", "ready", 1234)
+    assert view.state == "ready"
+    await registry.load("tiny")
+    assert registry._worker_port.calls == [("127.0.0.1:9", "tiny:latest")]
+
+
+async def test_a_failed_load_is_recorded_with_its_reason(tmp_path):
+    catalog = Catalog(str(tmp_path / "r.db"))
+    registry = ModelRegistry(catalog, Importer(tmp_path / "store"), FakeWorkers(fail=True))
+    await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
+    registry.register_worker("w1", "127.0.0.1:9", "node")
+    with pytest.raises(FailedPrecondition):
+        await registry.load("tiny")
+    view = registry.get("tiny")
+    assert view.state == "failed" and view.placements[0].detail == "the weights do not load"
+    catalog.close()

@@ -1,0 +1,49 @@
+import pytest
+
+from llmos.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from llmos.resources.inventory import DeviceInfo, probe_devices
+from llmos.resources.manager import ResourceManager
+
+GIB = 2**30
+
+
+def fake_probe():
+    return [DeviceInfo("cpu", "cpu", "test cpu", 10 * GIB, 1 * GIB, 2)]
+
+
+def test_leases_stay_within_the_budget_and_name_the_sizes(tmp_path):
+    manager = ResourceManager("n1", fake_probe, str(tmp_path / "r.db"), cpu_budget_bytes=4 * GIB)
+    first = manager.acquire("w/a", "", "", 3 * GIB)
+    with pytest.raises(ResourceExhausted) as caught:
+        manager.acquire("w/b", "", "cpu", 2 * GIB)
+    assert caught.value.reason == "DEVICE_MEMORY_EXHAUSTED"
+    assert "2.00 GiB" in caught.value.message and "4.00 GiB" in caught.value.message
+    assert manager.release(first.name) and not manager.release(first.name)
+    manager.acquire("w/b", "", "cpu", 2 * GIB)
+    device = manager.nodes()[0].devices[0]
+    assert (device.leased_bytes, device.budget_bytes) == (2 * GIB, 4 * GIB)
+
+
+def test_leases_survive_a_restart(tmp_path):
+    manager = ResourceManager("n1", fake_probe, str(tmp_path / "r.db"))
+    lease = manager.acquire("w/a", "", "", GIB)
+    manager.close()
+    again = ResourceManager("n1", fake_probe, str(tmp_path / "r.db"))
+    assert [l.name for l in again.leases.list()] == [lease.name]
+    assert again.nodes()[0].devices[0].leased_bytes == GIB
+    assert again.nodes()[0].devices[0].budget_bytes == 9 * GIB
+
+
+def test_bad_lease_requests(tmp_path):
+    manager = ResourceManager("n1", fake_probe, str(tmp_path / "r.db"))
+    with pytest.raises(InvalidArgument):
+        manager.acquire("w/a", "", "", 0)
+    with pytest.raises(InvalidArgument):
+        manager.acquire("", "", "", 1)
+    with pytest.raises(NotFound):
+        manager.acquire("w/a", "", "cuda:7", 1)
+
+
+def test_the_real_probe_reports_this_hosts_memory():
+    cpu = probe_devices()[0]
+    assert cpu.name == "cpu" and cpu.total_bytes > 0 and 0 <= cpu.used_bytes <= cpu.total_bytes
