@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -161,9 +162,19 @@ def test_buf_curl_generate_streams_paris(suite):
     assert messages[-1]["usage"]["completionTokens"] > 0
 
 
-def test_sigterm_stops_every_service_cleanly(suite):
+@pytest.mark.smollm2
+def test_sigterm_drains_a_stream_in_flight_then_stops_every_service(suite, client):
     pids = {name: process.pid for name, process in suite.processes.items()}
+    stream = client.generate(DEFAULT_MODEL, prompt="Once upon a time", max_tokens=60)
+    first = next(stream)
+    rest: list = []
+    reader = threading.Thread(target=lambda: rest.extend(stream))
+    reader.start()
     codes = suite.stop(grace=20)
+    reader.join(timeout=30)
+    responses = [first, *rest]
+    assert responses[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+    assert responses[-1].usage.completion_tokens == sum(len(r.token_ids) for r in responses) > 1
     assert codes == {name: 0 for name in SERVICES}
     assert not [name for name, pid in pids.items() if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]

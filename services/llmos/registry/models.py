@@ -25,6 +25,7 @@ class Worker:
     worker_id: str
     address: str
     node: str
+    incarnation: str = ""
 
 
 @dataclass
@@ -120,17 +121,20 @@ class ModelRegistry:
 
     # workers and placement -------------------------------------------------
 
-    def register_worker(self, worker_id: str, address: str, node: str) -> None:
+    def register_worker(self, worker_id: str, address: str, node: str, incarnation: str = "") -> None:
+        """Records a worker. A new address or incarnation means it lost its models."""
         if not worker_id or len(worker_id) > 128:
             raise InvalidArgument.field("worker_id", "is required, at most 128 characters")
         if not address:
             raise InvalidArgument.field("address", "is required")
+        worker = Worker(worker_id, address, node, incarnation)
         known = self.workers.get(worker_id)
-        if known is None or known.address != address:
-            log.info("worker %s registered at %s", worker_id, address)
-            for placements in self._placements.values():
-                placements.pop(worker_id, None)
-        self.workers[worker_id] = Worker(worker_id, address, node)
+        if known != worker:
+            log.info("worker %s registered at %s (incarnation %s)", worker_id, address, incarnation)
+            if known is not None:
+                for placements in self._placements.values():
+                    placements.pop(worker_id, None)
+        self.workers[worker_id] = worker
 
     async def load(self, name: str) -> tuple[ModelView, Placement]:
         view = self.get(name)

@@ -52,7 +52,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                                               placement=placement_to_proto(placement))
 
     async def RegisterWorker(self, request, context):
-        self.registry.register_worker(request.worker_id, request.address, request.node)
+        self.registry.register_worker(request.worker_id, request.address, request.node,
+                                      request.incarnation)
         return registry_pb2.RegisterWorkerResponse()
 
     async def ListWorkers(self, request, context):

@@ -30,10 +30,10 @@ class Endpoint:
 
 
 class RegistryPort(Protocol):
-    async def ready_endpoints(self, model: str) -> tuple[str, list[Endpoint]]:
+    async def ready_endpoints(self, model: str, timeout: float | None) -> tuple[str, list[Endpoint]]:
         """(resolved "name:tag", workers where it is ready); raises NotFound if not in the catalog."""
 
-    async def load(self, model: str) -> list[Endpoint]:
+    async def load(self, model: str, timeout: float | None) -> list[Endpoint]:
         """Loads the model somewhere (cold start) and returns where it is ready."""
 
 
@@ -88,13 +88,17 @@ class Scheduler:
                     timeout: float | None = None) -> Admission:
         """Admits a generation, waiting in the queue for at most `timeout` seconds."""
         started = self._clock()
+
+        def remaining() -> float | None:
+            return None if timeout is None else max(0.0, timeout - (self._clock() - started))
+
         if request_id in self._running or any(w.request_id == request_id for w in self._waiting):
             raise AlreadyExists(f"request {request_id!r} is already admitted",
                                 reason="DUPLICATE_REQUEST_ID", metadata={"request_id": request_id})
         parse_model_ref(model)
-        resolved, endpoints = await self._registry.ready_endpoints(model)
+        resolved, endpoints = await self._registry.ready_endpoints(model, remaining())
         if not endpoints:
-            endpoints = await self._registry.load(resolved)
+            endpoints = await self._registry.load(resolved, remaining())
             if not endpoints:
                 raise Unavailable(f"no worker serves {resolved}", reason="NO_READY_WORKER",
                                   metadata={"model": resolved})
@@ -102,7 +106,7 @@ class Scheduler:
         if endpoint is not None:
             self._busy[endpoint.worker_id] = self._busy.get(endpoint.worker_id, 0) + 1
         else:
-            endpoint = await self._wait(request_id, resolved, endpoints, priority, timeout)
+            endpoint = await self._wait(request_id, resolved, endpoints, priority, remaining())
         self._running[request_id] = _Running(resolved, endpoint, self._clock())
         self.admitted_total += 1
         return Admission(request_id, resolved, endpoint, self._clock() - started)

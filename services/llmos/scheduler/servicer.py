@@ -13,6 +13,11 @@ from llmos.v1 import common_pb2, registry_pb2, registry_pb2_grpc, scheduler_pb2,
 from .queue import Endpoint, Scheduler
 
 
+def _within(limit: float, remaining: float | None) -> float:
+    """The call's own limit, or less when the caller's deadline is nearer."""
+    return limit if remaining is None else min(limit, remaining)
+
+
 def _ready(model: common_pb2.Model) -> list[Endpoint]:
     return [Endpoint(p.worker_id, p.worker_address) for p in model.placements
             if p.state == common_pb2.Model.STATE_READY]
@@ -25,17 +30,18 @@ class GrpcRegistry:
         self._stub = registry_pb2_grpc.RegistryServiceStub(channels.get(address))
         self._load_timeout = load_timeout
 
-    async def ready_endpoints(self, model: str) -> tuple[str, list[Endpoint]]:
+    async def ready_endpoints(self, model: str, timeout: float | None) -> tuple[str, list[Endpoint]]:
         try:
-            response = await self._stub.GetModel(registry_pb2.GetModelRequest(name=model), timeout=5)
+            response = await self._stub.GetModel(registry_pb2.GetModelRequest(name=model),
+                                                 timeout=_within(5.0, timeout))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         return f"{response.model.name}:{response.model.tag}", _ready(response.model)
 
-    async def load(self, model: str) -> list[Endpoint]:
+    async def load(self, model: str, timeout: float | None) -> list[Endpoint]:
         try:
             response = await self._stub.LoadModel(registry_pb2.LoadModelRequest(name=model),
-                                                  timeout=self._load_timeout)
+                                                  timeout=_within(self._load_timeout, timeout))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         return _ready(response.model)

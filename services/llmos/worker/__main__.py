@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -76,7 +77,8 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     async def started(address: str) -> None:
         stub = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
         request = registry_pb2.RegisterWorkerRequest(worker_id=worker_id, address=address,
-                                                     node=socket.gethostname())
+                                                     node=socket.gethostname(),
+                                                     incarnation=uuid.uuid4().hex)
         tasks.append(asyncio.create_task(announce(stub, request, settings.register_interval_seconds)))
 
     async def close() -> None:

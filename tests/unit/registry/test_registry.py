@@ -112,3 +112,15 @@ async def test_a_failed_load_is_recorded_with_its_reason(tmp_path):
     view = registry.get("tiny")
     assert view.state == "failed" and view.placements[0].detail == "the weights do not load"
     catalog.close()
+
+
+async def test_a_restarted_worker_loses_its_placements(tmp_path, registry):
+    await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
+    registry.register_worker("w1", "127.0.0.1:9", "node", incarnation="first")
+    await registry.load("tiny")
+    registry.register_worker("w1", "127.0.0.1:9", "node", incarnation="first")
+    assert registry.get("tiny").state == "ready"
+    registry.register_worker("w1", "127.0.0.1:9", "node", incarnation="second")
+    assert registry.get("tiny").state == "available"
+    await registry.load("tiny")
+    assert len(registry._worker_port.calls) == 2

@@ -14,13 +14,13 @@ class FakeRegistry:
         self.loadable = loadable or {}
         self.loads = []
 
-    async def ready_endpoints(self, model):
+    async def ready_endpoints(self, model, timeout):
         name = model if ":" in model else f"{model}:latest"
         if name not in self.ready and name not in self.loadable:
             raise NotFound(f"model {name} is not in the catalog", reason="MODEL_NOT_FOUND")
         return name, list(self.ready.get(name, []))
 
-    async def load(self, model):
+    async def load(self, model, timeout):
         self.loads.append(model)
         self.ready[model] = self.loadable[model]
         return self.ready[model]
