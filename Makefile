@@ -31,6 +31,7 @@ check-protos: protos
 
 lint: $(STAMP)
 	cd protos && ../.venv/bin/buf lint
+	.venv/bin/ruff check services tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -6,8 +6,17 @@ from collections.abc import Iterator
 
 import grpc
 
-from llmos.v1 import (common_pb2, gateway_pb2, gateway_pb2_grpc, monitor_pb2, monitor_pb2_grpc,
-                      registry_pb2, registry_pb2_grpc, resources_pb2, resources_pb2_grpc)
+from llmos.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    monitor_pb2,
+    monitor_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    resources_pb2,
+    resources_pb2_grpc,
+)
 
 
 class Client:
@@ -23,7 +32,7 @@ class Client:
         for channel in self._channels:
             channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -43,7 +52,8 @@ class Client:
             request.messages.add(role=role, content=content)
         return self.gateway.Generate(request, timeout=timeout, metadata=metadata)
 
-    def import_model(self, name: str, source: str, tag: str = "", timeout: float = 600) -> registry_pb2.ImportModelResponse:
+    def import_model(self, name: str, source: str, tag: str = "",
+                     timeout: float = 600) -> registry_pb2.ImportModelResponse:
         return self.registry.ImportModel(registry_pb2.ImportModelRequest(name=name, tag=tag, source=source),
                                          timeout=timeout)
 

@@ -136,9 +136,12 @@ def _json_stream(text: str) -> list[dict]:
 
 
 def test_buf_curl_lists_methods_on_every_service(suite):
-    expected = {"gateway": "llmos.v1.GatewayService/Generate", "scheduler": "llmos.v1.SchedulerService/AdmitGeneration",
-                "registry": "llmos.v1.RegistryService/ImportModel", "resources": "llmos.v1.ResourceService/AcquireLease",
-                "worker": "llmos.v1.WorkerService/GenerateTokens", "monitor": "llmos.v1.MonitorService/GetClusterHealth"}
+    expected = {"gateway": "llmos.v1.GatewayService/Generate",
+                "scheduler": "llmos.v1.SchedulerService/AdmitGeneration",
+                "registry": "llmos.v1.RegistryService/ImportModel",
+                "resources": "llmos.v1.ResourceService/AcquireLease",
+                "worker": "llmos.v1.WorkerService/GenerateTokens",
+                "monitor": "llmos.v1.MonitorService/GetClusterHealth"}
     for service, method in expected.items():
         out = subprocess.run([_buf(), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--list-methods",
                               f"http://{suite.addresses[service]}"], capture_output=True, text=True, timeout=30)

@@ -8,14 +8,26 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llmos.gateway.__main__ import GatewaySettings, build as build_gateway
-from llmos.monitor.__main__ import MonitorSettings, build as build_monitor
-from llmos.registry.__main__ import RegistrySettings, build as build_registry
-from llmos.resources.__main__ import ResourcesSettings, build as build_resources
-from llmos.scheduler.__main__ import SchedulerSettings, build as build_scheduler
-from llmos.worker.__main__ import WorkerSettings, build as build_worker
-from llmos.v1 import (gateway_pb2_grpc, monitor_pb2_grpc, registry_pb2, registry_pb2_grpc,
-                      scheduler_pb2_grpc, worker_pb2_grpc)
+from llmos.gateway.__main__ import GatewaySettings
+from llmos.gateway.__main__ import build as build_gateway
+from llmos.monitor.__main__ import MonitorSettings
+from llmos.monitor.__main__ import build as build_monitor
+from llmos.registry.__main__ import RegistrySettings
+from llmos.registry.__main__ import build as build_registry
+from llmos.resources.__main__ import ResourcesSettings
+from llmos.resources.__main__ import build as build_resources
+from llmos.scheduler.__main__ import SchedulerSettings
+from llmos.scheduler.__main__ import build as build_scheduler
+from llmos.v1 import (
+    gateway_pb2_grpc,
+    monitor_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2_grpc,
+    worker_pb2_grpc,
+)
+from llmos.worker.__main__ import WorkerSettings
+from llmos.worker.__main__ import build as build_worker
 
 LISTEN = "127.0.0.1:0"
 

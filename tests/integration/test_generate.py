@@ -5,12 +5,12 @@ import asyncio
 import grpc
 import pytest
 import torch
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from llmos.v1 import (common_pb2, gateway_pb2, registry_pb2, scheduler_pb2, worker_pb2)
+from llmos.v1 import common_pb2, gateway_pb2, registry_pb2, scheduler_pb2, worker_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -29,11 +29,8 @@ async def collect(stack, req, **kwargs):
 
 
 def error_info(exc: grpc.aio.AioRpcError):
-    status = rpc_status.from_call(exc) if hasattr(exc, "trailing_metadata") else None
-    for key, value in exc.trailing_metadata():
-        if key == "grpc-status-details-bin":
-            from google.rpc import status_pb2
-            status = status_pb2.Status.FromString(value)
+    status = next(status_pb2.Status.FromString(value) for key, value in exc.trailing_metadata()
+                  if key == rpc_status.GRPC_DETAILS_METADATA_KEY)
     found = {}
     for detail in status.details:
         for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
@@ -45,7 +42,7 @@ def error_info(exc: grpc.aio.AioRpcError):
 
 
 async def test_every_service_serves_health_and_reflection(stack):
-    for name, address in stack.addresses.items():
+    for name in stack.addresses:
         channel = stack.channels[name]
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING, name
@@ -100,11 +97,15 @@ async def test_unknown_model_is_not_found_with_reason(stack):
     assert error_info(caught.value)["ErrorInfo"].reason == "MODEL_NOT_FOUND"
 
 
+USER_Y = common_pb2.ChatMessage(role="user", content="y")
+
+
 @pytest.mark.parametrize("req,field", [
     (gateway_pb2.GenerateRequest(model="tiny", prompt=""), "prompt"),
     (gateway_pb2.GenerateRequest(model="tiny"), "prompt"),
-    (gateway_pb2.GenerateRequest(model="tiny", prompt="x", messages=[common_pb2.ChatMessage(role="user", content="y")]), "prompt"),
-    (gateway_pb2.GenerateRequest(model="tiny", prompt="x", sampling=common_pb2.SamplingParams(max_tokens=-1)), "sampling.max_tokens"),
+    (gateway_pb2.GenerateRequest(model="tiny", prompt="x", messages=[USER_Y]), "prompt"),
+    (gateway_pb2.GenerateRequest(model="tiny", prompt="x", sampling=common_pb2.SamplingParams(max_tokens=-1)),
+     "sampling.max_tokens"),
     (gateway_pb2.GenerateRequest(model="", prompt="x"), "model"),
     (gateway_pb2.GenerateRequest(model="tiny", prompt="x", priority=99), "priority"),
 ])

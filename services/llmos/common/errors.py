@@ -43,7 +43,7 @@ class InvalidArgument(LlmosError):
         self.violations = list(violations or [])
 
     @classmethod
-    def field(cls, field: str, description: str, reason: str = "INVALID_FIELD") -> "InvalidArgument":
+    def field(cls, field: str, description: str, reason: str = "INVALID_FIELD") -> InvalidArgument:
         return cls(f"{field}: {description}", reason=reason,
                    violations=[FieldViolation(field, description)], metadata={"field": field})
 

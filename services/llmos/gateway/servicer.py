@@ -9,15 +9,22 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmos.common.channels import Channels
-from llmos.common.convert import (FINISH_TO_PROTO, Violations, chunk_from_proto, fill_chunk,
-                                  input_from_proto, input_to_proto, sampling_from_proto,
-                                  sampling_to_proto, usage_to_proto)
+from llmos.common.convert import (
+    FINISH_TO_PROTO,
+    Violations,
+    chunk_from_proto,
+    fill_chunk,
+    input_from_proto,
+    input_to_proto,
+    sampling_from_proto,
+    sampling_to_proto,
+    usage_to_proto,
+)
 from llmos.common.domain import Chunk, FinishReason, Usage
 from llmos.common.errors import InvalidArgument
 from llmos.common.names import parse_model_ref
 from llmos.common.status import from_rpc_error
-from llmos.v1 import (gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, worker_pb2,
-                      worker_pb2_grpc)
+from llmos.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from .frontdoor import Assignment, FrontDoor, GenerateCall
 

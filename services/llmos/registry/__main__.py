@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmos.common.channels import Channels
 from opentelemetry.sdk.trace import TracerProvider
 
+from llmos.common.channels import Channels
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.telemetry import make_tracer_provider
 

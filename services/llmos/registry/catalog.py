@@ -74,6 +74,6 @@ class Catalog:
 
     @staticmethod
     def _record(row: tuple) -> ModelRecord:
-        values = dict(zip(_FIELDS, row))
+        values = dict(zip(_FIELDS, row, strict=True))
         values["has_chat_template"] = bool(values["has_chat_template"])
         return ModelRecord(**values)

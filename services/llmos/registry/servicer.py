@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from llmos.common.status import from_rpc_error
 from llmos.common.channels import Channels
+from llmos.common.status import from_rpc_error
 from llmos.v1 import registry_pb2, registry_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from .convert import model_to_proto, placement_to_proto

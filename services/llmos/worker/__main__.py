@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-
-from llmos.common.channels import Channels
 from opentelemetry.sdk.trace import TracerProvider
 
+from llmos.common.channels import Channels
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.telemetry import make_tracer_provider
 from llmos.v1 import registry_pb2, registry_pb2_grpc

@@ -48,7 +48,8 @@ def _violations(request) -> list[str]:
 def test_exactly_one_of_prompt_and_messages():
     assert _violations(gateway_pb2.GenerateRequest(model="m")) == ["prompt"]
     assert _violations(gateway_pb2.GenerateRequest(model="m", prompt="")) == ["prompt"]
-    both = gateway_pb2.GenerateRequest(model="m", prompt="x", messages=[common_pb2.ChatMessage(role="user", content="y")])
+    both = gateway_pb2.GenerateRequest(model="m", prompt="x",
+                                       messages=[common_pb2.ChatMessage(role="user", content="y")])
     assert _violations(both) == ["prompt"]
     assert _violations(gateway_pb2.GenerateRequest(model="m", prompt="hi")) == []
 

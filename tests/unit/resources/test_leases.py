@@ -29,7 +29,7 @@ def test_leases_survive_a_restart(tmp_path):
     lease = manager.acquire("w/a", "", "", GIB)
     manager.close()
     again = ResourceManager("n1", fake_probe, str(tmp_path / "r.db"))
-    assert [l.name for l in again.leases.list()] == [lease.name]
+    assert [held.name for held in again.leases.list()] == [lease.name]
     assert again.nodes()[0].devices[0].leased_bytes == GIB
     assert again.nodes()[0].devices[0].budget_bytes == 9 * GIB
 
