@@ -6,7 +6,6 @@ import argparse
 import os
 import signal
 import sys
-import threading
 import time
 
 import grpc
@@ -74,12 +73,14 @@ def ensure_model(client: Client, name: str) -> None:
           f"in {time.monotonic() - started:.1f}s")
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     base = DEFAULT_PORTS["gateway"]
     suite = Suite(args.data_dir, ports={s: args.port_base + p - base for s, p in DEFAULT_PORTS.items()})
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the suite as Ctrl-C does
     try:
         print(f"starting llmos (data in {os.path.abspath(args.data_dir)})...")
         addresses = suite.start()
@@ -100,13 +101,14 @@ def cmd_up(args: argparse.Namespace) -> int:
                 print(f"\n> {SAMPLE_QUESTION}")
                 stream_answer(client, args.model, SAMPLE_QUESTION, raw=False, max_tokens=48,
                               temperature=0.0, seed=None)
-        print("\nserving; press Ctrl-C to stop")
-        while not stop.is_set() and all(p.poll() is None for p in suite.processes.values()):
-            stop.wait(0.5)
-        dead = [s for s, p in suite.processes.items() if p.poll() is not None]
-        if dead:
-            print(f"{', '.join(dead)} exited; stopping the suite", file=sys.stderr)
-            return 1
+        print("\nserving; press Ctrl-C to stop", flush=True)
+        while True:
+            dead = [s for s, p in suite.processes.items() if p.poll() is not None]
+            if dead:
+                print(f"{', '.join(dead)} exited; stopping the suite", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
         return 0
     except SuiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
