@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class WorkerSettings:
     listen: str = "127.0.0.1:50055"
+    # Address the other services reach this worker at; empty means the bound address.
+    advertise_address: str = ""
     address_file: str = ""
     # Stable id; empty means "<hostname>-worker".
     worker_id: str = ""
@@ -75,7 +77,8 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
 
     async def started(address: str) -> None:
         stub = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
-        request = registry_pb2.RegisterWorkerRequest(worker_id=worker_id, address=address,
+        request = registry_pb2.RegisterWorkerRequest(worker_id=worker_id,
+                                                     address=settings.advertise_address or address,
                                                      node=socket.gethostname(),
                                                      incarnation=uuid.uuid4().hex)
         tasks.append(asyncio.create_task(announce(stub, request, settings.register_interval_seconds)))
