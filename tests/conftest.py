@@ -16,3 +16,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted once from the bundled GGUF, as the registry does."""
+    import subprocess
+
+    from llmos.bundled import smollm2_gguf
+
+    target = tmp_path_factory.mktemp("smollm2") / "model"
+    subprocess.run([sys.executable, "-m", "llmos.registry.gguf_convert", str(smollm2_gguf()), str(target)],
+                   check=True, capture_output=True)
+    return target

@@ -171,3 +171,44 @@ async def test_registry_reports_the_model_ready_with_its_facts(stack):
     assert model.state == common_pb2.Model.STATE_READY
     assert model.architecture == "LlamaForCausalLM" and model.has_chat_template
     assert model.placements[0].worker_id == "w1" and model.placements[0].measured_bytes > 0
+
+
+async def test_cancelling_10_of_40_streams_leaves_the_rest_whole_and_frees_everything(stack):
+    tokens = 40
+    before = (await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())).models[0].tokens_generated
+    calls = [stack.worker.GenerateTokens(worker_pb2.GenerateTokensRequest(
+        request_id=f"c{i}", model="tiny:latest", prompt=f"Stream number {i} says",
+        sampling=common_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=1.0, seed=i)))
+        for i in range(40)]
+    cancelled = set(range(0, 40, 4))
+
+    async def consume(i, call):
+        count = 0
+        try:
+            async for response in call:
+                count += len(response.token_ids)
+                if i in cancelled and count >= 2:
+                    call.cancel()
+        except asyncio.CancelledError:
+            pass
+        return count
+
+    counts = await asyncio.gather(*(consume(i, call) for i, call in enumerate(calls)))
+    assert all(call.cancelled() for i, call in enumerate(calls) if i in cancelled)
+    assert [c for i, c in enumerate(counts) if i not in cancelled] == [tokens] * 30
+    status = await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())
+    for _ in range(50):
+        if status.running == 0:
+            break
+        await asyncio.sleep(0.02)
+        status = await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())
+    model = status.models[0]
+    assert (model.running, model.waiting, model.kv_tokens_used) == (0, 0, 0)
+    assert model.kv_tokens_capacity > 0
+    # The cancelled streams stopped early: far fewer than their 400 tokens were generated for them.
+    extra = model.tokens_generated - before - 30 * tokens
+    print("tokens generated for the cancelled streams:", extra)
+    assert extra < 10 * tokens // 2
+    await asyncio.sleep(0.2)
+    again = (await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())).models[0]
+    assert again.tokens_generated == model.tokens_generated, "a cancelled sequence kept generating"

@@ -18,7 +18,6 @@ from .errors import FieldViolation, InvalidArgument
 MAX_PROMPT_CHARS = 1 << 20
 MAX_MESSAGES = 512
 MAX_NEW_TOKENS = 8192
-DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 8
 
 FINISH_TO_PROTO = {
@@ -102,7 +101,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams, errors: Violations,
     if not (math.isfinite(penalty) and (penalty == 0.0 or 0.1 <= penalty <= 10.0)):
         errors.add(f"{prefix}.repetition_penalty", f"must be 0 or between 0.1 and 10, got {penalty}")
     return SamplingParams(
-        max_tokens=p.max_tokens or DEFAULT_MAX_TOKENS,
+        max_tokens=p.max_tokens or None,
         temperature=float(p.temperature),
         top_p=float(p.top_p) or 1.0,
         top_k=int(p.top_k),
@@ -110,13 +109,15 @@ def sampling_from_proto(p: common_pb2.SamplingParams, errors: Violations,
         stop=tuple(p.stop),
         repetition_penalty=float(penalty) or 1.0,
         logprobs=p.logprobs,
+        ignore_eos=p.ignore_eos,
     )
 
 
 def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
     p = common_pb2.SamplingParams(
-        max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        stop=list(s.stop), repetition_penalty=s.repetition_penalty, logprobs=s.logprobs)
+        max_tokens=s.max_tokens or 0, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        stop=list(s.stop), repetition_penalty=s.repetition_penalty, logprobs=s.logprobs,
+        ignore_eos=s.ignore_eos)
     if s.seed is not None:
         p.seed = s.seed
     return p

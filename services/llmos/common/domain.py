@@ -24,7 +24,8 @@ class ChatMessage:
 class SamplingParams:
     """Validated sampling settings with defaults applied (see `SamplingParams` in the proto)."""
 
-    max_tokens: int = 256
+    # None: as many as the default (256) and the context allow.
+    max_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -32,6 +33,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.0
     logprobs: bool = False
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:

@@ -42,7 +42,7 @@ class GrpcScheduler:
         try:
             response = await self._stub.AdmitGeneration(scheduler_pb2.AdmitGenerationRequest(
                 request_id=request_id, model=call.model, tenant=call.tenant, priority=call.priority,
-                max_tokens=call.params.max_tokens), timeout=timeout)
+                max_tokens=call.params.max_tokens or 0), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         return Assignment(response.worker_address, response.model)

@@ -22,8 +22,9 @@ class RegistrySettings:
     listen: str = "127.0.0.1:50053"
     address_file: str = ""
     data_dir: str = ".llmos"
-    # KV cache tokens counted in each model's memory estimate.
-    kv_tokens: int = 8192
+    # KV cache tokens counted in each model's memory estimate (the worker's default cache:
+    # 16 slots of 2048 tokens).
+    kv_tokens: int = 32768
     # Runtime overhead counted in each model's memory estimate, bytes.
     overhead_bytes: int = 256 << 20
     load_timeout_seconds: float = 300.0

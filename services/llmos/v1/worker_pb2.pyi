@@ -70,29 +70,37 @@ class GetWorkerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadedModel(_message.Message):
-    __slots__ = ("model", "device", "dtype", "measured_bytes", "running", "tokens_generated")
+    __slots__ = ("model", "device", "dtype", "measured_bytes", "running", "tokens_generated", "waiting", "kv_tokens_used", "kv_tokens_capacity")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MEASURED_BYTES_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
     measured_bytes: int
     running: int
     tokens_generated: int
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+    waiting: int
+    kv_tokens_used: int
+    kv_tokens_capacity: int
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ...) -> None: ...
 
 class GetWorkerStatusResponse(_message.Message):
-    __slots__ = ("worker_id", "models", "running", "tokens_generated")
+    __slots__ = ("worker_id", "models", "running", "tokens_generated", "waiting")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     models: _containers.RepeatedCompositeFieldContainer[LoadedModel]
     running: int
     tokens_generated: int
-    def __init__(self, worker_id: _Optional[str] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+    waiting: int
+    def __init__(self, worker_id: _Optional[str] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...

@@ -18,7 +18,7 @@ from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.telemetry import make_tracer_provider
 from llmos.v1 import registry_pb2, registry_pb2_grpc
 
-from .host import ModelHost
+from .host import EngineConfig, ModelHost
 from .loader import pick_device, pick_dtype
 from .servicer import GrpcResources, register
 
@@ -41,8 +41,12 @@ class WorkerSettings:
     dtype: str = "auto"
     # Torch threads; 0 leaves torch's default (one per core).
     threads: int = 0
-    # Most sequences running at once per model.
-    max_running: int = 64
+    # Sequences running at once per model: the KV cache holds this many.
+    max_running: int = 16
+    # Longest prompt + output of one sequence, tokens (capped by the model's context).
+    max_seq_len: int = 2048
+    # Prompt tokens fed per engine step (chunked prefill).
+    prefill_budget: int = 256
     # How often the worker announces itself to the registry, seconds.
     register_interval_seconds: float = 10.0
     grace_seconds: float = 10.0
@@ -70,7 +74,8 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     provider = provider or make_tracer_provider("worker")
     channels = Channels(provider)
     model_host = ModelHost(worker_id, GrpcResources(channels, settings.resources_address), device,
-                           pick_dtype(settings.dtype, device), settings.max_running)
+                           pick_dtype(settings.dtype, device),
+                           EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget))
     host = ServiceHost("worker", settings.listen, provider)
     register(host, model_host)
     tasks: list[asyncio.Task] = []

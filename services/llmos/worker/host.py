@@ -17,10 +17,12 @@ import torch
 from llmos.common.domain import Chunk, GenerationInput, SamplingParams
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound
 
-from .engine import Engine, Sequence
+from .engine import Engine, EngineStats, Sequence
 from .loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
 
 
 class ResourcesPort(Protocol):
@@ -28,6 +30,16 @@ class ResourcesPort(Protocol):
         """Leases memory; returns the lease name."""
 
     async def release(self, lease: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Sequences running at once per model (KV cache slots).
+    slots: int = 16
+    # Longest prompt + output per sequence, capped by the model's context.
+    max_seq_len: int = 2048
+    # Prompt tokens fed per engine step, so long prompts do not stall running streams.
+    prefill_budget: int = 256
 
 
 @dataclass
@@ -43,21 +55,21 @@ class ModelStatus:
     device: str
     dtype: str
     measured_bytes: int
-    running: int
-    tokens_generated: int
+    stats: EngineStats
 
 
-Loader = Callable[[str, str, torch.device, torch.dtype], LoadedModel]
+Loader = Callable[[str, str, torch.device, torch.dtype, int, int], LoadedModel]
 
 
 class ModelHost:
     def __init__(self, worker_id: str, resources: ResourcesPort, device: torch.device,
-                 dtype: torch.dtype, max_running: int = 64, loader: Loader = load_model) -> None:
+                 dtype: torch.dtype, config: EngineConfig = EngineConfig(),
+                 loader: Loader = load_model) -> None:
         self.worker_id = worker_id
         self.device = device
         self.dtype = dtype
+        self.config = config
         self._resources = resources
-        self._max_running = max_running
         self._loader = loader
         self._served: dict[str, Served] = {}
         self._lock = asyncio.Lock()
@@ -78,11 +90,14 @@ class ModelHost:
             lease = await self._resources.acquire(f"worker/{self.worker_id}/model/{model}",
                                                   self.device_name, estimated_bytes)
             try:
-                loaded = await asyncio.to_thread(self._loader, model, path, self.device, self.dtype)
+                loaded = await asyncio.to_thread(self._loader, model, path, self.device, self.dtype,
+                                                 self.config.slots, self.config.max_seq_len)
             except BaseException:
                 await self._resources.release(lease)
                 raise
-            served = Served(loaded, Engine(loaded, self._max_running), lease)
+            engine = Engine(model, loaded.runner, loaded.tokenizer, loaded.eos_ids,
+                            self.config.prefill_budget)
+            served = Served(loaded, engine, lease)
             self._served[model] = served
             return served
 
@@ -101,7 +116,7 @@ class ModelHost:
 
     def status(self) -> list[ModelStatus]:
         return [ModelStatus(name, str(s.loaded.device), str(s.loaded.dtype).removeprefix("torch."),
-                            s.loaded.measured_bytes, s.engine.running, s.engine.tokens_generated)
+                            s.loaded.measured_bytes, s.engine.stats())
                 for name, s in sorted(self._served.items())]
 
     def _prompt_ids(self, loaded: LoadedModel, source: GenerationInput) -> list[int]:
@@ -116,6 +131,23 @@ class ModelHost:
             add_generation_prompt=True, tokenize=False)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    @staticmethod
+    def _max_new(loaded: LoadedModel, prompt_len: int, params: SamplingParams) -> int:
+        """The output limit; refuses requests that can never fit in a cache slot."""
+        room = loaded.max_seq_len - prompt_len
+        if room < 1:
+            raise InvalidArgument.field(
+                "prompt", f"is {prompt_len} tokens; this model serves at most {loaded.max_seq_len} "
+                          "tokens of prompt and output together", reason="PROMPT_TOO_LONG")
+        if params.max_tokens is None:
+            return min(DEFAULT_MAX_TOKENS, room)
+        if params.max_tokens > room:
+            raise InvalidArgument.field(
+                "sampling.max_tokens", f"{params.max_tokens} tokens after a prompt of {prompt_len} "
+                f"exceed the {loaded.max_seq_len} tokens this model serves per sequence",
+                reason="CONTEXT_LENGTH_EXCEEDED")
+        return params.max_tokens
+
     async def generate(self, request_id: str, model: str, source: GenerationInput,
                        params: SamplingParams) -> AsyncIterator[Chunk]:
         served = self._served.get(model)
@@ -124,10 +156,7 @@ class ModelHost:
                            reason="MODEL_NOT_LOADED", metadata={"model": model})
         loaded = served.loaded
         prompt_ids = self._prompt_ids(loaded, source)
-        if len(prompt_ids) >= loaded.context_length:
-            raise InvalidArgument.field(
-                "prompt", f"is {len(prompt_ids)} tokens; the model's context holds "
-                          f"{loaded.context_length}", reason="PROMPT_TOO_LONG")
+        max_new = self._max_new(loaded, len(prompt_ids), params)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | LlmosError] = asyncio.Queue()
 
@@ -137,7 +166,7 @@ class ModelHost:
             except RuntimeError:  # the event loop is gone; nobody is listening
                 pass
 
-        seq = Sequence(request_id, prompt_ids, params, deliver)
+        seq = Sequence(request_id, prompt_ids, params, max_new, deliver)
         served.engine.submit(seq)
         finished = False
         try:

@@ -12,18 +12,21 @@ import torch
 
 from llmos.common.errors import FailedPrecondition, NotFound
 
+from .llama import SUPPORTED_ARCHITECTURES, LlamaRunner
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadedModel:
     name: str
-    model: Any
+    runner: LlamaRunner
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
     measured_bytes: int
-    context_length: int
+    # Longest sequence (prompt + output) one cache slot holds.
+    max_seq_len: int
     eos_ids: frozenset[int]
 
 
@@ -63,7 +66,10 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, slots: int,
+               max_seq_len: int) -> LoadedModel:
+    """Loads the weights and tokenizer and builds the batched runner with its KV cache of
+    `slots` sequences of up to `max_seq_len` tokens (capped by the model's context)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(path)
@@ -78,10 +84,17 @@ def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype) -
         log.error("cannot load %s from %s: %s", name, path, exc)
         raise FailedPrecondition(f"the weights of {name} do not load", reason="MODEL_LOAD_FAILED",
                                  metadata={"model": name}) from None
+    architecture = (model.config.architectures or ["unknown"])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise FailedPrecondition(
+            f"the engine does not run {architecture} models yet (it runs "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))})", reason="ARCHITECTURE_NOT_SUPPORTED",
+            metadata={"architecture": architecture})
     model.to(device).eval()
-    measured = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     context = int(getattr(model.config, "max_position_embeddings", 2048))
-    log.info("loaded %s on %s in %s in %.2fs (%d bytes)", name, device, dtype,
-             time.monotonic() - started, measured)
-    return LoadedModel(name, model, tokenizer, device, dtype, measured, context,
-                       _eos_ids(model, tokenizer))
+    runner = LlamaRunner(model, slots, min(context, max_seq_len))
+    eos = _eos_ids(model, tokenizer)
+    del model  # the runner keeps the tensors it needs
+    log.info("loaded %s on %s in %s in %.2fs (%d bytes with a KV cache of %d x %d tokens)", name,
+             device, dtype, time.monotonic() - started, runner.nbytes, slots, runner.max_len)
+    return LoadedModel(name, runner, tokenizer, device, dtype, runner.nbytes, runner.max_len, eos)

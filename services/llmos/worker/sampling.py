@@ -28,19 +28,23 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits
 
 
+def _logprob(logits: torch.Tensor, token: int, wanted: bool) -> float:
+    return float(torch.log_softmax(logits, dim=-1)[token]) if wanted else 0.0
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           seen: torch.Tensor) -> tuple[int, float]:
+           seen: torch.Tensor | None) -> tuple[int, float]:
     """Returns (token id, its log-probability under the model's own distribution).
 
     `logits` is the 1-D float vector of the last position; `seen` holds the ids of
-    the prompt and the output so far (for the repetition penalty).
+    the prompt and the output so far (for the repetition penalty), or None when the
+    penalty is off. The log-probability is computed only when `params.logprobs`.
     """
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    scores = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    scores = logits if seen is None else apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         token = int(torch.argmax(scores))
-        return token, float(logprobs[token])
+        return token, _logprob(logits, token, params.logprobs)
     scores = scores / params.temperature
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
@@ -54,4 +58,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     token = int(torch.multinomial(probs, 1, generator=generator))
-    return token, float(logprobs[token])
+    return token, _logprob(logits, token, params.logprobs)

@@ -61,13 +61,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             yield fill_chunk(worker_pb2.GenerateTokensResponse(), chunk)
 
     async def GetWorkerStatus(self, request, context):
-        models = [worker_pb2.LoadedModel(model=s.model, device=s.device, dtype=s.dtype,
-                                         measured_bytes=s.measured_bytes, running=s.running,
-                                         tokens_generated=s.tokens_generated)
-                  for s in self.host.status()]
+        models = [worker_pb2.LoadedModel(
+            model=s.model, device=s.device, dtype=s.dtype, measured_bytes=s.measured_bytes,
+            running=s.stats.running, waiting=s.stats.waiting, kv_tokens_used=s.stats.kv_tokens_used,
+            kv_tokens_capacity=s.stats.kv_tokens_capacity, tokens_generated=s.stats.tokens_generated)
+            for s in self.host.status()]
         return worker_pb2.GetWorkerStatusResponse(
             worker_id=self.host.worker_id, models=models,
-            running=sum(m.running for m in models),
+            running=sum(m.running for m in models), waiting=sum(m.waiting for m in models),
             tokens_generated=sum(m.tokens_generated for m in models))
 
 

@@ -34,6 +34,13 @@ class Detokenizer:
         self._prefix, self._read = self._read, len(self._ids)
         return after[len(before):]
 
+    def flush(self) -> str:
+        """The text still held back (an incomplete character), once the output is final."""
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return after[len(before):]
+
 
 class StopStrings:
     """Accumulates text and releases the part that cannot belong to a stop string."""

@@ -62,7 +62,7 @@ def test_sampling_violations_name_each_field_and_defaults_apply():
     errors = Violations()
     params = sampling_from_proto(common_pb2.SamplingParams(), errors)
     assert errors.items == []
-    assert (params.max_tokens, params.temperature, params.top_p, params.repetition_penalty) == (256, 0.0, 1.0, 1.0)
+    assert (params.max_tokens, params.temperature, params.top_p, params.repetition_penalty) == (None, 0.0, 1.0, 1.0)
     assert params.greedy and params.seed is None
 
 

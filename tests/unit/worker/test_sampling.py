@@ -12,7 +12,7 @@ def _logits(seed: int = 0, n: int = 50) -> torch.Tensor:
 
 def test_greedy_picks_the_argmax_and_reports_its_logprob():
     logits = _logits()
-    token, logprob = sample(logits, SamplingParams(), None, torch.tensor([], dtype=torch.long))
+    token, logprob = sample(logits, SamplingParams(logprobs=True), None, None)
     assert token == int(torch.argmax(logits))
     assert abs(logprob - float(torch.log_softmax(logits, -1)[token])) < 1e-6
 

@@ -53,3 +53,12 @@ def test_incremental_decoding_keeps_the_leading_space_after_a_prompt(tiny_tokeni
     answer = tiny_tokenizer(" Paris. The capital")["input_ids"]
     detok = Detokenizer(tiny_tokenizer, prompt)
     assert "".join(detok.push(i) for i in answer) == " Paris. The capital"
+
+
+def test_flush_releases_an_incomplete_character_at_the_end(tiny_tokenizer):
+    ids = tiny_tokenizer("🙂")["input_ids"]
+    assert len(ids) > 1, "the emoji takes several byte tokens"
+    detok = Detokenizer(tiny_tokenizer, prompt_ids=[])
+    held = "".join(detok.push(i) for i in ids[:-1])
+    assert held == ""
+    assert held + detok.flush() == tiny_tokenizer.decode(ids[:-1])

@@ -1,0 +1,195 @@
+"""A lean batched forward pass for Llama-family models, over a slot KV cache.
+
+The weights come from a loaded transformers model (q/k/v and gate/up fused into
+one matrix each); the rotary tables from its own rotary embedding. One call runs
+every token of a step through the weights once: the newest token of each
+decoding sequence and a chunk of each prefilling prompt, flattened into one
+batch. Attention is then done per part: all decoding sequences together against
+the cache (padded to the longest, masked), and each prefill chunk causally
+against its own slot.
+
+The cache holds `slots` sequences of up to `max_len` tokens. Sequences occupy
+slots 0..n-1; when one leaves, the last moves into its place, so the decoding
+batch is always a leading block of the cache and needs no gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """`length` prompt tokens of the sequence in `slot`, starting at position `start`."""
+
+    slot: int
+    start: int
+    length: int
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    wqkv: torch.Tensor
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    ln2: torch.Tensor
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+class LlamaRunner:
+    def __init__(self, model: Any, slots: int, max_len: int) -> None:
+        config = model.config
+        self.device = model.device
+        self.dtype = model.dtype
+        self.slots = slots
+        self.max_len = max_len
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.eps = config.rms_norm_eps
+        self.act = ACT2FN[config.hidden_act]
+        self.vocab_size = config.vocab_size
+        inner = model.model
+        with torch.no_grad():
+            self.layers = [self._fuse(layer) for layer in inner.layers]
+            self.embed = inner.embed_tokens.weight
+            self.norm = inner.norm.weight
+            self.lm_head = model.lm_head.weight
+            positions = torch.arange(max_len, device=self.device)[None]
+            cos, sin = inner.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
+            self.cos, self.sin = cos[0], sin[0]
+        shape = (len(self.layers), slots, self.kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @staticmethod
+    def _fuse(layer: Any) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        return _Layer(
+            ln1=layer.input_layernorm.weight,
+            wqkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous(),
+            bqkv=torch.cat(biases).contiguous() if all(b is not None for b in biases) else None,
+            wo=attn.o_proj.weight,
+            ln2=layer.post_attention_layernorm.weight,
+            w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
+            w_down=mlp.down_proj.weight)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: weights (shared tensors once) and the KV cache."""
+        tensors = {id(t): t for layer in self.layers for t in vars(layer).values() if t is not None}
+        for t in (self.embed, self.norm, self.lm_head, self.cos, self.sin, self.k_cache, self.v_cache):
+            tensors[id(t)] = t
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * len(self.layers) * self.kv_heads * self.head_dim * self.k_cache.element_size()
+
+    def move_slot(self, source: int, target: int, length: int) -> None:
+        """Copies the first `length` cached positions of `source` into `target`."""
+        self.k_cache[:, target, :, :length] = self.k_cache[:, source, :, :length]
+        self.v_cache[:, target, :, :length] = self.v_cache[:, source, :, :length]
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x32.to(x.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          bias: torch.Tensor) -> torch.Tensor:
+        """One query per row: plain batched matmuls beat the flash kernel at this shape.
+
+        q: [n, hq, 1, d]; k, v: [n, hk, L, d]; bias: [n, 1, 1, L] (0 or -inf). The query
+        heads sharing a KV head are grouped, so K and V are never repeated.
+        """
+        n, hq, _, d = q.shape
+        hk = k.shape[1]
+        groups = hq // hk
+        qg = q.view(n, hk, groups, d)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (d ** -0.5) + bias
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.matmul(probs, v).view(n, hq, 1, d)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                decode_slots: torch.Tensor, active: int, lengths: torch.Tensor,
+                prefills: list[PrefillChunk], logit_rows: torch.Tensor) -> torch.Tensor:
+        """Runs one step; returns float32 logits of the rows `logit_rows` of the flat batch.
+
+        The flat batch starts with the newest token of each decoding sequence, in the order
+        of `decode_slots` (ascending); the prefill chunks follow, in `prefills` order.
+        `active` slots (0..active-1) are in use; `lengths[s]` is how many positions slot s
+        holds after this step, for each decoding slot s.
+        """
+        total = tokens.shape[0]
+        decode_count = decode_slots.shape[0]
+        hq, hk, d = self.num_heads, self.kv_heads, self.head_dim
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        decode_bias, longest, dense = None, 0, decode_count == active
+        if decode_count:
+            # Every active slot takes part in the decode attention; rows of slots that are
+            # still prefilling see one position only and their output is dropped.
+            seen = torch.ones(active, dtype=torch.long, device=self.device)
+            seen[decode_slots] = lengths[decode_slots]
+            longest = int(seen.max())
+            hidden = torch.arange(longest, device=self.device)[None, :] >= seen[:, None]
+            decode_bias = torch.zeros(active, 1, 1, longest, device=self.device).masked_fill_(
+                hidden.view(active, 1, 1, longest), float("-inf"))
+        x = F.embedding(tokens, self.embed)
+        for index, layer in enumerate(self.layers):
+            h = self._rms(x, layer.ln1)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            q = qkv[:, :hq * d].view(total, hq, d)
+            k = qkv[:, hq * d:(hq + hk) * d].view(total, hk, d)
+            v = qkv[:, (hq + hk) * d:].view(total, hk, d)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            k_cache[slots, :, positions] = k
+            v_cache[slots, :, positions] = v
+            out = torch.empty_like(q)
+            if decode_count:
+                if dense:
+                    qd = q[:decode_count].unsqueeze(2)
+                else:
+                    qd = q.new_zeros(active, hq, 1, d)
+                    qd[decode_slots, :, 0] = q[:decode_count]
+                od = self._decode_attention(qd, k_cache[:active, :, :longest],
+                                            v_cache[:active, :, :longest], decode_bias)
+                out[:decode_count] = od.squeeze(2) if dense else od[decode_slots, :, 0]
+            offset = decode_count
+            for chunk in prefills:
+                end = chunk.start + chunk.length
+                qp = q[offset:offset + chunk.length].transpose(0, 1).unsqueeze(0)
+                kp = k_cache[chunk.slot:chunk.slot + 1, :, :end]
+                vp = v_cache[chunk.slot:chunk.slot + 1, :, :end]
+                if chunk.start == 0:
+                    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=hk != hq)
+                else:
+                    mask = (torch.arange(end, device=self.device)[None, :]
+                            <= torch.arange(chunk.start, end, device=self.device)[:, None])
+                    op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=hk != hq)
+                out[offset:offset + chunk.length] = op[0].transpose(0, 1)
+                offset += chunk.length
+            x = x + F.linear(out.view(total, hq * d), layer.wo)
+            h = self._rms(x, layer.ln2)
+            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(self.act(gate) * up, layer.w_down)
+        h = self._rms(x[logit_rows], self.norm)
+        return F.linear(h, self.lm_head).float()

@@ -1,0 +1,166 @@
+"""The engine on real models: batched output equals transformers' generate() token for token,
+sampling is independent of batch neighbours, stop strings and non-ASCII text stream exactly."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmos.common.domain import Chunk, SamplingParams
+from llmos.worker.engine import Engine, Sequence
+from llmos.worker.loader import load_model
+
+PROMPTS = ["The capital of France is", "Once upon a time", "Café déjà vu", "東京は日本の",
+           "Emoji too: 🙂", "llmos streams tokens", "numbers 0123", "The capital of Italy"]
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.chunks: list[Chunk] = []
+        self.error: Exception | None = None
+        self.done = threading.Event()
+
+    def __call__(self, item) -> None:
+        if isinstance(item, Exception):
+            self.error = item
+            self.done.set()
+            return
+        self.chunks.append(item)
+        if item.finish_reason is not None:
+            self.done.set()
+
+    @property
+    def ids(self) -> list[int]:
+        return [t for c in self.chunks for t in c.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(c.text for c in self.chunks)
+
+
+def start(path, slots=16, prefill_budget=256):
+    loaded = load_model("m", str(path), torch.device("cpu"), torch.float32, slots, 512)
+    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, prefill_budget)
+    return loaded, engine
+
+
+def submit(engine, tokenizer, prompt, params, max_new, rid="r"):
+    collector = Collector()
+    engine.submit(Sequence(rid, tokenizer(prompt)["input_ids"], params, max_new, collector))
+    return collector
+
+
+def wait_all(collectors, timeout=120):
+    for c in collectors:
+        assert c.done.wait(timeout), "generation did not finish"
+        assert c.error is None, c.error
+
+
+def reference(path, prompts, max_new):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new, do_sample=False)
+        outputs.append(out[0, ids.shape[1]:].tolist())
+    return outputs
+
+
+def greedy_together_equals_alone(path, max_new, prefill_budget):
+    loaded, engine = start(path, prefill_budget=prefill_budget)
+    try:
+        tok = loaded.tokenizer
+        # Half start together; the rest join while the first half is decoding.
+        first = [submit(engine, tok, p, SamplingParams(), max_new, f"a{i}") for i, p in enumerate(PROMPTS[:4])]
+        while not all(len(c.chunks) >= 2 or c.done.is_set() for c in first):
+            threading.Event().wait(0.005)
+        second = [submit(engine, tok, p, SamplingParams(), max_new, f"b{i}") for i, p in enumerate(PROMPTS[4:])]
+        wait_all(first + second)
+        assert [c.ids for c in first + second] == reference(path, PROMPTS, max_new)
+        assert engine.stats().running == 0 and engine.stats().kv_tokens_used == 0
+    finally:
+        engine.stop()
+
+
+def test_greedy_batch_equals_generate_alone_tiny(tiny_model_dir):
+    greedy_together_equals_alone(tiny_model_dir, max_new=24, prefill_budget=4)
+
+
+@pytest.mark.smollm2
+def test_greedy_batch_equals_generate_alone_smollm2(smollm2_dir):
+    greedy_together_equals_alone(smollm2_dir, max_new=16, prefill_budget=256)
+
+
+def test_same_seed_same_text_alone_and_in_a_busy_batch(tiny_model_dir):
+    loaded, engine = start(tiny_model_dir)
+    try:
+        tok = loaded.tokenizer
+        seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=42, ignore_eos=True)
+        alone = submit(engine, tok, "Once upon a time", seeded, 30)
+        wait_all([alone])
+        noise = [submit(engine, tok, p, SamplingParams(temperature=1.3, seed=i, ignore_eos=True), 30, f"n{i}")
+                 for i, p in enumerate(PROMPTS)]
+        busy = submit(engine, tok, "Once upon a time", seeded, 30)
+        wait_all([*noise, busy])
+        assert busy.ids == alone.ids and busy.text == alone.text
+        assert len({tuple(c.ids) for c in noise}) > 1
+    finally:
+        engine.stop()
+
+
+def test_stop_string_across_a_token_boundary_is_cut_exactly(tiny_model_dir):
+    loaded, engine = start(tiny_model_dir)
+    try:
+        tok = loaded.tokenizer
+        params = SamplingParams(ignore_eos=True)
+        full = submit(engine, tok, "The capital of France is", params, 30)
+        wait_all([full])
+        # A stop string made of the end of one token's text and the start of the next.
+        pieces = [tok.decode(full.ids[: i + 1]) for i in range(len(full.ids))]
+        boundary = next(len(pieces[i]) for i in range(3, len(pieces) - 1)
+                        if len(pieces[i]) >= 2 and len(pieces[i + 1]) - len(pieces[i]) >= 2
+                        and full.text.find(full.text[len(pieces[i]) - 1:len(pieces[i]) + 1]) == len(pieces[i]) - 1)
+        stop = full.text[boundary - 1:boundary + 1]
+        cut = submit(engine, tok, "The capital of France is",
+                     SamplingParams(ignore_eos=True, stop=(stop,)), 30)
+        wait_all([cut])
+        assert cut.text == full.text[:boundary - 1]
+        assert stop not in cut.text
+        assert cut.chunks[-1].finish_reason.value == "stop"
+    finally:
+        engine.stop()
+
+
+def test_streamed_text_is_byte_identical_to_the_full_decode(tiny_model_dir):
+    loaded, engine = start(tiny_model_dir)
+    try:
+        tok = loaded.tokenizer
+        runs = [submit(engine, tok, p, SamplingParams(temperature=1.5, seed=i, ignore_eos=True), 40, f"s{i}")
+                for i, p in enumerate(PROMPTS)]
+        wait_all(runs)
+        for run in runs:
+            assert run.text.encode() == tok.decode(run.ids, skip_special_tokens=True).encode()
+        assert any(not c.isascii() for run in runs for c in run.text), "no non-ASCII text was produced"
+    finally:
+        engine.stop()
+
+
+@pytest.mark.smollm2
+def test_smollm2_non_ascii_streams_exactly(smollm2_dir):
+    loaded, engine = start(smollm2_dir)
+    try:
+        tok = loaded.tokenizer
+        prompts = ["Le café à Paris est très", "東京の天気は", "My favourite emoji is 🙂 because"]
+        runs = [submit(engine, tok, p, SamplingParams(temperature=0.8, seed=3, ignore_eos=True), 24, f"x{i}")
+                for i, p in enumerate(prompts)]
+        wait_all(runs)
+        for run in runs:
+            assert run.text.encode() == tok.decode(run.ids, skip_special_tokens=True).encode()
+        assert any(not c.isascii() for run in runs for c in run.text)
+    finally:
+        engine.stop()
