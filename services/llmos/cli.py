@@ -12,6 +12,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from . import bench
 from .bundled import DEFAULT_MODEL, smollm2_gguf
 from .client import Client
 from .suite import DEFAULT_PORTS, Suite, SuiteError
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show health, nodes, devices and models")
     status.set_defaults(func=cmd_status)
+    bench.add_parser(sub)
     return parser
 
 

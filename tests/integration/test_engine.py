@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmos.common.domain import Chunk, SamplingParams
-from llmos.worker.engine import Engine, Sequence
+from llmos.worker.engine import Engine, EngineDriver, Sequence
 from llmos.worker.loader import load_model
 
 PROMPTS = ["The capital of France is", "Once upon a time", "Café déjà vu", "東京は日本の",
@@ -41,10 +41,26 @@ class Collector:
         return "".join(c.text for c in self.chunks)
 
 
+class Running:
+    """An engine on a driver thread of its own; `stop` ends both."""
+
+    def __init__(self, engine, driver):
+        self.engine, self.driver = engine, driver
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def stop(self):
+        self.engine.stop()
+        self.driver.stop()
+
+
 def start(path, slots=16, prefill_budget=256):
     loaded = load_model("m", str(path), torch.device("cpu"), torch.float32, slots, 512)
-    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, prefill_budget)
-    return loaded, engine
+    driver = EngineDriver()
+    driver.start_thread()
+    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefill_budget)
+    return loaded, Running(engine, driver)
 
 
 def submit(engine, tokenizer, prompt, params, max_new, rid="r"):

@@ -63,3 +63,9 @@ class Chunk:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+
+
+def merge_chunks(first: Chunk, second: Chunk) -> Chunk:
+    """One chunk holding both, in order (the second's end, if it is the last)."""
+    return Chunk(first.text + second.text, first.token_ids + second.token_ids,
+                 first.logprobs + second.logprobs, second.finish_reason, second.usage)

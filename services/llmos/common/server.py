@@ -41,7 +41,9 @@ class ServiceHost:
         self.server = grpc.aio.server(
             interceptors=[server_interceptor(provider), ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                     # A port in use is an error, not a port shared with a stale server.
+                     ("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._services: list[str] = []
@@ -57,9 +59,12 @@ class ServiceHost:
         reflection.enable_server_reflection(
             [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         host = self.listen.rsplit(":", 1)[0]
-        port = self.server.add_insecure_port(self.listen)
+        try:
+            port = self.server.add_insecure_port(self.listen)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise OSError(f"cannot bind {self.listen}")
+            raise OSError(f"{self.name} cannot listen on {self.listen}: the address is in use or invalid")
         await self.server.start()
         self.address = f"{host}:{port}"
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
@@ -111,12 +116,15 @@ class Service:
         log.info("%s stopped", self.host.name)
 
 
-async def run_service(service: Service, *, address_file: str = "", grace: float = 10.0) -> None:
-    """Runs `service` until SIGTERM or SIGINT, then drains and cleans up."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+async def run_service(service: Service, *, address_file: str = "", grace: float = 10.0,
+                      stop: asyncio.Event | None = None) -> None:
+    """Runs `service` until SIGTERM or SIGINT (or until `stop` is set, when the caller
+    handles signals itself), then drains and cleans up."""
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     address = await service.start()
     if address_file:
         write_address_file(address_file, address)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
+import sys
+import threading
 import uuid
 from dataclasses import dataclass
 
@@ -14,10 +17,12 @@ import torch
 from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
-from llmos.common.server import Service, ServiceHost, serve_main
-from llmos.common.telemetry import make_tracer_provider
+from llmos.common.server import Service, ServiceHost, run_service
+from llmos.common.settings import from_env
+from llmos.common.telemetry import make_tracer_provider, setup_logging
 from llmos.v1 import registry_pb2, registry_pb2_grpc
 
+from .engine import EngineDriver
 from .host import EngineConfig, ModelHost
 from .loader import pick_device, pick_dtype
 from .servicer import GrpcResources, register
@@ -66,7 +71,13 @@ async def announce(stub: registry_pb2_grpc.RegistryServiceStub, request: registr
         await asyncio.sleep(interval)
 
 
-async def build(settings: WorkerSettings, provider: TracerProvider | None = None) -> Service:
+async def build(settings: WorkerSettings, provider: TracerProvider | None = None,
+                driver: EngineDriver | None = None) -> Service:
+    """The worker service. Its engines run on `driver`; without one, on a thread of their own."""
+    own_driver = driver is None
+    if driver is None:
+        driver = EngineDriver()
+        driver.start_thread()
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     device = pick_device(settings.device)
@@ -74,7 +85,7 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     provider = provider or make_tracer_provider("worker")
     channels = Channels(provider)
     model_host = ModelHost(worker_id, GrpcResources(channels, settings.resources_address), device,
-                           pick_dtype(settings.dtype, device),
+                           pick_dtype(settings.dtype, device), driver,
                            EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget))
     host = ServiceHost("worker", settings.listen, provider)
     register(host, model_host)
@@ -95,10 +106,49 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
                 await task
         await model_host.stop_all()
         await channels.close()
+        if own_driver:
+            driver.stop()
 
     return Service(host, on_started=started, cleanups=[close])
 
+def main() -> int:
+    """Serves gRPC on a thread of its own and runs the engines on the main thread."""
+    settings = from_env(WorkerSettings, "worker")
+    setup_logging(settings.log_level)
+    driver = EngineDriver()
+    control: dict = {}
+    ready = threading.Event()
+
+    def serve() -> None:
+        async def run() -> None:
+            control["loop"], control["stop"] = asyncio.get_running_loop(), asyncio.Event()
+            ready.set()
+            await run_service(await build(settings, driver=driver), address_file=settings.address_file,
+                              grace=settings.grace_seconds, stop=control["stop"])
+
+        try:
+            asyncio.run(run())
+        except BaseException:
+            control["failed"] = True
+            log.exception("worker failed")
+        finally:
+            ready.set()
+            driver.stop()
+
+    thread = threading.Thread(target=serve, name="grpc")
+    thread.start()
+    ready.wait()
+
+    def on_signal(*_: object) -> None:
+        if "loop" in control:
+            control["loop"].call_soon_threadsafe(control["stop"].set)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    driver.run()
+    thread.join()
+    return 1 if control.get("failed") else 0
 
 
 if __name__ == "__main__":
-    serve_main("worker", WorkerSettings, build)
+    sys.exit(main())

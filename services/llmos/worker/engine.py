@@ -1,20 +1,22 @@
 """The inference engine of one loaded model: iteration-level (continuous) batching.
 
-One engine thread runs steps. Before each step, cancelled sequences leave and
+The worker's engine driver runs steps. Before each step, cancelled sequences leave and
 waiting ones join while there are free cache slots; each step then advances every
 decoding sequence by one token and feeds the next chunk of waiting prompts
 (at most `prefill_budget` prompt tokens a step, so long prompts never stall the
 running streams). A sequence leaves the batch the step it finishes, and its slot
 is free for the next step. Results reach asyncio through the callback each
-sequence carries, called on the engine thread.
+sequence carries, called on the driver's thread.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +39,7 @@ class Sequence:
     params: SamplingParams
     # Most tokens to generate (max_tokens, or what the slot has room for).
     max_new: int
-    # Called on the engine thread with each chunk, or with the error that ended it.
+    # Called on the driver's thread with each chunk, or with the error that ended it.
     deliver: Callable[[Chunk | LlmosError], None]
     output_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -62,22 +64,116 @@ class EngineStats:
     tokens_generated: int
 
 
+class EngineDriver:
+    """Runs the steps of every engine of a worker on one thread, round robin.
+
+    Every torch call of the worker runs on this one thread: model loads too (`call`).
+    With OpenMP (torch's CPU threading), each thread that runs parallel work gets a
+    team of its own, and once there are more such threads than cores the teams stop
+    spinning between parallel regions; waking them costs tens of microseconds per
+    operation, a large share of a step. The worker process runs the driver on its
+    main thread; tests may run it on a thread of its own.
+    """
+
+    def __init__(self) -> None:
+        self.wake = threading.Condition()
+        self._engines: list[Engine] = []
+        self._calls: deque[tuple[Callable[..., Any], tuple, Future]] = deque()
+        self._stopping = False
+        self.running = False
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Runs `fn(*args)` on the driver's thread between steps; returns its future."""
+        future: Future = Future()
+        with self.wake:
+            if not self.running and self._stopping:
+                future.set_exception(Unavailable("the worker is stopping", reason="WORKER_STOPPING"))
+                return future
+            self._calls.append((fn, args, future))
+            self.wake.notify_all()
+        return future
+
+    def _run_calls(self) -> None:
+        while True:
+            with self.wake:
+                if not self._calls:
+                    return
+                fn, args, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
+
+    def add(self, engine: Engine) -> None:
+        with self.wake:
+            self._engines.append(engine)
+
+    def run(self) -> None:
+        """Steps the engines until `stop`; returns then."""
+        with self.wake:
+            self.running = True
+        try:
+            self._run()
+        finally:
+            with self.wake:
+                self.running = False
+                for engine in self._engines:
+                    engine.close()
+                self._engines.clear()
+                for _, _, future in self._calls:
+                    future.cancel()
+                self._calls.clear()
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not self._stopping and not self._calls and not any(e.has_work() for e in self._engines):
+                    self.wake.wait(timeout=0.5)
+                if self._stopping and not self._engines:
+                    return
+                for engine in [e for e in self._engines if e.closing]:
+                    engine.close()
+                    self._engines.remove(engine)
+                if self._stopping:
+                    continue
+                ready = [e for e in self._engines if e.has_work()]
+            self._run_calls()
+            for engine in ready:
+                engine.step()
+
+    def start_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="engine-driver", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """Ends `run` once every engine is closed."""
+        with self.wake:
+            self._stopping = True
+            for engine in self._engines:
+                engine.closing = True
+            self.wake.notify_all()
+
+
 class Engine:
     def __init__(self, name: str, runner: LlamaRunner, tokenizer: Any, eos_ids: frozenset[int],
-                 prefill_budget: int = 256) -> None:
+                 driver: EngineDriver, prefill_budget: int = 256) -> None:
         self.name = name
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.prefill_budget = prefill_budget
+        self._driver = driver
+        self._wake = driver.wake
         self._inbox: deque[Sequence] = deque()
         self._running: list[Sequence] = []   # index == cache slot
-        self._wake = threading.Condition()
-        self._stopping = False
+        self.closing = False
+        self._closed = False
         self.tokens_generated = 0
         self.steps = 0
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
-        self._thread.start()
+        self._window = [0, 0.0, 0.0]   # steps, seconds in steps, seconds in the forward pass
+        driver.add(self)
 
     def stats(self) -> EngineStats:
         with self._wake:
@@ -88,55 +184,75 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         with self._wake:
-            if self._stopping:
+            if self.closing:
                 raise Unavailable(f"model {self.name} is unloading", reason="MODEL_UNLOADING")
             self._inbox.append(seq)
-            self._wake.notify()
+            self._wake.notify_all()
 
     def cancel(self, seq: Sequence) -> None:
         """Marks the sequence; it leaves before the next step and frees its slot."""
         seq.cancelled = True
         with self._wake:
-            self._wake.notify()
+            self._wake.notify_all()
 
     def stop(self) -> None:
+        """Ends every sequence with UNAVAILABLE and waits until the driver let go of the engine."""
         with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        self._thread.join()
+            self.closing = True
+            self._wake.notify_all()
+            if not self._driver.running:
+                self.close()
+            while not self._closed:
+                self._wake.wait()
 
-    # the engine thread ---------------------------------------------------
+    def has_work(self) -> bool:
+        return self.closing or bool(self._inbox) or bool(self._running)
 
-    def _loop(self) -> None:
-        while True:
+    def close(self) -> None:
+        """Called holding the lock, between steps."""
+        if self._closed:
+            return
+        for seq in [*self._inbox, *self._running]:
+            seq.deliver(Unavailable(f"model {self.name} was unloaded", reason="MODEL_UNLOADED"))
+        self._inbox.clear()
+        self._running.clear()
+        self._closed = True
+        self._wake.notify_all()
+
+    # on the driver's thread ------------------------------------------------
+
+    def step(self) -> None:
+        """Lets cancelled sequences leave and waiting ones join, then runs one step."""
+        with self._wake:
+            if self.closing:
+                return
+            for seq in [s for s in self._running if s.cancelled]:
+                self._release(seq)
+            while self._inbox and len(self._running) < self.runner.slots:
+                seq = self._inbox.popleft()
+                if not seq.cancelled:
+                    seq.slot = len(self._running)
+                    self._running.append(seq)
+            batch = list(self._running)
+        if not batch:
+            return
+        started = time.perf_counter()
+        try:
+            self._step(batch)
+        except Exception:  # noqa: BLE001 - a failed step fails its sequences, not the engine
+            log.exception("engine step failed for %s", self.name)
             with self._wake:
-                while not self._stopping and not self._inbox and not self._running:
-                    self._wake.wait()
-                if self._stopping:
-                    for seq in [*self._inbox, *self._running]:
-                        seq.deliver(Unavailable(f"model {self.name} was unloaded", reason="MODEL_UNLOADED"))
-                    self._inbox.clear()
-                    self._running.clear()
-                    return
-                for seq in [s for s in self._running if s.cancelled]:
-                    self._release(seq)
-                while self._inbox and len(self._running) < self.runner.slots:
-                    seq = self._inbox.popleft()
-                    if not seq.cancelled:
-                        seq.slot = len(self._running)
-                        self._running.append(seq)
-                batch = list(self._running)
-            if not batch:
-                continue
-            try:
-                self._step(batch)
-            except Exception:  # noqa: BLE001 - a failed step fails its sequences, not the engine
-                log.exception("engine step failed for %s", self.name)
-                with self._wake:
-                    for seq in batch:
-                        if seq.slot >= 0:
-                            seq.deliver(Internal("generation failed"))
-                            self._release(seq)
+                for seq in batch:
+                    if seq.slot >= 0:
+                        seq.deliver(Internal("generation failed"))
+                        self._release(seq)
+        window = self._window
+        window[0] += 1
+        window[1] += time.perf_counter() - started
+        if window[0] == 200:
+            log.debug("%s: %.1f ms a step, %.1f ms of it in the forward pass, over the last 200 steps",
+                      self.name, window[1] / 200 * 1e3, window[2] / 200 * 1e3)
+            self._window = [0, 0.0, 0.0]
 
     def _release(self, seq: Sequence) -> None:
         """Frees the sequence's slot; the last slot's sequence moves into it. Holds the lock."""
@@ -180,9 +296,11 @@ class Engine:
         def index(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
+        started = time.perf_counter()
         logits = self.runner.forward(
             index(tokens), index(positions), index(slots), index([s.slot for s in decoding]),
             len(batch), lengths.to(device), [c for _, c in chunks], index(rows))
+        self._window[2] += time.perf_counter() - started
         self.steps += 1
         for s in decoding:
             s.cached += 1

@@ -14,10 +14,10 @@ from typing import Protocol
 
 import torch
 
-from llmos.common.domain import Chunk, GenerationInput, SamplingParams
+from llmos.common.domain import Chunk, GenerationInput, SamplingParams, merge_chunks
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound
 
-from .engine import Engine, EngineStats, Sequence
+from .engine import Engine, EngineDriver, EngineStats, Sequence
 from .loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,10 @@ Loader = Callable[[str, str, torch.device, torch.dtype, int, int], LoadedModel]
 
 class ModelHost:
     def __init__(self, worker_id: str, resources: ResourcesPort, device: torch.device,
-                 dtype: torch.dtype, config: EngineConfig = EngineConfig(),
+                 dtype: torch.dtype, driver: EngineDriver, config: EngineConfig = EngineConfig(),
                  loader: Loader = load_model) -> None:
         self.worker_id = worker_id
+        self.driver = driver
         self.device = device
         self.dtype = dtype
         self.config = config
@@ -90,12 +91,13 @@ class ModelHost:
             lease = await self._resources.acquire(f"worker/{self.worker_id}/model/{model}",
                                                   self.device_name, estimated_bytes)
             try:
-                loaded = await asyncio.to_thread(self._loader, model, path, self.device, self.dtype,
-                                                 self.config.slots, self.config.max_seq_len)
+                loaded = await asyncio.wrap_future(self.driver.call(
+                    self._loader, model, path, self.device, self.dtype, self.config.slots,
+                    self.config.max_seq_len))
             except BaseException:
                 await self._resources.release(lease)
                 raise
-            engine = Engine(model, loaded.runner, loaded.tokenizer, loaded.eos_ids,
+            engine = Engine(model, loaded.runner, loaded.tokenizer, loaded.eos_ids, self.driver,
                             self.config.prefill_budget)
             served = Served(loaded, engine, lease)
             self._served[model] = served
@@ -172,6 +174,14 @@ class ModelHost:
         try:
             while True:
                 item = await queue.get()
+                # Tokens that arrived while the stream was busy go out together: fewer,
+                # larger messages exactly when the consumer is behind.
+                while not isinstance(item, LlmosError) and item.finish_reason is None and not queue.empty():
+                    following = queue.get_nowait()
+                    if isinstance(following, LlmosError):
+                        item = following
+                        break
+                    item = merge_chunks(item, following)
                 if isinstance(item, LlmosError):
                     finished = True
                     raise item

@@ -67,9 +67,13 @@ class LlamaRunner:
             positions = torch.arange(max_len, device=self.device)[None]
             cos, sin = inner.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
             self.cos, self.sin = cos[0], sin[0]
-        shape = (len(self.layers), slots, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # K is kept transposed ([.., head_dim, position]) and V as is ([.., position, head_dim]),
+        # so the decode batch's K^T and V are strided matrices the matmuls read in place.
+        layers = len(self.layers)
+        self.k_cache = torch.zeros(layers, slots, self.kv_heads, self.head_dim, max_len,
+                                   dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(layers, slots, self.kv_heads, max_len, self.head_dim,
+                                   dtype=self.dtype, device=self.device)
 
     @staticmethod
     def _fuse(layer: Any) -> _Layer:
@@ -98,8 +102,17 @@ class LlamaRunner:
 
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Copies the first `length` cached positions of `source` into `target`."""
-        self.k_cache[:, target, :, :length] = self.k_cache[:, source, :, :length]
+        self.k_cache[:, target, :, :, :length] = self.k_cache[:, source, :, :, :length]
         self.v_cache[:, target, :, :length] = self.v_cache[:, source, :, :length]
+
+    def _write_indices(self, slots: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices into one layer's K and V caches for each (token, head, dim) written."""
+        hk, d, m = self.kv_heads, self.head_dim, self.max_len
+        heads = (slots[:, None] * hk + torch.arange(hk, device=self.device)[None, :])        # [T, hk]
+        dims = torch.arange(d, device=self.device)
+        k_index = ((heads[:, :, None] * d + dims) * m + positions[:, None, None]).reshape(-1)
+        v_index = ((heads * m + positions[:, None])[:, :, None] * d + dims).reshape(-1)
+        return k_index, v_index
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -116,16 +129,34 @@ class LlamaRunner:
                           bias: torch.Tensor) -> torch.Tensor:
         """One query per row: plain batched matmuls beat the flash kernel at this shape.
 
-        q: [n, hq, 1, d]; k, v: [n, hk, L, d]; bias: [n, 1, 1, L] (0 or -inf). The query
+        q: [n, hq, 1, d]; k: [n, hk, d, L] (transposed); v: [n, hk, L, d]; bias: [n, 1, 1, L] (0 or -inf). The query
         heads sharing a KV head are grouped, so K and V are never repeated.
         """
         n, hq, _, d = q.shape
         hk = k.shape[1]
         groups = hq // hk
         qg = q.view(n, hk, groups, d)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (d ** -0.5) + bias
+        scores = torch.matmul(qg, k).float() * (d ** -0.5) + bias
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         return torch.matmul(probs, v).view(n, hq, 1, d)
+
+    def _causal_bias(self, chunk: PrefillChunk) -> torch.Tensor:
+        """[c, start + c]: 0 where a prompt position may see a key, -inf after it."""
+        end = chunk.start + chunk.length
+        keys = torch.arange(end, device=self.device)[None, :]
+        queries = torch.arange(chunk.start, end, device=self.device)[:, None]
+        return torch.zeros(chunk.length, end, device=self.device).masked_fill_(keys > queries, float("-inf"))
+
+    def _chunk_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         bias: torch.Tensor) -> torch.Tensor:
+        """Causal attention of one prompt chunk against its slot: q [hq, c, d]; k [hk, d, L]
+        (transposed); v [hk, L, d]."""
+        hq, c, d = q.shape
+        hk = k.shape[0]
+        qg = q.reshape(hk, (hq // hk) * c, d)              # query heads grouped by their KV head
+        scores = torch.matmul(qg, k).float().view(hk, hq // hk, c, -1) * (d ** -0.5)
+        probs = torch.softmax(scores + bias, dim=-1).to(v.dtype).view(hk, (hq // hk) * c, -1)
+        return torch.matmul(probs, v).view(hq, c, d)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -152,6 +183,8 @@ class LlamaRunner:
             hidden = torch.arange(longest, device=self.device)[None, :] >= seen[:, None]
             decode_bias = torch.zeros(active, 1, 1, longest, device=self.device).masked_fill_(
                 hidden.view(active, 1, 1, longest), float("-inf"))
+        prefill_biases = [self._causal_bias(c) for c in prefills]
+        k_index, v_index = self._write_indices(slots, positions)
         x = F.embedding(tokens, self.embed)
         for index, layer in enumerate(self.layers):
             h = self._rms(x, layer.ln1)
@@ -161,8 +194,8 @@ class LlamaRunner:
             v = qkv[:, (hq + hk) * d:].view(total, hk, d)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            k_cache[slots, :, positions] = k
-            v_cache[slots, :, positions] = v
+            k_cache.view(-1).index_copy_(0, k_index, k.reshape(-1))
+            v_cache.view(-1).index_copy_(0, v_index, v.reshape(-1))
             out = torch.empty_like(q)
             if decode_count:
                 if dense:
@@ -170,22 +203,15 @@ class LlamaRunner:
                 else:
                     qd = q.new_zeros(active, hq, 1, d)
                     qd[decode_slots, :, 0] = q[:decode_count]
-                od = self._decode_attention(qd, k_cache[:active, :, :longest],
+                od = self._decode_attention(qd, k_cache[:active, :, :, :longest],
                                             v_cache[:active, :, :longest], decode_bias)
                 out[:decode_count] = od.squeeze(2) if dense else od[decode_slots, :, 0]
             offset = decode_count
-            for chunk in prefills:
+            for chunk, bias in zip(prefills, prefill_biases, strict=True):
                 end = chunk.start + chunk.length
-                qp = q[offset:offset + chunk.length].transpose(0, 1).unsqueeze(0)
-                kp = k_cache[chunk.slot:chunk.slot + 1, :, :end]
-                vp = v_cache[chunk.slot:chunk.slot + 1, :, :end]
-                if chunk.start == 0:
-                    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=hk != hq)
-                else:
-                    mask = (torch.arange(end, device=self.device)[None, :]
-                            <= torch.arange(chunk.start, end, device=self.device)[:, None])
-                    op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=hk != hq)
-                out[offset:offset + chunk.length] = op[0].transpose(0, 1)
+                qp = q[offset:offset + chunk.length].transpose(0, 1)          # [hq, c, d]
+                op = self._chunk_attention(qp, k_cache[chunk.slot, :, :, :end], v_cache[chunk.slot, :, :end], bias)
+                out[offset:offset + chunk.length] = op.transpose(0, 1)
                 offset += chunk.length
             x = x + F.linear(out.view(total, hq * d), layer.wo)
             h = self._rms(x, layer.ln2)

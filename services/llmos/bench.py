@@ -1,0 +1,251 @@
+"""`llmos bench`: throughput and latency of the running suite against naive baselines.
+
+The workload is N requests at concurrency C with output lengths drawn from a range
+(fixed seed) or all the same; EOS is ignored so every request produces exactly its
+length. The suite is measured through the gateway, the worker directly, or both.
+In the same invocation, on the same model, prompts and dtype, the baselines run in
+this process: transformers `generate()` one request at a time, and `generate()` on
+static left-padded batches of C (each batch runs until its longest request is done).
+Every figure is printed with its ratio to the baselines measured the same minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from llmos.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a refrigerator works to a ten year old.",
+    "List some good habits for writing maintainable software, with a sentence on each.",
+    "Describe the water cycle.",
+    "What are the main differences between a cat and a dog as pets?",
+    "Give me a recipe for a simple tomato soup.",
+    "Summarize the plot of a detective novel set in Paris.",
+    "Why is the sky blue? Answer in plain words.",
+]
+
+
+@dataclass
+class Trace:
+    started: float
+    arrivals: list[tuple[float, int]] = field(default_factory=list)   # (time, tokens in message)
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, n in self.arrivals)
+
+    @property
+    def ttft(self) -> float:
+        return self.arrivals[0][0] - self.started
+
+    def gaps(self) -> list[float]:
+        out = []
+        for (t0, _), (t1, n) in zip(self.arrivals, self.arrivals[1:], strict=False):
+            out.extend([(t1 - t0) / n] * n)
+        return out
+
+
+@dataclass(frozen=True)
+class Result:
+    label: str
+    tokens: int
+    seconds: float
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def workload(n: int, lo: int, hi: int, fixed: bool, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    return [(PROMPTS[i % len(PROMPTS)], hi if fixed else rng.randint(lo, hi)) for i in range(n)]
+
+
+async def run_suite(label: str, target: str, address: str, model: str, jobs: list[tuple[str, int]],
+                    concurrency: int) -> Result:
+    channel = grpc.aio.insecure_channel(address)
+    if target == "gateway":
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+    else:
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+    queue: asyncio.Queue[tuple[int, str, int]] = asyncio.Queue()
+    for i, (prompt, length) in enumerate(jobs):
+        queue.put_nowait((i, prompt, length))
+    traces: list[Trace] = []
+
+    async def one(i: int, prompt: str, length: int) -> None:
+        sampling = common_pb2.SamplingParams(max_tokens=length, ignore_eos=True)
+        rid = f"bench-{target}-{i}-{time.monotonic_ns()}"
+        if target == "gateway":
+            call = stub.Generate(gateway_pb2.GenerateRequest(model=model, prompt=prompt, sampling=sampling,
+                                                             request_id=rid))
+        else:
+            call = stub.GenerateTokens(worker_pb2.GenerateTokensRequest(request_id=rid, model=model, prompt=prompt,
+                                                                        sampling=sampling))
+        trace = Trace(time.perf_counter())
+        async for response in call:
+            if response.token_ids:
+                trace.arrivals.append((time.perf_counter(), len(response.token_ids)))
+        traces.append(trace)
+
+    async def client() -> None:
+        while not queue.empty():
+            await one(*queue.get_nowait())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    await channel.close()
+    return Result(label, sum(t.tokens for t in traces), seconds, [t.ttft for t in traces],
+                  [g for t in traces for g in t.gaps()])
+
+
+class Baselines:
+    """transformers `generate()` in this process, on the same weights and dtype."""
+
+    def __init__(self, path: str, dtype: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def _generate(self, prompts: list[str], length: int):
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        with self.torch.inference_mode():
+            return self.model.generate(**batch, max_new_tokens=length, min_new_tokens=length, do_sample=False,
+                                       pad_token_id=self.tokenizer.pad_token_id)
+
+    def one_at_a_time(self, jobs: list[tuple[str, int]]) -> Result:
+        started = time.perf_counter()
+        for prompt, length in jobs:
+            self._generate([prompt], length)
+        return Result("generate() one at a time", sum(n for _, n in jobs), time.perf_counter() - started)
+
+    def static_batches(self, jobs: list[tuple[str, int]], size: int) -> Result:
+        started = time.perf_counter()
+        for i in range(0, len(jobs), size):
+            batch = jobs[i:i + size]
+            self._generate([p for p, _ in batch], max(n for _, n in batch))
+        return Result(f"generate() static batches of {size}", sum(n for _, n in jobs), time.perf_counter() - started)
+
+    def forward_step_seconds(self, steps: int = 30) -> float:
+        """Median time of one bare decode step at batch 1 with the model's own KV cache."""
+        ids = self.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+        times = []
+        with self.torch.inference_mode():
+            out = self.model(ids, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            for _ in range(steps):
+                started = time.perf_counter()
+                out = self.model(token, cache=cache, use_cache=True)
+                times.append(time.perf_counter() - started)
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        return statistics.median(times)
+
+
+def describe(result: Result) -> str:
+    line = f"  {result.label:<34} {result.tokens_per_s:8.1f} tok/s  ({result.tokens} tokens in {result.seconds:.1f}s)"
+    if result.ttft:
+        line += (f"  TTFT p50 {percentile(result.ttft, 50) * 1e3:.0f} ms p99 {percentile(result.ttft, 99) * 1e3:.0f} ms"
+                 f"  ITL p50 {percentile(result.itl, 50) * 1e3:.1f} ms p99 {percentile(result.itl, 99) * 1e3:.1f} ms")
+    return line
+
+
+def resolve(args: argparse.Namespace) -> tuple[str, str, str, str]:
+    """(model "name:tag", store path, worker address, worker dtype) from the registry and worker."""
+    with grpc.insecure_channel(args.registry) as channel:
+        model = registry_pb2_grpc.RegistryServiceStub(channel).GetModel(
+            registry_pb2.GetModelRequest(name=args.model), timeout=10).model
+    ready = [p for p in model.placements if p.state == common_pb2.Model.STATE_READY]
+    if not ready:
+        raise SystemExit(f"{args.model} is loaded on no worker; run `llmos models load {args.model}` first")
+    worker = args.worker or ready[0].worker_address
+    name = f"{model.name}:{model.tag}"
+    with grpc.insecure_channel(worker) as channel:
+        status = worker_pb2_grpc.WorkerServiceStub(channel).GetWorkerStatus(
+            worker_pb2.GetWorkerStatusRequest(), timeout=10)
+    dtype = next(m.dtype for m in status.models if m.model == name)
+    return name, model.store_path, worker, dtype
+
+
+def main(args: argparse.Namespace) -> int:
+    name, path, worker, dtype = resolve(args)
+    jobs = workload(args.requests, args.min_tokens, args.max_tokens, args.fixed, args.seed)
+    shape = f"fixed {args.max_tokens}" if args.fixed else f"{args.min_tokens}-{args.max_tokens}"
+    print(f"model {name} ({dtype}), {args.requests} requests, concurrency {args.concurrency}, "
+          f"output tokens {shape}, seed {args.seed}")
+    results: dict[str, Result] = {}
+    targets = ["worker", "gateway"] if args.target == "both" else [args.target]
+    for target in targets:
+        address = worker if target == "worker" else args.gateway
+        asyncio.run(run_suite("warm-up", target, address, name, jobs[:2], 2))
+        results[target] = asyncio.run(run_suite(f"llmos via {target}", target, address, name, jobs,
+                                                args.concurrency))
+        print(describe(results[target]))
+    if args.no_baselines:
+        return 0
+    baselines = Baselines(path, dtype)
+    baselines.one_at_a_time(jobs[:1])  # warm-up
+    sample = jobs[:args.baseline_requests]
+    single = baselines.one_at_a_time(sample)
+    static = baselines.static_batches(jobs, args.concurrency)
+    step = baselines.forward_step_seconds()
+    print(describe(single) + f"  (first {len(sample)} requests)")
+    print(describe(static))
+    print(f"  bare forward step at batch 1: {step * 1e3:.1f} ms")
+    print("ratios:")
+    for target, result in results.items():
+        print(f"  llmos via {target} / static batches: {result.tokens_per_s / static.tokens_per_s:.2f}x")
+        print(f"  llmos via {target} / one at a time:  {result.tokens_per_s / single.tokens_per_s:.2f}x")
+        print(f"  llmos via {target} ITL p50 / bare forward step: {percentile(result.itl, 50) / step:.2f}x")
+    if len(results) == 2:
+        print(f"  gateway / worker throughput: {results['gateway'].tokens_per_s / results['worker'].tokens_per_s:.2f}x")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="measure the suite against generate() baselines")
+    bench.add_argument("--model", default="smollm2-135m-instruct")
+    bench.add_argument("--target", choices=["gateway", "worker", "both"], default="both")
+    bench.add_argument("--worker", default="", help="worker address (default: where the registry placed the model)")
+    bench.add_argument("--requests", type=int, default=64)
+    bench.add_argument("--concurrency", type=int, default=16)
+    bench.add_argument("--min-tokens", type=int, default=16)
+    bench.add_argument("--max-tokens", type=int, default=128)
+    bench.add_argument("--fixed", action="store_true", help="every request generates --max-tokens")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--baseline-requests", type=int, default=8,
+                       help="requests the slow one-at-a-time baseline runs (a rate needs no more)")
+    bench.add_argument("--no-baselines", action="store_true")
+    bench.set_defaults(func=main)
