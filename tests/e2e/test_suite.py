@@ -6,6 +6,7 @@ Tests run in file order against one suite; the last one stops it with SIGTERM.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,23 @@ def test_buf_curl_generate_streams_paris(suite):
     assert "Paris" in "".join(m.get("text", "") for m in messages)
     assert messages[-1]["finishReason"] == "FINISH_REASON_STOP"
     assert messages[-1]["usage"]["completionTokens"] > 0
+
+
+def test_llmos_bench_runs_against_the_suite_and_its_baselines(suite):
+    a = suite.addresses
+    out = subprocess.run(
+        [sys.executable, "-m", "llmos.cli", "--registry", a["registry"], "--gateway", a["gateway"], "bench",
+         "--model", "tiny", "--requests", "6", "--concurrency", "3", "--min-tokens", "4", "--max-tokens", "12",
+         "--baseline-requests", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for label in ("llmos via worker", "llmos via gateway", "generate() one at a time",
+                  "generate() static batches of 3", "bare forward step", "gateway / worker throughput"):
+        assert any(label in line for line in lines), f"{label!r} missing from:\n{out.stdout}"
+    # Every request produced exactly its drawn length: the token count is the workload's sum.
+    counts = {re.search(r"\((\d+) tokens in", line).group(1) for line in lines
+              if "tok/s" in line and "one at a time" not in line}
+    assert len(counts) == 1, out.stdout
 
 
 @pytest.mark.smollm2

@@ -115,9 +115,7 @@ class LlamaRunner:
         return k_index, v_index
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * x32.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -189,10 +187,9 @@ class LlamaRunner:
         for index, layer in enumerate(self.layers):
             h = self._rms(x, layer.ln1)
             qkv = F.linear(h, layer.wqkv, layer.bqkv)
-            q = qkv[:, :hq * d].view(total, hq, d)
-            k = qkv[:, hq * d:(hq + hk) * d].view(total, hk, d)
+            qk = self._rope(qkv[:, :(hq + hk) * d].view(total, hq + hk, d), cos, sin)   # q and k at once
+            q, k = qk[:, :hq], qk[:, hq:]
             v = qkv[:, (hq + hk) * d:].view(total, hk, d)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             k_cache.view(-1).index_copy_(0, k_index, k.reshape(-1))
             v_cache.view(-1).index_copy_(0, v_index, v.reshape(-1))
