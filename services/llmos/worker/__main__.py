@@ -79,7 +79,8 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
         driver = EngineDriver()
         driver.start_thread()
     if settings.threads > 0:
-        torch.set_num_threads(settings.threads)
+        # OpenMP's thread count belongs to the thread that sets it: set it where torch runs.
+        driver.call(torch.set_num_threads, settings.threads)
     device = pick_device(settings.device)
     worker_id = settings.worker_id or f"{socket.gethostname()}-worker"
     provider = provider or make_tracer_provider("worker")
