@@ -212,3 +212,14 @@ async def test_cancelling_10_of_40_streams_leaves_the_rest_whole_and_frees_every
     await asyncio.sleep(0.2)
     again = (await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())).models[0]
     assert again.tokens_generated == model.tokens_generated, "a cancelled sequence kept generating"
+
+
+async def test_top_logprobs_come_with_each_token_most_probable_first(stack):
+    responses = await collect(stack, request(max_tokens=6, top_logprobs=3, logprobs=True))
+    tops = [top for r in responses for top in r.top_logprobs]
+    ids = [t for r in responses for t in r.token_ids]
+    assert len(tops) == len(ids) == 6
+    for token, top, logprob in zip(ids, tops, [lp for r in responses for lp in r.logprobs], strict=True):
+        assert len(top.token_ids) == 3 and list(top.logprobs) == sorted(top.logprobs, reverse=True)
+        assert top.token_ids[0] == token          # greedy: the chosen token is the most probable
+        assert abs(top.logprobs[0] - logprob) < 1e-5

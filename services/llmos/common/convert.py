@@ -19,6 +19,7 @@ MAX_PROMPT_CHARS = 1 << 20
 MAX_MESSAGES = 512
 MAX_NEW_TOKENS = 8192
 MAX_STOP_STRINGS = 8
+MAX_TOP_LOGPROBS = 20
 
 FINISH_TO_PROTO = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -97,6 +98,8 @@ def sampling_from_proto(p: common_pb2.SamplingParams, errors: Violations,
     for i, stop in enumerate(p.stop):
         if not 1 <= len(stop) <= 256:
             errors.add(f"{prefix}.stop[{i}]", "must be 1 to 256 characters")
+    if not 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS:
+        errors.add(f"{prefix}.top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {p.top_logprobs}")
     penalty = p.repetition_penalty
     if not (math.isfinite(penalty) and (penalty == 0.0 or 0.1 <= penalty <= 10.0)):
         errors.add(f"{prefix}.repetition_penalty", f"must be 0 or between 0.1 and 10, got {penalty}")
@@ -110,6 +113,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams, errors: Violations,
         repetition_penalty=float(penalty) or 1.0,
         logprobs=p.logprobs,
         ignore_eos=p.ignore_eos,
+        top_logprobs=p.top_logprobs,
     )
 
 
@@ -117,7 +121,7 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
     p = common_pb2.SamplingParams(
         max_tokens=s.max_tokens or 0, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         stop=list(s.stop), repetition_penalty=s.repetition_penalty, logprobs=s.logprobs,
-        ignore_eos=s.ignore_eos)
+        ignore_eos=s.ignore_eos, top_logprobs=s.top_logprobs)
     if s.seed is not None:
         p.seed = s.seed
     return p
@@ -136,6 +140,8 @@ def fill_chunk(message: Any, chunk: Chunk) -> Any:
     message.finish_reason = FINISH_TO_PROTO[chunk.finish_reason]
     if chunk.usage is not None:
         message.usage.CopyFrom(usage_to_proto(chunk.usage))
+    for top in chunk.top_logprobs:
+        message.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
     return message
 
 
@@ -145,4 +151,6 @@ def chunk_from_proto(message: Any) -> Chunk:
         usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens)
     return Chunk(text=message.text, token_ids=list(message.token_ids),
                  logprobs=list(message.logprobs),
-                 finish_reason=FINISH_FROM_PROTO.get(message.finish_reason), usage=usage)
+                 finish_reason=FINISH_FROM_PROTO.get(message.finish_reason), usage=usage,
+                 top_logprobs=[list(zip(top.token_ids, top.logprobs, strict=True))
+                               for top in message.top_logprobs])

@@ -34,6 +34,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: bool = False
     ignore_eos: bool = False
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -63,9 +64,12 @@ class Chunk:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    # Per token: the most probable (token id, log-probability) pairs, when asked for.
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 def merge_chunks(first: Chunk, second: Chunk) -> Chunk:
     """One chunk holding both, in order (the second's end, if it is the last)."""
     return Chunk(first.text + second.text, first.token_ids + second.token_ids,
-                 first.logprobs + second.logprobs, second.finish_reason, second.usage)
+                 first.logprobs + second.logprobs, second.finish_reason, second.usage,
+                 first.top_logprobs + second.top_logprobs)

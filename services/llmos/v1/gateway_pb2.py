@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/gateway.proto\x12\x08llmos.v1\x1a\x15llmos/v1/common.proto\"\xbb\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\t\n\x07_prompt\"\xa8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t2U\n\x0eGatewayService\x12\x43\n\x08Generate\x12\x19.llmos.v1.GenerateRequest\x1a\x1a.llmos.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/gateway.proto\x12\x08llmos.v1\x1a\x15llmos/v1/common.proto\"\xbb\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\t\n\x07_prompt\"\xd5\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12+\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x15.llmos.v1.TopLogprobs2U\n\x0eGatewayService\x12\x43\n\x08Generate\x12\x19.llmos.v1.GenerateRequest\x1a\x1a.llmos.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=60
   _globals['_GENERATEREQUEST']._serialized_end=247
   _globals['_GENERATERESPONSE']._serialized_start=250
-  _globals['_GENERATERESPONSE']._serialized_end=418
-  _globals['_GATEWAYSERVICE']._serialized_start=420
-  _globals['_GATEWAYSERVICE']._serialized_end=505
+  _globals['_GENERATERESPONSE']._serialized_end=463
+  _globals['_GATEWAYSERVICE']._serialized_start=465
+  _globals['_GATEWAYSERVICE']._serialized_end=550
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ from llmos.common.domain import Chunk, FinishReason, SamplingParams, Usage
 from llmos.common.errors import Internal, LlmosError, Unavailable
 
 from .llama import LlamaRunner, PrefillChunk
-from .sampling import make_generator, sample
+from .sampling import make_generator, sample, top_logprobs
 from .textstream import Detokenizer, StopStrings
 
 log = logging.getLogger(__name__)
@@ -345,6 +345,8 @@ class Engine:
             if stopped:
                 finish = FinishReason.STOP
         chunk = Chunk(text=text, token_ids=[token], logprobs=[logprob] if seq.params.logprobs else [])
+        if seq.params.top_logprobs:
+            chunk.top_logprobs = [top_logprobs(logits, seq.params.top_logprobs)]
         if finish is not None:
             chunk.finish_reason = finish
             chunk.usage = Usage(len(seq.prompt_ids), len(seq.output_ids))

@@ -32,6 +32,12 @@ def _logprob(logits: torch.Tensor, token: int, wanted: bool) -> float:
     return float(torch.log_softmax(logits, dim=-1)[token]) if wanted else 0.0
 
 
+def top_logprobs(logits: torch.Tensor, n: int) -> list[tuple[int, float]]:
+    """The `n` most probable tokens under the model's own distribution, most probable first."""
+    values, ids = torch.topk(torch.log_softmax(logits.float(), dim=-1), n)
+    return list(zip(ids.tolist(), values.tolist(), strict=True))
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
            seen: torch.Tensor | None) -> tuple[int, float]:
     """Returns (token id, its log-probability under the model's own distribution).
