@@ -180,3 +180,24 @@ def test_smollm2_non_ascii_streams_exactly(smollm2_dir):
         assert any(not c.isascii() for run in runs for c in run.text)
     finally:
         engine.stop()
+
+
+@pytest.mark.smollm2
+def test_smollm2_in_bfloat16_keeps_its_answer(smollm2_dir):
+    """bf16 is the default on this CPU: the lean forward must keep the model's own precision
+    where it matters (norms in float32), or the answer degrades."""
+    loaded = load_model("m", str(smollm2_dir), torch.device("cpu"), torch.bfloat16, 4, 256)
+    driver = EngineDriver()
+    driver.start_thread()
+    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver)
+    try:
+        tok = loaded.tokenizer
+        text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                       add_generation_prompt=True, tokenize=False)
+        answer = Collector()
+        engine.submit(Sequence("p", tok(text, add_special_tokens=False)["input_ids"], SamplingParams(), 24, answer))
+        wait_all([answer])
+        assert "Paris" in answer.text, answer.text
+    finally:
+        engine.stop()
+        driver.stop()
