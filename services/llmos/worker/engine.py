@@ -171,7 +171,6 @@ class Engine:
         self.closing = False
         self._closed = False
         self.tokens_generated = 0
-        self.steps = 0
         self._window = [0, 0.0, 0.0]   # steps, seconds in steps, seconds in the forward pass
         driver.add(self)
 
@@ -301,7 +300,6 @@ class Engine:
             index(tokens), index(positions), index(slots), index([s.slot for s in decoding]),
             len(batch), lengths.to(device), [c for _, c in chunks], index(rows))
         self._window[2] += time.perf_counter() - started
-        self.steps += 1
         for s in decoding:
             s.cached += 1
         for s, chunk in chunks:

@@ -96,10 +96,6 @@ class LlamaRunner:
             tensors[id(t)] = t
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return 2 * len(self.layers) * self.kv_heads * self.head_dim * self.k_cache.element_size()
-
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Copies the first `length` cached positions of `source` into `target`."""
         self.k_cache[:, target, :, :, :length] = self.k_cache[:, source, :, :, :length]
