@@ -26,6 +26,6 @@ def smollm2_dir(tmp_path_factory) -> Path:
     from llmos.bundled import smollm2_gguf
 
     target = tmp_path_factory.mktemp("smollm2") / "model"
-    subprocess.run([sys.executable, "-m", "llmos.registry.gguf_convert", str(smollm2_gguf()), str(target)],
+    subprocess.run([sys.executable, "-m", "llmos.registry.to_safetensors", "gguf", str(smollm2_gguf()), str(target)],
                    check=True, capture_output=True)
     return target

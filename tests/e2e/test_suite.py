@@ -18,7 +18,7 @@ import grpc
 import psutil
 import pytest
 
-from llmos.bundled import DEFAULT_MODEL, smollm2_gguf
+from llmos.bundled import DEFAULT_MODEL
 from llmos.client import Client
 from llmos.suite import SERVICES, Suite
 from llmos.v1 import common_pb2
@@ -30,6 +30,7 @@ def suite(e2e_data_dir, trace_receiver, tiny_model_dir):
         "OTEL_EXPORTER_OTLP_ENDPOINT": trace_receiver.endpoint,
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
     })
     try:
         suite.start(timeout=120)
@@ -107,7 +108,7 @@ def test_one_generate_is_one_trace_across_the_processes(client, trace_receiver):
 
 @pytest.mark.smollm2
 def test_smollm2_says_paris(client):
-    response = client.import_model(DEFAULT_MODEL, str(smollm2_gguf()))
+    response = client.import_model(DEFAULT_MODEL, f"bundled:{DEFAULT_MODEL}")
     assert response.model.architecture == "LlamaForCausalLM"
     assert response.model.has_chat_template
     client.load_model(DEFAULT_MODEL)

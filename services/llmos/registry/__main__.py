@@ -15,6 +15,7 @@ from .catalog import Catalog
 from .importer import Importer
 from .models import ModelRegistry
 from .servicer import GrpcWorkers, register
+from .sources import SourcePolicy
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class RegistrySettings:
     # Runtime overhead counted in each model's memory estimate, bytes.
     overhead_bytes: int = 256 << 20
     load_timeout_seconds: float = 300.0
+    # Directories models may be imported from (comma-separated); empty means the directory the
+    # registry runs in. Relative sources are taken inside the first. `bundled:<name>` is always allowed.
+    allowed_roots: tuple[str, ...] = ()
+    # Import pickle (.bin/.pt) weights, converted to safetensors in a child process. Off: refused.
+    allow_pickle: bool = False
     grace_seconds: float = 5.0
     log_level: str = "INFO"
 
@@ -38,7 +44,8 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
     provider = provider or make_tracer_provider("registry")
     channels = Channels(provider)
     catalog = Catalog(str(data / "registry.db"))
-    registry = ModelRegistry(catalog, Importer(data / "models"),
+    roots = [Path(r) for r in settings.allowed_roots] or [Path.cwd()]
+    registry = ModelRegistry(catalog, Importer(data / "models", SourcePolicy(roots), settings.allow_pickle),
                              GrpcWorkers(channels, settings.load_timeout_seconds),
                              settings.kv_tokens, settings.overhead_bytes)
     host = ServiceHost("registry", settings.listen, provider)

@@ -8,7 +8,8 @@ from llmos.v1 import common_pb2
 
 from .models import ModelView, Placement
 
-_FORMATS = {"safetensors": common_pb2.SOURCE_FORMAT_SAFETENSORS, "gguf": common_pb2.SOURCE_FORMAT_GGUF}
+_FORMATS = {"safetensors": common_pb2.SOURCE_FORMAT_SAFETENSORS, "gguf": common_pb2.SOURCE_FORMAT_GGUF,
+            "pickle": common_pb2.SOURCE_FORMAT_PICKLE}
 _STATES = {"available": common_pb2.Model.STATE_AVAILABLE, "loading": common_pb2.Model.STATE_LOADING,
            "ready": common_pb2.Model.STATE_READY, "failed": common_pb2.Model.STATE_FAILED}
 

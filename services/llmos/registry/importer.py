@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmos.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmos.common.errors import FailedPrecondition, InvalidArgument
 
+from .sources import SourcePolicy
 from .weights import PICKLE_SUFFIXES, WeightFacts, read_facts, safetensors_files, sha256_files
 
 log = logging.getLogger(__name__)
@@ -31,32 +32,32 @@ class Imported:
 
 
 class Importer:
-    """Copies safetensors directories and converts GGUF files into `store`/<digest>."""
+    """Copies safetensors directories and converts GGUF files (and, when allowed, pickle
+    weights) into `store`/<digest>."""
 
-    def __init__(self, store: Path, python: str = sys.executable) -> None:
+    def __init__(self, store: Path, policy: SourcePolicy, allow_pickle: bool = False,
+                 python: str = sys.executable) -> None:
         self.store = store
+        self.policy = policy
+        self.allow_pickle = allow_pickle
         self.python = python
         store.mkdir(parents=True, exist_ok=True)
 
-    @staticmethod
-    def resolve(source: str) -> Path:
-        if not source:
-            raise InvalidArgument.field("source", "is required", reason="MISSING_FIELD")
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise NotFound(f"source {source!r} does not exist", reason="SOURCE_NOT_FOUND",
-                           metadata={"source": source})
-        return path.resolve()
+    def resolve(self, source: str) -> Path:
+        return self.policy.resolve(source)
 
-    @staticmethod
-    def source_digest(path: Path) -> tuple[str, str]:
+    def source_digest(self, path: Path) -> tuple[str, str]:
         """(format, digest) of a source, computed before anything is copied or converted."""
         if path.is_dir():
+            pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if self.allow_pickle and pickles and not any(path.glob("*.safetensors")):
+                return "pickle", sha256_files(pickles)
             return "safetensors", sha256_files(safetensors_files(path))
         if path.suffix == ".gguf":
             return "gguf", sha256_files([path])
         if path.suffix in PICKLE_SUFFIXES:
-            raise InvalidArgument.field("source", "is a pickle file, which llmos does not load",
+            raise InvalidArgument.field("source", "is a pickle file; import its model directory "
+                                        "(with allow_pickle on) or a safetensors one",
                                         reason="PICKLE_WEIGHTS_REFUSED")
         raise InvalidArgument.field("source", "must be a safetensors directory or a .gguf file",
                                     reason="UNKNOWN_MODEL_FORMAT")
@@ -67,8 +68,8 @@ class Importer:
         if not target.exists():
             staging = target.with_name(target.name + f".staging-{time.monotonic_ns()}")
             try:
-                if source_format == "gguf":
-                    await self._convert_gguf(path, staging)
+                if source_format in ("gguf", "pickle"):
+                    await self._convert(source_format, path, staging)
                 else:
                     await asyncio.to_thread(self._copy_dir, path, staging)
                 staging.rename(target)
@@ -86,10 +87,10 @@ class Importer:
             if (source / name).is_file():
                 shutil.copyfile(source / name, target / name)
 
-    async def _convert_gguf(self, source: Path, target: Path) -> None:
+    async def _convert(self, kind: str, source: Path, target: Path) -> None:
         started = time.monotonic()
         process = await asyncio.create_subprocess_exec(
-            self.python, "-m", "llmos.registry.gguf_convert", str(source), str(target),
+            self.python, "-m", "llmos.registry.to_safetensors", kind, str(source), str(target),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         try:
             _, stderr = await process.communicate()
@@ -98,7 +99,7 @@ class Importer:
             await process.wait()
             raise
         if process.returncode != 0:
-            log.error("GGUF conversion of %s failed:\n%s", source, stderr.decode(errors="replace")[-4000:])
-            raise FailedPrecondition(f"could not convert GGUF file {source.name}",
-                                     reason="GGUF_CONVERSION_FAILED")
-        log.info("converted %s to safetensors in %.1fs", source.name, time.monotonic() - started)
+            log.error("%s conversion of %s failed:\n%s", kind, source, stderr.decode(errors="replace")[-4000:])
+            raise FailedPrecondition(f"could not convert the {kind} weights of {source.name}",
+                                     reason=f"{kind.upper()}_CONVERSION_FAILED")
+        log.info("converted %s (%s) to safetensors in %.1fs", source.name, kind, time.monotonic() - started)

@@ -43,7 +43,8 @@ def safetensors_files(directory: Path) -> list[Path]:
     if not files:
         if any(p.suffix in PICKLE_SUFFIXES for p in directory.iterdir()):
             raise InvalidArgument.field("source", "holds pickle weights (.bin/.pt), which llmos "
-                                        "does not load; convert them to safetensors",
+                                        "does not load unless the registry's allow_pickle setting "
+                                        "is on; convert them to safetensors",
                                         reason="PICKLE_WEIGHTS_REFUSED")
         raise InvalidArgument.field("source", "holds no *.safetensors files",
                                     reason="NO_WEIGHTS")

@@ -22,6 +22,7 @@ class SourceFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOURCE_FORMAT_UNSPECIFIED: _ClassVar[SourceFormat]
     SOURCE_FORMAT_SAFETENSORS: _ClassVar[SourceFormat]
     SOURCE_FORMAT_GGUF: _ClassVar[SourceFormat]
+    SOURCE_FORMAT_PICKLE: _ClassVar[SourceFormat]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -29,6 +30,7 @@ FINISH_REASON_CANCELLED: FinishReason
 SOURCE_FORMAT_UNSPECIFIED: SourceFormat
 SOURCE_FORMAT_SAFETENSORS: SourceFormat
 SOURCE_FORMAT_GGUF: SourceFormat
+SOURCE_FORMAT_PICKLE: SourceFormat
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

@@ -8,6 +8,7 @@ from llmos.common.errors import AlreadyExists, FailedPrecondition, InvalidArgume
 from llmos.registry.catalog import Catalog
 from llmos.registry.importer import Importer
 from llmos.registry.models import ModelRegistry
+from llmos.registry.sources import SourcePolicy
 from llmos.registry.weights import estimate_bytes, read_facts
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_attention_heads": 2,
@@ -35,10 +36,14 @@ class FakeWorkers:
         return 1234
 
 
+def importer(tmp_path):
+    return Importer(tmp_path / "store", SourcePolicy([tmp_path]))
+
+
 @pytest.fixture
 def registry(tmp_path):
     catalog = Catalog(str(tmp_path / "registry.db"))
-    yield ModelRegistry(catalog, Importer(tmp_path / "store"), FakeWorkers(), kv_tokens=16, overhead_bytes=100)
+    yield ModelRegistry(catalog, importer(tmp_path), FakeWorkers(), kv_tokens=16, overhead_bytes=100)
     catalog.close()
 
 
@@ -104,7 +109,7 @@ async def test_load_places_on_a_worker_and_is_idempotent(tmp_path, registry):
 
 async def test_a_failed_load_is_recorded_with_its_reason(tmp_path):
     catalog = Catalog(str(tmp_path / "r.db"))
-    registry = ModelRegistry(catalog, Importer(tmp_path / "store"), FakeWorkers(fail=True))
+    registry = ModelRegistry(catalog, importer(tmp_path), FakeWorkers(fail=True))
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
     registry.register_worker("w1", "127.0.0.1:9", "node")
     with pytest.raises(FailedPrecondition):
