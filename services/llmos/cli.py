@@ -16,7 +16,7 @@ from . import bench
 from .bundled import DEFAULT_MODEL
 from .client import Client
 from .suite import DEFAULT_PORTS, Suite, SuiteError
-from .v1 import common_pb2
+from .v1 import common_pb2, registry_pb2
 
 SAMPLE_QUESTION = "What is the capital of France?"
 
@@ -151,13 +151,24 @@ def cmd_models(args: argparse.Namespace) -> int:
             model = client.get_model(args.name)
             _print_model(model)
             print(f"  source: {model.source}")
+            if model.measured_bytes:
+                change = (model.measured_bytes - model.estimated_bytes) / model.estimated_bytes * 100
+                print(f"  memory: estimated {_gib(model.estimated_bytes)}, measured {_gib(model.measured_bytes)} "
+                      f"({change:+.0f}%)")
+            else:
+                print(f"  memory: estimated {_gib(model.estimated_bytes)}, not loaded yet")
             for p in model.placements:
                 print(f"  on {p.worker_id} ({p.worker_address}): "
-                      f"{p.State.Name(p.state).removeprefix('STATE_').lower()}, "
-                      f"measured {_gib(p.measured_bytes)} vs estimated {_gib(model.estimated_bytes)} {p.detail}")
+                      f"{p.State.Name(p.state).removeprefix('STATE_').lower()} {p.detail}")
         elif args.action == "load":
             response = client.load_model(args.name)
             print(f"ready on {response.placement.worker_id} ({response.placement.worker_address})")
+        elif args.action == "unload":
+            client.registry.UnloadModel(registry_pb2.UnloadModelRequest(name=args.name), timeout=120)
+            print(f"unloaded {args.name}")
+        elif args.action == "rm":
+            client.registry.DeleteModel(registry_pb2.DeleteModelRequest(name=args.name), timeout=60)
+            print(f"removed {args.name}")
     return 0
 
 
@@ -215,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     load = msub.add_parser("load", help="load a model on a worker")
     load.add_argument("name")
+    unload = msub.add_parser("unload", help="unload a model from every worker")
+    unload.add_argument("name")
+    rm = msub.add_parser("rm", help="remove a model from the catalog (unload it first)")
+    rm.add_argument("name")
     models.set_defaults(func=cmd_models)
 
     status = sub.add_parser("status", help="show health, nodes, devices and models")

@@ -26,7 +26,7 @@ DEFAULT_PORTS = {"gateway": 50051, "scheduler": 50052, "registry": 50053, "resou
 # Which other services' addresses each service is told about.
 NEEDS = {
     "resources": (),
-    "registry": (),
+    "registry": ("resources",),
     "worker": ("resources", "registry"),
     "scheduler": ("registry",),
     "gateway": ("scheduler",),
@@ -82,11 +82,23 @@ class Suite:
             raise
         return dict(self.addresses)
 
-    def _start_one(self, service: str, timeout: float) -> None:
+    def restart(self, service: str, grace: float = 15.0, timeout: float = 120.0) -> None:
+        """Stops one service and starts it again on the same address."""
+        process = self.processes.pop(service)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        self._start_one(service, timeout, port=int(self.addresses[service].rsplit(":", 1)[1]))
+
+    def _start_one(self, service: str, timeout: float, port: int | None = None) -> None:
         prefix = f"LLMOS_{service.upper()}_"
         address_file = self.data_dir / "run" / f"{service}.addr"
         address_file.unlink(missing_ok=True)
-        port = self.ports.get(service, DEFAULT_PORTS[service])
+        if port is None:
+            port = self.ports.get(service, DEFAULT_PORTS[service])
         env = {**os.environ, **self.env,
                prefix + "LISTEN": f"127.0.0.1:{port}",
                prefix + "ADDRESS_FILE": str(address_file),

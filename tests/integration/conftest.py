@@ -69,7 +69,8 @@ async def stack(tmp_path_factory, tiny_model_dir):
 
     await up("resources", await build_resources(ResourcesSettings(listen=LISTEN, data_dir=str(data))))
     await up("registry", await build_registry(RegistrySettings(
-        listen=LISTEN, data_dir=str(data), allowed_roots=(str(tiny_model_dir.parent),))))
+        listen=LISTEN, data_dir=str(data), allowed_roots=(str(tiny_model_dir.parent),),
+        resources_address=addresses["resources"])))
     await up("worker", await build_worker(WorkerSettings(
         listen=LISTEN, worker_id="w1", resources_address=addresses["resources"],
         registry_address=addresses["registry"], dtype="float32", register_interval_seconds=0.2)))

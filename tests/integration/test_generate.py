@@ -223,3 +223,29 @@ async def test_top_logprobs_come_with_each_token_most_probable_first(stack):
         assert len(top.token_ids) == 3 and list(top.logprobs) == sorted(top.logprobs, reverse=True)
         assert top.token_ids[0] == token          # greedy: the chosen token is the most probable
         assert abs(top.logprobs[0] - logprob) < 1e-5
+
+
+async def test_load_takes_a_ttl_lease_and_unload_delete_give_everything_back(stack, tiny_model_dir):
+    from llmos.v1 import resources_pb2, resources_pb2_grpc
+
+    resources = resources_pb2_grpc.ResourceServiceStub(stack.channels["resources"])
+    await stack.registry.ImportModel(registry_pb2.ImportModelRequest(name="tiny", tag="second",
+                                                                     source=str(tiny_model_dir)))
+    loaded = await stack.registry.LoadModel(registry_pb2.LoadModelRequest(name="tiny:second"))
+    assert loaded.model.measured_bytes == loaded.placement.measured_bytes > 0
+    leases = (await resources.ListLeases(resources_pb2.ListLeasesRequest())).leases
+    lease = next(lease for lease in leases if lease.holder == "worker/w1/model/tiny:second")
+    assert lease.ttl.ToSeconds() > 0 and lease.expire_time.seconds > 0
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.registry.DeleteModel(registry_pb2.DeleteModelRequest(name="tiny:second"))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    unloaded = await stack.registry.UnloadModel(registry_pb2.UnloadModelRequest(name="tiny:second"))
+    assert unloaded.model.state == common_pb2.Model.STATE_AVAILABLE
+    leases = (await resources.ListLeases(resources_pb2.ListLeasesRequest())).leases
+    assert not [lease for lease in leases if lease.holder.endswith("tiny:second")]
+    status = await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())
+    assert [m.model for m in status.models] == ["tiny:latest"]
+    await stack.registry.DeleteModel(registry_pb2.DeleteModelRequest(name="tiny:second"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.registry.GetModel(registry_pb2.GetModelRequest(name="tiny:second"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

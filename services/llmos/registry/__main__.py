@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from llmos.common.telemetry import make_tracer_provider
 from .catalog import Catalog
 from .importer import Importer
 from .models import ModelRegistry
-from .servicer import GrpcWorkers, register
+from .servicer import GrpcResources, GrpcWorkers, register
 from .sources import SourcePolicy
 
 
@@ -28,7 +30,10 @@ class RegistrySettings:
     kv_tokens: int = 32768
     # Runtime overhead counted in each model's memory estimate, bytes.
     overhead_bytes: int = 256 << 20
+    resources_address: str = "127.0.0.1:50054"
     load_timeout_seconds: float = 300.0
+    # A worker not heard from for this long is dropped with its placements, seconds.
+    worker_timeout_seconds: float = 20.0
     # Directories models may be imported from (comma-separated); empty means the directory the
     # registry runs in. Relative sources are taken inside the first. `bundled:<name>` is always allowed.
     allowed_roots: tuple[str, ...] = ()
@@ -47,15 +52,30 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
     roots = [Path(r) for r in settings.allowed_roots] or [Path.cwd()]
     registry = ModelRegistry(catalog, Importer(data / "models", SourcePolicy(roots), settings.allow_pickle),
                              GrpcWorkers(channels, settings.load_timeout_seconds),
-                             settings.kv_tokens, settings.overhead_bytes)
+                             settings.kv_tokens, settings.overhead_bytes,
+                             GrpcResources(channels, settings.resources_address))
     host = ServiceHost("registry", settings.listen, provider)
     register(host, registry)
 
+    tasks: list[asyncio.Task] = []
+
+    async def watch_workers() -> None:
+        while True:
+            await asyncio.sleep(settings.worker_timeout_seconds / 4)
+            registry.drop_silent_workers(settings.worker_timeout_seconds)
+
+    async def started(address: str) -> None:
+        tasks.append(asyncio.create_task(watch_workers()))
+
     async def close() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await channels.close()
         catalog.close()
 
-    return Service(host, cleanups=[close])
+    return Service(host, on_started=started, cleanups=[close])
 
 
 

@@ -25,6 +25,7 @@ class ModelRecord:
     has_chat_template: bool
     create_time: float
     estimated_bytes: int
+    measured_bytes: int = 0
 
     @property
     def ref(self) -> ModelRef:
@@ -46,7 +47,11 @@ class Catalog:
             "digest TEXT NOT NULL, source_format TEXT NOT NULL, source TEXT NOT NULL, "
             "path TEXT NOT NULL, architecture TEXT NOT NULL, parameter_count INTEGER NOT NULL, "
             "dtype TEXT NOT NULL, context_length INTEGER NOT NULL, has_chat_template INTEGER NOT NULL, "
-            "create_time REAL NOT NULL, estimated_bytes INTEGER NOT NULL, PRIMARY KEY (name, tag))")
+            "create_time REAL NOT NULL, estimated_bytes INTEGER NOT NULL, "
+            "measured_bytes INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (name, tag))")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(models)")}
+        if "measured_bytes" not in columns:
+            self._db.execute("ALTER TABLE models ADD COLUMN measured_bytes INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()
@@ -62,6 +67,20 @@ class Catalog:
         with self._lock:
             self._db.execute(f"INSERT OR REPLACE INTO models ({', '.join(_FIELDS)}) "
                              f"VALUES ({', '.join('?' * len(_FIELDS))})", values)
+
+    def set_measured(self, ref: ModelRef, nbytes: int) -> None:
+        with self._lock:
+            self._db.execute("UPDATE models SET measured_bytes=? WHERE name=? AND tag=?",
+                             (nbytes, ref.name, ref.tag))
+
+    def delete(self, ref: ModelRef) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM models WHERE name=? AND tag=?",
+                                    (ref.name, ref.tag)).rowcount > 0
+
+    def uses_path(self, path: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM models WHERE path=? LIMIT 1", (path,)).fetchone() is not None
 
     def list(self, after: tuple[str, str] | None, limit: int) -> list[ModelRecord]:
         """Records ordered by (name, tag), strictly after `after`."""

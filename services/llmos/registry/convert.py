@@ -29,4 +29,5 @@ def model_to_proto(view: ModelView) -> common_pb2.Model:
         source=r.source, architecture=r.architecture, parameter_count=r.parameter_count,
         dtype=r.dtype, context_length=r.context_length, has_chat_template=r.has_chat_template,
         create_time=created, estimated_bytes=r.estimated_bytes, state=_STATES[view.state],
-        placements=[placement_to_proto(p) for p in view.placements], store_path=r.path)
+        placements=[placement_to_proto(p) for p in view.placements], store_path=r.path,
+        measured_bytes=r.measured_bytes)

@@ -78,6 +78,12 @@ class Importer:
         facts = await asyncio.to_thread(read_facts, target)
         return Imported(digest, source_format, target, facts)
 
+    def remove(self, path: str) -> None:
+        """Deletes a model directory from the store (never anything outside it)."""
+        target = Path(path).resolve()
+        if target.parent == self.store.resolve():
+            shutil.rmtree(target, ignore_errors=True)
+
     @staticmethod
     def _copy_dir(source: Path, target: Path) -> None:
         target.mkdir(parents=True)

@@ -5,10 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from llmos.common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from llmos.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from llmos.common.names import ModelRef, check_name, check_tag, parse_model_ref
 
 from .catalog import Catalog, ModelRecord
@@ -26,6 +34,7 @@ class Worker:
     address: str
     node: str
     incarnation: str = ""
+    last_seen: float = field(default=0.0, compare=False)
 
 
 @dataclass
@@ -55,13 +64,24 @@ class WorkerPort(Protocol):
     async def start_model(self, address: str, model: str, path: str, estimated_bytes: int) -> int:
         """Loads the model on the worker; returns the bytes it measured."""
 
+    async def stop_model(self, address: str, model: str) -> None:
+        """Unloads the model from the worker."""
+
+
+class ResourcesPort(Protocol):
+    async def largest_budget(self) -> tuple[int, str]:
+        """(bytes, "node/device") of the device whose lease budget is largest."""
+
 
 class ModelRegistry:
     def __init__(self, catalog: Catalog, importer: Importer, workers: WorkerPort,
-                 kv_tokens: int = 8192, overhead_bytes: int = 256 << 20) -> None:
+                 kv_tokens: int = 8192, overhead_bytes: int = 256 << 20,
+                 resources: ResourcesPort | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.catalog = catalog
         self.importer = importer
         self._worker_port = workers
+        self._resources = resources
+        self._clock = clock
         self._kv_tokens = kv_tokens
         self._overhead = overhead_bytes
         self.workers: dict[str, Worker] = {}
@@ -121,20 +141,63 @@ class ModelRegistry:
 
     # workers and placement -------------------------------------------------
 
-    def register_worker(self, worker_id: str, address: str, node: str, incarnation: str = "") -> None:
-        """Records a worker. A new address or incarnation means it lost its models."""
+    def register_worker(self, worker_id: str, address: str, node: str, incarnation: str = "",
+                        loaded_models: list[str] | None = None) -> None:
+        """Records a worker (and its heartbeat). A new address or incarnation means it lost its
+        models; the models it says it holds are placed there (a restarted registry relearns)."""
         if not worker_id or len(worker_id) > 128:
             raise InvalidArgument.field("worker_id", "is required, at most 128 characters")
         if not address:
             raise InvalidArgument.field("address", "is required")
-        worker = Worker(worker_id, address, node, incarnation)
+        worker = Worker(worker_id, address, node, incarnation, self._clock())
         known = self.workers.get(worker_id)
         if known != worker:
             log.info("worker %s registered at %s (incarnation %s)", worker_id, address, incarnation)
             if known is not None:
-                for placements in self._placements.values():
-                    placements.pop(worker_id, None)
+                self._drop_placements(worker_id)
         self.workers[worker_id] = worker
+        for name in loaded_models or ():
+            ref = parse_model_ref(name, "loaded_models")
+            placements = self._placements.setdefault(ref, {})
+            if worker_id not in placements and self.catalog.get(ref) is not None:
+                placements[worker_id] = Placement(worker_id, address, READY)
+
+    def _drop_placements(self, worker_id: str) -> None:
+        for placements in self._placements.values():
+            placements.pop(worker_id, None)
+
+    def drop_silent_workers(self, timeout: float) -> list[str]:
+        """Forgets workers not heard from for `timeout` seconds, with their placements."""
+        now = self._clock()
+        silent = [w.worker_id for w in self.workers.values() if now - w.last_seen > timeout]
+        for worker_id in silent:
+            del self.workers[worker_id]
+            self._drop_placements(worker_id)
+            log.warning("worker %s missed its heartbeats for %.0fs: its models are unavailable there",
+                        worker_id, timeout)
+        return silent
+
+    async def unload(self, name: str) -> ModelView:
+        view = self.get(name)
+        ref = view.record.ref
+        async with self._locks.setdefault(ref, asyncio.Lock()):
+            for placement in list(self._placements.get(ref, {}).values()):
+                if placement.state != FAILED:
+                    await self._worker_port.stop_model(placement.address, str(ref))
+                self._placements[ref].pop(placement.worker_id, None)
+        log.info("unloaded %s", ref)
+        return self.view(view.record)
+
+    def delete(self, name: str) -> None:
+        view = self.get(name)
+        if any(p.state in (READY, LOADING) for p in view.placements):
+            raise FailedPrecondition(f"model {view.record.ref} is loaded; unload it first",
+                                     reason="MODEL_LOADED", metadata={"model": str(view.record.ref)})
+        self.catalog.delete(view.record.ref)
+        self._placements.pop(view.record.ref, None)
+        if not self.catalog.uses_path(view.record.path):
+            self.importer.remove(view.record.path)
+        log.info("deleted %s", view.record.ref)
 
     async def load(self, name: str) -> tuple[ModelView, Placement]:
         view = self.get(name)
@@ -145,20 +208,37 @@ class ModelRegistry:
             ready = [p for p in placements.values() if p.state == READY]
             if ready:
                 return self.view(view.record), ready[0]
+            needed = view.record.measured_bytes or view.record.estimated_bytes
+            await self._check_fits(view.record, needed)
             worker = self._pick_worker()
             placement = Placement(worker.worker_id, worker.address, LOADING)
             placements[worker.worker_id] = placement
             try:
                 placement.measured_bytes = await self._worker_port.start_model(
-                    worker.address, str(ref), view.record.path, view.record.estimated_bytes)
+                    worker.address, str(ref), view.record.path, needed)
             except Exception as exc:
                 placement.state = FAILED
                 placement.detail = getattr(exc, "message", "load failed")
                 raise
             placement.state = READY
+            if placement.measured_bytes:
+                self.catalog.set_measured(ref, placement.measured_bytes)
+                view.record = self.catalog.get(ref) or view.record
             log.info("model %s ready on worker %s (%d bytes measured, %d estimated)", ref,
                      worker.worker_id, placement.measured_bytes, view.record.estimated_bytes)
             return self.view(view.record), placement
+
+    async def _check_fits(self, record: ModelRecord, needed: int) -> None:
+        """Refuses at once a model bigger than any device could ever lease."""
+        if self._resources is None:
+            return
+        budget, device = await self._resources.largest_budget()
+        if needed > budget:
+            raise ResourceExhausted(
+                f"model {record.ref} needs {needed / 2**30:.2f} GiB, more than the largest device "
+                f"budget ({device}: {budget / 2**30:.2f} GiB)", reason="MODEL_TOO_LARGE",
+                metadata={"model": str(record.ref), "needed_bytes": str(needed), "budget_bytes": str(budget),
+                          "device": device})
 
     def _pick_worker(self) -> Worker:
         if not self.workers:

@@ -6,7 +6,7 @@ import grpc
 
 from llmos.common.channels import Channels
 from llmos.common.status import from_rpc_error
-from llmos.v1 import registry_pb2, registry_pb2_grpc, worker_pb2, worker_pb2_grpc
+from llmos.v1 import registry_pb2, registry_pb2_grpc, resources_pb2, resources_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from .convert import model_to_proto, placement_to_proto
 from .models import ModelRegistry
@@ -28,6 +28,28 @@ class GrpcWorkers:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         return response.measured_bytes
+
+    async def stop_model(self, address: str, model: str) -> None:
+        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
+        try:
+            await stub.StopModel(worker_pb2.StopModelRequest(model=model), timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+
+class GrpcResources:
+    """The registry's port to the resource manager."""
+
+    def __init__(self, channels: Channels, address: str) -> None:
+        self._stub = resources_pb2_grpc.ResourceServiceStub(channels.get(address))
+
+    async def largest_budget(self) -> tuple[int, str]:
+        try:
+            response = await self._stub.ListNodes(resources_pb2.ListNodesRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return max(((d.budget_bytes, f"{n.name}/{d.name}") for n in response.nodes for d in n.devices),
+                   default=(0, "none"))
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
@@ -51,9 +73,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.LoadModelResponse(model=model_to_proto(view),
                                               placement=placement_to_proto(placement))
 
+    async def UnloadModel(self, request, context):
+        return registry_pb2.UnloadModelResponse(model=model_to_proto(await self.registry.unload(request.name)))
+
+    async def DeleteModel(self, request, context):
+        self.registry.delete(request.name)
+        return registry_pb2.DeleteModelResponse()
+
     async def RegisterWorker(self, request, context):
         self.registry.register_worker(request.worker_id, request.address, request.node,
-                                      request.incarnation)
+                                      request.incarnation, list(request.loaded_models))
         return registry_pb2.RegisterWorkerResponse()
 
     async def ListWorkers(self, request, context):

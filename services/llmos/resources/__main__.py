@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,8 @@ from .inventory import node_name, probe_devices
 from .manager import ResourceManager
 from .servicer import register
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ResourcesSettings:
@@ -24,6 +29,8 @@ class ResourcesSettings:
     cpu_budget_bytes: int = 0
     # Share of each GPU's memory that leases may hold.
     budget_fraction: float = 0.9
+    # How often expired leases are reclaimed, seconds.
+    reap_interval_seconds: float = 1.0
     grace_seconds: float = 5.0
     log_level: str = "INFO"
 
@@ -35,10 +42,26 @@ async def build(settings: ResourcesSettings, provider: TracerProvider | None = N
     host = ServiceHost("resources", settings.listen, provider or make_tracer_provider("resources"))
     register(host, manager)
 
+    tasks: list[asyncio.Task] = []
+
+    async def reap() -> None:
+        while True:
+            for lease in manager.leases.reap():
+                log.warning("reclaimed %s of %s: %d bytes on %s/%s, not renewed", lease.name, lease.holder,
+                            lease.bytes, lease.node, lease.device)
+            await asyncio.sleep(settings.reap_interval_seconds)
+
+    async def started(address: str) -> None:
+        tasks.append(asyncio.create_task(reap()))
+
     async def close() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         manager.close()
 
-    return Service(host, cleanups=[close])
+    return Service(host, on_started=started, cleanups=[close])
 
 
 

@@ -1,7 +1,9 @@
 """Memory leases: who holds how many bytes on which device, persisted in SQLite.
 
 The sum of the leases on a device never exceeds its budget. A lease survives a
-restart of the resource manager because it lives in the database.
+restart of the resource manager because it lives in the database. A lease with a
+TTL must be renewed (its holder's heartbeat) or it is reclaimed: a worker that
+dies without releasing its leases gives its memory back within one TTL.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class Lease:
     device: str
     bytes: int
     create_time: float
+    ttl: float = 0.0            # seconds; 0: lives until released
+    expire_time: float = 0.0    # 0 when it has no TTL
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,9 @@ class Budget:
     node: str
     device: str
     budget_bytes: int
+
+
+_COLUMNS = "name, holder, node, device, bytes, create_time, ttl, expire_time"
 
 
 def _gib(n: int) -> str:
@@ -52,7 +59,11 @@ class LeaseBook:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
             "node TEXT NOT NULL, device TEXT NOT NULL, bytes INTEGER NOT NULL, "
-            "create_time REAL NOT NULL)")
+            "create_time REAL NOT NULL, ttl REAL NOT NULL DEFAULT 0, expire_time REAL NOT NULL DEFAULT 0)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}
+        for column in ("ttl", "expire_time"):
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE leases ADD COLUMN {column} REAL NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()
@@ -62,15 +73,18 @@ class LeaseBook:
                                (node, device)).fetchone()
         return int(row[0])
 
-    def acquire(self, holder: str, node: str, device: str, nbytes: int) -> Lease:
+    def acquire(self, holder: str, node: str, device: str, nbytes: int, ttl: float = 0.0) -> Lease:
         if not holder or len(holder) > 256:
             raise InvalidArgument.field("holder", "is required, at most 256 characters")
         if nbytes <= 0:
             raise InvalidArgument.field("bytes", f"must be greater than 0, got {nbytes}")
+        if ttl < 0:
+            raise InvalidArgument.field("ttl", "must not be negative")
         budget = next((b for b in self._budgets() if b.node == node and b.device == device), None)
         if budget is None:
             raise NotFound(f"no device {device!r} on node {node!r}", reason="DEVICE_NOT_FOUND",
                            metadata={"node": node, "device": device})
+        self.reap()
         with self._lock:
             leased = self.leased(node, device)
             if leased + nbytes > budget.budget_bytes:
@@ -80,18 +94,37 @@ class LeaseBook:
                     reason="DEVICE_MEMORY_EXHAUSTED",
                     metadata={"node": node, "device": device, "requested_bytes": str(nbytes),
                               "leased_bytes": str(leased), "budget_bytes": str(budget.budget_bytes)})
+            now = self._clock()
             lease = Lease(name=f"leases/{uuid.uuid4()}", holder=holder, node=node, device=device,
-                          bytes=nbytes, create_time=self._clock())
-            self._db.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?)",
+                          bytes=nbytes, create_time=now, ttl=ttl, expire_time=now + ttl if ttl else 0.0)
+            self._db.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                              (lease.name, lease.holder, lease.node, lease.device, lease.bytes,
-                              lease.create_time))
+                              lease.create_time, lease.ttl, lease.expire_time))
         return lease
+
+    def renew(self, holder_prefix: str) -> int:
+        """Extends every TTL lease of holders starting with the prefix; returns how many."""
+        if not holder_prefix:
+            raise InvalidArgument.field("holder_prefix", "is required")
+        pattern = holder_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._lock:
+            return self._db.execute(
+                "UPDATE leases SET expire_time = ? + ttl WHERE ttl > 0 AND holder LIKE ? ESCAPE '\\'",
+                (self._clock(), pattern)).rowcount
+
+    def reap(self) -> list[Lease]:
+        """Reclaims the leases whose TTL ran out; returns them."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM leases WHERE ttl > 0 AND expire_time < ?", (self._clock(),)).fetchall()
+            for row in rows:
+                self._db.execute("DELETE FROM leases WHERE name=?", (row[0],))
+        return [Lease(*row) for row in rows]
 
     def release(self, name: str) -> bool:
         with self._lock:
             return self._db.execute("DELETE FROM leases WHERE name=?", (name,)).rowcount > 0
 
     def list(self) -> list[Lease]:
-        rows = self._db.execute("SELECT name, holder, node, device, bytes, create_time FROM leases "
-                                "ORDER BY create_time, name").fetchall()
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM leases ORDER BY create_time, name").fetchall()
         return [Lease(*row) for row in rows]

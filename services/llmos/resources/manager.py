@@ -48,8 +48,8 @@ class ResourceManager:
             DeviceView(d, self.leases.leased(self.node, d.name), self._budget(d))
             for d in self._devices])]
 
-    def acquire(self, holder: str, node: str, device: str, nbytes: int) -> Lease:
-        return self.leases.acquire(holder, node or self.node, device or "cpu", nbytes)
+    def acquire(self, holder: str, node: str, device: str, nbytes: int, ttl: float = 0.0) -> Lease:
+        return self.leases.acquire(holder, node or self.node, device or "cpu", nbytes, ttl)
 
     def release(self, name: str) -> bool:
         return self.leases.release(name)

@@ -13,11 +13,20 @@ from .manager import NodeView, ResourceManager
 _KINDS = {"cpu": resources_pb2.Device.KIND_CPU, "gpu": resources_pb2.Device.KIND_GPU}
 
 
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
 def lease_to_proto(lease: Lease) -> resources_pb2.Lease:
-    created = timestamp_pb2.Timestamp()
-    created.FromNanoseconds(int(lease.create_time * 1e9))
-    return resources_pb2.Lease(name=lease.name, holder=lease.holder, node=lease.node,
-                               device=lease.device, bytes=lease.bytes, create_time=created)
+    message = resources_pb2.Lease(name=lease.name, holder=lease.holder, node=lease.node,
+                                  device=lease.device, bytes=lease.bytes,
+                                  create_time=_timestamp(lease.create_time))
+    if lease.ttl:
+        message.ttl.FromNanoseconds(int(lease.ttl * 1e9))
+        message.expire_time.CopyFrom(_timestamp(lease.expire_time))
+    return message
 
 
 def node_to_proto(node: NodeView) -> resources_pb2.Node:
@@ -37,12 +46,16 @@ class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
         return resources_pb2.ListNodesResponse(nodes=[node_to_proto(n) for n in self.manager.nodes()])
 
     async def AcquireLease(self, request, context: grpc.aio.ServicerContext):
-        lease = self.manager.acquire(request.holder, request.node, request.device, request.bytes)
+        lease = self.manager.acquire(request.holder, request.node, request.device, request.bytes,
+                                     request.ttl.ToNanoseconds() / 1e9)
         return resources_pb2.AcquireLeaseResponse(lease=lease_to_proto(lease))
 
     async def ReleaseLease(self, request, context: grpc.aio.ServicerContext):
         self.manager.release(request.name)
         return resources_pb2.ReleaseLeaseResponse()
+
+    async def RenewLeases(self, request, context: grpc.aio.ServicerContext):
+        return resources_pb2.RenewLeasesResponse(renewed=self.manager.leases.renew(request.holder_prefix))
 
     async def ListLeases(self, request, context: grpc.aio.ServicerContext):
         return resources_pb2.ListLeasesResponse(

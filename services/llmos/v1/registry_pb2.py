@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmos/v1/registry.proto\x12\x08llmos.v1\x1a\x15llmos/v1/common.proto\"?\n\x12ImportModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"F\n\x13ImportModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x10GetModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.llmos.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"[\n\x11LoadModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\x12&\n\tplacement\x18\x02 \x01(\x0b\x32\x13.llmos.v1.Placement\"^\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\t\"\x18\n\x16RegisterWorkerResponse\"\x14\n\x12ListWorkersRequest\"\x88\x01\n\x13ListWorkersResponse\x12\x35\n\x07workers\x18\x01 \x03(\x0b\x32$.llmos.v1.ListWorkersResponse.Worker\x1a:\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t2\xd0\x03\n\x0fRegistryService\x12J\n\x0bImportModel\x12\x1c.llmos.v1.ImportModelRequest\x1a\x1d.llmos.v1.ImportModelResponse\x12\x41\n\x08GetModel\x12\x19.llmos.v1.GetModelRequest\x1a\x1a.llmos.v1.GetModelResponse\x12G\n\nListModels\x12\x1b.llmos.v1.ListModelsRequest\x1a\x1c.llmos.v1.ListModelsResponse\x12\x44\n\tLoadModel\x12\x1a.llmos.v1.LoadModelRequest\x1a\x1b.llmos.v1.LoadModelResponse\x12S\n\x0eRegisterWorker\x12\x1f.llmos.v1.RegisterWorkerRequest\x1a .llmos.v1.RegisterWorkerResponse\x12J\n\x0bListWorkers\x12\x1c.llmos.v1.ListWorkersRequest\x1a\x1d.llmos.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmos/v1/registry.proto\x12\x08llmos.v1\x1a\x15llmos/v1/common.proto\"?\n\x12ImportModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"F\n\x13ImportModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x10GetModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.llmos.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"[\n\x11LoadModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\x12&\n\tplacement\x18\x02 \x01(\x0b\x32\x13.llmos.v1.Placement\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x13UnloadModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse\"u\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\t\x12\x15\n\rloaded_models\x18\x05 \x03(\t\"\x18\n\x16RegisterWorkerResponse\"\x14\n\x12ListWorkersRequest\"\x88\x01\n\x13ListWorkersResponse\x12\x35\n\x07workers\x18\x01 \x03(\x0b\x32$.llmos.v1.ListWorkersResponse.Worker\x1a:\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t2\xe8\x04\n\x0fRegistryService\x12J\n\x0bImportModel\x12\x1c.llmos.v1.ImportModelRequest\x1a\x1d.llmos.v1.ImportModelResponse\x12\x41\n\x08GetModel\x12\x19.llmos.v1.GetModelRequest\x1a\x1a.llmos.v1.GetModelResponse\x12G\n\nListModels\x12\x1b.llmos.v1.ListModelsRequest\x1a\x1c.llmos.v1.ListModelsResponse\x12\x44\n\tLoadModel\x12\x1a.llmos.v1.LoadModelRequest\x1a\x1b.llmos.v1.LoadModelResponse\x12J\n\x0bUnloadModel\x12\x1c.llmos.v1.UnloadModelRequest\x1a\x1d.llmos.v1.UnloadModelResponse\x12J\n\x0b\x44\x65leteModel\x12\x1c.llmos.v1.DeleteModelRequest\x1a\x1d.llmos.v1.DeleteModelResponse\x12S\n\x0eRegisterWorker\x12\x1f.llmos.v1.RegisterWorkerRequest\x1a .llmos.v1.RegisterWorkerResponse\x12J\n\x0bListWorkers\x12\x1c.llmos.v1.ListWorkersRequest\x1a\x1d.llmos.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,16 +48,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADMODELREQUEST']._serialized_end=454
   _globals['_LOADMODELRESPONSE']._serialized_start=456
   _globals['_LOADMODELRESPONSE']._serialized_end=547
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=549
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=643
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=645
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=669
-  _globals['_LISTWORKERSREQUEST']._serialized_start=671
-  _globals['_LISTWORKERSREQUEST']._serialized_end=691
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=694
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=830
-  _globals['_LISTWORKERSRESPONSE_WORKER']._serialized_start=772
-  _globals['_LISTWORKERSRESPONSE_WORKER']._serialized_end=830
-  _globals['_REGISTRYSERVICE']._serialized_start=833
-  _globals['_REGISTRYSERVICE']._serialized_end=1297
+  _globals['_UNLOADMODELREQUEST']._serialized_start=549
+  _globals['_UNLOADMODELREQUEST']._serialized_end=583
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=585
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=638
+  _globals['_DELETEMODELREQUEST']._serialized_start=640
+  _globals['_DELETEMODELREQUEST']._serialized_end=674
+  _globals['_DELETEMODELRESPONSE']._serialized_start=676
+  _globals['_DELETEMODELRESPONSE']._serialized_end=697
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=699
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=816
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=818
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=842
+  _globals['_LISTWORKERSREQUEST']._serialized_start=844
+  _globals['_LISTWORKERSREQUEST']._serialized_end=864
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=867
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1003
+  _globals['_LISTWORKERSRESPONSE_WORKER']._serialized_start=945
+  _globals['_LISTWORKERSRESPONSE_WORKER']._serialized_end=1003
+  _globals['_REGISTRYSERVICE']._serialized_start=1006
+  _globals['_REGISTRYSERVICE']._serialized_end=1622
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,16 @@ class RegistryServiceStub:
                 request_serializer=llmos_dot_v1_dot_registry__pb2.LoadModelRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_registry__pb2.LoadModelResponse.FromString,
                 _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/llmos.v1.RegistryService/UnloadModel',
+                request_serializer=llmos_dot_v1_dot_registry__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_registry__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/llmos.v1.RegistryService/DeleteModel',
+                request_serializer=llmos_dot_v1_dot_registry__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_registry__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
         self.RegisterWorker = channel.unary_unary(
                 '/llmos.v1.RegistryService/RegisterWorker',
                 request_serializer=llmos_dot_v1_dot_registry__pb2.RegisterWorkerRequest.SerializeToString,
@@ -111,9 +121,27 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UnloadModel(self, request, context):
+        """Unloads a model from every worker that holds it and gives its memory
+        back. Idempotent. Errors: NOT_FOUND (unknown model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Removes a model from the catalog, and its weights from the store when no
+        other name uses them. Errors: NOT_FOUND, FAILED_PRECONDITION (still
+        loaded: unload it first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterWorker(self, request, context):
-        """Announces a worker (called by each worker when it starts, and again to
-        refresh). Idempotent by `worker_id`.
+        """Announces a worker (called by each worker when it starts, and again every
+        few seconds as its heartbeat). A worker not heard from for the registry's
+        worker timeout is dropped, with its placements. Idempotent by `worker_id`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +176,16 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.LoadModel,
                     request_deserializer=llmos_dot_v1_dot_registry__pb2.LoadModelRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_registry__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=llmos_dot_v1_dot_registry__pb2.UnloadModelRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_registry__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=llmos_dot_v1_dot_registry__pb2.DeleteModelRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_registry__pb2.DeleteModelResponse.SerializeToString,
             ),
             'RegisterWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterWorker,
@@ -271,6 +309,60 @@ class RegistryService:
             '/llmos.v1.RegistryService/LoadModel',
             llmos_dot_v1_dot_registry__pb2.LoadModelRequest.SerializeToString,
             llmos_dot_v1_dot_registry__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.RegistryService/UnloadModel',
+            llmos_dot_v1_dot_registry__pb2.UnloadModelRequest.SerializeToString,
+            llmos_dot_v1_dot_registry__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.RegistryService/DeleteModel',
+            llmos_dot_v1_dot_registry__pb2.DeleteModelRequest.SerializeToString,
+            llmos_dot_v1_dot_registry__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

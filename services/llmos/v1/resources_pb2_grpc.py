@@ -57,6 +57,11 @@ class ResourceServiceStub:
                 request_serializer=llmos_dot_v1_dot_resources__pb2.ListLeasesRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_resources__pb2.ListLeasesResponse.FromString,
                 _registered_method=True)
+        self.RenewLeases = channel.unary_unary(
+                '/llmos.v1.ResourceService/RenewLeases',
+                request_serializer=llmos_dot_v1_dot_resources__pb2.RenewLeasesRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_resources__pb2.RenewLeasesResponse.FromString,
+                _registered_method=True)
 
 
 class ResourceServiceServicer:
@@ -97,6 +102,15 @@ class ResourceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewLeases(self, request, context):
+        """Renews every lease whose holder starts with `holder_prefix`: each expires
+        its own TTL from now. The holder's heartbeat. Errors: INVALID_ARGUMENT
+        (empty prefix).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResourceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +133,11 @@ def add_ResourceServiceServicer_to_server(servicer, server):
                     servicer.ListLeases,
                     request_deserializer=llmos_dot_v1_dot_resources__pb2.ListLeasesRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_resources__pb2.ListLeasesResponse.SerializeToString,
+            ),
+            'RenewLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLeases,
+                    request_deserializer=llmos_dot_v1_dot_resources__pb2.RenewLeasesRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_resources__pb2.RenewLeasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -232,6 +251,33 @@ class ResourceService:
             '/llmos.v1.ResourceService/ListLeases',
             llmos_dot_v1_dot_resources__pb2.ListLeasesRequest.SerializeToString,
             llmos_dot_v1_dot_resources__pb2.ListLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.ResourceService/RenewLeases',
+            llmos_dot_v1_dot_resources__pb2.RenewLeasesRequest.SerializeToString,
+            llmos_dot_v1_dot_resources__pb2.RenewLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -17,6 +18,7 @@ import torch
 from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
+from llmos.common.errors import LlmosError
 from llmos.common.server import Service, ServiceHost, run_service
 from llmos.common.settings import from_env
 from llmos.common.telemetry import make_tracer_provider, setup_logging
@@ -52,22 +54,35 @@ class WorkerSettings:
     max_seq_len: int = 2048
     # Prompt tokens fed per engine step (chunked prefill).
     prefill_budget: int = 256
-    # How often the worker announces itself to the registry, seconds.
-    register_interval_seconds: float = 10.0
+    # How often the worker announces itself to the registry (its heartbeat there), seconds.
+    register_interval_seconds: float = 5.0
+    # Seconds a memory lease lives without renewal; renewed every third of it.
+    lease_ttl_seconds: float = 15.0
     grace_seconds: float = 10.0
     log_level: str = "INFO"
 
 
-async def announce(stub: registry_pb2_grpc.RegistryServiceStub, request: registry_pb2.RegisterWorkerRequest,
-                   interval: float) -> None:
-    """Registers with the registry now and then again every `interval` (survives its restarts)."""
+async def announce(stub: registry_pb2_grpc.RegistryServiceStub,
+                   request: Callable[[], registry_pb2.RegisterWorkerRequest], interval: float) -> None:
+    """Registers with the registry now and then again every `interval`: the registry's
+    heartbeat, which also tells a restarted registry which models are loaded here."""
     while True:
         try:
-            await stub.RegisterWorker(request, timeout=5)
+            await stub.RegisterWorker(request(), timeout=5)
         except grpc.aio.AioRpcError as exc:
             log.warning("cannot register with the registry: %s", exc.code().name)
             await asyncio.sleep(min(interval, 1.0))
             continue
+        await asyncio.sleep(interval)
+
+
+async def renew_leases(model_host: ModelHost, interval: float) -> None:
+    """The resource manager's heartbeat: renews this worker's leases every `interval`."""
+    while True:
+        try:
+            await model_host.heartbeat()
+        except LlmosError as exc:
+            log.warning("cannot renew leases: %s", exc.code)
         await asyncio.sleep(interval)
 
 
@@ -87,18 +102,23 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     channels = Channels(provider)
     model_host = ModelHost(worker_id, GrpcResources(channels, settings.resources_address), device,
                            pick_dtype(settings.dtype, device), driver,
-                           EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget))
+                           EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget,
+                                        settings.lease_ttl_seconds))
     host = ServiceHost("worker", settings.listen, provider)
     register(host, model_host)
     tasks: list[asyncio.Task] = []
 
     async def started(address: str) -> None:
         stub = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
-        request = registry_pb2.RegisterWorkerRequest(worker_id=worker_id,
-                                                     address=settings.advertise_address or address,
-                                                     node=socket.gethostname(),
-                                                     incarnation=uuid.uuid4().hex)
+        incarnation = uuid.uuid4().hex
+
+        def request() -> registry_pb2.RegisterWorkerRequest:
+            return registry_pb2.RegisterWorkerRequest(
+                worker_id=worker_id, address=settings.advertise_address or address, node=socket.gethostname(),
+                incarnation=incarnation, loaded_models=model_host.loaded_models)
+
         tasks.append(asyncio.create_task(announce(stub, request, settings.register_interval_seconds)))
+        tasks.append(asyncio.create_task(renew_leases(model_host, settings.lease_ttl_seconds / 3)))
 
     async def close() -> None:
         for task in tasks:

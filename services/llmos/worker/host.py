@@ -26,10 +26,12 @@ DEFAULT_MAX_TOKENS = 256
 
 
 class ResourcesPort(Protocol):
-    async def acquire(self, holder: str, device: str, nbytes: int) -> str:
-        """Leases memory; returns the lease name."""
+    async def acquire(self, holder: str, device: str, nbytes: int, ttl: float) -> str:
+        """Leases memory for `ttl` seconds unless renewed; returns the lease name."""
 
     async def release(self, lease: str) -> None: ...
+
+    async def renew(self, holder_prefix: str) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class EngineConfig:
     max_seq_len: int = 2048
     # Prompt tokens fed per engine step, so long prompts do not stall running streams.
     prefill_budget: int = 256
+    # Seconds a memory lease lives without the worker's heartbeat.
+    lease_ttl: float = 15.0
 
 
 @dataclass
@@ -76,6 +80,18 @@ class ModelHost:
         self._lock = asyncio.Lock()
 
     @property
+    def lease_prefix(self) -> str:
+        return f"worker/{self.worker_id}/"
+
+    @property
+    def loaded_models(self) -> list[str]:
+        return sorted(self._served)
+
+    async def heartbeat(self) -> int:
+        """Renews this worker's leases; returns how many."""
+        return await self._resources.renew(self.lease_prefix)
+
+    @property
     def device_name(self) -> str:
         if self.device.type == "cuda":
             return f"cuda:{self.device.index or 0}"
@@ -88,8 +104,8 @@ class ModelHost:
                 return served
             if estimated_bytes <= 0:
                 raise InvalidArgument.field("estimated_bytes", "must be greater than 0")
-            lease = await self._resources.acquire(f"worker/{self.worker_id}/model/{model}",
-                                                  self.device_name, estimated_bytes)
+            lease = await self._resources.acquire(f"{self.lease_prefix}model/{model}",
+                                                  self.device_name, estimated_bytes, self.config.lease_ttl)
             try:
                 loaded = await asyncio.wrap_future(self.driver.call(
                     self._loader, model, path, self.device, self.dtype, self.config.slots,

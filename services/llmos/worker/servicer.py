@@ -19,13 +19,22 @@ class GrpcResources:
     def __init__(self, channels: Channels, address: str) -> None:
         self._stub = resources_pb2_grpc.ResourceServiceStub(channels.get(address))
 
-    async def acquire(self, holder: str, device: str, nbytes: int) -> str:
+    async def acquire(self, holder: str, device: str, nbytes: int, ttl: float) -> str:
+        request = resources_pb2.AcquireLeaseRequest(holder=holder, device=device, bytes=nbytes)
+        request.ttl.FromNanoseconds(int(ttl * 1e9))
         try:
-            response = await self._stub.AcquireLease(
-                resources_pb2.AcquireLeaseRequest(holder=holder, device=device, bytes=nbytes), timeout=10)
+            response = await self._stub.AcquireLease(request, timeout=10)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         return response.lease.name
+
+    async def renew(self, holder_prefix: str) -> int:
+        try:
+            response = await self._stub.RenewLeases(
+                resources_pb2.RenewLeasesRequest(holder_prefix=holder_prefix), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return response.renewed
 
     async def release(self, lease: str) -> None:
         try:

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from llmos.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from llmos.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from llmos.registry.catalog import Catalog
 from llmos.registry.importer import Importer
 from llmos.registry.models import ModelRegistry
@@ -129,3 +136,70 @@ async def test_a_restarted_worker_loses_its_placements(tmp_path, registry):
     assert registry.get("tiny").state == "available"
     await registry.load("tiny")
     assert len(registry._worker_port.calls) == 2
+
+
+class FakeResources:
+    def __init__(self, budget):
+        self.budget = budget
+
+    async def largest_budget(self):
+        return self.budget, "node/cpu"
+
+
+class StoppingWorkers(FakeWorkers):
+    def __init__(self):
+        super().__init__()
+        self.stopped = []
+
+    async def stop_model(self, address, model):
+        self.stopped.append((address, model))
+
+
+async def test_a_model_bigger_than_any_device_is_refused_before_any_worker_is_asked(tmp_path):
+    catalog = Catalog(str(tmp_path / "r.db"))
+    workers = FakeWorkers()
+    registry = ModelRegistry(catalog, importer(tmp_path), workers, kv_tokens=16, overhead_bytes=100,
+                             resources=FakeResources(budget=200))
+    await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
+    registry.register_worker("w1", "127.0.0.1:9", "node")
+    with pytest.raises(ResourceExhausted) as caught:
+        await registry.load("tiny")
+    assert caught.value.reason == "MODEL_TOO_LARGE"
+    assert "node/cpu" in caught.value.message and caught.value.metadata["budget_bytes"] == "200"
+    assert workers.calls == []
+    catalog.close()
+
+
+async def test_unload_stops_it_everywhere_and_delete_needs_it_unloaded(tmp_path):
+    catalog = Catalog(str(tmp_path / "r.db"))
+    workers = StoppingWorkers()
+    registry = ModelRegistry(catalog, importer(tmp_path), workers)
+    view, _ = await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
+    registry.register_worker("w1", "127.0.0.1:9", "node")
+    await registry.load("tiny")
+    assert catalog.get(view.record.ref).measured_bytes == 1234, "the measured size is kept for next time"
+    with pytest.raises(FailedPrecondition):
+        registry.delete("tiny")
+    assert (await registry.unload("tiny")).state == "available"
+    assert workers.stopped == [("127.0.0.1:9", "tiny:latest")]
+    registry.delete("tiny")
+    with pytest.raises(NotFound):
+        registry.get("tiny")
+    assert not (tmp_path / "store" / view.record.digest.removeprefix("sha256:")).exists()
+    catalog.close()
+
+
+async def test_silent_workers_are_dropped_and_a_restarted_registry_relearns_placements(tmp_path):
+    now = [0.0]
+    catalog = Catalog(str(tmp_path / "r.db"))
+    registry = ModelRegistry(catalog, importer(tmp_path), FakeWorkers(), clock=lambda: now[0])
+    await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
+    registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"])
+    registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
+    assert registry.get("tiny").state == "ready", "the worker's own report places the model"
+    now[0] = 15.0
+    registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
+    now[0] = 25.0
+    assert registry.drop_silent_workers(timeout=20.0) == ["w1"]
+    assert registry.get("tiny").state == "available" and set(registry.workers) == {"w2"}
+    catalog.close()

@@ -47,3 +47,41 @@ def test_bad_lease_requests(tmp_path):
 def test_the_real_probe_reports_this_hosts_memory():
     cpu = probe_devices()[0]
     assert cpu.name == "cpu" and cpu.total_bytes > 0 and 0 <= cpu.used_bytes <= cpu.total_bytes
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_leases_with_a_ttl_are_reclaimed_unless_renewed(tmp_path):
+    from llmos.resources.leases import Budget, LeaseBook
+
+    clock = Clock()
+    book = LeaseBook(str(tmp_path / "l.db"), lambda: [Budget("n1", "cpu", 10 * GIB)], clock)
+    kept = book.acquire("worker/w_1/model/a", "n1", "cpu", GIB, ttl=10)
+    lost = book.acquire("worker/w2/model/b", "n1", "cpu", GIB, ttl=10)
+    forever = book.acquire("admin", "n1", "cpu", GIB)
+    clock.now += 8
+    assert book.renew("worker/w_1/") == 1
+    assert book.renew("worker/w%") == 0, "the prefix is literal, not a pattern"
+    clock.now += 5
+    assert [lease.name for lease in book.reap()] == [lost.name]
+    assert {lease.name for lease in book.list()} == {kept.name, forever.name}
+    assert book.leased("n1", "cpu") == 2 * GIB
+    clock.now += 100
+    assert [lease.name for lease in book.reap()] == [kept.name]
+    assert [lease.name for lease in book.list()] == [forever.name]
+
+
+def test_expired_leases_do_not_block_new_ones(tmp_path):
+    from llmos.resources.leases import Budget, LeaseBook
+
+    clock = Clock()
+    book = LeaseBook(str(tmp_path / "l.db"), lambda: [Budget("n1", "cpu", 2 * GIB)], clock)
+    book.acquire("worker/dead/", "n1", "cpu", 2 * GIB, ttl=5)
+    clock.now += 6
+    book.acquire("worker/alive/", "n1", "cpu", 2 * GIB, ttl=5)

@@ -1,0 +1,82 @@
+"""The suite survives its control plane restarting, and reclaims what a killed worker held."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from llmos.client import Client
+from llmos.suite import SERVICES, Suite
+from llmos.v1 import common_pb2, resources_pb2
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, tiny_model_dir):
+    suite = Suite(tmp_path_factory.mktemp("recovery"), ports={s: 0 for s in SERVICES}, env={
+        "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
+        "LLMOS_WORKER_LEASE_TTL_SECONDS": "3",
+        "LLMOS_WORKER_REGISTER_INTERVAL_SECONDS": "1",
+        "LLMOS_REGISTRY_WORKER_TIMEOUT_SECONDS": "4",
+        "LLMOS_RESOURCES_REAP_INTERVAL_SECONDS": "0.5",
+    })
+    try:
+        suite.start(timeout=120)
+    except Exception:
+        for service in SERVICES:
+            print(f"--- {service}\n{suite.log_tail(service)}", file=sys.stderr)
+        raise
+    yield suite
+    suite.stop()
+
+
+@pytest.fixture(scope="module")
+def client(suite, tiny_model_dir):
+    a = suite.addresses
+    with Client(gateway=a["gateway"], registry=a["registry"], resources=a["resources"],
+                monitor=a["monitor"]) as client:
+        client.import_model("tiny", str(tiny_model_dir))
+        client.load_model("tiny")
+        yield client
+
+
+def leases(client):
+    return list(client.resources.ListLeases(resources_pb2.ListLeasesRequest(), timeout=5).leases)
+
+
+def generate_ok(client):
+    responses = list(client.generate("tiny", prompt="Once upon a time", max_tokens=4, timeout=30))
+    return responses[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+def test_restarting_registry_and_resources_loses_no_catalog_entry_or_lease(suite, client):
+    before = [(lease.name, lease.holder, lease.bytes) for lease in leases(client)]
+    assert before and before[0][1].endswith("model/tiny:latest")
+    suite.restart("resources")
+    suite.restart("registry")
+    assert [(lease.name, lease.holder, lease.bytes) for lease in leases(client)] == before
+    model = client.get_model("tiny")
+    assert model.digest and model.measured_bytes > 0
+    # The worker's next heartbeat tells the new registry where the model is loaded.
+    deadline = time.monotonic() + 10
+    while client.get_model("tiny").state != common_pb2.Model.STATE_READY:
+        assert time.monotonic() < deadline, "the registry did not relearn the placement"
+        time.sleep(0.2)
+    assert generate_ok(client)
+
+
+def test_a_killed_worker_gives_back_its_leases_and_its_models(suite, client):
+    assert leases(client)
+    os.kill(suite.processes["worker"].pid, signal.SIGKILL)
+    suite.processes["worker"].wait()
+    killed = time.monotonic()
+    while leases(client):
+        assert time.monotonic() - killed < 3 + 2, "leases were not reclaimed within the TTL"
+        time.sleep(0.2)
+    while client.get_model("tiny").state == common_pb2.Model.STATE_READY:
+        assert time.monotonic() - killed < 4 + 3, "the model still shows ready on a dead worker"
+        time.sleep(0.2)
+    del suite.processes["worker"]
