@@ -3,12 +3,13 @@
 Used by `llmos up` and by the end-to-end tests. Each service is its own process
 (`python -m llmos.<service>`), started in dependency order; each writes its bound
 address to a file once it serves, and is then health-checked over gRPC. Children
-get SIGTERM when the launcher dies (PR_SET_PDEATHSIG), so none is left behind.
+get SIGTERM when the launcher dies (each sets PR_SET_PDEATHSIG itself at start, told
+by LLMOS_PARENT_PID: a preexec_fn in a threaded launcher can deadlock the fork), so
+none is left behind.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmos.common.server import PARENT_PID_ENV
 
 SERVICES = ("resources", "registry", "worker", "scheduler", "gateway", "monitor")
 DEFAULT_PORTS = {"gateway": 50051, "scheduler": 50052, "registry": 50053, "resources": 50054,
@@ -36,11 +39,6 @@ NEEDS = {
 
 class SuiteError(RuntimeError):
     pass
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def wait_healthy(address: str, timeout: float) -> None:
@@ -102,13 +100,14 @@ class Suite:
         env = {**os.environ, **self.env,
                prefix + "LISTEN": f"127.0.0.1:{port}",
                prefix + "ADDRESS_FILE": str(address_file),
-               prefix + "DATA_DIR": str(self.data_dir)}
+               prefix + "DATA_DIR": str(self.data_dir),
+               PARENT_PID_ENV: str(os.getpid())}
         for other in NEEDS[service]:
             env[f"{prefix}{other.upper()}_ADDRESS"] = self.addresses[other]
         log = open(self.data_dir / "logs" / f"{service}.log", "ab")
         self.processes[service] = subprocess.Popen(
             [self.python, "-m", f"llmos.{service}"], env=env, stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, process_group=0)
+            stdout=log, stderr=subprocess.STDOUT, process_group=0)
         log.close()
         deadline = time.monotonic() + timeout
         while not address_file.exists():

@@ -10,9 +10,11 @@ grace period, runs the service's own cleanup and returns, so the process exits 0
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,18 @@ from .telemetry import server_interceptor, setup_logging
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+PARENT_PID_ENV = "LLMOS_PARENT_PID"
+
+
+def die_with_parent(environ: dict[str, str] | None = None) -> None:
+    """When started by a launcher (LLMOS_PARENT_PID), ask Linux for SIGTERM when it dies."""
+    parent = (os.environ if environ is None else environ).get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class ServiceHost:
@@ -134,6 +148,7 @@ async def run_service(service: Service, *, address_file: str = "", grace: float 
 
 def serve_main(name: str, settings_type: type, build: Callable[..., Awaitable[Service]]) -> None:
     """The body of every service's `__main__`: settings from the environment, then serve."""
+    die_with_parent()
     settings = from_env(settings_type, name)
     setup_logging(settings.log_level)
 

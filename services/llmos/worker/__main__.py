@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
 from llmos.common.errors import LlmosError
-from llmos.common.server import Service, ServiceHost, run_service
+from llmos.common.server import Service, ServiceHost, die_with_parent, run_service
 from llmos.common.settings import from_env
 from llmos.common.telemetry import make_tracer_provider, setup_logging
 from llmos.v1 import registry_pb2, registry_pb2_grpc
@@ -134,6 +134,7 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
 
 def main() -> int:
     """Serves gRPC on a thread of its own and runs the engines on the main thread."""
+    die_with_parent()
     settings = from_env(WorkerSettings, "worker")
     setup_logging(settings.log_level)
     driver = EngineDriver()
