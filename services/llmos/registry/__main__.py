@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class RegistrySettings:
     load_timeout_seconds: float = 300.0
     # A worker not heard from for this long is dropped with its placements, seconds.
     worker_timeout_seconds: float = 20.0
+    # A loaded model that served no request for this long is unloaded, seconds; 0: never.
+    keep_alive_seconds: float = 1800.0
     # Directories models may be imported from (comma-separated); empty means the directory the
     # registry runs in. Relative sources are taken inside the first. `bundled:<name>` is always allowed.
     allowed_roots: tuple[str, ...] = ()
@@ -61,8 +64,10 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
 
     async def watch_workers() -> None:
         while True:
-            await asyncio.sleep(settings.worker_timeout_seconds / 4)
+            await asyncio.sleep(min(settings.worker_timeout_seconds / 4, 5.0))
             registry.drop_silent_workers(settings.worker_timeout_seconds)
+            if settings.keep_alive_seconds > 0:
+                await registry.evict_idle(settings.keep_alive_seconds, time.time())
 
     async def started(address: str) -> None:
         tasks.append(asyncio.create_task(watch_workers()))

@@ -13,6 +13,7 @@ from llmos.common.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    LlmosError,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -66,6 +67,9 @@ class WorkerPort(Protocol):
 
     async def stop_model(self, address: str, model: str) -> None:
         """Unloads the model from the worker."""
+
+    async def activity(self, address: str) -> dict[str, tuple[int, float]]:
+        """Per loaded model: (requests running or waiting, time of its last request)."""
 
 
 class ResourcesPort(Protocol):
@@ -210,16 +214,22 @@ class ModelRegistry:
                 return self.view(view.record), ready[0]
             needed = view.record.measured_bytes or view.record.estimated_bytes
             await self._check_fits(view.record, needed)
-            worker = self._pick_worker()
-            placement = Placement(worker.worker_id, worker.address, LOADING)
-            placements[worker.worker_id] = placement
-            try:
-                placement.measured_bytes = await self._worker_port.start_model(
-                    worker.address, str(ref), view.record.path, needed)
-            except Exception as exc:
-                placement.state = FAILED
-                placement.detail = getattr(exc, "message", "load failed")
-                raise
+            refusal: LlmosError | None = None
+            for worker in self._workers_by_load():
+                placement = Placement(worker.worker_id, worker.address, LOADING)
+                placements[worker.worker_id] = placement
+                try:
+                    placement.measured_bytes = await self._start_making_room(worker, ref, view.record.path, needed)
+                    break
+                except ResourceExhausted as exc:       # no room there, even after evicting: next worker
+                    placements.pop(worker.worker_id, None)
+                    refusal = exc
+                except Exception as exc:
+                    placement.state = FAILED
+                    placement.detail = getattr(exc, "message", "load failed")
+                    raise
+            else:
+                raise refusal or Unavailable("no worker is registered", reason="NO_WORKERS")
             placement.state = READY
             if placement.measured_bytes:
                 self.catalog.set_measured(ref, placement.measured_bytes)
@@ -240,13 +250,56 @@ class ModelRegistry:
                 metadata={"model": str(record.ref), "needed_bytes": str(needed), "budget_bytes": str(budget),
                           "device": device})
 
-    def _pick_worker(self) -> Worker:
-        if not self.workers:
-            raise Unavailable("no worker is registered", reason="NO_WORKERS")
+    def _workers_by_load(self) -> list[Worker]:
+        """Workers, those holding the fewest models first."""
         load = {wid: 0 for wid in self.workers}
         for per_model in self._placements.values():
             for wid, p in per_model.items():
                 if wid in load and p.state in (READY, LOADING):
                     load[wid] += 1
-        candidates = sorted(self.workers.values(), key=lambda w: (load[w.worker_id], w.worker_id))
-        return candidates[0]
+        return sorted(self.workers.values(), key=lambda w: (load[w.worker_id], w.worker_id))
+
+    async def _start_making_room(self, worker: Worker, ref: ModelRef, path: str, needed: int) -> int:
+        """Loads on `worker`; while its memory is leased out, evicts the least recently used
+        idle model there and tries again. Never evicts a model with requests in flight."""
+        while True:
+            try:
+                return await self._worker_port.start_model(worker.address, str(ref), path, needed)
+            except LlmosError as exc:
+                if exc.code != "RESOURCE_EXHAUSTED":
+                    raise
+                victim = await self._idle_victim(worker, exclude=ref)
+                if victim is None:
+                    raise ResourceExhausted(
+                        f"no room for {ref} ({needed / 2**30:.2f} GiB) on worker {worker.worker_id}, and "
+                        f"no idle model to evict there: {exc.message}", reason="NO_ROOM",
+                        metadata={"model": str(ref), "needed_bytes": str(needed), "worker": worker.worker_id},
+                        retry_after=5.0) from None
+                await self._evict(victim, worker, "to make room for " + str(ref))
+
+    async def _idle_victim(self, worker: Worker, exclude: ModelRef) -> ModelRef | None:
+        activity = await self._worker_port.activity(worker.address)
+        idle = sorted((last, name) for name, (in_flight, last) in activity.items()
+                      if in_flight == 0 and name != str(exclude))
+        return parse_model_ref(idle[0][1]) if idle else None
+
+    async def _evict(self, ref: ModelRef, worker: Worker, why: str) -> None:
+        await self._worker_port.stop_model(worker.address, str(ref))
+        self._placements.get(ref, {}).pop(worker.worker_id, None)
+        log.info("evicted %s from worker %s %s", ref, worker.worker_id, why)
+
+    async def evict_idle(self, keep_alive: float, now: float) -> list[tuple[str, str]]:
+        """Unloads models that served no request for `keep_alive` seconds; returns (model, worker)."""
+        evicted = []
+        for worker in list(self.workers.values()):
+            try:
+                activity = await self._worker_port.activity(worker.address)
+            except LlmosError:
+                continue
+            for name, (in_flight, last) in activity.items():
+                if in_flight == 0 and now - last > keep_alive:
+                    ref = parse_model_ref(name)
+                    async with self._locks.setdefault(ref, asyncio.Lock()):
+                        await self._evict(ref, worker, f"after {keep_alive:.0f}s idle")
+                    evicted.append((name, worker.worker_id))
+        return evicted

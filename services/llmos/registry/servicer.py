@@ -37,6 +37,15 @@ class GrpcWorkers:
             raise from_rpc_error(exc) from None
 
 
+    async def activity(self, address: str) -> dict[str, tuple[int, float]]:
+        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
+        try:
+            status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return {m.model: (m.running + m.waiting, m.last_request_time.ToNanoseconds() / 1e9) for m in status.models}
+
+
 class GrpcResources:
     """The registry's port to the resource manager."""
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -51,6 +52,7 @@ class Served:
     loaded: LoadedModel
     engine: Engine
     lease: str
+    last_request: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class ModelStatus:
     dtype: str
     measured_bytes: int
     stats: EngineStats
+    last_request: float
 
 
 Loader = Callable[[str, str, torch.device, torch.dtype, int, int], LoadedModel]
@@ -134,7 +137,7 @@ class ModelHost:
 
     def status(self) -> list[ModelStatus]:
         return [ModelStatus(name, str(s.loaded.device), str(s.loaded.dtype).removeprefix("torch."),
-                            s.loaded.measured_bytes, s.engine.stats())
+                            s.loaded.measured_bytes, s.engine.stats(), s.last_request)
                 for name, s in sorted(self._served.items())]
 
     def _prompt_ids(self, loaded: LoadedModel, source: GenerationInput) -> list[int]:
@@ -172,6 +175,7 @@ class ModelHost:
         if served is None:
             raise NotFound(f"model {model} is not loaded on worker {self.worker_id}",
                            reason="MODEL_NOT_LOADED", metadata={"model": model})
+        served.last_request = time.time()
         loaded = served.loaded
         prompt_ids = self._prompt_ids(loaded, source)
         max_new = self._max_new(loaded, len(prompt_ids), params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from llmos.common.channels import Channels
 from llmos.common.convert import Violations, fill_chunk, input_from_proto, sampling_from_proto
@@ -43,6 +44,12 @@ class GrpcResources:
             raise from_rpc_error(exc) from None
 
 
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, host: ModelHost) -> None:
         self.host = host
@@ -73,7 +80,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         models = [worker_pb2.LoadedModel(
             model=s.model, device=s.device, dtype=s.dtype, measured_bytes=s.measured_bytes,
             running=s.stats.running, waiting=s.stats.waiting, kv_tokens_used=s.stats.kv_tokens_used,
-            kv_tokens_capacity=s.stats.kv_tokens_capacity, tokens_generated=s.stats.tokens_generated)
+            kv_tokens_capacity=s.stats.kv_tokens_capacity, tokens_generated=s.stats.tokens_generated,
+            last_request_time=_timestamp(s.last_request))
             for s in self.host.status()]
         return worker_pb2.GetWorkerStatusResponse(
             worker_id=self.host.worker_id, models=models,

@@ -203,3 +203,84 @@ async def test_silent_workers_are_dropped_and_a_restarted_registry_relearns_plac
     assert registry.drop_silent_workers(timeout=20.0) == ["w1"]
     assert registry.get("tiny").state == "available" and set(registry.workers) == {"w2"}
     catalog.close()
+
+
+class RoomyWorker:
+    """A worker with room for `capacity` bytes, refusing like the resource manager does."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.loaded = {}          # model -> bytes
+        self.last = {}            # model -> last request time
+        self.in_flight = {}
+        self.clock = 0.0
+
+    async def start_model(self, address, model, path, needed):
+        if model in self.loaded:
+            return self.loaded[model]
+        if sum(self.loaded.values()) + needed > self.capacity:
+            raise ResourceExhausted("lease refused", reason="DEVICE_MEMORY_EXHAUSTED")
+        self.clock += 1
+        self.loaded[model], self.last[model] = needed, self.clock
+        return needed
+
+    async def stop_model(self, address, model):
+        self.loaded.pop(model, None)
+
+    async def activity(self, address):
+        return {m: (self.in_flight.get(m, 0), self.last[m]) for m in self.loaded}
+
+    def use(self, model):
+        self.clock += 1
+        self.last[model] = self.clock
+
+
+ESTIMATE = 756  # each model below: weights 144 + KV 2x2x1x4x2x16 = 512 + overhead 100 bytes
+
+
+async def three_models(tmp_path, worker):
+    catalog = Catalog(str(tmp_path / "r.db"))
+    registry = ModelRegistry(catalog, importer(tmp_path), worker, kv_tokens=16, overhead_bytes=100)
+    for i, name in enumerate(["a", "b", "c"]):
+        await registry.import_model(name, "", str(make_source(tmp_path / name, fill=float(i + 1))))
+    registry.register_worker("w1", "127.0.0.1:9", "node")
+    assert {registry.get(n).record.estimated_bytes for n in "abc"} == {ESTIMATE}
+    return registry
+
+
+async def test_loading_a_third_model_evicts_the_least_recently_used_idle_one(tmp_path):
+    worker = RoomyWorker(capacity=2 * ESTIMATE + 100)  # room for two of the three
+    registry = await three_models(tmp_path, worker)
+    await registry.load("a")
+    await registry.load("b")
+    worker.use("a:latest")                # b is now the least recently used
+    await registry.load("c")
+    assert set(worker.loaded) == {"a:latest", "c:latest"}
+    assert registry.get("b").state == "available" and registry.get("c").state == "ready"
+
+
+async def test_a_model_with_requests_in_flight_is_never_evicted(tmp_path):
+    worker = RoomyWorker(capacity=2 * ESTIMATE + 100)  # room for two of the three
+    registry = await three_models(tmp_path, worker)
+    await registry.load("a")
+    await registry.load("b")
+    worker.in_flight["a:latest"] = 1      # a is older but busy: b goes
+    await registry.load("c")
+    assert set(worker.loaded) == {"a:latest", "c:latest"}
+    worker.in_flight["c:latest"] = 2
+    with pytest.raises(ResourceExhausted) as caught:
+        await registry.load("b")
+    assert caught.value.reason == "NO_ROOM" and caught.value.retry_after
+    assert set(worker.loaded) == {"a:latest", "c:latest"}
+    assert registry.get("b").placements == []
+
+
+async def test_models_idle_past_keep_alive_are_unloaded(tmp_path):
+    worker = RoomyWorker(capacity=10_000)
+    registry = await three_models(tmp_path, worker)
+    await registry.load("a")
+    await registry.load("b")
+    worker.use("b:latest")
+    worker.in_flight["a:latest"] = 1
+    assert await registry.evict_idle(keep_alive=1.0, now=worker.last["b:latest"] + 5) == [("b:latest", "w1")]
+    assert set(worker.loaded) == {"a:latest"}
