@@ -16,7 +16,7 @@ from . import bench
 from .bundled import DEFAULT_MODEL
 from .client import Client
 from .suite import DEFAULT_PORTS, Suite, SuiteError
-from .v1 import common_pb2, registry_pb2
+from .v1 import common_pb2, registry_pb2, resources_pb2
 
 SAMPLE_QUESTION = "What is the capital of France?"
 
@@ -131,8 +131,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state(value: int) -> str:
+    return common_pb2.Model.State.Name(value).removeprefix("STATE_").lower()
+
+
 def _print_model(m) -> None:
-    state = m.State.Name(m.state).removeprefix("STATE_").lower()
+    state = _state(m.state)
     print(f"{m.name}:{m.tag}  {state}  {m.architecture}  {m.parameter_count / 1e6:.1f}M params  "
           f"{m.dtype}  ctx {m.context_length}  est {_gib(m.estimated_bytes)}  {m.digest[:19]}")
 
@@ -159,7 +163,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 print(f"  memory: estimated {_gib(model.estimated_bytes)}, not loaded yet")
             for p in model.placements:
                 print(f"  on {p.worker_id} ({p.worker_address}): "
-                      f"{p.State.Name(p.state).removeprefix('STATE_').lower()} {p.detail}")
+                      f"{_state(p.state)} {p.detail}")
         elif args.action == "load":
             response = client.load_model(args.name)
             print(f"ready on {response.placement.worker_id} ({response.placement.worker_address})")
@@ -184,8 +188,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             for d in node.devices:
                 print(f"  {d.name:<8} {d.product[:30]:<30} total {_gib(d.total_bytes)}  used "
                       f"{_gib(d.used_bytes)}  leased {_gib(d.leased_bytes)} of {_gib(d.budget_bytes)}")
+        leases = client.resources.ListLeases(resources_pb2.ListLeasesRequest(), timeout=10).leases
+        print(f"leases ({len(leases)}):")
+        for lease in leases:
+            ttl = f"ttl {lease.ttl.ToSeconds()}s" if lease.ttl.ToNanoseconds() else "no ttl"
+            print(f"  {lease.holder:<48} {_gib(lease.bytes)} on {lease.node}/{lease.device}  {ttl}")
+        print("models:")
         for model in client.list_models():
             _print_model(model)
+            for p in model.placements:
+                print(f"    on {p.worker_id}: {_state(p.state)} {p.detail}")
     return 0
 
 

@@ -60,6 +60,25 @@ def test_tiny_model_streams_through_every_service(client, tiny_model_dir):
     assert client.cluster_health().healthy
 
 
+def test_cli_status_and_models_show_read_the_suite(suite):
+    a = suite.addresses
+    flags = ["--gateway", a["gateway"], "--registry", a["registry"], "--resources", a["resources"],
+             "--monitor", a["monitor"]]
+
+    def llmos(*args):
+        out = subprocess.run([sys.executable, "-m", "llmos.cli", *flags, *args], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    status = llmos("status")
+    assert "cluster: healthy" in status and "leases (" in status and "/model/tiny:latest" in status
+    assert "tiny:latest  ready" in status
+    show = llmos("models", "show", "tiny")
+    assert "memory: estimated" in show and "measured" in show and ": ready" in show
+    assert "tiny:latest  ready" in llmos("models", "list")
+
+
 def test_errors_cross_process_boundaries_with_their_codes(client):
     with pytest.raises(grpc.RpcError) as caught:
         list(client.generate("no-such-model", prompt="hi"))

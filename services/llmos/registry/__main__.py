@@ -19,6 +19,7 @@ from .importer import Importer
 from .models import ModelRegistry
 from .servicer import GrpcResources, GrpcWorkers, register
 from .sources import SourcePolicy
+from .weights import KvShape
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,12 @@ class RegistrySettings:
     listen: str = "127.0.0.1:50053"
     address_file: str = ""
     data_dir: str = ".llmos"
-    # KV cache tokens counted in each model's memory estimate (the worker's default cache:
-    # 16 slots of 2048 tokens).
-    kv_tokens: int = 32768
+    # The workers' KV cache, counted in each model's memory estimate: slots of sequences of up
+    # to this many tokens (capped by the model's context), as the worker's defaults.
+    kv_slots: int = 16
+    kv_max_seq_len: int = 2048
     # Runtime overhead counted in each model's memory estimate, bytes.
-    overhead_bytes: int = 256 << 20
+    overhead_bytes: int = 64 << 20
     resources_address: str = "127.0.0.1:50054"
     load_timeout_seconds: float = 300.0
     # A worker not heard from for this long is dropped with its placements, seconds.
@@ -55,7 +57,7 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
     roots = [Path(r) for r in settings.allowed_roots] or [Path.cwd()]
     registry = ModelRegistry(catalog, Importer(data / "models", SourcePolicy(roots), settings.allow_pickle),
                              GrpcWorkers(channels, settings.load_timeout_seconds),
-                             settings.kv_tokens, settings.overhead_bytes,
+                             KvShape(settings.kv_slots, settings.kv_max_seq_len), settings.overhead_bytes,
                              GrpcResources(channels, settings.resources_address))
     host = ServiceHost("registry", settings.listen, provider)
     register(host, registry)

@@ -22,7 +22,7 @@ from llmos.common.names import ModelRef, check_name, check_tag, parse_model_ref
 
 from .catalog import Catalog, ModelRecord
 from .importer import Importer
-from .weights import estimate_bytes
+from .weights import KvShape, estimate_bytes
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,14 @@ class ResourcesPort(Protocol):
 
 class ModelRegistry:
     def __init__(self, catalog: Catalog, importer: Importer, workers: WorkerPort,
-                 kv_tokens: int = 8192, overhead_bytes: int = 256 << 20,
+                 kv: KvShape = KvShape(), overhead_bytes: int = 64 << 20,
                  resources: ResourcesPort | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.catalog = catalog
         self.importer = importer
         self._worker_port = workers
         self._resources = resources
         self._clock = clock
-        self._kv_tokens = kv_tokens
+        self._kv = kv
         self._overhead = overhead_bytes
         self.workers: dict[str, Worker] = {}
         self._placements: dict[ModelRef, dict[str, Placement]] = {}
@@ -112,7 +112,7 @@ class ModelRegistry:
             parameter_count=facts.parameter_count, dtype=facts.dtype,
             context_length=facts.context_length, has_chat_template=facts.has_chat_template,
             create_time=time.time(),
-            estimated_bytes=estimate_bytes(facts, self._kv_tokens, self._overhead))
+            estimated_bytes=estimate_bytes(facts, self._kv, self._overhead))
         self.catalog.put(record)
         log.info("imported %s (%s, %d parameters)", ref, digest[:19], facts.parameter_count)
         return self.view(record), True

@@ -96,7 +96,18 @@ def read_facts(directory: Path) -> WeightFacts:
     )
 
 
-def estimate_bytes(facts: WeightFacts, kv_tokens: int, overhead_bytes: int) -> int:
-    """Weights at their stored dtype, a KV cache of `kv_tokens` in bf16, and runtime overhead."""
-    kv_bytes = facts.num_layers * 2 * facts.kv_heads * facts.head_dim * 2 * kv_tokens
+@dataclass(frozen=True)
+class KvShape:
+    """The KV cache a worker allocates per model: `slots` sequences of up to `max_seq_len` tokens."""
+
+    slots: int = 16
+    max_seq_len: int = 2048
+
+    def tokens(self, context_length: int) -> int:
+        return self.slots * min(self.max_seq_len, context_length)
+
+
+def estimate_bytes(facts: WeightFacts, kv: KvShape, overhead_bytes: int) -> int:
+    """Weights at their stored dtype, the KV cache in bf16, and runtime overhead."""
+    kv_bytes = facts.num_layers * 2 * facts.kv_heads * facts.head_dim * 2 * kv.tokens(facts.context_length)
     return facts.weight_bytes + kv_bytes + overhead_bytes

@@ -16,8 +16,9 @@ from llmos.registry.catalog import Catalog
 from llmos.registry.importer import Importer
 from llmos.registry.models import ModelRegistry
 from llmos.registry.sources import SourcePolicy
-from llmos.registry.weights import estimate_bytes, read_facts
+from llmos.registry.weights import KvShape, estimate_bytes, read_facts
 
+SMALL_KV = KvShape(slots=1, max_seq_len=16)
 CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_attention_heads": 2,
           "num_key_value_heads": 1, "num_hidden_layers": 2, "max_position_embeddings": 128}
 
@@ -50,7 +51,7 @@ def importer(tmp_path):
 @pytest.fixture
 def registry(tmp_path):
     catalog = Catalog(str(tmp_path / "registry.db"))
-    yield ModelRegistry(catalog, importer(tmp_path), FakeWorkers(), kv_tokens=16, overhead_bytes=100)
+    yield ModelRegistry(catalog, importer(tmp_path), FakeWorkers(), kv=SMALL_KV, overhead_bytes=100)
     catalog.close()
 
 
@@ -60,7 +61,7 @@ def test_facts_and_estimate_come_from_config_and_headers(tmp_path):
     assert facts.weight_bytes == 32 * 4 + 8 * 2
     assert facts.dtype == "float32" and facts.context_length == 128 and facts.has_chat_template
     # KV: 2 layers x (K and V) x 1 kv head x head_dim 4 x 2 bytes x 16 tokens
-    assert estimate_bytes(facts, kv_tokens=16, overhead_bytes=100) == 144 + 2 * 2 * 1 * 4 * 2 * 16 + 100
+    assert estimate_bytes(facts, kv=SMALL_KV, overhead_bytes=100) == 144 + 2 * 2 * 1 * 4 * 2 * 16 + 100
 
 
 async def test_import_is_idempotent_by_digest_and_persists(tmp_path, registry):
@@ -158,7 +159,7 @@ class StoppingWorkers(FakeWorkers):
 async def test_a_model_bigger_than_any_device_is_refused_before_any_worker_is_asked(tmp_path):
     catalog = Catalog(str(tmp_path / "r.db"))
     workers = FakeWorkers()
-    registry = ModelRegistry(catalog, importer(tmp_path), workers, kv_tokens=16, overhead_bytes=100,
+    registry = ModelRegistry(catalog, importer(tmp_path), workers, kv=SMALL_KV, overhead_bytes=100,
                              resources=FakeResources(budget=200))
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
     registry.register_worker("w1", "127.0.0.1:9", "node")
@@ -240,7 +241,7 @@ ESTIMATE = 756  # each model below: weights 144 + KV 2x2x1x4x2x16 = 512 + overhe
 
 async def three_models(tmp_path, worker):
     catalog = Catalog(str(tmp_path / "r.db"))
-    registry = ModelRegistry(catalog, importer(tmp_path), worker, kv_tokens=16, overhead_bytes=100)
+    registry = ModelRegistry(catalog, importer(tmp_path), worker, kv=SMALL_KV, overhead_bytes=100)
     for i, name in enumerate(["a", "b", "c"]):
         await registry.import_model(name, "", str(make_source(tmp_path / name, fill=float(i + 1))))
     registry.register_worker("w1", "127.0.0.1:9", "node")
