@@ -249,3 +249,30 @@ async def test_load_takes_a_ttl_lease_and_unload_delete_give_everything_back(sta
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stack.registry.GetModel(registry_pb2.GetModelRequest(name="tiny:second"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_watch_models_streams_each_lifecycle_transition(stack, tiny_model_dir):
+    kinds = registry_pb2.WatchModelsResponse
+    watch = stack.registry.WatchModels(registry_pb2.WatchModelsRequest(name="tiny:third"))
+    seen = []
+
+    async def collect_until_deleted():
+        async for event in watch:
+            seen.append(event)
+            if event.kind == kinds.KIND_DELETED:
+                return
+
+    collector = asyncio.create_task(collect_until_deleted())
+    await asyncio.sleep(0.1)
+    await stack.registry.ImportModel(registry_pb2.ImportModelRequest(name="tiny", tag="third",
+                                                                     source=str(tiny_model_dir)))
+    await stack.registry.LoadModel(registry_pb2.LoadModelRequest(name="tiny:third"))
+    await stack.registry.UnloadModel(registry_pb2.UnloadModelRequest(name="tiny:third"))
+    await stack.registry.DeleteModel(registry_pb2.DeleteModelRequest(name="tiny:third"))
+    await asyncio.wait_for(collector, 5)
+    watch.cancel()
+    assert [e.kind for e in seen] == [kinds.KIND_IMPORTING, kinds.KIND_IMPORTED, kinds.KIND_LOADING,
+                                      kinds.KIND_READY, kinds.KIND_UNLOADING, kinds.KIND_UNLOADED,
+                                      kinds.KIND_DELETED]
+    assert {e.model for e in seen} == {"tiny:third"}
+    assert seen[3].worker_id == "w1" and seen[3].time.seconds > 0

@@ -20,7 +20,9 @@ from llmos.common.errors import (
 )
 from llmos.common.names import ModelRef, check_name, check_tag, parse_model_ref
 
+from . import events
 from .catalog import Catalog, ModelRecord
+from .events import EventHub
 from .importer import Importer
 from .weights import KvShape, estimate_bytes
 
@@ -86,6 +88,7 @@ class ModelRegistry:
         self._worker_port = workers
         self._resources = resources
         self._clock = clock
+        self.events = EventHub()
         self._kv = kv
         self._overhead = overhead_bytes
         self.workers: dict[str, Worker] = {}
@@ -104,7 +107,12 @@ class ModelRegistry:
                 return self.view(existing), False
             raise AlreadyExists(f"model {ref} already holds other weights ({existing.digest[:19]}…)",
                                 reason="MODEL_TAG_TAKEN", metadata={"model": str(ref)})
-        imported = await self.importer.bring_in(path, source_format, digest)
+        self.events.emit(str(ref), events.IMPORTING, reason=f"from {source}")
+        try:
+            imported = await self.importer.bring_in(path, source_format, digest)
+        except Exception as exc:
+            self.events.emit(str(ref), events.FAILED, reason=getattr(exc, "message", "import failed"))
+            raise
         facts = imported.facts
         record = ModelRecord(
             name=ref.name, tag=ref.tag, digest=digest, source_format=source_format,
@@ -114,6 +122,7 @@ class ModelRegistry:
             create_time=time.time(),
             estimated_bytes=estimate_bytes(facts, self._kv, self._overhead))
         self.catalog.put(record)
+        self.events.emit(str(ref), events.IMPORTED, reason=f"{digest[:19]}, {facts.parameter_count} parameters")
         log.info("imported %s (%s, %d parameters)", ref, digest[:19], facts.parameter_count)
         return self.view(record), True
 
@@ -165,10 +174,12 @@ class ModelRegistry:
             placements = self._placements.setdefault(ref, {})
             if worker_id not in placements and self.catalog.get(ref) is not None:
                 placements[worker_id] = Placement(worker_id, address, READY)
+                self.events.emit(str(ref), events.READY, worker_id, "reported loaded by the worker")
 
-    def _drop_placements(self, worker_id: str) -> None:
-        for placements in self._placements.values():
-            placements.pop(worker_id, None)
+    def _drop_placements(self, worker_id: str, reason: str = "the worker restarted") -> None:
+        for ref, placements in self._placements.items():
+            if placements.pop(worker_id, None) is not None:
+                self.events.emit(str(ref), events.UNAVAILABLE, worker_id, reason)
 
     def drop_silent_workers(self, timeout: float) -> list[str]:
         """Forgets workers not heard from for `timeout` seconds, with their placements."""
@@ -176,7 +187,7 @@ class ModelRegistry:
         silent = [w.worker_id for w in self.workers.values() if now - w.last_seen > timeout]
         for worker_id in silent:
             del self.workers[worker_id]
-            self._drop_placements(worker_id)
+            self._drop_placements(worker_id, f"no heartbeat for {timeout:.0f}s")
             log.warning("worker %s missed its heartbeats for %.0fs: its models are unavailable there",
                         worker_id, timeout)
         return silent
@@ -187,7 +198,9 @@ class ModelRegistry:
         async with self._locks.setdefault(ref, asyncio.Lock()):
             for placement in list(self._placements.get(ref, {}).values()):
                 if placement.state != FAILED:
+                    self.events.emit(str(ref), events.UNLOADING, placement.worker_id, "on request")
                     await self._worker_port.stop_model(placement.address, str(ref))
+                    self.events.emit(str(ref), events.UNLOADED, placement.worker_id, "on request")
                 self._placements[ref].pop(placement.worker_id, None)
         log.info("unloaded %s", ref)
         return self.view(view.record)
@@ -199,6 +212,7 @@ class ModelRegistry:
                                      reason="MODEL_LOADED", metadata={"model": str(view.record.ref)})
         self.catalog.delete(view.record.ref)
         self._placements.pop(view.record.ref, None)
+        self.events.emit(str(view.record.ref), events.DELETED)
         if not self.catalog.uses_path(view.record.path):
             self.importer.remove(view.record.path)
         log.info("deleted %s", view.record.ref)
@@ -218,19 +232,23 @@ class ModelRegistry:
             for worker in self._workers_by_load():
                 placement = Placement(worker.worker_id, worker.address, LOADING)
                 placements[worker.worker_id] = placement
+                self.events.emit(str(ref), events.LOADING, worker.worker_id, f"{needed} bytes")
                 try:
                     placement.measured_bytes = await self._start_making_room(worker, ref, view.record.path, needed)
                     break
                 except ResourceExhausted as exc:       # no room there, even after evicting: next worker
                     placements.pop(worker.worker_id, None)
+                    self.events.emit(str(ref), events.FAILED, worker.worker_id, exc.message)
                     refusal = exc
                 except Exception as exc:
                     placement.state = FAILED
                     placement.detail = getattr(exc, "message", "load failed")
+                    self.events.emit(str(ref), events.FAILED, worker.worker_id, placement.detail)
                     raise
             else:
                 raise refusal or Unavailable("no worker is registered", reason="NO_WORKERS")
             placement.state = READY
+            self.events.emit(str(ref), events.READY, placement.worker_id, f"{placement.measured_bytes} bytes measured")
             if placement.measured_bytes:
                 self.catalog.set_measured(ref, placement.measured_bytes)
                 view.record = self.catalog.get(ref) or view.record
@@ -286,6 +304,7 @@ class ModelRegistry:
     async def _evict(self, ref: ModelRef, worker: Worker, why: str) -> None:
         await self._worker_port.stop_model(worker.address, str(ref))
         self._placements.get(ref, {}).pop(worker.worker_id, None)
+        self.events.emit(str(ref), events.EVICTED, worker.worker_id, why)
         log.info("evicted %s from worker %s %s", ref, worker.worker_id, why)
 
     async def evict_idle(self, keep_alive: float, now: float) -> list[tuple[str, str]]:

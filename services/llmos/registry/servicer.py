@@ -5,11 +5,17 @@ from __future__ import annotations
 import grpc
 
 from llmos.common.channels import Channels
+from llmos.common.names import parse_model_ref
 from llmos.common.status import from_rpc_error
 from llmos.v1 import registry_pb2, registry_pb2_grpc, resources_pb2, resources_pb2_grpc, worker_pb2, worker_pb2_grpc
 
+from . import events
 from .convert import model_to_proto, placement_to_proto
 from .models import ModelRegistry
+
+_KINDS = {kind: getattr(registry_pb2.WatchModelsResponse, f"KIND_{kind.upper()}")
+          for kind in (events.IMPORTING, events.IMPORTED, events.LOADING, events.READY, events.UNLOADING,
+                       events.UNLOADED, events.EVICTED, events.UNAVAILABLE, events.FAILED, events.DELETED)}
 
 
 class GrpcWorkers:
@@ -93,6 +99,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self.registry.register_worker(request.worker_id, request.address, request.node,
                                       request.incarnation, list(request.loaded_models))
         return registry_pb2.RegisterWorkerResponse()
+
+    async def WatchModels(self, request, context):
+        name = str(parse_model_ref(request.name, "name")) if request.name else ""
+        async for event in self.registry.events.watch(name):
+            message = registry_pb2.WatchModelsResponse(model=event.model, kind=_KINDS[event.kind],
+                                                       worker_id=event.worker_id, reason=event.reason)
+            message.time.FromNanoseconds(int(event.time * 1e9))
+            yield message
 
     async def ListWorkers(self, request, context):
         return registry_pb2.ListWorkersResponse(workers=[

@@ -1,5 +1,9 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from llmos.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -106,6 +110,50 @@ class RegisterWorkerRequest(_message.Message):
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class WatchModelsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class WatchModelsResponse(_message.Message):
+    __slots__ = ("model", "kind", "worker_id", "reason", "time")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[WatchModelsResponse.Kind]
+        KIND_IMPORTING: _ClassVar[WatchModelsResponse.Kind]
+        KIND_IMPORTED: _ClassVar[WatchModelsResponse.Kind]
+        KIND_LOADING: _ClassVar[WatchModelsResponse.Kind]
+        KIND_READY: _ClassVar[WatchModelsResponse.Kind]
+        KIND_UNLOADING: _ClassVar[WatchModelsResponse.Kind]
+        KIND_UNLOADED: _ClassVar[WatchModelsResponse.Kind]
+        KIND_EVICTED: _ClassVar[WatchModelsResponse.Kind]
+        KIND_UNAVAILABLE: _ClassVar[WatchModelsResponse.Kind]
+        KIND_FAILED: _ClassVar[WatchModelsResponse.Kind]
+        KIND_DELETED: _ClassVar[WatchModelsResponse.Kind]
+    KIND_UNSPECIFIED: WatchModelsResponse.Kind
+    KIND_IMPORTING: WatchModelsResponse.Kind
+    KIND_IMPORTED: WatchModelsResponse.Kind
+    KIND_LOADING: WatchModelsResponse.Kind
+    KIND_READY: WatchModelsResponse.Kind
+    KIND_UNLOADING: WatchModelsResponse.Kind
+    KIND_UNLOADED: WatchModelsResponse.Kind
+    KIND_EVICTED: WatchModelsResponse.Kind
+    KIND_UNAVAILABLE: WatchModelsResponse.Kind
+    KIND_FAILED: WatchModelsResponse.Kind
+    KIND_DELETED: WatchModelsResponse.Kind
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    kind: WatchModelsResponse.Kind
+    worker_id: str
+    reason: str
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, model: _Optional[str] = ..., kind: _Optional[_Union[WatchModelsResponse.Kind, str]] = ..., worker_id: _Optional[str] = ..., reason: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -77,6 +77,11 @@ class RegistryServiceStub:
                 request_serializer=llmos_dot_v1_dot_registry__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_registry__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.WatchModels = channel.unary_stream(
+                '/llmos.v1.RegistryService/WatchModels',
+                request_serializer=llmos_dot_v1_dot_registry__pb2.WatchModelsRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_registry__pb2.WatchModelsResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -154,6 +159,16 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchModels(self, request, context):
+        """Streams every model lifecycle transition from now on (importing,
+        imported, loading, ready, unloading, unloaded, evicted, unavailable,
+        failed, deleted) with its reason, so nobody has to poll. The stream ends
+        with RESOURCE_EXHAUSTED if the watcher falls more than 1000 events behind.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +211,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=llmos_dot_v1_dot_registry__pb2.ListWorkersRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_registry__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'WatchModels': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchModels,
+                    request_deserializer=llmos_dot_v1_dot_registry__pb2.WatchModelsRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_registry__pb2.WatchModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -417,6 +437,33 @@ class RegistryService:
             '/llmos.v1.RegistryService/ListWorkers',
             llmos_dot_v1_dot_registry__pb2.ListWorkersRequest.SerializeToString,
             llmos_dot_v1_dot_registry__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmos.v1.RegistryService/WatchModels',
+            llmos_dot_v1_dot_registry__pb2.WatchModelsRequest.SerializeToString,
+            llmos_dot_v1_dot_registry__pb2.WatchModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
