@@ -139,6 +139,14 @@ def test_smollm2_says_paris(client):
     assert responses[-1].finish_reason == common_pb2.FINISH_REASON_STOP
 
 
+@pytest.mark.parametrize("name", ["tiny", DEFAULT_MODEL])
+def test_memory_estimate_is_within_a_quarter_of_what_the_worker_measured(client, name):
+    model = client.get_model(name)
+    assert model.measured_bytes > 0
+    assert abs(model.estimated_bytes - model.measured_bytes) / model.measured_bytes < 0.25, \
+        (model.estimated_bytes, model.measured_bytes)
+
+
 def _buf() -> str:
     found = shutil.which("buf") or str(Path(sys.executable).parent / "buf")
     assert Path(found).exists(), "buf (from buf-bin) is not installed"

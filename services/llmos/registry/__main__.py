@@ -31,8 +31,10 @@ class RegistrySettings:
     # to this many tokens (capped by the model's context), as the worker's defaults.
     kv_slots: int = 16
     kv_max_seq_len: int = 2048
-    # Runtime overhead counted in each model's memory estimate, bytes.
-    overhead_bytes: int = 64 << 20
+    # Runtime overhead added to each model's memory estimate, bytes. 0: the estimate counts what
+    # the worker measures (weight and KV cache tensors); activations at these batch sizes are
+    # a few MiB.
+    overhead_bytes: int = 0
     resources_address: str = "127.0.0.1:50054"
     load_timeout_seconds: float = 300.0
     # A worker not heard from for this long is dropped with its placements, seconds.

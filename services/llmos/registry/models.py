@@ -81,7 +81,7 @@ class ResourcesPort(Protocol):
 
 class ModelRegistry:
     def __init__(self, catalog: Catalog, importer: Importer, workers: WorkerPort,
-                 kv: KvShape = KvShape(), overhead_bytes: int = 64 << 20,
+                 kv: KvShape = KvShape(), overhead_bytes: int = 0,
                  resources: ResourcesPort | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.catalog = catalog
         self.importer = importer
