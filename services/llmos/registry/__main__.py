@@ -69,7 +69,7 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
     async def watch_workers() -> None:
         while True:
             await asyncio.sleep(min(settings.worker_timeout_seconds / 4, 5.0))
-            registry.drop_silent_workers(settings.worker_timeout_seconds)
+            await registry.recover(settings.worker_timeout_seconds)
             if settings.keep_alive_seconds > 0:
                 await registry.evict_idle(settings.keep_alive_seconds, time.time())
 

@@ -176,21 +176,42 @@ class ModelRegistry:
                 placements[worker_id] = Placement(worker_id, address, READY)
                 self.events.emit(str(ref), events.READY, worker_id, "reported loaded by the worker")
 
-    def _drop_placements(self, worker_id: str, reason: str = "the worker restarted") -> None:
+    def _drop_placements(self, worker_id: str, reason: str = "the worker restarted") -> list[ModelRef]:
+        dropped = []
         for ref, placements in self._placements.items():
-            if placements.pop(worker_id, None) is not None:
+            placement = placements.pop(worker_id, None)
+            if placement is not None:
                 self.events.emit(str(ref), events.UNAVAILABLE, worker_id, reason)
+                if placement.state == READY:
+                    dropped.append(ref)
+        return dropped
 
-    def drop_silent_workers(self, timeout: float) -> list[str]:
-        """Forgets workers not heard from for `timeout` seconds, with their placements."""
+    def drop_silent_workers(self, timeout: float) -> list[ModelRef]:
+        """Forgets workers not heard from for `timeout` seconds, with their placements; returns
+        the models that were ready on them."""
         now = self._clock()
         silent = [w.worker_id for w in self.workers.values() if now - w.last_seen > timeout]
+        lost: list[ModelRef] = []
         for worker_id in silent:
             del self.workers[worker_id]
-            self._drop_placements(worker_id, f"no heartbeat for {timeout:.0f}s")
+            lost += self._drop_placements(worker_id, f"no heartbeat for {timeout:.0f}s")
             log.warning("worker %s missed its heartbeats for %.0fs: its models are unavailable there",
                         worker_id, timeout)
-        return silent
+        return lost
+
+    async def recover(self, timeout: float) -> list[str]:
+        """Drops silent workers and loads what they served on another worker with room, when
+        no other worker serves it already. Returns the models loaded again."""
+        reloaded = []
+        for ref in self.drop_silent_workers(timeout):
+            if any(p.state == READY for p in self._placements.get(ref, {}).values()) or not self.workers:
+                continue
+            try:
+                await self.load(str(ref))
+                reloaded.append(str(ref))
+            except LlmosError as exc:
+                log.warning("could not load %s elsewhere after its worker was lost: %s", ref, exc.message)
+        return reloaded
 
     async def unload(self, name: str) -> ModelView:
         view = self.get(name)

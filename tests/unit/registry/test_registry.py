@@ -12,6 +12,7 @@ from llmos.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from llmos.common.names import ModelRef
 from llmos.registry.catalog import Catalog
 from llmos.registry.importer import Importer
 from llmos.registry.models import ModelRegistry
@@ -201,8 +202,24 @@ async def test_silent_workers_are_dropped_and_a_restarted_registry_relearns_plac
     now[0] = 15.0
     registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
     now[0] = 25.0
-    assert registry.drop_silent_workers(timeout=20.0) == ["w1"]
+    assert registry.drop_silent_workers(timeout=20.0) == [ModelRef("tiny")]
     assert registry.get("tiny").state == "available" and set(registry.workers) == {"w2"}
+    catalog.close()
+
+
+async def test_models_of_a_lost_worker_are_loaded_on_another_with_room(tmp_path):
+    now = [0.0]
+    catalog = Catalog(str(tmp_path / "r.db"))
+    workers = FakeWorkers()
+    registry = ModelRegistry(catalog, importer(tmp_path), workers, clock=lambda: now[0])
+    await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
+    registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"])
+    registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
+    now[0] = 25.0
+    registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
+    assert await registry.recover(timeout=20.0) == ["tiny:latest"]
+    assert workers.calls == [("127.0.0.1:8", "tiny:latest")]
+    assert [(p.worker_id, p.state) for p in registry.get("tiny").placements] == [("w2", "ready")]
     catalog.close()
 
 
