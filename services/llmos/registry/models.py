@@ -238,44 +238,60 @@ class ModelRegistry:
             self.importer.remove(view.record.path)
         log.info("deleted %s", view.record.ref)
 
-    async def load(self, name: str) -> tuple[ModelView, Placement]:
+    async def load(self, name: str, replicas: int = 1) -> tuple[ModelView, Placement]:
+        """Makes `replicas` workers serve the model; returns one placement that serves it."""
+        if not 0 <= replicas <= 64:
+            raise InvalidArgument.field("replicas", "must be between 0 and 64")
         view = self.get(name)
-        ref = view.record.ref
-        lock = self._locks.setdefault(ref, asyncio.Lock())
-        async with lock:
-            placements = self._placements.setdefault(ref, {})
-            ready = [p for p in placements.values() if p.state == READY]
-            if ready:
-                return self.view(view.record), ready[0]
-            needed = view.record.measured_bytes or view.record.estimated_bytes
-            await self._check_fits(view.record, needed)
-            refusal: LlmosError | None = None
-            for worker in self._workers_by_load():
-                placement = Placement(worker.worker_id, worker.address, LOADING)
-                placements[worker.worker_id] = placement
-                self.events.emit(str(ref), events.LOADING, worker.worker_id, f"{needed} bytes")
+        async with self._locks.setdefault(view.record.ref, asyncio.Lock()):
+            placement = None
+            while True:
+                ready = [p for p in self._placements.get(view.record.ref, {}).values() if p.state == READY]
+                if len(ready) >= max(1, replicas):
+                    return self.view(view.record), placement or ready[0]
                 try:
-                    placement.measured_bytes = await self._start_making_room(worker, ref, view.record.path, needed)
-                    break
-                except ResourceExhausted as exc:       # no room there, even after evicting: next worker
-                    placements.pop(worker.worker_id, None)
-                    self.events.emit(str(ref), events.FAILED, worker.worker_id, exc.message)
-                    refusal = exc
-                except Exception as exc:
-                    placement.state = FAILED
-                    placement.detail = getattr(exc, "message", "load failed")
-                    self.events.emit(str(ref), events.FAILED, worker.worker_id, placement.detail)
-                    raise
-            else:
-                raise refusal or Unavailable("no worker is registered", reason="NO_WORKERS")
-            placement.state = READY
-            self.events.emit(str(ref), events.READY, placement.worker_id, f"{placement.measured_bytes} bytes measured")
-            if placement.measured_bytes:
-                self.catalog.set_measured(ref, placement.measured_bytes)
-                view.record = self.catalog.get(ref) or view.record
-            log.info("model %s ready on worker %s (%d bytes measured, %d estimated)", ref,
-                     worker.worker_id, placement.measured_bytes, view.record.estimated_bytes)
-            return self.view(view.record), placement
+                    view, placement = await self._load_once(view, exclude={p.worker_id for p in ready})
+                except LlmosError:
+                    if not ready:
+                        raise
+                    log.warning("%s serves on %d of %d workers: no more has room", view.record.ref,
+                                len(ready), replicas)
+                    return self.view(view.record), ready[0]
+
+    async def _load_once(self, view: ModelView, exclude: set[str]) -> tuple[ModelView, Placement]:
+        """Loads the model on one more worker (not in `exclude`). Holds the model's lock."""
+        ref = view.record.ref
+        placements = self._placements.setdefault(ref, {})
+        needed = view.record.measured_bytes or view.record.estimated_bytes
+        await self._check_fits(view.record, needed)
+        refusal: LlmosError | None = None
+        for worker in [w for w in self._workers_by_load() if w.worker_id not in exclude]:
+            placement = Placement(worker.worker_id, worker.address, LOADING)
+            placements[worker.worker_id] = placement
+            self.events.emit(str(ref), events.LOADING, worker.worker_id, f"{needed} bytes")
+            try:
+                placement.measured_bytes = await self._start_making_room(worker, ref, view.record.path, needed)
+                break
+            except ResourceExhausted as exc:       # no room there, even after evicting: next worker
+                placements.pop(worker.worker_id, None)
+                self.events.emit(str(ref), events.FAILED, worker.worker_id, exc.message)
+                refusal = exc
+            except Exception as exc:
+                placement.state = FAILED
+                placement.detail = getattr(exc, "message", "load failed")
+                self.events.emit(str(ref), events.FAILED, worker.worker_id, placement.detail)
+                raise
+        else:
+            raise refusal or Unavailable("no worker is registered" if not exclude else
+                                         "no other worker is registered", reason="NO_WORKERS")
+        placement.state = READY
+        self.events.emit(str(ref), events.READY, placement.worker_id, f"{placement.measured_bytes} bytes measured")
+        if placement.measured_bytes:
+            self.catalog.set_measured(ref, placement.measured_bytes)
+            view.record = self.catalog.get(ref) or view.record
+        log.info("model %s ready on worker %s (%d bytes measured, %d estimated)", ref,
+                 worker.worker_id, placement.measured_bytes, view.record.estimated_bytes)
+        return self.view(view.record), placement
 
     async def _check_fits(self, record: ModelRecord, needed: int) -> None:
         """Refuses at once a model bigger than any device could ever lease."""

@@ -84,7 +84,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                                                next_page_token=token)
 
     async def LoadModel(self, request, context):
-        view, placement = await self.registry.load(request.name)
+        view, placement = await self.registry.load(request.name, request.replicas)
         return registry_pb2.LoadModelResponse(model=model_to_proto(view),
                                               placement=placement_to_proto(placement))
 

@@ -302,3 +302,16 @@ async def test_models_idle_past_keep_alive_are_unloaded(tmp_path):
     worker.in_flight["a:latest"] = 1
     assert await registry.evict_idle(keep_alive=1.0, now=worker.last["b:latest"] + 5) == [("b:latest", "w1")]
     assert set(worker.loaded) == {"a:latest"}
+
+
+async def test_replicas_load_the_model_on_more_workers(tmp_path, registry):
+    await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
+    for i in range(3):
+        registry.register_worker(f"w{i}", f"127.0.0.1:{i}", "node")
+    await registry.load("tiny")
+    view, _ = await registry.load("tiny", replicas=2)
+    assert sorted(p.worker_id for p in view.placements) == ["w0", "w1"]
+    view, _ = await registry.load("tiny", replicas=5)      # only three workers: serves on three
+    assert sorted(p.worker_id for p in view.placements) == ["w0", "w1", "w2"]
+    with pytest.raises(InvalidArgument):
+        await registry.load("tiny", replicas=-1)
