@@ -165,7 +165,10 @@ def cmd_models(args: argparse.Namespace) -> int:
                 print(f"  on {p.worker_id} ({p.worker_address}): "
                       f"{_state(p.state)} {p.detail}")
         elif args.action == "load":
-            response = client.load_model(args.name)
+            request = registry_pb2.LoadModelRequest(name=args.name, replicas=args.replicas)
+            if args.keep_alive is not None:
+                request.keep_alive.FromNanoseconds(int(args.keep_alive * 1e9))
+            response = client.registry.LoadModel(request, timeout=600)
             print(f"ready on {response.placement.worker_id} ({response.placement.worker_address})")
         elif args.action == "unload":
             client.registry.UnloadModel(registry_pb2.UnloadModelRequest(name=args.name), timeout=120)
@@ -238,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     load = msub.add_parser("load", help="load a model on a worker")
     load.add_argument("name")
+    load.add_argument("--replicas", type=int, default=1, help="how many workers should serve it")
+    load.add_argument("--keep-alive", type=float, default=None,
+                      help="seconds it stays loaded without requests (negative: forever)")
     unload = msub.add_parser("unload", help="unload a model from every worker")
     unload.add_argument("name")
     rm = msub.add_parser("rm", help="remove a model from the catalog (unload it first)")

@@ -26,6 +26,8 @@ class ModelRecord:
     create_time: float
     estimated_bytes: int
     measured_bytes: int = 0
+    # Seconds idle before it is unloaded; None: the registry's default; negative: never.
+    keep_alive: float | None = None
 
     @property
     def ref(self) -> ModelRef:
@@ -48,10 +50,11 @@ class Catalog:
             "path TEXT NOT NULL, architecture TEXT NOT NULL, parameter_count INTEGER NOT NULL, "
             "dtype TEXT NOT NULL, context_length INTEGER NOT NULL, has_chat_template INTEGER NOT NULL, "
             "create_time REAL NOT NULL, estimated_bytes INTEGER NOT NULL, "
-            "measured_bytes INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (name, tag))")
+            "measured_bytes INTEGER NOT NULL DEFAULT 0, keep_alive REAL, PRIMARY KEY (name, tag))")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(models)")}
-        if "measured_bytes" not in columns:
-            self._db.execute("ALTER TABLE models ADD COLUMN measured_bytes INTEGER NOT NULL DEFAULT 0")
+        for column, kind in (("measured_bytes", "INTEGER NOT NULL DEFAULT 0"), ("keep_alive", "REAL")):
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE models ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self._db.close()
@@ -72,6 +75,10 @@ class Catalog:
         with self._lock:
             self._db.execute("UPDATE models SET measured_bytes=? WHERE name=? AND tag=?",
                              (nbytes, ref.name, ref.tag))
+
+    def set_keep_alive(self, ref: ModelRef, seconds: float) -> None:
+        with self._lock:
+            self._db.execute("UPDATE models SET keep_alive=? WHERE name=? AND tag=?", (seconds, ref.name, ref.tag))
 
     def delete(self, ref: ModelRef) -> bool:
         with self._lock:

@@ -238,11 +238,16 @@ class ModelRegistry:
             self.importer.remove(view.record.path)
         log.info("deleted %s", view.record.ref)
 
-    async def load(self, name: str, replicas: int = 1) -> tuple[ModelView, Placement]:
-        """Makes `replicas` workers serve the model; returns one placement that serves it."""
+    async def load(self, name: str, replicas: int = 1,
+                   keep_alive: float | None = None) -> tuple[ModelView, Placement]:
+        """Makes `replicas` workers serve the model; returns one placement that serves it.
+        `keep_alive` (seconds idle before unloading, negative: never) is kept for the model."""
         if not 0 <= replicas <= 64:
             raise InvalidArgument.field("replicas", "must be between 0 and 64")
         view = self.get(name)
+        if keep_alive is not None:
+            self.catalog.set_keep_alive(view.record.ref, keep_alive)
+            view = self.get(name)
         async with self._locks.setdefault(view.record.ref, asyncio.Lock()):
             placement = None
             while True:
@@ -353,9 +358,11 @@ class ModelRegistry:
             except LlmosError:
                 continue
             for name, (in_flight, last) in activity.items():
-                if in_flight == 0 and now - last > keep_alive:
-                    ref = parse_model_ref(name)
+                ref = parse_model_ref(name)
+                record = self.catalog.get(ref)
+                limit = keep_alive if record is None or record.keep_alive is None else record.keep_alive
+                if in_flight == 0 and limit >= 0 and now - last > limit:
                     async with self._locks.setdefault(ref, asyncio.Lock()):
-                        await self._evict(ref, worker, f"after {keep_alive:.0f}s idle")
+                        await self._evict(ref, worker, f"after {limit:.0f}s idle")
                     evicted.append((name, worker.worker_id))
         return evicted

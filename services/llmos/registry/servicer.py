@@ -84,7 +84,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                                                next_page_token=token)
 
     async def LoadModel(self, request, context):
-        view, placement = await self.registry.load(request.name, request.replicas)
+        keep_alive = request.keep_alive.ToNanoseconds() / 1e9 if request.HasField("keep_alive") else None
+        view, placement = await self.registry.load(request.name, request.replicas, keep_alive)
         return registry_pb2.LoadModelResponse(model=model_to_proto(view),
                                               placement=placement_to_proto(placement))
 

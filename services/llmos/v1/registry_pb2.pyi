@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from llmos.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
@@ -58,12 +59,14 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[_common_pb2.Model, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("name", "replicas")
+    __slots__ = ("name", "replicas", "keep_alive")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
     name: str
     replicas: int
-    def __init__(self, name: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+    keep_alive: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., replicas: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("model", "placement")

@@ -315,3 +315,16 @@ async def test_replicas_load_the_model_on_more_workers(tmp_path, registry):
     assert sorted(p.worker_id for p in view.placements) == ["w0", "w1", "w2"]
     with pytest.raises(InvalidArgument):
         await registry.load("tiny", replicas=-1)
+
+
+async def test_keep_alive_set_at_load_overrides_the_default_for_that_model(tmp_path):
+    worker = RoomyWorker(capacity=10_000)
+    registry = await three_models(tmp_path, worker)
+    await registry.load("a", keep_alive=-1.0)            # never unloaded for idleness
+    await registry.load("b", keep_alive=100.0)
+    await registry.load("c")                             # the default (1 s below)
+    now = max(worker.last.values()) + 5
+    assert await registry.evict_idle(keep_alive=1.0, now=now) == [("c:latest", "w1")]
+    assert registry.get("a").record.keep_alive == -1.0
+    assert await registry.evict_idle(keep_alive=1.0, now=now + 200) == [("b:latest", "w1")]
+    assert set(worker.loaded) == {"a:latest"}
