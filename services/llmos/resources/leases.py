@@ -42,6 +42,11 @@ class Budget:
 _COLUMNS = "name, holder, node, device, bytes, create_time, ttl, expire_time"
 
 
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching strings that start with `prefix` literally."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -102,11 +107,17 @@ class LeaseBook:
                               lease.create_time, lease.ttl, lease.expire_time))
         return lease
 
+    def leased_by(self, holder_prefix: str, node: str, device: str) -> int:
+        pattern = _like_prefix(holder_prefix)
+        row = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM leases WHERE holder LIKE ? ESCAPE '\\' "
+                               "AND node=? AND device=?", (pattern, node, device)).fetchone()
+        return int(row[0])
+
     def renew(self, holder_prefix: str) -> int:
         """Extends every TTL lease of holders starting with the prefix; returns how many."""
         if not holder_prefix:
             raise InvalidArgument.field("holder_prefix", "is required")
-        pattern = holder_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        pattern = _like_prefix(holder_prefix)
         with self._lock:
             return self._db.execute(
                 "UPDATE leases SET expire_time = ? + ttl WHERE ttl > 0 AND holder LIKE ? ESCAPE '\\'",

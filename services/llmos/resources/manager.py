@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ class DeviceView:
     info: DeviceInfo
     leased_bytes: int
     budget_bytes: int
+    unexplained_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -26,13 +28,18 @@ class ResourceManager:
     """Inventory and leases of the node the resource manager runs on."""
 
     def __init__(self, node: str, probe: Callable[[], list[DeviceInfo]], db_path: str,
-                 cpu_budget_bytes: int = 0, budget_fraction: float = 0.9) -> None:
+                 cpu_budget_bytes: int = 0, budget_fraction: float = 0.9,
+                 clock: Callable[[], float] = time.monotonic, report_ttl: float = 60.0) -> None:
         self.node = node
         self._probe = probe
         self._cpu_budget = cpu_budget_bytes
         self._fraction = budget_fraction
         self._devices = probe()
         self.leases = LeaseBook(db_path, self.budgets)
+        self._clock = clock
+        self._report_ttl = report_ttl
+        # (holder prefix, device) -> (bytes reported in use, when)
+        self._in_use: dict[tuple[str, str], tuple[int, float]] = {}
 
     def _budget(self, device: DeviceInfo) -> int:
         if device.kind == "cpu" and self._cpu_budget > 0:
@@ -45,8 +52,26 @@ class ResourceManager:
     def nodes(self) -> list[NodeView]:
         self._devices = self._probe()
         return [NodeView(self.node, [
-            DeviceView(d, self.leases.leased(self.node, d.name), self._budget(d))
+            DeviceView(d, self.leases.leased(self.node, d.name), self._budget(d), self.unexplained(d.name))
             for d in self._devices])]
+
+    def heartbeat(self, holder_prefix: str, in_use_bytes: int = 0, device: str = "") -> int:
+        """Renews the holder's leases and records what it reports in use; returns the renewals."""
+        renewed = self.leases.renew(holder_prefix)
+        if in_use_bytes > 0:
+            self._in_use[(holder_prefix, device or "cpu")] = (in_use_bytes, self._clock())
+        return renewed
+
+    def unexplained(self, device: str) -> int:
+        """Memory holders report in use beyond their leases on `device` (the reconciliation).
+        Reports older than `report_ttl` (a holder that went away) no longer count."""
+        now, total = self._clock(), 0
+        for (prefix, dev), (in_use, when) in list(self._in_use.items()):
+            if now - when > self._report_ttl:
+                del self._in_use[(prefix, dev)]
+            elif dev == device:
+                total += max(0, in_use - self.leases.leased_by(prefix, self.node, dev))
+        return total
 
     def acquire(self, holder: str, node: str, device: str, nbytes: int, ttl: float = 0.0) -> Lease:
         return self.leases.acquire(holder, node or self.node, device or "cpu", nbytes, ttl)

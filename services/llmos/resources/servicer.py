@@ -34,7 +34,7 @@ def node_to_proto(node: NodeView) -> resources_pb2.Node:
         resources_pb2.Device(name=d.info.name, kind=_KINDS[d.info.kind], product=d.info.product,
                              total_bytes=d.info.total_bytes, used_bytes=d.info.used_bytes,
                              leased_bytes=d.leased_bytes, budget_bytes=d.budget_bytes,
-                             cores=d.info.cores)
+                             cores=d.info.cores, unexplained_bytes=d.unexplained_bytes)
         for d in node.devices])
 
 
@@ -55,7 +55,8 @@ class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
         return resources_pb2.ReleaseLeaseResponse()
 
     async def RenewLeases(self, request, context: grpc.aio.ServicerContext):
-        return resources_pb2.RenewLeasesResponse(renewed=self.manager.leases.renew(request.holder_prefix))
+        return resources_pb2.RenewLeasesResponse(renewed=self.manager.heartbeat(
+            request.holder_prefix, request.in_use_bytes, request.device))
 
     async def ListLeases(self, request, context: grpc.aio.ServicerContext):
         return resources_pb2.ListLeasesResponse(

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Device(_message.Message):
-    __slots__ = ("name", "kind", "product", "total_bytes", "used_bytes", "leased_bytes", "budget_bytes", "cores")
+    __slots__ = ("name", "kind", "product", "total_bytes", "used_bytes", "leased_bytes", "budget_bytes", "cores", "unexplained_bytes")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Device.Kind]
@@ -29,6 +29,7 @@ class Device(_message.Message):
     LEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     CORES_FIELD_NUMBER: _ClassVar[int]
+    UNEXPLAINED_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: Device.Kind
     product: str
@@ -37,7 +38,8 @@ class Device(_message.Message):
     leased_bytes: int
     budget_bytes: int
     cores: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[Device.Kind, str]] = ..., product: _Optional[str] = ..., total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., leased_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., cores: _Optional[int] = ...) -> None: ...
+    unexplained_bytes: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[Device.Kind, str]] = ..., product: _Optional[str] = ..., total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., leased_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., cores: _Optional[int] = ..., unexplained_bytes: _Optional[int] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("name", "devices")
@@ -108,10 +110,14 @@ class ReleaseLeaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RenewLeasesRequest(_message.Message):
-    __slots__ = ("holder_prefix",)
+    __slots__ = ("holder_prefix", "in_use_bytes", "device")
     HOLDER_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     holder_prefix: str
-    def __init__(self, holder_prefix: _Optional[str] = ...) -> None: ...
+    in_use_bytes: int
+    device: str
+    def __init__(self, holder_prefix: _Optional[str] = ..., in_use_bytes: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RenewLeasesResponse(_message.Message):
     __slots__ = ("renewed",)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import psutil
 import torch
 
 from llmos.common.domain import Chunk, GenerationInput, SamplingParams, merge_chunks
@@ -32,7 +33,7 @@ class ResourcesPort(Protocol):
 
     async def release(self, lease: str) -> None: ...
 
-    async def renew(self, holder_prefix: str) -> int: ...
+    async def renew(self, holder_prefix: str, in_use_bytes: int, device: str) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class ModelHost:
         self._loader = loader
         self._served: dict[str, Served] = {}
         self._lock = asyncio.Lock()
+        self._baseline_rss = psutil.Process().memory_info().rss
 
     @property
     def lease_prefix(self) -> str:
@@ -90,9 +92,16 @@ class ModelHost:
     def loaded_models(self) -> list[str]:
         return sorted(self._served)
 
+    def memory_in_use(self) -> int:
+        """What the worker holds for its models: allocated bytes on a GPU, on the CPU the growth
+        of its resident memory since it started."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return max(0, psutil.Process().memory_info().rss - self._baseline_rss)
+
     async def heartbeat(self) -> int:
-        """Renews this worker's leases; returns how many."""
-        return await self._resources.renew(self.lease_prefix)
+        """Renews this worker's leases and reports its memory in use; returns the renewals."""
+        return await self._resources.renew(self.lease_prefix, self.memory_in_use(), self.device_name)
 
     @property
     def device_name(self) -> str:

@@ -29,10 +29,10 @@ class GrpcResources:
             raise from_rpc_error(exc) from None
         return response.lease.name
 
-    async def renew(self, holder_prefix: str) -> int:
+    async def renew(self, holder_prefix: str, in_use_bytes: int, device: str) -> int:
         try:
-            response = await self._stub.RenewLeases(
-                resources_pb2.RenewLeasesRequest(holder_prefix=holder_prefix), timeout=5)
+            response = await self._stub.RenewLeases(resources_pb2.RenewLeasesRequest(
+                holder_prefix=holder_prefix, in_use_bytes=in_use_bytes, device=device), timeout=5)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         return response.renewed

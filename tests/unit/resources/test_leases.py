@@ -85,3 +85,17 @@ def test_expired_leases_do_not_block_new_ones(tmp_path):
     book.acquire("worker/dead/", "n1", "cpu", 2 * GIB, ttl=5)
     clock.now += 6
     book.acquire("worker/alive/", "n1", "cpu", 2 * GIB, ttl=5)
+
+
+def test_memory_in_use_beyond_the_leases_is_reported_until_its_holder_goes_quiet(tmp_path):
+    now = [0.0]
+    manager = ResourceManager("n1", fake_probe, str(tmp_path / "r.db"), clock=lambda: now[0], report_ttl=60)
+    manager.acquire("worker/w1/model/a", "", "", GIB, ttl=30)
+    manager.heartbeat("worker/w1/", in_use_bytes=GIB + 100, device="cpu")
+    manager.heartbeat("worker/w2/", in_use_bytes=50, device="cpu")       # holds no lease at all
+    manager.heartbeat("worker/w3/", in_use_bytes=GIB // 2, device="cpu")  # no lease either
+    assert manager.nodes()[0].devices[0].unexplained_bytes == 100 + 50 + GIB // 2
+    manager.heartbeat("worker/w1/", in_use_bytes=GIB // 2, device="cpu")  # within its lease now
+    assert manager.unexplained("cpu") == 50 + GIB // 2
+    now[0] = 61
+    assert manager.unexplained("cpu") == 0
