@@ -32,7 +32,7 @@ NEEDS = {
     "registry": ("resources",),
     "worker": ("resources", "registry"),
     "scheduler": ("registry",),
-    "gateway": ("scheduler",),
+    "gateway": ("scheduler", "registry"),
     "monitor": ("gateway", "scheduler", "registry", "resources"),
 }
 

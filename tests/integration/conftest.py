@@ -76,7 +76,8 @@ async def stack(tmp_path_factory, tiny_model_dir):
         registry_address=addresses["registry"], dtype="float32", register_interval_seconds=0.2)))
     await up("scheduler", await build_scheduler(SchedulerSettings(
         listen=LISTEN, registry_address=addresses["registry"], slots_per_worker=16, max_queue=8)))
-    await up("gateway", await build_gateway(GatewaySettings(listen=LISTEN, scheduler_address=addresses["scheduler"])))
+    await up("gateway", await build_gateway(GatewaySettings(listen=LISTEN, scheduler_address=addresses["scheduler"],
+                                                            registry_address=addresses["registry"])))
     await up("monitor", await build_monitor(MonitorSettings(
         listen=LISTEN, gateway_address=addresses["gateway"], scheduler_address=addresses["scheduler"],
         registry_address=addresses["registry"], resources_address=addresses["resources"])))

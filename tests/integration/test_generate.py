@@ -276,3 +276,13 @@ async def test_watch_models_streams_each_lifecycle_transition(stack, tiny_model_
                                       kinds.KIND_DELETED]
     assert {e.model for e in seen} == {"tiny:third"}
     assert seen[3].worker_id == "w1" and seen[3].time.seconds > 0
+
+
+async def test_clients_list_the_models_they_can_generate_with(stack):
+    page = await stack.gateway.ListAvailableModels(gateway_pb2.ListAvailableModelsRequest())
+    tiny = next(m for m in page.models if m.name == "tiny:latest")
+    assert tiny.loaded and tiny.has_chat_template and tiny.context_length == 256
+    assert tiny.architecture == "LlamaForCausalLM" and tiny.parameter_count > 0
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.gateway.ListAvailableModels(gateway_pb2.ListAvailableModelsRequest(page_size=5000))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

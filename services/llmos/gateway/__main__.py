@@ -9,6 +9,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from llmos.common.channels import Channels
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.telemetry import make_tracer_provider
+from llmos.v1 import registry_pb2_grpc
 
 from .frontdoor import FrontDoor
 from .servicer import GrpcScheduler, GrpcWorkers, register
@@ -19,6 +20,7 @@ class GatewaySettings:
     listen: str = "127.0.0.1:50051"
     address_file: str = ""
     scheduler_address: str = "127.0.0.1:50052"
+    registry_address: str = "127.0.0.1:50053"
     grace_seconds: float = 10.0
     log_level: str = "INFO"
 
@@ -28,7 +30,7 @@ async def build(settings: GatewaySettings, provider: TracerProvider | None = Non
     channels = Channels(provider)
     front = FrontDoor(GrpcScheduler(channels, settings.scheduler_address), GrpcWorkers(channels))
     host = ServiceHost("gateway", settings.listen, provider)
-    register(host, front)
+    register(host, front, registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address)))
     return Service(host, cleanups=[front.drain, channels.close])
 
 

@@ -24,7 +24,17 @@ from llmos.common.domain import Chunk, FinishReason, Usage
 from llmos.common.errors import InvalidArgument
 from llmos.common.names import parse_model_ref
 from llmos.common.status import from_rpc_error
-from llmos.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from llmos.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 
 from .frontdoor import Assignment, FrontDoor, GenerateCall
 
@@ -96,8 +106,22 @@ def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: str) -> Genera
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, front: FrontDoor) -> None:
+    def __init__(self, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub) -> None:
         self.front = front
+        self.registry = registry
+
+    async def ListAvailableModels(self, request, context: grpc.aio.ServicerContext):
+        try:
+            page = await self.registry.ListModels(registry_pb2.ListModelsRequest(
+                page_size=request.page_size, page_token=request.page_token), timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return gateway_pb2.ListAvailableModelsResponse(next_page_token=page.next_page_token, models=[
+            gateway_pb2.AvailableModel(
+                name=f"{m.name}:{m.tag}", loaded=m.state == common_pb2.Model.STATE_READY,
+                context_length=m.context_length, has_chat_template=m.has_chat_template,
+                parameter_count=m.parameter_count, architecture=m.architecture)
+            for m in page.models])
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         metadata = dict(context.invocation_metadata() or ())
@@ -106,7 +130,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             yield fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
 
 
-def register(host, front: FrontDoor) -> None:
-    servicer = GatewayServicer(front)
+def register(host, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub) -> None:
+    servicer = GatewayServicer(front, registry)
     host.add(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
              lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server))

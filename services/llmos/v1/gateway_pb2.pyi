@@ -7,6 +7,38 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ListAvailableModelsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class AvailableModel(_message.Message):
+    __slots__ = ("name", "loaded", "context_length", "has_chat_template", "parameter_count", "architecture")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    loaded: bool
+    context_length: int
+    has_chat_template: bool
+    parameter_count: int
+    architecture: str
+    def __init__(self, name: _Optional[str] = ..., loaded: _Optional[bool] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., architecture: _Optional[str] = ...) -> None: ...
+
+class ListAvailableModelsResponse(_message.Message):
+    __slots__ = ("models", "next_page_token")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[AvailableModel]
+    next_page_token: str
+    def __init__(self, models: _Optional[_Iterable[_Union[AvailableModel, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "messages", "sampling", "priority", "request_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]

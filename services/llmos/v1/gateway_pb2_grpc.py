@@ -49,6 +49,11 @@ class GatewayServiceStub:
                 request_serializer=llmos_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.ListAvailableModels = channel.unary_unary(
+                '/llmos.v1.GatewayService/ListAvailableModels',
+                request_serializer=llmos_dot_v1_dot_gateway__pb2.ListAvailableModelsRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_gateway__pb2.ListAvailableModelsResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -75,6 +80,14 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAvailableModels(self, request, context):
+        """Lists the models clients can generate with, a page at a time, ordered by
+        name then tag. Read only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +95,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=llmos_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_gateway__pb2.GenerateResponse.SerializeToString,
+            ),
+            'ListAvailableModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAvailableModels,
+                    request_deserializer=llmos_dot_v1_dot_gateway__pb2.ListAvailableModelsRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_gateway__pb2.ListAvailableModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -121,6 +139,33 @@ class GatewayService:
             '/llmos.v1.GatewayService/Generate',
             llmos_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
             llmos_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAvailableModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.GatewayService/ListAvailableModels',
+            llmos_dot_v1_dot_gateway__pb2.ListAvailableModelsRequest.SerializeToString,
+            llmos_dot_v1_dot_gateway__pb2.ListAvailableModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
