@@ -286,3 +286,19 @@ async def test_clients_list_the_models_they_can_generate_with(stack):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stack.gateway.ListAvailableModels(gateway_pb2.ListAvailableModelsRequest(page_size=5000))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_request_keep_alive_is_kept_for_the_model(stack):
+    req = request(max_tokens=2)
+    req.keep_alive.FromSeconds(-1)                     # never unload for idleness
+    await collect(stack, req)
+    model = (await stack.registry.GetModel(registry_pb2.GetModelRequest(name="tiny"))).model
+    assert model.keep_alive.ToSeconds() == -1
+    req.keep_alive.FromSeconds(3600)
+    await collect(stack, req)
+    model = (await stack.registry.GetModel(registry_pb2.GetModelRequest(name="tiny"))).model
+    assert model.keep_alive.ToSeconds() == 3600
+    req.keep_alive.FromSeconds(40 * 24 * 3600)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await collect(stack, req)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "keep_alive" in caught.value.details()

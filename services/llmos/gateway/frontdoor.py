@@ -29,6 +29,8 @@ class GenerateCall:
     priority: int = 0
     request_id: str = ""
     tenant: str = "default"
+    # Seconds the model stays loaded without requests after this one; None: unchanged.
+    keep_alive: float | None = None
 
 
 @dataclass(frozen=True)

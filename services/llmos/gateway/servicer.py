@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 TENANT_HEADER = "x-llmos-tenant"
+MAX_KEEP_ALIVE = 30 * 24 * 3600.0
 
 
 class GrpcScheduler:
@@ -50,9 +51,12 @@ class GrpcScheduler:
 
     async def admit(self, call: GenerateCall, request_id: str, timeout: float | None) -> Assignment:
         try:
-            response = await self._stub.AdmitGeneration(scheduler_pb2.AdmitGenerationRequest(
+            request = scheduler_pb2.AdmitGenerationRequest(
                 request_id=request_id, model=call.model, tenant=call.tenant, priority=call.priority,
-                max_tokens=call.params.max_tokens or 0), timeout=timeout)
+                max_tokens=call.params.max_tokens or 0)
+            if call.keep_alive is not None:
+                request.keep_alive.FromNanoseconds(int(call.keep_alive * 1e9))
+            response = await self._stub.AdmitGeneration(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         return Assignment(response.worker_address, response.model)
@@ -101,8 +105,13 @@ def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: str) -> Genera
         errors.add("priority", f"must be between -10 and 10, got {request.priority}")
     if request.request_id and not _REQUEST_ID.match(request.request_id):
         errors.add("request_id", "must be 1 to 128 printable ASCII characters without spaces")
+    keep_alive = None
+    if request.HasField("keep_alive"):
+        keep_alive = request.keep_alive.ToNanoseconds() / 1e9
+        if abs(keep_alive) > MAX_KEEP_ALIVE:
+            errors.add("keep_alive", "must be at most 30 days either way")
     errors.raise_if_any()
-    return GenerateCall(model, source, params, request.priority, request.request_id, tenant)
+    return GenerateCall(model, source, params, request.priority, request.request_id, tenant, keep_alive)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):

@@ -33,8 +33,9 @@ class RegistryPort(Protocol):
     async def ready_endpoints(self, model: str, timeout: float | None) -> tuple[str, list[Endpoint]]:
         """(resolved "name:tag", workers where it is ready); raises NotFound if not in the catalog."""
 
-    async def load(self, model: str, timeout: float | None) -> list[Endpoint]:
-        """Loads the model somewhere (cold start) and returns where it is ready."""
+    async def load(self, model: str, timeout: float | None, keep_alive: float | None = None) -> list[Endpoint]:
+        """Loads the model somewhere (cold start), or just sets its keep-alive when it is
+        loaded already; returns where it is ready."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,9 @@ class Scheduler:
         return len(self._waiting)
 
     async def admit(self, request_id: str, model: str, priority: int = 0,
-                    timeout: float | None = None) -> Admission:
-        """Admits a generation, waiting in the queue for at most `timeout` seconds."""
+                    timeout: float | None = None, keep_alive: float | None = None) -> Admission:
+        """Admits a generation, waiting in the queue for at most `timeout` seconds.
+        `keep_alive` (seconds, negative: forever) is handed to the registry for the model."""
         started = self._clock()
 
         def remaining() -> float | None:
@@ -97,8 +99,8 @@ class Scheduler:
                                 reason="DUPLICATE_REQUEST_ID", metadata={"request_id": request_id})
         parse_model_ref(model)
         resolved, endpoints = await self._registry.ready_endpoints(model, remaining())
-        if not endpoints:
-            endpoints = await self._registry.load(resolved, remaining())
+        if not endpoints or keep_alive is not None:
+            endpoints = await self._registry.load(resolved, remaining(), keep_alive)
             if not endpoints:
                 raise Unavailable(f"no worker serves {resolved}", reason="NO_READY_WORKER",
                                   metadata={"model": resolved})

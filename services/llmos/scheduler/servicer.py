@@ -38,10 +38,12 @@ class GrpcRegistry:
             raise from_rpc_error(exc) from None
         return f"{response.model.name}:{response.model.tag}", _ready(response.model)
 
-    async def load(self, model: str, timeout: float | None) -> list[Endpoint]:
+    async def load(self, model: str, timeout: float | None, keep_alive: float | None = None) -> list[Endpoint]:
+        request = registry_pb2.LoadModelRequest(name=model)
+        if keep_alive is not None:
+            request.keep_alive.FromNanoseconds(int(keep_alive * 1e9))
         try:
-            response = await self._stub.LoadModel(registry_pb2.LoadModelRequest(name=model),
-                                                  timeout=_within(self._load_timeout, timeout))
+            response = await self._stub.LoadModel(request, timeout=_within(self._load_timeout, timeout))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         return _ready(response.model)
@@ -54,8 +56,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def AdmitGeneration(self, request, context: grpc.aio.ServicerContext):
         if not request.request_id or len(request.request_id) > 128:
             raise InvalidArgument.field("request_id", "is required, at most 128 characters")
+        keep_alive = request.keep_alive.ToNanoseconds() / 1e9 if request.HasField("keep_alive") else None
         admission = await self.scheduler.admit(request.request_id, request.model, request.priority,
-                                               timeout=context.time_remaining())
+                                               timeout=context.time_remaining(), keep_alive=keep_alive)
         waited = duration_pb2.Duration()
         waited.FromNanoseconds(int(admission.queue_seconds * 1e9))
         return scheduler_pb2.AdmitGenerationResponse(

@@ -26,25 +26,25 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmos/v1/scheduler.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15llmos/v1/common.proto\"q\n\x16\x41\x64mitGenerationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\"\x82\x01\n\x17\x41\x64mitGenerationResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12-\n\nqueue_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"|\n\x17\x46inishGenerationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.llmos.v1.Usage\"\x1a\n\x18\x46inishGenerationResponse\"\x1a\n\x18GetSchedulerStatsRequest\"m\n\x19GetSchedulerStatsResponse\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0e\x61\x64mitted_total\x18\x03 \x01(\x03\x12\x16\n\x0erejected_total\x18\x04 \x01(\x03\x32\xa3\x02\n\x10SchedulerService\x12V\n\x0f\x41\x64mitGeneration\x12 .llmos.v1.AdmitGenerationRequest\x1a!.llmos.v1.AdmitGenerationResponse\x12Y\n\x10\x46inishGeneration\x12!.llmos.v1.FinishGenerationRequest\x1a\".llmos.v1.FinishGenerationResponse\x12\\\n\x11GetSchedulerStats\x12\".llmos.v1.GetSchedulerStatsRequest\x1a#.llmos.v1.GetSchedulerStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmos/v1/scheduler.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15llmos/v1/common.proto\"\xa0\x01\n\x16\x41\x64mitGenerationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12-\n\nkeep_alive\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x82\x01\n\x17\x41\x64mitGenerationResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12-\n\nqueue_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"|\n\x17\x46inishGenerationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.llmos.v1.Usage\"\x1a\n\x18\x46inishGenerationResponse\"\x1a\n\x18GetSchedulerStatsRequest\"m\n\x19GetSchedulerStatsResponse\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0e\x61\x64mitted_total\x18\x03 \x01(\x03\x12\x16\n\x0erejected_total\x18\x04 \x01(\x03\x32\xa3\x02\n\x10SchedulerService\x12V\n\x0f\x41\x64mitGeneration\x12 .llmos.v1.AdmitGenerationRequest\x1a!.llmos.v1.AdmitGenerationResponse\x12Y\n\x10\x46inishGeneration\x12!.llmos.v1.FinishGenerationRequest\x1a\".llmos.v1.FinishGenerationResponse\x12\\\n\x11GetSchedulerStats\x12\".llmos.v1.GetSchedulerStatsRequest\x1a#.llmos.v1.GetSchedulerStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmos.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADMITGENERATIONREQUEST']._serialized_start=93
-  _globals['_ADMITGENERATIONREQUEST']._serialized_end=206
-  _globals['_ADMITGENERATIONRESPONSE']._serialized_start=209
-  _globals['_ADMITGENERATIONRESPONSE']._serialized_end=339
-  _globals['_FINISHGENERATIONREQUEST']._serialized_start=341
-  _globals['_FINISHGENERATIONREQUEST']._serialized_end=465
-  _globals['_FINISHGENERATIONRESPONSE']._serialized_start=467
-  _globals['_FINISHGENERATIONRESPONSE']._serialized_end=493
-  _globals['_GETSCHEDULERSTATSREQUEST']._serialized_start=495
-  _globals['_GETSCHEDULERSTATSREQUEST']._serialized_end=521
-  _globals['_GETSCHEDULERSTATSRESPONSE']._serialized_start=523
-  _globals['_GETSCHEDULERSTATSRESPONSE']._serialized_end=632
-  _globals['_SCHEDULERSERVICE']._serialized_start=635
-  _globals['_SCHEDULERSERVICE']._serialized_end=926
+  _globals['_ADMITGENERATIONREQUEST']._serialized_start=94
+  _globals['_ADMITGENERATIONREQUEST']._serialized_end=254
+  _globals['_ADMITGENERATIONRESPONSE']._serialized_start=257
+  _globals['_ADMITGENERATIONRESPONSE']._serialized_end=387
+  _globals['_FINISHGENERATIONREQUEST']._serialized_start=389
+  _globals['_FINISHGENERATIONREQUEST']._serialized_end=513
+  _globals['_FINISHGENERATIONRESPONSE']._serialized_start=515
+  _globals['_FINISHGENERATIONRESPONSE']._serialized_end=541
+  _globals['_GETSCHEDULERSTATSREQUEST']._serialized_start=543
+  _globals['_GETSCHEDULERSTATSREQUEST']._serialized_end=569
+  _globals['_GETSCHEDULERSTATSRESPONSE']._serialized_start=571
+  _globals['_GETSCHEDULERSTATSRESPONSE']._serialized_end=680
+  _globals['_SCHEDULERSERVICE']._serialized_start=683
+  _globals['_SCHEDULERSERVICE']._serialized_end=974
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,7 @@ class FakeRegistry:
             raise NotFound(f"model {name} is not in the catalog", reason="MODEL_NOT_FOUND")
         return name, list(self.ready.get(name, []))
 
-    async def load(self, model, timeout):
+    async def load(self, model, timeout, keep_alive=None):
         self.loads.append(model)
         self.ready[model] = self.loadable[model]
         return self.ready[model]
@@ -119,3 +119,12 @@ async def test_a_model_loaded_nowhere_is_loaded_on_demand():
     admission = await scheduler.admit("a", "cold")
     assert registry.loads == ["cold:latest"]
     assert admission.endpoint == W2
+
+
+async def test_a_keep_alive_is_handed_to_the_registry_even_when_the_model_is_loaded():
+    registry = FakeRegistry(loadable={"tiny:latest": [W1]})
+    scheduler = Scheduler(registry)
+    await scheduler.admit("a", "tiny")
+    assert registry.loads == []
+    await scheduler.admit("b", "tiny", keep_alive=60.0)
+    assert registry.loads == ["tiny:latest"]
