@@ -65,16 +65,27 @@ class Suite:
     # Extra environment for every child (e.g. OTEL_* or LLMOS_WORKER_DTYPE).
     env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable
+    # How many workers; past the first ("worker", id "worker-1") they are "worker-2", ...
+    workers: int = 1
     addresses: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        """Process names in start order: each service, and each worker."""
+        extra = [f"worker-{i}" for i in range(2, self.workers + 1)]
+        out: list[str] = []
+        for service in SERVICES:
+            out += [service, *extra] if service == "worker" else [service]
+        return out
 
     def start(self, timeout: float = 120.0) -> dict[str, str]:
         self.data_dir = Path(self.data_dir).resolve()
         for sub in ("run", "logs"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         try:
-            for service in SERVICES:
-                self._start_one(service, timeout)
+            for name in self.names:
+                self._start_one(name, timeout)
         except BaseException:
             self.stop()
             raise
@@ -91,34 +102,37 @@ class Suite:
             process.wait()
         self._start_one(service, timeout, port=int(self.addresses[service].rsplit(":", 1)[1]))
 
-    def _start_one(self, service: str, timeout: float, port: int | None = None) -> None:
+    def _start_one(self, name: str, timeout: float, port: int | None = None) -> None:
+        service = name.split("-")[0]
         prefix = f"LLMOS_{service.upper()}_"
-        address_file = self.data_dir / "run" / f"{service}.addr"
+        address_file = self.data_dir / "run" / f"{name}.addr"
         address_file.unlink(missing_ok=True)
         if port is None:
-            port = self.ports.get(service, DEFAULT_PORTS[service])
+            port = 0 if name != service else self.ports.get(service, DEFAULT_PORTS[service])
         env = {**os.environ, **self.env,
                prefix + "LISTEN": f"127.0.0.1:{port}",
                prefix + "ADDRESS_FILE": str(address_file),
                prefix + "DATA_DIR": str(self.data_dir),
                PARENT_PID_ENV: str(os.getpid())}
+        if service == "worker" and self.workers > 1:
+            env[prefix + "WORKER_ID"] = name if name != service else "worker-1"
         for other in NEEDS[service]:
             env[f"{prefix}{other.upper()}_ADDRESS"] = self.addresses[other]
-        log = open(self.data_dir / "logs" / f"{service}.log", "ab")
-        self.processes[service] = subprocess.Popen(
+        log = open(self.data_dir / "logs" / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen(
             [self.python, "-m", f"llmos.{service}"], env=env, stdin=subprocess.DEVNULL,
             stdout=log, stderr=subprocess.STDOUT, process_group=0)
         log.close()
         deadline = time.monotonic() + timeout
         while not address_file.exists():
-            if self.processes[service].poll() is not None:
-                raise SuiteError(f"{service} exited with code {self.processes[service].returncode}; "
-                                 f"see {self.data_dir / 'logs' / (service + '.log')}")
+            if self.processes[name].poll() is not None:
+                raise SuiteError(f"{name} exited with code {self.processes[name].returncode}; "
+                                 f"see {self.data_dir / 'logs' / (name + '.log')}")
             if time.monotonic() > deadline:
-                raise SuiteError(f"{service} did not start in {timeout:.0f}s")
+                raise SuiteError(f"{name} did not start in {timeout:.0f}s")
             time.sleep(0.05)
-        self.addresses[service] = address_file.read_text().strip()
-        wait_healthy(self.addresses[service], max(1.0, deadline - time.monotonic()))
+        self.addresses[name] = address_file.read_text().strip()
+        wait_healthy(self.addresses[name], max(1.0, deadline - time.monotonic()))
 
     def stop(self, grace: float = 15.0) -> dict[str, int]:
         """Stops the services front to back (gateway before workers, so streams drain):

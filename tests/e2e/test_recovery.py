@@ -80,3 +80,32 @@ def test_a_killed_worker_gives_back_its_leases_and_its_models(suite, client):
         assert time.monotonic() - killed < 4 + 3, "the model still shows ready on a dead worker"
         time.sleep(0.2)
     del suite.processes["worker"]
+
+
+def test_a_model_on_a_killed_worker_is_loaded_again_on_the_other(tmp_path, tiny_model_dir):
+    suite = Suite(tmp_path, ports={s: 0 for s in SERVICES}, workers=2, env={
+        "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
+        "LLMOS_WORKER_REGISTER_INTERVAL_SECONDS": "1",
+        "LLMOS_REGISTRY_WORKER_TIMEOUT_SECONDS": "3",
+    })
+    suite.start(timeout=120)
+    try:
+        a = suite.addresses
+        with Client(gateway=a["gateway"], registry=a["registry"], resources=a["resources"],
+                    monitor=a["monitor"]) as client:
+            client.import_model("tiny", str(tiny_model_dir))
+            first = client.load_model("tiny").placement.worker_id
+            name = "worker" if first == "worker-1" else first
+            os.kill(suite.processes[name].pid, signal.SIGKILL)
+            suite.processes.pop(name).wait()
+            deadline = time.monotonic() + 15
+            while True:
+                ready = [p.worker_id for p in client.get_model("tiny").placements
+                         if p.state == common_pb2.Model.STATE_READY]
+                if ready and first not in ready:
+                    break
+                assert time.monotonic() < deadline, f"still {ready} after the worker died"
+                time.sleep(0.2)
+            assert generate_ok(client)
+    finally:
+        suite.stop()
