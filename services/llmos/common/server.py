@@ -105,22 +105,27 @@ def write_address_file(path: str, address: str) -> None:
 
 @dataclass
 class Service:
-    """A built service: its host, what to do once it serves, and how to clean up."""
+    """A built service: its host, what it runs in the background once it serves (each given
+    the bound address; loops are cancelled at stop), and how to clean up."""
 
     host: ServiceHost
-    on_started: Callable[[str], Awaitable[None]] | None = None
+    background: list[Callable[[str], Awaitable[None]]] = field(default_factory=list)
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _tasks: list[asyncio.Task] = field(default_factory=list, init=False, repr=False)
 
     async def start(self) -> str:
         address = await self.host.start()
-        if self.on_started is not None:
-            await self.on_started(address)
+        self._tasks = [asyncio.create_task(loop(address)) for loop in self.background]
         return address
 
     async def stop(self, grace: float) -> None:
-        """Marks NOT_SERVING, drains for up to `grace` seconds, then cleans up."""
+        """Marks NOT_SERVING, drains for up to `grace` seconds, ends the background loops,
+        then cleans up."""
         log.info("%s stopping: draining for up to %.1fs", self.host.name, grace)
         await self.host.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for cleanup in self.cleanups:
             try:
                 await cleanup()

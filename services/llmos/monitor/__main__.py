@@ -36,10 +36,10 @@ async def build(settings: MonitorSettings, provider: TracerProvider | None = Non
     host = ServiceHost("monitor", settings.listen, provider)
     register(host, monitor)
 
-    async def started(address: str) -> None:
+    async def check_itself_too(address: str) -> None:
         monitor.add_service("monitor", address)
 
-    return Service(host, on_started=started, cleanups=[channels.close])
+    return Service(host, background=[check_itself_too], cleanups=[channels.close])
 
 
 

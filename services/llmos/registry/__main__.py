@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,27 +63,18 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
     host = ServiceHost("registry", settings.listen, provider)
     register(host, registry)
 
-    tasks: list[asyncio.Task] = []
-
-    async def watch_workers() -> None:
+    async def watch_workers(address: str) -> None:
         while True:
             await asyncio.sleep(min(settings.worker_timeout_seconds / 4, 5.0))
             await registry.recover(settings.worker_timeout_seconds)
             if settings.keep_alive_seconds > 0:
                 await registry.evict_idle(settings.keep_alive_seconds, time.time())
 
-    async def started(address: str) -> None:
-        tasks.append(asyncio.create_task(watch_workers()))
-
     async def close() -> None:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         await channels.close()
         catalog.close()
 
-    return Service(host, on_started=started, cleanups=[close])
+    return Service(host, background=[watch_workers], cleanups=[close])
 
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,26 +41,17 @@ async def build(settings: ResourcesSettings, provider: TracerProvider | None = N
     host = ServiceHost("resources", settings.listen, provider or make_tracer_provider("resources"))
     register(host, manager)
 
-    tasks: list[asyncio.Task] = []
-
-    async def reap() -> None:
+    async def reap(address: str) -> None:
         while True:
             for lease in manager.leases.reap():
                 log.warning("reclaimed %s of %s: %d bytes on %s/%s, not renewed", lease.name, lease.holder,
                             lease.bytes, lease.node, lease.device)
             await asyncio.sleep(settings.reap_interval_seconds)
 
-    async def started(address: str) -> None:
-        tasks.append(asyncio.create_task(reap()))
-
     async def close() -> None:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         manager.close()
 
-    return Service(host, on_started=started, cleanups=[close])
+    return Service(host, background=[reap], cleanups=[close])
 
 
 

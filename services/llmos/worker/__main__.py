@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
@@ -106,31 +105,27 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
                                         settings.lease_ttl_seconds))
     host = ServiceHost("worker", settings.listen, provider)
     register(host, model_host)
-    tasks: list[asyncio.Task] = []
+    stub = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
+    incarnation = uuid.uuid4().hex
 
-    async def started(address: str) -> None:
-        stub = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
-        incarnation = uuid.uuid4().hex
-
+    async def announce_loop(address: str) -> None:
         def request() -> registry_pb2.RegisterWorkerRequest:
             return registry_pb2.RegisterWorkerRequest(
                 worker_id=worker_id, address=settings.advertise_address or address, node=socket.gethostname(),
                 incarnation=incarnation, loaded_models=model_host.loaded_models)
 
-        tasks.append(asyncio.create_task(announce(stub, request, settings.register_interval_seconds)))
-        tasks.append(asyncio.create_task(renew_leases(model_host, settings.lease_ttl_seconds / 3)))
+        await announce(stub, request, settings.register_interval_seconds)
+
+    async def renew_loop(address: str) -> None:
+        await renew_leases(model_host, settings.lease_ttl_seconds / 3)
 
     async def close() -> None:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         await model_host.stop_all()
         await channels.close()
         if own_driver:
             driver.stop()
 
-    return Service(host, on_started=started, cleanups=[close])
+    return Service(host, background=[announce_loop, renew_loop], cleanups=[close])
 
 def main() -> int:
     """Serves gRPC on a thread of its own and runs the engines on the main thread."""
