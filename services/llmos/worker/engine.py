@@ -270,9 +270,6 @@ class Engine:
         tokens = [s.output_ids[-1] for s in decoding]
         positions = [s.cached for s in decoding]
         slots = [s.slot for s in decoding]
-        lengths = torch.zeros(len(batch), dtype=torch.long)
-        for s in decoding:
-            lengths[s.slot] = s.cached + 1
         chunks: list[tuple[Sequence, PrefillChunk]] = []
         budget = self.prefill_budget
         for s in batch:
@@ -296,9 +293,8 @@ class Engine:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         started = time.perf_counter()
-        logits = self.runner.forward(
-            index(tokens), index(positions), index(slots), index([s.slot for s in decoding]),
-            len(batch), lengths.to(device), [c for _, c in chunks], index(rows))
+        logits = self.runner.forward(index(tokens), index(positions), index(slots), len(decoding), len(batch),
+                                     [c for _, c in chunks], index(rows))
         self._window[2] += time.perf_counter() - started
         for s in decoding:
             s.cached += 1

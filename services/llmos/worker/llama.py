@@ -157,17 +157,16 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                decode_slots: torch.Tensor, active: int, lengths: torch.Tensor,
-                prefills: list[PrefillChunk], logit_rows: torch.Tensor) -> torch.Tensor:
+                decode_count: int, active: int, prefills: list[PrefillChunk],
+                logit_rows: torch.Tensor) -> torch.Tensor:
         """Runs one step; returns float32 logits of the rows `logit_rows` of the flat batch.
 
-        The flat batch starts with the newest token of each decoding sequence, in the order
-        of `decode_slots` (ascending); the prefill chunks follow, in `prefills` order.
-        `active` slots (0..active-1) are in use; `lengths[s]` is how many positions slot s
-        holds after this step, for each decoding slot s.
+        Each token of the flat batch has its position and its cache slot. The batch starts
+        with the newest token of each of `decode_count` decoding sequences, in ascending slot
+        order; the prefill chunks follow, in `prefills` order. Slots 0..active-1 are in use.
         """
         total = tokens.shape[0]
-        decode_count = decode_slots.shape[0]
+        decode_slots = slots[:decode_count]
         hq, hk, d = self.num_heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         decode_bias, longest, dense = None, 0, decode_count == active
@@ -175,7 +174,7 @@ class LlamaRunner:
             # Every active slot takes part in the decode attention; rows of slots that are
             # still prefilling see one position only and their output is dropped.
             seen = torch.ones(active, dtype=torch.long, device=self.device)
-            seen[decode_slots] = lengths[decode_slots]
+            seen[decode_slots] = positions[:decode_count] + 1   # positions held after this step
             longest = int(seen.max())
             hidden = torch.arange(longest, device=self.device)[None, :] >= seen[:, None]
             decode_bias = torch.zeros(active, 1, 1, longest, device=self.device).masked_fill_(
