@@ -85,8 +85,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         print(f"starting llmos (data in {os.path.abspath(args.data_dir)})...")
         addresses = suite.start()
-        with Client(gateway=addresses["gateway"], registry=addresses["registry"],
-                    resources=addresses["resources"], monitor=addresses["monitor"]) as client:
+        with Client.of_suite(addresses) as client:
             ensure_model(client, args.model)
             health = client.cluster_health()
             print("\nllmos is up:" if health.healthy else "\nllmos is up, but not every part is healthy:")

@@ -28,6 +28,12 @@ class Client:
         self.resources = resources_pb2_grpc.ResourceServiceStub(self._channels[2])
         self.monitor = monitor_pb2_grpc.MonitorServiceStub(self._channels[3])
 
+    @classmethod
+    def of_suite(cls, addresses: dict[str, str]) -> Client:
+        """A client for a suite started by `llmos.suite.Suite` (its `addresses`)."""
+        return cls(gateway=addresses["gateway"], registry=addresses["registry"],
+                   resources=addresses["resources"], monitor=addresses["monitor"])
+
     def close(self) -> None:
         for channel in self._channels:
             channel.close()

@@ -57,6 +57,17 @@ def wait_healthy(address: str, timeout: float) -> None:
             time.sleep(0.1)
 
 
+def _terminate(process: subprocess.Popen, grace: float) -> int:
+    """SIGTERM, then SIGKILL after `grace` seconds; returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
 @dataclass
 class Suite:
     data_dir: Path
@@ -93,13 +104,7 @@ class Suite:
 
     def restart(self, service: str, grace: float = 15.0, timeout: float = 120.0) -> None:
         """Stops one service and starts it again on the same address."""
-        process = self.processes.pop(service)
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _terminate(self.processes.pop(service), grace)
         self._start_one(service, timeout, port=int(self.addresses[service].rsplit(":", 1)[1]))
 
     def _start_one(self, name: str, timeout: float, port: int | None = None) -> None:
@@ -126,8 +131,8 @@ class Suite:
         deadline = time.monotonic() + timeout
         while not address_file.exists():
             if self.processes[name].poll() is not None:
-                raise SuiteError(f"{name} exited with code {self.processes[name].returncode}; "
-                                 f"see {self.data_dir / 'logs' / (name + '.log')}")
+                raise SuiteError(f"{name} exited with code {self.processes[name].returncode}; the end of "
+                                 f"{self.data_dir / 'logs' / (name + '.log')}:\n{self.log_tail(name)}")
             if time.monotonic() > deadline:
                 raise SuiteError(f"{name} did not start in {timeout:.0f}s")
             time.sleep(0.05)
@@ -137,16 +142,7 @@ class Suite:
     def stop(self, grace: float = 15.0) -> dict[str, int]:
         """Stops the services front to back (gateway before workers, so streams drain):
         SIGTERM, then SIGKILL after `grace` seconds. Returns each exit code."""
-        codes: dict[str, int] = {}
-        for service, process in reversed(list(self.processes.items())):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            codes[service] = process.returncode
+        codes = {name: _terminate(process, grace) for name, process in reversed(list(self.processes.items()))}
         self.processes.clear()
         return codes
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 
 import pytest
@@ -23,12 +22,7 @@ def suite(tmp_path_factory, tiny_model_dir):
         "LLMOS_REGISTRY_WORKER_TIMEOUT_SECONDS": "4",
         "LLMOS_RESOURCES_REAP_INTERVAL_SECONDS": "0.5",
     })
-    try:
-        suite.start(timeout=120)
-    except Exception:
-        for service in SERVICES:
-            print(f"--- {service}\n{suite.log_tail(service)}", file=sys.stderr)
-        raise
+    suite.start(timeout=120)
     yield suite
     suite.stop()
 
@@ -36,8 +30,7 @@ def suite(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def client(suite, tiny_model_dir):
     a = suite.addresses
-    with Client(gateway=a["gateway"], registry=a["registry"], resources=a["resources"],
-                monitor=a["monitor"]) as client:
+    with Client.of_suite(a) as client:
         client.import_model("tiny", str(tiny_model_dir))
         client.load_model("tiny")
         yield client
@@ -91,8 +84,7 @@ def test_a_model_on_a_killed_worker_is_loaded_again_on_the_other(tmp_path, tiny_
     suite.start(timeout=120)
     try:
         a = suite.addresses
-        with Client(gateway=a["gateway"], registry=a["registry"], resources=a["resources"],
-                    monitor=a["monitor"]) as client:
+        with Client.of_suite(a) as client:
             client.import_model("tiny", str(tiny_model_dir))
             first = client.load_model("tiny").placement.worker_id
             name = "worker" if first == "worker-1" else first

@@ -32,12 +32,7 @@ def suite(e2e_data_dir, trace_receiver, tiny_model_dir):
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
     })
-    try:
-        suite.start(timeout=120)
-    except Exception:
-        for service in SERVICES:
-            print(f"--- {service}\n{suite.log_tail(service)}", file=sys.stderr)
-        raise
+    suite.start(timeout=120)
     yield suite
     suite.stop()
 
@@ -45,8 +40,7 @@ def suite(e2e_data_dir, trace_receiver, tiny_model_dir):
 @pytest.fixture(scope="module")
 def client(suite):
     a = suite.addresses
-    with Client(gateway=a["gateway"], registry=a["registry"], resources=a["resources"],
-                monitor=a["monitor"]) as client:
+    with Client.of_suite(a) as client:
         yield client
 
 
