@@ -61,7 +61,6 @@ class ServiceHost:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._services: list[str] = []
-        self.address = ""
 
     def add(self, service_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
         """Registers a servicer; `service_name` is its full proto name."""
@@ -80,10 +79,9 @@ class ServiceHost:
         if port == 0:
             raise OSError(f"{self.name} cannot listen on {self.listen}: the address is in use or invalid")
         await self.server.start()
-        self.address = f"{host}:{port}"
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s serving on %s", self.name, self.address)
-        return self.address
+        log.info("%s serving on %s:%d", self.name, host, port)
+        return f"{host}:{port}"
 
     async def stop(self, grace: float) -> None:
         """Marks NOT_SERVING, then lets in-flight calls finish for up to `grace` seconds."""
