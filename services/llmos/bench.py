@@ -182,11 +182,15 @@ def describe(result: Result) -> str:
     return line
 
 
+def catalog_entry(args: argparse.Namespace) -> common_pb2.Model:
+    with grpc.insecure_channel(args.registry) as channel:
+        return registry_pb2_grpc.RegistryServiceStub(channel).GetModel(
+            registry_pb2.GetModelRequest(name=args.model), timeout=10).model
+
+
 def resolve(args: argparse.Namespace) -> tuple[str, str, str, str]:
     """(model "name:tag", store path, worker address, worker dtype) from the registry and worker."""
-    with grpc.insecure_channel(args.registry) as channel:
-        model = registry_pb2_grpc.RegistryServiceStub(channel).GetModel(
-            registry_pb2.GetModelRequest(name=args.model), timeout=10).model
+    model = catalog_entry(args)
     ready = [p for p in model.placements if p.state == common_pb2.Model.STATE_READY]
     if not ready:
         raise SystemExit(f"{args.model} is loaded on no worker; run `llmos models load {args.model}` first")
@@ -199,7 +203,38 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, str, str]:
     return name, model.store_path, worker, dtype
 
 
+def measure_load(path: str, dtype: str, slots: int, max_seq_len: int, rounds: int) -> int:
+    """Loads the model `rounds` times the worker's way and as a bare `from_pretrained`,
+    alternating, in this process; prints the medians and their ratio."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmos.worker.loader import load_model
+
+    device, torch_dtype = torch.device("cpu"), getattr(torch, dtype)
+    bare, ours = [], []
+    AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)  # the page cache is warm for both
+    for _ in range(rounds):
+        started = time.perf_counter()
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        bare.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        loaded = load_model("bench", path, device, torch_dtype, slots, max_seq_len)
+        ours.append(time.perf_counter() - started)
+        del loaded
+    b, o = statistics.median(bare), statistics.median(ours)
+    print(f"  bare AutoModelForCausalLM.from_pretrained  {b * 1e3:7.1f} ms (median of {rounds})")
+    print(f"  llmos worker load (weights, tokenizer, runner, KV cache {slots} x {max_seq_len})"
+          f"  {o * 1e3:7.1f} ms")
+    print(f"ratio: llmos load / bare from_pretrained: {o / b:.2f}x")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.load:
+        model = catalog_entry(args)
+        print(f"model {model.name}:{model.tag} from {model.store_path} in {args.dtype}")
+        return measure_load(model.store_path, args.dtype, args.concurrency, 2048, args.rounds)
     name, path, worker, dtype = resolve(args)
     jobs = workload(args.requests, args.min_tokens, args.max_tokens, args.fixed, args.seed)
     shape = f"fixed {args.max_tokens}" if args.fixed else f"{args.min_tokens}-{args.max_tokens}"
@@ -248,4 +283,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--baseline-requests", type=int, default=8,
                        help="requests the slow one-at-a-time baseline runs (a rate needs no more)")
     bench.add_argument("--no-baselines", action="store_true")
+    bench.add_argument("--load", action="store_true",
+                       help="measure loading the model from the store against a bare from_pretrained")
+    bench.add_argument("--dtype", default="bfloat16", help="dtype for --load")
+    bench.add_argument("--rounds", type=int, default=5, help="loads each way for --load")
     bench.set_defaults(func=main)

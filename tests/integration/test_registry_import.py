@@ -1,8 +1,12 @@
 """Imports that run the real conversion child process."""
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmos.common.errors import InvalidArgument
 from llmos.registry.catalog import Catalog
@@ -45,3 +49,20 @@ async def test_pickle_weights_import_only_when_allowed_and_become_safetensors(tm
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     for (name, a), (_, b) in zip(stored.state_dict().items(), original.state_dict().items(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-2), name
+
+
+async def test_stored_tokenizer_indexes_its_added_tokens_and_encodes_the_same(tmp_path, tiny_model_dir):
+    source = tmp_path / "roots" / "tiny"
+    shutil.copytree(tiny_model_dir, source)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    view, _ = await registry(tmp_path, allow_pickle=False).import_model("tiny", "", str(source))
+    stored_config = json.loads((Path(view.record.path) / "tokenizer_config.json").read_text())
+    added = json.loads((source / "tokenizer.json").read_text())["added_tokens"]
+    assert added and sorted(stored_config["added_tokens_decoder"]) == sorted(str(t["id"]) for t in added)
+    stored, original = AutoTokenizer.from_pretrained(view.record.path), AutoTokenizer.from_pretrained(source)
+    assert stored.added_tokens_decoder == original.added_tokens_decoder
+    text = "hello world " + " ".join(t["content"] for t in added)
+    assert stored(text).input_ids == original(text).input_ids
+    assert stored.eos_token_id == original.eos_token_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import sys
@@ -72,6 +73,7 @@ class Importer:
                     await self._convert(source_format, path, staging)
                 else:
                     await asyncio.to_thread(self._copy_dir, path, staging)
+                await asyncio.to_thread(index_added_tokens, staging)
                 staging.rename(target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -109,3 +111,20 @@ class Importer:
             raise FailedPrecondition(f"could not convert the {kind} weights of {source.name}",
                                      reason=f"{kind.upper()}_CONVERSION_FAILED")
         log.info("converted %s (%s) to safetensors in %.1fs", source.name, kind, time.monotonic() - started)
+
+
+def index_added_tokens(directory: Path) -> None:
+    """Copies tokenizer.json's added tokens into tokenizer_config.json as `added_tokens_decoder`
+    (what transformers itself writes there), so that loading the tokenizer need not parse the
+    whole tokenizer.json in Python to find them. Nothing changes when either file is missing
+    or the index is already there."""
+    config_path, tokenizer_path = directory / "tokenizer_config.json", directory / "tokenizer.json"
+    if not (config_path.is_file() and tokenizer_path.is_file()):
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if "added_tokens_decoder" in config:
+        return
+    added = json.loads(tokenizer_path.read_text(encoding="utf-8")).get("added_tokens") or []
+    config["added_tokens_decoder"] = {
+        str(token["id"]): {key: value for key, value in token.items() if key != "id"} for token in added}
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

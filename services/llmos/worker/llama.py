@@ -15,6 +15,8 @@ batch is always a leading block of the cache and needs no gather.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,20 @@ class _Layer:
     w_down: torch.Tensor
 
 
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. On the CPU it lives in anonymous memory, which the kernel hands out
+    zero-filled page by page on first touch: no memset of the whole cache at load, and a
+    cache that is never filled costs only its address space."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    size = count * torch.empty((), dtype=dtype).element_size()
+    if size == 0:
+        return torch.zeros(shape, dtype=dtype)
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(memory, dtype=dtype, count=count).view(shape)
+
+
 class LlamaRunner:
     def __init__(self, model: Any, slots: int, max_len: int) -> None:
         config = model.config
@@ -70,10 +86,8 @@ class LlamaRunner:
         # K is kept transposed ([.., head_dim, position]) and V as is ([.., position, head_dim]),
         # so the decode batch's K^T and V are strided matrices the matmuls read in place.
         layers = len(self.layers)
-        self.k_cache = torch.zeros(layers, slots, self.kv_heads, self.head_dim, max_len,
-                                   dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(layers, slots, self.kv_heads, max_len, self.head_dim,
-                                   dtype=self.dtype, device=self.device)
+        self.k_cache = zeroed((layers, slots, self.kv_heads, self.head_dim, max_len), self.dtype, self.device)
+        self.v_cache = zeroed((layers, slots, self.kv_heads, max_len, self.head_dim), self.dtype, self.device)
 
     @staticmethod
     def _fuse(layer: Any) -> _Layer:
