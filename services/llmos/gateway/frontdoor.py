@@ -1,8 +1,11 @@
 """The gateway's core: admit through the scheduler, stream from the chosen worker.
 
 The scheduler is told how every admitted generation ended (finished, failed or
-cancelled), so its slots and queue stay exact. The remaining client deadline is
-passed to each downstream call.
+cancelled, with its token counts), so its slots, queue and tenant charges stay
+exact. The remaining client deadline is passed to each downstream call. When the
+worker fails (UNAVAILABLE) before the first token, the scheduler is told, takes it
+out of rotation, and the request is admitted again, ahead of the queue, on
+another worker; once tokens have gone to the client it ends with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from llmos.common.domain import Chunk, FinishReason, GenerationInput, SamplingParams, Usage
-from llmos.common.errors import DeadlineExceeded
+from llmos.common.errors import DeadlineExceeded, LlmosError
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +36,23 @@ class GenerateCall:
     keep_alive: float | None = None
 
 
+# Admissions of one request after workers failed before its first token.
+MAX_REDISPATCH = 3
+
+
 @dataclass(frozen=True)
 class Assignment:
     worker_address: str
     model: str
+    worker_id: str = ""
 
 
 class SchedulerPort(Protocol):
-    async def admit(self, call: GenerateCall, request_id: str, timeout: float | None) -> Assignment: ...
+    async def admit(self, call: GenerateCall, request_id: str, timeout: float | None,
+                    redispatch: bool = False) -> Assignment: ...
 
-    async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None) -> None: ...
+    async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
+                     worker_failed: bool = False) -> None: ...
 
 
 class WorkerPort(Protocol):
@@ -60,27 +70,47 @@ class FrontDoor:
         """Streams (request id, chunk) pairs for one request."""
         request_id = call.request_id or f"req-{uuid.uuid4().hex}"
         deadline = None if timeout is None else time.monotonic() + timeout
-        assignment = await self._scheduler.admit(call, request_id, timeout)
-        reason: FinishReason | None = None
-        usage: Usage | None = None
-        try:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceeded("the deadline passed before generation started")
-            async for chunk in self._workers.generate(assignment.worker_address, request_id,
-                                                      assignment.model, call, remaining):
-                if chunk.finish_reason is not None:
-                    reason, usage = chunk.finish_reason, chunk.usage
-                yield request_id, chunk
-        except asyncio.CancelledError:
-            reason = FinishReason.CANCELLED
-            raise
-        finally:
-            # Reported from a task of its own: this one may be cancelled already.
-            task = asyncio.get_running_loop().create_task(
-                self._scheduler.finish(request_id, reason, usage))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+
+        def remaining() -> float | None:
+            return None if deadline is None else deadline - time.monotonic()
+
+        for attempt in range(MAX_REDISPATCH + 1):
+            assignment = await self._scheduler.admit(call, request_id, remaining(), redispatch=attempt > 0)
+            reason: FinishReason | None = None
+            usage: Usage | None = None
+            produced = worker_failed = False
+            try:
+                left = remaining()
+                if left is not None and left <= 0:
+                    raise DeadlineExceeded("the deadline passed before generation started")
+                async for chunk in self._workers.generate(assignment.worker_address, request_id,
+                                                          assignment.model, call, left):
+                    if chunk.finish_reason is not None:
+                        reason, usage = chunk.finish_reason, chunk.usage
+                    produced = True
+                    yield request_id, chunk
+                return
+            except LlmosError as exc:
+                worker_failed = exc.code == "UNAVAILABLE"
+                if not worker_failed or produced or attempt == MAX_REDISPATCH:
+                    raise
+                log.warning("worker %s failed before the first token of %s (%s); admitting it again",
+                            assignment.worker_id, request_id, exc.reason)
+            except asyncio.CancelledError:
+                reason = FinishReason.CANCELLED
+                raise
+            finally:
+                reported = self._report(request_id, reason, usage, worker_failed)
+            await reported      # the scheduler must know of the failed worker before it admits again
+
+    def _report(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
+                worker_failed: bool) -> asyncio.Task:
+        # Reported from a task of its own: this one may be cancelled already.
+        task = asyncio.get_running_loop().create_task(
+            self._scheduler.finish(request_id, reason, usage, worker_failed))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def drain(self) -> None:
         """Waits for the pending scheduler reports (at shutdown)."""

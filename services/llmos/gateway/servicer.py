@@ -49,20 +49,23 @@ class GrpcScheduler:
     def __init__(self, channels: Channels, address: str) -> None:
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(channels.get(address))
 
-    async def admit(self, call: GenerateCall, request_id: str, timeout: float | None) -> Assignment:
+    async def admit(self, call: GenerateCall, request_id: str, timeout: float | None,
+                    redispatch: bool = False) -> Assignment:
         try:
             request = scheduler_pb2.AdmitGenerationRequest(
                 request_id=request_id, model=call.model, tenant=call.tenant, priority=call.priority,
-                max_tokens=call.params.max_tokens or 0)
+                max_tokens=call.params.max_tokens or 0, prompt_tokens=estimate_prompt_tokens(call),
+                redispatch=redispatch)
             if call.keep_alive is not None:
                 request.keep_alive.FromNanoseconds(int(call.keep_alive * 1e9))
             response = await self._stub.AdmitGeneration(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
-        return Assignment(response.worker_address, response.model)
+        return Assignment(response.worker_address, response.model, response.worker_id)
 
-    async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None) -> None:
-        request = scheduler_pb2.FinishGenerationRequest(request_id=request_id,
+    async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
+                     worker_failed: bool = False) -> None:
+        request = scheduler_pb2.FinishGenerationRequest(request_id=request_id, worker_failed=worker_failed,
                                                         finish_reason=FINISH_TO_PROTO[reason])
         if usage is not None:
             request.usage.CopyFrom(usage_to_proto(usage))
@@ -70,6 +73,14 @@ class GrpcScheduler:
             await self._stub.FinishGeneration(request, timeout=10)
         except grpc.aio.AioRpcError as exc:
             log.warning("could not report the end of %s to the scheduler: %s", request_id, exc.code().name)
+
+
+def estimate_prompt_tokens(call: GenerateCall) -> int:
+    """About four characters a token: the scheduler's first guess at the prompt's cost,
+    corrected with the real count when the generation ends."""
+    text = call.source.prompt if call.source.prompt is not None else "".join(
+        m.content for m in call.source.messages)
+    return min(len(text) // 4 + 1, 2**31 - 1)
 
 
 class GrpcWorkers:

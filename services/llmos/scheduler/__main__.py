@@ -11,7 +11,7 @@ from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.telemetry import make_tracer_provider
 
 from .queue import Scheduler
-from .servicer import GrpcRegistry, register
+from .servicer import GrpcRegistry, WorkerReports, register
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,18 @@ class SchedulerSettings:
     registry_address: str = "127.0.0.1:50053"
     # Running generations per worker before requests queue.
     slots_per_worker: int = 16
-    # Waiting requests before new ones are refused with RESOURCE_EXHAUSTED.
+    # Waiting requests (all models) before new ones are refused with RESOURCE_EXHAUSTED.
     max_queue: int = 64
+    # Waiting requests of one model before its new ones are refused; 0: max_queue.
+    max_queue_per_model: int = 0
+    # A band's waiting requests rise one band per this many seconds of wait.
+    aging_seconds: float = 30.0
+    # Fair-queuing weights, "tenant=weight,..."; tenants not named weigh 1.
+    tenant_weights: str = ""
+    # How often each worker's status is polled, and how long without an answer
+    # takes it out of rotation.
+    report_interval_seconds: float = 0.5
+    report_timeout_seconds: float = 2.0
     load_timeout_seconds: float = 300.0
     grace_seconds: float = 10.0
     log_level: str = "INFO"
@@ -31,11 +41,26 @@ class SchedulerSettings:
 async def build(settings: SchedulerSettings, provider: TracerProvider | None = None) -> Service:
     provider = provider or make_tracer_provider("scheduler")
     channels = Channels(provider)
-    scheduler = Scheduler(GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds),
-                          settings.slots_per_worker, settings.max_queue)
+    registry = GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds)
+    scheduler = Scheduler(registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model,
+                          settings.aging_seconds, parse_weights(settings.tenant_weights),
+                          settings.report_timeout_seconds)
+    reports = WorkerReports(scheduler, registry, channels, settings.report_interval_seconds)
     host = ServiceHost("scheduler", settings.listen, provider)
     register(host, scheduler)
-    return Service(host, cleanups=[channels.close])
+    return Service(host, background=[reports.run], cleanups=[channels.close])
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """"a=2,b=0.5" → {"a": 2.0, "b": 0.5}; a bad entry is a settings error at start."""
+    weights = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        tenant, _, weight = entry.partition("=")
+        value = float(weight)
+        if not tenant or value <= 0:
+            raise ValueError(f"tenant weight {entry!r} must be tenant=positive number")
+        weights[tenant.strip()] = value
+    return weights
 
 
 

@@ -1,18 +1,26 @@
-"""The scheduler's core: admission, a bounded priority queue, and routing.
+"""The scheduler's core: admission, the wait for room, routing, and accounting.
 
-A request is admitted when a worker that serves its model has a free slot (at
-most `slots_per_worker` running generations each). Otherwise it waits, higher
-priority first and then first come first served, until a slot frees, its
-deadline passes, or its caller goes away. Past `max_queue` waiting requests, new
-ones are refused at once with an estimate of when to retry.
+A request is admitted when a worker that serves its model, and is in rotation,
+has a free slot: its capacity is what the worker last reported for that model
+(capped by `slots_per_worker`), its use is the scheduler's own count of the
+requests it sent there and that have not finished, which is exact. Otherwise the
+request waits in its model's `FairQueue` (bands, tenant fairness, deadlines,
+aging) until a slot frees, its deadline passes or its caller goes away. Past the
+queue limits, new requests are refused at once with an estimate of when to retry.
+
+A worker leaves rotation when a stream on it fails or it has not answered a
+status poll for `report_timeout` seconds, and comes back with its next good
+report. A request whose worker failed before its first token is admitted again
+ahead of everything else (`Ticket.redispatch`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import enum
 import logging
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,7 +28,16 @@ from typing import Protocol
 from llmos.common.errors import AlreadyExists, DeadlineExceeded, ResourceExhausted, Unavailable
 from llmos.common.names import parse_model_ref
 
+from .fairness import FairQueue, Waiting
+
 log = logging.getLogger(__name__)
+
+# Band offset of re-dispatched requests: above every client band.
+REDISPATCH_BAND = 1000
+# Cost charged for a request whose max_tokens is unset.
+DEFAULT_COST_TOKENS = 256
+# Finished requests remembered for GetRequestStatus.
+REMEMBERED_DONE = 10_000
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,24 @@ class RegistryPort(Protocol):
 
 
 @dataclass(frozen=True)
+class Ticket:
+    """What the scheduler needs to know of a request."""
+
+    request_id: str
+    model: str
+    tenant: str = "default"
+    priority: int = 0
+    prompt_tokens: int = 0           # an estimate, for the fair-queuing cost
+    max_tokens: int = 0              # 0: not set
+    keep_alive: float | None = None
+    redispatch: bool = False         # its worker failed before the first token
+
+    @property
+    def cost(self) -> int:
+        return self.prompt_tokens + (self.max_tokens or DEFAULT_COST_TOKENS)
+
+
+@dataclass(frozen=True)
 class Admission:
     request_id: str
     model: str
@@ -46,133 +81,348 @@ class Admission:
     queue_seconds: float
 
 
-@dataclass(order=True)
-class _Waiter:
-    sort_key: tuple[int, int]
-    request_id: str = field(compare=False)
-    model: str = field(compare=False)
-    endpoints: list[Endpoint] = field(compare=False)
-    future: asyncio.Future = field(compare=False)
+class Phase(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class RequestStatus:
+    request_id: str
+    phase: Phase
+    model: str
+    tenant: str
+    priority: int
+    position: int = 0                # 1-based place in its model's queue, when queued
+    reason: str = ""                 # why it waits, or how it ended
+    endpoint: Endpoint | None = None
+    queue_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    model: str
+    priority: int
+    tenant: str
+    waiting: int
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    endpoint: Endpoint
+    model: str
+    running: int
+    capacity: int
+    in_rotation: bool
 
 
 @dataclass
-class _Running:
+class _Request:
+    ticket: Ticket
     model: str
+    arrival: float
+    phase: Phase = Phase.QUEUED
+    reason: str = "RESOLVING_MODEL"
+    waiting: Waiting | None = None
+    future: asyncio.Future | None = None
+    endpoint: Endpoint | None = None
+    started: float = 0.0
+
+
+@dataclass
+class _Worker:
     endpoint: Endpoint
-    started: float
+    capacity: dict[str, int] = field(default_factory=dict)      # model → slots, as reported
+    running: Counter[str] = field(default_factory=Counter)      # model → requests sent here
+    last_report: float | None = None
+    out_since: float | None = None                              # out of rotation since
+
+
+@dataclass
+class _Model:
+    name: str
+    queue: FairQueue
+    endpoints: list[Endpoint] = field(default_factory=list)
+    mean_seconds: float = 1.0                                   # moving average of a generation
 
 
 class Scheduler:
     def __init__(self, registry: RegistryPort, slots_per_worker: int = 16, max_queue: int = 64,
+                 max_queue_per_model: int = 0, aging_seconds: float = 30.0,
+                 tenant_weights: dict[str, float] | None = None, report_timeout: float = 3.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._registry = registry
         self.slots_per_worker = slots_per_worker
         self.max_queue = max_queue
+        self.max_queue_per_model = max_queue_per_model or max_queue
+        self.aging_seconds = aging_seconds
+        self.report_timeout = report_timeout
+        self._weights = dict(tenant_weights or {})
         self._clock = clock
-        self._running: dict[str, _Running] = {}
-        self._busy: dict[str, int] = {}          # worker_id → running generations
-        self._waiting: list[_Waiter] = []
-        self._order = itertools.count()
-        self._mean_seconds = 1.0                 # moving average of generation time
+        self._models: dict[str, _Model] = {}
+        self._workers: dict[str, _Worker] = {}
+        self._active: dict[str, _Request] = {}
+        self._done: OrderedDict[str, RequestStatus] = OrderedDict()
+        self._waiting = 0
         self.admitted_total = 0
-        self.rejected_total = 0
+        self.rejected: Counter[str] = Counter()
+
+    # ---- figures -------------------------------------------------------------------------
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return sum(1 for r in self._active.values() if r.phase is Phase.RUNNING)
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return self._waiting
 
-    async def admit(self, request_id: str, model: str, priority: int = 0,
-                    timeout: float | None = None, keep_alive: float | None = None) -> Admission:
-        """Admits a generation, waiting in the queue for at most `timeout` seconds.
-        `keep_alive` (seconds, negative: forever) is handed to the registry for the model."""
-        started = self._clock()
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    def queue_depths(self) -> list[QueueDepth]:
+        return [QueueDepth(m.name, band if band < REDISPATCH_BAND // 2 else band - REDISPATCH_BAND, tenant, n)
+                for m in self._models.values() for (band, tenant), n in sorted(m.queue.depths().items())]
+
+    def worker_loads(self) -> list[WorkerLoad]:
+        pairs = {(e.worker_id, m.name) for m in self._models.values() for e in m.endpoints}
+        pairs |= {(w.endpoint.worker_id, model) for w in self._workers.values() for model, n in w.running.items() if n}
+        return [WorkerLoad(self._workers[wid].endpoint, model, self._workers[wid].running[model],
+                           self._capacity(self._workers[wid], model), self._in_rotation(self._workers[wid]))
+                for wid, model in sorted(pairs) if wid in self._workers]
+
+    def status(self, request_id: str) -> RequestStatus | None:
+        request = self._active.get(request_id)
+        if request is None:
+            return self._done.get(request_id)
+        t = request.ticket
+        position, queued = 0, request.started - request.arrival
+        if request.phase is Phase.QUEUED:
+            queued = self._clock() - request.arrival
+            if request.waiting is not None:
+                model = self._models[request.model]
+                position = next(i for i, rid in enumerate(model.queue.order(self._clock()), 1) if rid == request_id)
+        return RequestStatus(request_id, request.phase, request.model or t.model, t.tenant, t.priority, position,
+                             request.reason if request.phase is Phase.QUEUED else "", request.endpoint, queued)
+
+    def retry_after(self, model: str) -> float:
+        """An honest guess of when a request sent now would get a slot: the queue ahead of
+        it, served at the measured pace of the model's workers."""
+        known = self._models.get(model)
+        if known is None:
+            return 1.0
+        capacity = sum(self._capacity(self._workers[e.worker_id], model) for e in known.endpoints
+                       if e.worker_id in self._workers and self._in_rotation(self._workers[e.worker_id]))
+        return max(0.1, known.mean_seconds * (len(known.queue) + 1) / max(1, capacity))
+
+    # ---- requests --------------------------------------------------------------------------
+
+    async def admit(self, ticket: Ticket, timeout: float | None = None) -> Admission:
+        """Admits a generation, waiting at most `timeout` seconds (the caller's deadline)."""
+        arrival = self._clock()
+        deadline = None if timeout is None else arrival + timeout
 
         def remaining() -> float | None:
-            return None if timeout is None else max(0.0, timeout - (self._clock() - started))
+            return None if deadline is None else max(0.0, deadline - self._clock())
 
-        if request_id in self._running or any(w.request_id == request_id for w in self._waiting):
-            raise AlreadyExists(f"request {request_id!r} is already admitted",
-                                reason="DUPLICATE_REQUEST_ID", metadata={"request_id": request_id})
-        parse_model_ref(model)
-        resolved, endpoints = await self._registry.ready_endpoints(model, remaining())
-        if not endpoints or keep_alive is not None:
-            endpoints = await self._registry.load(resolved, remaining(), keep_alive)
-            if not endpoints:
-                raise Unavailable(f"no worker serves {resolved}", reason="NO_READY_WORKER",
-                                  metadata={"model": resolved})
-        endpoint = self._free_endpoint(endpoints)
-        if endpoint is not None:
-            self._busy[endpoint.worker_id] = self._busy.get(endpoint.worker_id, 0) + 1
-        else:
-            endpoint = await self._wait(request_id, resolved, endpoints, priority, remaining())
-        self._running[request_id] = _Running(resolved, endpoint, self._clock())
+        if ticket.request_id in self._active:
+            raise AlreadyExists(f"request {ticket.request_id!r} is already admitted",
+                                reason="DUPLICATE_REQUEST_ID", metadata={"request_id": ticket.request_id})
+        parse_model_ref(ticket.model)
+        request = self._active[ticket.request_id] = _Request(ticket, "", arrival)
+        self._done.pop(ticket.request_id, None)
+        try:
+            resolved, endpoints = await self._registry.ready_endpoints(ticket.model, remaining())
+            request.model = resolved
+            if not endpoints or ticket.keep_alive is not None:
+                request.reason = "MODEL_LOADING"
+                endpoints = await self._registry.load(resolved, remaining(), ticket.keep_alive)
+                if not endpoints:
+                    raise Unavailable(f"no worker serves {resolved}", reason="NO_READY_WORKER",
+                                      metadata={"model": resolved})
+            model = self._model(resolved)
+            self.update_endpoints(resolved, endpoints, dispatch=False)
+            endpoint = self._free_endpoint(model) if not model.queue else None
+            if endpoint is None:
+                endpoint = await self._wait(request, model, deadline, remaining())
+            else:
+                self._start(request, endpoint)
+        except BaseException as exc:
+            if request.phase is Phase.RUNNING:       # a slot was handed over as the caller left
+                self.finish(ticket.request_id, outcome="CANCELLED")
+            else:
+                self._retire(request, _outcome(exc))
+            raise
         self.admitted_total += 1
-        return Admission(request_id, resolved, endpoint, self._clock() - started)
+        return Admission(ticket.request_id, request.model, endpoint, request.started - arrival)
 
-    def finish(self, request_id: str) -> bool:
-        """Releases the generation's slot and hands it to the next waiter. Idempotent."""
-        running = self._running.pop(request_id, None)
-        if running is None:
+    def finish(self, request_id: str, tokens: int | None = None, outcome: str = "FINISHED",
+               worker_failed: bool = False) -> bool:
+        """Releases a running generation's slot. `tokens`: what it really cost (prompt +
+        generated), to correct its tenant's charge; `worker_failed`: its worker broke the
+        stream, so it leaves rotation. Idempotent."""
+        request = self._active.get(request_id)
+        if request is None or request.phase is not Phase.RUNNING:
             return False
-        self._busy[running.endpoint.worker_id] -= 1
-        took = self._clock() - running.started
-        self._mean_seconds = 0.9 * self._mean_seconds + 0.1 * took
-        self._dispatch()
+        now = self._clock()
+        model = self._models[request.model]
+        worker = self._workers.get(request.endpoint.worker_id)
+        if worker is not None:
+            worker.running[request.model] -= 1
+            if worker_failed and worker.out_since is None:
+                worker.out_since = now
+                log.warning("worker %s at %s out of rotation: a stream on it failed",
+                            worker.endpoint.worker_id, worker.endpoint.address)
+        if tokens is not None:
+            model.queue.charge(request.ticket.tenant, self._band(request.ticket), tokens - request.ticket.cost)
+        if not worker_failed:
+            model.mean_seconds = 0.9 * model.mean_seconds + 0.1 * (now - request.started)
+        self._retire(request, outcome)
+        self._dispatch(model)
         return True
 
-    def retry_after(self) -> float:
-        """A fair guess of when a slot frees: the queue ahead, served at the measured pace."""
-        capacity = max(1, len(self._busy) * self.slots_per_worker)
-        return max(0.1, self._mean_seconds * (len(self._waiting) + 1) / capacity)
+    # ---- workers ----------------------------------------------------------------------------
 
-    def _free_endpoint(self, endpoints: list[Endpoint]) -> Endpoint | None:
-        free = [e for e in endpoints if self._busy.get(e.worker_id, 0) < self.slots_per_worker]
-        if not free:
-            return None
-        return min(free, key=lambda e: (self._busy.get(e.worker_id, 0), e.worker_id))
-
-    async def _wait(self, request_id: str, model: str, endpoints: list[Endpoint], priority: int,
-                    timeout: float | None) -> Endpoint:
-        if len(self._waiting) >= self.max_queue:
-            self.rejected_total += 1
-            raise ResourceExhausted(
-                f"the queue is full ({len(self._waiting)} waiting); retry later",
-                retry_after=self.retry_after(), reason="QUEUE_FULL",
-                metadata={"waiting": str(len(self._waiting)), "max_queue": str(self.max_queue)})
+    def update_endpoints(self, model: str, endpoints: list[Endpoint], dispatch: bool = True) -> None:
+        """Where the registry says `model` is ready now."""
+        known = self._model(model)
+        known.endpoints = list(endpoints)
         for e in endpoints:
-            self._busy.setdefault(e.worker_id, 0)
-        waiter = _Waiter((-priority, next(self._order)), request_id, model, endpoints,
-                         asyncio.get_running_loop().create_future())
-        self._waiting.append(waiter)
-        self._waiting.sort()
-        try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
-        except BaseException as exc:
-            self._abandon(waiter)
-            if isinstance(exc, TimeoutError):
-                self.rejected_total += 1
-                raise DeadlineExceeded(f"the deadline passed after {timeout:.3f}s in the queue",
-                                       reason="DEADLINE_EXCEEDED_IN_QUEUE") from None
-            raise
+            if e.worker_id not in self._workers or self._workers[e.worker_id].endpoint != e:
+                previous = self._workers.get(e.worker_id)
+                self._workers[e.worker_id] = _Worker(e, running=previous.running if previous else Counter())
+        if dispatch:
+            self._dispatch(known)
 
-    def _abandon(self, waiter: _Waiter) -> None:
-        """The caller gave up: leave the queue, or give back a slot handed over meanwhile."""
-        if waiter in self._waiting:
-            self._waiting.remove(waiter)
-        elif waiter.future.done() and not waiter.future.cancelled():
-            self._busy[waiter.future.result().worker_id] -= 1
-            self._dispatch()
+    def report(self, worker_id: str, capacity: dict[str, int]) -> None:
+        """A worker's status poll answered: its slots per loaded model."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return
+        worker.capacity = dict(capacity)
+        worker.last_report = self._clock()
+        if worker.out_since is not None:
+            log.info("worker %s back in rotation", worker_id)
+            worker.out_since = None
+        for model in self._models.values():
+            if any(e.worker_id == worker_id for e in model.endpoints):
+                self._dispatch(model)
 
-    def _dispatch(self) -> None:
-        """Hands free slots to waiters, highest priority first."""
-        for waiter in list(self._waiting):
-            endpoint = self._free_endpoint(waiter.endpoints)
-            if endpoint is None:
+    def unreachable(self, worker_id: str) -> None:
+        """A status poll of the worker failed."""
+        worker = self._workers.get(worker_id)
+        if worker is None or worker.out_since is not None:
+            return
+        now = self._clock()
+        if worker.last_report is None or now - worker.last_report >= self.report_timeout:
+            worker.out_since = now
+            log.warning("worker %s at %s out of rotation: no report for %.1fs", worker_id,
+                        worker.endpoint.address, self.report_timeout)
+
+    def workers(self) -> list[Endpoint]:
+        return [w.endpoint for w in self._workers.values()]
+
+    def starved_models(self) -> list[str]:
+        """Models with waiting requests and no worker in rotation: their placements need a fresh look."""
+        return [m.name for m in self._models.values() if m.queue and not any(
+            self._in_rotation(self._workers[e.worker_id]) for e in m.endpoints if e.worker_id in self._workers)]
+
+    # ---- inside ----------------------------------------------------------------------------
+
+    def _model(self, name: str) -> _Model:
+        model = self._models.get(name)
+        if model is None:
+            queue = FairQueue(lambda tenant: self._weights.get(tenant, 1.0), self.aging_seconds)
+            model = self._models[name] = _Model(name, queue)
+        return model
+
+    @staticmethod
+    def _band(ticket: Ticket) -> int:
+        return ticket.priority + (REDISPATCH_BAND if ticket.redispatch else 0)
+
+    def _capacity(self, worker: _Worker, model: str) -> int:
+        return min(worker.capacity.get(model, self.slots_per_worker), self.slots_per_worker)
+
+    @staticmethod
+    def _in_rotation(worker: _Worker) -> bool:
+        return worker.out_since is None
+
+    def _free_endpoint(self, model: _Model) -> Endpoint | None:
+        """The least loaded worker in rotation with a free slot for the model."""
+        best, best_load = None, 2.0
+        for e in model.endpoints:
+            worker = self._workers.get(e.worker_id)
+            if worker is None or not self._in_rotation(worker):
                 continue
-            self._waiting.remove(waiter)
-            self._busy[endpoint.worker_id] += 1        # reserved for the waiter
-            waiter.future.set_result(endpoint)
+            capacity = self._capacity(worker, model.name)
+            used = worker.running[model.name]
+            if used < capacity and used / capacity < best_load:
+                best, best_load = e, used / capacity
+        return best
+
+    def _start(self, request: _Request, endpoint: Endpoint) -> None:
+        request.phase, request.endpoint, request.started = Phase.RUNNING, endpoint, self._clock()
+        self._workers[endpoint.worker_id].running[request.model] += 1
+
+    async def _wait(self, request: _Request, model: _Model, deadline: float | None,
+                    timeout: float | None) -> Endpoint:
+        t = request.ticket
+        if self._waiting >= self.max_queue or len(model.queue) >= self.max_queue_per_model:
+            total = self._waiting >= self.max_queue
+            reason = "QUEUE_FULL" if total else "MODEL_QUEUE_FULL"
+            limit = self.max_queue if total else self.max_queue_per_model
+            raise ResourceExhausted(
+                f"the {'' if total else model.name + ' '}queue is full ({limit} waiting); retry later",
+                retry_after=self.retry_after(model.name), reason=reason,
+                metadata={"model": model.name, "waiting": str(len(model.queue)), "limit": str(limit)})
+        request.waiting = Waiting(t.request_id, t.tenant, self._band(t), t.cost, request.arrival, deadline)
+        request.future = asyncio.get_running_loop().create_future()
+        request.reason = "NO_FREE_SLOT" if self._free_endpoint(model) is None and any(
+            e.worker_id in self._workers and self._in_rotation(self._workers[e.worker_id])
+            for e in model.endpoints) else "NO_WORKER_IN_ROTATION"
+        model.queue.push(request.waiting)
+        self._waiting += 1
+        self._dispatch(model)
+        try:
+            return await asyncio.wait_for(asyncio.shield(request.future), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the deadline passed after {timeout:.3f}s in the queue",
+                                   reason="DEADLINE_EXCEEDED_IN_QUEUE",
+                                   metadata={"model": model.name}) from None
+        finally:
+            if request.phase is Phase.QUEUED and model.queue.remove(request.waiting):
+                self._waiting -= 1
+
+    def _dispatch(self, model: _Model) -> None:
+        """Hands free slots of the model's workers to its waiting requests, in queue order."""
+        while model.queue:
+            endpoint = self._free_endpoint(model)
+            if endpoint is None:
+                return
+            item = model.queue.pop(self._clock())
+            self._waiting -= 1
+            request = self._active[item.request_id]
+            self._start(request, endpoint)
+            request.future.set_result(endpoint)
+
+    def _retire(self, request: _Request, outcome: str) -> None:
+        """Forgets an active request, remembering how it ended; rejections are counted."""
+        if request.phase is not Phase.RUNNING and outcome != "CANCELLED_IN_QUEUE":
+            self.rejected[outcome] += 1
+        t = request.ticket
+        self._active.pop(t.request_id, None)
+        self._done[t.request_id] = RequestStatus(t.request_id, Phase.DONE, request.model or t.model, t.tenant,
+                                                 t.priority, 0, outcome, request.endpoint,
+                                                 (request.started or self._clock()) - request.arrival)
+        request.phase = Phase.DONE
+        while len(self._done) > REMEMBERED_DONE:
+            self._done.popitem(last=False)
+
+
+def _outcome(exc: BaseException) -> str:
+    """The machine-readable reason a request ended before it ran."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED_IN_QUEUE"
+    return getattr(exc, "reason", None) or type(exc).__name__.upper()

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import grpc
 from google.protobuf import duration_pb2
 
 from llmos.common.channels import Channels
-from llmos.common.errors import InvalidArgument
+from llmos.common.errors import InvalidArgument, NotFound
 from llmos.common.status import from_rpc_error
-from llmos.v1 import common_pb2, registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from llmos.v1 import (
+    common_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 
-from .queue import Endpoint, Scheduler
+from .queue import Endpoint, Phase, Scheduler, Ticket
+
+log = logging.getLogger(__name__)
+
+_STATE_TO_PROTO = {
+    Phase.QUEUED: scheduler_pb2.GetRequestStatusResponse.STATE_QUEUED,
+    Phase.RUNNING: scheduler_pb2.GetRequestStatusResponse.STATE_RUNNING,
+    Phase.DONE: scheduler_pb2.GetRequestStatusResponse.STATE_DONE,
+}
 
 
 def _within(limit: float, remaining: float | None) -> float:
@@ -49,6 +68,49 @@ class GrpcRegistry:
         return _ready(response.model)
 
 
+class WorkerReports:
+    """Polls every known worker's status: its slots per model feed the scheduler, and a
+    worker that does not answer leaves rotation. Models whose requests wait with no worker
+    in rotation get their placements read again from the registry."""
+
+    def __init__(self, scheduler: Scheduler, registry: GrpcRegistry, channels: Channels,
+                 interval: float) -> None:
+        self._scheduler = scheduler
+        self._registry = registry
+        self._channels = channels
+        self._interval = interval
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(e) for e in self._scheduler.workers()),
+                             *(self._refresh(m) for m in self._scheduler.starved_models()))
+
+    async def run(self, address: str = "") -> None:
+        while True:
+            await self.poll_once()
+            await asyncio.sleep(self._interval)
+
+    async def _poll(self, endpoint: Endpoint) -> None:
+        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(endpoint.address))
+        try:
+            status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(),
+                                                timeout=max(0.5, self._interval * 2))
+        except grpc.aio.AioRpcError:
+            self._scheduler.unreachable(endpoint.worker_id)
+            return
+        if status.worker_id != endpoint.worker_id:      # another worker took the address
+            self._scheduler.unreachable(endpoint.worker_id)
+            return
+        self._scheduler.report(endpoint.worker_id, {m.model: m.max_running for m in status.models})
+
+    async def _refresh(self, model: str) -> None:
+        try:
+            _, endpoints = await self._registry.ready_endpoints(model, self._interval * 2)
+        except Exception as exc:  # the registry may be restarting: the next round tries again
+            log.debug("cannot refresh the placements of %s: %s", model, exc)
+            return
+        self._scheduler.update_endpoints(model, endpoints)
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -57,23 +119,52 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if not request.request_id or len(request.request_id) > 128:
             raise InvalidArgument.field("request_id", "is required, at most 128 characters")
         keep_alive = request.keep_alive.ToNanoseconds() / 1e9 if request.HasField("keep_alive") else None
-        admission = await self.scheduler.admit(request.request_id, request.model, request.priority,
-                                               timeout=context.time_remaining(), keep_alive=keep_alive)
-        waited = duration_pb2.Duration()
-        waited.FromNanoseconds(int(admission.queue_seconds * 1e9))
+        ticket = Ticket(request.request_id, request.model, request.tenant or "default", request.priority,
+                        max(0, request.prompt_tokens), max(0, request.max_tokens), keep_alive, request.redispatch)
+        admission = await self.scheduler.admit(ticket, timeout=context.time_remaining())
         return scheduler_pb2.AdmitGenerationResponse(
             worker_id=admission.endpoint.worker_id, worker_address=admission.endpoint.address,
-            model=admission.model, queue_time=waited)
+            model=admission.model, queue_time=_duration(admission.queue_seconds))
 
     async def FinishGeneration(self, request, context):
-        self.scheduler.finish(request.request_id)
+        tokens = None
+        if request.HasField("usage"):
+            tokens = request.usage.prompt_tokens + request.usage.completion_tokens
+        outcome = ("WORKER_FAILED" if request.worker_failed else
+                   common_pb2.FinishReason.Name(request.finish_reason).removeprefix("FINISH_REASON_"))
+        if outcome == "UNSPECIFIED":
+            outcome = "FAILED"
+        self.scheduler.finish(request.request_id, tokens, outcome, request.worker_failed)
         return scheduler_pb2.FinishGenerationResponse()
 
     async def GetSchedulerStats(self, request, context):
         s = self.scheduler
         return scheduler_pb2.GetSchedulerStatsResponse(
             running=s.running, waiting=s.waiting, admitted_total=s.admitted_total,
-            rejected_total=s.rejected_total)
+            rejected_total=s.rejected_total, rejected_by_reason=dict(s.rejected),
+            queues=[scheduler_pb2.QueueDepth(model=q.model, priority=q.priority, tenant=q.tenant, waiting=q.waiting)
+                    for q in s.queue_depths()],
+            workers=[scheduler_pb2.WorkerLoad(
+                worker_id=w.endpoint.worker_id, worker_address=w.endpoint.address, model=w.model,
+                running=w.running, capacity=w.capacity, in_rotation=w.in_rotation) for w in s.worker_loads()])
+
+    async def GetRequestStatus(self, request, context):
+        status = self.scheduler.status(request.request_id)
+        if status is None:
+            raise NotFound(f"no request {request.request_id!r} is known", reason="REQUEST_NOT_FOUND",
+                           metadata={"request_id": request.request_id})
+        endpoint = status.endpoint
+        return scheduler_pb2.GetRequestStatusResponse(
+            request_id=status.request_id, state=_STATE_TO_PROTO[status.phase], model=status.model,
+            tenant=status.tenant, priority=status.priority, position=status.position, reason=status.reason,
+            worker_id=endpoint.worker_id if endpoint else "", worker_address=endpoint.address if endpoint else "",
+            queue_time=_duration(status.queue_seconds))
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
 
 
 def register(host, scheduler: Scheduler) -> None:

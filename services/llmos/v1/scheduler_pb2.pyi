@@ -2,28 +2,34 @@ import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
 from llmos.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AdmitGenerationRequest(_message.Message):
-    __slots__ = ("request_id", "model", "tenant", "priority", "max_tokens", "keep_alive")
+    __slots__ = ("request_id", "model", "tenant", "priority", "max_tokens", "keep_alive", "prompt_tokens", "redispatch")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REDISPATCH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     tenant: str
     priority: int
     max_tokens: int
     keep_alive: _duration_pb2.Duration
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., max_tokens: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    prompt_tokens: int
+    redispatch: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., max_tokens: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., redispatch: _Optional[bool] = ...) -> None: ...
 
 class AdmitGenerationResponse(_message.Message):
     __slots__ = ("worker_id", "worker_address", "model", "queue_time")
@@ -38,14 +44,16 @@ class AdmitGenerationResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., model: _Optional[str] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class FinishGenerationRequest(_message.Message):
-    __slots__ = ("request_id", "finish_reason", "usage")
+    __slots__ = ("request_id", "finish_reason", "usage", "worker_failed")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FAILED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.Usage
-    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
+    worker_failed: bool
+    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., worker_failed: _Optional[bool] = ...) -> None: ...
 
 class FinishGenerationResponse(_message.Message):
     __slots__ = ()
@@ -56,13 +64,94 @@ class GetSchedulerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetSchedulerStatsResponse(_message.Message):
-    __slots__ = ("running", "waiting", "admitted_total", "rejected_total")
+    __slots__ = ("running", "waiting", "admitted_total", "rejected_total", "queues", "workers", "rejected_by_reason")
+    class RejectedByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     ADMITTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REJECTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     admitted_total: int
     rejected_total: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., admitted_total: _Optional[int] = ..., rejected_total: _Optional[int] = ...) -> None: ...
+    queues: _containers.RepeatedCompositeFieldContainer[QueueDepth]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerLoad]
+    rejected_by_reason: _containers.ScalarMap[str, int]
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., admitted_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., queues: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., rejected_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class QueueDepth(_message.Message):
+    __slots__ = ("model", "priority", "tenant", "waiting")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    priority: int
+    tenant: str
+    waiting: int
+    def __init__(self, model: _Optional[str] = ..., priority: _Optional[int] = ..., tenant: _Optional[str] = ..., waiting: _Optional[int] = ...) -> None: ...
+
+class WorkerLoad(_message.Message):
+    __slots__ = ("worker_id", "worker_address", "model", "running", "capacity", "in_rotation")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    IN_ROTATION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    worker_address: str
+    model: str
+    running: int
+    capacity: int
+    in_rotation: bool
+    def __init__(self, worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., capacity: _Optional[int] = ..., in_rotation: _Optional[bool] = ...) -> None: ...
+
+class GetRequestStatusRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class GetRequestStatusResponse(_message.Message):
+    __slots__ = ("request_id", "state", "model", "tenant", "priority", "position", "reason", "worker_id", "worker_address", "queue_time")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[GetRequestStatusResponse.State]
+        STATE_QUEUED: _ClassVar[GetRequestStatusResponse.State]
+        STATE_RUNNING: _ClassVar[GetRequestStatusResponse.State]
+        STATE_DONE: _ClassVar[GetRequestStatusResponse.State]
+    STATE_UNSPECIFIED: GetRequestStatusResponse.State
+    STATE_QUEUED: GetRequestStatusResponse.State
+    STATE_RUNNING: GetRequestStatusResponse.State
+    STATE_DONE: GetRequestStatusResponse.State
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_TIME_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    state: GetRequestStatusResponse.State
+    model: str
+    tenant: str
+    priority: int
+    position: int
+    reason: str
+    worker_id: str
+    worker_address: str
+    queue_time: _duration_pb2.Duration
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[GetRequestStatusResponse.State, str]] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., position: _Optional[int] = ..., reason: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...

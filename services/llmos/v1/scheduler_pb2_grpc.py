@@ -53,6 +53,11 @@ class SchedulerServiceStub:
                 request_serializer=llmos_dot_v1_dot_scheduler__pb2.GetSchedulerStatsRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_scheduler__pb2.GetSchedulerStatsResponse.FromString,
                 _registered_method=True)
+        self.GetRequestStatus = channel.unary_unary(
+                '/llmos.v1.SchedulerService/GetRequestStatus',
+                request_serializer=llmos_dot_v1_dot_scheduler__pb2.GetRequestStatusRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_scheduler__pb2.GetRequestStatusResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -85,7 +90,18 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSchedulerStats(self, request, context):
-        """Reports the queue: running and waiting requests. Read only.
+        """Reports the queue: running and waiting requests, queue depth per model,
+        band and tenant, and each worker's load. Read only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRequestStatus(self, request, context):
+        """Says where one request is: queued (with its place and why it waits),
+        running (on which worker) or done (how it ended). Finished requests are
+        remembered for a while (the last 10,000). Errors: NOT_FOUND (unknown or
+        forgotten `request_id`). Read only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +124,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.GetSchedulerStats,
                     request_deserializer=llmos_dot_v1_dot_scheduler__pb2.GetSchedulerStatsRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_scheduler__pb2.GetSchedulerStatsResponse.SerializeToString,
+            ),
+            'GetRequestStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRequestStatus,
+                    request_deserializer=llmos_dot_v1_dot_scheduler__pb2.GetRequestStatusRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_scheduler__pb2.GetRequestStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -195,6 +216,33 @@ class SchedulerService:
             '/llmos.v1.SchedulerService/GetSchedulerStats',
             llmos_dot_v1_dot_scheduler__pb2.GetSchedulerStatsRequest.SerializeToString,
             llmos_dot_v1_dot_scheduler__pb2.GetSchedulerStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRequestStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.SchedulerService/GetRequestStatus',
+            llmos_dot_v1_dot_scheduler__pb2.GetRequestStatusRequest.SerializeToString,
+            llmos_dot_v1_dot_scheduler__pb2.GetRequestStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

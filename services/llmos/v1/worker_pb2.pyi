@@ -75,7 +75,7 @@ class GetWorkerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadedModel(_message.Message):
-    __slots__ = ("model", "device", "dtype", "measured_bytes", "running", "tokens_generated", "waiting", "kv_tokens_used", "kv_tokens_capacity", "last_request_time")
+    __slots__ = ("model", "device", "dtype", "measured_bytes", "running", "tokens_generated", "waiting", "kv_tokens_used", "kv_tokens_capacity", "last_request_time", "max_running")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class LoadedModel(_message.Message):
     KV_TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     LAST_REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -96,7 +97,8 @@ class LoadedModel(_message.Message):
     kv_tokens_used: int
     kv_tokens_capacity: int
     last_request_time: _timestamp_pb2.Timestamp
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., last_request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    max_running: int
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., last_request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_running: _Optional[int] = ...) -> None: ...
 
 class GetWorkerStatusResponse(_message.Message):
     __slots__ = ("worker_id", "models", "running", "tokens_generated", "waiting")

@@ -62,6 +62,7 @@ class EngineStats:
     kv_tokens_used: int
     kv_tokens_capacity: int
     tokens_generated: int
+    max_running: int
 
 
 class EngineDriver:
@@ -179,7 +180,7 @@ class Engine:
             running = list(self._running)
             waiting = sum(1 for s in self._inbox if not s.cancelled)
         return EngineStats(len(running), waiting, sum(s.cached for s in running),
-                           self.runner.slots * self.runner.max_len, self.tokens_generated)
+                           self.runner.slots * self.runner.max_len, self.tokens_generated, self.runner.slots)
 
     def submit(self, seq: Sequence) -> None:
         with self._wake:

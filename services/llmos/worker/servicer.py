@@ -81,7 +81,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             model=s.model, device=s.device, dtype=s.dtype, measured_bytes=s.measured_bytes,
             running=s.stats.running, waiting=s.stats.waiting, kv_tokens_used=s.stats.kv_tokens_used,
             kv_tokens_capacity=s.stats.kv_tokens_capacity, tokens_generated=s.stats.tokens_generated,
-            last_request_time=_timestamp(s.last_request))
+            last_request_time=_timestamp(s.last_request), max_running=s.stats.max_running)
             for s in self.host.status()]
         return worker_pb2.GetWorkerStatusResponse(
             worker_id=self.host.worker_id, models=models,

@@ -13,23 +13,28 @@ class FakeScheduler:
         self.admitted = []
         self.finished = []
 
-    async def admit(self, call, request_id, timeout):
+    async def admit(self, call, request_id, timeout, redispatch=False):
         if self.admit_error:
             raise self.admit_error
         self.admitted.append((request_id, timeout))
-        return Assignment("127.0.0.1:9", "tiny:latest")
+        self.redispatched = getattr(self, "redispatched", []) + [redispatch]
+        n = len(self.admitted)
+        return Assignment(f"127.0.0.1:{n}", "tiny:latest", f"w{n}")
 
-    async def finish(self, request_id, reason, usage):
-        self.finished.append((request_id, reason, usage))
+    async def finish(self, request_id, reason, usage, worker_failed=False):
+        self.finished.append((request_id, reason, usage) + (("worker failed",) if worker_failed else ()))
 
 
 class FakeWorkers:
-    def __init__(self, chunks, error=None, gate=None):
+    def __init__(self, chunks, error=None, gate=None, dead=()):
         self.chunks = chunks
         self.error = error
         self.gate = gate
+        self.dead = set(dead)
 
     async def generate(self, address, request_id, model, call, timeout):
+        if address in self.dead:
+            raise Unavailable("connection refused")
         for chunk in self.chunks:
             yield chunk
             if self.gate is not None:
@@ -62,7 +67,28 @@ async def test_a_worker_failure_still_releases_the_slot():
     with pytest.raises(Unavailable):
         await _collect(front)
     await front.drain()
-    assert scheduler.finished == [("r1", None, None)]
+    assert scheduler.finished == [("r1", None, None, "worker failed")]
+    assert len(scheduler.admitted) == 1          # tokens had gone out: no second try
+
+
+async def test_a_worker_that_fails_before_the_first_token_is_replaced():
+    scheduler = FakeScheduler()
+    front = FrontDoor(scheduler, FakeWorkers([Chunk("a", [1]), DONE], dead={"127.0.0.1:1", "127.0.0.1:2"}))
+    chunks = await _collect(front)
+    await front.drain()
+    assert [c.text for c in chunks] == ["a", "b"]
+    assert scheduler.redispatched == [False, True, True]
+    assert scheduler.finished == [("r1", None, None, "worker failed"), ("r1", None, None, "worker failed"),
+                                  ("r1", FinishReason.STOP, Usage(3, 2))]
+
+
+async def test_redispatch_gives_up_after_a_few_workers():
+    scheduler = FakeScheduler()
+    front = FrontDoor(scheduler, FakeWorkers([DONE], dead={f"127.0.0.1:{n}" for n in range(1, 10)}))
+    with pytest.raises(Unavailable):
+        await _collect(front)
+    await front.drain()
+    assert len(scheduler.admitted) == 4 and all(f[-1] == "worker failed" for f in scheduler.finished)
 
 
 async def test_cancelling_the_stream_reports_cancelled():

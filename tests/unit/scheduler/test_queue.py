@@ -1,9 +1,12 @@
+"""The scheduler core with a fake registry, fake workers and, where time matters, a fake clock."""
+
 import asyncio
+from collections import Counter
 
 import pytest
 
 from llmos.common.errors import AlreadyExists, DeadlineExceeded, NotFound, ResourceExhausted
-from llmos.scheduler.queue import Endpoint, Scheduler
+from llmos.scheduler.queue import Endpoint, Phase, Scheduler, Ticket
 
 W1, W2 = Endpoint("w1", "127.0.0.1:1"), Endpoint("w2", "127.0.0.1:2")
 
@@ -26,105 +29,281 @@ class FakeRegistry:
         return self.ready[model]
 
 
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def ticket(rid, model="tiny", **fields):
+    return Ticket(rid, model, **fields)
+
+
+async def settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 async def test_admits_to_the_least_loaded_worker():
     scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=2)
-    first = await scheduler.admit("a", "tiny")
-    second = await scheduler.admit("b", "tiny")
+    first = await scheduler.admit(ticket("a"))
+    second = await scheduler.admit(ticket("b"))
     assert {first.endpoint, second.endpoint} == {W1, W2}
-    assert first.model == "tiny:latest"
-    assert scheduler.running == 2
+    assert first.model == "tiny:latest" and scheduler.running == 2
+
+
+async def test_capacity_follows_the_workers_reports():
+    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=16)
+    scheduler.update_endpoints("tiny:latest", [W1, W2])
+    scheduler.report("w1", {"tiny:latest": 1})
+    scheduler.report("w2", {"tiny:latest": 3})
+    placed = Counter()
+    for i in range(4):
+        placed[(await scheduler.admit(ticket(f"r{i}"))).endpoint.worker_id] += 1
+    assert placed == {"w1": 1, "w2": 3}
+    waiting = asyncio.create_task(scheduler.admit(ticket("r4")))
+    await settle()
+    assert scheduler.waiting == 1 and not waiting.done()
+    scheduler.report("w1", {"tiny:latest": 2})       # the worker grew: the waiter goes there
+    assert (await asyncio.wait_for(waiting, 1)).endpoint == W1
 
 
 async def test_waits_for_a_slot_and_gets_it_when_one_finishes():
     scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
-    await scheduler.admit("a", "tiny")
-    waiting = asyncio.create_task(scheduler.admit("b", "tiny"))
-    await asyncio.sleep(0)
+    await scheduler.admit(ticket("a"))
+    waiting = asyncio.create_task(scheduler.admit(ticket("b")))
+    await settle()
     assert scheduler.waiting == 1 and not waiting.done()
+    assert scheduler.status("b").phase is Phase.QUEUED and scheduler.status("b").reason == "NO_FREE_SLOT"
     assert scheduler.finish("a")
     admission = await asyncio.wait_for(waiting, 1)
     assert admission.endpoint == W1 and scheduler.waiting == 0 and scheduler.running == 1
 
 
-async def test_higher_priority_waiters_go_first_then_arrival_order():
+async def test_bands_first_then_arrival_order():
     scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
-    await scheduler.admit("running", "tiny")
+    await scheduler.admit(ticket("running"))
     order = []
 
-    async def admit(rid, prio):
-        await scheduler.admit(rid, "tiny", priority=prio)
+    async def admit(rid, priority):
+        await scheduler.admit(ticket(rid, priority=priority))
         order.append(rid)
 
-    tasks = [asyncio.create_task(admit(r, p)) for r, p in [("low1", 0), ("high", 5), ("low2", 0)]]
-    await asyncio.sleep(0)
+    tasks = []
+    for rid, priority in [("low1", 0), ("high", 5), ("low2", 0)]:
+        tasks.append(asyncio.create_task(admit(rid, priority)))
+        await settle()
+    assert [scheduler.status(r).position for r in ("high", "low1", "low2")] == [1, 2, 3]
     for finished in ["running", "high", "low1"]:
         scheduler.finish(finished)
-        await asyncio.sleep(0.01)
+        await settle()
     await asyncio.gather(*tasks)
     assert order == ["high", "low1", "low2"]
 
 
-async def test_full_queue_refuses_at_once_with_retry_after():
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1, max_queue=1)
-    await scheduler.admit("a", "tiny")
-    queued = asyncio.create_task(scheduler.admit("b", "tiny"))
-    await asyncio.sleep(0)
+async def test_two_tenants_at_equal_weight_share_the_tokens_when_one_sends_ten_times_more():
+    """Fake workers (4 slots) and a fake clock: each request runs cost / 100 fake seconds."""
+    clock = Clock()
+    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1]}), slots_per_worker=4, max_queue=1000, clock=clock)
+    costs, tasks = {}, {}
+    for i in range(200):
+        costs[f"a{i}"] = 50 + (i * 37) % 200            # a sends 10x as many requests, of varied size
+    for i in range(20):
+        costs[f"b{i}"] = 150
+    for rid, cost in costs.items():
+        tasks[rid] = asyncio.create_task(scheduler.admit(ticket(rid, tenant=rid[0], max_tokens=cost)))
+    await settle()
+    served, running, finished = Counter(), {}, set()
+    while any(d.tenant == "b" for d in scheduler.queue_depths()):    # the run: both tenants backlogged
+        for rid, task in tasks.items():
+            if task.done() and rid not in running and rid not in finished:
+                running[rid] = clock.now + costs[rid] / 100
+        rid = min(running, key=running.get)
+        clock.now = running.pop(rid)
+        finished.add(rid)
+        served[rid[0]] += costs[rid]
+        scheduler.finish(rid, tokens=costs[rid])
+        await settle()
+    share = served["b"] / (served["a"] + served["b"])
+    assert 0.4 <= share <= 0.6, served
+    for task in tasks.values():
+        task.cancel()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+async def test_aging_serves_a_low_band_that_waited_long_enough():
+    clock = Clock()
+    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1, aging_seconds=10.0, clock=clock)
+    await scheduler.admit(ticket("running"))
+    low = asyncio.create_task(scheduler.admit(ticket("low", priority=0)))
+    await settle()
+    clock.now = 35.0                                      # low has risen 3.5 bands
+    high = asyncio.create_task(scheduler.admit(ticket("high", priority=3)))
+    await settle()
+    scheduler.finish("running")
+    await settle()
+    assert low.done() and not high.done()
+    scheduler.finish("low")
+    await asyncio.wait_for(high, 1)
+
+
+async def test_earliest_deadline_first_inside_a_band():
+    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
+    await scheduler.admit(ticket("running"))
+    relaxed = asyncio.create_task(scheduler.admit(ticket("relaxed"), timeout=30))
+    await settle()
+    urgent = asyncio.create_task(scheduler.admit(ticket("urgent"), timeout=5))
+    await settle()
+    scheduler.finish("running")
+    await settle()
+    assert urgent.done() and not relaxed.done()
+    scheduler.finish("urgent")
+    await asyncio.wait_for(relaxed, 1)
+
+
+async def test_full_queues_refuse_at_once_with_an_estimate():
+    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1], "other:latest": [W2]}), slots_per_worker=1,
+                          max_queue=3, max_queue_per_model=2)
+    await scheduler.admit(ticket("a"))
+    queued = [asyncio.create_task(scheduler.admit(ticket(f"q{i}"))) for i in range(2)]
+    await settle()
     with pytest.raises(ResourceExhausted) as caught:
-        await scheduler.admit("c", "tiny")
+        await scheduler.admit(ticket("c"))
+    assert caught.value.reason == "MODEL_QUEUE_FULL" and caught.value.retry_after > 0
+    await scheduler.admit(ticket("o1", model="other"))
+    queued.append(asyncio.create_task(scheduler.admit(ticket("o2", model="other"))))
+    await settle()
+    with pytest.raises(ResourceExhausted) as caught:
+        await scheduler.admit(ticket("o3", model="other"))
     assert caught.value.reason == "QUEUE_FULL"
-    assert caught.value.retry_after > 0
-    assert scheduler.rejected_total == 1
-    queued.cancel()
+    assert scheduler.rejected == {"MODEL_QUEUE_FULL": 1, "QUEUE_FULL": 1}
+    assert scheduler.status("c").reason == "MODEL_QUEUE_FULL"
+    for task in queued:
+        task.cancel()
+    await asyncio.gather(*queued, return_exceptions=True)
+    assert scheduler.waiting == 0
+
+
+async def test_retry_estimate_grows_with_the_queue():
+    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1, max_queue=10)
+    await scheduler.admit(ticket("a"))
+    first = scheduler.retry_after("tiny:latest")
+    queued = [asyncio.create_task(scheduler.admit(ticket(f"q{i}"))) for i in range(4)]
+    await settle()
+    assert scheduler.retry_after("tiny:latest") == pytest.approx(first * 5)
+    for task in queued:
+        task.cancel()
+    await asyncio.gather(*queued, return_exceptions=True)
 
 
 async def test_deadline_in_the_queue_gives_deadline_exceeded_and_leaves_the_queue():
     scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
-    await scheduler.admit("a", "tiny")
+    await scheduler.admit(ticket("a"))
     with pytest.raises(DeadlineExceeded) as caught:
-        await scheduler.admit("b", "tiny", timeout=0.05)
+        await scheduler.admit(ticket("b"), timeout=0.05)
     assert caught.value.reason == "DEADLINE_EXCEEDED_IN_QUEUE"
-    assert scheduler.waiting == 0
+    assert scheduler.waiting == 0 and scheduler.status("b").phase is Phase.DONE
     scheduler.finish("a")
-    assert scheduler.running == 0
+    assert scheduler.running == 0 and scheduler.rejected == {"DEADLINE_EXCEEDED_IN_QUEUE": 1}
 
 
 async def test_a_caller_that_goes_away_leaves_the_queue_and_holds_no_slot():
     scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
-    await scheduler.admit("a", "tiny")
-    waiting = asyncio.create_task(scheduler.admit("b", "tiny"))
-    await asyncio.sleep(0)
+    await scheduler.admit(ticket("a"))
+    waiting = asyncio.create_task(scheduler.admit(ticket("b")))
+    await settle()
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    assert scheduler.waiting == 0
+    assert scheduler.waiting == 0 and scheduler.status("b").reason == "CANCELLED_IN_QUEUE"
     scheduler.finish("a")
-    third = await asyncio.wait_for(scheduler.admit("c", "tiny"), 1)
-    assert third.endpoint == W1
+    third = await asyncio.wait_for(scheduler.admit(ticket("c")), 1)
+    assert third.endpoint == W1 and not scheduler.rejected
+
+
+async def test_a_failed_worker_leaves_rotation_and_a_redispatch_goes_first_elsewhere():
+    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=1)
+    first = await scheduler.admit(ticket("a"))
+    assert first.endpoint == W1 and (await scheduler.admit(ticket("b"))).endpoint == W2
+    queued = asyncio.create_task(scheduler.admit(ticket("queued")))
+    await settle()
+    scheduler.finish("a", outcome="WORKER_FAILED", worker_failed=True)
+    await settle()
+    assert not queued.done()                            # the freed slot is on the failed worker
+    loads = {w.endpoint.worker_id: w for w in scheduler.worker_loads()}
+    assert not loads["w1"].in_rotation and loads["w2"].in_rotation
+    again = asyncio.create_task(scheduler.admit(ticket("a", redispatch=True)))
+    await settle()
+    scheduler.finish("b")
+    assert (await asyncio.wait_for(again, 1)).endpoint == W2 and not queued.done()
+    scheduler.report("w1", {"tiny:latest": 1})          # it answers again
+    await asyncio.wait_for(queued, 1)
+
+
+async def test_a_worker_that_stops_answering_leaves_rotation_after_the_timeout():
+    clock = Clock()
+    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, report_timeout=2.0,
+                          clock=clock)
+    scheduler.update_endpoints("tiny:latest", [W1, W2])
+    scheduler.report("w1", {"tiny:latest": 4})
+    scheduler.report("w2", {"tiny:latest": 4})
+    clock.now = 1.0
+    scheduler.unreachable("w1")                         # one missed poll: still in
+    assert all(w.in_rotation for w in scheduler.worker_loads())
+    clock.now = 2.5
+    scheduler.unreachable("w1")
+    for i in range(3):
+        assert (await scheduler.admit(ticket(f"r{i}"))).endpoint == W2
+
+
+async def test_status_says_where_a_request_is():
+    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
+    await scheduler.admit(ticket("a", tenant="t1", priority=2))
+    running = scheduler.status("a")
+    assert (running.phase, running.endpoint, running.tenant, running.priority) == (Phase.RUNNING, W1, "t1", 2)
+    scheduler.finish("a", tokens=10, outcome="STOP")
+    done = scheduler.status("a")
+    assert (done.phase, done.reason) == (Phase.DONE, "STOP")
+    assert scheduler.status("never") is None
+
+
+async def test_queue_depths_per_model_band_and_tenant():
+    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
+    await scheduler.admit(ticket("a"))
+    queued = [asyncio.create_task(scheduler.admit(ticket(r, tenant=t, priority=p)))
+              for r, t, p in [("q1", "x", 0), ("q2", "x", 0), ("q3", "y", 1)]]
+    await settle()
+    assert {(d.model, d.priority, d.tenant, d.waiting) for d in scheduler.queue_depths()} == {
+        ("tiny:latest", 0, "x", 2), ("tiny:latest", 1, "y", 1)}
+    for task in queued:
+        task.cancel()
+    await asyncio.gather(*queued, return_exceptions=True)
 
 
 async def test_duplicate_ids_unknown_models_and_idempotent_finish():
     scheduler = Scheduler(FakeRegistry())
-    await scheduler.admit("a", "tiny")
+    await scheduler.admit(ticket("a"))
     with pytest.raises(AlreadyExists):
-        await scheduler.admit("a", "tiny")
+        await scheduler.admit(ticket("a"))
     with pytest.raises(NotFound):
-        await scheduler.admit("b", "missing")
+        await scheduler.admit(ticket("b", model="missing"))
     assert scheduler.finish("a") and not scheduler.finish("a")
-    assert scheduler.running == 0
+    assert scheduler.running == 0 and scheduler.rejected == {"MODEL_NOT_FOUND": 1}
 
 
 async def test_a_model_loaded_nowhere_is_loaded_on_demand():
     registry = FakeRegistry(ready={}, loadable={"cold:latest": [W2]})
     scheduler = Scheduler(registry)
-    admission = await scheduler.admit("a", "cold")
-    assert registry.loads == ["cold:latest"]
-    assert admission.endpoint == W2
+    admission = await scheduler.admit(ticket("a", model="cold"))
+    assert registry.loads == ["cold:latest"] and admission.endpoint == W2
 
 
 async def test_a_keep_alive_is_handed_to_the_registry_even_when_the_model_is_loaded():
     registry = FakeRegistry(loadable={"tiny:latest": [W1]})
     scheduler = Scheduler(registry)
-    await scheduler.admit("a", "tiny")
+    await scheduler.admit(ticket("a"))
     assert registry.loads == []
-    await scheduler.admit("b", "tiny", keep_alive=60.0)
+    await scheduler.admit(ticket("b", keep_alive=60.0))
     assert registry.loads == ["tiny:latest"]
