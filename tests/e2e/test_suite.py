@@ -21,7 +21,7 @@ import pytest
 from llmos.bundled import DEFAULT_MODEL
 from llmos.client import Client
 from llmos.suite import SERVICES, Suite
-from llmos.v1 import common_pb2
+from llmos.v1 import common_pb2, gateway_pb2, worker_pb2, worker_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,25 @@ def test_smollm2_says_paris(client):
     assert "Paris" in text, text
     assert len(responses) > 3, "the answer should arrive token by token"
     assert responses[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+def test_a_200ms_deadline_ends_a_long_generation_and_frees_its_slot(suite, client):
+    request = gateway_pb2.GenerateRequest(model=DEFAULT_MODEL, prompt="Tell me a long story.",
+                                          sampling=common_pb2.SamplingParams(max_tokens=1000, ignore_eos=True))
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        for _ in client.gateway.Generate(request, timeout=0.2):
+            pass
+    ended = time.monotonic()
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and ended - started < 0.5
+    with grpc.insecure_channel(suite.addresses["worker"]) as channel:
+        worker = worker_pb2_grpc.WorkerServiceStub(channel)
+        while True:
+            status = worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=5)
+            if status.running == 0 and status.waiting == 0:
+                break
+            assert time.monotonic() - ended < 0.5, "the worker still holds the slot"
+            time.sleep(0.01)
 
 
 @pytest.mark.parametrize("name", ["tiny", DEFAULT_MODEL])

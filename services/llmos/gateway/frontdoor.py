@@ -75,7 +75,12 @@ class FrontDoor:
             return None if deadline is None else deadline - time.monotonic()
 
         for attempt in range(MAX_REDISPATCH + 1):
-            assignment = await self._scheduler.admit(call, request_id, remaining(), redispatch=attempt > 0)
+            try:
+                assignment = await self._scheduler.admit(call, request_id, remaining(), redispatch=attempt > 0)
+            except asyncio.CancelledError:
+                # The admission may have been granted as the caller left: release it (idempotent).
+                self._report(request_id, FinishReason.CANCELLED, None, False)
+                raise
             reason: FinishReason | None = None
             usage: Usage | None = None
             produced = worker_failed = False
@@ -91,6 +96,8 @@ class FrontDoor:
                     yield request_id, chunk
                 return
             except LlmosError as exc:
+                if exc.code == "CANCELLED":
+                    reason = FinishReason.CANCELLED
                 worker_failed = exc.code == "UNAVAILABLE"
                 if not worker_failed or produced or attempt == MAX_REDISPATCH:
                     raise

@@ -33,6 +33,8 @@ class SchedulerSettings:
     # takes it out of rotation.
     report_interval_seconds: float = 0.5
     report_timeout_seconds: float = 2.0
+    # How long the registry's word on where a model is ready is reused before asking again.
+    placement_ttl_seconds: float = 1.0
     load_timeout_seconds: float = 300.0
     grace_seconds: float = 10.0
     log_level: str = "INFO"
@@ -44,7 +46,7 @@ async def build(settings: SchedulerSettings, provider: TracerProvider | None = N
     registry = GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds)
     scheduler = Scheduler(registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model,
                           settings.aging_seconds, parse_weights(settings.tenant_weights),
-                          settings.report_timeout_seconds)
+                          settings.report_timeout_seconds, settings.placement_ttl_seconds)
     reports = WorkerReports(scheduler, registry, channels, settings.report_interval_seconds)
     host = ServiceHost("scheduler", settings.listen, provider)
     register(host, scheduler)

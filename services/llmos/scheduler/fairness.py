@@ -150,6 +150,24 @@ class FairQueue:
         if known is not None and tenant in known.tenants:
             known.tenants[tenant].vtime += tokens / self._weight(tenant)
 
+    def displace(self, band: int, tenant: str) -> Waiting | None:
+        """Makes room in a full queue for a newcomer of `band` and `tenant`, if that is fair:
+        takes out the newest request of a lower band (the lowest first), or else of the tenant
+        with the most requests waiting in the newcomer's band, when that is at least two more
+        than the newcomer's tenant has there. None: the newcomer is the one to refuse."""
+        for number in sorted(b for b, known in self._bands.items() if known.count and b <= band):
+            known = self._bands[number]
+            name, largest = max(((n, t) for n, t in known.tenants.items() if t.count),
+                                key=lambda item: (item[1].count, item[0]))
+            if number == band:
+                mine = known.tenants[tenant].count if tenant in known.tenants else 0
+                if name == tenant or largest.count < mine + 2:
+                    return None
+            victim = max((w for _, _, w in largest.heap if not w.removed), key=lambda w: w.seq)
+            self.remove(victim)
+            return victim
+        return None
+
     def depths(self) -> Counter[tuple[int, str]]:
         """Waiting requests per (band, tenant)."""
         return Counter({(b, name): t.count for b, band in self._bands.items()

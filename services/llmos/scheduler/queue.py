@@ -128,6 +128,7 @@ class _Request:
     future: asyncio.Future | None = None
     endpoint: Endpoint | None = None
     started: float = 0.0
+    abandoned: bool = False
 
 
 @dataclass
@@ -144,6 +145,7 @@ class _Model:
     name: str
     queue: FairQueue
     endpoints: list[Endpoint] = field(default_factory=list)
+    endpoints_at: float = float("-inf")                         # when the registry said so
     mean_seconds: float = 1.0                                   # moving average of a generation
 
 
@@ -151,13 +153,16 @@ class Scheduler:
     def __init__(self, registry: RegistryPort, slots_per_worker: int = 16, max_queue: int = 64,
                  max_queue_per_model: int = 0, aging_seconds: float = 30.0,
                  tenant_weights: dict[str, float] | None = None, report_timeout: float = 3.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 placement_ttl: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._registry = registry
         self.slots_per_worker = slots_per_worker
         self.max_queue = max_queue
         self.max_queue_per_model = max_queue_per_model or max_queue
         self.aging_seconds = aging_seconds
         self.report_timeout = report_timeout
+        self.placement_ttl = placement_ttl
+        self._aliases: dict[str, str] = {}                      # "tiny" → "tiny:latest"
+        self._abandoned: OrderedDict[str, float] = OrderedDict()  # finished before they were admitted
         self._weights = dict(tenant_weights or {})
         self._clock = clock
         self._models: dict[str, _Model] = {}
@@ -234,7 +239,12 @@ class Scheduler:
         request = self._active[ticket.request_id] = _Request(ticket, "", arrival)
         self._done.pop(ticket.request_id, None)
         try:
-            resolved, endpoints = await self._registry.ready_endpoints(ticket.model, remaining())
+            cached = self._cached(ticket.model) if ticket.keep_alive is None else None
+            if cached is not None:
+                resolved, endpoints = cached.name, cached.endpoints
+            else:
+                resolved, endpoints = await self._registry.ready_endpoints(ticket.model, remaining())
+                self._aliases[ticket.model] = resolved
             request.model = resolved
             if not endpoints or ticket.keep_alive is not None:
                 request.reason = "MODEL_LOADING"
@@ -243,7 +253,11 @@ class Scheduler:
                     raise Unavailable(f"no worker serves {resolved}", reason="NO_READY_WORKER",
                                       metadata={"model": resolved})
             model = self._model(resolved)
-            self.update_endpoints(resolved, endpoints, dispatch=False)
+            if cached is None:
+                self.update_endpoints(resolved, endpoints, dispatch=False)
+            given_up = self._abandoned.pop(ticket.request_id, None)
+            if request.abandoned or (given_up is not None and self._clock() - given_up < 30.0):
+                raise asyncio.CancelledError()
             endpoint = self._free_endpoint(model) if not model.queue else None
             if endpoint is None:
                 endpoint = await self._wait(request, model, deadline, remaining())
@@ -264,7 +278,12 @@ class Scheduler:
         generated), to correct its tenant's charge; `worker_failed`: its worker broke the
         stream, so it leaves rotation. Idempotent."""
         request = self._active.get(request_id)
-        if request is None or request.phase is not Phase.RUNNING:
+        if request is None or request.phase is Phase.QUEUED:
+            # The caller gave up before it heard of its admission: whatever is granted later
+            # is given back at once.
+            self._abandon(request_id, request)
+            return False
+        if request.phase is not Phase.RUNNING:
             return False
         now = self._clock()
         model = self._models[request.model]
@@ -283,16 +302,28 @@ class Scheduler:
         self._dispatch(model)
         return True
 
+    def _abandon(self, request_id: str, request: _Request | None) -> None:
+        if request is None:
+            self._abandoned[request_id] = self._clock()
+            while len(self._abandoned) > REMEMBERED_DONE:
+                self._abandoned.popitem(last=False)
+            return
+        request.abandoned = True
+        if request.future is not None and not request.future.done():
+            request.future.cancel()
+
     # ---- workers ----------------------------------------------------------------------------
 
     def update_endpoints(self, model: str, endpoints: list[Endpoint], dispatch: bool = True) -> None:
         """Where the registry says `model` is ready now."""
         known = self._model(model)
-        known.endpoints = list(endpoints)
+        known.endpoints, known.endpoints_at = list(endpoints), self._clock()
         for e in endpoints:
             if e.worker_id not in self._workers or self._workers[e.worker_id].endpoint != e:
                 previous = self._workers.get(e.worker_id)
                 self._workers[e.worker_id] = _Worker(e, running=previous.running if previous else Counter())
+            # Newer than the worker's last report: slots until the next report says how many.
+            self._workers[e.worker_id].capacity.setdefault(model, self.slots_per_worker)
         if dispatch:
             self._dispatch(known)
 
@@ -331,6 +362,14 @@ class Scheduler:
 
     # ---- inside ----------------------------------------------------------------------------
 
+    def _cached(self, name: str) -> _Model | None:
+        """The model `name` resolves to, when the registry was asked about it in the last
+        `placement_ttl` seconds and it had a worker then."""
+        model = self._models.get(self._aliases.get(name, ""))
+        if model is None or not model.endpoints or self._clock() - model.endpoints_at > self.placement_ttl:
+            return None
+        return model
+
     def _model(self, name: str) -> _Model:
         model = self._models.get(name)
         if model is None:
@@ -343,7 +382,7 @@ class Scheduler:
         return ticket.priority + (REDISPATCH_BAND if ticket.redispatch else 0)
 
     def _capacity(self, worker: _Worker, model: str) -> int:
-        return min(worker.capacity.get(model, self.slots_per_worker), self.slots_per_worker)
+        return min(worker.capacity.get(model, 0), self.slots_per_worker)
 
     @staticmethod
     def _in_rotation(worker: _Worker) -> bool:
@@ -369,14 +408,9 @@ class Scheduler:
     async def _wait(self, request: _Request, model: _Model, deadline: float | None,
                     timeout: float | None) -> Endpoint:
         t = request.ticket
-        if self._waiting >= self.max_queue or len(model.queue) >= self.max_queue_per_model:
-            total = self._waiting >= self.max_queue
-            reason = "QUEUE_FULL" if total else "MODEL_QUEUE_FULL"
-            limit = self.max_queue if total else self.max_queue_per_model
-            raise ResourceExhausted(
-                f"the {'' if total else model.name + ' '}queue is full ({limit} waiting); retry later",
-                retry_after=self.retry_after(model.name), reason=reason,
-                metadata={"model": model.name, "waiting": str(len(model.queue)), "limit": str(limit)})
+        full = self._waiting >= self.max_queue or len(model.queue) >= self.max_queue_per_model
+        if full and not t.redispatch:       # a request admitted once already is not new work
+            self._make_room(request, model)
         request.waiting = Waiting(t.request_id, t.tenant, self._band(t), t.cost, request.arrival, deadline)
         request.future = asyncio.get_running_loop().create_future()
         request.reason = "NO_FREE_SLOT" if self._free_endpoint(model) is None and any(
@@ -394,6 +428,27 @@ class Scheduler:
         finally:
             if request.phase is Phase.QUEUED and model.queue.remove(request.waiting):
                 self._waiting -= 1
+
+    def _make_room(self, request: _Request, model: _Model) -> None:
+        """The queue is full: a newcomer of a higher band, or of a tenant with far fewer requests
+        waiting, takes the place of the newest request that is worse off by that measure (it is
+        refused as if it had just arrived); anyone else is refused."""
+        t = request.ticket
+        total = self._waiting >= self.max_queue
+        victim = model.queue.displace(self._band(t), t.tenant)
+        if victim is None:
+            reason = "QUEUE_FULL" if total else "MODEL_QUEUE_FULL"
+            limit = self.max_queue if total else self.max_queue_per_model
+            raise ResourceExhausted(
+                f"the {'' if total else model.name + ' '}queue is full ({limit} waiting); retry later",
+                retry_after=self.retry_after(model.name), reason=reason,
+                metadata={"model": model.name, "waiting": str(len(model.queue)), "limit": str(limit)})
+        self._waiting -= 1
+        displaced = self._active[victim.request_id]
+        displaced.future.set_exception(ResourceExhausted(
+            "the queue is full and a request of a higher priority or a less served tenant took this "
+            "one's place; retry later", retry_after=self.retry_after(model.name), reason="QUEUE_FULL_DISPLACED",
+            metadata={"model": model.name}))
 
     def _dispatch(self, model: _Model) -> None:
         """Hands free slots of the model's workers to its waiting requests, in queue order."""

@@ -122,6 +122,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         ticket = Ticket(request.request_id, request.model, request.tenant or "default", request.priority,
                         max(0, request.prompt_tokens), max(0, request.max_tokens), keep_alive, request.redispatch)
         admission = await self.scheduler.admit(ticket, timeout=context.time_remaining())
+        if context.cancelled():     # granted as the caller left: nobody will run it
+            self.scheduler.finish(ticket.request_id, outcome="CANCELLED")
         return scheduler_pb2.AdmitGenerationResponse(
             worker_id=admission.endpoint.worker_id, worker_address=admission.endpoint.address,
             model=admission.model, queue_time=_duration(admission.queue_seconds))

@@ -307,3 +307,51 @@ async def test_a_keep_alive_is_handed_to_the_registry_even_when_the_model_is_loa
     assert registry.loads == []
     await scheduler.admit(ticket("b", keep_alive=60.0))
     assert registry.loads == ["tiny:latest"]
+
+
+async def test_a_full_queue_makes_room_for_a_higher_band_or_a_less_served_tenant():
+    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1, max_queue=3)
+    await scheduler.admit(ticket("running"))
+    flood = {f"a{i}": asyncio.create_task(scheduler.admit(ticket(f"a{i}", tenant="a"))) for i in range(3)}
+    await settle()
+    with pytest.raises(ResourceExhausted) as caught:
+        await scheduler.admit(ticket("a3", tenant="a"))          # same tenant: refused, nothing moves
+    assert caught.value.reason == "QUEUE_FULL"
+    b = asyncio.create_task(scheduler.admit(ticket("b0", tenant="b")))
+    await settle()
+    assert flood["a2"].done() and isinstance(flood["a2"].exception(), ResourceExhausted)
+    assert flood["a2"].exception().reason == "QUEUE_FULL_DISPLACED"
+    with pytest.raises(ResourceExhausted):
+        await scheduler.admit(ticket("b1", tenant="b"))          # a 2 vs b 1: not two more
+    high = asyncio.create_task(scheduler.admit(ticket("high", tenant="b", priority=5)))
+    await settle()
+    assert flood["a1"].exception().reason == "QUEUE_FULL_DISPLACED"
+    assert scheduler.waiting == 3 and scheduler.status("high").position == 1
+    assert scheduler.rejected == {"QUEUE_FULL": 2, "QUEUE_FULL_DISPLACED": 2}
+    for task in (flood["a0"], b, high):
+        task.cancel()
+    await asyncio.gather(flood["a0"], b, high, return_exceptions=True)
+    assert scheduler.waiting == 0
+
+
+async def test_a_finish_that_overtakes_its_admission_gives_the_slot_back():
+    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
+    await scheduler.admit(ticket("a"))
+    queued = asyncio.create_task(scheduler.admit(ticket("b")))
+    await settle()
+    assert not scheduler.finish("b", outcome="CANCELLED")     # the caller left while b was queued
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    scheduler.finish("x", outcome="CANCELLED")                # before its admission even arrived
+    with pytest.raises(asyncio.CancelledError):
+        await scheduler.admit(ticket("x"))
+    scheduler.finish("a")
+    assert scheduler.running == 0 and scheduler.waiting == 0
+    assert (await scheduler.admit(ticket("c"))).endpoint == W1
+
+
+async def test_the_overhead_benchmark_runs_every_request_through():
+    from llmos.scheduler.bench import scheduler_run
+
+    cpu, admitted = await scheduler_run(300)
+    assert admitted == 300 and cpu > 0

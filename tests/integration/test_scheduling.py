@@ -1,0 +1,35 @@
+"""Request status through the real services."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from llmos.v1 import scheduler_pb2
+
+from .test_generate import _idle, error_info, request
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+async def test_request_status_follows_a_request_from_running_to_done(stack):
+    req = request(max_tokens=200, ignore_eos=True)
+    req.request_id = "status-1"
+    call = stack.gateway.Generate(req, metadata=(("x-llmos-tenant", "acme"),))
+    await call.read()
+    running = await stack.scheduler.GetRequestStatus(scheduler_pb2.GetRequestStatusRequest(request_id="status-1"))
+    assert running.state == scheduler_pb2.GetRequestStatusResponse.STATE_RUNNING
+    assert (running.tenant, running.model, running.worker_id) == ("acme", "tiny:latest", "w1")
+    call.cancel()
+    await _idle(stack)
+    for _ in range(100):
+        done = await stack.scheduler.GetRequestStatus(scheduler_pb2.GetRequestStatusRequest(request_id="status-1"))
+        if done.state == scheduler_pb2.GetRequestStatusResponse.STATE_DONE:
+            break
+        await asyncio.sleep(0.01)
+    assert (done.state, done.reason) == (scheduler_pb2.GetRequestStatusResponse.STATE_DONE, "CANCELLED")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.scheduler.GetRequestStatus(scheduler_pb2.GetRequestStatusRequest(request_id="nobody"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(caught.value)["ErrorInfo"].reason == "REQUEST_NOT_FOUND"
+
