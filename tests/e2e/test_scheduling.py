@@ -21,7 +21,16 @@ from grpc_status import rpc_status
 
 from llmos.client import Client
 from llmos.suite import SERVICES, Suite
-from llmos.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, scheduler_pb2, scheduler_pb2_grpc
+from llmos.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    monitor_pb2,
+    monitor_pb2_grpc,
+    registry_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +145,9 @@ async def test_40_requests_against_16_slots_and_a_queue_of_8(suite):
                 break
             await asyncio.sleep(0.01)
         stats = await driver.stats()
+        async with grpc.aio.insecure_channel(suite.addresses["monitor"]) as channel:
+            health = await monitor_pb2_grpc.MonitorServiceStub(channel).GetClusterHealth(
+                monitor_pb2.GetClusterHealthRequest(), timeout=10)
         one_more = [await driver.run(200) for _ in range(5)]      # a full queue, outside the burst
         for call in driver.calls:
             call.cancel()
@@ -148,6 +160,7 @@ async def test_40_requests_against_16_slots_and_a_queue_of_8(suite):
               f"(median {statistics.median(latencies) * 1e3:.1f} ms); one at a time against the full queue "
               f"{alone[0] * 1e3:.1f}-{alone[-1] * 1e3:.1f} ms")
         assert (stats.running, stats.waiting) == (16, 8)
+        assert [(q.model, q.priority, q.tenant, q.waiting) for q in health.queues] == [("tiny:latest", 0, "default", 8)]
         assert {(w.worker_id, w.running) for w in stats.workers} == {("worker-1", 8), ("worker-2", 8)}
         assert len(rejected) == 16 and {o.reason for o in rejected} == {"QUEUE_FULL"}
         assert not others, [(o.code, o.reason) for o in others]

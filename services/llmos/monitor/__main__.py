@@ -30,7 +30,8 @@ class MonitorSettings:
 async def build(settings: MonitorSettings, provider: TracerProvider | None = None) -> Service:
     provider = provider or make_tracer_provider("monitor")
     channels = Channels(provider)
-    monitor = HealthMonitor(GrpcProbe(channels, settings.registry_address, settings.check_timeout_seconds), {
+    probe = GrpcProbe(channels, settings.registry_address, settings.check_timeout_seconds, settings.scheduler_address)
+    monitor = HealthMonitor(probe, {
         "gateway": settings.gateway_address, "scheduler": settings.scheduler_address,
         "registry": settings.registry_address, "resources": settings.resources_address})
     host = ServiceHost("monitor", settings.listen, provider)

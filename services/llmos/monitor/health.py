@@ -19,10 +19,19 @@ class ComponentHealth:
 
 
 @dataclass(frozen=True)
+class QueueDepth:
+    model: str
+    priority: int
+    tenant: str
+    waiting: int
+
+
+@dataclass(frozen=True)
 class ClusterHealth:
     healthy: bool
     components: list[ComponentHealth]
     check_time: float
+    queues: list[QueueDepth]
 
 
 class ProbePort(Protocol):
@@ -31,6 +40,9 @@ class ProbePort(Protocol):
 
     async def workers(self) -> list[tuple[str, str]]:
         """(worker id, address) of every registered worker."""
+
+    async def queues(self) -> list[QueueDepth]:
+        """The scheduler's waiting requests per model, band and tenant."""
 
 
 class HealthMonitor:
@@ -50,8 +62,13 @@ class HealthMonitor:
             workers_error = f"cannot list workers: {exc.__class__.__name__}"
         else:
             workers_error = ""
+        queues_task = asyncio.ensure_future(self._probe.queues())
         results = await asyncio.gather(*(self._probe.check(address) for _, address in targets
                                          if address))
+        try:
+            queues = await queues_task
+        except Exception:  # noqa: BLE001 - the scheduler's own check says why
+            queues = []
         components = []
         checked = iter(results)
         for name, address in targets:
@@ -60,4 +77,4 @@ class HealthMonitor:
                 continue
             state, detail = next(checked)
             components.append(ComponentHealth(name, address, state, detail))
-        return ClusterHealth(all(c.state == SERVING for c in components), components, time.time())
+        return ClusterHealth(all(c.state == SERVING for c in components), components, time.time(), queues)

@@ -7,9 +7,16 @@ from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.common.channels import Channels
-from llmos.v1 import monitor_pb2, monitor_pb2_grpc, registry_pb2, registry_pb2_grpc
+from llmos.v1 import (
+    monitor_pb2,
+    monitor_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 
-from .health import NOT_SERVING, SERVING, UNREACHABLE, HealthMonitor
+from .health import NOT_SERVING, SERVING, UNREACHABLE, HealthMonitor, QueueDepth
 
 _STATES = {SERVING: monitor_pb2.ComponentHealth.STATE_SERVING,
            NOT_SERVING: monitor_pb2.ComponentHealth.STATE_NOT_SERVING,
@@ -17,9 +24,12 @@ _STATES = {SERVING: monitor_pb2.ComponentHealth.STATE_SERVING,
 
 
 class GrpcProbe:
-    def __init__(self, channels: Channels, registry_address: str, timeout: float) -> None:
+    def __init__(self, channels: Channels, registry_address: str, timeout: float,
+                 scheduler_address: str = "") -> None:
         self._channels = channels
         self._registry = registry_pb2_grpc.RegistryServiceStub(channels.get(registry_address))
+        self._scheduler = (scheduler_pb2_grpc.SchedulerServiceStub(channels.get(scheduler_address))
+                           if scheduler_address else None)
         self._timeout = timeout
 
     async def check(self, address: str) -> tuple[str, str]:
@@ -37,6 +47,13 @@ class GrpcProbe:
                                                     timeout=self._timeout)
         return [(w.worker_id, w.address) for w in response.workers]
 
+    async def queues(self) -> list[QueueDepth]:
+        if self._scheduler is None:
+            return []
+        stats = await self._scheduler.GetSchedulerStats(scheduler_pb2.GetSchedulerStatsRequest(),
+                                                        timeout=self._timeout)
+        return [QueueDepth(q.model, q.priority, q.tenant, q.waiting) for q in stats.queues]
+
 
 class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
     def __init__(self, monitor: HealthMonitor) -> None:
@@ -50,7 +67,9 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             healthy=health.healthy, check_time=checked,
             components=[monitor_pb2.ComponentHealth(component=c.component, address=c.address,
                                                     state=_STATES[c.state], detail=c.detail)
-                        for c in health.components])
+                        for c in health.components],
+            queues=[scheduler_pb2.QueueDepth(model=q.model, priority=q.priority, tenant=q.tenant, waiting=q.waiting)
+                    for q in health.queues])
 
 
 def register(host, monitor: HealthMonitor) -> None:

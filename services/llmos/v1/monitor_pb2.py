@@ -23,23 +23,24 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from llmos.v1 import scheduler_pb2 as llmos_dot_v1_dot_scheduler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/monitor.proto\x12\x08llmos.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x01\n\x0f\x43omponentHealth\x12\x11\n\tcomponent\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.llmos.v1.ComponentHealth.State\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"_\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_SERVING\x10\x01\x12\x15\n\x11STATE_NOT_SERVING\x10\x02\x12\x15\n\x11STATE_UNREACHABLE\x10\x03\"\x19\n\x17GetClusterHealthRequest\"\x8a\x01\n\x18GetClusterHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12-\n\ncomponents\x18\x02 \x03(\x0b\x32\x19.llmos.v1.ComponentHealth\x12.\n\ncheck_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2k\n\x0eMonitorService\x12Y\n\x10GetClusterHealth\x12!.llmos.v1.GetClusterHealthRequest\x1a\".llmos.v1.GetClusterHealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/monitor.proto\x12\x08llmos.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18llmos/v1/scheduler.proto\"\xd6\x01\n\x0f\x43omponentHealth\x12\x11\n\tcomponent\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.llmos.v1.ComponentHealth.State\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"_\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_SERVING\x10\x01\x12\x15\n\x11STATE_NOT_SERVING\x10\x02\x12\x15\n\x11STATE_UNREACHABLE\x10\x03\"\x19\n\x17GetClusterHealthRequest\"\xb0\x01\n\x18GetClusterHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12-\n\ncomponents\x18\x02 \x03(\x0b\x32\x19.llmos.v1.ComponentHealth\x12.\n\ncheck_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x06queues\x18\x04 \x03(\x0b\x32\x14.llmos.v1.QueueDepth2k\n\x0eMonitorService\x12Y\n\x10GetClusterHealth\x12!.llmos.v1.GetClusterHealthRequest\x1a\".llmos.v1.GetClusterHealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmos.v1.monitor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPONENTHEALTH']._serialized_start=70
-  _globals['_COMPONENTHEALTH']._serialized_end=284
-  _globals['_COMPONENTHEALTH_STATE']._serialized_start=189
-  _globals['_COMPONENTHEALTH_STATE']._serialized_end=284
-  _globals['_GETCLUSTERHEALTHREQUEST']._serialized_start=286
-  _globals['_GETCLUSTERHEALTHREQUEST']._serialized_end=311
-  _globals['_GETCLUSTERHEALTHRESPONSE']._serialized_start=314
-  _globals['_GETCLUSTERHEALTHRESPONSE']._serialized_end=452
-  _globals['_MONITORSERVICE']._serialized_start=454
-  _globals['_MONITORSERVICE']._serialized_end=561
+  _globals['_COMPONENTHEALTH']._serialized_start=96
+  _globals['_COMPONENTHEALTH']._serialized_end=310
+  _globals['_COMPONENTHEALTH_STATE']._serialized_start=215
+  _globals['_COMPONENTHEALTH_STATE']._serialized_end=310
+  _globals['_GETCLUSTERHEALTHREQUEST']._serialized_start=312
+  _globals['_GETCLUSTERHEALTHREQUEST']._serialized_end=337
+  _globals['_GETCLUSTERHEALTHRESPONSE']._serialized_start=340
+  _globals['_GETCLUSTERHEALTHRESPONSE']._serialized_end=516
+  _globals['_MONITORSERVICE']._serialized_start=518
+  _globals['_MONITORSERVICE']._serialized_end=625
 # @@protoc_insertion_point(module_scope)

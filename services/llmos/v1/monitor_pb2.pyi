@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from llmos.v1 import scheduler_pb2 as _scheduler_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -37,11 +38,13 @@ class GetClusterHealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetClusterHealthResponse(_message.Message):
-    __slots__ = ("healthy", "components", "check_time")
+    __slots__ = ("healthy", "components", "check_time", "queues")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     CHECK_TIME_FIELD_NUMBER: _ClassVar[int]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     components: _containers.RepeatedCompositeFieldContainer[ComponentHealth]
     check_time: _timestamp_pb2.Timestamp
-    def __init__(self, healthy: _Optional[bool] = ..., components: _Optional[_Iterable[_Union[ComponentHealth, _Mapping]]] = ..., check_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    queues: _containers.RepeatedCompositeFieldContainer[_scheduler_pb2.QueueDepth]
+    def __init__(self, healthy: _Optional[bool] = ..., components: _Optional[_Iterable[_Union[ComponentHealth, _Mapping]]] = ..., check_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queues: _Optional[_Iterable[_Union[_scheduler_pb2.QueueDepth, _Mapping]]] = ...) -> None: ...
