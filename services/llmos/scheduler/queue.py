@@ -169,7 +169,6 @@ class Scheduler:
         self._workers: dict[str, _Worker] = {}
         self._active: dict[str, _Request] = {}
         self._done: OrderedDict[str, RequestStatus] = OrderedDict()
-        self._waiting = 0
         self.admitted_total = 0
         self.rejected: Counter[str] = Counter()
 
@@ -181,7 +180,7 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return sum(len(m.queue) for m in self._models.values())
 
     @property
     def rejected_total(self) -> int:
@@ -195,7 +194,7 @@ class Scheduler:
         pairs = {(e.worker_id, m.name) for m in self._models.values() for e in m.endpoints}
         pairs |= {(w.endpoint.worker_id, model) for w in self._workers.values() for model, n in w.running.items() if n}
         return [WorkerLoad(self._workers[wid].endpoint, model, self._workers[wid].running[model],
-                           self._capacity(self._workers[wid], model), self._in_rotation(self._workers[wid]))
+                           self._capacity(self._workers[wid], model), self._workers[wid].out_since is None)
                 for wid, model in sorted(pairs) if wid in self._workers]
 
     def status(self, request_id: str) -> RequestStatus | None:
@@ -218,8 +217,7 @@ class Scheduler:
         known = self._models.get(model)
         if known is None:
             return 1.0
-        capacity = sum(self._capacity(self._workers[e.worker_id], model) for e in known.endpoints
-                       if e.worker_id in self._workers and self._in_rotation(self._workers[e.worker_id]))
+        capacity = sum(self._capacity(worker, model) for worker in self._in_rotation(known))
         return max(0.1, known.mean_seconds * (len(known.queue) + 1) / max(1, capacity))
 
     # ---- requests --------------------------------------------------------------------------
@@ -309,8 +307,8 @@ class Scheduler:
                 self._abandoned.popitem(last=False)
             return
         request.abandoned = True
-        if request.future is not None and not request.future.done():
-            request.future.cancel()
+        if request.waiting is not None and self._models[request.model].queue.remove(request.waiting):
+            request.future.cancel()     # out of the queue now: no dispatch may hand it a slot
 
     # ---- workers ----------------------------------------------------------------------------
 
@@ -357,8 +355,7 @@ class Scheduler:
 
     def starved_models(self) -> list[str]:
         """Models with waiting requests and no worker in rotation: their placements need a fresh look."""
-        return [m.name for m in self._models.values() if m.queue and not any(
-            self._in_rotation(self._workers[e.worker_id]) for e in m.endpoints if e.worker_id in self._workers)]
+        return [m.name for m in self._models.values() if m.queue and not self._in_rotation(m)]
 
     # ---- inside ----------------------------------------------------------------------------
 
@@ -384,21 +381,19 @@ class Scheduler:
     def _capacity(self, worker: _Worker, model: str) -> int:
         return min(worker.capacity.get(model, 0), self.slots_per_worker)
 
-    @staticmethod
-    def _in_rotation(worker: _Worker) -> bool:
-        return worker.out_since is None
+    def _in_rotation(self, model: _Model) -> list[_Worker]:
+        """The workers serving `model` that are in rotation."""
+        workers = (self._workers.get(e.worker_id) for e in model.endpoints)
+        return [w for w in workers if w is not None and w.out_since is None]
 
     def _free_endpoint(self, model: _Model) -> Endpoint | None:
         """The least loaded worker in rotation with a free slot for the model."""
         best, best_load = None, 2.0
-        for e in model.endpoints:
-            worker = self._workers.get(e.worker_id)
-            if worker is None or not self._in_rotation(worker):
-                continue
+        for worker in self._in_rotation(model):
             capacity = self._capacity(worker, model.name)
             used = worker.running[model.name]
             if used < capacity and used / capacity < best_load:
-                best, best_load = e, used / capacity
+                best, best_load = worker.endpoint, used / capacity
         return best
 
     def _start(self, request: _Request, endpoint: Endpoint) -> None:
@@ -408,16 +403,13 @@ class Scheduler:
     async def _wait(self, request: _Request, model: _Model, deadline: float | None,
                     timeout: float | None) -> Endpoint:
         t = request.ticket
-        full = self._waiting >= self.max_queue or len(model.queue) >= self.max_queue_per_model
+        full = self.waiting >= self.max_queue or len(model.queue) >= self.max_queue_per_model
         if full and not t.redispatch:       # a request admitted once already is not new work
             self._make_room(request, model)
         request.waiting = Waiting(t.request_id, t.tenant, self._band(t), t.cost, request.arrival, deadline)
         request.future = asyncio.get_running_loop().create_future()
-        request.reason = "NO_FREE_SLOT" if self._free_endpoint(model) is None and any(
-            e.worker_id in self._workers and self._in_rotation(self._workers[e.worker_id])
-            for e in model.endpoints) else "NO_WORKER_IN_ROTATION"
+        request.reason = "NO_FREE_SLOT" if self._in_rotation(model) else "NO_WORKER_IN_ROTATION"
         model.queue.push(request.waiting)
-        self._waiting += 1
         self._dispatch(model)
         try:
             return await asyncio.wait_for(asyncio.shield(request.future), timeout)
@@ -426,15 +418,15 @@ class Scheduler:
                                    reason="DEADLINE_EXCEEDED_IN_QUEUE",
                                    metadata={"model": model.name}) from None
         finally:
-            if request.phase is Phase.QUEUED and model.queue.remove(request.waiting):
-                self._waiting -= 1
+            if request.phase is Phase.QUEUED:
+                model.queue.remove(request.waiting)
 
     def _make_room(self, request: _Request, model: _Model) -> None:
         """The queue is full: a newcomer of a higher band, or of a tenant with far fewer requests
         waiting, takes the place of the newest request that is worse off by that measure (it is
         refused as if it had just arrived); anyone else is refused."""
         t = request.ticket
-        total = self._waiting >= self.max_queue
+        total = self.waiting >= self.max_queue
         victim = model.queue.displace(self._band(t), t.tenant)
         if victim is None:
             reason = "QUEUE_FULL" if total else "MODEL_QUEUE_FULL"
@@ -443,7 +435,6 @@ class Scheduler:
                 f"the {'' if total else model.name + ' '}queue is full ({limit} waiting); retry later",
                 retry_after=self.retry_after(model.name), reason=reason,
                 metadata={"model": model.name, "waiting": str(len(model.queue)), "limit": str(limit)})
-        self._waiting -= 1
         displaced = self._active[victim.request_id]
         displaced.future.set_exception(ResourceExhausted(
             "the queue is full and a request of a higher priority or a less served tenant took this "
@@ -457,7 +448,6 @@ class Scheduler:
             if endpoint is None:
                 return
             item = model.queue.pop(self._clock())
-            self._waiting -= 1
             request = self._active[item.request_id]
             self._start(request, endpoint)
             request.future.set_result(endpoint)

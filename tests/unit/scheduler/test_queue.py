@@ -340,8 +340,12 @@ async def test_a_finish_that_overtakes_its_admission_gives_the_slot_back():
     queued = asyncio.create_task(scheduler.admit(ticket("b")))
     await settle()
     assert not scheduler.finish("b", outcome="CANCELLED")     # the caller left while b was queued
+    assert scheduler.waiting == 0
+    assert scheduler.finish("a")                              # the same tick: the slot must not go to b
+    assert scheduler.running == 0
     with pytest.raises(asyncio.CancelledError):
         await queued
+    await scheduler.admit(ticket("a"))
     scheduler.finish("x", outcome="CANCELLED")                # before its admission even arrived
     with pytest.raises(asyncio.CancelledError):
         await scheduler.admit(ticket("x"))
