@@ -135,10 +135,7 @@ class FairQueue:
         item = tenant.head()
         assert item is not None
         heapq.heappop(tenant.heap)
-        item.removed = True
-        tenant.count -= 1
-        band.count -= 1
-        self._count -= 1
+        self.remove(item)
         band.vclock = tenant.vtime
         tenant.vtime += item.cost / self._weight(name)
         return item
