@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 from . import bench
 from .bundled import DEFAULT_MODEL
 from .client import Client
+from .common.convert import duration
 from .suite import DEFAULT_PORTS, Suite, SuiteError
 from .v1 import common_pb2, registry_pb2, resources_pb2
 
@@ -166,7 +167,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         elif args.action == "load":
             request = registry_pb2.LoadModelRequest(name=args.name, replicas=args.replicas)
             if args.keep_alive is not None:
-                request.keep_alive.FromNanoseconds(int(args.keep_alive * 1e9))
+                request.keep_alive.CopyFrom(duration(args.keep_alive))
             response = client.registry.LoadModel(request, timeout=600)
             print(f"ready on {response.placement.worker_id} ({response.placement.worker_address})")
         elif args.action == "unload":

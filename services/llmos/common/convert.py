@@ -10,10 +10,35 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from google.protobuf import duration_pb2, timestamp_pb2
+
 from llmos.v1 import common_pb2
 
 from .domain import ChatMessage, Chunk, FinishReason, GenerationInput, SamplingParams, Usage
 from .errors import FieldViolation, InvalidArgument
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    """A Unix time in seconds as a `Timestamp`."""
+    value = timestamp_pb2.Timestamp()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def seconds(value: duration_pb2.Duration | timestamp_pb2.Timestamp) -> float:
+    return value.ToNanoseconds() / 1e9
+
+
+def optional_seconds(message: Any, name: str) -> float | None:
+    """The `Duration` field `name` in seconds, None when it is not set."""
+    return seconds(getattr(message, name)) if message.HasField(name) else None
+
 
 MAX_PROMPT_CHARS = 1 << 20
 MAX_MESSAGES = 512

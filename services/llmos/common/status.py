@@ -13,10 +13,10 @@ import logging
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from .convert import duration, seconds
 from .errors import DOMAIN, FieldViolation, LlmosError, RemoteError
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,7 @@ def to_status(error: LlmosError) -> status_pb2.Status:
             for v in violations]))
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(retry_after * 1e9))
-        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=duration(retry_after)))
     return status
 
 
@@ -72,7 +70,7 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> LlmosError:
             elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                 info = error_details_pb2.RetryInfo()
                 detail.Unpack(info)
-                retry_after = info.retry_delay.ToNanoseconds() / 1e9
+                retry_after = seconds(info.retry_delay)
     return RemoteError(code.name, exc.details() or code.name.lower(), reason=reason,
                        metadata=metadata, violations=violations, retry_after=retry_after)
 

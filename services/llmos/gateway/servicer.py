@@ -13,9 +13,11 @@ from llmos.common.convert import (
     FINISH_TO_PROTO,
     Violations,
     chunk_from_proto,
+    duration,
     fill_chunk,
     input_from_proto,
     input_to_proto,
+    optional_seconds,
     sampling_from_proto,
     sampling_to_proto,
     usage_to_proto,
@@ -57,7 +59,7 @@ class GrpcScheduler:
                 max_tokens=call.params.max_tokens or 0, prompt_tokens=estimate_prompt_tokens(call),
                 redispatch=redispatch)
             if call.keep_alive is not None:
-                request.keep_alive.FromNanoseconds(int(call.keep_alive * 1e9))
+                request.keep_alive.CopyFrom(duration(call.keep_alive))
             response = await self._stub.AdmitGeneration(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
@@ -116,11 +118,9 @@ def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: str) -> Genera
         errors.add("priority", f"must be between -10 and 10, got {request.priority}")
     if request.request_id and not _REQUEST_ID.match(request.request_id):
         errors.add("request_id", "must be 1 to 128 printable ASCII characters without spaces")
-    keep_alive = None
-    if request.HasField("keep_alive"):
-        keep_alive = request.keep_alive.ToNanoseconds() / 1e9
-        if abs(keep_alive) > MAX_KEEP_ALIVE:
-            errors.add("keep_alive", "must be at most 30 days either way")
+    keep_alive = optional_seconds(request, "keep_alive")
+    if keep_alive is not None and abs(keep_alive) > MAX_KEEP_ALIVE:
+        errors.add("keep_alive", "must be at most 30 days either way")
     errors.raise_if_any()
     return GenerateCall(model, source, params, request.priority, request.request_id, tenant, keep_alive)
 

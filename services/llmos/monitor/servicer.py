@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.common.channels import Channels
+from llmos.common.convert import timestamp
 from llmos.v1 import (
     monitor_pb2,
     monitor_pb2_grpc,
@@ -61,10 +61,8 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
 
     async def GetClusterHealth(self, request, context):
         health = await self.monitor.cluster_health()
-        checked = timestamp_pb2.Timestamp()
-        checked.FromNanoseconds(int(health.check_time * 1e9))
         return monitor_pb2.GetClusterHealthResponse(
-            healthy=health.healthy, check_time=checked,
+            healthy=health.healthy, check_time=timestamp(health.check_time),
             components=[monitor_pb2.ComponentHealth(component=c.component, address=c.address,
                                                     state=_STATES[c.state], detail=c.detail)
                         for c in health.components],

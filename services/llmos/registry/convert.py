@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
-
+from llmos.common.convert import duration, timestamp
 from llmos.v1 import common_pb2
 
 from .models import ModelView, Placement
@@ -22,15 +21,13 @@ def placement_to_proto(p: Placement) -> common_pb2.Placement:
 
 def model_to_proto(view: ModelView) -> common_pb2.Model:
     r = view.record
-    created = timestamp_pb2.Timestamp()
-    created.FromNanoseconds(int(r.create_time * 1e9))
     message = common_pb2.Model(
         name=r.name, tag=r.tag, digest=r.digest, source_format=_FORMATS[r.source_format],
         source=r.source, architecture=r.architecture, parameter_count=r.parameter_count,
         dtype=r.dtype, context_length=r.context_length, has_chat_template=r.has_chat_template,
-        create_time=created, estimated_bytes=r.estimated_bytes, state=_STATES[view.state],
+        create_time=timestamp(r.create_time), estimated_bytes=r.estimated_bytes, state=_STATES[view.state],
         placements=[placement_to_proto(p) for p in view.placements], store_path=r.path,
         measured_bytes=r.measured_bytes)
     if r.keep_alive is not None:
-        message.keep_alive.FromNanoseconds(int(r.keep_alive * 1e9))
+        message.keep_alive.CopyFrom(duration(r.keep_alive))
     return message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from llmos.common.channels import Channels
+from llmos.common.convert import optional_seconds, seconds, timestamp
 from llmos.common.names import parse_model_ref
 from llmos.common.status import from_rpc_error
 from llmos.v1 import registry_pb2, registry_pb2_grpc, resources_pb2, resources_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -49,7 +50,7 @@ class GrpcWorkers:
             status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=5)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
-        return {m.model: (m.running + m.waiting, m.last_request_time.ToNanoseconds() / 1e9) for m in status.models}
+        return {m.model: (m.running + m.waiting, seconds(m.last_request_time)) for m in status.models}
 
 
 class GrpcResources:
@@ -84,7 +85,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                                                next_page_token=token)
 
     async def LoadModel(self, request, context):
-        keep_alive = request.keep_alive.ToNanoseconds() / 1e9 if request.HasField("keep_alive") else None
+        keep_alive = optional_seconds(request, "keep_alive")
         view, placement = await self.registry.load(request.name, request.replicas, keep_alive)
         return registry_pb2.LoadModelResponse(model=model_to_proto(view),
                                               placement=placement_to_proto(placement))
@@ -104,10 +105,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def WatchModels(self, request, context):
         name = str(parse_model_ref(request.name, "name")) if request.name else ""
         async for event in self.registry.events.watch(name):
-            message = registry_pb2.WatchModelsResponse(model=event.model, kind=_KINDS[event.kind],
-                                                       worker_id=event.worker_id, reason=event.reason)
-            message.time.FromNanoseconds(int(event.time * 1e9))
-            yield message
+            yield registry_pb2.WatchModelsResponse(model=event.model, kind=_KINDS[event.kind],
+                                                   worker_id=event.worker_id, reason=event.reason,
+                                                   time=timestamp(event.time))
 
     async def ListWorkers(self, request, context):
         return registry_pb2.ListWorkersResponse(workers=[

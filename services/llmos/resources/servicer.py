@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf import timestamp_pb2
 
+from llmos.common.convert import duration, seconds, timestamp
 from llmos.v1 import resources_pb2, resources_pb2_grpc
 
 from .leases import Lease
@@ -13,19 +13,13 @@ from .manager import NodeView, ResourceManager
 _KINDS = {"cpu": resources_pb2.Device.KIND_CPU, "gpu": resources_pb2.Device.KIND_GPU}
 
 
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
 def lease_to_proto(lease: Lease) -> resources_pb2.Lease:
     message = resources_pb2.Lease(name=lease.name, holder=lease.holder, node=lease.node,
                                   device=lease.device, bytes=lease.bytes,
-                                  create_time=_timestamp(lease.create_time))
+                                  create_time=timestamp(lease.create_time))
     if lease.ttl:
-        message.ttl.FromNanoseconds(int(lease.ttl * 1e9))
-        message.expire_time.CopyFrom(_timestamp(lease.expire_time))
+        message.ttl.CopyFrom(duration(lease.ttl))
+        message.expire_time.CopyFrom(timestamp(lease.expire_time))
     return message
 
 
@@ -47,7 +41,7 @@ class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
 
     async def AcquireLease(self, request, context: grpc.aio.ServicerContext):
         lease = self.manager.acquire(request.holder, request.node, request.device, request.bytes,
-                                     request.ttl.ToNanoseconds() / 1e9)
+                                     seconds(request.ttl))
         return resources_pb2.AcquireLeaseResponse(lease=lease_to_proto(lease))
 
     async def ReleaseLease(self, request, context: grpc.aio.ServicerContext):

@@ -6,9 +6,9 @@ import asyncio
 import logging
 
 import grpc
-from google.protobuf import duration_pb2
 
 from llmos.common.channels import Channels
+from llmos.common.convert import duration, optional_seconds
 from llmos.common.errors import InvalidArgument, NotFound
 from llmos.common.status import from_rpc_error
 from llmos.v1 import (
@@ -60,7 +60,7 @@ class GrpcRegistry:
     async def load(self, model: str, timeout: float | None, keep_alive: float | None = None) -> list[Endpoint]:
         request = registry_pb2.LoadModelRequest(name=model)
         if keep_alive is not None:
-            request.keep_alive.FromNanoseconds(int(keep_alive * 1e9))
+            request.keep_alive.CopyFrom(duration(keep_alive))
         try:
             response = await self._stub.LoadModel(request, timeout=_within(self._load_timeout, timeout))
         except grpc.aio.AioRpcError as exc:
@@ -118,7 +118,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def AdmitGeneration(self, request, context: grpc.aio.ServicerContext):
         if not request.request_id or len(request.request_id) > 128:
             raise InvalidArgument.field("request_id", "is required, at most 128 characters")
-        keep_alive = request.keep_alive.ToNanoseconds() / 1e9 if request.HasField("keep_alive") else None
+        keep_alive = optional_seconds(request, "keep_alive")
         ticket = Ticket(request.request_id, request.model, request.tenant or "default", request.priority,
                         max(0, request.prompt_tokens), max(0, request.max_tokens), keep_alive, request.redispatch)
         admission = await self.scheduler.admit(ticket, timeout=context.time_remaining())
@@ -126,7 +126,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             self.scheduler.finish(ticket.request_id, outcome="CANCELLED")
         return scheduler_pb2.AdmitGenerationResponse(
             worker_id=admission.endpoint.worker_id, worker_address=admission.endpoint.address,
-            model=admission.model, queue_time=_duration(admission.queue_seconds))
+            model=admission.model, queue_time=duration(admission.queue_seconds))
 
     async def FinishGeneration(self, request, context):
         tokens = None
@@ -160,13 +160,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             request_id=status.request_id, state=_STATE_TO_PROTO[status.phase], model=status.model,
             tenant=status.tenant, priority=status.priority, position=status.position, reason=status.reason,
             worker_id=endpoint.worker_id if endpoint else "", worker_address=endpoint.address if endpoint else "",
-            queue_time=_duration(status.queue_seconds))
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value
+            queue_time=duration(status.queue_seconds))
 
 
 def register(host, scheduler: Scheduler) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from llmos.common.channels import Channels
-from llmos.common.convert import Violations, fill_chunk, input_from_proto, sampling_from_proto
+from llmos.common.convert import Violations, duration, fill_chunk, input_from_proto, sampling_from_proto, timestamp
 from llmos.common.errors import InvalidArgument
 from llmos.common.status import from_rpc_error
 from llmos.v1 import resources_pb2, resources_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -21,8 +20,7 @@ class GrpcResources:
         self._stub = resources_pb2_grpc.ResourceServiceStub(channels.get(address))
 
     async def acquire(self, holder: str, device: str, nbytes: int, ttl: float) -> str:
-        request = resources_pb2.AcquireLeaseRequest(holder=holder, device=device, bytes=nbytes)
-        request.ttl.FromNanoseconds(int(ttl * 1e9))
+        request = resources_pb2.AcquireLeaseRequest(holder=holder, device=device, bytes=nbytes, ttl=duration(ttl))
         try:
             response = await self._stub.AcquireLease(request, timeout=10)
         except grpc.aio.AioRpcError as exc:
@@ -42,12 +40,6 @@ class GrpcResources:
             await self._stub.ReleaseLease(resources_pb2.ReleaseLeaseRequest(name=lease), timeout=10)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
-
-
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -81,7 +73,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             model=s.model, device=s.device, dtype=s.dtype, measured_bytes=s.measured_bytes,
             running=s.stats.running, waiting=s.stats.waiting, kv_tokens_used=s.stats.kv_tokens_used,
             kv_tokens_capacity=s.stats.kv_tokens_capacity, tokens_generated=s.stats.tokens_generated,
-            last_request_time=_timestamp(s.last_request), max_running=s.stats.max_running)
+            last_request_time=timestamp(s.last_request), max_running=s.stats.max_running)
             for s in self.host.status()]
         return worker_pb2.GetWorkerStatusResponse(
             worker_id=self.host.worker_id, models=models,
