@@ -145,7 +145,7 @@ class ModelHost:
             await self.stop_model(model)
 
     def status(self) -> list[ModelStatus]:
-        return [ModelStatus(name, str(s.loaded.device), str(s.loaded.dtype).removeprefix("torch."),
+        return [ModelStatus(name, self.device_name, s.loaded.dtype_name,
                             s.loaded.measured_bytes, s.engine.stats(), s.last_request)
                 for name, s in sorted(self._served.items())]
 

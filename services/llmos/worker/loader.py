@@ -29,6 +29,11 @@ class LoadedModel:
     max_seq_len: int
     eos_ids: frozenset[int]
 
+    @property
+    def dtype_name(self) -> str:
+        """"bfloat16", "float32", ..."""
+        return str(self.dtype).removeprefix("torch.")
+
 
 def pick_device(preference: str) -> torch.device:
     """"auto" picks CUDA when present, else the CPU."""

@@ -52,7 +52,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         served = await self.host.start_model(request.model, request.path, request.estimated_bytes)
         return worker_pb2.StartModelResponse(
             measured_bytes=served.loaded.measured_bytes, device=self.host.device_name,
-            dtype=str(served.loaded.dtype).removeprefix("torch."))
+            dtype=served.loaded.dtype_name)
 
     async def StopModel(self, request, context):
         await self.host.stop_model(request.model)
