@@ -216,7 +216,7 @@ class ModelRegistry:
     async def unload(self, name: str) -> ModelView:
         view = self.get(name)
         ref = view.record.ref
-        async with self._locks.setdefault(ref, asyncio.Lock()):
+        async with self._lock(ref):
             for placement in list(self._placements.get(ref, {}).values()):
                 if placement.state != FAILED:
                     self.events.emit(str(ref), events.UNLOADING, placement.worker_id, "on request")
@@ -248,7 +248,7 @@ class ModelRegistry:
         if keep_alive is not None:
             self.catalog.set_keep_alive(view.record.ref, keep_alive)
             view = self.get(name)
-        async with self._locks.setdefault(view.record.ref, asyncio.Lock()):
+        async with self._lock(view.record.ref):
             placement = None
             while True:
                 ready = [p for p in self._placements.get(view.record.ref, {}).values() if p.state == READY]
@@ -262,6 +262,13 @@ class ModelRegistry:
                     log.warning("%s serves on %d of %d workers: no more has room", view.record.ref,
                                 len(ready), replicas)
                     return self.view(view.record), ready[0]
+
+    def _lock(self, ref: ModelRef) -> asyncio.Lock:
+        """The lock that serializes loads, unloads and evictions of one model."""
+        lock = self._locks.get(ref)
+        if lock is None:
+            lock = self._locks[ref] = asyncio.Lock()
+        return lock
 
     async def _load_once(self, view: ModelView, exclude: set[str]) -> tuple[ModelView, Placement]:
         """Loads the model on one more worker (not in `exclude`). Holds the model's lock."""
@@ -362,7 +369,7 @@ class ModelRegistry:
                 record = self.catalog.get(ref)
                 limit = keep_alive if record is None or record.keep_alive is None else record.keep_alive
                 if in_flight == 0 and limit >= 0 and now - last > limit:
-                    async with self._locks.setdefault(ref, asyncio.Lock()):
+                    async with self._lock(ref):
                         await self._evict(ref, worker, f"after {limit:.0f}s idle")
                     evicted.append((name, worker.worker_id))
         return evicted
