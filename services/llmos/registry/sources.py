@@ -23,7 +23,7 @@ class SourcePolicy:
         self.roots = [Path(r).resolve() for r in roots]
 
     def _inside(self, path: Path) -> bool:
-        return any(path == root or path.is_relative_to(root) for root in self.roots)
+        return any(path.is_relative_to(root) for root in self.roots)
 
     def resolve(self, source: str) -> Path:
         """The real path of an allowed source; raises with a reason otherwise."""

@@ -84,7 +84,9 @@ def test_expired_leases_do_not_block_new_ones(tmp_path):
     book = LeaseBook(str(tmp_path / "l.db"), lambda: [Budget("n1", "cpu", 2 * GIB)], clock)
     book.acquire("worker/dead/", "n1", "cpu", 2 * GIB, ttl=5)
     clock.now += 6
-    book.acquire("worker/alive/", "n1", "cpu", 2 * GIB, ttl=5)
+    alive = book.acquire("worker/alive/", "n1", "cpu", 2 * GIB, ttl=5)
+    assert [lease.name for lease in book.list()] == [alive.name]
+    assert book.leased("n1", "cpu") == 2 * GIB
 
 
 def test_memory_in_use_beyond_the_leases_is_reported_until_its_holder_goes_quiet(tmp_path):
