@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from llmos.common.errors import (
@@ -245,9 +245,9 @@ class ModelRegistry:
         if not 0 <= replicas <= 64:
             raise InvalidArgument.field("replicas", "must be between 0 and 64")
         view = self.get(name)
-        if keep_alive is not None:
+        if keep_alive is not None and keep_alive != view.record.keep_alive:
             self.catalog.set_keep_alive(view.record.ref, keep_alive)
-            view = self.get(name)
+            view.record = replace(view.record, keep_alive=keep_alive)
         async with self._lock(view.record.ref):
             placement = None
             while True:
@@ -300,7 +300,7 @@ class ModelRegistry:
         self.events.emit(str(ref), events.READY, placement.worker_id, f"{placement.measured_bytes} bytes measured")
         if placement.measured_bytes:
             self.catalog.set_measured(ref, placement.measured_bytes)
-            view.record = self.catalog.get(ref) or view.record
+            view.record = replace(view.record, measured_bytes=placement.measured_bytes)
         log.info("model %s ready on worker %s (%d bytes measured, %d estimated)", ref,
                  worker.worker_id, placement.measured_bytes, view.record.estimated_bytes)
         return self.view(view.record), placement
