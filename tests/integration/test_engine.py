@@ -107,6 +107,22 @@ def test_greedy_batch_equals_generate_alone_tiny(tiny_model_dir):
     greedy_together_equals_alone(tiny_model_dir, max_new=24, prefill_budget=4)
 
 
+def test_repetition_penalty_matches_generate_in_a_batch(tiny_model_dir):
+    loaded, engine = start(tiny_model_dir)
+    try:
+        params = SamplingParams(repetition_penalty=1.5)
+        runs = [submit(engine, loaded.tokenizer, p, params, 24, f"p{i}") for i, p in enumerate(PROMPTS[:4])]
+        wait_all(runs)
+    finally:
+        engine.stop()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for run, prompt in zip(runs, PROMPTS[:4], strict=True):
+        ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=24, do_sample=False, repetition_penalty=1.5)
+        assert run.ids == out[0, ids.shape[1]:].tolist()
+
+
 @pytest.mark.smollm2
 def test_greedy_batch_equals_generate_alone_smollm2(smollm2_dir):
     greedy_together_equals_alone(smollm2_dir, max_new=16, prefill_budget=256)

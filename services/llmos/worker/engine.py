@@ -48,6 +48,8 @@ class Sequence:
     generator: torch.Generator | None = None
     detok: Detokenizer | None = None
     stops: StopStrings | None = None
+    # With a repetition penalty: the prompt and output ids so far, in a buffer of the
+    # sequence's full length.
     seen: torch.Tensor | None = None
 
     @property
@@ -314,16 +316,20 @@ class Engine:
         seq.detok = Detokenizer(self.tokenizer, seq.prompt_ids)
         seq.stops = StopStrings(seq.params.stop)
         if seq.params.repetition_penalty != 1.0:
-            seq.seen = torch.tensor(seq.prompt_ids, dtype=torch.long, device=device)
+            # Every token the sequence will hold, filled as they come: no allocation per token.
+            seq.seen = torch.empty(len(seq.prompt_ids) + seq.max_new, dtype=torch.long, device=device)
+            seq.seen[:len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids, dtype=torch.long)
 
     def _emit(self, seq: Sequence, logits: torch.Tensor) -> bool:
         """Samples the sequence's next token and delivers it; returns True when it finished."""
         if seq.cancelled:
             return True
-        token, logprob = sample(logits, seq.params, seq.generator, seq.seen)
+        held = len(seq.prompt_ids) + len(seq.output_ids)
+        seen = None if seq.seen is None else seq.seen[:held]
+        token, logprob = sample(logits, seq.params, seq.generator, seen)
         seq.output_ids.append(token)
         if seq.seen is not None:
-            seq.seen = torch.cat([seq.seen, torch.tensor([token], device=seq.seen.device)])
+            seq.seen[held] = token
         self.tokens_generated += 1
         finish, text, stopped = None, "", False
         if token in self.eos_ids and not seq.params.ignore_eos:
