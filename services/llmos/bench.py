@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from llmos.client import Client
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
-    registry_pb2,
-    registry_pb2_grpc,
     worker_pb2,
     worker_pb2_grpc,
 )
@@ -183,9 +182,8 @@ def describe(result: Result) -> str:
 
 
 def catalog_entry(args: argparse.Namespace) -> common_pb2.Model:
-    with grpc.insecure_channel(args.registry) as channel:
-        return registry_pb2_grpc.RegistryServiceStub(channel).GetModel(
-            registry_pb2.GetModelRequest(name=args.model), timeout=10).model
+    with Client(registry=args.registry) as client:
+        return client.get_model(args.model)
 
 
 def resolve(args: argparse.Namespace) -> tuple[str, str, str, str]:
