@@ -103,8 +103,8 @@ class FrontDoor:
                     raise
                 log.warning("worker %s failed before the first token of %s (%s); admitting it again",
                             assignment.worker_id, request_id, exc.reason)
-            except asyncio.CancelledError:
-                reason = FinishReason.CANCELLED
+            except (asyncio.CancelledError, GeneratorExit):   # the caller went away (GeneratorExit:
+                reason = FinishReason.CANCELLED               # it closed this stream at a yield)
                 raise
             finally:
                 reported = self._report(request_id, reason, usage, worker_failed)

@@ -104,6 +104,16 @@ async def test_cancelling_the_stream_reports_cancelled():
     assert scheduler.finished == [("r1", FinishReason.CANCELLED, None)]
 
 
+async def test_a_consumer_that_closes_the_stream_reports_cancelled():
+    scheduler = FakeScheduler()
+    front = FrontDoor(scheduler, FakeWorkers([Chunk("a", [1]), Chunk("b", [2]), DONE]))
+    stream = front.generate(CALL, None)
+    await anext(stream)
+    await stream.aclose()                 # what the server does to a handler whose caller left
+    await front.drain()
+    assert scheduler.finished == [("r1", FinishReason.CANCELLED, None)]
+
+
 async def test_admission_errors_pass_through_and_nothing_is_reported():
     scheduler = FakeScheduler(admit_error=NotFound("no such model", reason="MODEL_NOT_FOUND"))
     front = FrontDoor(scheduler, FakeWorkers([]))
