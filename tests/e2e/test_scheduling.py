@@ -191,8 +191,13 @@ async def test_a_flooding_tenant_does_not_hold_back_another(suite):
                     await asyncio.sleep(0.1)        # as RetryInfo asks, about
 
         flooders = [asyncio.create_task(flood(i)) for i in range(26)]
-        await asyncio.sleep(1.0)
-        stats = await driver.stats()
+        saturated = False
+        for _ in range(200):                  # every slot and place taken (between two of a's
+            stats = await driver.stats()      # requests one place may be free for a moment)
+            if stats.running == 16 and stats.waiting == 8:
+                saturated = True
+                break
+            await asyncio.sleep(0.01)
         busy = [await driver.run(4, tenant="b") for _ in range(20)]
         stop.set()
         await asyncio.gather(*flooders)
@@ -202,7 +207,7 @@ async def test_a_flooding_tenant_does_not_hold_back_another(suite):
         print(f"\ntenant b TTFT p99 alone {alone_p99 * 1e3:.1f} ms, during a's flood {busy_p99 * 1e3:.1f} ms "
               f"({busy_p99 / alone_p99:.2f}x); a's own TTFT p50 {statistics.median(a_ttft) * 1e3:.1f} ms; "
               f"{sum(o.code == grpc.StatusCode.RESOURCE_EXHAUSTED for o in flood_outcomes)} of a's refused")
-        assert stats.running == 16 and stats.waiting == 8, "the flood did not saturate the suite"
+        assert saturated, f"the flood did not saturate the suite: {stats}"
         assert all(o.code is None for o in alone + busy)
         waits = {}
         for tenant, outcomes in (("b", busy), ("a", [o for o in flood_outcomes if o.code is None][-40:])):
