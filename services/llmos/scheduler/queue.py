@@ -98,6 +98,7 @@ class RequestStatus:
     reason: str = ""                 # why it waits, or how it ended
     endpoint: Endpoint | None = None
     queue_seconds: float = 0.0
+    start_time: float | None = None  # Unix time it left the queue, if it did
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class _Request:
     future: asyncio.Future | None = None
     endpoint: Endpoint | None = None
     started: float = 0.0
+    start_time: float | None = None     # the same moment as Unix time, for callers
     abandoned: bool = False
 
 
@@ -209,7 +211,8 @@ class Scheduler:
                 model = self._models[request.model]
                 position = next(i for i, rid in enumerate(model.queue.order(self._clock()), 1) if rid == request_id)
         return RequestStatus(request_id, request.phase, request.model or t.model, t.tenant, t.priority, position,
-                             request.reason if request.phase is Phase.QUEUED else "", request.endpoint, queued)
+                             request.reason if request.phase is Phase.QUEUED else "", request.endpoint, queued,
+                             request.start_time)
 
     def retry_after(self, model: str) -> float:
         """An honest guess of when a request sent now would get a slot: the queue ahead of
@@ -398,6 +401,7 @@ class Scheduler:
 
     def _start(self, request: _Request, endpoint: Endpoint) -> None:
         request.phase, request.endpoint, request.started = Phase.RUNNING, endpoint, self._clock()
+        request.start_time = time.time()
         self._workers[endpoint.worker_id].running[request.model] += 1
 
     async def _wait(self, request: _Request, model: _Model, deadline: float | None,
@@ -460,7 +464,8 @@ class Scheduler:
         self._active.pop(t.request_id, None)
         self._done[t.request_id] = RequestStatus(t.request_id, Phase.DONE, request.model or t.model, t.tenant,
                                                  t.priority, 0, outcome, request.endpoint,
-                                                 (request.started or self._clock()) - request.arrival)
+                                                 (request.started or self._clock()) - request.arrival,
+                                                 request.start_time)
         request.phase = Phase.DONE
         while len(self._done) > REMEMBERED_DONE:
             self._done.popitem(last=False)

@@ -8,7 +8,7 @@ import logging
 import grpc
 
 from llmos.common.channels import Channels
-from llmos.common.convert import duration, optional_seconds
+from llmos.common.convert import duration, optional_seconds, timestamp
 from llmos.common.errors import InvalidArgument, NotFound
 from llmos.common.status import from_rpc_error
 from llmos.v1 import (
@@ -156,11 +156,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise NotFound(f"no request {request.request_id!r} is known", reason="REQUEST_NOT_FOUND",
                            metadata={"request_id": request.request_id})
         endpoint = status.endpoint
-        return scheduler_pb2.GetRequestStatusResponse(
+        response = scheduler_pb2.GetRequestStatusResponse(
             request_id=status.request_id, state=_STATE_TO_PROTO[status.phase], model=status.model,
             tenant=status.tenant, priority=status.priority, position=status.position, reason=status.reason,
             worker_id=endpoint.worker_id if endpoint else "", worker_address=endpoint.address if endpoint else "",
             queue_time=duration(status.queue_seconds))
+        if status.start_time is not None:
+            response.start_time.CopyFrom(timestamp(status.start_time))
+        return response
 
 
 def register(host, scheduler: Scheduler) -> None:

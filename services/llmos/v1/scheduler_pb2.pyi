@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from llmos.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -123,7 +124,7 @@ class GetRequestStatusRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class GetRequestStatusResponse(_message.Message):
-    __slots__ = ("request_id", "state", "model", "tenant", "priority", "position", "reason", "worker_id", "worker_address", "queue_time")
+    __slots__ = ("request_id", "state", "model", "tenant", "priority", "position", "reason", "worker_id", "worker_address", "queue_time", "start_time")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[GetRequestStatusResponse.State]
@@ -144,6 +145,7 @@ class GetRequestStatusResponse(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     state: GetRequestStatusResponse.State
     model: str
@@ -154,4 +156,5 @@ class GetRequestStatusResponse(_message.Message):
     worker_id: str
     worker_address: str
     queue_time: _duration_pb2.Duration
-    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[GetRequestStatusResponse.State, str]] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., position: _Optional[int] = ..., reason: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    start_time: _timestamp_pb2.Timestamp
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[GetRequestStatusResponse.State, str]] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., position: _Optional[int] = ..., reason: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

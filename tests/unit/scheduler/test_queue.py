@@ -263,6 +263,13 @@ async def test_status_says_where_a_request_is():
     await scheduler.admit(ticket("a", tenant="t1", priority=2))
     running = scheduler.status("a")
     assert (running.phase, running.endpoint, running.tenant, running.priority) == (Phase.RUNNING, W1, "t1", 2)
+    assert running.start_time is not None
+    queued = asyncio.create_task(scheduler.admit(ticket("q")))
+    await settle()
+    assert scheduler.status("q").start_time is None
+    queued.cancel()
+    await asyncio.gather(queued, return_exceptions=True)
+    assert scheduler.status("q").start_time is None            # it never ran
     scheduler.finish("a", tokens=10, outcome="STOP")
     done = scheduler.status("a")
     assert (done.phase, done.reason) == (Phase.DONE, "STOP")
