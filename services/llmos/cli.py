@@ -17,7 +17,7 @@ from .bundled import DEFAULT_MODEL
 from .client import Client
 from .common.convert import duration
 from .suite import DEFAULT_PORTS, Suite, SuiteError
-from .v1 import common_pb2, registry_pb2, resources_pb2
+from .v1 import common_pb2, monitor_pb2, registry_pb2, resources_pb2
 
 SAMPLE_QUESTION = "What is the capital of France?"
 
@@ -81,7 +81,8 @@ def _interrupt(*_: object) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     base = DEFAULT_PORTS["gateway"]
-    suite = Suite(args.data_dir, ports={s: args.port_base + p - base for s, p in DEFAULT_PORTS.items()})
+    suite = Suite(args.data_dir, ports={s: args.port_base + p - base for s, p in DEFAULT_PORTS.items()},
+                  metrics_port=args.metrics_port)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the suite as Ctrl-C does
     try:
         print(f"starting llmos (data in {os.path.abspath(args.data_dir)})...")
@@ -94,7 +95,10 @@ def cmd_up(args: argparse.Namespace) -> int:
                 state = c.State.Name(c.state).removeprefix("STATE_").lower()
                 print(f"  {c.component:<28} {c.address:<22} {state} {c.detail}")
             print(f"\nlogs: {os.path.join(os.path.abspath(args.data_dir), 'logs')}")
+            print(f"metrics: http://{suite.metrics['monitor']}/metrics (every service and worker, gathered "
+                  "by the monitor: the one address for Prometheus to scrape)")
             print("traces: set OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://127.0.0.1:4317) before `llmos up`")
+            print("watch: llmos watch (health changes, model events and alerts as they happen)")
             print(f"\ntry:\n  llmos generate --model {args.model} \"{SAMPLE_QUESTION}\"")
             print(f"  buf curl --protocol grpc --http2-prior-knowledge --list-methods "
                   f"http://{addresses['gateway']}")
@@ -186,6 +190,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         for c in health.components:
             print(f"  {c.component:<28} {c.address:<22} "
                   f"{c.State.Name(c.state).removeprefix('STATE_').lower()} {c.detail}")
+        for alert in health.alerts:
+            print(f"  ALERT {alert.name} ({alert.Severity.Name(alert.severity).removeprefix('SEVERITY_').lower()}) "
+                  f"{alert.summary}")
+        if health.HasField("probe"):
+            p = health.probe
+            print(f"  probe of {p.model}: {'ok' if p.ok else 'FAILED ' + p.detail} in "
+                  f"{p.latency.ToMilliseconds()} ms")
         for node in client.nodes():
             print(f"node {node.name}:")
             for d in node.devices:
@@ -205,6 +216,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Prints cluster events as they happen, until Ctrl-C."""
+    with _client(args) as client:
+        for event in client.monitor.Watch(monitor_pb2.WatchRequest(include_current=not args.changes_only)):
+            when = event.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
+            kind = event.WhichOneof("event")
+            if kind == "health":
+                c = event.health.health
+                state = c.State.Name(c.state).removeprefix("STATE_").lower()
+                print(f"{when} health  {c.component:<24} {state} {c.detail}", flush=True)
+            elif kind == "alert":
+                a = event.alert
+                print(f"{when} alert   {a.name:<24} {a.State.Name(a.state).removeprefix('STATE_').lower()} "
+                      f"{a.summary}", flush=True)
+            elif kind == "model":
+                m = event.model
+                print(f"{when} model   {m.model:<24} {m.Kind.Name(m.kind).removeprefix('KIND_').lower()} "
+                      f"{m.worker_id} {m.reason}", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="llmos", description="An operating system for LLMs.")
@@ -218,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", default=".llmos")
     up.add_argument("--model", default=DEFAULT_MODEL)
     up.add_argument("--no-sample", action="store_true", help="do not stream the sample answer")
+    up.add_argument("--metrics-port", type=int, default=9464,
+                    help="port of the cluster's Prometheus metrics (the monitor's); 0 picks a free one")
     up.add_argument("--port-base", type=int, default=DEFAULT_PORTS["gateway"],
                     help="gateway port; the other services take the next five")
     up.set_defaults(func=cmd_up)
@@ -253,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show health, nodes, devices and models")
     status.set_defaults(func=cmd_status)
+
+    watch = sub.add_parser("watch", help="print health changes, model events and alerts as they happen")
+    watch.add_argument("--changes-only", action="store_true", help="skip the current state at the start")
+    watch.set_defaults(func=cmd_watch)
     bench.add_parser(sub)
     return parser
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmos.common.server import PARENT_PID_ENV
+from llmos.common.server import PARENT_PID_ENV, read_address_file
 
 SERVICES = ("resources", "registry", "worker", "scheduler", "gateway", "monitor")
 DEFAULT_PORTS = {"gateway": 50051, "scheduler": 50052, "registry": 50053, "resources": 50054,
@@ -76,9 +76,14 @@ class Suite:
     # Extra environment for every child (e.g. OTEL_* or LLMOS_WORKER_DTYPE).
     env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable
+    # The monitor's metrics port (the one a Prometheus scrapes); 0 picks a free one.
+    # Every other process serves its metrics on a free port, and the monitor gathers them.
+    metrics_port: int = 9464
     # How many workers; past the first ("worker", id "worker-1") they are "worker-2", ...
     workers: int = 1
     addresses: dict[str, str] = field(default_factory=dict)
+    # Where each process serves its Prometheus metrics ("host:port").
+    metrics: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -123,6 +128,9 @@ class Suite:
             env[prefix + "WORKER_ID"] = name if name != service else "worker-1"
         for other in NEEDS[service]:
             env[f"{prefix}{other.upper()}_ADDRESS"] = self.addresses[other]
+        env[prefix + "METRICS_LISTEN"] = f"127.0.0.1:{self.metrics_port if service == 'monitor' else 0}"
+        if service == "monitor":
+            env[prefix + "METRICS_TARGETS"] = ",".join(f"{other}={self.metrics[other]}" for other in NEEDS[service])
         log = open(self.data_dir / "logs" / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(
             [self.python, "-m", f"llmos.{service}"], env=env, stdin=subprocess.DEVNULL,
@@ -136,7 +144,7 @@ class Suite:
             if time.monotonic() > deadline:
                 raise SuiteError(f"{name} did not start in {timeout:.0f}s")
             time.sleep(0.05)
-        self.addresses[name] = address_file.read_text().strip()
+        self.addresses[name], self.metrics[name] = read_address_file(address_file)
         wait_healthy(self.addresses[name], max(1.0, deadline - time.monotonic()))
 
     def stop(self, grace: float = 15.0) -> dict[str, int]:

@@ -36,6 +36,7 @@ LISTEN = "127.0.0.1:0"
 class Stack:
     addresses: dict[str, str]
     channels: dict[str, grpc.aio.Channel]
+    metrics: dict[str, str]
 
     @property
     def gateway(self):
@@ -79,10 +80,13 @@ async def stack(tmp_path_factory, tiny_model_dir):
     await up("gateway", await build_gateway(GatewaySettings(listen=LISTEN, scheduler_address=addresses["scheduler"],
                                                             registry_address=addresses["registry"])))
     await up("monitor", await build_monitor(MonitorSettings(
-        listen=LISTEN, gateway_address=addresses["gateway"], scheduler_address=addresses["scheduler"],
-        registry_address=addresses["registry"], resources_address=addresses["resources"])))
+        listen=LISTEN, metrics_listen=LISTEN, gateway_address=addresses["gateway"],
+        scheduler_address=addresses["scheduler"], registry_address=addresses["registry"],
+        resources_address=addresses["resources"], probe_interval_seconds=0,
+        metrics_targets=",".join(f"{name}={services[name].metrics_address}" for name in services
+                                 if name != "worker"))))
     channels = {name: grpc.aio.insecure_channel(address) for name, address in addresses.items()}
-    stack = Stack(addresses, channels)
+    stack = Stack(addresses, channels, {name: service.metrics_address for name, service in services.items()})
     for _ in range(50):  # the worker announces itself right after it starts
         workers = await stack.registry.ListWorkers(registry_pb2.ListWorkersRequest())
         if workers.workers:

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
+from .metrics import MetricsEndpoint, new_registry
 from .settings import from_env
 from .status import ErrorInterceptor
 from .telemetry import server_interceptor, setup_logging
@@ -48,10 +49,13 @@ def die_with_parent(environ: dict[str, str] | None = None) -> None:
 class ServiceHost:
     """One gRPC server with health, reflection and the shared interceptors."""
 
-    def __init__(self, name: str, listen: str, provider: TracerProvider) -> None:
+    def __init__(self, name: str, listen: str, provider: TracerProvider, metrics_listen: str = "") -> None:
         self.name = name
         self.listen = listen
         self.provider = provider
+        # This service's Prometheus metrics, served at `metrics_listen` once started ("" serves none).
+        self.metrics = new_registry()
+        self.metrics_listen = metrics_listen
         self.server = grpc.aio.server(
             interceptors=[server_interceptor(provider), ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -93,12 +97,19 @@ class ServiceHost:
             await self.health.set(service, status)
 
 
-def write_address_file(path: str, address: str) -> None:
-    """Writes the bound address atomically, so a launcher never reads half of it."""
+def write_address_file(path: str, address: str, metrics_address: str = "") -> None:
+    """Writes the bound gRPC address (first line) and metrics address (second line, when
+    served) atomically, so a launcher never reads half of it."""
     target = Path(path)
     tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(address)
+    tmp.write_text(f"{address}\n{metrics_address}\n")
     os.replace(tmp, target)
+
+
+def read_address_file(path: str | Path) -> tuple[str, str]:
+    """(gRPC address, metrics address or "") from a file `write_address_file` wrote."""
+    lines = Path(path).read_text().splitlines()
+    return lines[0].strip(), (lines[1].strip() if len(lines) > 1 else "")
 
 
 @dataclass
@@ -109,10 +120,16 @@ class Service:
     host: ServiceHost
     background: list[Callable[[str], Awaitable[None]]] = field(default_factory=list)
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Where its Prometheus metrics are served, once started ("" when not served).
+    metrics_address: str = field(default="", init=False)
+    _metrics: MetricsEndpoint | None = field(default=None, init=False, repr=False)
     _tasks: list[asyncio.Task] = field(default_factory=list, init=False, repr=False)
 
     async def start(self) -> str:
         address = await self.host.start()
+        if self.host.metrics_listen:
+            self._metrics = MetricsEndpoint(self.host.metrics, self.host.metrics_listen)
+            self.metrics_address = self._metrics.start()
         self._tasks = [asyncio.create_task(loop(address)) for loop in self.background]
         return address
 
@@ -129,6 +146,8 @@ class Service:
                 await cleanup()
             except Exception:  # noqa: BLE001 - cleanup must go on
                 log.exception("cleanup failed while stopping %s", self.host.name)
+        if self._metrics is not None:
+            self._metrics.stop()
         self.host.provider.shutdown()
         log.info("%s stopped", self.host.name)
 
@@ -144,7 +163,7 @@ async def run_service(service: Service, *, address_file: str = "", grace: float 
             loop.add_signal_handler(sig, stop.set)
     address = await service.start()
     if address_file:
-        write_address_file(address_file, address)
+        write_address_file(address_file, address, service.metrics_address)
     await stop.wait()
     await service.stop(grace)
 

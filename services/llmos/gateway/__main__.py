@@ -19,6 +19,8 @@ from .servicer import GrpcScheduler, GrpcWorkers, register
 class GatewaySettings:
     listen: str = "127.0.0.1:50051"
     address_file: str = ""
+    # Where Prometheus metrics are served over HTTP ("host:port", port 0 picks one; "" serves none).
+    metrics_listen: str = "127.0.0.1:0"
     scheduler_address: str = "127.0.0.1:50052"
     registry_address: str = "127.0.0.1:50053"
     grace_seconds: float = 10.0
@@ -29,7 +31,7 @@ async def build(settings: GatewaySettings, provider: TracerProvider | None = Non
     provider = provider or make_tracer_provider("gateway")
     channels = Channels(provider)
     front = FrontDoor(GrpcScheduler(channels, settings.scheduler_address), GrpcWorkers(channels))
-    host = ServiceHost("gateway", settings.listen, provider)
+    host = ServiceHost("gateway", settings.listen, provider, settings.metrics_listen)
     register(host, front, registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address)))
     return Service(host, cleanups=[front.drain, channels.close])
 

@@ -23,7 +23,7 @@ from llmos.common.convert import (
     usage_to_proto,
 )
 from llmos.common.domain import Chunk, FinishReason, Usage
-from llmos.common.errors import InvalidArgument
+from llmos.common.errors import InvalidArgument, LlmosError
 from llmos.common.names import parse_model_ref
 from llmos.common.status import from_rpc_error
 from llmos.v1 import (
@@ -39,6 +39,7 @@ from llmos.v1 import (
 )
 
 from .frontdoor import Assignment, FrontDoor, GenerateCall
+from .observe import GatewayTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,11 @@ def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: str) -> Genera
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub) -> None:
+    def __init__(self, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
+                 telemetry: GatewayTelemetry) -> None:
         self.front = front
         self.registry = registry
+        self.telemetry = telemetry
 
     async def ListAvailableModels(self, request, context: grpc.aio.ServicerContext):
         try:
@@ -145,12 +148,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         metadata = dict(context.invocation_metadata() or ())
-        call = call_from_proto(request, str(metadata.get(TENANT_HEADER, "default")))
-        async for request_id, chunk in self.front.generate(call, context.time_remaining()):
-            yield fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
+        try:
+            call = call_from_proto(request, str(metadata.get(TENANT_HEADER, "default")))
+        except LlmosError as exc:
+            self.telemetry.requests.labels(request.model, exc.code).inc()
+            raise
+        watch = self.telemetry.start(call)
+        try:
+            async for request_id, chunk in self.front.generate(call, context.time_remaining()):
+                watch.chunk(request_id, chunk)
+                yield fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
+        except BaseException as exc:
+            watch.end(exc)
+            raise
+        watch.end(None)
 
 
 def register(host, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub) -> None:
-    servicer = GatewayServicer(front, registry)
+    servicer = GatewayServicer(front, registry, GatewayTelemetry(host.metrics))
     host.add(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
              lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server))

@@ -10,38 +10,103 @@ from llmos.common.channels import Channels
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.telemetry import make_tracer_provider
 
+from .alerts import AlertRules, AlertSettings
+from .cluster import ClusterWatch, probe_loop
+from .gather import ClusterGauges, Gatherer
 from .health import HealthMonitor
-from .servicer import GrpcProbe, register
+from .servicer import GenerateProbe, GrpcProbe, RegistryEvents, register
 
 
 @dataclass(frozen=True)
 class MonitorSettings:
     listen: str = "127.0.0.1:50056"
     address_file: str = ""
+    # Where the cluster's Prometheus metrics (the monitor's own and every service's,
+    # gathered) are served over HTTP at /metrics; the one address to scrape.
+    metrics_listen: str = "127.0.0.1:9464"
+    # The services' own metrics endpoints, "gateway=host:port,scheduler=host:port,...";
+    # workers' are learned from the registry.
+    metrics_targets: str = ""
     gateway_address: str = "127.0.0.1:50051"
     scheduler_address: str = "127.0.0.1:50052"
     registry_address: str = "127.0.0.1:50053"
     resources_address: str = "127.0.0.1:50054"
     check_timeout_seconds: float = 2.0
+    # How often everything is checked and the alert rules run, seconds.
+    check_interval_seconds: float = 1.0
+    # How often the services' metrics are read for the rules, seconds (a scrape of the
+    # monitor's endpoint always reads them afresh).
+    scrape_interval_seconds: float = 5.0
+    # A worker with running generations and no new token for this long is STALLED.
+    stall_seconds: float = 5.0
+    # Synthetic Generate probe: every this many seconds (0: off), on this model (empty:
+    # the first model ready somewhere), failing after this long.
+    probe_interval_seconds: float = 30.0
+    probe_model: str = ""
+    probe_timeout_seconds: float = 30.0
+    # Alert thresholds (see llmos.monitor.alerts).
+    ttft_slo_seconds: float = 2.5
+    slo_target: float = 0.99
+    queue_alert_depth: int = 16
+    kv_alert_ratio: float = 0.95
     grace_seconds: float = 5.0
     log_level: str = "INFO"
+
+
+def parse_targets(text: str) -> dict[str, str]:
+    """"gateway=127.0.0.1:9101,scheduler=..." → {"gateway": "127.0.0.1:9101", ...}."""
+    targets = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, _, address = entry.partition("=")
+        if not name or ":" not in address:
+            raise ValueError(f"metrics target {entry!r} must be name=host:port")
+        targets[name.strip()] = address.strip()
+    return targets
 
 
 async def build(settings: MonitorSettings, provider: TracerProvider | None = None) -> Service:
     provider = provider or make_tracer_provider("monitor")
     channels = Channels(provider)
-    probe = GrpcProbe(channels, settings.registry_address, settings.check_timeout_seconds, settings.scheduler_address)
+    probe = GrpcProbe(channels, settings.check_timeout_seconds, settings.registry_address,
+                      settings.scheduler_address, settings.resources_address)
+    service_metrics = parse_targets(settings.metrics_targets)
     monitor = HealthMonitor(probe, {
         "gateway": settings.gateway_address, "scheduler": settings.scheduler_address,
-        "registry": settings.registry_address, "resources": settings.resources_address})
-    host = ServiceHost("monitor", settings.listen, provider)
-    register(host, monitor)
+        "registry": settings.registry_address, "resources": settings.resources_address},
+        settings.stall_seconds)
+    monitor.set_metrics_addresses(service_metrics)
+    rules = AlertRules(AlertSettings(queue_depth=settings.queue_alert_depth, kv_ratio=settings.kv_alert_ratio,
+                                     ttft_slo=settings.ttft_slo_seconds, slo_target=settings.slo_target))
+    host = ServiceHost("monitor", settings.listen, provider, settings.metrics_listen)
+    gauges = ClusterGauges()
+    watch: ClusterWatch
+    gatherer = Gatherer(lambda: watch.metrics_targets(), settings.check_timeout_seconds)
+    watch = ClusterWatch(monitor, rules, gatherer, gauges, service_metrics, settings.check_interval_seconds,
+                         settings.scrape_interval_seconds)
+    host.metrics.register(gauges)
+    host.metrics.register(gatherer)
+    register(host, watch)
+    background = [watch.run, RegistryEvents(channels, settings.registry_address, watch).run]
+    if settings.probe_interval_seconds > 0:
+        generate = GenerateProbe(channels, settings.gateway_address, settings.registry_address,
+                                 settings.probe_model, settings.probe_timeout_seconds)
+
+        async def probing(address: str) -> None:
+            await probe_loop(watch, generate, settings.probe_interval_seconds)
+
+        background.append(probing)
+    service = Service(host, cleanups=[channels.close])
 
     async def check_itself_too(address: str) -> None:
-        monitor.add_service("monitor", address)
+        monitor.add_service("monitor", address, service.metrics_address)
 
-    return Service(host, background=[check_itself_too], cleanups=[channels.close])
+    service.background = [check_itself_too, *background]
 
+    async def close() -> None:
+        gatherer.close()
+
+    service.cleanups.append(close)
+    return service
 
 
 if __name__ == "__main__":

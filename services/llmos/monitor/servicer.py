@@ -1,35 +1,67 @@
-"""gRPC face of the monitor, and its probe over gRPC health checks."""
+"""gRPC face of the monitor, its probes over gRPC, the registry's events relayed to
+`Watch`, and the synthetic Generate probe."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.common.channels import Channels
-from llmos.common.convert import timestamp
+from llmos.common.convert import duration, timestamp
 from llmos.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
     monitor_pb2,
     monitor_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    resources_pb2,
+    resources_pb2_grpc,
     scheduler_pb2,
     scheduler_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
 )
 
-from .health import NOT_SERVING, SERVING, UNREACHABLE, HealthMonitor, QueueDepth
+from .alerts import CRITICAL, FIRING, Alert
+from .cluster import AlertEvent, ClusterWatch, HealthEvent, ModelEvent, ProbeResult
+from .health import (
+    NOT_SERVING,
+    SERVING,
+    STALLED,
+    UNREACHABLE,
+    ComponentHealth,
+    Lease,
+    QueueDepth,
+    SchedulerView,
+    WorkerInfo,
+    WorkerReport,
+)
+
+log = logging.getLogger(__name__)
 
 _STATES = {SERVING: monitor_pb2.ComponentHealth.STATE_SERVING,
            NOT_SERVING: monitor_pb2.ComponentHealth.STATE_NOT_SERVING,
-           UNREACHABLE: monitor_pb2.ComponentHealth.STATE_UNREACHABLE}
+           UNREACHABLE: monitor_pb2.ComponentHealth.STATE_UNREACHABLE,
+           STALLED: monitor_pb2.ComponentHealth.STATE_STALLED}
+_KIND = registry_pb2.WatchModelsResponse.Kind
+PROBE_TENANT = "llmos-probe"
 
 
 class GrpcProbe:
-    def __init__(self, channels: Channels, registry_address: str, timeout: float,
-                 scheduler_address: str = "") -> None:
+    def __init__(self, channels: Channels, timeout: float, registry_address: str, scheduler_address: str = "",
+                 resources_address: str = "") -> None:
         self._channels = channels
         self._registry = registry_pb2_grpc.RegistryServiceStub(channels.get(registry_address))
         self._scheduler = (scheduler_pb2_grpc.SchedulerServiceStub(channels.get(scheduler_address))
                            if scheduler_address else None)
+        self._resources = (resources_pb2_grpc.ResourceServiceStub(channels.get(resources_address))
+                           if resources_address else None)
         self._timeout = timeout
 
     async def check(self, address: str) -> tuple[str, str]:
@@ -42,35 +74,144 @@ class GrpcProbe:
             return SERVING, ""
         return NOT_SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    async def workers(self) -> list[tuple[str, str]]:
-        response = await self._registry.ListWorkers(registry_pb2.ListWorkersRequest(),
-                                                    timeout=self._timeout)
-        return [(w.worker_id, w.address) for w in response.workers]
+    async def workers(self) -> list[WorkerInfo]:
+        response = await self._registry.ListWorkers(registry_pb2.ListWorkersRequest(), timeout=self._timeout)
+        return [WorkerInfo(w.worker_id, w.address, w.metrics_address) for w in response.workers]
 
-    async def queues(self) -> list[QueueDepth]:
+    async def worker_status(self, address: str) -> WorkerReport:
+        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
+        status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=self._timeout)
+        return WorkerReport(status.running, status.tokens_generated,
+                            {m.model: (m.kv_tokens_used, m.kv_tokens_capacity) for m in status.models})
+
+    async def scheduler(self) -> SchedulerView:
         if self._scheduler is None:
-            return []
+            return SchedulerView([], {})
         stats = await self._scheduler.GetSchedulerStats(scheduler_pb2.GetSchedulerStatsRequest(),
                                                         timeout=self._timeout)
-        return [QueueDepth(q.model, q.priority, q.tenant, q.waiting) for q in stats.queues]
+        running: dict[str, int] = {}
+        for w in stats.workers:
+            running[w.worker_id] = running.get(w.worker_id, 0) + w.running
+        return SchedulerView([QueueDepth(q.model, q.priority, q.tenant, q.waiting) for q in stats.queues], running)
+
+    async def leases(self) -> list[Lease]:
+        if self._resources is None:
+            return []
+        response = await self._resources.ListLeases(resources_pb2.ListLeasesRequest(), timeout=self._timeout)
+        return [Lease(lease.holder, lease.bytes) for lease in response.leases]
+
+
+class RegistryEvents:
+    """Relays the registry's model lifecycle events into the monitor's `Watch`, reconnecting
+    after the registry restarts."""
+
+    def __init__(self, channels: Channels, registry_address: str, watch: ClusterWatch) -> None:
+        self._stub = registry_pb2_grpc.RegistryServiceStub(channels.get(registry_address))
+        self._watch = watch
+
+    async def run(self, address: str = "") -> None:
+        while True:
+            try:
+                async for e in self._stub.WatchModels(registry_pb2.WatchModelsRequest()):
+                    self._watch.model_event(ModelEvent(e.model, _KIND.Name(e.kind).removeprefix("KIND_").lower(),
+                                                       e.worker_id, e.reason, e.time.ToDatetime().timestamp()))
+            except grpc.aio.AioRpcError as exc:
+                log.debug("model events from the registry interrupted: %s", exc.code().name)
+            await asyncio.sleep(1.0)
+
+
+class GenerateProbe:
+    """A one-token Generate through the gateway, as a client would send it, on `model` or
+    else on the first model ready somewhere."""
+
+    def __init__(self, channels: Channels, gateway_address: str, registry_address: str, model: str = "",
+                 timeout: float = 30.0) -> None:
+        self._gateway = gateway_pb2_grpc.GatewayServiceStub(channels.get(gateway_address))
+        self._registry = registry_pb2_grpc.RegistryServiceStub(channels.get(registry_address))
+        self._model = model
+        self._timeout = timeout
+        self._metadata = [("x-llmos-tenant", PROBE_TENANT)]
+
+    async def _ready_model(self) -> str:
+        page = await self._registry.ListModels(registry_pb2.ListModelsRequest(), timeout=5)
+        for m in page.models:
+            if any(p.state == common_pb2.Model.STATE_READY for p in m.placements):
+                return f"{m.name}:{m.tag}"
+        return ""
+
+    async def __call__(self) -> ProbeResult | None:
+        model = self._model or await self._ready_model()
+        if not model:
+            return None
+        started = time.perf_counter()
+        request = gateway_pb2.GenerateRequest(model=model, prompt="Hello",
+                                              sampling=common_pb2.SamplingParams(max_tokens=1, temperature=0.0))
+        try:
+            tokens = 0
+            async for response in self._gateway.Generate(request, timeout=self._timeout, metadata=self._metadata):
+                tokens += len(response.token_ids)
+            ok, detail = tokens > 0, "" if tokens else "no token came back"
+        except grpc.aio.AioRpcError as exc:
+            ok, detail = False, f"{exc.code().name}: {exc.details()}"
+        return ProbeResult(model, ok, detail, time.perf_counter() - started, time.time())
+
+
+def _component(c: ComponentHealth) -> monitor_pb2.ComponentHealth:
+    out = monitor_pb2.ComponentHealth(component=c.component, address=c.address, state=_STATES[c.state],
+                                      detail=c.detail, running=c.running, metrics_address=c.metrics_address)
+    if c.last_progress is not None:
+        out.last_progress_time.CopyFrom(timestamp(c.last_progress))
+    return out
+
+
+def _alert(a: Alert) -> monitor_pb2.Alert:
+    return monitor_pb2.Alert(
+        name=a.name, subject=a.subject, summary=a.summary, since=timestamp(a.since),
+        severity=monitor_pb2.Alert.SEVERITY_CRITICAL if a.severity == CRITICAL else monitor_pb2.Alert.SEVERITY_WARNING,
+        state=monitor_pb2.Alert.STATE_FIRING if a.state == FIRING else monitor_pb2.Alert.STATE_RESOLVED)
+
+
+def _event(event) -> monitor_pb2.WatchResponse:
+    out = monitor_pb2.WatchResponse(time=timestamp(event.time))
+    if isinstance(event, HealthEvent):
+        out.health.CopyFrom(monitor_pb2.HealthChange(
+            previous=_STATES.get(event.previous, monitor_pb2.ComponentHealth.STATE_UNSPECIFIED),
+            health=_component(event.health)))
+    elif isinstance(event, AlertEvent):
+        out.alert.CopyFrom(_alert(event.alert))
+    else:
+        out.model.CopyFrom(registry_pb2.WatchModelsResponse(
+            model=event.model, kind=_KIND.Value("KIND_" + event.kind.upper()), worker_id=event.worker_id,
+            reason=event.reason, time=timestamp(event.time)))
+    return out
 
 
 class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
-    def __init__(self, monitor: HealthMonitor) -> None:
-        self.monitor = monitor
+    def __init__(self, watch: ClusterWatch) -> None:
+        self.watch = watch
 
     async def GetClusterHealth(self, request, context):
-        health = await self.monitor.cluster_health()
-        return monitor_pb2.GetClusterHealthResponse(
+        health = await self.watch.check()
+        response = monitor_pb2.GetClusterHealthResponse(
             healthy=health.healthy, check_time=timestamp(health.check_time),
-            components=[monitor_pb2.ComponentHealth(component=c.component, address=c.address,
-                                                    state=_STATES[c.state], detail=c.detail)
-                        for c in health.components],
+            components=[_component(c) for c in health.components],
             queues=[scheduler_pb2.QueueDepth(model=q.model, priority=q.priority, tenant=q.tenant, waiting=q.waiting)
-                    for q in health.queues])
+                    for q in health.queues],
+            alerts=[_alert(a) for a in self.watch.rules.firing.values()])
+        probe = self.watch.probe
+        if probe is not None:
+            response.probe.CopyFrom(monitor_pb2.ProbeResult(model=probe.model, ok=probe.ok, detail=probe.detail,
+                                                            latency=duration(probe.seconds),
+                                                            time=timestamp(probe.time)))
+        return response
+
+    async def Watch(self, request, context):
+        first = self.watch.current() if request.include_current else []
+        async for event in self.watch.events.subscribe(first):
+            yield _event(event)
 
 
-def register(host, monitor: HealthMonitor) -> None:
-    servicer = MonitorServicer(monitor)
+def register(host, watch: ClusterWatch) -> None:
+    servicer = MonitorServicer(watch)
     host.add(monitor_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name,
              lambda server: monitor_pb2_grpc.add_MonitorServiceServicer_to_server(servicer, server))

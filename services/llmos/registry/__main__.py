@@ -16,6 +16,7 @@ from llmos.common.telemetry import make_tracer_provider
 from .catalog import Catalog
 from .importer import Importer
 from .models import ModelRegistry
+from .observe import RegistryMetrics
 from .servicer import GrpcResources, GrpcWorkers, register
 from .sources import SourcePolicy
 from .weights import KvShape
@@ -25,6 +26,8 @@ from .weights import KvShape
 class RegistrySettings:
     listen: str = "127.0.0.1:50053"
     address_file: str = ""
+    # Where Prometheus metrics are served over HTTP ("host:port", port 0 picks one; "" serves none).
+    metrics_listen: str = "127.0.0.1:0"
     data_dir: str = ".llmos"
     # The workers' KV cache, counted in each model's memory estimate: slots of sequences of up
     # to this many tokens (capped by the model's context), as the worker's defaults.
@@ -60,7 +63,8 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
                              GrpcWorkers(channels, settings.load_timeout_seconds),
                              KvShape(settings.kv_slots, settings.kv_max_seq_len), settings.overhead_bytes,
                              GrpcResources(channels, settings.resources_address))
-    host = ServiceHost("registry", settings.listen, provider)
+    host = ServiceHost("registry", settings.listen, provider, settings.metrics_listen)
+    registry.events.listeners.append(RegistryMetrics(host.metrics))
     register(host, registry)
 
     async def watch_workers(address: str) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from llmos.common.errors import ResourceExhausted
+from llmos.common.broadcast import Broadcast
 
 IMPORTING, IMPORTED, LOADING, READY = "importing", "imported", "loading", "ready"
 UNLOADING, UNLOADED, EVICTED, UNAVAILABLE, FAILED, DELETED = (
@@ -26,29 +25,18 @@ class ModelEvent:
 
 class EventHub:
     def __init__(self) -> None:
-        self._watchers: set[asyncio.Queue] = set()
+        self._broadcast: Broadcast[ModelEvent] = Broadcast(MAX_BEHIND)
+        # Called with every event as it is emitted (the metrics); each must be quick.
+        self.listeners: list[Callable[[ModelEvent], None]] = []
 
     def emit(self, model: str, kind: str, worker_id: str = "", reason: str = "") -> None:
         event = ModelEvent(model, kind, worker_id, reason)
-        for queue in list(self._watchers):
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:           # too far behind: end that stream
-                self._watchers.discard(queue)
-                queue.get_nowait()
-                queue.put_nowait(None)
+        for listener in self.listeners:
+            listener(event)
+        self._broadcast.emit(event)
 
     async def watch(self, model: str = "") -> AsyncIterator[ModelEvent]:
         """Events from now on, for `model` ("name:tag") or every model."""
-        queue: asyncio.Queue = asyncio.Queue(maxsize=MAX_BEHIND)
-        self._watchers.add(queue)
-        try:
-            while True:
-                event = await queue.get()
-                if event is None:
-                    raise ResourceExhausted(f"the watcher fell more than {MAX_BEHIND} events behind",
-                                            reason="WATCHER_TOO_SLOW", retry_after=0.0)
-                if not model or event.model == model:
-                    yield event
-        finally:
-            self._watchers.discard(queue)
+        async for event in self._broadcast.subscribe():
+            if not model or event.model == model:
+                yield event

@@ -38,6 +38,7 @@ class Worker:
     node: str
     incarnation: str = ""
     last_seen: float = field(default=0.0, compare=False)
+    metrics_address: str = field(default="", compare=False)
 
 
 @dataclass
@@ -155,14 +156,14 @@ class ModelRegistry:
     # workers and placement -------------------------------------------------
 
     def register_worker(self, worker_id: str, address: str, node: str, incarnation: str = "",
-                        loaded_models: list[str] | None = None) -> None:
+                        loaded_models: list[str] | None = None, metrics_address: str = "") -> None:
         """Records a worker (and its heartbeat). A new address or incarnation means it lost its
         models; the models it says it holds are placed there (a restarted registry relearns)."""
         if not worker_id or len(worker_id) > 128:
             raise InvalidArgument.field("worker_id", "is required, at most 128 characters")
         if not address:
             raise InvalidArgument.field("address", "is required")
-        worker = Worker(worker_id, address, node, incarnation, self._clock())
+        worker = Worker(worker_id, address, node, incarnation, self._clock(), metrics_address)
         known = self.workers.get(worker_id)
         if known != worker:
             log.info("worker %s registered at %s (incarnation %s)", worker_id, address, incarnation)

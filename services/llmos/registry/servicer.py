@@ -99,7 +99,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def RegisterWorker(self, request, context):
         self.registry.register_worker(request.worker_id, request.address, request.node,
-                                      request.incarnation, list(request.loaded_models))
+                                      request.incarnation, list(request.loaded_models), request.metrics_address)
         return registry_pb2.RegisterWorkerResponse()
 
     async def WatchModels(self, request, context):
@@ -111,7 +111,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def ListWorkers(self, request, context):
         return registry_pb2.ListWorkersResponse(workers=[
-            registry_pb2.ListWorkersResponse.Worker(worker_id=w.worker_id, address=w.address, node=w.node)
+            registry_pb2.ListWorkersResponse.Worker(worker_id=w.worker_id, address=w.address, node=w.node,
+                                                    metrics_address=w.metrics_address)
             for w in sorted(self.registry.workers.values(), key=lambda w: w.worker_id)])
 
 

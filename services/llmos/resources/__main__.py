@@ -14,6 +14,7 @@ from llmos.common.telemetry import make_tracer_provider
 
 from .inventory import node_name, probe_devices
 from .manager import ResourceManager
+from .observe import ResourceGauges, Snapshot
 from .servicer import register
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 class ResourcesSettings:
     listen: str = "127.0.0.1:50054"
     address_file: str = ""
+    # Where Prometheus metrics are served over HTTP ("host:port", port 0 picks one; "" serves none).
+    metrics_listen: str = "127.0.0.1:0"
     data_dir: str = ".llmos"
     # Most bytes leases may hold on the host; 0 means 90% of its memory.
     cpu_budget_bytes: int = 0
@@ -38,14 +41,20 @@ async def build(settings: ResourcesSettings, provider: TracerProvider | None = N
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     manager = ResourceManager(node_name(), probe_devices, str(Path(settings.data_dir) / "resources.db"),
                               settings.cpu_budget_bytes, settings.budget_fraction)
-    host = ServiceHost("resources", settings.listen, provider or make_tracer_provider("resources"))
+    host = ServiceHost("resources", settings.listen, provider or make_tracer_provider("resources"),
+                       settings.metrics_listen)
     register(host, manager)
+    gauges = ResourceGauges()
+    host.metrics.register(gauges)
 
     async def reap(address: str) -> None:
+        reclaimed = 0
         while True:
             for lease in manager.leases.reap():
+                reclaimed += 1
                 log.warning("reclaimed %s of %s: %d bytes on %s/%s, not renewed", lease.name, lease.holder,
                             lease.bytes, lease.node, lease.device)
+            gauges.snapshot = Snapshot(manager.nodes(), manager.leases.list(), reclaimed)
             await asyncio.sleep(settings.reap_interval_seconds)
 
     async def close() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from opentelemetry.sdk.trace import TracerProvider
@@ -10,6 +11,7 @@ from llmos.common.channels import Channels
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.telemetry import make_tracer_provider
 
+from .observe import SchedulerGauges, SchedulerTelemetry
 from .queue import Scheduler
 from .servicer import GrpcRegistry, WorkerReports, register
 
@@ -18,6 +20,8 @@ from .servicer import GrpcRegistry, WorkerReports, register
 class SchedulerSettings:
     listen: str = "127.0.0.1:50052"
     address_file: str = ""
+    # Where Prometheus metrics are served over HTTP ("host:port", port 0 picks one; "" serves none).
+    metrics_listen: str = "127.0.0.1:0"
     registry_address: str = "127.0.0.1:50053"
     # Running generations per worker before requests queue.
     slots_per_worker: int = 16
@@ -43,14 +47,24 @@ class SchedulerSettings:
 async def build(settings: SchedulerSettings, provider: TracerProvider | None = None) -> Service:
     provider = provider or make_tracer_provider("scheduler")
     channels = Channels(provider)
-    registry = GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds)
+    tracer = provider.get_tracer("llmos.scheduler")
+    host = ServiceHost("scheduler", settings.listen, provider, settings.metrics_listen)
+    registry = GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds, tracer)
     scheduler = Scheduler(registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model,
                           settings.aging_seconds, parse_weights(settings.tenant_weights),
-                          settings.report_timeout_seconds, settings.placement_ttl_seconds)
+                          settings.report_timeout_seconds, settings.placement_ttl_seconds,
+                          events=SchedulerTelemetry(tracer, host.metrics))
     reports = WorkerReports(scheduler, registry, channels, settings.report_interval_seconds)
-    host = ServiceHost("scheduler", settings.listen, provider)
+    gauges = SchedulerGauges()
+    host.metrics.register(gauges)
     register(host, scheduler)
-    return Service(host, background=[reports.run], cleanups=[channels.close])
+
+    async def refresh_gauges(address: str) -> None:
+        while True:
+            gauges.refresh(scheduler.queue_depths, scheduler.worker_loads)
+            await asyncio.sleep(0.5)
+
+    return Service(host, background=[reports.run, refresh_gauges], cleanups=[channels.close])
 
 
 def parse_weights(text: str) -> dict[str, float]:

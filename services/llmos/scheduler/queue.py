@@ -118,11 +118,28 @@ class WorkerLoad:
     in_rotation: bool
 
 
+class SchedulerEvents:
+    """What the scheduler tells its telemetry; this base ignores it. `admitted` and
+    `refused` run in the admitting caller's own task (its trace context is current)."""
+
+    def admitted(self, request: _Request) -> None:
+        """The request got a slot (`request.endpoint`) after `request.started - request.arrival`."""
+
+    def refused(self, request: _Request, outcome: str) -> None:
+        """The request never ran: refused, timed out in the queue, or its caller left."""
+
+    def finished(self, request: _Request, outcome: str) -> None:
+        """A running request ended and its slot is free."""
+
+
 @dataclass
 class _Request:
     ticket: Ticket
     model: str
     arrival: float
+    arrival_wall: float = field(default_factory=time.time)
+    depth_on_arrival: int = 0           # requests already waiting for its model when it queued
+    route: tuple[int, int, int] = (0, 0, 0)   # at its start: its worker's use and capacity, workers in rotation
     phase: Phase = Phase.QUEUED
     reason: str = "RESOLVING_MODEL"
     waiting: Waiting | None = None
@@ -155,8 +172,10 @@ class Scheduler:
     def __init__(self, registry: RegistryPort, slots_per_worker: int = 16, max_queue: int = 64,
                  max_queue_per_model: int = 0, aging_seconds: float = 30.0,
                  tenant_weights: dict[str, float] | None = None, report_timeout: float = 3.0,
-                 placement_ttl: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 placement_ttl: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 events: SchedulerEvents | None = None) -> None:
         self._registry = registry
+        self.events = events or SchedulerEvents()
         self.slots_per_worker = slots_per_worker
         self.max_queue = max_queue
         self.max_queue_per_model = max_queue_per_model or max_queue
@@ -269,8 +288,10 @@ class Scheduler:
                 self.finish(ticket.request_id, outcome="CANCELLED")
             else:
                 self._retire(request, _outcome(exc))
+                self.events.refused(request, _outcome(exc))
             raise
         self.admitted_total += 1
+        self.events.admitted(request)
         return Admission(ticket.request_id, request.model, endpoint, request.started - arrival)
 
     def finish(self, request_id: str, tokens: int | None = None, outcome: str = "FINISHED",
@@ -300,6 +321,7 @@ class Scheduler:
         if not worker_failed:
             model.mean_seconds = 0.9 * model.mean_seconds + 0.1 * (now - request.started)
         self._retire(request, outcome)
+        self.events.finished(request, outcome)
         self._dispatch(model)
         return True
 
@@ -402,7 +424,10 @@ class Scheduler:
     def _start(self, request: _Request, endpoint: Endpoint) -> None:
         request.phase, request.endpoint, request.started = Phase.RUNNING, endpoint, self._clock()
         request.start_time = time.time()
-        self._workers[endpoint.worker_id].running[request.model] += 1
+        worker = self._workers[endpoint.worker_id]
+        worker.running[request.model] += 1
+        request.route = (worker.running[request.model], self._capacity(worker, request.model),
+                         len(self._in_rotation(self._models[request.model])))
 
     async def _wait(self, request: _Request, model: _Model, deadline: float | None,
                     timeout: float | None) -> Endpoint:
@@ -411,6 +436,7 @@ class Scheduler:
         if full and not t.redispatch:       # a request admitted once already is not new work
             self._make_room(request, model)
         request.waiting = Waiting(t.request_id, t.tenant, self._band(t), t.cost, request.arrival, deadline)
+        request.depth_on_arrival = len(model.queue)
         request.future = asyncio.get_running_loop().create_future()
         request.reason = "NO_FREE_SLOT" if self._in_rotation(model) else "NO_WORKER_IN_ROTATION"
         model.queue.push(request.waiting)

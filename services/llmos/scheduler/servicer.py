@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import grpc
+from opentelemetry import trace
 
 from llmos.common.channels import Channels
 from llmos.common.convert import duration, optional_seconds, timestamp
@@ -45,9 +46,11 @@ def _ready(model: common_pb2.Model) -> list[Endpoint]:
 class GrpcRegistry:
     """The scheduler's port to the registry."""
 
-    def __init__(self, channels: Channels, address: str, load_timeout: float) -> None:
+    def __init__(self, channels: Channels, address: str, load_timeout: float,
+                 tracer: trace.Tracer | None = None) -> None:
         self._stub = registry_pb2_grpc.RegistryServiceStub(channels.get(address))
         self._load_timeout = load_timeout
+        self._tracer = tracer or trace.NoOpTracer()
 
     async def ready_endpoints(self, model: str, timeout: float | None) -> tuple[str, list[Endpoint]]:
         try:
@@ -61,11 +64,14 @@ class GrpcRegistry:
         request = registry_pb2.LoadModelRequest(name=model)
         if keep_alive is not None:
             request.keep_alive.CopyFrom(duration(keep_alive))
-        try:
-            response = await self._stub.LoadModel(request, timeout=_within(self._load_timeout, timeout))
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        return _ready(response.model)
+        with self._tracer.start_as_current_span("cold start", attributes={"gen_ai.request.model": model}) as span:
+            try:
+                response = await self._stub.LoadModel(request, timeout=_within(self._load_timeout, timeout))
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from None
+            endpoints = _ready(response.model)
+            span.set_attribute("llmos.workers_ready", len(endpoints))
+        return endpoints
 
 
 class WorkerReports:

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class MonitorServiceStub:
-    """Watches the cluster: the health of every service and worker.
+    """Watches the cluster: the health and progress of every service and worker,
+    the alert rules, and a synthetic probe; gathers every service's metrics.
     """
 
     def __init__(self, channel):
@@ -40,14 +41,31 @@ class MonitorServiceStub:
                 request_serializer=llmos_dot_v1_dot_monitor__pb2.GetClusterHealthRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_monitor__pb2.GetClusterHealthResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/llmos.v1.MonitorService/Watch',
+                request_serializer=llmos_dot_v1_dot_monitor__pb2.WatchRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_monitor__pb2.WatchResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
-    """Watches the cluster: the health of every service and worker.
+    """Watches the cluster: the health and progress of every service and worker,
+    the alert rules, and a synthetic probe; gathers every service's metrics.
     """
 
     def GetClusterHealth(self, request, context):
-        """Checks every known service and worker now and reports each. Read only.
+        """Checks every known service and worker now and reports each, with the
+        alerts firing. Read only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Streams cluster events from now on: health changes of any component,
+        model lifecycle transitions (from the registry), and alerts as they fire
+        and resolve. The stream ends with RESOURCE_EXHAUSTED if the watcher falls
+        more than 1000 events behind.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +79,11 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     request_deserializer=llmos_dot_v1_dot_monitor__pb2.GetClusterHealthRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_monitor__pb2.GetClusterHealthResponse.SerializeToString,
             ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=llmos_dot_v1_dot_monitor__pb2.WatchRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_monitor__pb2.WatchResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'llmos.v1.MonitorService', rpc_method_handlers)
@@ -70,7 +93,8 @@ def add_MonitorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MonitorService:
-    """Watches the cluster: the health of every service and worker.
+    """Watches the cluster: the health and progress of every service and worker,
+    the alert rules, and a synthetic probe; gathers every service's metrics.
     """
 
     @staticmethod
@@ -90,6 +114,33 @@ class MonitorService:
             '/llmos.v1.MonitorService/GetClusterHealth',
             llmos_dot_v1_dot_monitor__pb2.GetClusterHealthRequest.SerializeToString,
             llmos_dot_v1_dot_monitor__pb2.GetClusterHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmos.v1.MonitorService/Watch',
+            llmos_dot_v1_dot_monitor__pb2.WatchRequest.SerializeToString,
+            llmos_dot_v1_dot_monitor__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

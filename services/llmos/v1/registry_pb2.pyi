@@ -99,18 +99,20 @@ class DeleteModelResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "node", "incarnation", "loaded_models")
+    __slots__ = ("worker_id", "address", "node", "incarnation", "loaded_models", "metrics_address")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     node: str
     incarnation: str
     loaded_models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., incarnation: _Optional[str] = ..., loaded_models: _Optional[_Iterable[str]] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., incarnation: _Optional[str] = ..., loaded_models: _Optional[_Iterable[str]] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ()
@@ -167,14 +169,16 @@ class ListWorkersRequest(_message.Message):
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)
     class Worker(_message.Message):
-        __slots__ = ("worker_id", "address", "node")
+        __slots__ = ("worker_id", "address", "node", "metrics_address")
         WORKER_ID_FIELD_NUMBER: _ClassVar[int]
         ADDRESS_FIELD_NUMBER: _ClassVar[int]
         NODE_FIELD_NUMBER: _ClassVar[int]
+        METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
         worker_id: str
         address: str
         node: str
-        def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+        metrics_address: str
+        def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[ListWorkersResponse.Worker]
     def __init__(self, workers: _Optional[_Iterable[_Union[ListWorkersResponse.Worker, _Mapping]]] = ...) -> None: ...

@@ -26,6 +26,7 @@ from llmos.v1 import registry_pb2, registry_pb2_grpc
 from .engine import EngineDriver
 from .host import EngineConfig, ModelHost
 from .loader import pick_device, pick_dtype
+from .observe import EngineTelemetry, WorkerGauges
 from .servicer import GrpcResources, register
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class WorkerSettings:
     # Address the other services reach this worker at; empty means the bound address.
     advertise_address: str = ""
     address_file: str = ""
+    # Where Prometheus metrics are served over HTTP ("host:port", port 0 picks one; "" serves none).
+    metrics_listen: str = "127.0.0.1:0"
     # Stable id; empty means "<hostname>-worker".
     worker_id: str = ""
     resources_address: str = "127.0.0.1:50054"
@@ -99,11 +102,13 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     worker_id = settings.worker_id or f"{socket.gethostname()}-worker"
     provider = provider or make_tracer_provider("worker")
     channels = Channels(provider)
+    host = ServiceHost("worker", settings.listen, provider, settings.metrics_listen)
     model_host = ModelHost(worker_id, GrpcResources(channels, settings.resources_address), device,
                            pick_dtype(settings.dtype, device), driver,
                            EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget,
-                                        settings.lease_ttl_seconds))
-    host = ServiceHost("worker", settings.listen, provider)
+                                        settings.lease_ttl_seconds),
+                           events=EngineTelemetry(provider.get_tracer("llmos.worker.engine"), host.metrics))
+    host.metrics.register(WorkerGauges(worker_id, model_host.status, model_host.memory_in_use))
     register(host, model_host)
     stub = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
     incarnation = uuid.uuid4().hex
@@ -112,7 +117,8 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
         def request() -> registry_pb2.RegisterWorkerRequest:
             return registry_pb2.RegisterWorkerRequest(
                 worker_id=worker_id, address=settings.advertise_address or address, node=socket.gethostname(),
-                incarnation=incarnation, loaded_models=model_host.loaded_models)
+                incarnation=incarnation, loaded_models=model_host.loaded_models,
+                metrics_address=service.metrics_address)
 
         await announce(stub, request, settings.register_interval_seconds)
 
@@ -125,7 +131,8 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
         if own_driver:
             driver.stop()
 
-    return Service(host, background=[announce_loop, renew_loop], cleanups=[close])
+    service = Service(host, background=[announce_loop, renew_loop], cleanups=[close])
+    return service
 
 def main() -> int:
     """Serves gRPC on a thread of its own and runs the engines on the main thread."""

@@ -51,6 +51,13 @@ class Sequence:
     # With a repetition penalty: the prompt and output ids so far, in a buffer of the
     # sequence's full length.
     seen: torch.Tensor | None = None
+    # For the telemetry: the request's span (the engine's steps link to it), and when
+    # (time.time_ns) it arrived, got its first and latest token, and was cancelled.
+    trace_context: Any = None
+    arrival_ns: int = field(default_factory=time.time_ns)
+    first_token_ns: int = 0
+    last_token_ns: int = 0
+    cancel_ns: int = 0
 
     @property
     def prefilling(self) -> bool:
@@ -65,6 +72,27 @@ class EngineStats:
     kv_tokens_capacity: int
     tokens_generated: int
     max_running: int
+
+
+class EngineEvents:
+    """What the engine tells its telemetry, on the driver's thread; this base ignores it all.
+    Each call must be cheap: they run between and after steps."""
+
+    def step(self, model: str, batch: list[Sequence], prefill_tokens: int, kv_used: int, kv_capacity: int,
+             start_ns: int, end_ns: int) -> None:
+        """One engine step ran over `batch` (the sequences in it after the step)."""
+
+    def token(self, model: str, seq: Sequence, now_ns: int) -> None:
+        """`seq` got a token (its first when `seq.first_token_ns == now_ns`)."""
+
+    def joined(self, model: str, seq: Sequence, now_ns: int) -> None:
+        """`seq` left the engine's waiting line for a cache slot."""
+
+    def finished(self, model: str, seq: Sequence, reason: FinishReason, now_ns: int) -> None:
+        """`seq` ended with `reason` (its last chunk is delivered)."""
+
+    def released(self, model: str, seq: Sequence, now_ns: int) -> None:
+        """`seq` left the engine (its cache slot, if it held one, is free)."""
 
 
 class EngineDriver:
@@ -161,8 +189,9 @@ class EngineDriver:
 
 class Engine:
     def __init__(self, name: str, runner: LlamaRunner, tokenizer: Any, eos_ids: frozenset[int],
-                 driver: EngineDriver, prefill_budget: int = 256) -> None:
+                 driver: EngineDriver, prefill_budget: int = 256, events: EngineEvents | None = None) -> None:
         self.name = name
+        self.events = events or EngineEvents()
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -193,6 +222,7 @@ class Engine:
 
     def cancel(self, seq: Sequence) -> None:
         """Marks the sequence; it leaves before the next step and frees its slot."""
+        seq.cancel_ns = time.time_ns()
         seq.cancelled = True
         with self._wake:
             self._wake.notify_all()
@@ -230,17 +260,23 @@ class Engine:
                 return
             for seq in [s for s in self._running if s.cancelled]:
                 self._release(seq)
+            if any(s.cancelled for s in self._inbox):
+                now = time.time_ns()
+                for seq in [s for s in self._inbox if s.cancelled]:
+                    self._inbox.remove(seq)
+                    self.events.released(self.name, seq, now)
             while self._inbox and len(self._running) < self.runner.slots:
                 seq = self._inbox.popleft()
-                if not seq.cancelled:
-                    seq.slot = len(self._running)
-                    self._running.append(seq)
+                seq.slot = len(self._running)
+                self._running.append(seq)
+                self.events.joined(self.name, seq, time.time_ns())
             batch = list(self._running)
         if not batch:
             return
         started = time.perf_counter()
+        start_ns = time.time_ns()
         try:
-            self._step(batch)
+            prefill_tokens = self._step(batch)
         except Exception:  # noqa: BLE001 - a failed step fails its sequences, not the engine
             log.exception("engine step failed for %s", self.name)
             with self._wake:
@@ -248,6 +284,9 @@ class Engine:
                     if seq.slot >= 0:
                         seq.deliver(Internal("generation failed"))
                         self._release(seq)
+        else:
+            self.events.step(self.name, batch, prefill_tokens, sum(s.cached for s in self._running),
+                             self.runner.slots * self.runner.max_len, start_ns, time.time_ns())
         window = self._window
         window[0] += 1
         window[1] += time.perf_counter() - started
@@ -266,8 +305,10 @@ class Engine:
             self._running[hole] = moved
         self._running.pop()
         seq.slot = -1
+        self.events.released(self.name, seq, time.time_ns())
 
-    def _step(self, batch: list[Sequence]) -> None:
+    def _step(self, batch: list[Sequence]) -> int:
+        """Runs one step over `batch`; returns the prompt tokens it fed."""
         device = self.runner.device
         decoding = [s for s in batch if not s.prefilling]
         tokens = [s.output_ids[-1] for s in decoding]
@@ -309,6 +350,7 @@ class Engine:
                 for s in finished:
                     if s.slot >= 0:
                         self._release(s)
+        return self.prefill_budget - budget
 
     def _begin(self, seq: Sequence) -> None:
         device = self.runner.device
@@ -324,6 +366,9 @@ class Engine:
         """Samples the sequence's next token and delivers it; returns True when it finished."""
         if seq.cancelled:
             return True
+        now = time.time_ns()
+        if not seq.output_ids:
+            seq.first_token_ns = now
         held = len(seq.prompt_ids) + len(seq.output_ids)
         seen = None if seq.seen is None else seq.seen[:held]
         token, logprob = sample(logits, seq.params, seq.generator, seen)
@@ -352,4 +397,7 @@ class Engine:
             chunk.finish_reason = finish
             chunk.usage = Usage(len(seq.prompt_ids), len(seq.output_ids))
         seq.deliver(chunk)
+        self.events.token(self.name, seq, now)
+        if finish is not None:
+            self.events.finished(self.name, seq, finish, now)
         return finish is not None

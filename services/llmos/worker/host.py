@@ -19,7 +19,7 @@ import torch
 from llmos.common.domain import Chunk, GenerationInput, SamplingParams, merge_chunks
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound
 
-from .engine import Engine, EngineDriver, EngineStats, Sequence
+from .engine import Engine, EngineDriver, EngineEvents, EngineStats, Sequence
 from .loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,9 @@ Loader = Callable[[str, str, torch.device, torch.dtype, int, int], LoadedModel]
 class ModelHost:
     def __init__(self, worker_id: str, resources: ResourcesPort, device: torch.device,
                  dtype: torch.dtype, driver: EngineDriver, config: EngineConfig = EngineConfig(),
-                 loader: Loader = load_model) -> None:
+                 loader: Loader = load_model, events: EngineEvents | None = None) -> None:
         self.worker_id = worker_id
+        self.events = events
         self.driver = driver
         self.device = device
         self.dtype = dtype
@@ -126,7 +127,7 @@ class ModelHost:
                 await self._resources.release(lease)
                 raise
             engine = Engine(model, loaded.runner, loaded.tokenizer, loaded.eos_ids, self.driver,
-                            self.config.prefill_budget)
+                            self.config.prefill_budget, self.events)
             served = Served(loaded, engine, lease)
             self._served[model] = served
             return served
@@ -179,7 +180,9 @@ class ModelHost:
         return params.max_tokens
 
     async def generate(self, request_id: str, model: str, source: GenerationInput,
-                       params: SamplingParams) -> AsyncIterator[Chunk]:
+                       params: SamplingParams, trace_context: object = None) -> AsyncIterator[Chunk]:
+        """Streams the generation's chunks. `trace_context`: the request's span context, which
+        the engine's spans link to."""
         served = self._served.get(model)
         if served is None:
             raise NotFound(f"model {model} is not loaded on worker {self.worker_id}",
@@ -197,7 +200,7 @@ class ModelHost:
             except RuntimeError:  # the event loop is gone; nobody is listening
                 pass
 
-        seq = Sequence(request_id, prompt_ids, params, max_new, deliver)
+        seq = Sequence(request_id, prompt_ids, params, max_new, deliver, trace_context=trace_context)
         served.engine.submit(seq)
         finished = False
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from opentelemetry import trace
 
 from llmos.common.channels import Channels
 from llmos.common.convert import Violations, duration, fill_chunk, input_from_proto, sampling_from_proto, timestamp
@@ -43,13 +44,20 @@ class GrpcResources:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, host: ModelHost) -> None:
+    def __init__(self, host: ModelHost, tracer: trace.Tracer) -> None:
         self.host = host
+        self.tracer = tracer
 
     async def StartModel(self, request, context):
         if not request.model or not request.path:
             raise InvalidArgument.field("model" if not request.model else "path", "is required")
-        served = await self.host.start_model(request.model, request.path, request.estimated_bytes)
+        with self.tracer.start_as_current_span("load model", attributes={
+                "gen_ai.request.model": request.model, "llmos.model.estimated_bytes": request.estimated_bytes,
+                "llmos.model.cold": request.model not in self.host.loaded_models}) as span:
+            served = await self.host.start_model(request.model, request.path, request.estimated_bytes)
+            span.set_attributes({"llmos.model.measured_bytes": served.loaded.measured_bytes,
+                                 "llmos.model.dtype": served.loaded.dtype_name,
+                                 "llmos.device": self.host.device_name})
         return worker_pb2.StartModelResponse(
             measured_bytes=served.loaded.measured_bytes, device=self.host.device_name,
             dtype=served.loaded.dtype_name)
@@ -65,7 +73,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         source = input_from_proto(request, errors)
         params = sampling_from_proto(request.sampling, errors)
         errors.raise_if_any()
-        async for chunk in self.host.generate(request.request_id, request.model, source, params):
+        span = trace.get_current_span()
+        span.set_attributes({"gen_ai.request.model": request.model, "llmos.request.id": request.request_id})
+        async for chunk in self.host.generate(request.request_id, request.model, source, params,
+                                              span.get_span_context() if span.is_recording() else None):
+            if chunk.finish_reason is not None:
+                span.set_attributes({"gen_ai.response.finish_reasons": [chunk.finish_reason.name.lower()],
+                                     "gen_ai.usage.input_tokens": chunk.usage.prompt_tokens,
+                                     "gen_ai.usage.output_tokens": chunk.usage.completion_tokens})
             yield fill_chunk(worker_pb2.GenerateTokensResponse(), chunk)
 
     async def GetWorkerStatus(self, request, context):
@@ -82,6 +97,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
 
 def register(host, model_host: ModelHost) -> None:
-    servicer = WorkerServicer(model_host)
+    servicer = WorkerServicer(model_host, host.provider.get_tracer("llmos.worker"))
     host.add(worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
              lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server))

@@ -1,12 +1,32 @@
-from llmos.monitor.health import NOT_SERVING, SERVING, UNREACHABLE, HealthMonitor, QueueDepth
+from llmos.monitor.health import (
+    NOT_SERVING,
+    SERVING,
+    STALLED,
+    UNREACHABLE,
+    HealthMonitor,
+    QueueDepth,
+    SchedulerView,
+    WorkerInfo,
+    WorkerReport,
+)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
 
 
 class FakeProbe:
-    def __init__(self, states, workers=None, fail_workers=False, queues=None):
+    def __init__(self, states, workers=None, fail_workers=False, queues=None, reports=None, running=None):
         self.states = states
-        self._workers = workers or []
+        self._workers = [WorkerInfo(wid, address) for wid, address in workers or []]
         self.fail_workers = fail_workers
         self._queues = queues
+        self.reports = reports or {}
+        self.running = running or {}
 
     async def check(self, address):
         return self.states.get(address, (UNREACHABLE, "no answer"))
@@ -16,10 +36,18 @@ class FakeProbe:
             raise ConnectionError("registry down")
         return self._workers
 
-    async def queues(self):
+    async def worker_status(self, address):
+        if address not in self.reports:
+            raise ConnectionError("no answer")
+        return self.reports[address]
+
+    async def scheduler(self):
         if self._queues is None:
             raise ConnectionError("scheduler down")
-        return self._queues
+        return SchedulerView(self._queues, self.running)
+
+    async def leases(self):
+        return []
 
 
 async def test_all_serving_is_healthy_with_workers_listed():
@@ -50,3 +78,47 @@ async def test_the_schedulers_queue_depths_come_with_the_health():
     assert health.queues == depths
     health = await HealthMonitor(FakeProbe({"g": (SERVING, "")}), {"gateway": "g"}).cluster_health()
     assert health.queues == [] and health.healthy      # a silent scheduler shows in its own check
+
+
+async def test_a_serving_worker_with_running_requests_and_no_new_token_is_stalled():
+    clock = Clock()
+    probe = FakeProbe({"w": (SERVING, "")}, workers=[("w1", "w")], reports={"w": WorkerReport(2, 10)})
+    monitor = HealthMonitor(probe, {}, stall_seconds=5.0, clock=clock)
+    assert (await monitor.cluster_health()).healthy
+    clock.now += 3
+    probe.reports["w"] = WorkerReport(2, 14)         # progress: the stall clock restarts
+    assert (await monitor.cluster_health()).healthy
+    clock.now += 4.9
+    assert (await monitor.cluster_health()).healthy
+    clock.now += 0.2                                 # 5.1 s without a token, 2 running
+    health = await monitor.cluster_health()
+    worker = health.components[-1]
+    assert not health.healthy and worker.state == STALLED and worker.running == 2
+    assert "no token for 5.1s" in worker.detail
+    probe.reports["w"] = WorkerReport(2, 15)
+    assert (await monitor.cluster_health()).healthy
+
+
+async def test_an_idle_worker_is_never_stalled():
+    clock = Clock()
+    probe = FakeProbe({"w": (SERVING, "")}, workers=[("w1", "w")], reports={"w": WorkerReport(0, 10)})
+    monitor = HealthMonitor(probe, {}, stall_seconds=5.0, clock=clock)
+    for _ in range(3):
+        clock.now += 60
+        assert (await monitor.cluster_health()).healthy
+
+
+async def test_a_frozen_worker_is_judged_by_the_schedulers_count_of_its_requests():
+    clock = Clock()
+    probe = FakeProbe({"w": (SERVING, "")}, workers=[("w1", "w")], reports={"w": WorkerReport(3, 50)},
+                      queues=[], running={"w1": 3})
+    monitor = HealthMonitor(probe, {}, stall_seconds=5.0, clock=clock)
+    await monitor.cluster_health()
+    probe.states["w"] = (UNREACHABLE, "health check failed: DEADLINE_EXCEEDED")
+    del probe.reports["w"]
+    clock.now += 2
+    assert (await monitor.cluster_health()).components[-1].state == UNREACHABLE
+    clock.now += 3.5
+    worker = (await monitor.cluster_health()).components[-1]
+    assert worker.state == STALLED and worker.running == 3
+    assert "DEADLINE_EXCEEDED" in worker.detail

@@ -1,0 +1,64 @@
+"""Prometheus metrics of one service process, served over HTTP at `/metrics`.
+
+Each service keeps its own `CollectorRegistry` (no process-wide globals), with the
+process collector (`process_resident_memory_bytes`, CPU seconds, open fds) in it.
+Names are prefixed `llmos_` and follow vLLM's model-server names where one exists
+(`llmos_num_requests_running`, `llmos_time_to_first_token_seconds`, ...), so
+dashboards and routers that read vLLM's metrics read ours by swapping the prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, ProcessCollector
+
+log = logging.getLogger(__name__)
+
+# Latency buckets in seconds: from a cached decode step to a cold start.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+                   1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+# Inter-token latency buckets in seconds.
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+                 0.5, 0.75, 1.0, 2.5)
+# Token-count buckets (prompt and generation lengths, batch tokens).
+COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def new_registry() -> CollectorRegistry:
+    """A registry holding this process's own figures (memory, CPU, file descriptors)."""
+    # `_created` series double every counter's size and no dashboard reads them.
+    prometheus_client.disable_created_metrics()
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    return registry
+
+
+class MetricsEndpoint:
+    """Serves a registry as Prometheus text at http://<listen>/metrics (port 0 picks one)."""
+
+    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+        self.registry = registry
+        self.listen = listen
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> str:
+        """Binds and serves on a thread of its own; returns the bound "host:port"."""
+        host, port = self.listen.rsplit(":", 1)
+        try:
+            self._server, self._thread = prometheus_client.start_http_server(int(port), host, self.registry)
+        except OSError as exc:
+            raise OSError(f"cannot serve metrics on {self.listen}: {exc.strerror}") from None
+        address = f"{host}:{self._server.server_port}"
+        log.info("metrics at http://%s/metrics", address)
+        return address
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

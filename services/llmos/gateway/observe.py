@@ -1,0 +1,92 @@
+"""The gateway's telemetry: what a client sees of each Generate.
+
+The request's server span (made by the gRPC interceptor, the root of the
+client's trace) gets the OpenTelemetry `gen_ai.*` attributes: operation, model,
+request parameters, usage, finish reasons and the time to the first chunk.
+Metrics: requests by status code, time to first token and duration as the
+client sees them (queue and cold start included), tokens streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from llmos.common.domain import Chunk
+from llmos.common.errors import LlmosError
+from llmos.common.metrics import LATENCY_BUCKETS
+
+from .frontdoor import GenerateCall
+
+
+class GatewayTelemetry:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("llmos_gateway_requests", "Generate calls that ended, by gRPC status code.",
+                                ["model_name", "code"], registry=registry)
+        self.ttft = Histogram("llmos_gateway_time_to_first_token_seconds", "Time from a Generate call's "
+                              "arrival to its first token going out.", ["model_name"], registry=registry,
+                              buckets=LATENCY_BUCKETS)
+        self.duration = Histogram("llmos_gateway_request_duration_seconds", "Time from a Generate call's "
+                                  "arrival to its end.", ["model_name", "code"], registry=registry,
+                                  buckets=LATENCY_BUCKETS)
+        self.streamed = Counter("llmos_gateway_streamed_tokens", "Tokens streamed to clients.",
+                                ["model_name"], registry=registry)
+
+    def start(self, call: GenerateCall) -> CallWatch:
+        return CallWatch(self, call)
+
+
+class CallWatch:
+    """One Generate call, from arrival to end."""
+
+    def __init__(self, telemetry: GatewayTelemetry, call: GenerateCall) -> None:
+        self._t = telemetry
+        self._model = call.model
+        self._started = time.perf_counter()
+        self._first = 0.0
+        self._tokens = 0
+        self._span = trace.get_current_span()
+        p = call.params
+        attributes = {"gen_ai.operation.name": "chat" if call.source.messages else "text_completion",
+                      "gen_ai.provider.name": "llmos", "gen_ai.request.model": call.model,
+                      "llmos.tenant": call.tenant, "llmos.priority": call.priority}
+        for key, value in (("max_tokens", p.max_tokens), ("temperature", p.temperature), ("top_p", p.top_p),
+                           ("top_k", p.top_k), ("seed", p.seed)):
+            if value is not None:
+                attributes[f"gen_ai.request.{key}"] = value
+        if p.stop:
+            attributes["gen_ai.request.stop_sequences"] = list(p.stop)
+        self._span.set_attributes(attributes)
+
+    def chunk(self, request_id: str, chunk: Chunk) -> None:
+        if not self._first:
+            self._first = time.perf_counter()
+            ttft = self._first - self._started
+            self._t.ttft.labels(self._model).observe(ttft)
+            self._span.set_attributes({"gen_ai.response.id": request_id,
+                                       "gen_ai.response.time_to_first_chunk": ttft})
+        self._tokens += len(chunk.token_ids)
+        if chunk.finish_reason is not None:
+            self._span.set_attribute("gen_ai.response.finish_reasons", [chunk.finish_reason.name.lower()])
+            if chunk.usage is not None:
+                self._span.set_attributes({"gen_ai.usage.input_tokens": chunk.usage.prompt_tokens,
+                                           "gen_ai.usage.output_tokens": chunk.usage.completion_tokens})
+
+    def end(self, exc: BaseException | None) -> None:
+        if exc is None:
+            code = "OK"
+        elif isinstance(exc, LlmosError):
+            code = exc.code
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            code = "CANCELLED"
+        else:
+            code = "INTERNAL"
+        if code == "CANCELLED":
+            self._span.set_attribute("gen_ai.response.finish_reasons", ["cancelled"])
+        self._t.requests.labels(self._model, code).inc()
+        self._t.duration.labels(self._model, code).observe(time.perf_counter() - self._started)
+        if self._tokens:
+            self._t.streamed.labels(self._model).inc(self._tokens)

@@ -1,0 +1,140 @@
+"""The cluster's metrics in one place: the monitor scrapes every service's and worker's
+Prometheus endpoint and serves them all again, each sample labelled with the
+`component` it came from ("gateway", "worker/w1", ...), beside the monitor's own
+figures (component health, alerts, the probe). One address to scrape, however
+many workers come and go.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+from .alerts import Alert
+from .health import SERVING, STALLED, ClusterHealth
+
+log = logging.getLogger(__name__)
+
+
+def scrape(address: str, timeout: float) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout) as response:  # noqa: S310
+        return response.read().decode()
+
+
+class Gatherer(Collector):
+    """Scrapes `targets()` (component → "host:port") when collected, at most once per
+    `max_age` seconds, and yields their families merged by name."""
+
+    def __init__(self, targets: Callable[[], dict[str, str]], timeout: float = 2.0, max_age: float = 0.0) -> None:
+        self._targets = targets
+        self._timeout = timeout
+        self._max_age = max_age
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scrape")
+        self._lock = threading.Lock()
+        self._at = float("-inf")
+        self._families: list[Metric] = []
+        self._up: dict[str, bool] = {}
+
+    def families(self, max_age: float | None = None) -> list[Metric]:
+        """The merged families, scraped again when older than `max_age` seconds."""
+        with self._lock:
+            if time.monotonic() - self._at > (self._max_age if max_age is None else max_age):
+                self._families, self._up = self._scrape()
+                self._at = time.monotonic()
+            return self._families
+
+    def _scrape(self) -> tuple[list[Metric], dict[str, bool]]:
+        targets = sorted(self._targets().items())
+        texts = list(self._pool.map(lambda t: self._fetch(*t), targets))
+        merged: dict[str, Metric] = {}
+        up = {}
+        for (component, _), text in zip(targets, texts, strict=True):
+            up[component] = text is not None
+            if text is None:
+                continue
+            for family in text_string_to_metric_families(text):
+                into = merged.get(family.name)
+                if into is None:
+                    into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                elif into.type != family.type:
+                    continue
+                into.samples.extend(Sample(s.name, {**s.labels, "component": component}, s.value, s.timestamp,
+                                           s.exemplar) for s in family.samples)
+        return list(merged.values()), up
+
+    def _fetch(self, component: str, address: str) -> str | None:
+        try:
+            return scrape(address, self._timeout)
+        except Exception as exc:  # noqa: BLE001 - a target that does not answer is reported as down
+            log.debug("cannot scrape %s at %s: %s", component, address, exc)
+            return None
+
+    def collect(self):
+        families = self.families()
+        up = GaugeMetricFamily("llmos_scrape_up", "1 when the monitor could read the component's metrics.",
+                               labels=["component"])
+        for component, ok in sorted(self._up.items()):
+            up.add_metric([component], 1 if ok else 0)
+        yield up
+        yield from families
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ClusterGauges(Collector):
+    """The monitor's own figures, from its latest check."""
+
+    def __init__(self) -> None:
+        self.health: ClusterHealth | None = None
+        self.alerts: list[Alert] = []
+        self.probe: tuple[bool, float] | None = None    # (ok, seconds) of the last probe
+
+    def collect(self):
+        healthy = GaugeMetricFamily("llmos_component_healthy", "1 when the component serves and makes "
+                                    "progress, 0 otherwise.", labels=["component"])
+        stalled = GaugeMetricFamily("llmos_worker_stalled", "1 when a worker has running generations and "
+                                    "produced no token for the stall time.", labels=["component"])
+        running = GaugeMetricFamily("llmos_worker_running_requests", "Generations running on a worker, as "
+                                    "the monitor last saw.", labels=["component"])
+        cluster = GaugeMetricFamily("llmos_cluster_healthy", "1 when every component is healthy.")
+        if self.health is not None:
+            cluster.add_metric([], 1 if self.health.healthy else 0)
+            for c in self.health.components:
+                healthy.add_metric([c.component], 1 if c.state == SERVING else 0)
+                if c.component.startswith("worker/"):
+                    stalled.add_metric([c.component], 1 if c.state == STALLED else 0)
+                    running.add_metric([c.component], c.running)
+        firing = GaugeMetricFamily("llmos_alerts_firing", "Alerts the monitor's rules fire now.",
+                                   labels=["alertname", "severity", "subject"])
+        for alert in self.alerts:
+            firing.add_metric([alert.name, alert.severity, alert.subject], 1)
+        yield from (healthy, stalled, running, cluster, firing)
+        if self.probe is not None:
+            ok = GaugeMetricFamily("llmos_probe_success", "1 when the last synthetic Generate probe got a token.")
+            ok.add_metric([], 1 if self.probe[0] else 0)
+            seconds = GaugeMetricFamily("llmos_probe_duration_seconds", "How long the last probe took.")
+            seconds.add_metric([], self.probe[1])
+            yield from (ok, seconds)
+
+
+def ttft_counts(families: list[Metric], slo: float,
+                name: str = "llmos_gateway_time_to_first_token_seconds") -> tuple[float, float] | None:
+    """(requests, requests within `slo` seconds) from the gathered TTFT histogram, summed over
+    every label; None when no component exports it. `slo` must be one of its bucket bounds."""
+    for family in families:
+        if family.name == name:
+            total = sum(s.value for s in family.samples if s.name == name + "_count")
+            within = sum(s.value for s in family.samples
+                         if s.name == name + "_bucket" and float(s.labels.get("le", "nan")) == slo)
+            return total, within
+    return None

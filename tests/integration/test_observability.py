@@ -1,0 +1,147 @@
+"""Metrics and cluster events over the in-process suite."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmos.monitor.__main__ import MonitorSettings
+from llmos.monitor.__main__ import build as build_monitor
+from llmos.v1 import common_pb2, gateway_pb2, monitor_pb2, monitor_pb2_grpc, registry_pb2
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def scrape(address: str) -> dict:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def value(families: dict, sample_name: str, **labels) -> float:
+    """The sum of the samples named `sample_name` whose labels include `labels`."""
+    return sum(s.value for family in families.values() for s in family.samples
+               if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def generate(stack, max_tokens=8, prompt="hello"):
+    request = gateway_pb2.GenerateRequest(model="tiny", prompt=prompt,
+                                          sampling=common_pb2.SamplingParams(max_tokens=max_tokens, seed=1))
+    return [r async for r in stack.gateway.Generate(request)]
+
+
+async def test_every_service_serves_its_metrics(stack):
+    expected = {"gateway": "llmos_gateway_requests", "scheduler": "llmos_scheduler_queue_requests",
+                "registry": "llmos_model_loads", "resources": "llmos_device_memory_total_bytes",
+                "worker": "llmos_num_requests_running"}
+    for service, family in expected.items():
+        families = await asyncio.to_thread(scrape, stack.metrics[service])
+        assert family in families, f"{service} lacks {family}"
+        assert "process_resident_memory_bytes" in families
+
+
+async def test_the_monitor_gathers_every_components_metrics_and_they_move(stack):
+    before = await asyncio.to_thread(scrape, stack.metrics["monitor"])
+    for family in ("llmos_time_to_first_token_seconds", "llmos_inter_token_latency_seconds",
+                   "llmos_e2e_request_latency_seconds", "llmos_scheduler_queue_time_seconds",
+                   "llmos_gateway_time_to_first_token_seconds"):
+        assert before[family].type == "histogram", family
+    for family in ("llmos_num_requests_running", "llmos_num_requests_waiting", "llmos_kv_cache_usage_perc",
+                   "llmos_scheduler_queue_requests", "llmos_lease_bytes", "llmos_device_memory_used_bytes",
+                   "llmos_host_memory_used_bytes", "llmos_component_healthy"):
+        assert before[family].type == "gauge", family
+    components = {s.labels["component"] for s in before["process_resident_memory_bytes"].samples}
+    assert components == {"gateway", "scheduler", "registry", "resources", "worker/w1"}
+    for _ in range(50):       # the resource manager's figures are read once a second
+        leases = await asyncio.to_thread(scrape, stack.metrics["monitor"])
+        lease = [s for s in leases["llmos_lease_bytes"].samples if s.labels["model_name"] == "tiny:latest"]
+        if lease:
+            break
+        await asyncio.sleep(0.1)
+    assert lease and lease[0].labels["worker"] == "w1" and lease[0].value > 0
+
+    await asyncio.gather(*(generate(stack, max_tokens=6) for _ in range(3)))
+    after = await asyncio.to_thread(scrape, stack.metrics["monitor"])
+    model = {"model_name": "tiny:latest"}
+    for name, grew_by in (("llmos_generation_tokens_total", 18), ("llmos_time_to_first_token_seconds_count", 3),
+                          ("llmos_e2e_request_latency_seconds_count", 3),
+                          ("llmos_inter_token_latency_seconds_count", 15),
+                          ("llmos_scheduler_queue_time_seconds_count", 3)):
+        assert value(after, name, **model) - value(before, name, **model) >= grew_by, name
+    assert value(after, "llmos_gateway_requests_total", code="OK") - value(
+        before, "llmos_gateway_requests_total", code="OK") >= 3
+    assert value(after, "llmos_request_success_total", finished_reason="length") >= 3
+
+
+async def test_running_and_kv_gauges_show_generations_in_flight_and_cancellations(stack):
+    request = gateway_pb2.GenerateRequest(model="tiny", prompt="a long one",
+                                          sampling=common_pb2.SamplingParams(max_tokens=240, ignore_eos=True))
+    calls = [stack.gateway.Generate(request) for _ in range(12)]
+    for call in calls:
+        await call.read()
+    seen = []
+    while len(seen) < 200:
+        families = await asyncio.to_thread(scrape, stack.metrics["worker"])
+        seen.append((value(families, "llmos_num_requests_running"), value(families, "llmos_kv_cache_tokens_used"),
+                     value(families, "llmos_kv_cache_usage_perc")))
+        if seen[-1][0] >= 1:
+            break
+    running, used, usage = seen[-1]
+    assert running >= 1 and used > 0 and 0 < usage <= 1, seen
+    cancelled_before = value(families, "llmos_request_success_total", finished_reason="cancelled")
+    for call in calls:
+        call.cancel()
+    for _ in range(100):
+        families = await asyncio.to_thread(scrape, stack.metrics["worker"])
+        if value(families, "llmos_num_requests_running") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert value(families, "llmos_num_requests_running") == 0
+    assert value(families, "llmos_kv_cache_tokens_used") == 0
+    cancelled = value(families, "llmos_request_success_total", finished_reason="cancelled") - cancelled_before
+    assert cancelled >= 1
+    assert value(families, "llmos_request_cancel_release_seconds_count") >= cancelled
+
+
+async def test_watch_sends_the_current_state_then_model_events(stack):
+    watch = stack.monitor.Watch(monitor_pb2.WatchRequest(include_current=True))
+    first = await asyncio.wait_for(watch.read(), 10)
+    assert first.WhichOneof("event") == "health"
+    assert first.health.previous == monitor_pb2.ComponentHealth.STATE_UNSPECIFIED
+    await stack.registry.UnloadModel(registry_pb2.UnloadModelRequest(name="tiny"))
+    await stack.registry.LoadModel(registry_pb2.LoadModelRequest(name="tiny"))
+    kinds = []
+    while "ready" not in kinds:
+        event = await asyncio.wait_for(watch.read(), 30)
+        if event.WhichOneof("event") == "model":
+            kinds.append(registry_pb2.WatchModelsResponse.Kind.Name(event.model.kind).removeprefix("KIND_").lower())
+    assert kinds[:2] == ["unloading", "unloaded"] and kinds[-1] == "ready"
+    watch.cancel()
+
+
+async def test_cluster_health_carries_the_synthetic_probe(stack):
+    # A monitor of its own, probing every 0.2 s (the shared one does not probe: its tokens
+    # would show in the other tests' counts).
+    a = stack.addresses
+    monitor = await build_monitor(MonitorSettings(
+        listen="127.0.0.1:0", metrics_listen="", gateway_address=a["gateway"], scheduler_address=a["scheduler"],
+        registry_address=a["registry"], resources_address=a["resources"], probe_interval_seconds=0.2))
+    address = await monitor.start()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = monitor_pb2_grpc.MonitorServiceStub(channel)
+            for _ in range(100):
+                health = await stub.GetClusterHealth(monitor_pb2.GetClusterHealthRequest())
+                if health.HasField("probe"):
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await monitor.stop(grace=1.0)
+    assert health.probe.ok, health.probe.detail
+    assert health.probe.model == "tiny:latest"
+    assert health.probe.latency.ToNanoseconds() > 0
+    assert health.healthy and not health.alerts
