@@ -3,13 +3,23 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 DATA    ?= .llmos
 
-.PHONY: up test venv protos check-protos lint unit integration e2e clean
+SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: up test venv system-deps protos check-protos lint unit integration e2e clean
 
 up: $(STAMP)
 	$(PY) -m llmos.cli up --data-dir $(DATA)
 
-test: $(STAMP) check-protos lint
+test: $(STAMP) system-deps check-protos lint
 	$(PY) -m pytest -q
+
+# Debian's Prometheus (promtool checks the shipped rules; the e2e tests run a real one
+# against the suite) and docker-compose (checks deploy/compose.yaml without an engine).
+system-deps:
+	@command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    prometheus docker-compose >/dev/null; }
 
 venv: $(STAMP)
 

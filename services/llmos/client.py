@@ -46,10 +46,12 @@ class Client:
 
     def generate(self, model: str, *, prompt: str | None = None,
                  messages: list[tuple[str, str]] | None = None, max_tokens: int = 0,
-                 temperature: float = 0.0, seed: int | None = None,
-                 timeout: float | None = None, metadata: tuple = ()) -> Iterator[gateway_pb2.GenerateResponse]:
+                 temperature: float = 0.0, seed: int | None = None, ignore_eos: bool = False,
+                 request_id: str = "", timeout: float | None = None,
+                 metadata: tuple = ()) -> Iterator[gateway_pb2.GenerateResponse]:
         request = gateway_pb2.GenerateRequest(
-            model=model, sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature))
+            model=model, request_id=request_id,
+            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos))
         if seed is not None:
             request.sampling.seed = seed
         if prompt is not None:

@@ -10,6 +10,14 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
+def _value(v):
+    """An OTLP AnyValue as Python."""
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    return getattr(v, kind) if kind else None
+
+
 class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     """An OTLP/gRPC trace endpoint that keeps every span it is sent."""
 
@@ -26,7 +34,11 @@ class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                         self.spans.append({
                             "service": attrs.get("service.name", ""), "name": span.name,
                             "kind": span.kind, "trace_id": span.trace_id.hex(),
-                            "span_id": span.span_id.hex(), "parent_id": span.parent_span_id.hex()})
+                            "span_id": span.span_id.hex(), "parent_id": span.parent_span_id.hex(),
+                            "start": span.start_time_unix_nano / 1e9, "end": span.end_time_unix_nano / 1e9,
+                            "attributes": {a.key: _value(a.value) for a in span.attributes},
+                            "links": [(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
+                            "error": span.status.code == span.status.STATUS_CODE_ERROR})
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def snapshot(self) -> list[dict]:

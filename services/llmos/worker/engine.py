@@ -80,7 +80,7 @@ class EngineEvents:
 
     def step(self, model: str, batch: list[Sequence], prefill_tokens: int, kv_used: int, kv_capacity: int,
              start_ns: int, end_ns: int) -> None:
-        """One engine step ran over `batch` (the sequences in it after the step)."""
+        """One engine step ran over `batch`, whose sequences held `kv_used` cache positions."""
 
     def token(self, model: str, seq: Sequence, now_ns: int) -> None:
         """`seq` got a token (its first when `seq.first_token_ns == now_ns`)."""
@@ -285,7 +285,7 @@ class Engine:
                         seq.deliver(Internal("generation failed"))
                         self._release(seq)
         else:
-            self.events.step(self.name, batch, prefill_tokens, sum(s.cached for s in self._running),
+            self.events.step(self.name, batch, prefill_tokens, sum(s.cached for s in batch),
                              self.runner.slots * self.runner.max_len, start_ns, time.time_ns())
         window = self._window
         window[0] += 1
