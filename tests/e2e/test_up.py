@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port_block(size: int = 6) -> int:
@@ -59,12 +62,23 @@ def read_until(process: subprocess.Popen, marker: str, timeout: float) -> str:
 def test_llmos_up_streams_an_answer_and_stops_everything(e2e_data_dir, stop_signal):
     base = free_port_block()
     process = subprocess.Popen(
-        [sys.executable, "-m", "llmos.cli", "up", "--data-dir", str(e2e_data_dir), "--port-base", str(base)],
+        [sys.executable, "-m", "llmos.cli", "up", "--data-dir", str(e2e_data_dir), "--port-base", str(base),
+         "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         output = read_until(process, "press Ctrl-C to stop", timeout=280)
         assert "Paris" in output
         assert f"127.0.0.1:{base}" in output
+        # The metrics endpoint it prints serves the whole cluster's metrics, which counted the answer.
+        metrics_url = re.search(r"metrics: (http://\S+/metrics)", output).group(1)
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+        assert families["llmos_time_to_first_token_seconds"].type == "histogram"
+        assert families["llmos_kv_cache_usage_perc"].type == "gauge"
+        generated = sum(s.value for s in families["llmos_generation_tokens"].samples
+                        if s.name == "llmos_generation_tokens_total")
+        assert generated >= 5
+        assert any(s.labels["component"].startswith("worker/") for s in families["llmos_num_requests_running"].samples)
         children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) >= 6
         process.send_signal(stop_signal)

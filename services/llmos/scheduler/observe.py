@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from llmos.common.metrics import LATENCY_BUCKETS
 
-from .queue import QueueDepth, SchedulerEvents, WorkerLoad, _Request
+from .queue import REDISPATCH_BAND, QueueDepth, SchedulerEvents, WorkerLoad, _Request
 
 
 def _ns(seconds: float) -> int:
@@ -76,7 +76,8 @@ class SchedulerTelemetry(SchedulerEvents):
         t = request.ticket
         return self._tracer.start_span("queue wait", start_time=start, attributes={
             "gen_ai.request.model": request.model or t.model, "llmos.request.id": t.request_id,
-            "llmos.priority": t.priority, "llmos.tenant": t.tenant, "llmos.redispatch": t.redispatch,
+            "llmos.priority": t.priority, "llmos.band": t.priority + (REDISPATCH_BAND if t.redispatch else 0),
+            "llmos.tenant": t.tenant, "llmos.redispatch": t.redispatch,
             "llmos.queue.depth_on_arrival": request.depth_on_arrival,
             "llmos.queue.position_on_arrival": request.depth_on_arrival + 1,
             "llmos.queue.reason": request.reason})

@@ -113,12 +113,18 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     stub = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
     incarnation = uuid.uuid4().hex
 
+    def advertised(metrics_address: str) -> str:
+        """The metrics address on the advertised host, when the worker advertises one."""
+        if not metrics_address or not settings.advertise_address:
+            return metrics_address
+        return f"{settings.advertise_address.rsplit(':', 1)[0]}:{metrics_address.rsplit(':', 1)[1]}"
+
     async def announce_loop(address: str) -> None:
         def request() -> registry_pb2.RegisterWorkerRequest:
             return registry_pb2.RegisterWorkerRequest(
                 worker_id=worker_id, address=settings.advertise_address or address, node=socket.gethostname(),
                 incarnation=incarnation, loaded_models=model_host.loaded_models,
-                metrics_address=service.metrics_address)
+                metrics_address=advertised(service.metrics_address))
 
         await announce(stub, request, settings.register_interval_seconds)
 
