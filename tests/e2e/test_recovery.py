@@ -16,6 +16,7 @@ from llmos.v1 import common_pb2, resources_pb2
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory, tiny_model_dir):
     suite = Suite(tmp_path_factory.mktemp("recovery"), ports={s: 0 for s in SERVICES}, metrics_port=0, env={
+        "LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",   # its requests would upset the counts
         "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
         "LLMOS_WORKER_LEASE_TTL_SECONDS": "3",
         "LLMOS_WORKER_REGISTER_INTERVAL_SECONDS": "1",
@@ -77,6 +78,7 @@ def test_a_killed_worker_gives_back_its_leases_and_its_models(suite, client):
 
 def test_a_model_on_a_killed_worker_is_loaded_again_on_the_other(tmp_path, tiny_model_dir):
     suite = Suite(tmp_path, ports={s: 0 for s in SERVICES}, metrics_port=0, workers=2, env={
+        "LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",   # its requests would upset the counts
         "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
         "LLMOS_WORKER_REGISTER_INTERVAL_SECONDS": "1",
         "LLMOS_REGISTRY_WORKER_TIMEOUT_SECONDS": "3",

@@ -37,6 +37,7 @@ from llmos.v1 import (
 def suite(tmp_path_factory, tiny_model_dir):
     suite = Suite(tmp_path_factory.mktemp("scheduling"), ports={s: 0 for s in SERVICES}, metrics_port=0,
                   workers=2, env={
+        "LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",   # its requests would upset the counts
         "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
         "LLMOS_SCHEDULER_SLOTS_PER_WORKER": "8",
         "LLMOS_SCHEDULER_MAX_QUEUE": "8",

@@ -27,6 +27,7 @@ from llmos.v1 import common_pb2, gateway_pb2, worker_pb2, worker_pb2_grpc
 @pytest.fixture(scope="module")
 def suite(e2e_data_dir, trace_receiver, tiny_model_dir):
     suite = Suite(e2e_data_dir, ports={s: 0 for s in SERVICES}, metrics_port=0, env={
+        "LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",   # its requests would upset the counts
         "OTEL_EXPORTER_OTLP_ENDPOINT": trace_receiver.endpoint,
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_BSP_SCHEDULE_DELAY": "100",

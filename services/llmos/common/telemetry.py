@@ -35,10 +35,16 @@ def make_tracer_provider(service: str, environ: Mapping[str, str] | None = None)
     return provider
 
 
+# The calls services make to each other on a timer (status polls, heartbeats, the monitor's
+# rounds): a trace each would bury the requests in a trace viewer.
+PERIODIC_METHODS = ("GetWorkerStatus", "GetSchedulerStats", "RegisterWorker", "RenewLeases", "ListWorkers",
+                    "ListLeases")
+
+
 def _not_plumbing() -> object:
-    """Traces every RPC but health checks and reflection, which are noise in a trace viewer."""
-    return filters.negate(filters.any_of(filters.health_check(),
-                                         filters.service_prefix("grpc.reflection")))
+    """Traces every RPC but health checks, reflection and the periodic polls and heartbeats."""
+    return filters.negate(filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"),
+                                         *(filters.method_name(m) for m in PERIODIC_METHODS)))
 
 
 def server_interceptor(provider: TracerProvider) -> object:

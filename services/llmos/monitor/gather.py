@@ -118,13 +118,13 @@ class ClusterGauges(Collector):
                                    labels=["alertname", "severity", "subject"])
         for alert in self.alerts:
             firing.add_metric([alert.name, alert.severity, alert.subject], 1)
-        yield from (healthy, stalled, running, cluster, firing)
+        ok = GaugeMetricFamily("llmos_probe_success", "1 when the last synthetic Generate probe got a token "
+                               "(no sample before the first probe).")
+        seconds = GaugeMetricFamily("llmos_probe_duration_seconds", "How long the last probe took.")
         if self.probe is not None:
-            ok = GaugeMetricFamily("llmos_probe_success", "1 when the last synthetic Generate probe got a token.")
             ok.add_metric([], 1 if self.probe[0] else 0)
-            seconds = GaugeMetricFamily("llmos_probe_duration_seconds", "How long the last probe took.")
             seconds.add_metric([], self.probe[1])
-            yield from (ok, seconds)
+        yield from (healthy, stalled, running, cluster, firing, ok, seconds)
 
 
 def ttft_counts(families: list[Metric], slo: float,
