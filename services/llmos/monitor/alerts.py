@@ -4,7 +4,8 @@ The same rules ship as Prometheus rule files (deploy/prometheus/rules.yml) under
 the same names, for clusters that alert through Prometheus and Alertmanager.
 
 - WorkerStuck (critical): a worker is STALLED (running generations, no token).
-- ComponentDown (critical): a service or worker is unreachable or not serving.
+- ComponentDown (critical): a service or worker is unreachable or not serving for
+  `down_hold` seconds (a restart's blink is a health change on Watch, not an alert).
 - QueueGrowing (warning): at least `queue_depth` requests wait and more wait now
   than `queue_window` seconds ago.
 - KVCacheSaturated (warning): a worker's KV cache for a model is at least
@@ -42,6 +43,7 @@ class Alert:
 
 @dataclass(frozen=True)
 class AlertSettings:
+    down_hold: float = 5.0
     queue_depth: int = 16
     queue_window: float = 30.0
     kv_ratio: float = 0.95
@@ -103,7 +105,7 @@ class AlertRules:
                 yield Alert("WorkerStuck", CRITICAL, c.component, f"{c.component} is stuck: {c.detail}"), 0.0
             elif c.state != SERVING:
                 yield Alert("ComponentDown", CRITICAL, c.component,
-                            f"{c.component} is {c.state.replace('_', ' ')}: {c.detail}"), 0.0
+                            f"{c.component} is {c.state.replace('_', ' ')}: {c.detail}"), self.settings.down_hold
 
     def _queue_growth(self, health: ClusterHealth, now: float):
         s = self.settings

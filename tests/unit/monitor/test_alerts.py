@@ -38,9 +38,17 @@ def test_a_stalled_worker_fires_worker_stuck_and_resolves_when_it_moves_again():
         ("WorkerStuck", RESOLVED, "worker/w1")]
 
 
-def test_an_unreachable_component_fires_component_down():
-    rules = AlertRules(clock=Clock())
-    changes = rules.evaluate(health([ComponentHealth("scheduler", "s", UNREACHABLE, "DEADLINE_EXCEEDED")]))
+def test_a_component_unreachable_for_the_hold_time_fires_component_down():
+    clock = Clock()
+    rules = AlertRules(AlertSettings(down_hold=5.0), clock)
+    down = health([ComponentHealth("scheduler", "s", UNREACHABLE, "DEADLINE_EXCEEDED")])
+    assert rules.evaluate(down) == []
+    clock.now = 3
+    assert rules.evaluate(health()) == []          # back within the hold: a blink, no alert
+    clock.now = 4
+    assert rules.evaluate(down) == []
+    clock.now = 9
+    changes = rules.evaluate(down)
     assert names(changes) == [("ComponentDown", FIRING, "scheduler")]
     assert "DEADLINE_EXCEEDED" in changes[0].summary
 
