@@ -53,7 +53,7 @@ class AlertSettings:
     burn_rate: float = 10.0
     slo_window: float = 300.0
     slo_min_requests: int = 20
-    lease_hold: float = 30.0
+    lease_hold: float = 120.0
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,9 @@ class ClusterWatch:
     async def check(self) -> ClusterHealth:
         """Checks everything now; emits what changed; returns the health."""
         async with self._lock:
+            # The metrics are read (when due) beside the checks, not after them: a frozen
+            # worker costs each of them a timeout, and the two should not add up.
+            gathering = asyncio.ensure_future(asyncio.to_thread(self.gatherer.families, self.scrape_interval))
             health = await self.monitor.cluster_health()
             for c in health.components:
                 before = self._last.get(c.component)
@@ -94,7 +97,7 @@ class ClusterWatch:
             self._last = {c.component: c for c in health.components}
             self._health = health
             try:
-                families = await asyncio.to_thread(self.gatherer.families, self.scrape_interval)
+                families = await gathering
             except Exception:  # noqa: BLE001 - the rules run on what there is
                 log.exception("cannot gather the metrics")
                 families = []
