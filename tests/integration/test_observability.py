@@ -45,7 +45,11 @@ async def test_every_service_serves_its_metrics(stack):
 
 
 async def test_the_monitor_gathers_every_components_metrics_and_they_move(stack):
-    before = await asyncio.to_thread(scrape, stack.metrics["monitor"])
+    for _ in range(50):       # the monitor learns of workers with its next check (once a second)
+        before = await asyncio.to_thread(scrape, stack.metrics["monitor"])
+        if "llmos_time_to_first_token_seconds" in before:
+            break
+        await asyncio.sleep(0.1)
     for family in ("llmos_time_to_first_token_seconds", "llmos_inter_token_latency_seconds",
                    "llmos_e2e_request_latency_seconds", "llmos_scheduler_queue_time_seconds",
                    "llmos_gateway_time_to_first_token_seconds"):
