@@ -110,14 +110,17 @@ def test_one_generate_is_one_trace_across_the_processes(client, trace_receiver):
     services = {s["service"] for s in trace}
     assert {"llmos-gateway", "llmos-scheduler", "llmos-worker"} <= services
     # Each server span on the path hangs under a client span of the gateway, which hangs
-    # under the gateway's own server span: parent to child across the processes.
+    # under the gateway's inference span ("text_completion tiny"), under its own server
+    # span: parent to child across the processes.
+    inference = next(s for s in trace if s["service"] == "llmos-gateway" and s["name"] == "text_completion tiny")
+    assert inference["parent_id"] == gateway_span["span_id"]
     for method, service in [("/llmos.v1.WorkerService/GenerateTokens", "llmos-worker"),
                             ("/llmos.v1.SchedulerService/AdmitGeneration", "llmos-scheduler")]:
         server = next(s for s in trace if s["name"] == method and s["service"] == service
                       and s["parent_id"])
         parent = by_id[server["parent_id"]]
         assert parent["service"] == "llmos-gateway" and parent["name"] == method
-        assert parent["parent_id"] == gateway_span["span_id"]
+        assert parent["parent_id"] == inference["span_id"]
 
 
 @pytest.mark.smollm2

@@ -65,6 +65,19 @@ class _TraceIds(logging.Filter):
         return True
 
 
+class _StreamContextNoise(logging.Filter):
+    """Keeps OpenTelemetry's "Failed to detach context" at DEBUG. grpc.aio finishes a stream
+    handler its client cancelled by letting the garbage collector close the generator, in a
+    copy of the task's context, so the tracing interceptor's context token cannot be reset
+    there (opentelemetry-python-contrib#2357, grpc#42295). The span is ended all the same;
+    only the reset of a context nobody uses any more fails, once per cancelled stream."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Failed to detach context"):
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -72,3 +85,6 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    context_log = logging.getLogger("opentelemetry.context")
+    if not any(isinstance(f, _StreamContextNoise) for f in context_log.filters):
+        context_log.addFilter(_StreamContextNoise())

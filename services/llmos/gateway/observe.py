@@ -1,8 +1,11 @@
 """The gateway's telemetry: what a client sees of each Generate.
 
-The request's server span (made by the gRPC interceptor, the root of the
-client's trace) gets the OpenTelemetry `gen_ai.*` attributes: operation, model,
-request parameters, usage, finish reasons and the time to the first chunk.
+Each call gets a span named as the OpenTelemetry GenAI conventions name inference
+spans ("{operation} {model}", e.g. "chat smollm2-135m-instruct"), under the RPC's
+server span, with the `gen_ai.*` attributes: operation, model, request
+parameters, usage, finish reasons and the time to the first chunk. It is the
+handler's own, so it ends after the handler saw how the call ended (a client's
+cancellation included), whatever the interceptor's span does.
 Metrics: requests by status code, time to first token and duration as the
 client sees them (queue and cold start included), tokens streamed.
 """
@@ -23,7 +26,8 @@ from .frontdoor import GenerateCall
 
 
 class GatewayTelemetry:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, tracer: trace.Tracer, registry: CollectorRegistry) -> None:
+        self.tracer = tracer
         self.requests = Counter("llmos_gateway_requests", "Generate calls that ended, by gRPC status code.",
                                 ["model_name", "code"], registry=registry)
         self.ttft = Histogram("llmos_gateway_time_to_first_token_seconds", "Time from a Generate call's "
@@ -40,7 +44,7 @@ class GatewayTelemetry:
 
 
 class CallWatch:
-    """One Generate call, from arrival to end."""
+    """One Generate call, from arrival to end: a context manager around the stream."""
 
     def __init__(self, telemetry: GatewayTelemetry, call: GenerateCall) -> None:
         self._t = telemetry
@@ -48,9 +52,9 @@ class CallWatch:
         self._started = time.perf_counter()
         self._first = 0.0
         self._tokens = 0
-        self._span = trace.get_current_span()
+        operation = "chat" if call.source.messages else "text_completion"
         p = call.params
-        attributes = {"gen_ai.operation.name": "chat" if call.source.messages else "text_completion",
+        attributes = {"gen_ai.operation.name": operation,
                       "gen_ai.provider.name": "llmos", "gen_ai.request.model": call.model,
                       "llmos.tenant": call.tenant, "llmos.priority": call.priority}
         for key, value in (("max_tokens", p.max_tokens), ("temperature", p.temperature), ("top_p", p.top_p),
@@ -59,7 +63,17 @@ class CallWatch:
                 attributes[f"gen_ai.request.{key}"] = value
         if p.stop:
             attributes["gen_ai.request.stop_sequences"] = list(p.stop)
-        self._span.set_attributes(attributes)
+        self._span = telemetry.tracer.start_span(f"{operation} {call.model}", attributes=attributes)
+        self._scope = trace.use_span(self._span, end_on_exit=True, record_exception=False,
+                                     set_status_on_exception=False)
+
+    def __enter__(self) -> CallWatch:
+        self._scope.__enter__()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.end(exc)
+        self._scope.__exit__(kind, exc, tb)
 
     def chunk(self, request_id: str, chunk: Chunk) -> None:
         if not self._first:
@@ -86,6 +100,9 @@ class CallWatch:
             code = "INTERNAL"
         if code == "CANCELLED":
             self._span.set_attribute("gen_ai.response.finish_reasons", ["cancelled"])
+        elif code != "OK":
+            self._span.set_attributes({"error.type": code, "llmos.error.reason": getattr(exc, "reason", "")})
+            self._span.set_status(trace.Status(trace.StatusCode.ERROR, code))
         self._t.requests.labels(self._model, code).inc()
         self._t.duration.labels(self._model, code).observe(time.perf_counter() - self._started)
         if self._tokens:

@@ -153,18 +153,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         except LlmosError as exc:
             self.telemetry.requests.labels(request.model, exc.code).inc()
             raise
-        watch = self.telemetry.start(call)
-        try:
+        with self.telemetry.start(call) as watch:
             async for request_id, chunk in self.front.generate(call, context.time_remaining()):
                 watch.chunk(request_id, chunk)
                 yield fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
-        except BaseException as exc:
-            watch.end(exc)
-            raise
-        watch.end(None)
 
 
 def register(host, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub) -> None:
-    servicer = GatewayServicer(front, registry, GatewayTelemetry(host.metrics))
+    servicer = GatewayServicer(front, registry, GatewayTelemetry(host.provider.get_tracer("llmos.gateway"),
+                                                                 host.metrics))
     host.add(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
              lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server))
