@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import signal
 import sys
@@ -220,7 +221,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     """Prints cluster events as they happen, until Ctrl-C."""
     with _client(args) as client:
         for event in client.monitor.Watch(monitor_pb2.WatchRequest(include_current=not args.changes_only)):
-            when = event.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
+            when = event.time.ToDatetime(tzinfo=datetime.UTC).astimezone().strftime("%H:%M:%S.%f")[:-3]
             kind = event.WhichOneof("event")
             if kind == "health":
                 c = event.health.health

@@ -108,11 +108,14 @@ class Suite:
         return dict(self.addresses)
 
     def restart(self, service: str, grace: float = 15.0, timeout: float = 120.0) -> None:
-        """Stops one service and starts it again on the same address."""
+        """Stops one service and starts it again on the same addresses (gRPC and metrics)."""
         _terminate(self.processes.pop(service), grace)
-        self._start_one(service, timeout, port=int(self.addresses[service].rsplit(":", 1)[1]))
+        metrics = self.metrics.get(service, "")
+        self._start_one(service, timeout, port=int(self.addresses[service].rsplit(":", 1)[1]),
+                        metrics_port=int(metrics.rsplit(":", 1)[1]) if metrics else None)
 
-    def _start_one(self, name: str, timeout: float, port: int | None = None) -> None:
+    def _start_one(self, name: str, timeout: float, port: int | None = None,
+                   metrics_port: int | None = None) -> None:
         service = name.split("-")[0]
         prefix = f"LLMOS_{service.upper()}_"
         address_file = self.data_dir / "run" / f"{name}.addr"
@@ -128,7 +131,9 @@ class Suite:
             env[prefix + "WORKER_ID"] = name if name != service else "worker-1"
         for other in NEEDS[service]:
             env[f"{prefix}{other.upper()}_ADDRESS"] = self.addresses[other]
-        env[prefix + "METRICS_LISTEN"] = f"127.0.0.1:{self.metrics_port if service == 'monitor' else 0}"
+        if metrics_port is None:
+            metrics_port = self.metrics_port if service == "monitor" else 0
+        env[prefix + "METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
         if service == "monitor":
             env[prefix + "METRICS_TARGETS"] = ",".join(f"{other}={self.metrics[other]}" for other in NEEDS[service])
         log = open(self.data_dir / "logs" / f"{name}.log", "ab")

@@ -69,6 +69,16 @@ def test_cli_status_and_models_show_read_the_suite(suite):
     status = llmos("status")
     assert "cluster: healthy" in status and "leases (" in status and "/model/tiny:latest" in status
     assert "tiny:latest  ready" in status
+    # `llmos watch` starts with the current state of every component, then streams changes.
+    watch = subprocess.Popen([sys.executable, "-m", "llmos.cli", *flags, "watch"], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        lines = [watch.stdout.readline() for _ in range(6)]
+    finally:
+        watch.kill()
+        watch.wait()
+    assert all(" health  " in line and "serving" in line for line in lines), lines
+    assert {line.split()[2] for line in lines} >= {"gateway", "scheduler", "registry", "resources", "monitor"}
     show = llmos("models", "show", "tiny")
     assert "memory: estimated" in show and "measured" in show and ": ready" in show
     assert "tiny:latest  ready" in llmos("models", "list")

@@ -114,7 +114,7 @@ class RegistryEvents:
             try:
                 async for e in self._stub.WatchModels(registry_pb2.WatchModelsRequest()):
                     self._watch.model_event(ModelEvent(e.model, _KIND.Name(e.kind).removeprefix("KIND_").lower(),
-                                                       e.worker_id, e.reason, e.time.ToDatetime().timestamp()))
+                                                       e.worker_id, e.reason, e.time.ToNanoseconds() / 1e9))
             except grpc.aio.AioRpcError as exc:
                 log.debug("model events from the registry interrupted: %s", exc.code().name)
             await asyncio.sleep(1.0)
