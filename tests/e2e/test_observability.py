@@ -195,24 +195,29 @@ def query(base: str, promql: str) -> list:
     return body["data"]["result"]
 
 
-def test_a_real_prometheus_scrapes_the_suite_and_evaluates_the_shipped_rules(suite, client, tmp_path):
-    prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
-    assert prometheus and promtool, "Debian's prometheus package is missing: `make test` installs it"
+@pytest.fixture(scope="module")
+def prometheus(suite, tmp_path_factory):
+    """A real Prometheus (Debian's) scraping the monitor every second and evaluating the
+    shipped rules every second; yields its base URL."""
+    server_bin, promtool = shutil.which("prometheus"), shutil.which("promtool")
+    assert server_bin and promtool, "Debian's prometheus package is missing: `make test` installs it"
     rules = DEPLOY / "prometheus" / "rules.yml"
     check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    config = tmp_path / "prometheus.yml"
+    tmp = tmp_path_factory.mktemp("prometheus")
+    config = tmp / "prometheus.yml"
     config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(rules)],
         "scrape_configs": [{"job_name": "llmos", "static_configs": [{"targets": [suite.metrics["monitor"]]}]}]}))
     check = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+    server = subprocess.Popen([server_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
                                f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.STDOUT)
+
     def up() -> bool:
         try:
             with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as response:
@@ -223,37 +228,49 @@ def test_a_real_prometheus_scrapes_the_suite_and_evaluates_the_shipped_rules(sui
 
     try:
         wait_for(up, 60, "Prometheus to start")
-        list(client.generate("tiny", prompt="hello", max_tokens=16))
-        wait_for(lambda: query(base, "llmos_generation_tokens_total"), 60, "Prometheus to scrape the suite")
-        wait_for(lambda: query(base, "llmos_time_to_first_token_seconds_count > 0"), 30, "the TTFT histogram")
-
-        def evaluated():
-            with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10) as response:
-                groups = json.load(response)["data"]["groups"]
-            rules = [r for g in groups for r in g["rules"]]
-            return rules if rules and all(r.get("lastEvaluation", "").startswith("20") for r in rules) else None
-
-        evaluated_rules = wait_for(evaluated, 30, "the rules to be evaluated")
-        assert {r["name"] for r in evaluated_rules if r["type"] == "alerting"} >= {
-            "WorkerStuck", "ComponentDown", "QueueGrowing", "KVCacheSaturated", "TTFTSLOBurn", "LeaseLeak",
-            "ProbeFailing"}
-        assert all(r["health"] == "ok" for r in evaluated_rules), [r for r in evaluated_rules if r["health"] != "ok"]
-        # A healthy suite fires nothing.
-        assert [r["name"] for r in evaluated_rules if r["type"] == "alerting" and r["state"] == "firing"] == []
-        assert float(query(base, "min(llmos_component_healthy)")[0]["value"][1]) == 1.0
-
-        # The dashboard's queries name only metrics the suite exports, and each one runs.
-        exported = exported_names(scrape(suite.metrics["monitor"]))
-        dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "llmos.json").read_text())
-        exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-        assert len(exprs) >= 10
-        for expr in exprs:
-            for name in re.findall(r"\b(?:llmos|process)_[a-z0-9_]+", expr):
-                assert name in exported, f"the dashboard asks for {name}, which the suite does not export"
-            query(base, expr.replace("$__rate_interval", "1m").replace("$model", ".*"))
+        yield base
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def alert_states(base: str) -> dict[str, str]:
+    """Each alerting rule's state (inactive, pending, firing), by name."""
+    with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10) as response:
+        groups = json.load(response)["data"]["groups"]
+    return {r["name"]: r["state"] for g in groups for r in g["rules"] if r["type"] == "alerting"}
+
+
+def test_a_real_prometheus_scrapes_the_suite_and_evaluates_the_shipped_rules(suite, client, prometheus):
+    base = prometheus
+    list(client.generate("tiny", prompt="hello", max_tokens=16))
+    wait_for(lambda: query(base, "llmos_generation_tokens_total"), 60, "Prometheus to scrape the suite")
+    wait_for(lambda: query(base, "llmos_time_to_first_token_seconds_count > 0"), 30, "the TTFT histogram")
+
+    def evaluated():
+        with urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10) as response:
+            groups = json.load(response)["data"]["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        return rules if rules and all(r.get("lastEvaluation", "").startswith("20") for r in rules) else None
+
+    evaluated_rules = wait_for(evaluated, 30, "the rules to be evaluated")
+    assert {r["name"] for r in evaluated_rules if r["type"] == "alerting"} >= {
+        "WorkerStuck", "ComponentDown", "QueueGrowing", "KVCacheSaturated", "TTFTSLOBurn", "LeaseLeak",
+        "ProbeFailing"}
+    assert all(r["health"] == "ok" for r in evaluated_rules), [r for r in evaluated_rules if r["health"] != "ok"]
+    # A healthy suite fires nothing.
+    assert [r["name"] for r in evaluated_rules if r["type"] == "alerting" and r["state"] == "firing"] == []
+    assert float(query(base, "min(llmos_component_healthy)")[0]["value"][1]) == 1.0
+
+    # The dashboard's queries name only metrics the suite exports, and each one runs.
+    exported = exported_names(scrape(suite.metrics["monitor"]))
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "llmos.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        for name in re.findall(r"\b(?:llmos|process)_[a-z0-9_]+", expr):
+            assert name in exported, f"the dashboard asks for {name}, which the suite does not export"
+        query(base, expr.replace("$__rate_interval", "1m").replace("$model", ".*"))
 
 
 def test_the_compose_file_is_valid():
@@ -266,7 +283,7 @@ def test_the_compose_file_is_valid():
     assert {"otel-collector", "jaeger", "prometheus", "grafana"} <= set(services)
 
 
-def test_a_frozen_worker_is_unhealthy_within_10s_and_an_alert_is_watched(suite, client):
+def test_a_frozen_worker_is_unhealthy_within_10s_and_an_alert_is_watched(suite, client, prometheus):
     events: list = []
     channel = grpc.insecure_channel(suite.addresses["monitor"])
     watch = monitor_pb2_grpc.MonitorServiceStub(channel).Watch(monitor_pb2.WatchRequest())
@@ -314,6 +331,10 @@ def test_a_frozen_worker_is_unhealthy_within_10s_and_an_alert_is_watched(suite, 
             assert "no token" in alert.summary
             health = client.cluster_health()
             assert any(a.name == "WorkerStuck" for a in health.alerts)
+            # The shipped Prometheus rule fires too, from the monitor's endpoint, which stays
+            # responsive while one of the components it gathers is frozen.
+            wait_for(lambda: alert_states(prometheus).get("WorkerStuck") == "firing", 10,
+                     "Prometheus to fire WorkerStuck")
         finally:
             os.kill(worker.pid, signal.SIGCONT)
         for future in futures:          # thawed, every stream ends whole
@@ -322,6 +343,8 @@ def test_a_frozen_worker_is_unhealthy_within_10s_and_an_alert_is_watched(suite, 
         wait_for(lambda: any(e.WhichOneof("event") == "alert" and e.alert.name == "WorkerStuck"
                              and e.alert.state == monitor_pb2.Alert.STATE_RESOLVED for e in list(events)),
                  10, "WorkerStuck to resolve")
+        wait_for(lambda: alert_states(prometheus).get("WorkerStuck") == "inactive", 15,
+                 "Prometheus to resolve WorkerStuck")
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         watch.cancel()

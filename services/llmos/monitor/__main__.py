@@ -35,8 +35,11 @@ class MonitorSettings:
     # How often everything is checked and the alert rules run, seconds.
     check_interval_seconds: float = 1.0
     # How often the services' metrics are read for the rules, seconds (a scrape of the
-    # monitor's endpoint always reads them afresh).
+    # monitor's endpoint always reads them afresh), and how long one may take: a component
+    # that does not answer in time is left out of that scrape (llmos_scrape_up 0), so the
+    # monitor's endpoint answers within it even while a worker is frozen.
     scrape_interval_seconds: float = 5.0
+    scrape_timeout_seconds: float = 0.5
     # A worker with running generations and no new token for this long is STALLED.
     stall_seconds: float = 5.0
     # Synthetic Generate probe: every this many seconds (0: off), on this model (empty:
@@ -80,7 +83,7 @@ async def build(settings: MonitorSettings, provider: TracerProvider | None = Non
     host = ServiceHost("monitor", settings.listen, provider, settings.metrics_listen)
     gauges = ClusterGauges()
     watch: ClusterWatch
-    gatherer = Gatherer(lambda: watch.metrics_targets(), settings.check_timeout_seconds)
+    gatherer = Gatherer(lambda: watch.metrics_targets(), settings.scrape_timeout_seconds)
     watch = ClusterWatch(monitor, rules, gatherer, gauges, service_metrics, settings.check_interval_seconds,
                          settings.scrape_interval_seconds)
     host.metrics.register(gauges)

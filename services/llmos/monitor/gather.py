@@ -45,11 +45,13 @@ class Gatherer(Collector):
         self._up: dict[str, bool] = {}
 
     def families(self, max_age: float | None = None) -> list[Metric]:
-        """The merged families, scraped again when older than `max_age` seconds."""
+        """The merged families, scraped again when the last scrape began more than `max_age`
+        seconds before this call (one that began while this call waited is fresh enough)."""
+        called = time.monotonic()
         with self._lock:
-            if time.monotonic() - self._at > (self._max_age if max_age is None else max_age):
-                self._families, self._up = self._scrape()
+            if self._at < called - (self._max_age if max_age is None else max_age):
                 self._at = time.monotonic()
+                self._families, self._up = self._scrape()
             return self._families
 
     def _scrape(self) -> tuple[list[Metric], dict[str, bool]]:
