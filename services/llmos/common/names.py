@@ -43,3 +43,23 @@ def check_tag(tag: str, field: str = "tag") -> str:
             field, f"tag {tag[:80]!r} must be 1-64 of A-Z, a-z, 0-9, '.', '_', '-'",
             reason="INVALID_MODEL_TAG")
     return tag
+
+
+# Memory lease holders: a worker's leases share the prefix "worker/<id>/" (renewed together
+# by its heartbeat); the lease of a model it serves is "worker/<id>/model/<name:tag>".
+
+def worker_lease_prefix(worker_id: str) -> str:
+    return f"worker/{worker_id}/"
+
+
+def model_lease_holder(worker_id: str, model: str) -> str:
+    return f"{worker_lease_prefix(worker_id)}model/{model}"
+
+
+def parse_model_lease_holder(holder: str) -> tuple[str, str] | None:
+    """(worker id, model) of a model lease's holder; None for any other holder."""
+    kind, sep, rest = holder.partition("/")
+    worker, sep2, model = rest.partition("/model/")
+    if kind != "worker" or not sep or not sep2 or not worker or not model:
+        return None
+    return worker, model

@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from llmos.common.names import parse_model_lease_holder
+
 from .health import SERVING, STALLED, ClusterHealth
 
 WARNING, CRITICAL = "warning", "critical"
@@ -148,10 +150,10 @@ class AlertRules:
         reachable = {c.component.removeprefix("worker/") for c in health.components
                      if c.component.startswith("worker/") and c.state != "unreachable"}
         for lease in health.leases:
-            parts = lease.holder.split("/")
-            if len(parts) < 4 or parts[0] != "worker" or parts[2] != "model":
+            held = parse_model_lease_holder(lease.holder)
+            if held is None:
                 continue
-            worker, model = parts[1], "/".join(parts[3:])
+            worker, model = held
             if worker not in workers:
                 why = f"worker {worker} is not registered"
             elif worker in reachable and model not in health.kv.get(worker, {}):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from llmos.common.names import parse_model_lease_holder
+
 from .leases import Lease
 from .manager import NodeView
 
@@ -20,14 +22,6 @@ class Snapshot:
     nodes: list[NodeView] = field(default_factory=list)
     leases: list[Lease] = field(default_factory=list)
     reclaimed: int = 0
-
-
-def holder_labels(holder: str) -> tuple[str, str]:
-    """(worker id, model) of a holder named "worker/<id>/model/<name>"; "" where absent."""
-    parts = holder.split("/")
-    worker = parts[1] if len(parts) > 1 and parts[0] == "worker" else ""
-    model = parts[3] if len(parts) > 3 and parts[2] == "model" else ""
-    return worker, model
 
 
 class ResourceGauges(Collector):
@@ -62,8 +56,8 @@ class ResourceGauges(Collector):
         lease_bytes = GaugeMetricFamily("llmos_lease_bytes", "Bytes held by one lease.",
                                         labels=["node", "device", "holder", "worker", "model_name"])
         for lease in snap.leases:
-            lease_bytes.add_metric([lease.node, lease.device, lease.holder, *holder_labels(lease.holder)],
-                                   lease.bytes)
+            worker, model = parse_model_lease_holder(lease.holder) or ("", "")
+            lease_bytes.add_metric([lease.node, lease.device, lease.holder, worker, model], lease.bytes)
         count = GaugeMetricFamily("llmos_leases", "Leases held.")
         count.add_metric([], len(snap.leases))
         reclaimed = CounterMetricFamily("llmos_leases_reclaimed", "Leases reclaimed because their holder "

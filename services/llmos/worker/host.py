@@ -18,6 +18,7 @@ import torch
 
 from llmos.common.domain import Chunk, GenerationInput, SamplingParams, merge_chunks
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound
+from llmos.common.names import model_lease_holder, worker_lease_prefix
 
 from .engine import Engine, EngineDriver, EngineEvents, EngineStats, Sequence
 from .loader import LoadedModel, load_model
@@ -87,7 +88,7 @@ class ModelHost:
 
     @property
     def lease_prefix(self) -> str:
-        return f"worker/{self.worker_id}/"
+        return worker_lease_prefix(self.worker_id)
 
     @property
     def loaded_models(self) -> list[str]:
@@ -117,7 +118,7 @@ class ModelHost:
                 return served
             if estimated_bytes <= 0:
                 raise InvalidArgument.field("estimated_bytes", "must be greater than 0")
-            lease = await self._resources.acquire(f"{self.lease_prefix}model/{model}",
+            lease = await self._resources.acquire(model_lease_holder(self.worker_id, model),
                                                   self.device_name, estimated_bytes, self.config.lease_ttl)
             try:
                 loaded = await asyncio.wrap_future(self.driver.call(

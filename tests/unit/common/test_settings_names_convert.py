@@ -74,3 +74,13 @@ def test_violations_raise_one_error_listing_all_fields():
         errors.raise_if_any()
     assert [v.field for v in caught.value.violations] == ["a", "b"]
     assert "a: bad" in caught.value.message and "b: worse" in caught.value.message
+
+
+def test_model_lease_holders_round_trip_and_other_holders_are_not_theirs():
+    from llmos.common.names import model_lease_holder, parse_model_lease_holder, worker_lease_prefix
+
+    holder = model_lease_holder("w1", "tiny:latest")
+    assert holder == "worker/w1/model/tiny:latest" and holder.startswith(worker_lease_prefix("w1"))
+    assert parse_model_lease_holder(holder) == ("w1", "tiny:latest")
+    for other in ("someone/else", "worker/w1/kv", "worker//model/m", "worker/w1/model/", "job/w1/model/m"):
+        assert parse_model_lease_holder(other) is None, other
