@@ -12,9 +12,9 @@ from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from llmos.v1 import common_pb2
+from llmos.v1 import common_pb2, scheduler_pb2
 
-from .domain import ChatMessage, Chunk, FinishReason, GenerationInput, SamplingParams, Usage
+from .domain import ChatMessage, Chunk, FinishReason, GenerationInput, QueueDepth, SamplingParams, Usage
 from .errors import FieldViolation, InvalidArgument
 
 
@@ -179,3 +179,11 @@ def chunk_from_proto(message: Any) -> Chunk:
                  finish_reason=FINISH_FROM_PROTO.get(message.finish_reason), usage=usage,
                  top_logprobs=[list(zip(top.token_ids, top.logprobs, strict=True))
                                for top in message.top_logprobs])
+
+
+def queue_depth_to_proto(q: QueueDepth) -> scheduler_pb2.QueueDepth:
+    return scheduler_pb2.QueueDepth(model=q.model, priority=q.priority, tenant=q.tenant, waiting=q.waiting)
+
+
+def queue_depth_from_proto(q: scheduler_pb2.QueueDepth) -> QueueDepth:
+    return QueueDepth(q.model, q.priority, q.tenant, q.waiting)

@@ -73,3 +73,13 @@ def merge_chunks(first: Chunk, second: Chunk) -> Chunk:
     return Chunk(first.text + second.text, first.token_ids + second.token_ids,
                  first.logprobs + second.logprobs, second.finish_reason, second.usage,
                  first.top_logprobs + second.top_logprobs)
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """Requests waiting in the scheduler for one model, priority band and tenant."""
+
+    model: str
+    priority: int
+    tenant: str
+    waiting: int

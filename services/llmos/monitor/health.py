@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from llmos.common.domain import QueueDepth
+
 SERVING, NOT_SERVING, UNREACHABLE, STALLED = "serving", "not_serving", "unreachable", "stalled"
 
 
@@ -27,14 +29,6 @@ class ComponentHealth:
     running: int = 0
     last_progress: float | None = None       # Unix time of its last token (workers)
     metrics_address: str = ""
-
-
-@dataclass(frozen=True)
-class QueueDepth:
-    model: str
-    priority: int
-    tenant: str
-    waiting: int
 
 
 @dataclass(frozen=True)

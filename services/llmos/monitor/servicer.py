@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.common.channels import Channels
-from llmos.common.convert import duration, timestamp
+from llmos.common.convert import duration, queue_depth_from_proto, queue_depth_to_proto, timestamp
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
@@ -37,7 +37,6 @@ from .health import (
     UNREACHABLE,
     ComponentHealth,
     Lease,
-    QueueDepth,
     SchedulerView,
     WorkerInfo,
     WorkerReport,
@@ -92,7 +91,7 @@ class GrpcProbe:
         running: dict[str, int] = {}
         for w in stats.workers:
             running[w.worker_id] = running.get(w.worker_id, 0) + w.running
-        return SchedulerView([QueueDepth(q.model, q.priority, q.tenant, q.waiting) for q in stats.queues], running)
+        return SchedulerView([queue_depth_from_proto(q) for q in stats.queues], running)
 
     async def leases(self) -> list[Lease]:
         if self._resources is None:
@@ -195,8 +194,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         response = monitor_pb2.GetClusterHealthResponse(
             healthy=health.healthy, check_time=timestamp(health.check_time),
             components=[_component(c) for c in health.components],
-            queues=[scheduler_pb2.QueueDepth(model=q.model, priority=q.priority, tenant=q.tenant, waiting=q.waiting)
-                    for q in health.queues],
+            queues=[queue_depth_to_proto(q) for q in health.queues],
             alerts=[_alert(a) for a in self.watch.rules.firing.values()])
         probe = self.watch.probe
         if probe is not None:

@@ -16,9 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from llmos.common.domain import QueueDepth
 from llmos.common.metrics import LATENCY_BUCKETS
 
-from .queue import REDISPATCH_BAND, QueueDepth, SchedulerEvents, WorkerLoad, _Request
+from .queue import REDISPATCH_BAND, SchedulerEvents, WorkerLoad, _Request
 
 
 def _ns(seconds: float) -> int:

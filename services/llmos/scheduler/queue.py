@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from llmos.common.domain import QueueDepth
 from llmos.common.errors import AlreadyExists, DeadlineExceeded, ResourceExhausted, Unavailable
 from llmos.common.names import parse_model_ref
 
@@ -99,14 +100,6 @@ class RequestStatus:
     endpoint: Endpoint | None = None
     queue_seconds: float = 0.0
     start_time: float | None = None  # Unix time it left the queue, if it did
-
-
-@dataclass(frozen=True)
-class QueueDepth:
-    model: str
-    priority: int
-    tenant: str
-    waiting: int
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import grpc
 from opentelemetry import trace
 
 from llmos.common.channels import Channels
-from llmos.common.convert import duration, optional_seconds, timestamp
+from llmos.common.convert import duration, optional_seconds, queue_depth_to_proto, timestamp
 from llmos.common.errors import InvalidArgument, NotFound
 from llmos.common.status import from_rpc_error
 from llmos.v1 import (
@@ -150,8 +150,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return scheduler_pb2.GetSchedulerStatsResponse(
             running=s.running, waiting=s.waiting, admitted_total=s.admitted_total,
             rejected_total=s.rejected_total, rejected_by_reason=dict(s.rejected),
-            queues=[scheduler_pb2.QueueDepth(model=q.model, priority=q.priority, tenant=q.tenant, waiting=q.waiting)
-                    for q in s.queue_depths()],
+            queues=[queue_depth_to_proto(q) for q in s.queue_depths()],
             workers=[scheduler_pb2.WorkerLoad(
                 worker_id=w.endpoint.worker_id, worker_address=w.endpoint.address, model=w.model,
                 running=w.running, capacity=w.capacity, in_rotation=w.in_rotation) for w in s.worker_loads()])

@@ -1,3 +1,4 @@
+from llmos.common.domain import QueueDepth
 from llmos.monitor.alerts import FIRING, RESOLVED, AlertRules, AlertSettings, Observations
 from llmos.monitor.health import (
     SERVING,
@@ -6,7 +7,6 @@ from llmos.monitor.health import (
     ClusterHealth,
     ComponentHealth,
     Lease,
-    QueueDepth,
     WorkerInfo,
 )
 

@@ -1,10 +1,10 @@
+from llmos.common.domain import QueueDepth
 from llmos.monitor.health import (
     NOT_SERVING,
     SERVING,
     STALLED,
     UNREACHABLE,
     HealthMonitor,
-    QueueDepth,
     SchedulerView,
     WorkerInfo,
     WorkerReport,
