@@ -55,17 +55,14 @@ class EngineTelemetry(EngineEvents):
                                    registry=registry, buckets=LATENCY_BUCKETS)
         self.batch_size = Histogram("llmos_engine_batch_size", "Sequences in one engine step.", m,
                                     registry=registry, buckets=COUNT_BUCKETS)
-        self._children: dict[str, tuple] = {}
+        self._models: dict[str, _ModelMetrics] = {}
 
-    def _of(self, model: str) -> tuple:
-        """The labelled children of one model (looked up once, not per token)."""
-        children = self._children.get(model)
-        if children is None:
-            children = self._children[model] = tuple(
-                metric.labels(model) for metric in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_len,
-                                                    self.gen_len, self.prompt_tokens, self.generation_tokens,
-                                                    self.cancel_release, self.step_time, self.batch_size))
-        return children
+    def _of(self, model: str) -> _ModelMetrics:
+        """The metrics of one model, labelled once (not per token)."""
+        metrics = self._models.get(model)
+        if metrics is None:
+            metrics = self._models[model] = _ModelMetrics(self, model)
+        return metrics
 
     def _under(self, seq: Sequence):
         return trace.set_span_in_context(NonRecordingSpan(seq.trace_context)) if seq.trace_context else None
@@ -73,11 +70,11 @@ class EngineTelemetry(EngineEvents):
     # ---- engine events (driver thread) ---------------------------------------------------
 
     def step(self, model, batch, prefill_tokens, kv_used, kv_capacity, start_ns, end_ns) -> None:
-        children = self._of(model)
-        children[9].observe((end_ns - start_ns) / 1e9)
-        children[10].observe(len(batch))
+        m = self._of(model)
+        m.step_time.observe((end_ns - start_ns) / 1e9)
+        m.batch_size.observe(len(batch))
         if prefill_tokens:
-            children[6].inc(prefill_tokens)
+            m.prompt_tokens.inc(prefill_tokens)
         links = [Link(s.trace_context) for s in batch if s.trace_context is not None]
         span = self._tracer.start_span("engine step", kind=trace.SpanKind.INTERNAL, links=links, start_time=start_ns,
                                        attributes={"gen_ai.request.model": model,
@@ -90,14 +87,14 @@ class EngineTelemetry(EngineEvents):
         span.end(end_time=end_ns)
 
     def token(self, model, seq, now_ns) -> None:
-        children = self._of(model)
-        children[7].inc()
+        m = self._of(model)
+        m.generation_tokens.inc()
         if seq.first_token_ns != now_ns:
-            children[1].observe((now_ns - seq.last_token_ns) / 1e9)
+            m.itl.observe((now_ns - seq.last_token_ns) / 1e9)
             seq.last_token_ns = now_ns
             return
         seq.last_token_ns = now_ns
-        children[0].observe((now_ns - seq.arrival_ns) / 1e9)
+        m.ttft.observe((now_ns - seq.arrival_ns) / 1e9)
         span = self._tracer.start_span("prefill", context=self._under(seq), start_time=seq.arrival_ns,
                                        attributes={"gen_ai.request.model": model,
                                                    "gen_ai.usage.input_tokens": len(seq.prompt_ids),
@@ -105,27 +102,37 @@ class EngineTelemetry(EngineEvents):
         span.end(end_time=now_ns)
 
     def finished(self, model, seq, reason: FinishReason, now_ns) -> None:
-        children = self._of(model)
-        children[2].observe((now_ns - seq.arrival_ns) / 1e9)
-        children[4].observe(len(seq.prompt_ids))
-        children[5].observe(len(seq.output_ids))
+        m = self._of(model)
+        m.e2e.observe((now_ns - seq.arrival_ns) / 1e9)
+        m.prompt_len.observe(len(seq.prompt_ids))
+        m.gen_len.observe(len(seq.output_ids))
         self.success.labels(model, reason.name.lower()).inc()
 
     def released(self, model, seq, now_ns) -> None:
         if not seq.cancelled:
             return
-        children = self._of(model)
         self.success.labels(model, "cancelled").inc()
-        children[8].observe((now_ns - seq.cancel_ns) / 1e9)
+        self._of(model).cancel_release.observe((now_ns - seq.cancel_ns) / 1e9)
         span = self._tracer.start_span("cancel", context=self._under(seq), start_time=seq.cancel_ns,
                                        attributes={"gen_ai.request.model": model, "llmos.request.id": seq.request_id,
                                                    "llmos.cancel.release_ms": (now_ns - seq.cancel_ns) / 1e6,
-                                                   "llmos.cancel.held_slot": seq.cached > 0,
+                                                   "llmos.cancel.cached_tokens": seq.cached,
                                                    "gen_ai.usage.output_tokens": len(seq.output_ids)})
         span.end(end_time=now_ns)
 
     def joined(self, model: str, seq: Sequence, now_ns: int) -> None:
-        self._of(model)[3].observe((now_ns - seq.arrival_ns) / 1e9)
+        self._of(model).queue.observe((now_ns - seq.arrival_ns) / 1e9)
+
+
+class _ModelMetrics:
+    """`EngineTelemetry`'s metrics with one model's label applied."""
+
+    def __init__(self, t: EngineTelemetry, model: str) -> None:
+        self.ttft, self.itl, self.e2e = t.ttft.labels(model), t.itl.labels(model), t.e2e.labels(model)
+        self.queue, self.cancel_release = t.queue.labels(model), t.cancel_release.labels(model)
+        self.prompt_len, self.gen_len = t.prompt_len.labels(model), t.gen_len.labels(model)
+        self.prompt_tokens, self.generation_tokens = t.prompt_tokens.labels(model), t.generation_tokens.labels(model)
+        self.step_time, self.batch_size = t.step_time.labels(model), t.batch_size.labels(model)
 
 
 class WorkerGauges(Collector):
