@@ -25,11 +25,11 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from llmos.client import Client
 from llmos.suite import SERVICES, Suite
 from llmos.v1 import monitor_pb2, monitor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from tests.support.metrics import scrape
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PATH_SERVICES = {"llmos-gateway", "llmos-scheduler", "llmos-registry", "llmos-worker", "llmos-resources"}
@@ -164,11 +164,6 @@ def test_a_cancelled_request_shows_its_cancellation_span(client, trace_receiver)
     assert cancel["attributes"]["gen_ai.usage.output_tokens"] < 230
     gateway = one(trace, service="llmos-gateway", name="text_completion tiny")
     assert gateway["attributes"]["gen_ai.response.finish_reasons"] == ["cancelled"]
-
-
-def scrape(address: str) -> dict:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        return {f.name: f for f in text_string_to_metric_families(response.read().decode())}
 
 
 def exported_names(families: dict) -> set[str]:

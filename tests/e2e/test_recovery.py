@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from llmos.client import Client
 from llmos.suite import SERVICES, Suite
 from llmos.v1 import common_pb2, resources_pb2
+from tests.support.metrics import sample_sum, scrape
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +56,9 @@ def test_restarting_registry_and_resources_loses_no_catalog_entry_or_lease(suite
     assert [(lease.name, lease.holder, lease.bytes) for lease in leases(client)] == before
     # Same metrics addresses too: the monitor still gathers both.
     assert suite.metrics == metrics
-    with urllib.request.urlopen(f"http://{suite.metrics['monitor']}/metrics", timeout=10) as response:
-        up = {s.labels["component"]: s.value for f in text_string_to_metric_families(response.read().decode())
-              if f.name == "llmos_scrape_up" for s in f.samples}
-    assert up["registry"] == 1 and up["resources"] == 1
+    families = scrape(suite.metrics["monitor"])
+    assert sample_sum(families, "llmos_scrape_up", component="registry") == 1
+    assert sample_sum(families, "llmos_scrape_up", component="resources") == 1
     model = client.get_model("tiny")
     assert model.digest and model.measured_bytes > 0
     # The worker's next heartbeat tells the new registry where the model is loaded.

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.metrics import sample_sum, scrape
 
 
 def free_port_block(size: int = 6) -> int:
@@ -70,14 +70,10 @@ def test_llmos_up_streams_an_answer_and_stops_everything(e2e_data_dir, stop_sign
         assert "Paris" in output
         assert f"127.0.0.1:{base}" in output
         # The metrics endpoint it prints serves the whole cluster's metrics, which counted the answer.
-        metrics_url = re.search(r"metrics: (http://\S+/metrics)", output).group(1)
-        with urllib.request.urlopen(metrics_url, timeout=10) as response:
-            families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+        families = scrape(re.search(r"metrics: http://(\S+)/metrics", output).group(1))
         assert families["llmos_time_to_first_token_seconds"].type == "histogram"
         assert families["llmos_kv_cache_usage_perc"].type == "gauge"
-        generated = sum(s.value for s in families["llmos_generation_tokens"].samples
-                        if s.name == "llmos_generation_tokens_total")
-        assert generated >= 5
+        assert sample_sum(families, "llmos_generation_tokens_total") >= 5
         assert any(s.labels["component"].startswith("worker/") for s in families["llmos_num_requests_running"].samples)
         children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) >= 6

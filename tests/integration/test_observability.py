@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from llmos.monitor.__main__ import MonitorSettings
 from llmos.monitor.__main__ import build as build_monitor
 from llmos.v1 import common_pb2, gateway_pb2, monitor_pb2, monitor_pb2_grpc, registry_pb2
+from tests.support.metrics import sample_sum, scrape
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-def scrape(address: str) -> dict:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {family.name: family for family in text_string_to_metric_families(text)}
-
-
-def value(families: dict, sample_name: str, **labels) -> float:
-    """The sum of the samples named `sample_name` whose labels include `labels`."""
-    return sum(s.value for family in families.values() for s in family.samples
-               if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 async def generate(stack, max_tokens=8, prompt="hello"):
@@ -75,10 +62,10 @@ async def test_the_monitor_gathers_every_components_metrics_and_they_move(stack)
                           ("llmos_e2e_request_latency_seconds_count", 3),
                           ("llmos_inter_token_latency_seconds_count", 15),
                           ("llmos_scheduler_queue_time_seconds_count", 3)):
-        assert value(after, name, **model) - value(before, name, **model) >= grew_by, name
-    assert value(after, "llmos_gateway_requests_total", code="OK") - value(
+        assert sample_sum(after, name, **model) - sample_sum(before, name, **model) >= grew_by, name
+    assert sample_sum(after, "llmos_gateway_requests_total", code="OK") - sample_sum(
         before, "llmos_gateway_requests_total", code="OK") >= 3
-    assert value(after, "llmos_request_success_total", finished_reason="length") >= 3
+    assert sample_sum(after, "llmos_request_success_total", finished_reason="length") >= 3
 
 
 async def test_running_and_kv_gauges_show_generations_in_flight_and_cancellations(stack):
@@ -90,25 +77,25 @@ async def test_running_and_kv_gauges_show_generations_in_flight_and_cancellation
     seen = []
     while len(seen) < 200:
         families = await asyncio.to_thread(scrape, stack.metrics["worker"])
-        seen.append((value(families, "llmos_num_requests_running"), value(families, "llmos_kv_cache_tokens_used"),
-                     value(families, "llmos_kv_cache_usage_perc")))
+        seen.append(tuple(sample_sum(families, name) for name in (
+            "llmos_num_requests_running", "llmos_kv_cache_tokens_used", "llmos_kv_cache_usage_perc")))
         if seen[-1][0] >= 1:
             break
     running, used, usage = seen[-1]
     assert running >= 1 and used > 0 and 0 < usage <= 1, seen
-    cancelled_before = value(families, "llmos_request_success_total", finished_reason="cancelled")
+    cancelled_before = sample_sum(families, "llmos_request_success_total", finished_reason="cancelled")
     for call in calls:
         call.cancel()
     for _ in range(100):
         families = await asyncio.to_thread(scrape, stack.metrics["worker"])
-        if value(families, "llmos_num_requests_running") == 0:
+        if sample_sum(families, "llmos_num_requests_running") == 0:
             break
         await asyncio.sleep(0.05)
-    assert value(families, "llmos_num_requests_running") == 0
-    assert value(families, "llmos_kv_cache_tokens_used") == 0
-    cancelled = value(families, "llmos_request_success_total", finished_reason="cancelled") - cancelled_before
+    assert sample_sum(families, "llmos_num_requests_running") == 0
+    assert sample_sum(families, "llmos_kv_cache_tokens_used") == 0
+    cancelled = sample_sum(families, "llmos_request_success_total", finished_reason="cancelled") - cancelled_before
     assert cancelled >= 1
-    assert value(families, "llmos_request_cancel_release_seconds_count") >= cancelled
+    assert sample_sum(families, "llmos_request_cancel_release_seconds_count") >= cancelled
 
 
 async def test_watch_sends_the_current_state_then_model_events(stack):

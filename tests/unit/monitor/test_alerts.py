@@ -9,14 +9,7 @@ from llmos.monitor.health import (
     Lease,
     WorkerInfo,
 )
-
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
+from tests.support.clock import FakeClock
 
 
 def health(components=(), queues=(), kv=None, leases=None, workers=()):
@@ -30,7 +23,7 @@ def names(alerts):
 
 
 def test_a_stalled_worker_fires_worker_stuck_and_resolves_when_it_moves_again():
-    rules = AlertRules(clock=Clock())
+    rules = AlertRules(clock=FakeClock())
     stuck = health([ComponentHealth("worker/w1", "w", STALLED, "2 running, no token for 5.0s")])
     assert names(rules.evaluate(stuck)) == [("WorkerStuck", FIRING, "worker/w1")]
     assert rules.evaluate(stuck) == []                # fires once
@@ -39,7 +32,7 @@ def test_a_stalled_worker_fires_worker_stuck_and_resolves_when_it_moves_again():
 
 
 def test_a_component_unreachable_for_the_hold_time_fires_component_down():
-    clock = Clock()
+    clock = FakeClock()
     rules = AlertRules(AlertSettings(down_hold=5.0), clock)
     down = health([ComponentHealth("scheduler", "s", UNREACHABLE, "DEADLINE_EXCEEDED")])
     assert rules.evaluate(down) == []
@@ -54,7 +47,7 @@ def test_a_component_unreachable_for_the_hold_time_fires_component_down():
 
 
 def test_queue_growing_needs_depth_and_growth_over_the_window():
-    clock = Clock()
+    clock = FakeClock()
     rules = AlertRules(AlertSettings(queue_depth=10, queue_window=30.0), clock)
 
     def at(t, waiting):
@@ -69,7 +62,7 @@ def test_queue_growing_needs_depth_and_growth_over_the_window():
 
 
 def test_kv_saturation_must_hold():
-    clock = Clock()
+    clock = FakeClock()
     rules = AlertRules(AlertSettings(kv_ratio=0.9, kv_hold=30.0), clock)
     full = health(kv={"w1": {"m:latest": (95, 100)}})
     assert rules.evaluate(full) == []
@@ -83,7 +76,7 @@ def test_kv_saturation_must_hold():
 
 
 def test_ttft_slo_burn_counts_only_the_window():
-    clock = Clock()
+    clock = FakeClock()
     rules = AlertRules(AlertSettings(slo_target=0.99, burn_rate=10.0, slo_window=300.0, slo_min_requests=20), clock)
     assert rules.evaluate(health(), Observations(1000, 1000)) == []
     clock.now = 60
@@ -97,7 +90,7 @@ def test_ttft_slo_burn_counts_only_the_window():
 
 
 def test_a_lease_of_a_gone_worker_or_an_unloaded_model_leaks_after_the_hold():
-    clock = Clock()
+    clock = FakeClock()
     rules = AlertRules(AlertSettings(lease_hold=30.0), clock)
     leases = [Lease("worker/w1/model/m:latest", 2**30), Lease("worker/w2/model/m:latest", 2**30),
               Lease("worker/w1/model/n:latest", 2**20), Lease("someone/else", 1)]
@@ -110,7 +103,7 @@ def test_a_lease_of_a_gone_worker_or_an_unloaded_model_leaks_after_the_hold():
 
 
 def test_probe_failing_after_two_failures():
-    rules = AlertRules(clock=Clock())
+    rules = AlertRules(clock=FakeClock())
     assert rules.evaluate(health(), Observations(probes=(True, False))) == []
     assert names(rules.evaluate(health(), Observations(probes=(True, False, False)))) == [
         ("ProbeFailing", FIRING, "")]

@@ -9,14 +9,7 @@ from llmos.monitor.health import (
     WorkerInfo,
     WorkerReport,
 )
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
+from tests.support.clock import FakeClock
 
 
 class FakeProbe:
@@ -81,7 +74,7 @@ async def test_the_schedulers_queue_depths_come_with_the_health():
 
 
 async def test_a_serving_worker_with_running_requests_and_no_new_token_is_stalled():
-    clock = Clock()
+    clock = FakeClock(100.0)
     probe = FakeProbe({"w": (SERVING, "")}, workers=[("w1", "w")], reports={"w": WorkerReport(2, 10)})
     monitor = HealthMonitor(probe, {}, stall_seconds=5.0, clock=clock)
     assert (await monitor.cluster_health()).healthy
@@ -100,7 +93,7 @@ async def test_a_serving_worker_with_running_requests_and_no_new_token_is_stalle
 
 
 async def test_an_idle_worker_is_never_stalled():
-    clock = Clock()
+    clock = FakeClock(100.0)
     probe = FakeProbe({"w": (SERVING, "")}, workers=[("w1", "w")], reports={"w": WorkerReport(0, 10)})
     monitor = HealthMonitor(probe, {}, stall_seconds=5.0, clock=clock)
     for _ in range(3):
@@ -109,7 +102,7 @@ async def test_an_idle_worker_is_never_stalled():
 
 
 async def test_a_frozen_worker_is_judged_by_the_schedulers_count_of_its_requests():
-    clock = Clock()
+    clock = FakeClock(100.0)
     probe = FakeProbe({"w": (SERVING, "")}, workers=[("w1", "w")], reports={"w": WorkerReport(3, 50)},
                       queues=[], running={"w1": 3})
     monitor = HealthMonitor(probe, {}, stall_seconds=5.0, clock=clock)

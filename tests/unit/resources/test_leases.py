@@ -3,6 +3,7 @@ import pytest
 from llmos.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from llmos.resources.inventory import DeviceInfo, probe_devices
 from llmos.resources.manager import ResourceManager
+from tests.support.clock import FakeClock
 
 GIB = 2**30
 
@@ -49,18 +50,10 @@ def test_the_real_probe_reports_this_hosts_memory():
     assert cpu.name == "cpu" and cpu.total_bytes > 0 and 0 <= cpu.used_bytes <= cpu.total_bytes
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_leases_with_a_ttl_are_reclaimed_unless_renewed(tmp_path):
     from llmos.resources.leases import Budget, LeaseBook
 
-    clock = Clock()
+    clock = FakeClock(1000.0)
     book = LeaseBook(str(tmp_path / "l.db"), lambda: [Budget("n1", "cpu", 10 * GIB)], clock)
     kept = book.acquire("worker/w_1/model/a", "n1", "cpu", GIB, ttl=10)
     lost = book.acquire("worker/w2/model/b", "n1", "cpu", GIB, ttl=10)
@@ -80,7 +73,7 @@ def test_leases_with_a_ttl_are_reclaimed_unless_renewed(tmp_path):
 def test_expired_leases_do_not_block_new_ones(tmp_path):
     from llmos.resources.leases import Budget, LeaseBook
 
-    clock = Clock()
+    clock = FakeClock(1000.0)
     book = LeaseBook(str(tmp_path / "l.db"), lambda: [Budget("n1", "cpu", 2 * GIB)], clock)
     book.acquire("worker/dead/", "n1", "cpu", 2 * GIB, ttl=5)
     clock.now += 6

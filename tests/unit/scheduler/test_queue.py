@@ -7,6 +7,7 @@ import pytest
 
 from llmos.common.errors import AlreadyExists, DeadlineExceeded, NotFound, ResourceExhausted
 from llmos.scheduler.queue import Endpoint, Phase, Scheduler, Ticket
+from tests.support.clock import FakeClock
 
 W1, W2 = Endpoint("w1", "127.0.0.1:1"), Endpoint("w2", "127.0.0.1:2")
 
@@ -27,14 +28,6 @@ class FakeRegistry:
         self.loads.append(model)
         self.ready[model] = self.loadable[model]
         return self.ready[model]
-
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 def ticket(rid, model="tiny", **fields):
@@ -105,7 +98,7 @@ async def test_bands_first_then_arrival_order():
 
 async def test_two_tenants_at_equal_weight_share_the_tokens_when_one_sends_ten_times_more():
     """Fake workers (4 slots) and a fake clock: each request runs cost / 100 fake seconds."""
-    clock = Clock()
+    clock = FakeClock()
     scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1]}), slots_per_worker=4, max_queue=1000, clock=clock)
     costs, tasks = {}, {}
     for i in range(200):
@@ -134,7 +127,7 @@ async def test_two_tenants_at_equal_weight_share_the_tokens_when_one_sends_ten_t
 
 
 async def test_aging_serves_a_low_band_that_waited_long_enough():
-    clock = Clock()
+    clock = FakeClock()
     scheduler = Scheduler(FakeRegistry(), slots_per_worker=1, aging_seconds=10.0, clock=clock)
     await scheduler.admit(ticket("running"))
     low = asyncio.create_task(scheduler.admit(ticket("low", priority=0)))
@@ -243,7 +236,7 @@ async def test_a_failed_worker_leaves_rotation_and_a_redispatch_goes_first_elsew
 
 
 async def test_a_worker_that_stops_answering_leaves_rotation_after_the_timeout():
-    clock = Clock()
+    clock = FakeClock()
     scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, report_timeout=2.0,
                           clock=clock)
     scheduler.update_endpoints("tiny:latest", [W1, W2])
