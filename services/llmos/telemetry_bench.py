@@ -31,9 +31,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
 
 from llmos.bench import run_suite, workload
+from llmos.inprocess import start_in_process
 from llmos.v1 import registry_pb2, registry_pb2_grpc
-
-LISTEN = "127.0.0.1:0"
 
 
 class Switch(Sampler):
@@ -59,38 +58,6 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         with self._lock:
             self.spans += n
         return trace_service_pb2.ExportTraceServiceResponse()
-
-
-async def build_stack(data: Path, provider: TracerProvider, source_root: str):
-    from llmos.gateway.__main__ import GatewaySettings
-    from llmos.gateway.__main__ import build as build_gateway
-    from llmos.registry.__main__ import RegistrySettings
-    from llmos.registry.__main__ import build as build_registry
-    from llmos.resources.__main__ import ResourcesSettings
-    from llmos.resources.__main__ import build as build_resources
-    from llmos.scheduler.__main__ import SchedulerSettings
-    from llmos.scheduler.__main__ import build as build_scheduler
-    from llmos.worker.__main__ import WorkerSettings
-    from llmos.worker.__main__ import build as build_worker
-
-    services, addresses = [], {}
-
-    async def up(name, service):
-        services.append(service)
-        addresses[name] = await service.start()
-
-    await up("resources", await build_resources(ResourcesSettings(listen=LISTEN, data_dir=str(data)), provider))
-    await up("registry", await build_registry(RegistrySettings(
-        listen=LISTEN, data_dir=str(data), allowed_roots=(source_root,), resources_address=addresses["resources"]),
-        provider))
-    await up("worker", await build_worker(WorkerSettings(
-        listen=LISTEN, worker_id="bench", resources_address=addresses["resources"],
-        registry_address=addresses["registry"], register_interval_seconds=0.2), provider))
-    await up("scheduler", await build_scheduler(SchedulerSettings(listen=LISTEN,
-                                                                  registry_address=addresses["registry"]), provider))
-    await up("gateway", await build_gateway(GatewaySettings(listen=LISTEN, scheduler_address=addresses["scheduler"],
-                                                            registry_address=addresses["registry"]), provider))
-    return services, addresses
 
 
 def per_token_metrics_seconds(n: int = 20000) -> float:
@@ -121,16 +88,16 @@ async def run(args: argparse.Namespace) -> int:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"127.0.0.1:{port}", insecure=True)))
     with tempfile.TemporaryDirectory() as tmp:
         source = args.source
-        services, addresses = await build_stack(Path(tmp), provider, str(Path(source).parent)
-                                                if not source.startswith("bundled:") else tmp)
+        suite = await start_in_process(tmp, {
+            "registry": {"allowed_roots": (tmp if source.startswith("bundled:") else str(Path(source).parent),)},
+            "worker": {"worker_id": "bench", "register_interval_seconds": 0.2}}, provider,
+            services=("resources", "registry", "worker", "scheduler", "gateway"))
+        addresses = suite.addresses
         try:
-            registry = registry_pb2_grpc.RegistryServiceStub(grpc.aio.insecure_channel(addresses["registry"]))
-            for _ in range(100):
-                if (await registry.ListWorkers(registry_pb2.ListWorkersRequest())).workers:
-                    break
-                await asyncio.sleep(0.05)
-            await registry.ImportModel(registry_pb2.ImportModelRequest(name="bench", source=source), timeout=600)
-            await registry.LoadModel(registry_pb2.LoadModelRequest(name="bench"), timeout=600)
+            async with grpc.aio.insecure_channel(addresses["registry"]) as channel:
+                registry = registry_pb2_grpc.RegistryServiceStub(channel)
+                await registry.ImportModel(registry_pb2.ImportModelRequest(name="bench", source=source), timeout=600)
+                await registry.LoadModel(registry_pb2.LoadModelRequest(name="bench"), timeout=600)
             jobs = workload(args.requests, args.tokens, args.tokens, True, 0)
             print(f"{args.requests} requests of {args.tokens} tokens at concurrency {args.concurrency} "
                   f"through the gateway, {args.rounds} rounds each way, alternating")
@@ -145,8 +112,7 @@ async def run(args: argparse.Namespace) -> int:
                 print(f"  round {i + 1}: tracing {'on ' if switch.on else 'off'} {result.tokens_per_s:7.1f} tok/s"
                       f"  ({receiver.spans - before} spans exported)")
         finally:
-            for service in reversed(services):
-                await service.stop(grace=1.0)
+            await suite.stop()
     provider.shutdown()
     server.stop(0)
     m_on, m_off = statistics.median(on), statistics.median(off)

@@ -8,16 +8,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llmos.gateway.__main__ import GatewaySettings
-from llmos.gateway.__main__ import build as build_gateway
-from llmos.monitor.__main__ import MonitorSettings
-from llmos.monitor.__main__ import build as build_monitor
-from llmos.registry.__main__ import RegistrySettings
-from llmos.registry.__main__ import build as build_registry
-from llmos.resources.__main__ import ResourcesSettings
-from llmos.resources.__main__ import build as build_resources
-from llmos.scheduler.__main__ import SchedulerSettings
-from llmos.scheduler.__main__ import build as build_scheduler
+from llmos.inprocess import start_in_process
 from llmos.v1 import (
     gateway_pb2_grpc,
     monitor_pb2_grpc,
@@ -26,10 +17,6 @@ from llmos.v1 import (
     scheduler_pb2_grpc,
     worker_pb2_grpc,
 )
-from llmos.worker.__main__ import WorkerSettings
-from llmos.worker.__main__ import build as build_worker
-
-LISTEN = "127.0.0.1:0"
 
 
 @dataclass
@@ -61,45 +48,20 @@ class Stack:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def stack(tmp_path_factory, tiny_model_dir):
-    data = tmp_path_factory.mktemp("stack")
-    services, addresses = {}, {}
-
-    async def up(name, service):
-        services[name] = service
-        addresses[name] = await service.start()
-
-    await up("resources", await build_resources(ResourcesSettings(listen=LISTEN, data_dir=str(data))))
-    await up("registry", await build_registry(RegistrySettings(
-        listen=LISTEN, data_dir=str(data), allowed_roots=(str(tiny_model_dir.parent),),
-        resources_address=addresses["resources"])))
-    await up("worker", await build_worker(WorkerSettings(
-        listen=LISTEN, worker_id="w1", resources_address=addresses["resources"],
-        registry_address=addresses["registry"], dtype="float32", register_interval_seconds=0.2)))
-    await up("scheduler", await build_scheduler(SchedulerSettings(
-        listen=LISTEN, registry_address=addresses["registry"], slots_per_worker=16, max_queue=8)))
-    await up("gateway", await build_gateway(GatewaySettings(listen=LISTEN, scheduler_address=addresses["scheduler"],
-                                                            registry_address=addresses["registry"])))
-    await up("monitor", await build_monitor(MonitorSettings(
-        listen=LISTEN, metrics_listen=LISTEN, gateway_address=addresses["gateway"],
-        scheduler_address=addresses["scheduler"], registry_address=addresses["registry"],
-        resources_address=addresses["resources"], probe_interval_seconds=0,
-        metrics_targets=",".join(f"{name}={services[name].metrics_address}" for name in services
-                                 if name != "worker"))))
-    channels = {name: grpc.aio.insecure_channel(address) for name, address in addresses.items()}
-    stack = Stack(addresses, channels, {name: service.metrics_address for name, service in services.items()})
-    for _ in range(50):  # the worker announces itself right after it starts
-        workers = await stack.registry.ListWorkers(registry_pb2.ListWorkersRequest())
-        if workers.workers:
-            break
-        import asyncio
-        await asyncio.sleep(0.05)
+    suite = await start_in_process(tmp_path_factory.mktemp("stack"), {
+        "registry": {"allowed_roots": (str(tiny_model_dir.parent),)},
+        "worker": {"worker_id": "w1", "dtype": "float32", "register_interval_seconds": 0.2},
+        "scheduler": {"slots_per_worker": 16, "max_queue": 8},
+        "monitor": {"probe_interval_seconds": 0},
+    })
+    channels = {name: grpc.aio.insecure_channel(address) for name, address in suite.addresses.items()}
+    stack = Stack(suite.addresses, channels, suite.metrics)
     await stack.registry.ImportModel(registry_pb2.ImportModelRequest(name="tiny", source=str(tiny_model_dir)))
     await stack.registry.LoadModel(registry_pb2.LoadModelRequest(name="tiny"))
     yield stack
     for channel in channels.values():
         await channel.close()
-    for name in reversed(list(services)):
-        await services[name].stop(grace=1.0)
+    await suite.stop(grace=1.0)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,96 @@
+"""The whole suite in one process: each service's real `grpc.aio` server on
+127.0.0.1:0, wired to the others as `llmos.suite` wires processes.
+
+For the integration tests and for benchmarks that must see every hop in one process
+(`llmos.telemetry_bench`). `overrides` sets any service's settings by field name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from opentelemetry.sdk.trace import TracerProvider
+
+from .common.server import Service
+from .suite import NEEDS, SERVICES
+from .v1 import registry_pb2, registry_pb2_grpc
+
+LISTEN = "127.0.0.1:0"
+
+
+def _builders() -> dict:
+    """Each service's settings type and build function."""
+    from .gateway.__main__ import GatewaySettings
+    from .gateway.__main__ import build as build_gateway
+    from .monitor.__main__ import MonitorSettings
+    from .monitor.__main__ import build as build_monitor
+    from .registry.__main__ import RegistrySettings
+    from .registry.__main__ import build as build_registry
+    from .resources.__main__ import ResourcesSettings
+    from .resources.__main__ import build as build_resources
+    from .scheduler.__main__ import SchedulerSettings
+    from .scheduler.__main__ import build as build_scheduler
+    from .worker.__main__ import WorkerSettings
+    from .worker.__main__ import build as build_worker
+
+    return {"resources": (ResourcesSettings, build_resources), "registry": (RegistrySettings, build_registry),
+            "worker": (WorkerSettings, build_worker), "scheduler": (SchedulerSettings, build_scheduler),
+            "gateway": (GatewaySettings, build_gateway), "monitor": (MonitorSettings, build_monitor)}
+
+
+@dataclass
+class InProcessSuite:
+    services: dict[str, Service] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+    # Where each serves its Prometheus metrics.
+    metrics: dict[str, str] = field(default_factory=dict)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        for name in reversed(list(self.services)):
+            await self.services[name].stop(grace)
+
+
+async def start_in_process(data_dir: str | Path, overrides: dict[str, dict] | None = None,
+                           provider: TracerProvider | None = None,
+                           services: tuple[str, ...] = SERVICES) -> InProcessSuite:
+    """Starts `services` in dependency order (a tracer provider shared by all, or one each)
+    and returns once the worker has registered with the registry."""
+    suite, builders = InProcessSuite(), _builders()
+    try:
+        for name in services:
+            settings_type, build = builders[name]
+            fields = {f.name for f in dataclasses.fields(settings_type)}
+            values: dict[str, object] = {"listen": LISTEN, "metrics_listen": LISTEN}
+            if "data_dir" in fields:
+                values["data_dir"] = str(data_dir)
+            values |= {f"{other}_address": suite.addresses[other] for other in NEEDS[name]
+                       if other in suite.addresses}
+            if name == "monitor":
+                values["metrics_targets"] = ",".join(f"{other}={suite.metrics[other]}" for other in NEEDS[name]
+                                                     if other in suite.metrics)
+            values |= (overrides or {}).get(name, {})
+            service = await build(settings_type(**values), provider)
+            suite.services[name] = service
+            suite.addresses[name] = await service.start()
+            suite.metrics[name] = service.metrics_address
+        if "worker" in suite.services and "registry" in suite.services:
+            await _registered(suite.addresses["registry"])
+    except BaseException:
+        await suite.stop()
+        raise
+    return suite
+
+
+async def _registered(registry_address: str, timeout: float = 10.0) -> None:
+    """Waits until the registry lists a worker (workers announce themselves once serving)."""
+    async with grpc.aio.insecure_channel(registry_address) as channel:
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        for _ in range(int(timeout / 0.05)):
+            if (await stub.ListWorkers(registry_pb2.ListWorkersRequest(), timeout=timeout)).workers:
+                return
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"no worker registered with the registry in {timeout:.0f}s")
