@@ -11,8 +11,7 @@ from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.telemetry import make_tracer_provider
 
 from .alerts import AlertRules, AlertSettings
-from .cluster import ClusterWatch, probe_loop
-from .gather import ClusterGauges, Gatherer
+from .cluster import ClusterGauges, ClusterWatch, probe_loop
 from .health import HealthMonitor
 from .servicer import GenerateProbe, GrpcProbe, RegistryEvents, register
 
@@ -81,13 +80,10 @@ async def build(settings: MonitorSettings, provider: TracerProvider | None = Non
     rules = AlertRules(AlertSettings(queue_depth=settings.queue_alert_depth, kv_ratio=settings.kv_alert_ratio,
                                      ttft_slo=settings.ttft_slo_seconds, slo_target=settings.slo_target))
     host = ServiceHost("monitor", settings.listen, provider, settings.metrics_listen)
-    gauges = ClusterGauges()
-    watch: ClusterWatch
-    gatherer = Gatherer(lambda: watch.metrics_targets(), settings.scrape_timeout_seconds)
-    watch = ClusterWatch(monitor, rules, gatherer, gauges, service_metrics, settings.check_interval_seconds,
-                         settings.scrape_interval_seconds)
-    host.metrics.register(gauges)
-    host.metrics.register(gatherer)
+    watch = ClusterWatch(monitor, rules, service_metrics, settings.check_interval_seconds,
+                         settings.scrape_interval_seconds, settings.scrape_timeout_seconds)
+    host.metrics.register(ClusterGauges(watch))
+    host.metrics.register(watch.gatherer)
     register(host, watch)
     background = [watch.run, RegistryEvents(channels, settings.registry_address, watch).run]
     if settings.probe_interval_seconds > 0:
@@ -106,7 +102,7 @@ async def build(settings: MonitorSettings, provider: TracerProvider | None = Non
     service.background = [check_itself_too, *background]
 
     async def close() -> None:
-        gatherer.close()
+        watch.gatherer.close()
 
     service.cleanups.append(close)
     return service

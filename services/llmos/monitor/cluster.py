@@ -11,11 +11,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
 from llmos.common.broadcast import Broadcast
 
 from .alerts import FIRING, Alert, AlertRules, Observations
-from .gather import ClusterGauges, Gatherer, ttft_counts
-from .health import ClusterHealth, ComponentHealth, HealthMonitor
+from .gather import Gatherer, ttft_counts
+from .health import SERVING, STALLED, ClusterHealth, ComponentHealth, HealthMonitor
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +58,28 @@ Event = HealthEvent | AlertEvent | ModelEvent
 
 
 class ClusterWatch:
-    def __init__(self, monitor: HealthMonitor, rules: AlertRules, gatherer: Gatherer, gauges: ClusterGauges,
-                 service_metrics: dict[str, str], interval: float = 1.0, scrape_interval: float = 5.0) -> None:
+    def __init__(self, monitor: HealthMonitor, rules: AlertRules, service_metrics: dict[str, str],
+                 interval: float = 1.0, scrape_interval: float = 5.0, scrape_timeout: float = 0.5) -> None:
         self.monitor = monitor
         self.rules = rules
-        self.gatherer = gatherer
-        self.gauges = gauges
         self.interval = interval
         self.scrape_interval = scrape_interval
         self.events: Broadcast[Event] = Broadcast()
+        self.gatherer = Gatherer(self.metrics_targets, scrape_timeout)
+        # The latest check, the alerts firing after it and the last probe; replaced whole
+        # (the metrics thread reads them).
+        self.health: ClusterHealth | None = None
+        self.alerts: tuple[Alert, ...] = ()
         self.probe: ProbeResult | None = None
         self._probes: deque[bool] = deque(maxlen=10)
         self._service_metrics = dict(service_metrics)
-        self._last: dict[str, ComponentHealth] = {}
-        self._health: ClusterHealth | None = None
         self._lock = asyncio.Lock()
 
     def metrics_targets(self) -> dict[str, str]:
         """Every component's metrics address: the configured services, and the workers as
         the registry last listed them. Called from the scrape thread."""
         targets = dict(self._service_metrics)
-        health = self._health
+        health = self.health
         for worker in health.workers if health else ():
             if worker.metrics_address:
                 targets[f"worker/{worker.worker_id}"] = worker.metrics_address
@@ -88,14 +92,14 @@ class ClusterWatch:
             # worker costs each of them a timeout, and the two should not add up.
             gathering = asyncio.ensure_future(asyncio.to_thread(self.gatherer.families, self.scrape_interval))
             health = await self.monitor.cluster_health()
+            last = {c.component: c for c in self.health.components} if self.health else {}
             for c in health.components:
-                before = self._last.get(c.component)
+                before = last.get(c.component)
                 if before is None or before.state != c.state:
                     self.events.emit(HealthEvent(before.state if before else "", c))
                     if before is not None:
                         log.warning("%s: %s → %s %s", c.component, before.state, c.state, c.detail)
-            self._last = {c.component: c for c in health.components}
-            self._health = health
+            self.health = health
             try:
                 families = await gathering
             except Exception:  # noqa: BLE001 - the rules run on what there is
@@ -107,18 +111,17 @@ class ClusterWatch:
                 (log.warning if alert.state == FIRING else log.info)("alert %s %s: %s", alert.name, alert.state,
                                                                       alert.summary)
                 self.events.emit(AlertEvent(alert))
-            self.gauges.health, self.gauges.alerts = health, list(self.rules.firing.values())
+            self.alerts = tuple(self.rules.firing.values())
             return health
 
     def current(self) -> list[Event]:
         """The state a new watcher starts from: every component, every firing alert."""
-        return [*(HealthEvent("", c) for c in self._last.values()),
-                *(AlertEvent(a) for a in self.rules.firing.values())]
+        return [*(HealthEvent("", c) for c in (self.health.components if self.health else ())),
+                *(AlertEvent(a) for a in self.alerts)]
 
     def record_probe(self, result: ProbeResult) -> None:
         self.probe = result
         self._probes.append(result.ok)
-        self.gauges.probe = (result.ok, result.seconds)
 
     def model_event(self, event: ModelEvent) -> None:
         self.events.emit(event)
@@ -130,6 +133,41 @@ class ClusterWatch:
             except Exception:  # noqa: BLE001 - the next round tries again
                 log.exception("cluster check failed")
             await asyncio.sleep(self.interval)
+
+
+class ClusterGauges(Collector):
+    """The monitor's own figures, from the watch's latest check, alerts and probe."""
+
+    def __init__(self, watch: ClusterWatch) -> None:
+        self._watch = watch
+
+    def collect(self):
+        health, alerts, probe = self._watch.health, self._watch.alerts, self._watch.probe
+        healthy = GaugeMetricFamily("llmos_component_healthy", "1 when the component serves and makes "
+                                    "progress, 0 otherwise.", labels=["component"])
+        stalled = GaugeMetricFamily("llmos_worker_stalled", "1 when a worker has running generations and "
+                                    "produced no token for the stall time.", labels=["component"])
+        running = GaugeMetricFamily("llmos_worker_running_requests", "Generations running on a worker, as "
+                                    "the monitor last saw.", labels=["component"])
+        cluster = GaugeMetricFamily("llmos_cluster_healthy", "1 when every component is healthy.")
+        if health is not None:
+            cluster.add_metric([], 1 if health.healthy else 0)
+            for c in health.components:
+                healthy.add_metric([c.component], 1 if c.state == SERVING else 0)
+                if c.component.startswith("worker/"):
+                    stalled.add_metric([c.component], 1 if c.state == STALLED else 0)
+                    running.add_metric([c.component], c.running)
+        firing = GaugeMetricFamily("llmos_alerts_firing", "Alerts the monitor's rules fire now.",
+                                   labels=["alertname", "severity", "subject"])
+        for alert in alerts:
+            firing.add_metric([alert.name, alert.severity, alert.subject], 1)
+        ok = GaugeMetricFamily("llmos_probe_success", "1 when the last synthetic Generate probe got a token "
+                               "(no sample before the first probe).")
+        seconds = GaugeMetricFamily("llmos_probe_duration_seconds", "How long the last probe took.")
+        if probe is not None:
+            ok.add_metric([], 1 if probe.ok else 0)
+            seconds.add_metric([], probe.seconds)
+        yield from (healthy, stalled, running, cluster, firing, ok, seconds)
 
 
 async def probe_loop(watch: ClusterWatch, probe: Callable[[], Awaitable[ProbeResult | None]],

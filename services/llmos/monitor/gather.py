@@ -1,7 +1,7 @@
 """The cluster's metrics in one place: the monitor scrapes every service's and worker's
 Prometheus endpoint and serves them all again, each sample labelled with the
 `component` it came from ("gateway", "worker/w1", ...), beside the monitor's own
-figures (component health, alerts, the probe). One address to scrape, however
+figures (`cluster.ClusterGauges`). One address to scrape, however
 many workers come and go.
 """
 
@@ -18,9 +18,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
-
-from .alerts import Alert
-from .health import SERVING, STALLED, ClusterHealth
 
 log = logging.getLogger(__name__)
 
@@ -91,42 +88,6 @@ class Gatherer(Collector):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class ClusterGauges(Collector):
-    """The monitor's own figures, from its latest check."""
-
-    def __init__(self) -> None:
-        self.health: ClusterHealth | None = None
-        self.alerts: list[Alert] = []
-        self.probe: tuple[bool, float] | None = None    # (ok, seconds) of the last probe
-
-    def collect(self):
-        healthy = GaugeMetricFamily("llmos_component_healthy", "1 when the component serves and makes "
-                                    "progress, 0 otherwise.", labels=["component"])
-        stalled = GaugeMetricFamily("llmos_worker_stalled", "1 when a worker has running generations and "
-                                    "produced no token for the stall time.", labels=["component"])
-        running = GaugeMetricFamily("llmos_worker_running_requests", "Generations running on a worker, as "
-                                    "the monitor last saw.", labels=["component"])
-        cluster = GaugeMetricFamily("llmos_cluster_healthy", "1 when every component is healthy.")
-        if self.health is not None:
-            cluster.add_metric([], 1 if self.health.healthy else 0)
-            for c in self.health.components:
-                healthy.add_metric([c.component], 1 if c.state == SERVING else 0)
-                if c.component.startswith("worker/"):
-                    stalled.add_metric([c.component], 1 if c.state == STALLED else 0)
-                    running.add_metric([c.component], c.running)
-        firing = GaugeMetricFamily("llmos_alerts_firing", "Alerts the monitor's rules fire now.",
-                                   labels=["alertname", "severity", "subject"])
-        for alert in self.alerts:
-            firing.add_metric([alert.name, alert.severity, alert.subject], 1)
-        ok = GaugeMetricFamily("llmos_probe_success", "1 when the last synthetic Generate probe got a token "
-                               "(no sample before the first probe).")
-        seconds = GaugeMetricFamily("llmos_probe_duration_seconds", "How long the last probe took.")
-        if self.probe is not None:
-            ok.add_metric([], 1 if self.probe[0] else 0)
-            seconds.add_metric([], self.probe[1])
-        yield from (healthy, stalled, running, cluster, firing, ok, seconds)
 
 
 def ttft_counts(families: list[Metric], slo: float,

@@ -195,7 +195,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             healthy=health.healthy, check_time=timestamp(health.check_time),
             components=[_component(c) for c in health.components],
             queues=[queue_depth_to_proto(q) for q in health.queues],
-            alerts=[_alert(a) for a in self.watch.rules.firing.values()])
+            alerts=[_alert(a) for a in self.watch.alerts])
         probe = self.watch.probe
         if probe is not None:
             response.probe.CopyFrom(monitor_pb2.ProbeResult(model=probe.model, ok=probe.ok, detail=probe.detail,
