@@ -9,12 +9,16 @@ dashboards and routers that read vLLM's metrics read ours by swapping the prefix
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +66,25 @@ class MetricsEndpoint:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class OnLoop(Collector):
+    """Figures read when scraped, on the service's event loop: the scrape runs on the
+    metrics server's thread, while the state it reads (a scheduler's queues, a lease book)
+    belongs to the loop. Nothing is read between scrapes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read: Callable[[], Iterable[Metric]],
+                 timeout: float = 5.0) -> None:
+        self._loop = loop
+        self._read = read
+        self._timeout = timeout
+
+    def collect(self) -> Iterable[Metric]:
+        async def read() -> list[Metric]:
+            return list(self._read())
+
+        try:
+            return asyncio.run_coroutine_threadsafe(read(), self._loop).result(self._timeout)
+        except Exception:  # noqa: BLE001 - a busy or stopping loop leaves these out of one scrape
+            log.warning("figures not read for this scrape", exc_info=True)
+            return []

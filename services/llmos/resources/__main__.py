@@ -9,12 +9,13 @@ from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
 
+from llmos.common.metrics import OnLoop
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.telemetry import make_tracer_provider
 
 from .inventory import node_name, probe_devices
 from .manager import ResourceManager
-from .observe import ResourceGauges, Snapshot
+from .observe import resource_metrics
 from .servicer import register
 
 log = logging.getLogger(__name__)
@@ -44,17 +45,14 @@ async def build(settings: ResourcesSettings, provider: TracerProvider | None = N
     host = ServiceHost("resources", settings.listen, provider or make_tracer_provider("resources"),
                        settings.metrics_listen)
     register(host, manager)
-    gauges = ResourceGauges()
-    host.metrics.register(gauges)
+    host.metrics.register(OnLoop(asyncio.get_running_loop(), lambda: resource_metrics(
+        manager.nodes(), manager.leases.list(), manager.leases.reclaimed_total)))
 
     async def reap(address: str) -> None:
-        reclaimed = 0
         while True:
             for lease in manager.leases.reap():
-                reclaimed += 1
                 log.warning("reclaimed %s of %s: %d bytes on %s/%s, not renewed", lease.name, lease.holder,
                             lease.bytes, lease.node, lease.device)
-            gauges.snapshot = Snapshot(manager.nodes(), manager.leases.list(), reclaimed)
             await asyncio.sleep(settings.reap_interval_seconds)
 
     async def close() -> None:

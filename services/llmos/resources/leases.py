@@ -59,6 +59,7 @@ class LeaseBook:
         self._budgets = budgets
         self._clock = clock
         self._lock = threading.Lock()
+        self.reclaimed_total = 0      # leases reclaimed by `reap` since this book opened
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
@@ -130,6 +131,7 @@ class LeaseBook:
                 f"SELECT {_COLUMNS} FROM leases WHERE ttl > 0 AND expire_time < ?", (self._clock(),)).fetchall()
             for row in rows:
                 self._db.execute("DELETE FROM leases WHERE name=?", (row[0],))
+            self.reclaimed_total += len(rows)
         return [Lease(*row) for row in rows]
 
     def release(self, name: str) -> bool:

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
+from llmos.common.metrics import OnLoop
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.telemetry import make_tracer_provider
 
-from .observe import SchedulerGauges, SchedulerTelemetry
+from .observe import SchedulerTelemetry, scheduler_metrics
 from .queue import Scheduler
 from .servicer import GrpcRegistry, WorkerReports, register
 
@@ -55,16 +56,10 @@ async def build(settings: SchedulerSettings, provider: TracerProvider | None = N
                           settings.report_timeout_seconds, settings.placement_ttl_seconds,
                           events=SchedulerTelemetry(tracer, host.metrics))
     reports = WorkerReports(scheduler, registry, channels, settings.report_interval_seconds)
-    gauges = SchedulerGauges()
-    host.metrics.register(gauges)
+    host.metrics.register(OnLoop(asyncio.get_running_loop(), lambda: scheduler_metrics(
+        scheduler.queue_depths(), scheduler.worker_loads())))
     register(host, scheduler)
-
-    async def refresh_gauges(address: str) -> None:
-        while True:
-            gauges.refresh(scheduler.queue_depths, scheduler.worker_loads)
-            await asyncio.sleep(0.5)
-
-    return Service(host, background=[reports.run, refresh_gauges], cleanups=[channels.close])
+    return Service(host, background=[reports.run], cleanups=[channels.close])
 
 
 def parse_weights(text: str) -> dict[str, float]:

@@ -8,13 +8,10 @@ picked, its use and capacity, and how many workers were in rotation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode, Tracer
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from llmos.common.domain import QueueDepth
 from llmos.common.metrics import LATENCY_BUCKETS
@@ -84,32 +81,23 @@ class SchedulerTelemetry(SchedulerEvents):
             "llmos.queue.reason": request.reason})
 
 
-class SchedulerGauges(Collector):
-    """Queue depths and worker loads, from a snapshot the event loop refreshes."""
-
-    def __init__(self) -> None:
-        self.depths: list[QueueDepth] = []
-        self.loads: list[WorkerLoad] = []
-
-    def refresh(self, depths: Callable[[], list[QueueDepth]], loads: Callable[[], list[WorkerLoad]]) -> None:
-        self.depths, self.loads = depths(), loads()
-
-    def collect(self):
-        waiting = GaugeMetricFamily("llmos_scheduler_queue_requests", "Requests waiting in the scheduler's "
-                                    "queue.", labels=["model_name", "priority", "tenant"])
-        for q in self.depths:
-            waiting.add_metric([q.model, str(q.priority), q.tenant], q.waiting)
-        running = GaugeMetricFamily("llmos_scheduler_running_requests", "Requests the scheduler sent to a "
-                                    "worker that have not ended.", labels=["model_name", "worker"])
-        slots = GaugeMetricFamily("llmos_scheduler_worker_slots", "Slots of a worker for a model.",
-                                  labels=["model_name", "worker"])
-        rotation = GaugeMetricFamily("llmos_scheduler_worker_in_rotation", "1 when the worker is given "
-                                     "requests, 0 when it is out of rotation.", labels=["worker"])
-        seen = set()
-        for w in self.loads:
-            running.add_metric([w.model, w.endpoint.worker_id], w.running)
-            slots.add_metric([w.model, w.endpoint.worker_id], w.capacity)
-            if w.endpoint.worker_id not in seen:
-                seen.add(w.endpoint.worker_id)
-                rotation.add_metric([w.endpoint.worker_id], 1 if w.in_rotation else 0)
-        yield from (waiting, running, slots, rotation)
+def scheduler_metrics(depths: list[QueueDepth], loads: list[WorkerLoad]) -> list[Metric]:
+    """Queue depths and worker loads, for one scrape."""
+    waiting = GaugeMetricFamily("llmos_scheduler_queue_requests", "Requests waiting in the scheduler's "
+                                "queue.", labels=["model_name", "priority", "tenant"])
+    for q in depths:
+        waiting.add_metric([q.model, str(q.priority), q.tenant], q.waiting)
+    running = GaugeMetricFamily("llmos_scheduler_running_requests", "Requests the scheduler sent to a "
+                                "worker that have not ended.", labels=["model_name", "worker"])
+    slots = GaugeMetricFamily("llmos_scheduler_worker_slots", "Slots of a worker for a model.",
+                              labels=["model_name", "worker"])
+    rotation = GaugeMetricFamily("llmos_scheduler_worker_in_rotation", "1 when the worker is given "
+                                 "requests, 0 when it is out of rotation.", labels=["worker"])
+    seen = set()
+    for w in loads:
+        running.add_metric([w.model, w.endpoint.worker_id], w.running)
+        slots.add_metric([w.model, w.endpoint.worker_id], w.capacity)
+        if w.endpoint.worker_id not in seen:
+            seen.add(w.endpoint.worker_id)
+            rotation.add_metric([w.endpoint.worker_id], 1 if w.in_rotation else 0)
+    return [waiting, running, slots, rotation]

@@ -68,6 +68,7 @@ def test_leases_with_a_ttl_are_reclaimed_unless_renewed(tmp_path):
     clock.now += 100
     assert [lease.name for lease in book.reap()] == [kept.name]
     assert [lease.name for lease in book.list()] == [forever.name]
+    assert book.reclaimed_total == 2
 
 
 def test_expired_leases_do_not_block_new_ones(tmp_path):
