@@ -78,8 +78,13 @@ def one(spans, **match):
     return found[0]
 
 
-def trace_of(receiver, request_id: str, complete_with: tuple[str, ...]) -> list[dict]:
-    """The spans of the trace whose gateway span answered `request_id`, once the named spans arrived."""
+WORKER_SPAN = {"service": "llmos-worker", "name": "/llmos.v1.WorkerService/GenerateTokens"}
+GATEWAY_ROOT = {"service": "llmos-gateway", "parent_id": ""}
+
+
+def trace_of(receiver, request_id: str, complete_with: tuple[dict, ...]) -> list[dict]:
+    """The spans of the trace whose gateway span answered `request_id`, once a span matching
+    each of `complete_with` arrived (each service exports on its own schedule)."""
 
     def ready():
         spans = receiver.snapshot()
@@ -88,7 +93,8 @@ def trace_of(receiver, request_id: str, complete_with: tuple[str, ...]) -> list[
         if not gateway:
             return None
         trace = [s for s in spans if s["trace_id"] == gateway[0]["trace_id"]]
-        return trace if all(any(s["name"] == name for s in trace) for name in complete_with) else None
+        complete = all(any(all(s.get(k) == v for k, v in match.items()) for s in trace) for match in complete_with)
+        return trace if complete else None
 
     return wait_for(ready, what=f"the trace of {request_id}")
 
@@ -102,7 +108,8 @@ def test_one_cold_generate_is_one_trace_from_the_gateway_to_each_engine_step(cli
     for responses in results:
         assert responses[-1].usage.completion_tokens == 120
 
-    traces = {rid: trace_of(trace_receiver, rid, ("queue wait", "prefill", "/llmos.v1.WorkerService/GenerateTokens"))
+    traces = {rid: trace_of(trace_receiver, rid, ({"name": "queue wait"}, {"name": "route"}, {"name": "prefill"},
+                                                      WORKER_SPAN, GATEWAY_ROOT))
               for rid in ("obs-a", "obs-b")}
     # The status polls and heartbeats that run on timers make no traces of their own.
     periodic = ("/GetWorkerStatus", "/GetSchedulerStats", "/RegisterWorker", "/RenewLeases", "/ListWorkers")
@@ -115,8 +122,7 @@ def test_one_cold_generate_is_one_trace_from_the_gateway_to_each_engine_step(cli
     one(cold[0], name="/llmos.v1.ResourceService/AcquireLease", service="llmos-resources")
 
     waits = {rid: one(t, name="queue wait", service="llmos-scheduler") for rid, t in traces.items()}
-    workers = {rid: one(t, name="/llmos.v1.WorkerService/GenerateTokens", service="llmos-worker")
-               for rid, t in traces.items()}
+    workers = {rid: one(t, **WORKER_SPAN) for rid, t in traces.items()}
     first, second = sorted(waits, key=lambda rid: waits[rid]["end"])
     # The second waited in the queue for the first to end: its wait spans the first's generation.
     assert waits[second]["end"] >= workers[first]["end"] - 0.05
@@ -143,7 +149,7 @@ def test_one_cold_generate_is_one_trace_from_the_gateway_to_each_engine_step(cli
                    for s in steps)
         assert len(trace) < 40, f"{len(trace)} spans in one request's trace"
         gateway = one(trace, service="llmos-gateway", name="text_completion tiny")
-        assert one(trace, service="llmos-gateway", parent_id="")["span_id"] == gateway["parent_id"]
+        assert one(trace, **GATEWAY_ROOT)["span_id"] == gateway["parent_id"]
         a = gateway["attributes"]
         assert a["gen_ai.operation.name"] == "text_completion" and a["gen_ai.request.model"] == "tiny"
         assert a["gen_ai.usage.output_tokens"] == 120 and a["gen_ai.usage.input_tokens"] > 0
@@ -156,8 +162,8 @@ def test_a_cancelled_request_shows_its_cancellation_span(client, trace_receiver)
                              request_id="obs-cancel")
     next(iter(stream))
     stream.cancel()
-    trace = trace_of(trace_receiver, "obs-cancel", ("cancel",))
-    worker = one(trace, name="/llmos.v1.WorkerService/GenerateTokens", service="llmos-worker")
+    trace = trace_of(trace_receiver, "obs-cancel", ({"name": "cancel"}, WORKER_SPAN))
+    worker = one(trace, **WORKER_SPAN)
     cancel = one(trace, name="cancel", service="llmos-worker")
     assert cancel["parent_id"] == worker["span_id"]
     assert 0 <= cancel["attributes"]["llmos.cancel.release_ms"] < 1000
