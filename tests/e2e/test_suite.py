@@ -110,8 +110,9 @@ def test_one_generate_is_one_trace_across_the_processes(client, trace_receiver):
             gateway_span = next((s for s in trace if s["service"] == "llmos-gateway"
                                  and s["name"] == "/llmos.v1.GatewayService/Generate"
                                  and s["parent_id"] == ""), None)
-            scheduler = [s for s in trace if s["service"] == "llmos-scheduler"]
-            if gateway_span and scheduler:
+            admit = [s for s in trace if s["service"] == "llmos-scheduler"
+                     and s["name"] == "/llmos.v1.SchedulerService/AdmitGeneration" and s["parent_id"]]
+            if gateway_span and admit:
                 break
         time.sleep(0.1)
     assert worker_span and gateway_span, "no complete trace arrived"
