@@ -70,8 +70,8 @@ async def start_in_process(data_dir: str | Path, overrides: dict[str, dict] | No
             values |= {f"{other}_address": suite.addresses[other] for other in NEEDS[name]
                        if other in suite.addresses}
             if name == "monitor":
-                values["metrics_targets"] = ",".join(f"{other}={suite.metrics[other]}" for other in NEEDS[name]
-                                                     if other in suite.metrics)
+                values["metrics_targets"] = {other: suite.metrics[other] for other in NEEDS[name]
+                                             if other in suite.metrics}
             values |= (overrides or {}).get(name, {})
             service = await build(settings_type(**values), provider)
             suite.services[name] = service

@@ -31,6 +31,16 @@ def _parse(name: str, raw: str, kind: type) -> object:
             return kind(raw)
         if typing.get_origin(kind) is tuple:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if typing.get_origin(kind) is dict:
+            # "key=value,key=value", each value of the dict's value type.
+            value_kind = typing.get_args(kind)[1]
+            pairs = {}
+            for entry in filter(None, (part.strip() for part in raw.split(","))):
+                key, sep, value = entry.partition("=")
+                if not sep or not key.strip():
+                    raise ValueError(entry)
+                pairs[key.strip()] = _parse(name, value.strip(), value_kind)
+            return pairs
     except ValueError:
         raise ValueError(f"{name}: cannot read {raw!r} as {kind}") from None
     raise TypeError(f"unsupported settings type {kind!r} for {name}")

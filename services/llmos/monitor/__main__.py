@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -25,7 +25,7 @@ class MonitorSettings:
     metrics_listen: str = "127.0.0.1:9464"
     # The services' own metrics endpoints, "gateway=host:port,scheduler=host:port,...";
     # workers' are learned from the registry.
-    metrics_targets: str = ""
+    metrics_targets: dict[str, str] = field(default_factory=dict)
     gateway_address: str = "127.0.0.1:50051"
     scheduler_address: str = "127.0.0.1:50052"
     registry_address: str = "127.0.0.1:50053"
@@ -55,23 +55,15 @@ class MonitorSettings:
     log_level: str = "INFO"
 
 
-def parse_targets(text: str) -> dict[str, str]:
-    """"gateway=127.0.0.1:9101,scheduler=..." → {"gateway": "127.0.0.1:9101", ...}."""
-    targets = {}
-    for entry in filter(None, (part.strip() for part in text.split(","))):
-        name, _, address = entry.partition("=")
-        if not name or ":" not in address:
-            raise ValueError(f"metrics target {entry!r} must be name=host:port")
-        targets[name.strip()] = address.strip()
-    return targets
-
-
 async def build(settings: MonitorSettings, provider: TracerProvider | None = None) -> Service:
     provider = provider or make_tracer_provider("monitor")
     channels = Channels(provider)
     probe = GrpcProbe(channels, settings.check_timeout_seconds, settings.registry_address,
                       settings.scheduler_address, settings.resources_address)
-    service_metrics = parse_targets(settings.metrics_targets)
+    service_metrics = settings.metrics_targets
+    for name, address in service_metrics.items():
+        if ":" not in address:
+            raise ValueError(f"metrics target {name}={address!r} must be name=host:port")
     monitor = HealthMonitor(probe, {
         "gateway": settings.gateway_address, "scheduler": settings.scheduler_address,
         "registry": settings.registry_address, "resources": settings.resources_address},

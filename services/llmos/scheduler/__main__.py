@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -33,7 +33,7 @@ class SchedulerSettings:
     # A band's waiting requests rise one band per this many seconds of wait.
     aging_seconds: float = 30.0
     # Fair-queuing weights, "tenant=weight,..."; tenants not named weigh 1.
-    tenant_weights: str = ""
+    tenant_weights: dict[str, float] = field(default_factory=dict)
     # How often each worker's status is polled, and how long without an answer
     # takes it out of rotation.
     report_interval_seconds: float = 0.5
@@ -52,7 +52,7 @@ async def build(settings: SchedulerSettings, provider: TracerProvider | None = N
     host = ServiceHost("scheduler", settings.listen, provider, settings.metrics_listen)
     registry = GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds, tracer)
     scheduler = Scheduler(registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model,
-                          settings.aging_seconds, parse_weights(settings.tenant_weights),
+                          settings.aging_seconds, settings.tenant_weights,
                           settings.report_timeout_seconds, settings.placement_ttl_seconds,
                           events=SchedulerTelemetry(tracer, host.metrics))
     reports = WorkerReports(scheduler, registry, channels, settings.report_interval_seconds)
@@ -60,19 +60,6 @@ async def build(settings: SchedulerSettings, provider: TracerProvider | None = N
         scheduler.queue_depths(), scheduler.worker_loads())))
     register(host, scheduler)
     return Service(host, background=[reports.run], cleanups=[channels.close])
-
-
-def parse_weights(text: str) -> dict[str, float]:
-    """"a=2,b=0.5" → {"a": 2.0, "b": 0.5}; a bad entry is a settings error at start."""
-    weights = {}
-    for entry in filter(None, (part.strip() for part in text.split(","))):
-        tenant, _, weight = entry.partition("=")
-        value = float(weight)
-        if not tenant or value <= 0:
-            raise ValueError(f"tenant weight {entry!r} must be tenant=positive number")
-        weights[tenant.strip()] = value
-    return weights
-
 
 
 if __name__ == "__main__":

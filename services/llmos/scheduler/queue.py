@@ -178,6 +178,9 @@ class Scheduler:
         self._aliases: dict[str, str] = {}                      # "tiny" → "tiny:latest"
         self._abandoned: OrderedDict[str, float] = OrderedDict()  # finished before they were admitted
         self._weights = dict(tenant_weights or {})
+        bad = [f"{tenant}={weight}" for tenant, weight in self._weights.items() if not tenant or weight <= 0]
+        if bad:
+            raise ValueError(f"tenant weights must be tenant=positive number: {', '.join(bad)}")
         self._clock = clock
         self._models: dict[str, _Model] = {}
         self._workers: dict[str, _Worker] = {}

@@ -1,4 +1,4 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -16,13 +16,20 @@ class Example:
     ratio: float = 0.5
     verbose: bool = False
     roots: tuple[str, ...] = ()
+    weights: dict[str, float] = field(default_factory=dict)
 
 
 def test_settings_read_prefixed_variables_with_types():
     env = {"LLMOS_DEMO_SLOTS": "16", "LLMOS_DEMO_RATIO": "0.9", "LLMOS_DEMO_VERBOSE": "true",
-           "LLMOS_DEMO_ROOTS": "/a, /b", "LLMOS_OTHER_SLOTS": "99"}
+           "LLMOS_DEMO_ROOTS": "/a, /b", "LLMOS_DEMO_WEIGHTS": "a=2, b = 0.5,", "LLMOS_OTHER_SLOTS": "99"}
     settings = from_env(Example, "demo", env)
-    assert settings == Example(slots=16, ratio=0.9, verbose=True, roots=("/a", "/b"))
+    assert settings == Example(slots=16, ratio=0.9, verbose=True, roots=("/a", "/b"), weights={"a": 2.0, "b": 0.5})
+
+
+@pytest.mark.parametrize("raw", ["a", "=2", "a=many"])
+def test_settings_reject_a_malformed_pair(raw):
+    with pytest.raises(ValueError, match="LLMOS_DEMO_WEIGHTS"):
+        from_env(Example, "demo", {"LLMOS_DEMO_WEIGHTS": raw})
 
 
 def test_settings_reject_a_malformed_number():

@@ -6,6 +6,8 @@ from collections import Counter
 import pytest
 
 from llmos.common.errors import AlreadyExists, DeadlineExceeded, NotFound, ResourceExhausted
+from llmos.common.settings import from_env
+from llmos.scheduler.__main__ import SchedulerSettings
 from llmos.scheduler.queue import Endpoint, Phase, Scheduler, Ticket
 from tests.support.clock import FakeClock
 
@@ -124,6 +126,14 @@ async def test_two_tenants_at_equal_weight_share_the_tokens_when_one_sends_ten_t
     for task in tasks.values():
         task.cancel()
     await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+def test_tenant_weights_come_from_the_settings_and_must_be_positive():
+    settings = from_env(SchedulerSettings, "scheduler", {"LLMOS_SCHEDULER_TENANT_WEIGHTS": "gold=2,free=0.5"})
+    assert settings.tenant_weights == {"gold": 2.0, "free": 0.5}
+    Scheduler(FakeRegistry(), tenant_weights=settings.tenant_weights)
+    with pytest.raises(ValueError, match="free=0"):
+        Scheduler(FakeRegistry(), tenant_weights={"gold": 2.0, "free": 0.0})
 
 
 async def test_aging_serves_a_low_band_that_waited_long_enough():
