@@ -12,7 +12,7 @@ from llmos.common.telemetry import make_tracer_provider
 
 from .alerts import AlertRules, AlertSettings
 from .cluster import ClusterGauges, ClusterWatch, probe_loop
-from .health import HealthMonitor
+from .health import MONITOR, HealthMonitor
 from .servicer import GenerateProbe, GrpcProbe, RegistryEvents, register
 
 
@@ -60,19 +60,17 @@ async def build(settings: MonitorSettings, provider: TracerProvider | None = Non
     channels = Channels(provider)
     probe = GrpcProbe(channels, settings.check_timeout_seconds, settings.registry_address,
                       settings.scheduler_address, settings.resources_address)
-    service_metrics = settings.metrics_targets
-    for name, address in service_metrics.items():
+    for name, address in settings.metrics_targets.items():
         if ":" not in address:
             raise ValueError(f"metrics target {name}={address!r} must be name=host:port")
     monitor = HealthMonitor(probe, {
         "gateway": settings.gateway_address, "scheduler": settings.scheduler_address,
         "registry": settings.registry_address, "resources": settings.resources_address},
-        settings.stall_seconds)
-    monitor.set_metrics_addresses(service_metrics)
+        settings.stall_seconds, metrics=settings.metrics_targets)
     rules = AlertRules(AlertSettings(queue_depth=settings.queue_alert_depth, kv_ratio=settings.kv_alert_ratio,
                                      ttft_slo=settings.ttft_slo_seconds, slo_target=settings.slo_target))
     host = ServiceHost("monitor", settings.listen, provider, settings.metrics_listen)
-    watch = ClusterWatch(monitor, rules, service_metrics, settings.check_interval_seconds,
+    watch = ClusterWatch(monitor, rules, settings.check_interval_seconds,
                          settings.scrape_interval_seconds, settings.scrape_timeout_seconds)
     host.metrics.register(ClusterGauges(watch))
     host.metrics.register(watch.gatherer)
@@ -86,17 +84,14 @@ async def build(settings: MonitorSettings, provider: TracerProvider | None = Non
             await probe_loop(watch, generate, settings.probe_interval_seconds)
 
         background.append(probing)
-    service = Service(host, cleanups=[channels.close])
 
     async def check_itself_too(address: str) -> None:
-        monitor.add_service("monitor", address, service.metrics_address)
-
-    service.background = [check_itself_too, *background]
+        monitor.add_service(MONITOR, address, service.metrics_address)
 
     async def close() -> None:
         watch.gatherer.close()
 
-    service.cleanups.append(close)
+    service = Service(host, background=[check_itself_too, *background], cleanups=[channels.close, close])
     return service
 
 

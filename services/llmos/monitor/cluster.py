@@ -18,7 +18,7 @@ from llmos.common.broadcast import Broadcast
 
 from .alerts import FIRING, Alert, AlertRules, Observations
 from .gather import Gatherer, ttft_counts
-from .health import SERVING, STALLED, ClusterHealth, ComponentHealth, HealthMonitor
+from .health import MONITOR, SERVING, STALLED, ClusterHealth, ComponentHealth, HealthMonitor
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ Event = HealthEvent | AlertEvent | ModelEvent
 
 
 class ClusterWatch:
-    def __init__(self, monitor: HealthMonitor, rules: AlertRules, service_metrics: dict[str, str],
-                 interval: float = 1.0, scrape_interval: float = 5.0, scrape_timeout: float = 0.5) -> None:
+    def __init__(self, monitor: HealthMonitor, rules: AlertRules, interval: float = 1.0,
+                 scrape_interval: float = 5.0, scrape_timeout: float = 0.5) -> None:
         self.monitor = monitor
         self.rules = rules
         self.interval = interval
@@ -72,13 +72,12 @@ class ClusterWatch:
         self.alerts: tuple[Alert, ...] = ()
         self.probe: ProbeResult | None = None
         self._probes: deque[bool] = deque(maxlen=10)
-        self._service_metrics = dict(service_metrics)
         self._lock = asyncio.Lock()
 
     def metrics_targets(self) -> dict[str, str]:
-        """Every component's metrics address: the configured services, and the workers as
-        the registry last listed them. Called from the scrape thread."""
-        targets = dict(self._service_metrics)
+        """Every component's metrics address but the monitor's own: the configured services,
+        and the workers as the registry last listed them. Called from the scrape thread."""
+        targets = {name: address for name, address in self.monitor.metrics_addresses().items() if name != MONITOR}
         health = self.health
         for worker in health.workers if health else ():
             if worker.metrics_address:

@@ -18,6 +18,8 @@ from typing import Protocol
 from llmos.common.domain import QueueDepth
 
 SERVING, NOT_SERVING, UNREACHABLE, STALLED = "serving", "not_serving", "unreachable", "stalled"
+# The monitor's own component name: it checks itself, but does not gather its own metrics.
+MONITOR = "monitor"
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,11 @@ class _Progress:
 
 class HealthMonitor:
     def __init__(self, probe: ProbePort, services: dict[str, str], stall_seconds: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, metrics: dict[str, str] | None = None) -> None:
         self._probe = probe
         self._services = dict(services)
-        self._metrics: dict[str, str] = {}
+        # Service → where it serves its Prometheus metrics (workers report theirs to the registry).
+        self._metrics = dict(metrics or {})
         self.stall_seconds = stall_seconds
         self._clock = clock
         self._progress: dict[str, _Progress] = {}
@@ -112,8 +115,9 @@ class HealthMonitor:
         if metrics_address:
             self._metrics[name] = metrics_address
 
-    def set_metrics_addresses(self, addresses: dict[str, str]) -> None:
-        self._metrics.update(addresses)
+    def metrics_addresses(self) -> dict[str, str]:
+        """Service → its metrics address, as configured (the monitor's own included)."""
+        return dict(self._metrics)
 
     async def cluster_health(self) -> ClusterHealth:
         services = list(self._services.items())
