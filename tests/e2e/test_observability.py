@@ -129,6 +129,7 @@ def test_one_cold_generate_is_one_trace_from_the_gateway_to_each_engine_step(cli
     assert waits[second]["end"] - waits[second]["start"] > workers[first]["end"] - workers[first]["start"] - 0.05
     attributes = waits[second]["attributes"]
     assert attributes["llmos.tenant"] == "default" and attributes["llmos.priority"] == 0
+    assert attributes["llmos.band"] == 0 and attributes["llmos.redispatch"] is False
     assert attributes["llmos.queue.outcome"] == "ADMITTED" and attributes["llmos.queue.reason"] == "NO_FREE_SLOT"
     assert attributes["llmos.queue.position_on_arrival"] >= 1
     route = one(traces[second], name="route", service="llmos-scheduler")

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from llmos.common.domain import QueueDepth
 from llmos.common.metrics import LATENCY_BUCKETS
 
-from .queue import REDISPATCH_BAND, SchedulerEvents, WorkerLoad, _Request
+from .queue import SchedulerEvents, WorkerLoad, _Request
 
 
 def _ns(seconds: float) -> int:
@@ -74,7 +74,7 @@ class SchedulerTelemetry(SchedulerEvents):
         t = request.ticket
         return self._tracer.start_span("queue wait", start_time=start, attributes={
             "gen_ai.request.model": request.model or t.model, "llmos.request.id": t.request_id,
-            "llmos.priority": t.priority, "llmos.band": t.priority + (REDISPATCH_BAND if t.redispatch else 0),
+            "llmos.priority": t.priority, "llmos.band": t.band,
             "llmos.tenant": t.tenant, "llmos.redispatch": t.redispatch,
             "llmos.queue.depth_on_arrival": request.depth_on_arrival,
             "llmos.queue.position_on_arrival": request.depth_on_arrival + 1,

@@ -73,6 +73,11 @@ class Ticket:
     def cost(self) -> int:
         return self.prompt_tokens + (self.max_tokens or DEFAULT_COST_TOKENS)
 
+    @property
+    def band(self) -> int:
+        """Its queue band: its priority, above every client band when re-dispatched."""
+        return self.priority + (REDISPATCH_BAND if self.redispatch else 0)
+
 
 @dataclass(frozen=True)
 class Admission:
@@ -313,7 +318,7 @@ class Scheduler:
                 log.warning("worker %s at %s out of rotation: a stream on it failed",
                             worker.endpoint.worker_id, worker.endpoint.address)
         if tokens is not None:
-            model.queue.charge(request.ticket.tenant, self._band(request.ticket), tokens - request.ticket.cost)
+            model.queue.charge(request.ticket.tenant, request.ticket.band, tokens - request.ticket.cost)
         if not worker_failed:
             model.mean_seconds = 0.9 * model.mean_seconds + 0.1 * (now - request.started)
         self._retire(request, outcome)
@@ -395,10 +400,6 @@ class Scheduler:
             model = self._models[name] = _Model(name, queue)
         return model
 
-    @staticmethod
-    def _band(ticket: Ticket) -> int:
-        return ticket.priority + (REDISPATCH_BAND if ticket.redispatch else 0)
-
     def _capacity(self, worker: _Worker, model: str) -> int:
         return min(worker.capacity.get(model, 0), self.slots_per_worker)
 
@@ -431,7 +432,7 @@ class Scheduler:
         full = self.waiting >= self.max_queue or len(model.queue) >= self.max_queue_per_model
         if full and not t.redispatch:       # a request admitted once already is not new work
             self._make_room(request, model)
-        request.waiting = Waiting(t.request_id, t.tenant, self._band(t), t.cost, request.arrival, deadline)
+        request.waiting = Waiting(t.request_id, t.tenant, t.band, t.cost, request.arrival, deadline)
         request.depth_on_arrival = len(model.queue)
         request.future = asyncio.get_running_loop().create_future()
         request.reason = "NO_FREE_SLOT" if self._in_rotation(model) else "NO_WORKER_IN_ROTATION"
@@ -453,7 +454,7 @@ class Scheduler:
         refused as if it had just arrived); anyone else is refused."""
         t = request.ticket
         total = self.waiting >= self.max_queue
-        victim = model.queue.displace(self._band(t), t.tenant)
+        victim = model.queue.displace(t.band, t.tenant)
         if victim is None:
             reason = "QUEUE_FULL" if total else "MODEL_QUEUE_FULL"
             limit = self.max_queue if total else self.max_queue_per_model
