@@ -11,6 +11,7 @@ from llmos.common.broadcast import Broadcast
 IMPORTING, IMPORTED, LOADING, READY = "importing", "imported", "loading", "ready"
 UNLOADING, UNLOADED, EVICTED, UNAVAILABLE, FAILED, DELETED = (
     "unloading", "unloaded", "evicted", "unavailable", "failed", "deleted")
+KINDS = (IMPORTING, IMPORTED, LOADING, READY, UNLOADING, UNLOADED, EVICTED, UNAVAILABLE, FAILED, DELETED)
 MAX_BEHIND = 1000
 
 

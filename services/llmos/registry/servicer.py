@@ -14,9 +14,7 @@ from . import events
 from .convert import model_to_proto, placement_to_proto
 from .models import ModelRegistry
 
-_KINDS = {kind: getattr(registry_pb2.WatchModelsResponse, f"KIND_{kind.upper()}")
-          for kind in (events.IMPORTING, events.IMPORTED, events.LOADING, events.READY, events.UNLOADING,
-                       events.UNLOADED, events.EVICTED, events.UNAVAILABLE, events.FAILED, events.DELETED)}
+_KINDS = {kind: getattr(registry_pb2.WatchModelsResponse, f"KIND_{kind.upper()}") for kind in events.KINDS}
 
 
 class GrpcWorkers:
@@ -42,7 +40,6 @@ class GrpcWorkers:
             await stub.StopModel(worker_pb2.StopModelRequest(model=model), timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
-
 
     async def activity(self, address: str) -> dict[str, tuple[int, float]]:
         stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
