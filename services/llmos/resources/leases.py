@@ -127,10 +127,8 @@ class LeaseBook:
     def reap(self) -> list[Lease]:
         """Reclaims the leases whose TTL ran out; returns them."""
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM leases WHERE ttl > 0 AND expire_time < ?", (self._clock(),)).fetchall()
-            for row in rows:
-                self._db.execute("DELETE FROM leases WHERE name=?", (row[0],))
+            rows = self._db.execute(f"DELETE FROM leases WHERE ttl > 0 AND expire_time < ? RETURNING {_COLUMNS}",
+                                    (self._clock(),)).fetchall()
             self.reclaimed_total += len(rows)
         return [Lease(*row) for row in rows]
 
