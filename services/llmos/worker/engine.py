@@ -211,7 +211,7 @@ class Engine:
             running = list(self._running)
             waiting = sum(1 for s in self._inbox if not s.cancelled)
         return EngineStats(len(running), waiting, sum(s.cached for s in running),
-                           self.runner.slots * self.runner.max_len, self.tokens_generated, self.runner.slots)
+                           self.runner.kv_positions, self.tokens_generated, self.runner.slots)
 
     def submit(self, seq: Sequence) -> None:
         with self._wake:
@@ -286,7 +286,7 @@ class Engine:
                         self._release(seq)
         else:
             self.events.step(self.name, batch, prefill_tokens, sum(s.cached for s in batch),
-                             self.runner.slots * self.runner.max_len, start_ns, time.time_ns())
+                             self.runner.kv_positions, start_ns, time.time_ns())
         window = self._window
         window[0] += 1
         window[1] += time.perf_counter() - started

@@ -103,6 +103,11 @@ class LlamaRunner:
             w_down=mlp.down_proj.weight)
 
     @property
+    def kv_positions(self) -> int:
+        """Token positions the KV cache holds, over all its slots."""
+        return self.slots * self.max_len
+
+    @property
     def nbytes(self) -> int:
         """Bytes held: weights (shared tensors once) and the KV cache."""
         tensors = {id(t): t for layer in self.layers for t in vars(layer).values() if t is not None}
