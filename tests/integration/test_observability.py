@@ -60,12 +60,14 @@ async def test_the_monitor_gathers_every_components_metrics_and_they_move(stack)
         assert sample_sum(after, name, **model) - sample_sum(before, name, **model) >= grew_by, name
     assert sample_sum(after, "llmos_gateway_requests_total", code="OK") - sample_sum(
         before, "llmos_gateway_requests_total", code="OK") >= 3
-    assert sample_sum(after, "llmos_request_success_total", finished_reason="length") >= 3
+    assert sample_sum(after, "llmos_request_success_total", finished_reason="length", **model) - sample_sum(
+        before, "llmos_request_success_total", finished_reason="length", **model) == 3
 
 
 async def test_running_and_kv_gauges_show_generations_in_flight_and_cancellations(stack):
     request = gateway_pb2.GenerateRequest(model="tiny", prompt="a long one",
                                           sampling=common_pb2.SamplingParams(max_tokens=240, ignore_eos=True))
+    base = await asyncio.to_thread(scrape, stack.metrics["worker"])
     calls = [stack.gateway.Generate(request) for _ in range(12)]
     for call in calls:
         await call.read()
@@ -78,7 +80,6 @@ async def test_running_and_kv_gauges_show_generations_in_flight_and_cancellation
             break
     running, used, usage = seen[-1]
     assert running >= 1 and used > 0 and 0 < usage <= 1, seen
-    cancelled_before = sample_sum(families, "llmos_request_success_total", finished_reason="cancelled")
     for call in calls:
         call.cancel()
     for _ in range(100):
@@ -88,8 +89,12 @@ async def test_running_and_kv_gauges_show_generations_in_flight_and_cancellation
         await asyncio.sleep(0.05)
     assert sample_sum(families, "llmos_num_requests_running") == 0
     assert sample_sum(families, "llmos_kv_cache_tokens_used") == 0
-    cancelled = sample_sum(families, "llmos_request_success_total", finished_reason="cancelled") - cancelled_before
-    assert cancelled >= 1
+    def ended(reason, of):
+        return sample_sum(of, "llmos_request_success_total", finished_reason=reason)
+
+    # Each of the 12 is counted once: cancelled, or done before its cancellation arrived.
+    cancelled = ended("cancelled", families) - ended("cancelled", base)
+    assert cancelled >= 1 and cancelled + ended("length", families) - ended("length", base) == 12
     assert sample_sum(families, "llmos_request_cancel_release_seconds_count") >= cancelled
 
 
