@@ -28,25 +28,25 @@ def scrape(address: str, timeout: float) -> str:
 
 
 class Gatherer(Collector):
-    """Scrapes `targets()` (component → "host:port") when collected, at most once per
-    `max_age` seconds, and yields their families merged by name."""
+    """Scrapes `targets()` (component → "host:port") and yields their families merged by
+    name: afresh on every collection (a Prometheus scrape); the monitor's own rounds reuse a
+    recent scrape (`families(max_age)`)."""
 
-    def __init__(self, targets: Callable[[], dict[str, str]], timeout: float = 2.0, max_age: float = 0.0) -> None:
+    def __init__(self, targets: Callable[[], dict[str, str]], timeout: float = 2.0) -> None:
         self._targets = targets
         self._timeout = timeout
-        self._max_age = max_age
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scrape")
         self._lock = threading.Lock()
         self._at = float("-inf")
         self._families: list[Metric] = []
         self._up: dict[str, bool] = {}
 
-    def families(self, max_age: float | None = None) -> list[Metric]:
+    def families(self, max_age: float = 0.0) -> list[Metric]:
         """The merged families, scraped again when the last scrape began more than `max_age`
         seconds before this call (one that began while this call waited is fresh enough)."""
         called = time.monotonic()
         with self._lock:
-            if self._at < called - (self._max_age if max_age is None else max_age):
+            if self._at < called - max_age:
                 self._at = time.monotonic()
                 self._families, self._up = self._scrape()
             return self._families
