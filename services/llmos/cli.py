@@ -16,9 +16,9 @@ from grpc_status import rpc_status
 from . import bench
 from .bundled import DEFAULT_MODEL
 from .client import Client
-from .common.convert import duration
+from .common.convert import duration, enum_word
 from .suite import DEFAULT_PORTS, Suite, SuiteError
-from .v1 import common_pb2, monitor_pb2, registry_pb2, resources_pb2
+from .v1 import monitor_pb2, registry_pb2, resources_pb2
 
 SAMPLE_QUESTION = "What is the capital of France?"
 
@@ -54,9 +54,8 @@ def stream_answer(client: Client, model: str, text: str, *, raw: bool, max_token
         final = response
     sys.stdout.write("\n")
     if final is not None and final.HasField("usage"):
-        reason = common_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
         print(f"[{final.usage.prompt_tokens} prompt + {final.usage.completion_tokens} generated tokens, "
-              f"finish: {reason}]", file=sys.stderr)
+              f"finish: {enum_word(final, 'finish_reason')}]", file=sys.stderr)
 
 
 def ensure_model(client: Client, name: str) -> None:
@@ -92,9 +91,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             ensure_model(client, args.model)
             health = client.cluster_health()
             print("\nllmos is up:" if health.healthy else "\nllmos is up, but not every part is healthy:")
-            for c in health.components:
-                state = c.State.Name(c.state).removeprefix("STATE_").lower()
-                print(f"  {c.component:<28} {c.address:<22} {state} {c.detail}")
+            _print_components(health)
             print(f"\nlogs: {os.path.join(os.path.abspath(args.data_dir), 'logs')}")
             print(f"metrics: http://{suite.metrics['monitor']}/metrics (every service and worker, gathered "
                   "by the monitor: the one address for Prometheus to scrape)")
@@ -136,12 +133,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _state(value: int) -> str:
-    return common_pb2.Model.State.Name(value).removeprefix("STATE_").lower()
+def _print_components(health) -> None:
+    for c in health.components:
+        print(f"  {c.component:<28} {c.address:<22} {enum_word(c, 'state')} {c.detail}")
 
 
 def _print_model(m) -> None:
-    state = _state(m.state)
+    state = enum_word(m, 'state')
     print(f"{m.name}:{m.tag}  {state}  {m.architecture}  {m.parameter_count / 1e6:.1f}M params  "
           f"{m.dtype}  ctx {m.context_length}  est {_gib(m.estimated_bytes)}  {m.digest[:19]}")
 
@@ -168,7 +166,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 print(f"  memory: estimated {_gib(model.estimated_bytes)}, not loaded yet")
             for p in model.placements:
                 print(f"  on {p.worker_id} ({p.worker_address}): "
-                      f"{_state(p.state)} {p.detail}")
+                      f"{enum_word(p, 'state')} {p.detail}")
         elif args.action == "load":
             request = registry_pb2.LoadModelRequest(name=args.name, replicas=args.replicas)
             if args.keep_alive is not None:
@@ -188,12 +186,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         health = client.cluster_health()
         print("cluster:", "healthy" if health.healthy else "UNHEALTHY")
-        for c in health.components:
-            print(f"  {c.component:<28} {c.address:<22} "
-                  f"{c.State.Name(c.state).removeprefix('STATE_').lower()} {c.detail}")
+        _print_components(health)
         for alert in health.alerts:
-            print(f"  ALERT {alert.name} ({alert.Severity.Name(alert.severity).removeprefix('SEVERITY_').lower()}) "
-                  f"{alert.summary}")
+            print(f"  ALERT {alert.name} ({enum_word(alert, 'severity')}) {alert.summary}")
         if health.HasField("probe"):
             p = health.probe
             print(f"  probe of {p.model}: {'ok' if p.ok else 'FAILED ' + p.detail} in "
@@ -213,7 +208,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for model in client.list_models():
             _print_model(model)
             for p in model.placements:
-                print(f"    on {p.worker_id}: {_state(p.state)} {p.detail}")
+                print(f"    on {p.worker_id}: {enum_word(p, 'state')} {p.detail}")
     return 0
 
 
@@ -225,16 +220,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
             kind = event.WhichOneof("event")
             if kind == "health":
                 c = event.health.health
-                state = c.State.Name(c.state).removeprefix("STATE_").lower()
-                print(f"{when} health  {c.component:<24} {state} {c.detail}", flush=True)
+                print(f"{when} health  {c.component:<24} {enum_word(c, 'state')} {c.detail}", flush=True)
             elif kind == "alert":
                 a = event.alert
-                print(f"{when} alert   {a.name:<24} {a.State.Name(a.state).removeprefix('STATE_').lower()} "
-                      f"{a.summary}", flush=True)
+                print(f"{when} alert   {a.name:<24} {enum_word(a, 'state')} {a.summary}", flush=True)
             elif kind == "model":
                 m = event.model
-                print(f"{when} model   {m.model:<24} {m.Kind.Name(m.kind).removeprefix('KIND_').lower()} "
-                      f"{m.worker_id} {m.reason}", flush=True)
+                print(f"{when} model   {m.model:<24} {enum_word(m, 'kind')} {m.worker_id} {m.reason}", flush=True)
     return 0
 
 

@@ -69,6 +69,8 @@ def test_cli_status_and_models_show_read_the_suite(suite):
     status = llmos("status")
     assert "cluster: healthy" in status and "leases (" in status and "/model/tiny:latest" in status
     assert "tiny:latest  ready" in status
+    for component in ("gateway", "scheduler", "registry", "resources", "monitor", "worker/"):
+        assert re.search(rf"^  {component}\S*\s+\S+\s+serving\b", status, re.M), (component, status)
     # `llmos watch` starts with the current state of every component, then streams changes.
     watch = subprocess.Popen([sys.executable, "-m", "llmos.cli", *flags, "watch"], stdout=subprocess.PIPE,
                              text=True)

@@ -28,6 +28,16 @@ async def test_request_status_follows_a_request_from_running_to_done(stack):
             break
         await asyncio.sleep(0.01)
     assert (done.state, done.reason) == (scheduler_pb2.GetRequestStatusResponse.STATE_DONE, "CANCELLED")
+    # A generation that ran to its token limit is done "LENGTH" (how the gateway reported it).
+    req = request(max_tokens=3, ignore_eos=True)
+    req.request_id = "status-2"
+    [response async for response in stack.gateway.Generate(req)]
+    for _ in range(100):
+        done = await stack.scheduler.GetRequestStatus(scheduler_pb2.GetRequestStatusRequest(request_id="status-2"))
+        if done.state == scheduler_pb2.GetRequestStatusResponse.STATE_DONE:
+            break
+        await asyncio.sleep(0.01)
+    assert (done.state, done.reason) == (scheduler_pb2.GetRequestStatusResponse.STATE_DONE, "LENGTH")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stack.scheduler.GetRequestStatus(scheduler_pb2.GetRequestStatusRequest(request_id="nobody"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -40,6 +40,17 @@ def optional_seconds(message: Any, name: str) -> float | None:
     return seconds(getattr(message, name)) if message.HasField(name) else None
 
 
+def enum_word(message: Any, field: str) -> str:
+    """An enum field's value as a lower-case word, without its enum's prefix: a `state` of
+    STATE_NOT_SERVING is "not_serving", a `finish_reason` of FINISH_REASON_STOP is "stop"."""
+    enum = message.DESCRIPTOR.fields_by_name[field].enum_type
+    value = getattr(message, field)
+    known = enum.values_by_number.get(value)
+    if known is None:                       # from a newer peer
+        return str(value)
+    return known.name.removeprefix(enum.values_by_number[0].name.removesuffix("UNSPECIFIED")).lower()
+
+
 MAX_PROMPT_CHARS = 1 << 20
 MAX_MESSAGES = 512
 MAX_NEW_TOKENS = 8192

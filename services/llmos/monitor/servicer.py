@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.common.channels import Channels
-from llmos.common.convert import duration, queue_depth_from_proto, queue_depth_to_proto, seconds, timestamp
+from llmos.common.convert import duration, enum_word, queue_depth_from_proto, queue_depth_to_proto, seconds, timestamp
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
@@ -112,7 +112,7 @@ class RegistryEvents:
         while True:
             try:
                 async for e in self._stub.WatchModels(registry_pb2.WatchModelsRequest()):
-                    self._watch.model_event(ModelEvent(e.model, _KIND.Name(e.kind).removeprefix("KIND_").lower(),
+                    self._watch.model_event(ModelEvent(e.model, enum_word(e, "kind"),
                                                        e.worker_id, e.reason, seconds(e.time)))
             except grpc.aio.AioRpcError as exc:
                 log.debug("model events from the registry interrupted: %s", exc.code().name)

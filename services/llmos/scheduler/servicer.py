@@ -9,7 +9,7 @@ import grpc
 from opentelemetry import trace
 
 from llmos.common.channels import Channels
-from llmos.common.convert import duration, optional_seconds, queue_depth_to_proto, timestamp
+from llmos.common.convert import duration, enum_word, optional_seconds, queue_depth_to_proto, timestamp
 from llmos.common.errors import InvalidArgument, NotFound
 from llmos.common.status import from_rpc_error
 from llmos.v1 import (
@@ -138,8 +138,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         tokens = None
         if request.HasField("usage"):
             tokens = request.usage.prompt_tokens + request.usage.completion_tokens
-        outcome = ("WORKER_FAILED" if request.worker_failed else
-                   common_pb2.FinishReason.Name(request.finish_reason).removeprefix("FINISH_REASON_"))
+        outcome = "WORKER_FAILED" if request.worker_failed else enum_word(request, "finish_reason").upper()
         if outcome == "UNSPECIFIED":
             outcome = "FAILED"
         self.scheduler.finish(request.request_id, tokens, outcome, request.worker_failed)

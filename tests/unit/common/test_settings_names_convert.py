@@ -2,11 +2,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from llmos.common.convert import Violations, input_from_proto, sampling_from_proto
+from llmos.common.convert import Violations, enum_word, input_from_proto, sampling_from_proto
 from llmos.common.errors import InvalidArgument
 from llmos.common.names import ModelRef, parse_model_ref
 from llmos.common.settings import from_env
-from llmos.v1 import common_pb2, gateway_pb2
+from llmos.v1 import common_pb2, gateway_pb2, monitor_pb2
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,12 @@ def test_model_lease_holders_round_trip_and_other_holders_are_not_theirs():
     assert parse_model_lease_holder(holder) == ("w1", "tiny:latest")
     for other in ("someone/else", "worker/w1/kv", "worker//model/m", "worker/w1/model/", "job/w1/model/m"):
         assert parse_model_lease_holder(other) is None, other
+
+
+def test_enum_words_drop_the_enums_own_prefix():
+    assert enum_word(monitor_pb2.ComponentHealth(state=monitor_pb2.ComponentHealth.STATE_NOT_SERVING),
+                     "state") == "not_serving"
+    assert enum_word(gateway_pb2.GenerateResponse(finish_reason=common_pb2.FINISH_REASON_STOP),
+                     "finish_reason") == "stop"
+    assert enum_word(monitor_pb2.Alert(), "severity") == "unspecified"
+    assert enum_word(monitor_pb2.Alert(severity=99), "severity") == "99"       # a newer peer's value
