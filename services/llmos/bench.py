@@ -17,10 +17,10 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import grpc
-
-from llmos.client import Client
+from llmos.client import Client, local_credentials, open_channel
+from llmos.common.channels import open_aio_channel
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
@@ -87,8 +87,9 @@ def workload(n: int, lo: int, hi: int, fixed: bool, seed: int) -> list[tuple[str
 
 
 async def run_suite(label: str, target: str, address: str, model: str, jobs: list[tuple[str, int]],
-                    concurrency: int) -> Result:
-    channel = grpc.aio.insecure_channel(address)
+                    concurrency: int, credentials: tuple[str | None, Path | None] = (None, None)) -> Result:
+    key, tls_dir = credentials
+    channel = open_aio_channel(address, str(tls_dir) if tls_dir else None, key, public=target == "gateway")
     if target == "gateway":
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
     else:
@@ -182,7 +183,7 @@ def describe(result: Result) -> str:
 
 
 def catalog_entry(args: argparse.Namespace) -> common_pb2.Model:
-    with Client(registry=args.registry) as client:
+    with Client.of_args(args) as client:
         return client.get_model(args.model)
 
 
@@ -194,7 +195,8 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, str, str]:
         raise SystemExit(f"{args.model} is loaded on no worker; run `llmos models load {args.model}` first")
     worker = args.worker or ready[0].worker_address
     name = f"{model.name}:{model.tag}"
-    with grpc.insecure_channel(worker) as channel:
+    key, tls_dir = local_credentials(args.data_dir, args.api_key)
+    with open_channel(worker, tls_dir, key) as channel:
         status = worker_pb2_grpc.WorkerServiceStub(channel).GetWorkerStatus(
             worker_pb2.GetWorkerStatusRequest(), timeout=10)
     dtype = next(m.dtype for m in status.models if m.model == name)
@@ -242,9 +244,10 @@ def main(args: argparse.Namespace) -> int:
     targets = ["worker", "gateway"] if args.target == "both" else [args.target]
     for target in targets:
         address = worker if target == "worker" else args.gateway
-        asyncio.run(run_suite("warm-up", target, address, name, jobs[:2], 2))
+        credentials = local_credentials(args.data_dir, args.api_key)
+        asyncio.run(run_suite("warm-up", target, address, name, jobs[:2], 2, credentials))
         results[target] = asyncio.run(run_suite(f"llmos via {target}", target, address, name, jobs,
-                                                args.concurrency))
+                                                args.concurrency, credentials))
         print(describe(results[target]))
     if args.no_baselines:
         return 0

@@ -18,7 +18,7 @@ from .bundled import DEFAULT_MODEL
 from .client import Client
 from .common.convert import duration, enum_word
 from .suite import DEFAULT_PORTS, Suite, SuiteError
-from .v1 import monitor_pb2, registry_pb2, resources_pb2
+from .v1 import identity_pb2, monitor_pb2, registry_pb2, resources_pb2
 
 SAMPLE_QUESTION = "What is the capital of France?"
 
@@ -39,8 +39,9 @@ def _describe(exc: grpc.RpcError) -> str:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(gateway=args.gateway, registry=args.registry, resources=args.resources,
-                  monitor=args.monitor)
+    """A client with the key given (--api-key / LLMOS_API_KEY), else the local admin key that
+    `llmos up` keeps in the data directory, and the CLI's certificate from there."""
+    return Client.of_args(args)
 
 
 def stream_answer(client: Client, model: str, text: str, *, raw: bool, max_tokens: int,
@@ -87,7 +88,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         print(f"starting llmos (data in {os.path.abspath(args.data_dir)})...")
         addresses = suite.start()
-        with Client.of_suite(addresses) as client:
+        with suite.client() as client:
             ensure_model(client, args.model)
             health = client.cluster_health()
             print("\nllmos is up:" if health.healthy else "\nllmos is up, but not every part is healthy:")
@@ -212,6 +213,103 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_tenant(t) -> None:
+    q = t.quota
+    limits = ", ".join(f"{label} {value}" for label, value in (
+        ("concurrent", q.max_concurrent_requests), ("req/min", q.requests_per_minute),
+        ("tokens/min", q.tokens_per_minute)) if value) or "no limits"
+    print(f"{t.name:<24} weight {t.weight:g}  priority ceiling {t.priority_ceiling}  {limits}")
+
+
+def _print_key(k) -> None:
+    expires = k.expire_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC") if k.HasField("expire_time") else "never"
+    print(f"{k.key_id}  {k.tenant:<20} {enum_word(k, 'role'):<6} {enum_word(k, 'state'):<8} "
+          f"expires {expires}  {k.label}")
+
+
+def _tenant_message(args: argparse.Namespace) -> tuple[identity_pb2.Tenant, list[str]]:
+    """The tenant the flags describe, and which fields they set."""
+    tenant, paths = identity_pb2.Tenant(name=args.name), []
+    if args.weight is not None:
+        tenant.weight, paths = args.weight, [*paths, "weight"]
+    if args.priority_ceiling is not None:
+        tenant.priority_ceiling, paths = args.priority_ceiling, [*paths, "priority_ceiling"]
+    quota = {"max_concurrent_requests": args.max_concurrent, "requests_per_minute": args.rpm,
+             "tokens_per_minute": args.tpm}
+    if any(v is not None for v in quota.values()):
+        paths.append("quota")
+    for name, value in quota.items():
+        setattr(tenant.quota, name, value or 0)
+    return tenant, paths
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        stub = client.identity
+        if args.action == "create":
+            tenant, _ = _tenant_message(args)
+            _print_tenant(stub.CreateTenant(identity_pb2.CreateTenantRequest(tenant=tenant), timeout=10).tenant)
+        elif args.action == "update":
+            tenant, paths = _tenant_message(args)
+            if "quota" in paths:   # a quota flag changes that limit only
+                current = stub.GetTenant(identity_pb2.GetTenantRequest(name=args.name), timeout=10).tenant.quota
+                for flag, name in (("max_concurrent", "max_concurrent_requests"), ("rpm", "requests_per_minute"),
+                                   ("tpm", "tokens_per_minute")):
+                    if getattr(args, flag) is None:
+                        setattr(tenant.quota, name, getattr(current, name))
+            request = identity_pb2.UpdateTenantRequest(tenant=tenant)
+            request.update_mask.paths.extend(paths)
+            _print_tenant(stub.UpdateTenant(request, timeout=10).tenant)
+        elif args.action == "show":
+            _print_tenant(stub.GetTenant(identity_pb2.GetTenantRequest(name=args.name), timeout=10).tenant)
+        elif args.action == "list":
+            token = ""
+            while True:
+                page = stub.ListTenants(identity_pb2.ListTenantsRequest(page_token=token), timeout=10)
+                for t in page.tenants:
+                    _print_tenant(t)
+                token = page.next_page_token
+                if not token:
+                    break
+        elif args.action == "rm":
+            stub.DeleteTenant(identity_pb2.DeleteTenantRequest(name=args.name), timeout=10)
+            print(f"removed {args.name}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        stub = client.identity
+        if args.action == "create":
+            request = identity_pb2.CreateApiKeyRequest(
+                tenant=args.tenant, label=args.label,
+                role=identity_pb2.ROLE_ADMIN if args.role == "admin" else identity_pb2.ROLE_USER)
+            if args.expires_in is not None:
+                request.expire_time.FromNanoseconds(int((time.time() + args.expires_in) * 1e9))
+            response = stub.CreateApiKey(request, timeout=10)
+            _print_key(response.api_key)
+            print(f"key (shown once, keep it): {response.secret}")
+        elif args.action == "list":
+            token = ""
+            while True:
+                page = stub.ListApiKeys(identity_pb2.ListApiKeysRequest(tenant=args.tenant, page_token=token),
+                                        timeout=10)
+                for k in page.api_keys:
+                    _print_key(k)
+                token = page.next_page_token
+                if not token:
+                    break
+        elif args.action == "revoke":
+            _print_key(stub.RevokeApiKey(identity_pb2.RevokeApiKeyRequest(key_id=args.key_id), timeout=10).api_key)
+        elif args.action == "rotate":
+            response = stub.RotateApiKey(identity_pb2.RotateApiKeyRequest(
+                key_id=args.key_id, grace_period=duration(args.grace)), timeout=10)
+            _print_key(response.previous)
+            _print_key(response.api_key)
+            print(f"new key (shown once, keep it): {response.secret}")
+    return 0
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     """Prints cluster events as they happen, until Ctrl-C."""
     with _client(args) as client:
@@ -237,10 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--registry", default=env("LLMOS_REGISTRY", f"127.0.0.1:{DEFAULT_PORTS['registry']}"))
     parser.add_argument("--resources", default=env("LLMOS_RESOURCES", f"127.0.0.1:{DEFAULT_PORTS['resources']}"))
     parser.add_argument("--monitor", default=env("LLMOS_MONITOR", f"127.0.0.1:{DEFAULT_PORTS['monitor']}"))
+    parser.add_argument("--data-dir", default=env("LLMOS_DATA_DIR", ".llmos"),
+                        help="the suite's data directory: its local admin key and the CLI's certificate")
+    parser.add_argument("--api-key", default=env("LLMOS_API_KEY", ""),
+                        help="the API key to present (default: the local admin key of --data-dir)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start the whole suite locally and stream a sample answer")
-    up.add_argument("--data-dir", default=".llmos")
+    up.add_argument("--data-dir", default=argparse.SUPPRESS, help="where the suite keeps its state")
     up.add_argument("--model", default=DEFAULT_MODEL)
     up.add_argument("--no-sample", action="store_true", help="do not stream the sample answer")
     up.add_argument("--metrics-port", type=int, default=9464,
@@ -280,6 +382,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show health, nodes, devices and models")
     status.set_defaults(func=cmd_status)
+
+    tenants = sub.add_parser("tenants", help="manage tenants: fair-share weight, priority ceiling, quotas")
+    tsub = tenants.add_subparsers(dest="action", required=True)
+    for action, text in (("create", "create a tenant"), ("update", "change a tenant (only the flags given)")):
+        t = tsub.add_parser(action, help=text)
+        t.add_argument("name")
+        t.add_argument("--weight", type=float, default=None, help="fair-share weight (default 1)")
+        t.add_argument("--priority-ceiling", type=int, default=None, help="highest priority, -10..10 (default 10)")
+        t.add_argument("--max-concurrent", type=int, default=None, help="requests in flight at once (0: no limit)")
+        t.add_argument("--rpm", type=int, default=None, help="requests per minute (0: no limit)")
+        t.add_argument("--tpm", type=int, default=None, help="tokens (prompt + completion) per minute (0: no limit)")
+    tsub.add_parser("show", help="show a tenant").add_argument("name")
+    tsub.add_parser("list", help="list tenants")
+    tsub.add_parser("rm", help="remove a tenant (revoke its keys first)").add_argument("name")
+    tenants.set_defaults(func=cmd_tenants)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    ksub = keys.add_subparsers(dest="action", required=True)
+    kc = ksub.add_parser("create", help="create a key (printed once)")
+    kc.add_argument("--tenant", default="default")
+    kc.add_argument("--role", choices=("user", "admin"), default="user")
+    kc.add_argument("--label", default="")
+    kc.add_argument("--expires-in", type=float, default=None, help="seconds until it stops working")
+    ksub.add_parser("list", help="list keys (never their secrets)").add_argument("--tenant", default="")
+    ksub.add_parser("revoke", help="revoke a key now").add_argument("key_id")
+    kr = ksub.add_parser("rotate", help="replace a key; the old one works for --grace seconds")
+    kr.add_argument("key_id")
+    kr.add_argument("--grace", type=float, default=0.0)
+    keys.set_defaults(func=cmd_keys)
 
     watch = sub.add_parser("watch", help="print health changes, model events and alerts as they happen")
     watch.add_argument("--changes-only", action="store_true", help="skip the current state at the start")

@@ -1,15 +1,25 @@
-"""A small synchronous client for the llmos suite, used by the CLI and the tests."""
+"""A small synchronous client for the llmos suite, used by the CLI and the tests.
+
+It presents an API key (`authorization: Bearer`) on every call, and reaches the internal
+services (registry, resources, monitor) over mTLS with the CLI's certificate; the gateway's
+public port on loopback is plaintext.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 
+from llmos.common import tls
+from llmos.common.bootstrap import CLI, SuiteIdentity
+from llmos.common.security import is_loopback
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
+    identity_pb2_grpc,
     monitor_pb2,
     monitor_pb2_grpc,
     registry_pb2,
@@ -19,20 +29,79 @@ from llmos.v1 import (
 )
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call."""
+
+    def __init__(self, key: str) -> None:
+        self._metadata = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details):
+        metadata = [*(details.metadata or ()), self._metadata]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
+            details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
+def open_channel(address: str, tls_dir: str | Path | None = None, api_key: str | None = None,
+                 public: bool = False) -> grpc.Channel:
+    """A channel to one service: mTLS with the certificate in `tls_dir` (a public port on
+    loopback is plaintext), every call carrying `api_key`."""
+    if tls_dir and not (public and is_loopback(address)):
+        files = tls.TlsFiles.read(tls_dir)
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(files.ca, files.key, files.cert))
+    else:
+        channel = grpc.insecure_channel(address)
+    return grpc.intercept_channel(channel, _Bearer(api_key)) if api_key else channel
+
+
+def local_credentials(data_dir: str | Path, api_key: str = "") -> tuple[str | None, Path | None]:
+    """(the key given, else the local admin key `llmos up` keeps in `data_dir`; the CLI's
+    certificate directory there), each None where there is none."""
+    identity = SuiteIdentity(Path(data_dir).resolve())
+    if not api_key and identity.admin_key_file.exists():
+        api_key = identity.admin_key()
+    tls_dir = identity.tls_dir(CLI)
+    return api_key or None, tls_dir if tls_dir.exists() else None
+
+
 class Client:
     def __init__(self, gateway: str = "127.0.0.1:50051", registry: str = "127.0.0.1:50053",
-                 resources: str = "127.0.0.1:50054", monitor: str = "127.0.0.1:50056") -> None:
-        self._channels = [grpc.insecure_channel(a) for a in (gateway, registry, resources, monitor)]
+                 resources: str = "127.0.0.1:50054", monitor: str = "127.0.0.1:50056", *,
+                 api_key: str | None = None, tls_dir: str | Path | None = None) -> None:
+        self._channels = [open_channel(a, tls_dir, api_key, public=a == gateway)
+                          for a in (gateway, registry, resources, monitor)]
         self.gateway = gateway_pb2_grpc.GatewayServiceStub(self._channels[0])
+        self.identity = identity_pb2_grpc.IdentityServiceStub(self._channels[0])
         self.registry = registry_pb2_grpc.RegistryServiceStub(self._channels[1])
         self.resources = resources_pb2_grpc.ResourceServiceStub(self._channels[2])
         self.monitor = monitor_pb2_grpc.MonitorServiceStub(self._channels[3])
 
     @classmethod
-    def of_suite(cls, addresses: dict[str, str]) -> Client:
-        """A client for a suite started by `llmos.suite.Suite` (its `addresses`)."""
+    def of_args(cls, args) -> Client:
+        """A client as the `llmos` command's flags say (addresses, --api-key, --data-dir)."""
+        key, tls_dir = local_credentials(args.data_dir, args.api_key)
+        return cls(gateway=args.gateway, registry=args.registry, resources=getattr(args, "resources", args.registry),
+                   monitor=getattr(args, "monitor", args.registry), api_key=key, tls_dir=tls_dir)
+
+    @classmethod
+    def of_suite(cls, addresses: dict[str, str], identity: SuiteIdentity, api_key: str | None = None) -> Client:
+        """A client for a suite started by `llmos.suite.Suite` (its `addresses` and identity), with
+        the CLI's certificate and the local admin key unless another is given."""
         return cls(gateway=addresses["gateway"], registry=addresses["registry"],
-                   resources=addresses["resources"], monitor=addresses["monitor"])
+                   resources=addresses["resources"], monitor=addresses["monitor"],
+                   api_key=api_key or identity.admin_key(), tls_dir=identity.tls_dir(CLI))
 
     def close(self) -> None:
         for channel in self._channels:

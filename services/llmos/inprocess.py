@@ -15,6 +15,8 @@ from pathlib import Path
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from .common.bootstrap import CLI, SuiteIdentity, prepare
+from .common.channels import open_aio_channel
 from .common.server import Service
 from .suite import NEEDS, SERVICES
 from .v1 import registry_pb2, registry_pb2_grpc
@@ -48,6 +50,14 @@ class InProcessSuite:
     addresses: dict[str, str] = field(default_factory=dict)
     # Where each serves its Prometheus metrics.
     metrics: dict[str, str] = field(default_factory=dict)
+    identity: SuiteIdentity | None = None
+
+    def channel(self, name: str, api_key: str | None = None, tls_as: str = CLI) -> grpc.aio.Channel:
+        """A channel to service `name` with the certificate of `tls_as` (the CLI's by default, or a
+        service's) and `api_key` (default: the local admin key; "" sends none)."""
+        key = self.identity.admin_key() if api_key is None else api_key
+        return open_aio_channel(self.addresses[name], str(self.identity.tls_dir(tls_as)), key or None,
+                                public=name == "gateway")
 
     async def stop(self, grace: float = 1.0) -> None:
         for name in reversed(list(self.services)):
@@ -60,6 +70,7 @@ async def start_in_process(data_dir: str | Path, overrides: dict[str, dict] | No
     """Starts `services` in dependency order (a tracer provider shared by all, or one each)
     and returns once the worker has registered with the registry."""
     suite, builders = InProcessSuite(), _builders()
+    suite.identity = prepare(data_dir, [(name, name) for name in services])
     try:
         for name in services:
             settings_type, build = builders[name]
@@ -67,6 +78,7 @@ async def start_in_process(data_dir: str | Path, overrides: dict[str, dict] | No
             values: dict[str, object] = {"listen": LISTEN, "metrics_listen": LISTEN}
             if "data_dir" in fields:
                 values["data_dir"] = str(data_dir)
+            values |= {k: v for k, v in suite.identity.settings(name, name).items() if k in fields}
             values |= {f"{other}_address": suite.addresses[other] for other in NEEDS[name]
                        if other in suite.addresses}
             if name == "monitor":
@@ -78,16 +90,16 @@ async def start_in_process(data_dir: str | Path, overrides: dict[str, dict] | No
             suite.addresses[name] = await service.start()
             suite.metrics[name] = service.metrics_address
         if "worker" in suite.services and "registry" in suite.services:
-            await _registered(suite.addresses["registry"])
+            await _registered(suite.channel("registry"))
     except BaseException:
         await suite.stop()
         raise
     return suite
 
 
-async def _registered(registry_address: str, timeout: float = 10.0) -> None:
+async def _registered(channel: grpc.aio.Channel, timeout: float = 10.0) -> None:
     """Waits until the registry lists a worker (workers announce themselves once serving)."""
-    async with grpc.aio.insecure_channel(registry_address) as channel:
+    async with channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         for _ in range(int(timeout / 0.05)):
             if (await stub.ListWorkers(registry_pb2.ListWorkersRequest(), timeout=timeout)).workers:

@@ -21,6 +21,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmos.common import tls
+from llmos.common.bootstrap import CLI, SuiteIdentity, prepare
 from llmos.common.server import PARENT_PID_ENV, read_address_file
 
 SERVICES = ("resources", "registry", "worker", "scheduler", "gateway", "monitor")
@@ -41,9 +43,13 @@ class SuiteError(RuntimeError):
     pass
 
 
-def wait_healthy(address: str, timeout: float) -> None:
+def wait_healthy(address: str, timeout: float, tls_dir: Path | None = None) -> None:
+    """Waits until `address` answers SERVING (over mTLS with the certificate in `tls_dir`)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    files = tls.TlsFiles.read(tls_dir) if tls_dir else None
+    channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(files.ca, files.key, files.cert))
+               if files else grpc.insecure_channel(address))
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -85,6 +91,8 @@ class Suite:
     # Where each process serves its Prometheus metrics ("host:port").
     metrics: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # Its CA, certificates and keys (made at start).
+    identity: SuiteIdentity | None = None
 
     @property
     def names(self) -> list[str]:
@@ -99,6 +107,7 @@ class Suite:
         self.data_dir = Path(self.data_dir).resolve()
         for sub in ("run", "logs"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.identity = prepare(self.data_dir, [(name, name.split("-")[0]) for name in self.names])
         try:
             for name in self.names:
                 self._start_one(name, timeout)
@@ -131,6 +140,8 @@ class Suite:
             env[prefix + "WORKER_ID"] = name if name != service else "worker-1"
         for other in NEEDS[service]:
             env[f"{prefix}{other.upper()}_ADDRESS"] = self.addresses[other]
+        for key, value in self.identity.settings(service, name).items():
+            env.setdefault(prefix + key.upper(), value)
         if metrics_port is None:
             metrics_port = self.metrics_port if service == "monitor" else 0
         env[prefix + "METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
@@ -150,7 +161,8 @@ class Suite:
                 raise SuiteError(f"{name} did not start in {timeout:.0f}s")
             time.sleep(0.05)
         self.addresses[name], self.metrics[name] = read_address_file(address_file)
-        wait_healthy(self.addresses[name], max(1.0, deadline - time.monotonic()))
+        wait_healthy(self.addresses[name], max(1.0, deadline - time.monotonic()),
+                     None if service == "gateway" else self.identity.tls_dir(CLI))
 
     def stop(self, grace: float = 15.0) -> dict[str, int]:
         """Stops the services front to back (gateway before workers, so streams drain):
@@ -158,6 +170,12 @@ class Suite:
         codes = {name: _terminate(process, grace) for name, process in reversed(list(self.processes.items()))}
         self.processes.clear()
         return codes
+
+    def client(self, api_key: str | None = None):
+        """A client of this suite: the CLI's certificate, and the local admin key unless another is given."""
+        from llmos.client import Client
+
+        return Client.of_suite(self.addresses, self.identity, api_key)
 
     def log_tail(self, service: str, lines: int = 40) -> str:
         path = self.data_dir / "logs" / f"{service}.log"

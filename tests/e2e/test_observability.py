@@ -26,7 +26,7 @@ import grpc
 import pytest
 import yaml
 
-from llmos.client import Client
+from llmos.client import open_channel
 from llmos.suite import SERVICES, Suite
 from llmos.v1 import monitor_pb2, monitor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from tests.support.metrics import scrape
@@ -56,7 +56,7 @@ def suite(tmp_path_factory, trace_receiver, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def client(suite, tiny_model_dir):
-    with Client.of_suite(suite.addresses) as client:
+    with suite.client() as client:
         client.import_model("tiny", str(tiny_model_dir))     # imported, not loaded: the first request loads it
         yield client
 
@@ -287,7 +287,8 @@ def test_the_compose_file_is_valid():
 
 def test_a_frozen_worker_is_unhealthy_within_10s_and_an_alert_is_watched(suite, client, prometheus):
     events: list = []
-    channel = grpc.insecure_channel(suite.addresses["monitor"])
+    identity = suite.identity
+    channel = open_channel(suite.addresses["monitor"], identity.tls_dir("cli"), identity.admin_key())
     watch = monitor_pb2_grpc.MonitorServiceStub(channel).Watch(monitor_pb2.WatchRequest())
 
     def collect():
@@ -298,7 +299,7 @@ def test_a_frozen_worker_is_unhealthy_within_10s_and_an_alert_is_watched(suite, 
             pass
 
     threading.Thread(target=collect, daemon=True).start()
-    scheduler_channel = grpc.insecure_channel(suite.addresses["scheduler"])
+    scheduler_channel = open_channel(suite.addresses["scheduler"], identity.tls_dir("cli"), identity.admin_key())
     scheduler = scheduler_pb2_grpc.SchedulerServiceStub(scheduler_channel)
 
     def stream(i):

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from llmos.client import Client
 from llmos.suite import SERVICES, Suite
 from llmos.v1 import common_pb2, resources_pb2
 from tests.support.metrics import sample_sum, scrape
@@ -31,8 +30,7 @@ def suite(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def client(suite, tiny_model_dir):
-    a = suite.addresses
-    with Client.of_suite(a) as client:
+    with suite.client() as client:
         client.import_model("tiny", str(tiny_model_dir))
         client.load_model("tiny")
         yield client
@@ -92,8 +90,7 @@ def test_a_model_on_a_killed_worker_is_loaded_again_on_the_other(tmp_path, tiny_
     })
     suite.start(timeout=120)
     try:
-        a = suite.addresses
-        with Client.of_suite(a) as client:
+        with suite.client() as client:
             client.import_model("tiny", str(tiny_model_dir))
             first = client.load_model("tiny").placement.worker_id
             name = "worker" if first == "worker-1" else first

@@ -19,12 +19,13 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from llmos.client import Client
+from llmos.common.channels import open_aio_channel
 from llmos.suite import SERVICES, Suite
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
+    identity_pb2,
     monitor_pb2,
     monitor_pb2_grpc,
     registry_pb2,
@@ -47,7 +48,7 @@ def suite(tmp_path_factory, tiny_model_dir):
     })
     suite.start(timeout=120)
     try:
-        with Client.of_suite(suite.addresses) as client:
+        with suite.client() as client:
             client.import_model("tiny", str(tiny_model_dir))
             client.registry.LoadModel(registry_pb2.LoadModelRequest(name="tiny", replicas=2), timeout=120)
         yield suite
@@ -83,10 +84,25 @@ def reason_of(exc: grpc.aio.AioRpcError) -> str:
     return ""
 
 
+def user_key(suite: Suite, tenant: str) -> str:
+    """A new user key of `tenant`, made through the admin API (the tenant too, if it is new)."""
+    with suite.client() as client:
+        try:
+            client.identity.CreateTenant(identity_pb2.CreateTenantRequest(tenant=identity_pb2.Tenant(name=tenant)))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+        return client.identity.CreateApiKey(identity_pb2.CreateApiKeyRequest(
+            tenant=tenant, role=identity_pb2.ROLE_USER), timeout=10).secret
+
+
 class Driver:
     def __init__(self, suite: Suite) -> None:
-        self.channel = grpc.aio.insecure_channel(suite.addresses["gateway"])
-        self.scheduler_channel = grpc.aio.insecure_channel(suite.addresses["scheduler"])
+        identity = suite.identity
+        self.keys = {tenant: user_key(suite, tenant) for tenant in ("default", "a", "b")}
+        self.channel = open_aio_channel(suite.addresses["gateway"], public=True)
+        self.scheduler_channel = open_aio_channel(suite.addresses["scheduler"], str(identity.tls_dir("cli")),
+                                                  identity.admin_key())
         self.gateway = gateway_pb2_grpc.GatewayServiceStub(self.channel)
         self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self.scheduler_channel)
         self.calls: list[grpc.aio.UnaryStreamCall] = []
@@ -104,7 +120,8 @@ class Driver:
             request_id=f"{prefix}-{self.count}",
             sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         outcome = Outcome(request.request_id, time.perf_counter())
-        call = self.gateway.Generate(request, timeout=timeout, metadata=(("x-llmos-tenant", tenant),))
+        call = self.gateway.Generate(request, timeout=timeout,
+                                     metadata=(("authorization", f"Bearer {self.keys[tenant]}"),))
         self.calls.append(call)
         try:
             async for response in call:
@@ -154,7 +171,8 @@ async def test_40_requests_against_16_slots_and_a_queue_of_8(suite):
                 break
             await asyncio.sleep(0.01)
         stats = await driver.stats()
-        async with grpc.aio.insecure_channel(suite.addresses["monitor"]) as channel:
+        async with open_aio_channel(suite.addresses["monitor"], str(suite.identity.tls_dir("cli")),
+                                    suite.identity.admin_key()) as channel:
             health = await monitor_pb2_grpc.MonitorServiceStub(channel).GetClusterHealth(
                 monitor_pb2.GetClusterHealthRequest(), timeout=10)
         one_more = [await driver.run(200) for _ in range(5)]      # a full queue, outside the burst

@@ -75,6 +75,13 @@ def test_llmos_up_streams_an_answer_and_stops_everything(e2e_data_dir, stop_sign
         assert families["llmos_kv_cache_usage_perc"].type == "gauge"
         assert sample_sum(families, "llmos_generation_tokens_total") >= 5
         assert any(s.labels["component"].startswith("worker/") for s in families["llmos_num_requests_running"].samples)
+        # `llmos generate` needs no key typed: the CLI reads the local admin key `llmos up` made (0600).
+        key_file = e2e_data_dir / "keys" / "admin.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        answer = subprocess.run([sys.executable, "-m", "llmos.cli", "--gateway", f"127.0.0.1:{base}", "--data-dir",
+                                 str(e2e_data_dir), "generate", "--max-tokens", "12", "What is the capital of France?"],
+                                capture_output=True, text=True, timeout=120)
+        assert answer.returncode == 0 and "Paris" in answer.stdout, answer.stdout + answer.stderr
         children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) >= 6
         process.send_signal(stop_signal)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
 
+from llmos.common.channels import open_aio_channel
 from llmos.monitor.__main__ import MonitorSettings
 from llmos.monitor.__main__ import build as build_monitor
 from llmos.v1 import common_pb2, gateway_pb2, monitor_pb2, monitor_pb2_grpc, registry_pb2
@@ -120,10 +120,12 @@ async def test_cluster_health_carries_the_synthetic_probe(stack):
     a = stack.addresses
     monitor = await build_monitor(MonitorSettings(
         listen="127.0.0.1:0", metrics_listen="", gateway_address=a["gateway"], scheduler_address=a["scheduler"],
-        registry_address=a["registry"], resources_address=a["resources"], probe_interval_seconds=0.2))
+        registry_address=a["registry"], resources_address=a["resources"], probe_interval_seconds=0.2,
+        **stack.suite.identity.settings("monitor", "monitor")))
     address = await monitor.start()
+    identity = stack.suite.identity
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_aio_channel(address, str(identity.tls_dir("cli")), identity.admin_key()) as channel:
             stub = monitor_pb2_grpc.MonitorServiceStub(channel)
             for _ in range(100):
                 health = await stub.GetClusterHealth(monitor_pb2.GetClusterHealthRequest())

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 async def test_request_status_follows_a_request_from_running_to_done(stack):
     req = request(max_tokens=200, ignore_eos=True)
     req.request_id = "status-1"
-    call = stack.gateway.Generate(req, metadata=(("x-llmos-tenant", "acme"),))
+    # The tenant is the key's: a header naming another is ignored.
+    acme = stack.gateway_as(await stack.user_key("acme"))
+    call = acme.Generate(req, metadata=(("x-llmos-tenant", "other"),))
     await call.read()
     running = await stack.scheduler.GetRequestStatus(scheduler_pb2.GetRequestStatusRequest(request_id="status-1"))
     assert running.state == scheduler_pb2.GetRequestStatusResponse.STATE_RUNNING

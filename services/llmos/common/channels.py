@@ -1,10 +1,12 @@
-"""Client channels to other llmos services, traced, one per address."""
+"""Client channels to other llmos services: traced, over mTLS with this service's
+certificate when it has one, one per address."""
 
 from __future__ import annotations
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from .security import Security
 from .server import MAX_MESSAGE_BYTES
 from .telemetry import client_interceptors
 
@@ -12,15 +14,18 @@ from .telemetry import client_interceptors
 class Channels:
     """A cache of traced `grpc.aio` channels keyed by address."""
 
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(self, provider: TracerProvider, security: Security | None = None,
+                 public: tuple[str, ...] = ()) -> None:
         self._provider = provider
+        self._security = security or Security("client")
+        self._public = set(public)      # gateway addresses: their public port
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(
-                address, interceptors=client_interceptors(self._provider),
+            channel = self._security.channel(
+                address, address in self._public, interceptors=client_interceptors(self._provider),
                 options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
             self._channels[address] = channel
@@ -30,3 +35,38 @@ class Channels:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
+
+
+class _Bearer:
+    """Adds `authorization: Bearer <key>` to every call of a `grpc.aio` channel."""
+
+    def __init__(self, key: str) -> None:
+        self._entry = ("authorization", f"Bearer {key}")
+
+    def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(d.metadata or ()), self._entry)
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
+
+
+class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    """(grpc.aio files each interceptor under one kind of call only.)"""
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+def bearer_interceptors(key: str) -> list:
+    return [_BearerUnary(key), _BearerStream(key)]
+
+
+def open_aio_channel(address: str, tls_dir: str | None = None, api_key: str | None = None,
+                     public: bool = False) -> grpc.aio.Channel:
+    """A channel as a client outside the suite opens one: mTLS with the certificate in `tls_dir`
+    (plaintext to a public port on loopback), every call carrying `api_key`."""
+    security = Security("client", tls_dir or "")
+    return security.channel(address, public, interceptors=bearer_interceptors(api_key) if api_key else None)

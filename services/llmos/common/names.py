@@ -30,7 +30,7 @@ def parse_model_ref(value: str, field: str = "model") -> ModelRef:
 
 
 def check_name(name: str, field: str = "name") -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument.field(
             field, f"model name {name[:140]!r} must be 1-128 of a-z, 0-9, '.', '_', '-', "
                    "starting with a letter or digit", reason="INVALID_MODEL_NAME")
@@ -38,7 +38,7 @@ def check_name(name: str, field: str = "name") -> str:
 
 
 def check_tag(tag: str, field: str = "tag") -> str:
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise InvalidArgument.field(
             field, f"tag {tag[:80]!r} must be 1-64 of A-Z, a-z, 0-9, '.', '_', '-'",
             reason="INVALID_MODEL_TAG")

@@ -24,7 +24,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
+from .auth import AuthInterceptor
 from .metrics import MetricsEndpoint, new_registry
+from .security import Security
 from .settings import from_env
 from .status import ErrorInterceptor
 from .telemetry import server_interceptor, setup_logging
@@ -47,17 +49,23 @@ def die_with_parent(environ: dict[str, str] | None = None) -> None:
 
 
 class ServiceHost:
-    """One gRPC server with health, reflection and the shared interceptors."""
+    """One gRPC server with health, reflection and the shared interceptors: tracing, errors
+    made statuses, and the authorization of every call (`security`; without one, nothing but
+    health and reflection is allowed). A `public` host asks its clients for no certificate."""
 
-    def __init__(self, name: str, listen: str, provider: TracerProvider, metrics_listen: str = "") -> None:
+    def __init__(self, name: str, listen: str, provider: TracerProvider, metrics_listen: str = "",
+                 security: Security | None = None, public: bool = False) -> None:
         self.name = name
         self.listen = listen
         self.provider = provider
+        self.security = security or Security(name)
+        self.public = public
         # This service's Prometheus metrics, served at `metrics_listen` once started ("" serves none).
         self.metrics = new_registry()
         self.metrics_listen = metrics_listen
         self.server = grpc.aio.server(
-            interceptors=[server_interceptor(provider), ErrorInterceptor()],
+            interceptors=[server_interceptor(provider), ErrorInterceptor(),
+                          AuthInterceptor(self.security.guard)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                      # A port in use is an error, not a port shared with a stale server.
@@ -77,7 +85,7 @@ class ServiceHost:
             [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         host = self.listen.rsplit(":", 1)[0]
         try:
-            port = self.server.add_insecure_port(self.listen)
+            port = self.security.bind(self.server, self.listen, self.public)
         except RuntimeError:
             port = 0
         if port == 0:
@@ -148,6 +156,7 @@ class Service:
                 log.exception("cleanup failed while stopping %s", self.host.name)
         if self._metrics is not None:
             self._metrics.stop()
+        self.host.security.close()
         self.host.provider.shutdown()
         log.info("%s stopped", self.host.name)
 

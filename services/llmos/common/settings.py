@@ -59,3 +59,24 @@ def from_env(cls: type[T], service: str, environ: Mapping[str, str] | None = Non
             values[field.name] = _parse(key, env[key], hints[field.name])
     values.update(overrides)
     return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceSettings:
+    """What every service's settings have; each service's own class adds its listen address
+    (first) and the rest."""
+
+    # Where the bound address (and the metrics address) is written once serving; "" writes none.
+    address_file: str = ""
+    # Where Prometheus metrics are served over HTTP ("host:port", port 0 picks one; "" serves none).
+    metrics_listen: str = "127.0.0.1:0"
+    # Seconds in-flight calls get to finish at SIGTERM.
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    # Directory of this service's certificate for mTLS (tls.crt, tls.key, ca.crt), re-read when
+    # it changes; "" serves plaintext, on loopback only.
+    tls_dir: str = ""
+    # The tenants and API keys (a SQLite file shared by the suite); "" knows no key.
+    identity_db: str = ""
+    # Authentication and authorization off: benchmarks on loopback only.
+    insecure: bool = False

@@ -7,34 +7,35 @@ from dataclasses import dataclass
 from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
+from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, serve_main
+from llmos.common.settings import ServiceSettings
 from llmos.common.telemetry import make_tracer_provider
 from llmos.v1 import registry_pb2_grpc
 
 from .frontdoor import FrontDoor
+from .identity import register as register_identity
 from .servicer import GrpcScheduler, GrpcWorkers, register
 
 
 @dataclass(frozen=True)
-class GatewaySettings:
+class GatewaySettings(ServiceSettings):
     listen: str = "127.0.0.1:50051"
-    address_file: str = ""
-    # Where Prometheus metrics are served over HTTP ("host:port", port 0 picks one; "" serves none).
-    metrics_listen: str = "127.0.0.1:0"
     scheduler_address: str = "127.0.0.1:50052"
     registry_address: str = "127.0.0.1:50053"
-    grace_seconds: float = 10.0
-    log_level: str = "INFO"
 
 
 async def build(settings: GatewaySettings, provider: TracerProvider | None = None) -> Service:
     provider = provider or make_tracer_provider("gateway")
-    channels = Channels(provider)
+    security = Security.of("gateway", settings)
+    channels = Channels(provider, security)
     front = FrontDoor(GrpcScheduler(channels, settings.scheduler_address), GrpcWorkers(channels))
-    host = ServiceHost("gateway", settings.listen, provider, settings.metrics_listen)
+    # The public port: clients bring keys, not certificates (plaintext on loopback).
+    host = ServiceHost("gateway", settings.listen, provider, settings.metrics_listen,
+                       security=security, public=True)
     register(host, front, registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address)))
+    register_identity(host, security.store)
     return Service(host, cleanups=[front.drain, channels.close])
-
 
 
 if __name__ == "__main__":

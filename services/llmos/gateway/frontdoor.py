@@ -20,6 +20,7 @@ from typing import Protocol
 
 from llmos.common.domain import Chunk, FinishReason, GenerationInput, SamplingParams, Usage
 from llmos.common.errors import DeadlineExceeded, LlmosError
+from llmos.common.keystore import Quota
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,27 @@ class GenerateCall:
     tenant: str = "default"
     # Seconds the model stays loaded without requests after this one; None: unchanged.
     keep_alive: float | None = None
+    # The tenant's fair-share weight and limits, from its record.
+    weight: float = 1.0
+    quota: Quota = Quota()
+
+    @property
+    def prompt_tokens(self) -> int:
+        """An upper bound of the prompt's tokens before it is tokenized: a token covers at least
+        one byte, and a chat template adds a few per message and a header."""
+        source = self.source
+        if source.prompt is not None:
+            return min(len(source.prompt.encode()) + 2, 2**31 - 1)
+        return min(sum(len(m.content.encode()) + 16 for m in source.messages) + 32, 2**31 - 1)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """What the request may cost at most (prompt + output), as its quota reserves it."""
+        return self.prompt_tokens + (self.params.max_tokens or DEFAULT_MAX_TOKENS)
 
 
+# The worker's output limit when max_tokens is unset.
+DEFAULT_MAX_TOKENS = 256
 # Admissions of one request after workers failed before its first token.
 MAX_REDISPATCH = 3
 

@@ -7,7 +7,10 @@ parameters, usage, finish reasons and the time to the first chunk. It is the
 handler's own, so it ends after the handler saw how the call ended (a client's
 cancellation included), whatever the interceptor's span does.
 Metrics: requests by status code, time to first token and duration as the
-client sees them (queue and cold start included), tokens streamed.
+client sees them (queue and cold start included), tokens streamed; per tenant, requests,
+tokens and quota refusals by limit. Label values a caller chooses are bounded: a model is
+named only once it has streamed a token here (others count as "other"), tenants come from
+the key store.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from llmos.common.metrics import LATENCY_BUCKETS
 
 from .frontdoor import GenerateCall
 
+# The model label of requests for models that never streamed here (unknown names included).
+OTHER_MODEL = "other"
+MAX_MODEL_LABELS = 1000
+QUOTA_LIMITS = frozenset({"max_concurrent_requests", "requests_per_minute", "tokens_per_minute"})
+
 
 class GatewayTelemetry:
     def __init__(self, tracer: trace.Tracer, registry: CollectorRegistry) -> None:
@@ -38,17 +46,28 @@ class GatewayTelemetry:
                                   buckets=LATENCY_BUCKETS)
         self.streamed = Counter("llmos_gateway_streamed_tokens", "Tokens streamed to clients.",
                                 ["model_name"], registry=registry)
+        self.tenant_requests = Counter("llmos_tenant_requests", "Generate calls that ended, by tenant and "
+                                       "gRPC status code.", ["tenant", "code"], registry=registry)
+        self.tenant_tokens = Counter("llmos_tenant_tokens", "Tokens served, by tenant and kind "
+                                     "(prompt, completion).", ["tenant", "kind"], registry=registry)
+        self.quota_rejections = Counter("llmos_tenant_quota_rejections", "Requests refused by a tenant's "
+                                        "quota, by limit.", ["tenant", "limit"], registry=registry)
+        self.known_models: set[str] = set()
 
-    def start(self, call: GenerateCall) -> CallWatch:
-        return CallWatch(self, call)
+    def model_label(self, model: str) -> str:
+        return model if model in self.known_models else OTHER_MODEL
+
+    def start(self, call: GenerateCall, requested_priority: int | None = None) -> CallWatch:
+        return CallWatch(self, call, requested_priority)
 
 
 class CallWatch:
     """One Generate call, from arrival to end: a context manager around the stream."""
 
-    def __init__(self, telemetry: GatewayTelemetry, call: GenerateCall) -> None:
+    def __init__(self, telemetry: GatewayTelemetry, call: GenerateCall, requested_priority: int | None = None) -> None:
         self._t = telemetry
         self._model = call.model
+        self._tenant = call.tenant
         self._started = time.perf_counter()
         self._first = 0.0
         self._tokens = 0
@@ -63,6 +82,9 @@ class CallWatch:
                 attributes[f"gen_ai.request.{key}"] = value
         if p.stop:
             attributes["gen_ai.request.stop_sequences"] = list(p.stop)
+        if requested_priority is not None and requested_priority != call.priority:
+            attributes["llmos.priority.requested"] = requested_priority
+            attributes["llmos.priority.lowered_to_ceiling"] = True
         self._span = telemetry.tracer.start_span(f"{operation} {call.model}", attributes=attributes)
         self._scope = trace.use_span(self._span, end_on_exit=True, record_exception=False,
                                      set_status_on_exception=False)
@@ -78,6 +100,8 @@ class CallWatch:
     def chunk(self, request_id: str, chunk: Chunk) -> None:
         if not self._first:
             self._first = time.perf_counter()
+            if self._model not in self._t.known_models and len(self._t.known_models) < MAX_MODEL_LABELS:
+                self._t.known_models.add(self._model)
             ttft = self._first - self._started
             self._t.ttft.labels(self._model).observe(ttft)
             self._span.set_attributes({"gen_ai.response.id": request_id,
@@ -88,6 +112,8 @@ class CallWatch:
             if chunk.usage is not None:
                 self._span.set_attributes({"gen_ai.usage.input_tokens": chunk.usage.prompt_tokens,
                                            "gen_ai.usage.output_tokens": chunk.usage.completion_tokens})
+                self._t.tenant_tokens.labels(self._tenant, "prompt").inc(chunk.usage.prompt_tokens)
+                self._t.tenant_tokens.labels(self._tenant, "completion").inc(chunk.usage.completion_tokens)
 
     def end(self, exc: BaseException | None) -> None:
         if exc is None:
@@ -103,7 +129,12 @@ class CallWatch:
         elif code != "OK":
             self._span.set_attributes({"error.type": code, "llmos.error.reason": getattr(exc, "reason", "")})
             self._span.set_status(trace.Status(trace.StatusCode.ERROR, code))
-        self._t.requests.labels(self._model, code).inc()
-        self._t.duration.labels(self._model, code).observe(time.perf_counter() - self._started)
+        model = self._t.model_label(self._model)
+        self._t.requests.labels(model, code).inc()
+        self._t.duration.labels(model, code).observe(time.perf_counter() - self._started)
+        self._t.tenant_requests.labels(self._tenant, code).inc()
+        if getattr(exc, "reason", "") == "QUOTA_EXCEEDED":
+            limit = exc.metadata.get("limit", "")
+            self._t.quota_rejections.labels(self._tenant, limit if limit in QUOTA_LIMITS else "other").inc()
         if self._tokens:
-            self._t.streamed.labels(self._model).inc(self._tokens)
+            self._t.streamed.labels(model).inc(self._tokens)

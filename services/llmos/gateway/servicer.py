@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmos.common.auth import current_principal
 from llmos.common.channels import Channels
 from llmos.common.convert import (
     FINISH_TO_PROTO,
@@ -24,12 +25,14 @@ from llmos.common.convert import (
 )
 from llmos.common.domain import Chunk, FinishReason, Usage
 from llmos.common.errors import InvalidArgument, LlmosError
+from llmos.common.keystore import Tenant
 from llmos.common.names import parse_model_ref
 from llmos.common.status import from_rpc_error
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
+    identity_pb2,
     registry_pb2,
     registry_pb2_grpc,
     scheduler_pb2,
@@ -39,12 +42,13 @@ from llmos.v1 import (
 )
 
 from .frontdoor import Assignment, FrontDoor, GenerateCall
-from .observe import GatewayTelemetry
+from .observe import OTHER_MODEL, GatewayTelemetry
 
 log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
-TENANT_HEADER = "x-llmos-tenant"
+# Trailer saying a request's priority was lowered to its tenant's ceiling: "<asked>-><used>".
+PRIORITY_TRAILER = "llmos-priority-lowered"
 MAX_KEEP_ALIVE = 30 * 24 * 3600.0
 
 
@@ -57,8 +61,11 @@ class GrpcScheduler:
         try:
             request = scheduler_pb2.AdmitGenerationRequest(
                 request_id=request_id, model=call.model, tenant=call.tenant, priority=call.priority,
-                max_tokens=call.params.max_tokens or 0, prompt_tokens=estimate_prompt_tokens(call),
-                redispatch=redispatch)
+                max_tokens=call.params.max_tokens or 0, prompt_tokens=call.prompt_tokens,
+                redispatch=redispatch, tenant_weight=call.weight, tenant_quota=identity_pb2.TenantQuota(
+                    max_concurrent_requests=call.quota.max_concurrent,
+                    requests_per_minute=call.quota.requests_per_minute,
+                    tokens_per_minute=call.quota.tokens_per_minute))
             if call.keep_alive is not None:
                 request.keep_alive.CopyFrom(duration(call.keep_alive))
             response = await self._stub.AdmitGeneration(request, timeout=timeout)
@@ -78,22 +85,15 @@ class GrpcScheduler:
             log.warning("could not report the end of %s to the scheduler: %s", request_id, exc.code().name)
 
 
-def estimate_prompt_tokens(call: GenerateCall) -> int:
-    """About four characters a token: the scheduler's first guess at the prompt's cost,
-    corrected with the real count when the generation ends."""
-    text = call.source.prompt if call.source.prompt is not None else "".join(
-        m.content for m in call.source.messages)
-    return min(len(text) // 4 + 1, 2**31 - 1)
-
-
 class GrpcWorkers:
     def __init__(self, channels: Channels) -> None:
         self._channels = channels
 
     async def generate(self, address: str, request_id: str, model: str, call: GenerateCall,
                        timeout: float | None) -> AsyncIterator[Chunk]:
-        request = worker_pb2.GenerateTokensRequest(request_id=request_id, model=model,
-                                                   sampling=sampling_to_proto(call.params))
+        request = worker_pb2.GenerateTokensRequest(
+            request_id=request_id, model=model, sampling=sampling_to_proto(call.params),
+            token_budget=call.reserved_tokens if call.quota.tokens_per_minute else 0)
         input_to_proto(call.source, request)
         stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
         stream = stub.GenerateTokens(request, timeout=timeout)
@@ -106,7 +106,9 @@ class GrpcWorkers:
             stream.cancel()
 
 
-def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: str) -> GenerateCall:
+def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: Tenant) -> GenerateCall:
+    """The call, checked; its tenant, weight, quota and priority ceiling come from the caller's
+    key, never from what the client says (a priority above the ceiling is lowered to it)."""
     errors = Violations()
     model = request.model
     try:
@@ -117,13 +119,14 @@ def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: str) -> Genera
     params = sampling_from_proto(request.sampling, errors)
     if not -10 <= request.priority <= 10:
         errors.add("priority", f"must be between -10 and 10, got {request.priority}")
-    if request.request_id and not _REQUEST_ID.match(request.request_id):
+    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
         errors.add("request_id", "must be 1 to 128 printable ASCII characters without spaces")
     keep_alive = optional_seconds(request, "keep_alive")
     if keep_alive is not None and abs(keep_alive) > MAX_KEEP_ALIVE:
         errors.add("keep_alive", "must be at most 30 days either way")
     errors.raise_if_any()
-    return GenerateCall(model, source, params, request.priority, request.request_id, tenant, keep_alive)
+    return GenerateCall(model, source, params, min(request.priority, tenant.priority_ceiling), request.request_id,
+                        tenant.name, keep_alive, tenant.weight, tenant.quota)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -147,13 +150,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             for m in page.models])
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
-        metadata = dict(context.invocation_metadata() or ())
+        tenant = current_principal().tenant
         try:
-            call = call_from_proto(request, str(metadata.get(TENANT_HEADER, "default")))
+            call = call_from_proto(request, tenant)
         except LlmosError as exc:
-            self.telemetry.requests.labels(request.model, exc.code).inc()
+            self.telemetry.requests.labels(OTHER_MODEL, exc.code).inc()
             raise
-        with self.telemetry.start(call) as watch:
+        if call.priority < request.priority:
+            context.set_trailing_metadata(((PRIORITY_TRAILER, f"{request.priority}->{call.priority}"),))
+        with self.telemetry.start(call, requested_priority=request.priority) as watch:
             async for request_id, chunk in self.front.generate(call, context.time_remaining()):
                 watch.chunk(request_id, chunk)
                 yield fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)

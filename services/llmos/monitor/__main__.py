@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
+from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, serve_main
+from llmos.common.settings import ServiceSettings
 from llmos.common.telemetry import make_tracer_provider
 
 from .alerts import AlertRules, AlertSettings
@@ -17,9 +19,8 @@ from .servicer import GenerateProbe, GrpcProbe, RegistryEvents, register
 
 
 @dataclass(frozen=True)
-class MonitorSettings:
+class MonitorSettings(ServiceSettings):
     listen: str = "127.0.0.1:50056"
-    address_file: str = ""
     # Where the cluster's Prometheus metrics (the monitor's own and every service's,
     # gathered) are served over HTTP at /metrics; the one address to scrape.
     metrics_listen: str = "127.0.0.1:9464"
@@ -46,18 +47,20 @@ class MonitorSettings:
     probe_interval_seconds: float = 30.0
     probe_model: str = ""
     probe_timeout_seconds: float = 30.0
+    # File holding the API key the probe presents (a user key of tenant "llmos-probe").
+    probe_key_file: str = ""
     # Alert thresholds (see llmos.monitor.alerts).
     ttft_slo_seconds: float = 2.5
     slo_target: float = 0.99
     queue_alert_depth: int = 16
     kv_alert_ratio: float = 0.95
     grace_seconds: float = 5.0
-    log_level: str = "INFO"
 
 
 async def build(settings: MonitorSettings, provider: TracerProvider | None = None) -> Service:
     provider = provider or make_tracer_provider("monitor")
-    channels = Channels(provider)
+    security = Security.of("monitor", settings)
+    channels = Channels(provider, security, public=(settings.gateway_address,))
     probe = GrpcProbe(channels, settings.check_timeout_seconds, settings.registry_address,
                       settings.scheduler_address, settings.resources_address)
     for name, address in settings.metrics_targets.items():
@@ -69,7 +72,8 @@ async def build(settings: MonitorSettings, provider: TracerProvider | None = Non
         settings.stall_seconds, metrics=settings.metrics_targets)
     rules = AlertRules(AlertSettings(queue_depth=settings.queue_alert_depth, kv_ratio=settings.kv_alert_ratio,
                                      ttft_slo=settings.ttft_slo_seconds, slo_target=settings.slo_target))
-    host = ServiceHost("monitor", settings.listen, provider, settings.metrics_listen)
+    host = ServiceHost("monitor", settings.listen, provider, settings.metrics_listen,
+                       security=security)
     watch = ClusterWatch(monitor, rules, settings.check_interval_seconds,
                          settings.scrape_interval_seconds, settings.scrape_timeout_seconds)
     host.metrics.register(ClusterGauges(watch))
@@ -78,7 +82,7 @@ async def build(settings: MonitorSettings, provider: TracerProvider | None = Non
     background = [watch.run, RegistryEvents(channels, settings.registry_address, watch).run]
     if settings.probe_interval_seconds > 0:
         generate = GenerateProbe(channels, settings.gateway_address, settings.registry_address,
-                                 settings.probe_model, settings.probe_timeout_seconds)
+                                 settings.probe_model, settings.probe_timeout_seconds, settings.probe_key_file)
 
         async def probing(address: str) -> None:
             await probe_loop(watch, generate, settings.probe_interval_seconds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -124,12 +125,23 @@ class GenerateProbe:
     else on the first model ready somewhere."""
 
     def __init__(self, channels: Channels, gateway_address: str, registry_address: str, model: str = "",
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, key_file: str = "") -> None:
         self._gateway = gateway_pb2_grpc.GatewayServiceStub(channels.get(gateway_address))
         self._registry = registry_pb2_grpc.RegistryServiceStub(channels.get(registry_address))
         self._model = model
         self._timeout = timeout
-        self._metadata = [("x-llmos-tenant", PROBE_TENANT)]
+        self._key_file = key_file
+
+    @property
+    def _metadata(self) -> list[tuple[str, str]]:
+        """The probe's key, read afresh each round (it may be rotated)."""
+        if not self._key_file:
+            return []
+        try:
+            return [("authorization", "Bearer " + Path(self._key_file).read_text().strip())]
+        except OSError as exc:
+            log.warning("cannot read the probe's API key: %s", exc)
+            return []
 
     async def _ready_model(self) -> str:
         page = await self._registry.ListModels(registry_pb2.ListModelsRequest(), timeout=5)

@@ -10,7 +10,10 @@ from pathlib import Path
 from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
+from llmos.common.devices import compute_bytes
+from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, serve_main
+from llmos.common.settings import ServiceSettings
 from llmos.common.telemetry import make_tracer_provider
 
 from .catalog import Catalog
@@ -23,16 +26,15 @@ from .weights import KvShape
 
 
 @dataclass(frozen=True)
-class RegistrySettings:
+class RegistrySettings(ServiceSettings):
     listen: str = "127.0.0.1:50053"
-    address_file: str = ""
-    # Where Prometheus metrics are served over HTTP ("host:port", port 0 picks one; "" serves none).
-    metrics_listen: str = "127.0.0.1:0"
     data_dir: str = ".llmos"
     # The workers' KV cache, counted in each model's memory estimate: slots of sequences of up
     # to this many tokens (capped by the model's context), as the worker's defaults.
     kv_slots: int = 16
     kv_max_seq_len: int = 2048
+    # The dtype the workers compute in (their `dtype` setting): "auto", "float32", "bfloat16", "float16".
+    worker_dtype: str = "auto"
     # Runtime overhead added to each model's memory estimate, bytes. 0: the estimate counts what
     # the worker measures (weight and KV cache tensors); activations at these batch sizes are
     # a few MiB.
@@ -49,21 +51,23 @@ class RegistrySettings:
     # Import pickle (.bin/.pt) weights, converted to safetensors in a child process. Off: refused.
     allow_pickle: bool = False
     grace_seconds: float = 5.0
-    log_level: str = "INFO"
 
 
 async def build(settings: RegistrySettings, provider: TracerProvider | None = None) -> Service:
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     provider = provider or make_tracer_provider("registry")
-    channels = Channels(provider)
+    security = Security.of("registry", settings)
+    channels = Channels(provider, security)
     catalog = Catalog(str(data / "registry.db"))
     roots = [Path(r) for r in settings.allowed_roots] or [Path.cwd()]
+    kv = KvShape(settings.kv_slots, settings.kv_max_seq_len, compute_bytes(settings.worker_dtype))
     registry = ModelRegistry(catalog, Importer(data / "models", SourcePolicy(roots), settings.allow_pickle),
                              GrpcWorkers(channels, settings.load_timeout_seconds),
-                             KvShape(settings.kv_slots, settings.kv_max_seq_len), settings.overhead_bytes,
+                             kv, settings.overhead_bytes,
                              GrpcResources(channels, settings.resources_address))
-    host = ServiceHost("registry", settings.listen, provider, settings.metrics_listen)
+    host = ServiceHost("registry", settings.listen, provider, settings.metrics_listen,
+                       security=security)
     registry.events.listeners.append(RegistryMetrics(host.metrics))
     register(host, registry)
 

@@ -98,16 +98,23 @@ def read_facts(directory: Path) -> WeightFacts:
 
 @dataclass(frozen=True)
 class KvShape:
-    """The KV cache a worker allocates per model: `slots` sequences of up to `max_seq_len` tokens."""
+    """The KV cache a worker allocates per model: `slots` sequences of up to `max_seq_len` tokens,
+    in elements of `compute_bytes` (the dtype the workers compute in; 0: bf16, with the weights
+    kept at their stored dtype)."""
 
     slots: int = 16
     max_seq_len: int = 2048
+    compute_bytes: int = 0
 
     def tokens(self, context_length: int) -> int:
         return self.slots * min(self.max_seq_len, context_length)
 
 
 def estimate_bytes(facts: WeightFacts, kv: KvShape, overhead_bytes: int) -> int:
-    """Weights at their stored dtype, the KV cache in bf16, and runtime overhead."""
-    kv_bytes = facts.num_layers * 2 * facts.kv_heads * facts.head_dim * 2 * kv.tokens(facts.context_length)
-    return facts.weight_bytes + kv_bytes + overhead_bytes
+    """Weights and the KV cache in the workers' compute dtype (weights at their stored dtype and the
+    KV cache in bf16 when it is not known), and runtime overhead."""
+    element = kv.compute_bytes or 2
+    kv_bytes = facts.num_layers * 2 * facts.kv_heads * facts.head_dim * element * kv.tokens(facts.context_length)
+    weights = facts.parameter_count * kv.compute_bytes if kv.compute_bytes else facts.weight_bytes
+    return weights + kv_bytes + overhead_bytes
+

@@ -10,7 +10,9 @@ from pathlib import Path
 from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.metrics import OnLoop
+from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, serve_main
+from llmos.common.settings import ServiceSettings
 from llmos.common.telemetry import make_tracer_provider
 
 from .inventory import node_name, probe_devices
@@ -22,11 +24,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ResourcesSettings:
+class ResourcesSettings(ServiceSettings):
     listen: str = "127.0.0.1:50054"
-    address_file: str = ""
-    # Where Prometheus metrics are served over HTTP ("host:port", port 0 picks one; "" serves none).
-    metrics_listen: str = "127.0.0.1:0"
     data_dir: str = ".llmos"
     # Most bytes leases may hold on the host; 0 means 90% of its memory.
     cpu_budget_bytes: int = 0
@@ -35,7 +34,6 @@ class ResourcesSettings:
     # How often expired leases are reclaimed, seconds.
     reap_interval_seconds: float = 1.0
     grace_seconds: float = 5.0
-    log_level: str = "INFO"
 
 
 async def build(settings: ResourcesSettings, provider: TracerProvider | None = None) -> Service:
@@ -43,7 +41,8 @@ async def build(settings: ResourcesSettings, provider: TracerProvider | None = N
     manager = ResourceManager(node_name(), probe_devices, str(Path(settings.data_dir) / "resources.db"),
                               settings.cpu_budget_bytes, settings.budget_fraction)
     host = ServiceHost("resources", settings.listen, provider or make_tracer_provider("resources"),
-                       settings.metrics_listen)
+                       settings.metrics_listen,
+                       security=Security.of("resources", settings))
     register(host, manager)
     host.metrics.register(OnLoop(asyncio.get_running_loop(), lambda: resource_metrics(
         manager.nodes(), manager.leases.list(), manager.leases.reclaimed_total)))

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
 from llmos.common.metrics import OnLoop
+from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, serve_main
+from llmos.common.settings import ServiceSettings
 from llmos.common.telemetry import make_tracer_provider
 
 from .observe import SchedulerTelemetry, scheduler_metrics
@@ -18,11 +20,8 @@ from .servicer import GrpcRegistry, WorkerReports, register
 
 
 @dataclass(frozen=True)
-class SchedulerSettings:
+class SchedulerSettings(ServiceSettings):
     listen: str = "127.0.0.1:50052"
-    address_file: str = ""
-    # Where Prometheus metrics are served over HTTP ("host:port", port 0 picks one; "" serves none).
-    metrics_listen: str = "127.0.0.1:0"
     registry_address: str = "127.0.0.1:50053"
     # Running generations per worker before requests queue.
     slots_per_worker: int = 16
@@ -32,8 +31,6 @@ class SchedulerSettings:
     max_queue_per_model: int = 0
     # A band's waiting requests rise one band per this many seconds of wait.
     aging_seconds: float = 30.0
-    # Fair-queuing weights, "tenant=weight,..."; tenants not named weigh 1.
-    tenant_weights: dict[str, float] = field(default_factory=dict)
     # How often each worker's status is polled, and how long without an answer
     # takes it out of rotation.
     report_interval_seconds: float = 0.5
@@ -41,19 +38,18 @@ class SchedulerSettings:
     # How long the registry's word on where a model is ready is reused before asking again.
     placement_ttl_seconds: float = 1.0
     load_timeout_seconds: float = 300.0
-    grace_seconds: float = 10.0
-    log_level: str = "INFO"
 
 
 async def build(settings: SchedulerSettings, provider: TracerProvider | None = None) -> Service:
     provider = provider or make_tracer_provider("scheduler")
-    channels = Channels(provider)
+    security = Security.of("scheduler", settings)
+    channels = Channels(provider, security)
     tracer = provider.get_tracer("llmos.scheduler")
-    host = ServiceHost("scheduler", settings.listen, provider, settings.metrics_listen)
+    host = ServiceHost("scheduler", settings.listen, provider, settings.metrics_listen,
+                       security=security)
     registry = GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds, tracer)
     scheduler = Scheduler(registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model,
-                          settings.aging_seconds, settings.tenant_weights,
-                          settings.report_timeout_seconds, settings.placement_ttl_seconds,
+                          settings.aging_seconds, settings.report_timeout_seconds, settings.placement_ttl_seconds,
                           events=SchedulerTelemetry(tracer, host.metrics))
     reports = WorkerReports(scheduler, registry, channels, settings.report_interval_seconds)
     host.metrics.register(OnLoop(asyncio.get_running_loop(), lambda: scheduler_metrics(

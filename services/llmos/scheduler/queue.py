@@ -27,9 +27,11 @@ from typing import Protocol
 
 from llmos.common.domain import QueueDepth
 from llmos.common.errors import AlreadyExists, DeadlineExceeded, ResourceExhausted, Unavailable
+from llmos.common.keystore import Quota
 from llmos.common.names import parse_model_ref
 
 from .fairness import FairQueue, Waiting
+from .quotas import QuotaBook
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class Ticket:
     max_tokens: int = 0              # 0: not set
     keep_alive: float | None = None
     redispatch: bool = False         # its worker failed before the first token
+    weight: float = 1.0              # its tenant's fair-share weight, from the tenant's record
+    quota: Quota = Quota()           # its tenant's limits, from the tenant's record
 
     @property
     def cost(self) -> int:
@@ -168,8 +172,7 @@ class _Model:
 
 class Scheduler:
     def __init__(self, registry: RegistryPort, slots_per_worker: int = 16, max_queue: int = 64,
-                 max_queue_per_model: int = 0, aging_seconds: float = 30.0,
-                 tenant_weights: dict[str, float] | None = None, report_timeout: float = 3.0,
+                 max_queue_per_model: int = 0, aging_seconds: float = 30.0, report_timeout: float = 3.0,
                  placement_ttl: float = 1.0, clock: Callable[[], float] = time.monotonic,
                  events: SchedulerEvents | None = None) -> None:
         self._registry = registry
@@ -182,11 +185,9 @@ class Scheduler:
         self.placement_ttl = placement_ttl
         self._aliases: dict[str, str] = {}                      # "tiny" → "tiny:latest"
         self._abandoned: OrderedDict[str, float] = OrderedDict()  # finished before they were admitted
-        self._weights = dict(tenant_weights or {})
-        bad = [f"{tenant}={weight}" for tenant, weight in self._weights.items() if not tenant or weight <= 0]
-        if bad:
-            raise ValueError(f"tenant weights must be tenant=positive number: {', '.join(bad)}")
+        self._weights: dict[str, float] = {}                     # tenant → weight, as its requests say
         self._clock = clock
+        self.quotas = QuotaBook(clock)
         self._models: dict[str, _Model] = {}
         self._workers: dict[str, _Worker] = {}
         self._active: dict[str, _Request] = {}
@@ -257,9 +258,13 @@ class Scheduler:
             raise AlreadyExists(f"request {ticket.request_id!r} is already admitted",
                                 reason="DUPLICATE_REQUEST_ID", metadata={"request_id": ticket.request_id})
         parse_model_ref(ticket.model)
+        if not 0 < ticket.weight <= 1000:
+            raise ValueError(f"tenant weight must be more than 0 and at most 1000, got {ticket.weight}")
         request = self._active[ticket.request_id] = _Request(ticket, "", arrival)
         self._done.pop(ticket.request_id, None)
         try:
+            self._weights[ticket.tenant] = ticket.weight
+            self.quotas.reserve(ticket.tenant, ticket.quota, ticket.request_id, ticket.cost)
             cached = self._cached(ticket.model) if ticket.keep_alive is None else None
             if cached is not None:
                 resolved, endpoints = cached.name, cached.endpoints
@@ -288,6 +293,7 @@ class Scheduler:
             if request.phase is Phase.RUNNING:       # a slot was handed over as the caller left
                 self.finish(ticket.request_id, outcome="CANCELLED")
             else:
+                self.quotas.release(ticket.tenant, ticket.request_id)
                 self._retire(request, _outcome(exc))
                 self.events.refused(request, _outcome(exc))
             raise
@@ -319,6 +325,7 @@ class Scheduler:
                             worker.endpoint.worker_id, worker.endpoint.address)
         if tokens is not None:
             model.queue.charge(request.ticket.tenant, request.ticket.band, tokens - request.ticket.cost)
+        self.quotas.settle(request.ticket.tenant, request_id, tokens)
         if not worker_failed:
             model.mean_seconds = 0.9 * model.mean_seconds + 0.1 * (now - request.started)
         self._retire(request, outcome)

@@ -8,9 +8,11 @@ import logging
 import grpc
 from opentelemetry import trace
 
+from llmos.common.auth import current_principal
 from llmos.common.channels import Channels
 from llmos.common.convert import duration, enum_word, optional_seconds, queue_depth_to_proto, timestamp
 from llmos.common.errors import InvalidArgument, NotFound
+from llmos.common.keystore import Quota, Role
 from llmos.common.status import from_rpc_error
 from llmos.v1 import (
     common_pb2,
@@ -125,8 +127,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if not request.request_id or len(request.request_id) > 128:
             raise InvalidArgument.field("request_id", "is required, at most 128 characters")
         keep_alive = optional_seconds(request, "keep_alive")
+        if not 0 <= request.tenant_weight <= 1000:
+            raise InvalidArgument.field("tenant_weight", "must be between 0 (meaning 1) and 1000")
+        q = request.tenant_quota
         ticket = Ticket(request.request_id, request.model, request.tenant or "default", request.priority,
-                        max(0, request.prompt_tokens), max(0, request.max_tokens), keep_alive, request.redispatch)
+                        max(0, request.prompt_tokens), max(0, request.max_tokens), keep_alive, request.redispatch,
+                        request.tenant_weight or 1.0,
+                        Quota(q.max_concurrent_requests, q.requests_per_minute, q.tokens_per_minute))
         admission = await self.scheduler.admit(ticket, timeout=context.time_remaining())
         if context.cancelled():     # granted as the caller left: nobody will run it
             self.scheduler.finish(ticket.request_id, outcome="CANCELLED")
@@ -156,6 +163,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     async def GetRequestStatus(self, request, context):
         status = self.scheduler.status(request.request_id)
+        caller = current_principal()
+        if status is not None and caller.key_id and caller.role is Role.USER and caller.tenant.name != status.tenant:
+            status = None       # another tenant's request: as if unknown
         if status is None:
             raise NotFound(f"no request {request.request_id!r} is known", reason="REQUEST_NOT_FOUND",
                            metadata={"request_id": request.request_id})

@@ -3,6 +3,7 @@ import datetime
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from llmos.v1 import common_pb2 as _common_pb2
+from llmos.v1 import identity_pb2 as _identity_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -13,7 +14,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AdmitGenerationRequest(_message.Message):
-    __slots__ = ("request_id", "model", "tenant", "priority", "max_tokens", "keep_alive", "prompt_tokens", "redispatch")
+    __slots__ = ("request_id", "model", "tenant", "priority", "max_tokens", "keep_alive", "prompt_tokens", "redispatch", "tenant_weight", "tenant_quota")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +23,8 @@ class AdmitGenerationRequest(_message.Message):
     KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REDISPATCH_FIELD_NUMBER: _ClassVar[int]
+    TENANT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_QUOTA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     tenant: str
@@ -30,7 +33,9 @@ class AdmitGenerationRequest(_message.Message):
     keep_alive: _duration_pb2.Duration
     prompt_tokens: int
     redispatch: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., max_tokens: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., redispatch: _Optional[bool] = ...) -> None: ...
+    tenant_weight: float
+    tenant_quota: _identity_pb2.TenantQuota
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., max_tokens: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., redispatch: _Optional[bool] = ..., tenant_weight: _Optional[float] = ..., tenant_quota: _Optional[_Union[_identity_pb2.TenantQuota, _Mapping]] = ...) -> None: ...
 
 class AdmitGenerationResponse(_message.Message):
     __slots__ = ("worker_id", "worker_address", "model", "queue_time")

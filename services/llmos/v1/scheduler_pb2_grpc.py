@@ -75,7 +75,9 @@ class SchedulerServiceServicer:
         happens. Errors: NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (queue
         full, with `RetryInfo`), DEADLINE_EXCEEDED (the deadline passed while
         queued), UNAVAILABLE (no worker can serve the model), ALREADY_EXISTS
-        (the `request_id` is in use).
+        (the `request_id` is in use), RESOURCE_EXHAUSTED with reason
+        `QUOTA_EXCEEDED` (a limit of the tenant's; `ErrorInfo.metadata` names it,
+        its value and window, `RetryInfo` says when the request would fit).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -18,8 +18,9 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
 from llmos.common.errors import LlmosError
+from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, die_with_parent, run_service
-from llmos.common.settings import from_env
+from llmos.common.settings import ServiceSettings, from_env
 from llmos.common.telemetry import make_tracer_provider, setup_logging
 from llmos.v1 import registry_pb2, registry_pb2_grpc
 
@@ -33,13 +34,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class WorkerSettings:
+class WorkerSettings(ServiceSettings):
     listen: str = "127.0.0.1:50055"
     # Address the other services reach this worker at; empty means the bound address.
     advertise_address: str = ""
-    address_file: str = ""
-    # Where Prometheus metrics are served over HTTP ("host:port", port 0 picks one; "" serves none).
-    metrics_listen: str = "127.0.0.1:0"
     # Stable id; empty means "<hostname>-worker".
     worker_id: str = ""
     resources_address: str = "127.0.0.1:50054"
@@ -60,8 +58,6 @@ class WorkerSettings:
     register_interval_seconds: float = 5.0
     # Seconds a memory lease lives without renewal; renewed every third of it.
     lease_ttl_seconds: float = 15.0
-    grace_seconds: float = 10.0
-    log_level: str = "INFO"
 
 
 async def announce(stub: registry_pb2_grpc.RegistryServiceStub,
@@ -101,8 +97,10 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     device = pick_device(settings.device)
     worker_id = settings.worker_id or f"{socket.gethostname()}-worker"
     provider = provider or make_tracer_provider("worker")
-    channels = Channels(provider)
-    host = ServiceHost("worker", settings.listen, provider, settings.metrics_listen)
+    security = Security.of("worker", settings)
+    channels = Channels(provider, security)
+    host = ServiceHost("worker", settings.listen, provider, settings.metrics_listen,
+                       security=security)
     model_host = ModelHost(worker_id, GrpcResources(channels, settings.resources_address), device,
                            pick_dtype(settings.dtype, device), driver,
                            EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget,

@@ -17,7 +17,7 @@ import psutil
 import torch
 
 from llmos.common.domain import Chunk, GenerationInput, SamplingParams, merge_chunks
-from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound
+from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound, ResourceExhausted
 from llmos.common.names import model_lease_holder, worker_lease_prefix
 
 from .engine import Engine, EngineDriver, EngineEvents, EngineStats, Sequence
@@ -164,24 +164,32 @@ class ModelHost:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @staticmethod
-    def _max_new(loaded: LoadedModel, prompt_len: int, params: SamplingParams) -> int:
-        """The output limit; refuses requests that can never fit in a cache slot."""
+    def _max_new(loaded: LoadedModel, prompt_len: int, params: SamplingParams, token_budget: int = 0) -> int:
+        """The output limit; refuses requests that can never fit in a cache slot. Within a
+        quota's `token_budget` (prompt + output), the output is cut to what is left of it."""
+        if token_budget:
+            if prompt_len >= token_budget:
+                raise ResourceExhausted(
+                    f"the prompt is {prompt_len} tokens, the tenant's quota reserved {token_budget} for the "
+                    "whole request", reason="QUOTA_EXCEEDED",
+                    metadata={"limit": "tokens_per_minute", "requested": str(prompt_len)})
         room = loaded.max_seq_len - prompt_len
         if room < 1:
             raise InvalidArgument.field(
                 "prompt", f"is {prompt_len} tokens; this model serves at most {loaded.max_seq_len} "
                           "tokens of prompt and output together", reason="PROMPT_TOO_LONG")
         if params.max_tokens is None:
-            return min(DEFAULT_MAX_TOKENS, room)
+            return min(DEFAULT_MAX_TOKENS, room, token_budget - prompt_len if token_budget else room)
         if params.max_tokens > room:
             raise InvalidArgument.field(
                 "sampling.max_tokens", f"{params.max_tokens} tokens after a prompt of {prompt_len} "
                 f"exceed the {loaded.max_seq_len} tokens this model serves per sequence",
                 reason="CONTEXT_LENGTH_EXCEEDED")
-        return params.max_tokens
+        return params.max_tokens if not token_budget else min(params.max_tokens, token_budget - prompt_len)
 
     async def generate(self, request_id: str, model: str, source: GenerationInput,
-                       params: SamplingParams, trace_context: object = None) -> AsyncIterator[Chunk]:
+                       params: SamplingParams, trace_context: object = None,
+                       token_budget: int = 0) -> AsyncIterator[Chunk]:
         """Streams the generation's chunks. `trace_context`: the request's span context, which
         the engine's spans link to."""
         served = self._served.get(model)
@@ -190,8 +198,8 @@ class ModelHost:
                            reason="MODEL_NOT_LOADED", metadata={"model": model})
         served.last_request = time.time()
         loaded = served.loaded
-        prompt_ids = self._prompt_ids(loaded, source)
-        max_new = self._max_new(loaded, len(prompt_ids), params)
+        prompt_ids = await asyncio.to_thread(self._prompt_ids, loaded, source)  # long prompts: off the loop
+        max_new = self._max_new(loaded, len(prompt_ids), params, token_budget)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | LlmosError] = asyncio.Queue()
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from llmos.common.devices import cpu_has_bf16
 from llmos.common.errors import FailedPrecondition, NotFound
 
 from .llama import SUPPORTED_ARCHITECTURES, LlamaRunner
@@ -40,14 +41,6 @@ def pick_device(preference: str) -> torch.device:
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(preference)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_dtype(preference: str, device: torch.device) -> torch.dtype:

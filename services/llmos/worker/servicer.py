@@ -75,8 +75,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         errors.raise_if_any()
         span = trace.get_current_span()
         span.set_attributes({"gen_ai.request.model": request.model, "llmos.request.id": request.request_id})
+        if request.token_budget < 0:
+            errors.add("token_budget", "must be 0 (no limit) or more")
+            errors.raise_if_any()
         async for chunk in self.host.generate(request.request_id, request.model, source, params,
-                                              span.get_span_context() if span.is_recording() else None):
+                                              span.get_span_context() if span.is_recording() else None,
+                                              token_budget=request.token_budget):
             if chunk.finish_reason is not None:
                 span.set_attributes({"gen_ai.response.finish_reasons": [chunk.finish_reason.name.lower()],
                                      "gen_ai.usage.input_tokens": chunk.usage.prompt_tokens,

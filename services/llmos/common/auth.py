@@ -1,0 +1,206 @@
+"""Authentication and authorization of every call a service receives.
+
+`AuthInterceptor` looks up the method in `authz.TABLE` (default deny), identifies the caller
+(its certificate's SPIFFE id and/or its `authorization: Bearer <key>`), refuses what the rule
+does not allow, and leaves the caller's `Principal` in a context variable for the servicer
+(the gateway reads the tenant from it). Keys are checked against the shared `KeyStore`; a
+key's record is re-read at least every `refresh_seconds`, so a revocation reaches every
+process within that time. Every decision on an admin method is an audit log line.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from . import authz
+from .errors import PermissionDenied, Unauthenticated
+from .keystore import DEFAULT_TENANT, ApiKey, KeyStore, Role, Tenant, parse_key, secret_matches
+from .tls import peer_identity
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("llmos.audit")
+
+MAX_CACHED_KEYS = 10_000
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a service (by certificate), a key's holder, or, with security off, anyone."""
+
+    service: str = ""                 # the caller's service name when it called as a service
+    instance: str = ""                # its instance (a worker's id)
+    key_id: str = ""
+    role: Role | None = None
+    tenant: Tenant = Tenant(DEFAULT_TENANT)
+
+    def describe(self) -> str:
+        if self.key_id:
+            return f"key {self.key_id} ({self.role.value}, tenant {self.tenant.name})"
+        return f"service {self.service}/{self.instance}" if self.service else "anonymous"
+
+
+ANONYMOUS = Principal()
+_current: contextvars.ContextVar[Principal] = contextvars.ContextVar("llmos_principal", default=ANONYMOUS)
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being handled."""
+    return _current.get()
+
+
+class Authenticator:
+    """Checks `Bearer` keys against the key store, keeping each record at most `refresh_seconds`."""
+
+    def __init__(self, store: KeyStore | None, refresh_seconds: float = 2.0,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._refresh = refresh_seconds
+        self._clock = clock
+        self._monotonic = monotonic
+        self._cache: dict[str, tuple[float, tuple[ApiKey, str, Tenant] | None]] = {}
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The key's principal; raises Unauthenticated (API_KEY_MISSING / API_KEY_INVALID)."""
+        if not authorization:
+            raise Unauthenticated("this method needs an API key: send 'authorization: Bearer <key>'",
+                                  reason="API_KEY_MISSING")
+        scheme, _, token = authorization.partition(" ")
+        parsed = parse_key(token.strip()) if scheme.lower() == "bearer" else None
+        if parsed is None:
+            return self._refuse("malformed", "")
+        key_id, secret = parsed
+        record = self._record(key_id)
+        if record is None:
+            return self._refuse("unknown", key_id)
+        key, stored_hash, tenant = record
+        if not secret_matches(secret, stored_hash):
+            return self._refuse("wrong secret", key_id)
+        why = key.usable(self._clock())
+        if why:
+            return self._refuse(why, key_id)
+        return Principal(key_id=key_id, role=key.role, tenant=tenant)
+
+    def _record(self, key_id: str) -> tuple[ApiKey, str, Tenant] | None:
+        now = self._monotonic()
+        cached = self._cache.get(key_id)
+        if cached is not None and now - cached[0] < self._refresh:
+            return cached[1]
+        record = self._store.lookup(key_id) if self._store is not None else None
+        if record is not None:
+            if len(self._cache) >= MAX_CACHED_KEYS:
+                self._cache.clear()
+            self._cache[key_id] = (now, record)
+        return record
+
+    def _refuse(self, why: str, key_id: str) -> Principal:
+        audit.info("audit: authentication refused: key %s %s", key_id or "-", why)
+        raise Unauthenticated("the API key is not valid", reason="API_KEY_INVALID")
+
+
+def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value if isinstance(value, str) else None
+    return None
+
+
+class Guard:
+    """Decides one call: who the caller is, and whether the method's rule lets them in."""
+
+    def __init__(self, authenticator: Authenticator, table: dict[str, authz.Rule] | None = None,
+                 enforce: bool = True) -> None:
+        self.authenticator = authenticator
+        self.table = authz.TABLE if table is None else table
+        self.enforce = enforce
+
+    def check(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
+        peer = peer_identity(context)
+        if not self.enforce:
+            return Principal(*peer) if peer else ANONYMOUS
+        rule = self.table.get(method)
+        if rule is None:
+            raise PermissionDenied(f"{method} has no authorization rule: refused",
+                                   reason="METHOD_NOT_ALLOWED", metadata={"method": method})
+        if peer is not None and peer[0] in rule.services:
+            return Principal(*peer)
+        if rule.role is None:
+            raise PermissionDenied(f"{method} is internal to llmos ({rule.describe()})",
+                                   reason="CALLER_NOT_ALLOWED", metadata={"method": method})
+        authorization = _metadata(context, "authorization")
+        if authorization is None and peer is not None and peer[0] != "cli":
+            raise PermissionDenied(f"service {peer[0]} may not call {method} ({rule.describe()})",
+                                   reason="CALLER_NOT_ALLOWED", metadata={"method": method})
+        try:
+            principal = self.authenticator.authenticate(authorization)
+        except Unauthenticated as exc:
+            if rule.role is Role.ADMIN:
+                audit.info("audit: %s refused (%s)", method, exc.reason)
+            raise
+        if rule.role is Role.ADMIN and principal.role is not Role.ADMIN:
+            audit.info("audit: %s refused for %s: admin role required", method, principal.describe())
+            raise PermissionDenied(f"{method} needs an admin key", reason="ROLE_REQUIRED",
+                                   metadata={"method": method, "role": Role.ADMIN.value})
+        return principal
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses what the table does not allow before the handler runs; the handler then finds
+    its caller in `current_principal()`. Refusals are typed errors, made statuses by the
+    `ErrorInterceptor` that runs before this one."""
+
+    def __init__(self, guard: Guard) -> None:
+        self._guard = guard
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or authz.is_open(method):
+            return handler
+        guard = self._guard
+        admin = guard.table.get(method, authz.Rule()).role is Role.ADMIN
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                _current.set(guard.check(method, context))
+                if not admin:
+                    return await behavior(request, context)
+                try:
+                    response = await behavior(request, context)
+                except BaseException as exc:
+                    _audit(method, exc)
+                    raise
+                _audit(method, None)
+                return response
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            stream_behavior = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                _current.set(guard.check(method, context))
+                if admin:
+                    _audit(method, None, "started")
+                async for item in stream_behavior(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+
+def _audit(method: str, exc: BaseException | None, outcome: str = "") -> None:
+    principal = current_principal()
+    if not outcome:
+        outcome = "ok" if exc is None else getattr(exc, "reason", None) or type(exc).__name__
+    audit.info("audit: %s by %s: %s", method, principal.describe(), outcome)

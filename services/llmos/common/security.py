@@ -1,0 +1,88 @@
+"""One process's security: its certificate (mTLS), the key store, and the call guard.
+
+Built once from a service's settings. Servers need client certificates on every port
+but the gateway's public one; binding any address beyond loopback without TLS is refused
+at start, and so is turning security off there.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from . import tls
+from .auth import Authenticator, Guard
+from .keystore import KeyStore
+
+log = logging.getLogger(__name__)
+
+
+class InsecureBind(RuntimeError):
+    pass
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Security:
+    service: str
+    # Directory of tls.crt, tls.key and ca.crt; "" runs without TLS (loopback only).
+    tls_dir: str = ""
+    # The key store (SQLite file); "" knows no keys (every key is refused).
+    identity_db: str = ""
+    # Everything allowed, nothing checked: for benchmarks on loopback only.
+    insecure: bool = False
+    # Seconds a key's record is trusted before it is read again.
+    key_refresh_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        self.store = KeyStore(self.identity_db) if self.identity_db else None
+        self.guard = Guard(Authenticator(self.store, self.key_refresh_seconds), enforce=not self.insecure)
+
+    @classmethod
+    def of(cls, service: str, settings: object) -> Security:
+        return cls(service, settings.tls_dir, settings.identity_db, settings.insecure)
+
+    def bind(self, server: grpc.aio.Server, listen: str, public: bool = False) -> int:
+        """Adds the listening port: mTLS when there are certificates (a public port asks
+        for no client certificate), plaintext on loopback otherwise."""
+        if not is_loopback(listen):
+            if not self.tls_dir:
+                raise InsecureBind(f"{self.service} will not listen on {listen} without TLS: set its tls_dir, "
+                                   "or listen on 127.0.0.1")
+            if self.insecure:
+                raise InsecureBind(f"{self.service} will not listen on {listen} with security off")
+        if self.insecure:
+            log.warning("%s runs with authentication and authorization OFF (loopback only)", self.service)
+        if self.tls_dir and not (public and is_loopback(listen)):
+            return server.add_secure_port(listen, tls.server_credentials(self.tls_dir,
+                                                                          require_client_cert=not public))
+        return server.add_insecure_port(listen)
+
+    def channel(self, address: str, public: bool = False, **kwargs) -> grpc.aio.Channel:
+        """A channel to a peer: mTLS with this process's certificate, or plaintext to a public
+        (gateway) port on loopback, as `bind` serves them."""
+        if self.tls_dir and not (public and is_loopback(address)):
+            return grpc.aio.secure_channel(address, tls.channel_credentials(self.tls_dir), **kwargs)
+        return grpc.aio.insecure_channel(address, **kwargs)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+
+def tls_dir_of(data_dir: str | Path, name: str) -> Path:
+    """Where a suite started in `data_dir` keeps the certificate of `name` (a process name or "cli")."""
+    return Path(data_dir) / "tls" / name

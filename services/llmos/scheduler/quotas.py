@@ -1,0 +1,146 @@
+"""Per-tenant quotas that cannot be overshot: reserve at admission, refund at the end.
+
+A request reserves one request and its whole possible cost (prompt + max_tokens) when it
+is admitted. While it runs, its reservation counts; when it ends, the charge becomes what it
+really used (its refund is immediate) and keeps counting for one window after its end, since
+its tokens may have been served until then. So at any moment the charges counted cover every
+token served in the last window, and a request is admitted only if the counted charges plus
+its reservation stay within the limit: the tokens served in any window never pass it.
+
+A refusal says which limit, its value and window, and when the request would fit: the
+moment enough finished charges leave the window (a running request's charge leaves only
+after it ends, which is not known; then the estimate is its elapsed pace).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llmos.common.errors import ResourceExhausted
+from llmos.common.keystore import Quota
+
+WINDOW = 60.0
+
+
+@dataclass
+class _Charge:
+    request_id: str
+    start: float
+    tokens: int
+    end: float | None = None          # None while running
+
+
+@dataclass
+class _Tenant:
+    quota: Quota = Quota()
+    running: dict[str, _Charge] = field(default_factory=dict)
+    ended: deque[_Charge] = field(default_factory=deque)       # by end time
+    mean_seconds: float = 1.0                                  # of a request, for concurrency refusals
+
+
+class QuotaExceeded(ResourceExhausted):
+    def __init__(self, tenant: str, limit: str, value: int, retry_after: float, needed: int, counted: int) -> None:
+        super().__init__(
+            f"tenant {tenant!r} is over its {limit.replace('_', ' ')} quota ({value}"
+            f"{'' if limit == 'max_concurrent_requests' else ' per 60s'}); retry in {retry_after:.1f}s",
+            retry_after=retry_after, reason="QUOTA_EXCEEDED",
+            metadata={"tenant": tenant, "limit": limit, "value": str(value),
+                      "window": "" if limit == "max_concurrent_requests" else f"{WINDOW:g}s",
+                      "requested": str(needed), "in_use": str(counted)})
+        self.limit = limit
+
+
+class QuotaBook:
+    """The charges of every tenant with a quota. Not thread-safe: the scheduler's loop owns it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._tenants: dict[str, _Tenant] = {}
+        self.rejected: dict[tuple[str, str], int] = {}       # (tenant, limit) → refusals
+
+    def reserve(self, tenant: str, quota: Quota, request_id: str, tokens: int) -> None:
+        """Reserves one request of up to `tokens` for `tenant`, or raises QuotaExceeded."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            if quota == Quota():
+                return
+            state = self._tenants[tenant] = _Tenant()
+        state.quota = quota
+        now = self._clock()
+        self._expire(state, now)
+        try:
+            self._check(tenant, state, quota, tokens, now)
+        except QuotaExceeded as exc:
+            key = (tenant, exc.limit)
+            self.rejected[key] = self.rejected.get(key, 0) + 1
+            raise
+        state.running[request_id] = _Charge(request_id, now, tokens)
+
+    def settle(self, tenant: str, request_id: str, used: int | None) -> None:
+        """The request ended having used `used` tokens (None: unknown, its reservation stands)."""
+        state = self._tenants.get(tenant)
+        charge = state.running.pop(request_id, None) if state else None
+        if charge is None:
+            return
+        now = self._clock()
+        charge.end = now
+        if used is not None:
+            charge.tokens = min(max(0, used), charge.tokens)
+        state.mean_seconds = 0.8 * state.mean_seconds + 0.2 * (now - charge.start)
+        state.ended.append(charge)
+
+    def release(self, tenant: str, request_id: str) -> None:
+        """The request never ran (refused, timed out or cancelled in the queue): nothing is charged."""
+        state = self._tenants.get(tenant)
+        if state is not None:
+            state.running.pop(request_id, None)
+
+    def usage(self, tenant: str) -> tuple[int, int, int]:
+        """(requests in flight, requests counted in the window, tokens counted in the window)."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return 0, 0, 0
+        self._expire(state, self._clock())
+        charges = [*state.running.values(), *state.ended]
+        return len(state.running), len(charges), sum(c.tokens for c in charges)
+
+    def _expire(self, state: _Tenant, now: float) -> None:
+        while state.ended and state.ended[0].end + WINDOW <= now:
+            state.ended.popleft()
+
+    def _check(self, tenant: str, state: _Tenant, quota: Quota, tokens: int, now: float) -> None:
+        running = list(state.running.values())
+        if quota.max_concurrent and len(running) + 1 > quota.max_concurrent:
+            oldest = min(c.start for c in running)
+            retry = max(0.05, state.mean_seconds - (now - oldest))
+            raise QuotaExceeded(tenant, "max_concurrent_requests", quota.max_concurrent, retry, 1, len(running))
+        if quota.requests_per_minute:
+            self._window(tenant, state, "requests_per_minute", quota.requests_per_minute, 1, now,
+                         lambda c: 1)
+        if quota.tokens_per_minute:
+            if tokens > quota.tokens_per_minute:
+                raise ResourceExhausted(
+                    f"the request may cost {tokens} tokens (prompt + max_tokens), more than tenant "
+                    f"{tenant!r}'s whole quota of {quota.tokens_per_minute} per 60s; lower max_tokens",
+                    reason="QUOTA_EXCEEDED", metadata={
+                        "tenant": tenant, "limit": "tokens_per_minute", "value": str(quota.tokens_per_minute),
+                        "window": f"{WINDOW:g}s", "requested": str(tokens)})
+            self._window(tenant, state, "tokens_per_minute", quota.tokens_per_minute, tokens, now,
+                         lambda c: c.tokens)
+
+    def _window(self, tenant: str, state: _Tenant, limit: str, value: int, needed: int, now: float,
+                amount: Callable[[_Charge], int]) -> None:
+        counted = sum(amount(c) for c in state.running.values()) + sum(amount(c) for c in state.ended)
+        if counted + needed <= value:
+            return
+        # When enough ended charges leave the window; if the running ones alone are too many,
+        # guess from the pace of this tenant's requests.
+        excess = counted + needed - value
+        for charge in state.ended:
+            excess -= amount(charge)
+            if excess <= 0:
+                raise QuotaExceeded(tenant, limit, value, max(0.01, charge.end + WINDOW - now), needed, counted)
+        raise QuotaExceeded(tenant, limit, value, state.mean_seconds + WINDOW, needed, counted)
