@@ -56,8 +56,9 @@ class InProcessSuite:
         """A channel to service `name` with the certificate of `tls_as` (the CLI's by default, or a
         service's) and `api_key` (default: the local admin key; "" sends none)."""
         key = self.identity.admin_key() if api_key is None else api_key
-        return open_aio_channel(self.addresses[name], str(self.identity.tls_dir(tls_as)), key or None,
-                                public=name == "gateway")
+        secure = bool(self.services[name].host.security.tls_dir)     # plaintext when started so
+        return open_aio_channel(self.addresses[name], str(self.identity.tls_dir(tls_as)) if secure else None,
+                                key or None, public=name == "gateway")
 
     async def stop(self, grace: float = 1.0) -> None:
         for name in reversed(list(self.services)):

@@ -87,6 +87,8 @@ class Suite:
     metrics_port: int = 9464
     # How many workers; past the first ("worker", id "worker-1") they are "worker-2", ...
     workers: int = 1
+    # How many gateways (sharing the key store); past the first they are "gateway-2", ...
+    gateways: int = 1
     addresses: dict[str, str] = field(default_factory=dict)
     # Where each process serves its Prometheus metrics ("host:port").
     metrics: dict[str, str] = field(default_factory=dict)
@@ -97,10 +99,11 @@ class Suite:
     @property
     def names(self) -> list[str]:
         """Process names in start order: each service, and each worker."""
-        extra = [f"worker-{i}" for i in range(2, self.workers + 1)]
+        extra = {"worker": [f"worker-{i}" for i in range(2, self.workers + 1)],
+                 "gateway": [f"gateway-{i}" for i in range(2, self.gateways + 1)]}
         out: list[str] = []
         for service in SERVICES:
-            out += [service, *extra] if service == "worker" else [service]
+            out += [service, *extra.get(service, ())]
         return out
 
     def start(self, timeout: float = 120.0) -> dict[str, str]:

@@ -94,19 +94,21 @@ async def run(args: argparse.Namespace) -> int:
             services=("resources", "registry", "worker", "scheduler", "gateway"))
         addresses = suite.addresses
         try:
-            async with grpc.aio.insecure_channel(addresses["registry"]) as channel:
+            async with suite.channel("registry") as channel:
                 registry = registry_pb2_grpc.RegistryServiceStub(channel)
                 await registry.ImportModel(registry_pb2.ImportModelRequest(name="bench", source=source), timeout=600)
                 await registry.LoadModel(registry_pb2.LoadModelRequest(name="bench"), timeout=600)
             jobs = workload(args.requests, args.tokens, args.tokens, True, 0)
             print(f"{args.requests} requests of {args.tokens} tokens at concurrency {args.concurrency} "
                   f"through the gateway, {args.rounds} rounds each way, alternating")
-            await run_suite("warm-up", "gateway", addresses["gateway"], "bench", jobs[:4], 4)
+            credentials = (suite.identity.admin_key(), None)
+            await run_suite("warm-up", "gateway", addresses["gateway"], "bench", jobs[:4], 4, credentials)
             on, off = [], []
             for i in range(args.rounds * 2):
                 switch.on = i % 2 == 1
                 before = receiver.spans
-                result = await run_suite("", "gateway", addresses["gateway"], "bench", jobs, args.concurrency)
+                result = await run_suite("", "gateway", addresses["gateway"], "bench", jobs, args.concurrency,
+                                         credentials)
                 (on if switch.on else off).append(result.tokens_per_s)
                 provider.force_flush()
                 print(f"  round {i + 1}: tracing {'on ' if switch.on else 'off'} {result.tokens_per_s:7.1f} tok/s"

@@ -16,6 +16,7 @@ from llmos.v1 import (
     monitor_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    resources_pb2_grpc,
     scheduler_pb2_grpc,
     worker_pb2_grpc,
 )
@@ -43,6 +44,10 @@ class Stack:
     @property
     def worker(self):
         return worker_pb2_grpc.WorkerServiceStub(self.channels["worker"])
+
+    @property
+    def resources(self):
+        return resources_pb2_grpc.ResourceServiceStub(self.channels["resources"])
 
     @property
     def identity(self):

@@ -22,6 +22,10 @@ async def test_request_status_follows_a_request_from_running_to_done(stack):
     running = await stack.scheduler.GetRequestStatus(scheduler_pb2.GetRequestStatusRequest(request_id="status-1"))
     assert running.state == scheduler_pb2.GetRequestStatusResponse.STATE_RUNNING
     assert (running.tenant, running.model, running.worker_id) == ("acme", "tiny:latest", "w1")
+    # Charged to its own tenant in the scheduler's per-tenant figures; "other" was never seen.
+    tenants = {t.tenant: t for t in (await stack.scheduler.GetSchedulerStats(
+        scheduler_pb2.GetSchedulerStatsRequest())).tenants}
+    assert tenants["acme"].admitted == 1 and "other" not in tenants
     call.cancel()
     await _idle(stack)
     for _ in range(100):

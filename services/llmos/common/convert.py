@@ -35,9 +35,26 @@ def seconds(value: duration_pb2.Duration | timestamp_pb2.Timestamp) -> float:
     return value.ToNanoseconds() / 1e9
 
 
+# The ranges google.protobuf.Duration and Timestamp document.
+_MAX_DURATION_SECONDS = 315_576_000_000
+_TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
+
+
 def optional_seconds(message: Any, name: str) -> float | None:
-    """The `Duration` field `name` in seconds, None when it is not set."""
-    return seconds(getattr(message, name)) if message.HasField(name) else None
+    """The `Duration` or `Timestamp` field `name` in seconds, None when it is not set; a value
+    outside the range its type documents is INVALID_ARGUMENT."""
+    if not message.HasField(name):
+        return None
+    value = getattr(message, name)
+    if isinstance(value, timestamp_pb2.Timestamp):
+        valid = _TIMESTAMP_SECONDS[0] <= value.seconds <= _TIMESTAMP_SECONDS[1] and 0 <= value.nanos <= 999_999_999
+    else:
+        valid = (abs(value.seconds) <= _MAX_DURATION_SECONDS and abs(value.nanos) <= 999_999_999
+                 and not (value.seconds and value.nanos and (value.seconds > 0) != (value.nanos > 0)))
+    if not valid:
+        raise InvalidArgument.field(name, f"is not a valid {type(value).DESCRIPTOR.full_name} "
+                                          f"(seconds {value.seconds}, nanos {value.nanos})")
+    return seconds(value)
 
 
 def enum_word(message: Any, field: str) -> str:
@@ -53,6 +70,8 @@ def enum_word(message: Any, field: str) -> str:
 
 MAX_PROMPT_CHARS = 1 << 20
 MAX_MESSAGES = 512
+# The chat roles a template knows; anything else (a role smuggling template markup) is refused.
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_NEW_TOKENS = 8192
 MAX_STOP_STRINGS = 8
 MAX_TOP_LOGPROBS = 20
@@ -101,8 +120,8 @@ def input_from_proto(request: Any, errors: Violations) -> GenerationInput:
         errors.add("messages", f"at most {MAX_MESSAGES} messages are allowed")
     total = 0
     for i, message in enumerate(request.messages):
-        if not message.role or len(message.role) > 64:
-            errors.add(f"messages[{i}].role", "is required, at most 64 characters")
+        if message.role not in CHAT_ROLES:
+            errors.add(f"messages[{i}].role", f"must be one of {', '.join(sorted(CHAT_ROLES))}")
         if not message.content and message.role != "assistant":
             errors.add(f"messages[{i}].content", "must not be empty")
         total += len(message.content)

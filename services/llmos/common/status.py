@@ -17,7 +17,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from .convert import duration, seconds
-from .errors import DOMAIN, FieldViolation, LlmosError, RemoteError
+from .errors import DOMAIN, FieldViolation, InvalidArgument, LlmosError, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,33 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     await context.abort_with_status(rpc_status.to_status(status))
 
 
+class _Undecodable:
+    """What a request that did not parse becomes, so the handler can refuse it as bad input
+    (a deserializer that raises makes grpc answer UNKNOWN with the parser's text)."""
+
+
+def _decoding(deserializer: Any) -> Any:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError and its kin
+            return _Undecodable()
+
+    return decode
+
+
+def _check_decoded(request: Any, method: str) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request does not parse as the message {method} takes",
+                              reason="MALFORMED_REQUEST", metadata={"method": method})
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by unary-unary and unary-stream handlers to rich statuses."""
+    """Maps exceptions raised by unary-unary and unary-stream handlers to rich statuses; a
+    request whose bytes do not parse is INVALID_ARGUMENT."""
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
@@ -103,6 +128,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
+                    _check_decoded(request, method)
                     return await behavior(request, context)
                 except grpc.aio.AbortError:
                     raise
@@ -110,13 +136,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, exc, method)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=handler.request_deserializer,
+                unary_unary, request_deserializer=_decoding(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             stream_behavior = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
+                    _check_decoded(request, method)
                     async for item in stream_behavior(request, context):
                         yield item
                 except grpc.aio.AbortError:
@@ -125,6 +152,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, exc, method)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=handler.request_deserializer,
+                unary_stream, request_deserializer=_decoding(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         return handler

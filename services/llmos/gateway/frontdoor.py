@@ -35,6 +35,9 @@ class GenerateCall:
     tenant: str = "default"
     # Seconds the model stays loaded without requests after this one; None: unchanged.
     keep_alive: float | None = None
+    # True: `keep_alive` only holds the model loaded that long (a user's); False: it is kept
+    # for the model (an admin's).
+    keep_alive_hold: bool = False
     # The tenant's fair-share weight and limits, from its record.
     weight: float = 1.0
     quota: Quota = Quota()
@@ -104,6 +107,7 @@ class FrontDoor:
             reason: FinishReason | None = None
             usage: Usage | None = None
             produced = worker_failed = False
+            streamed = 0
             try:
                 left = remaining()
                 if left is not None and left <= 0:
@@ -113,6 +117,7 @@ class FrontDoor:
                     if chunk.finish_reason is not None:
                         reason, usage = chunk.finish_reason, chunk.usage
                     produced = True
+                    streamed += len(chunk.token_ids)
                     yield request_id, chunk
                 return
             except LlmosError as exc:
@@ -127,6 +132,8 @@ class FrontDoor:
                 reason = FinishReason.CANCELLED               # it closed this stream at a yield)
                 raise
             finally:
+                if usage is None:   # it ended early: charge what was served (the prompt at most its bound)
+                    usage = Usage(call.prompt_tokens, streamed)
                 reported = self._report(request_id, reason, usage, worker_failed)
             await reported      # the scheduler must know of the failed worker before it admits again
 

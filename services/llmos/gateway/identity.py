@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from llmos.common.convert import optional_seconds, seconds, timestamp
+from llmos.common.convert import optional_seconds, timestamp
 from llmos.common.errors import FailedPrecondition, InvalidArgument
 from llmos.common.keystore import ApiKey, KeyStore, Quota, Role, Tenant
 from llmos.v1 import identity_pb2, identity_pb2_grpc
@@ -100,7 +100,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         role = _ROLE_FROM_PROTO.get(request.role)
         if role is None:
             raise InvalidArgument.field("role", "is required: ROLE_USER or ROLE_ADMIN")
-        expire = seconds(request.expire_time) if request.HasField("expire_time") else None
+        expire = optional_seconds(request, "expire_time")
         key, secret = self.store.create_key(request.tenant, role, request.label, expire)
         return identity_pb2.CreateApiKeyResponse(api_key=key_to_proto(key, time.time()), secret=secret)
 

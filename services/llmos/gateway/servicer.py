@@ -25,7 +25,7 @@ from llmos.common.convert import (
 )
 from llmos.common.domain import Chunk, FinishReason, Usage
 from llmos.common.errors import InvalidArgument, LlmosError
-from llmos.common.keystore import Tenant
+from llmos.common.keystore import Role, Tenant
 from llmos.common.names import parse_model_ref
 from llmos.common.status import from_rpc_error
 from llmos.v1 import (
@@ -50,6 +50,8 @@ _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 # Trailer saying a request's priority was lowered to its tenant's ceiling: "<asked>-><used>".
 PRIORITY_TRAILER = "llmos-priority-lowered"
 MAX_KEEP_ALIVE = 30 * 24 * 3600.0
+# The longest a user's request may hold a model loaded.
+USER_MAX_KEEP_ALIVE = 3600.0
 
 
 class GrpcScheduler:
@@ -62,7 +64,8 @@ class GrpcScheduler:
             request = scheduler_pb2.AdmitGenerationRequest(
                 request_id=request_id, model=call.model, tenant=call.tenant, priority=call.priority,
                 max_tokens=call.params.max_tokens or 0, prompt_tokens=call.prompt_tokens,
-                redispatch=redispatch, tenant_weight=call.weight, tenant_quota=identity_pb2.TenantQuota(
+                redispatch=redispatch, keep_alive_hold=call.keep_alive_hold, tenant_weight=call.weight,
+                tenant_quota=identity_pb2.TenantQuota(
                     max_concurrent_requests=call.quota.max_concurrent,
                     requests_per_minute=call.quota.requests_per_minute,
                     tokens_per_minute=call.quota.tokens_per_minute))
@@ -106,7 +109,7 @@ class GrpcWorkers:
             stream.cancel()
 
 
-def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: Tenant) -> GenerateCall:
+def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: Tenant, admin: bool = False) -> GenerateCall:
     """The call, checked; its tenant, weight, quota and priority ceiling come from the caller's
     key, never from what the client says (a priority above the ceiling is lowered to it)."""
     errors = Violations()
@@ -122,11 +125,14 @@ def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: Tenant) -> Gen
     if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
         errors.add("request_id", "must be 1 to 128 printable ASCII characters without spaces")
     keep_alive = optional_seconds(request, "keep_alive")
-    if keep_alive is not None and abs(keep_alive) > MAX_KEEP_ALIVE:
+    if keep_alive is not None and admin and abs(keep_alive) > MAX_KEEP_ALIVE:
         errors.add("keep_alive", "must be at most 30 days either way")
+    elif keep_alive is not None and not admin and not 0 < keep_alive <= USER_MAX_KEEP_ALIVE:
+        errors.add("keep_alive", "with a user key can only keep the model loaded longer: more than 0 and at "
+                                 f"most {USER_MAX_KEEP_ALIVE:.0f} s (an admin sets a model's own keep-alive)")
     errors.raise_if_any()
     return GenerateCall(model, source, params, min(request.priority, tenant.priority_ceiling), request.request_id,
-                        tenant.name, keep_alive, tenant.weight, tenant.quota)
+                        tenant.name, keep_alive, not admin, tenant.weight, tenant.quota)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -150,9 +156,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             for m in page.models])
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
-        tenant = current_principal().tenant
+        caller = current_principal()
         try:
-            call = call_from_proto(request, tenant)
+            call = call_from_proto(request, caller.tenant, admin=caller.role is Role.ADMIN or not caller.key_id)
         except LlmosError as exc:
             self.telemetry.requests.labels(OTHER_MODEL, exc.code).inc()
             raise

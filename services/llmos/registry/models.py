@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
 
+# The longest model source (a path or bundled:NAME) an import takes.
+MAX_SOURCE = 4096
+
 
 @dataclass
 class Worker:
@@ -95,11 +98,15 @@ class ModelRegistry:
         self.workers: dict[str, Worker] = {}
         self._placements: dict[ModelRef, dict[str, Placement]] = {}
         self._locks: dict[ModelRef, asyncio.Lock] = {}
+        # Models a request asked to keep loaded until then (Unix time), whatever their keep-alive.
+        self._held_until: dict[ModelRef, float] = {}
 
     # catalog ---------------------------------------------------------------
 
     async def import_model(self, name: str, tag: str, source: str) -> tuple[ModelView, bool]:
         ref = ModelRef(check_name(name, "name"), check_tag(tag or "latest", "tag"))
+        if not source or len(source) > MAX_SOURCE or not source.isprintable():
+            raise InvalidArgument.field("source", f"is required, at most {MAX_SOURCE} printable characters")
         path = self.importer.resolve(source)
         source_format, digest = await asyncio.to_thread(self.importer.source_digest, path)
         existing = self.catalog.get(ref)
@@ -239,13 +246,17 @@ class ModelRegistry:
             self.importer.remove(view.record.path)
         log.info("deleted %s", view.record.ref)
 
-    async def load(self, name: str, replicas: int = 1,
-                   keep_alive: float | None = None) -> tuple[ModelView, Placement]:
+    async def load(self, name: str, replicas: int = 1, keep_alive: float | None = None,
+                   hold: float | None = None) -> tuple[ModelView, Placement]:
         """Makes `replicas` workers serve the model; returns one placement that serves it.
-        `keep_alive` (seconds idle before unloading, negative: never) is kept for the model."""
+        `keep_alive` (seconds idle before unloading, negative: never) is kept for the model;
+        `hold` (seconds) only keeps it loaded at least that long from now."""
         if not 0 <= replicas <= 64:
             raise InvalidArgument.field("replicas", "must be between 0 and 64")
         view = self.get(name)
+        if hold is not None:
+            ref = view.record.ref
+            self._held_until[ref] = max(self._held_until.get(ref, 0.0), time.time() + hold)
         if keep_alive is not None and keep_alive != view.record.keep_alive:
             self.catalog.set_keep_alive(view.record.ref, keep_alive)
             view.record = replace(view.record, keep_alive=keep_alive)
@@ -369,7 +380,7 @@ class ModelRegistry:
                 ref = parse_model_ref(name)
                 record = self.catalog.get(ref)
                 limit = keep_alive if record is None or record.keep_alive is None else record.keep_alive
-                if in_flight == 0 and limit >= 0 and now - last > limit:
+                if in_flight == 0 and limit >= 0 and now - last > limit and now >= self._held_until.get(ref, 0.0):
                     async with self._lock(ref):
                         await self._evict(ref, worker, f"after {limit:.0f}s idle")
                     evicted.append((name, worker.worker_id))

@@ -6,6 +6,7 @@ import grpc
 
 from llmos.common.channels import Channels
 from llmos.common.convert import optional_seconds, seconds, timestamp
+from llmos.common.errors import InvalidArgument
 from llmos.common.names import parse_model_ref
 from llmos.common.status import from_rpc_error
 from llmos.v1 import registry_pb2, registry_pb2_grpc, resources_pb2, resources_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -83,7 +84,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def LoadModel(self, request, context):
         keep_alive = optional_seconds(request, "keep_alive")
-        view, placement = await self.registry.load(request.name, request.replicas, keep_alive)
+        if request.hold:
+            if keep_alive is None or keep_alive <= 0:
+                raise InvalidArgument.field("keep_alive", "a hold needs a keep_alive of more than 0")
+            view, placement = await self.registry.load(request.name, request.replicas, hold=keep_alive)
+        else:
+            view, placement = await self.registry.load(request.name, request.replicas, keep_alive)
         return registry_pb2.LoadModelResponse(model=model_to_proto(view),
                                               placement=placement_to_proto(placement))
 

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 from llmos.common.errors import InvalidArgument, NotFound, ResourceExhausted
 
+# The longest lease a caller may ask for without renewing it, and the largest.
+MAX_TTL_SECONDS = 86400.0
+MAX_LEASE_BYTES = 2**50
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -80,12 +84,12 @@ class LeaseBook:
         return int(row[0])
 
     def acquire(self, holder: str, node: str, device: str, nbytes: int, ttl: float = 0.0) -> Lease:
-        if not holder or len(holder) > 256:
-            raise InvalidArgument.field("holder", "is required, at most 256 characters")
-        if nbytes <= 0:
-            raise InvalidArgument.field("bytes", f"must be greater than 0, got {nbytes}")
-        if ttl < 0:
-            raise InvalidArgument.field("ttl", "must not be negative")
+        if not holder or len(holder) > 256 or not holder.isprintable():
+            raise InvalidArgument.field("holder", "is required, at most 256 printable characters")
+        if not 0 < nbytes <= MAX_LEASE_BYTES:
+            raise InvalidArgument.field("bytes", f"must be greater than 0 and at most 2^50, got {nbytes}")
+        if not 0 <= ttl <= MAX_TTL_SECONDS:
+            raise InvalidArgument.field("ttl", f"must be between 0 and {MAX_TTL_SECONDS:.0f} seconds")
         budget = next((b for b in self._budgets() if b.node == node and b.device == device), None)
         if budget is None:
             raise NotFound(f"no device {device!r} on node {node!r}", reason="DEVICE_NOT_FOUND",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from llmos.common.convert import duration, seconds, timestamp
+from llmos.common.convert import duration, optional_seconds, timestamp
+from llmos.common.errors import InvalidArgument
 from llmos.v1 import resources_pb2, resources_pb2_grpc
 
 from .leases import Lease
@@ -40,8 +41,10 @@ class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
         return resources_pb2.ListNodesResponse(nodes=[node_to_proto(n) for n in self.manager.nodes()])
 
     async def AcquireLease(self, request, context: grpc.aio.ServicerContext):
-        lease = self.manager.acquire(request.holder, request.node, request.device, request.bytes,
-                                     seconds(request.ttl))
+        ttl = optional_seconds(request, "ttl")
+        if ttl is None or ttl <= 0:     # a lease nobody renews must end: no permanent leases
+            raise InvalidArgument.field("ttl", "is required: more than 0, at most a day")
+        lease = self.manager.acquire(request.holder, request.node, request.device, request.bytes, ttl)
         return resources_pb2.AcquireLeaseResponse(lease=lease_to_proto(lease))
 
     async def ReleaseLease(self, request, context: grpc.aio.ServicerContext):

@@ -53,9 +53,10 @@ class RegistryPort(Protocol):
     async def ready_endpoints(self, model: str, timeout: float | None) -> tuple[str, list[Endpoint]]:
         """(resolved "name:tag", workers where it is ready); raises NotFound if not in the catalog."""
 
-    async def load(self, model: str, timeout: float | None, keep_alive: float | None = None) -> list[Endpoint]:
-        """Loads the model somewhere (cold start), or just sets its keep-alive when it is
-        loaded already; returns where it is ready."""
+    async def load(self, model: str, timeout: float | None, keep_alive: float | None = None,
+                   hold: bool = False) -> list[Endpoint]:
+        """Loads the model somewhere (cold start), or just sets its keep-alive (or, with `hold`,
+        holds it loaded that long) when it is loaded already; returns where it is ready."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Ticket:
     max_tokens: int = 0              # 0: not set
     keep_alive: float | None = None
     redispatch: bool = False         # its worker failed before the first token
+    keep_alive_hold: bool = False    # keep_alive only holds the model loaded (a user's request)
     weight: float = 1.0              # its tenant's fair-share weight, from the tenant's record
     quota: Quota = Quota()           # its tenant's limits, from the tenant's record
 
@@ -193,6 +195,7 @@ class Scheduler:
         self._active: dict[str, _Request] = {}
         self._done: OrderedDict[str, RequestStatus] = OrderedDict()
         self.admitted_total = 0
+        self.admitted_by_tenant: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
 
     # ---- figures -------------------------------------------------------------------------
@@ -274,7 +277,8 @@ class Scheduler:
             request.model = resolved
             if not endpoints or ticket.keep_alive is not None:
                 request.reason = "MODEL_LOADING"
-                endpoints = await self._registry.load(resolved, remaining(), ticket.keep_alive)
+                endpoints = await self._registry.load(resolved, remaining(), ticket.keep_alive,
+                                                      ticket.keep_alive_hold)
                 if not endpoints:
                     raise Unavailable(f"no worker serves {resolved}", reason="NO_READY_WORKER",
                                       metadata={"model": resolved})
@@ -298,6 +302,7 @@ class Scheduler:
                 self.events.refused(request, _outcome(exc))
             raise
         self.admitted_total += 1
+        self.admitted_by_tenant[ticket.tenant] += 1
         self.events.admitted(request)
         return Admission(ticket.request_id, request.model, endpoint, request.started - arrival)
 

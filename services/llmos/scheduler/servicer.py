@@ -45,6 +45,11 @@ def _ready(model: common_pb2.Model) -> list[Endpoint]:
             if p.state == common_pb2.Model.STATE_READY]
 
 
+def _tenant_usage(scheduler: Scheduler, tenant: str, admitted: int) -> scheduler_pb2.TenantUsage:
+    in_flight, _, tokens = scheduler.quotas.usage(tenant)
+    return scheduler_pb2.TenantUsage(tenant=tenant, admitted=admitted, in_flight=in_flight, window_tokens=tokens)
+
+
 class GrpcRegistry:
     """The scheduler's port to the registry."""
 
@@ -62,8 +67,9 @@ class GrpcRegistry:
             raise from_rpc_error(exc) from None
         return f"{response.model.name}:{response.model.tag}", _ready(response.model)
 
-    async def load(self, model: str, timeout: float | None, keep_alive: float | None = None) -> list[Endpoint]:
-        request = registry_pb2.LoadModelRequest(name=model)
+    async def load(self, model: str, timeout: float | None, keep_alive: float | None = None,
+                   hold: bool = False) -> list[Endpoint]:
+        request = registry_pb2.LoadModelRequest(name=model, hold=hold)
         if keep_alive is not None:
             request.keep_alive.CopyFrom(duration(keep_alive))
         with self._tracer.start_as_current_span("cold start", attributes={"gen_ai.request.model": model}) as span:
@@ -132,7 +138,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         q = request.tenant_quota
         ticket = Ticket(request.request_id, request.model, request.tenant or "default", request.priority,
                         max(0, request.prompt_tokens), max(0, request.max_tokens), keep_alive, request.redispatch,
-                        request.tenant_weight or 1.0,
+                        request.keep_alive_hold, request.tenant_weight or 1.0,
                         Quota(q.max_concurrent_requests, q.requests_per_minute, q.tokens_per_minute))
         admission = await self.scheduler.admit(ticket, timeout=context.time_remaining())
         if context.cancelled():     # granted as the caller left: nobody will run it
@@ -159,7 +165,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             queues=[queue_depth_to_proto(q) for q in s.queue_depths()],
             workers=[scheduler_pb2.WorkerLoad(
                 worker_id=w.endpoint.worker_id, worker_address=w.endpoint.address, model=w.model,
-                running=w.running, capacity=w.capacity, in_rotation=w.in_rotation) for w in s.worker_loads()])
+                running=w.running, capacity=w.capacity, in_rotation=w.in_rotation) for w in s.worker_loads()],
+            tenants=[_tenant_usage(s, tenant, admitted) for tenant, admitted in sorted(s.admitted_by_tenant.items())])
 
     async def GetRequestStatus(self, request, context):
         status = self.scheduler.status(request.request_id)

@@ -14,7 +14,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AdmitGenerationRequest(_message.Message):
-    __slots__ = ("request_id", "model", "tenant", "priority", "max_tokens", "keep_alive", "prompt_tokens", "redispatch", "tenant_weight", "tenant_quota")
+    __slots__ = ("request_id", "model", "tenant", "priority", "max_tokens", "keep_alive", "prompt_tokens", "redispatch", "tenant_weight", "tenant_quota", "keep_alive_hold")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class AdmitGenerationRequest(_message.Message):
     REDISPATCH_FIELD_NUMBER: _ClassVar[int]
     TENANT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     TENANT_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_HOLD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     tenant: str
@@ -35,7 +36,8 @@ class AdmitGenerationRequest(_message.Message):
     redispatch: bool
     tenant_weight: float
     tenant_quota: _identity_pb2.TenantQuota
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., max_tokens: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., redispatch: _Optional[bool] = ..., tenant_weight: _Optional[float] = ..., tenant_quota: _Optional[_Union[_identity_pb2.TenantQuota, _Mapping]] = ...) -> None: ...
+    keep_alive_hold: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., max_tokens: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., redispatch: _Optional[bool] = ..., tenant_weight: _Optional[float] = ..., tenant_quota: _Optional[_Union[_identity_pb2.TenantQuota, _Mapping]] = ..., keep_alive_hold: _Optional[bool] = ...) -> None: ...
 
 class AdmitGenerationResponse(_message.Message):
     __slots__ = ("worker_id", "worker_address", "model", "queue_time")
@@ -48,6 +50,18 @@ class AdmitGenerationResponse(_message.Message):
     model: str
     queue_time: _duration_pb2.Duration
     def __init__(self, worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., model: _Optional[str] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class TenantUsage(_message.Message):
+    __slots__ = ("tenant", "admitted", "in_flight", "window_tokens")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    admitted: int
+    in_flight: int
+    window_tokens: int
+    def __init__(self, tenant: _Optional[str] = ..., admitted: _Optional[int] = ..., in_flight: _Optional[int] = ..., window_tokens: _Optional[int] = ...) -> None: ...
 
 class FinishGenerationRequest(_message.Message):
     __slots__ = ("request_id", "finish_reason", "usage", "worker_failed")
@@ -70,7 +84,7 @@ class GetSchedulerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetSchedulerStatsResponse(_message.Message):
-    __slots__ = ("running", "waiting", "admitted_total", "rejected_total", "queues", "workers", "rejected_by_reason")
+    __slots__ = ("running", "waiting", "admitted_total", "rejected_total", "queues", "workers", "rejected_by_reason", "tenants")
     class RejectedByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +99,7 @@ class GetSchedulerStatsResponse(_message.Message):
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     admitted_total: int
@@ -92,7 +107,8 @@ class GetSchedulerStatsResponse(_message.Message):
     queues: _containers.RepeatedCompositeFieldContainer[QueueDepth]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerLoad]
     rejected_by_reason: _containers.ScalarMap[str, int]
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., admitted_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., queues: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., rejected_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantUsage]
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., admitted_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., queues: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., rejected_by_reason: _Optional[_Mapping[str, int]] = ..., tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ...) -> None: ...
 
 class QueueDepth(_message.Message):
     __slots__ = ("model", "priority", "tenant", "waiting")

@@ -26,6 +26,9 @@ from .loader import LoadedModel, load_model
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
+# More characters a token than any tokenizer here makes: a prompt longer than this many per token
+# of the model's sequence limit is refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 16
 
 
 class ResourcesPort(Protocol):
@@ -164,6 +167,16 @@ class ModelHost:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @staticmethod
+    def _check_length(loaded: LoadedModel, source: GenerationInput) -> None:
+        """Refuses, without tokenizing it, a prompt that cannot fit: a token covers at most a
+        few characters (MAX_CHARS_PER_TOKEN is generous), so longer text is over the limit."""
+        chars = len(source.prompt) if source.prompt is not None else sum(len(m.content) for m in source.messages)
+        if chars > loaded.max_seq_len * MAX_CHARS_PER_TOKEN:
+            raise InvalidArgument.field(
+                "prompt", f"is {chars} characters, far more than the {loaded.max_seq_len} tokens this model "
+                          "serves per sequence", reason="PROMPT_TOO_LONG")
+
+    @staticmethod
     def _max_new(loaded: LoadedModel, prompt_len: int, params: SamplingParams, token_budget: int = 0) -> int:
         """The output limit; refuses requests that can never fit in a cache slot. Within a
         quota's `token_budget` (prompt + output), the output is cut to what is left of it."""
@@ -198,6 +211,7 @@ class ModelHost:
                            reason="MODEL_NOT_LOADED", metadata={"model": model})
         served.last_request = time.time()
         loaded = served.loaded
+        self._check_length(loaded, source)
         prompt_ids = await asyncio.to_thread(self._prompt_ids, loaded, source)  # long prompts: off the loop
         max_new = self._max_new(loaded, len(prompt_ids), params, token_budget)
         loop = asyncio.get_running_loop()

@@ -67,7 +67,8 @@ async def test_a_worker_failure_still_releases_the_slot():
     with pytest.raises(Unavailable):
         await _collect(front)
     await front.drain()
-    assert scheduler.finished == [("r1", None, None, "worker failed")]
+    # Charged what was served: the prompt's bound ("hi": 2 bytes + 2) and the one token streamed.
+    assert scheduler.finished == [("r1", None, Usage(4, 1), "worker failed")]
     assert len(scheduler.admitted) == 1          # tokens had gone out: no second try
 
 
@@ -78,8 +79,8 @@ async def test_a_worker_that_fails_before_the_first_token_is_replaced():
     await front.drain()
     assert [c.text for c in chunks] == ["a", "b"]
     assert scheduler.redispatched == [False, True, True]
-    assert scheduler.finished == [("r1", None, None, "worker failed"), ("r1", None, None, "worker failed"),
-                                  ("r1", FinishReason.STOP, Usage(3, 2))]
+    failed = ("r1", None, Usage(4, 0), "worker failed")
+    assert scheduler.finished == [failed, failed, ("r1", FinishReason.STOP, Usage(3, 2))]
 
 
 async def test_redispatch_gives_up_after_a_few_workers():
@@ -101,7 +102,7 @@ async def test_cancelling_the_stream_reports_cancelled():
     with pytest.raises(asyncio.CancelledError):
         await task
     await front.drain()
-    assert scheduler.finished == [("r1", FinishReason.CANCELLED, None)]
+    assert scheduler.finished == [("r1", FinishReason.CANCELLED, Usage(4, 1))]
 
 
 async def test_a_consumer_that_closes_the_stream_reports_cancelled():
@@ -111,7 +112,7 @@ async def test_a_consumer_that_closes_the_stream_reports_cancelled():
     await anext(stream)
     await stream.aclose()                 # what the server does to a handler whose caller left
     await front.drain()
-    assert scheduler.finished == [("r1", FinishReason.CANCELLED, None)]
+    assert scheduler.finished == [("r1", FinishReason.CANCELLED, Usage(4, 1))]
 
 
 async def test_admission_errors_pass_through_and_nothing_is_reported():

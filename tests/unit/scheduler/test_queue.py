@@ -17,6 +17,7 @@ class FakeRegistry:
         self.ready = ready if ready is not None else {"tiny:latest": [W1]}
         self.loadable = loadable or {}
         self.loads = []
+        self.holds = []
 
     async def ready_endpoints(self, model, timeout):
         name = model if ":" in model else f"{model}:latest"
@@ -24,8 +25,9 @@ class FakeRegistry:
             raise NotFound(f"model {name} is not in the catalog", reason="MODEL_NOT_FOUND")
         return name, list(self.ready.get(name, []))
 
-    async def load(self, model, timeout, keep_alive=None):
+    async def load(self, model, timeout, keep_alive=None, hold=False):
         self.loads.append(model)
+        self.holds.append(hold)
         self.ready[model] = self.loadable[model]
         return self.ready[model]
 
@@ -321,7 +323,9 @@ async def test_a_keep_alive_is_handed_to_the_registry_even_when_the_model_is_loa
     await scheduler.admit(ticket("a"))
     assert registry.loads == []
     await scheduler.admit(ticket("b", keep_alive=60.0))
-    assert registry.loads == ["tiny:latest"]
+    assert registry.loads == ["tiny:latest"] and registry.holds == [False]
+    await scheduler.admit(ticket("c", keep_alive=60.0, keep_alive_hold=True))    # a user's: only a hold
+    assert registry.holds == [False, True]
 
 
 async def test_a_full_queue_makes_room_for_a_higher_band_or_a_less_served_tenant():
