@@ -176,6 +176,7 @@ async def test_40_requests_against_16_slots_and_a_queue_of_8(suite):
             health = await monitor_pb2_grpc.MonitorServiceStub(channel).GetClusterHealth(
                 monitor_pb2.GetClusterHealthRequest(), timeout=10)
         one_more = [await driver.run(200) for _ in range(5)]      # a full queue, outside the burst
+        freed_at = time.perf_counter()                            # no slot was freed before this
         for call in driver.calls:
             call.cancel()
         outcomes = await asyncio.gather(*tasks)
@@ -192,8 +193,9 @@ async def test_40_requests_against_16_slots_and_a_queue_of_8(suite):
         assert len(rejected) == 16 and {o.reason for o in rejected} == {"QUEUE_FULL"}
         assert not others, [(o.code, o.reason) for o in others]
         assert all(o.code == grpc.StatusCode.RESOURCE_EXHAUSTED for o in one_more)
-        # Refused at once, not after a wait (2 cores serve the whole burst: see BENCHMARKS.md).
-        assert latencies[-1] < 0.5 and statistics.median(alone) < 0.05
+        # Refused at once, not after waiting for a slot: every refusal came before any slot was freed
+        # (how long they took is measured, not asserted: see BENCHMARKS.md).
+        assert all(o.ended < freed_at for o in rejected + one_more)
         await driver.idle()
     finally:
         await driver.close()
