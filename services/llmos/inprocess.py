@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +72,8 @@ async def start_in_process(data_dir: str | Path, overrides: dict[str, dict] | No
     """Starts `services` in dependency order (a tracer provider shared by all, or one each)
     and returns once the worker has registered with the registry."""
     suite, builders = InProcessSuite(), _builders()
-    suite.identity = prepare(data_dir, [(name, name) for name in services])
+    worker_id = (overrides or {}).get("worker", {}).get("worker_id") or f"{socket.gethostname()}-worker"
+    suite.identity = prepare(data_dir, [(name, name, worker_id if name == "worker" else name) for name in services])
     try:
         for name in services:
             settings_type, build = builders[name]

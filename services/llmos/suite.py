@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.common import tls
-from llmos.common.bootstrap import CLI, SuiteIdentity, prepare
+from llmos.common.bootstrap import CLI, SuiteIdentity, issue_certificates, prepare
 from llmos.common.server import PARENT_PID_ENV, read_address_file
 
 SERVICES = ("resources", "registry", "worker", "scheduler", "gateway", "monitor")
@@ -110,7 +111,7 @@ class Suite:
         self.data_dir = Path(self.data_dir).resolve()
         for sub in ("run", "logs"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        self.identity = prepare(self.data_dir, [(name, name.split("-")[0]) for name in self.names])
+        self.identity = prepare(self.data_dir, self._certificates())
         try:
             for name in self.names:
                 self._start_one(name, timeout)
@@ -140,7 +141,7 @@ class Suite:
                prefix + "DATA_DIR": str(self.data_dir),
                PARENT_PID_ENV: str(os.getpid())}
         if service == "worker" and self.workers > 1:
-            env[prefix + "WORKER_ID"] = name if name != service else "worker-1"
+            env[prefix + "WORKER_ID"] = self._worker_id(name)
         for other in NEEDS[service]:
             env[f"{prefix}{other.upper()}_ADDRESS"] = self.addresses[other]
         for key, value in self.identity.settings(service, name).items():
@@ -173,6 +174,20 @@ class Suite:
         codes = {name: _terminate(process, grace) for name, process in reversed(list(self.processes.items()))}
         self.processes.clear()
         return codes
+
+    def _worker_id(self, name: str) -> str:
+        if self.workers == 1:
+            return f"{socket.gethostname()}-worker"      # the worker's own default
+        return name if name != "worker" else "worker-1"
+
+    def _certificates(self) -> list[tuple[str, str, str]]:
+        """(process, service, instance) of every process: a worker's instance is its id."""
+        return [(name, name.split("-")[0], self._worker_id(name) if name.startswith("worker") else name)
+                for name in self.names]
+
+    def rotate_certificates(self) -> None:
+        """Issues every process a new certificate in place, as a certificate manager would."""
+        issue_certificates(self.identity, self._certificates())
 
     def client(self, api_key: str | None = None):
         """A client of this suite: the CLI's certificate, and the local admin key unless another is given."""

@@ -16,7 +16,6 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from llmos.client import Client
-from llmos.common.tls import LocalCA
 from llmos.suite import SERVICES, Suite
 from llmos.v1 import common_pb2, gateway_pb2, identity_pb2
 
@@ -224,10 +223,7 @@ def test_every_certificate_is_replaced_under_load_without_a_restart(suite, admin
     streams = [admin.generate("tiny", prompt=f"Stream {i}", max_tokens=150, ignore_eos=True, timeout=120)
                for i in range(8)]
     firsts = [next(stream) for stream in streams]              # all 8 are running
-    ca = LocalCA(identity.tls_dir("ca"))
-    for name in [*suite.processes, "cli"]:
-        service = name.split("-")[0]
-        ca.issue(identity.tls_dir(name), service, name if service != "cli" else "local")
+    suite.rotate_certificates()
     # New connections are shown the new certificates; open ones go on.
     for name in internal:
         presented = _presented_certificate(suite.addresses[name], identity.tls_dir("cli"))

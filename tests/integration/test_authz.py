@@ -189,3 +189,38 @@ async def test_what_an_outsider_could_do_is_refused(stack):
     responses = [r async for r in stack.gateway.Generate(gateway_pb2.GenerateRequest(
         model="tiny", prompt="still here", sampling={"max_tokens": 2}))]
     assert responses[-1].usage.completion_tokens == 2
+
+
+async def test_a_worker_certificate_acts_only_as_its_own_worker(stack):
+    from llmos.common.tls import LocalCA
+
+    identity = stack.suite.identity
+    # Another genuine worker of the cluster (its certificate signed by the same CA), named "evil".
+    LocalCA(identity.tls_dir("ca")).issue(identity.tls_dir("worker-evil"), "worker", "evil")
+    evil_registry = stack.suite.channel("registry", api_key="", tls_as="worker-evil")
+    evil_resources = stack.suite.channel("resources", api_key="", tls_as="worker-evil")
+    try:
+        leases = (await stack.resources.ListLeases(resources_pb2.ListLeasesRequest(), timeout=5)).leases
+        own = next(lease for lease in leases if lease.holder.startswith("worker/w1/model/"))
+        attempts = [
+            (evil_registry, "RegistryService", "RegisterWorker", registry_pb2.RegisterWorkerResponse,
+             registry_pb2.RegisterWorkerRequest(worker_id="w1", address="127.0.0.1:1", loaded_models=["tiny:latest"])),
+            (evil_resources, "ResourceService", "ReleaseLease", resources_pb2.ReleaseLeaseResponse,
+             resources_pb2.ReleaseLeaseRequest(name=own.name)),
+            (evil_resources, "ResourceService", "RenewLeases", resources_pb2.RenewLeasesResponse,
+             resources_pb2.RenewLeasesRequest(holder_prefix="worker/w1/", in_use_bytes=1)),
+        ]
+        for channel, service, method, response_type, request in attempts:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary(f"/llmos.v1.{service}/{method}",
+                                          request_serializer=type(request).SerializeToString,
+                                          response_deserializer=response_type.FromString)(request, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, (method, caught.value)
+            assert error_info(caught.value)["ErrorInfo"].reason == "WORKER_IDENTITY_MISMATCH"
+        leases = (await stack.resources.ListLeases(resources_pb2.ListLeasesRequest(), timeout=5)).leases
+        assert own.name in {lease.name for lease in leases}
+        workers = (await stack.registry.ListWorkers(registry_pb2.ListWorkersRequest(), timeout=5)).workers
+        assert [w.address for w in workers if w.worker_id == "w1"] == [stack.addresses["worker"]]
+    finally:
+        await evil_registry.close()
+        await evil_resources.close()

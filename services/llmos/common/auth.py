@@ -55,6 +55,14 @@ def current_principal() -> Principal:
     return _current.get()
 
 
+def require_worker(worker_id: str) -> None:
+    """A worker's certificate may act for that worker only (register as it, hold its leases)."""
+    caller = _current.get()
+    if caller.service == "worker" and caller.instance != worker_id:
+        raise PermissionDenied(f"worker {caller.instance!r} may act only as itself, not as {worker_id[:64]!r}",
+                               reason="WORKER_IDENTITY_MISMATCH", metadata={"worker_id": worker_id[:64]})
+
+
 class Authenticator:
     """Checks `Bearer` keys against the key store, keeping each record at most `refresh_seconds`."""
 

@@ -52,14 +52,21 @@ class SuiteIdentity:
         return values
 
 
-def prepare(data_dir: str | Path, processes: list[tuple[str, str]],
-            hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> SuiteIdentity:
-    """Makes (or keeps) the CA, issues a certificate for each (process, service) and the CLI,
-    and makes sure the store has the default tenants and the admin and probe keys."""
-    identity = SuiteIdentity(Path(data_dir).resolve())
+def issue_certificates(identity: SuiteIdentity, processes: list[tuple[str, str, str]],
+                       hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> None:
+    """Issues (again) a certificate for each (process, service, instance) and for the CLI; a
+    worker's instance is its worker id, which its certificate lets it act as."""
     ca = LocalCA(identity.tls_dir("ca"))
-    for process, service in [*processes, (CLI, CLI)]:
-        ca.issue(identity.tls_dir(process), service, process if service != CLI else "local", hosts)
+    for process, service, instance in [*processes, (CLI, CLI, "local")]:
+        ca.issue(identity.tls_dir(process), service, instance, hosts)
+
+
+def prepare(data_dir: str | Path, processes: list[tuple[str, str, str]],
+            hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> SuiteIdentity:
+    """Makes (or keeps) the CA, issues a certificate for each (process, service, instance) and
+    the CLI, and makes sure the store has the default tenants and the admin and probe keys."""
+    identity = SuiteIdentity(Path(data_dir).resolve())
+    issue_certificates(identity, processes, hosts)
     store = KeyStore(str(identity.identity_db))
     try:
         store.ensure_tenant(DEFAULT_TENANT)

@@ -1,5 +1,7 @@
 """Client channels to other llmos services: traced, over mTLS with this service's
-certificate when it has one, one per address."""
+certificate when it has one, one per address. A peer's failure reaches the caller as the
+typed error it was (`LlmosError`, its code, reason and details kept) from one interceptor,
+so no outbound adapter catches `AioRpcError` itself."""
 
 from __future__ import annotations
 
@@ -8,7 +10,39 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from .security import Security
 from .server import MAX_MESSAGE_BYTES
+from .status import from_rpc_error
 from .telemetry import client_interceptors
+
+
+class _TypedUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    """A failed unary call raises the peer's typed error."""
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        call = await continuation(client_call_details, request)
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+
+class _TypedStream(grpc.aio.UnaryStreamClientInterceptor):
+    """A failed server stream raises the peer's typed error where it is read."""
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        call = await continuation(client_call_details, request)
+
+        async def responses():
+            try:
+                async for response in call:
+                    yield response
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from None
+
+        return responses()
+
+
+def typed_errors() -> list:
+    return [_TypedUnary(), _TypedStream()]
 
 
 class Channels:
@@ -25,7 +59,8 @@ class Channels:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._security.channel(
-                address, address in self._public, interceptors=client_interceptors(self._provider),
+                address, address in self._public,
+                interceptors=[*typed_errors(), *client_interceptors(self._provider)],
                 options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
             self._channels[address] = channel

@@ -15,7 +15,8 @@ from llmos.v1 import registry_pb2_grpc
 
 from .frontdoor import FrontDoor
 from .identity import register as register_identity
-from .servicer import GrpcScheduler, GrpcWorkers, register
+from .peers import GrpcScheduler, GrpcWorkers
+from .servicer import register
 
 
 @dataclass(frozen=True)

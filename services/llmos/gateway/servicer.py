@@ -4,44 +4,29 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
 
 import grpc
 
 from llmos.common.auth import current_principal
-from llmos.common.channels import Channels
 from llmos.common.convert import (
-    FINISH_TO_PROTO,
     Violations,
-    chunk_from_proto,
-    duration,
     fill_chunk,
     input_from_proto,
-    input_to_proto,
     optional_seconds,
     sampling_from_proto,
-    sampling_to_proto,
-    usage_to_proto,
 )
-from llmos.common.domain import Chunk, FinishReason, Usage
 from llmos.common.errors import InvalidArgument, LlmosError
 from llmos.common.keystore import Role, Tenant
 from llmos.common.names import parse_model_ref
-from llmos.common.status import from_rpc_error
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
-    identity_pb2,
     registry_pb2,
     registry_pb2_grpc,
-    scheduler_pb2,
-    scheduler_pb2_grpc,
-    worker_pb2,
-    worker_pb2_grpc,
 )
 
-from .frontdoor import Assignment, FrontDoor, GenerateCall
+from .frontdoor import FrontDoor, GenerateCall
 from .observe import OTHER_MODEL, GatewayTelemetry
 
 log = logging.getLogger(__name__)
@@ -52,61 +37,6 @@ PRIORITY_TRAILER = "llmos-priority-lowered"
 MAX_KEEP_ALIVE = 30 * 24 * 3600.0
 # The longest a user's request may hold a model loaded.
 USER_MAX_KEEP_ALIVE = 3600.0
-
-
-class GrpcScheduler:
-    def __init__(self, channels: Channels, address: str) -> None:
-        self._stub = scheduler_pb2_grpc.SchedulerServiceStub(channels.get(address))
-
-    async def admit(self, call: GenerateCall, request_id: str, timeout: float | None,
-                    redispatch: bool = False) -> Assignment:
-        try:
-            request = scheduler_pb2.AdmitGenerationRequest(
-                request_id=request_id, model=call.model, tenant=call.tenant, priority=call.priority,
-                max_tokens=call.params.max_tokens or 0, prompt_tokens=call.prompt_tokens,
-                redispatch=redispatch, keep_alive_hold=call.keep_alive_hold, tenant_weight=call.weight,
-                tenant_quota=identity_pb2.TenantQuota(
-                    max_concurrent_requests=call.quota.max_concurrent,
-                    requests_per_minute=call.quota.requests_per_minute,
-                    tokens_per_minute=call.quota.tokens_per_minute))
-            if call.keep_alive is not None:
-                request.keep_alive.CopyFrom(duration(call.keep_alive))
-            response = await self._stub.AdmitGeneration(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        return Assignment(response.worker_address, response.model, response.worker_id)
-
-    async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
-                     worker_failed: bool = False) -> None:
-        request = scheduler_pb2.FinishGenerationRequest(request_id=request_id, worker_failed=worker_failed,
-                                                        finish_reason=FINISH_TO_PROTO[reason])
-        if usage is not None:
-            request.usage.CopyFrom(usage_to_proto(usage))
-        try:
-            await self._stub.FinishGeneration(request, timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("could not report the end of %s to the scheduler: %s", request_id, exc.code().name)
-
-
-class GrpcWorkers:
-    def __init__(self, channels: Channels) -> None:
-        self._channels = channels
-
-    async def generate(self, address: str, request_id: str, model: str, call: GenerateCall,
-                       timeout: float | None) -> AsyncIterator[Chunk]:
-        request = worker_pb2.GenerateTokensRequest(
-            request_id=request_id, model=model, sampling=sampling_to_proto(call.params),
-            token_budget=call.reserved_tokens if call.quota.tokens_per_minute else 0)
-        input_to_proto(call.source, request)
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
-        stream = stub.GenerateTokens(request, timeout=timeout)
-        try:
-            async for response in stream:
-                yield chunk_from_proto(response)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        finally:
-            stream.cancel()
 
 
 def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: Tenant, admin: bool = False) -> GenerateCall:
@@ -143,11 +73,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.telemetry = telemetry
 
     async def ListAvailableModels(self, request, context: grpc.aio.ServicerContext):
-        try:
-            page = await self.registry.ListModels(registry_pb2.ListModelsRequest(
-                page_size=request.page_size, page_token=request.page_token), timeout=context.time_remaining())
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+        page = await self.registry.ListModels(registry_pb2.ListModelsRequest(
+            page_size=request.page_size, page_token=request.page_token), timeout=context.time_remaining())
         return gateway_pb2.ListAvailableModelsResponse(next_page_token=page.next_page_token, models=[
             gateway_pb2.AvailableModel(
                 name=f"{m.name}:{m.tag}", loaded=m.state == common_pb2.Model.STATE_READY,

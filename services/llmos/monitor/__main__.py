@@ -15,7 +15,8 @@ from llmos.common.telemetry import make_tracer_provider
 from .alerts import AlertRules, AlertSettings
 from .cluster import ClusterGauges, ClusterWatch, probe_loop
 from .health import MONITOR, HealthMonitor
-from .servicer import GenerateProbe, GrpcProbe, RegistryEvents, register
+from .peers import GenerateProbe, GrpcProbe, RegistryEvents
+from .servicer import register
 
 
 @dataclass(frozen=True)

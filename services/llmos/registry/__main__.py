@@ -20,7 +20,8 @@ from .catalog import Catalog
 from .importer import Importer
 from .models import ModelRegistry
 from .observe import RegistryMetrics
-from .servicer import GrpcResources, GrpcWorkers, register
+from .peers import GrpcResources, GrpcWorkers
+from .servicer import register
 from .sources import SourcePolicy
 from .weights import KvShape
 

@@ -2,68 +2,17 @@
 
 from __future__ import annotations
 
-import grpc
-
-from llmos.common.channels import Channels
-from llmos.common.convert import optional_seconds, seconds, timestamp
+from llmos.common.auth import require_worker
+from llmos.common.convert import optional_seconds, timestamp
 from llmos.common.errors import InvalidArgument
 from llmos.common.names import parse_model_ref
-from llmos.common.status import from_rpc_error
-from llmos.v1 import registry_pb2, registry_pb2_grpc, resources_pb2, resources_pb2_grpc, worker_pb2, worker_pb2_grpc
+from llmos.v1 import registry_pb2, registry_pb2_grpc
 
 from . import events
 from .convert import model_to_proto, placement_to_proto
 from .models import ModelRegistry
 
 _KINDS = {kind: getattr(registry_pb2.WatchModelsResponse, f"KIND_{kind.upper()}") for kind in events.KINDS}
-
-
-class GrpcWorkers:
-    """The registry's port to workers, over gRPC."""
-
-    def __init__(self, channels: Channels, load_timeout: float) -> None:
-        self._channels = channels
-        self._timeout = load_timeout
-
-    async def start_model(self, address: str, model: str, path: str, estimated_bytes: int) -> int:
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
-        try:
-            response = await stub.StartModel(
-                worker_pb2.StartModelRequest(model=model, path=path, estimated_bytes=estimated_bytes),
-                timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        return response.measured_bytes
-
-    async def stop_model(self, address: str, model: str) -> None:
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
-        try:
-            await stub.StopModel(worker_pb2.StopModelRequest(model=model), timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-
-    async def activity(self, address: str) -> dict[str, tuple[int, float]]:
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
-        try:
-            status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        return {m.model: (m.running + m.waiting, seconds(m.last_request_time)) for m in status.models}
-
-
-class GrpcResources:
-    """The registry's port to the resource manager."""
-
-    def __init__(self, channels: Channels, address: str) -> None:
-        self._stub = resources_pb2_grpc.ResourceServiceStub(channels.get(address))
-
-    async def largest_budget(self) -> tuple[int, str]:
-        try:
-            response = await self._stub.ListNodes(resources_pb2.ListNodesRequest(), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        return max(((d.budget_bytes, f"{n.name}/{d.name}") for n in response.nodes for d in n.devices),
-                   default=(0, "none"))
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
@@ -101,6 +50,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.DeleteModelResponse()
 
     async def RegisterWorker(self, request, context):
+        require_worker(request.worker_id)
         self.registry.register_worker(request.worker_id, request.address, request.node,
                                       request.incarnation, list(request.loaded_models), request.metrics_address)
         return registry_pb2.RegisterWorkerResponse()

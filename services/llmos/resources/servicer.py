@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from llmos.common.auth import require_worker
 from llmos.common.convert import duration, optional_seconds, timestamp
 from llmos.common.errors import InvalidArgument
 from llmos.v1 import resources_pb2, resources_pb2_grpc
@@ -12,6 +13,12 @@ from .leases import Lease
 from .manager import NodeView, ResourceManager
 
 _KINDS = {"cpu": resources_pb2.Device.KIND_CPU, "gpu": resources_pb2.Device.KIND_GPU}
+
+
+def _require_holder(holder: str) -> None:
+    """A worker holds, renews and releases only leases under its own prefix ("worker/<id>/")."""
+    kind, _, rest = holder.partition("/")
+    require_worker(rest.partition("/")[0] if kind == "worker" else "")
 
 
 def lease_to_proto(lease: Lease) -> resources_pb2.Lease:
@@ -41,6 +48,7 @@ class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
         return resources_pb2.ListNodesResponse(nodes=[node_to_proto(n) for n in self.manager.nodes()])
 
     async def AcquireLease(self, request, context: grpc.aio.ServicerContext):
+        _require_holder(request.holder)
         ttl = optional_seconds(request, "ttl")
         if ttl is None or ttl <= 0:     # a lease nobody renews must end: no permanent leases
             raise InvalidArgument.field("ttl", "is required: more than 0, at most a day")
@@ -48,10 +56,14 @@ class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
         return resources_pb2.AcquireLeaseResponse(lease=lease_to_proto(lease))
 
     async def ReleaseLease(self, request, context: grpc.aio.ServicerContext):
+        lease = next((lease for lease in self.manager.leases.list() if lease.name == request.name), None)
+        if lease is not None:
+            _require_holder(lease.holder)
         self.manager.release(request.name)
         return resources_pb2.ReleaseLeaseResponse()
 
     async def RenewLeases(self, request, context: grpc.aio.ServicerContext):
+        _require_holder(request.holder_prefix)
         return resources_pb2.RenewLeasesResponse(renewed=self.manager.heartbeat(
             request.holder_prefix, request.in_use_bytes, request.device))
 

@@ -15,8 +15,10 @@ from llmos.common.settings import ServiceSettings
 from llmos.common.telemetry import make_tracer_provider
 
 from .observe import SchedulerTelemetry, scheduler_metrics
+from .peers import GrpcRegistry
 from .queue import Scheduler
-from .servicer import GrpcRegistry, WorkerReports, register
+from .reports import WorkerReports
+from .servicer import register
 
 
 @dataclass(frozen=True)

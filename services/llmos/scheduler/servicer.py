@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
-from opentelemetry import trace
 
 from llmos.common.auth import current_principal
-from llmos.common.channels import Channels
 from llmos.common.convert import duration, enum_word, optional_seconds, queue_depth_to_proto, timestamp
 from llmos.common.errors import InvalidArgument, NotFound
 from llmos.common.keystore import Quota, Role
-from llmos.common.status import from_rpc_error
 from llmos.v1 import (
-    common_pb2,
-    registry_pb2,
-    registry_pb2_grpc,
     scheduler_pb2,
     scheduler_pb2_grpc,
-    worker_pb2,
-    worker_pb2_grpc,
 )
 
-from .queue import Endpoint, Phase, Scheduler, Ticket
+from .queue import Phase, Scheduler, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -35,94 +26,9 @@ _STATE_TO_PROTO = {
 }
 
 
-def _within(limit: float, remaining: float | None) -> float:
-    """The call's own limit, or less when the caller's deadline is nearer."""
-    return limit if remaining is None else min(limit, remaining)
-
-
-def _ready(model: common_pb2.Model) -> list[Endpoint]:
-    return [Endpoint(p.worker_id, p.worker_address) for p in model.placements
-            if p.state == common_pb2.Model.STATE_READY]
-
-
 def _tenant_usage(scheduler: Scheduler, tenant: str, admitted: int) -> scheduler_pb2.TenantUsage:
     in_flight, _, tokens = scheduler.quotas.usage(tenant)
     return scheduler_pb2.TenantUsage(tenant=tenant, admitted=admitted, in_flight=in_flight, window_tokens=tokens)
-
-
-class GrpcRegistry:
-    """The scheduler's port to the registry."""
-
-    def __init__(self, channels: Channels, address: str, load_timeout: float,
-                 tracer: trace.Tracer | None = None) -> None:
-        self._stub = registry_pb2_grpc.RegistryServiceStub(channels.get(address))
-        self._load_timeout = load_timeout
-        self._tracer = tracer or trace.NoOpTracer()
-
-    async def ready_endpoints(self, model: str, timeout: float | None) -> tuple[str, list[Endpoint]]:
-        try:
-            response = await self._stub.GetModel(registry_pb2.GetModelRequest(name=model),
-                                                 timeout=_within(5.0, timeout))
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        return f"{response.model.name}:{response.model.tag}", _ready(response.model)
-
-    async def load(self, model: str, timeout: float | None, keep_alive: float | None = None,
-                   hold: bool = False) -> list[Endpoint]:
-        request = registry_pb2.LoadModelRequest(name=model, hold=hold)
-        if keep_alive is not None:
-            request.keep_alive.CopyFrom(duration(keep_alive))
-        with self._tracer.start_as_current_span("cold start", attributes={"gen_ai.request.model": model}) as span:
-            try:
-                response = await self._stub.LoadModel(request, timeout=_within(self._load_timeout, timeout))
-            except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc) from None
-            endpoints = _ready(response.model)
-            span.set_attribute("llmos.workers_ready", len(endpoints))
-        return endpoints
-
-
-class WorkerReports:
-    """Polls every known worker's status: its slots per model feed the scheduler, and a
-    worker that does not answer leaves rotation. Models whose requests wait with no worker
-    in rotation get their placements read again from the registry."""
-
-    def __init__(self, scheduler: Scheduler, registry: GrpcRegistry, channels: Channels,
-                 interval: float) -> None:
-        self._scheduler = scheduler
-        self._registry = registry
-        self._channels = channels
-        self._interval = interval
-
-    async def poll_once(self) -> None:
-        await asyncio.gather(*(self._poll(e) for e in self._scheduler.workers()),
-                             *(self._refresh(m) for m in self._scheduler.starved_models()))
-
-    async def run(self, address: str = "") -> None:
-        while True:
-            await self.poll_once()
-            await asyncio.sleep(self._interval)
-
-    async def _poll(self, endpoint: Endpoint) -> None:
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(endpoint.address))
-        try:
-            status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(),
-                                                timeout=max(0.5, self._interval * 2))
-        except grpc.aio.AioRpcError:
-            self._scheduler.unreachable(endpoint.worker_id)
-            return
-        if status.worker_id != endpoint.worker_id:      # another worker took the address
-            self._scheduler.unreachable(endpoint.worker_id)
-            return
-        self._scheduler.report(endpoint.worker_id, {m.model: m.max_running for m in status.models})
-
-    async def _refresh(self, model: str) -> None:
-        try:
-            _, endpoints = await self._registry.ready_endpoints(model, self._interval * 2)
-        except Exception as exc:  # the registry may be restarting: the next round tries again
-            log.debug("cannot refresh the placements of %s: %s", model, exc)
-            return
-        self._scheduler.update_endpoints(model, endpoints)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):

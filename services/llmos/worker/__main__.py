@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 import torch
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -28,7 +27,8 @@ from .engine import EngineDriver
 from .host import EngineConfig, ModelHost
 from .loader import pick_device, pick_dtype
 from .observe import EngineTelemetry, WorkerGauges
-from .servicer import GrpcResources, register
+from .peers import GrpcResources
+from .servicer import register
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ async def announce(stub: registry_pb2_grpc.RegistryServiceStub,
     while True:
         try:
             await stub.RegisterWorker(request(), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("cannot register with the registry: %s", exc.code().name)
+        except LlmosError as exc:
+            log.warning("cannot register with the registry: %s (%s)", exc.code, exc.reason)
             await asyncio.sleep(min(interval, 1.0))
             continue
         await asyncio.sleep(interval)

@@ -2,45 +2,13 @@
 
 from __future__ import annotations
 
-import grpc
 from opentelemetry import trace
 
-from llmos.common.channels import Channels
-from llmos.common.convert import Violations, duration, fill_chunk, input_from_proto, sampling_from_proto, timestamp
+from llmos.common.convert import Violations, fill_chunk, input_from_proto, sampling_from_proto, timestamp
 from llmos.common.errors import InvalidArgument
-from llmos.common.status import from_rpc_error
-from llmos.v1 import resources_pb2, resources_pb2_grpc, worker_pb2, worker_pb2_grpc
+from llmos.v1 import worker_pb2, worker_pb2_grpc
 
 from .host import ModelHost
-
-
-class GrpcResources:
-    """The worker's port to the resource manager."""
-
-    def __init__(self, channels: Channels, address: str) -> None:
-        self._stub = resources_pb2_grpc.ResourceServiceStub(channels.get(address))
-
-    async def acquire(self, holder: str, device: str, nbytes: int, ttl: float) -> str:
-        request = resources_pb2.AcquireLeaseRequest(holder=holder, device=device, bytes=nbytes, ttl=duration(ttl))
-        try:
-            response = await self._stub.AcquireLease(request, timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        return response.lease.name
-
-    async def renew(self, holder_prefix: str, in_use_bytes: int, device: str) -> int:
-        try:
-            response = await self._stub.RenewLeases(resources_pb2.RenewLeasesRequest(
-                holder_prefix=holder_prefix, in_use_bytes=in_use_bytes, device=device), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
-        return response.renewed
-
-    async def release(self, lease: str) -> None:
-        try:
-            await self._stub.ReleaseLease(resources_pb2.ReleaseLeaseRequest(name=lease), timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):

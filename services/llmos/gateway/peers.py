@@ -1,0 +1,76 @@
+"""The gateway's ports to its peers: the scheduler (admission and its accounting) and the
+workers (token streams). Failures arrive as typed errors (`LlmosError`) from the channels'
+interceptor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from llmos.common.channels import Channels
+from llmos.common.convert import (
+    FINISH_TO_PROTO,
+    chunk_from_proto,
+    duration,
+    input_to_proto,
+    sampling_to_proto,
+    usage_to_proto,
+)
+from llmos.common.domain import Chunk, FinishReason, Usage
+from llmos.common.errors import LlmosError
+from llmos.v1 import identity_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+from .frontdoor import Assignment, GenerateCall
+
+log = logging.getLogger(__name__)
+
+
+class GrpcScheduler:
+    def __init__(self, channels: Channels, address: str) -> None:
+        self._stub = scheduler_pb2_grpc.SchedulerServiceStub(channels.get(address))
+
+    async def admit(self, call: GenerateCall, request_id: str, timeout: float | None,
+                    redispatch: bool = False) -> Assignment:
+        request = scheduler_pb2.AdmitGenerationRequest(
+            request_id=request_id, model=call.model, tenant=call.tenant, priority=call.priority,
+            max_tokens=call.params.max_tokens or 0, prompt_tokens=call.prompt_tokens,
+            redispatch=redispatch, keep_alive_hold=call.keep_alive_hold, tenant_weight=call.weight,
+            tenant_quota=identity_pb2.TenantQuota(
+                max_concurrent_requests=call.quota.max_concurrent,
+                requests_per_minute=call.quota.requests_per_minute,
+                tokens_per_minute=call.quota.tokens_per_minute))
+        if call.keep_alive is not None:
+            request.keep_alive.CopyFrom(duration(call.keep_alive))
+        response = await self._stub.AdmitGeneration(request, timeout=timeout)
+        return Assignment(response.worker_address, response.model, response.worker_id)
+
+    async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
+                     worker_failed: bool = False) -> None:
+        request = scheduler_pb2.FinishGenerationRequest(request_id=request_id, worker_failed=worker_failed,
+                                                        finish_reason=FINISH_TO_PROTO[reason])
+        if usage is not None:
+            request.usage.CopyFrom(usage_to_proto(usage))
+        try:
+            await self._stub.FinishGeneration(request, timeout=10)
+        except LlmosError as exc:
+            log.warning("could not report the end of %s to the scheduler: %s (%s)", request_id, exc.code, exc.reason)
+
+
+class GrpcWorkers:
+    def __init__(self, channels: Channels) -> None:
+        self._channels = channels
+
+    async def generate(self, address: str, request_id: str, model: str, call: GenerateCall,
+                       timeout: float | None) -> AsyncIterator[Chunk]:
+        request = worker_pb2.GenerateTokensRequest(
+            request_id=request_id, model=model, sampling=sampling_to_proto(call.params),
+            token_budget=call.reserved_tokens if call.quota.tokens_per_minute else 0)
+        input_to_proto(call.source, request)
+        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
+        stream = stub.GenerateTokens(request, timeout=timeout)
+        try:
+            async for response in stream:
+                yield chunk_from_proto(response)
+        finally:
+            stream.cancel()

@@ -1,0 +1,50 @@
+"""The scheduler's port to the registry: where a model is ready, and cold starts.
+
+Failures arrive as typed errors (`LlmosError`) from the channels' interceptor.
+"""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+
+from llmos.common.channels import Channels
+from llmos.common.convert import duration
+from llmos.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+
+from .queue import Endpoint
+
+
+def _within(limit: float, remaining: float | None) -> float:
+    """The call's own limit, or less when the caller's deadline is nearer."""
+    return limit if remaining is None else min(limit, remaining)
+
+
+def _ready(model: common_pb2.Model) -> list[Endpoint]:
+    return [Endpoint(p.worker_id, p.worker_address) for p in model.placements
+            if p.state == common_pb2.Model.STATE_READY]
+
+
+class GrpcRegistry:
+    """The scheduler's port to the registry."""
+
+    def __init__(self, channels: Channels, address: str, load_timeout: float,
+                 tracer: trace.Tracer | None = None) -> None:
+        self._stub = registry_pb2_grpc.RegistryServiceStub(channels.get(address))
+        self._load_timeout = load_timeout
+        self._tracer = tracer or trace.NoOpTracer()
+
+    async def ready_endpoints(self, model: str, timeout: float | None) -> tuple[str, list[Endpoint]]:
+        response = await self._stub.GetModel(registry_pb2.GetModelRequest(name=model),
+                                             timeout=_within(5.0, timeout))
+        return f"{response.model.name}:{response.model.tag}", _ready(response.model)
+
+    async def load(self, model: str, timeout: float | None, keep_alive: float | None = None,
+                   hold: bool = False) -> list[Endpoint]:
+        request = registry_pb2.LoadModelRequest(name=model, hold=hold)
+        if keep_alive is not None:
+            request.keep_alive.CopyFrom(duration(keep_alive))
+        with self._tracer.start_as_current_span("cold start", attributes={"gen_ai.request.model": model}) as span:
+            response = await self._stub.LoadModel(request, timeout=_within(self._load_timeout, timeout))
+            endpoints = _ready(response.model)
+            span.set_attribute("llmos.workers_ready", len(endpoints))
+        return endpoints
