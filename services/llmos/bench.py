@@ -81,6 +81,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def alternating_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags of a benchmark that alternates two configurations in rounds through the gateway."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--source", default="bundled:smollm2-135m-instruct",
+                        help="what to import: bundled:NAME or a safetensors directory")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    return parser
+
+
 def workload(n: int, lo: int, hi: int, fixed: bool, seed: int) -> list[tuple[str, int]]:
     rng = random.Random(seed)
     return [(PROMPTS[i % len(PROMPTS)], hi if fixed else rng.randint(lo, hi)) for i in range(n)]

@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 
 from . import bench
 from .bundled import DEFAULT_MODEL
-from .client import Client
+from .client import Client, every_page
 from .common.convert import duration, enum_word
 from .suite import DEFAULT_PORTS, Suite, SuiteError
 from .v1 import identity_pb2, monitor_pb2, registry_pb2, resources_pb2
@@ -263,14 +263,8 @@ def cmd_tenants(args: argparse.Namespace) -> int:
         elif args.action == "show":
             _print_tenant(stub.GetTenant(identity_pb2.GetTenantRequest(name=args.name), timeout=10).tenant)
         elif args.action == "list":
-            token = ""
-            while True:
-                page = stub.ListTenants(identity_pb2.ListTenantsRequest(page_token=token), timeout=10)
-                for t in page.tenants:
-                    _print_tenant(t)
-                token = page.next_page_token
-                if not token:
-                    break
+            for t in every_page(stub.ListTenants, identity_pb2.ListTenantsRequest(), "tenants"):
+                _print_tenant(t)
         elif args.action == "rm":
             stub.DeleteTenant(identity_pb2.DeleteTenantRequest(name=args.name), timeout=10)
             print(f"removed {args.name}")
@@ -290,15 +284,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             _print_key(response.api_key)
             print(f"key (shown once, keep it): {response.secret}")
         elif args.action == "list":
-            token = ""
-            while True:
-                page = stub.ListApiKeys(identity_pb2.ListApiKeysRequest(tenant=args.tenant, page_token=token),
-                                        timeout=10)
-                for k in page.api_keys:
-                    _print_key(k)
-                token = page.next_page_token
-                if not token:
-                    break
+            for k in every_page(stub.ListApiKeys, identity_pb2.ListApiKeysRequest(tenant=args.tenant), "api_keys"):
+                _print_key(k)
         elif args.action == "revoke":
             _print_key(stub.RevokeApiKey(identity_pb2.RevokeApiKeyRequest(key_id=args.key_id), timeout=10).api_key)
         elif args.action == "rotate":

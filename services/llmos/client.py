@@ -66,6 +66,16 @@ def open_channel(address: str, tls_dir: str | Path | None = None, api_key: str |
     return grpc.intercept_channel(channel, _Bearer(api_key)) if api_key else channel
 
 
+def every_page(method, request, field: str, timeout: float = 10) -> Iterator:
+    """Every item of a paged List RPC (AIP-158), asking for one page after another."""
+    while True:
+        page = method(request, timeout=timeout)
+        yield from getattr(page, field)
+        if not page.next_page_token:
+            return
+        request.page_token = page.next_page_token
+
+
 def local_credentials(data_dir: str | Path, api_key: str = "") -> tuple[str | None, Path | None]:
     """(the key given, else the local admin key `llmos up` keeps in `data_dir`; the CLI's
     certificate directory there), each None where there is none."""
@@ -141,13 +151,7 @@ class Client:
         return self.registry.GetModel(registry_pb2.GetModelRequest(name=name), timeout=10).model
 
     def list_models(self) -> list[common_pb2.Model]:
-        models, token = [], ""
-        while True:
-            page = self.registry.ListModels(registry_pb2.ListModelsRequest(page_token=token), timeout=10)
-            models.extend(page.models)
-            token = page.next_page_token
-            if not token:
-                return models
+        return list(every_page(self.registry.ListModels, registry_pb2.ListModelsRequest(), "models"))
 
     def cluster_health(self) -> monitor_pb2.GetClusterHealthResponse:
         return self.monitor.GetClusterHealth(monitor_pb2.GetClusterHealthRequest(), timeout=10)

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmos.bench import run_suite, workload
+from llmos.bench import alternating_parser, run_suite, workload
 from llmos.common.auth import Authenticator
 from llmos.common.keystore import KeyStore, Quota, Role, Tenant
 from llmos.inprocess import InProcessSuite, start_in_process
@@ -101,14 +101,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="bundled:smollm2-135m-instruct",
-                        help="what to import: bundled:NAME or a safetensors directory")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=64)
-    return asyncio.run(run(parser.parse_args()))
+    return asyncio.run(run(alternating_parser(__doc__).parse_args()))
 
 
 if __name__ == "__main__":

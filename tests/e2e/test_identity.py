@@ -16,10 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from llmos.client import Client
+from llmos.common.status import from_rpc_error
 from llmos.suite import SERVICES, Suite
 from llmos.v1 import common_pb2, gateway_pb2, identity_pb2
 
@@ -64,18 +63,9 @@ def new_tenant(admin: Client, name: str, **quota) -> str:
 
 
 def details(exc: grpc.RpcError) -> tuple[str, dict, float | None]:
-    """(ErrorInfo reason, its metadata, RetryInfo delay in seconds or None)."""
-    reason, metadata, retry = "", {}, None
-    for detail in rpc_status.from_call(exc).details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason, metadata = info.reason, dict(info.metadata)
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            retry = info.retry_delay.ToNanoseconds() / 1e9
-    return reason, metadata, retry
+    """(ErrorInfo reason, its metadata, RetryInfo delay in seconds or None), read as llmos reads them."""
+    error = from_rpc_error(exc)
+    return error.reason, error.metadata, error.retry_after
 
 
 def generate(gateway_address: str, key: str, prompt: str, max_tokens: int, cancel_after: int | None = None):
