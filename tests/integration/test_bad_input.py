@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from llmos.common.status import from_rpc_error
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
@@ -15,7 +16,7 @@ from llmos.v1 import (
     resources_pb2_grpc,
     scheduler_pb2,
 )
-from tests.support.metrics import scrape
+from tests.support.metrics import sample_sum, scrape
 
 from .test_generate import collect, error_info, request
 
@@ -150,3 +151,24 @@ async def test_tenant_records_are_range_checked(stack):
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     names = [t.name for t in (await stack.identity.ListTenants(identity_pb2.ListTenantsRequest())).tenants]
     assert "ok" not in names and all(len(n) < 64 for n in names)
+
+
+async def test_a_concurrency_quota_refuses_with_a_retry_and_is_counted_per_tenant(stack):
+    solo = stack.gateway_as(await stack.user_key("solo", quota=identity_pb2.TenantQuota(max_concurrent_requests=1)))
+    first = solo.Generate(request(max_tokens=60, ignore_eos=True))
+    await first.read()                                  # running: the tenant's one slot is taken
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        [r async for r in solo.Generate(request(max_tokens=5))]
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(caught.value)["ErrorInfo"]
+    assert (info.reason, info.metadata["limit"], info.metadata["value"]) == (
+        "QUOTA_EXCEEDED", "max_concurrent_requests", "1")
+    assert from_rpc_error(caught.value).retry_after > 0
+    async for _ in first:
+        pass
+    families = scrape(stack.metrics["gateway"])
+    assert sample_sum(families, "llmos_tenant_quota_rejections_total", tenant="solo",
+                      limit="max_concurrent_requests") == 1
+    assert sample_sum(families, "llmos_tenant_requests_total", tenant="solo", code="RESOURCE_EXHAUSTED") == 1
+    assert sample_sum(families, "llmos_tenant_requests_total", tenant="solo", code="OK") == 1
+    assert sample_sum(families, "llmos_tenant_tokens_total", tenant="solo", kind="completion") == 60

@@ -30,12 +30,19 @@ class GatewayServiceStub:
     validates each request, has the scheduler admit it and pick a worker, and
     streams the worker's tokens back.
 
+    Every call presents an API key as `authorization: Bearer <key>`; the
+    request's tenant (its fair-share weight, priority ceiling and quotas) is
+    the key's, whatever the request or its other metadata say.
+
     Errors end the stream with a gRPC status and `google.rpc.Status` details
     (always an `ErrorInfo` with a `reason`, domain "llmos.dev"):
-    INVALID_ARGUMENT (bad input, with `BadRequest` field violations),
-    NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (queue full, with
-    `RetryInfo`), DEADLINE_EXCEEDED, UNAVAILABLE (no healthy worker),
-    INTERNAL (a bug; the message says nothing more).
+    UNAUTHENTICATED (`API_KEY_MISSING`, or `API_KEY_INVALID` for an unknown,
+    wrong, revoked or expired key), INVALID_ARGUMENT (bad input, with
+    `BadRequest` field violations), NOT_FOUND (unknown model),
+    RESOURCE_EXHAUSTED (queue full, or `QUOTA_EXCEEDED` past a tenant's
+    quota, with `RetryInfo`; a request larger than the tenant's whole token
+    quota gets none, it never fits), DEADLINE_EXCEEDED, UNAVAILABLE (no
+    healthy worker), INTERNAL (a bug; the message says nothing more).
     """
 
     def __init__(self, channel):
@@ -61,12 +68,19 @@ class GatewayServiceServicer:
     validates each request, has the scheduler admit it and pick a worker, and
     streams the worker's tokens back.
 
+    Every call presents an API key as `authorization: Bearer <key>`; the
+    request's tenant (its fair-share weight, priority ceiling and quotas) is
+    the key's, whatever the request or its other metadata say.
+
     Errors end the stream with a gRPC status and `google.rpc.Status` details
     (always an `ErrorInfo` with a `reason`, domain "llmos.dev"):
-    INVALID_ARGUMENT (bad input, with `BadRequest` field violations),
-    NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (queue full, with
-    `RetryInfo`), DEADLINE_EXCEEDED, UNAVAILABLE (no healthy worker),
-    INTERNAL (a bug; the message says nothing more).
+    UNAUTHENTICATED (`API_KEY_MISSING`, or `API_KEY_INVALID` for an unknown,
+    wrong, revoked or expired key), INVALID_ARGUMENT (bad input, with
+    `BadRequest` field violations), NOT_FOUND (unknown model),
+    RESOURCE_EXHAUSTED (queue full, or `QUOTA_EXCEEDED` past a tenant's
+    quota, with `RetryInfo`; a request larger than the tenant's whole token
+    quota gets none, it never fits), DEADLINE_EXCEEDED, UNAVAILABLE (no
+    healthy worker), INTERNAL (a bug; the message says nothing more).
     """
 
     def Generate(self, request, context):
@@ -114,12 +128,19 @@ class GatewayService:
     validates each request, has the scheduler admit it and pick a worker, and
     streams the worker's tokens back.
 
+    Every call presents an API key as `authorization: Bearer <key>`; the
+    request's tenant (its fair-share weight, priority ceiling and quotas) is
+    the key's, whatever the request or its other metadata say.
+
     Errors end the stream with a gRPC status and `google.rpc.Status` details
     (always an `ErrorInfo` with a `reason`, domain "llmos.dev"):
-    INVALID_ARGUMENT (bad input, with `BadRequest` field violations),
-    NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (queue full, with
-    `RetryInfo`), DEADLINE_EXCEEDED, UNAVAILABLE (no healthy worker),
-    INTERNAL (a bug; the message says nothing more).
+    UNAUTHENTICATED (`API_KEY_MISSING`, or `API_KEY_INVALID` for an unknown,
+    wrong, revoked or expired key), INVALID_ARGUMENT (bad input, with
+    `BadRequest` field violations), NOT_FOUND (unknown model),
+    RESOURCE_EXHAUSTED (queue full, or `QUOTA_EXCEEDED` past a tenant's
+    quota, with `RetryInfo`; a request larger than the tenant's whole token
+    quota gets none, it never fits), DEADLINE_EXCEEDED, UNAVAILABLE (no
+    healthy worker), INTERNAL (a bug; the message says nothing more).
     """
 
     @staticmethod
