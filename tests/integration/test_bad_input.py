@@ -97,6 +97,9 @@ async def test_unknown_model_names_do_not_grow_the_metrics(stack):
     labels = {s.labels.get("model_name") for s in families["llmos_gateway_requests"].samples}
     assert not any(label and label.startswith("no-such-model") for label in labels), labels
     assert "other" in labels
+    for service in ("scheduler", "registry", "worker", "monitor"):      # nor anywhere else
+        text = " ".join(str(s.labels) for family in scrape(stack.metrics[service]).values() for s in family.samples)
+        assert "no-such-model" not in text, service
 
 
 async def test_huge_metadata_and_absurd_keys_are_refused_cleanly(stack):

@@ -23,6 +23,10 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
+# The model label of requests refused before their model was resolved (unknown names included).
+UNRESOLVED_MODEL = "other"
+
+
 class SchedulerTelemetry(SchedulerEvents):
     def __init__(self, tracer: Tracer, registry: CollectorRegistry) -> None:
         self._tracer = tracer
@@ -60,7 +64,9 @@ class SchedulerTelemetry(SchedulerEvents):
         route.end(end_time=end)
 
     def refused(self, request: _Request, outcome: str) -> None:
-        self.rejections.labels(request.model or request.ticket.model, outcome).inc()
+        # Only a model the registry resolved names a label: a caller's unknown name would grow
+        # the metrics without bound.
+        self.rejections.labels(request.model or UNRESOLVED_MODEL, outcome).inc()
         span = self._span(request, _ns(request.arrival_wall))
         span.set_attribute("llmos.queue.outcome", outcome)
         if outcome != "CANCELLED_IN_QUEUE":
