@@ -24,7 +24,6 @@ from .errors import PermissionDenied, Unauthenticated
 from .keystore import DEFAULT_TENANT, ApiKey, KeyStore, Role, Tenant, parse_key, secret_matches
 from .tls import peer_identity
 
-log = logging.getLogger(__name__)
 audit = logging.getLogger("llmos.audit")
 
 MAX_CACHED_KEYS = 10_000

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from llmos.common.convert import duration, queue_depth_to_proto, timestamp
 from llmos.v1 import (
     monitor_pb2,
@@ -20,8 +18,6 @@ from .health import (
     UNREACHABLE,
     ComponentHealth,
 )
-
-log = logging.getLogger(__name__)
 
 _STATES = {SERVING: monitor_pb2.ComponentHealth.STATE_SERVING,
            NOT_SERVING: monitor_pb2.ComponentHealth.STATE_NOT_SERVING,

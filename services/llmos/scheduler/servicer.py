@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import grpc
 
 from llmos.common.auth import current_principal
@@ -16,8 +14,6 @@ from llmos.v1 import (
 )
 
 from .queue import Phase, Scheduler, Ticket
-
-log = logging.getLogger(__name__)
 
 _STATE_TO_PROTO = {
     Phase.QUEUED: scheduler_pb2.GetRequestStatusResponse.STATE_QUEUED,
