@@ -319,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="llmos", description="An operating system for LLMs.")
     parser.add_argument("--gateway", default=env("LLMOS_GATEWAY", f"127.0.0.1:{DEFAULT_PORTS['gateway']}"))
+    parser.add_argument("--scheduler", default=env("LLMOS_SCHEDULER", f"127.0.0.1:{DEFAULT_PORTS['scheduler']}"))
     parser.add_argument("--registry", default=env("LLMOS_REGISTRY", f"127.0.0.1:{DEFAULT_PORTS['registry']}"))
     parser.add_argument("--resources", default=env("LLMOS_RESOURCES", f"127.0.0.1:{DEFAULT_PORTS['resources']}"))
     parser.add_argument("--monitor", default=env("LLMOS_MONITOR", f"127.0.0.1:{DEFAULT_PORTS['monitor']}"))

@@ -26,6 +26,8 @@ from llmos.v1 import (
     registry_pb2_grpc,
     resources_pb2,
     resources_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
 )
 
 
@@ -89,28 +91,30 @@ def local_credentials(data_dir: str | Path, api_key: str = "") -> tuple[str | No
 class Client:
     def __init__(self, gateway: str = "127.0.0.1:50051", registry: str = "127.0.0.1:50053",
                  resources: str = "127.0.0.1:50054", monitor: str = "127.0.0.1:50056", *,
-                 api_key: str | None = None, tls_dir: str | Path | None = None) -> None:
+                 api_key: str | None = None, tls_dir: str | Path | None = None,
+                 scheduler: str = "127.0.0.1:50052") -> None:
         self._channels = [open_channel(a, tls_dir, api_key, public=a == gateway)
-                          for a in (gateway, registry, resources, monitor)]
+                          for a in (gateway, registry, resources, monitor, scheduler)]
         self.gateway = gateway_pb2_grpc.GatewayServiceStub(self._channels[0])
         self.identity = identity_pb2_grpc.IdentityServiceStub(self._channels[0])
         self.registry = registry_pb2_grpc.RegistryServiceStub(self._channels[1])
         self.resources = resources_pb2_grpc.ResourceServiceStub(self._channels[2])
         self.monitor = monitor_pb2_grpc.MonitorServiceStub(self._channels[3])
+        self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._channels[4])
 
     @classmethod
     def of_args(cls, args) -> Client:
         """A client as the `llmos` command's flags say (addresses, --api-key, --data-dir)."""
         key, tls_dir = local_credentials(args.data_dir, args.api_key)
-        return cls(gateway=args.gateway, registry=args.registry, resources=getattr(args, "resources", args.registry),
-                   monitor=getattr(args, "monitor", args.registry), api_key=key, tls_dir=tls_dir)
+        return cls(gateway=args.gateway, registry=args.registry, resources=args.resources, monitor=args.monitor,
+                   scheduler=args.scheduler, api_key=key, tls_dir=tls_dir)
 
     @classmethod
     def of_suite(cls, addresses: dict[str, str], identity: SuiteIdentity, api_key: str | None = None) -> Client:
         """A client for a suite started by `llmos.suite.Suite` (its `addresses` and identity), with
         the CLI's certificate and the local admin key unless another is given."""
         return cls(gateway=addresses["gateway"], registry=addresses["registry"],
-                   resources=addresses["resources"], monitor=addresses["monitor"],
+                   resources=addresses["resources"], monitor=addresses["monitor"], scheduler=addresses["scheduler"],
                    api_key=api_key or identity.admin_key(), tls_dir=identity.tls_dir(CLI))
 
     def close(self) -> None:
@@ -152,6 +156,9 @@ class Client:
 
     def list_models(self) -> list[common_pb2.Model]:
         return list(every_page(self.registry.ListModels, registry_pb2.ListModelsRequest(), "models"))
+
+    def scheduler_stats(self) -> scheduler_pb2.GetSchedulerStatsResponse:
+        return self.scheduler.GetSchedulerStats(scheduler_pb2.GetSchedulerStatsRequest(), timeout=10)
 
     def cluster_health(self) -> monitor_pb2.GetClusterHealthResponse:
         return self.monitor.GetClusterHealth(monitor_pb2.GetClusterHealthRequest(), timeout=10)

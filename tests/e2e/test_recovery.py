@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from llmos.client import Client
 from llmos.suite import SERVICES, Suite
 from llmos.v1 import common_pb2, resources_pb2
 from tests.support.metrics import sample_sum, scrape
@@ -105,5 +107,50 @@ def test_a_model_on_a_killed_worker_is_loaded_again_on_the_other(tmp_path, tiny_
                 assert time.monotonic() < deadline, f"still {ready} after the worker died"
                 time.sleep(0.2)
             assert generate_ok(client)
+    finally:
+        suite.stop()
+
+
+def test_slots_held_by_a_killed_gateway_come_back_and_the_next_16_all_run(tmp_path, tiny_model_dir):
+    """A gateway carrying 8 streams is frozen, then killed with SIGKILL: it never tells the
+    scheduler they ended. The scheduler learns it from the worker's reports (the worker no longer
+    serves them) and frees the slots; then 16 requests on the other gateway all get a slot at once
+    (the queue holds nothing, so any request without a free slot would be refused)."""
+    suite = Suite(tmp_path, ports={s: 0 for s in SERVICES}, metrics_port=0, gateways=2, env={
+        "LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",
+        "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
+        "LLMOS_SCHEDULER_SLOTS_PER_WORKER": "16",
+        "LLMOS_SCHEDULER_MAX_QUEUE": "0",
+        "LLMOS_SCHEDULER_ORPHAN_GRACE_SECONDS": "2",
+        "LLMOS_WORKER_MAX_RUNNING": "16",
+    })
+    suite.start(timeout=120)
+    try:
+        with suite.client() as admin:
+            admin.import_model("tiny", str(tiny_model_dir))
+            admin.load_model("tiny")
+            key = suite.identity.admin_key()
+            doomed = Client(gateway=suite.addresses["gateway-2"], api_key=key)
+            streams = [doomed.generate("tiny", prompt=f"Doomed {i}", max_tokens=200, ignore_eos=True, timeout=60)
+                       for i in range(8)]
+            for stream in streams:
+                next(stream)                               # all 8 admitted and streaming
+            stats = admin.scheduler_stats()
+            assert stats.running == 8
+            gateway = suite.processes.pop("gateway-2")
+            os.kill(gateway.pid, signal.SIGSTOP)           # it can no longer report anything
+            os.kill(gateway.pid, signal.SIGKILL)
+            gateway.wait()
+            doomed.close()
+            deadline = time.monotonic() + 30
+            while admin.scheduler_stats().running:
+                assert time.monotonic() < deadline, "the slots of the dead gateway's streams never came back"
+                time.sleep(0.1)
+            with ThreadPoolExecutor(16) as pool:
+                results = list(pool.map(lambda i: list(admin.generate(
+                    "tiny", prompt=f"Next {i}", max_tokens=20, ignore_eos=True, timeout=60)), range(16)))
+            assert [r[-1].usage.completion_tokens for r in results] == [20] * 16
+            finished = {t.tenant: t.admitted for t in admin.scheduler_stats().tenants}
+            assert finished["default"] == 8 + 16
     finally:
         suite.stop()

@@ -39,6 +39,9 @@ class SchedulerSettings(ServiceSettings):
     report_timeout_seconds: float = 2.0
     # How long the registry's word on where a model is ready is reused before asking again.
     placement_ttl_seconds: float = 1.0
+    # A running request its worker has not reported for this long (its gateway died before it
+    # could say it ended) gets its slot back, seconds.
+    orphan_grace_seconds: float = 5.0
     load_timeout_seconds: float = 300.0
 
 
@@ -52,7 +55,7 @@ async def build(settings: SchedulerSettings, provider: TracerProvider | None = N
     registry = GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds, tracer)
     scheduler = Scheduler(registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model,
                           settings.aging_seconds, settings.report_timeout_seconds, settings.placement_ttl_seconds,
-                          events=SchedulerTelemetry(tracer, host.metrics))
+                          events=SchedulerTelemetry(tracer, host.metrics), orphan_grace=settings.orphan_grace_seconds)
     reports = WorkerReports(scheduler, registry, channels, settings.report_interval_seconds)
     host.metrics.register(OnLoop(asyncio.get_running_loop(), lambda: scheduler_metrics(
         scheduler.queue_depths(), scheduler.worker_loads())))

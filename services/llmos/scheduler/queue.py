@@ -152,6 +152,7 @@ class _Request:
     started: float = 0.0
     start_time: float | None = None     # the same moment as Unix time, for callers
     abandoned: bool = False
+    missing_since: float | None = None  # running, but absent from its worker's reports since
 
 
 @dataclass
@@ -176,7 +177,7 @@ class Scheduler:
     def __init__(self, registry: RegistryPort, slots_per_worker: int = 16, max_queue: int = 64,
                  max_queue_per_model: int = 0, aging_seconds: float = 30.0, report_timeout: float = 3.0,
                  placement_ttl: float = 1.0, clock: Callable[[], float] = time.monotonic,
-                 events: SchedulerEvents | None = None) -> None:
+                 events: SchedulerEvents | None = None, orphan_grace: float = 5.0) -> None:
         self._registry = registry
         self.events = events or SchedulerEvents()
         self.slots_per_worker = slots_per_worker
@@ -185,6 +186,7 @@ class Scheduler:
         self.aging_seconds = aging_seconds
         self.report_timeout = report_timeout
         self.placement_ttl = placement_ttl
+        self.orphan_grace = orphan_grace
         self._aliases: dict[str, str] = {}                      # "tiny" → "tiny:latest"
         self._abandoned: OrderedDict[str, float] = OrderedDict()  # finished before they were admitted
         self._weights: dict[str, float] = {}                     # tenant → weight, as its requests say
@@ -363,11 +365,15 @@ class Scheduler:
         if dispatch:
             self._dispatch(known)
 
-    def report(self, worker_id: str, capacity: dict[str, int]) -> None:
-        """A worker's status poll answered: its slots per loaded model."""
+    def report(self, worker_id: str, capacity: dict[str, int], serving: set[str] | None = None) -> None:
+        """A worker's status poll answered: its slots per loaded model and the requests it serves.
+        A request running there that the worker has not known for `orphan_grace` seconds (its
+        gateway died before it could say the request ended) gets its slot back."""
         worker = self._workers.get(worker_id)
         if worker is None:
             return
+        if serving is not None:
+            self._reconcile(worker_id, serving)
         worker.capacity = dict(capacity)
         worker.last_report = self._clock()
         if worker.out_since is not None:
@@ -376,6 +382,23 @@ class Scheduler:
         for model in self._models.values():
             if any(e.worker_id == worker_id for e in model.endpoints):
                 self._dispatch(model)
+
+    def _reconcile(self, worker_id: str, serving: set[str]) -> None:
+        now = self._clock()
+        orphans = []
+        for request in self._active.values():
+            if request.phase is not Phase.RUNNING or request.endpoint.worker_id != worker_id:
+                continue
+            if request.ticket.request_id in serving:
+                request.missing_since = None
+            elif request.missing_since is None:
+                request.missing_since = now
+            elif now - request.missing_since >= self.orphan_grace and now - request.started >= self.orphan_grace:
+                orphans.append(request.ticket.request_id)
+        for request_id in orphans:
+            log.warning("request %s holds a slot on worker %s, which has not known it for %.1fs: freed",
+                        request_id, worker_id, self.orphan_grace)
+            self.finish(request_id, outcome="ORPHANED")
 
     def unreachable(self, worker_id: str) -> None:
         """A status poll of the worker failed."""

@@ -47,7 +47,8 @@ class WorkerReports:
         if status.worker_id != endpoint.worker_id:      # another worker took the address
             self._scheduler.unreachable(endpoint.worker_id)
             return
-        self._scheduler.report(endpoint.worker_id, {m.model: m.max_running for m in status.models})
+        self._scheduler.report(endpoint.worker_id, {m.model: m.max_running for m in status.models},
+                               set(status.request_ids))
 
     async def _refresh(self, model: str) -> None:
         try:

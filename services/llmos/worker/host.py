@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -86,6 +87,8 @@ class ModelHost:
         self._resources = resources
         self._loader = loader
         self._served: dict[str, Served] = {}
+        # The generations served now (from their arrival to their end), by request id.
+        self.active_requests: Counter[str] = Counter()
         self._lock = asyncio.Lock()
         self._baseline_rss = psutil.Process().memory_info().rss
 
@@ -210,40 +213,47 @@ class ModelHost:
             raise NotFound(f"model {model} is not loaded on worker {self.worker_id}",
                            reason="MODEL_NOT_LOADED", metadata={"model": model})
         served.last_request = time.time()
-        loaded = served.loaded
-        self._check_length(loaded, source)
-        prompt_ids = await asyncio.to_thread(self._prompt_ids, loaded, source)  # long prompts: off the loop
-        max_new = self._max_new(loaded, len(prompt_ids), params, token_budget)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Chunk | LlmosError] = asyncio.Queue()
-
-        def deliver(item: Chunk | LlmosError) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is gone; nobody is listening
-                pass
-
-        seq = Sequence(request_id, prompt_ids, params, max_new, deliver, trace_context=trace_context)
-        served.engine.submit(seq)
-        finished = False
+        self.active_requests[request_id] += 1      # known here from now until it ends
         try:
-            while True:
-                item = await queue.get()
-                # Tokens that arrived while the stream was busy go out together: fewer,
-                # larger messages exactly when the consumer is behind.
-                while not isinstance(item, LlmosError) and item.finish_reason is None and not queue.empty():
-                    following = queue.get_nowait()
-                    if isinstance(following, LlmosError):
-                        item = following
-                        break
-                    item = merge_chunks(item, following)
-                if isinstance(item, LlmosError):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
-                if finished:
-                    return
+            loaded = served.loaded
+            self._check_length(loaded, source)
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, loaded, source)  # long prompts: off the loop
+            max_new = self._max_new(loaded, len(prompt_ids), params, token_budget)
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[Chunk | LlmosError] = asyncio.Queue()
+
+            def deliver(item: Chunk | LlmosError) -> None:
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                except RuntimeError:  # the event loop is gone; nobody is listening
+                    pass
+
+            seq = Sequence(request_id, prompt_ids, params, max_new, deliver, trace_context=trace_context)
+            served.engine.submit(seq)
+            finished = False
+            try:
+                while True:
+                    item = await queue.get()
+                    # Tokens that arrived while the stream was busy go out together: fewer,
+                    # larger messages exactly when the consumer is behind.
+                    while not isinstance(item, LlmosError) and item.finish_reason is None and not queue.empty():
+                        following = queue.get_nowait()
+                        if isinstance(following, LlmosError):
+                            item = following
+                            break
+                        item = merge_chunks(item, following)
+                    if isinstance(item, LlmosError):
+                        finished = True
+                        raise item
+                    finished = item.finish_reason is not None
+                    yield item
+                    if finished:
+                        return
+            finally:
+                if not finished:
+                    served.engine.cancel(seq)
         finally:
-            if not finished:
-                served.engine.cancel(seq)
+            self.active_requests[request_id] -= 1
+            if not self.active_requests[request_id]:
+                del self.active_requests[request_id]
+

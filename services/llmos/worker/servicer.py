@@ -65,7 +65,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return worker_pb2.GetWorkerStatusResponse(
             worker_id=self.host.worker_id, models=models,
             running=sum(m.running for m in models), waiting=sum(m.waiting for m in models),
-            tokens_generated=sum(m.tokens_generated for m in models))
+            tokens_generated=sum(m.tokens_generated for m in models), request_ids=sorted(self.host.active_requests))
 
 
 def register(host, model_host: ModelHost) -> None:

@@ -378,3 +378,30 @@ async def test_the_overhead_benchmark_runs_every_request_through():
 
     cpu, admitted = await scheduler_run(300)
     assert admitted == 300 and cpu > 0
+
+
+async def test_a_slot_its_worker_no_longer_knows_comes_back_after_the_grace():
+    clock = FakeClock()
+    scheduler = Scheduler(FakeRegistry(), slots_per_worker=2, clock=clock, orphan_grace=5.0)
+    await scheduler.admit(ticket("lost"))        # its gateway will die without a word
+    await scheduler.admit(ticket("kept"))
+    waiting = asyncio.create_task(scheduler.admit(ticket("next")))
+    await settle()
+    assert scheduler.running == 2 and not waiting.done()
+    scheduler.report("w1", {"tiny:latest": 2}, {"kept"})       # "lost" is missing from now
+    clock.now = 4.9
+    scheduler.report("w1", {"tiny:latest": 2}, {"kept"})
+    assert scheduler.running == 2, "not before the grace"
+    clock.now = 5.0
+    scheduler.report("w1", {"tiny:latest": 2}, {"kept"})
+    await settle()
+    assert waiting.done() and scheduler.status("lost").reason == "ORPHANED"
+    assert scheduler.status("kept").phase is Phase.RUNNING
+    # A request that shows up again before the grace is over keeps its slot.
+    clock.now = 6.0
+    scheduler.report("w1", {"tiny:latest": 2}, {"kept"})      # "next" not yet there
+    clock.now = 10.0
+    scheduler.report("w1", {"tiny:latest": 2}, {"kept", "next"})
+    clock.now = 20.0
+    scheduler.report("w1", {"tiny:latest": 2}, {"kept", "next"})
+    assert scheduler.status("next").phase is Phase.RUNNING
