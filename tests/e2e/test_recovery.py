@@ -142,10 +142,12 @@ def test_slots_held_by_a_killed_gateway_come_back_and_the_next_16_all_run(tmp_pa
             os.kill(gateway.pid, signal.SIGKILL)
             gateway.wait()
             doomed.close()
-            deadline = time.monotonic() + 30
-            while admin.scheduler_stats().running:
-                assert time.monotonic() < deadline, "the slots of the dead gateway's streams never came back"
+            for _ in range(300):                           # up to 30 s; one report and the grace suffice
+                if not admin.scheduler_stats().running:
+                    break
                 time.sleep(0.1)
+            else:
+                raise AssertionError("the slots of the dead gateway's streams never came back")
             with ThreadPoolExecutor(16) as pool:
                 results = list(pool.map(lambda i: list(admin.generate(
                     "tiny", prompt=f"Next {i}", max_tokens=20, ignore_eos=True, timeout=60)), range(16)))
