@@ -227,8 +227,10 @@ def _print_key(k) -> None:
           f"expires {expires}  {k.label}")
 
 
-def _tenant_message(args: argparse.Namespace) -> tuple[identity_pb2.Tenant, list[str]]:
-    """The tenant the flags describe, and which fields they set."""
+def _tenant_message(args: argparse.Namespace,
+                    current: identity_pb2.TenantQuota | None = None) -> tuple[identity_pb2.Tenant, list[str]]:
+    """The tenant the flags describe, and which fields they set; a quota limit without a flag
+    keeps its `current` value (0, no limit, at creation)."""
     tenant, paths = identity_pb2.Tenant(name=args.name), []
     if args.weight is not None:
         tenant.weight, paths = args.weight, [*paths, "weight"]
@@ -239,7 +241,7 @@ def _tenant_message(args: argparse.Namespace) -> tuple[identity_pb2.Tenant, list
     if any(v is not None for v in quota.values()):
         paths.append("quota")
     for name, value in quota.items():
-        setattr(tenant.quota, name, value or 0)
+        setattr(tenant.quota, name, value if value is not None else getattr(current, name, 0))
     return tenant, paths
 
 
@@ -250,13 +252,8 @@ def cmd_tenants(args: argparse.Namespace) -> int:
             tenant, _ = _tenant_message(args)
             _print_tenant(stub.CreateTenant(identity_pb2.CreateTenantRequest(tenant=tenant), timeout=10).tenant)
         elif args.action == "update":
-            tenant, paths = _tenant_message(args)
-            if "quota" in paths:   # a quota flag changes that limit only
-                current = stub.GetTenant(identity_pb2.GetTenantRequest(name=args.name), timeout=10).tenant.quota
-                for flag, name in (("max_concurrent", "max_concurrent_requests"), ("rpm", "requests_per_minute"),
-                                   ("tpm", "tokens_per_minute")):
-                    if getattr(args, flag) is None:
-                        setattr(tenant.quota, name, getattr(current, name))
+            current = stub.GetTenant(identity_pb2.GetTenantRequest(name=args.name), timeout=10).tenant.quota
+            tenant, paths = _tenant_message(args, current)     # a quota flag changes that limit only
             request = identity_pb2.UpdateTenantRequest(tenant=tenant)
             request.update_mask.paths.extend(paths)
             _print_tenant(stub.UpdateTenant(request, timeout=10).tenant)

@@ -14,7 +14,7 @@ import grpc
 
 from llmos.common import tls
 from llmos.common.bootstrap import CLI, SuiteIdentity
-from llmos.common.security import is_loopback
+from llmos.common.security import over_tls
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
@@ -38,10 +38,7 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
         self._metadata = ("authorization", f"Bearer {key}")
 
     def _with_key(self, details):
-        metadata = [*(details.metadata or ()), self._metadata]
-        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
-            details.compression)
+        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._with_key(details), request)
@@ -50,17 +47,11 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
         return continuation(self._with_key(details), request)
 
 
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:
-        self.method, self.timeout, self.metadata = method, timeout, metadata
-        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
-
-
 def open_channel(address: str, tls_dir: str | Path | None = None, api_key: str | None = None,
                  public: bool = False) -> grpc.Channel:
     """A channel to one service: mTLS with the certificate in `tls_dir` (a public port on
     loopback is plaintext), every call carrying `api_key`."""
-    if tls_dir and not (public and is_loopback(address)):
+    if over_tls(tls_dir, address, public):
         files = tls.TlsFiles.read(tls_dir)
         channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(files.ca, files.key, files.cert))
     else:

@@ -22,7 +22,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmos.common import tls
 from llmos.common.bootstrap import CLI, SuiteIdentity, issue_certificates, prepare
 from llmos.common.server import PARENT_PID_ENV, read_address_file
 
@@ -47,10 +46,9 @@ class SuiteError(RuntimeError):
 def wait_healthy(address: str, timeout: float, tls_dir: Path | None = None) -> None:
     """Waits until `address` answers SERVING (over mTLS with the certificate in `tls_dir`)."""
     deadline = time.monotonic() + timeout
-    files = tls.TlsFiles.read(tls_dir) if tls_dir else None
-    channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(files.ca, files.key, files.cert))
-               if files else grpc.insecure_channel(address))
-    with channel:
+    from llmos.client import open_channel
+
+    with open_channel(address, tls_dir) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -89,7 +89,7 @@ class Authenticator:
         key, stored_hash, tenant = record
         if not secret_matches(secret, stored_hash):
             return self._refuse("wrong secret", key_id)
-        why = key.usable(self._clock())
+        why = key.why_unusable(self._clock())
         if why:
             return self._refuse(why, key_id)
         return Principal(key_id=key_id, role=key.role, tenant=tenant)
@@ -141,7 +141,7 @@ class Guard:
             raise PermissionDenied(f"{method} is internal to llmos ({rule.describe()})",
                                    reason="CALLER_NOT_ALLOWED", metadata={"method": method})
         authorization = _metadata(context, "authorization")
-        if authorization is None and peer is not None and peer[0] != "cli":
+        if authorization is None and peer is not None and peer[0] != authz.CLI:
             raise PermissionDenied(f"service {peer[0]} may not call {method} ({rule.describe()})",
                                    reason="CALLER_NOT_ALLOWED", metadata={"method": method})
         try:

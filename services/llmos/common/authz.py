@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 from .keystore import Role
 
+# The certificate of the command line (and other tools): it proves the connection, and grants
+# nothing by itself; what the caller may do comes from its API key.
+CLI = "cli"
+
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
 

@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .keystore import DEFAULT_TENANT, KeyStore, Role, parse_key
-from .tls import LocalCA
+from .authz import CLI
+from .keystore import DEFAULT_TENANT, KeyStore, Role, parse_key, secret_matches
+from .tls import LocalCA, write_private
 
 PROBE_TENANT = "llmos-probe"
-CLI = "cli"
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,10 @@ def _ensure_key(store: KeyStore, path: Path, tenant: str, role: Role, label: str
     if path.exists():
         parsed = parse_key(path.read_text().strip())
         record = store.lookup(parsed[0]) if parsed else None
-        if record is not None and not record[0].usable(time.time()) and record[0].role is role:
-            return
+        if (record is not None and secret_matches(parsed[1], record[1]) and record[0].role is role
+                and not record[0].why_unusable(time.time())):
+            return                      # the key in the file still works: keep it
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     _, printed = store.create_key(tenant, role, label)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(printed + "\n")
-    os.replace(tmp, path)
+    write_private(path, (printed + "\n").encode())

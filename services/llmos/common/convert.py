@@ -12,10 +12,11 @@ from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from llmos.v1 import common_pb2, scheduler_pb2
+from llmos.v1 import common_pb2, identity_pb2, scheduler_pb2
 
 from .domain import ChatMessage, Chunk, FinishReason, GenerationInput, QueueDepth, SamplingParams, Usage
 from .errors import FieldViolation, InvalidArgument
+from .keystore import Quota
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
@@ -217,3 +218,12 @@ def queue_depth_to_proto(q: QueueDepth) -> scheduler_pb2.QueueDepth:
 
 def queue_depth_from_proto(q: scheduler_pb2.QueueDepth) -> QueueDepth:
     return QueueDepth(q.model, q.priority, q.tenant, q.waiting)
+
+
+def quota_to_proto(q: Quota) -> identity_pb2.TenantQuota:
+    return identity_pb2.TenantQuota(max_concurrent_requests=q.max_concurrent, requests_per_minute=q.requests_per_minute,
+                                    tokens_per_minute=q.tokens_per_minute)
+
+
+def quota_from_proto(q: identity_pb2.TenantQuota) -> Quota:
+    return Quota(q.max_concurrent_requests, q.requests_per_minute, q.tokens_per_minute)

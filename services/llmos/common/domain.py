@@ -41,6 +41,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+# The output limit of a request whose max_tokens is unset (what the worker applies, and what
+# admission charges and reserves for it).
+DEFAULT_MAX_TOKENS = 256
+
+
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int = 0

@@ -68,8 +68,8 @@ class ApiKey:
     expire_time: float | None = None
     revoke_time: float | None = None
 
-    def usable(self, now: float) -> str:
-        """"" when the key may be used at `now`, else why not ("revoked", "expired")."""
+    def why_unusable(self, now: float) -> str:
+        """Why the key may not be used at `now` ("revoked", "expired"); "" when it may."""
         if self.revoke_time is not None and self.revoke_time <= now:
             return "revoked"
         if self.expire_time is not None and self.expire_time <= now:
@@ -185,13 +185,14 @@ class KeyStore:
         """Removes a tenant that has no usable key (revoke them first)."""
         now = self._clock()
         with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")     # no key may be made between the count and the delete
             live = self._db.execute(
                 "SELECT COUNT(*) FROM api_keys WHERE tenant=? AND (revoke_time IS NULL OR revoke_time > ?) "
                 "AND (expire_time IS NULL OR expire_time > ?)", (name, now, now)).fetchone()[0]
             if live:
+                self._db.execute("ROLLBACK")
                 raise FailedPrecondition(f"tenant {name!r} still has {live} usable keys; revoke them first",
                                          reason="TENANT_HAS_KEYS", metadata={"tenant": name, "keys": str(live)})
-            self._db.execute("BEGIN IMMEDIATE")
             deleted = self._db.execute("DELETE FROM tenants WHERE name=?", (name,)).rowcount
             self._db.execute("DELETE FROM api_keys WHERE tenant=?", (name,))
             self._db.execute("COMMIT")
@@ -229,7 +230,8 @@ class KeyStore:
         with self._lock:
             row = self._db.execute("SELECT * FROM api_keys WHERE key_id=?", (key_id,)).fetchone()
         if row is None:
-            raise NotFound(f"no API key {key_id!r}", reason="API_KEY_NOT_FOUND", metadata={"key_id": key_id})
+            raise NotFound(f"no API key {key_id[:64]!r}", reason="API_KEY_NOT_FOUND",
+                           metadata={"key_id": key_id[:64]})
         return _key(row)
 
     def list_keys(self, tenant: str = "", after: str = "", limit: int = 100) -> list[ApiKey]:
@@ -254,8 +256,9 @@ class KeyStore:
             raise InvalidArgument.field("grace_period", "must be between 0 and 30 days")
         old = self.get_key(key_id)
         now = self._clock()
-        if old.usable(now):
-            raise FailedPrecondition(f"API key {key_id} is {old.usable(now)}; create a new one",
+        why = old.why_unusable(now)
+        if why:
+            raise FailedPrecondition(f"API key {key_id} is {why}; create a new one",
                                      reason="API_KEY_NOT_USABLE", metadata={"key_id": key_id})
         new, printed = self.create_key(old.tenant, old.role, old.label, old.expire_time)
         end = now + grace_seconds
@@ -265,7 +268,7 @@ class KeyStore:
 
 
 def _no_tenant(name: str) -> NotFound:
-    return NotFound(f"no tenant {name!r}", reason="TENANT_NOT_FOUND", metadata={"tenant": name[:64]})
+    return NotFound(f"no tenant {name[:64]!r}", reason="TENANT_NOT_FOUND", metadata={"tenant": name[:64]})
 
 
 def _tenant_row(t: Tenant) -> tuple:

@@ -56,6 +56,12 @@ def model_lease_holder(worker_id: str, model: str) -> str:
     return f"{worker_lease_prefix(worker_id)}model/{model}"
 
 
+def lease_holder_worker(holder: str) -> str:
+    """The worker id a holder (or holder prefix) "worker/<id>/..." belongs to; "" for any other."""
+    kind, sep, rest = holder.partition("/")
+    return rest.partition("/")[0] if kind == "worker" and sep else ""
+
+
 def parse_model_lease_holder(holder: str) -> tuple[str, str] | None:
     """(worker id, model) of a model lease's holder; None for any other holder."""
     kind, sep, rest = holder.partition("/")

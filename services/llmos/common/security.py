@@ -25,6 +25,12 @@ class InsecureBind(RuntimeError):
     pass
 
 
+def over_tls(tls_dir: str | Path | None, address: str, public: bool = False) -> bool:
+    """Whether a port is served (and so reached) over TLS: wherever there are certificates,
+    except a public (gateway) port on loopback, which is plaintext."""
+    return bool(tls_dir) and not (public and is_loopback(address))
+
+
 def is_loopback(address: str) -> bool:
     host = address.rsplit(":", 1)[0].strip("[]")
     if host == "localhost":
@@ -66,7 +72,7 @@ class Security:
                 raise InsecureBind(f"{self.service} will not listen on {listen} with security off")
         if self.insecure:
             log.warning("%s runs with authentication and authorization OFF (loopback only)", self.service)
-        if self.tls_dir and not (public and is_loopback(listen)):
+        if over_tls(self.tls_dir, listen, public):
             return server.add_secure_port(listen, tls.server_credentials(self.tls_dir,
                                                                           require_client_cert=not public))
         return server.add_insecure_port(listen)
@@ -74,7 +80,7 @@ class Security:
     def channel(self, address: str, public: bool = False, **kwargs) -> grpc.aio.Channel:
         """A channel to a peer: mTLS with this process's certificate, or plaintext to a public
         (gateway) port on loopback, as `bind` serves them."""
-        if self.tls_dir and not (public and is_loopback(address)):
+        if over_tls(self.tls_dir, address, public):
             return grpc.aio.secure_channel(address, tls.channel_credentials(self.tls_dir), **kwargs)
         return grpc.aio.insecure_channel(address, **kwargs)
 
@@ -82,7 +88,3 @@ class Security:
         if self.store is not None:
             self.store.close()
 
-
-def tls_dir_of(data_dir: str | Path, name: str) -> Path:
-    """Where a suite started in `data_dir` keeps the certificate of `name` (a process name or "cli")."""
-    return Path(data_dir) / "tls" / name

@@ -138,7 +138,7 @@ class LocalCA:
                                                   data_encipherment=False, key_agreement=False,
                                                   encipher_only=False, decipher_only=False), critical=True)
                      .sign(self.key, hashes.SHA256()))
-        _write_private(key_path, self._pem_key(self.key))
+        write_private(key_path, self._pem_key(self.key))
         cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def _pem_key(self, key) -> bytes:
@@ -172,7 +172,7 @@ class LocalCA:
         target.mkdir(parents=True, exist_ok=True)
         # Each file is replaced whole (a reader never sees half of one); the key goes first so a
         # reader that sees the new certificate finds its key.
-        _write_private(target / KEY, self._pem_key(key))
+        write_private(target / KEY, self._pem_key(key))
         _replace(target / CERT, cert.public_bytes(self._ser.Encoding.PEM))
         _replace(target / CA, self.cert.public_bytes(self._ser.Encoding.PEM))
         return target
@@ -187,5 +187,6 @@ def _replace(path: Path, data: bytes, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Replaces `path` whole with `data`, readable by its owner only (0600)."""
     _replace(path, data, 0o600)

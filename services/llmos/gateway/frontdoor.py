@@ -11,6 +11,7 @@ another worker; once tokens have gone to the client it ends with UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from llmos.common.domain import Chunk, FinishReason, GenerationInput, SamplingParams, Usage
+from llmos.common.domain import DEFAULT_MAX_TOKENS, Chunk, FinishReason, GenerationInput, SamplingParams, Usage
 from llmos.common.errors import DeadlineExceeded, LlmosError
 from llmos.common.keystore import Quota
 
@@ -42,7 +43,7 @@ class GenerateCall:
     weight: float = 1.0
     quota: Quota = Quota()
 
-    @property
+    @functools.cached_property
     def prompt_tokens(self) -> int:
         """An upper bound of the prompt's tokens before it is tokenized: a token covers at least
         one byte, and a chat template adds a few per message and a header."""
@@ -57,8 +58,6 @@ class GenerateCall:
         return self.prompt_tokens + (self.params.max_tokens or DEFAULT_MAX_TOKENS)
 
 
-# The worker's output limit when max_tokens is unset.
-DEFAULT_MAX_TOKENS = 256
 # Admissions of one request after workers failed before its first token.
 MAX_REDISPATCH = 3
 

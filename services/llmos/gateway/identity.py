@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from llmos.common.convert import optional_seconds, timestamp
+from llmos.common.convert import optional_seconds, quota_from_proto, quota_to_proto, timestamp
 from llmos.common.errors import FailedPrecondition, InvalidArgument
-from llmos.common.keystore import ApiKey, KeyStore, Quota, Role, Tenant
+from llmos.common.keystore import ApiKey, KeyStore, Role, Tenant
 from llmos.v1 import identity_pb2, identity_pb2_grpc
 
 _ROLE_TO_PROTO = {Role.USER: identity_pb2.ROLE_USER, Role.ADMIN: identity_pb2.ROLE_ADMIN}
@@ -19,22 +19,19 @@ MAX_PAGE = 1000
 def tenant_to_proto(t: Tenant) -> identity_pb2.Tenant:
     return identity_pb2.Tenant(
         name=t.name, weight=t.weight, priority_ceiling=t.priority_ceiling, create_time=timestamp(t.create_time),
-        quota=identity_pb2.TenantQuota(max_concurrent_requests=t.quota.max_concurrent,
-                                       requests_per_minute=t.quota.requests_per_minute,
-                                       tokens_per_minute=t.quota.tokens_per_minute))
+        quota=quota_to_proto(t.quota))
 
 
 def tenant_from_proto(t: identity_pb2.Tenant, base: Tenant | None = None, fields=_TENANT_FIELDS) -> Tenant:
     base = base or Tenant(t.name)
-    q = t.quota
     values = {"weight": t.weight or 1.0,
               "priority_ceiling": t.priority_ceiling if t.HasField("priority_ceiling") else 10,
-              "quota": Quota(q.max_concurrent_requests, q.requests_per_minute, q.tokens_per_minute)}
+              "quota": quota_from_proto(t.quota)}
     return dataclasses.replace(base, **{f: values[f] for f in fields})
 
 
 def key_to_proto(k: ApiKey, now: float) -> identity_pb2.ApiKey:
-    why = k.usable(now)
+    why = k.why_unusable(now)
     if why == "revoked":
         state = identity_pb2.ApiKey.STATE_REVOKED
     elif why == "expired":

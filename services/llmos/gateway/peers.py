@@ -14,12 +14,13 @@ from llmos.common.convert import (
     chunk_from_proto,
     duration,
     input_to_proto,
+    quota_to_proto,
     sampling_to_proto,
     usage_to_proto,
 )
 from llmos.common.domain import Chunk, FinishReason, Usage
 from llmos.common.errors import LlmosError
-from llmos.v1 import identity_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from llmos.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from .frontdoor import Assignment, GenerateCall
 
@@ -36,10 +37,7 @@ class GrpcScheduler:
             request_id=request_id, model=call.model, tenant=call.tenant, priority=call.priority,
             max_tokens=call.params.max_tokens or 0, prompt_tokens=call.prompt_tokens,
             redispatch=redispatch, keep_alive_hold=call.keep_alive_hold, tenant_weight=call.weight,
-            tenant_quota=identity_pb2.TenantQuota(
-                max_concurrent_requests=call.quota.max_concurrent,
-                requests_per_minute=call.quota.requests_per_minute,
-                tokens_per_minute=call.quota.tokens_per_minute))
+            tenant_quota=quota_to_proto(call.quota))
         if call.keep_alive is not None:
             request.keep_alive.CopyFrom(duration(call.keep_alive))
         response = await self._stub.AdmitGeneration(request, timeout=timeout)

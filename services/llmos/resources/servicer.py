@@ -7,6 +7,7 @@ import grpc
 from llmos.common.auth import require_worker
 from llmos.common.convert import duration, optional_seconds, timestamp
 from llmos.common.errors import InvalidArgument
+from llmos.common.names import lease_holder_worker
 from llmos.v1 import resources_pb2, resources_pb2_grpc
 
 from .leases import Lease
@@ -17,8 +18,7 @@ _KINDS = {"cpu": resources_pb2.Device.KIND_CPU, "gpu": resources_pb2.Device.KIND
 
 def _require_holder(holder: str) -> None:
     """A worker holds, renews and releases only leases under its own prefix ("worker/<id>/")."""
-    kind, _, rest = holder.partition("/")
-    require_worker(rest.partition("/")[0] if kind == "worker" else "")
+    require_worker(lease_holder_worker(holder))
 
 
 def lease_to_proto(lease: Lease) -> resources_pb2.Lease:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from llmos.common.domain import QueueDepth
+from llmos.common.domain import DEFAULT_MAX_TOKENS, QueueDepth
 from llmos.common.errors import AlreadyExists, DeadlineExceeded, ResourceExhausted, Unavailable
 from llmos.common.keystore import Quota
 from llmos.common.names import parse_model_ref
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 # Band offset of re-dispatched requests: above every client band.
 REDISPATCH_BAND = 1000
-# Cost charged for a request whose max_tokens is unset.
-DEFAULT_COST_TOKENS = 256
 # Finished requests remembered for GetRequestStatus.
 REMEMBERED_DONE = 10_000
 
@@ -77,7 +75,7 @@ class Ticket:
 
     @property
     def cost(self) -> int:
-        return self.prompt_tokens + (self.max_tokens or DEFAULT_COST_TOKENS)
+        return self.prompt_tokens + (self.max_tokens or DEFAULT_MAX_TOKENS)
 
     @property
     def band(self) -> int:

@@ -5,9 +5,16 @@ from __future__ import annotations
 import grpc
 
 from llmos.common.auth import current_principal
-from llmos.common.convert import duration, enum_word, optional_seconds, queue_depth_to_proto, timestamp
+from llmos.common.convert import (
+    duration,
+    enum_word,
+    optional_seconds,
+    queue_depth_to_proto,
+    quota_from_proto,
+    timestamp,
+)
 from llmos.common.errors import InvalidArgument, NotFound
-from llmos.common.keystore import Quota, Role
+from llmos.common.keystore import Role
 from llmos.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
@@ -37,11 +44,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         keep_alive = optional_seconds(request, "keep_alive")
         if not 0 <= request.tenant_weight <= 1000:
             raise InvalidArgument.field("tenant_weight", "must be between 0 (meaning 1) and 1000")
-        q = request.tenant_quota
         ticket = Ticket(request.request_id, request.model, request.tenant or "default", request.priority,
                         max(0, request.prompt_tokens), max(0, request.max_tokens), keep_alive, request.redispatch,
                         request.keep_alive_hold, request.tenant_weight or 1.0,
-                        Quota(q.max_concurrent_requests, q.requests_per_minute, q.tokens_per_minute))
+                        quota_from_proto(request.tenant_quota))
         admission = await self.scheduler.admit(ticket, timeout=context.time_remaining())
         if context.cancelled():     # granted as the caller left: nobody will run it
             self.scheduler.finish(ticket.request_id, outcome="CANCELLED")

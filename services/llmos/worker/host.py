@@ -17,7 +17,7 @@ from typing import Protocol
 import psutil
 import torch
 
-from llmos.common.domain import Chunk, GenerationInput, SamplingParams, merge_chunks
+from llmos.common.domain import DEFAULT_MAX_TOKENS, Chunk, GenerationInput, SamplingParams, merge_chunks
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound, ResourceExhausted
 from llmos.common.names import model_lease_holder, worker_lease_prefix
 
@@ -26,7 +26,6 @@ from .loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 256
 # More characters a token than any tokenizer here makes: a prompt longer than this many per token
 # of the model's sequence limit is refused before it is tokenized.
 MAX_CHARS_PER_TOKEN = 16

@@ -40,12 +40,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             errors.add("request_id", "is required")
         source = input_from_proto(request, errors)
         params = sampling_from_proto(request.sampling, errors)
+        if request.token_budget < 0:
+            errors.add("token_budget", "must be 0 (no limit) or more")
         errors.raise_if_any()
         span = trace.get_current_span()
         span.set_attributes({"gen_ai.request.model": request.model, "llmos.request.id": request.request_id})
-        if request.token_budget < 0:
-            errors.add("token_budget", "must be 0 (no limit) or more")
-            errors.raise_if_any()
         async for chunk in self.host.generate(request.request_id, request.model, source, params,
                                               span.get_span_context() if span.is_recording() else None,
                                               token_budget=request.token_budget):
