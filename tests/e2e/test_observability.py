@@ -30,6 +30,7 @@ from llmos.client import open_channel
 from llmos.suite import SERVICES, Suite
 from llmos.v1 import monitor_pb2, monitor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from tests.support.metrics import scrape
+from tests.support.wait import wait_for
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PATH_SERVICES = {"llmos-gateway", "llmos-scheduler", "llmos-registry", "llmos-worker", "llmos-resources"}
@@ -59,17 +60,6 @@ def client(suite, tiny_model_dir):
     with suite.client() as client:
         client.import_model("tiny", str(tiny_model_dir))     # imported, not loaded: the first request loads it
         yield client
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def one(spans, **match):

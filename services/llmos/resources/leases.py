@@ -74,6 +74,17 @@ class LeaseBook:
         for column in ("ttl", "expire_time"):
             if column not in columns:
                 self._db.execute(f"ALTER TABLE leases ADD COLUMN {column} REAL NOT NULL DEFAULT 0")
+        self.grant_grace()
+
+    def grant_grace(self) -> int:
+        """Gives every TTL lease at least one TTL from now; returns how many were extended.
+
+        Called when this book starts reclaiming: while no reclaimer ran, holders could not
+        renew (their renewals failed), so a lease that ran out then says nothing about its
+        holder. A holder that is really gone loses its lease one TTL later."""
+        with self._lock:
+            return self._db.execute("UPDATE leases SET expire_time = ? + ttl WHERE ttl > 0 AND expire_time < ? + ttl",
+                                    (self._clock(), self._clock())).rowcount
 
     def close(self) -> None:
         self._db.close()

@@ -95,3 +95,23 @@ def test_memory_in_use_beyond_the_leases_is_reported_until_its_holder_goes_quiet
     assert manager.unexplained("cpu") == 50 + GIB // 2
     now[0] = 61
     assert manager.unexplained("cpu") == 0
+
+
+def test_a_lease_that_ran_out_while_no_book_was_open_gets_one_ttl_more(tmp_path):
+    """Its holder could not renew while the resource manager was down."""
+    from llmos.resources.leases import Budget, LeaseBook
+
+    clock = FakeClock(1000.0)
+    budgets = lambda: [Budget("n1", "cpu", 10 * GIB)]   # noqa: E731
+    book = LeaseBook(str(tmp_path / "l.db"), budgets, clock)
+    lease = book.acquire("worker/w1/model/a", "n1", "cpu", GIB, ttl=3)
+    book.close()
+    clock.now += 10                                     # down for more than the TTL
+    book = LeaseBook(str(tmp_path / "l.db"), budgets, clock)
+    assert book.reap() == [] and [held.name for held in book.list()] == [lease.name]
+    clock.now += 2
+    assert book.renew("worker/w1/") == 1                # the holder is back in time
+    clock.now += 2.5
+    assert book.reap() == []
+    clock.now += 1                                      # ... and then goes quiet
+    assert [gone.name for gone in book.reap()] == [lease.name]
