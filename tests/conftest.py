@@ -29,3 +29,32 @@ def smollm2_dir(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "llmos.registry.to_safetensors", "gguf", str(smollm2_gguf()), str(target)],
                    check=True, capture_output=True)
     return target
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the session; tests take a database each (`store_url`)."""
+    import tempfile
+
+    from tests.support.postgres import PostgresServer
+
+    # Not under pytest's temporary directory: its parents are root's alone, and the server may
+    # run as another user.
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="llmos-test-postgres-"))).init().start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """The URL of an empty store of each kind, migrated."""
+    from llmos.common.store import Store, sqlite_url
+
+    if request.param == "sqlite":
+        url = sqlite_url(tmp_path / "store.db")
+    else:
+        url = request.getfixturevalue("postgres").create_database()
+    store = Store(url)
+    store.migrate()
+    store.close()
+    return url

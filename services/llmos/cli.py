@@ -294,6 +294,39 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Brings a store's schema to this release (the only way a cluster store is migrated)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from .common.errors import LlmosError
+    from .common.store import Store, redact
+
+    if not args.store_url:
+        print("error: give --store-url or set LLMOS_STORE_URL (an embedded SQLite store is "
+              "brought up to date when a service opens it)", file=sys.stderr)
+        return 2
+    try:
+        store = Store(args.store_url)
+        try:
+            before, head = store.revision(), store.head()
+            if args.check:
+                print(f"store {redact(args.store_url)}: at {before or 'none'}, this release needs {head}")
+                return 0 if before == head else 1
+            if before == head:
+                print(f"store {redact(args.store_url)}: already at revision {head}")
+                return 0
+            store.migrate()
+            print(f"store {redact(args.store_url)}: migrated from {before or 'an empty schema'} to {head}")
+            return 0
+        finally:
+            store.close()
+    except LlmosError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+    except DBAPIError as exc:
+        print(f"error: store {redact(args.store_url)}: {str(exc.orig).strip().splitlines()[0]}", file=sys.stderr)
+    return 1
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     """Prints cluster events as they happen, until Ctrl-C."""
     with _client(args) as client:
@@ -396,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("key_id")
     kr.add_argument("--grace", type=float, default=0.0)
     keys.set_defaults(func=cmd_keys)
+
+    migrate = sub.add_parser("migrate", help="bring a cluster store's schema up to this release")
+    migrate.add_argument("--store-url", default=env("LLMOS_STORE_URL", ""),
+                         help="postgresql+psycopg://user:password@host:port/db (default: $LLMOS_STORE_URL)")
+    migrate.add_argument("--check", action="store_true", help="only say whether it is behind (exit 1 when it is)")
+    migrate.set_defaults(func=cmd_migrate)
 
     watch = sub.add_parser("watch", help="print health changes, model events and alerts as they happen")
     watch.add_argument("--changes-only", action="store_true", help="skip the current state at the start")

@@ -22,6 +22,7 @@ from pathlib import Path
 from llmos.bench import alternating_parser, run_suite, workload
 from llmos.common.auth import Authenticator
 from llmos.common.keystore import KeyStore, Quota, Role, Tenant
+from llmos.common.store import Store, sqlite_url
 from llmos.inprocess import InProcessSuite, start_in_process
 from llmos.v1 import identity_pb2, identity_pb2_grpc, registry_pb2, registry_pb2_grpc
 
@@ -54,7 +55,7 @@ async def start(directory: str, source: str, secure: bool) -> tuple[InProcessSui
 
 def key_check_seconds(directory: str, n: int = 2000) -> tuple[float, float]:
     """Seconds one key check takes when its record is cached, and when it is read from the store."""
-    store = KeyStore(str(Path(directory) / "keys.db"))
+    store = KeyStore(Store(sqlite_url(Path(directory) / "keys.db")).ready())
     store.create_tenant(Tenant("t", quota=Quota(1, 1, 1)))
     _, printed = store.create_key("t", Role.USER)
     header = f"Bearer {printed}"

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.common.bootstrap import CLI, SuiteIdentity, issue_certificates, prepare
 from llmos.common.server import PARENT_PID_ENV, read_address_file
+from llmos.common.store import Store
 
 SERVICES = ("resources", "registry", "worker", "scheduler", "gateway", "monitor")
 DEFAULT_PORTS = {"gateway": 50051, "scheduler": 50052, "registry": 50053, "resources": 50054,
@@ -88,6 +89,9 @@ class Suite:
     workers: int = 1
     # How many gateways (sharing the key store); past the first they are "gateway-2", ...
     gateways: int = 1
+    # One store for every service (`llmos.common.store`); "" keeps each one's SQLite file in
+    # the data directory. A cluster store is migrated at start, as `llmos migrate` would.
+    store_url: str = ""
     addresses: dict[str, str] = field(default_factory=dict)
     # Where each process serves its Prometheus metrics ("host:port").
     metrics: dict[str, str] = field(default_factory=dict)
@@ -109,7 +113,13 @@ class Suite:
         self.data_dir = Path(self.data_dir).resolve()
         for sub in ("run", "logs"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        self.identity = prepare(self.data_dir, self._certificates())
+        if self.store_url:
+            store = Store(self.store_url)
+            try:
+                store.migrate()
+            finally:
+                store.close()
+        self.identity = prepare(self.data_dir, self._certificates(), store_url=self.store_url)
         try:
             for name in self.names:
                 self._start_one(name, timeout)
@@ -138,6 +148,8 @@ class Suite:
                prefix + "ADDRESS_FILE": str(address_file),
                prefix + "DATA_DIR": str(self.data_dir),
                PARENT_PID_ENV: str(os.getpid())}
+        if self.store_url:
+            env["LLMOS_STORE_URL"] = self.store_url
         if service == "worker" and self.workers > 1:
             env[prefix + "WORKER_ID"] = self._worker_id(name)
         for other in NEEDS[service]:

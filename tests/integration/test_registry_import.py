@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmos.common.errors import InvalidArgument
+from llmos.common.store import Store, sqlite_url
 from llmos.registry.catalog import Catalog
 from llmos.registry.importer import Importer
 from llmos.registry.models import ModelRegistry
@@ -34,7 +35,7 @@ def pickled_model(tmp_path, tiny_model_dir):
 
 
 def registry(tmp_path, allow_pickle):
-    catalog = Catalog(str(tmp_path / f"r{allow_pickle}.db"))
+    catalog = Catalog(Store(sqlite_url(tmp_path / f"r{allow_pickle}.db")).ready())
     importer = Importer(tmp_path / "store", SourcePolicy([tmp_path / "roots"]), allow_pickle=allow_pickle)
     return ModelRegistry(catalog, importer, NoWorkers())
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .authz import CLI
 from .keystore import DEFAULT_TENANT, KeyStore, Role, parse_key, secret_matches
+from .store import Store, sqlite_url
 from .tls import LocalCA, write_private
 
 PROBE_TENANT = "llmos-probe"
@@ -62,12 +63,12 @@ def issue_certificates(identity: SuiteIdentity, processes: list[tuple[str, str, 
 
 
 def prepare(data_dir: str | Path, processes: list[tuple[str, str, str]],
-            hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> SuiteIdentity:
+            hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), store_url: str = "") -> SuiteIdentity:
     """Makes (or keeps) the CA, issues a certificate for each (process, service, instance) and
     the CLI, and makes sure the store has the default tenants and the admin and probe keys."""
     identity = SuiteIdentity(Path(data_dir).resolve())
     issue_certificates(identity, processes, hosts)
-    store = KeyStore(str(identity.identity_db))
+    store = KeyStore(Store(store_url or sqlite_url(identity.identity_db)).ready())
     try:
         store.ensure_tenant(DEFAULT_TENANT)
         store.ensure_tenant(PROBE_TENANT)

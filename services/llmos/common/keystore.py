@@ -1,4 +1,4 @@
-"""Tenants and API keys, persisted in SQLite and shared by every process that opens the file.
+"""Tenants and API keys, in the store shared by every process of the suite.
 
 A key is printed once as `llmos-<key id>-<secret>`. Only the key id (for lookup) and a
 SHA-256 hash of the secret are stored: the secret is 256 random bits, so a fast hash is
@@ -15,12 +15,14 @@ import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 
+from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
 from .errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from .store import Store, api_keys, tenants
 
 KEY_PREFIX = "llmos-"
 KEY_ID_LENGTH = 16          # hex characters
@@ -116,36 +118,27 @@ def check_label(label: str) -> None:
 
 
 class KeyStore:
-    """Tenants and keys in one SQLite file. Thread-safe; every write is one transaction."""
+    """Tenants and keys in the store's `tenants` and `api_keys` tables; every write is one
+    transaction."""
 
-    def __init__(self, db_path: str, clock=time.time) -> None:
+    def __init__(self, store: Store, clock=time.time) -> None:
+        self.store = store
         self._clock = clock
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, weight REAL NOT NULL, "
-            "priority_ceiling INTEGER NOT NULL, max_concurrent INTEGER NOT NULL, "
-            "requests_per_minute INTEGER NOT NULL, tokens_per_minute INTEGER NOT NULL, create_time REAL NOT NULL)")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS api_keys (key_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
-            "role TEXT NOT NULL, label TEXT NOT NULL, secret_hash TEXT NOT NULL, create_time REAL NOT NULL, "
-            "expire_time REAL, revoke_time REAL)")
 
     def close(self) -> None:
-        self._db.close()
+        self.store.close()
 
     # ---- tenants ----------------------------------------------------------------------
 
     def create_tenant(self, tenant: Tenant) -> Tenant:
         check_tenant(tenant)
         tenant = dataclasses.replace(tenant, create_time=self._clock())
-        with self._lock:
-            try:
-                self._db.execute("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?)", _tenant_row(tenant))
-            except sqlite3.IntegrityError:
-                raise AlreadyExists(f"tenant {tenant.name!r} exists", reason="TENANT_EXISTS",
-                                    metadata={"tenant": tenant.name}) from None
+        try:
+            with self.store.begin() as db:
+                db.execute(insert(tenants).values(_tenant_row(tenant)))
+        except IntegrityError:
+            raise AlreadyExists(f"tenant {tenant.name!r} exists", reason="TENANT_EXISTS",
+                                metadata={"tenant": tenant.name}) from None
         return tenant
 
     def ensure_tenant(self, name: str) -> Tenant:
@@ -160,44 +153,43 @@ class KeyStore:
 
     def update_tenant(self, tenant: Tenant) -> Tenant:
         check_tenant(tenant)
-        with self._lock:
-            cursor = self._db.execute(
-                "UPDATE tenants SET weight=?, priority_ceiling=?, max_concurrent=?, requests_per_minute=?, "
-                "tokens_per_minute=? WHERE name=?", (*_tenant_row(tenant)[1:6], tenant.name))
-        if cursor.rowcount == 0:
+        values = _tenant_row(tenant)
+        del values["name"], values["create_time"]
+        with self.store.begin() as db:
+            updated = db.execute(update(tenants).where(tenants.c.name == tenant.name).values(values)).rowcount
+        if updated == 0:
             raise _no_tenant(tenant.name)
         return self.get_tenant(tenant.name)
 
     def get_tenant(self, name: str) -> Tenant:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM tenants WHERE name=?", (name,)).fetchone()
+        with self.store.begin() as db:
+            row = db.execute(select(tenants).where(tenants.c.name == name)).first()
         if row is None:
             raise _no_tenant(name)
         return _tenant(row)
 
     def list_tenants(self, after: str = "", limit: int = 100) -> list[Tenant]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM tenants WHERE name > ? ORDER BY name LIMIT ?",
-                                    (after, limit)).fetchall()
+        with self.store.begin() as db:
+            rows = db.execute(select(tenants).where(tenants.c.name > after).order_by(tenants.c.name)
+                              .limit(limit)).all()
         return [_tenant(r) for r in rows]
 
     def delete_tenant(self, name: str) -> None:
         """Removes a tenant that has no usable key (revoke them first)."""
         now = self._clock()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")     # no key may be made between the count and the delete
-            live = self._db.execute(
-                "SELECT COUNT(*) FROM api_keys WHERE tenant=? AND (revoke_time IS NULL OR revoke_time > ?) "
-                "AND (expire_time IS NULL OR expire_time > ?)", (name, now, now)).fetchone()[0]
+        with self.store.begin() as db:
+            # The tenant's row is locked: no key may be made between the count and the delete.
+            if db.execute(select(tenants.c.name).where(tenants.c.name == name).with_for_update()).first() is None:
+                raise _no_tenant(name)
+            live = db.execute(select(func.count()).select_from(api_keys).where(
+                api_keys.c.tenant == name,
+                or_(api_keys.c.revoke_time.is_(None), api_keys.c.revoke_time > now),
+                or_(api_keys.c.expire_time.is_(None), api_keys.c.expire_time > now))).scalar_one()
             if live:
-                self._db.execute("ROLLBACK")
                 raise FailedPrecondition(f"tenant {name!r} still has {live} usable keys; revoke them first",
                                          reason="TENANT_HAS_KEYS", metadata={"tenant": name, "keys": str(live)})
-            deleted = self._db.execute("DELETE FROM tenants WHERE name=?", (name,)).rowcount
-            self._db.execute("DELETE FROM api_keys WHERE tenant=?", (name,))
-            self._db.execute("COMMIT")
-        if not deleted:
-            raise _no_tenant(name)
+            db.execute(delete(api_keys).where(api_keys.c.tenant == name))
+            db.execute(delete(tenants).where(tenants.c.name == name))
 
     # ---- keys -------------------------------------------------------------------------
 
@@ -205,48 +197,53 @@ class KeyStore:
                    expire_time: float | None = None) -> tuple[ApiKey, str]:
         """A new key; returns it and the printed key, which is never seen again."""
         check_label(label)
-        self.get_tenant(tenant)
         now = self._clock()
         if expire_time is not None and not now < expire_time <= now + MAX_SECONDS:
             raise InvalidArgument.field("expire_time", "must be in the future, at most 10 years away")
         key_id, secret = secrets.token_hex(KEY_ID_LENGTH // 2), secrets.token_urlsafe(SECRET_BYTES)
         key = ApiKey(key_id, tenant, role, label, now, expire_time)
-        with self._lock:
-            self._db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (key_id, tenant, role.value, label, hash_secret(secret), now, expire_time, None))
+        with self.store.begin() as db:
+            # Shares the tenant's row lock with `delete_tenant`: the tenant cannot go meanwhile.
+            if db.execute(select(tenants.c.name).where(tenants.c.name == tenant)
+                          .with_for_update(read=True)).first() is None:
+                raise _no_tenant(tenant)
+            db.execute(insert(api_keys).values(key_id=key_id, tenant=tenant, role=role.value, label=label,
+                                               secret_hash=hash_secret(secret), create_time=now,
+                                               expire_time=expire_time, revoke_time=None))
         return key, f"{KEY_PREFIX}{key_id}-{secret}"
 
     def lookup(self, key_id: str) -> tuple[ApiKey, str, Tenant] | None:
         """The key, its secret's hash and its tenant, for the authenticator."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT k.*, t.* FROM api_keys k JOIN tenants t ON t.name = k.tenant WHERE k.key_id=?",
-                (key_id,)).fetchone()
+        query = select(api_keys, tenants).join(tenants, tenants.c.name == api_keys.c.tenant) \
+            .where(api_keys.c.key_id == key_id)
+        with self.store.begin() as db:
+            row = db.execute(query).first()
         if row is None:
             return None
-        return _key(row[:8]), row[4], _tenant(row[8:])
+        return _key(row), row.secret_hash, _tenant(row, name=row.tenant)
 
     def get_key(self, key_id: str) -> ApiKey:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM api_keys WHERE key_id=?", (key_id,)).fetchone()
+        with self.store.begin() as db:
+            row = db.execute(select(api_keys).where(api_keys.c.key_id == key_id)).first()
         if row is None:
             raise NotFound(f"no API key {key_id[:64]!r}", reason="API_KEY_NOT_FOUND",
                            metadata={"key_id": key_id[:64]})
         return _key(row)
 
     def list_keys(self, tenant: str = "", after: str = "", limit: int = 100) -> list[ApiKey]:
-        query, args = "SELECT * FROM api_keys WHERE key_id > ?", [after]
+        query = select(api_keys).where(api_keys.c.key_id > after)
         if tenant:
-            query, args = query + " AND tenant = ?", [*args, tenant]
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY key_id LIMIT ?", (*args, limit)).fetchall()
+            query = query.where(api_keys.c.tenant == tenant)
+        with self.store.begin() as db:
+            rows = db.execute(query.order_by(api_keys.c.key_id).limit(limit)).all()
         return [_key(r) for r in rows]
 
     def revoke_key(self, key_id: str) -> ApiKey:
         now = self._clock()
-        with self._lock:
-            self._db.execute("UPDATE api_keys SET revoke_time=? WHERE key_id=? AND "
-                             "(revoke_time IS NULL OR revoke_time > ?)", (now, key_id, now))
+        with self.store.begin() as db:
+            db.execute(update(api_keys).where(
+                api_keys.c.key_id == key_id, or_(api_keys.c.revoke_time.is_(None), api_keys.c.revoke_time > now))
+                .values(revoke_time=now))
         return self.get_key(key_id)
 
     def rotate_key(self, key_id: str, grace_seconds: float) -> tuple[ApiKey, str, ApiKey]:
@@ -261,9 +258,8 @@ class KeyStore:
             raise FailedPrecondition(f"API key {key_id} is {why}; create a new one",
                                      reason="API_KEY_NOT_USABLE", metadata={"key_id": key_id})
         new, printed = self.create_key(old.tenant, old.role, old.label, old.expire_time)
-        end = now + grace_seconds
-        with self._lock:
-            self._db.execute("UPDATE api_keys SET revoke_time=? WHERE key_id=?", (end, key_id))
+        with self.store.begin() as db:
+            db.execute(update(api_keys).where(api_keys.c.key_id == key_id).values(revoke_time=now + grace_seconds))
         return new, printed, self.get_key(key_id)
 
 
@@ -271,14 +267,19 @@ def _no_tenant(name: str) -> NotFound:
     return NotFound(f"no tenant {name[:64]!r}", reason="TENANT_NOT_FOUND", metadata={"tenant": name[:64]})
 
 
-def _tenant_row(t: Tenant) -> tuple:
-    return (t.name, t.weight, t.priority_ceiling, t.quota.max_concurrent, t.quota.requests_per_minute,
-            t.quota.tokens_per_minute, t.create_time)
+def _tenant_row(t: Tenant) -> dict:
+    return dict(name=t.name, weight=t.weight, priority_ceiling=t.priority_ceiling,
+                max_concurrent=t.quota.max_concurrent, requests_per_minute=t.quota.requests_per_minute,
+                tokens_per_minute=t.quota.tokens_per_minute, create_time=t.create_time)
 
 
-def _tenant(row) -> Tenant:
-    return Tenant(row[0], row[1], row[2], Quota(row[3], row[4], row[5]), row[6])
+def _tenant(row, name: str | None = None) -> Tenant:
+    # In a key joined with its tenant, `create_time` is the key's; the tenant's is not needed there.
+    return Tenant(name or row.name, row.weight, row.priority_ceiling,
+                  Quota(row.max_concurrent, row.requests_per_minute, row.tokens_per_minute),
+                  row.create_time if name is None else 0.0)
 
 
 def _key(row) -> ApiKey:
-    return ApiKey(row[0], row[1], Role(row[2]), row[3], row[5], row[6], row[7])
+    return ApiKey(row.key_id, row.tenant, Role(row.role), row.label, row.create_time, row.expire_time,
+                  row.revoke_time)

@@ -17,8 +17,15 @@ import grpc
 from . import tls
 from .auth import Authenticator, Guard
 from .keystore import KeyStore
+from .store import Store, sqlite_url
 
 log = logging.getLogger(__name__)
+
+
+def key_store_url(settings: object) -> str:
+    """Where a service's settings keep the keys: the suite's store, else the SQLite file
+    `identity_db`, else nowhere ("")."""
+    return settings.store_url or (sqlite_url(settings.identity_db) if settings.identity_db else "")
 
 
 class InsecureBind(RuntimeError):
@@ -46,20 +53,20 @@ class Security:
     service: str
     # Directory of tls.crt, tls.key and ca.crt; "" runs without TLS (loopback only).
     tls_dir: str = ""
-    # The key store (SQLite file); "" knows no keys (every key is refused).
-    identity_db: str = ""
+    # The key store's URL (see `llmos.common.store`); "" knows no keys (every key is refused).
+    key_store_url: str = ""
     # Everything allowed, nothing checked: for benchmarks on loopback only.
     insecure: bool = False
     # Seconds a key's record is trusted before it is read again.
     key_refresh_seconds: float = 2.0
 
     def __post_init__(self) -> None:
-        self.store = KeyStore(self.identity_db) if self.identity_db else None
+        self.store = KeyStore(Store(self.key_store_url).ready()) if self.key_store_url else None
         self.guard = Guard(Authenticator(self.store, self.key_refresh_seconds), enforce=not self.insecure)
 
     @classmethod
     def of(cls, service: str, settings: object) -> Security:
-        return cls(service, settings.tls_dir, settings.identity_db, settings.insecure)
+        return cls(service, settings.tls_dir, key_store_url(settings), settings.insecure)
 
     def bind(self, server: grpc.aio.Server, listen: str, public: bool = False) -> int:
         """Adds the listening port: mTLS when there are certificates (a public port asks

@@ -73,6 +73,9 @@ class ServiceHost:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._services: list[str] = []
+        # Whether it can serve (see `set_serving`), and whether it is up and not stopping.
+        self._serving = True
+        self._up = False
 
     def add(self, service_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
         """Registers a servicer; `service_name` is its full proto name."""
@@ -91,12 +94,26 @@ class ServiceHost:
         if port == 0:
             raise OSError(f"{self.name} cannot listen on {self.listen}: the address is in use or invalid")
         await self.server.start()
-        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s serving on %s:%d", self.name, host, port)
+        self._up = True
+        await self._set_all(self._health())
+        log.info("%s %s on %s:%d", self.name, "serving" if self._serving else "listening (not serving yet)",
+                 host, port)
         return f"{host}:{port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        """Says whether the service can serve now (its store is reachable, ...): health reports
+        SERVING only while it can and is not stopping."""
+        self._serving = serving
+        if self._up:
+            await self._set_all(self._health())
+
+    def _health(self) -> int:
+        ok = self._up and self._serving
+        return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
 
     async def stop(self, grace: float) -> None:
         """Marks NOT_SERVING, then lets in-flight calls finish for up to `grace` seconds."""
+        self._up = False
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
 

@@ -48,15 +48,19 @@ def _parse(name: str, raw: str, kind: type) -> object:
 
 def from_env(cls: type[T], service: str, environ: Mapping[str, str] | None = None,
              **overrides: object) -> T:
-    """Builds `cls` from `LLMOS_<SERVICE>_<FIELD>` variables, then `overrides`."""
+    """Builds `cls` from `LLMOS_<SERVICE>_<FIELD>` variables, then `overrides`. A field every
+    service shares (those of `ServiceSettings`) may also be given once for all as
+    `LLMOS_<FIELD>`; the service's own variable wins."""
     env = os.environ if environ is None else environ
     prefix = f"LLMOS_{service.upper()}_"
     hints = typing.get_type_hints(cls)
+    shared = {f.name for f in dataclasses.fields(ServiceSettings)} if issubclass(cls, ServiceSettings) else set()
     values: dict[str, object] = {}
     for field in dataclasses.fields(cls):
-        key = prefix + field.name.upper()
-        if key in env:
-            values[field.name] = _parse(key, env[key], hints[field.name])
+        for key in (prefix + field.name.upper(), *([f"LLMOS_{field.name.upper()}"] if field.name in shared else [])):
+            if key in env:
+                values[field.name] = _parse(key, env[key], hints[field.name])
+                break
     values.update(overrides)
     return cls(**values)
 
@@ -76,7 +80,12 @@ class ServiceSettings:
     # Directory of this service's certificate for mTLS (tls.crt, tls.key, ca.crt), re-read when
     # it changes; "" serves plaintext, on loopback only.
     tls_dir: str = ""
-    # The tenants and API keys (a SQLite file shared by the suite); "" knows no key.
+    # The tenants and API keys (a SQLite file shared by the suite); "" knows no key. Ignored
+    # when `store_url` is set: the keys are in that store.
     identity_db: str = ""
+    # The store of every durable record (catalog, leases, keys): "postgresql+psycopg://..." for
+    # a cluster, "sqlite:///path" for one file; "" keeps each service's embedded SQLite file in
+    # its data directory.
+    store_url: str = ""
     # Authentication and authorization off: benchmarks on loopback only.
     insecure: bool = False

@@ -62,7 +62,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     @property
     def store(self) -> KeyStore:
         if self._store_or_none is None:
-            raise FailedPrecondition("this gateway has no key store (identity_db)", reason="NO_KEY_STORE")
+            raise FailedPrecondition("this gateway has no key store (store_url or identity_db)", reason="NO_KEY_STORE")
         return self._store_or_none
 
     async def CreateTenant(self, request, context):

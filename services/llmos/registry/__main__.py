@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +12,11 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
 from llmos.common.devices import compute_bytes
+from llmos.common.errors import Unavailable
 from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.settings import ServiceSettings
+from llmos.common.store import Leadership, Store, StoreWatch, sqlite_url
 from llmos.common.telemetry import make_tracer_provider
 
 from .catalog import Catalog
@@ -60,7 +63,8 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
     provider = provider or make_tracer_provider("registry")
     security = Security.of("registry", settings)
     channels = Channels(provider, security)
-    catalog = Catalog(str(data / "registry.db"))
+    store = Store(settings.store_url or sqlite_url(data / "registry.db")).ready()
+    catalog = Catalog(store)
     roots = [Path(r) for r in settings.allowed_roots] or [Path.cwd()]
     kv = KvShape(settings.kv_slots, settings.kv_max_seq_len, compute_bytes(settings.worker_dtype))
     registry = ModelRegistry(catalog, Importer(data / "models", SourcePolicy(roots), settings.allow_pickle),
@@ -71,19 +75,36 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
                        security=security)
     registry.events.listeners.append(RegistryMetrics(host.metrics))
     register(host, registry)
+    watch = StoreWatch(store, host.set_serving)
+    await watch.check()
+    leadership: list[Leadership] = []
 
     async def watch_workers(address: str) -> None:
+        # Workers and placements are what the workers tell this replica; unloading idle models
+        # is done once for the whole cluster, by the replica that holds the lead.
+        interval = min(settings.worker_timeout_seconds / 4, 5.0)
+        leadership.append(Leadership(store, "registry.keep-alive", f"{socket.gethostname()}/{address}",
+                                     ttl=max(10.0, 3 * interval)))
         while True:
-            await asyncio.sleep(min(settings.worker_timeout_seconds / 4, 5.0))
-            await registry.recover(settings.worker_timeout_seconds)
-            if settings.keep_alive_seconds > 0:
-                await registry.evict_idle(settings.keep_alive_seconds, time.time())
+            await asyncio.sleep(interval)
+            try:
+                await registry.recover(settings.worker_timeout_seconds)
+                leads, _ = await asyncio.to_thread(leadership[0].check)
+                if leads and settings.keep_alive_seconds > 0:
+                    await registry.evict_idle(settings.keep_alive_seconds, time.time())
+            except Unavailable:
+                pass                                    # the store watch says so, once
+
+    async def watch_store(address: str) -> None:
+        await watch.run()
 
     async def close() -> None:
         await channels.close()
+        for lead in leadership:
+            await asyncio.to_thread(lead.resign)
         catalog.close()
 
-    return Service(host, background=[watch_workers], cleanups=[close])
+    return Service(host, background=[watch_workers, watch_store], cleanups=[close])
 
 
 

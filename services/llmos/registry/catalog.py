@@ -1,13 +1,14 @@
-"""The model catalog, persisted in SQLite: one row per name and tag."""
+"""The model catalog, in the store: one row per name and tag."""
 
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
-import threading
 from dataclasses import dataclass
 
+from sqlalchemy import delete, insert, select, tuple_, update
+
 from llmos.common.names import ModelRef
+from llmos.common.store import Store, models
 
 
 @dataclass(frozen=True)
@@ -38,68 +39,55 @@ _FIELDS = [f.name for f in dataclasses.fields(ModelRecord)]
 
 
 class Catalog:
-    """Name and tag → model record. Thread-safe; every write is one transaction."""
+    """Name and tag → model record, in the store's `models` table; every write is one transaction."""
 
-    def __init__(self, db_path: str) -> None:
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS models (name TEXT NOT NULL, tag TEXT NOT NULL, "
-            "digest TEXT NOT NULL, source_format TEXT NOT NULL, source TEXT NOT NULL, "
-            "path TEXT NOT NULL, architecture TEXT NOT NULL, parameter_count INTEGER NOT NULL, "
-            "dtype TEXT NOT NULL, context_length INTEGER NOT NULL, has_chat_template INTEGER NOT NULL, "
-            "create_time REAL NOT NULL, estimated_bytes INTEGER NOT NULL, "
-            "measured_bytes INTEGER NOT NULL DEFAULT 0, keep_alive REAL, PRIMARY KEY (name, tag))")
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(models)")}
-        for column, kind in (("measured_bytes", "INTEGER NOT NULL DEFAULT 0"), ("keep_alive", "REAL")):
-            if column not in columns:
-                self._db.execute(f"ALTER TABLE models ADD COLUMN {column} {kind}")
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def close(self) -> None:
-        self._db.close()
+        self.store.close()
 
     def get(self, ref: ModelRef) -> ModelRecord | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(_FIELDS)} FROM models WHERE name=? AND tag=?",
-                                   (ref.name, ref.tag)).fetchone()
+        with self.store.begin() as db:
+            row = db.execute(select(models).where(models.c.name == ref.name, models.c.tag == ref.tag)).first()
         return self._record(row) if row else None
 
     def put(self, record: ModelRecord) -> None:
-        values = dataclasses.astuple(record)
-        with self._lock:
-            self._db.execute(f"INSERT OR REPLACE INTO models ({', '.join(_FIELDS)}) "
-                             f"VALUES ({', '.join('?' * len(_FIELDS))})", values)
+        values = dataclasses.asdict(record)
+        with self.store.begin() as db:
+            where = (models.c.name == record.name, models.c.tag == record.tag)
+            if db.execute(update(models).where(*where).values(values)).rowcount == 0:
+                db.execute(insert(models).values(values))
 
     def set_measured(self, ref: ModelRef, nbytes: int) -> None:
-        with self._lock:
-            self._db.execute("UPDATE models SET measured_bytes=? WHERE name=? AND tag=?",
-                             (nbytes, ref.name, ref.tag))
+        self._update(ref, measured_bytes=nbytes)
 
     def set_keep_alive(self, ref: ModelRef, seconds: float) -> None:
-        with self._lock:
-            self._db.execute("UPDATE models SET keep_alive=? WHERE name=? AND tag=?", (seconds, ref.name, ref.tag))
+        self._update(ref, keep_alive=seconds)
+
+    def _update(self, ref: ModelRef, **values) -> None:
+        with self.store.begin() as db:
+            db.execute(update(models).where(models.c.name == ref.name, models.c.tag == ref.tag).values(**values))
 
     def delete(self, ref: ModelRef) -> bool:
-        with self._lock:
-            return self._db.execute("DELETE FROM models WHERE name=? AND tag=?",
-                                    (ref.name, ref.tag)).rowcount > 0
+        with self.store.begin() as db:
+            return db.execute(delete(models).where(models.c.name == ref.name, models.c.tag == ref.tag)).rowcount > 0
 
     def uses_path(self, path: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM models WHERE path=? LIMIT 1", (path,)).fetchone() is not None
+        with self.store.begin() as db:
+            return db.execute(select(models.c.name).where(models.c.path == path).limit(1)).first() is not None
 
     def list(self, after: tuple[str, str] | None, limit: int) -> list[ModelRecord]:
         """Records ordered by (name, tag), strictly after `after`."""
         name, tag = after or ("", "")
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {', '.join(_FIELDS)} FROM models WHERE (name, tag) > (?, ?) "
-                "ORDER BY name, tag LIMIT ?", (name, tag, limit)).fetchall()
+        query = (select(models).where(tuple_(models.c.name, models.c.tag) > tuple_(name, tag))
+                 .order_by(models.c.name, models.c.tag).limit(limit))
+        with self.store.begin() as db:
+            rows = db.execute(query).all()
         return [self._record(row) for row in rows]
 
     @staticmethod
-    def _record(row: tuple) -> ModelRecord:
-        values = dict(zip(_FIELDS, row, strict=True))
+    def _record(row) -> ModelRecord:
+        values = {f: getattr(row, f) for f in _FIELDS}
         values["has_chat_template"] = bool(values["has_chat_template"])
         return ModelRecord(**values)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
 
+from llmos.common.errors import Unavailable
 from llmos.common.metrics import OnLoop
 from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.settings import ServiceSettings
+from llmos.common.store import Leadership, Store, StoreWatch, sqlite_url
 from llmos.common.telemetry import make_tracer_provider
 
 from .inventory import node_name, probe_devices
@@ -38,8 +40,8 @@ class ResourcesSettings(ServiceSettings):
 
 async def build(settings: ResourcesSettings, provider: TracerProvider | None = None) -> Service:
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-    manager = ResourceManager(node_name(), probe_devices, str(Path(settings.data_dir) / "resources.db"),
-                              settings.cpu_budget_bytes, settings.budget_fraction)
+    store = Store(settings.store_url or sqlite_url(Path(settings.data_dir) / "resources.db")).ready()
+    manager = ResourceManager(node_name(), probe_devices, store, settings.cpu_budget_bytes, settings.budget_fraction)
     host = ServiceHost("resources", settings.listen, provider or make_tracer_provider("resources"),
                        settings.metrics_listen,
                        security=Security.of("resources", settings))
@@ -47,17 +49,42 @@ async def build(settings: ResourcesSettings, provider: TracerProvider | None = N
     host.metrics.register(OnLoop(asyncio.get_running_loop(), lambda: resource_metrics(
         manager.nodes(), manager.leases.list(), manager.leases.reclaimed_total)))
 
+    watch = StoreWatch(store, host.set_serving)
+    await watch.check()
+    leadership: list[Leadership] = []
+
     async def reap(address: str) -> None:
+        # Every replica publishes its node's devices; one at a time reclaims expired leases.
+        leadership.append(Leadership(store, "resources.reaper", f"{manager.node}/{address}",
+                                     ttl=max(10.0, 5 * settings.reap_interval_seconds)))
         while True:
+            try:
+                await asyncio.to_thread(reap_once, leadership[0])
+            except Unavailable:
+                pass                                    # the store watch says so, once
+            await asyncio.sleep(settings.reap_interval_seconds)
+
+    def reap_once(leader: Leadership) -> None:
+        manager.publish()
+        leads, took = leader.check()
+        if took:
+            extended = manager.leases.grant_grace()
+            if extended:
+                log.info("took up reclaiming: %d leases get one TTL to be renewed", extended)
+        if leads:
             for lease in manager.leases.reap():
                 log.warning("reclaimed %s of %s: %d bytes on %s/%s, not renewed", lease.name, lease.holder,
                             lease.bytes, lease.node, lease.device)
-            await asyncio.sleep(settings.reap_interval_seconds)
+
+    async def watch_store(address: str) -> None:
+        await watch.run()
 
     async def close() -> None:
+        for lead in leadership:
+            await asyncio.to_thread(lead.resign)
         manager.close()
 
-    return Service(host, background=[reap], cleanups=[close])
+    return Service(host, background=[reap, watch_store], cleanups=[close])
 
 
 

@@ -6,8 +6,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llmos.common.store import Store
+
 from .inventory import DeviceInfo
-from .leases import Budget, Lease, LeaseBook
+from .leases import Lease, LeaseBook
 
 
 @dataclass(frozen=True)
@@ -25,9 +27,10 @@ class NodeView:
 
 
 class ResourceManager:
-    """Inventory and leases of the node the resource manager runs on."""
+    """The inventory of the node the resource manager runs on, published to the store, and
+    the leases of every node that shares the store."""
 
-    def __init__(self, node: str, probe: Callable[[], list[DeviceInfo]], db_path: str,
+    def __init__(self, node: str, probe: Callable[[], list[DeviceInfo]], store: Store,
                  cpu_budget_bytes: int = 0, budget_fraction: float = 0.9,
                  clock: Callable[[], float] = time.monotonic, report_ttl: float = 60.0) -> None:
         self.node = node
@@ -35,7 +38,8 @@ class ResourceManager:
         self._cpu_budget = cpu_budget_bytes
         self._fraction = budget_fraction
         self._devices = probe()
-        self.leases = LeaseBook(db_path, self.budgets)
+        self.leases = LeaseBook(store)
+        self._published = False
         self._clock = clock
         self._report_ttl = report_ttl
         # (holder prefix, device) -> (bytes reported in use, when)
@@ -46,14 +50,23 @@ class ResourceManager:
             return self._cpu_budget
         return int(device.total_bytes * self._fraction)
 
-    def budgets(self) -> list[Budget]:
-        return [Budget(self.node, d.name, self._budget(d)) for d in self._devices]
+    def publish(self) -> None:
+        """Probes this node's devices and records them and their budgets in the store."""
+        self._devices = self._probe()
+        self.leases.publish(self.node, [(d, self._budget(d)) for d in self._devices])
+        self._published = True
 
     def nodes(self) -> list[NodeView]:
-        self._devices = self._probe()
-        return [NodeView(self.node, [
-            DeviceView(d, self.leases.leased(self.node, d.name), self._budget(d), self.unexplained(d.name))
-            for d in self._devices])]
+        """This node as probed now, and every other node as its resource manager last
+        published it."""
+        self.publish()
+        views: dict[str, list[DeviceView]] = {}
+        for record in self.leases.devices():
+            own = record.node == self.node
+            views.setdefault(record.node, []).append(DeviceView(
+                record.info, self.leases.leased(record.node, record.info.name), record.budget_bytes,
+                self.unexplained(record.info.name) if own else 0))
+        return [NodeView(name, devices) for name, devices in views.items()]
 
     def heartbeat(self, holder_prefix: str, in_use_bytes: int = 0, device: str = "") -> int:
         """Renews the holder's leases and records what it reports in use; returns the renewals."""
@@ -74,6 +87,8 @@ class ResourceManager:
         return total
 
     def acquire(self, holder: str, node: str, device: str, nbytes: int, ttl: float = 0.0) -> Lease:
+        if not self._published:
+            self.publish()
         return self.leases.acquire(holder, node or self.node, device or "cpu", nbytes, ttl)
 
     def release(self, name: str) -> bool:

@@ -1,13 +1,12 @@
-"""Tenants, API keys and their checks: the key store on a real SQLite file, the authenticator
-with fake clocks."""
-
-import sqlite3
+"""Tenants, API keys and their checks: the key store on a real SQLite file and a real
+PostgreSQL, the authenticator with fake clocks."""
 
 import pytest
 
 from llmos.common.auth import Authenticator
 from llmos.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
 from llmos.common.keystore import KeyStore, Quota, Role, Tenant, parse_key
+from llmos.common.store import Store
 from tests.support.clock import FakeClock
 
 
@@ -17,18 +16,19 @@ def clock():
 
 
 @pytest.fixture
-def store(tmp_path, clock):
-    store = KeyStore(str(tmp_path / "identity.db"), clock=clock)
+def store(store_url, clock):
+    store = KeyStore(Store(store_url), clock=clock)
     store.create_tenant(Tenant("acme", weight=2.0, priority_ceiling=3, quota=Quota(4, 60, 1000)))
     yield store
     store.close()
 
 
-def test_a_key_is_shown_once_and_only_its_hash_is_stored(store, tmp_path):
+def test_a_key_is_shown_once_and_only_its_hash_is_stored(store):
     key, printed = store.create_key("acme", Role.USER, "ci")
     key_id, secret = parse_key(printed)
     assert key_id == key.key_id and len(secret) >= 43
-    rows = sqlite3.connect(tmp_path / "identity.db").execute("SELECT * FROM api_keys").fetchall()
+    with store.store.engine.connect() as db:                # every stored column, read directly
+        rows = db.exec_driver_sql("SELECT * FROM api_keys").fetchall()
     assert rows and all(secret not in str(row) for row in rows)
     listed = store.list_keys("acme")
     assert [k.key_id for k in listed] == [key_id] and not hasattr(listed[0], "secret")
@@ -109,8 +109,8 @@ def test_a_tenant_with_usable_keys_cannot_be_removed(store):
     assert store.list_keys("acme") == [] and store.list_tenants() == []
 
 
-def test_updates_change_the_record_every_reader_sees(store, tmp_path, clock):
-    other = KeyStore(str(tmp_path / "identity.db"), clock=clock)      # another gateway's view
+def test_updates_change_the_record_every_reader_sees(store, store_url, clock):
+    other = KeyStore(Store(store_url), clock=clock)      # another gateway's view
     try:
         store.update_tenant(Tenant("acme", weight=5.0, priority_ceiling=-2, quota=Quota(1, 2, 3)))
         assert other.get_tenant("acme").quota == Quota(1, 2, 3) and other.get_tenant("acme").weight == 5.0

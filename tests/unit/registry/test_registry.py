@@ -13,6 +13,7 @@ from llmos.common.errors import (
     Unavailable,
 )
 from llmos.common.names import ModelRef
+from llmos.common.store import Store
 from llmos.registry.catalog import Catalog
 from llmos.registry.importer import Importer
 from llmos.registry.models import ModelRegistry
@@ -50,8 +51,8 @@ def importer(tmp_path):
 
 
 @pytest.fixture
-def registry(tmp_path):
-    catalog = Catalog(str(tmp_path / "registry.db"))
+def registry(tmp_path, store_url):
+    catalog = Catalog(Store(store_url))
     yield ModelRegistry(catalog, importer(tmp_path), FakeWorkers(), kv=SMALL_KV, overhead_bytes=100)
     catalog.close()
 
@@ -65,13 +66,13 @@ def test_facts_and_estimate_come_from_config_and_headers(tmp_path):
     assert estimate_bytes(facts, kv=SMALL_KV, overhead_bytes=100) == 144 + 2 * 2 * 1 * 4 * 2 * 16 + 100
 
 
-async def test_import_is_idempotent_by_digest_and_persists(tmp_path, registry):
+async def test_import_is_idempotent_by_digest_and_persists(tmp_path, registry, store_url):
     source = make_source(tmp_path / "src")
     view, created = await registry.import_model("tiny", "", str(source))
     assert created and view.record.tag == "latest" and view.record.digest.startswith("sha256:")
     again, created_again = await registry.import_model("tiny", "latest", str(source))
     assert not created_again and again.record == view.record
-    reopened = Catalog(str(tmp_path / "registry.db"))
+    reopened = Catalog(Store(store_url))
     assert reopened.get(view.record.ref) == view.record
     reopened.close()
 
@@ -116,8 +117,8 @@ async def test_load_places_on_a_worker_and_is_idempotent(tmp_path, registry):
     assert registry._worker_port.calls == [("127.0.0.1:9", "tiny:latest")]
 
 
-async def test_a_failed_load_is_recorded_with_its_reason(tmp_path):
-    catalog = Catalog(str(tmp_path / "r.db"))
+async def test_a_failed_load_is_recorded_with_its_reason(tmp_path, store_url):
+    catalog = Catalog(Store(store_url))
     registry = ModelRegistry(catalog, importer(tmp_path), FakeWorkers(fail=True))
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
     registry.register_worker("w1", "127.0.0.1:9", "node")
@@ -157,8 +158,8 @@ class StoppingWorkers(FakeWorkers):
         self.stopped.append((address, model))
 
 
-async def test_a_model_bigger_than_any_device_is_refused_before_any_worker_is_asked(tmp_path):
-    catalog = Catalog(str(tmp_path / "r.db"))
+async def test_a_model_bigger_than_any_device_is_refused_before_any_worker_is_asked(tmp_path, store_url):
+    catalog = Catalog(Store(store_url))
     workers = FakeWorkers()
     registry = ModelRegistry(catalog, importer(tmp_path), workers, kv=SMALL_KV, overhead_bytes=100,
                              resources=FakeResources(budget=200))
@@ -172,8 +173,8 @@ async def test_a_model_bigger_than_any_device_is_refused_before_any_worker_is_as
     catalog.close()
 
 
-async def test_unload_stops_it_everywhere_and_delete_needs_it_unloaded(tmp_path):
-    catalog = Catalog(str(tmp_path / "r.db"))
+async def test_unload_stops_it_everywhere_and_delete_needs_it_unloaded(tmp_path, store_url):
+    catalog = Catalog(Store(store_url))
     workers = StoppingWorkers()
     registry = ModelRegistry(catalog, importer(tmp_path), workers)
     view, _ = await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
@@ -191,9 +192,9 @@ async def test_unload_stops_it_everywhere_and_delete_needs_it_unloaded(tmp_path)
     catalog.close()
 
 
-async def test_silent_workers_are_dropped_and_a_restarted_registry_relearns_placements(tmp_path):
+async def test_silent_workers_are_dropped_and_a_restarted_registry_relearns_placements(tmp_path, store_url):
     now = [0.0]
-    catalog = Catalog(str(tmp_path / "r.db"))
+    catalog = Catalog(Store(store_url))
     registry = ModelRegistry(catalog, importer(tmp_path), FakeWorkers(), clock=lambda: now[0])
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
     registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"])
@@ -207,9 +208,9 @@ async def test_silent_workers_are_dropped_and_a_restarted_registry_relearns_plac
     catalog.close()
 
 
-async def test_models_of_a_lost_worker_are_loaded_on_another_with_room(tmp_path):
+async def test_models_of_a_lost_worker_are_loaded_on_another_with_room(tmp_path, store_url):
     now = [0.0]
-    catalog = Catalog(str(tmp_path / "r.db"))
+    catalog = Catalog(Store(store_url))
     workers = FakeWorkers()
     registry = ModelRegistry(catalog, importer(tmp_path), workers, clock=lambda: now[0])
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
@@ -256,8 +257,8 @@ class RoomyWorker:
 ESTIMATE = 756  # each model below: weights 144 + KV 2x2x1x4x2x16 = 512 + overhead 100 bytes
 
 
-async def three_models(tmp_path, worker):
-    catalog = Catalog(str(tmp_path / "r.db"))
+async def three_models(tmp_path, worker, store_url):
+    catalog = Catalog(Store(store_url))
     registry = ModelRegistry(catalog, importer(tmp_path), worker, kv=SMALL_KV, overhead_bytes=100)
     for i, name in enumerate(["a", "b", "c"]):
         await registry.import_model(name, "", str(make_source(tmp_path / name, fill=float(i + 1))))
@@ -266,9 +267,9 @@ async def three_models(tmp_path, worker):
     return registry
 
 
-async def test_loading_a_third_model_evicts_the_least_recently_used_idle_one(tmp_path):
+async def test_loading_a_third_model_evicts_the_least_recently_used_idle_one(tmp_path, store_url):
     worker = RoomyWorker(capacity=2 * ESTIMATE + 100)  # room for two of the three
-    registry = await three_models(tmp_path, worker)
+    registry = await three_models(tmp_path, worker, store_url)
     await registry.load("a")
     await registry.load("b")
     worker.use("a:latest")                # b is now the least recently used
@@ -277,9 +278,9 @@ async def test_loading_a_third_model_evicts_the_least_recently_used_idle_one(tmp
     assert registry.get("b").state == "available" and registry.get("c").state == "ready"
 
 
-async def test_a_model_with_requests_in_flight_is_never_evicted(tmp_path):
+async def test_a_model_with_requests_in_flight_is_never_evicted(tmp_path, store_url):
     worker = RoomyWorker(capacity=2 * ESTIMATE + 100)  # room for two of the three
-    registry = await three_models(tmp_path, worker)
+    registry = await three_models(tmp_path, worker, store_url)
     await registry.load("a")
     await registry.load("b")
     worker.in_flight["a:latest"] = 1      # a is older but busy: b goes
@@ -293,9 +294,9 @@ async def test_a_model_with_requests_in_flight_is_never_evicted(tmp_path):
     assert registry.get("b").placements == []
 
 
-async def test_models_idle_past_keep_alive_are_unloaded(tmp_path):
+async def test_models_idle_past_keep_alive_are_unloaded(tmp_path, store_url):
     worker = RoomyWorker(capacity=10_000)
-    registry = await three_models(tmp_path, worker)
+    registry = await three_models(tmp_path, worker, store_url)
     await registry.load("a")
     await registry.load("b")
     worker.use("b:latest")
@@ -317,9 +318,9 @@ async def test_replicas_load_the_model_on_more_workers(tmp_path, registry):
         await registry.load("tiny", replicas=-1)
 
 
-async def test_keep_alive_set_at_load_overrides_the_default_for_that_model(tmp_path):
+async def test_keep_alive_set_at_load_overrides_the_default_for_that_model(tmp_path, store_url):
     worker = RoomyWorker(capacity=10_000)
-    registry = await three_models(tmp_path, worker)
+    registry = await three_models(tmp_path, worker, store_url)
     await registry.load("a", keep_alive=-1.0)            # never unloaded for idleness
     await registry.load("b", keep_alive=100.0)
     await registry.load("c")                             # the default (1 s below)

@@ -1,0 +1,429 @@
+"""The durable store: one schema behind one interface, embedded SQLite or a cluster PostgreSQL.
+
+Every durable record of the suite (the model catalog, memory leases and the nodes they are
+counted against, tenants and API keys, and the leader leases of loops that run once
+cluster-wide) is a table of `SCHEMA`, reached through SQLAlchemy Core. A store is chosen by
+one URL: `sqlite:///path/file.db` (embedded; what `llmos up` uses, one file per service
+unless they are given one URL) or `postgresql+psycopg://user:password@host:port/db` (the
+cluster; every replica of every service may share it).
+
+The schema is versioned with alembic (`llmos.migrations`). An embedded SQLite file is
+brought up to date when it is opened: one host, one owner. A PostgreSQL store is migrated
+only by `llmos migrate` (a Job in the Kubernetes manifests); a service that finds it behind
+or unreachable reports NOT_SERVING and tries again with backoff (`StoreWatch`).
+
+While the store cannot be reached, calls fail fast with UNAVAILABLE `STORE_UNAVAILABLE`
+instead of each waiting for a connection timeout: after a failed connection the store is
+"down", and one call now and then (with backoff) tries it again; the first that gets
+through brings it back for all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Double,
+    Engine,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    create_engine,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
+
+from .errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+
+SCHEMA = MetaData()
+
+models = Table(
+    "models", SCHEMA,
+    Column("name", String(128), nullable=False),
+    Column("tag", String(128), nullable=False),
+    Column("digest", String(160), nullable=False),
+    Column("source_format", String(32), nullable=False),
+    Column("source", String(4096), nullable=False),
+    Column("path", String(4096), nullable=False),
+    Column("architecture", String(128), nullable=False),
+    Column("parameter_count", BigInteger, nullable=False),
+    Column("dtype", String(32), nullable=False),
+    Column("context_length", Integer, nullable=False),
+    Column("has_chat_template", Boolean, nullable=False),
+    Column("create_time", Double, nullable=False),
+    Column("estimated_bytes", BigInteger, nullable=False),
+    Column("measured_bytes", BigInteger, nullable=False, server_default="0"),
+    Column("keep_alive", Double, nullable=True),
+    PrimaryKeyConstraint("name", "tag"),
+)
+
+leases = Table(
+    "leases", SCHEMA,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(256), nullable=False, index=True),
+    Column("node", String(256), nullable=False),
+    Column("device", String(64), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("create_time", Double, nullable=False),
+    Column("ttl", Double, nullable=False, server_default="0"),
+    Column("expire_time", Double, nullable=False, server_default="0"),
+)
+
+# Each resource manager publishes the devices of its node and their budgets, so that any
+# replica can grant a lease on any node; a lease checks its device's row (locked) and sum.
+devices = Table(
+    "devices", SCHEMA,
+    Column("node", String(256), nullable=False),
+    Column("device", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("product", String(256), nullable=False),
+    Column("total_bytes", BigInteger, nullable=False),
+    Column("used_bytes", BigInteger, nullable=False),
+    Column("budget_bytes", BigInteger, nullable=False),
+    Column("cores", Integer, nullable=False),
+    Column("update_time", Double, nullable=False),
+    PrimaryKeyConstraint("node", "device"),
+)
+
+tenants = Table(
+    "tenants", SCHEMA,
+    Column("name", String(64), primary_key=True),
+    Column("weight", Double, nullable=False),
+    Column("priority_ceiling", Integer, nullable=False),
+    Column("max_concurrent", BigInteger, nullable=False),
+    Column("requests_per_minute", BigInteger, nullable=False),
+    Column("tokens_per_minute", BigInteger, nullable=False),
+    Column("create_time", Double, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys", SCHEMA,
+    Column("key_id", String(32), primary_key=True),
+    Column("tenant", String(64), nullable=False, index=True),
+    Column("role", String(16), nullable=False),
+    Column("label", String(128), nullable=False),
+    Column("secret_hash", String(64), nullable=False),
+    Column("create_time", Double, nullable=False),
+    Column("expire_time", Double, nullable=True),
+    Column("revoke_time", Double, nullable=True),
+)
+
+leaders = Table(
+    "leaders", SCHEMA,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(256), nullable=False),
+    Column("expire_time", Double, nullable=False),
+)
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+# How long a call waits for a connection, seconds; while the store is down calls fail at once.
+CONNECT_TIMEOUT = 3.0
+# While the store is down, one call tries it again after this many seconds, doubling up to MAX_RETRY.
+RETRY, MAX_RETRY = 0.5, 4.0
+
+
+def sqlite_url(path: str | Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for logs and errors."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable store URL>"
+
+
+class Store:
+    """An engine on one URL, with the store's error handling and its schema revision."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise InvalidArgument.field("store_url", f"cannot parse {redact(url)!r} as a database URL") from None
+        self.url = url
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            database = parsed.database or ""
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+            _serialize_sqlite_writers(engine)
+        elif self.dialect == "postgresql":
+            try:
+                engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                                       connect_args={"connect_timeout": int(CONNECT_TIMEOUT)})
+            except NoSuchModuleError:
+                raise InvalidArgument.field("store_url", "PostgreSQL URLs are postgresql+psycopg://...") from None
+        else:
+            raise InvalidArgument.field("store_url", f"stores are sqlite:/// or postgresql+psycopg:// URLs, "
+                                                     f"not {parsed.drivername!r}")
+        self.engine: Engine = engine
+        self._down_since: float | None = None
+        self._down_reason = ""
+        self._retry_in = RETRY
+        self._retry_at = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def embedded(self) -> bool:
+        return self.dialect == "sqlite"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- transactions ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """One transaction; a store that cannot be reached is UNAVAILABLE STORE_UNAVAILABLE.
+        While it is down, calls fail at once, but for one attempt every `_retry_in` seconds
+        (doubling up to `MAX_RETRY`), whose success brings it back for every caller."""
+        with self._lock:
+            if self._down_since is not None:
+                if time.monotonic() < self._retry_at:
+                    raise self._unavailable()
+                self._retry_at = time.monotonic() + self._retry_in
+        try:
+            with self.engine.begin() as connection:
+                yield connection
+        except DBAPIError as exc:
+            if isinstance(exc, IntegrityError) or not _is_connection_error(exc, self.dialect):
+                raise
+            self._mark_down(exc)
+            raise self._unavailable() from None
+        self._mark_up()
+
+    def _mark_down(self, exc: Exception) -> None:
+        with self._lock:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                self._retry_in = RETRY
+            else:
+                self._retry_in = min(self._retry_in * 2, MAX_RETRY)
+            self._retry_at = time.monotonic() + self._retry_in
+            self._down_reason = _first_line(exc)
+
+    def _mark_up(self) -> None:
+        if self._down_since is not None:
+            with self._lock:
+                self._down_since = None
+
+    def _unavailable(self) -> Unavailable:
+        return Unavailable(f"the store {redact(self.url)} cannot be reached: {self._down_reason}",
+                           reason="STORE_UNAVAILABLE", metadata={"store": redact(self.url)})
+
+    @property
+    def down(self) -> bool:
+        return self._down_since is not None
+
+    # ---- schema -------------------------------------------------------------------------
+
+    def revision(self) -> str | None:
+        """The schema revision the store is at; None for an empty store."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    @staticmethod
+    def head() -> str:
+        """The revision this release needs."""
+        from alembic.script import ScriptDirectory
+
+        return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+    def migrate(self) -> tuple[str | None, str]:
+        """Brings the schema to this release's revision; returns (from, to)."""
+        from alembic import command
+
+        before = self.revision()
+        config = _alembic_config()
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        return before, self.head()
+
+    def probe(self) -> str:
+        """Why the store cannot serve this release now ("" when it can). Clears `down` when
+        the store answers. Blocking: run it off the event loop."""
+        try:
+            revision = self.revision()
+        except DBAPIError as exc:
+            self._mark_down(exc)
+            return f"cannot be reached: {_first_line(exc)}"
+        self._mark_up()
+        head = self.head()
+        if revision != head:
+            if self.embedded:
+                self.migrate()
+                return ""
+            return (f"schema is at revision {revision or 'none'}, this release needs {head}: "
+                    f"run `llmos migrate`")
+        return ""
+
+    def ready(self) -> Store:
+        """Opens an embedded store for use now (migrating it); a cluster store is checked by
+        the service's `StoreWatch` instead."""
+        if self.embedded:
+            problem = self.probe()
+            if problem:
+                raise Unavailable(f"the store {redact(self.url)} {problem}", reason="STORE_UNAVAILABLE")
+        return self
+
+    # ---- leader leases --------------------------------------------------------------------
+
+    def lead(self, name: str, holder: str, ttl: float, now: float | None = None) -> bool:
+        """Takes or keeps the leader lease `name` for `holder` for `ttl` seconds; True when
+        `holder` leads. The lease is one row; a holder keeps it by calling again before it
+        ends, and anyone takes it once it has. Clocks of the replicas are assumed in step
+        within a fraction of `ttl` (NTP)."""
+        now = time.time() if now is None else now
+        try:
+            with self.begin() as connection:
+                row = connection.execute(select(leaders).where(leaders.c.name == name).with_for_update()).first()
+                if row is None:
+                    connection.execute(insert(leaders).values(name=name, holder=holder, expire_time=now + ttl))
+                    return True
+                if row.holder != holder and row.expire_time > now:
+                    return False
+                connection.execute(update(leaders).where(leaders.c.name == name)
+                                   .values(holder=holder, expire_time=now + ttl))
+                return True
+        except IntegrityError:
+            return False                                   # another replica inserted it first
+
+    def resign(self, name: str, holder: str) -> None:
+        with self.begin() as connection:
+            connection.execute(update(leaders).where(leaders.c.name == name, leaders.c.holder == holder)
+                               .values(expire_time=0.0))
+
+
+class Leadership:
+    """Whether this replica runs a cluster-wide loop now, renewed on each `check`."""
+
+    def __init__(self, store: Store, name: str, holder: str, ttl: float) -> None:
+        self.store, self.name, self.holder, self.ttl = store, name, holder, ttl
+        self.leading = False
+
+    def check(self) -> tuple[bool, bool]:
+        """(leads now, took the lead just now). A store that cannot be reached leads nobody."""
+        try:
+            leads = self.store.lead(self.name, self.holder, self.ttl)
+        except Unavailable:
+            leads = False
+        took = leads and not self.leading
+        if leads != self.leading:
+            log.info("%s %s the lead of %s", self.holder, "took" if leads else "lost", self.name)
+        self.leading = leads
+        return leads, took
+
+    def resign(self) -> None:
+        """Gives the lead up at once (at stop), so another replica need not wait out its TTL."""
+        if self.leading:
+            self.leading = False
+            try:
+                self.store.resign(self.name, self.holder)
+            except Unavailable:
+                pass
+
+
+class StoreWatch:
+    """Keeps a service's health in step with its store: NOT_SERVING (with one log line) while
+    the store cannot be reached or is behind on migrations, SERVING again when it is back,
+    trying again with backoff from `interval` up to `max_interval`."""
+
+    def __init__(self, store: Store, set_serving: Callable[[bool], object],
+                 interval: float = 1.0, max_interval: float = 8.0) -> None:
+        self.store = store
+        self._set_serving = set_serving
+        self.interval, self.max_interval = interval, max_interval
+        self.problem = ""
+
+    async def check(self) -> str:
+        problem = await asyncio.to_thread(self.store.probe)
+        if problem and _kind(problem) != _kind(self.problem):     # one line per kind of trouble
+            log.error("store %s %s; not serving until it is back, trying again with backoff",
+                      redact(self.store.url), problem)
+        elif not problem and self.problem:
+            log.info("store %s is back; serving", redact(self.store.url))
+        if bool(problem) != bool(self.problem):
+            result = self._set_serving(not problem)
+            if asyncio.iscoroutine(result):
+                await result
+        self.problem = problem
+        return problem
+
+    async def run(self) -> None:
+        delay = self.interval
+        while True:
+            delay = min(delay * 2, self.max_interval) if await self.check() else self.interval
+            await asyncio.sleep(delay)
+
+
+def _kind(problem: str) -> str:
+    """"cannot be reached", "schema is at revision ...": a problem without its details."""
+    return problem.split(":", 1)[0]
+
+
+def _serialize_sqlite_writers(engine: Engine) -> None:
+    """SQLite: WAL, and every transaction takes the write lock when it begins (BEGIN
+    IMMEDIATE), so that a read-then-write (a budget check, a leader lease) is atomic across
+    processes sharing the file. The pattern SQLAlchemy documents for pysqlite."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA busy_timeout=30000")
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _is_connection_error(exc: DBAPIError, dialect: str) -> bool:
+    if exc.connection_invalidated:
+        return True
+    if dialect == "postgresql":
+        import psycopg
+
+        return isinstance(exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
+    return "unable to open database" in str(exc.orig) or "disk I/O error" in str(exc.orig)
+
+
+def _first_line(exc: Exception) -> str:
+    orig = getattr(exc, "orig", exc)
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
+
+
+def _alembic_config():
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+__all__ = ["SCHEMA", "Leadership", "Store", "StoreWatch", "api_keys", "devices", "leaders", "leases",
+           "models", "redact", "sqlite_url", "tenants"]
