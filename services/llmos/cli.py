@@ -106,11 +106,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                 stream_answer(client, args.model, SAMPLE_QUESTION, raw=False, max_tokens=48,
                               temperature=0.0, seed=None)
         print("\nserving; press Ctrl-C to stop", flush=True)
-        while True:
-            dead = [s for s, p in suite.processes.items() if p.poll() is not None]
-            if dead:
-                print(f"{', '.join(dead)} exited; stopping the suite", file=sys.stderr)
-                return 1
+        while True:                     # a service that exits is started again, with backoff
+            for name, what in suite.supervise():
+                stamp = datetime.datetime.now().strftime("%H:%M:%S")
+                print(f"{stamp} {name} {what}; its log: {os.path.join(suite.data_dir, 'logs', name + '.log')}"
+                      if what.startswith("exited") else f"{stamp} {name} {what}", flush=True)
             time.sleep(0.5)
     except KeyboardInterrupt:
         return 0
@@ -135,8 +135,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _print_components(health) -> None:
+    now = time.time()
     for c in health.components:
-        print(f"  {c.component:<28} {c.address:<22} {enum_word(c, 'state')} {c.detail}")
+        up = f"up {_age(now - c.start_time.seconds)}" if c.HasField("start_time") else ""
+        restarts = f", {c.restarts} restarts" if c.restarts else ""
+        print(f"  {c.component:<28} {c.address:<22} {enum_word(c, 'state'):<12} {up}{restarts}  {c.detail}".rstrip())
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
 
 
 def _print_model(m) -> None:
@@ -342,6 +350,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
             elif kind == "model":
                 m = event.model
                 print(f"{when} model   {m.model:<24} {enum_word(m, 'kind')} {m.worker_id} {m.reason}", flush=True)
+            elif kind == "restart":
+                r = event.restart
+                print(f"{when} restart {r.component:<24} new process (restart {r.restarts}; the one before ran "
+                      f"{r.start_time.seconds - r.previous_start_time.seconds} s)", flush=True)
     return 0
 
 

@@ -98,6 +98,11 @@ class Suite:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     # Its CA, certificates and keys (made at start).
     identity: SuiteIdentity | None = None
+    # Supervision (`supervise`): per process, how often it was restarted, and the pending
+    # restart of each process that exited (when it is due, and how long it waits next time).
+    restarts: dict[str, int] = field(default_factory=dict)
+    _pending: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
+    _started_at: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def names(self) -> list[str]:
@@ -175,8 +180,45 @@ class Suite:
                 raise SuiteError(f"{name} did not start in {timeout:.0f}s")
             time.sleep(0.05)
         self.addresses[name], self.metrics[name] = read_address_file(address_file)
+        self._started_at[name] = time.monotonic()
         wait_healthy(self.addresses[name], max(1.0, deadline - time.monotonic()),
                      None if service == "gateway" else self.identity.tls_dir(CLI))
+
+    def supervise(self, timeout: float = 120.0, first_delay: float = 1.0,
+                  max_delay: float = 30.0) -> list[tuple[str, str]]:
+        """One round of supervision: a process that exited is started again on its addresses,
+        after a delay that doubles each time it exits soon after a start (from `first_delay`
+        to `max_delay`) and starts over once it has run for a minute. Returns what happened,
+        (process, "exited with code N; restarting in S s" / "restarted" / "failed to restart: ..."),
+        for the launcher to show."""
+        happened: list[tuple[str, str]] = []
+        now = time.monotonic()
+        for name, process in list(self.processes.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            del self.processes[name]
+            ran = now - self._started_at.get(name, now)
+            delay = self._pending.get(name, (0.0, first_delay))[1] if ran < 60 else first_delay
+            self._pending[name] = (now + delay, min(delay * 2, max_delay))
+            happened.append((name, f"exited with code {code}; restarting in {delay:.0f} s"))
+        for name, (due, next_delay) in list(self._pending.items()):
+            if name in self.processes or time.monotonic() < due:
+                continue
+            metrics = self.metrics.get(name, "")
+            try:
+                self._start_one(name, timeout, port=int(self.addresses[name].rsplit(":", 1)[1]),
+                                metrics_port=int(metrics.rsplit(":", 1)[1]) if metrics else None)
+            except SuiteError as exc:
+                self.processes.pop(name, None)
+                self._pending[name] = (time.monotonic() + next_delay, min(next_delay * 2, max_delay))
+                happened.append((name, f"failed to restart: {str(exc).splitlines()[0]}; trying again in "
+                                       f"{next_delay:.0f} s"))
+                continue
+            self._pending[name] = (0.0, next_delay)
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            happened.append((name, f"restarted (restart {self.restarts[name]})"))
+        return happened
 
     def stop(self, grace: float = 15.0) -> dict[str, int]:
         """Stops the services front to back (gateway before workers, so streams drain):

@@ -41,20 +41,26 @@ def free_port_block(size: int = 6) -> int:
     raise RuntimeError("no free block of ports")
 
 
-def read_until(process: subprocess.Popen, marker: str, timeout: float) -> str:
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    output = ""
-    deadline = time.monotonic() + timeout
-    while marker not in output:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"`llmos up` did not print {marker!r}:\n{output}")
-        try:
-            output += lines.get(timeout=0.5)
-        except queue.Empty:
-            if process.poll() is not None:
-                raise AssertionError(f"`llmos up` exited ({process.returncode}):\n{output}") from None
-    return output
+class Output:
+    """What `llmos up` prints, read by one thread as it comes."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.text = ""
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [self._lines.put(line) for line in process.stdout], daemon=True).start()
+
+    def until(self, marker: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while marker not in self.text:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"`llmos up` did not print {marker!r}:\n{self.text}")
+            try:
+                self.text += self._lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    raise AssertionError(f"`llmos up` exited ({self.process.returncode}):\n{self.text}") from None
+        return self.text
 
 
 @pytest.mark.smollm2
@@ -66,7 +72,8 @@ def test_llmos_up_streams_an_answer_and_stops_everything(e2e_data_dir, stop_sign
          "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        output = read_until(process, "press Ctrl-C to stop", timeout=280)
+        printed = Output(process)
+        output = printed.until("press Ctrl-C to stop", timeout=280)
         assert "Paris" in output
         assert f"127.0.0.1:{base}" in output
         # The metrics endpoint it prints serves the whole cluster's metrics, which counted the answer.
@@ -82,6 +89,30 @@ def test_llmos_up_streams_an_answer_and_stops_everything(e2e_data_dir, stop_sign
                                  str(e2e_data_dir), "generate", "--max-tokens", "12", "What is the capital of France?"],
                                 capture_output=True, text=True, timeout=120)
         assert answer.returncode == 0 and "Paris" in answer.stdout, answer.stdout + answer.stderr
+        cli = [sys.executable, "-m", "llmos.cli", "--data-dir", str(e2e_data_dir),
+               *(f"--{service}=127.0.0.1:{base + offset}" for offset, service in
+                 enumerate(["gateway", "scheduler", "registry", "resources", "worker", "monitor"])
+                 if service != "worker")]
+        if stop_signal == signal.SIGTERM:
+            # A service that exits is started again; `llmos status` counts it, and the suite goes on.
+            scheduler = next(p for p in psutil.Process(process.pid).children(recursive=True)
+                             if "llmos.scheduler" in p.cmdline())
+            scheduler.kill()
+            printed.until("scheduler restarted (restart 1)", timeout=120)
+            assert "scheduler exited with code -9; restarting in 1 s" in printed.text
+
+            def status_counts_it():
+                shown = subprocess.run([*cli, "status"], capture_output=True, text=True, timeout=60).stdout
+                return re.search(r"^\s+scheduler .* 1 restarts", shown, re.MULTILINE)
+            for _ in range(60):
+                if status_counts_it():
+                    break
+                time.sleep(1)
+            else:
+                raise AssertionError("`llmos status` never showed the scheduler's restart")
+            again = subprocess.run([*cli, "generate", "--max-tokens", "4", "Hi"], capture_output=True, text=True,
+                                   timeout=120)
+            assert again.returncode == 0, again.stderr
         children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) >= 6
         process.send_signal(stop_signal)

@@ -22,7 +22,7 @@ class _TypedUnary(grpc.aio.UnaryUnaryClientInterceptor):
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise from_rpc_error(exc, client_call_details.method) from None
 
 
 class _TypedStream(grpc.aio.UnaryStreamClientInterceptor):
@@ -36,7 +36,7 @@ class _TypedStream(grpc.aio.UnaryStreamClientInterceptor):
                 async for response in call:
                     yield response
             except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc) from None
+                raise from_rpc_error(exc, client_call_details.method) from None
 
         return responses()
 

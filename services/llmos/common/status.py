@@ -47,8 +47,11 @@ def to_status(error: LlmosError) -> status_pb2.Status:
     return status
 
 
-def from_rpc_error(exc: grpc.aio.AioRpcError) -> LlmosError:
-    """Reads a failed call's status (with its details) back into a typed error."""
+def from_rpc_error(exc: grpc.aio.AioRpcError, method: str | bytes = "") -> LlmosError:
+    """Reads a failed call's status (with its details) back into a typed error. A peer that
+    could not be reached at all (UNAVAILABLE from the transport, no details) is named by the
+    service of `method`: reason `SCHEDULER_UNREACHABLE` for "/llmos.v1.SchedulerService/...",
+    and so on."""
     code = exc.code()
     if code not in _PASSED_THROUGH:
         return RemoteError("INTERNAL", "internal error in a downstream service",
@@ -71,8 +74,20 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> LlmosError:
                 info = error_details_pb2.RetryInfo()
                 detail.Unpack(info)
                 retry_after = seconds(info.retry_delay)
-    return RemoteError(code.name, exc.details() or code.name.lower(), reason=reason,
+    message = exc.details() or code.name.lower()
+    if code == grpc.StatusCode.UNAVAILABLE and reason == code.name and method:
+        peer = _service_word(method)
+        reason, message = f"{peer.upper()}_UNREACHABLE", f"the {peer} cannot be reached: {message}"
+    return RemoteError(code.name, message, reason=reason,
                        metadata=metadata, violations=violations, retry_after=retry_after)
+
+
+def _service_word(method: str | bytes) -> str:
+    """"/llmos.v1.SchedulerService/AdmitGeneration" -> "scheduler"."""
+    if isinstance(method, bytes):
+        method = method.decode(errors="replace")
+    service = method.strip("/").split("/")[0].rsplit(".", 1)[-1]
+    return (service.removesuffix("Service") or service).lower() or "peer"
 
 
 def _as_status(exc: BaseException, method: str) -> status_pb2.Status:

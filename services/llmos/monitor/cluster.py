@@ -5,6 +5,7 @@ every `Watch`, and keeps the figures its metrics endpoint serves."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -54,7 +55,24 @@ class ProbeResult:
     time: float
 
 
-Event = HealthEvent | AlertEvent | ModelEvent
+@dataclass(frozen=True)
+class RestartEvent:
+    component: str
+    previous_start: float
+    start: float
+    restarts: int
+    time: float = field(default_factory=time.time)
+
+
+Event = HealthEvent | AlertEvent | ModelEvent | RestartEvent
+
+
+def start_times(families) -> dict[str, float]:
+    """Component → when its process started (`process_start_time_seconds`)."""
+    for family in families:
+        if family.name == "process_start_time_seconds":
+            return {s.labels["component"]: s.value for s in family.samples if "component" in s.labels}
+    return {}
 
 
 class ClusterWatch:
@@ -72,6 +90,9 @@ class ClusterWatch:
         self.alerts: tuple[Alert, ...] = ()
         self.probe: ProbeResult | None = None
         self._probes: deque[bool] = deque(maxlen=10)
+        # Component → its process's start time as last seen, and how often it moved on.
+        self._starts: dict[str, float] = {}
+        self.restarts: dict[str, int] = {}
         self._lock = asyncio.Lock()
 
     def metrics_targets(self) -> dict[str, str]:
@@ -91,6 +112,12 @@ class ClusterWatch:
             # worker costs each of them a timeout, and the two should not add up.
             gathering = asyncio.ensure_future(asyncio.to_thread(self.gatherer.families, self.scrape_interval))
             health = await self.monitor.cluster_health()
+            try:
+                families = await gathering
+            except Exception:  # noqa: BLE001 - the rules run on what there is
+                log.exception("cannot gather the metrics")
+                families = []
+            health = self._note_restarts(health, start_times(families))
             last = {c.component: c for c in self.health.components} if self.health else {}
             for c in health.components:
                 before = last.get(c.component)
@@ -99,11 +126,6 @@ class ClusterWatch:
                     if before is not None:
                         log.warning("%s: %s → %s %s", c.component, before.state, c.state, c.detail)
             self.health = health
-            try:
-                families = await gathering
-            except Exception:  # noqa: BLE001 - the rules run on what there is
-                log.exception("cannot gather the metrics")
-                families = []
             counts = ttft_counts(families, self.rules.settings.ttft_slo)
             seen = Observations(*(counts or (None, None)), tuple(self._probes))
             for alert in self.rules.evaluate(health, seen):
@@ -112,6 +134,21 @@ class ClusterWatch:
                 self.events.emit(AlertEvent(alert))
             self.alerts = tuple(self.rules.firing.values())
             return health
+
+    def _note_restarts(self, health: ClusterHealth, starts: dict[str, float]) -> ClusterHealth:
+        """Counts and announces each component whose process start time moved on, and gives
+        every component its start time and restart count."""
+        for component, start in starts.items():
+            before = self._starts.get(component)
+            if before is not None and start > before + 0.5:
+                self.restarts[component] = self.restarts.get(component, 0) + 1
+                log.warning("%s restarted (its process started %.0f s after the one before)", component,
+                            start - before)
+                self.events.emit(RestartEvent(component, before, start, self.restarts[component]))
+            self._starts[component] = max(start, before or 0.0)
+        components = [dataclasses.replace(c, start_time=self._starts.get(c.component),
+                                          restarts=self.restarts.get(c.component, 0)) for c in health.components]
+        return dataclasses.replace(health, components=components)
 
     def current(self) -> list[Event]:
         """The state a new watcher starts from: every component, every firing alert."""

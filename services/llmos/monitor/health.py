@@ -31,6 +31,8 @@ class ComponentHealth:
     running: int = 0
     last_progress: float | None = None       # Unix time of its last token (workers)
     metrics_address: str = ""
+    start_time: float | None = None          # Unix time its process started, from its metrics
+    restarts: int = 0                        # how often the monitor saw it start again
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from llmos.v1 import (
 )
 
 from .alerts import CRITICAL, FIRING, Alert
-from .cluster import AlertEvent, ClusterWatch, HealthEvent
+from .cluster import AlertEvent, ClusterWatch, HealthEvent, RestartEvent
 from .health import (
     NOT_SERVING,
     SERVING,
@@ -31,6 +31,9 @@ def _component(c: ComponentHealth) -> monitor_pb2.ComponentHealth:
                                       detail=c.detail, running=c.running, metrics_address=c.metrics_address)
     if c.last_progress is not None:
         out.last_progress_time.CopyFrom(timestamp(c.last_progress))
+    if c.start_time is not None:
+        out.start_time.CopyFrom(timestamp(c.start_time))
+    out.restarts = c.restarts
     return out
 
 
@@ -49,6 +52,10 @@ def _event(event) -> monitor_pb2.WatchResponse:
             health=_component(event.health)))
     elif isinstance(event, AlertEvent):
         out.alert.CopyFrom(_alert(event.alert))
+    elif isinstance(event, RestartEvent):
+        out.restart.CopyFrom(monitor_pb2.Restart(
+            component=event.component, previous_start_time=timestamp(event.previous_start),
+            start_time=timestamp(event.start), restarts=event.restarts))
     else:
         out.model.CopyFrom(registry_pb2.WatchModelsResponse(
             model=event.model, kind=_KIND.Value("KIND_" + event.kind.upper()), worker_id=event.worker_id,

@@ -28,7 +28,7 @@ from llmos.v1 import registry_pb2 as llmos_dot_v1_dot_registry__pb2
 from llmos.v1 import scheduler_pb2 as llmos_dot_v1_dot_scheduler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/monitor.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17llmos/v1/registry.proto\x1a\x18llmos/v1/scheduler.proto\"\xcb\x02\n\x0f\x43omponentHealth\x12\x11\n\tcomponent\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.llmos.v1.ComponentHealth.State\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x36\n\x12last_progress_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmetrics_address\x18\x07 \x01(\t\"r\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_SERVING\x10\x01\x12\x15\n\x11STATE_NOT_SERVING\x10\x02\x12\x15\n\x11STATE_UNREACHABLE\x10\x03\x12\x11\n\rSTATE_STALLED\x10\x04\"\xcd\x02\n\x05\x41lert\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x08severity\x18\x02 \x01(\x0e\x32\x18.llmos.v1.Alert.Severity\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.llmos.v1.Alert.State\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0f\n\x07summary\x18\x05 \x01(\t\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x14\n\x10SEVERITY_WARNING\x10\x01\x12\x15\n\x11SEVERITY_CRITICAL\x10\x02\"D\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_FIRING\x10\x01\x12\x12\n\x0eSTATE_RESOLVED\x10\x02\"\x19\n\x17GetClusterHealthRequest\"\xf7\x01\n\x18GetClusterHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12-\n\ncomponents\x18\x02 \x03(\x0b\x32\x19.llmos.v1.ComponentHealth\x12.\n\ncheck_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x06queues\x18\x04 \x03(\x0b\x32\x14.llmos.v1.QueueDepth\x12\x1f\n\x06\x61lerts\x18\x05 \x03(\x0b\x32\x0f.llmos.v1.Alert\x12$\n\x05probe\x18\x06 \x01(\x0b\x32\x15.llmos.v1.ProbeResult\"\x8e\x01\n\x0bProbeResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x0cWatchRequest\x12\x17\n\x0finclude_current\x18\x01 \x01(\x08\"l\n\x0cHealthChange\x12\x31\n\x08previous\x18\x01 \x01(\x0e\x32\x1f.llmos.v1.ComponentHealth.State\x12)\n\x06health\x18\x02 \x01(\x0b\x32\x19.llmos.v1.ComponentHealth\"\xbe\x01\n\rWatchResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06health\x18\x02 \x01(\x0b\x32\x16.llmos.v1.HealthChangeH\x00\x12.\n\x05model\x18\x03 \x01(\x0b\x32\x1d.llmos.v1.WatchModelsResponseH\x00\x12 \n\x05\x61lert\x18\x04 \x01(\x0b\x32\x0f.llmos.v1.AlertH\x00\x42\x07\n\x05\x65vent2\xa7\x01\n\x0eMonitorService\x12Y\n\x10GetClusterHealth\x12!.llmos.v1.GetClusterHealthRequest\x1a\".llmos.v1.GetClusterHealthResponse\x12:\n\x05Watch\x12\x16.llmos.v1.WatchRequest\x1a\x17.llmos.v1.WatchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/monitor.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17llmos/v1/registry.proto\x1a\x18llmos/v1/scheduler.proto\"\x8d\x03\n\x0f\x43omponentHealth\x12\x11\n\tcomponent\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.llmos.v1.ComponentHealth.State\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x36\n\x12last_progress_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fmetrics_address\x18\x07 \x01(\t\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08restarts\x18\t \x01(\x05\"r\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_SERVING\x10\x01\x12\x15\n\x11STATE_NOT_SERVING\x10\x02\x12\x15\n\x11STATE_UNREACHABLE\x10\x03\x12\x11\n\rSTATE_STALLED\x10\x04\"\xcd\x02\n\x05\x41lert\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x08severity\x18\x02 \x01(\x0e\x32\x18.llmos.v1.Alert.Severity\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.llmos.v1.Alert.State\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0f\n\x07summary\x18\x05 \x01(\t\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x14\n\x10SEVERITY_WARNING\x10\x01\x12\x15\n\x11SEVERITY_CRITICAL\x10\x02\"D\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_FIRING\x10\x01\x12\x12\n\x0eSTATE_RESOLVED\x10\x02\"\x19\n\x17GetClusterHealthRequest\"\xf7\x01\n\x18GetClusterHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12-\n\ncomponents\x18\x02 \x03(\x0b\x32\x19.llmos.v1.ComponentHealth\x12.\n\ncheck_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x06queues\x18\x04 \x03(\x0b\x32\x14.llmos.v1.QueueDepth\x12\x1f\n\x06\x61lerts\x18\x05 \x03(\x0b\x32\x0f.llmos.v1.Alert\x12$\n\x05probe\x18\x06 \x01(\x0b\x32\x15.llmos.v1.ProbeResult\"\x8e\x01\n\x0bProbeResult\x12\r\n\x05model\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x0cWatchRequest\x12\x17\n\x0finclude_current\x18\x01 \x01(\x08\"l\n\x0cHealthChange\x12\x31\n\x08previous\x18\x01 \x01(\x0e\x32\x1f.llmos.v1.ComponentHealth.State\x12)\n\x06health\x18\x02 \x01(\x0b\x32\x19.llmos.v1.ComponentHealth\"\xe4\x01\n\rWatchResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06health\x18\x02 \x01(\x0b\x32\x16.llmos.v1.HealthChangeH\x00\x12.\n\x05model\x18\x03 \x01(\x0b\x32\x1d.llmos.v1.WatchModelsResponseH\x00\x12 \n\x05\x61lert\x18\x04 \x01(\x0b\x32\x0f.llmos.v1.AlertH\x00\x12$\n\x07restart\x18\x05 \x01(\x0b\x32\x11.llmos.v1.RestartH\x00\x42\x07\n\x05\x65vent\"\x97\x01\n\x07Restart\x12\x11\n\tcomponent\x18\x01 \x01(\t\x12\x37\n\x13previous_start_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08restarts\x18\x04 \x01(\x05\x32\xa7\x01\n\x0eMonitorService\x12Y\n\x10GetClusterHealth\x12!.llmos.v1.GetClusterHealthRequest\x1a\".llmos.v1.GetClusterHealthResponse\x12:\n\x05Watch\x12\x16.llmos.v1.WatchRequest\x1a\x17.llmos.v1.WatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,27 +36,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmos.v1.monitor_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COMPONENTHEALTH']._serialized_start=153
-  _globals['_COMPONENTHEALTH']._serialized_end=484
-  _globals['_COMPONENTHEALTH_STATE']._serialized_start=370
-  _globals['_COMPONENTHEALTH_STATE']._serialized_end=484
-  _globals['_ALERT']._serialized_start=487
-  _globals['_ALERT']._serialized_end=820
-  _globals['_ALERT_SEVERITY']._serialized_start=669
-  _globals['_ALERT_SEVERITY']._serialized_end=750
-  _globals['_ALERT_STATE']._serialized_start=752
-  _globals['_ALERT_STATE']._serialized_end=820
-  _globals['_GETCLUSTERHEALTHREQUEST']._serialized_start=822
-  _globals['_GETCLUSTERHEALTHREQUEST']._serialized_end=847
-  _globals['_GETCLUSTERHEALTHRESPONSE']._serialized_start=850
-  _globals['_GETCLUSTERHEALTHRESPONSE']._serialized_end=1097
-  _globals['_PROBERESULT']._serialized_start=1100
-  _globals['_PROBERESULT']._serialized_end=1242
-  _globals['_WATCHREQUEST']._serialized_start=1244
-  _globals['_WATCHREQUEST']._serialized_end=1283
-  _globals['_HEALTHCHANGE']._serialized_start=1285
-  _globals['_HEALTHCHANGE']._serialized_end=1393
-  _globals['_WATCHRESPONSE']._serialized_start=1396
-  _globals['_WATCHRESPONSE']._serialized_end=1586
-  _globals['_MONITORSERVICE']._serialized_start=1589
-  _globals['_MONITORSERVICE']._serialized_end=1756
+  _globals['_COMPONENTHEALTH']._serialized_end=550
+  _globals['_COMPONENTHEALTH_STATE']._serialized_start=436
+  _globals['_COMPONENTHEALTH_STATE']._serialized_end=550
+  _globals['_ALERT']._serialized_start=553
+  _globals['_ALERT']._serialized_end=886
+  _globals['_ALERT_SEVERITY']._serialized_start=735
+  _globals['_ALERT_SEVERITY']._serialized_end=816
+  _globals['_ALERT_STATE']._serialized_start=818
+  _globals['_ALERT_STATE']._serialized_end=886
+  _globals['_GETCLUSTERHEALTHREQUEST']._serialized_start=888
+  _globals['_GETCLUSTERHEALTHREQUEST']._serialized_end=913
+  _globals['_GETCLUSTERHEALTHRESPONSE']._serialized_start=916
+  _globals['_GETCLUSTERHEALTHRESPONSE']._serialized_end=1163
+  _globals['_PROBERESULT']._serialized_start=1166
+  _globals['_PROBERESULT']._serialized_end=1308
+  _globals['_WATCHREQUEST']._serialized_start=1310
+  _globals['_WATCHREQUEST']._serialized_end=1349
+  _globals['_HEALTHCHANGE']._serialized_start=1351
+  _globals['_HEALTHCHANGE']._serialized_end=1459
+  _globals['_WATCHRESPONSE']._serialized_start=1462
+  _globals['_WATCHRESPONSE']._serialized_end=1690
+  _globals['_RESTART']._serialized_start=1693
+  _globals['_RESTART']._serialized_end=1844
+  _globals['_MONITORSERVICE']._serialized_start=1847
+  _globals['_MONITORSERVICE']._serialized_end=2014
 # @@protoc_insertion_point(module_scope)

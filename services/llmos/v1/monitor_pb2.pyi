@@ -14,7 +14,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ComponentHealth(_message.Message):
-    __slots__ = ("component", "address", "state", "detail", "running", "last_progress_time", "metrics_address")
+    __slots__ = ("component", "address", "state", "detail", "running", "last_progress_time", "metrics_address", "start_time", "restarts")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[ComponentHealth.State]
@@ -34,6 +34,8 @@ class ComponentHealth(_message.Message):
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     LAST_PROGRESS_TIME_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     component: str
     address: str
     state: ComponentHealth.State
@@ -41,7 +43,9 @@ class ComponentHealth(_message.Message):
     running: int
     last_progress_time: _timestamp_pb2.Timestamp
     metrics_address: str
-    def __init__(self, component: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ComponentHealth.State, str]] = ..., detail: _Optional[str] = ..., running: _Optional[int] = ..., last_progress_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+    start_time: _timestamp_pb2.Timestamp
+    restarts: int
+    def __init__(self, component: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ComponentHealth.State, str]] = ..., detail: _Optional[str] = ..., running: _Optional[int] = ..., last_progress_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics_address: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class Alert(_message.Message):
     __slots__ = ("name", "severity", "state", "subject", "summary", "since")
@@ -124,13 +128,27 @@ class HealthChange(_message.Message):
     def __init__(self, previous: _Optional[_Union[ComponentHealth.State, str]] = ..., health: _Optional[_Union[ComponentHealth, _Mapping]] = ...) -> None: ...
 
 class WatchResponse(_message.Message):
-    __slots__ = ("time", "health", "model", "alert")
+    __slots__ = ("time", "health", "model", "alert", "restart")
     TIME_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ALERT_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
     time: _timestamp_pb2.Timestamp
     health: HealthChange
     model: _registry_pb2.WatchModelsResponse
     alert: Alert
-    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., health: _Optional[_Union[HealthChange, _Mapping]] = ..., model: _Optional[_Union[_registry_pb2.WatchModelsResponse, _Mapping]] = ..., alert: _Optional[_Union[Alert, _Mapping]] = ...) -> None: ...
+    restart: Restart
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., health: _Optional[_Union[HealthChange, _Mapping]] = ..., model: _Optional[_Union[_registry_pb2.WatchModelsResponse, _Mapping]] = ..., alert: _Optional[_Union[Alert, _Mapping]] = ..., restart: _Optional[_Union[Restart, _Mapping]] = ...) -> None: ...
+
+class Restart(_message.Message):
+    __slots__ = ("component", "previous_start_time", "start_time", "restarts")
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_START_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    component: str
+    previous_start_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    restarts: int
+    def __init__(self, component: _Optional[str] = ..., previous_start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts: _Optional[int] = ...) -> None: ...

@@ -115,3 +115,39 @@ async def test_a_frozen_worker_is_judged_by_the_schedulers_count_of_its_requests
     worker = (await monitor.cluster_health()).components[-1]
     assert worker.state == STALLED and worker.running == 3
     assert "DEADLINE_EXCEEDED" in worker.detail
+
+
+async def test_a_component_whose_process_started_again_is_counted_and_announced():
+    """The monitor reads each component's `process_start_time_seconds`: when it moves on, the
+    component runs as a new process (restarted by `llmos up`, a kubelet, an operator)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    from llmos.monitor.alerts import AlertRules, AlertSettings
+    from llmos.monitor.cluster import ClusterWatch, RestartEvent
+
+    def families(**starts):
+        family = GaugeMetricFamily("process_start_time_seconds", "start", labels=["component"])
+        for component, start in starts.items():
+            family.add_metric([component.replace("_", "/")], start)
+        return [family]
+
+    watch = ClusterWatch(HealthMonitor(FakeProbe({"r": (SERVING, ""), "s": (SERVING, "")}),
+                                       {"registry": "r", "scheduler": "s"}), AlertRules(AlertSettings()))
+    emitted = []
+    watch.events.emit = emitted.append
+    health = await watch.monitor.cluster_health()
+    first = watch._note_restarts(health, {"registry": 1000.0, "scheduler": 1000.0})
+    assert [(c.component, c.start_time, c.restarts) for c in first.components] == [
+        ("registry", 1000.0, 0), ("scheduler", 1000.0, 0)]
+    assert emitted == []
+    again = watch._note_restarts(health, {"registry": 1000.0, "scheduler": 1030.0})
+    assert [(e.component, e.previous_start, e.start, e.restarts) for e in emitted
+            if isinstance(e, RestartEvent)] == [("scheduler", 1000.0, 1030.0, 1)]
+    assert {c.component: c.restarts for c in again.components} == {"registry": 0, "scheduler": 1}
+    # A scrape that misses it, then one from a stale cache: no new restart.
+    watch._note_restarts(health, {"registry": 1000.0})
+    watch._note_restarts(health, {"registry": 1000.0, "scheduler": 1000.0})
+    assert len(emitted) == 1
+    from llmos.monitor.cluster import start_times
+
+    assert start_times(families(registry=5.0, worker_w1=6.0)) == {"registry": 5.0, "worker/w1": 6.0}

@@ -1,0 +1,84 @@
+"""A service off a stream's path never ends it, and the launcher's supervisor brings it back.
+
+One suite; the monitor, the registry, the resource manager and the scheduler are killed
+with SIGKILL in turn while 8 streams run. The streams finish (tokens flow worker → gateway
+only); a new request while the service is down succeeds or is UNAVAILABLE with a reason;
+`Suite.supervise` (the loop `llmos up` runs) starts the service again on its addresses; the
+same client then succeeds, and the monitor counts the restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import grpc
+import pytest
+
+from llmos.common.status import from_rpc_error
+from llmos.suite import SERVICES, Suite
+from llmos.v1 import common_pb2
+from tests.support.wait import wait_for
+
+TOKENS = 120
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, tiny_model_dir):
+    suite = Suite(tmp_path_factory.mktemp("supervision"), ports={s: 0 for s in SERVICES}, metrics_port=0, env={
+        "LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",
+        "LLMOS_MONITOR_SCRAPE_INTERVAL_SECONDS": "1",
+        "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
+        "LLMOS_WORKER_REGISTER_INTERVAL_SECONDS": "1",
+        "LLMOS_SCHEDULER_SLOTS_PER_WORKER": "16",
+        "LLMOS_WORKER_MAX_RUNNING": "16",
+    })
+    suite.start(timeout=120)
+    try:
+        with suite.client() as client:
+            client.import_model("tiny", str(tiny_model_dir))
+            client.load_model("tiny")
+        yield suite
+    finally:
+        suite.stop()
+
+
+def one_request(client) -> str:
+    """"ok", or the status code and reason of the refusal."""
+    try:
+        final = list(client.generate("tiny", prompt="Hello", max_tokens=3, timeout=20))[-1]
+        return "ok" if final.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED else "no end"
+    except grpc.RpcError as exc:
+        status = from_rpc_error(exc)
+        return f"{exc.code().name} {status.reason if status else ''}".strip()
+
+
+@pytest.mark.parametrize("victim", ["monitor", "registry", "resources", "scheduler"])
+def test_streams_outlive_a_killed_service_and_it_comes_back(suite, victim):
+    with suite.client() as client:
+        streams = [client.generate("tiny", prompt=f"Story {i}", max_tokens=TOKENS, ignore_eos=True, timeout=120)
+                   for i in range(8)]
+        for stream in streams:
+            next(stream)                                  # every stream admitted and flowing
+        process = suite.processes[victim]
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        while_down = one_request(client)
+        finals = [list(stream)[-1] for stream in streams]
+        assert [f.usage.completion_tokens for f in finals] == [TOKENS] * 8, f"streams cut with {victim} dead"
+        assert all(f.finish_reason == common_pb2.FINISH_REASON_LENGTH for f in finals)
+        assert while_down == "ok" or while_down.startswith("UNAVAILABLE "), while_down
+        if victim == "scheduler":
+            assert while_down == "UNAVAILABLE SCHEDULER_UNREACHABLE", "the refusal names what is missing"
+
+        events = []
+        wait_for(lambda: events.extend(suite.supervise(first_delay=0.2)) or suite.restarts.get(victim), 120,
+                 f"the supervisor to restart {victim}")
+        assert [what.split(";")[0] for name, what in events if name == victim][:2] == [
+            "exited with code -9", "restarted (restart 1)"]
+        print(f"{victim}: a request while it was down: {while_down}")
+        wait_for(lambda: one_request(client) == "ok", 60, f"requests to succeed again once {victim} is back")
+        if victim != "monitor":
+            def restarts_seen():
+                health = client.cluster_health()
+                return next(c.restarts for c in health.components if c.component == victim)
+            wait_for(restarts_seen, 60, f"the monitor to count {victim}'s restart")
