@@ -82,3 +82,40 @@ def test_streams_outlive_a_killed_service_and_it_comes_back(suite, victim):
                 health = client.cluster_health()
                 return next(c.restarts for c in health.components if c.component == victim)
             wait_for(restarts_seen, 60, f"the monitor to count {victim}'s restart")
+
+
+@pytest.mark.parametrize("how", ["stopped", "restarted"])
+def test_a_model_its_worker_no_longer_holds_is_not_routed_there(suite, how):
+    """The worker loses the model behind the registry's back: stopped by a caller with the
+    registry's certificate, or the worker killed and started again by the supervisor. The
+    placement is dropped from the worker's own reports, and the model is loaded again."""
+    from llmos.client import open_channel
+    from llmos.v1 import worker_pb2, worker_pb2_grpc
+
+    with suite.client() as client:
+        assert one_request(client) == "ok"
+        if how == "stopped":
+            with open_channel(suite.addresses["worker"], suite.identity.tls_dir("registry")) as channel:
+                worker_pb2_grpc.WorkerServiceStub(channel).StopModel(
+                    worker_pb2.StopModelRequest(model="tiny:latest"), timeout=30)
+        else:
+            os.kill(suite.processes["worker"].pid, signal.SIGKILL)
+            suite.processes["worker"].wait()
+            wait_for(lambda: suite.supervise(first_delay=0.2) and suite.processes.get("worker"), 120,
+                     "the supervisor to restart the worker")
+        if how == "stopped":
+            # The registry still places it there for a heartbeat or two: a request sent there is
+            # refused MODEL_NOT_LOADED before its first token and admitted again, and the model
+            # is loaded anew. No request fails.
+            outcomes = [one_request(client) for _ in range(5)]
+            assert outcomes == ["ok"] * 5, outcomes
+        else:
+            # A restarted worker is unreachable until it serves, then holds nothing: requests
+            # meanwhile may fail UNAVAILABLE, never for longer than it takes to come back.
+            outcomes = []
+            wait_for(lambda: outcomes.append(one_request(client)) or outcomes[-1] == "ok", 90,
+                     "requests to succeed once the worker is back")
+            assert {o.split()[0] for o in outcomes[:-1]} <= {"UNAVAILABLE"}, outcomes
+            print(f"restarted: {len(outcomes) - 1} requests refused UNAVAILABLE before one succeeded")
+        placements = client.get_model("tiny").placements
+        assert [p.state for p in placements] == [common_pb2.Model.STATE_READY]

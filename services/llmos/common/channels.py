@@ -45,6 +45,13 @@ def typed_errors() -> list:
     return [_TypedUnary(), _TypedStream()]
 
 
+# A peer that went away is usually back within seconds (restarted by its supervisor): try it
+# again every 0.2 s growing to 2 s at most, not gRPC's default of up to 120 s, during which
+# every call on the channel fails at once.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                     ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
 class Channels:
     """A cache of traced `grpc.aio` channels keyed by address."""
 
@@ -62,7 +69,8 @@ class Channels:
                 address, address in self._public,
                 interceptors=[*typed_errors(), *client_interceptors(self._provider)],
                 options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+                         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                         *RECONNECT_OPTIONS])
             self._channels[address] = channel
         return channel
 

@@ -74,7 +74,7 @@ class SchedulerPort(Protocol):
                     redispatch: bool = False) -> Assignment: ...
 
     async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
-                     worker_failed: bool = False) -> None: ...
+                     worker_failed: bool = False, model_not_loaded: bool = False) -> None: ...
 
 
 class WorkerPort(Protocol):
@@ -105,7 +105,7 @@ class FrontDoor:
                 raise
             reason: FinishReason | None = None
             usage: Usage | None = None
-            produced = worker_failed = False
+            produced = worker_failed = model_not_loaded = False
             streamed = 0
             try:
                 left = remaining()
@@ -123,24 +123,27 @@ class FrontDoor:
                 if exc.code == "CANCELLED":
                     reason = FinishReason.CANCELLED
                 worker_failed = exc.code == "UNAVAILABLE"
-                if not worker_failed or produced or attempt == MAX_REDISPATCH:
+                # The registry placed the model on a worker that no longer holds it.
+                model_not_loaded = exc.reason == "MODEL_NOT_LOADED"
+                if not (worker_failed or model_not_loaded) or produced or attempt == MAX_REDISPATCH:
                     raise
-                log.warning("worker %s failed before the first token of %s (%s); admitting it again",
-                            assignment.worker_id, request_id, exc.reason)
+                log.warning("worker %s %s before the first token of %s (%s); admitting it again",
+                            assignment.worker_id, "does not hold the model" if model_not_loaded else "failed",
+                            request_id, exc.reason)
             except (asyncio.CancelledError, GeneratorExit):   # the caller went away (GeneratorExit:
                 reason = FinishReason.CANCELLED               # it closed this stream at a yield)
                 raise
             finally:
                 if usage is None:   # it ended early: charge what was served (the prompt at most its bound)
                     usage = Usage(call.prompt_tokens, streamed)
-                reported = self._report(request_id, reason, usage, worker_failed)
+                reported = self._report(request_id, reason, usage, worker_failed, model_not_loaded)
             await reported      # the scheduler must know of the failed worker before it admits again
 
     def _report(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
-                worker_failed: bool) -> asyncio.Task:
+                worker_failed: bool, model_not_loaded: bool = False) -> asyncio.Task:
         # Reported from a task of its own: this one may be cancelled already.
         task = asyncio.get_running_loop().create_task(
-            self._scheduler.finish(request_id, reason, usage, worker_failed))
+            self._scheduler.finish(request_id, reason, usage, worker_failed, model_not_loaded))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task

@@ -44,8 +44,9 @@ class GrpcScheduler:
         return Assignment(response.worker_address, response.model, response.worker_id)
 
     async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
-                     worker_failed: bool = False) -> None:
+                     worker_failed: bool = False, model_not_loaded: bool = False) -> None:
         request = scheduler_pb2.FinishGenerationRequest(request_id=request_id, worker_failed=worker_failed,
+                                                        model_not_loaded=model_not_loaded,
                                                         finish_reason=FINISH_TO_PROTO[reason])
         if usage is not None:
             request.usage.CopyFrom(usage_to_proto(usage))

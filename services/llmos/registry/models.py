@@ -51,6 +51,7 @@ class Placement:
     state: str
     detail: str = ""
     measured_bytes: int = 0
+    ready_at: float = 0.0       # the registry's clock when it became READY
 
 
 @dataclass
@@ -170,19 +171,34 @@ class ModelRegistry:
             raise InvalidArgument.field("worker_id", "is required, at most 128 characters")
         if not address:
             raise InvalidArgument.field("address", "is required")
-        worker = Worker(worker_id, address, node, incarnation, self._clock(), metrics_address)
+        now = self._clock()
+        worker = Worker(worker_id, address, node, incarnation, now, metrics_address)
         known = self.workers.get(worker_id)
         if known != worker:
             log.info("worker %s registered at %s (incarnation %s)", worker_id, address, incarnation)
             if known is not None:
                 self._drop_placements(worker_id)
         self.workers[worker_id] = worker
-        for name in loaded_models or ():
-            ref = parse_model_ref(name, "loaded_models")
+        holds = {parse_model_ref(name, "loaded_models") for name in loaded_models or ()}
+        for ref in holds:
             placements = self._placements.setdefault(ref, {})
             if worker_id not in placements and self.catalog.get(ref) is not None:
-                placements[worker_id] = Placement(worker_id, address, READY)
+                placements[worker_id] = Placement(worker_id, address, READY, ready_at=now)
                 self.events.emit(str(ref), events.READY, worker_id, "reported loaded by the worker")
+        if known == worker and loaded_models is not None:
+            self._drop_unheld(worker_id, holds, since=known.last_seen)
+
+    def _drop_unheld(self, worker_id: str, holds: set[ModelRef], since: float) -> None:
+        """Drops the placements on `worker_id` its heartbeat no longer lists (it stopped the
+        model, or lost it). Only those ready before its previous heartbeat arrived: a load
+        that finished while this heartbeat was on its way is in the next one."""
+        for ref, placements in self._placements.items():
+            placement = placements.get(worker_id)
+            if (placement is not None and placement.state == READY and ref not in holds
+                    and placement.ready_at < since):
+                del placements[worker_id]
+                log.warning("worker %s no longer holds %s: not routed there any more", worker_id, ref)
+                self.events.emit(str(ref), events.UNAVAILABLE, worker_id, "no longer held by the worker")
 
     def _drop_placements(self, worker_id: str, reason: str = "the worker restarted") -> list[ModelRef]:
         dropped = []
@@ -308,7 +324,7 @@ class ModelRegistry:
         else:
             raise refusal or Unavailable("no worker is registered" if not exclude else
                                          "no other worker is registered", reason="NO_WORKERS")
-        placement.state = READY
+        placement.state, placement.ready_at = READY, self._clock()
         self.events.emit(str(ref), events.READY, placement.worker_id, f"{placement.measured_bytes} bytes measured")
         if placement.measured_bytes:
             self.catalog.set_measured(ref, placement.measured_bytes)

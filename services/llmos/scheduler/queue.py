@@ -160,6 +160,8 @@ class _Worker:
     running: Counter[str] = field(default_factory=Counter)      # model → requests sent here
     last_report: float | None = None
     out_since: float | None = None                              # out of rotation since
+    listed_since: dict[str, float] = field(default_factory=dict)  # model → since the registry lists it here
+    denied: dict[str, float] = field(default_factory=dict)        # model → when it said it does not hold it
 
 
 @dataclass
@@ -275,7 +277,7 @@ class Scheduler:
                 resolved, endpoints = await self._registry.ready_endpoints(ticket.model, remaining())
                 self._aliases[ticket.model] = resolved
             request.model = resolved
-            if not endpoints or ticket.keep_alive is not None:
+            if not self._held_somewhere(resolved, endpoints) or ticket.keep_alive is not None:
                 request.reason = "MODEL_LOADING"
                 endpoints = await self._registry.load(resolved, remaining(), ticket.keep_alive,
                                                       ticket.keep_alive_hold)
@@ -307,10 +309,11 @@ class Scheduler:
         return Admission(ticket.request_id, request.model, endpoint, request.started - arrival)
 
     def finish(self, request_id: str, tokens: int | None = None, outcome: str = "FINISHED",
-               worker_failed: bool = False) -> bool:
+               worker_failed: bool = False, model_not_loaded: bool = False) -> bool:
         """Releases a running generation's slot. `tokens`: what it really cost (prompt +
         generated), to correct its tenant's charge; `worker_failed`: its worker broke the
-        stream, so it leaves rotation. Idempotent."""
+        stream, so it leaves rotation; `model_not_loaded`: its worker does not hold the model,
+        so it gets no more of its requests until it reports holding it. Idempotent."""
         request = self._active.get(request_id)
         if request is None or request.phase is Phase.QUEUED:
             # The caller gave up before it heard of its admission: whatever is granted later
@@ -324,6 +327,11 @@ class Scheduler:
         worker = self._workers.get(request.endpoint.worker_id)
         if worker is not None:
             worker.running[request.model] -= 1
+            if model_not_loaded:
+                worker.capacity.pop(request.model, None)
+                worker.denied[request.model] = now
+                log.warning("worker %s does not hold %s: no requests for it go there until it reports it",
+                            worker.endpoint.worker_id, request.model)
             if worker_failed and worker.out_since is None:
                 worker.out_since = now
                 log.warning("worker %s at %s out of rotation: a stream on it failed",
@@ -353,13 +361,23 @@ class Scheduler:
     def update_endpoints(self, model: str, endpoints: list[Endpoint], dispatch: bool = True) -> None:
         """Where the registry says `model` is ready now."""
         known = self._model(model)
-        known.endpoints, known.endpoints_at = list(endpoints), self._clock()
+        now = self._clock()
+        known.endpoints, known.endpoints_at = list(endpoints), now
+        listed = {e.worker_id for e in endpoints}
+        for worker in self._workers.values():
+            if worker.endpoint.worker_id not in listed:
+                worker.listed_since.pop(model, None)
         for e in endpoints:
             if e.worker_id not in self._workers or self._workers[e.worker_id].endpoint != e:
                 previous = self._workers.get(e.worker_id)
                 self._workers[e.worker_id] = _Worker(e, running=previous.running if previous else Counter())
-            # Newer than the worker's last report: slots until the next report says how many.
-            self._workers[e.worker_id].capacity.setdefault(model, self.slots_per_worker)
+            worker = self._workers[e.worker_id]
+            since = worker.listed_since.setdefault(model, now)
+            # Listed since the worker's last report: slots until its next report says how many. A
+            # worker that reported after that without the model does not hold it (whatever the
+            # registry still says): no slots, so no request is sent there to fail.
+            if (worker.last_report is None or worker.last_report < since) and worker.denied.get(model, -1.0) < since:
+                worker.capacity.setdefault(model, self.slots_per_worker)
         if dispatch:
             self._dispatch(known)
 
@@ -374,6 +392,8 @@ class Scheduler:
             self._reconcile(worker_id, serving)
         worker.capacity = dict(capacity)
         worker.last_report = self._clock()
+        for model in capacity:
+            worker.denied.pop(model, None)
         if worker.out_since is not None:
             log.info("worker %s back in rotation", worker_id)
             worker.out_since = None
@@ -413,8 +433,19 @@ class Scheduler:
         return [w.endpoint for w in self._workers.values()]
 
     def starved_models(self) -> list[str]:
-        """Models with waiting requests and no worker in rotation: their placements need a fresh look."""
-        return [m.name for m in self._models.values() if m.queue and not self._in_rotation(m)]
+        """Models with waiting requests and no worker in rotation that holds them (by its own
+        report): their placements need a fresh look, and a load if there are none."""
+        return [m.name for m in self._models.values()
+                if m.queue and not any(self._holds(w, m.name) for w in self._in_rotation(m))]
+
+    def _holds(self, worker: _Worker, model: str) -> bool:
+        return self._capacity(worker, model) > 0
+
+    def _held_somewhere(self, model: str, endpoints: list[Endpoint]) -> bool:
+        """Whether any of the registry's `endpoints` may hold `model`: one not known yet, or
+        one with slots for it (it has not said, by report or refusal, that it does not)."""
+        return any((worker := self._workers.get(e.worker_id)) is None or worker.endpoint != e
+                   or self._holds(worker, model) for e in endpoints)
 
     # ---- inside ----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ class WorkerReports:
         self._registry = registry
         self._channels = channels
         self._interval = interval
+        self._loading: set[str] = set()
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(e) for e in self._scheduler.workers()),
@@ -51,8 +52,17 @@ class WorkerReports:
                                set(status.request_ids))
 
     async def _refresh(self, model: str) -> None:
+        """Reads the placements again; with requests waiting and none left, loads the model
+        (the worker that held it lost it), as an admission of a model loaded nowhere would."""
         try:
             _, endpoints = await self._registry.ready_endpoints(model, self._interval * 2)
+            if not endpoints and model not in self._loading:
+                self._loading.add(model)
+                try:
+                    log.info("requests for %s wait and no worker holds it: loading it", model)
+                    endpoints = await self._registry.load(model, None)
+                finally:
+                    self._loading.discard(model)
         except Exception as exc:  # the registry may be restarting: the next round tries again
             log.debug("cannot refresh the placements of %s: %s", model, exc)
             return

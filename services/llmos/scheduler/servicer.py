@@ -62,7 +62,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         outcome = "WORKER_FAILED" if request.worker_failed else enum_word(request, "finish_reason").upper()
         if outcome == "UNSPECIFIED":
             outcome = "FAILED"
-        self.scheduler.finish(request.request_id, tokens, outcome, request.worker_failed)
+        self.scheduler.finish(request.request_id, tokens, outcome, request.worker_failed, request.model_not_loaded)
         return scheduler_pb2.FinishGenerationResponse()
 
     async def GetSchedulerStats(self, request, context):

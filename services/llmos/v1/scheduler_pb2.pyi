@@ -64,16 +64,18 @@ class TenantUsage(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., admitted: _Optional[int] = ..., in_flight: _Optional[int] = ..., window_tokens: _Optional[int] = ...) -> None: ...
 
 class FinishGenerationRequest(_message.Message):
-    __slots__ = ("request_id", "finish_reason", "usage", "worker_failed")
+    __slots__ = ("request_id", "finish_reason", "usage", "worker_failed", "model_not_loaded")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     WORKER_FAILED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NOT_LOADED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.Usage
     worker_failed: bool
-    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., worker_failed: _Optional[bool] = ...) -> None: ...
+    model_not_loaded: bool
+    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., worker_failed: _Optional[bool] = ..., model_not_loaded: _Optional[bool] = ...) -> None: ...
 
 class FinishGenerationResponse(_message.Message):
     __slots__ = ()

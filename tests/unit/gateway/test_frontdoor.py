@@ -21,20 +21,24 @@ class FakeScheduler:
         n = len(self.admitted)
         return Assignment(f"127.0.0.1:{n}", "tiny:latest", f"w{n}")
 
-    async def finish(self, request_id, reason, usage, worker_failed=False):
-        self.finished.append((request_id, reason, usage) + (("worker failed",) if worker_failed else ()))
+    async def finish(self, request_id, reason, usage, worker_failed=False, model_not_loaded=False):
+        self.finished.append((request_id, reason, usage) + (("worker failed",) if worker_failed else ())
+                             + (("model not loaded",) if model_not_loaded else ()))
 
 
 class FakeWorkers:
-    def __init__(self, chunks, error=None, gate=None, dead=()):
+    def __init__(self, chunks, error=None, gate=None, dead=(), without_model=()):
         self.chunks = chunks
         self.error = error
         self.gate = gate
         self.dead = set(dead)
+        self.without_model = set(without_model)
 
     async def generate(self, address, request_id, model, call, timeout):
         if address in self.dead:
             raise Unavailable("connection refused")
+        if address in self.without_model:
+            raise NotFound(f"model {model} is not loaded on this worker", reason="MODEL_NOT_LOADED")
         for chunk in self.chunks:
             yield chunk
             if self.gate is not None:
@@ -81,6 +85,15 @@ async def test_a_worker_that_fails_before_the_first_token_is_replaced():
     assert scheduler.redispatched == [False, True, True]
     failed = ("r1", None, Usage(4, 0), "worker failed")
     assert scheduler.finished == [failed, failed, ("r1", FinishReason.STOP, Usage(3, 2))]
+
+
+async def test_a_worker_that_no_longer_holds_the_model_is_passed_over_and_the_scheduler_told():
+    scheduler = FakeScheduler()
+    front = FrontDoor(scheduler, FakeWorkers([DONE], without_model={"127.0.0.1:1"}))
+    chunks = await _collect(front)
+    await front.drain()
+    assert [c.text for c in chunks] == ["b"] and scheduler.redispatched == [False, True]
+    assert scheduler.finished == [("r1", None, Usage(4, 0), "model not loaded"), ("r1", FinishReason.STOP, Usage(3, 2))]
 
 
 async def test_redispatch_gives_up_after_a_few_workers():

@@ -208,6 +208,28 @@ async def test_silent_workers_are_dropped_and_a_restarted_registry_relearns_plac
     catalog.close()
 
 
+async def test_a_model_its_worker_no_longer_lists_is_no_longer_placed_there(tmp_path, store_url):
+    """The worker's heartbeat lists what it holds: a READY placement missing from it is dropped,
+    unless it became ready after the previous heartbeat arrived (a load that finished while
+    this heartbeat was on its way appears in the next one)."""
+    now = [0.0]
+    catalog = Catalog(Store(store_url))
+    registry = ModelRegistry(catalog, importer(tmp_path), FakeWorkers(), clock=lambda: now[0])
+    await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
+    registry.register_worker("w1", "127.0.0.1:9", "node", "i1")
+    now[0] = 1.0
+    await registry.load("tiny")                       # ready at 1.0, after the heartbeat at 0.0
+    now[0] = 2.0
+    registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=[])  # composed before the load
+    assert registry.get("tiny").state == "ready"
+    now[0] = 3.0
+    registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"])
+    now[0] = 4.0
+    registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=[])  # it stopped the model
+    assert registry.get("tiny").state == "available" and registry.get("tiny").placements == []
+    catalog.close()
+
+
 async def test_models_of_a_lost_worker_are_loaded_on_another_with_room(tmp_path, store_url):
     now = [0.0]
     catalog = Catalog(Store(store_url))

@@ -405,3 +405,37 @@ async def test_a_slot_its_worker_no_longer_knows_comes_back_after_the_grace():
     clock.now = 20.0
     scheduler.report("w1", {"tiny:latest": 2}, {"kept", "next"})
     assert scheduler.status("next").phase is Phase.RUNNING
+
+
+async def test_a_worker_that_reports_without_a_model_gets_none_of_its_requests_whatever_the_registry_says():
+    """The registry may still list a placement the worker has lost (until its next heartbeat);
+    the worker's own report wins: no slots there, so nothing is sent there to fail."""
+    clock = FakeClock()
+    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, clock=clock)
+    scheduler.update_endpoints("tiny:latest", [W1, W2])
+    clock.now = 1.0
+    scheduler.report("w1", {})                         # w1 no longer holds it
+    scheduler.report("w2", {"tiny:latest": 4})
+    clock.now = 2.0
+    scheduler.update_endpoints("tiny:latest", [W1, W2])  # the registry has not noticed yet
+    placed = {(await scheduler.admit(ticket(f"r{i}"))).endpoint.worker_id for i in range(4)}
+    assert placed == {"w2"}
+    # Listed again after its report (it loaded the model anew): slots until it reports.
+    scheduler.update_endpoints("tiny:latest", [W2])
+    clock.now = 3.0
+    scheduler.update_endpoints("tiny:latest", [W1, W2])
+    assert (await scheduler.admit(ticket("r4"))).endpoint == W1
+
+
+async def test_a_worker_that_refused_a_request_for_want_of_the_model_gets_no_more_until_it_reports_it():
+    clock = FakeClock()
+    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=2, clock=clock)
+    scheduler.update_endpoints("tiny:latest", [W1, W2])
+    first = await scheduler.admit(ticket("a"))
+    assert scheduler.finish("a", model_not_loaded=True)
+    clock.now = 1.0
+    scheduler.update_endpoints("tiny:latest", [W1, W2])        # still listed by the registry
+    placed = {(await scheduler.admit(ticket(f"r{i}"))).endpoint for i in range(2)}
+    assert placed == {W1, W2} - {first.endpoint}
+    scheduler.report(first.endpoint.worker_id, {"tiny:latest": 2})  # loaded there again
+    assert (await scheduler.admit(ticket("r2"))).endpoint == first.endpoint
