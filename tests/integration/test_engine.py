@@ -217,3 +217,30 @@ def test_smollm2_in_bfloat16_keeps_its_answer(smollm2_dir):
     finally:
         engine.stop()
         driver.stop()
+
+
+def test_a_sequence_whose_stream_falls_behind_pauses_and_goes_on_unchanged(tiny_model_dir):
+    """Its reader stopped: the sequence stops at `max_backlog` undelivered chunks (holding its
+    slot, costing no steps), its neighbour runs on, and once the reader takes what is there it
+    resumes; greedy output is the same as without the pause."""
+    loaded, engine = start(tiny_model_dir)
+    try:
+        tok = loaded.tokenizer
+        stalled = Collector()
+        seq = Sequence("slow", tok(PROMPTS[1])["input_ids"], SamplingParams(ignore_eos=True), 40, stalled,
+                       max_backlog=4)
+        engine.submit(seq)
+        other = submit(engine, tok, PROMPTS[0], SamplingParams(ignore_eos=True), 40, "other")
+        wait_all([other])
+        for _ in range(100):                          # a few steps more would have passed by now
+            threading.Event().wait(0.01)
+        assert len(stalled.chunks) == 4 and seq.paused and engine.stats().running == 1
+        assert not engine.has_work(), "a paused sequence costs no steps"
+        while not stalled.done.is_set():              # the reader catches up, now and then
+            engine.took(seq, len(stalled.chunks) - seq.taken)
+            threading.Event().wait(0.01)
+        wait_all([stalled])
+        assert stalled.ids == reference(tiny_model_dir, [PROMPTS[1]], 40)[0][:40]
+        assert engine.stats().running == 0
+    finally:
+        engine.stop()

@@ -58,6 +58,10 @@ class WorkerSettings(ServiceSettings):
     register_interval_seconds: float = 5.0
     # Seconds a memory lease lives without renewal; renewed every third of it.
     lease_ttl_seconds: float = 15.0
+    # Chunks a stream may fall behind (a client that stops reading) before its sequence
+    # pauses, holding its slot and cache but no more memory; it goes on once the stream has
+    # caught up. 0: no bound.
+    max_backlog: int = 64
 
 
 async def announce(stub: registry_pb2_grpc.RegistryServiceStub,
@@ -104,7 +108,7 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     model_host = ModelHost(worker_id, GrpcResources(channels, settings.resources_address), device,
                            pick_dtype(settings.dtype, device), driver,
                            EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget,
-                                        settings.lease_ttl_seconds),
+                                        settings.lease_ttl_seconds, settings.max_backlog),
                            events=EngineTelemetry(provider.get_tracer("llmos.worker.engine"), host.metrics))
     host.metrics.register(WorkerGauges(worker_id, model_host.status, model_host.memory_in_use))
     register(host, model_host)

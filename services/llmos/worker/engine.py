@@ -43,6 +43,12 @@ class Sequence:
     deliver: Callable[[Chunk | LlmosError], None]
     output_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
+    # Chunks delivered (counted on the driver's thread) and taken by the stream (counted
+    # where it is read); past `max_backlog` undelivered the sequence pauses: it keeps its slot
+    # and its cache, and the engine steps it again once the stream has caught up. 0: no bound.
+    delivered: int = 0
+    taken: int = 0
+    max_backlog: int = 0
     slot: int = -1
     cached: int = 0          # positions of this sequence held in its cache slot
     generator: torch.Generator | None = None
@@ -62,6 +68,12 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.cached < len(self.prompt_ids)
+
+    @property
+    def paused(self) -> bool:
+        """Its stream is `max_backlog` chunks behind: it waits (not cancelled, not prefilling)."""
+        return (self.max_backlog > 0 and not self.cancelled and not self.prefilling
+                and self.delivered - self.taken >= self.max_backlog)
 
 
 @dataclass(frozen=True)
@@ -238,7 +250,15 @@ class Engine:
                 self._wake.wait()
 
     def has_work(self) -> bool:
-        return self.closing or bool(self._inbox) or bool(self._running)
+        return self.closing or bool(self._inbox) or any(not s.paused for s in self._running)
+
+    def took(self, seq: Sequence, chunks: int) -> None:
+        """The stream took `chunks` of the sequence's chunks; a paused sequence goes on."""
+        was_paused = seq.paused
+        seq.taken += chunks
+        if was_paused and not seq.paused:
+            with self._wake:
+                self._wake.notify_all()
 
     def close(self) -> None:
         """Called holding the lock, between steps."""
@@ -270,7 +290,7 @@ class Engine:
                 seq.slot = len(self._running)
                 self._running.append(seq)
                 self.events.joined(self.name, seq, time.time_ns())
-            batch = list(self._running)
+            batch = [s for s in self._running if not s.paused]
         if not batch:
             return
         started = time.perf_counter()
@@ -337,8 +357,9 @@ class Engine:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         started = time.perf_counter()
-        logits = self.runner.forward(index(tokens), index(positions), index(slots), len(decoding), len(batch),
-                                     [c for _, c in chunks], index(rows))
+        # Every slot in use takes part (a paused sequence's slot too: it is just not fed).
+        logits = self.runner.forward(index(tokens), index(positions), index(slots), len(decoding),
+                                     len(self._running), [c for _, c in chunks], index(rows))
         self._window[2] += time.perf_counter() - started
         for s in decoding:
             s.cached += 1
@@ -396,6 +417,7 @@ class Engine:
         if finish is not None:
             chunk.finish_reason = finish
             chunk.usage = Usage(len(seq.prompt_ids), len(seq.output_ids))
+        seq.delivered += 1
         seq.deliver(chunk)
         self.events.token(self.name, seq, now)
         if finish is not None:

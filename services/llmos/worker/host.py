@@ -50,6 +50,8 @@ class EngineConfig:
     prefill_budget: int = 256
     # Seconds a memory lease lives without the worker's heartbeat.
     lease_ttl: float = 15.0
+    # Chunks a stream may fall behind before its sequence pauses (keeping its slot); 0: no bound.
+    max_backlog: int = 64
 
 
 @dataclass
@@ -227,20 +229,24 @@ class ModelHost:
                 except RuntimeError:  # the event loop is gone; nobody is listening
                     pass
 
-            seq = Sequence(request_id, prompt_ids, params, max_new, deliver, trace_context=trace_context)
+            seq = Sequence(request_id, prompt_ids, params, max_new, deliver, trace_context=trace_context,
+                           max_backlog=self.config.max_backlog)
             served.engine.submit(seq)
             finished = False
             try:
                 while True:
                     item = await queue.get()
+                    taken = 1
                     # Tokens that arrived while the stream was busy go out together: fewer,
                     # larger messages exactly when the consumer is behind.
                     while not isinstance(item, LlmosError) and item.finish_reason is None and not queue.empty():
                         following = queue.get_nowait()
+                        taken += 1
                         if isinstance(following, LlmosError):
                             item = following
                             break
                         item = merge_chunks(item, following)
+                    served.engine.took(seq, taken)
                     if isinstance(item, LlmosError):
                         finished = True
                         raise item
