@@ -44,6 +44,18 @@ class SuiteError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class Host:
+    """Where some of the suite's processes run: a node with its own address, optionally
+    inside a Linux network namespace (how the tests make a cluster on one machine). The
+    processes on a host share nothing on disk with another host's but the model store,
+    which every host mounts at the same path."""
+
+    name: str           # node name (what the resource manager and the workers call it)
+    address: str        # the IP address its processes bind and advertise
+    netns: str = ""     # run them in this network namespace ("": the launcher's)
+
+
 def wait_healthy(address: str, timeout: float, tls_dir: Path | None = None) -> None:
     """Waits until `address` answers SERVING (over mTLS with the certificate in `tls_dir`)."""
     deadline = time.monotonic() + timeout
@@ -92,6 +104,11 @@ class Suite:
     # One store for every service (`llmos.common.store`); "" keeps each one's SQLite file in
     # the data directory. A cluster store is migrated at start, as `llmos migrate` would.
     store_url: str = ""
+    # How many resource managers; past the first they are "resources-2", ... (one per node
+    # when the suite spans hosts: a worker leases through the one on its host).
+    resources: int = 1
+    # Process name → the host it runs on; a process not named runs on loopback here.
+    hosts: dict[str, Host] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
     # Where each process serves its Prometheus metrics ("host:port").
     metrics: dict[str, str] = field(default_factory=dict)
@@ -108,7 +125,8 @@ class Suite:
     def names(self) -> list[str]:
         """Process names in start order: each service, and each worker."""
         extra = {"worker": [f"worker-{i}" for i in range(2, self.workers + 1)],
-                 "gateway": [f"gateway-{i}" for i in range(2, self.gateways + 1)]}
+                 "gateway": [f"gateway-{i}" for i in range(2, self.gateways + 1)],
+                 "resources": [f"resources-{i}" for i in range(2, self.resources + 1)]}
         out: list[str] = []
         for service in SERVICES:
             out += [service, *extra.get(service, ())]
@@ -148,27 +166,35 @@ class Suite:
         address_file.unlink(missing_ok=True)
         if port is None:
             port = 0 if name != service else self.ports.get(service, DEFAULT_PORTS[service])
+        host = self.hosts.get(name)
+        ip = host.address if host else "127.0.0.1"
+        data_dir = self.data_dir / "hosts" / host.name if host else self.data_dir
         env = {**os.environ, **self.env,
-               prefix + "LISTEN": f"127.0.0.1:{port}",
+               prefix + "LISTEN": f"{ip}:{port}",
                prefix + "ADDRESS_FILE": str(address_file),
-               prefix + "DATA_DIR": str(self.data_dir),
+               prefix + "DATA_DIR": str(data_dir),
                PARENT_PID_ENV: str(os.getpid())}
         if self.store_url:
             env["LLMOS_STORE_URL"] = self.store_url
         if service == "worker" and self.workers > 1:
             env[prefix + "WORKER_ID"] = self._worker_id(name)
+        if host and service in ("worker", "resources"):
+            env[prefix + "NODE_NAME"] = host.name
         for other in NEEDS[service]:
-            env[f"{prefix}{other.upper()}_ADDRESS"] = self.addresses[other]
+            env[f"{prefix}{other.upper()}_ADDRESS"] = self.addresses[self._peer(name, other)]
         for key, value in self.identity.settings(service, name).items():
             env.setdefault(prefix + key.upper(), value)
         if metrics_port is None:
             metrics_port = self.metrics_port if service == "monitor" else 0
-        env[prefix + "METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
+        env[prefix + "METRICS_LISTEN"] = f"{ip}:{metrics_port}"
         if service == "monitor":
             env[prefix + "METRICS_TARGETS"] = ",".join(f"{other}={self.metrics[other]}" for other in NEEDS[service])
         log = open(self.data_dir / "logs" / f"{name}.log", "ab")
+        command = [self.python, "-m", f"llmos.{service}"]
+        if host and host.netns:
+            command = ["ip", "netns", "exec", host.netns, *command]
         self.processes[name] = subprocess.Popen(
-            [self.python, "-m", f"llmos.{service}"], env=env, stdin=subprocess.DEVNULL,
+            command, env=env, stdin=subprocess.DEVNULL,
             stdout=log, stderr=subprocess.STDOUT, process_group=0)
         log.close()
         deadline = time.monotonic() + timeout
@@ -227,14 +253,26 @@ class Suite:
         self.processes.clear()
         return codes
 
+    def _peer(self, name: str, service: str) -> str:
+        """The process of `service` that process `name` talks to: the one on its own host
+        when there is one (a worker's resource manager), else the first."""
+        host = self.hosts.get(name)
+        if host is not None:
+            for other in self.names:
+                if other.split("-")[0] == service and self.hosts.get(other) == host and other in self.addresses:
+                    return other
+        return service
+
     def _worker_id(self, name: str) -> str:
         if self.workers == 1:
             return f"{socket.gethostname()}-worker"      # the worker's own default
         return name if name != "worker" else "worker-1"
 
-    def _certificates(self) -> list[tuple[str, str, str]]:
-        """(process, service, instance) of every process: a worker's instance is its id."""
-        return [(name, name.split("-")[0], self._worker_id(name) if name.startswith("worker") else name)
+    def _certificates(self) -> list[tuple[str, str, str, tuple[str, ...]]]:
+        """(process, service, instance, hosts) of every process: a worker's instance is its id;
+        its certificate names the address of its host (and loopback)."""
+        return [(name, name.split("-")[0], self._worker_id(name) if name.startswith("worker") else name,
+                 (*((self.hosts[name].address,) if name in self.hosts else ()), "127.0.0.1", "localhost"))
                 for name in self.names]
 
     def rotate_certificates(self) -> None:

@@ -53,16 +53,17 @@ class SuiteIdentity:
         return values
 
 
-def issue_certificates(identity: SuiteIdentity, processes: list[tuple[str, str, str]],
+def issue_certificates(identity: SuiteIdentity, processes: list[tuple],
                        hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> None:
-    """Issues (again) a certificate for each (process, service, instance) and for the CLI; a
-    worker's instance is its worker id, which its certificate lets it act as."""
+    """Issues (again) a certificate for each (process, service, instance[, its hosts]) and for
+    the CLI; a worker's instance is its worker id, which its certificate lets it act as. A
+    process without hosts of its own is valid for `hosts`."""
     ca = LocalCA(identity.tls_dir("ca"))
-    for process, service, instance in [*processes, (CLI, CLI, "local")]:
-        ca.issue(identity.tls_dir(process), service, instance, hosts)
+    for process, service, instance, *own in [*processes, (CLI, CLI, "local")]:
+        ca.issue(identity.tls_dir(process), service, instance, own[0] if own else hosts)
 
 
-def prepare(data_dir: str | Path, processes: list[tuple[str, str, str]],
+def prepare(data_dir: str | Path, processes: list[tuple],
             hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), store_url: str = "") -> SuiteIdentity:
     """Makes (or keeps) the CA, issues a certificate for each (process, service, instance) and
     the CLI, and makes sure the store has the default tenants and the admin and probe keys."""

@@ -48,15 +48,25 @@ def die_with_parent(environ: dict[str, str] | None = None) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+# The health service name a liveness probe asks about: SERVING while the process serves at
+# all, whatever it can do. The overall status ("") is readiness: SERVING only while it can
+# serve (its store reachable, its scheduler reachable, registered, ...) and is not stopping.
+LIVENESS = "liveness"
+
+
 class ServiceHost:
     """One gRPC server with health, reflection and the shared interceptors: tracing, errors
     made statuses, and the authorization of every call (`security`; without one, nothing but
     health and reflection is allowed). A `public` host asks its clients for no certificate."""
 
     def __init__(self, name: str, listen: str, provider: TracerProvider, metrics_listen: str = "",
-                 security: Security | None = None, public: bool = False) -> None:
+                 security: Security | None = None, public: bool = False, health_listen: str = "") -> None:
         self.name = name
         self.listen = listen
+        # A plaintext port serving nothing but the health service, for probes that cannot
+        # speak mTLS (a kubelet's); "" serves none.
+        self.health_listen = health_listen
+        self.health_address = ""
         self.provider = provider
         self.security = security or Security(name)
         self.public = public
@@ -72,10 +82,19 @@ class ServiceHost:
                      ("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._health_server: grpc.aio.Server | None = None
         self._services: list[str] = []
         # Whether it can serve (see `set_serving`), and whether it is up and not stopping.
         self._serving = True
         self._up = False
+
+    @classmethod
+    def of(cls, name: str, settings: object, provider: TracerProvider, security: Security | None = None,
+           public: bool = False) -> ServiceHost:
+        """The host a service's settings describe: its listen, metrics and health addresses."""
+        return cls(name, settings.listen, provider, settings.metrics_listen,
+                   security=security or Security.of(name, settings), public=public,
+                   health_listen=settings.health_listen)
 
     def add(self, service_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
         """Registers a servicer; `service_name` is its full proto name."""
@@ -94,7 +113,16 @@ class ServiceHost:
         if port == 0:
             raise OSError(f"{self.name} cannot listen on {self.listen}: the address is in use or invalid")
         await self.server.start()
+        if self.health_listen:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            health_port = self._health_server.add_insecure_port(self.health_listen)
+            if health_port == 0:
+                raise OSError(f"{self.name} cannot serve health on {self.health_listen}: in use or invalid")
+            await self._health_server.start()
+            self.health_address = f"{self.health_listen.rsplit(':', 1)[0]}:{health_port}"
         self._up = True
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._set_all(self._health())
         log.info("%s %s on %s:%d", self.name, "serving" if self._serving else "listening (not serving yet)",
                  host, port)
@@ -116,10 +144,33 @@ class ServiceHost:
         self._up = False
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
 
     async def _set_all(self, status: int) -> None:
         for service in ["", *self._services]:
             await self.health.set(service, status)
+
+
+async def follow_peer(host: ServiceHost, channel: grpc.aio.Channel, peer: str, interval: float = 2.0) -> None:
+    """Keeps `host` ready only while `peer` (on `channel`) answers its health check SERVING:
+    a service that cannot work without it says so to its load balancer."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    reachable: bool | None = None
+    while True:
+        try:
+            ok = (await stub.Check(health_pb2.HealthCheckRequest(), timeout=max(1.0, interval))).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        except Exception:  # noqa: BLE001 - unreachable, in whatever way
+            ok = False
+        if ok != reachable:
+            if reachable is not None or not ok:
+                (log.info if ok else log.warning)("%s %s: %s", peer, "is serving" if ok else "is not serving",
+                                                  "ready" if ok else "not ready until it is")
+            await host.set_serving(ok)
+            reachable = ok
+        await asyncio.sleep(interval)
 
 
 def write_address_file(path: str, address: str, metrics_address: str = "") -> None:

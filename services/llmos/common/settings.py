@@ -74,6 +74,9 @@ class ServiceSettings:
     address_file: str = ""
     # Where Prometheus metrics are served over HTTP ("host:port", port 0 picks one; "" serves none).
     metrics_listen: str = "127.0.0.1:0"
+    # A plaintext port with only the gRPC health service ("" serves none): for probes that
+    # cannot speak mTLS. Service "" is readiness, service "liveness" liveness.
+    health_listen: str = ""
     # Seconds in-flight calls get to finish at SIGTERM.
     grace_seconds: float = 10.0
     log_level: str = "INFO"

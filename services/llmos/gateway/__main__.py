@@ -8,7 +8,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
 from llmos.common.security import Security
-from llmos.common.server import Service, ServiceHost, serve_main
+from llmos.common.server import Service, ServiceHost, follow_peer, serve_main
 from llmos.common.settings import ServiceSettings
 from llmos.common.telemetry import make_tracer_provider
 from llmos.v1 import registry_pb2_grpc
@@ -32,11 +32,15 @@ async def build(settings: GatewaySettings, provider: TracerProvider | None = Non
     channels = Channels(provider, security)
     front = FrontDoor(GrpcScheduler(channels, settings.scheduler_address), GrpcWorkers(channels))
     # The public port: clients bring keys, not certificates (plaintext on loopback).
-    host = ServiceHost("gateway", settings.listen, provider, settings.metrics_listen,
-                       security=security, public=True)
+    host = ServiceHost.of("gateway", settings, provider, security, public=True)
     register(host, front, registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address)))
     register_identity(host, security.store)
-    return Service(host, cleanups=[front.drain, channels.close])
+    await host.set_serving(False)       # ready once the scheduler answers: it admits every request
+
+    async def follow_scheduler(address: str) -> None:
+        await follow_peer(host, channels.get(settings.scheduler_address), "the scheduler")
+
+    return Service(host, background=[follow_scheduler], cleanups=[front.drain, channels.close])
 
 
 if __name__ == "__main__":

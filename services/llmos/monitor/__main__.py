@@ -73,8 +73,7 @@ async def build(settings: MonitorSettings, provider: TracerProvider | None = Non
         settings.stall_seconds, metrics=settings.metrics_targets)
     rules = AlertRules(AlertSettings(queue_depth=settings.queue_alert_depth, kv_ratio=settings.kv_alert_ratio,
                                      ttft_slo=settings.ttft_slo_seconds, slo_target=settings.slo_target))
-    host = ServiceHost("monitor", settings.listen, provider, settings.metrics_listen,
-                       security=security)
+    host = ServiceHost.of("monitor", settings, provider, security)
     watch = ClusterWatch(monitor, rules, settings.check_interval_seconds,
                          settings.scrape_interval_seconds, settings.scrape_timeout_seconds)
     host.metrics.register(ClusterGauges(watch))

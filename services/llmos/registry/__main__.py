@@ -71,8 +71,7 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
                              GrpcWorkers(channels, settings.load_timeout_seconds),
                              kv, settings.overhead_bytes,
                              GrpcResources(channels, settings.resources_address))
-    host = ServiceHost("registry", settings.listen, provider, settings.metrics_listen,
-                       security=security)
+    host = ServiceHost.of("registry", settings, provider, security)
     registry.events.listeners.append(RegistryMetrics(host.metrics))
     register(host, registry)
     watch = StoreWatch(store, host.set_serving)

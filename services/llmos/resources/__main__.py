@@ -11,7 +11,6 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.errors import Unavailable
 from llmos.common.metrics import OnLoop
-from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.settings import ServiceSettings
 from llmos.common.store import Leadership, Store, StoreWatch, sqlite_url
@@ -33,6 +32,9 @@ class ResourcesSettings(ServiceSettings):
     cpu_budget_bytes: int = 0
     # Share of each GPU's memory that leases may hold.
     budget_fraction: float = 0.9
+    # The node it accounts for (its devices are probed here); "" is the host name. On
+    # Kubernetes, the node's name (the pod's spec.nodeName).
+    node_name: str = ""
     # How often expired leases are reclaimed, seconds.
     reap_interval_seconds: float = 1.0
     grace_seconds: float = 5.0
@@ -41,10 +43,9 @@ class ResourcesSettings(ServiceSettings):
 async def build(settings: ResourcesSettings, provider: TracerProvider | None = None) -> Service:
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     store = Store(settings.store_url or sqlite_url(Path(settings.data_dir) / "resources.db")).ready()
-    manager = ResourceManager(node_name(), probe_devices, store, settings.cpu_budget_bytes, settings.budget_fraction)
-    host = ServiceHost("resources", settings.listen, provider or make_tracer_provider("resources"),
-                       settings.metrics_listen,
-                       security=Security.of("resources", settings))
+    manager = ResourceManager(settings.node_name or node_name(), probe_devices, store,
+                              settings.cpu_budget_bytes, settings.budget_fraction)
+    host = ServiceHost.of("resources", settings, provider or make_tracer_provider("resources"))
     register(host, manager)
     host.metrics.register(OnLoop(asyncio.get_running_loop(), lambda: resource_metrics(
         manager.nodes(), manager.leases.list(), manager.leases.reclaimed_total)))

@@ -50,8 +50,7 @@ async def build(settings: SchedulerSettings, provider: TracerProvider | None = N
     security = Security.of("scheduler", settings)
     channels = Channels(provider, security)
     tracer = provider.get_tracer("llmos.scheduler")
-    host = ServiceHost("scheduler", settings.listen, provider, settings.metrics_listen,
-                       security=security)
+    host = ServiceHost.of("scheduler", settings, provider, security)
     registry = GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds, tracer)
     scheduler = Scheduler(registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model,
                           settings.aging_seconds, settings.report_timeout_seconds, settings.placement_ttl_seconds,

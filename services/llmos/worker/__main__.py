@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +40,8 @@ class WorkerSettings(ServiceSettings):
     advertise_address: str = ""
     # Stable id; empty means "<hostname>-worker".
     worker_id: str = ""
+    # The node it runs on, as its resource manager names it; "" is the host name.
+    node_name: str = ""
     resources_address: str = "127.0.0.1:50054"
     registry_address: str = "127.0.0.1:50053"
     # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
@@ -65,9 +67,12 @@ class WorkerSettings(ServiceSettings):
 
 
 async def announce(stub: registry_pb2_grpc.RegistryServiceStub,
-                   request: Callable[[], registry_pb2.RegisterWorkerRequest], interval: float) -> None:
+                   request: Callable[[], registry_pb2.RegisterWorkerRequest], interval: float,
+                   ready: Callable[[bool], Awaitable[None]] | None = None) -> None:
     """Registers with the registry now and then again every `interval`: the registry's
-    heartbeat, which also tells a restarted registry which models are loaded here."""
+    heartbeat, which also tells a restarted registry which models are loaded here. The
+    first registration makes the worker ready (`ready(True)`)."""
+    registered = False
     while True:
         try:
             await stub.RegisterWorker(request(), timeout=5)
@@ -75,6 +80,9 @@ async def announce(stub: registry_pb2_grpc.RegistryServiceStub,
             log.warning("cannot register with the registry: %s (%s)", exc.code, exc.reason)
             await asyncio.sleep(min(interval, 1.0))
             continue
+        if not registered and ready is not None:
+            await ready(True)
+        registered = True
         await asyncio.sleep(interval)
 
 
@@ -103,14 +111,14 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     provider = provider or make_tracer_provider("worker")
     security = Security.of("worker", settings)
     channels = Channels(provider, security)
-    host = ServiceHost("worker", settings.listen, provider, settings.metrics_listen,
-                       security=security)
+    host = ServiceHost.of("worker", settings, provider, security)
     model_host = ModelHost(worker_id, GrpcResources(channels, settings.resources_address), device,
                            pick_dtype(settings.dtype, device), driver,
                            EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget,
                                         settings.lease_ttl_seconds, settings.max_backlog),
                            events=EngineTelemetry(provider.get_tracer("llmos.worker.engine"), host.metrics))
     host.metrics.register(WorkerGauges(worker_id, model_host.status, model_host.memory_in_use))
+    await host.set_serving(False)       # ready once registered: before that no one sends it work
     register(host, model_host)
     stub = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
     incarnation = uuid.uuid4().hex
@@ -124,11 +132,12 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     async def announce_loop(address: str) -> None:
         def request() -> registry_pb2.RegisterWorkerRequest:
             return registry_pb2.RegisterWorkerRequest(
-                worker_id=worker_id, address=settings.advertise_address or address, node=socket.gethostname(),
+                worker_id=worker_id, address=settings.advertise_address or address,
+                node=settings.node_name or socket.gethostname(),
                 incarnation=incarnation, loaded_models=model_host.loaded_models,
                 metrics_address=advertised(service.metrics_address))
 
-        await announce(stub, request, settings.register_interval_seconds)
+        await announce(stub, request, settings.register_interval_seconds, ready=host.set_serving)
 
     async def renew_loop(address: str) -> None:
         await renew_leases(model_host, settings.lease_ttl_seconds / 3)
