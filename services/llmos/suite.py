@@ -56,12 +56,13 @@ class Host:
     netns: str = ""     # run them in this network namespace ("": the launcher's)
 
 
-def wait_healthy(address: str, timeout: float, tls_dir: Path | None = None) -> None:
-    """Waits until `address` answers SERVING (over mTLS with the certificate in `tls_dir`)."""
+def wait_healthy(address: str, timeout: float, tls_dir: Path | None = None, public: bool = False) -> None:
+    """Waits until `address` answers SERVING (over mTLS with the certificate in `tls_dir`; a
+    public port as its clients reach it)."""
     deadline = time.monotonic() + timeout
     from llmos.client import open_channel
 
-    with open_channel(address, tls_dir) as channel:
+    with open_channel(address, tls_dir, public=public) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -207,8 +208,8 @@ class Suite:
             time.sleep(0.05)
         self.addresses[name], self.metrics[name] = read_address_file(address_file)
         self._started_at[name] = time.monotonic()
-        wait_healthy(self.addresses[name], max(1.0, deadline - time.monotonic()),
-                     None if service == "gateway" else self.identity.tls_dir(CLI))
+        wait_healthy(self.addresses[name], max(1.0, deadline - time.monotonic()), self.identity.tls_dir(CLI),
+                     public=service == "gateway")
 
     def supervise(self, timeout: float = 120.0, first_delay: float = 1.0,
                   max_delay: float = 30.0) -> list[tuple[str, str]]:

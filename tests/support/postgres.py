@@ -24,23 +24,30 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self, directory: Path, user: str = "llmos") -> None:
+    def __init__(self, directory: Path, user: str = "llmos", host: str = "127.0.0.1",
+                 prefix: list[str] | None = None) -> None:
+        """`host`: the address it listens on; `prefix`: what its commands run under (e.g.
+        `ip netns exec NAME`, to run it inside a network namespace)."""
         self.directory = Path(directory)
         self.data = self.directory / "data"
         self.user = user
         self.port = _free_port()
-        self.host = "127.0.0.1"
-        self._as: list[str] = []
+        self.host = host
+        self._as: list[str] = list(prefix or [])
         if os.geteuid() == 0:
-            self._as = ["runuser", "-u", "postgres", "--"]
+            self._as += ["runuser", "-u", "postgres", "--"]
             owner = pwd.getpwnam("postgres")
             os.chown(self.directory, owner.pw_uid, owner.pw_gid)
 
     def _run(self, *command: str) -> None:
         subprocess.run([*self._as, *command], check=True, capture_output=True, timeout=120)
 
-    def init(self) -> PostgresServer:
+    def init(self, clients: str = "") -> PostgresServer:
+        """Makes the cluster; `clients`: a subnet ("10.1.2.0/24") allowed to connect besides loopback."""
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "-E", "UTF8", "--no-sync")
+        if clients:
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {clients} trust\n")
         return self
 
     def start(self) -> PostgresServer:

@@ -1,0 +1,108 @@
+"""The suite as a small cluster on this one machine: three "hosts", each a Linux network
+namespace with its own address on a private subnet the test makes (a bridge and veth pairs).
+The control plane (PostgreSQL as the store, registry, scheduler, gateway, monitor) runs on
+one; each of the other two runs a resource manager and a worker. Every connection between
+them is mTLS with certificates whose SANs are those addresses; the test, outside every
+namespace, is the user. Nothing is shared on disk between the hosts but the model store,
+which each host mounts at the same path. The test removes every namespace it made."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from llmos.common.tls import TlsFiles
+from llmos.suite import SERVICES, Host, Suite
+from llmos.v1 import common_pb2, registry_pb2, resources_pb2
+from tests.support.metrics import sample_sum, scrape
+from tests.support.netns import PrivateNetwork
+from tests.support.postgres import PostgresServer
+
+pytestmark = pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 to make network namespaces")
+
+
+@pytest.fixture(scope="module")
+def network():
+    network = PrivateNetwork(["cp", "h1", "h2"]).create()
+    yield network
+    network.remove()
+    assert network.leftovers() == [], "a namespace or link of the test network is left"
+
+
+@pytest.fixture(scope="module")
+def store(network):
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="llmos-test-postgres-")), host=network.addresses["cp"],
+                            prefix=network.exec_prefix("cp"))
+    server.init(clients=f"{network.subnet}.0/24").start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, network, store, tiny_model_dir):
+    cp, h1, h2 = (Host(name, network.addresses[name], network.namespaces[name]) for name in ("cp", "h1", "h2"))
+    placement = {"registry": cp, "scheduler": cp, "gateway": cp, "monitor": cp,
+                 "resources": h1, "worker": h1, "resources-2": h2, "worker-2": h2}
+    suite = Suite(tmp_path_factory.mktemp("cluster"), ports={s: 0 for s in SERVICES}, metrics_port=0,
+                  workers=2, resources=2, hosts=placement, store_url=store.create_database(),
+                  env={"LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",
+                       "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
+                       "LLMOS_WORKER_REGISTER_INTERVAL_SECONDS": "1"})
+    suite.start(timeout=180)
+    try:
+        yield suite
+    finally:
+        suite.stop()
+
+
+def test_every_service_binds_and_advertises_its_own_hosts_address(cluster, network):
+    for name, host in cluster.hosts.items():
+        ip, port = cluster.addresses[name].rsplit(":", 1)
+        assert ip == host.address, f"{name} serves on {ip}, not its host's {host.address}"
+        with socket.socket() as probe:                  # not reachable on this namespace's loopback
+            assert probe.connect_ex(("127.0.0.1", int(port))) != 0
+    with cluster.client() as client:
+        workers = {w.worker_id: w.address for w in client.registry.ListWorkers(
+            registry_pb2.ListWorkersRequest(), timeout=10).workers}
+        nodes = {n.name for n in client.nodes()}
+    assert workers == {"worker-1": cluster.addresses["worker"], "worker-2": cluster.addresses["worker-2"]}
+    assert {"h1", "h2"} <= nodes, "each host's resource manager publishes its node to the store"
+
+
+def test_certificates_name_each_hosts_address_and_nothing_else_passes(cluster, network):
+    """A client that expects worker-2's certificate on worker-1's address is refused: each
+    certificate is valid for its own host's address only (and loopback)."""
+    files = TlsFiles.read(cluster.identity.tls_dir("cli"))
+    context = ssl.create_default_context(cadata=files.ca.decode())
+    ip, port = cluster.addresses["worker"].rsplit(":", 1)
+    with socket.create_connection((ip, int(port)), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=ip) as tls:
+            assert tls.version()                          # the right name: accepted
+    with socket.create_connection((ip, int(port)), timeout=10) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            context.wrap_socket(raw, server_hostname=network.addresses["h2"])
+
+
+def test_requests_run_on_both_worker_hosts_and_leases_sit_on_their_nodes(cluster, tiny_model_dir):
+    with cluster.client() as client:
+        client.import_model("tiny", str(tiny_model_dir))
+        client.registry.LoadModel(registry_pb2.LoadModelRequest(name="tiny", replicas=2), timeout=300)
+        placed = {p.worker_id for p in client.get_model("tiny").placements
+                  if p.state == common_pb2.Model.STATE_READY}
+        assert placed == {"worker-1", "worker-2"}
+        with ThreadPoolExecutor(8) as pool:
+            finals = list(pool.map(lambda i: list(client.generate(
+                "tiny", prompt=f"Host {i}", max_tokens=24, ignore_eos=True, timeout=120))[-1], range(16)))
+        assert [f.usage.completion_tokens for f in finals] == [24] * 16
+        served = {name: sample_sum(scrape(cluster.metrics[name]), "llmos_generation_tokens_total")
+                  for name in ("worker", "worker-2")}
+        assert all(tokens > 0 for tokens in served.values()), served
+        leases = {(lease.node, lease.holder.split("/")[1]) for lease in client.resources.ListLeases(
+            resources_pb2.ListLeasesRequest(), timeout=10).leases}
+        assert leases == {("h1", "worker-1"), ("h2", "worker-2")}
