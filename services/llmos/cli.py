@@ -302,6 +302,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Runs one service in this process (a container's command): its settings from the environment."""
+    os.execv(sys.executable, [sys.executable, "-m", f"llmos.{args.service}"])
+    return 0    # not reached
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Brings a store's schema to this release (the only way a cluster store is migrated)."""
     from sqlalchemy.exc import DBAPIError
@@ -441,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("key_id")
     kr.add_argument("--grace", type=float, default=0.0)
     keys.set_defaults(func=cmd_keys)
+
+    serve = sub.add_parser("serve", help="run one service (its settings from LLMOS_* variables); what a "
+                                         "container runs")
+    serve.add_argument("service", choices=list(DEFAULT_PORTS))
+    serve.set_defaults(func=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="bring a cluster store's schema up to this release")
     migrate.add_argument("--store-url", default=env("LLMOS_STORE_URL", ""),

@@ -163,3 +163,21 @@ def test_the_suite_on_postgresql_loses_nothing_acknowledged_when_the_database_is
         assert [lease.name for lease in after] == [lease.name for lease in leases]
         final = list(admin.generate("tiny", prompt="Once upon a time", max_tokens=4, timeout=60))[-1]
         assert final.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+def test_llmos_serve_runs_one_service_from_its_environment(tmp_path):
+    """What a container runs: `llmos serve <service>` is that service, its settings from LLMOS_*
+    variables (shared ones unprefixed), and SIGTERM stops it."""
+    address_file = tmp_path / "resources.addr"
+    env = {**os.environ, "LLMOS_RESOURCES_LISTEN": "127.0.0.1:0", "LLMOS_ADDRESS_FILE": str(address_file),
+           "LLMOS_RESOURCES_DATA_DIR": str(tmp_path), "LLMOS_HEALTH_LISTEN": "127.0.0.1:0"}
+    process = subprocess.Popen([sys.executable, "-m", "llmos.cli", "serve", "resources"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(address_file.exists, 60, "the resource manager to listen")
+        address, _ = read_address_file(address_file)
+        assert health(address) == SERVING
+        assert (tmp_path / "resources.db").exists(), "its embedded store is in its data directory"
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0

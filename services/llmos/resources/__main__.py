@@ -66,8 +66,10 @@ async def build(settings: ResourcesSettings, provider: TracerProvider | None = N
             await asyncio.sleep(settings.reap_interval_seconds)
 
     def reap_once(leader: Leadership) -> None:
-        manager.publish()
+        # First: a store outage loses the lead (holders could not renew meanwhile either), and
+        # taking it again gives every lease its grace before anything is reclaimed.
         leads, took = leader.check()
+        manager.publish()
         if took:
             extended = manager.leases.grant_grace()
             if extended:

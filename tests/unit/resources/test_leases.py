@@ -177,3 +177,24 @@ def test_one_replica_leads_at_a_time_and_another_takes_over_when_it_stops(store_
     assert a.check() == (False, False)
     # A leader that stops renewing loses the lead once its TTL has passed.
     assert store.lead("resources.reaper", "a", 30, now=10**10)
+
+
+def test_a_store_outage_loses_the_lead_and_taking_it_again_says_so():
+    """So the reclaimer gives every lease its grace again: holders could not renew either."""
+    from llmos.common.errors import Unavailable
+
+    class FlakyStore:
+        down = False
+
+        def lead(self, name, holder, ttl):
+            if self.down:
+                raise Unavailable("the store cannot be reached", reason="STORE_UNAVAILABLE")
+            return True
+
+    store = FlakyStore()
+    leader = Leadership(store, "resources.reaper", "a", ttl=10)
+    assert leader.check() == (True, True) and leader.check() == (True, False)
+    store.down = True
+    assert leader.check() == (False, False)
+    store.down = False
+    assert leader.check() == (True, True)

@@ -1,0 +1,203 @@
+"""The Kubernetes manifests, rendered by `kubectl kustomize` for each overlay and checked
+offline: every object against the Kubernetes schemas (strict: an unknown field or a removed
+API fails), then what schemas cannot say: selectors match pods, every container has probes
+and resource requests, the NetworkPolicies allow exactly the method table's edges, only
+workers get GPUs, and every setting the manifests give is one a service reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmos.common.authz import TABLE
+from llmos.common.settings import ServiceSettings
+from llmos.inprocess import _builders
+
+KUBERNETES = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+VERSION = "1.32"
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+SERVICE_OF = {"GatewayService": "gateway", "IdentityService": "gateway", "SchedulerService": "scheduler",
+              "RegistryService": "registry", "ResourceService": "resources", "WorkerService": "worker",
+              "MonitorService": "monitor"}
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl (kustomize)")
+
+
+def render(overlay: str) -> list[dict]:
+    out = subprocess.run(["kubectl", "kustomize", str(KUBERNETES / "overlays" / overlay)], check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def rendered(request):
+    return request.param, render(request.param)
+
+
+def pod_templates(objects):
+    for obj in objects:
+        if obj["kind"] in WORKLOADS:
+            yield obj, obj["spec"]["template"]
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    wanted = selector.get("matchLabels", {})
+    if any(labels.get(k) != v for k, v in wanted.items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        if expression["operator"] == "In" and labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def test_every_object_is_valid_against_the_kubernetes_schemas(rendered):
+    import kubernetes_validate
+
+    _, objects = rendered
+    assert len(objects) > 40
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at "
+                                 f"{'.'.join(map(str, exc.path))}") from None
+
+
+def test_a_removed_api_or_an_unknown_field_is_caught():
+    """The check above can fail: an old PodDisruptionBudget API and a misspelt field are refused."""
+    import kubernetes_validate
+
+    old = {"apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget", "metadata": {"name": "x"},
+           "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"a": "b"}}}}
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        kubernetes_validate.validate(old, VERSION, strict=True)
+    typo = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+            "spec": {"selectr": {"a": "b"}, "ports": [{"port": 1}]}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, VERSION, strict=True)
+
+
+def test_every_selector_matches_pods(rendered):
+    _, objects = rendered
+    pods = [template["metadata"]["labels"] for _, template in pod_templates(objects)]
+    for workload, template in pod_templates(objects):
+        selector = workload["spec"].get("selector")
+        if selector is not None:
+            assert matches(selector, template["metadata"]["labels"]), workload["metadata"]["name"]
+    for obj in objects:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        if kind == "Service":
+            assert any(matches({"matchLabels": obj["spec"]["selector"]}, labels) for labels in pods), name
+        elif kind in ("PodDisruptionBudget", "NetworkPolicy") and (obj["spec"].get("selector") or
+                                                                 obj["spec"].get("podSelector")):
+            selector = obj["spec"].get("selector") or obj["spec"]["podSelector"]
+            assert any(matches(selector, labels) for labels in pods), f"{kind}/{name} selects no pod"
+        elif kind == "HorizontalPodAutoscaler":
+            target = obj["spec"]["scaleTargetRef"]
+            assert any(o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"] for o in objects)
+            assert obj["spec"]["minReplicas"] >= 1, "at least one worker stays warm"
+
+
+def test_every_container_has_probes_and_resource_requests(rendered):
+    _, objects = rendered
+    for workload, template in pod_templates(objects):
+        spec = template["spec"]
+        for container in spec["containers"] + spec.get("initContainers", []):
+            where = f"{workload['metadata']['name']}/{container['name']}"
+            requests = container.get("resources", {}).get("requests", {})
+            assert {"cpu", "memory"} <= set(requests), f"{where} requests no cpu or memory"
+            assert container.get("resources", {}).get("limits", {}).get("memory"), f"{where} has no memory limit"
+            assert container.get("securityContext", {}).get("allowPrivilegeEscalation") is False, where
+            if workload["kind"] != "Job" and container in spec["containers"]:
+                assert container.get("readinessProbe") and container.get("livenessProbe"), f"{where} lacks probes"
+        assert spec["securityContext"]["runAsNonRoot"] is True
+
+
+def test_llmos_probes_ask_the_plain_health_port_readiness_and_liveness_apart(rendered):
+    _, objects = rendered
+    for workload, template in pod_templates(objects):
+        for container in template["spec"]["containers"]:
+            if container.get("image", "").split(":")[0].endswith("llmos") and workload["kind"] != "Job":
+                assert container["readinessProbe"]["grpc"] == {"port": 8081}
+                assert container["livenessProbe"]["grpc"] == {"port": 8081, "service": "liveness"}
+
+
+def method_table_edges() -> set[tuple[str, str]]:
+    edges = set()
+    for method, rule in TABLE.items():
+        callee = SERVICE_OF[method.split("/")[1].rsplit(".", 1)[1]]
+        edges |= {(caller, callee) for caller in rule.services}
+    return edges
+
+
+def component(selector: dict) -> str:
+    return selector["matchLabels"]["app.kubernetes.io/component"]
+
+
+def test_network_policies_allow_exactly_the_edges_of_the_method_table(rendered):
+    _, objects = rendered
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")
+            and not p["spec"].get("egress")]
+    assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}, "no default deny"
+    ingress, egress = set(), set()
+    for policy in policies:
+        if policy["metadata"].get("labels", {}).get("llmos.dev/edge") != "method-table":
+            # The others must not open an llmos gRPC port between llmos components.
+            for rule in policy["spec"].get("ingress", []):
+                grpc_ports = {p["port"] for p in rule.get("ports", [])} & set(range(50052, 50057))
+                assert not grpc_ports, f"{policy['metadata']['name']} opens {grpc_ports} outside the table"
+            continue
+        own = component(policy["spec"]["podSelector"])
+        for rule in policy["spec"].get("ingress", []):
+            ingress |= {(component(peer["podSelector"]), own) for peer in rule["from"]}
+        for rule in policy["spec"].get("egress", []):
+            egress |= {(own, component(peer["podSelector"])) for peer in rule["to"]}
+    assert ingress == method_table_edges()
+    assert egress == method_table_edges()
+
+
+def test_only_workers_get_gpus_and_only_in_the_gpu_overlay(rendered):
+    overlay, objects = rendered
+    with_gpu = {f"{w['metadata']['name']}/{c['name']}" for w, t in pod_templates(objects)
+                for c in t["spec"]["containers"] + t["spec"].get("initContainers", [])
+                if "nvidia.com/gpu" in {**c.get("resources", {}).get("limits", {}),
+                                        **c.get("resources", {}).get("requests", {})}}
+    assert with_gpu == ({"llmos-worker/worker"} if overlay == "gpu" else set())
+
+
+def test_workers_roll_without_a_surge_and_every_llmos_image_is_the_overlays(rendered):
+    overlay, objects = rendered
+    worker = next(o for o in objects if o["kind"] == "StatefulSet")
+    assert worker["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    assert not any(o["kind"] == "Deployment" and o["metadata"]["name"] == "llmos-worker" for o in objects)
+    tag = {"cpu": "cpu", "gpu": "cuda"}[overlay]
+    for _, template in pod_templates(objects):
+        for container in template["spec"]["containers"] + template["spec"].get("initContainers", []):
+            if "llmos" in container["image"]:
+                assert container["image"] == f"localhost/llmos:{tag}"
+
+
+def test_every_setting_the_manifests_give_is_one_a_service_reads(rendered):
+    """A misspelt variable would be silently ignored by the service: none is."""
+    _, objects = rendered
+    fields = {service: {f.name for f in dataclasses.fields(settings)}
+              for service, (settings, _) in _builders().items()}
+    shared = {f.name for f in dataclasses.fields(ServiceSettings)}
+    names = set()
+    for obj in objects:
+        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"].startswith("llmos-settings"):
+            names |= set(obj["data"])
+    for _, template in pod_templates(objects):
+        for container in template["spec"]["containers"]:
+            names |= {e["name"] for e in container.get("env", [])}
+    for name in sorted(n for n in names if n.startswith("LLMOS_")):
+        rest = name.removeprefix("LLMOS_").lower()
+        service, _, field = rest.partition("_")
+        known = field in fields.get(service, ()) or rest in shared
+        assert known, f"{name} is read by no service"
