@@ -5,7 +5,7 @@ DATA    ?= .llmos
 
 SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: up test venv system-deps protos check-protos lint unit integration e2e clean
+.PHONY: up test venv system-deps protos check-protos lint unit integration e2e image image-test clean
 
 up: $(STAMP)
 	$(PY) -m llmos.cli up --data-dir $(DATA)
@@ -51,6 +51,14 @@ integration: $(STAMP)
 
 e2e: $(STAMP)
 	$(PY) -m pytest -q tests/e2e
+
+# The container image (deploy/Containerfile) with rootful podman: TORCH=cpu (default) or cuda.
+image:
+	tools/build_image.sh $(or $(TORCH),cpu)
+
+# Builds the CPU image and runs the suite from it across network namespaces.
+image-test: $(STAMP) image
+	LLMOS_TEST_IMAGE=localhost/llmos:cpu $(PY) -m pytest -q tests/image
 
 clean:
 	rm -rf .venv $(DATA)

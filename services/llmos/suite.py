@@ -110,6 +110,12 @@ class Suite:
     resources: int = 1
     # Process name → the host it runs on; a process not named runs on loopback here.
     hosts: dict[str, Host] = field(default_factory=dict)
+    # Run each service from this container image (`llmos serve <service>`) with this podman
+    # command, instead of this Python; the data directory is mounted at the same path.
+    image: str = ""
+    podman: tuple[str, ...] = ("podman",)
+    # The user the image runs as (uid, gid): the data directory is given to it at start.
+    image_user: tuple[int, int] = (10001, 10001)
     addresses: dict[str, str] = field(default_factory=dict)
     # Where each process serves its Prometheus metrics ("host:port").
     metrics: dict[str, str] = field(default_factory=dict)
@@ -144,6 +150,8 @@ class Suite:
             finally:
                 store.close()
         self.identity = prepare(self.data_dir, self._certificates(), store_url=self.store_url)
+        if self.image:
+            subprocess.run(["chown", "-R", "{}:{}".format(*self.image_user), str(self.data_dir)], check=True)
         try:
             for name in self.names:
                 self._start_one(name, timeout)
@@ -192,7 +200,9 @@ class Suite:
             env[prefix + "METRICS_TARGETS"] = ",".join(f"{other}={self.metrics[other]}" for other in NEEDS[service])
         log = open(self.data_dir / "logs" / f"{name}.log", "ab")
         command = [self.python, "-m", f"llmos.{service}"]
-        if host and host.netns:
+        if self.image:
+            command = self._container(name, service, host, env)
+        elif host and host.netns:
             command = ["ip", "netns", "exec", host.netns, *command]
         self.processes[name] = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL,
@@ -253,6 +263,16 @@ class Suite:
         codes = {name: _terminate(process, grace) for name, process in reversed(list(self.processes.items()))}
         self.processes.clear()
         return codes
+
+    def _container(self, name: str, service: str, host: Host | None, env: dict[str, str]) -> list[str]:
+        """The podman command that runs process `name` from the image: in its host's network
+        namespace, with its settings (LLMOS_* and OTEL_* only) and the data directory."""
+        network = f"ns:/run/netns/{host.netns}" if host and host.netns else "host"
+        settings = [f"--env={k}={v}" for k, v in sorted(env.items())
+                    if k.startswith(("LLMOS_", "OTEL_")) and k != PARENT_PID_ENV]
+        return [*self.podman, "run", "--rm", "--init", f"--name=llmos-{os.getpid()}-{name}",
+                f"--label=llmos.suite={os.getpid()}", f"--network={network}",
+                f"--volume={self.data_dir}:{self.data_dir}", *settings, self.image, "serve", service]
 
     def _peer(self, name: str, service: str) -> str:
         """The process of `service` that process `name` talks to: the one on its own host

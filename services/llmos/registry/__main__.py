@@ -70,7 +70,8 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
     registry = ModelRegistry(catalog, Importer(data / "models", SourcePolicy(roots), settings.allow_pickle),
                              GrpcWorkers(channels, settings.load_timeout_seconds),
                              kv, settings.overhead_bytes,
-                             GrpcResources(channels, settings.resources_address))
+                             GrpcResources(channels, settings.resources_address),
+                             worker_timeout=settings.worker_timeout_seconds)
     host = ServiceHost.of("registry", settings, provider, security)
     registry.events.listeners.append(RegistryMetrics(host.metrics))
     register(host, registry)

@@ -87,8 +87,11 @@ class ResourcesPort(Protocol):
 class ModelRegistry:
     def __init__(self, catalog: Catalog, importer: Importer, workers: WorkerPort,
                  kv: KvShape = KvShape(), overhead_bytes: int = 0,
-                 resources: ResourcesPort | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 resources: ResourcesPort | None = None, clock: Callable[[], float] = time.monotonic,
+                 worker_timeout: float = 20.0) -> None:
         self.catalog = catalog
+        # A worker not heard from for this long is gone: its id is free for another.
+        self.worker_timeout = worker_timeout
         self.importer = importer
         self._worker_port = workers
         self._resources = resources
@@ -174,6 +177,12 @@ class ModelRegistry:
         now = self._clock()
         worker = Worker(worker_id, address, node, incarnation, now, metrics_address)
         known = self.workers.get(worker_id)
+        if (known is not None and known.address != address and known.incarnation != incarnation
+                and now - known.last_seen < self.worker_timeout):
+            raise AlreadyExists(
+                f"worker id {worker_id!r} is in use by the worker at {known.address} (heard from "
+                f"{now - known.last_seen:.0f}s ago); a second worker may not take it",
+                reason="WORKER_ID_IN_USE", metadata={"worker_id": worker_id, "address": known.address})
         if known != worker:
             log.info("worker %s registered at %s (incarnation %s)", worker_id, address, incarnation)
             if known is not None:

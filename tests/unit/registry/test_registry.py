@@ -230,6 +230,22 @@ async def test_a_model_its_worker_no_longer_lists_is_no_longer_placed_there(tmp_
     catalog.close()
 
 
+def test_a_second_worker_claiming_a_live_workers_id_is_refused(tmp_path, store_url):
+    now = [0.0]
+    catalog = Catalog(Store(store_url))
+    registry = ModelRegistry(catalog, importer(tmp_path), FakeWorkers(), clock=lambda: now[0], worker_timeout=20.0)
+    registry.register_worker("w1", "10.0.0.1:50055", "n1", "first")
+    now[0] = 5.0
+    with pytest.raises(AlreadyExists) as caught:
+        registry.register_worker("w1", "10.0.0.2:50055", "n2", "second")
+    assert caught.value.reason == "WORKER_ID_IN_USE" and "10.0.0.1:50055" in caught.value.message
+    registry.register_worker("w1", "10.0.0.1:50055", "n1", "restarted")     # the same worker, restarted: fine
+    now[0] = 30.0                                                          # silent for longer than the timeout
+    registry.register_worker("w1", "10.0.0.2:50055", "n2", "moved")        # its id may move on
+    assert registry.workers["w1"].address == "10.0.0.2:50055"
+    catalog.close()
+
+
 async def test_models_of_a_lost_worker_are_loaded_on_another_with_room(tmp_path, store_url):
     now = [0.0]
     catalog = Catalog(Store(store_url))
