@@ -116,6 +116,8 @@ class Suite:
     podman: tuple[str, ...] = ("podman",)
     # The user the image runs as (uid, gid): the data directory is given to it at start.
     image_user: tuple[int, int] = (10001, 10001)
+    # How long `with Suite(...)` waits for each process to serve, seconds.
+    start_timeout: float = 120.0
     addresses: dict[str, str] = field(default_factory=dict)
     # Where each process serves its Prometheus metrics ("host:port").
     metrics: dict[str, str] = field(default_factory=dict)
@@ -159,6 +161,13 @@ class Suite:
             self.stop()
             raise
         return dict(self.addresses)
+
+    def __enter__(self) -> Suite:
+        self.start(timeout=self.start_timeout)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def restart(self, service: str, grace: float = 15.0, timeout: float = 120.0) -> None:
         """Stops one service and starts it again on the same addresses (gRPC and metrics)."""

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from llmos.common.tls import TlsFiles
-from llmos.suite import SERVICES, Host, Suite
+from llmos.suite import Suite
 from llmos.v1 import common_pb2, registry_pb2, resources_pb2
 from tests.support.metrics import sample_sum, scrape
 from tests.support.netns import PrivateNetwork
 from tests.support.postgres import PostgresServer
+from tests.support.suites import FREE_PORTS, quiet_env, three_hosts
 
 pytestmark = pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 to make network namespaces")
 
@@ -46,19 +47,10 @@ def store(network):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, network, store, tiny_model_dir):
-    cp, h1, h2 = (Host(name, network.addresses[name], network.namespaces[name]) for name in ("cp", "h1", "h2"))
-    placement = {"registry": cp, "scheduler": cp, "gateway": cp, "monitor": cp,
-                 "resources": h1, "worker": h1, "resources-2": h2, "worker-2": h2}
-    suite = Suite(tmp_path_factory.mktemp("cluster"), ports={s: 0 for s in SERVICES}, metrics_port=0,
-                  workers=2, resources=2, hosts=placement, store_url=store.create_database(),
-                  env={"LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",
-                       "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
-                       "LLMOS_WORKER_REGISTER_INTERVAL_SECONDS": "1"})
-    suite.start(timeout=180)
-    try:
+    with Suite(tmp_path_factory.mktemp("cluster"), ports=FREE_PORTS, metrics_port=0, workers=2, resources=2,
+               hosts=three_hosts(network), store_url=store.create_database(), start_timeout=180,
+               env=quiet_env(tiny_model_dir.parent, LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1")) as suite:
         yield suite
-    finally:
-        suite.stop()
 
 
 def test_every_service_binds_and_advertises_its_own_hosts_address(cluster, network):

@@ -18,9 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.client import every_page, open_channel
 from llmos.common.server import read_address_file
-from llmos.suite import SERVICES, Suite
+from llmos.suite import Suite
 from llmos.v1 import common_pb2, identity_pb2, resources_pb2
 from tests.support.postgres import PostgresServer
+from tests.support.suites import FREE_PORTS, quiet_env
 from tests.support.wait import wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -92,15 +93,9 @@ def test_bad_store_urls_are_refused_with_the_reason():
 
 @pytest.fixture
 def pg_suite(tmp_path, tiny_model_dir, postgres):
-    suite = Suite(tmp_path, ports={s: 0 for s in SERVICES}, metrics_port=0, store_url=postgres.create_database(),
-                  env={"LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",
-                       "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
-                       "LLMOS_WORKER_LEASE_TTL_SECONDS": "6"})
-    suite.start(timeout=120)
-    try:
+    with Suite(tmp_path, ports=FREE_PORTS, metrics_port=0, store_url=postgres.create_database(),
+               env=quiet_env(tiny_model_dir.parent, LLMOS_WORKER_LEASE_TTL_SECONDS="6")) as suite:
         yield suite
-    finally:
-        suite.stop()
 
 
 def test_the_suite_on_postgresql_loses_nothing_acknowledged_when_the_database_is_killed(

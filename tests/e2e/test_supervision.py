@@ -15,8 +15,9 @@ import grpc
 import pytest
 
 from llmos.common.status import from_rpc_error
-from llmos.suite import SERVICES, Suite
+from llmos.suite import Suite
 from llmos.v1 import common_pb2
+from tests.support.suites import FREE_PORTS, quiet_env
 from tests.support.wait import wait_for
 
 TOKENS = 120
@@ -24,22 +25,14 @@ TOKENS = 120
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory, tiny_model_dir):
-    suite = Suite(tmp_path_factory.mktemp("supervision"), ports={s: 0 for s in SERVICES}, metrics_port=0, env={
-        "LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",
-        "LLMOS_MONITOR_SCRAPE_INTERVAL_SECONDS": "1",
-        "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
-        "LLMOS_WORKER_REGISTER_INTERVAL_SECONDS": "1",
-        "LLMOS_SCHEDULER_SLOTS_PER_WORKER": "16",
-        "LLMOS_WORKER_MAX_RUNNING": "16",
-    })
-    suite.start(timeout=120)
-    try:
+    env = quiet_env(tiny_model_dir.parent, LLMOS_MONITOR_SCRAPE_INTERVAL_SECONDS="1",
+                    LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1", LLMOS_SCHEDULER_SLOTS_PER_WORKER="16",
+                    LLMOS_WORKER_MAX_RUNNING="16")
+    with Suite(tmp_path_factory.mktemp("supervision"), ports=FREE_PORTS, metrics_port=0, env=env) as suite:
         with suite.client() as client:
             client.import_model("tiny", str(tiny_model_dir))
             client.load_model("tiny")
         yield suite
-    finally:
-        suite.stop()
 
 
 def one_request(client) -> str:

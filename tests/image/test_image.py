@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from llmos.suite import SERVICES, Host, Suite
+from llmos.suite import Suite
 from llmos.v1 import common_pb2, registry_pb2
 from tests.e2e.test_cluster import network, store  # noqa: F401 - the same private network and PostgreSQL
+from tests.support.suites import FREE_PORTS, quiet_env, three_hosts
 
 IMAGE = os.environ.get("LLMOS_TEST_IMAGE", "")
 WORK = Path(os.environ.get("IMAGE_WORK", Path(__file__).resolve().parents[2] / ".image")).resolve()
@@ -30,19 +31,13 @@ def containers(network, store, tiny_model_dir):  # noqa: F811
     data = Path(tempfile.mkdtemp(prefix="llmos-test-image-"))
     os.chmod(data, 0o755)
     shutil.copytree(tiny_model_dir, data / "imports" / "tiny")
-    cp, h1, h2 = (Host(name, network.addresses[name], network.namespaces[name]) for name in ("cp", "h1", "h2"))
-    suite = Suite(data, ports={s: 0 for s in SERVICES}, metrics_port=0, workers=2, resources=2,
-                  hosts={"registry": cp, "scheduler": cp, "gateway": cp, "monitor": cp,
-                         "resources": h1, "worker": h1, "resources-2": h2, "worker-2": h2},
-                  store_url=store.create_database(), image=IMAGE, podman=PODMAN,
-                  env={"LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",
-                       "LLMOS_REGISTRY_ALLOWED_ROOTS": str(data / "imports"),
-                       "LLMOS_WORKER_REGISTER_INTERVAL_SECONDS": "1"})
-    suite.start(timeout=240)
+    suite = Suite(data, ports=FREE_PORTS, metrics_port=0, workers=2, resources=2, hosts=three_hosts(network),
+                  store_url=store.create_database(), image=IMAGE, podman=PODMAN, start_timeout=240,
+                  env=quiet_env(data / "imports", LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1"))
     try:
-        yield suite
+        with suite:
+            yield suite
     finally:
-        suite.stop()
         left = subprocess.run([*PODMAN, "ps", "-a", "-q", "--filter", f"label=llmos.suite={os.getpid()}"],
                               capture_output=True, text=True).stdout.split()
         subprocess.run([*PODMAN, "rm", "-f", *left], capture_output=True)

@@ -89,6 +89,10 @@ async def test_running_and_kv_gauges_show_generations_in_flight_and_cancellation
         await asyncio.sleep(0.05)
     assert sample_sum(families, "llmos_num_requests_running") == 0
     assert sample_sum(families, "llmos_kv_cache_tokens_used") == 0
+    # One scrape reads the counters and the gauges one after the other: read them all again
+    # now that every sequence is gone (a release counted after the counters were read is in it).
+    families = await asyncio.to_thread(scrape, stack.metrics["worker"])
+
     def ended(reason, of):
         return sample_sum(of, "llmos_request_success_total", finished_reason=reason)
 
