@@ -138,6 +138,7 @@ def test_slots_held_by_a_killed_gateway_come_back_and_the_next_16_all_run(tmp_pa
             os.kill(gateway.pid, signal.SIGSTOP)           # it can no longer report anything
             os.kill(gateway.pid, signal.SIGKILL)
             gateway.wait()
+            killed = time.monotonic()
             doomed.close()
             for _ in range(300):                           # up to 30 s; one report and the grace suffice
                 if not admin.scheduler_stats().running:
@@ -145,6 +146,7 @@ def test_slots_held_by_a_killed_gateway_come_back_and_the_next_16_all_run(tmp_pa
                 time.sleep(0.1)
             else:
                 raise AssertionError("the slots of the dead gateway's streams never came back")
+            print(f"8 slots back {time.monotonic() - killed:.1f} s after the gateway was killed (grace 2 s)")
             with ThreadPoolExecutor(16) as pool:
                 results = list(pool.map(lambda i: list(admin.generate(
                     "tiny", prompt=f"Next {i}", max_tokens=20, ignore_eos=True, timeout=60)), range(16)))
