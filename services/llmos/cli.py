@@ -308,6 +308,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0    # not reached
 
 
+def cmd_kubernetes(args: argparse.Namespace) -> int:
+    """Prints the Secrets deploy/kubernetes mounts, made in --dir, with keys in the store."""
+    from .common.errors import LlmosError
+    from .common.store import Store, redact
+    from .kubernetes import secrets
+
+    if not args.store_url:
+        print("error: give --store-url or set LLMOS_STORE_URL: the keys go in the cluster's store", file=sys.stderr)
+        return 2
+    try:
+        store = Store(args.store_url).ready()        # an embedded one is migrated as it opens
+        try:
+            if store.revision() != store.head():
+                print(f"error: store {redact(args.store_url)} is not at revision {store.head()}: run "
+                      "`llmos migrate` first", file=sys.stderr)
+                return 1
+        finally:
+            store.close()
+        sys.stdout.write(secrets(args.dir, args.store_url, args.namespace, args.workers))
+    except (LlmosError, ValueError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 1
+    print(f"the command line's admin key is in {os.path.join(os.path.abspath(args.dir), 'keys', 'admin.key')}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Brings a store's schema to this release (the only way a cluster store is migrated)."""
     from sqlalchemy.exc import DBAPIError
@@ -452,6 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
                                          "container runs")
     serve.add_argument("service", choices=list(DEFAULT_PORTS))
     serve.set_defaults(func=cmd_serve)
+
+    kube = sub.add_parser("kubernetes", help="what deploy/kubernetes needs from you")
+    ksub = kube.add_subparsers(dest="action", required=True)
+    ks = ksub.add_parser("secrets", help="print the Secrets the manifests mount (certificates, keys, store URL)")
+    ks.add_argument("--store-url", default=env("LLMOS_STORE_URL", ""), help="the cluster's store (migrated)")
+    ks.add_argument("--dir", required=True, help="where the CA, certificates and admin key are kept")
+    ks.add_argument("--namespace", default="llmos")
+    ks.add_argument("--workers", type=int, default=8, help="worker ordinals to issue certificates for")
+    kube.set_defaults(func=cmd_kubernetes)
 
     migrate = sub.add_parser("migrate", help="bring a cluster store's schema up to this release")
     migrate.add_argument("--store-url", default=env("LLMOS_STORE_URL", ""),

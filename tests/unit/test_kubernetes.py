@@ -201,3 +201,56 @@ def test_every_setting_the_manifests_give_is_one_a_service_reads(rendered):
         service, _, field = rest.partition("_")
         known = field in fields.get(service, ()) or rest in shared
         assert known, f"{name} is read by no service"
+
+
+def test_the_secrets_command_makes_every_secret_the_manifests_mount(tmp_path):
+    """`llmos kubernetes secrets`: every Secret (and key of it) the rendered manifests refer to
+    is there and valid; each certificate names the host names its peers dial."""
+    import base64
+
+    import kubernetes_validate
+    from cryptography import x509
+
+    from llmos.common.keystore import KeyStore, parse_key
+    from llmos.common.store import Store, sqlite_url
+    from llmos.kubernetes import secrets
+
+    url = sqlite_url(tmp_path / "store.db")
+    made = {s["metadata"]["name"]: s for s in yaml.safe_load_all(secrets(tmp_path / "cluster", url, workers=2))}
+    for secret in made.values():
+        kubernetes_validate.validate(secret, VERSION, strict=True)
+    objects = render("cpu")
+    wanted: dict[str, set[str]] = {}
+    for _, template in pod_templates(objects):
+        for volume in template["spec"].get("volumes", []):
+            if "secret" in volume:
+                wanted.setdefault(volume["secret"]["secretName"], set())
+        for container in template["spec"]["containers"] + template["spec"].get("initContainers", []):
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    wanted.setdefault(ref["name"], set()).add(ref["key"])
+    assert set(wanted) == set(made)
+    for name, keys in wanted.items():
+        assert keys <= set(made[name]["data"]), name
+    tls_keys = {"tls.crt", "tls.key", "ca.crt"}
+    assert all(tls_keys <= set(made[f"llmos-tls-{c}"]["data"]) for c in ("gateway", "scheduler", "registry",
+                                                                        "resources", "monitor"))
+    assert {"llmos-worker-0.crt", "llmos-worker-1.key", "ca.crt"} <= set(made["llmos-tls-worker"]["data"])
+
+    def names_in(secret: str, key: str) -> set[str]:
+        cert = x509.load_pem_x509_certificate(base64.b64decode(made[secret]["data"][key]))
+        return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName))
+
+    settings = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith(
+        "llmos-settings"))["data"]
+    for key, address in settings.items():
+        if key.endswith("_ADDRESS"):
+            host = address.rsplit(":", 1)[0]
+            component = host.removeprefix("llmos-").removesuffix("-local")
+            assert host in names_in(f"llmos-tls-{component}", "tls.crt"), f"{key}: {host}"
+    assert "llmos-worker-1.llmos-worker" in names_in("llmos-tls-worker", "llmos-worker-1.crt")
+    # The command line's admin key works against the store.
+    key_id, _ = parse_key((tmp_path / "cluster" / "keys" / "admin.key").read_text().strip())
+    assert KeyStore(Store(url).ready()).lookup(key_id) is not None
