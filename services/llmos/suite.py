@@ -256,7 +256,9 @@ class Suite:
                 self._start_one(name, timeout, port=int(self.addresses[name].rsplit(":", 1)[1]),
                                 metrics_port=int(metrics.rsplit(":", 1)[1]) if metrics else None)
             except SuiteError as exc:
-                self.processes.pop(name, None)
+                leftover = self.processes.pop(name, None)
+                if leftover is not None:
+                    _terminate(leftover, 5.0)     # it may be running but not serving: it holds the port
                 self._pending[name] = (time.monotonic() + next_delay, min(next_delay * 2, max_delay))
                 happened.append((name, f"failed to restart: {str(exc).splitlines()[0]}; trying again in "
                                        f"{next_delay:.0f} s"))

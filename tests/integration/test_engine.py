@@ -244,3 +244,28 @@ def test_a_sequence_whose_stream_falls_behind_pauses_and_goes_on_unchanged(tiny_
         assert engine.stats().running == 0
     finally:
         engine.stop()
+
+
+def test_with_every_slot_paused_a_waiting_sequence_costs_no_spinning(tiny_model_dir):
+    """One slot, its sequence paused, another waiting: nothing to step, so the engine has no
+    work (the driver sleeps instead of looping), until the reader catches up."""
+    loaded, engine = start(tiny_model_dir, slots=1)
+    try:
+        tok = loaded.tokenizer
+        stalled = Collector()
+        seq = Sequence("slow", tok(PROMPTS[1])["input_ids"], SamplingParams(ignore_eos=True), 12, stalled,
+                       max_backlog=2)
+        engine.submit(seq)
+        for _ in range(200):
+            if seq.paused:
+                break
+            threading.Event().wait(0.01)
+        waiting = submit(engine, tok, PROMPTS[0], SamplingParams(), 4, "next")
+        threading.Event().wait(0.1)
+        assert seq.paused and engine.stats().waiting == 1 and not engine.has_work()
+        while not stalled.done.is_set():
+            engine.took(seq, len(stalled.chunks) - seq.taken)
+            threading.Event().wait(0.01)
+        wait_all([stalled, waiting])
+    finally:
+        engine.stop()

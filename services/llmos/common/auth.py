@@ -20,13 +20,15 @@ from typing import Any
 import grpc
 
 from . import authz
-from .errors import PermissionDenied, Unauthenticated
+from .errors import PermissionDenied, Unauthenticated, Unavailable
 from .keystore import DEFAULT_TENANT, ApiKey, KeyStore, Role, Tenant, parse_key, secret_matches
 from .tls import peer_identity
 
 audit = logging.getLogger("llmos.audit")
 
 MAX_CACHED_KEYS = 10_000
+# How long a key seen lately keeps working while the key store cannot be reached, seconds.
+STALE_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,14 @@ class Authenticator:
         cached = self._cache.get(key_id)
         if cached is not None and now - cached[0] < self._refresh:
             return cached[1]
-        record = self._store.lookup(key_id) if self._store is not None else None
+        try:
+            record = self._store.lookup(key_id) if self._store is not None else None
+        except Unavailable:
+            # The store is down: a key seen lately still works (nobody can revoke it meanwhile
+            # either), for at most STALE_SECONDS; an unknown one cannot be checked.
+            if cached is not None and now - cached[0] < STALE_SECONDS:
+                return cached[1]
+            raise
         if record is not None:
             if len(self._cache) >= MAX_CACHED_KEYS:
                 self._cache.clear()

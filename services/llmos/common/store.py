@@ -408,7 +408,13 @@ def _is_connection_error(exc: DBAPIError, dialect: str) -> bool:
     if dialect == "postgresql":
         import psycopg
 
-        return isinstance(exc.orig, psycopg.OperationalError | psycopg.InterfaceError)
+        if not isinstance(exc.orig, psycopg.OperationalError | psycopg.InterfaceError):
+            return False
+        # Not a deadlock, a serialization failure or a timeout of one statement (the server
+        # answered): no SQLSTATE (no connection at all), connection exceptions (class 08), the
+        # server shutting down (57P01-57P03), too many connections (53300).
+        state = getattr(exc.orig, "sqlstate", None)
+        return state is None or state.startswith("08") or state in {"57P01", "57P02", "57P03", "53300"}
     return "unable to open database" in str(exc.orig) or "disk I/O error" in str(exc.orig)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from .peers import GrpcResources, GrpcWorkers
 from .servicer import register
 from .sources import SourcePolicy
 from .weights import KvShape
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
                     await registry.evict_idle(settings.keep_alive_seconds, time.time())
             except Unavailable:
                 pass                                    # the store watch says so, once
+            except Exception:  # noqa: BLE001 - the next round tries again; the loop must not end
+                log.exception("watching the workers failed")
 
     async def watch_store(address: str) -> None:
         await watch.run()

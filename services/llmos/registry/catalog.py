@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 
 from llmos.common.names import ModelRef
 from llmos.common.store import Store, models
@@ -54,10 +55,14 @@ class Catalog:
 
     def put(self, record: ModelRecord) -> None:
         values = dataclasses.asdict(record)
-        with self.store.begin() as db:
-            where = (models.c.name == record.name, models.c.tag == record.tag)
-            if db.execute(update(models).where(*where).values(values)).rowcount == 0:
-                db.execute(insert(models).values(values))
+        where = (models.c.name == record.name, models.c.tag == record.tag)
+        try:
+            with self.store.begin() as db:
+                if db.execute(update(models).where(*where).values(values)).rowcount == 0:
+                    db.execute(insert(models).values(values))
+        except IntegrityError:          # another replica inserted it meanwhile: this one replaces it
+            with self.store.begin() as db:
+                db.execute(update(models).where(*where).values(values))
 
     def set_measured(self, ref: ModelRef, nbytes: int) -> None:
         self._update(ref, measured_bytes=nbytes)

@@ -56,28 +56,37 @@ async def build(settings: ResourcesSettings, provider: TracerProvider | None = N
 
     async def reap(address: str) -> None:
         # Every replica publishes its node's devices; one at a time reclaims expired leases.
-        leadership.append(Leadership(store, "resources.reaper", f"{manager.node}/{address}",
-                                     ttl=max(10.0, 5 * settings.reap_interval_seconds)))
+        leader = Leadership(store, "resources.reaper", f"{manager.node}/{address}",
+                            ttl=max(10.0, 5 * settings.reap_interval_seconds))
+        leadership.append(leader)
+        grace_due = False
         while True:
             try:
-                await asyncio.to_thread(reap_once, leadership[0])
-            except Unavailable:
-                pass                                    # the store watch says so, once
+                grace_due = await asyncio.to_thread(reap_once, leader, grace_due)
+            except Unavailable:                         # the store watch says so, once
+                grace_due = True                        # a round that failed may have owed it
+            except Exception:  # noqa: BLE001 - the next round tries again; the loop must not end
+                log.exception("reclaiming leases failed")
+                grace_due = True
             await asyncio.sleep(settings.reap_interval_seconds)
 
-    def reap_once(leader: Leadership) -> None:
-        # First: a store outage loses the lead (holders could not renew meanwhile either), and
-        # taking it again gives every lease its grace before anything is reclaimed.
+    def reap_once(leader: Leadership, grace_due: bool) -> bool:
+        """One round; returns whether the grace is still due (it failed before it was given).
+        A store outage loses the lead (holders could not renew meanwhile either): taking it
+        again gives every lease one more TTL before anything is reclaimed."""
         leads, took = leader.check()
-        manager.publish()
-        if took:
+        grace_due = grace_due or took
+        if leads and grace_due:
             extended = manager.leases.grant_grace()
             if extended:
                 log.info("took up reclaiming: %d leases get one TTL to be renewed", extended)
+            grace_due = False
+        manager.publish()
         if leads:
             for lease in manager.leases.reap():
                 log.warning("reclaimed %s of %s: %d bytes on %s/%s, not renewed", lease.name, lease.holder,
                             lease.bytes, lease.node, lease.device)
+        return grace_due and not leads
 
     async def watch_store(address: str) -> None:
         await watch.run()

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from llmos.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from llmos.common.store import Store, devices, leases
@@ -81,13 +82,19 @@ class LeaseBook:
     def publish(self, node: str, inventory: list[tuple[DeviceInfo, int]]) -> None:
         """Records `node`'s devices with their budgets (bytes leases may hold)."""
         now = self._clock()
-        with self.store.begin() as db:
-            for info, budget in inventory:
-                values = dict(kind=info.kind, product=info.product[:256], total_bytes=info.total_bytes,
-                              used_bytes=info.used_bytes, budget_bytes=budget, cores=info.cores, update_time=now)
-                where = (devices.c.node == node, devices.c.device == info.name)
-                if db.execute(update(devices).where(*where).values(values)).rowcount == 0:
-                    db.execute(insert(devices).values(node=node, device=info.name, **values))
+        rows = [((devices.c.node == node, devices.c.device == info.name),
+                 dict(kind=info.kind, product=info.product[:256], total_bytes=info.total_bytes,
+                      used_bytes=info.used_bytes, budget_bytes=budget, cores=info.cores, update_time=now), info.name)
+                for info, budget in inventory]
+        try:
+            with self.store.begin() as db:
+                for where, values, name in rows:
+                    if db.execute(update(devices).where(*where).values(values)).rowcount == 0:
+                        db.execute(insert(devices).values(node=node, device=name, **values))
+        except IntegrityError:          # another replica of the same node inserted them meanwhile
+            with self.store.begin() as db:
+                for where, values, _ in rows:
+                    db.execute(update(devices).where(*where).values(values))
 
     def devices(self) -> list[DeviceRecord]:
         """Every published device of every node, by node and device name ("cpu" first)."""
@@ -122,6 +129,12 @@ class LeaseBook:
             if budget is None:
                 raise NotFound(f"no device {device!r} on node {node!r}", reason="DEVICE_NOT_FOUND",
                                metadata={"node": node[:256], "device": device[:64]})
+            # Leases of this device that ran out are reclaimed here, before their memory is
+            # given again: left in place, a late renewal or a reclaimer's grace could revive one
+            # and put the device over its budget.
+            expired = db.execute(delete(leases).where(leases.c.node == node, leases.c.device == device,
+                                                      leases.c.ttl > 0, leases.c.expire_time < now)).rowcount
+            self.reclaimed_total += max(0, expired)
             leased = self._leased(db, node, device, now)
             if leased + nbytes > budget:
                 raise ResourceExhausted(

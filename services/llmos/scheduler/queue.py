@@ -277,6 +277,7 @@ class Scheduler:
                 resolved, endpoints = await self._registry.ready_endpoints(ticket.model, remaining())
                 self._aliases[ticket.model] = resolved
             request.model = resolved
+            loaded = False
             if not self._held_somewhere(resolved, endpoints) or ticket.keep_alive is not None:
                 request.reason = "MODEL_LOADING"
                 endpoints = await self._registry.load(resolved, remaining(), ticket.keep_alive,
@@ -284,8 +285,9 @@ class Scheduler:
                 if not endpoints:
                     raise Unavailable(f"no worker serves {resolved}", reason="NO_READY_WORKER",
                                       metadata={"model": resolved})
+                loaded = True
             model = self._model(resolved)
-            if cached is None:
+            if cached is None or loaded:
                 self.update_endpoints(resolved, endpoints, dispatch=False)
             given_up = self._abandoned.pop(ticket.request_id, None)
             if request.abandoned or (given_up is not None and self._clock() - given_up < 30.0):

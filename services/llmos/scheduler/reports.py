@@ -26,7 +26,7 @@ class WorkerReports:
         self._registry = registry
         self._channels = channels
         self._interval = interval
-        self._loading: set[str] = set()
+        self._loading: dict[str, asyncio.Task] = {}     # model → its load, while it runs
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(e) for e in self._scheduler.workers()),
@@ -53,17 +53,22 @@ class WorkerReports:
 
     async def _refresh(self, model: str) -> None:
         """Reads the placements again; with requests waiting and none left, loads the model
-        (the worker that held it lost it), as an admission of a model loaded nowhere would."""
+        (the worker that held it lost it), as an admission of a model loaded nowhere would, in a
+        task of its own: the polls go on meanwhile."""
         try:
             _, endpoints = await self._registry.ready_endpoints(model, self._interval * 2)
-            if not endpoints and model not in self._loading:
-                self._loading.add(model)
-                try:
-                    log.info("requests for %s wait and no worker holds it: loading it", model)
-                    endpoints = await self._registry.load(model, None)
-                finally:
-                    self._loading.discard(model)
         except Exception as exc:  # the registry may be restarting: the next round tries again
             log.debug("cannot refresh the placements of %s: %s", model, exc)
             return
+        if not endpoints and model not in self._loading:
+            self._loading[model] = asyncio.create_task(self._load(model))
         self._scheduler.update_endpoints(model, endpoints)
+
+    async def _load(self, model: str) -> None:
+        try:
+            log.info("requests for %s wait and no worker holds it: loading it", model)
+            self._scheduler.update_endpoints(model, await self._registry.load(model, None))
+        except Exception as exc:  # the next round sees it still has none, and tries again
+            log.warning("could not load %s for its waiting requests: %s", model, exc)
+        finally:
+            self._loading.pop(model, None)

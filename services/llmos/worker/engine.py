@@ -250,14 +250,18 @@ class Engine:
                 self._wake.wait()
 
     def has_work(self) -> bool:
-        return self.closing or bool(self._inbox) or any(not s.paused for s in self._running)
+        """Something a step would do: a waiting sequence with a free slot to join (or cancelled,
+        to leave), or a running one that is not paused."""
+        joinable = bool(self._inbox) and (len(self._running) < self.runner.slots
+                                          or any(s.cancelled for s in self._inbox))
+        return self.closing or joinable or any(not s.paused for s in self._running)
 
     def took(self, seq: Sequence, chunks: int) -> None:
         """The stream took `chunks` of the sequence's chunks; a paused sequence goes on."""
-        was_paused = seq.paused
-        seq.taken += chunks
-        if was_paused and not seq.paused:
-            with self._wake:
+        with self._wake:            # with the driver's lock: it cannot fall asleep on a stale pause
+            was_paused = seq.paused
+            seq.taken += chunks
+            if was_paused and not seq.paused:
                 self._wake.notify_all()
 
     def close(self) -> None:

@@ -64,6 +64,29 @@ def test_every_bad_key_is_one_reason_and_a_missing_key_another(store, clock):
         assert caught.value.reason == "API_KEY_INVALID" and caught.value.message == "the API key is not valid"
 
 
+def test_a_key_seen_lately_works_through_a_store_outage_for_a_while(store, clock):
+    from llmos.common.auth import STALE_SECONDS
+    from llmos.common.errors import Unavailable
+
+    class Down:
+        def lookup(self, key_id):
+            raise Unavailable("the store cannot be reached", reason="STORE_UNAVAILABLE")
+
+    now = FakeClock(0.0)
+    key, printed = store.create_key("acme", Role.USER)
+    _, never_seen = store.create_key("acme", Role.USER)
+    auth = Authenticator(store, refresh_seconds=2.0, clock=clock, monotonic=now)
+    assert auth.authenticate(f"Bearer {printed}").key_id == key.key_id
+    auth._store = Down()                                  # the store goes away
+    now.now = 10.0
+    assert auth.authenticate(f"Bearer {printed}").key_id == key.key_id
+    with pytest.raises(Unavailable):                      # a key never seen cannot be checked
+        auth.authenticate(f"Bearer {never_seen}")
+    now.now = STALE_SECONDS + 1
+    with pytest.raises(Unavailable):                      # nor one seen too long ago
+        auth.authenticate(f"Bearer {printed}")
+
+
 def test_revoked_and_expired_keys_stop_working_within_the_refresh(store, clock):
     now = FakeClock(0.0)
     auth = Authenticator(store, refresh_seconds=2.0, clock=clock, monotonic=now)
