@@ -219,6 +219,22 @@ def test_smollm2_in_bfloat16_keeps_its_answer(smollm2_dir):
         driver.stop()
 
 
+def slow_reader(engine, tokenizer, max_new: int, max_backlog: int) -> tuple[Sequence, Collector]:
+    """A sequence whose stream takes nothing until `catch_up`."""
+    collector = Collector()
+    seq = Sequence("slow", tokenizer(PROMPTS[1])["input_ids"], SamplingParams(ignore_eos=True), max_new, collector,
+                   max_backlog=max_backlog)
+    engine.submit(seq)
+    return seq, collector
+
+
+def catch_up(engine, seq: Sequence, collector: Collector) -> None:
+    """The reader takes what is there, now and then, until the sequence ends."""
+    while not collector.done.is_set():
+        engine.took(seq, len(collector.chunks) - seq.taken)
+        threading.Event().wait(0.01)
+
+
 def test_a_sequence_whose_stream_falls_behind_pauses_and_goes_on_unchanged(tiny_model_dir):
     """Its reader stopped: the sequence stops at `max_backlog` undelivered chunks (holding its
     slot, costing no steps), its neighbour runs on, and once the reader takes what is there it
@@ -226,19 +242,14 @@ def test_a_sequence_whose_stream_falls_behind_pauses_and_goes_on_unchanged(tiny_
     loaded, engine = start(tiny_model_dir)
     try:
         tok = loaded.tokenizer
-        stalled = Collector()
-        seq = Sequence("slow", tok(PROMPTS[1])["input_ids"], SamplingParams(ignore_eos=True), 40, stalled,
-                       max_backlog=4)
-        engine.submit(seq)
+        seq, stalled = slow_reader(engine, tok, 40, max_backlog=4)
         other = submit(engine, tok, PROMPTS[0], SamplingParams(ignore_eos=True), 40, "other")
         wait_all([other])
         for _ in range(100):                          # a few steps more would have passed by now
             threading.Event().wait(0.01)
         assert len(stalled.chunks) == 4 and seq.paused and engine.stats().running == 1
         assert not engine.has_work(), "a paused sequence costs no steps"
-        while not stalled.done.is_set():              # the reader catches up, now and then
-            engine.took(seq, len(stalled.chunks) - seq.taken)
-            threading.Event().wait(0.01)
+        catch_up(engine, seq, stalled)
         wait_all([stalled])
         assert stalled.ids == reference(tiny_model_dir, [PROMPTS[1]], 40)[0][:40]
         assert engine.stats().running == 0
@@ -252,10 +263,7 @@ def test_with_every_slot_paused_a_waiting_sequence_costs_no_spinning(tiny_model_
     loaded, engine = start(tiny_model_dir, slots=1)
     try:
         tok = loaded.tokenizer
-        stalled = Collector()
-        seq = Sequence("slow", tok(PROMPTS[1])["input_ids"], SamplingParams(ignore_eos=True), 12, stalled,
-                       max_backlog=2)
-        engine.submit(seq)
+        seq, stalled = slow_reader(engine, tok, 12, max_backlog=2)
         for _ in range(200):
             if seq.paused:
                 break
@@ -263,9 +271,7 @@ def test_with_every_slot_paused_a_waiting_sequence_costs_no_spinning(tiny_model_
         waiting = submit(engine, tok, PROMPTS[0], SamplingParams(), 4, "next")
         threading.Event().wait(0.1)
         assert seq.paused and engine.stats().waiting == 1 and not engine.has_work()
-        while not stalled.done.is_set():
-            engine.took(seq, len(stalled.chunks) - seq.taken)
-            threading.Event().wait(0.01)
+        catch_up(engine, seq, stalled)
         wait_all([stalled, waiting])
     finally:
         engine.stop()
