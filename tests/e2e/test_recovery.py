@@ -10,25 +10,20 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from llmos.client import Client
-from llmos.suite import SERVICES, Suite
+from llmos.suite import Suite
 from llmos.v1 import common_pb2, resources_pb2
 from tests.support.metrics import sample_sum, scrape
+from tests.support.suites import FREE_PORTS, quiet_env
 from tests.support.wait import wait_for
 
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory, tiny_model_dir):
-    suite = Suite(tmp_path_factory.mktemp("recovery"), ports={s: 0 for s in SERVICES}, metrics_port=0, env={
-        "LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",   # its requests would upset the counts
-        "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
-        "LLMOS_WORKER_LEASE_TTL_SECONDS": "3",
-        "LLMOS_WORKER_REGISTER_INTERVAL_SECONDS": "1",
-        "LLMOS_REGISTRY_WORKER_TIMEOUT_SECONDS": "4",
-        "LLMOS_RESOURCES_REAP_INTERVAL_SECONDS": "0.5",
-    })
-    suite.start(timeout=120)
-    yield suite
-    suite.stop()
+    env = quiet_env(tiny_model_dir.parent, LLMOS_WORKER_LEASE_TTL_SECONDS="3",
+                    LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1", LLMOS_REGISTRY_WORKER_TIMEOUT_SECONDS="4",
+                    LLMOS_RESOURCES_REAP_INTERVAL_SECONDS="0.5")
+    with Suite(tmp_path_factory.mktemp("recovery"), ports=FREE_PORTS, metrics_port=0, env=env) as suite:
+        yield suite
 
 
 @pytest.fixture(scope="module")
@@ -81,31 +76,22 @@ def test_a_killed_worker_gives_back_its_leases_and_its_models(suite, client):
 
 
 def test_a_model_on_a_killed_worker_is_loaded_again_on_the_other(tmp_path, tiny_model_dir):
-    suite = Suite(tmp_path, ports={s: 0 for s in SERVICES}, metrics_port=0, workers=2, env={
-        "LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",   # its requests would upset the counts
-        "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
-        "LLMOS_WORKER_REGISTER_INTERVAL_SECONDS": "1",
-        "LLMOS_REGISTRY_WORKER_TIMEOUT_SECONDS": "3",
-    })
-    suite.start(timeout=120)
-    try:
-        with suite.client() as client:
-            client.import_model("tiny", str(tiny_model_dir))
-            first = client.load_model("tiny").placement.worker_id
-            name = "worker" if first == "worker-1" else first
-            os.kill(suite.processes[name].pid, signal.SIGKILL)
-            suite.processes.pop(name).wait()
-            deadline = time.monotonic() + 15
-            while True:
-                ready = [p.worker_id for p in client.get_model("tiny").placements
-                         if p.state == common_pb2.Model.STATE_READY]
-                if ready and first not in ready:
-                    break
-                assert time.monotonic() < deadline, f"still {ready} after the worker died"
-                time.sleep(0.2)
-            assert generate_ok(client)
-    finally:
-        suite.stop()
+    env = quiet_env(tiny_model_dir.parent, LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1",
+                    LLMOS_REGISTRY_WORKER_TIMEOUT_SECONDS="3")
+    with Suite(tmp_path, ports=FREE_PORTS, metrics_port=0, workers=2, env=env) as suite, \
+            suite.client() as client:
+        client.import_model("tiny", str(tiny_model_dir))
+        first = client.load_model("tiny").placement.worker_id
+        name = "worker" if first == "worker-1" else first
+        os.kill(suite.processes[name].pid, signal.SIGKILL)
+        suite.processes.pop(name).wait()
+
+        def ready_elsewhere():
+            ready = [p.worker_id for p in client.get_model("tiny").placements
+                     if p.state == common_pb2.Model.STATE_READY]
+            return ready and first not in ready
+        wait_for(ready_elsewhere, 30, "the model to be ready on the other worker")
+        assert generate_ok(client)
 
 
 def test_slots_held_by_a_killed_gateway_come_back_and_the_next_16_all_run(tmp_path, tiny_model_dir):
@@ -113,45 +99,37 @@ def test_slots_held_by_a_killed_gateway_come_back_and_the_next_16_all_run(tmp_pa
     scheduler they ended. The scheduler learns it from the worker's reports (the worker no longer
     serves them) and frees the slots; then 16 requests on the other gateway all get a slot at once
     (the queue holds nothing, so any request without a free slot would be refused)."""
-    suite = Suite(tmp_path, ports={s: 0 for s in SERVICES}, metrics_port=0, gateways=2, env={
-        "LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0",
-        "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
-        "LLMOS_SCHEDULER_SLOTS_PER_WORKER": "16",
-        "LLMOS_SCHEDULER_MAX_QUEUE": "0",
-        "LLMOS_SCHEDULER_ORPHAN_GRACE_SECONDS": "2",
-        "LLMOS_WORKER_MAX_RUNNING": "16",
-    })
-    suite.start(timeout=120)
-    try:
-        with suite.client() as admin:
-            admin.import_model("tiny", str(tiny_model_dir))
-            admin.load_model("tiny")
-            key = suite.identity.admin_key()
-            doomed = Client(gateway=suite.addresses["gateway-2"], api_key=key)
-            streams = [doomed.generate("tiny", prompt=f"Doomed {i}", max_tokens=200, ignore_eos=True, timeout=60)
-                       for i in range(8)]
-            for stream in streams:
-                next(stream)                               # all 8 admitted and streaming
-            stats = admin.scheduler_stats()
-            assert stats.running == 8
-            gateway = suite.processes.pop("gateway-2")
-            os.kill(gateway.pid, signal.SIGSTOP)           # it can no longer report anything
-            os.kill(gateway.pid, signal.SIGKILL)
-            gateway.wait()
-            killed = time.monotonic()
-            doomed.close()
-            for _ in range(300):                           # up to 30 s; one report and the grace suffice
-                if not admin.scheduler_stats().running:
-                    break
-                time.sleep(0.1)
-            else:
-                raise AssertionError("the slots of the dead gateway's streams never came back")
-            print(f"8 slots back {time.monotonic() - killed:.1f} s after the gateway was killed (grace 2 s)")
-            with ThreadPoolExecutor(16) as pool:
-                results = list(pool.map(lambda i: list(admin.generate(
-                    "tiny", prompt=f"Next {i}", max_tokens=20, ignore_eos=True, timeout=60)), range(16)))
-            assert [r[-1].usage.completion_tokens for r in results] == [20] * 16
-            finished = {t.tenant: t.admitted for t in admin.scheduler_stats().tenants}
-            assert finished["default"] == 8 + 16
-    finally:
-        suite.stop()
+    env = quiet_env(tiny_model_dir.parent, LLMOS_SCHEDULER_SLOTS_PER_WORKER="16", LLMOS_SCHEDULER_MAX_QUEUE="0",
+                    LLMOS_SCHEDULER_ORPHAN_GRACE_SECONDS="2", LLMOS_WORKER_MAX_RUNNING="16")
+    with Suite(tmp_path, ports=FREE_PORTS, metrics_port=0, gateways=2, env=env) as suite, \
+            suite.client() as admin:
+        admin.import_model("tiny", str(tiny_model_dir))
+        admin.load_model("tiny")
+        key = suite.identity.admin_key()
+        doomed = Client(gateway=suite.addresses["gateway-2"], api_key=key)
+        streams = [doomed.generate("tiny", prompt=f"Doomed {i}", max_tokens=200, ignore_eos=True, timeout=60)
+                   for i in range(8)]
+        for stream in streams:
+            next(stream)                               # all 8 admitted and streaming
+        stats = admin.scheduler_stats()
+        assert stats.running == 8
+        gateway = suite.processes.pop("gateway-2")
+        os.kill(gateway.pid, signal.SIGSTOP)           # it can no longer report anything
+        os.kill(gateway.pid, signal.SIGKILL)
+        gateway.wait()
+        killed = time.monotonic()
+        doomed.close()
+        for _ in range(300):                           # up to 30 s; one report and the grace suffice
+            if not admin.scheduler_stats().running:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the slots of the dead gateway's streams never came back")
+        print(f"8 slots back {time.monotonic() - killed:.1f} s after the gateway was killed (grace 2 s)")
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: list(admin.generate(
+                "tiny", prompt=f"Next {i}", max_tokens=20, ignore_eos=True, timeout=60)), range(16)))
+        assert [r[-1].usage.completion_tokens for r in results] == [20] * 16
+        finished = {t.tenant: t.admitted for t in admin.scheduler_stats().tenants}
+        assert finished["default"] == 8 + 16
+
