@@ -172,8 +172,12 @@ class Suite:
     def restart(self, service: str, grace: float = 15.0, timeout: float = 120.0) -> None:
         """Stops one service and starts it again on the same addresses (gRPC and metrics)."""
         _terminate(self.processes.pop(service), grace)
-        metrics = self.metrics.get(service, "")
-        self._start_one(service, timeout, port=int(self.addresses[service].rsplit(":", 1)[1]),
+        self._start_again(service, timeout)
+
+    def _start_again(self, name: str, timeout: float) -> None:
+        """Starts process `name` on the gRPC and metrics ports it had."""
+        metrics = self.metrics.get(name, "")
+        self._start_one(name, timeout, port=int(self.addresses[name].rsplit(":", 1)[1]),
                         metrics_port=int(metrics.rsplit(":", 1)[1]) if metrics else None)
 
     def _start_one(self, name: str, timeout: float, port: int | None = None,
@@ -251,10 +255,8 @@ class Suite:
         for name, (due, next_delay) in list(self._pending.items()):
             if name in self.processes or time.monotonic() < due:
                 continue
-            metrics = self.metrics.get(name, "")
             try:
-                self._start_one(name, timeout, port=int(self.addresses[name].rsplit(":", 1)[1]),
-                                metrics_port=int(metrics.rsplit(":", 1)[1]) if metrics else None)
+                self._start_again(name, timeout)
             except SuiteError as exc:
                 leftover = self.processes.pop(name, None)
                 if leftover is not None:

@@ -233,10 +233,6 @@ class Store:
         return Unavailable(f"the store {redact(self.url)} cannot be reached: {self._down_reason}",
                            reason="STORE_UNAVAILABLE", metadata={"store": redact(self.url)})
 
-    @property
-    def down(self) -> bool:
-        return self._down_since is not None
-
     # ---- schema -------------------------------------------------------------------------
 
     def revision(self) -> str | None:
@@ -374,7 +370,8 @@ class StoreWatch:
         self.problem = problem
         return problem
 
-    async def run(self) -> None:
+    async def run(self, address: str = "") -> None:
+        """Checks for ever (a service's background loop: `address` is not needed)."""
         delay = self.interval
         while True:
             delay = min(delay * 2, self.max_interval) if await self.check() else self.interval

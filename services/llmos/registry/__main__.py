@@ -100,16 +100,13 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
             except Exception:  # noqa: BLE001 - the next round tries again; the loop must not end
                 log.exception("watching the workers failed")
 
-    async def watch_store(address: str) -> None:
-        await watch.run()
-
     async def close() -> None:
         await channels.close()
         for lead in leadership:
             await asyncio.to_thread(lead.resign)
         catalog.close()
 
-    return Service(host, background=[watch_workers, watch_store], cleanups=[close])
+    return Service(host, background=[watch_workers, watch.run], cleanups=[close])
 
 
 

@@ -86,17 +86,14 @@ async def build(settings: ResourcesSettings, provider: TracerProvider | None = N
             for lease in manager.leases.reap():
                 log.warning("reclaimed %s of %s: %d bytes on %s/%s, not renewed", lease.name, lease.holder,
                             lease.bytes, lease.node, lease.device)
-        return grace_due and not leads
-
-    async def watch_store(address: str) -> None:
-        await watch.run()
+        return grace_due
 
     async def close() -> None:
         for lead in leadership:
             await asyncio.to_thread(lead.resign)
         manager.close()
 
-    return Service(host, background=[reap, watch_store], cleanups=[close])
+    return Service(host, background=[reap, watch.run], cleanups=[close])
 
 
 

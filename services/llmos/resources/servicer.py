@@ -56,7 +56,7 @@ class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
         return resources_pb2.AcquireLeaseResponse(lease=lease_to_proto(lease))
 
     async def ReleaseLease(self, request, context: grpc.aio.ServicerContext):
-        lease = next((lease for lease in self.manager.leases.list() if lease.name == request.name), None)
+        lease = self.manager.leases.get(request.name)
         if lease is not None:
             _require_holder(lease.holder)
         self.manager.release(request.name)
