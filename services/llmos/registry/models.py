@@ -203,8 +203,9 @@ class ModelRegistry:
         that finished while this heartbeat was on its way is in the next one."""
         for ref, placements in self._placements.items():
             placement = placements.get(worker_id)
+            busy = ref in self._locks and self._locks[ref].locked()     # a load or unload decides it
             if (placement is not None and placement.state == READY and ref not in holds
-                    and placement.ready_at < since):
+                    and placement.ready_at < since and not busy):
                 del placements[worker_id]
                 log.warning("worker %s no longer holds %s: not routed there any more", worker_id, ref)
                 self.events.emit(str(ref), events.UNAVAILABLE, worker_id, "no longer held by the worker")
