@@ -5,13 +5,14 @@ DATA    ?= .llmos
 
 SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: up test venv system-deps protos check-protos lint unit integration e2e image image-test clean
+.PHONY: up test venv system-deps protos check-protos lint unit integration e2e image test-image clean
 
 up: $(STAMP)
 	$(PY) -m llmos.cli up --data-dir $(DATA)
 
-test: $(STAMP) system-deps check-protos lint
-	$(PY) -m pytest -q
+# The tests run the three-host cluster (tests/e2e/test_cluster.py) from the CPU image.
+test: $(STAMP) system-deps check-protos lint test-image
+	LLMOS_TEST_IMAGE=localhost/llmos:cpu $(PY) -m pytest -q
 
 # Debian's Prometheus (promtool checks the shipped rules; the e2e tests run a real one
 # against the suite) and docker-compose (checks deploy/compose.yaml without an engine).
@@ -53,12 +54,15 @@ e2e: $(STAMP)
 	$(PY) -m pytest -q tests/e2e
 
 # The container image (deploy/Containerfile) with rootful podman: TORCH=cpu (default) or cuda.
+# Podman's storage is a build cache kept between clones (IMAGE_WORK).
+IMAGE_WORK ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmos/image
+export IMAGE_WORK
 image:
 	tools/build_image.sh $(or $(TORCH),cpu)
 
-# Builds the CPU image and runs the suite from it across network namespaces.
-image-test: $(STAMP) image
-	LLMOS_TEST_IMAGE=localhost/llmos:cpu $(PY) -m pytest -q tests/image
+# The CPU image the tests run (the cluster test) from.
+test-image:
+	tools/build_image.sh cpu
 
 clean:
 	rm -rf .venv $(DATA)

@@ -1,11 +1,13 @@
 #!/bin/sh
 # Builds the llmos image with Debian's rootful podman, on a base made with debootstrap (no
 # registry needed). Usage: tools/build_image.sh [cpu|cuda]; IMAGE_WORK is where podman keeps its
-# storage (kept between runs: the base is made once). Prints the podman command to use it.
+# storage, kept between runs and clones like any build cache (default ~/.cache/llmos/image): the
+# base and the dependency layer are made once, a change to the code rebuilds one small layer.
+# Prints the podman command to use it.
 set -eu
 TORCH=${1:-cpu}
 TAG=$([ "$TORCH" = cuda ] && echo cuda || echo cpu)
-W=$(realpath -m "${IMAGE_WORK:-.image}")
+W=$(realpath -m "${IMAGE_WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/llmos/image}")
 mkdir -p "$W"
 export DEBIAN_FRONTEND=noninteractive
 command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
@@ -41,4 +43,5 @@ if [ "$TORCH" = cpu ]; then
 fi
 # shellcheck disable=SC2086
 $P build -q --isolation=chroot $MOUNTS --build-arg TORCH="$TORCH" -f deploy/Containerfile -t "localhost/llmos:$TAG" . >/dev/null
+$P image prune -f >/dev/null    # the image this build replaced; the layers it reused stay
 echo "CONTAINERS_CONF=$W/containers.conf $P run --rm localhost/llmos:$TAG --help"

@@ -4,13 +4,21 @@ The control plane (PostgreSQL as the store, registry, scheduler, gateway, monito
 one; each of the other two runs a resource manager and a worker. Every connection between
 them is mTLS with certificates whose SANs are those addresses; the test, outside every
 namespace, is the user. Nothing is shared on disk between the hosts but the model store,
-which each host mounts at the same path. The test removes every namespace it made."""
+which each host mounts at the same path. The test removes every namespace it made.
+
+`make test` runs it from the container image (deploy/Containerfile, built by `make image`), one
+container per process: LLMOS_TEST_IMAGE names the image and IMAGE_WORK podman's storage. So the
+image, its entrypoint (`llmos serve <service>`) and its settings are the ones the Kubernetes
+manifests use. Without LLMOS_TEST_IMAGE each process is a plain process in its namespace."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import ssl
+import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,12 +53,52 @@ def store(network):
     server.remove()
 
 
+IMAGE = os.environ.get("LLMOS_TEST_IMAGE", "")
+
+
+def podman() -> tuple[str, ...]:
+    work = Path(os.environ["IMAGE_WORK"]).resolve()
+    os.environ["CONTAINERS_CONF"] = str(work / "containers.conf")
+    return "podman", "--root", str(work / "storage"), "--runroot", str(work / "run")
+
+
+def containers_of(suite: Suite) -> list[str]:
+    """The containers of this test's suite that exist (running or not)."""
+    return subprocess.run([*suite.podman, "ps", "-a", "--format", "{{.Names}}", "--filter",
+                           f"label=llmos.suite={os.getpid()}"], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, network, store, tiny_model_dir):
-    with Suite(tmp_path_factory.mktemp("cluster"), ports=FREE_PORTS, metrics_port=0, workers=2, resources=2,
-               hosts=three_hosts(network), store_url=store.create_database(), start_timeout=180,
-               env=quiet_env(tiny_model_dir.parent, LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1")) as suite:
-        yield suite
+def cluster(network, store, tiny_model_dir):
+    data = Path(tempfile.mkdtemp(prefix="llmos-test-cluster-"))
+    os.chmod(data, 0o755)                               # the image's user reaches it
+    shutil.copytree(tiny_model_dir, data / "imports" / "tiny")
+    image = {"image": IMAGE, "podman": podman()} if IMAGE else {}
+    suite = Suite(data, ports=FREE_PORTS, metrics_port=0, workers=2, resources=2, hosts=three_hosts(network),
+                  store_url=store.create_database(), start_timeout=240, **image,
+                  env=quiet_env(data / "imports", LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1"))
+    try:
+        with suite:
+            yield suite
+    finally:
+        left = containers_of(suite) if IMAGE else []
+        if left:
+            subprocess.run([*suite.podman, "rm", "-f", *left], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+        assert left == [], "containers were left"
+
+
+@pytest.mark.skipif(not IMAGE, reason="the suite runs from the image only where LLMOS_TEST_IMAGE names one")
+def test_every_process_is_a_container_of_the_image_running_unprivileged(cluster):
+    names = containers_of(cluster)
+    assert len(names) == len(cluster.names) == 8
+    for name in names:
+        info = json.loads(subprocess.run([*cluster.podman, "inspect", name], capture_output=True, text=True,
+                                         check=True).stdout)[0]
+        assert info["State"]["Running"], name
+        assert info["Config"]["User"] == "10001:10001" and info["ImageName"].endswith(IMAGE.split("/")[-1])
+        assert info["Config"]["Entrypoint"] in (["llmos"], "llmos")
 
 
 def test_every_service_binds_and_advertises_its_own_hosts_address(cluster, network):
@@ -81,9 +129,9 @@ def test_certificates_name_each_hosts_address_and_nothing_else_passes(cluster, n
             context.wrap_socket(raw, server_hostname=network.addresses["h2"])
 
 
-def test_requests_run_on_both_worker_hosts_and_leases_sit_on_their_nodes(cluster, tiny_model_dir):
+def test_requests_run_on_both_worker_hosts_and_leases_sit_on_their_nodes(cluster):
     with cluster.client() as client:
-        client.import_model("tiny", str(tiny_model_dir))
+        client.import_model("tiny", str(cluster.data_dir / "imports" / "tiny"))
         client.registry.LoadModel(registry_pb2.LoadModelRequest(name="tiny", replicas=2), timeout=300)
         placed = {p.worker_id for p in client.get_model("tiny").placements
                   if p.state == common_pb2.Model.STATE_READY}
