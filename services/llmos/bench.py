@@ -7,6 +7,11 @@ In the same invocation, on the same model, prompts and dtype, the baselines run 
 this process: transformers `generate()` one request at a time, and `generate()` on
 static left-padded batches of C (each batch runs until its longest request is done).
 Every figure is printed with its ratio to the baselines measured the same minute.
+
+`--conversation N` measures the prefix cache instead: one chat of N turns through the
+gateway, each turn sending every earlier one again, then the last turn's messages once
+more under a different system prompt (nothing of it cached); it prints the last turn's
+time to first token both ways and their ratio, taken the same minute.
 """
 
 from __future__ import annotations
@@ -242,7 +247,75 @@ def measure_load(path: str, dtype: str, slots: int, max_seq_len: int, rounds: in
     return 0
 
 
+QUESTIONS = [
+    "Name a river in Europe.", "How long is it?", "Which cities does it pass?", "What is its source?",
+    "Is it used for shipping?", "Name a fish that lives in it.", "What about its delta?",
+    "Has it ever frozen over?", "Name a bridge across it.", "Sum it up in one line.",
+]
+
+
+async def ask(stub, model: str, messages: list, tokens: int) -> tuple[float, str, common_pb2.Usage]:
+    """One chat request: its time to first token, its text and its usage."""
+    request = gateway_pb2.GenerateRequest(model=model, messages=messages,
+                                          sampling=common_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True),
+                                          request_id=f"bench-chat-{time.monotonic_ns()}")
+    started, first, text, usage = time.perf_counter(), 0.0, "", common_pb2.Usage()
+    async for response in stub.Generate(request):
+        if response.token_ids and not first:
+            first = time.perf_counter() - started
+        text += response.text
+        if response.HasField("usage"):
+            usage = response.usage
+    return first, text, usage
+
+
+async def chat(address: str, model: str, turns: int, tokens: int,
+               credentials: tuple[str | None, Path | None]) -> tuple[list, tuple]:
+    """A chat of `turns` turns (each sends the earlier ones again), then its last turn's
+    messages under another system prompt. Returns each turn's (TTFT, usage) and that of the
+    last turn sent fresh."""
+    key, tls_dir = credentials
+    channel = open_aio_channel(address, str(tls_dir) if tls_dir else None, key, public=True)
+    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+    rng = random.Random()
+
+    def system() -> common_pb2.ChatMessage:
+        return common_pb2.ChatMessage(role="system", content=f"Session {rng.getrandbits(32):08x}. You are a "
+                                                             "geography tutor. Answer briefly.")
+    messages, figures = [system()], []
+    try:
+        for turn in range(turns):
+            messages.append(common_pb2.ChatMessage(role="user", content=QUESTIONS[turn % len(QUESTIONS)]))
+            ttft, text, usage = await ask(stub, model, messages, tokens)
+            figures.append((ttft, usage))
+            if turn < turns - 1:
+                messages.append(common_pb2.ChatMessage(role="assistant", content=text))
+        fresh = await ask(stub, model, [system(), *messages[1:]], tokens)
+    finally:
+        await channel.close()
+    return figures, (fresh[0], fresh[2])
+
+
+def conversation(args: argparse.Namespace) -> int:
+    name, _, _, dtype = resolve(args)
+    turns = args.conversation
+    print(f"model {name} ({dtype}), a chat of {turns} turns through the gateway, {args.max_tokens} tokens a reply")
+    figures, (cold, cold_usage) = asyncio.run(chat(args.gateway, name, turns, args.max_tokens,
+                                                   local_credentials(args.data_dir, args.api_key)))
+    for turn, (ttft, usage) in enumerate(figures, 1):
+        print(f"  turn {turn:2}: TTFT {ttft * 1e3:6.1f} ms  prompt {usage.prompt_tokens:5} tokens, "
+              f"{usage.cached_prompt_tokens:5} of them from the prefix cache")
+    warm, usage = figures[-1]
+    print(f"  turn {turns} sent fresh: TTFT {cold * 1e3:6.1f} ms  prompt {cold_usage.prompt_tokens:5} tokens, "
+          f"{cold_usage.cached_prompt_tokens:5} of them from the prefix cache")
+    print("ratio:")
+    print(f"  last turn's TTFT, fresh / with the earlier turns cached: {cold / warm:.2f}x")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.conversation:
+        return conversation(args)
     if args.load:
         model = catalog_entry(args)
         print(f"model {model.name}:{model.tag} from {model.store_path} in {args.dtype}")
@@ -300,4 +373,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="measure loading the model from the store against a bare from_pretrained")
     bench.add_argument("--dtype", default="bfloat16", help="dtype for --load")
     bench.add_argument("--rounds", type=int, default=5, help="loads each way for --load")
+    bench.add_argument("--conversation", type=int, default=0, metavar="TURNS",
+                       help="measure the prefix cache: the last turn's TTFT of a chat of TURNS turns, "
+                            "against the same messages with nothing cached")
     bench.set_defaults(func=main)

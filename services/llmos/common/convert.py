@@ -184,8 +184,8 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
 
 
 def usage_to_proto(usage: Usage) -> common_pb2.Usage:
-    return common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
-                            completion_tokens=usage.completion_tokens)
+    return common_pb2.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                            cached_prompt_tokens=usage.cached_prompt_tokens)
 
 
 def fill_chunk(message: Any, chunk: Chunk) -> Any:
@@ -204,7 +204,8 @@ def fill_chunk(message: Any, chunk: Chunk) -> Any:
 def chunk_from_proto(message: Any) -> Chunk:
     usage = None
     if message.HasField("usage"):
-        usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens)
+        usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens,
+                      message.usage.cached_prompt_tokens)
     return Chunk(text=message.text, token_ids=list(message.token_ids),
                  logprobs=list(message.logprobs),
                  finish_reason=FINISH_FROM_PROTO.get(message.finish_reason), usage=usage,

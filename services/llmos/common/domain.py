@@ -50,6 +50,8 @@ DEFAULT_MAX_TOKENS = 256
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Prompt tokens whose keys and values came from the prefix cache.
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)

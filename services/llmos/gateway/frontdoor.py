@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import time
 import uuid
@@ -52,11 +53,31 @@ class GenerateCall:
             return min(len(source.prompt.encode()) + 2, 2**31 - 1)
         return min(sum(len(m.content.encode()) + 16 for m in source.messages) + 32, 2**31 - 1)
 
+    @functools.cached_property
+    def prefix_key(self) -> int:
+        """A hash of how the input starts, for the scheduler's prefix affinity: the messages up
+        to the first user turn (the system prompt and the opening question), or the first
+        `PREFIX_KEY_BYTES` of a prompt; every later turn of a conversation has the same key."""
+        source = self.source
+        if source.prompt is not None:
+            start = source.prompt.encode()[:PREFIX_KEY_BYTES]
+        else:
+            opening = []
+            for m in source.messages:
+                opening.append(f"{m.role}\0{m.content}")
+                if m.role == "user":
+                    break
+            start = "\0".join(opening).encode()
+        return int.from_bytes(hashlib.blake2b(start, digest_size=8).digest(), "big") or 1
+
     @property
     def reserved_tokens(self) -> int:
         """What the request may cost at most (prompt + output), as its quota reserves it."""
         return self.prompt_tokens + (self.params.max_tokens or DEFAULT_MAX_TOKENS)
 
+
+# Bytes of a prompt (not messages) that make its prefix key.
+PREFIX_KEY_BYTES = 128
 
 # Admissions of one request after workers failed before its first token.
 MAX_REDISPATCH = 3

@@ -111,7 +111,8 @@ class CallWatch:
             self._span.set_attribute("gen_ai.response.finish_reasons", [chunk.finish_reason.name.lower()])
             if chunk.usage is not None:
                 self._span.set_attributes({"gen_ai.usage.input_tokens": chunk.usage.prompt_tokens,
-                                           "gen_ai.usage.output_tokens": chunk.usage.completion_tokens})
+                                           "gen_ai.usage.output_tokens": chunk.usage.completion_tokens,
+                                           "gen_ai.usage.cache_read.input_tokens": chunk.usage.cached_prompt_tokens})
                 self._t.tenant_tokens.labels(self._tenant, "prompt").inc(chunk.usage.prompt_tokens)
                 self._t.tenant_tokens.labels(self._tenant, "completion").inc(chunk.usage.completion_tokens)
 

@@ -37,7 +37,7 @@ class GrpcScheduler:
             request_id=request_id, model=call.model, tenant=call.tenant, priority=call.priority,
             max_tokens=call.params.max_tokens or 0, prompt_tokens=call.prompt_tokens,
             redispatch=redispatch, keep_alive_hold=call.keep_alive_hold, tenant_weight=call.weight,
-            tenant_quota=quota_to_proto(call.quota))
+            tenant_quota=quota_to_proto(call.quota), prefix_key=call.prefix_key)
         if call.keep_alive is not None:
             request.keep_alive.CopyFrom(duration(call.keep_alive))
         response = await self._stub.AdmitGeneration(request, timeout=timeout)

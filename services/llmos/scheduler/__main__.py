@@ -43,6 +43,9 @@ class SchedulerSettings(ServiceSettings):
     # could say it ended) gets its slot back, seconds.
     orphan_grace_seconds: float = 5.0
     load_timeout_seconds: float = 300.0
+    # Prefix affinity: a request goes to the worker its prefix key went to last while that one
+    # is at most this share of its slots busier than the least loaded (0: least loaded only).
+    affinity_slack: float = 0.25
 
 
 async def build(settings: SchedulerSettings, provider: TracerProvider | None = None) -> Service:
@@ -54,7 +57,8 @@ async def build(settings: SchedulerSettings, provider: TracerProvider | None = N
     registry = GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds, tracer)
     scheduler = Scheduler(registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model,
                           settings.aging_seconds, settings.report_timeout_seconds, settings.placement_ttl_seconds,
-                          events=SchedulerTelemetry(tracer, host.metrics), orphan_grace=settings.orphan_grace_seconds)
+                          events=SchedulerTelemetry(tracer, host.metrics), orphan_grace=settings.orphan_grace_seconds,
+                          affinity_slack=settings.affinity_slack)
     reports = WorkerReports(scheduler, registry, channels, settings.report_interval_seconds)
     host.metrics.register(OnLoop(asyncio.get_running_loop(), lambda: scheduler_metrics(
         scheduler.queue_depths(), scheduler.worker_loads())))

@@ -8,6 +8,11 @@ request waits in its model's `FairQueue` (bands, tenant fairness, deadlines,
 aging) until a slot frees, its deadline passes or its caller goes away. Past the
 queue limits, new requests are refused at once with an estimate of when to retry.
 
+Among workers with a free slot the least loaded gets the request, unless the request's prefix
+key (a hash of how its input starts, from the gateway) last went to another that is at most
+`affinity_slack` of its slots busier: that worker's prefix cache likely holds the prompt's
+start (the earlier turns of the conversation), which it then need not compute again.
+
 A worker leaves rotation when a stream on it fails or it has not answered a
 status poll for `report_timeout` seconds, and comes back with its next good
 report. A request whose worker failed before its first token is admitted again
@@ -39,6 +44,8 @@ log = logging.getLogger(__name__)
 REDISPATCH_BAND = 1000
 # Finished requests remembered for GetRequestStatus.
 REMEMBERED_DONE = 10_000
+# Prefix keys remembered with the worker that served them last.
+REMEMBERED_PREFIXES = 8192
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class Ticket:
     keep_alive_hold: bool = False    # keep_alive only holds the model loaded (a user's request)
     weight: float = 1.0              # its tenant's fair-share weight, from the tenant's record
     quota: Quota = Quota()           # its tenant's limits, from the tenant's record
+    prefix_key: int = 0              # a hash of how its input starts (0: none), for prefix affinity
 
     @property
     def cost(self) -> int:
@@ -177,7 +185,8 @@ class Scheduler:
     def __init__(self, registry: RegistryPort, slots_per_worker: int = 16, max_queue: int = 64,
                  max_queue_per_model: int = 0, aging_seconds: float = 30.0, report_timeout: float = 3.0,
                  placement_ttl: float = 1.0, clock: Callable[[], float] = time.monotonic,
-                 events: SchedulerEvents | None = None, orphan_grace: float = 5.0) -> None:
+                 events: SchedulerEvents | None = None, orphan_grace: float = 5.0,
+                 affinity_slack: float = 0.25) -> None:
         self._registry = registry
         self.events = events or SchedulerEvents()
         self.slots_per_worker = slots_per_worker
@@ -187,6 +196,8 @@ class Scheduler:
         self.report_timeout = report_timeout
         self.placement_ttl = placement_ttl
         self.orphan_grace = orphan_grace
+        self.affinity_slack = affinity_slack
+        self._affinity: OrderedDict[tuple[str, int], str] = OrderedDict()   # (model, prefix key) → worker id
         self._aliases: dict[str, str] = {}                      # "tiny" → "tiny:latest"
         self._abandoned: OrderedDict[str, float] = OrderedDict()  # finished before they were admitted
         self._weights: dict[str, float] = {}                     # tenant → weight, as its requests say
@@ -292,7 +303,7 @@ class Scheduler:
             given_up = self._abandoned.pop(ticket.request_id, None)
             if request.abandoned or (given_up is not None and self._clock() - given_up < 30.0):
                 raise asyncio.CancelledError()
-            endpoint = self._free_endpoint(model) if not model.queue else None
+            endpoint = self._free_endpoint(model, ticket.prefix_key) if not model.queue else None
             if endpoint is None:
                 endpoint = await self._wait(request, model, deadline, remaining())
             else:
@@ -474,17 +485,29 @@ class Scheduler:
         workers = (self._workers.get(e.worker_id) for e in model.endpoints)
         return [w for w in workers if w is not None and w.out_since is None]
 
-    def _free_endpoint(self, model: _Model) -> Endpoint | None:
-        """The least loaded worker in rotation with a free slot for the model."""
-        best, best_load = None, 2.0
+    def _free_endpoint(self, model: _Model, prefix_key: int = 0) -> Endpoint | None:
+        """The least loaded worker in rotation with a free slot for the model, or the one the
+        prefix key went to last if it has a free slot and is at most `affinity_slack` busier."""
+        best, best_load, loads = None, 2.0, {}
         for worker in self._in_rotation(model):
             capacity = self._capacity(worker, model.name)
             used = worker.running[model.name]
-            if used < capacity and used / capacity < best_load:
-                best, best_load = worker.endpoint, used / capacity
+            if used < capacity:
+                loads[worker.endpoint.worker_id] = (worker.endpoint, used / capacity)
+                if used / capacity < best_load:
+                    best, best_load = worker.endpoint, used / capacity
+        affine = loads.get(self._affinity.get((model.name, prefix_key), "")) if prefix_key else None
+        if affine is not None and affine[1] <= best_load + self.affinity_slack:
+            return affine[0]
         return best
 
     def _start(self, request: _Request, endpoint: Endpoint) -> None:
+        if request.ticket.prefix_key:
+            key = (request.model, request.ticket.prefix_key)
+            self._affinity.pop(key, None)
+            self._affinity[key] = endpoint.worker_id
+            if len(self._affinity) > REMEMBERED_PREFIXES:
+                self._affinity.popitem(last=False)
         request.phase, request.endpoint, request.started = Phase.RUNNING, endpoint, self._clock()
         request.start_time = time.time()
         worker = self._workers[endpoint.worker_id]
@@ -537,11 +560,11 @@ class Scheduler:
     def _dispatch(self, model: _Model) -> None:
         """Hands free slots of the model's workers to its waiting requests, in queue order."""
         while model.queue:
-            endpoint = self._free_endpoint(model)
-            if endpoint is None:
+            if self._free_endpoint(model) is None:
                 return
             item = model.queue.pop(self._clock())
             request = self._active[item.request_id]
+            endpoint = self._free_endpoint(model, request.ticket.prefix_key)
             self._start(request, endpoint)
             request.future.set_result(endpoint)
 

@@ -47,7 +47,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         ticket = Ticket(request.request_id, request.model, request.tenant or "default", request.priority,
                         max(0, request.prompt_tokens), max(0, request.max_tokens), keep_alive, request.redispatch,
                         request.keep_alive_hold, request.tenant_weight or 1.0,
-                        quota_from_proto(request.tenant_quota))
+                        quota_from_proto(request.tenant_quota), request.prefix_key)
         admission = await self.scheduler.admit(ticket, timeout=context.time_remaining())
         if context.cancelled():     # granted as the caller left: nobody will run it
             self.scheduler.finish(ticket.request_id, outcome="CANCELLED")

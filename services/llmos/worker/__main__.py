@@ -64,6 +64,9 @@ class WorkerSettings(ServiceSettings):
     # pauses, holding its slot and cache but no more memory; it goes on once the stream has
     # caught up. 0: no bound.
     max_backlog: int = 64
+    # Prefix caching: what a finished request computed stays in a free cache slot, and a
+    # prompt that starts with those tokens reuses them (llmos_prefix_cache_* metrics).
+    prefix_cache: bool = True
 
 
 async def announce(stub: registry_pb2_grpc.RegistryServiceStub,
@@ -115,7 +118,7 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     model_host = ModelHost(worker_id, GrpcResources(channels, settings.resources_address), device,
                            pick_dtype(settings.dtype, device), driver,
                            EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget,
-                                        settings.lease_ttl_seconds, settings.max_backlog),
+                                        settings.lease_ttl_seconds, settings.max_backlog, settings.prefix_cache),
                            events=EngineTelemetry(provider.get_tracer("llmos.worker.engine"), host.metrics))
     host.metrics.register(WorkerGauges(worker_id, model_host.status, model_host.memory_in_use))
     await host.set_serving(False)       # ready once registered: before that no one sends it work

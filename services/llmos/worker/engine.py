@@ -5,8 +5,9 @@ waiting ones join while there are free cache slots; each step then advances ever
 decoding sequence by one token and feeds the next chunk of waiting prompts
 (at most `prefill_budget` prompt tokens a step, so long prompts never stall the
 running streams). A sequence leaves the batch the step it finishes, and its slot
-is free for the next step. Results reach asyncio through the callback each
-sequence carries, called on the driver's thread.
+is free for the next step; what it computed stays in a free slot for a later prompt
+that starts the same way (`prefix.py`). Results reach asyncio through the callback
+each sequence carries, called on the driver's thread.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from llmos.common.domain import Chunk, FinishReason, SamplingParams, Usage
 from llmos.common.errors import Internal, LlmosError, Unavailable
 
 from .llama import LlamaRunner, PrefillChunk
+from .prefix import PrefixCache
 from .sampling import make_generator, sample, top_logprobs
 from .textstream import Detokenizer, StopStrings
 
@@ -51,6 +53,7 @@ class Sequence:
     max_backlog: int = 0
     slot: int = -1
     cached: int = 0          # positions of this sequence held in its cache slot
+    reused: int = 0          # of those, prompt positions that came from the prefix cache
     generator: torch.Generator | None = None
     detok: Detokenizer | None = None
     stops: StopStrings | None = None
@@ -84,6 +87,8 @@ class EngineStats:
     kv_tokens_capacity: int
     tokens_generated: int
     max_running: int
+    # Positions kept in free slots by the prefix cache (free for any sequence that joins).
+    kv_tokens_kept: int = 0
 
 
 class EngineEvents:
@@ -98,7 +103,8 @@ class EngineEvents:
         """`seq` got a token (its first when `seq.first_token_ns == now_ns`)."""
 
     def joined(self, model: str, seq: Sequence, now_ns: int) -> None:
-        """`seq` left the engine's waiting line for a cache slot."""
+        """`seq` left the engine's waiting line for a cache slot, where `seq.reused` of its
+        prompt's positions were found in the prefix cache (when the engine has one)."""
 
     def finished(self, model: str, seq: Sequence, reason: FinishReason, now_ns: int) -> None:
         """`seq` ended with `reason` (its last chunk is delivered)."""
@@ -201,7 +207,8 @@ class EngineDriver:
 
 class Engine:
     def __init__(self, name: str, runner: LlamaRunner, tokenizer: Any, eos_ids: frozenset[int],
-                 driver: EngineDriver, prefill_budget: int = 256, events: EngineEvents | None = None) -> None:
+                 driver: EngineDriver, prefill_budget: int = 256, events: EngineEvents | None = None,
+                 prefix_cache: bool = True) -> None:
         self.name = name
         self.events = events or EngineEvents()
         self.runner = runner
@@ -212,6 +219,7 @@ class Engine:
         self._wake = driver.wake
         self._inbox: deque[Sequence] = deque()
         self._running: list[Sequence] = []   # index == cache slot
+        self.prefix = PrefixCache() if prefix_cache else None
         self.closing = False
         self._closed = False
         self.tokens_generated = 0
@@ -223,7 +231,8 @@ class Engine:
             running = list(self._running)
             waiting = sum(1 for s in self._inbox if not s.cancelled)
         return EngineStats(len(running), waiting, sum(s.cached for s in running),
-                           self.runner.kv_positions, self.tokens_generated, self.runner.slots)
+                           self.runner.kv_positions, self.tokens_generated, self.runner.slots,
+                           self.prefix.tokens if self.prefix else 0)
 
     def submit(self, seq: Sequence) -> None:
         with self._wake:
@@ -272,6 +281,8 @@ class Engine:
             seq.deliver(Unavailable(f"model {self.name} was unloaded", reason="MODEL_UNLOADED"))
         self._inbox.clear()
         self._running.clear()
+        if self.prefix:
+            self.prefix.clear()
         self._closed = True
         self._wake.notify_all()
 
@@ -292,6 +303,7 @@ class Engine:
             while self._inbox and len(self._running) < self.runner.slots:
                 seq = self._inbox.popleft()
                 seq.slot = len(self._running)
+                self._reuse_prefix(seq)
                 self._running.append(seq)
                 self.events.joined(self.name, seq, time.time_ns())
             batch = [s for s in self._running if not s.paused]
@@ -307,7 +319,7 @@ class Engine:
                 for seq in batch:
                     if seq.slot >= 0:
                         seq.deliver(Internal("generation failed"))
-                        self._release(seq)
+                        self._release(seq, keep=False)
         else:
             self.events.step(self.name, batch, prefill_tokens, sum(s.cached for s in batch),
                              self.runner.kv_positions, start_ns, time.time_ns())
@@ -319,9 +331,29 @@ class Engine:
                       self.name, window[1] / 200 * 1e3, window[2] / 200 * 1e3)
             self._window = [0, 0.0, 0.0]
 
-    def _release(self, seq: Sequence) -> None:
-        """Frees the sequence's slot; the last slot's sequence moves into it. Holds the lock."""
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Gives a joining sequence the longest prefix of its prompt the cache keeps."""
+        if self.prefix is None:
+            return
+        source, length = self.prefix.match(seq.prompt_ids, seq.slot)
+        self.prefix.drop(seq.slot)
+        if length:
+            if source != seq.slot:
+                self.runner.move_slot(source, seq.slot, length)
+            seq.cached = seq.reused = length
+
+    def _release(self, seq: Sequence, keep: bool = True) -> None:
+        """Frees the sequence's slot; the last slot's sequence moves into it. What the sequence
+        computed is kept in a free slot for the prefix cache (unless its step failed). Holds
+        the lock."""
         hole, last = seq.slot, len(self._running) - 1
+        if self.prefix is not None and keep and seq.cached:
+            # Free after this: the slots above the running ones, and the hole when it is the last.
+            target = self.prefix.place(last if hole == last else last + 1, self.runner.slots)
+            if target is not None:
+                if target != hole:
+                    self.runner.move_slot(hole, target, seq.cached)
+                self.prefix.keep(target, (seq.prompt_ids + seq.output_ids)[:seq.cached])
         if hole != last:
             moved = self._running[last]
             self.runner.move_slot(last, hole, moved.cached)
@@ -342,7 +374,7 @@ class Engine:
         budget = self.prefill_budget
         for s in batch:
             if s.prefilling and budget > 0:
-                if s.cached == 0:
+                if s.detok is None:
                     self._begin(s)
                 n = min(budget, len(s.prompt_ids) - s.cached)
                 budget -= n
@@ -420,7 +452,7 @@ class Engine:
             chunk.top_logprobs = [top_logprobs(logits, seq.params.top_logprobs)]
         if finish is not None:
             chunk.finish_reason = finish
-            chunk.usage = Usage(len(seq.prompt_ids), len(seq.output_ids))
+            chunk.usage = Usage(len(seq.prompt_ids), len(seq.output_ids), seq.reused)
         seq.delivered += 1
         seq.deliver(chunk)
         self.events.token(self.name, seq, now)

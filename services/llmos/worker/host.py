@@ -52,6 +52,8 @@ class EngineConfig:
     lease_ttl: float = 15.0
     # Chunks a stream may fall behind before its sequence pauses (keeping its slot); 0: no bound.
     max_backlog: int = 64
+    # Keep what leaving sequences computed in free slots for prompts that start the same way.
+    prefix_cache: bool = True
 
 
 @dataclass
@@ -135,7 +137,7 @@ class ModelHost:
                 await self._resources.release(lease)
                 raise
             engine = Engine(model, loaded.runner, loaded.tokenizer, loaded.eos_ids, self.driver,
-                            self.config.prefill_budget, self.events)
+                            self.config.prefill_budget, self.events, self.config.prefix_cache)
             served = Served(loaded, engine, lease)
             self._served[model] = served
             return served

@@ -45,6 +45,11 @@ class EngineTelemetry(EngineEvents):
         self.gen_len = Histogram("llmos_request_generation_tokens", "Generated tokens per finished request.",
                                  m, registry=registry, buckets=COUNT_BUCKETS)
         self.prompt_tokens = Counter("llmos_prompt_tokens", "Prompt tokens prefilled.", m, registry=registry)
+        self.prefix_queries = Counter("llmos_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache (every prompt token of every request that joined).", m,
+                                      registry=registry)
+        self.prefix_hits = Counter("llmos_prefix_cache_hits", "Prompt tokens found in the prefix cache "
+                                   "(not computed again).", m, registry=registry)
         self.generation_tokens = Counter("llmos_generation_tokens", "Tokens generated.", m, registry=registry)
         self.success = Counter("llmos_request_success", "Requests that ended, by finish reason "
                                "(stop, length, cancelled).", [*m, "finished_reason"], registry=registry)
@@ -98,6 +103,7 @@ class EngineTelemetry(EngineEvents):
         span = self._tracer.start_span("prefill", context=self._under(seq), start_time=seq.arrival_ns,
                                        attributes={"gen_ai.request.model": model,
                                                    "gen_ai.usage.input_tokens": len(seq.prompt_ids),
+                                                   "gen_ai.usage.cache_read.input_tokens": seq.reused,
                                                    "llmos.request.id": seq.request_id})
         span.end(end_time=now_ns)
 
@@ -121,7 +127,11 @@ class EngineTelemetry(EngineEvents):
         span.end(end_time=now_ns)
 
     def joined(self, model: str, seq: Sequence, now_ns: int) -> None:
-        self._of(model).queue.observe((now_ns - seq.arrival_ns) / 1e9)
+        m = self._of(model)
+        m.queue.observe((now_ns - seq.arrival_ns) / 1e9)
+        m.prefix_queries.inc(len(seq.prompt_ids))
+        if seq.reused:
+            m.prefix_hits.inc(seq.reused)
 
 
 class _ModelMetrics:
@@ -133,6 +143,7 @@ class _ModelMetrics:
         self.prompt_len, self.gen_len = t.prompt_len.labels(model), t.gen_len.labels(model)
         self.prompt_tokens, self.generation_tokens = t.prompt_tokens.labels(model), t.generation_tokens.labels(model)
         self.step_time, self.batch_size = t.step_time.labels(model), t.batch_size.labels(model)
+        self.prefix_queries, self.prefix_hits = t.prefix_queries.labels(model), t.prefix_hits.labels(model)
 
 
 class WorkerGauges(Collector):
@@ -151,6 +162,8 @@ class WorkerGauges(Collector):
         usage = GaugeMetricFamily("llmos_kv_cache_usage_perc", "Share of the KV cache in use, 0 to 1.", labels=m)
         used = GaugeMetricFamily("llmos_kv_cache_tokens_used", "KV cache positions in use.", labels=m)
         capacity = GaugeMetricFamily("llmos_kv_cache_tokens_capacity", "KV cache positions in all.", labels=m)
+        kept = GaugeMetricFamily("llmos_prefix_cache_tokens", "KV cache positions the prefix cache keeps in "
+                                 "free slots (given up to any sequence that needs the slot).", labels=m)
         loaded = GaugeMetricFamily("llmos_model_loaded", "1 for each model loaded on this worker.",
                                    labels=["worker", "model_name", "device", "dtype"])
         size = GaugeMetricFamily("llmos_model_memory_bytes", "Memory a loaded model measured at load.",
@@ -162,9 +175,10 @@ class WorkerGauges(Collector):
             usage.add_metric([s.model], st.kv_tokens_used / st.kv_tokens_capacity if st.kv_tokens_capacity else 0.0)
             used.add_metric([s.model], st.kv_tokens_used)
             capacity.add_metric([s.model], st.kv_tokens_capacity)
+            kept.add_metric([s.model], st.kv_tokens_kept)
             loaded.add_metric([self._worker_id, s.model, s.device, s.dtype], 1)
             size.add_metric([self._worker_id, s.model], s.measured_bytes)
         memory = GaugeMetricFamily("llmos_worker_memory_bytes", "Memory the worker holds for its models.",
                                    labels=["worker"])
         memory.add_metric([self._worker_id], self._memory())
-        yield from (running, waiting, usage, used, capacity, loaded, size, memory)
+        yield from (running, waiting, usage, used, capacity, kept, loaded, size, memory)

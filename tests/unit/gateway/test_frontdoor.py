@@ -143,3 +143,21 @@ async def test_a_request_without_an_id_gets_one():
     call = GenerateCall("tiny", GenerationInput(prompt="hi"), SamplingParams())
     ids = [rid async for rid, _ in front.generate(call, None)]
     assert ids[0].startswith("req-") and len(ids[0]) > 10
+
+
+def test_every_turn_of_a_conversation_has_its_openings_prefix_key():
+    from llmos.common.domain import ChatMessage
+
+    def key(*messages, prompt=None):
+        source = GenerationInput(prompt=prompt) if prompt is not None else GenerationInput(
+            messages=tuple(ChatMessage(role, content) for role, content in messages))
+        return GenerateCall("tiny", source, SamplingParams()).prefix_key
+
+    opening = [("system", "Be terse."), ("user", "Name a river.")]
+    first = key(*opening)
+    assert first == key(*opening, ("assistant", "The Nile."), ("user", "Another?"))
+    assert first != key(("system", "Be terse."), ("user", "Name a sea."))
+    assert first != key(("system", "Be kind."), ("user", "Name a river."))
+    long = "A long shared preamble of a raw prompt. " * 8
+    assert key(prompt=long + "Q1") == key(prompt=long + "Q1 A1 Q2") != key(prompt="short")
+    assert all(k != 0 for k in (first, key(prompt="")))

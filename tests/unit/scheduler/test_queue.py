@@ -439,3 +439,25 @@ async def test_a_worker_that_refused_a_request_for_want_of_the_model_gets_no_mor
     assert placed == {W1, W2} - {first.endpoint}
     scheduler.report(first.endpoint.worker_id, {"tiny:latest": 2})  # loaded there again
     assert (await scheduler.admit(ticket("r2"))).endpoint == first.endpoint
+
+
+
+async def test_a_prefix_key_goes_back_to_its_worker_while_it_is_not_much_busier():
+    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, affinity_slack=0.25)
+    home = (await scheduler.admit(ticket("c1", prefix_key=7))).endpoint
+    other = W2 if home == W1 else W1
+    # One slot in four busier than the idle other worker: within the slack, the key goes home.
+    assert (await scheduler.admit(ticket("c2", prefix_key=7))).endpoint == home
+    # Two slots busier: the least loaded wins, and the key follows it there.
+    assert (await scheduler.admit(ticket("c3", prefix_key=7))).endpoint == other
+    scheduler.finish("c1")
+    scheduler.finish("c2")
+    assert (await scheduler.admit(ticket("c4", prefix_key=7))).endpoint == other   # not the idle one
+    assert (await scheduler.admit(ticket("plain"))).endpoint == home               # no key: least loaded
+    assert (await scheduler.admit(ticket("new", prefix_key=8))).endpoint == home   # a new key: least loaded
+
+
+async def test_without_slack_a_prefix_key_changes_nothing():
+    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, affinity_slack=0.0)
+    first = (await scheduler.admit(ticket("c1", prefix_key=7))).endpoint
+    assert (await scheduler.admit(ticket("c2", prefix_key=7))).endpoint != first

@@ -1,0 +1,80 @@
+"""The prefix cache: what finished sequences left in the KV cache, kept for the next prompt
+that starts the same way (the chat template's header, a shared system prompt, the earlier
+turns of a conversation).
+
+When a sequence leaves, its cache slot's contents (every position it had computed: prompt and
+output) are kept in a free slot, and the slot is marked with those tokens. A sequence that
+joins takes the slot after the running ones; if a kept slot's tokens begin its prompt, those
+positions are copied into its slot (nothing to copy when it is that slot) and only the rest of
+the prompt is computed. This is llama.cpp's slot cache: a whole prefix is copied, not shared in
+blocks, which suits a slot cache whose running sequences form a leading block. A kept slot is
+only ever a free one, so it never costs a running sequence room: joins overwrite kept slots
+from the lowest up, and a leaving sequence is kept in the highest free slot that keeps nothing
+(else in the one used least recently).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share (slice comparisons, so in C)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n            # a[:low] == b[:low]; a[:high] != b[:high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+class PrefixCache:
+    """Which free slots hold which tokens' keys and values; least recently used first."""
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[int, list[int]] = OrderedDict()
+
+    @property
+    def tokens(self) -> int:
+        """Positions kept over all slots."""
+        return sum(len(tokens) for tokens in self._kept.values())
+
+    def match(self, prompt: list[int], slot: int) -> tuple[int, int]:
+        """The kept slot sharing the longest prefix with `prompt`, and how many positions of it
+        to reuse: at most all but the prompt's last token, whose logits the step must compute.
+        On a tie, `slot` itself (nothing to copy), else the most recently kept. (slot, 0): none."""
+        best, length = slot, 0
+        for kept, tokens in reversed(self._kept.items()):
+            shared = min(common_prefix(tokens, prompt), len(prompt) - 1)
+            if shared > length or (shared == length and shared and kept == slot):
+                best, length = kept, shared
+        if length:
+            self._kept.move_to_end(best)
+        return best, length
+
+    def drop(self, slot: int) -> None:
+        """`slot` is a running sequence's now."""
+        self._kept.pop(slot, None)
+
+    def place(self, low: int, high: int) -> int | None:
+        """Where to keep a leaving sequence among the free slots `low`..`high - 1`: the highest
+        that keeps nothing, else the least recently used kept one; None when there are none."""
+        for slot in range(high - 1, low - 1, -1):
+            if slot not in self._kept:
+                return slot
+        for slot in self._kept:
+            if low <= slot < high:
+                return slot
+        return None
+
+    def keep(self, slot: int, tokens: list[int]) -> None:
+        self._kept.pop(slot, None)
+        self._kept[slot] = tokens
+
+    def clear(self) -> None:
+        self._kept.clear()

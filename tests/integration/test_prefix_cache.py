@@ -1,0 +1,115 @@
+"""The prefix cache on a real model (float32): a prompt that starts with what an earlier request
+computed reuses those positions, and its output is token for token what `generate()` gives
+alone, however the kept slots were copied, overwritten and reused."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmos.common.domain import SamplingParams
+from llmos.worker.engine import Engine, EngineDriver, EngineEvents, Sequence
+from llmos.worker.loader import load_model
+from tests.integration.test_engine import Collector, Running, wait_all
+
+
+class Joins(EngineEvents):
+    """What the engine reported of each sequence that joined: its prompt and reused positions."""
+
+    def __init__(self) -> None:
+        self.reused: dict[str, tuple[int, int]] = {}
+
+    def joined(self, model, seq, now_ns):
+        self.reused[seq.request_id] = (len(seq.prompt_ids), seq.reused)
+
+
+def start(path, slots, prefix_cache=True):
+    loaded = load_model("m", str(path), torch.device("cpu"), torch.float32, slots, 512)
+    driver = EngineDriver()
+    driver.start_thread()
+    joins = Joins()
+    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, 256, joins, prefix_cache)
+    return loaded, Running(engine, driver), joins
+
+
+def run(engine, ids, rid, max_new=12) -> Collector:
+    collector = Collector()
+    engine.submit(Sequence(rid, list(ids), SamplingParams(ignore_eos=True), max_new, collector))
+    return collector
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+    def generate(ids, max_new=12):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
+                                 min_new_tokens=max_new)
+        return out[0, len(ids):].tolist()
+    return generate
+
+
+def test_a_conversation_reuses_its_earlier_turns_and_answers_as_without(tiny_model_dir, reference):
+    loaded, engine, joins = start(tiny_model_dir, slots=4)
+    tok = loaded.tokenizer
+    try:
+        prompt = tok("System: you are terse. User: name three rivers.")["input_ids"]
+        previous = 0
+        for turn in range(4):
+            reply = run(engine, prompt, f"turn{turn}")
+            wait_all([reply])
+            assert reply.ids == reference(prompt)
+            final = reply.chunks[-1].usage
+            # Every position the last turn computed (its prompt, and its reply but the last
+            # token, which was sampled and never fed) is there for this one.
+            assert final.cached_prompt_tokens == joins.reused[f"turn{turn}"][1]
+            if turn:
+                assert final.cached_prompt_tokens == previous - 1, (turn, final, previous)
+            prompt = prompt + reply.ids + tok(f" User: and {turn}?")["input_ids"]
+            previous = final.prompt_tokens + final.completion_tokens
+        assert engine.stats().running == 0 and engine.stats().kv_tokens_kept > 0
+    finally:
+        engine.stop()
+
+
+def test_kept_slots_overwritten_copied_and_reused_under_load_never_change_an_answer(tiny_model_dir, reference):
+    """Three slots, prompts that share prefixes of every length, sent in waves that overlap: kept
+    slots are matched, copied into other slots, overwritten by joins and reused in place."""
+    loaded, engine, joins = start(tiny_model_dir, slots=3)
+    tok = loaded.tokenizer
+    rng = random.Random(7)
+    stems = [tok(t)["input_ids"] for t in ("A shared system prompt about rivers and seas.",
+                                            "Another header, of a different kind entirely.")]
+    prompts = []
+    for i in range(18):
+        stem = stems[i % 2]
+        prompts.append(stem[:rng.randint(3, len(stem))] + tok(f" question {rng.randint(0, 3)}")["input_ids"])
+    try:
+        collectors = []
+        for wave in range(0, len(prompts), 3):
+            collectors += [run(engine, prompts[i], f"p{i}") for i in range(wave, wave + 3)]
+            wait_all(collectors[-3:-1])                  # the third of each wave overlaps the next
+        wait_all(collectors)
+    finally:
+        engine.stop()
+    assert sum(1 for _, reused in joins.reused.values() if reused) >= 6, joins.reused
+    for i, (prompt, collector) in enumerate(zip(prompts, collectors, strict=True)):
+        assert collector.ids == reference(prompt), i
+
+
+def test_without_the_prefix_cache_nothing_is_reused(tiny_model_dir, reference):
+    loaded, engine, joins = start(tiny_model_dir, slots=2, prefix_cache=False)
+    try:
+        prompt = loaded.tokenizer("The same prompt twice")["input_ids"]
+        for rid in ("one", "two"):
+            reply = run(engine, prompt, rid)
+            wait_all([reply])
+            assert reply.ids == reference(prompt) and reply.chunks[-1].usage.cached_prompt_tokens == 0
+        assert joins.reused == {"one": (len(prompt), 0), "two": (len(prompt), 0)}
+        assert engine.stats().kv_tokens_kept == 0
+    finally:
+        engine.stop()
