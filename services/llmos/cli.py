@@ -174,14 +174,15 @@ def cmd_models(args: argparse.Namespace) -> int:
             else:
                 print(f"  memory: estimated {_gib(model.estimated_bytes)}, not loaded yet")
             for p in model.placements:
-                print(f"  on {p.worker_id} ({p.worker_address}): "
-                      f"{enum_word(p, 'state')} {p.detail}")
+                print(f"  on {p.worker_id} ({p.worker_address}): {enum_word(p, 'state')} {p.detail}"
+                      + (f" [{p.quantization} weights]" if p.quantization else ""))
         elif args.action == "load":
-            request = registry_pb2.LoadModelRequest(name=args.name, replicas=args.replicas)
+            request = registry_pb2.LoadModelRequest(name=args.name, replicas=args.replicas, quantize=args.quantize)
             if args.keep_alive is not None:
                 request.keep_alive.CopyFrom(duration(args.keep_alive))
             response = client.registry.LoadModel(request, timeout=600)
-            print(f"ready on {response.placement.worker_id} ({response.placement.worker_address})")
+            print(f"ready on {response.placement.worker_id} ({response.placement.worker_address})"
+                  + (f" with {response.placement.quantization} weights" if response.placement.quantization else ""))
         elif args.action == "unload":
             client.registry.UnloadModel(registry_pb2.UnloadModelRequest(name=args.name), timeout=120)
             print(f"unloaded {args.name}")
@@ -435,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     load = msub.add_parser("load", help="load a model on a worker")
     load.add_argument("name")
     load.add_argument("--replicas", type=int, default=1, help="how many workers should serve it")
+    load.add_argument("--quantize", choices=["int8"], default="",
+                      help="run weight-only int8 weights (fewer bytes a token; see BENCHMARKS.md)")
     load.add_argument("--keep-alive", type=float, default=None,
                       help="seconds it stays loaded without requests (negative: forever)")
     unload = msub.add_parser("unload", help="unload a model from every worker")

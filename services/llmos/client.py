@@ -139,8 +139,11 @@ class Client:
         return self.registry.ImportModel(registry_pb2.ImportModelRequest(name=name, tag=tag, source=source),
                                          timeout=timeout)
 
-    def load_model(self, name: str, timeout: float = 600) -> registry_pb2.LoadModelResponse:
-        return self.registry.LoadModel(registry_pb2.LoadModelRequest(name=name), timeout=timeout)
+    def load_model(self, name: str, timeout: float = 600, quantize: str = "") -> registry_pb2.LoadModelResponse:
+        return self.registry.LoadModel(registry_pb2.LoadModelRequest(name=name, quantize=quantize), timeout=timeout)
+
+    def unload_model(self, name: str, timeout: float = 120) -> registry_pb2.UnloadModelResponse:
+        return self.registry.UnloadModel(registry_pb2.UnloadModelRequest(name=name), timeout=timeout)
 
     def get_model(self, name: str) -> common_pb2.Model:
         return self.registry.GetModel(registry_pb2.GetModelRequest(name=name), timeout=10).model

@@ -266,6 +266,38 @@ def test_llmos_bench_runs_against_the_suite_and_its_baselines(suite):
     assert len(counts) == 1, out.stdout
 
 
+def test_llmos_bench_conversation_times_the_last_turn_with_and_without_the_prefix_cache(suite):
+    a = suite.addresses
+    out = subprocess.run(
+        [sys.executable, "-m", "llmos.cli", "--registry", a["registry"], "--gateway", a["gateway"],
+         "--data-dir", str(suite.data_dir), "bench", "--model", "tiny", "--conversation", "3", "--max-tokens", "6"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    turns = [(int(m.group(1)), int(m.group(2))) for m in re.finditer(
+        r"turn +\d+: TTFT +[\d.]+ ms +prompt +(\d+) tokens, +(\d+) of them from the prefix cache", out.stdout)]
+    assert len(turns) == 3, out.stdout
+    assert all(0 < cached < prompt for prompt, cached in turns[1:]), out.stdout
+    fresh = re.search(r"sent fresh: TTFT +[\d.]+ ms +prompt +(\d+) tokens, +(\d+) of them", out.stdout)
+    assert fresh and int(fresh.group(2)) < turns[-1][1], out.stdout      # far less of it cached
+    assert re.search(r"fresh / with the earlier turns cached: [\d.]+x", out.stdout), out.stdout
+
+
+def test_a_model_loaded_with_int8_weights_serves_and_says_so(suite, client):
+    a = suite.addresses
+    cli = [sys.executable, "-m", "llmos.cli", "--registry", a["registry"], "--data-dir", str(suite.data_dir),
+           "models"]
+    client.unload_model("tiny")
+    loaded = subprocess.run([*cli, "load", "tiny", "--quantize", "int8"], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and "with int8 weights" in loaded.stdout, loaded.stdout + loaded.stderr
+    shown = subprocess.run([*cli, "show", "tiny"], capture_output=True, text=True, timeout=60)
+    assert "[int8 weights]" in shown.stdout, shown.stdout
+    responses = list(client.generate("tiny", prompt="Once upon a time", max_tokens=8, ignore_eos=True))
+    assert responses[-1].usage.completion_tokens == 8
+    client.unload_model("tiny")
+    client.load_model("tiny")
+    assert [p.quantization for p in client.get_model("tiny").placements] == [""]
+
+
 @pytest.mark.smollm2
 def test_sigterm_drains_a_stream_in_flight_then_stops_every_service(suite, client):
     pids = {name: process.pid for name, process in suite.processes.items()}

@@ -54,6 +54,10 @@ class Usage:
     cached_prompt_tokens: int = 0
 
 
+# Weight variants a model may be loaded as: "" as stored, "int8" weight-only int8.
+QUANTIZATIONS = ("", "int8")
+
+
 @dataclass(frozen=True)
 class GenerationInput:
     """What to generate from: exactly one of `prompt` and `messages` is set."""

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from llmos.common.domain import QUANTIZATIONS
 from llmos.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -52,6 +53,7 @@ class Placement:
     detail: str = ""
     measured_bytes: int = 0
     ready_at: float = 0.0       # the registry's clock when it became READY
+    quantization: str = ""      # the weights it runs ("" as stored, "int8")
 
 
 @dataclass
@@ -69,7 +71,8 @@ class ModelView:
 
 
 class WorkerPort(Protocol):
-    async def start_model(self, address: str, model: str, path: str, estimated_bytes: int) -> int:
+    async def start_model(self, address: str, model: str, path: str, estimated_bytes: int,
+                          quantize: str = "") -> int:
         """Loads the model on the worker; returns the bytes it measured."""
 
     async def stop_model(self, address: str, model: str) -> None:
@@ -273,12 +276,16 @@ class ModelRegistry:
         log.info("deleted %s", view.record.ref)
 
     async def load(self, name: str, replicas: int = 1, keep_alive: float | None = None,
-                   hold: float | None = None) -> tuple[ModelView, Placement]:
+                   hold: float | None = None, quantize: str = "") -> tuple[ModelView, Placement]:
         """Makes `replicas` workers serve the model; returns one placement that serves it.
         `keep_alive` (seconds idle before unloading, negative: never) is kept for the model;
-        `hold` (seconds) only keeps it loaded at least that long from now."""
+        `hold` (seconds) only keeps it loaded at least that long from now. New placements run
+        the weights `quantize` names ("int8"), or with "" those of the ready placements (the
+        stored weights when there are none)."""
         if not 0 <= replicas <= 64:
             raise InvalidArgument.field("replicas", "must be between 0 and 64")
+        if quantize not in QUANTIZATIONS:
+            raise InvalidArgument.field("quantize", f"must be one of {', '.join(repr(q) for q in QUANTIZATIONS)}")
         view = self.get(name)
         if hold is not None:
             ref = view.record.ref
@@ -290,10 +297,18 @@ class ModelRegistry:
             placement = None
             while True:
                 ready = [p for p in self._placements.get(view.record.ref, {}).values() if p.state == READY]
+                other = [p for p in ready if p.quantization != quantize]
+                if quantize and other:
+                    raise FailedPrecondition(
+                        f"{view.record.ref} is ready on {other[0].worker_id} with "
+                        f"{other[0].quantization or 'its stored'} weights; unload it first to load it with "
+                        f"{quantize} weights", reason="QUANTIZATION_MISMATCH",
+                        metadata={"model": str(view.record.ref), "loaded": other[0].quantization, "asked": quantize})
                 if len(ready) >= max(1, replicas):
                     return self.view(view.record), placement or ready[0]
                 try:
-                    view, placement = await self._load_once(view, exclude={p.worker_id for p in ready})
+                    variant = quantize or (ready[0].quantization if ready else "")
+                    view, placement = await self._load_once(view, {p.worker_id for p in ready}, variant)
                 except LlmosError:
                     if not ready:
                         raise
@@ -308,7 +323,7 @@ class ModelRegistry:
             lock = self._locks[ref] = asyncio.Lock()
         return lock
 
-    async def _load_once(self, view: ModelView, exclude: set[str]) -> tuple[ModelView, Placement]:
+    async def _load_once(self, view: ModelView, exclude: set[str], quantize: str = "") -> tuple[ModelView, Placement]:
         """Loads the model on one more worker (not in `exclude`). Holds the model's lock."""
         ref = view.record.ref
         placements = self._placements.setdefault(ref, {})
@@ -316,11 +331,12 @@ class ModelRegistry:
         await self._check_fits(view.record, needed)
         refusal: LlmosError | None = None
         for worker in [w for w in self._workers_by_load() if w.worker_id not in exclude]:
-            placement = Placement(worker.worker_id, worker.address, LOADING)
+            placement = Placement(worker.worker_id, worker.address, LOADING, quantization=quantize)
             placements[worker.worker_id] = placement
             self.events.emit(str(ref), events.LOADING, worker.worker_id, f"{needed} bytes")
             try:
-                placement.measured_bytes = await self._start_making_room(worker, ref, view.record.path, needed)
+                placement.measured_bytes = await self._start_making_room(worker, ref, view.record.path, needed,
+                                                                         quantize)
                 break
             except ResourceExhausted as exc:       # no room there, even after evicting: next worker
                 placements.pop(worker.worker_id, None)
@@ -336,7 +352,7 @@ class ModelRegistry:
                                          "no other worker is registered", reason="NO_WORKERS")
         placement.state, placement.ready_at = READY, self._clock()
         self.events.emit(str(ref), events.READY, placement.worker_id, f"{placement.measured_bytes} bytes measured")
-        if placement.measured_bytes:
+        if placement.measured_bytes and not quantize:     # the record's figure is for the stored weights
             self.catalog.set_measured(ref, placement.measured_bytes)
             view.record = replace(view.record, measured_bytes=placement.measured_bytes)
         log.info("model %s ready on worker %s (%d bytes measured, %d estimated)", ref,
@@ -364,12 +380,13 @@ class ModelRegistry:
                     load[wid] += 1
         return sorted(self.workers.values(), key=lambda w: (load[w.worker_id], w.worker_id))
 
-    async def _start_making_room(self, worker: Worker, ref: ModelRef, path: str, needed: int) -> int:
+    async def _start_making_room(self, worker: Worker, ref: ModelRef, path: str, needed: int,
+                                 quantize: str = "") -> int:
         """Loads on `worker`; while its memory is leased out, evicts the least recently used
         idle model there and tries again. Never evicts a model with requests in flight."""
         while True:
             try:
-                return await self._worker_port.start_model(worker.address, str(ref), path, needed)
+                return await self._worker_port.start_model(worker.address, str(ref), path, needed, quantize)
             except LlmosError as exc:
                 if exc.code != "RESOURCE_EXHAUSTED":
                     raise

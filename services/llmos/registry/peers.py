@@ -17,10 +17,11 @@ class GrpcWorkers:
         self._channels = channels
         self._timeout = load_timeout
 
-    async def start_model(self, address: str, model: str, path: str, estimated_bytes: int) -> int:
+    async def start_model(self, address: str, model: str, path: str, estimated_bytes: int,
+                          quantize: str = "") -> int:
         stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
         response = await stub.StartModel(
-            worker_pb2.StartModelRequest(model=model, path=path, estimated_bytes=estimated_bytes),
+            worker_pb2.StartModelRequest(model=model, path=path, estimated_bytes=estimated_bytes, quantize=quantize),
             timeout=self._timeout)
         return response.measured_bytes
 

@@ -36,9 +36,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if request.hold:
             if keep_alive is None or keep_alive <= 0:
                 raise InvalidArgument.field("keep_alive", "a hold needs a keep_alive of more than 0")
-            view, placement = await self.registry.load(request.name, request.replicas, hold=keep_alive)
+            view, placement = await self.registry.load(request.name, request.replicas, hold=keep_alive,
+                                                       quantize=request.quantize)
         else:
-            view, placement = await self.registry.load(request.name, request.replicas, keep_alive)
+            view, placement = await self.registry.load(request.name, request.replicas, keep_alive,
+                                                       quantize=request.quantize)
         return registry_pb2.LoadModelResponse(model=model_to_proto(view),
                                               placement=placement_to_proto(placement))
 

@@ -11,14 +11,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartModelRequest(_message.Message):
-    __slots__ = ("model", "path", "estimated_bytes")
+    __slots__ = ("model", "path", "estimated_bytes", "quantize")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     path: str
     estimated_bytes: int
-    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., estimated_bytes: _Optional[int] = ...) -> None: ...
+    quantize: str
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., quantize: _Optional[str] = ...) -> None: ...
 
 class StartModelResponse(_message.Message):
     __slots__ = ("measured_bytes", "dtype", "device")

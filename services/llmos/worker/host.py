@@ -17,7 +17,14 @@ from typing import Protocol
 import psutil
 import torch
 
-from llmos.common.domain import DEFAULT_MAX_TOKENS, Chunk, GenerationInput, SamplingParams, merge_chunks
+from llmos.common.domain import (
+    DEFAULT_MAX_TOKENS,
+    QUANTIZATIONS,
+    Chunk,
+    GenerationInput,
+    SamplingParams,
+    merge_chunks,
+)
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound, ResourceExhausted
 from llmos.common.names import model_lease_holder, worker_lease_prefix
 
@@ -120,10 +127,17 @@ class ModelHost:
             return f"cuda:{self.device.index or 0}"
         return "cpu"
 
-    async def start_model(self, model: str, path: str, estimated_bytes: int) -> Served:
+    async def start_model(self, model: str, path: str, estimated_bytes: int, quantize: str = "") -> Served:
+        if quantize not in QUANTIZATIONS:
+            raise InvalidArgument.field("quantize", f"must be one of {', '.join(repr(q) for q in QUANTIZATIONS)}")
         async with self._lock:
             served = self._served.get(model)
             if served is not None:
+                if served.loaded.quantization != quantize:
+                    raise FailedPrecondition(
+                        f"{model} is loaded here with {served.loaded.quantization or 'its stored'} weights; "
+                        "unload it first", reason="QUANTIZATION_MISMATCH",
+                        metadata={"model": model, "loaded": served.loaded.quantization, "asked": quantize})
                 return served
             if estimated_bytes <= 0:
                 raise InvalidArgument.field("estimated_bytes", "must be greater than 0")
@@ -132,7 +146,7 @@ class ModelHost:
             try:
                 loaded = await asyncio.wrap_future(self.driver.call(
                     self._loader, model, path, self.device, self.dtype, self.config.slots,
-                    self.config.max_seq_len))
+                    self.config.max_seq_len, quantize))
             except BaseException:
                 await self._resources.release(lease)
                 raise

@@ -8,6 +8,12 @@ batch. Attention is then done per part: all decoding sequences together against
 the cache (padded to the longest, masked), and each prefill chunk causally
 against its own slot.
 
+With `quantize="int8"` every matrix of the layers and the LM head is kept as int8 with one
+float scale per output row (weight-only, symmetric), and multiplied by torch's
+`_weight_int8pack_mm`, which reads the int8 weights directly. Its fast kernels take bfloat16
+activations, so a float32 model's activations are cast to bfloat16 for those products (and
+back); norms, attention, the embedding table and the KV cache stay in the model's dtype.
+
 The cache holds `slots` sequences of up to `max_len` tokens. Sequences occupy
 slots 0..n-1; when one leaves, the last moves into its place, so the decoding
 batch is always a leading block of the cache and needs no gather.
@@ -24,7 +30,36 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from llmos.common.domain import QUANTIZATIONS
+
 SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A [out, in] matrix as int8 rows and one bfloat16 scale per row."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    @staticmethod
+    def of(weight: torch.Tensor) -> Int8Weight:
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        values = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
+        return Int8Weight(values, scales.to(torch.bfloat16))
+
+    def numel(self) -> int:
+        return self.values.numel() + self.scales.numel()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(weight, Int8Weight):
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = torch._weight_int8pack_mm(rows, weight.values, weight.scales).to(x.dtype)
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
 
 
 @dataclass(frozen=True)
@@ -39,12 +74,12 @@ class PrefillChunk:
 @dataclass
 class _Layer:
     ln1: torch.Tensor
-    wqkv: torch.Tensor
+    wqkv: torch.Tensor | Int8Weight
     bqkv: torch.Tensor | None
-    wo: torch.Tensor
+    wo: torch.Tensor | Int8Weight
     ln2: torch.Tensor
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
+    w_gate_up: torch.Tensor | Int8Weight
+    w_down: torch.Tensor | Int8Weight
 
 
 def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -62,7 +97,10 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 class LlamaRunner:
-    def __init__(self, model: Any, slots: int, max_len: int) -> None:
+    def __init__(self, model: Any, slots: int, max_len: int, quantize: str = "") -> None:
+        if quantize not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantize!r}")
+        self.quantize = quantize
         config = model.config
         self.device = model.device
         self.dtype = model.dtype
@@ -80,6 +118,11 @@ class LlamaRunner:
             self.embed = inner.embed_tokens.weight
             self.norm = inner.norm.weight
             self.lm_head = model.lm_head.weight
+            if quantize == "int8":
+                for layer in self.layers:
+                    for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+                        setattr(layer, name, Int8Weight.of(getattr(layer, name)))
+                self.lm_head = Int8Weight.of(self.lm_head)
             positions = torch.arange(max_len, device=self.device)[None]
             cos, sin = inner.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
             self.cos, self.sin = cos[0], sin[0]
@@ -110,9 +153,11 @@ class LlamaRunner:
     @property
     def nbytes(self) -> int:
         """Bytes held: weights (shared tensors once) and the KV cache."""
-        tensors = {id(t): t for layer in self.layers for t in vars(layer).values() if t is not None}
-        for t in (self.embed, self.norm, self.lm_head, self.cos, self.sin, self.k_cache, self.v_cache):
-            tensors[id(t)] = t
+        tensors = {}
+        for t in [v for layer in self.layers for v in vars(layer).values()] + [
+                self.embed, self.norm, self.lm_head, self.cos, self.sin, self.k_cache, self.v_cache]:
+            for part in ((t.values, t.scales) if isinstance(t, Int8Weight) else (t,) if t is not None else ()):
+                tensors[id(part)] = part
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def move_slot(self, source: int, target: int, length: int) -> None:
@@ -203,7 +248,7 @@ class LlamaRunner:
         x = F.embedding(tokens, self.embed)
         for index, layer in enumerate(self.layers):
             h = self._rms(x, layer.ln1)
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            qkv = linear(h, layer.wqkv, layer.bqkv)
             qk = self._rope(qkv[:, :(hq + hk) * d].view(total, hq + hk, d), cos, sin)   # q and k at once
             q, k = qk[:, :hq], qk[:, hq:]
             v = qkv[:, (hq + hk) * d:].view(total, hk, d)
@@ -227,9 +272,9 @@ class LlamaRunner:
                 op = self._chunk_attention(qp, k_cache[chunk.slot, :, :, :end], v_cache[chunk.slot, :, :end], bias)
                 out[offset:offset + chunk.length] = op.transpose(0, 1)
                 offset += chunk.length
-            x = x + F.linear(out.view(total, hq * d), layer.wo)
+            x = x + linear(out.view(total, hq * d), layer.wo)
             h = self._rms(x, layer.ln2)
-            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(self.act(gate) * up, layer.w_down)
+            gate, up = linear(h, layer.w_gate_up).chunk(2, dim=-1)
+            x = x + linear(self.act(gate) * up, layer.w_down)
         h = self._rms(x[logit_rows], self.norm)
-        return F.linear(h, self.lm_head).float()
+        return linear(h, self.lm_head).float()

@@ -29,6 +29,8 @@ class LoadedModel:
     # Longest sequence (prompt + output) one cache slot holds.
     max_seq_len: int
     eos_ids: frozenset[int]
+    # The weight variant it runs ("" as stored, "int8").
+    quantization: str = ""
 
     @property
     def dtype_name(self) -> str:
@@ -65,9 +67,10 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 
 
 def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, slots: int,
-               max_seq_len: int) -> LoadedModel:
+               max_seq_len: int, quantize: str = "") -> LoadedModel:
     """Loads the weights and tokenizer and builds the batched runner with its KV cache of
-    `slots` sequences of up to `max_seq_len` tokens (capped by the model's context)."""
+    `slots` sequences of up to `max_seq_len` tokens (capped by the model's context), with its
+    weights as `quantize` says ("" as stored, "int8")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(path)
@@ -90,9 +93,10 @@ def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, s
             metadata={"architecture": architecture})
     model.to(device).eval()
     context = int(getattr(model.config, "max_position_embeddings", 2048))
-    runner = LlamaRunner(model, slots, min(context, max_seq_len))
+    runner = LlamaRunner(model, slots, min(context, max_seq_len), quantize)
     eos = _eos_ids(model, tokenizer)
     del model  # the runner keeps the tensors it needs
-    log.info("loaded %s on %s in %s in %.2fs (%d bytes with a KV cache of %d x %d tokens)", name,
-             device, dtype, time.monotonic() - started, runner.nbytes, slots, runner.max_len)
-    return LoadedModel(name, runner, tokenizer, device, dtype, runner.nbytes, runner.max_len, eos)
+    log.info("loaded %s on %s in %s%s in %.2fs (%d bytes with a KV cache of %d x %d tokens)", name,
+             device, dtype, f" with {quantize} weights" if quantize else "", time.monotonic() - started,
+             runner.nbytes, slots, runner.max_len)
+    return LoadedModel(name, runner, tokenizer, device, dtype, runner.nbytes, runner.max_len, eos, quantize)

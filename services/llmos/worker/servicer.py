@@ -22,9 +22,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         with self.tracer.start_as_current_span("load model", attributes={
                 "gen_ai.request.model": request.model, "llmos.model.estimated_bytes": request.estimated_bytes,
                 "llmos.model.cold": request.model not in self.host.loaded_models}) as span:
-            served = await self.host.start_model(request.model, request.path, request.estimated_bytes)
+            served = await self.host.start_model(request.model, request.path, request.estimated_bytes,
+                                                 request.quantize)
             span.set_attributes({"llmos.model.measured_bytes": served.loaded.measured_bytes,
                                  "llmos.model.dtype": served.loaded.dtype_name,
+                                 "llmos.model.quantization": served.loaded.quantization,
                                  "llmos.device": self.host.device_name})
         return worker_pb2.StartModelResponse(
             measured_bytes=served.loaded.measured_bytes, device=self.host.device_name,

@@ -39,11 +39,14 @@ class FakeWorkers:
         self.fail = fail
         self.calls = []
 
-    async def start_model(self, address, model, path, estimated_bytes):
-        self.calls.append((address, model))
+    async def start_model(self, address, model, path, estimated_bytes, quantize=""):
+        self.calls.append((address, model) + ((quantize,) if quantize else ()))
         if self.fail:
             raise FailedPrecondition("the weights do not load", reason="MODEL_LOAD_FAILED")
         return 1234
+
+    async def stop_model(self, address, model):
+        self.calls.append(("stop", address, model))
 
 
 def importer(tmp_path):
@@ -272,7 +275,7 @@ class RoomyWorker:
         self.in_flight = {}
         self.clock = 0.0
 
-    async def start_model(self, address, model, path, needed):
+    async def start_model(self, address, model, path, needed, quantize=""):
         if model in self.loaded:
             return self.loaded[model]
         if sum(self.loaded.values()) + needed > self.capacity:
@@ -367,3 +370,29 @@ async def test_keep_alive_set_at_load_overrides_the_default_for_that_model(tmp_p
     assert registry.get("a").record.keep_alive == -1.0
     assert await registry.evict_idle(keep_alive=1.0, now=now + 200) == [("b:latest", "w1")]
     assert set(worker.loaded) == {"a:latest"}
+
+
+async def test_a_quantized_load_runs_its_variant_and_more_replicas_follow_it(tmp_path, registry):
+    await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
+    for i in range(2):
+        registry.register_worker(f"w{i}", f"127.0.0.1:{i}", "node")
+    view, placement = await registry.load("tiny", quantize="int8")
+    assert placement.quantization == "int8"
+    assert registry._worker_port.calls == [(placement.address, "tiny:latest", "int8")]
+    assert view.record.measured_bytes == 0              # the record's figure stays the stored weights'
+    view, _ = await registry.load("tiny", replicas=2)   # unspecified: the ready placements' variant
+    assert [p.quantization for p in view.placements] == ["int8", "int8"]
+    with pytest.raises(InvalidArgument):
+        await registry.load("tiny", quantize="int4")
+
+
+async def test_a_quantized_load_where_the_stored_weights_run_is_refused_until_unloaded(tmp_path, registry):
+    await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
+    registry.register_worker("w0", "127.0.0.1:0", "node")
+    await registry.load("tiny")
+    with pytest.raises(FailedPrecondition) as refused:
+        await registry.load("tiny", quantize="int8")
+    assert refused.value.reason == "QUANTIZATION_MISMATCH"
+    await registry.unload("tiny")
+    _, placement = await registry.load("tiny", quantize="int8")
+    assert placement.quantization == "int8"
