@@ -8,6 +8,10 @@ this process: transformers `generate()` one request at a time, and `generate()` 
 static left-padded batches of C (each batch runs until its longest request is done).
 Every figure is printed with its ratio to the baselines measured the same minute.
 
+`--peer URL` runs the same workload, in the same invocation, against another server's
+OpenAI-compatible `/v1/completions` (vLLM, TGI, llama.cpp, Ollama: streaming, `ignore_eos`)
+and prints llmos's figures through the gateway as ratios to the peer's.
+
 `--conversation N` measures the prefix cache instead: one chat of N turns through the
 gateway, each turn sending every earlier one again, then the last turn's messages once
 more under a different system prompt (nothing of it cached); it prints the last turn's
@@ -141,6 +145,63 @@ async def run_suite(label: str, target: str, address: str, model: str, jobs: lis
     await channel.close()
     return Result(label, sum(t.tokens for t in traces), seconds, [t.ttft for t in traces],
                   [g for t in traces for g in t.gaps()])
+
+
+async def run_peer(url: str, model: str, jobs: list[tuple[str, int]], concurrency: int) -> Result:
+    """The workload against an OpenAI-compatible server: streamed completions, EOS ignored; each
+    server-sent event's tokens from its text's share of the final usage (an event is a token
+    on the peers measured)."""
+    import json
+
+    import httpx
+
+    queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+    traces: list[Trace] = []
+
+    async def one(client: httpx.AsyncClient, prompt: str, length: int) -> None:
+        body = {"model": model, "prompt": prompt, "max_tokens": length, "min_tokens": length, "ignore_eos": True,
+                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+        trace, events, completion = Trace(time.perf_counter()), [], 0
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("choices") and event["choices"][0].get("text"):
+                    events.append(time.perf_counter())
+                if event.get("usage"):
+                    completion = event["usage"]["completion_tokens"]
+        if events:
+            per_event = [completion // len(events)] * len(events)
+            per_event[-1] += completion - sum(per_event)
+            trace.arrivals = list(zip(events, per_event, strict=True))
+            traces.append(trace)
+
+    async def client() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+            while not queue.empty():
+                await one(http, *queue.get_nowait())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    return Result(f"peer {url}", sum(t.tokens for t in traces), seconds, [t.ttft for t in traces],
+                  [g for t in traces for g in t.gaps()])
+
+
+def against_peer(args: argparse.Namespace, name: str, jobs: list[tuple[str, int]], ours: Result) -> None:
+    """The peer's figures on the same workload, measured now, and llmos's ratios to them."""
+    model = args.peer_model or name.split(":")[0]
+    asyncio.run(run_peer(args.peer, model, jobs[:2], 2))              # warm-up
+    peer = asyncio.run(run_peer(args.peer, model, jobs, args.concurrency))
+    print(describe(peer))
+    print("ratios to the peer:")
+    print(f"  throughput, llmos / peer: {ours.tokens_per_s / peer.tokens_per_s:.2f}x")
+    print(f"  TTFT p50, llmos / peer: {percentile(ours.ttft, 50) / percentile(peer.ttft, 50):.2f}x")
+    print(f"  ITL p50, llmos / peer: {percentile(ours.itl, 50) / percentile(peer.itl, 50):.2f}x")
 
 
 class Baselines:
@@ -334,6 +395,8 @@ def main(args: argparse.Namespace) -> int:
         results[target] = asyncio.run(run_suite(f"llmos via {target}", target, address, name, jobs,
                                                 args.concurrency, credentials))
         print(describe(results[target]))
+    if args.peer:
+        against_peer(args, name, jobs, results.get("gateway") or results["worker"])
     if args.no_baselines:
         return 0
     baselines = Baselines(path, dtype)
@@ -355,6 +418,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="measure the suite against generate() baselines")
     bench.add_argument("--model", default="smollm2-135m-instruct")
@@ -373,6 +437,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="measure loading the model from the store against a bare from_pretrained")
     bench.add_argument("--dtype", default="bfloat16", help="dtype for --load")
     bench.add_argument("--rounds", type=int, default=5, help="loads each way for --load")
+    bench.add_argument("--peer", default="", metavar="URL",
+                       help="also run the workload against this OpenAI-compatible server (e.g. "
+                            "http://127.0.0.1:8012) and print llmos's ratios to it")
+    bench.add_argument("--peer-model", default="", help="the model's name on the peer (default: llmos's name)")
     bench.add_argument("--conversation", type=int, default=0, metavar="TURNS",
                        help="measure the prefix cache: the last turn's TTFT of a chat of TURNS turns, "
                             "against the same messages with nothing cached")
