@@ -294,7 +294,8 @@ async def test_high_priority_starts_before_any_queued_low_priority(suite):
 async def test_the_turns_of_each_conversation_go_to_one_worker_and_reuse_its_prefix_cache(suite):
     """Four chats of three turns at once, each turn sending the earlier ones again: every turn
     of a chat runs where its first did (prefix affinity), and its prompt's start comes from that
-    worker's prefix cache; the chats are spread over both workers."""
+    worker's prefix cache; the chats are spread over both workers. (The first turns are longer, so
+    the four overlap: two on each worker, never more than the affinity slack apart.)"""
     driver = Driver(suite)
     try:
         async def chat(c: int) -> list[tuple[str, int, int]]:
@@ -306,7 +307,8 @@ async def test_the_turns_of_each_conversation_go_to_one_worker_and_reuse_its_pre
                 text, usage = "", None
                 async for response in driver.gateway.Generate(gateway_pb2.GenerateRequest(
                         model="tiny", messages=messages, request_id=rid,
-                        sampling=common_pb2.SamplingParams(max_tokens=12, ignore_eos=True)), timeout=60,
+                        sampling=common_pb2.SamplingParams(max_tokens=12 if turn else 32, ignore_eos=True)),
+                        timeout=60,
                         metadata=(("authorization", f"Bearer {driver.keys['default']}"),)):
                     text += response.text
                     usage = response.usage if response.HasField("usage") else usage
