@@ -298,6 +298,19 @@ def test_a_model_loaded_with_int8_weights_serves_and_says_so(suite, client):
     assert [p.quantization for p in client.get_model("tiny").placements] == [""]
 
 
+def test_a_users_request_loads_a_model_loaded_nowhere(suite, client):
+    """A cold start by a user's key (whose keep-alive only holds, and here is not given)."""
+    from llmos.v1 import identity_pb2
+
+    key = client.identity.CreateApiKey(identity_pb2.CreateApiKeyRequest(
+        tenant="default", role=identity_pb2.ROLE_USER), timeout=10).secret
+    client.unload_model("tiny")
+    with suite.client(api_key=key) as user:
+        responses = list(user.generate("tiny", prompt="Once upon a time", max_tokens=4, ignore_eos=True))
+    assert responses[-1].usage.completion_tokens == 4
+    assert [p.state for p in client.get_model("tiny").placements] == [common_pb2.Model.STATE_READY]
+
+
 @pytest.mark.smollm2
 def test_sigterm_drains_a_stream_in_flight_then_stops_every_service(suite, client):
     pids = {name: process.pid for name, process in suite.processes.items()}

@@ -5,6 +5,7 @@ alone, however the kept slots were copied, overwritten and reused."""
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -99,6 +100,24 @@ def test_kept_slots_overwritten_copied_and_reused_under_load_never_change_an_ans
     assert sum(1 for _, reused in joins.reused.values() if reused) >= 6, joins.reused
     for i, (prompt, collector) in enumerate(zip(prompts, collectors, strict=True)):
         assert collector.ids == reference(prompt), i
+
+
+def test_a_prompt_reuses_what_a_running_sequence_has_computed(tiny_model_dir, reference):
+    loaded, engine, joins = start(tiny_model_dir, slots=4)
+    tok = loaded.tokenizer
+    system = tok("A long system prompt that every request of this tenant starts with.")["input_ids"]
+    try:
+        first = run(engine, system + tok(" First?")["input_ids"], "first", max_new=24)
+        while len(first.chunks) < 2:                        # prefilled and decoding
+            threading.Event().wait(0.005)
+        second = run(engine, system + tok(" Second?")["input_ids"], "second", max_new=24)
+        wait_all([first, second])
+    finally:
+        engine.stop()
+    assert first.chunks[-1].finish_reason is not None and len(first.ids) == 24
+    assert joins.reused["second"][1] >= len(system) - 1, joins.reused
+    assert first.ids == reference(system + tok(" First?")["input_ids"], 24)
+    assert second.ids == reference(system + tok(" Second?")["input_ids"], 24)
 
 
 def test_without_the_prefix_cache_nothing_is_reused(tiny_model_dir, reference):

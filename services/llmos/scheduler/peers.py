@@ -40,7 +40,8 @@ class GrpcRegistry:
 
     async def load(self, model: str, timeout: float | None, keep_alive: float | None = None,
                    hold: bool = False) -> list[Endpoint]:
-        request = registry_pb2.LoadModelRequest(name=model, hold=hold)
+        # A hold is of a keep-alive: a user's cold start without one only loads the model.
+        request = registry_pb2.LoadModelRequest(name=model, hold=hold and keep_alive is not None)
         if keep_alive is not None:
             request.keep_alive.CopyFrom(duration(keep_alive))
         with self._tracer.start_as_current_span("cold start", attributes={"gen_ai.request.model": model}) as span:

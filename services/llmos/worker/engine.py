@@ -27,7 +27,7 @@ from llmos.common.domain import Chunk, FinishReason, SamplingParams, Usage
 from llmos.common.errors import Internal, LlmosError, Unavailable
 
 from .llama import LlamaRunner, PrefillChunk
-from .prefix import PrefixCache
+from .prefix import PrefixCache, common_prefix
 from .sampling import make_generator, sample, top_logprobs
 from .textstream import Detokenizer, StopStrings
 
@@ -332,10 +332,19 @@ class Engine:
             self._window = [0, 0.0, 0.0]
 
     def _reuse_prefix(self, seq: Sequence) -> None:
-        """Gives a joining sequence the longest prefix of its prompt the cache keeps."""
+        """Gives a joining sequence the longest prefix of its prompt that the cache keeps or a
+        running sequence has computed (requests in flight with the same system prompt)."""
         if self.prefix is None:
             return
         source, length = self.prefix.match(seq.prompt_ids, seq.slot)
+        for other in self._running:
+            if other.cached > length:
+                held = other.prompt_ids
+                if other.cached > len(held):
+                    held = held + other.output_ids
+                shared = min(common_prefix(held[:other.cached], seq.prompt_ids), len(seq.prompt_ids) - 1)
+                if shared > length:
+                    source, length = other.slot, shared
         self.prefix.drop(seq.slot)
         if length:
             if source != seq.slot:

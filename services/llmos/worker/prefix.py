@@ -7,7 +7,9 @@ output) are kept in a free slot, and the slot is marked with those tokens. A seq
 joins takes the slot after the running ones; if a kept slot's tokens begin its prompt, those
 positions are copied into its slot (nothing to copy when it is that slot) and only the rest of
 the prompt is computed. This is llama.cpp's slot cache: a whole prefix is copied, not shared in
-blocks, which suits a slot cache whose running sequences form a leading block. A kept slot is
+blocks, which suits a slot cache whose running sequences form a leading block. A running
+sequence's slot serves the same way (the positions it has computed never change), so requests in
+flight that share a system prompt compute it once. A kept slot is
 only ever a free one, so it never costs a running sequence room: joins overwrite kept slots
 from the lowest up, and a leaving sequence is kept in the highest free slot that keeps nothing
 (else in the one used least recently).
