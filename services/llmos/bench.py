@@ -175,6 +175,7 @@ async def run_peer(url: str, model: str, jobs: list[tuple[str, int]], concurrenc
                 if event.get("usage"):
                     completion = event["usage"]["completion_tokens"]
         if events:
+            completion = max(completion, len(events))       # no usage: an event is a token
             per_event = [completion // len(events)] * len(events)
             per_event[-1] += completion - sum(per_event)
             trace.arrivals = list(zip(events, per_event, strict=True))

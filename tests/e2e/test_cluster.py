@@ -57,7 +57,8 @@ IMAGE = os.environ.get("LLMOS_TEST_IMAGE", "")
 
 
 def podman() -> tuple[str, ...]:
-    work = Path(os.environ["IMAGE_WORK"]).resolve()
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmos" / "image"   # the Makefile's
+    work = Path(os.environ.get("IMAGE_WORK", default)).resolve()
     os.environ["CONTAINERS_CONF"] = str(work / "containers.conf")
     return "podman", "--root", str(work / "storage"), "--runroot", str(work / "run")
 

@@ -227,12 +227,12 @@ class Engine:
         driver.add(self)
 
     def stats(self) -> EngineStats:
-        with self._wake:
+        with self._wake:           # the driver's thread changes all of these
             running = list(self._running)
             waiting = sum(1 for s in self._inbox if not s.cancelled)
+            kept = self.prefix.tokens if self.prefix else 0
         return EngineStats(len(running), waiting, sum(s.cached for s in running),
-                           self.runner.kv_positions, self.tokens_generated, self.runner.slots,
-                           self.prefix.tokens if self.prefix else 0)
+                           self.runner.kv_positions, self.tokens_generated, self.runner.slots, kept)
 
     def submit(self, seq: Sequence) -> None:
         with self._wake:
