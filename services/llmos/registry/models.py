@@ -170,9 +170,11 @@ class ModelRegistry:
     # workers and placement -------------------------------------------------
 
     def register_worker(self, worker_id: str, address: str, node: str, incarnation: str = "",
-                        loaded_models: list[str] | None = None, metrics_address: str = "") -> None:
+                        loaded_models: list[str] | None = None, metrics_address: str = "",
+                        quantizations: dict[str, str] | None = None) -> None:
         """Records a worker (and its heartbeat). A new address or incarnation means it lost its
-        models; the models it says it holds are placed there (a restarted registry relearns)."""
+        models; the models it says it holds are placed there, with the weights it says they run
+        (a restarted registry relearns)."""
         if not worker_id or len(worker_id) > 128:
             raise InvalidArgument.field("worker_id", "is required, at most 128 characters")
         if not address:
@@ -191,11 +193,13 @@ class ModelRegistry:
             if known is not None:
                 self._drop_placements(worker_id)
         self.workers[worker_id] = worker
+        variants = {str(parse_model_ref(name, "quantizations")): q for name, q in (quantizations or {}).items()}
         holds = {parse_model_ref(name, "loaded_models") for name in loaded_models or ()}
         for ref in holds:
             placements = self._placements.setdefault(ref, {})
             if worker_id not in placements and self.catalog.get(ref) is not None:
-                placements[worker_id] = Placement(worker_id, address, READY, ready_at=now)
+                placements[worker_id] = Placement(worker_id, address, READY, ready_at=now,
+                                                  quantization=variants.get(str(ref), ""))
                 self.events.emit(str(ref), events.READY, worker_id, "reported loaded by the worker")
         if known == worker and loaded_models is not None:
             self._drop_unheld(worker_id, holds, since=known.last_seen)

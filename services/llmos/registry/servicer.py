@@ -54,7 +54,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def RegisterWorker(self, request, context):
         require_worker(request.worker_id)
         self.registry.register_worker(request.worker_id, request.address, request.node,
-                                      request.incarnation, list(request.loaded_models), request.metrics_address)
+                                      request.incarnation, list(request.loaded_models), request.metrics_address,
+                                      dict(request.quantizations))
         return registry_pb2.RegisterWorkerResponse()
 
     async def WatchModels(self, request, context):

@@ -27,13 +27,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmos/v1/registry.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/common.proto\"?\n\x12ImportModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"F\n\x13ImportModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x10GetModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.llmos.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x81\x01\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x05\x12-\n\nkeep_alive\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04hold\x18\x04 \x01(\x08\x12\x10\n\x08quantize\x18\x05 \x01(\t\"[\n\x11LoadModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\x12&\n\tplacement\x18\x02 \x01(\x0b\x32\x13.llmos.v1.Placement\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x13UnloadModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse\"\x8e\x01\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\t\x12\x15\n\rloaded_models\x18\x05 \x03(\t\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\"\x18\n\x16RegisterWorkerResponse\"\"\n\x12WatchModelsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xfd\x02\n\x13WatchModelsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x04kind\x18\x02 \x01(\x0e\x32\".llmos.v1.WatchModelsResponse.Kind\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd7\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eKIND_IMPORTING\x10\x01\x12\x11\n\rKIND_IMPORTED\x10\x02\x12\x10\n\x0cKIND_LOADING\x10\x03\x12\x0e\n\nKIND_READY\x10\x04\x12\x12\n\x0eKIND_UNLOADING\x10\x05\x12\x11\n\rKIND_UNLOADED\x10\x06\x12\x10\n\x0cKIND_EVICTED\x10\x07\x12\x14\n\x10KIND_UNAVAILABLE\x10\x08\x12\x0f\n\x0bKIND_FAILED\x10\t\x12\x10\n\x0cKIND_DELETED\x10\n\"\x14\n\x12ListWorkersRequest\"\xa1\x01\n\x13ListWorkersResponse\x12\x35\n\x07workers\x18\x01 \x03(\x0b\x32$.llmos.v1.ListWorkersResponse.Worker\x1aS\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x04 \x01(\t2\xb6\x05\n\x0fRegistryService\x12J\n\x0bImportModel\x12\x1c.llmos.v1.ImportModelRequest\x1a\x1d.llmos.v1.ImportModelResponse\x12\x41\n\x08GetModel\x12\x19.llmos.v1.GetModelRequest\x1a\x1a.llmos.v1.GetModelResponse\x12G\n\nListModels\x12\x1b.llmos.v1.ListModelsRequest\x1a\x1c.llmos.v1.ListModelsResponse\x12\x44\n\tLoadModel\x12\x1a.llmos.v1.LoadModelRequest\x1a\x1b.llmos.v1.LoadModelResponse\x12J\n\x0bUnloadModel\x12\x1c.llmos.v1.UnloadModelRequest\x1a\x1d.llmos.v1.UnloadModelResponse\x12J\n\x0b\x44\x65leteModel\x12\x1c.llmos.v1.DeleteModelRequest\x1a\x1d.llmos.v1.DeleteModelResponse\x12S\n\x0eRegisterWorker\x12\x1f.llmos.v1.RegisterWorkerRequest\x1a .llmos.v1.RegisterWorkerResponse\x12J\n\x0bListWorkers\x12\x1c.llmos.v1.ListWorkersRequest\x1a\x1d.llmos.v1.ListWorkersResponse\x12L\n\x0bWatchModels\x12\x1c.llmos.v1.WatchModelsRequest\x1a\x1d.llmos.v1.WatchModelsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmos/v1/registry.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/common.proto\"?\n\x12ImportModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"F\n\x13ImportModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x10GetModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.llmos.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x81\x01\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x05\x12-\n\nkeep_alive\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04hold\x18\x04 \x01(\x08\x12\x10\n\x08quantize\x18\x05 \x01(\t\"[\n\x11LoadModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\x12&\n\tplacement\x18\x02 \x01(\x0b\x32\x13.llmos.v1.Placement\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x13UnloadModelResponse\x12\x1e\n\x05model\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Model\"\"\n\x12\x44\x65leteModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteModelResponse\"\x8f\x02\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\t\x12\x15\n\rloaded_models\x18\x05 \x03(\t\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t\x12I\n\rquantizations\x18\x07 \x03(\x0b\x32\x32.llmos.v1.RegisterWorkerRequest.QuantizationsEntry\x1a\x34\n\x12QuantizationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16RegisterWorkerResponse\"\"\n\x12WatchModelsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xfd\x02\n\x13WatchModelsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x04kind\x18\x02 \x01(\x0e\x32\".llmos.v1.WatchModelsResponse.Kind\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd7\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eKIND_IMPORTING\x10\x01\x12\x11\n\rKIND_IMPORTED\x10\x02\x12\x10\n\x0cKIND_LOADING\x10\x03\x12\x0e\n\nKIND_READY\x10\x04\x12\x12\n\x0eKIND_UNLOADING\x10\x05\x12\x11\n\rKIND_UNLOADED\x10\x06\x12\x10\n\x0cKIND_EVICTED\x10\x07\x12\x14\n\x10KIND_UNAVAILABLE\x10\x08\x12\x0f\n\x0bKIND_FAILED\x10\t\x12\x10\n\x0cKIND_DELETED\x10\n\"\x14\n\x12ListWorkersRequest\"\xa1\x01\n\x13ListWorkersResponse\x12\x35\n\x07workers\x18\x01 \x03(\x0b\x32$.llmos.v1.ListWorkersResponse.Worker\x1aS\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x04 \x01(\t2\xb6\x05\n\x0fRegistryService\x12J\n\x0bImportModel\x12\x1c.llmos.v1.ImportModelRequest\x1a\x1d.llmos.v1.ImportModelResponse\x12\x41\n\x08GetModel\x12\x19.llmos.v1.GetModelRequest\x1a\x1a.llmos.v1.GetModelResponse\x12G\n\nListModels\x12\x1b.llmos.v1.ListModelsRequest\x1a\x1c.llmos.v1.ListModelsResponse\x12\x44\n\tLoadModel\x12\x1a.llmos.v1.LoadModelRequest\x1a\x1b.llmos.v1.LoadModelResponse\x12J\n\x0bUnloadModel\x12\x1c.llmos.v1.UnloadModelRequest\x1a\x1d.llmos.v1.UnloadModelResponse\x12J\n\x0b\x44\x65leteModel\x12\x1c.llmos.v1.DeleteModelRequest\x1a\x1d.llmos.v1.DeleteModelResponse\x12S\n\x0eRegisterWorker\x12\x1f.llmos.v1.RegisterWorkerRequest\x1a .llmos.v1.RegisterWorkerResponse\x12J\n\x0bListWorkers\x12\x1c.llmos.v1.ListWorkersRequest\x1a\x1d.llmos.v1.ListWorkersResponse\x12L\n\x0bWatchModels\x12\x1c.llmos.v1.WatchModelsRequest\x1a\x1d.llmos.v1.WatchModelsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmos.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_REGISTERWORKERREQUEST_QUANTIZATIONSENTRY']._loaded_options = None
+  _globals['_REGISTERWORKERREQUEST_QUANTIZATIONSENTRY']._serialized_options = b'8\001'
   _globals['_IMPORTMODELREQUEST']._serialized_start=125
   _globals['_IMPORTMODELREQUEST']._serialized_end=188
   _globals['_IMPORTMODELRESPONSE']._serialized_start=190
@@ -59,21 +61,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEMODELRESPONSE']._serialized_start=839
   _globals['_DELETEMODELRESPONSE']._serialized_end=860
   _globals['_REGISTERWORKERREQUEST']._serialized_start=863
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=1005
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1007
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1031
-  _globals['_WATCHMODELSREQUEST']._serialized_start=1033
-  _globals['_WATCHMODELSREQUEST']._serialized_end=1067
-  _globals['_WATCHMODELSRESPONSE']._serialized_start=1070
-  _globals['_WATCHMODELSRESPONSE']._serialized_end=1451
-  _globals['_WATCHMODELSRESPONSE_KIND']._serialized_start=1236
-  _globals['_WATCHMODELSRESPONSE_KIND']._serialized_end=1451
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1453
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1473
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1476
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1637
-  _globals['_LISTWORKERSRESPONSE_WORKER']._serialized_start=1554
-  _globals['_LISTWORKERSRESPONSE_WORKER']._serialized_end=1637
-  _globals['_REGISTRYSERVICE']._serialized_start=1640
-  _globals['_REGISTRYSERVICE']._serialized_end=2334
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=1134
+  _globals['_REGISTERWORKERREQUEST_QUANTIZATIONSENTRY']._serialized_start=1082
+  _globals['_REGISTERWORKERREQUEST_QUANTIZATIONSENTRY']._serialized_end=1134
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1136
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1160
+  _globals['_WATCHMODELSREQUEST']._serialized_start=1162
+  _globals['_WATCHMODELSREQUEST']._serialized_end=1196
+  _globals['_WATCHMODELSRESPONSE']._serialized_start=1199
+  _globals['_WATCHMODELSRESPONSE']._serialized_end=1580
+  _globals['_WATCHMODELSRESPONSE_KIND']._serialized_start=1365
+  _globals['_WATCHMODELSRESPONSE_KIND']._serialized_end=1580
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1582
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1602
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1605
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1766
+  _globals['_LISTWORKERSRESPONSE_WORKER']._serialized_start=1683
+  _globals['_LISTWORKERSRESPONSE_WORKER']._serialized_end=1766
+  _globals['_REGISTRYSERVICE']._serialized_start=1769
+  _globals['_REGISTRYSERVICE']._serialized_end=2463
 # @@protoc_insertion_point(module_scope)

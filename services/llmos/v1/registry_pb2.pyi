@@ -103,20 +103,29 @@ class DeleteModelResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "node", "incarnation", "loaded_models", "metrics_address")
+    __slots__ = ("worker_id", "address", "node", "incarnation", "loaded_models", "metrics_address", "quantizations")
+    class QuantizationsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATIONS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     node: str
     incarnation: str
     loaded_models: _containers.RepeatedScalarFieldContainer[str]
     metrics_address: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., incarnation: _Optional[str] = ..., loaded_models: _Optional[_Iterable[str]] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+    quantizations: _containers.ScalarMap[str, str]
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., node: _Optional[str] = ..., incarnation: _Optional[str] = ..., loaded_models: _Optional[_Iterable[str]] = ..., metrics_address: _Optional[str] = ..., quantizations: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ()

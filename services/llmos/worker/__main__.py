@@ -138,6 +138,7 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
                 worker_id=worker_id, address=settings.advertise_address or address,
                 node=settings.node_name or socket.gethostname(),
                 incarnation=incarnation, loaded_models=model_host.loaded_models,
+                quantizations=model_host.quantizations,
                 metrics_address=advertised(service.metrics_address))
 
         await announce(stub, request, settings.register_interval_seconds, ready=host.set_serving)

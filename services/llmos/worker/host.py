@@ -110,6 +110,11 @@ class ModelHost:
     def loaded_models(self) -> list[str]:
         return sorted(self._served)
 
+    @property
+    def quantizations(self) -> dict[str, str]:
+        """The loaded models with quantized weights, and their variant."""
+        return {name: s.loaded.quantization for name, s in self._served.items() if s.loaded.quantization}
+
     def memory_in_use(self) -> int:
         """What the worker holds for its models: allocated bytes on a GPU, on the CPU the growth
         of its resident memory since it started."""

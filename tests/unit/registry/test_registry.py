@@ -396,3 +396,13 @@ async def test_a_quantized_load_where_the_stored_weights_run_is_refused_until_un
     await registry.unload("tiny")
     _, placement = await registry.load("tiny", quantize="int8")
     assert placement.quantization == "int8"
+
+
+async def test_a_restarted_registry_relearns_which_weights_a_placement_runs(tmp_path, registry):
+    await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
+    registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"],
+                             quantizations={"tiny:latest": "int8"})
+    assert [p.quantization for p in registry.get("tiny").placements] == ["int8"]
+    registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
+    view, _ = await registry.load("tiny", replicas=2)      # the new replica follows the relearned weights
+    assert sorted(p.quantization for p in view.placements) == ["int8", "int8"]
