@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from llmos.common.errors import InvalidArgument
+
 
 class FinishReason(enum.Enum):
     """Why a generation ended; mirrors `llmos.v1.FinishReason`."""
@@ -56,6 +58,13 @@ class Usage:
 
 # Weight variants a model may be loaded as: "" as stored, "int8" weight-only int8.
 QUANTIZATIONS = ("", "int8")
+
+
+def check_quantization(value: str) -> str:
+    """`value` if it names a weight variant; else INVALID_ARGUMENT on the field `quantize`."""
+    if value not in QUANTIZATIONS:
+        raise InvalidArgument.field("quantize", f"must be one of {', '.join(repr(q) for q in QUANTIZATIONS)}")
+    return value
 
 
 @dataclass(frozen=True)

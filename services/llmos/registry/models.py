@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from llmos.common.domain import QUANTIZATIONS
+from llmos.common.domain import check_quantization
 from llmos.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -288,8 +288,7 @@ class ModelRegistry:
         stored weights when there are none)."""
         if not 0 <= replicas <= 64:
             raise InvalidArgument.field("replicas", "must be between 0 and 64")
-        if quantize not in QUANTIZATIONS:
-            raise InvalidArgument.field("quantize", f"must be one of {', '.join(repr(q) for q in QUANTIZATIONS)}")
+        check_quantization(quantize)
         view = self.get(name)
         if hold is not None:
             ref = view.record.ref

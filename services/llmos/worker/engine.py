@@ -27,7 +27,7 @@ from llmos.common.domain import Chunk, FinishReason, SamplingParams, Usage
 from llmos.common.errors import Internal, LlmosError, Unavailable
 
 from .llama import LlamaRunner, PrefillChunk
-from .prefix import PrefixCache, common_prefix
+from .prefix import PrefixCache
 from .sampling import make_generator, sample, top_logprobs
 from .textstream import Detokenizer, StopStrings
 
@@ -71,6 +71,12 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.cached < len(self.prompt_ids)
+
+    @property
+    def computed(self) -> list[int]:
+        """The tokens whose keys and values its slot holds: the first `cached` of prompt + output."""
+        held = self.prompt_ids if self.cached <= len(self.prompt_ids) else self.prompt_ids + self.output_ids
+        return held[:self.cached]
 
     @property
     def paused(self) -> bool:
@@ -336,15 +342,8 @@ class Engine:
         running sequence has computed (requests in flight with the same system prompt)."""
         if self.prefix is None:
             return
-        source, length = self.prefix.match(seq.prompt_ids, seq.slot)
-        for other in self._running:
-            if other.cached > length:
-                held = other.prompt_ids
-                if other.cached > len(held):
-                    held = held + other.output_ids
-                shared = min(common_prefix(held[:other.cached], seq.prompt_ids), len(seq.prompt_ids) - 1)
-                if shared > length:
-                    source, length = other.slot, shared
+        source, length = self.prefix.match(seq.prompt_ids, seq.slot,
+                                           ((s.slot, s.computed) for s in self._running if s.cached))
         self.prefix.drop(seq.slot)
         if length:
             if source != seq.slot:
@@ -362,7 +361,7 @@ class Engine:
             if target is not None:
                 if target != hole:
                     self.runner.move_slot(hole, target, seq.cached)
-                self.prefix.keep(target, (seq.prompt_ids + seq.output_ids)[:seq.cached])
+                self.prefix.keep(target, seq.computed)
         if hole != last:
             moved = self._running[last]
             self.runner.move_slot(last, hole, moved.cached)

@@ -19,10 +19,10 @@ import torch
 
 from llmos.common.domain import (
     DEFAULT_MAX_TOKENS,
-    QUANTIZATIONS,
     Chunk,
     GenerationInput,
     SamplingParams,
+    check_quantization,
     merge_chunks,
 )
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound, ResourceExhausted
@@ -133,8 +133,7 @@ class ModelHost:
         return "cpu"
 
     async def start_model(self, model: str, path: str, estimated_bytes: int, quantize: str = "") -> Served:
-        if quantize not in QUANTIZATIONS:
-            raise InvalidArgument.field("quantize", f"must be one of {', '.join(repr(q) for q in QUANTIZATIONS)}")
+        check_quantization(quantize)
         async with self._lock:
             served = self._served.get(model)
             if served is not None:

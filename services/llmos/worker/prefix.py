@@ -18,6 +18,7 @@ from the lowest up, and a leaving sequence is kept in the highest free slot that
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -46,16 +47,19 @@ class PrefixCache:
         """Positions kept over all slots."""
         return sum(len(tokens) for tokens in self._kept.values())
 
-    def match(self, prompt: list[int], slot: int) -> tuple[int, int]:
-        """The kept slot sharing the longest prefix with `prompt`, and how many positions of it
+    def match(self, prompt: list[int], slot: int,
+              running: Iterable[tuple[int, list[int]]] = ()) -> tuple[int, int]:
+        """The slot sharing the longest prefix with `prompt`, among the kept ones and `running`
+        (a running sequence's slot and the tokens it has computed), and how many positions of it
         to reuse: at most all but the prompt's last token, whose logits the step must compute.
-        On a tie, `slot` itself (nothing to copy), else the most recently kept. (slot, 0): none."""
+        On a tie, `slot` itself (nothing to copy), else the most recently kept, else a kept one
+        over a running one. (slot, 0): none."""
         best, length = slot, 0
-        for kept, tokens in reversed(self._kept.items()):
+        for source, tokens in [*reversed(self._kept.items()), *running]:
             shared = min(common_prefix(tokens, prompt), len(prompt) - 1)
-            if shared > length or (shared == length and shared and kept == slot):
-                best, length = kept, shared
-        if length:
+            if shared > length or (shared == length and shared and source == slot):
+                best, length = source, shared
+        if length and best in self._kept:
             self._kept.move_to_end(best)
         return best, length
 

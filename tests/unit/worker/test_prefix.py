@@ -44,3 +44,10 @@ def test_a_leaving_sequence_is_kept_high_and_evicts_the_least_recently_used():
     cache.drop(2)
     cache.drop(3)
     assert cache.tokens == 0
+
+
+def test_a_running_sequences_slot_serves_when_it_shares_more():
+    cache = PrefixCache()
+    cache.keep(5, [1, 2])
+    assert cache.match([1, 2, 3, 4], slot=3, running=[(0, [1, 2, 3])]) == (0, 3)
+    assert cache.match([1, 2, 9], slot=3, running=[(0, [1, 2, 3])]) == (5, 2)   # a tie: the kept one
