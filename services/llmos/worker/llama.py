@@ -14,6 +14,17 @@ float scale per output row (weight-only, symmetric), and multiplied by torch's
 activations, so a float32 model's activations are cast to bfloat16 for those products (and
 back); norms, attention, the embedding table and the KV cache stay in the model's dtype.
 
+Batch-invariant: a sequence's output does not depend on what else is in its step. Attention
+reads every sequence's keys to a length rounded up to `KEY_BLOCK` positions (the ones beyond
+its own masked), so the reductions over keys (softmax, probabilities times values) run whole
+vector blocks padded with exact zeros and sum in the same order whatever the longest sequence
+of the batch is; a sequence alone and the same sequence in a busy batch reduce alike. bfloat16
+matrix products on the CPU keep each row's reduction order whatever the number of rows, so
+greedy bfloat16 output is the same alone and in a batch (tested). float32 products of one to
+three rows take other kernels than four or more (a matrix-vector product at one row); padding
+a step to four rows would cost 2.4x at batch 1, so float32 is left as is: its greedy tokens
+agree alone and batched on the tests' prompts, its last bits need not.
+
 The cache holds `slots` sequences of up to `max_len` tokens. Sequences occupy
 slots 0..n-1; when one leaves, the last moves into its place, so the decoding
 batch is always a leading block of the cache and needs no gather.
@@ -33,6 +44,12 @@ from transformers.activations import ACT2FN
 from llmos.common.domain import QUANTIZATIONS
 
 SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+KEY_BLOCK = 16
+
+
+def key_length(positions: int) -> int:
+    """Keys an attention reads for `positions` held: whole blocks of `KEY_BLOCK`."""
+    return -(-positions // KEY_BLOCK) * KEY_BLOCK
 
 
 @dataclass(frozen=True)
@@ -128,9 +145,9 @@ class LlamaRunner:
             self.cos, self.sin = cos[0], sin[0]
         # K is kept transposed ([.., head_dim, position]) and V as is ([.., position, head_dim]),
         # so the decode batch's K^T and V are strided matrices the matmuls read in place.
-        layers = len(self.layers)
-        self.k_cache = zeroed((layers, slots, self.kv_heads, self.head_dim, max_len), self.dtype, self.device)
-        self.v_cache = zeroed((layers, slots, self.kv_heads, max_len, self.head_dim), self.dtype, self.device)
+        layers, self.cache_len = len(self.layers), key_length(max_len)
+        self.k_cache = zeroed((layers, slots, self.kv_heads, self.head_dim, self.cache_len), self.dtype, self.device)
+        self.v_cache = zeroed((layers, slots, self.kv_heads, self.cache_len, self.head_dim), self.dtype, self.device)
 
     @staticmethod
     def _fuse(layer: Any) -> _Layer:
@@ -167,7 +184,7 @@ class LlamaRunner:
 
     def _write_indices(self, slots: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat indices into one layer's K and V caches for each (token, head, dim) written."""
-        hk, d, m = self.kv_heads, self.head_dim, self.max_len
+        hk, d, m = self.kv_heads, self.head_dim, self.cache_len
         heads = (slots[:, None] * hk + torch.arange(hk, device=self.device)[None, :])        # [T, hk]
         dims = torch.arange(d, device=self.device)
         k_index = ((heads[:, :, None] * d + dims) * m + positions[:, None, None]).reshape(-1)
@@ -202,11 +219,11 @@ class LlamaRunner:
         return torch.matmul(probs, v).view(n, hq, 1, d)
 
     def _causal_bias(self, chunk: PrefillChunk) -> torch.Tensor:
-        """[c, start + c]: 0 where a prompt position may see a key, -inf after it."""
+        """[c, key_length(start + c)]: 0 where a prompt position may see a key, -inf after it."""
         end = chunk.start + chunk.length
-        keys = torch.arange(end, device=self.device)[None, :]
+        keys = torch.arange(key_length(end), device=self.device)[None, :]
         queries = torch.arange(chunk.start, end, device=self.device)[:, None]
-        return torch.zeros(chunk.length, end, device=self.device).masked_fill_(keys > queries, float("-inf"))
+        return torch.zeros(chunk.length, keys.shape[1], device=self.device).masked_fill_(keys > queries, float("-inf"))
 
     def _chunk_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          bias: torch.Tensor) -> torch.Tensor:
@@ -239,7 +256,7 @@ class LlamaRunner:
             # still prefilling see one position only and their output is dropped.
             seen = torch.ones(active, dtype=torch.long, device=self.device)
             seen[decode_slots] = positions[:decode_count] + 1   # positions held after this step
-            longest = int(seen.max())
+            longest = key_length(int(seen.max()))
             hidden = torch.arange(longest, device=self.device)[None, :] >= seen[:, None]
             decode_bias = torch.zeros(active, 1, 1, longest, device=self.device).masked_fill_(
                 hidden.view(active, 1, 1, longest), float("-inf"))
@@ -267,7 +284,7 @@ class LlamaRunner:
                 out[:decode_count] = od.squeeze(2) if dense else od[decode_slots, :, 0]
             offset = decode_count
             for chunk, bias in zip(prefills, prefill_biases, strict=True):
-                end = chunk.start + chunk.length
+                end = key_length(chunk.start + chunk.length)
                 qp = q[offset:offset + chunk.length].transpose(0, 1)          # [hq, c, d]
                 op = self._chunk_attention(qp, k_cache[chunk.slot, :, :, :end], v_cache[chunk.slot, :, :end], bias)
                 out[offset:offset + chunk.length] = op.transpose(0, 1)

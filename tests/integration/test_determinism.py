@@ -1,0 +1,111 @@
+"""Batch invariance in bfloat16: a greedy request's tokens and log-probabilities, bit for bit, are
+the same alone and in a busy batch (other prompts of other lengths prefilling and decoding beside
+it, sampling requests joining and leaving)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmos.common.domain import SamplingParams
+from llmos.worker import llama
+from llmos.worker.engine import Engine, EngineDriver, Sequence
+from llmos.worker.loader import load_model
+from tests.integration.test_engine import Collector, Running, wait_all
+
+PROMPTS = ["The capital of France is", "Once upon a time there was a river that ran",
+           "numbers 0123 4567 89", "A", "llmos streams tokens to every client that asks for them politely",
+           "Emoji too: 🙂"]
+NOISE = ["x y z " * n for n in (1, 7, 19, 40, 3, 11)]
+
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "Explain photosynthesis briefly.",
+             "List three prime numbers.", "Who wrote Hamlet?", "How do planes fly?", "Give me a pasta recipe.",
+             "What is 17 times 23?"]
+GREEDY = SamplingParams(logprobs=True, ignore_eos=True)
+
+
+def start(path, dtype, prefix_cache=False, prefill_budget=24):
+    loaded = load_model("m", str(path), torch.device("cpu"), dtype, 16, 512)
+    driver = EngineDriver()
+    driver.start_thread()
+    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefill_budget,
+                    prefix_cache=prefix_cache)
+    return loaded, Running(engine, driver)
+
+
+def submitter(engine, tok):
+    def submit(prompt, rid, params=GREEDY, max_new=20):
+        run = Collector()
+        engine.submit(Sequence(rid, tok(prompt)["input_ids"], params, max_new, run))
+        return run
+    return submit
+
+
+def result(run) -> tuple[list[int], list[float]]:
+    return [t for c in run.chunks for t in c.token_ids], [p for c in run.chunks for p in c.logprobs]
+
+
+def chats_alone_and_together(path) -> tuple[list, list]:
+    """SmolLM2's chat prompts one at a time, then all eight at once (prefilled in one step of 256
+    tokens, decoded together)."""
+    loaded, engine = start(path, torch.bfloat16, prefill_budget=256)
+    tok = loaded.tokenizer
+    submit = submitter(engine, tok)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+               for q in QUESTIONS]
+    try:
+        alone = []
+        for i, prompt in enumerate(prompts):
+            run = submit(prompt, f"alone{i}", max_new=12)
+            wait_all([run], 300)
+            alone.append(result(run))
+        together = [submit(p, f"together{i}", max_new=12) for i, p in enumerate(prompts)]
+        wait_all(together, 300)
+        return alone, [result(run) for run in together]
+    finally:
+        engine.stop()
+
+
+@pytest.mark.smollm2
+def test_smollm2_bf16_chats_alone_equal_the_same_chats_together(smollm2_dir):
+    alone, together = chats_alone_and_together(smollm2_dir)
+    assert together == alone
+
+
+@pytest.mark.smollm2
+def test_without_whole_key_blocks_smollm2_bf16_chats_change_with_their_company(smollm2_dir, monkeypatch):
+    """The check above can fail: with attention reading exactly each batch's longest sequence,
+    log-probabilities of the same chats differ between alone and together."""
+    monkeypatch.setattr(llama, "KEY_BLOCK", 1)
+    alone, together = chats_alone_and_together(smollm2_dir)
+    assert together != alone
+
+
+def answers(path, dtype, prefix_cache=False) -> tuple[list, list]:
+    """Each prompt alone, then all of them at once among sampling requests that come and go."""
+    loaded, engine = start(path, dtype, prefix_cache)
+    submit = submitter(engine, loaded.tokenizer)
+    try:
+        alone = []
+        for i, prompt in enumerate(PROMPTS):
+            run = submit(prompt, f"alone{i}")
+            wait_all([run])
+            alone.append(result(run))
+        noise = [submit(p, f"noise{i}", SamplingParams(temperature=1.0, seed=i), max_new=4 + 5 * i)
+                 for i, p in enumerate(NOISE[:3])]
+        busy = [submit(p, f"busy{i}") for i, p in enumerate(PROMPTS)]
+        noise += [submit(p, f"late{i}", SamplingParams(temperature=0.7, seed=i), max_new=3 + 4 * i)
+                  for i, p in enumerate(NOISE[3:])]
+        wait_all(busy + noise)
+        return alone, [result(run) for run in busy]
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_bf16_greedy_tokens_and_logprobs_alone_equal_those_in_a_busy_batch(tiny_model_dir, prefix_cache):
+    alone, busy = answers(tiny_model_dir, torch.bfloat16, prefix_cache)
+    assert all(len(ids) == 20 for ids, _ in alone)
+    assert busy == alone
+
