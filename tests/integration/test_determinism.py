@@ -1,4 +1,4 @@
-"""Batch invariance in bfloat16: a greedy request's tokens and log-probabilities, bit for bit, are
+"""Batch invariance in bfloat16 and float32: a greedy request's tokens and log-probabilities, bit for bit, are
 the same alone and in a busy batch (other prompts of other lengths prefilling and decoding beside
 it, sampling requests joining and leaving)."""
 
@@ -46,10 +46,10 @@ def result(run) -> tuple[list[int], list[float]]:
     return [t for c in run.chunks for t in c.token_ids], [p for c in run.chunks for p in c.logprobs]
 
 
-def chats_alone_and_together(path) -> tuple[list, list]:
+def chats_alone_and_together(path, dtype) -> tuple[list, list]:
     """SmolLM2's chat prompts one at a time, then all eight at once (prefilled in one step of 256
     tokens, decoded together)."""
-    loaded, engine = start(path, torch.bfloat16, prefill_budget=256)
+    loaded, engine = start(path, dtype, prefill_budget=256)
     tok = loaded.tokenizer
     submit = submitter(engine, tok)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
@@ -68,8 +68,9 @@ def chats_alone_and_together(path) -> tuple[list, list]:
 
 
 @pytest.mark.smollm2
-def test_smollm2_bf16_chats_alone_equal_the_same_chats_together(smollm2_dir):
-    alone, together = chats_alone_and_together(smollm2_dir)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_smollm2_chats_alone_equal_the_same_chats_together(smollm2_dir, dtype):
+    alone, together = chats_alone_and_together(smollm2_dir, dtype)
     assert together == alone
 
 
@@ -78,7 +79,7 @@ def test_without_whole_key_blocks_smollm2_bf16_chats_change_with_their_company(s
     """The check above can fail: with attention reading exactly each batch's longest sequence,
     log-probabilities of the same chats differ between alone and together."""
     monkeypatch.setattr(llama, "KEY_BLOCK", 1)
-    alone, together = chats_alone_and_together(smollm2_dir)
+    alone, together = chats_alone_and_together(smollm2_dir, torch.bfloat16)
     assert together != alone
 
 
@@ -103,9 +104,18 @@ def answers(path, dtype, prefix_cache=False) -> tuple[list, list]:
         engine.stop()
 
 
-@pytest.mark.parametrize("prefix_cache", [False, True])
-def test_bf16_greedy_tokens_and_logprobs_alone_equal_those_in_a_busy_batch(tiny_model_dir, prefix_cache):
-    alone, busy = answers(tiny_model_dir, torch.bfloat16, prefix_cache)
+@pytest.mark.parametrize(("dtype", "prefix_cache"), [(torch.bfloat16, False), (torch.bfloat16, True),
+                                                     (torch.float32, True)])
+def test_greedy_tokens_and_logprobs_alone_equal_those_in_a_busy_batch(tiny_model_dir, dtype, prefix_cache):
+    alone, busy = answers(tiny_model_dir, dtype, prefix_cache)
     assert all(len(ids) == 20 for ids, _ in alone)
     assert busy == alone
 
+
+
+def test_without_padded_rows_float32_answers_change_with_how_prompts_were_chunked(tiny_model_dir, monkeypatch):
+    """And so can the float32 one: without prompt chunks' attention given four rows at least, a
+    chunk of one token is reduced by another kernel than the same position in a longer chunk."""
+    monkeypatch.setattr(llama, "MIN_ROWS", 1)
+    alone, busy = answers(tiny_model_dir, torch.float32, prefix_cache=True)
+    assert busy != alone
