@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import time
@@ -147,7 +148,7 @@ async def run_suite(label: str, target: str, address: str, model: str, jobs: lis
                   [g for t in traces for g in t.gaps()])
 
 
-async def run_peer(url: str, model: str, jobs: list[tuple[str, int]], concurrency: int) -> Result:
+async def run_peer(url: str, model: str, jobs: list[tuple[str, int]], concurrency: int, key: str = "") -> Result:
     """The workload against an OpenAI-compatible server: streamed completions, EOS ignored; each
     server-sent event's tokens from its text's share of the final usage (an event is a token
     on the peers measured)."""
@@ -182,7 +183,8 @@ async def run_peer(url: str, model: str, jobs: list[tuple[str, int]], concurrenc
             traces.append(trace)
 
     async def client() -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers) as http:
             while not queue.empty():
                 await one(http, *queue.get_nowait())
 
@@ -196,8 +198,9 @@ async def run_peer(url: str, model: str, jobs: list[tuple[str, int]], concurrenc
 def against_peer(args: argparse.Namespace, name: str, jobs: list[tuple[str, int]], ours: Result) -> None:
     """The peer's figures on the same workload, measured now, and llmos's ratios to them."""
     model = args.peer_model or name.split(":")[0]
-    asyncio.run(run_peer(args.peer, model, jobs[:2], 2))              # warm-up
-    peer = asyncio.run(run_peer(args.peer, model, jobs, args.concurrency))
+    key = args.peer_key or os.environ.get("OPENAI_API_KEY", "")
+    asyncio.run(run_peer(args.peer, model, jobs[:2], 2, key))              # warm-up
+    peer = asyncio.run(run_peer(args.peer, model, jobs, args.concurrency, key))
     print(describe(peer))
     print("ratios to the peer:")
     print(f"  throughput, llmos / peer: {ours.tokens_per_s / peer.tokens_per_s:.2f}x")
@@ -206,24 +209,33 @@ def against_peer(args: argparse.Namespace, name: str, jobs: list[tuple[str, int]
 
 
 class Baselines:
-    """transformers `generate()` in this process, on the same weights and dtype."""
+    """transformers `generate()` in this process, on the same weights and dtype, on `device` (the
+    CPU, or the GPU the worker runs on)."""
 
-    def __init__(self, path: str, dtype: str) -> None:
+    def __init__(self, path: str, dtype: str, device: str = "cpu") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
+    def _sync(self) -> None:
+        """Waits for the device's queued work, so a time read after it counts all of it."""
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
     def _generate(self, prompts: list[str], length: int):
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
         with self.torch.inference_mode():
-            return self.model.generate(**batch, max_new_tokens=length, min_new_tokens=length, do_sample=False,
-                                       pad_token_id=self.tokenizer.pad_token_id)
+            out = self.model.generate(**batch, max_new_tokens=length, min_new_tokens=length, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        self._sync()
+        return out
 
     def one_at_a_time(self, jobs: list[tuple[str, int]]) -> Result:
         started = time.perf_counter()
@@ -240,7 +252,7 @@ class Baselines:
 
     def forward_step_seconds(self, steps: int = 30) -> float:
         """Median time of one bare decode step at batch 1 with the model's own KV cache."""
-        ids = self.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+        ids = self.tokenizer(PROMPTS[0], return_tensors="pt").input_ids.to(self.device)
         times = []
         with self.torch.inference_mode():
             out = self.model(ids, use_cache=True)
@@ -248,6 +260,7 @@ class Baselines:
             for _ in range(steps):
                 started = time.perf_counter()
                 out = self.model(token, cache=cache, use_cache=True)
+                self._sync()
                 times.append(time.perf_counter() - started)
                 cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         return statistics.median(times)
@@ -400,7 +413,7 @@ def main(args: argparse.Namespace) -> int:
         against_peer(args, name, jobs, results.get("gateway") or results["worker"])
     if args.no_baselines:
         return 0
-    baselines = Baselines(path, dtype)
+    baselines = Baselines(path, dtype, args.baseline_device)
     baselines.one_at_a_time(jobs[:1])  # warm-up
     sample = jobs[:args.baseline_requests]
     single = baselines.one_at_a_time(sample)
@@ -434,6 +447,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--baseline-requests", type=int, default=8,
                        help="requests the slow one-at-a-time baseline runs (a rate needs no more)")
     bench.add_argument("--no-baselines", action="store_true")
+    bench.add_argument("--baseline-device", default="cpu",
+                       help="where the generate() baselines run: cpu, or cuda to compare on the worker's GPU")
     bench.add_argument("--load", action="store_true",
                        help="measure loading the model from the store against a bare from_pretrained")
     bench.add_argument("--dtype", default="bfloat16", help="dtype for --load")
@@ -442,6 +457,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="also run the workload against this OpenAI-compatible server (e.g. "
                             "http://127.0.0.1:8012) and print llmos's ratios to it")
     bench.add_argument("--peer-model", default="", help="the model's name on the peer (default: llmos's name)")
+    bench.add_argument("--peer-key", default="",
+                       help="the peer's API key, sent as a bearer token (default: $OPENAI_API_KEY; llmos's own "
+                            "HTTP door takes an llmos key)")
     bench.add_argument("--conversation", type=int, default=0, metavar="TURNS",
                        help="measure the prefix cache: the last turn's TTFT of a chat of TURNS turns, "
                             "against the same messages with nothing cached")

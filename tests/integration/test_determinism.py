@@ -12,6 +12,7 @@ from llmos.worker import llama
 from llmos.worker.engine import Engine, EngineDriver, Sequence
 from llmos.worker.loader import load_model
 from tests.integration.test_engine import Collector, Running, wait_all
+from tests.support.device import ENGINE_DEVICE
 
 PROMPTS = ["The capital of France is", "Once upon a time there was a river that ran",
            "numbers 0123 4567 89", "A", "llmos streams tokens to every client that asks for them politely",
@@ -26,7 +27,7 @@ GREEDY = SamplingParams(logprobs=True, ignore_eos=True)
 
 
 def start(path, dtype, prefix_cache=False, prefill_budget=24):
-    loaded = load_model("m", str(path), torch.device("cpu"), dtype, 16, 512)
+    loaded = load_model("m", str(path), ENGINE_DEVICE, dtype, 16, 512)
     driver = EngineDriver()
     driver.start_thread()
     engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefill_budget,

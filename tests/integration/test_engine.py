@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmos.common.domain import Chunk, SamplingParams
 from llmos.worker.engine import Engine, EngineDriver, Sequence
 from llmos.worker.loader import load_model
+from tests.support.device import ENGINE_DEVICE
 
 PROMPTS = ["The capital of France is", "Once upon a time", "Café déjà vu", "東京は日本の",
            "Emoji too: 🙂", "llmos streams tokens", "numbers 0123", "The capital of Italy"]
@@ -56,7 +57,7 @@ class Running:
 
 
 def start(path, slots=16, prefill_budget=256):
-    loaded = load_model("m", str(path), torch.device("cpu"), torch.float32, slots, 512)
+    loaded = load_model("m", str(path), ENGINE_DEVICE, torch.float32, slots, 512)
     driver = EngineDriver()
     driver.start_thread()
     engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefill_budget)

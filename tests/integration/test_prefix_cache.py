@@ -15,6 +15,7 @@ from llmos.common.domain import SamplingParams
 from llmos.worker.engine import Engine, EngineDriver, EngineEvents, Sequence
 from llmos.worker.loader import load_model
 from tests.integration.test_engine import Collector, Running, wait_all
+from tests.support.device import ENGINE_DEVICE
 
 
 class Joins(EngineEvents):
@@ -28,7 +29,7 @@ class Joins(EngineEvents):
 
 
 def start(path, slots, prefix_cache=True):
-    loaded = load_model("m", str(path), torch.device("cpu"), torch.float32, slots, 512)
+    loaded = load_model("m", str(path), ENGINE_DEVICE, torch.float32, slots, 512)
     driver = EngineDriver()
     driver.start_thread()
     joins = Joins()
