@@ -17,7 +17,7 @@ from . import bench
 from .bundled import DEFAULT_MODEL
 from .client import Client, every_page
 from .common.convert import duration, enum_word
-from .suite import DEFAULT_PORTS, Suite, SuiteError
+from .suite import DEFAULT_HTTP_PORT, DEFAULT_PORTS, Suite, SuiteError
 from .v1 import identity_pb2, monitor_pb2, registry_pb2, resources_pb2
 
 SAMPLE_QUESTION = "What is the capital of France?"
@@ -83,7 +83,7 @@ def _interrupt(*_: object) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     base = DEFAULT_PORTS["gateway"]
     suite = Suite(args.data_dir, ports={s: args.port_base + p - base for s, p in DEFAULT_PORTS.items()},
-                  metrics_port=args.metrics_port)
+                  metrics_port=args.metrics_port, http_port=args.port_base + DEFAULT_HTTP_PORT - base)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the suite as Ctrl-C does
     try:
         print(f"starting llmos (data in {os.path.abspath(args.data_dir)})...")
@@ -101,6 +101,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"\ntry:\n  llmos generate --model {args.model} \"{SAMPLE_QUESTION}\"")
             print(f"  buf curl --protocol grpc --http2-prior-knowledge --list-methods "
                   f"http://{addresses['gateway']}")
+            print(f"  OpenAI's API: http://{suite.http['gateway']}/v1 (an API key as the bearer token: "
+                  "llmos keys create)")
             if not args.no_sample:
                 print(f"\n> {SAMPLE_QUESTION}")
                 stream_answer(client, args.model, SAMPLE_QUESTION, raw=False, max_tokens=48,

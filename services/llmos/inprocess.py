@@ -51,6 +51,8 @@ class InProcessSuite:
     addresses: dict[str, str] = field(default_factory=dict)
     # Where each serves its Prometheus metrics.
     metrics: dict[str, str] = field(default_factory=dict)
+    # The gateway's HTTP door (OpenAI's API), once started.
+    http_address: str = ""
     identity: SuiteIdentity | None = None
 
     def channel(self, name: str, api_key: str | None = None, tls_as: str = CLI) -> grpc.aio.Channel:
@@ -79,6 +81,8 @@ async def start_in_process(data_dir: str | Path, overrides: dict[str, dict] | No
             settings_type, build = builders[name]
             fields = {f.name for f in dataclasses.fields(settings_type)}
             values: dict[str, object] = {"listen": LISTEN, "metrics_listen": LISTEN}
+            if "http_listen" in fields:
+                values["http_listen"] = LISTEN
             if "data_dir" in fields:
                 values["data_dir"] = str(data_dir)
             values |= {k: v for k, v in suite.identity.settings(name, name).items() if k in fields}
@@ -92,6 +96,7 @@ async def start_in_process(data_dir: str | Path, overrides: dict[str, dict] | No
             suite.services[name] = service
             suite.addresses[name] = await service.start()
             suite.metrics[name] = service.metrics_address
+            suite.http_address = suite.http_address or service.http_address
         if "worker" in suite.services and "registry" in suite.services:
             await _registered(suite.channel("registry"))
     except BaseException:

@@ -23,12 +23,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.common.bootstrap import CLI, SuiteIdentity, issue_certificates, prepare
-from llmos.common.server import PARENT_PID_ENV, read_address_file
+from llmos.common.server import PARENT_PID_ENV, read_address_file, read_http_address
 from llmos.common.store import Store
 
 SERVICES = ("resources", "registry", "worker", "scheduler", "gateway", "monitor")
 DEFAULT_PORTS = {"gateway": 50051, "scheduler": 50052, "registry": 50053, "resources": 50054,
                  "worker": 50055, "monitor": 50056}
+# The gateway's HTTP door (OpenAI's API).
+DEFAULT_HTTP_PORT = 50057
 # Which other services' addresses each service is told about.
 NEEDS = {
     "resources": (),
@@ -121,6 +123,10 @@ class Suite:
     addresses: dict[str, str] = field(default_factory=dict)
     # Where each process serves its Prometheus metrics ("host:port").
     metrics: dict[str, str] = field(default_factory=dict)
+    # The first gateway's HTTP door (OpenAI's API) port; 0 picks a free one. Later gateways
+    # take free ones. `http` is where each gateway's door serves, once started.
+    http_port: int = DEFAULT_HTTP_PORT
+    http: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     # Its CA, certificates and keys (made at start).
     identity: SuiteIdentity | None = None
@@ -176,12 +182,13 @@ class Suite:
 
     def _start_again(self, name: str, timeout: float) -> None:
         """Starts process `name` on the gRPC and metrics ports it had."""
-        metrics = self.metrics.get(name, "")
+        metrics, http = self.metrics.get(name, ""), self.http.get(name, "")
         self._start_one(name, timeout, port=int(self.addresses[name].rsplit(":", 1)[1]),
-                        metrics_port=int(metrics.rsplit(":", 1)[1]) if metrics else None)
+                        metrics_port=int(metrics.rsplit(":", 1)[1]) if metrics else None,
+                        http_port=int(http.rsplit(":", 1)[1]) if http else None)
 
     def _start_one(self, name: str, timeout: float, port: int | None = None,
-                   metrics_port: int | None = None) -> None:
+                   metrics_port: int | None = None, http_port: int | None = None) -> None:
         service = name.split("-")[0]
         prefix = f"LLMOS_{service.upper()}_"
         address_file = self.data_dir / "run" / f"{name}.addr"
@@ -209,6 +216,10 @@ class Suite:
         if metrics_port is None:
             metrics_port = self.metrics_port if service == "monitor" else 0
         env[prefix + "METRICS_LISTEN"] = f"{ip}:{metrics_port}"
+        if service == "gateway":
+            if http_port is None:
+                http_port = self.http_port if name == service else 0
+            env[prefix + "HTTP_LISTEN"] = f"{ip}:{http_port}"
         if service == "monitor":
             env[prefix + "METRICS_TARGETS"] = ",".join(f"{other}={self.metrics[other]}" for other in NEEDS[service])
         log = open(self.data_dir / "logs" / f"{name}.log", "ab")
@@ -230,6 +241,8 @@ class Suite:
                 raise SuiteError(f"{name} did not start in {timeout:.0f}s")
             time.sleep(0.05)
         self.addresses[name], self.metrics[name] = read_address_file(address_file)
+        if service == "gateway":
+            self.http[name] = read_http_address(address_file)
         self._started_at[name] = time.monotonic()
         wait_healthy(self.addresses[name], max(1.0, deadline - time.monotonic()), self.identity.tls_dir(CLI),
                      public=service == "gateway")

@@ -266,6 +266,22 @@ def test_llmos_bench_runs_against_the_suite_and_its_baselines(suite):
     assert len(counts) == 1, out.stdout
 
 
+def test_llmos_bench_drives_an_openai_peer_here_the_suites_own_http_door(suite):
+    """`--peer` with the same workload, against the gateway's HTTP door (an llmos key as the
+    peer's key): every request streams its whole length there too, and the ratios are printed."""
+    a = suite.addresses
+    out = subprocess.run(
+        [sys.executable, "-m", "llmos.cli", "--registry", a["registry"], "--gateway", a["gateway"],
+         "--data-dir", str(suite.data_dir), "bench", "--model", "tiny", "--target", "gateway", "--fixed",
+         "--requests", "6", "--concurrency", "3", "--max-tokens", "10", "--no-baselines",
+         "--peer", f"http://{suite.http['gateway']}", "--peer-key", suite.identity.admin_key()],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    counts = re.findall(r"^  (llmos via gateway|peer http://\S+) +[\d.]+ tok/s +\((\d+) tokens in", out.stdout, re.M)
+    assert [n for _, n in counts] == ["60", "60"], out.stdout
+    assert re.search(r"throughput, llmos / peer: [\d.]+x", out.stdout), out.stdout
+
+
 def test_llmos_bench_conversation_times_the_last_turn_with_and_without_the_prefix_cache(suite):
     a = suite.addresses
     out = subprocess.run(

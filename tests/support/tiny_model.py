@@ -40,7 +40,7 @@ def build_tokenizer(directory: Path):
     return fast
 
 
-def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+def build_tiny_model(directory: Path, seed: int = 0, context: int = 256) -> Path:
     """Writes config, safetensors weights and tokenizer of a tiny random Llama into `directory`."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -49,7 +49,7 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer(directory)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         max_position_embeddings=context, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

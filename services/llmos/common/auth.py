@@ -153,6 +153,20 @@ class Guard:
         if authorization is None and peer is not None and peer[0] != authz.CLI:
             raise PermissionDenied(f"service {peer[0]} may not call {method} ({rule.describe()})",
                                    reason="CALLER_NOT_ALLOWED", metadata={"method": method})
+        return self._by_key(method, rule, authorization)
+
+    def check_key(self, route: str, authorization: str | None) -> Principal:
+        """Decides an HTTP call ("POST /v1/chat/completions"), which can bring a key only, by
+        `authz.HTTP_TABLE`."""
+        if not self.enforce:
+            return ANONYMOUS
+        rule = authz.HTTP_TABLE.get(route)
+        if rule is None or rule.role is None:
+            raise PermissionDenied(f"{route} has no authorization rule: refused",
+                                   reason="METHOD_NOT_ALLOWED", metadata={"method": route})
+        return self._by_key(route, rule, authorization)
+
+    def _by_key(self, method: str, rule: authz.Rule, authorization: str | None) -> Principal:
         try:
             principal = self.authenticator.authenticate(authorization)
         except Unauthenticated as exc:

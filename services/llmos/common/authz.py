@@ -78,3 +78,12 @@ TABLE: dict[str, Rule] = {
 
 def is_open(method: str) -> bool:
     return method.startswith(OPEN_PREFIXES)
+
+
+# The gateway's HTTP door (OpenAI's API, `llmos.gateway.openai_api`), by "METHOD /path": callers
+# bring keys only. A route missing here is refused.
+HTTP_TABLE: dict[str, Rule] = {
+    "POST /v1/chat/completions": _rule(USER),
+    "POST /v1/completions": _rule(USER),
+    "GET /v1/models": _rule(USER),
+}

@@ -14,8 +14,19 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from llmos.v1 import common_pb2, identity_pb2, scheduler_pb2
 
-from .domain import ChatMessage, Chunk, FinishReason, GenerationInput, QueueDepth, SamplingParams, Usage
+from .domain import (
+    ChatMessage,
+    Chunk,
+    FinishReason,
+    FormatKind,
+    GenerationInput,
+    QueueDepth,
+    ResponseFormat,
+    SamplingParams,
+    Usage,
+)
 from .errors import FieldViolation, InvalidArgument
+from .formats import FormatError, compiled
 from .keystore import Quota
 
 
@@ -159,6 +170,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams, errors: Violations,
     penalty = p.repetition_penalty
     if not (math.isfinite(penalty) and (penalty == 0.0 or 0.1 <= penalty <= 10.0)):
         errors.add(f"{prefix}.repetition_penalty", f"must be 0 or between 0.1 and 10, got {penalty}")
+    fmt = format_from_proto(p, errors, prefix)
     return SamplingParams(
         max_tokens=p.max_tokens or None,
         temperature=float(p.temperature),
@@ -170,7 +182,36 @@ def sampling_from_proto(p: common_pb2.SamplingParams, errors: Violations,
         logprobs=p.logprobs,
         ignore_eos=p.ignore_eos,
         top_logprobs=p.top_logprobs,
+        response_format=fmt,
     )
+
+
+def format_from_proto(p: common_pb2.SamplingParams, errors: Violations, prefix: str) -> ResponseFormat | None:
+    """The response format, compiled once to check it (a format that does not compile is a
+    violation of its field, with the compiler's message)."""
+    which = p.response_format.WhichOneof("format") if p.HasField("response_format") else None
+    if which is None:
+        if p.HasField("response_format"):
+            errors.add(f"{prefix}.response_format", "set one of json_schema, json_object, regex, lark_grammar, "
+                                                    "gbnf_grammar")
+        return None
+    kind = FormatKind(which)
+    fmt = ResponseFormat(kind, "" if kind is FormatKind.JSON_OBJECT else getattr(p.response_format, which))
+    if kind is FormatKind.JSON_OBJECT and not p.response_format.json_object:
+        errors.add(f"{prefix}.response_format.json_object", "must be true when set")
+        return None
+    try:
+        compiled(fmt)
+    except FormatError as exc:
+        errors.add(f"{prefix}.response_format.{which}", str(exc))
+        return None
+    return fmt
+
+
+def format_to_proto(fmt: ResponseFormat) -> common_pb2.ResponseFormat:
+    if fmt.kind is FormatKind.JSON_OBJECT:
+        return common_pb2.ResponseFormat(json_object=True)
+    return common_pb2.ResponseFormat(**{fmt.kind.value: fmt.spec})
 
 
 def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
@@ -180,6 +221,8 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
         ignore_eos=s.ignore_eos, top_logprobs=s.top_logprobs)
     if s.seed is not None:
         p.seed = s.seed
+    if s.response_format is not None:
+        p.response_format.CopyFrom(format_to_proto(s.response_format))
     return p
 
 

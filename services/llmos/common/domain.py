@@ -22,6 +22,24 @@ class ChatMessage:
     content: str
 
 
+class FormatKind(enum.Enum):
+    """What a `ResponseFormat` constrains the output to (the proto's `format` oneof)."""
+
+    JSON_SCHEMA = "json_schema"
+    JSON_OBJECT = "json_object"
+    REGEX = "regex"
+    LARK = "lark_grammar"
+    GBNF = "gbnf_grammar"
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """A structure the output must match; `spec` is the schema, regex or grammar text."""
+
+    kind: FormatKind
+    spec: str = ""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Validated sampling settings with defaults applied (see `SamplingParams` in the proto)."""
@@ -37,6 +55,7 @@ class SamplingParams:
     logprobs: bool = False
     ignore_eos: bool = False
     top_logprobs: int = 0
+    response_format: ResponseFormat | None = None
 
     @property
     def greedy(self) -> bool:

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -173,12 +174,12 @@ async def follow_peer(host: ServiceHost, channel: grpc.aio.Channel, peer: str, i
         await asyncio.sleep(interval)
 
 
-def write_address_file(path: str, address: str, metrics_address: str = "") -> None:
-    """Writes the bound gRPC address (first line) and metrics address (second line, when
-    served) atomically, so a launcher never reads half of it."""
+def write_address_file(path: str, address: str, metrics_address: str = "", http_address: str = "") -> None:
+    """Writes the bound gRPC address (first line), metrics address (second line, when served)
+    and HTTP door (third line, the gateway's) atomically, so a launcher never reads half of it."""
     target = Path(path)
     tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(f"{address}\n{metrics_address}\n")
+    tmp.write_text(f"{address}\n{metrics_address}\n{http_address}\n")
     os.replace(tmp, target)
 
 
@@ -186,6 +187,22 @@ def read_address_file(path: str | Path) -> tuple[str, str]:
     """(gRPC address, metrics address or "") from a file `write_address_file` wrote."""
     lines = Path(path).read_text().splitlines()
     return lines[0].strip(), (lines[1].strip() if len(lines) > 1 else "")
+
+
+def read_http_address(path: str | Path) -> str:
+    """The HTTP door's address from a file `write_address_file` wrote ("" when none)."""
+    lines = Path(path).read_text().splitlines()
+    return lines[2].strip() if len(lines) > 2 else ""
+
+
+class Door(Protocol):
+    """A server beside the gRPC one, in the same process and loop (the gateway's HTTP door)."""
+
+    async def start(self) -> str:
+        """Binds and serves; returns the bound "host:port"."""
+
+    async def stop(self, grace: float) -> None:
+        """Stops taking requests and lets those in flight finish for up to `grace` seconds."""
 
 
 @dataclass
@@ -196,6 +213,9 @@ class Service:
     host: ServiceHost
     background: list[Callable[[str], Awaitable[None]]] = field(default_factory=list)
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    door: Door | None = None
+    # Where the door serves, once started ("" when none).
+    http_address: str = field(default="", init=False)
     # Where its Prometheus metrics are served, once started ("" when not served).
     metrics_address: str = field(default="", init=False)
     _metrics: MetricsEndpoint | None = field(default=None, init=False, repr=False)
@@ -206,6 +226,8 @@ class Service:
         if self.host.metrics_listen:
             self._metrics = MetricsEndpoint(self.host.metrics, self.host.metrics_listen)
             self.metrics_address = self._metrics.start()
+        if self.door is not None:
+            self.http_address = await self.door.start()
         self._tasks = [asyncio.create_task(loop(address)) for loop in self.background]
         return address
 
@@ -213,6 +235,8 @@ class Service:
         """Marks NOT_SERVING, drains for up to `grace` seconds, ends the background loops,
         then cleans up."""
         log.info("%s stopping: draining for up to %.1fs", self.host.name, grace)
+        if self.door is not None:
+            await self.door.stop(grace)
         await self.host.stop(grace)
         for task in self._tasks:
             task.cancel()
@@ -240,7 +264,7 @@ async def run_service(service: Service, *, address_file: str = "", grace: float 
             loop.add_signal_handler(sig, stop.set)
     address = await service.start()
     if address_file:
-        write_address_file(address_file, address, service.metrics_address)
+        write_address_file(address_file, address, service.metrics_address, service.http_address)
     await stop.wait()
     await service.stop(grace)
 

@@ -15,6 +15,8 @@ from llmos.v1 import registry_pb2_grpc
 
 from .frontdoor import FrontDoor
 from .identity import register as register_identity
+from .observe import GatewayTelemetry
+from .openai_api import OpenAiDoor
 from .peers import GrpcScheduler, GrpcWorkers
 from .servicer import register
 
@@ -24,6 +26,8 @@ class GatewaySettings(ServiceSettings):
     listen: str = "127.0.0.1:50051"
     scheduler_address: str = "127.0.0.1:50052"
     registry_address: str = "127.0.0.1:50053"
+    # The HTTP door in OpenAI's API (`openai_api`); "" serves none. Beyond loopback only with TLS.
+    http_listen: str = "127.0.0.1:50057"
 
 
 async def build(settings: GatewaySettings, provider: TracerProvider | None = None) -> Service:
@@ -33,14 +37,20 @@ async def build(settings: GatewaySettings, provider: TracerProvider | None = Non
     front = FrontDoor(GrpcScheduler(channels, settings.scheduler_address), GrpcWorkers(channels))
     # The public port: clients bring keys, not certificates (plaintext on loopback).
     host = ServiceHost.of("gateway", settings, provider, security, public=True)
-    register(host, front, registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address)))
+    registry = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
+    telemetry = GatewayTelemetry(provider.get_tracer("llmos.gateway"), host.metrics)
+    register(host, front, registry, telemetry)
+    door = None
+    if settings.http_listen:
+        door = OpenAiDoor(settings.http_listen, front, registry, telemetry, security.guard,
+                          provider.get_tracer("llmos.gateway.http"), security.tls_dir)
     register_identity(host, security.store)
     await host.set_serving(False)       # ready once the scheduler answers: it admits every request
 
     async def follow_scheduler(address: str) -> None:
         await follow_peer(host, channels.get(settings.scheduler_address), "the scheduler")
 
-    return Service(host, background=[follow_scheduler], cleanups=[front.drain, channels.close])
+    return Service(host, background=[follow_scheduler], cleanups=[front.drain, channels.close], door=door)
 
 
 if __name__ == "__main__":

@@ -95,8 +95,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 yield fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
 
 
-def register(host, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub) -> None:
-    servicer = GatewayServicer(front, registry, GatewayTelemetry(host.provider.get_tracer("llmos.gateway"),
-                                                                 host.metrics))
+def register(host, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
+             telemetry: GatewayTelemetry) -> None:
+    servicer = GatewayServicer(front, registry, telemetry)
     host.add(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
              lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server))

@@ -60,6 +60,8 @@ class Sequence:
     # With a repetition penalty: the prompt and output ids so far, in a buffer of the
     # sequence's full length.
     seen: torch.Tensor | None = None
+    # With a response format: what the next token may be (`structured.Constraint`).
+    constraint: Any = None
     # For the telemetry: the request's span (the engine's steps link to it), and when
     # (time.time_ns) it arrived, got its first and latest token, and was cancelled.
     trace_context: Any = None
@@ -436,17 +438,23 @@ class Engine:
             seq.first_token_ns = now
         held = len(seq.prompt_ids) + len(seq.output_ids)
         seen = None if seq.seen is None else seq.seen[:held]
+        if seq.constraint is not None:
+            logits = seq.constraint.mask(logits)
         token, logprob = sample(logits, seq.params, seq.generator, seen)
         seq.output_ids.append(token)
         if seq.seen is not None:
             seq.seen[held] = token
         self.tokens_generated += 1
         finish, text, stopped = None, "", False
-        if token in self.eos_ids and not seq.params.ignore_eos:
+        complete = False
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
+            complete = seq.constraint.complete
+        if token in self.eos_ids and (not seq.params.ignore_eos or seq.constraint is not None):
             finish = FinishReason.STOP
         else:
             text, stopped = seq.stops.push(seq.detok.push(token))
-            if stopped:
+            if stopped or complete:      # a structure ends where it is complete
                 finish = FinishReason.STOP
             elif len(seq.output_ids) >= seq.max_new:
                 finish = FinishReason.LENGTH

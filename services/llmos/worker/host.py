@@ -30,6 +30,7 @@ from llmos.common.names import model_lease_holder, worker_lease_prefix
 
 from .engine import Engine, EngineDriver, EngineEvents, EngineStats, Sequence
 from .loader import LoadedModel, load_model
+from .structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Served:
     loaded: LoadedModel
     engine: Engine
     lease: str
+    grammars: Grammars
     last_request: float = field(default_factory=time.time)
 
 
@@ -156,7 +158,7 @@ class ModelHost:
                 raise
             engine = Engine(model, loaded.runner, loaded.tokenizer, loaded.eos_ids, self.driver,
                             self.config.prefill_budget, self.events, self.config.prefix_cache)
-            served = Served(loaded, engine, lease)
+            served = Served(loaded, engine, lease, Grammars(loaded.tokenizer, loaded.runner.vocab_size, loaded.eos_ids))
             self._served[model] = served
             return served
 
@@ -240,6 +242,9 @@ class ModelHost:
             self._check_length(loaded, source)
             prompt_ids = await asyncio.to_thread(self._prompt_ids, loaded, source)  # long prompts: off the loop
             max_new = self._max_new(loaded, len(prompt_ids), params, token_budget)
+            constraint = None
+            if params.response_format is not None:        # compiled (or found) off the loop
+                constraint = await asyncio.to_thread(served.grammars.constraint, params.response_format)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Chunk | LlmosError] = asyncio.Queue()
 
@@ -250,7 +255,7 @@ class ModelHost:
                     pass
 
             seq = Sequence(request_id, prompt_ids, params, max_new, deliver, trace_context=trace_context,
-                           max_backlog=self.config.max_backlog)
+                           max_backlog=self.config.max_backlog, constraint=constraint)
             served.engine.submit(seq)
             finished = False
             try:

@@ -1,0 +1,529 @@
+"""The gateway's HTTP door in OpenAI's API: `POST /v1/chat/completions`, `POST /v1/completions`
+(streamed as server-sent events or whole) and `GET /v1/models`.
+
+The same door as `Generate`, over HTTP: a request becomes the same `GenerateRequest`, checked by
+the same code (`call_from_proto`), keyed by the same API keys (`Authorization: Bearer`, decided by
+`authz.HTTP_TABLE`, default deny), admitted by the same scheduler under the same tenant, quota and
+priority ceiling, and traced as one trace (an HTTP server span above the gateway's `gen_ai` span).
+A client that closes its connection cancels the generation (its slot is freed at once); a stream
+that started says an error as a last `data: {"error": ...}` event. Errors before the first byte
+are OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with the HTTP status of
+their gRPC code; `code` is llmos's `ErrorInfo.reason`, and 429 carries `Retry-After`.
+
+Log-probabilities name tokens as `token_id:<id>` (the gateway holds no tokenizer), as vLLM's
+`--return-tokens-as-token-ids` does. Unknown fields are ignored, as OpenAI does; fields llmos
+cannot honour yet (`n` > 1, tools, images, penalties, `echo`, `suffix`, `best_of`) are refused with
+400 naming the field. `response_format` takes `json_object` and `json_schema` (structured output:
+the answer is guaranteed to parse and match). vLLM's extensions `top_k`,
+`repetition_penalty` and `ignore_eos` are honoured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import uvicorn
+from opentelemetry import trace
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llmos.common.auth import Guard
+from llmos.common.domain import Chunk, FinishReason
+from llmos.common.errors import Internal, InvalidArgument, LlmosError, ResourceExhausted
+from llmos.common.keystore import Role
+from llmos.common.security import InsecureBind, is_loopback, over_tls
+from llmos.v1 import common_pb2, gateway_pb2, registry_pb2, registry_pb2_grpc
+
+from .frontdoor import FrontDoor
+from .observe import OTHER_MODEL, GatewayTelemetry
+from .servicer import call_from_proto
+
+log = logging.getLogger(__name__)
+
+# Bodies larger than the gRPC door's largest message are refused (413).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+# OpenAI's default output limit of a completion (a chat's is the model's).
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+MAX_TOP_LOGPROBS = 20
+
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "UNAUTHENTICATED": 401,
+               "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429,
+               "CANCELLED": 499, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+              404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
+              429: "rate_limit_error", 499: "invalid_request_error", 503: "server_error", 504: "timeout_error"}
+FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
+# `GenerateRequest` field paths, as OpenAI's requests name them.
+PARAM_NAMES = {"sampling.max_tokens": "max_tokens", "sampling.temperature": "temperature",
+               "sampling.top_p": "top_p", "sampling.seed": "seed", "sampling.stop": "stop",
+               "sampling.top_logprobs": "top_logprobs", "sampling.top_k": "top_k",
+               "sampling.repetition_penalty": "repetition_penalty", "request_id": "x-request-id",
+               "sampling.response_format": "response_format",
+               "sampling.response_format.json_schema": "response_format",
+               "sampling.response_format.json_object": "response_format"}
+
+
+def _error(status: int, message: str, code: str, param: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
+                      "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_body(exc: LlmosError) -> tuple[int, dict, dict[str, str]]:
+    """The HTTP status, OpenAI's error object and headers of a typed error."""
+    status = HTTP_STATUS.get(exc.code, 500)
+    violations = getattr(exc, "violations", None) or []
+    param = PARAM_NAMES.get(violations[0].field, violations[0].field) if violations else None
+    message = exc.message
+    if violations:
+        message = "; ".join(f"{PARAM_NAMES.get(v.field, v.field)}: {v.description}" for v in violations)
+    headers = {}
+    if isinstance(exc, ResourceExhausted) or exc.code == "RESOURCE_EXHAUSTED":
+        retry = getattr(exc, "retry_after", None) or float(exc.metadata.get("retry_after_seconds", 1) or 1)
+        headers["Retry-After"] = str(max(1, math.ceil(retry)))
+    body = {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
+                      "code": exc.reason}}
+    return status, body, headers
+
+
+def _number(body: dict, name: str, kind: type, default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise InvalidArgument.field(name, f"must be a{'n integer' if kind is int else ' number'}")
+    return value
+
+
+def _refuse_unsupported(body: dict, chat: bool) -> None:
+    if _number(body, "n", int, 1) != 1:
+        raise InvalidArgument.field("n", "only n=1 is supported")
+    for name in ("tools", "tool_choice", "functions", "function_call"):
+        if body.get(name):
+            raise InvalidArgument.field(name, "tools and function calling are not supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, float, 0.0) != 0.0:
+            raise InvalidArgument.field(name, "is not supported (llmos has repetition_penalty)")
+    if body.get("logit_bias"):
+        raise InvalidArgument.field("logit_bias", "is not supported")
+    if not chat:
+        if body.get("echo"):
+            raise InvalidArgument.field("echo", "is not supported")
+        if body.get("suffix"):
+            raise InvalidArgument.field("suffix", "is not supported")
+        if _number(body, "best_of", int, 1) != 1:
+            raise InvalidArgument.field("best_of", "only best_of=1 is supported")
+
+
+def _messages(body: dict) -> list[common_pb2.ChatMessage]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgument.field("messages", "must be a non-empty array")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidArgument.field(f"messages[{i}]", "must be an object")
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidArgument.field(f"messages[{i}].content[{j}]",
+                                                f"only text parts are supported, got {kind!r}")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif content is None and message.get("tool_calls"):
+            raise InvalidArgument.field(f"messages[{i}].tool_calls", "tools and function calling are not supported")
+        if not isinstance(content, str):
+            raise InvalidArgument.field(f"messages[{i}].content", "must be a string or an array of text parts")
+        role = message.get("role")
+        if role == "developer":        # OpenAI's newer name for the system role
+            role = "system"
+        out.append(common_pb2.ChatMessage(role=role if isinstance(role, str) else "", content=content))
+    return out
+
+
+def _response_format(fmt: Any, sampling: common_pb2.SamplingParams) -> None:
+    if fmt is None:
+        return
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        sampling.response_format.json_object = True
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidArgument.field("response_format", "json_schema.schema must be a JSON Schema object")
+        sampling.response_format.json_schema = json.dumps(schema)
+    elif kind != "text":
+        raise InvalidArgument.field("response_format", "type must be text, json_object or json_schema")
+
+
+def request_from_json(body: dict, chat: bool) -> tuple[gateway_pb2.GenerateRequest, dict]:
+    """A `GenerateRequest` from an OpenAI request body, and what shapes the answer
+    (stream, include_usage, logprobs wanted)."""
+    if not isinstance(body, dict):
+        raise InvalidArgument.field("body", "must be a JSON object")
+    _refuse_unsupported(body, chat)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidArgument.field("model", "is required")
+    request = gateway_pb2.GenerateRequest(model=model)
+    if chat:
+        request.messages.extend(_messages(body))
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise InvalidArgument.field("prompt", "must be a string (one prompt; token arrays are not supported)")
+        request.prompt = prompt
+    sampling = request.sampling
+    limit = _number(body, "max_completion_tokens", int) if chat else None
+    limit = limit if limit is not None else _number(body, "max_tokens", int)
+    if limit is None and not chat:
+        limit = COMPLETION_DEFAULT_MAX_TOKENS
+    if limit is not None:
+        if limit < 1:
+            raise InvalidArgument.field("max_completion_tokens" if "max_completion_tokens" in body else "max_tokens",
+                             "must be at least 1")
+        sampling.max_tokens = limit
+    sampling.temperature = _number(body, "temperature", float, 1.0)
+    sampling.top_p = _number(body, "top_p", float, 1.0)
+    seed = _number(body, "seed", int)
+    if seed is not None:
+        if seed < 0:
+            raise InvalidArgument.field("seed", "must not be negative")
+        sampling.seed = seed % 2**64
+    # vLLM's extensions of the sampling fields.
+    sampling.top_k = _number(body, "top_k", int, 0)
+    sampling.repetition_penalty = _number(body, "repetition_penalty", float, 1.0)
+    sampling.ignore_eos = bool(body.get("ignore_eos"))
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise InvalidArgument.field("stop", "must be a string or an array of strings")
+        sampling.stop.extend(s for s in stop if s)
+    if chat:
+        wanted = bool(body.get("logprobs"))
+        top = _number(body, "top_logprobs", int, 0)
+        if top and not wanted:
+            raise InvalidArgument.field("top_logprobs", "needs logprobs: true")
+    else:
+        top = _number(body, "logprobs", int)
+        wanted, top = top is not None, top or 0
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument.field("top_logprobs" if chat else "logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
+    sampling.logprobs, sampling.top_logprobs = wanted, top
+    _response_format(body.get("response_format"), sampling)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidArgument.field("stream_options", "must be an object")
+    shape = {"stream": bool(body.get("stream")), "include_usage": bool(options.get("include_usage")),
+             "logprobs": wanted}
+    return request, shape
+
+
+def _logprobs(chunk: Chunk, chat: bool) -> dict | None:
+    names = [f"token_id:{t}" for t in chunk.token_ids]
+    tops = [[(f"token_id:{t}", lp) for t, lp in top] for top in chunk.top_logprobs] or [[] for _ in names]
+    if chat:
+        return {"content": [{"token": name, "logprob": lp, "bytes": None,
+                             "top_logprobs": [{"token": n, "logprob": v, "bytes": None} for n, v in top]}
+                            for name, lp, top in zip(names, chunk.logprobs, tops, strict=False)]}
+    return {"tokens": names, "token_logprobs": list(chunk.logprobs),
+            "top_logprobs": [dict(top) for top in tops] if chunk.top_logprobs else None, "text_offset": []}
+
+
+def _usage(chunk: Chunk | None) -> dict | None:
+    if chunk is None or chunk.usage is None:
+        return None
+    u = chunk.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
+
+
+class _NoSignals(uvicorn.Server):
+    """uvicorn inside the gateway's loop: the process's signals stay the gateway's."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class OpenAiDoor:
+    """The HTTP server (Starlette on uvicorn) in the gateway's process and event loop."""
+
+    def __init__(self, listen: str, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
+                 telemetry: GatewayTelemetry, guard: Guard, tracer: trace.Tracer, tls_dir: str = "") -> None:
+        if not is_loopback(listen) and not tls_dir:
+            raise InsecureBind(f"the gateway's HTTP door will not listen on {listen} without TLS: set its "
+                               "tls_dir, or listen on 127.0.0.1")
+        self.listen, self.tls_dir = listen, tls_dir
+        self.front, self.registry, self.telemetry, self.guard, self.tracer = front, registry, telemetry, guard, tracer
+        self.app = Starlette(routes=[
+            Route("/v1/chat/completions", self._route("POST /v1/chat/completions", self.chat), methods=["POST"]),
+            Route("/v1/completions", self._route("POST /v1/completions", self.completions), methods=["POST"]),
+            Route("/v1/models", self._route("GET /v1/models", self.models), methods=["GET"]),
+        ])
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> str:
+        host, port = self.listen.rsplit(":", 1)
+        tls = {}
+        if over_tls(self.tls_dir, self.listen, public=True):      # as the gRPC door: plaintext on loopback
+            tls = {"ssl_certfile": f"{self.tls_dir}/tls.crt", "ssl_keyfile": f"{self.tls_dir}/tls.key"}
+        config = uvicorn.Config(self.app, host=host.strip("[]"), port=int(port), lifespan="off", log_config=None,
+                                access_log=False, server_header=False, timeout_graceful_shutdown=None, **tls)
+        self._server = _NoSignals(config)
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()      # raises why it could not start
+                raise OSError(f"the HTTP door did not start on {self.listen}")
+            await asyncio.sleep(0.01)
+        bound = self._server.servers[0].sockets[0].getsockname()
+        return f"{host}:{bound[1]}"
+
+    async def stop(self, grace: float) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), grace)
+        except TimeoutError:
+            self._server.force_exit = True
+            for task in list(self._server.server_state.tasks):
+                task.cancel()
+            await asyncio.wait({self._task}, timeout=2.0)
+
+    def _route(self, route: str, handler: Callable) -> Callable:
+        async def endpoint(request: Request) -> Response:
+            span = self.tracer.start_span(route, kind=trace.SpanKind.SERVER, attributes={
+                "http.request.method": request.method, "url.path": request.url.path, "server.address": self.listen})
+            response: Response | None = None
+            try:
+                with trace.use_span(span, end_on_exit=False):
+                    try:
+                        caller = self.guard.check_key(route, request.headers.get("authorization"))
+                        response = await handler(request, caller, span)
+                    except LlmosError as exc:
+                        status, body, headers = error_body(exc)
+                        response = JSONResponse(body, status_code=status, headers=headers)
+                span.set_attribute("http.response.status_code", response.status_code)
+                return response
+            finally:
+                if not isinstance(response, _Stream):   # a stream ends its span when it ends
+                    span.end()
+        return endpoint
+
+    async def _body(self, request: Request) -> dict:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            raise _TooLarge()
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise _TooLarge()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidArgument.field("body", f"is not valid JSON: {exc}") from None
+
+    async def chat(self, request: Request, caller, span: trace.Span) -> Response:
+        return await self._generate(request, caller, span, chat=True)
+
+    async def completions(self, request: Request, caller, span: trace.Span) -> Response:
+        return await self._generate(request, caller, span, chat=False)
+
+    async def models(self, request: Request, caller, span: trace.Span) -> Response:
+        data, token = [], ""
+        while True:
+            page = await self.registry.ListModels(registry_pb2.ListModelsRequest(page_size=100, page_token=token),
+                                                  timeout=30.0)
+            data += [{"id": f"{m.name}:{m.tag}", "object": "model", "created": m.create_time.seconds,
+                      "owned_by": "llmos"} for m in page.models]
+            token = page.next_page_token
+            if not token:
+                return JSONResponse({"object": "list", "data": data})
+
+    async def _generate(self, request: Request, caller, span: trace.Span, chat: bool) -> Response:
+        try:
+            body = await self._body(request)
+            proto, shape = request_from_json(body, chat)
+            request_id = request.headers.get("x-request-id")
+            if request_id:
+                proto.request_id = request_id
+            admin = caller.role is Role.ADMIN or not caller.key_id
+            call = call_from_proto(proto, caller.tenant, admin=admin)
+        except _TooLarge:
+            self.telemetry.requests.labels(OTHER_MODEL, "INVALID_ARGUMENT").inc()
+            return _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes", "BODY_TOO_LARGE")
+        except LlmosError as exc:        # refused before it started (what starts is counted by its watch)
+            self.telemetry.requests.labels(OTHER_MODEL, exc.code).inc()
+            raise
+        answer = _Answer(call.model, chat, shape)
+        generation = _Generation(self.telemetry.start(call), self.front.generate(call, None))
+        try:
+            first = await generation.next()     # errors before the first token are the response's status
+        except BaseException:
+            await generation.cancel()
+            raise
+        if shape["stream"]:
+            async def ended() -> None:
+                await generation.cancel()
+                span.end()
+            return _Stream(answer.events(first, generation), ended, media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        whole = asyncio.ensure_future(answer.whole(first, generation))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({whole, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            whole.cancel()
+            gone.cancel()
+            await generation.cancel()
+            await asyncio.gather(whole, gone, return_exceptions=True)
+        if whole.cancelled():
+            return _error(499, "the client closed the connection", "CANCELLED")
+        return whole.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection (its body already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Stream(StreamingResponse):
+    """A streamed answer that runs `ended` however it ends: sent, failed, or the client gone."""
+
+    def __init__(self, content: AsyncIterator[str], ended: Callable, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._ended = ended
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._ended()
+
+
+class _Generation:
+    """One request's chunks, made by a task of its own (started in the request's span, so the
+    gateway's span and the calls below it join the request's trace) into a small queue: a
+    client that stops reading stops the task, and the worker's bound on unread chunks applies."""
+
+    def __init__(self, watch, chunks: AsyncIterator[tuple[str, Chunk]]) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=16)
+        self._task = asyncio.create_task(self._run(watch, chunks))
+
+    async def _run(self, watch, chunks) -> None:
+        try:
+            with watch:
+                async for item in chunks:
+                    watch.chunk(*item)
+                    await self._queue.put(item)
+            await self._queue.put(None)
+        except LlmosError as exc:
+            await self._queue.put(exc)
+        except Exception:
+            log.exception("a generation through the HTTP door failed")
+            await self._queue.put(Internal("the generation failed"))
+        finally:
+            await chunks.aclose()
+
+    async def next(self) -> tuple[str, Chunk] | None:
+        """The next (request id, chunk); None after the last; raises the generation's error."""
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def cancel(self) -> None:
+        """Ends the generation if it still runs (its slot is freed, the scheduler told)."""
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+class _Answer:
+    """OpenAI's objects for one request's chunks: events of a stream, or the whole response."""
+
+    def __init__(self, model: str, chat: bool, shape: dict) -> None:
+        self.model, self.chat, self.shape = model, chat, shape
+        self.kind = "chat.completion" if chat else "text_completion"
+        self.created = int(time.time())
+
+    def _head(self, request_id: str, streamed: bool) -> dict:
+        kind = self.kind + (".chunk" if streamed and self.chat else "")
+        return {"id": ("chatcmpl-" if self.chat else "cmpl-") + request_id, "object": kind, "created": self.created,
+                "model": self.model}
+
+    async def events(self, first, generation: _Generation) -> AsyncIterator[str]:
+        def event(payload: dict) -> str:
+            return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+        item, rid, last, started = first, "", None, False
+        try:
+            while item is not None:
+                rid, chunk = item
+                last = chunk
+                choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(chunk.finish_reason)}
+                if self.chat:
+                    choice["delta"] = {"content": chunk.text} if started else {"role": "assistant",
+                                                                               "content": chunk.text}
+                else:
+                    choice["text"] = chunk.text
+                wanted = self.shape["logprobs"] and chunk.token_ids
+                choice["logprobs"] = _logprobs(chunk, self.chat) if wanted else None
+                payload = {**self._head(rid, True), "choices": [choice]}
+                if self.shape["include_usage"]:
+                    payload["usage"] = None
+                yield event(payload)
+                started = True
+                item = await generation.next()
+            if self.shape["include_usage"]:
+                yield event({**self._head(rid, True), "choices": [], "usage": _usage(last)})
+            yield "data: [DONE]\n\n"
+        except LlmosError as exc:
+            yield event(error_body(exc)[1])
+
+    async def whole(self, first, generation: _Generation) -> Response:
+        item, rid, chunks = first, "", []
+        while item is not None:
+            rid, chunk = item
+            chunks.append(chunk)
+            item = await generation.next()
+        last = chunks[-1] if chunks else None
+        merged = Chunk(token_ids=[t for c in chunks for t in c.token_ids],
+                       logprobs=[p for c in chunks for p in c.logprobs],
+                       top_logprobs=[t for c in chunks for t in c.top_logprobs])
+        text = "".join(c.text for c in chunks)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(last.finish_reason) if last else None,
+                                  "logprobs": _logprobs(merged, self.chat) if self.shape["logprobs"] else None}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return JSONResponse({**self._head(rid, False), "choices": [choice], "usage": _usage(last)})
+
+
+class _TooLarge(Exception):
+    pass
+

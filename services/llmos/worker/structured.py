@@ -1,0 +1,93 @@
+"""Structured output on the worker: a request's format compiled against its model's tokenizer by
+llguidance, and the mask of the tokens that keep the output matchable, applied before each
+sample.
+
+`Grammars` belongs to one loaded model: its llguidance tokenizer (made at the first constrained
+request) and a few compiled matchers by format (LRU), each request getting its own copy, so a
+schema sent again is not compiled again. A `Constraint` follows one sequence: `mask` the logits,
+`advance` with the sampled token, and `complete` once the structure is whole (the engine then ends
+the sequence with STOP). Compiling runs off the worker's event loop and off the engine's thread;
+masks are computed on the engine's thread, for the sequences that have a format only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmos.common.domain import ResponseFormat
+from llmos.common.errors import InvalidArgument
+from llmos.common.formats import FormatError, compiled
+
+# Compiled formats kept per model.
+CACHED_FORMATS = 64
+
+
+class Constraint:
+    """One sequence's matcher."""
+
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
+        self._matcher = matcher
+        self._vocab = vocab_size
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (one row) with every token the format does not allow next at -inf."""
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little")[:logits.shape[-1]].astype(bool)
+        if allowed.shape[0] < logits.shape[-1]:          # rows past the tokenizer's vocabulary
+            allowed = np.pad(allowed, (0, logits.shape[-1] - allowed.shape[0]))
+        return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
+
+    def advance(self, token: int) -> None:
+        if not self._matcher.consume_token(token):
+            raise RuntimeError(f"the format refused token {token}: {self._matcher.get_error()}")
+
+    @property
+    def complete(self) -> bool:
+        """The structure is whole: nothing but its end may follow."""
+        return self._matcher.is_stopped()
+
+
+class Grammars:
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> None:
+        self._hf = tokenizer
+        self._vocab = vocab_size
+        self._eos = sorted(eos_ids)
+        self._tokenizer: Any = None
+        self._matchers: OrderedDict[ResponseFormat, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _llg_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            import llguidance.hf
+
+            self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab,
+                                                           eos_token=self._eos or None)
+        return self._tokenizer
+
+    def constraint(self, fmt: ResponseFormat) -> Constraint:
+        """A fresh matcher of `fmt` for one sequence; INVALID_ARGUMENT when it does not compile
+        against this model's tokenizer. Blocking (run it off the event loop)."""
+        from llguidance import LLMatcher
+
+        field = f"sampling.response_format.{fmt.kind.value}"
+        with self._lock:
+            template = self._matchers.get(fmt)
+            if template is not None:
+                self._matchers.move_to_end(fmt)
+            else:
+                try:
+                    grammar = compiled(fmt)
+                except FormatError as exc:
+                    raise InvalidArgument.field(field, str(exc)) from None
+                template = LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+                if template.is_error():
+                    raise InvalidArgument.field(field, template.get_error())
+                self._matchers[fmt] = template
+                while len(self._matchers) > CACHED_FORMATS:
+                    self._matchers.popitem(last=False)
+            return Constraint(template.deep_copy(), self._vocab)
