@@ -40,8 +40,11 @@ check-protos: protos
 	git diff --exit-code -- services/llmos/v1
 	test -z "$$(git status --porcelain --untracked-files=all -- services/llmos/v1)"
 
+# The contracts change additively only: buf's breaking-change check against the previous commit.
 lint: $(STAMP)
 	cd protos && ../.venv/bin/buf lint
+	if git rev-parse -q --verify HEAD~1 >/dev/null; then \
+	  cd protos && ../.venv/bin/buf breaking --against "../.git#ref=HEAD~1,subdir=protos"; fi
 	.venv/bin/ruff check services tests
 
 unit: $(STAMP)
