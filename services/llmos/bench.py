@@ -109,7 +109,8 @@ def workload(n: int, lo: int, hi: int, fixed: bool, seed: int) -> list[tuple[str
 
 
 async def run_suite(label: str, target: str, address: str, model: str, jobs: list[tuple[str, int]],
-                    concurrency: int, credentials: tuple[str | None, Path | None] = (None, None)) -> Result:
+                    concurrency: int, credentials: tuple[str | None, Path | None] = (None, None),
+                    response_format: common_pb2.ResponseFormat | None = None) -> Result:
     key, tls_dir = credentials
     channel = open_aio_channel(address, str(tls_dir) if tls_dir else None, key, public=target == "gateway")
     if target == "gateway":
@@ -122,7 +123,7 @@ async def run_suite(label: str, target: str, address: str, model: str, jobs: lis
     traces: list[Trace] = []
 
     async def one(i: int, prompt: str, length: int) -> None:
-        sampling = common_pb2.SamplingParams(max_tokens=length, ignore_eos=True)
+        sampling = common_pb2.SamplingParams(max_tokens=length, ignore_eos=True, response_format=response_format)
         rid = f"bench-{target}-{i}-{time.monotonic_ns()}"
         if target == "gateway":
             call = stub.Generate(gateway_pb2.GenerateRequest(model=model, prompt=prompt, sampling=sampling,
@@ -409,6 +410,15 @@ def main(args: argparse.Namespace) -> int:
         results[target] = asyncio.run(run_suite(f"llmos via {target}", target, address, name, jobs,
                                                 args.concurrency, credentials))
         print(describe(results[target]))
+    if args.json_schema:
+        credentials = local_credentials(args.data_dir, args.api_key)
+        constrained = asyncio.run(run_suite(
+            "llmos via gateway, every request constrained", "gateway", args.gateway, name, jobs, args.concurrency,
+            credentials, common_pb2.ResponseFormat(json_schema=args.json_schema)))
+        print(describe(constrained))
+        free = results.get("gateway") or asyncio.run(run_suite("llmos via gateway", "gateway", args.gateway, name,
+                                                               jobs, args.concurrency, credentials))
+        print(f"  constrained / free throughput: {constrained.tokens_per_s / free.tokens_per_s:.2f}x")
     if args.peer:
         against_peer(args, name, jobs, results.get("gateway") or results["worker"])
     if args.no_baselines:
@@ -457,6 +467,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="also run the workload against this OpenAI-compatible server (e.g. "
                             "http://127.0.0.1:8012) and print llmos's ratios to it")
     bench.add_argument("--peer-model", default="", help="the model's name on the peer (default: llmos's name)")
+    bench.add_argument("--json-schema", default="", metavar="SCHEMA",
+                       help="also run the workload through the gateway with every request constrained to this "
+                            "JSON Schema, and print the throughput ratio (a schema of long instances, such as a "
+                            "string of minLength 4000, keeps every request to its length)")
     bench.add_argument("--peer-key", default="",
                        help="the peer's API key, sent as a bearer token (default: $OPENAI_API_KEY; llmos's own "
                             "HTTP door takes an llmos key)")

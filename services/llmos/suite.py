@@ -125,7 +125,8 @@ class Suite:
     metrics: dict[str, str] = field(default_factory=dict)
     # The first gateway's HTTP door (OpenAI's API) port; 0 picks a free one. Later gateways
     # take free ones. `http` is where each gateway's door serves, once started.
-    http_port: int = DEFAULT_HTTP_PORT
+    # None: DEFAULT_HTTP_PORT, or a free one when the gateway's own port is picked free.
+    http_port: int | None = None
     http: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     # Its CA, certificates and keys (made at start).
@@ -217,8 +218,12 @@ class Suite:
             metrics_port = self.metrics_port if service == "monitor" else 0
         env[prefix + "METRICS_LISTEN"] = f"{ip}:{metrics_port}"
         if service == "gateway":
+            if http_port is None and name == service:
+                http_port = self.http_port
+                if http_port is None:
+                    http_port = 0 if self.ports.get("gateway", DEFAULT_PORTS["gateway"]) == 0 else DEFAULT_HTTP_PORT
             if http_port is None:
-                http_port = self.http_port if name == service else 0
+                http_port = 0
             env[prefix + "HTTP_LISTEN"] = f"{ip}:{http_port}"
         if service == "monitor":
             env[prefix + "METRICS_TARGETS"] = ",".join(f"{other}={self.metrics[other]}" for other in NEEDS[service])

@@ -343,3 +343,23 @@ def test_a_frozen_worker_is_unhealthy_within_10s_and_an_alert_is_watched(suite, 
         watch.cancel()
         channel.close()
         scheduler_channel.close()
+
+
+def test_a_request_through_the_http_door_is_one_trace_under_its_http_span(suite, client, trace_receiver):
+    import openai
+
+    api = openai.OpenAI(base_url=f"http://{suite.http['gateway']}/v1", api_key=suite.identity.admin_key(),
+                        max_retries=0)
+    stream = api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Name a river."}],
+                                         max_tokens=12, stream=True, extra_headers={"X-Request-Id": "obs-http"})
+    assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content is not None) > 0
+    trace = trace_of(trace_receiver, "obs-http", (WORKER_SPAN, {"name": "POST /v1/chat/completions"}))
+    root = one(trace, **GATEWAY_ROOT)
+    assert root["name"] == "POST /v1/chat/completions" and root["attributes"]["http.response.status_code"] == 200
+    gateway = one(trace, service="llmos-gateway", name="chat tiny")
+    assert gateway["parent_id"] == root["span_id"] and root["end"] >= gateway["end"]
+    assert {s["service"] for s in trace} >= {"llmos-gateway", "llmos-scheduler", "llmos-worker"}
+    worker = one(trace, **WORKER_SPAN)
+    steps = [s for s in trace_receiver.snapshot() if s["name"] == "engine step"
+             and (worker["trace_id"], worker["span_id"]) in s["links"]]
+    assert steps

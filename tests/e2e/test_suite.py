@@ -34,6 +34,8 @@ def suite(e2e_data_dir, trace_receiver, tiny_model_dir):
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "LLMOS_REGISTRY_ALLOWED_ROOTS": str(tiny_model_dir.parent),
+        # The drain test's stream must finish however slow a loaded machine runs it.
+        "LLMOS_GATEWAY_GRACE_SECONDS": "120",
     })
     suite.start(timeout=120)
     yield suite
@@ -274,12 +276,15 @@ def test_llmos_bench_drives_an_openai_peer_here_the_suites_own_http_door(suite):
         [sys.executable, "-m", "llmos.cli", "--registry", a["registry"], "--gateway", a["gateway"],
          "--data-dir", str(suite.data_dir), "bench", "--model", "tiny", "--target", "gateway", "--fixed",
          "--requests", "6", "--concurrency", "3", "--max-tokens", "10", "--no-baselines",
-         "--peer", f"http://{suite.http['gateway']}", "--peer-key", suite.identity.admin_key()],
+         "--peer", f"http://{suite.http['gateway']}", "--peer-key", suite.identity.admin_key(),
+         "--json-schema", json.dumps({"type": "object", "properties": {"story": {"type": "string", "minLength": 400}},
+                                      "required": ["story"]})],
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    counts = re.findall(r"^  (llmos via gateway|peer http://\S+) +[\d.]+ tok/s +\((\d+) tokens in", out.stdout, re.M)
-    assert [n for _, n in counts] == ["60", "60"], out.stdout
+    counts = re.findall(r"^  (?:llmos via gateway|peer ).* tok/s +\((\d+) tokens in", out.stdout, re.M)
+    assert counts == ["60", "60", "60"], out.stdout     # free, constrained, the peer
     assert re.search(r"throughput, llmos / peer: [\d.]+x", out.stdout), out.stdout
+    assert re.search(r"constrained / free throughput: [\d.]+x", out.stdout), out.stdout
 
 
 def test_llmos_bench_conversation_times_the_last_turn_with_and_without_the_prefix_cache(suite):
@@ -335,7 +340,7 @@ def test_sigterm_drains_a_stream_in_flight_then_stops_every_service(suite, clien
     rest: list = []
     reader = threading.Thread(target=lambda: rest.extend(stream))
     reader.start()
-    codes = suite.stop(grace=20)
+    codes = suite.stop(grace=150)
     reader.join(timeout=30)
     responses = [first, *rest]
     assert responses[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED

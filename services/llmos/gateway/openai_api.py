@@ -296,8 +296,9 @@ class OpenAiDoor:
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
             if self._task.done():
-                self._task.result()      # raises why it could not start
-                raise OSError(f"the HTTP door did not start on {self.listen}")
+                with contextlib.suppress(SystemExit):      # uvicorn exits when it cannot bind
+                    self._task.result()
+                raise OSError(f"the HTTP door could not listen on {self.listen} (the log above says why)")
             await asyncio.sleep(0.01)
         bound = self._server.servers[0].sockets[0].getsockname()
         return f"{host}:{bound[1]}"
