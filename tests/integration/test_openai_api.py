@@ -164,8 +164,7 @@ async def eventually(check, tries=600):
 
 async def test_a_closed_connection_cancels_the_generation_and_frees_its_slot(stack, tiny_model_dir):
     """A tiny model of a long context (the stack's serves 256 tokens, generated in well under a
-    second), so the generation is still running when the client leaves. Its weights differ from
-    the stack's (another seed): the registry keys a model's files by its weights' digest."""
+    second), so the generation is still running when the client leaves."""
     long = build_tiny_model(tiny_model_dir.parent / "tiny-long", seed=1, context=2048)
     await stack.registry.ImportModel(registry_pb2.ImportModelRequest(name="tiny-long", source=str(long)))
     await stack.registry.LoadModel(registry_pb2.LoadModelRequest(name="tiny-long"))

@@ -67,3 +67,17 @@ async def test_stored_tokenizer_indexes_its_added_tokens_and_encodes_the_same(tm
     text = "hello world " + " ".join(t["content"] for t in added)
     assert stored(text).input_ids == original(text).input_ids
     assert stored.eos_token_id == original.eos_token_id
+
+
+async def test_the_same_weights_under_another_config_are_another_model(tmp_path, tiny_model_dir):
+    first, second = tmp_path / "roots" / "short", tmp_path / "roots" / "long"
+    shutil.copytree(tiny_model_dir, first)
+    shutil.copytree(tiny_model_dir, second)
+    config = json.loads((second / "config.json").read_text())
+    config["max_position_embeddings"] = 1024
+    (second / "config.json").write_text(json.dumps(config))
+    models = registry(tmp_path, allow_pickle=False)
+    short, _ = await models.import_model("short", "", str(first))
+    long, _ = await models.import_model("long", "", str(second))
+    assert short.record.digest != long.record.digest and short.record.path != long.record.path
+    assert (short.record.context_length, long.record.context_length) == (256, 1024)

@@ -51,9 +51,12 @@ class Importer:
         """(format, digest) of a source, computed before anything is copied or converted."""
         if path.is_dir():
             pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            # The weights and the files beside them that define the model (its config, tokenizer
+            # and chat template): the same weights under another config are another model.
+            sides = [path / name for name in _SIDE_FILES if (path / name).is_file()]
             if self.allow_pickle and pickles and not any(path.glob("*.safetensors")):
-                return "pickle", sha256_files(pickles)
-            return "safetensors", sha256_files(safetensors_files(path))
+                return "pickle", sha256_files(pickles + sides)
+            return "safetensors", sha256_files(safetensors_files(path) + sides)
         if path.suffix == ".gguf":
             return "gguf", sha256_files([path])
         if path.suffix in PICKLE_SUFFIXES:
