@@ -11,8 +11,11 @@ up: $(STAMP)
 	$(PY) -m llmos.cli up --data-dir $(DATA)
 
 # The tests run the three-host cluster (tests/e2e/test_cluster.py) from the CPU image.
+# The suites the tests start convert the bundled GGUF once per machine (a build cache, like the
+# image's); the conversion itself is tested by the fixture that runs the converter directly.
 test: $(STAMP) system-deps check-protos lint test-image
-	LLMOS_TEST_IMAGE=localhost/llmos:cpu $(PY) -m pytest -q
+	LLMOS_TEST_IMAGE=localhost/llmos:cpu LLMOS_REGISTRY_CONVERSION_CACHE=$${XDG_CACHE_HOME:-$$HOME/.cache}/llmos/converted \
+	  $(PY) -m pytest -q
 
 # Debian's Prometheus (promtool checks the shipped rules; the e2e tests run a real one
 # against the suite) and docker-compose (checks deploy/compose.yaml without an engine).

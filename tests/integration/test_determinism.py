@@ -58,10 +58,10 @@ def chats_alone_and_together(path, dtype) -> tuple[list, list]:
     try:
         alone = []
         for i, prompt in enumerate(prompts):
-            run = submit(prompt, f"alone{i}", max_new=12)
+            run = submit(prompt, f"alone{i}", max_new=8)
             wait_all([run], 300)
             alone.append(result(run))
-        together = [submit(p, f"together{i}", max_new=12) for i, p in enumerate(prompts)]
+        together = [submit(p, f"together{i}", max_new=8) for i, p in enumerate(prompts)]
         wait_all(together, 300)
         return alone, [result(run) for run in together]
     finally:
@@ -69,9 +69,10 @@ def chats_alone_and_together(path, dtype) -> tuple[list, list]:
 
 
 @pytest.mark.smollm2
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_smollm2_chats_alone_equal_the_same_chats_together(smollm2_dir, dtype):
-    alone, together = chats_alone_and_together(smollm2_dir, dtype)
+def test_smollm2_bf16_chats_alone_equal_the_same_chats_together(smollm2_dir):
+    """(float32's invariance: the busy-batch tests below, and the one showing it fail without the
+    padded rows.)"""
+    alone, together = chats_alone_and_together(smollm2_dir, torch.bfloat16)
     assert together == alone
 
 

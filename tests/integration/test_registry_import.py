@@ -34,9 +34,10 @@ def pickled_model(tmp_path, tiny_model_dir):
     return target
 
 
-def registry(tmp_path, allow_pickle):
-    catalog = Catalog(Store(sqlite_url(tmp_path / f"r{allow_pickle}.db")).ready())
-    importer = Importer(tmp_path / "store", SourcePolicy([tmp_path / "roots"]), allow_pickle=allow_pickle)
+def registry(tmp_path, allow_pickle, store="store", cache=None):
+    catalog = Catalog(Store(sqlite_url(tmp_path / f"r{allow_pickle}{store}.db")).ready())
+    importer = Importer(tmp_path / store, SourcePolicy([tmp_path / "roots"]), allow_pickle=allow_pickle,
+                        conversion_cache=cache)
     return ModelRegistry(catalog, importer, NoWorkers())
 
 
@@ -81,3 +82,17 @@ async def test_the_same_weights_under_another_config_are_another_model(tmp_path,
     long, _ = await models.import_model("long", "", str(second))
     assert short.record.digest != long.record.digest and short.record.path != long.record.path
     assert (short.record.context_length, long.record.context_length) == (256, 1024)
+
+
+async def test_a_conversion_cache_gives_a_new_store_the_converted_files(tmp_path, pickled_model, caplog):
+    cache = tmp_path / "converted"
+    first, _ = await registry(tmp_path, True, "store-a", cache).import_model("pickled", "", str(pickled_model))
+    [entry] = list(cache.iterdir())
+    caplog.set_level("INFO", logger="llmos.registry.importer")
+    second, _ = await registry(tmp_path, True, "store-b", cache).import_model("pickled", "", str(pickled_model))
+    assert "taken from the conversion cache" in caplog.text
+    assert first.record.digest == second.record.digest and first.record.path != second.record.path
+    for path in Path(first.record.path).iterdir():
+        assert (Path(second.record.path) / path.name).read_bytes() == path.read_bytes(), path.name
+    weights = next(Path(second.record.path).glob("*.safetensors"))
+    assert weights.stat().st_ino == (entry / weights.name).stat().st_ino       # linked, not copied

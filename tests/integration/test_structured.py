@@ -131,7 +131,7 @@ def test_smollm2_answers_fifty_different_json_schemas_all_valid(smollm2_dir):
     try:
         runs = []
         for i, schema in enumerate(cases):
-            ask = [{"role": "user", "content": f"Reply with JSON matching {json.dumps(schema)}"}]
+            ask = [{"role": "user", "content": f"Describe item {i} as JSON."}]
             prompt = tok.apply_chat_template(ask, add_generation_prompt=True, tokenize=False)
             runs.append(submit(engine, grammars, tok(prompt)["input_ids"],
                                ResponseFormat(FormatKind.JSON_SCHEMA, json.dumps(schema)), rid=f"s{i}", max_new=160))

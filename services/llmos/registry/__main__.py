@@ -55,6 +55,9 @@ class RegistrySettings(ServiceSettings):
     # Directories models may be imported from (comma-separated); empty means the directory the
     # registry runs in. Relative sources are taken inside the first. `bundled:<name>` is always allowed.
     allowed_roots: tuple[str, ...] = ()
+    # Where GGUF and pickle conversions are kept for other stores to take (a build cache, e.g.
+    # for test runs); "": none, every store converts its own.
+    conversion_cache: str = ""
     # Import pickle (.bin/.pt) weights, converted to safetensors in a child process. Off: refused.
     allow_pickle: bool = False
     grace_seconds: float = 5.0
@@ -70,7 +73,9 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
     catalog = Catalog(store)
     roots = [Path(r) for r in settings.allowed_roots] or [Path.cwd()]
     kv = KvShape(settings.kv_slots, settings.kv_max_seq_len, compute_bytes(settings.worker_dtype))
-    registry = ModelRegistry(catalog, Importer(data / "models", SourcePolicy(roots), settings.allow_pickle),
+    cache = Path(settings.conversion_cache) if settings.conversion_cache else None
+    registry = ModelRegistry(catalog, Importer(data / "models", SourcePolicy(roots), settings.allow_pickle,
+                                               conversion_cache=cache),
                              GrpcWorkers(channels, settings.load_timeout_seconds),
                              kv, settings.overhead_bytes,
                              GrpcResources(channels, settings.resources_address),

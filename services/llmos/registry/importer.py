@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -37,11 +39,14 @@ class Importer:
     weights) into `store`/<digest>."""
 
     def __init__(self, store: Path, policy: SourcePolicy, allow_pickle: bool = False,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, conversion_cache: Path | None = None) -> None:
         self.store = store
         self.policy = policy
         self.allow_pickle = allow_pickle
         self.python = python
+        # Conversions kept across stores (by source digest and converter), a build cache: a
+        # store made again (a test's, a new data directory) takes the files instead of converting.
+        self.conversion_cache = conversion_cache
         store.mkdir(parents=True, exist_ok=True)
 
     def resolve(self, source: str) -> Path:
@@ -73,7 +78,7 @@ class Importer:
             staging = target.with_name(target.name + f".staging-{time.monotonic_ns()}")
             try:
                 if source_format in ("gguf", "pickle"):
-                    await self._convert(source_format, path, staging)
+                    await self._converted(source_format, path, staging, digest)
                 else:
                     await asyncio.to_thread(self._copy_dir, path, staging)
                 await asyncio.to_thread(index_added_tokens, staging)
@@ -97,6 +102,27 @@ class Importer:
         for name in _SIDE_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, target / name)
+
+    async def _converted(self, kind: str, source: Path, target: Path, digest: str) -> None:
+        """`source` converted into `target`, from the conversion cache when it has it."""
+        if self.conversion_cache is None:
+            await self._convert(kind, source, target)
+            return
+        converter = hashlib.sha256(Path(__file__).with_name("to_safetensors.py").read_bytes()).hexdigest()[:16]
+        cached = self.conversion_cache / f"{digest.removeprefix('sha256:')}-{converter}"
+        if cached.is_dir():
+            await asyncio.to_thread(_link_or_copy_tree, cached, target)
+            log.info("%s of %s taken from the conversion cache", kind, source.name)
+            return
+        await self._convert(kind, source, target)
+        partial = cached.with_name(cached.name + f".partial-{time.monotonic_ns()}")
+        try:
+            await asyncio.to_thread(_link_or_copy_tree, target, partial)
+            partial.rename(cached)
+        except OSError as exc:          # a cache that cannot be written is no cache: go on
+            log.warning("the conversion cache %s is not written: %s", self.conversion_cache, exc)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
 
     async def _convert(self, kind: str, source: Path, target: Path) -> None:
         started = time.monotonic()
@@ -131,3 +157,16 @@ def index_added_tokens(directory: Path) -> None:
     config["added_tokens_decoder"] = {
         str(token["id"]): {key: value for key, value in token.items() if key != "id"} for token in added}
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _link_or_copy_tree(source: Path, target: Path) -> None:
+    """`source`'s files in a new directory `target`: the weights hard-linked where one file system
+    holds both (they are never written again), the small files beside them copied."""
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        try:
+            if path.suffix != ".safetensors":
+                raise OSError("copied")
+            os.link(path, target / path.name)
+        except OSError:
+            shutil.copyfile(path, target / path.name)
