@@ -84,8 +84,12 @@ async def test_a_json_schema_completion_parses_and_matches(stack):
     jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
     streamed = [c async for c in await api.chat.completions.create(
         model="tiny", messages=QUESTION, max_tokens=100, stream=True, response_format={"type": "json_object"})]
+    text = "".join(c.choices[0].delta.content or "" for c in streamed)
+    assert text.startswith("{")                 # an object, complete or cut at max_tokens
     if streamed[-1].choices[0].finish_reason == "stop":
-        assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in streamed)), dict)
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert streamed[-1].choices[0].finish_reason == "length"
 
 
 async def test_a_stop_string_ends_the_text_before_it(stack):

@@ -82,8 +82,12 @@ def test_json_schemas_in_one_batch_all_parse_and_free_text_beside_them_is_unchan
         for schema, run in zip(cases, runs, strict=False):
             assert run.chunks[-1].finish_reason is FinishReason.STOP, text_of(run)
             jsonschema.validate(json.loads(text_of(run)), schema)
-        value = json.loads(text_of(runs[-1])) if runs[-1].chunks[-1].finish_reason is FinishReason.STOP else {}
-        assert isinstance(value, dict) or runs[-1].chunks[-1].finish_reason is FinishReason.LENGTH
+        anything = runs[-1]                 # any object: complete, or cut by its budget of 200 tokens
+        assert text_of(anything).startswith("{")
+        if anything.chunks[-1].finish_reason is FinishReason.STOP:
+            assert isinstance(json.loads(text_of(anything)), dict)
+        else:
+            assert len(anything.ids) == 200
         assert [r.ids for r in plain] == expected
     finally:
         engine.stop()

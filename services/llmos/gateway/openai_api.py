@@ -72,11 +72,13 @@ PARAM_NAMES = {"sampling.max_tokens": "max_tokens", "sampling.temperature": "tem
                "sampling.response_format.json_object": "response_format"}
 
 
-def _error(status: int, message: str, code: str, param: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
+def _error_object(status: int, message: str, code: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
                       "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _error(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse(_error_object(status, message, code), status_code=status)
 
 
 def error_body(exc: LlmosError) -> tuple[int, dict, dict[str, str]]:
@@ -91,9 +93,7 @@ def error_body(exc: LlmosError) -> tuple[int, dict, dict[str, str]]:
     if isinstance(exc, ResourceExhausted) or exc.code == "RESOURCE_EXHAUSTED":
         retry = getattr(exc, "retry_after", None) or float(exc.metadata.get("retry_after_seconds", 1) or 1)
         headers["Retry-After"] = str(max(1, math.ceil(retry)))
-    body = {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
-                      "code": exc.reason}}
-    return status, body, headers
+    return status, _error_object(status, message, exc.reason, param), headers
 
 
 def _number(body: dict, name: str, kind: type, default: Any = None) -> Any:

@@ -30,9 +30,8 @@ CACHED_FORMATS = 64
 class Constraint:
     """One sequence's matcher."""
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any) -> None:
         self._matcher = matcher
-        self._vocab = vocab_size
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` (one row) with every token the format does not allow next at -inf."""
@@ -90,4 +89,4 @@ class Grammars:
                 self._matchers[fmt] = template
                 while len(self._matchers) > CACHED_FORMATS:
                     self._matchers.popitem(last=False)
-            return Constraint(template.deep_copy(), self._vocab)
+            return Constraint(template.deep_copy())
