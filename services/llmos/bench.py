@@ -12,6 +12,10 @@ Every figure is printed with its ratio to the baselines measured the same minute
 OpenAI-compatible `/v1/completions` (vLLM, TGI, llama.cpp, Ollama: streaming, `ignore_eos`)
 and prints llmos's figures through the gateway as ratios to the peer's.
 
+`--implementations` compares the engine's two forward paths on the model instead, in this
+process: the lean Llama-family forward and the model's own transformers code over llmos's
+attention (the generic path any architecture takes), alternating, at concurrency 1 and C.
+
 `--conversation N` measures the prefix cache instead: one chat of N turns through the
 gateway, each turn sending every earlier one again, then the last turn's messages once
 more under a different system prompt (nothing of it cached); it prints the last turn's
@@ -323,6 +327,87 @@ def measure_load(path: str, dtype: str, slots: int, max_seq_len: int, rounds: in
     return 0
 
 
+def run_engine(engine, tokenizer, concurrency: int, tokens: int, label: str) -> tuple[Result, list[list[int]]]:
+    """`concurrency` greedy requests of `tokens` tokens each submitted to `engine` at once; their
+    figures and token ids."""
+    import threading
+
+    from llmos.common.domain import SamplingParams
+    from llmos.worker.engine import Sequence
+
+    traces, outputs, done, errors = [], [], [], []
+    started = time.perf_counter()
+    for i in range(concurrency):
+        trace, ids, finished = Trace(started), [], threading.Event()
+
+        def deliver(item, trace=trace, ids=ids, finished=finished):
+            if isinstance(item, Exception):
+                errors.append(item)
+                finished.set()
+                return
+            trace.arrivals.append((time.perf_counter(), len(item.token_ids)))
+            ids.extend(item.token_ids)
+            if item.finish_reason is not None:
+                finished.set()
+        prompt = tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"]
+        engine.submit(Sequence(f"{label}-{i}", prompt, SamplingParams(ignore_eos=True), tokens, deliver))
+        traces.append(trace)
+        outputs.append(ids)
+        done.append(finished)
+    for finished in done:
+        finished.wait()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise SystemExit(f"{label}: {errors[0]}")
+    return Result(label, sum(t.tokens for t in traces), seconds, [t.ttft for t in traces],
+                  [g for t in traces for g in t.gaps()]), outputs
+
+
+def compare_implementations(path: str, dtype: str, concurrency: int, tokens: int, rounds: int) -> int:
+    """The model's engine through its lean forward and through the generic one, in this process,
+    alternating which goes first, `rounds` times at concurrency 1 and `concurrency`; prints the
+    medians and the generic / lean ratios, and whether the greedy tokens agree."""
+    import torch
+
+    from llmos.worker.engine import Engine, EngineDriver
+    from llmos.worker.loader import load_model
+
+    device, torch_dtype = torch.device("cpu"), getattr(torch, dtype)
+    paths = ("llmos", "transformers")
+    driver = EngineDriver()
+    driver.start_thread()
+    engines, tokenizer = {}, None
+    for impl in paths:
+        # On the driver's thread, as a worker does: torch's threads are then one team for all.
+        loaded = driver.call(load_model, "bench", path, device, torch_dtype, concurrency, 512, "", impl).result()
+        tokenizer = loaded.tokenizer
+        engines[impl] = Engine(f"bench-{impl}", loaded.runner, tokenizer, loaded.eos_ids, driver, prefix_cache=False)
+        print(f"  {impl} forward: {loaded.measured_bytes / 2**20:.0f} MiB with its KV cache")
+    try:
+        for impl in paths:
+            run_engine(engines[impl], tokenizer, 2, 8, "warm-up")
+        for c in sorted({1, concurrency}):
+            figures: dict[str, list[Result]] = {impl: [] for impl in paths}
+            answers: dict[str, list] = {}
+            for r in range(rounds):
+                for impl in paths if r % 2 == 0 else paths[::-1]:
+                    result, answers[impl] = run_engine(engines[impl], tokenizer, c, tokens, f"{impl} C={c}")
+                    figures[impl].append(result)
+            median = {impl: statistics.median(f.tokens_per_s for f in figures[impl]) for impl in paths}
+            itl = {impl: statistics.median(percentile(f.itl, 50) for f in figures[impl]) for impl in paths}
+            same = sum(a == b for a, b in zip(answers["llmos"], answers["transformers"], strict=True))
+            for impl in paths:
+                print(f"  C={c:<3} {impl:<12} {median[impl]:7.1f} tok/s  ITL p50 {itl[impl] * 1e3:6.1f} ms "
+                      f"(medians of {rounds})")
+            print(f"  C={c:<3} generic / lean: throughput {median['transformers'] / median['llmos']:.2f}x, "
+                  f"ITL p50 {itl['transformers'] / itl['llmos']:.2f}x; greedy tokens identical in {same} of {c}")
+    finally:
+        for engine in engines.values():
+            engine.stop()
+        driver.stop()
+    return 0
+
+
 QUESTIONS = [
     "Name a river in Europe.", "How long is it?", "Which cities does it pass?", "What is its source?",
     "Is it used for shipping?", "Name a fish that lives in it.", "What about its delta?",
@@ -392,6 +477,11 @@ def conversation(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     if args.conversation:
         return conversation(args)
+    if args.implementations:
+        model = catalog_entry(args)
+        print(f"model {model.name}:{model.tag} from {model.store_path} in {args.dtype}, {args.max_tokens} tokens "
+              f"a request, the lean forward against the generic one")
+        return compare_implementations(model.store_path, args.dtype, args.concurrency, args.max_tokens, args.rounds)
     if args.load:
         model = catalog_entry(args)
         print(f"model {model.name}:{model.tag} from {model.store_path} in {args.dtype}")
@@ -461,8 +551,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="where the generate() baselines run: cpu, or cuda to compare on the worker's GPU")
     bench.add_argument("--load", action="store_true",
                        help="measure loading the model from the store against a bare from_pretrained")
-    bench.add_argument("--dtype", default="bfloat16", help="dtype for --load")
-    bench.add_argument("--rounds", type=int, default=5, help="loads each way for --load")
+    bench.add_argument("--implementations", action="store_true",
+                       help="compare the engine's lean and generic forward paths on the model, in this process")
+    bench.add_argument("--dtype", default="bfloat16", help="dtype for --load and --implementations")
+    bench.add_argument("--rounds", type=int, default=5, help="loads each way for --load, runs for --implementations")
     bench.add_argument("--peer", default="", metavar="URL",
                        help="also run the workload against this OpenAI-compatible server (e.g. "
                             "http://127.0.0.1:8012) and print llmos's ratios to it")

@@ -151,7 +151,8 @@ def _age(seconds: float) -> str:
 
 def _print_model(m) -> None:
     state = enum_word(m, 'state')
-    print(f"{m.name}:{m.tag}  {state}  {m.architecture}  {m.parameter_count / 1e6:.1f}M params  "
+    print(f"{m.name}:{m.tag}  {state}  {m.architecture} ({m.implementation or 'llmos'} forward)  "
+          f"{m.parameter_count / 1e6:.1f}M params  "
           f"{m.dtype}  ctx {m.context_length}  est {_gib(m.estimated_bytes)}  {m.digest[:19]}")
 
 

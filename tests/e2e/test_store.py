@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmos.client import every_page, open_channel
 from llmos.common.server import read_address_file
+from llmos.common.store import Store
 from llmos.suite import Suite
 from llmos.v1 import common_pb2, identity_pb2, resources_pb2
 from tests.support.postgres import PostgresServer
@@ -72,11 +73,12 @@ def test_a_registry_waits_not_serving_for_an_unreachable_then_unmigrated_store(t
         wait_for(lambda: "llmos migrate" in log_path.read_text(), 60, "the line asking for `llmos migrate`")
         assert health(address) == NOT_SERVING
         checked = llmos("migrate", "--check", "--store-url", lone_server.url())
-        assert checked.returncode == 1 and "needs 0001" in checked.stdout
+        head = Store.head()
+        assert checked.returncode == 1 and f"needs {head}" in checked.stdout
         migrated = llmos("migrate", env={"LLMOS_STORE_URL": lone_server.url()})
         assert migrated.returncode == 0, migrated.stderr
-        assert "migrated from an empty schema to 0001" in migrated.stdout
-        assert "already at revision 0001" in llmos("migrate", "--store-url", lone_server.url()).stdout
+        assert f"migrated from an empty schema to {head}" in migrated.stdout
+        assert f"already at revision {head}" in llmos("migrate", "--store-url", lone_server.url()).stdout
         wait_for(lambda: health(address) == SERVING, 60, "the registry to serve once the store is migrated")
         assert process.poll() is None
         assert "is back; serving" in log_path.read_text()

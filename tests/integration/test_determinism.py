@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmos.common.domain import SamplingParams
-from llmos.worker import llama
+from llmos.worker import attention
 from llmos.worker.engine import Engine, EngineDriver, Sequence
 from llmos.worker.loader import load_model
 from tests.integration.test_engine import Collector, Running, wait_all
@@ -80,7 +80,7 @@ def test_smollm2_bf16_chats_alone_equal_the_same_chats_together(smollm2_dir):
 def test_without_whole_key_blocks_smollm2_bf16_chats_change_with_their_company(smollm2_dir, monkeypatch):
     """The check above can fail: with attention reading exactly each batch's longest sequence,
     log-probabilities of the same chats differ between alone and together."""
-    monkeypatch.setattr(llama, "KEY_BLOCK", 1)
+    monkeypatch.setattr(attention, "KEY_BLOCK", 1)
     alone, together = chats_alone_and_together(smollm2_dir, torch.bfloat16)
     assert together != alone
 
@@ -118,6 +118,6 @@ def test_greedy_tokens_and_logprobs_alone_equal_those_in_a_busy_batch(tiny_model
 def test_without_padded_rows_float32_answers_change_with_how_prompts_were_chunked(tiny_model_dir, monkeypatch):
     """And so can the float32 one: without prompt chunks' attention given four rows at least, a
     chunk of one token is reduced by another kernel than the same position in a longer chunk."""
-    monkeypatch.setattr(llama, "MIN_ROWS", 1)
+    monkeypatch.setattr(attention, "MIN_ROWS", 1)
     alone, busy = answers(tiny_model_dir, torch.float32, prefix_cache=True)
     assert busy != alone

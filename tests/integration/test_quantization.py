@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llmos.common.domain import SamplingParams
+from llmos.worker.attention import PrefillChunk
 from llmos.worker.engine import Engine, EngineDriver, Sequence
-from llmos.worker.llama import PrefillChunk
 from llmos.worker.loader import load_model
 from tests.integration.test_engine import PROMPTS, Collector, wait_all
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmos.common.errors import InvalidArgument
+from llmos.common.errors import FailedPrecondition, InvalidArgument
+from llmos.common.names import ModelRef
 from llmos.common.store import Store, sqlite_url
 from llmos.registry.catalog import Catalog
 from llmos.registry.importer import Importer
@@ -96,3 +97,27 @@ async def test_a_conversion_cache_gives_a_new_store_the_converted_files(tmp_path
         assert (Path(second.record.path) / path.name).read_bytes() == path.read_bytes(), path.name
     weights = next(Path(second.record.path).glob("*.safetensors"))
     assert weights.stat().st_ino == (entry / weights.name).stat().st_ino       # linked, not copied
+
+
+async def test_the_catalog_says_which_forward_serves_a_model_and_refuses_what_none_can(tmp_path, tiny_model_dir):
+    from tests.support.tiny_model import build_tiny_architecture
+
+    gpt2 = build_tiny_architecture(tmp_path / "roots" / "gpt2", "gpt2")
+    llama = tmp_path / "roots" / "llama"
+    shutil.copytree(tiny_model_dir, llama)
+    reg = registry(tmp_path, allow_pickle=False)
+    view, _ = await reg.import_model("gpt2", "", str(gpt2))
+    assert view.record.implementation == "transformers"
+    assert view.record.context_length == 256       # GPT-2's config says n_positions
+    assert reg.get("gpt2").record.implementation == "transformers"
+    view, _ = await reg.import_model("llama", "", str(llama))
+    assert view.record.implementation == "llmos"
+    bert = tmp_path / "roots" / "bert"
+    shutil.copytree(gpt2, bert)
+    (bert / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    with pytest.raises(FailedPrecondition) as caught:
+        await reg.import_model("bert", "", str(bert))
+    assert caught.value.reason == "NOT_A_CAUSAL_LM"
+    assert reg.catalog.get(ModelRef("bert", "latest")) is None
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(
+        Path(reg.get(name).record.path).name for name in ("gpt2", "llama"))      # nothing of it stored

@@ -72,6 +72,7 @@ models = Table(
     Column("estimated_bytes", BigInteger, nullable=False),
     Column("measured_bytes", BigInteger, nullable=False, server_default="0"),
     Column("keep_alive", Double, nullable=True),
+    Column("implementation", String(32), nullable=False, server_default="llmos"),
     PrimaryKeyConstraint("name", "tag"),
 )
 

@@ -30,6 +30,8 @@ class ModelRecord:
     measured_bytes: int = 0
     # Seconds idle before it is unloaded; None: the registry's default; negative: never.
     keep_alive: float | None = None
+    # The engine's forward path for it ("llmos" or "transformers", `common.architectures`).
+    implementation: str = "llmos"
 
     @property
     def ref(self) -> ModelRef:

@@ -27,7 +27,7 @@ def model_to_proto(view: ModelView) -> common_pb2.Model:
         dtype=r.dtype, context_length=r.context_length, has_chat_template=r.has_chat_template,
         create_time=timestamp(r.create_time), estimated_bytes=r.estimated_bytes, state=_STATES[view.state],
         placements=[placement_to_proto(p) for p in view.placements], store_path=r.path,
-        measured_bytes=r.measured_bytes)
+        measured_bytes=r.measured_bytes, implementation=r.implementation)
     if r.keep_alive is not None:
         message.keep_alive.CopyFrom(duration(r.keep_alive))
     return message

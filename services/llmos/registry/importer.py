@@ -16,7 +16,7 @@ from pathlib import Path
 from llmos.common.errors import FailedPrecondition, InvalidArgument
 
 from .sources import SourcePolicy
-from .weights import PICKLE_SUFFIXES, WeightFacts, read_facts, safetensors_files, sha256_files
+from .weights import PICKLE_SUFFIXES, WeightFacts, read_config, read_facts, safetensors_files, sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,15 @@ class Importer:
         """(format, digest) of a source, computed before anything is copied or converted."""
         if path.is_dir():
             pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if self.allow_pickle and pickles and not any(path.glob("*.safetensors")):
+                source_format, weights = "pickle", pickles
+            else:
+                source_format, weights = "safetensors", safetensors_files(path)
+            read_config(path)           # what no engine path serves goes no further
             # The weights and the files beside them that define the model (its config, tokenizer
             # and chat template): the same weights under another config are another model.
             sides = [path / name for name in _SIDE_FILES if (path / name).is_file()]
-            if self.allow_pickle and pickles and not any(path.glob("*.safetensors")):
-                return "pickle", sha256_files(pickles + sides)
-            return "safetensors", sha256_files(safetensors_files(path) + sides)
+            return source_format, sha256_files(weights + sides)
         if path.suffix == ".gguf":
             return "gguf", sha256_files([path])
         if path.suffix in PICKLE_SUFFIXES:

@@ -8,6 +8,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmos.common import architectures
 from llmos.common.errors import FailedPrecondition, InvalidArgument
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -27,6 +28,8 @@ class WeightFacts:
     num_layers: int
     kv_heads: int
     head_dim: int
+    # The engine's forward path for it: "llmos" or "transformers" (`common.architectures`).
+    implementation: str = architectures.LEAN
 
 
 def sha256_files(paths: list[Path]) -> str:
@@ -57,13 +60,20 @@ def _tensor_header(path: Path) -> dict:
         return json.loads(f.read(length))
 
 
-def read_facts(directory: Path) -> WeightFacts:
-    """Reads config.json, the safetensors headers and the tokenizer config."""
+def read_config(directory: Path) -> dict:
+    """The directory's config.json, refused when the engine can serve it on neither of its paths."""
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise FailedPrecondition(f"model directory has no readable config.json: {exc.__class__.__name__}",
                                  reason="BAD_MODEL_CONFIG") from None
+    architectures.check_servable(config)
+    return config
+
+
+def read_facts(directory: Path) -> WeightFacts:
+    """Reads config.json, the safetensors headers and the tokenizer config."""
+    config = read_config(directory)
     params = weight_bytes = 0
     dtypes: dict[str, int] = {}
     for path in safetensors_files(directory):
@@ -77,22 +87,27 @@ def read_facts(directory: Path) -> WeightFacts:
             weight_bytes += count * _DTYPE_BYTES.get(info["dtype"], 4)
             dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + count
     main_dtype = max(dtypes, key=dtypes.get) if dtypes else "F32"
-    heads = int(config.get("num_attention_heads", 1))
-    hidden = int(config.get("hidden_size", 0))
+
+    def setting(*names: str, default: int = 0) -> int:
+        """The first of `names` the config sets (GPT-2's configs say n_layer, n_head, n_embd...)."""
+        return int(next((config[n] for n in names if config.get(n) is not None), default))
+    heads = setting("num_attention_heads", "n_head", default=1)
+    hidden = setting("hidden_size", "n_embd")
     tokenizer_config = {}
     if (directory / "tokenizer_config.json").exists():
         tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
     return WeightFacts(
-        architecture=(config.get("architectures") or ["unknown"])[0],
+        architecture=architectures.architecture_of(config),
         parameter_count=params,
         weight_bytes=weight_bytes,
         dtype=_DTYPE_NAMES.get(main_dtype, main_dtype.lower()),
-        context_length=int(config.get("max_position_embeddings", 2048)),
+        context_length=setting("max_position_embeddings", "n_positions", default=2048),
         has_chat_template=bool(tokenizer_config.get("chat_template"))
         or (directory / "chat_template.jinja").exists(),
-        num_layers=int(config.get("num_hidden_layers", 0)),
-        kv_heads=int(config.get("num_key_value_heads", heads)),
-        head_dim=int(config.get("head_dim", hidden // heads if heads else 0)),
+        num_layers=setting("num_hidden_layers", "n_layer"),
+        kv_heads=setting("num_key_value_heads", default=heads),
+        head_dim=setting("head_dim", default=hidden // heads if heads else 0),
+        implementation=architectures.implementation(config),
     )
 
 

@@ -19,19 +19,41 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from llmos.common.domain import Chunk, FinishReason, SamplingParams, Usage
 from llmos.common.errors import Internal, LlmosError, Unavailable
 
-from .llama import LlamaRunner, PrefillChunk
+from .attention import PrefillChunk
 from .prefix import PrefixCache
 from .sampling import make_generator, sample, top_logprobs
 from .textstream import Detokenizer, StopStrings
 
 log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """A model's batched forward over its slot KV cache: `llama.LlamaRunner` (the lean path) or
+    `generic.GenericRunner` (any causal LM through its transformers code)."""
+
+    implementation: str
+    device: torch.device
+    slots: int
+    max_len: int
+    vocab_size: int
+
+    @property
+    def kv_positions(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def move_slot(self, source: int, target: int, length: int) -> None: ...
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, decode_count: int,
+                active: int, prefills: list[PrefillChunk], logit_rows: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -214,7 +236,7 @@ class EngineDriver:
 
 
 class Engine:
-    def __init__(self, name: str, runner: LlamaRunner, tokenizer: Any, eos_ids: frozenset[int],
+    def __init__(self, name: str, runner: Runner, tokenizer: Any, eos_ids: frozenset[int],
                  driver: EngineDriver, prefill_budget: int = 256, events: EngineEvents | None = None,
                  prefix_cache: bool = True) -> None:
         self.name = name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -10,10 +11,13 @@ from typing import Any
 
 import torch
 
+from llmos.common import architectures
 from llmos.common.devices import cpu_has_bf16
-from llmos.common.errors import FailedPrecondition, NotFound
+from llmos.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
-from .llama import SUPPORTED_ARCHITECTURES, LlamaRunner
+from .engine import Runner
+from .generic import GenericRunner, Unsupported
+from .llama import LlamaRunner
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class LoadedModel:
     name: str
-    runner: LlamaRunner
+    runner: Runner
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
@@ -31,6 +35,11 @@ class LoadedModel:
     eos_ids: frozenset[int]
     # The weight variant it runs ("" as stored, "int8").
     quantization: str = ""
+
+    @property
+    def implementation(self) -> str:
+        """The forward path it runs: "llmos" (the lean Llama-family forward) or "transformers"."""
+        return self.runner.implementation
 
     @property
     def dtype_name(self) -> str:
@@ -66,16 +75,44 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def _implementation(config: dict, requested: str) -> str:
+    """The forward path for a model of `config`: as `requested`, or by its config for "auto"."""
+    architectures.check_servable(config)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architecture = architectures.architecture_of(config)
+    if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise FailedPrecondition(f"transformers has no causal language model of type {config.get('model_type')!r} "
+                                 f"({architecture})", reason="ARCHITECTURE_NOT_SUPPORTED",
+                                 metadata={"architecture": architecture})
+    if requested not in architectures.IMPLEMENTATIONS:
+        raise InvalidArgument(f"unknown implementation {requested!r} "
+                              f"(one of {', '.join(architectures.IMPLEMENTATIONS)})")
+    if requested == "auto":
+        return architectures.implementation(config)
+    if requested == architectures.LEAN and architecture not in architectures.LEAN_ARCHITECTURES:
+        raise FailedPrecondition(f"the lean forward does not run {architecture}", reason="ARCHITECTURE_NOT_SUPPORTED",
+                                 metadata={"architecture": architecture})
+    return requested
+
+
 def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, slots: int,
-               max_seq_len: int, quantize: str = "") -> LoadedModel:
+               max_seq_len: int, quantize: str = "", implementation: str = "auto") -> LoadedModel:
     """Loads the weights and tokenizer and builds the batched runner with its KV cache of
     `slots` sequences of up to `max_seq_len` tokens (capped by the model's context), with its
-    weights as `quantize` says ("" as stored, "int8")."""
+    weights as `quantize` says ("" as stored, "int8"), on the forward path `implementation`
+    names ("auto": the lean one where the model's config allows, else transformers')."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise NotFound(f"no model at {path}", reason="MODEL_PATH_NOT_FOUND", metadata={"path": path})
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except ValueError:
+        raise FailedPrecondition(f"the config.json of {name} does not parse", reason="BAD_MODEL_CONFIG",
+                                 metadata={"model": name}) from None
+    path_taken = _implementation(config, implementation)
     started = time.monotonic()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
@@ -85,18 +122,22 @@ def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, s
         log.error("cannot load %s from %s: %s", name, path, exc)
         raise FailedPrecondition(f"the weights of {name} do not load", reason="MODEL_LOAD_FAILED",
                                  metadata={"model": name}) from None
-    architecture = (model.config.architectures or ["unknown"])[0]
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise FailedPrecondition(
-            f"the engine does not run {architecture} models yet (it runs "
-            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))})", reason="ARCHITECTURE_NOT_SUPPORTED",
-            metadata={"architecture": architecture})
     model.to(device).eval()
     context = int(getattr(model.config, "max_position_embeddings", 2048))
-    runner = LlamaRunner(model, slots, min(context, max_seq_len), quantize)
+    max_len = min(context, max_seq_len)
+    if path_taken == architectures.LEAN:
+        runner: Runner = LlamaRunner(model, slots, max_len, quantize)
+    else:
+        try:
+            runner = GenericRunner(model, slots, max_len, quantize)
+        except Unsupported as exc:
+            architecture = architectures.architecture_of(config)
+            raise FailedPrecondition(f"{architecture} does not run on llmos's engine: {exc}",
+                                     reason="ARCHITECTURE_NOT_SUPPORTED",
+                                     metadata={"architecture": architecture}) from None
     eos = _eos_ids(model, tokenizer)
-    del model  # the runner keeps the tensors it needs
-    log.info("loaded %s on %s in %s%s in %.2fs (%d bytes with a KV cache of %d x %d tokens)", name,
-             device, dtype, f" with {quantize} weights" if quantize else "", time.monotonic() - started,
-             runner.nbytes, slots, runner.max_len)
+    del model  # the runner keeps what it needs
+    log.info("loaded %s on %s in %s%s through the %s forward in %.2fs (%d bytes with a KV cache of %d x %d tokens)",
+             name, device, dtype, f" with {quantize} weights" if quantize else "", path_taken,
+             time.monotonic() - started, runner.nbytes, slots, runner.max_len)
     return LoadedModel(name, runner, tokenizer, device, dtype, runner.nbytes, runner.max_len, eos, quantize)

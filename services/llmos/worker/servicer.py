@@ -27,6 +27,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             span.set_attributes({"llmos.model.measured_bytes": served.loaded.measured_bytes,
                                  "llmos.model.dtype": served.loaded.dtype_name,
                                  "llmos.model.quantization": served.loaded.quantization,
+                                 "llmos.model.implementation": served.loaded.implementation,
                                  "llmos.device": self.host.device_name})
         return worker_pb2.StartModelResponse(
             measured_bytes=served.loaded.measured_bytes, device=self.host.device_name,

@@ -61,7 +61,7 @@ def test_a_symlink_out_of_the_roots_is_refused(roots):
 def test_pickle_weights_are_refused_unless_allowed(roots):
     inside, _ = roots
     (inside / "pickled").mkdir()
-    (inside / "pickled" / "config.json").write_text("{}")
+    (inside / "pickled" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     (inside / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
     refusing = Importer(inside.parent / "store", SourcePolicy([inside]))
     with pytest.raises(InvalidArgument) as caught:
