@@ -20,15 +20,21 @@ def tiny_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct converted once from the bundled GGUF, as the registry does."""
-    import subprocess
+    """SmolLM2-135M-Instruct converted from the bundled GGUF by the registry's own importer: from
+    its conversion cache when LLMOS_REGISTRY_CONVERSION_CACHE names one (as `make test` does)."""
+    import asyncio
+    import os
 
     from llmos.bundled import smollm2_gguf
+    from llmos.registry.importer import Importer
+    from llmos.registry.sources import SourcePolicy
 
-    target = tmp_path_factory.mktemp("smollm2") / "model"
-    subprocess.run([sys.executable, "-m", "llmos.registry.to_safetensors", "gguf", str(smollm2_gguf()), str(target)],
-                   check=True, capture_output=True)
-    return target
+    gguf = smollm2_gguf()
+    cache = os.environ.get("LLMOS_REGISTRY_CONVERSION_CACHE")
+    importer = Importer(tmp_path_factory.mktemp("smollm2"), SourcePolicy([gguf.parent]),
+                        conversion_cache=Path(cache) if cache else None)
+    source_format, digest = importer.source_digest(gguf)
+    return asyncio.run(importer.bring_in(gguf, source_format, digest)).path
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from tests.support.device import ENGINE_DEVICE
 from tests.support.tiny_model import TINY_ARCHITECTURES, build_tiny_architecture, build_tokenizer
 from tests.support.wait import wait_for
 
-TOKENS = 24
+TOKENS = 16
 
 
 @pytest.fixture(scope="module")
