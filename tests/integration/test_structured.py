@@ -93,12 +93,15 @@ def test_json_schemas_in_one_batch_all_parse_and_free_text_beside_them_is_unchan
         engine.stop()
 
 
-@pytest.mark.parametrize(("kind", "spec", "pattern"), [
+GRAMMARS = [
     (FormatKind.REGEX, r"(cat|dog)s? [0-9]{1,3}", r"(cat|dog)s? [0-9]{1,3}"),
     (FormatKind.LARK, 'start: greeting " " name\ngreeting: "hello" | "hi"\nname: /[a-z]{2,6}/',
      r"(hello|hi) [a-z]{2,6}"),
     (FormatKind.GBNF, 'root ::= "(" digit digit? ")"\ndigit ::= [0-9]', r"\([0-9][0-9]?\)"),
-])
+]
+
+
+@pytest.mark.parametrize(("kind", "spec", "pattern"), GRAMMARS)
 def test_regex_and_grammar_outputs_match_whole(tiny_model_dir, kind, spec, pattern):
     loaded, engine, grammars = start(tiny_model_dir, slots=4)
     try:
@@ -128,21 +131,29 @@ def test_a_structure_cut_short_by_max_tokens_ends_with_length(tiny_model_dir):
 
 
 @pytest.mark.smollm2
-def test_smollm2_answers_fifty_different_json_schemas_all_valid(smollm2_dir):
+def test_smollm2_answers_fifty_different_json_schemas_and_the_grammars_all_valid(smollm2_dir):
     loaded, engine, grammars = start(smollm2_dir)
     tok = loaded.tokenizer
+
+    def chat(question: str) -> list[int]:
+        ask = [{"role": "user", "content": question}]
+        return tok(tok.apply_chat_template(ask, add_generation_prompt=True, tokenize=False))["input_ids"]
     cases = schemas(50, seed=1)
     try:
-        runs = []
-        for i, schema in enumerate(cases):
-            ask = [{"role": "user", "content": f"Describe item {i} as JSON."}]
-            prompt = tok.apply_chat_template(ask, add_generation_prompt=True, tokenize=False)
-            runs.append(submit(engine, grammars, tok(prompt)["input_ids"],
-                               ResponseFormat(FormatKind.JSON_SCHEMA, json.dumps(schema)), rid=f"s{i}", max_new=160))
-        wait_all(runs, timeout=600)
+        runs = [submit(engine, grammars, chat(f"Describe item {i} as JSON."),
+                       ResponseFormat(FormatKind.JSON_SCHEMA, json.dumps(schema)), rid=f"s{i}", max_new=160)
+                for i, schema in enumerate(cases)]
+        pets = chat("Name a pet and a number, or greet someone.")
+        shaped = [submit(engine, grammars, pets, ResponseFormat(kind, spec), rid=f"g{i}{seed}",
+                         params=SamplingParams(temperature=0.8, seed=seed), max_new=24)
+                  for i, (kind, spec, _) in enumerate(GRAMMARS) for seed in range(2)]
+        wait_all(runs + shaped, timeout=600)
         for schema, run in zip(cases, runs, strict=True):
             assert run.chunks[-1].finish_reason is FinishReason.STOP, text_of(run)
             jsonschema.validate(json.loads(text_of(run)), schema)
+        for (_, _, pattern), run in zip([g for g in GRAMMARS for _ in range(2)], shaped, strict=True):
+            assert run.chunks[-1].finish_reason is FinishReason.STOP
+            assert re.fullmatch(pattern, text_of(run)), text_of(run)
     finally:
         engine.stop()
 

@@ -2,7 +2,7 @@
 (streamed as server-sent events or whole) and `GET /v1/models`.
 
 The same door as `Generate`, over HTTP: a request becomes the same `GenerateRequest`, checked by
-the same code (`call_from_proto`), keyed by the same API keys (`Authorization: Bearer`, decided by
+the same code (`checked_call`), keyed by the same API keys (`Authorization: Bearer`, decided by
 `authz.HTTP_TABLE`, default deny), admitted by the same scheduler under the same tenant, quota and
 priority ceiling, and traced as one trace (an HTTP server span above the gateway's `gen_ai` span).
 A client that closes its connection cancels the generation (its slot is freed at once); a stream
@@ -45,7 +45,7 @@ from llmos.v1 import common_pb2, gateway_pb2, registry_pb2, registry_pb2_grpc
 
 from .frontdoor import FrontDoor
 from .observe import OTHER_MODEL, GatewayTelemetry
-from .servicer import call_from_proto
+from .servicer import checked_call
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ class OpenAiDoor:
             if request_id:
                 proto.request_id = request_id
             admin = caller.role is Role.ADMIN or not caller.key_id
-            call = call_from_proto(proto, caller.tenant, admin=admin)
+            call = await checked_call(proto, caller.tenant, admin=admin)
         except _TooLarge:
             self.telemetry.requests.labels(OTHER_MODEL, "INVALID_ARGUMENT").inc()
             return _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes", "BODY_TOO_LARGE")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import grpc
@@ -62,6 +63,14 @@ def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: Tenant, admin:
                         tenant.name, keep_alive, not admin, tenant.weight, tenant.quota)
 
 
+async def checked_call(request: gateway_pb2.GenerateRequest, tenant: Tenant, admin: bool = False) -> GenerateCall:
+    """`call_from_proto`, off the event loop when the request carries a response format:
+    compiling a large schema the first time takes long enough to stall every other stream."""
+    if request.sampling.HasField("response_format"):
+        return await asyncio.to_thread(call_from_proto, request, tenant, admin)
+    return call_from_proto(request, tenant, admin)
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
                  telemetry: GatewayTelemetry) -> None:
@@ -83,7 +92,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         caller = current_principal()
         admin = caller.role is Role.ADMIN or not caller.key_id     # no key: security is off (loopback)
         try:
-            call = call_from_proto(request, caller.tenant, admin=admin)
+            call = await checked_call(request, caller.tenant, admin=admin)
         except LlmosError as exc:
             self.telemetry.requests.labels(OTHER_MODEL, exc.code).inc()
             raise

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -254,6 +254,8 @@ class Engine:
         self._closed = False
         self.tokens_generated = 0
         self._window = [0, 0.0, 0.0]   # steps, seconds in steps, seconds in the forward pass
+        # Computes the masks of constrained sequences while a step's forward runs (made at the first).
+        self._masks: ThreadPoolExecutor | None = None
         driver.add(self)
 
     def stats(self) -> EngineStats:
@@ -313,6 +315,8 @@ class Engine:
         self._running.clear()
         if self.prefix:
             self.prefix.clear()
+        if self._masks is not None:
+            self._masks.shutdown(wait=False, cancel_futures=True)
         self._closed = True
         self._wake.notify_all()
 
@@ -424,6 +428,12 @@ class Engine:
         def index(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
+        constrained = [s for s in sampled if s.constraint is not None]
+        if constrained:
+            if self._masks is None:
+                self._masks = ThreadPoolExecutor(1, thread_name_prefix=f"masks-{self.name}")
+            for s in constrained:
+                s.constraint.prepare(self._masks)
         started = time.perf_counter()
         # Every slot in use takes part (a paused sequence's slot too: it is just not fed).
         logits = self.runner.forward(index(tokens), index(positions), index(slots), len(decoding),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from opentelemetry import trace
 
 from llmos.common.convert import Violations, fill_chunk, input_from_proto, sampling_from_proto, timestamp
@@ -42,7 +44,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if not request.request_id:
             errors.add("request_id", "is required")
         source = input_from_proto(request, errors)
-        params = sampling_from_proto(request.sampling, errors)
+        if request.sampling.HasField("response_format"):       # compiling may take a while: off the loop
+            params = await asyncio.to_thread(sampling_from_proto, request.sampling, errors)
+        else:
+            params = sampling_from_proto(request.sampling, errors)
         if request.token_budget < 0:
             errors.add("token_budget", "must be 0 (no limit) or more")
         errors.raise_if_any()

@@ -7,13 +7,15 @@ request) and a few compiled matchers by format (LRU), each request getting its o
 schema sent again is not compiled again. A `Constraint` follows one sequence: `mask` the logits,
 `advance` with the sampled token, and `complete` once the structure is whole (the engine then ends
 the sequence with STOP). Compiling runs off the worker's event loop and off the engine's thread;
-masks are computed on the engine's thread, for the sequences that have a format only.
+each step's masks are computed on a thread of their own while the step's forward runs (the next
+token's mask depends only on the tokens so far), for the sequences that have a format only.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import numpy as np
@@ -32,11 +34,22 @@ class Constraint:
 
     def __init__(self, matcher: Any) -> None:
         self._matcher = matcher
+        self._next: Future | None = None
+
+    def _allowed(self) -> np.ndarray:
+        """One bool per token of the tokenizer: may it come next."""
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)   # (llguidance drops the GIL)
+        return np.unpackbits(bits, bitorder="little").astype(bool)
+
+    def prepare(self, pool: Executor) -> None:
+        """Starts computing the next token's mask on `pool` (while the step's forward runs)."""
+        self._next = pool.submit(self._allowed)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` (one row) with every token the format does not allow next at -inf."""
-        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little")[:logits.shape[-1]].astype(bool)
+        allowed = self._next.result() if self._next is not None else self._allowed()
+        self._next = None
+        allowed = allowed[:logits.shape[-1]]
         if allowed.shape[0] < logits.shape[-1]:          # rows past the tokenizer's vocabulary
             allowed = np.pad(allowed, (0, logits.shape[-1] - allowed.shape[0]))
         return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
