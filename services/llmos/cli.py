@@ -212,7 +212,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"  {d.name:<8} {d.product[:30]:<30} total {_gib(d.total_bytes)}  used "
                       f"{_gib(d.used_bytes)}  leased {_gib(d.leased_bytes)} of {_gib(d.budget_bytes)}  "
                       f"in use beyond leases {_gib(d.unexplained_bytes)}")
-        leases = client.resources.ListLeases(resources_pb2.ListLeasesRequest(), timeout=10).leases
+        leases = list(every_page(client.resources.ListLeases, resources_pb2.ListLeasesRequest(), "leases"))
         print(f"leases ({len(leases)}):")
         for lease in leases:
             ttl = f"ttl {lease.ttl.ToSeconds()}s" if lease.ttl.ToNanoseconds() else "no ttl"

@@ -158,4 +158,4 @@ class Client:
         return self.monitor.GetClusterHealth(monitor_pb2.GetClusterHealthRequest(), timeout=10)
 
     def nodes(self) -> list[resources_pb2.Node]:
-        return list(self.resources.ListNodes(resources_pb2.ListNodesRequest(), timeout=10).nodes)
+        return list(every_page(self.resources.ListNodes, resources_pb2.ListNodesRequest(), "nodes"))

@@ -302,3 +302,28 @@ async def test_a_request_keep_alive_is_kept_for_the_model(stack):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(stack, req)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "keep_alive" in caught.value.details()
+
+
+async def test_every_list_rpc_pages(stack):
+    """ListWorkers, ListNodes and ListLeases page as every other List (AIP-158): one item a page
+    with a token until the last, and a page size out of range is INVALID_ARGUMENT."""
+    from llmos.v1 import resources_pb2
+
+    for method, request, field in [
+            (stack.registry.ListWorkers, registry_pb2.ListWorkersRequest, "workers"),
+            (stack.resources.ListNodes, resources_pb2.ListNodesRequest, "nodes"),
+            (stack.resources.ListLeases, resources_pb2.ListLeasesRequest, "leases")]:
+        whole = getattr(await method(request()), field)
+        assert whole, field
+        seen, token = [], ""
+        while True:
+            response = await method(request(page_size=1, page_token=token))
+            assert len(getattr(response, field)) == 1
+            seen.extend(getattr(response, field))
+            token = response.next_page_token
+            if not token:
+                break
+        assert seen == list(whole), field
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await method(request(page_size=1001))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

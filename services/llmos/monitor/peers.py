@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmos.common.channels import Channels
 from llmos.common.convert import enum_word, queue_depth_from_proto, seconds
 from llmos.common.errors import LlmosError
+from llmos.common.paging import MAX_PAGE, every_page
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
@@ -57,8 +58,9 @@ class GrpcProbe:
         return NOT_SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     async def workers(self) -> list[WorkerInfo]:
-        response = await self._registry.ListWorkers(registry_pb2.ListWorkersRequest(), timeout=self._timeout)
-        return [WorkerInfo(w.worker_id, w.address, w.metrics_address) for w in response.workers]
+        workers = await every_page(self._registry.ListWorkers, registry_pb2.ListWorkersRequest(page_size=MAX_PAGE),
+                                   "workers", self._timeout)
+        return [WorkerInfo(w.worker_id, w.address, w.metrics_address) for w in workers]
 
     async def worker_status(self, address: str) -> WorkerReport:
         stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
@@ -79,8 +81,9 @@ class GrpcProbe:
     async def leases(self) -> list[Lease]:
         if self._resources is None:
             return []
-        response = await self._resources.ListLeases(resources_pb2.ListLeasesRequest(), timeout=self._timeout)
-        return [Lease(lease.holder, lease.bytes) for lease in response.leases]
+        leases = await every_page(self._resources.ListLeases, resources_pb2.ListLeasesRequest(page_size=MAX_PAGE),
+                                  "leases", self._timeout)
+        return [Lease(lease.holder, lease.bytes) for lease in leases]
 
 
 class RegistryEvents:

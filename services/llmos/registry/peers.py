@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from llmos.common.channels import Channels
 from llmos.common.convert import seconds
+from llmos.common.paging import MAX_PAGE, every_page
 from llmos.v1 import resources_pb2, resources_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 
@@ -42,6 +43,6 @@ class GrpcResources:
         self._stub = resources_pb2_grpc.ResourceServiceStub(channels.get(address))
 
     async def largest_budget(self) -> tuple[int, str]:
-        response = await self._stub.ListNodes(resources_pb2.ListNodesRequest(), timeout=5)
-        return max(((d.budget_bytes, f"{n.name}/{d.name}") for n in response.nodes for d in n.devices),
+        nodes = await every_page(self._stub.ListNodes, resources_pb2.ListNodesRequest(page_size=MAX_PAGE), "nodes", 5)
+        return max(((d.budget_bytes, f"{n.name}/{d.name}") for n in nodes for d in n.devices),
                    default=(0, "none"))

@@ -6,6 +6,7 @@ from llmos.common.auth import require_worker
 from llmos.common.convert import optional_seconds, timestamp
 from llmos.common.errors import InvalidArgument
 from llmos.common.names import parse_model_ref
+from llmos.common.paging import page
 from llmos.v1 import registry_pb2, registry_pb2_grpc
 
 from . import events
@@ -66,10 +67,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                                                    time=timestamp(event.time))
 
     async def ListWorkers(self, request, context):
-        return registry_pb2.ListWorkersResponse(workers=[
+        workers, token = page(self.registry.workers.values(), lambda w: w.worker_id, request.page_size,
+                              request.page_token)
+        return registry_pb2.ListWorkersResponse(next_page_token=token, workers=[
             registry_pb2.ListWorkersResponse.Worker(worker_id=w.worker_id, address=w.address, node=w.node,
-                                                    metrics_address=w.metrics_address)
-            for w in sorted(self.registry.workers.values(), key=lambda w: w.worker_id)])
+                                                    metrics_address=w.metrics_address) for w in workers])
 
 
 def register(host, registry: ModelRegistry) -> None:

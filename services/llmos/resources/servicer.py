@@ -8,6 +8,7 @@ from llmos.common.auth import require_worker
 from llmos.common.convert import duration, optional_seconds, timestamp
 from llmos.common.errors import InvalidArgument
 from llmos.common.names import lease_holder_worker
+from llmos.common.paging import page
 from llmos.v1 import resources_pb2, resources_pb2_grpc
 
 from .leases import Lease
@@ -40,12 +41,18 @@ def node_to_proto(node: NodeView) -> resources_pb2.Node:
         for d in node.devices])
 
 
+def _lease_key(lease) -> str:
+    """Creation time (fixed width, so strings sort as times), then the name."""
+    return f"{lease.create_time:020.6f}/{lease.name}"
+
+
 class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
     def __init__(self, manager: ResourceManager) -> None:
         self.manager = manager
 
     async def ListNodes(self, request, context: grpc.aio.ServicerContext):
-        return resources_pb2.ListNodesResponse(nodes=[node_to_proto(n) for n in self.manager.nodes()])
+        nodes, token = page(self.manager.nodes(), lambda n: n.name, request.page_size, request.page_token)
+        return resources_pb2.ListNodesResponse(nodes=[node_to_proto(n) for n in nodes], next_page_token=token)
 
     async def AcquireLease(self, request, context: grpc.aio.ServicerContext):
         _require_holder(request.holder)
@@ -68,8 +75,9 @@ class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
             request.holder_prefix, request.in_use_bytes, request.device))
 
     async def ListLeases(self, request, context: grpc.aio.ServicerContext):
-        return resources_pb2.ListLeasesResponse(
-            leases=[lease_to_proto(lease) for lease in self.manager.leases.list()])
+        leases, token = page(self.manager.leases.list(), _lease_key, request.page_size, request.page_token)
+        return resources_pb2.ListLeasesResponse(leases=[lease_to_proto(lease) for lease in leases],
+                                                next_page_token=token)
 
 
 def register(host, manager: ResourceManager) -> None:

@@ -373,13 +373,6 @@ async def test_a_finish_that_overtakes_its_admission_gives_the_slot_back():
     assert (await scheduler.admit(ticket("c"))).endpoint == W1
 
 
-async def test_the_overhead_benchmark_runs_every_request_through():
-    from llmos.scheduler.bench import scheduler_run
-
-    cpu, admitted = await scheduler_run(300)
-    assert admitted == 300 and cpu > 0
-
-
 async def test_a_slot_its_worker_no_longer_knows_comes_back_after_the_grace():
     clock = FakeClock()
     scheduler = Scheduler(FakeRegistry(), slots_per_worker=2, clock=clock, orphan_grace=5.0)
