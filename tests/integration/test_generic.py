@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from llmos.common.domain import SamplingParams
 from llmos.common.errors import FailedPrecondition
 from llmos.worker import generic
+from llmos.worker.attention import PrefillChunk
 from llmos.worker.engine import Sequence
 from llmos.worker.loader import load_model
 from tests.integration.test_engine import PROMPTS, Collector, reference, start, submit, wait_all
@@ -103,9 +104,13 @@ def test_the_lean_families_take_the_lean_path_and_can_take_the_generic_one(tiny_
     assert lean.implementation == "llmos"
     forced = load_model("m", str(tiny_model_dir), ENGINE_DEVICE, torch.float32, 2, 64, implementation="transformers")
     assert forced.implementation == "transformers"
-    # Both count their KV cache exactly: the same shapes (the tiny Llama's weights differ only
-    # in the lean path's fused copies).
-    assert forced.runner.cache.tensors[0].shape == lean.runner.cache.tensors[0].shape
+    # The probe sized the generic cache as the lean path sizes it from the config, layer by layer...
+    assert [t.shape for t in forced.runner.cache.tensors] == [t.shape for t in lean.runner.cache.tensors]
+    # ...and both compute the same thing: a prompt's logits in one prefill step.
+    ids = lean.tokenizer(PROMPTS[0], return_tensors="pt").input_ids[0]
+    n = ids.shape[0]
+    step = (ids, torch.arange(n), torch.zeros(n, dtype=torch.long), 0, 1, [PrefillChunk(0, 0, n)], torch.arange(n))
+    assert torch.allclose(forced.runner.forward(*step), lean.runner.forward(*step), atol=1e-4)
 
 
 def _config_only(directory, **config):

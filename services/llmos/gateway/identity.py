@@ -8,12 +8,12 @@ import time
 from llmos.common.convert import optional_seconds, quota_from_proto, quota_to_proto, timestamp
 from llmos.common.errors import FailedPrecondition, InvalidArgument
 from llmos.common.keystore import ApiKey, KeyStore, Role, Tenant
+from llmos.common.paging import page_size
 from llmos.v1 import identity_pb2, identity_pb2_grpc
 
 _ROLE_TO_PROTO = {Role.USER: identity_pb2.ROLE_USER, Role.ADMIN: identity_pb2.ROLE_ADMIN}
 _ROLE_FROM_PROTO = {v: k for k, v in _ROLE_TO_PROTO.items()}
 _TENANT_FIELDS = ("weight", "priority_ceiling", "quota")
-MAX_PAGE = 1000
 
 
 def tenant_to_proto(t: Tenant) -> identity_pb2.Tenant:
@@ -49,12 +49,6 @@ def key_to_proto(k: ApiKey, now: float) -> identity_pb2.ApiKey:
     return out
 
 
-def _page_size(size: int) -> int:
-    if not 0 <= size <= MAX_PAGE:
-        raise InvalidArgument.field("page_size", f"must be between 0 and {MAX_PAGE}")
-    return size or 100
-
-
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     def __init__(self, store: KeyStore | None) -> None:
         self._store_or_none = store
@@ -83,7 +77,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         return identity_pb2.UpdateTenantResponse(tenant=tenant_to_proto(updated))
 
     async def ListTenants(self, request, context):
-        size = _page_size(request.page_size)
+        size = page_size(request.page_size)
         tenants = self.store.list_tenants(request.page_token, size + 1)
         return identity_pb2.ListTenantsResponse(
             tenants=[tenant_to_proto(t) for t in tenants[:size]],
@@ -102,7 +96,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         return identity_pb2.CreateApiKeyResponse(api_key=key_to_proto(key, time.time()), secret=secret)
 
     async def ListApiKeys(self, request, context):
-        size = _page_size(request.page_size)
+        size = page_size(request.page_size)
         keys = self.store.list_keys(request.tenant, request.page_token, size + 1)
         now = time.time()
         return identity_pb2.ListApiKeysResponse(

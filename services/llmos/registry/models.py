@@ -20,6 +20,7 @@ from llmos.common.errors import (
     Unavailable,
 )
 from llmos.common.names import ModelRef, check_name, check_tag, parse_model_ref
+from llmos.common.paging import page_size as checked_page_size
 
 from . import events
 from .catalog import Catalog, ModelRecord
@@ -150,9 +151,7 @@ class ModelRegistry:
         return self.view(record)
 
     def list(self, page_size: int, page_token: str) -> tuple[list[ModelView], str]:
-        if page_size < 0 or page_size > 1000:
-            raise InvalidArgument.field("page_size", "must be between 0 and 1000")
-        size = page_size or 100
+        size = checked_page_size(page_size)
         after = None
         if page_token:
             name, sep, tag = page_token.partition(":")
