@@ -25,7 +25,7 @@ def smollm2_dir(tmp_path_factory) -> Path:
     import asyncio
     import os
 
-    from llmos.bundled import smollm2_gguf
+    from llmos.registry.bundled import smollm2_gguf
     from llmos.registry.importer import Importer
     from llmos.registry.sources import SourcePolicy
 

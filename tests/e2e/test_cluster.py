@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from llmos.cli.launcher import Suite
 from llmos.common.tls import TlsFiles
-from llmos.suite import Suite
 from llmos.v1 import common_pb2, registry_pb2, resources_pb2
 from tests.support.metrics import sample_sum, scrape
 from tests.support.netns import PrivateNetwork

@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from llmos_client import Client
 
-from llmos.client import Client
+from llmos.cli.launcher import SERVICES, Suite
 from llmos.common.status import from_rpc_error
-from llmos.suite import SERVICES, Suite
 from llmos.v1 import common_pb2, gateway_pb2, identity_pb2
 
 WINDOW = 60.0

@@ -26,8 +26,8 @@ import grpc
 import pytest
 import yaml
 
-from llmos.client import open_channel
-from llmos.suite import SERVICES, Suite
+from llmos.cli.credentials import open_channel
+from llmos.cli.launcher import SERVICES, Suite
 from llmos.v1 import monitor_pb2, monitor_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from tests.support.metrics import scrape
 from tests.support.wait import wait_for

@@ -8,9 +8,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from llmos_client import Client
 
-from llmos.client import Client
-from llmos.suite import Suite
+from llmos.cli.launcher import Suite
 from llmos.v1 import common_pb2, resources_pb2
 from tests.support.metrics import sample_sum, scrape
 from tests.support.suites import FREE_PORTS, quiet_env

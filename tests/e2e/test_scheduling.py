@@ -19,8 +19,8 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from llmos.cli.launcher import SERVICES, Suite
 from llmos.common.channels import open_aio_channel
-from llmos.suite import SERVICES, Suite
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,

@@ -15,11 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from llmos_client import every_page
 
-from llmos.client import every_page, open_channel
+from llmos.cli.credentials import open_channel
+from llmos.cli.launcher import Suite
 from llmos.common.server import read_address_file
 from llmos.common.store import Store
-from llmos.suite import Suite
 from llmos.v1 import common_pb2, identity_pb2, resources_pb2
 from tests.support.postgres import PostgresServer
 from tests.support.suites import FREE_PORTS, quiet_env

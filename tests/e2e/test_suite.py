@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,10 +20,11 @@ import grpc
 import psutil
 import pytest
 from google.rpc import error_details_pb2
+from llmos_client import Client, LlmosError
 
-from llmos.bundled import DEFAULT_MODEL
-from llmos.client import open_channel
-from llmos.suite import SERVICES, Suite
+from llmos.cli.credentials import open_channel
+from llmos.cli.launcher import SERVICES, Suite
+from llmos.registry.bundled import DEFAULT_MODEL
 from llmos.v1 import common_pb2, gateway_pb2, worker_pb2, worker_pb2_grpc
 
 
@@ -151,6 +153,59 @@ def test_smollm2_says_paris(client):
     assert "Paris" in text, text
     assert len(responses) > 3, "the answer should arrive token by token"
     assert responses[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+ROOT = Path(__file__).resolve().parents[2]
+# The four clients' programs (`make clients` builds them), each streaming one answer.
+CLIENTS = {
+    "python": [sys.executable, "-m", "llmos_client"],
+    "go": [str(ROOT / "build/clients/go/llmos-generate")],
+    "cpp": [str(ROOT / "build/clients/cpp/llmos-generate")],
+    "typescript": [shutil.which("node") or "node", str(ROOT / "clients/typescript/dist/generate.js")],
+}
+
+
+def run_client(language: str, *args: str, key: str) -> subprocess.CompletedProcess:
+    program = CLIENTS[language]
+    assert Path(program[-1]).exists() or language == "python", f"{program[-1]} is not built: run `make clients`"
+    return subprocess.run([*program, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LLMOS_API_KEY": key})
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("language", list(CLIENTS))
+def test_each_clients_program_streams_the_answer_and_names_the_reason_of_an_error(suite, client, language):
+    """Each client, generated from protos/ at build time, streams SmolLM2's answer with the admin key
+    exactly as the Python stub sees it, and exits 1 printing the code and ErrorInfo reason of a
+    missing model and of a wrong key."""
+    question = "What is the capital of France?"
+    expected = "".join(r.text for r in client.generate(DEFAULT_MODEL, messages=[("user", question)], max_tokens=16))
+    assert "Paris" in expected
+    gateway, key = suite.addresses["gateway"], suite.identity.admin_key()
+    answer = run_client(language, "--gateway", gateway, "--model", DEFAULT_MODEL, "--max-tokens", "16", question,
+                        key=key)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout == expected + "\n"
+    assert "finish: FINISH_REASON_" in answer.stderr
+    with pytest.raises(LlmosError) as missing:
+        list(client.generate("no-such-model", prompt="hi"))
+    with Client(gateway, api_key="not-a-key") as stranger, pytest.raises(LlmosError) as refused:
+        list(stranger.generate(DEFAULT_MODEL, prompt="hi"))
+    for args, key_given, error in [(("--model", "no-such-model"), key, missing.value),
+                                   (("--model", DEFAULT_MODEL), "not-a-key", refused.value)]:
+        failed = run_client(language, "--gateway", gateway, *args, "hi", key=key_given)
+        assert failed.returncode == 1, failed.stderr
+        assert error.reason != error.code().name        # the suite names a reason of its own
+        assert failed.stderr.strip().splitlines()[-1] == (
+            f"error: {error.code().name} reason={error.reason}: {error.details()}"), failed.stderr
+
+
+def test_the_typescript_clients_abort_signal_cancels_the_stream(suite):
+    """Aborting the AbortSignal after two responses ends the call CANCELLED (the program prints it)."""
+    out = run_client("typescript", "--gateway", suite.addresses["gateway"], "--model", "tiny", "--max-tokens", "200",
+                     "--abort-after", "2", "Once upon a time", key=suite.identity.admin_key())
+    assert out.returncode == 1 and "error: CANCELLED" in out.stderr, out.stderr
+    assert out.stdout.strip(), "two responses arrive before the abort"
 
 
 def test_a_200ms_deadline_ends_a_long_generation_and_frees_its_slot(suite, client):

@@ -15,8 +15,8 @@ import time
 import grpc
 import pytest
 
+from llmos.cli.launcher import Suite
 from llmos.common.status import from_rpc_error
-from llmos.suite import Suite
 from llmos.v1 import common_pb2
 from tests.support.suites import FREE_PORTS, quiet_env
 from tests.support.wait import wait_for
@@ -86,7 +86,7 @@ def test_a_model_its_worker_no_longer_holds_is_not_routed_there(suite, how):
     """The worker loses the model behind the registry's back: stopped by a caller with the
     registry's certificate, or the worker killed and started again by the supervisor. The
     placement is dropped from the worker's own reports, and the model is loaded again."""
-    from llmos.client import open_channel
+    from llmos.cli.credentials import open_channel
     from llmos.v1 import worker_pb2, worker_pb2_grpc
 
     with suite.client() as client:

@@ -8,7 +8,6 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llmos.inprocess import InProcessSuite, start_in_process
 from llmos.v1 import (
     gateway_pb2_grpc,
     identity_pb2,
@@ -20,6 +19,7 @@ from llmos.v1 import (
     scheduler_pb2_grpc,
     worker_pb2_grpc,
 )
+from tests.support.inprocess import InProcessSuite, start_in_process
 
 
 @dataclass

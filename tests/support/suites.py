@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmos.suite import SERVICES, Host
+from llmos.cli.launcher import SERVICES, Host
 
 
 def quiet_env(model_roots: str | Path, **extra: str) -> dict[str, str]:

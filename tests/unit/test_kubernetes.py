@@ -16,7 +16,7 @@ import yaml
 
 from llmos.common.authz import TABLE
 from llmos.common.settings import ServiceSettings
-from llmos.inprocess import _builders
+from tests.support.inprocess import _builders
 
 KUBERNETES = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 VERSION = "1.32"
@@ -211,9 +211,9 @@ def test_the_secrets_command_makes_every_secret_the_manifests_mount(tmp_path):
     import kubernetes_validate
     from cryptography import x509
 
+    from llmos.cli.kubernetes import secrets
     from llmos.common.keystore import KeyStore, parse_key
     from llmos.common.store import Store, sqlite_url
-    from llmos.kubernetes import secrets
 
     url = sqlite_url(tmp_path / "store.db")
     made = {s["metadata"]["name"]: s for s in yaml.safe_load_all(secrets(tmp_path / "cluster", url, workers=2))}

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from llmos.bundled import DEFAULT_MODEL, smollm2_gguf
 from llmos.common.errors import InvalidArgument, NotFound, PermissionDenied
+from llmos.registry.bundled import DEFAULT_MODEL, smollm2_gguf
 
 BUNDLED: dict[str, Callable[[], Path]] = {DEFAULT_MODEL: smollm2_gguf}
 BUNDLED_PREFIX = "bundled:"

@@ -62,7 +62,7 @@ def wait_healthy(address: str, timeout: float, tls_dir: Path | None = None, publ
     """Waits until `address` answers SERVING (over mTLS with the certificate in `tls_dir`; a
     public port as its clients reach it)."""
     deadline = time.monotonic() + timeout
-    from llmos.client import open_channel
+    from llmos.cli.credentials import open_channel
 
     with open_channel(address, tls_dir, public=public) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -333,9 +333,9 @@ class Suite:
 
     def client(self, api_key: str | None = None):
         """A client of this suite: the CLI's certificate, and the local admin key unless another is given."""
-        from llmos.client import Client
+        from llmos.cli.credentials import client_of_suite
 
-        return Client.of_suite(self.addresses, self.identity, api_key)
+        return client_of_suite(self.addresses, self.identity, api_key)
 
     def log_tail(self, service: str, lines: int = 40) -> str:
         path = self.data_dir / "logs" / f"{service}.log"

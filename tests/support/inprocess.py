@@ -1,5 +1,5 @@
 """The whole suite in one process: each service's real `grpc.aio` server on
-127.0.0.1:0, wired to the others as `llmos.suite` wires processes.
+127.0.0.1:0, wired to the others as `llmos.cli.launcher` wires processes.
 
 For the integration tests and for benchmarks that must see every hop in one process
 (`llmos.telemetry_bench`). `overrides` sets any service's settings by field name.
@@ -16,29 +16,29 @@ from pathlib import Path
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
-from .common.bootstrap import CLI, SuiteIdentity, prepare
-from .common.channels import open_aio_channel
-from .common.server import Service
-from .suite import NEEDS, SERVICES
-from .v1 import registry_pb2, registry_pb2_grpc
+from llmos.cli.launcher import NEEDS, SERVICES
+from llmos.common.bootstrap import CLI, SuiteIdentity, prepare
+from llmos.common.channels import open_aio_channel
+from llmos.common.server import Service
+from llmos.v1 import registry_pb2, registry_pb2_grpc
 
 LISTEN = "127.0.0.1:0"
 
 
 def _builders() -> dict:
     """Each service's settings type and build function."""
-    from .gateway.__main__ import GatewaySettings
-    from .gateway.__main__ import build as build_gateway
-    from .monitor.__main__ import MonitorSettings
-    from .monitor.__main__ import build as build_monitor
-    from .registry.__main__ import RegistrySettings
-    from .registry.__main__ import build as build_registry
-    from .resources.__main__ import ResourcesSettings
-    from .resources.__main__ import build as build_resources
-    from .scheduler.__main__ import SchedulerSettings
-    from .scheduler.__main__ import build as build_scheduler
-    from .worker.__main__ import WorkerSettings
-    from .worker.__main__ import build as build_worker
+    from llmos.gateway.__main__ import GatewaySettings
+    from llmos.gateway.__main__ import build as build_gateway
+    from llmos.monitor.__main__ import MonitorSettings
+    from llmos.monitor.__main__ import build as build_monitor
+    from llmos.registry.__main__ import RegistrySettings
+    from llmos.registry.__main__ import build as build_registry
+    from llmos.resources.__main__ import ResourcesSettings
+    from llmos.resources.__main__ import build as build_resources
+    from llmos.scheduler.__main__ import SchedulerSettings
+    from llmos.scheduler.__main__ import build as build_scheduler
+    from llmos.worker.__main__ import WorkerSettings
+    from llmos.worker.__main__ import build as build_worker
 
     return {"resources": (ResourcesSettings, build_resources), "registry": (RegistrySettings, build_registry),
             "worker": (WorkerSettings, build_worker), "scheduler": (SchedulerSettings, build_scheduler),

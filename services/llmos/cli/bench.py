@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmos.client import Client, local_credentials, open_channel
+from llmos.cli.credentials import client_of_args, local_credentials, open_channel
 from llmos.common.channels import open_aio_channel
 from llmos.v1 import (
     common_pb2,
@@ -280,7 +280,7 @@ def describe(result: Result) -> str:
 
 
 def catalog_entry(args: argparse.Namespace) -> common_pb2.Model:
-    with Client.of_args(args) as client:
+    with client_of_args(args) as client:
         return client.get_model(args.model)
 
 

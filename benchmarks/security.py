@@ -1,7 +1,7 @@
 """What identity costs: gateway throughput with API keys, quotas and mTLS on, against the same
 suite with all of it off, in alternating rounds; and the cost of one key check.
 
-    python -m llmos.security_bench [--source bundled:smollm2-135m-instruct] [--rounds 4]
+    python -m benchmarks.security [--source bundled:smollm2-135m-instruct] [--rounds 4]
 
 Two suites run in this process on loopback, each with its own worker holding the model: one
 as `llmos up` runs it (every internal hop mTLS, every call authorized, the requests' tenant
@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmos.bench import alternating_parser, run_suite, workload
+from llmos.cli.bench import alternating_parser, run_suite, workload
 from llmos.common.auth import Authenticator
 from llmos.common.keystore import KeyStore, Quota, Role, Tenant
 from llmos.common.store import Store, sqlite_url
-from llmos.inprocess import InProcessSuite, start_in_process
 from llmos.v1 import identity_pb2, identity_pb2_grpc, registry_pb2, registry_pb2_grpc
+from tests.support.inprocess import InProcessSuite, start_in_process
 
 SERVICES = ("resources", "registry", "worker", "scheduler", "gateway")
 

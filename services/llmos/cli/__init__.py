@@ -12,13 +12,15 @@ import time
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from llmos_client import Client, every_page
+
+from llmos.cli.credentials import client_of_args
+from llmos.cli.launcher import DEFAULT_HTTP_PORT, DEFAULT_PORTS, Suite, SuiteError
+from llmos.common.convert import duration, enum_word
+from llmos.registry.bundled import DEFAULT_MODEL
+from llmos.v1 import identity_pb2, monitor_pb2, registry_pb2, resources_pb2
 
 from . import bench
-from .bundled import DEFAULT_MODEL
-from .client import Client, every_page
-from .common.convert import duration, enum_word
-from .suite import DEFAULT_HTTP_PORT, DEFAULT_PORTS, Suite, SuiteError
-from .v1 import identity_pb2, monitor_pb2, registry_pb2, resources_pb2
 
 SAMPLE_QUESTION = "What is the capital of France?"
 
@@ -41,7 +43,7 @@ def _describe(exc: grpc.RpcError) -> str:
 def _client(args: argparse.Namespace) -> Client:
     """A client with the key given (--api-key / LLMOS_API_KEY), else the local admin key that
     `llmos up` keeps in the data directory, and the CLI's certificate from there."""
-    return Client.of_args(args)
+    return client_of_args(args)
 
 
 def stream_answer(client: Client, model: str, text: str, *, raw: bool, max_tokens: int,
@@ -314,9 +316,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_kubernetes(args: argparse.Namespace) -> int:
     """Prints the Secrets deploy/kubernetes mounts, made in --dir, with keys in the store."""
-    from .common.errors import LlmosError
-    from .common.store import Store, redact
-    from .kubernetes import secrets
+    from llmos.cli.kubernetes import secrets
+    from llmos.common.errors import LlmosError
+    from llmos.common.store import Store, redact
 
     if not args.store_url:
         print("error: give --store-url or set LLMOS_STORE_URL: the keys go in the cluster's store", file=sys.stderr)
@@ -343,8 +345,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """Brings a store's schema to this release (the only way a cluster store is migrated)."""
     from sqlalchemy.exc import DBAPIError
 
-    from .common.errors import LlmosError
-    from .common.store import Store, redact
+    from llmos.common.errors import LlmosError
+    from llmos.common.store import Store, redact
 
     if not args.store_url:
         print("error: give --store-url or set LLMOS_STORE_URL (an embedded SQLite store is "
@@ -518,6 +520,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from .common.bootstrap import prepare
-from .common.tls import TlsFiles
+from llmos.common.bootstrap import prepare
+from llmos.common.tls import TlsFiles
 
 COMPONENTS = ("gateway", "scheduler", "registry", "resources", "monitor")
 

@@ -1,7 +1,7 @@
 """What tracing costs: throughput through the gateway with every span sampled and
 exported over OTLP, against the same suite with tracing off, in alternating rounds.
 
-    python -m llmos.telemetry_bench [--source bundled:smollm2-135m-instruct] [--rounds 4]
+    python -m benchmarks.telemetry [--source bundled:smollm2-135m-instruct] [--rounds 4]
 
 The whole suite (resources, registry, worker, scheduler, gateway) runs in this
 process on loopback, all sharing one tracer provider whose sampler is switched
@@ -30,9 +30,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
 
-from llmos.bench import alternating_parser, run_suite, workload
-from llmos.inprocess import start_in_process
+from llmos.cli.bench import alternating_parser, run_suite, workload
 from llmos.v1 import registry_pb2, registry_pb2_grpc
+from tests.support.inprocess import start_in_process
 
 
 class Switch(Sampler):
