@@ -1,6 +1,7 @@
 # The two commands: `make up` runs the suite, `make test` passes the tests.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
+CLIENT_STAMP := .venv/.client-stubs
 DATA    ?= .llmos
 
 SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -8,7 +9,7 @@ SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
 .PHONY: up test venv system-deps protos check-protos lint unit integration e2e image test-image clean \
         clients client-go client-cpp client-typescript
 
-up: $(STAMP)
+up: $(STAMP) $(CLIENT_STAMP)
 	$(PY) -m llmos.cli up --data-dir $(DATA)
 
 # The tests run the three-host cluster (tests/e2e/test_cluster.py) from the CPU image, and the
@@ -19,7 +20,7 @@ up: $(STAMP)
 # Two pytest workers, a test file each at a time: most of a test's time is spent waiting on
 # processes it started, and each file's suite is started once, by one worker.
 TEST_WORKERS ?= 2
-test: $(STAMP) system-deps check-protos lint test-image clients
+test: $(STAMP) $(CLIENT_STAMP) system-deps check-protos lint test-image clients
 	LLMOS_TEST_IMAGE=localhost/llmos:cpu LLMOS_REGISTRY_CONVERSION_CACHE=$${XDG_CACHE_HOME:-$$HOME/.cache}/llmos/converted \
 	  $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
@@ -55,7 +56,13 @@ client-typescript: $(STAMP)
 	cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error && \
 	  GOOGLEAPIS_PROTOS=$(GOOGLEAPIS_PROTOS) npm run --silent build
 
-venv: $(STAMP)
+venv: $(STAMP) $(CLIENT_STAMP)
+
+# The Python client's stubs are generated when it is installed: again whenever a proto changes
+# (two copies of one proto that differ cannot be loaded in one process).
+$(CLIENT_STAMP): $(STAMP) $(wildcard protos/llmos/v1/*.proto) clients/python/setup.py
+	$(PY) -m pip install -q --no-compile --no-deps -e clients/python
+	touch $@
 
 # The packages' bytecode is compiled once, on every core, after pip installs them (pip compiles
 # file by file on one): 45 s instead of 90 on two cores. Compiled it must be, where Python is told

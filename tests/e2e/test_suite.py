@@ -6,10 +6,13 @@ Tests run in file order against one suite; the last one stops it with SIGTERM.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -198,6 +201,61 @@ def test_each_clients_program_streams_the_answer_and_names_the_reason_of_an_erro
         assert error.reason != error.code().name        # the suite names a reason of its own
         assert failed.stderr.strip().splitlines()[-1] == (
             f"error: {error.code().name} reason={error.reason}: {error.details()}"), failed.stderr
+
+
+def _cli(suite) -> list[str]:
+    a = suite.addresses
+    return [sys.executable, "-m", "llmos.cli", "--gateway", a["gateway"], "--registry", a["registry"],
+            "--resources", a["resources"], "--monitor", a["monitor"], "--data-dir", str(suite.data_dir)]
+
+
+def test_llmos_ps_and_the_listings_json_say_what_is_loaded_where(suite):
+    """`llmos ps` names each loaded model's worker, memory and slots, and, once the registry has read
+    the worker's activity, when an idle model is unloaded (its last request plus the 30 min default
+    keep-alive); `--json` of ps and of `models list` parses to the same facts."""
+    deadline = time.monotonic() + 30
+    while True:
+        out = subprocess.run([*_cli(suite), "ps", "--json"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        rows = {r["model"]: r for r in json.loads(out.stdout)}
+        if rows.get("tiny:latest", {}).get("expire_time") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    tiny = rows["tiny:latest"]
+    assert tiny["worker"] and tiny["device"] == "cpu" and tiny["bytes"] > 0 and tiny["slots"] > 0
+    expires = datetime.datetime.fromisoformat(tiny["expire_time"].replace("Z", "+00:00")).timestamp()
+    assert time.time() + 1800 - 300 < expires <= time.time() + 1800, tiny
+    assert tiny["until"].startswith("in ") and tiny["idle_seconds"] is not None
+    table = subprocess.run([*_cli(suite), "ps"], capture_output=True, text=True, timeout=60).stdout
+    assert table.splitlines()[0].split() == ["NAME", "WORKER", "DEVICE", "SIZE", "RUNNING", "IDLE", "UNTIL"]
+    assert re.search(rf"^tiny:latest\s+{re.escape(tiny['worker'])}\s+cpu\s", table, re.M), table
+    listed = json.loads(subprocess.run([*_cli(suite), "models", "list", "--json"], capture_output=True, text=True,
+                                       timeout=60).stdout)
+    assert {(m["name"], m["tag"]) for m in listed} >= {("tiny", "latest"), (DEFAULT_MODEL, "latest")}
+    assert next(m for m in listed if m["name"] == "tiny")["placements"][0]["workerId"] == tiny["worker"]
+
+
+@pytest.mark.smollm2
+def test_llmos_chat_keeps_the_conversation_and_ctrl_c_stops_only_the_answer(suite):
+    """A turn is sent with every turn before it; Ctrl-C (SIGINT) while an answer streams stops that
+    answer, keeps what was written of it, and the chat goes on to the next question."""
+    chat = subprocess.Popen([*_cli(suite), "chat", DEFAULT_MODEL, "--verbose", "--max-tokens", "48"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        chat.stdin.write(b"Tell me a long story about a dragon.\n")
+        chat.stdin.flush()
+        assert select.select([chat.stdout], [], [], 120)[0], "no answer began"
+        first = os.read(chat.stdout.fileno(), 4096)
+        chat.send_signal(signal.SIGINT)
+        out, err = chat.communicate(b"What is the capital of France?\n", timeout=120)
+    finally:
+        chat.kill()
+    out, err = (first + out).decode(), err.decode()
+    assert chat.returncode == 0, err
+    assert "(answer stopped)" in out and "Paris" in out.split("(answer stopped)", 1)[1], out
+    # The second answer's prompt held four turns: the first question, the stopped answer, and the new one.
+    usage = re.findall(r"\[(\d+) prompt \+ (\d+) generated tokens, (\d+) turns\]", err)
+    assert usage and usage[-1][2] == "4", err
 
 
 def test_the_typescript_clients_abort_signal_cancels_the_stream(suite):

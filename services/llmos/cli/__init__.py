@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import signal
 import sys
 import time
 
 import grpc
+from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from llmos_client import Client, every_page
 
-from llmos.cli.credentials import client_of_args
+from llmos.cli.credentials import client_of_args, local_credentials, open_channel
 from llmos.cli.launcher import DEFAULT_HTTP_PORT, DEFAULT_PORTS, Suite, SuiteError
 from llmos.common.convert import duration, enum_word
 from llmos.registry.bundled import DEFAULT_MODEL
-from llmos.v1 import identity_pb2, monitor_pb2, registry_pb2, resources_pb2
+from llmos.v1 import identity_pb2, monitor_pb2, registry_pb2, resources_pb2, worker_pb2, worker_pb2_grpc
 
 from . import bench
 
@@ -38,6 +40,11 @@ def _describe(exc: grpc.RpcError) -> str:
             detail.Unpack(info)
             text += f" [{info.reason}]"
     return text
+
+
+def _print_json(items) -> None:
+    """Listing commands' --json: one JSON array, messages in proto3's JSON mapping."""
+    print(json.dumps([json_format.MessageToDict(i) if hasattr(i, "DESCRIPTOR") else i for i in items], indent=2))
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -138,6 +145,112 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _until(model, placement, now: float) -> str:
+    """When an idle placement is unloaded: "forever" for a keep-alive below 0, "-" before the
+    registry has read its worker's activity."""
+    if not placement.HasField("expire_time"):
+        return "forever" if model.HasField("keep_alive") and model.keep_alive.ToNanoseconds() < 0 else "-"
+    left = placement.expire_time.ToNanoseconds() / 1e9 - now
+    return f"in {_age(left)}" if left > 0 else "now"
+
+
+def loaded_models(client: Client, key: str | None, tls_dir) -> list[dict]:
+    """What is loaded where: each ready placement with its worker's figures for it."""
+    workers = {w.worker_id: w for w in every_page(client.registry.ListWorkers, registry_pb2.ListWorkersRequest(),
+                                                  "workers")}
+    status: dict[str, dict] = {}
+    for worker_id, worker in workers.items():
+        try:
+            with open_channel(worker.address, tls_dir, key) as channel:
+                reply = worker_pb2_grpc.WorkerServiceStub(channel).GetWorkerStatus(
+                    worker_pb2.GetWorkerStatusRequest(), timeout=10)
+            status[worker_id] = {m.model: m for m in reply.models}
+        except grpc.RpcError:
+            status[worker_id] = {}
+    now, rows = time.time(), []
+    for model in client.list_models():
+        name = f"{model.name}:{model.tag}"
+        for p in model.placements:
+            if enum_word(p, "state") != "ready":
+                continue
+            loaded = status.get(p.worker_id, {}).get(name)
+            last = loaded.last_request_time.ToNanoseconds() / 1e9 if loaded else None
+            rows.append({
+                "model": name, "worker": p.worker_id, "address": p.worker_address,
+                "device": loaded.device if loaded else "", "bytes": p.measured_bytes or model.measured_bytes,
+                "quantization": p.quantization, "running": loaded.running if loaded else 0,
+                "slots": loaded.max_running if loaded else 0,
+                "idle_seconds": None if loaded is None or loaded.running else round(now - last, 1),
+                "until": _until(model, p, now),
+                "expire_time": json_format.MessageToDict(p).get("expireTime")})
+    return rows
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    """What is loaded where, as `ollama ps` shows it."""
+    key, tls_dir = local_credentials(args.data_dir, args.api_key)
+    with _client(args) as client:
+        rows = loaded_models(client, key, tls_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'NAME':<32} {'WORKER':<20} {'DEVICE':<8} {'SIZE':>10}  {'RUNNING':<8} {'IDLE':<8} UNTIL")
+    for r in rows:
+        idle = "busy" if r["idle_seconds"] is None else _age(r["idle_seconds"])
+        size = _gib(r["bytes"]) + (f" {r['quantization']}" if r["quantization"] else "")
+        print(f"{r['model']:<32} {r['worker']:<20} {r['device']:<8} {size:>10}  "
+              f"{r['running']}/{r['slots']:<6} {idle:<8} {r['until']}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A conversation with a model: each turn is sent with every turn before it. Ctrl-C stops
+    the answer being written (what was written stays in the conversation); Ctrl-D or /bye ends
+    the chat, /clear forgets the conversation."""
+    interactive = sys.stdin.isatty()
+    conversation: list[tuple[str, str]] = [("system", args.system)] if args.system else []
+    with _client(args) as client:
+        client.get_model(args.model)            # a missing model is said at once, not after a question
+        while True:
+            try:
+                line = input(">>> ") if interactive else sys.stdin.readline()
+            except KeyboardInterrupt:
+                print("\n(Ctrl-D or /bye ends the chat)")
+                continue
+            except EOFError:
+                line = ""
+            if not line:                        # end of input
+                print()
+                return 0
+            text = line.strip()
+            if text in ("/bye", "/exit"):
+                return 0
+            if text == "/clear":
+                conversation = conversation[:1] if args.system else []
+                print("(conversation cleared)", flush=True)
+                continue
+            if not text:
+                continue
+            conversation.append(("user", text))
+            answer, stream = [], client.generate(args.model, messages=conversation, max_tokens=args.max_tokens,
+                                                 temperature=args.temperature, seed=args.seed)
+            final = None
+            try:
+                for response in stream:
+                    answer.append(response.text)
+                    sys.stdout.write(response.text)
+                    sys.stdout.flush()
+                    final = response
+                print(flush=True)
+            except KeyboardInterrupt:
+                stream.cancel()
+                print("\n(answer stopped)", flush=True)
+            conversation.append(("assistant", "".join(answer)))
+            if args.verbose and final is not None and final.HasField("usage"):
+                print(f"[{final.usage.prompt_tokens} prompt + {final.usage.completion_tokens} generated tokens, "
+                      f"{len(conversation)} turns]", file=sys.stderr, flush=True)
+
+
 def _print_components(health) -> None:
     now = time.time()
     for c in health.components:
@@ -166,7 +279,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             print("imported" if response.created else "already imported", end=": ")
             _print_model(response.model)
         elif args.action == "list":
-            for model in client.list_models():
+            models = client.list_models()
+            if args.json:
+                _print_json(models)
+            for model in models if not args.json else ():
                 _print_model(model)
         elif args.action == "show":
             model = client.get_model(args.name)
@@ -274,7 +390,10 @@ def cmd_tenants(args: argparse.Namespace) -> int:
         elif args.action == "show":
             _print_tenant(stub.GetTenant(identity_pb2.GetTenantRequest(name=args.name), timeout=10).tenant)
         elif args.action == "list":
-            for t in every_page(stub.ListTenants, identity_pb2.ListTenantsRequest(), "tenants"):
+            tenants = list(every_page(stub.ListTenants, identity_pb2.ListTenantsRequest(), "tenants"))
+            if args.json:
+                _print_json(tenants)
+            for t in tenants if not args.json else ():
                 _print_tenant(t)
         elif args.action == "rm":
             stub.DeleteTenant(identity_pb2.DeleteTenantRequest(name=args.name), timeout=10)
@@ -295,7 +414,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
             _print_key(response.api_key)
             print(f"key (shown once, keep it): {response.secret}")
         elif args.action == "list":
-            for k in every_page(stub.ListApiKeys, identity_pb2.ListApiKeysRequest(tenant=args.tenant), "api_keys"):
+            keys = list(every_page(stub.ListApiKeys, identity_pb2.ListApiKeysRequest(tenant=args.tenant), "api_keys"))
+            if args.json:
+                _print_json(keys)
+            for k in keys if not args.json else ():
                 _print_key(k)
         elif args.action == "revoke":
             _print_key(stub.RevokeApiKey(identity_pb2.RevokeApiKeyRequest(key_id=args.key_id), timeout=10).api_key)
@@ -429,13 +551,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the text as a raw prompt, not a chat turn")
     gen.set_defaults(func=cmd_generate)
 
+    chat = sub.add_parser("chat", help="talk with a model, the conversation kept as it goes (Ctrl-C stops an "
+                                       "answer, Ctrl-D or /bye ends)")
+    chat.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    chat.add_argument("--system", default="", help="a system prompt for the whole conversation")
+    chat.add_argument("--max-tokens", type=int, default=0, help="0 means the default (256)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--verbose", action="store_true", help="print each answer's token counts")
+    chat.set_defaults(func=cmd_chat)
+
+    ps = sub.add_parser("ps", help="what is loaded where: memory, slots in use, idle time, until when")
+    ps.add_argument("--json", action="store_true", help="print JSON")
+    ps.set_defaults(func=cmd_ps)
+
     models = sub.add_parser("models", help="manage the model catalog")
     msub = models.add_subparsers(dest="action", required=True)
     imp = msub.add_parser("import", help="import a safetensors directory, a GGUF file, or bundled:NAME")
     imp.add_argument("name")
     imp.add_argument("source")
     imp.add_argument("--tag", default="")
-    msub.add_parser("list", help="list the catalog")
+    msub.add_parser("list", help="list the catalog").add_argument("--json", action="store_true", help="print JSON")
     show = msub.add_parser("show", help="show one model and where it is loaded")
     show.add_argument("name")
     load = msub.add_parser("load", help="load a model on a worker")
@@ -465,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--rpm", type=int, default=None, help="requests per minute (0: no limit)")
         t.add_argument("--tpm", type=int, default=None, help="tokens (prompt + completion) per minute (0: no limit)")
     tsub.add_parser("show", help="show a tenant").add_argument("name")
-    tsub.add_parser("list", help="list tenants")
+    tsub.add_parser("list", help="list tenants").add_argument("--json", action="store_true", help="print JSON")
     tsub.add_parser("rm", help="remove a tenant (revoke its keys first)").add_argument("name")
     tenants.set_defaults(func=cmd_tenants)
 
@@ -476,7 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--role", choices=("user", "admin"), default="user")
     kc.add_argument("--label", default="")
     kc.add_argument("--expires-in", type=float, default=None, help="seconds until it stops working")
-    ksub.add_parser("list", help="list keys (never their secrets)").add_argument("--tenant", default="")
+    kl = ksub.add_parser("list", help="list keys (never their secrets)")
+    kl.add_argument("--tenant", default="")
+    kl.add_argument("--json", action="store_true", help="print JSON")
     ksub.add_parser("revoke", help="revoke a key now").add_argument("key_id")
     kr = ksub.add_parser("rotate", help="replace a key; the old one works for --grace seconds")
     kr.add_argument("key_id")

@@ -20,6 +20,7 @@ the same names, for clusters that alert through Prometheus and Alertmanager.
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,19 +28,30 @@ from dataclasses import dataclass, field, replace
 
 from llmos.common.names import parse_model_lease_holder
 
-from .health import SERVING, STALLED, ClusterHealth
+from .health import SERVING, STALLED, UNREACHABLE, ClusterHealth
 
-WARNING, CRITICAL = "warning", "critical"
-FIRING, RESOLVED = "firing", "resolved"
+
+class Severity(enum.StrEnum):
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class AlertState(enum.StrEnum):
+    FIRING = "firing"
+    RESOLVED = "resolved"
+
+
+WARNING, CRITICAL = Severity
+FIRING, RESOLVED = AlertState
 
 
 @dataclass(frozen=True)
 class Alert:
     name: str
-    severity: str
+    severity: Severity
     subject: str
     summary: str
-    state: str = FIRING
+    state: AlertState = FIRING
     since: float = 0.0          # Unix time it started firing
 
 
@@ -148,7 +160,7 @@ class AlertRules:
             return
         workers = {w.worker_id for w in health.workers}
         reachable = {c.component.removeprefix("worker/") for c in health.components
-                     if c.component.startswith("worker/") and c.state != "unreachable"}
+                     if c.component.startswith("worker/") and c.state != UNREACHABLE}
         for lease in health.leases:
             held = parse_model_lease_holder(lease.holder)
             if held is None:

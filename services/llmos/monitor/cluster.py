@@ -19,14 +19,14 @@ from llmos.common.broadcast import Broadcast
 
 from .alerts import FIRING, Alert, AlertRules, Observations
 from .gather import Gatherer, ttft_counts
-from .health import MONITOR, SERVING, STALLED, ClusterHealth, ComponentHealth, HealthMonitor
+from .health import MONITOR, SERVING, STALLED, ClusterHealth, ComponentHealth, ComponentState, HealthMonitor
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class HealthEvent:
-    previous: str           # "" when first seen
+    previous: ComponentState | None   # None when first seen
     health: ComponentHealth
     time: float = field(default_factory=time.time)
 
@@ -122,7 +122,7 @@ class ClusterWatch:
             for c in health.components:
                 before = last.get(c.component)
                 if before is None or before.state != c.state:
-                    self.events.emit(HealthEvent(before.state if before else "", c))
+                    self.events.emit(HealthEvent(before.state if before else None, c))
                     if before is not None:
                         log.warning("%s: %s → %s %s", c.component, before.state, c.state, c.detail)
             self.health = health

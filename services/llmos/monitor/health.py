@@ -10,6 +10,7 @@ process, a wedged engine thread and a deadlocked step all look like this.
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,17 @@ from typing import Protocol
 
 from llmos.common.domain import QueueDepth
 
-SERVING, NOT_SERVING, UNREACHABLE, STALLED = "serving", "not_serving", "unreachable", "stalled"
+
+class ComponentState(enum.StrEnum):
+    """A component's state in a health report (and ComponentHealth.State in the proto)."""
+
+    SERVING = "serving"
+    NOT_SERVING = "not_serving"
+    UNREACHABLE = "unreachable"
+    STALLED = "stalled"
+
+
+SERVING, NOT_SERVING, UNREACHABLE, STALLED = ComponentState
 # The monitor's own component name: it checks itself, but does not gather its own metrics.
 MONITOR = "monitor"
 
@@ -26,7 +37,7 @@ MONITOR = "monitor"
 class ComponentHealth:
     component: str
     address: str
-    state: str
+    state: ComponentState
     detail: str = ""
     running: int = 0
     last_progress: float | None = None       # Unix time of its last token (workers)
@@ -78,7 +89,7 @@ class ClusterHealth:
 
 
 class ProbePort(Protocol):
-    async def check(self, address: str) -> tuple[str, str]:
+    async def check(self, address: str) -> tuple[ComponentState, str]:
         """(state, detail) of the gRPC health check at `address`."""
 
     async def workers(self) -> list[WorkerInfo]:
@@ -159,7 +170,7 @@ class HealthMonitor:
                 report = None
         return state, detail, report
 
-    def _judge(self, worker: WorkerInfo, state: str, detail: str, report: WorkerReport | None,
+    def _judge(self, worker: WorkerInfo, state: ComponentState, detail: str, report: WorkerReport | None,
                scheduler: SchedulerView | None) -> ComponentHealth:
         """The worker's health, with its progress: running generations and no new token for
         `stall_seconds` make it STALLED whatever its health check said."""

@@ -31,7 +31,16 @@ from llmos.v1 import (
 )
 
 from .cluster import ClusterWatch, ModelEvent, ProbeResult
-from .health import NOT_SERVING, SERVING, UNREACHABLE, Lease, SchedulerView, WorkerInfo, WorkerReport
+from .health import (
+    NOT_SERVING,
+    SERVING,
+    UNREACHABLE,
+    ComponentState,
+    Lease,
+    SchedulerView,
+    WorkerInfo,
+    WorkerReport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +56,7 @@ class GrpcProbe:
                            if resources_address else None)
         self._timeout = timeout
 
-    async def check(self, address: str) -> tuple[str, str]:
+    async def check(self, address: str) -> tuple[ComponentState, str]:
         stub = health_pb2_grpc.HealthStub(self._channels.get(address))
         try:
             response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=self._timeout)

@@ -14,9 +14,12 @@ _STATES = {"available": common_pb2.Model.STATE_AVAILABLE, "loading": common_pb2.
 
 
 def placement_to_proto(p: Placement) -> common_pb2.Placement:
-    return common_pb2.Placement(worker_id=p.worker_id, worker_address=p.address,
-                                state=_STATES[p.state], detail=p.detail,
-                                measured_bytes=p.measured_bytes, quantization=p.quantization)
+    message = common_pb2.Placement(worker_id=p.worker_id, worker_address=p.address,
+                                   state=_STATES[p.state], detail=p.detail,
+                                   measured_bytes=p.measured_bytes, quantization=p.quantization)
+    if p.expire_time is not None:
+        message.expire_time.CopyFrom(timestamp(p.expire_time))
+    return message
 
 
 def model_to_proto(view: ModelView) -> common_pb2.Model:

@@ -55,6 +55,7 @@ class Placement:
     measured_bytes: int = 0
     ready_at: float = 0.0       # the registry's clock when it became READY
     quantization: str = ""      # the weights it runs ("" as stored, "int8")
+    expire_time: float | None = None    # Unix time it is unloaded if idle until then (None: never, or not known)
 
 
 @dataclass
@@ -108,6 +109,8 @@ class ModelRegistry:
         self._locks: dict[ModelRef, asyncio.Lock] = {}
         # Models a request asked to keep loaded until then (Unix time), whatever their keep-alive.
         self._held_until: dict[ModelRef, float] = {}
+        # (model, worker id) → (the registry's clock when read, Unix time it is unloaded if idle till then)
+        self._expiry: dict[tuple[ModelRef, str], tuple[float, float | None]] = {}
 
     # catalog ---------------------------------------------------------------
 
@@ -164,7 +167,11 @@ class ModelRegistry:
         return [self.view(r) for r in records[:size]], next_token
 
     def view(self, record: ModelRecord) -> ModelView:
-        return ModelView(record, list(self._placements.get(record.ref, {}).values()))
+        placements = []
+        for p in self._placements.get(record.ref, {}).values():
+            read_at, expires = self._expiry.get((record.ref, p.worker_id), (-1.0, None))
+            placements.append(replace(p, expire_time=expires) if read_at >= p.ready_at and p.state == READY else p)
+        return ModelView(record, placements)
 
     # workers and placement -------------------------------------------------
 
@@ -425,6 +432,9 @@ class ModelRegistry:
                 ref = parse_model_ref(name)
                 record = self.catalog.get(ref)
                 limit = keep_alive if record is None or record.keep_alive is None else record.keep_alive
+                held = self._held_until.get(ref, 0.0)
+                self._expiry[(ref, worker.worker_id)] = (
+                    self._clock(), None if limit < 0 else max(held, (now if in_flight else last) + limit))
                 if in_flight == 0 and limit >= 0 and now - last > limit and now >= self._held_until.get(ref, 0.0):
                     async with self._lock(ref):
                         await self._evict(ref, worker, f"after {limit:.0f}s idle")

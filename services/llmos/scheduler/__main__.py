@@ -14,9 +14,9 @@ from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.settings import ServiceSettings
 from llmos.common.telemetry import make_tracer_provider
 
+from .admission import AdmissionControl
 from .observe import SchedulerTelemetry, scheduler_metrics
 from .peers import GrpcRegistry
-from .queue import Scheduler
 from .reports import WorkerReports
 from .servicer import register
 
@@ -55,10 +55,11 @@ async def build(settings: SchedulerSettings, provider: TracerProvider | None = N
     tracer = provider.get_tracer("llmos.scheduler")
     host = ServiceHost.of("scheduler", settings, provider, security)
     registry = GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds, tracer)
-    scheduler = Scheduler(registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model,
-                          settings.aging_seconds, settings.report_timeout_seconds, settings.placement_ttl_seconds,
-                          events=SchedulerTelemetry(tracer, host.metrics), orphan_grace=settings.orphan_grace_seconds,
-                          affinity_slack=settings.affinity_slack)
+    scheduler = AdmissionControl(
+        registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model, settings.aging_seconds,
+        settings.report_timeout_seconds, settings.placement_ttl_seconds,
+        events=SchedulerTelemetry(tracer, host.metrics), orphan_grace=settings.orphan_grace_seconds,
+        affinity_slack=settings.affinity_slack)
     reports = WorkerReports(scheduler, registry, channels, settings.report_interval_seconds)
     host.metrics.register(OnLoop(asyncio.get_running_loop(), lambda: scheduler_metrics(
         scheduler.queue_depths(), scheduler.worker_loads())))

@@ -16,7 +16,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from llmos.common.domain import QueueDepth
 from llmos.common.metrics import LATENCY_BUCKETS
 
-from .queue import SchedulerEvents, WorkerLoad, _Request
+from .admission import Request, SchedulerEvents
+from .history import CANCELLED_IN_QUEUE, Outcome
+from .rotation import WorkerLoad
 
 
 def _ns(seconds: float) -> int:
@@ -40,10 +42,10 @@ class SchedulerTelemetry(SchedulerEvents):
                                   "(QUEUE_FULL, DEADLINE_EXCEEDED_IN_QUEUE, CANCELLED_IN_QUEUE, ...).",
                                   ["model_name", "reason"], registry=registry)
         self.finished_total = Counter("llmos_scheduler_finished", "Requests that ran and ended, by outcome "
-                                      "(FINISHED, CANCELLED, WORKER_FAILED, ...).", ["model_name", "outcome"],
+                                      f"({', '.join(o.value for o in Outcome)}).", ["model_name", "outcome"],
                                       registry=registry)
 
-    def admitted(self, request: _Request) -> None:
+    def admitted(self, request: Request) -> None:
         t = request.ticket
         waited = request.started - request.arrival
         self.queue_time.labels(request.model, str(t.priority)).observe(waited)
@@ -63,20 +65,20 @@ class SchedulerTelemetry(SchedulerEvents):
                                                     "llmos.workers_in_rotation": in_rotation})
         route.end(end_time=end)
 
-    def refused(self, request: _Request, outcome: str) -> None:
+    def refused(self, request: Request, reason: str) -> None:
         # Only a model the registry resolved names a label: a caller's unknown name would grow
         # the metrics without bound.
-        self.rejections.labels(request.model or UNRESOLVED_MODEL, outcome).inc()
+        self.rejections.labels(request.model or UNRESOLVED_MODEL, reason).inc()
         span = self._span(request, _ns(request.arrival_wall))
-        span.set_attribute("llmos.queue.outcome", outcome)
-        if outcome != "CANCELLED_IN_QUEUE":
-            span.set_status(Status(StatusCode.ERROR, outcome))
+        span.set_attribute("llmos.queue.outcome", reason)
+        if reason != CANCELLED_IN_QUEUE:
+            span.set_status(Status(StatusCode.ERROR, reason))
         span.end()
 
-    def finished(self, request: _Request, outcome: str) -> None:
-        self.finished_total.labels(request.model, outcome).inc()
+    def finished(self, request: Request, outcome: Outcome) -> None:
+        self.finished_total.labels(request.model, outcome.value).inc()
 
-    def _span(self, request: _Request, start: int) -> trace.Span:
+    def _span(self, request: Request, start: int) -> trace.Span:
         t = request.ticket
         return self._tracer.start_span("queue wait", start_time=start, attributes={
             "gen_ai.request.model": request.model or t.model, "llmos.request.id": t.request_id,

@@ -11,7 +11,7 @@ from llmos.common.channels import Channels
 from llmos.common.convert import duration
 from llmos.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
-from .queue import Endpoint
+from .rotation import Endpoint
 
 
 def _within(limit: float, remaining: float | None) -> float:

@@ -9,8 +9,9 @@ from llmos.common.channels import Channels
 from llmos.common.errors import LlmosError
 from llmos.v1 import worker_pb2, worker_pb2_grpc
 
+from .admission import AdmissionControl
 from .peers import GrpcRegistry
-from .queue import Endpoint, Scheduler
+from .rotation import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ class WorkerReports:
     worker that does not answer leaves rotation. Models whose requests wait with no worker
     in rotation get their placements read again from the registry."""
 
-    def __init__(self, scheduler: Scheduler, registry: GrpcRegistry, channels: Channels,
+    def __init__(self, scheduler: AdmissionControl, registry: GrpcRegistry, channels: Channels,
                  interval: float) -> None:
         self._scheduler = scheduler
         self._registry = registry

@@ -7,7 +7,6 @@ import grpc
 from llmos.common.auth import current_principal
 from llmos.common.convert import (
     duration,
-    enum_word,
     optional_seconds,
     queue_depth_to_proto,
     quota_from_proto,
@@ -16,11 +15,13 @@ from llmos.common.convert import (
 from llmos.common.errors import InvalidArgument, NotFound
 from llmos.common.keystore import Role
 from llmos.v1 import (
+    common_pb2,
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
 
-from .queue import Phase, Scheduler, Ticket
+from .admission import AdmissionControl, Ticket
+from .history import Outcome, Phase
 
 _STATE_TO_PROTO = {
     Phase.QUEUED: scheduler_pb2.GetRequestStatusResponse.STATE_QUEUED,
@@ -29,13 +30,26 @@ _STATE_TO_PROTO = {
 }
 
 
-def _tenant_usage(scheduler: Scheduler, tenant: str, admitted: int) -> scheduler_pb2.TenantUsage:
+# The one mapping from FinishGeneration to how a request ended (a worker that broke the stream
+# overrides whatever finish reason came with it; UNSPECIFIED is an error on the worker).
+_OUTCOME_OF_FINISH = {
+    common_pb2.FINISH_REASON_STOP: Outcome.STOP,
+    common_pb2.FINISH_REASON_LENGTH: Outcome.LENGTH,
+    common_pb2.FINISH_REASON_CANCELLED: Outcome.CANCELLED,
+}
+
+
+def outcome_of_finish(finish_reason: int, worker_failed: bool) -> Outcome:
+    return Outcome.WORKER_FAILED if worker_failed else _OUTCOME_OF_FINISH.get(finish_reason, Outcome.FAILED)
+
+
+def _tenant_usage(scheduler: AdmissionControl, tenant: str, admitted: int) -> scheduler_pb2.TenantUsage:
     in_flight, _, tokens = scheduler.quotas.usage(tenant)
     return scheduler_pb2.TenantUsage(tenant=tenant, admitted=admitted, in_flight=in_flight, window_tokens=tokens)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: AdmissionControl) -> None:
         self.scheduler = scheduler
 
     async def AdmitGeneration(self, request, context: grpc.aio.ServicerContext):
@@ -50,7 +64,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                         quota_from_proto(request.tenant_quota), request.prefix_key)
         admission = await self.scheduler.admit(ticket, timeout=context.time_remaining())
         if context.cancelled():     # granted as the caller left: nobody will run it
-            self.scheduler.finish(ticket.request_id, outcome="CANCELLED")
+            self.scheduler.finish(ticket.request_id, outcome=Outcome.CANCELLED)
         return scheduler_pb2.AdmitGenerationResponse(
             worker_id=admission.endpoint.worker_id, worker_address=admission.endpoint.address,
             model=admission.model, queue_time=duration(admission.queue_seconds))
@@ -59,10 +73,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         tokens = None
         if request.HasField("usage"):
             tokens = request.usage.prompt_tokens + request.usage.completion_tokens
-        outcome = "WORKER_FAILED" if request.worker_failed else enum_word(request, "finish_reason").upper()
-        if outcome == "UNSPECIFIED":
-            outcome = "FAILED"
-        self.scheduler.finish(request.request_id, tokens, outcome, request.worker_failed, request.model_not_loaded)
+        outcome = outcome_of_finish(request.finish_reason, request.worker_failed)
+        self.scheduler.finish(request.request_id, tokens, outcome=outcome, worker_failed=request.worker_failed,
+                              model_not_loaded=request.model_not_loaded)
         return scheduler_pb2.FinishGenerationResponse()
 
     async def GetSchedulerStats(self, request, context):
@@ -95,7 +108,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return response
 
 
-def register(host, scheduler: Scheduler) -> None:
+def register(host, scheduler: AdmissionControl) -> None:
     servicer = SchedulerServicer(scheduler)
     host.add(scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
              lambda server: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server))

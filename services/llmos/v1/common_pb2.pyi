@@ -152,17 +152,19 @@ class Model(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., digest: _Optional[str] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., state: _Optional[_Union[Model.State, str]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., store_path: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., implementation: _Optional[str] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("worker_id", "worker_address", "state", "detail", "measured_bytes", "quantization")
+    __slots__ = ("worker_id", "worker_address", "state", "detail", "measured_bytes", "quantization", "expire_time")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     MEASURED_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     worker_address: str
     state: Model.State
     detail: str
     measured_bytes: int
     quantization: str
-    def __init__(self, worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., state: _Optional[_Union[Model.State, str]] = ..., detail: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
+    expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., state: _Optional[_Union[Model.State, str]] = ..., detail: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., quantization: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

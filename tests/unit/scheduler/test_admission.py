@@ -6,7 +6,9 @@ from collections import Counter
 import pytest
 
 from llmos.common.errors import AlreadyExists, DeadlineExceeded, NotFound, ResourceExhausted
-from llmos.scheduler.queue import Endpoint, Phase, Scheduler, Ticket
+from llmos.scheduler.admission import AdmissionControl, Ticket
+from llmos.scheduler.history import Outcome, Phase
+from llmos.scheduler.rotation import Endpoint
 from tests.support.clock import FakeClock
 
 W1, W2 = Endpoint("w1", "127.0.0.1:1"), Endpoint("w2", "127.0.0.1:2")
@@ -42,7 +44,7 @@ async def settle():
 
 
 async def test_admits_to_the_least_loaded_worker():
-    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=2)
+    scheduler = AdmissionControl(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=2)
     first = await scheduler.admit(ticket("a"))
     second = await scheduler.admit(ticket("b"))
     assert {first.endpoint, second.endpoint} == {W1, W2}
@@ -50,7 +52,7 @@ async def test_admits_to_the_least_loaded_worker():
 
 
 async def test_capacity_follows_the_workers_reports():
-    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=16)
+    scheduler = AdmissionControl(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=16)
     scheduler.update_endpoints("tiny:latest", [W1, W2])
     scheduler.report("w1", {"tiny:latest": 1})
     scheduler.report("w2", {"tiny:latest": 3})
@@ -66,19 +68,19 @@ async def test_capacity_follows_the_workers_reports():
 
 
 async def test_waits_for_a_slot_and_gets_it_when_one_finishes():
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=1)
     await scheduler.admit(ticket("a"))
     waiting = asyncio.create_task(scheduler.admit(ticket("b")))
     await settle()
     assert scheduler.waiting == 1 and not waiting.done()
     assert scheduler.status("b").phase is Phase.QUEUED and scheduler.status("b").reason == "NO_FREE_SLOT"
-    assert scheduler.finish("a")
+    assert scheduler.finish("a", outcome=Outcome.STOP)
     admission = await asyncio.wait_for(waiting, 1)
     assert admission.endpoint == W1 and scheduler.waiting == 0 and scheduler.running == 1
 
 
 async def test_bands_first_then_arrival_order():
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=1)
     await scheduler.admit(ticket("running"))
     order = []
 
@@ -92,7 +94,7 @@ async def test_bands_first_then_arrival_order():
         await settle()
     assert [scheduler.status(r).position for r in ("high", "low1", "low2")] == [1, 2, 3]
     for finished in ["running", "high", "low1"]:
-        scheduler.finish(finished)
+        scheduler.finish(finished, outcome=Outcome.STOP)
         await settle()
     await asyncio.gather(*tasks)
     assert order == ["high", "low1", "low2"]
@@ -102,7 +104,7 @@ async def _share_of_b(weight_b: float = 1.0) -> float:
     """Fake workers (4 slots) and a fake clock: each request runs cost / 100 fake seconds; tenant a
     sends 10x as many requests as b. Returns b's share of the tokens served while both wait."""
     clock = FakeClock()
-    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1]}), slots_per_worker=4, max_queue=1000, clock=clock)
+    scheduler = AdmissionControl(FakeRegistry({"tiny:latest": [W1]}), slots_per_worker=4, max_queue=1000, clock=clock)
     costs, tasks = {}, {}
     for i in range(200):
         costs[f"a{i}"] = 50 + (i * 37) % 200            # a sends 10x as many requests, of varied size
@@ -121,7 +123,7 @@ async def _share_of_b(weight_b: float = 1.0) -> float:
         clock.now = running.pop(rid)
         finished.add(rid)
         served[rid[0]] += costs[rid]
-        scheduler.finish(rid, tokens=costs[rid])
+        scheduler.finish(rid, tokens=costs[rid], outcome=Outcome.STOP)
         await settle()
     for task in tasks.values():
         task.cancel()
@@ -140,41 +142,41 @@ async def test_a_tenant_of_weight_two_gets_about_two_thirds():
 
 async def test_a_weight_out_of_range_is_refused():
     with pytest.raises(ValueError, match="weight"):
-        await Scheduler(FakeRegistry()).admit(ticket("w", weight=0.0))
+        await AdmissionControl(FakeRegistry()).admit(ticket("w", weight=0.0))
 
 
 async def test_aging_serves_a_low_band_that_waited_long_enough():
     clock = FakeClock()
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1, aging_seconds=10.0, clock=clock)
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=1, aging_seconds=10.0, clock=clock)
     await scheduler.admit(ticket("running"))
     low = asyncio.create_task(scheduler.admit(ticket("low", priority=0)))
     await settle()
     clock.now = 35.0                                      # low has risen 3.5 bands
     high = asyncio.create_task(scheduler.admit(ticket("high", priority=3)))
     await settle()
-    scheduler.finish("running")
+    scheduler.finish("running", outcome=Outcome.STOP)
     await settle()
     assert low.done() and not high.done()
-    scheduler.finish("low")
+    scheduler.finish("low", outcome=Outcome.STOP)
     await asyncio.wait_for(high, 1)
 
 
 async def test_earliest_deadline_first_inside_a_band():
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=1)
     await scheduler.admit(ticket("running"))
     relaxed = asyncio.create_task(scheduler.admit(ticket("relaxed"), timeout=30))
     await settle()
     urgent = asyncio.create_task(scheduler.admit(ticket("urgent"), timeout=5))
     await settle()
-    scheduler.finish("running")
+    scheduler.finish("running", outcome=Outcome.STOP)
     await settle()
     assert urgent.done() and not relaxed.done()
-    scheduler.finish("urgent")
+    scheduler.finish("urgent", outcome=Outcome.STOP)
     await asyncio.wait_for(relaxed, 1)
 
 
 async def test_full_queues_refuse_at_once_with_an_estimate():
-    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1], "other:latest": [W2]}), slots_per_worker=1,
+    scheduler = AdmissionControl(FakeRegistry({"tiny:latest": [W1], "other:latest": [W2]}), slots_per_worker=1,
                           max_queue=3, max_queue_per_model=2)
     await scheduler.admit(ticket("a"))
     queued = [asyncio.create_task(scheduler.admit(ticket(f"q{i}"))) for i in range(2)]
@@ -197,7 +199,7 @@ async def test_full_queues_refuse_at_once_with_an_estimate():
 
 
 async def test_retry_estimate_grows_with_the_queue():
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1, max_queue=10)
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=1, max_queue=10)
     await scheduler.admit(ticket("a"))
     first = scheduler.retry_after("tiny:latest")
     queued = [asyncio.create_task(scheduler.admit(ticket(f"q{i}"))) for i in range(4)]
@@ -209,18 +211,18 @@ async def test_retry_estimate_grows_with_the_queue():
 
 
 async def test_deadline_in_the_queue_gives_deadline_exceeded_and_leaves_the_queue():
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=1)
     await scheduler.admit(ticket("a"))
     with pytest.raises(DeadlineExceeded) as caught:
         await scheduler.admit(ticket("b"), timeout=0.05)
     assert caught.value.reason == "DEADLINE_EXCEEDED_IN_QUEUE"
     assert scheduler.waiting == 0 and scheduler.status("b").phase is Phase.DONE
-    scheduler.finish("a")
+    scheduler.finish("a", outcome=Outcome.STOP)
     assert scheduler.running == 0 and scheduler.rejected == {"DEADLINE_EXCEEDED_IN_QUEUE": 1}
 
 
 async def test_a_caller_that_goes_away_leaves_the_queue_and_holds_no_slot():
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=1)
     await scheduler.admit(ticket("a"))
     waiting = asyncio.create_task(scheduler.admit(ticket("b")))
     await settle()
@@ -228,25 +230,25 @@ async def test_a_caller_that_goes_away_leaves_the_queue_and_holds_no_slot():
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert scheduler.waiting == 0 and scheduler.status("b").reason == "CANCELLED_IN_QUEUE"
-    scheduler.finish("a")
+    scheduler.finish("a", outcome=Outcome.STOP)
     third = await asyncio.wait_for(scheduler.admit(ticket("c")), 1)
     assert third.endpoint == W1 and not scheduler.rejected
 
 
 async def test_a_failed_worker_leaves_rotation_and_a_redispatch_goes_first_elsewhere():
-    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=1)
+    scheduler = AdmissionControl(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=1)
     first = await scheduler.admit(ticket("a"))
     assert first.endpoint == W1 and (await scheduler.admit(ticket("b"))).endpoint == W2
     queued = asyncio.create_task(scheduler.admit(ticket("queued")))
     await settle()
-    scheduler.finish("a", outcome="WORKER_FAILED", worker_failed=True)
+    scheduler.finish("a", outcome=Outcome.WORKER_FAILED, worker_failed=True)
     await settle()
     assert not queued.done()                            # the freed slot is on the failed worker
     loads = {w.endpoint.worker_id: w for w in scheduler.worker_loads()}
     assert not loads["w1"].in_rotation and loads["w2"].in_rotation
     again = asyncio.create_task(scheduler.admit(ticket("a", redispatch=True)))
     await settle()
-    scheduler.finish("b")
+    scheduler.finish("b", outcome=Outcome.STOP)
     assert (await asyncio.wait_for(again, 1)).endpoint == W2 and not queued.done()
     scheduler.report("w1", {"tiny:latest": 1})          # it answers again
     await asyncio.wait_for(queued, 1)
@@ -254,7 +256,7 @@ async def test_a_failed_worker_leaves_rotation_and_a_redispatch_goes_first_elsew
 
 async def test_a_worker_that_stops_answering_leaves_rotation_after_the_timeout():
     clock = FakeClock()
-    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, report_timeout=2.0,
+    scheduler = AdmissionControl(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, report_timeout=2.0,
                           clock=clock)
     scheduler.update_endpoints("tiny:latest", [W1, W2])
     scheduler.report("w1", {"tiny:latest": 4})
@@ -269,7 +271,7 @@ async def test_a_worker_that_stops_answering_leaves_rotation_after_the_timeout()
 
 
 async def test_status_says_where_a_request_is():
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=1)
     await scheduler.admit(ticket("a", tenant="t1", priority=2))
     running = scheduler.status("a")
     assert (running.phase, running.endpoint, running.tenant, running.priority) == (Phase.RUNNING, W1, "t1", 2)
@@ -280,14 +282,14 @@ async def test_status_says_where_a_request_is():
     queued.cancel()
     await asyncio.gather(queued, return_exceptions=True)
     assert scheduler.status("q").start_time is None            # it never ran
-    scheduler.finish("a", tokens=10, outcome="STOP")
+    scheduler.finish("a", tokens=10, outcome=Outcome.STOP)
     done = scheduler.status("a")
     assert (done.phase, done.reason) == (Phase.DONE, "STOP")
     assert scheduler.status("never") is None
 
 
 async def test_queue_depths_per_model_band_and_tenant():
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=1)
     await scheduler.admit(ticket("a"))
     queued = [asyncio.create_task(scheduler.admit(ticket(r, tenant=t, priority=p)))
               for r, t, p in [("q1", "x", 0), ("q2", "x", 0), ("q3", "y", 1)]]
@@ -300,26 +302,26 @@ async def test_queue_depths_per_model_band_and_tenant():
 
 
 async def test_duplicate_ids_unknown_models_and_idempotent_finish():
-    scheduler = Scheduler(FakeRegistry())
+    scheduler = AdmissionControl(FakeRegistry())
     await scheduler.admit(ticket("a"))
     with pytest.raises(AlreadyExists):
         await scheduler.admit(ticket("a"))
     with pytest.raises(NotFound):
         await scheduler.admit(ticket("b", model="missing"))
-    assert scheduler.finish("a") and not scheduler.finish("a")
+    assert scheduler.finish("a", outcome=Outcome.STOP) and not scheduler.finish("a", outcome=Outcome.STOP)
     assert scheduler.running == 0 and scheduler.rejected == {"MODEL_NOT_FOUND": 1}
 
 
 async def test_a_model_loaded_nowhere_is_loaded_on_demand():
     registry = FakeRegistry(ready={}, loadable={"cold:latest": [W2]})
-    scheduler = Scheduler(registry)
+    scheduler = AdmissionControl(registry)
     admission = await scheduler.admit(ticket("a", model="cold"))
     assert registry.loads == ["cold:latest"] and admission.endpoint == W2
 
 
 async def test_a_keep_alive_is_handed_to_the_registry_even_when_the_model_is_loaded():
     registry = FakeRegistry(loadable={"tiny:latest": [W1]})
-    scheduler = Scheduler(registry)
+    scheduler = AdmissionControl(registry)
     await scheduler.admit(ticket("a"))
     assert registry.loads == []
     await scheduler.admit(ticket("b", keep_alive=60.0))
@@ -329,7 +331,7 @@ async def test_a_keep_alive_is_handed_to_the_registry_even_when_the_model_is_loa
 
 
 async def test_a_full_queue_makes_room_for_a_higher_band_or_a_less_served_tenant():
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1, max_queue=3)
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=1, max_queue=3)
     await scheduler.admit(ticket("running"))
     flood = {f"a{i}": asyncio.create_task(scheduler.admit(ticket(f"a{i}", tenant="a"))) for i in range(3)}
     await settle()
@@ -354,28 +356,28 @@ async def test_a_full_queue_makes_room_for_a_higher_band_or_a_less_served_tenant
 
 
 async def test_a_finish_that_overtakes_its_admission_gives_the_slot_back():
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=1)
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=1)
     await scheduler.admit(ticket("a"))
     queued = asyncio.create_task(scheduler.admit(ticket("b")))
     await settle()
-    assert not scheduler.finish("b", outcome="CANCELLED")     # the caller left while b was queued
+    assert not scheduler.finish("b", outcome=Outcome.CANCELLED)     # the caller left while b was queued
     assert scheduler.waiting == 0
-    assert scheduler.finish("a")                              # the same tick: the slot must not go to b
+    assert scheduler.finish("a", outcome=Outcome.STOP)        # the same tick: the slot must not go to b
     assert scheduler.running == 0
     with pytest.raises(asyncio.CancelledError):
         await queued
     await scheduler.admit(ticket("a"))
-    scheduler.finish("x", outcome="CANCELLED")                # before its admission even arrived
+    scheduler.finish("x", outcome=Outcome.CANCELLED)                # before its admission even arrived
     with pytest.raises(asyncio.CancelledError):
         await scheduler.admit(ticket("x"))
-    scheduler.finish("a")
+    scheduler.finish("a", outcome=Outcome.STOP)
     assert scheduler.running == 0 and scheduler.waiting == 0
     assert (await scheduler.admit(ticket("c"))).endpoint == W1
 
 
 async def test_a_slot_its_worker_no_longer_knows_comes_back_after_the_grace():
     clock = FakeClock()
-    scheduler = Scheduler(FakeRegistry(), slots_per_worker=2, clock=clock, orphan_grace=5.0)
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=2, clock=clock, orphan_grace=5.0)
     await scheduler.admit(ticket("lost"))        # its gateway will die without a word
     await scheduler.admit(ticket("kept"))
     waiting = asyncio.create_task(scheduler.admit(ticket("next")))
@@ -404,7 +406,7 @@ async def test_a_worker_that_reports_without_a_model_gets_none_of_its_requests_w
     """The registry may still list a placement the worker has lost (until its next heartbeat);
     the worker's own report wins: no slots there, so nothing is sent there to fail."""
     clock = FakeClock()
-    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, clock=clock)
+    scheduler = AdmissionControl(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, clock=clock)
     scheduler.update_endpoints("tiny:latest", [W1, W2])
     clock.now = 1.0
     scheduler.report("w1", {})                         # w1 no longer holds it
@@ -422,10 +424,10 @@ async def test_a_worker_that_reports_without_a_model_gets_none_of_its_requests_w
 
 async def test_a_worker_that_refused_a_request_for_want_of_the_model_gets_no_more_until_it_reports_it():
     clock = FakeClock()
-    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=2, clock=clock)
+    scheduler = AdmissionControl(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=2, clock=clock)
     scheduler.update_endpoints("tiny:latest", [W1, W2])
     first = await scheduler.admit(ticket("a"))
-    assert scheduler.finish("a", model_not_loaded=True)
+    assert scheduler.finish("a", model_not_loaded=True, outcome=Outcome.STOP)
     clock.now = 1.0
     scheduler.update_endpoints("tiny:latest", [W1, W2])        # still listed by the registry
     placed = {(await scheduler.admit(ticket(f"r{i}"))).endpoint for i in range(2)}
@@ -436,21 +438,21 @@ async def test_a_worker_that_refused_a_request_for_want_of_the_model_gets_no_mor
 
 
 async def test_a_prefix_key_goes_back_to_its_worker_while_it_is_not_much_busier():
-    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, affinity_slack=0.25)
+    scheduler = AdmissionControl(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, affinity_slack=0.25)
     home = (await scheduler.admit(ticket("c1", prefix_key=7))).endpoint
     other = W2 if home == W1 else W1
     # One slot in four busier than the idle other worker: within the slack, the key goes home.
     assert (await scheduler.admit(ticket("c2", prefix_key=7))).endpoint == home
     # Two slots busier: the least loaded wins, and the key follows it there.
     assert (await scheduler.admit(ticket("c3", prefix_key=7))).endpoint == other
-    scheduler.finish("c1")
-    scheduler.finish("c2")
+    scheduler.finish("c1", outcome=Outcome.STOP)
+    scheduler.finish("c2", outcome=Outcome.STOP)
     assert (await scheduler.admit(ticket("c4", prefix_key=7))).endpoint == other   # not the idle one
     assert (await scheduler.admit(ticket("plain"))).endpoint == home               # no key: least loaded
     assert (await scheduler.admit(ticket("new", prefix_key=8))).endpoint == home   # a new key: least loaded
 
 
 async def test_without_slack_a_prefix_key_changes_nothing():
-    scheduler = Scheduler(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, affinity_slack=0.0)
+    scheduler = AdmissionControl(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, affinity_slack=0.0)
     first = (await scheduler.admit(ticket("c1", prefix_key=7))).endpoint
     assert (await scheduler.admit(ticket("c2", prefix_key=7))).endpoint != first

@@ -1,4 +1,4 @@
-"""The scheduler's own cost: `python -m llmos.scheduler.bench [N]`.
+"""The scheduler's own cost: `python -m benchmarks.scheduler [N]`.
 
 N requests (10 tenants, 3 priority bands, half with deadlines) are admitted at once
 into a scheduler whose fake workers (4 of them, 8 slots each) are full, so all but
@@ -14,7 +14,8 @@ import asyncio
 import sys
 import time
 
-from .queue import Endpoint, Scheduler, Ticket
+from llmos.scheduler.admission import AdmissionControl, Ticket
+from llmos.scheduler.rotation import Endpoint
 
 WORKERS = [Endpoint(f"w{i}", f"127.0.0.1:{i + 1}") for i in range(4)]
 
@@ -28,7 +29,7 @@ class _Registry:
 
 
 async def scheduler_run(n: int) -> tuple[float, int]:
-    scheduler = Scheduler(_Registry(), slots_per_worker=8, max_queue=n, aging_seconds=30.0)
+    scheduler = AdmissionControl(_Registry(), slots_per_worker=8, max_queue=n, aging_seconds=30.0)
     running: list[str] = []
 
     def admitted(task: asyncio.Task) -> None:
