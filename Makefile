@@ -7,7 +7,7 @@ DATA    ?= .llmos
 SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: up test venv system-deps protos check-protos lint unit integration e2e image test-image clean \
-        clients client-go client-cpp client-typescript
+        clients client-go client-cpp client-typescript viewer
 
 up: $(STAMP) $(CLIENT_STAMP)
 	$(PY) -m llmos.cli up --data-dir $(DATA)
@@ -20,9 +20,22 @@ up: $(STAMP) $(CLIENT_STAMP)
 # Two pytest workers, a test file each at a time: most of a test's time is spent waiting on
 # processes it started, and each file's suite is started once, by one worker.
 TEST_WORKERS ?= 2
-test: $(STAMP) $(CLIENT_STAMP) system-deps check-protos lint test-image clients
+test: $(STAMP) $(CLIENT_STAMP) system-deps check-protos lint test-image clients viewer
 	LLMOS_TEST_IMAGE=localhost/llmos:cpu LLMOS_REGISTRY_CONVERSION_CACHE=$${XDG_CACHE_HOME:-$$HOME/.cache}/llmos/converted \
-	  $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	  LLMOS_PHOENIX=$(VIEWER_VENV)/bin/phoenix $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# Arize Phoenix, the trace viewer tests/e2e/test_viewer.py reads one request's trace back from, in
+# a venv of its own (its dependencies are not the suite's), kept between clones like any build
+# cache: made once per version.
+PHOENIX_VERSION := 20.26.1
+VIEWER_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmos/viewer/phoenix-$(PHOENIX_VERSION)
+viewer: $(VIEWER_VENV)/.installed
+
+$(VIEWER_VENV)/.installed:
+	rm -rf $(VIEWER_VENV) && python3 -m venv $(VIEWER_VENV)
+	$(VIEWER_VENV)/bin/pip install -q --no-compile arize-phoenix==$(PHOENIX_VERSION)
+	$(VIEWER_VENV)/bin/python -m compileall -q -j 0 $(VIEWER_VENV)/lib >/dev/null || true
+	touch $@
 
 # Debian's Prometheus (promtool checks the shipped rules; the e2e tests run a real one
 # against the suite), docker-compose (checks deploy/compose.yaml without an engine), curl

@@ -15,16 +15,31 @@ from collections.abc import Mapping
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [trace=%(otel_trace_id)s span=%(otel_span_id)s] %(message)s"
 
 
+# Every span also names its service as an attribute: viewers that keep a span's attributes but
+# not its resource (Arize Phoenix) can still tell which process a span comes from.
+SERVICE_ATTRIBUTE = "llmos.service"
+
+
+class _NamesItsService(SpanProcessor):
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def on_start(self, span, parent_context=None) -> None:
+        span.set_attribute(SERVICE_ATTRIBUTE, self._name)
+
+
 def make_tracer_provider(service: str, environ: Mapping[str, str] | None = None) -> TracerProvider:
     """A tracer provider for `llmos-<service>`, exporting over OTLP when configured."""
     env = os.environ if environ is None else environ
-    provider = TracerProvider(resource=Resource.create({"service.name": f"llmos-{service}"}))
+    name = f"llmos-{service}"
+    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    provider.add_span_processor(_NamesItsService(name))
     if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
         if protocol.startswith("http"):

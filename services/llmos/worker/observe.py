@@ -84,6 +84,8 @@ class EngineTelemetry(EngineEvents):
         span = self._tracer.start_span("engine step", kind=trace.SpanKind.INTERNAL, links=links, start_time=start_ns,
                                        attributes={"gen_ai.request.model": model,
                                                    "llmos.batch.size": len(batch),
+                                                   # Viewers that drop links (Phoenix) find a request's steps by it.
+                                                   "llmos.request.ids": [s.request_id for s in batch],
                                                    "llmos.batch.prefill_tokens": prefill_tokens,
                                                    "llmos.batch.decode_sequences": len(batch) - sum(
                                                        1 for s in batch if s.prefilling),
