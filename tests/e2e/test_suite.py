@@ -59,6 +59,9 @@ def test_tiny_model_streams_through_every_service(client, tiny_model_dir):
     responses = list(client.generate("tiny", prompt="Once upon a time", max_tokens=8))
     last = responses[-1]
     assert last.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+    # Its resource name (AIP-122) names it as well as the short form does.
+    assert client.get_model("models/tiny:latest").digest == client.get_model("tiny").digest
+    assert list(client.generate("models/tiny:latest", prompt="Once upon a time", max_tokens=2))[-1].usage
     assert last.usage.completion_tokens == sum(len(r.token_ids) for r in responses) <= 8
     assert client.cluster_health().healthy
 
@@ -233,6 +236,23 @@ def test_llmos_ps_and_the_listings_json_say_what_is_loaded_where(suite):
                                        timeout=60).stdout)
     assert {(m["name"], m["tag"]) for m in listed} >= {("tiny", "latest"), (DEFAULT_MODEL, "latest")}
     assert next(m for m in listed if m["name"] == "tiny")["placements"][0]["workerId"] == tiny["worker"]
+
+
+def test_cli_imports_and_loads_show_the_registrys_phases_as_they_happen(suite, tiny_model_dir):
+    """Away from a terminal, `models import` and `models load` print a line per lifecycle event the
+    registry streams while the call runs, with the time so far."""
+    imported = subprocess.run([*_cli(suite), "models", "import", "tiny-copy", str(tiny_model_dir)],
+                              capture_output=True, text=True, timeout=120)
+    assert imported.returncode == 0, imported.stderr
+    assert re.search(r"^importing tiny-copy: importing, from .+ \(\d+\.\ds\)$", imported.stderr, re.M), imported.stderr
+    assert re.search(r"^importing tiny-copy: imported, sha256:", imported.stderr, re.M), imported.stderr
+    loaded = subprocess.run([*_cli(suite), "models", "load", "tiny-copy"], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert re.search(r"^loading tiny-copy: loading on \S+, \d+ bytes", loaded.stderr, re.M), loaded.stderr
+    assert re.search(r"^loading tiny-copy: ready on \S+, \d+ bytes measured", loaded.stderr, re.M), loaded.stderr
+    for action in ("unload", "rm"):
+        assert subprocess.run([*_cli(suite), "models", action, "tiny-copy"], capture_output=True,
+                              timeout=120).returncode == 0
 
 
 @pytest.mark.smollm2

