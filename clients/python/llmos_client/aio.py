@@ -3,34 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from ._channel import open_aio_channel
-from ._requests import generate_request, retry_delay
-from .errors import Cancelled, from_call
+from ._requests import RetryingCall, generate_request
+from .errors import from_call
 from .v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 
-class AsyncGenerateStream:
+class AsyncGenerateStream(RetryingCall):
     """The responses of one Generate, for `async for`; the same retry rule as the sync stream
     (UNAVAILABLE before the first response only). Cancelling the task while it awaits the next
     response, or `cancel()`, stops the generation on the server too."""
-
-    def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, request: gateway_pb2.GenerateRequest,
-                 timeout: float | None, metadata: tuple, retries: int) -> None:
-        self._stub, self._request, self._metadata, self._retries = stub, request, metadata, retries
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._attempt, self._received, self._cancelled = 0, False, False
-        self._call = self._start()
-
-    def _remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-
-    def _start(self):
-        return self._stub.Generate(self._request, timeout=self._remaining(), metadata=self._metadata)
 
     def __aiter__(self) -> AsyncGenerateStream:
         return self
@@ -43,27 +29,16 @@ class AsyncGenerateStream:
                 self.cancel()
                 raise
             except grpc.RpcError as exc:
-                error = Cancelled("the call was cancelled") if self._cancelled else from_call(exc)
-                delay = None if self._received or self._cancelled else retry_delay(
-                    error, self._attempt, self._retries, self._remaining())
+                error, delay = self._failed(exc)
                 if delay is None:
                     raise error from None
                 await asyncio.sleep(delay)
-                self._attempt += 1
-                self._call = self._start()
+                self._again()
                 continue
             if response is grpc.aio.EOF:
                 raise StopAsyncIteration
             self._received = True
             return response
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        self._call.cancel()
-
-    @property
-    def attempts(self) -> int:
-        return self._attempt + 1
 
 
 class AsyncClient:

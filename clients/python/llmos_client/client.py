@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import grpc
 
 from ._channel import open_channel
-from ._requests import generate_request, retry_delay
-from .errors import Cancelled, LlmosError, from_call
+from ._requests import RetryingCall, generate_request
+from .errors import LlmosError, from_call
 from .v1 import (
     common_pb2,
     gateway_pb2,
@@ -39,23 +39,10 @@ def every_page(method, request, field: str, timeout: float = 10) -> Iterator:
         request.page_token = page.next_page_token
 
 
-class GenerateStream:
+class GenerateStream(RetryingCall):
     """The responses of one Generate as they arrive. Iterating raises the call's typed error; a
     call that fails UNAVAILABLE before its first response is started again (`retries` times at
     most, backing off, within the deadline). `cancel()` stops it, on the server too."""
-
-    def __init__(self, stub: gateway_pb2_grpc.GatewayServiceStub, request: gateway_pb2.GenerateRequest,
-                 timeout: float | None, metadata: tuple, retries: int) -> None:
-        self._stub, self._request, self._metadata, self._retries = stub, request, metadata, retries
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._attempt, self._received, self._cancelled = 0, False, False
-        self._call = self._start()
-
-    def _remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-
-    def _start(self):
-        return self._stub.Generate(self._request, timeout=self._remaining(), metadata=self._metadata)
 
     def __iter__(self) -> GenerateStream:
         return self
@@ -65,26 +52,14 @@ class GenerateStream:
             try:
                 response = next(self._call)
             except grpc.RpcError as exc:
-                error = Cancelled("the call was cancelled") if self._cancelled else from_call(exc)
-                delay = None if self._received or self._cancelled else retry_delay(
-                    error, self._attempt, self._retries, self._remaining())
+                error, delay = self._failed(exc)
                 if delay is None:
                     raise error from None
                 time.sleep(delay)
-                self._attempt += 1
-                self._call = self._start()
+                self._again()
                 continue
             self._received = True
             return response
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        self._call.cancel()
-
-    @property
-    def attempts(self) -> int:
-        """How many times the call was started."""
-        return self._attempt + 1
 
     def initial_metadata(self):
         return self._call.initial_metadata()
