@@ -29,6 +29,7 @@ from llmos.cli.credentials import open_channel
 from llmos.cli.launcher import SERVICES, Suite
 from llmos.registry.bundled import DEFAULT_MODEL
 from llmos.v1 import common_pb2, gateway_pb2, worker_pb2, worker_pb2_grpc
+from tests.support.wait import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -214,20 +215,21 @@ def _cli(suite) -> list[str]:
 
 def test_llmos_ps_and_the_listings_json_say_what_is_loaded_where(suite):
     """`llmos ps` names each loaded model's worker, memory and slots, and, once the registry has read
-    the worker's activity, when an idle model is unloaded (its last request plus the 30 min default
-    keep-alive); `--json` of ps and of `models list` parses to the same facts."""
-    deadline = time.monotonic() + 30
-    while True:
+    the worker's activity, when an idle model is unloaded: its last request plus the 30 min default
+    keep-alive. `--json` of ps and of `models list` parses to the same facts."""
+    def when(stamp: str | None) -> float:
+        return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() if stamp else 0.0
+
+    def read() -> dict:
         out = subprocess.run([*_cli(suite), "ps", "--json"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        rows = {r["model"]: r for r in json.loads(out.stdout)}
-        if rows.get("tiny:latest", {}).get("expire_time") or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    tiny = rows["tiny:latest"]
+        return {r["model"]: r for r in json.loads(out.stdout)}
+
+    # The registry reads the worker's activity every few seconds: until it has read the last request.
+    tiny = wait_for(lambda: (t := read().get("tiny:latest", {})).get("expire_time") and abs(
+        when(t["expire_time"]) - when(t["last_request_time"]) - 1800) < 1e-3 and t, timeout=60,
+        what="the registry's expire time of tiny")
     assert tiny["worker"] and tiny["device"] == "cpu" and tiny["bytes"] > 0 and tiny["slots"] > 0
-    expires = datetime.datetime.fromisoformat(tiny["expire_time"].replace("Z", "+00:00")).timestamp()
-    assert time.time() + 1800 - 300 < expires <= time.time() + 1800, tiny
     assert tiny["until"].startswith("in ") and tiny["idle_seconds"] is not None
     table = subprocess.run([*_cli(suite), "ps"], capture_output=True, text=True, timeout=60).stdout
     assert table.splitlines()[0].split() == ["NAME", "WORKER", "DEVICE", "SIZE", "RUNNING", "IDLE", "UNTIL"]

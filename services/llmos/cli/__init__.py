@@ -243,6 +243,7 @@ def loaded_models(client: Client, key: str | None, tls_dir) -> list[dict]:
                 "quantization": p.quantization, "running": loaded.running if loaded else 0,
                 "slots": loaded.max_running if loaded else 0,
                 "idle_seconds": None if loaded is None or loaded.running else round(now - last, 1),
+                "last_request_time": json_format.MessageToDict(loaded).get("lastRequestTime") if loaded else None,
                 "until": _until(model, p, now),
                 "expire_time": json_format.MessageToDict(p).get("expireTime")})
     return rows
