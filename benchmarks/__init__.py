@@ -1,2 +1,3 @@
-"""Benchmarks that need the in-process suite of the tests (`tests/support/inprocess.py`); run
-from the repository root: `python -m benchmarks.telemetry`, `python -m benchmarks.security`."""
+"""Benchmarks run from the repository root: `python -m benchmarks.telemetry` and
+`python -m benchmarks.security` run the whole suite in one process (the tests' harness,
+`tests/support/inprocess.py`), `python -m benchmarks.scheduler` the scheduler's core alone."""

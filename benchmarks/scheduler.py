@@ -15,6 +15,7 @@ import sys
 import time
 
 from llmos.scheduler.admission import AdmissionControl, Ticket
+from llmos.scheduler.history import Outcome
 from llmos.scheduler.rotation import Endpoint
 
 WORKERS = [Endpoint(f"w{i}", f"127.0.0.1:{i + 1}") for i in range(4)]
@@ -24,7 +25,8 @@ class _Registry:
     async def ready_endpoints(self, model: str, timeout: float | None) -> tuple[str, list[Endpoint]]:
         return "bench:latest", WORKERS
 
-    async def load(self, model: str, timeout: float | None, keep_alive: float | None = None) -> list[Endpoint]:
+    async def load(self, model: str, timeout: float | None, keep_alive: float | None = None,
+                   hold: bool = False) -> list[Endpoint]:
         return WORKERS
 
 
@@ -49,7 +51,7 @@ async def scheduler_run(n: int) -> tuple[float, int]:
     while finished < n:
         while not running:
             await asyncio.sleep(0)
-        scheduler.finish(running.pop(0), tokens=50)
+        scheduler.finish(running.pop(0), tokens=50, outcome=Outcome.STOP)
         finished += 1
     await asyncio.gather(*tasks)
     return time.process_time() - started, scheduler.admitted_total

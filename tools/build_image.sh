@@ -41,13 +41,12 @@ if [ "$TORCH" = cpu ]; then
   WHEELS=${TORCH_WHEELS:-${WHEELS:-/opt/wheels}}
   MOUNTS="$MOUNTS -v $WHEELS:/run/wheels:ro"
 fi
-# What the Containerfile copies besides the tree: the dependency list (pyproject.toml's, but the
-# client built here) and the client's wheel, its stubs generated from protos/ by the venv's
-# grpcio-tools.
+# What the Containerfile copies besides the tree: the dependency list (pyproject.toml's) and the
+# client's wheel, its stubs generated from protos/ by the venv's grpcio-tools.
 PY=${PYTHON:-.venv/bin/python}
 rm -rf build/image && mkdir -p build/image/wheels
-"$PY" -c 'import tomllib; print("\n".join(d for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-                                        if not d.startswith("llmos-client")))' > build/image/requirements.txt
+"$PY" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+  > build/image/requirements.txt
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w build/image/wheels clients/python >/dev/null
 # shellcheck disable=SC2086
 $P build -q --isolation=chroot $MOUNTS --build-arg TORCH="$TORCH" -f deploy/Containerfile -t "localhost/llmos:$TAG" . >/dev/null

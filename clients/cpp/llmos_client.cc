@@ -33,6 +33,8 @@ Error ErrorOf(const grpc::Status& status) {
       if (any.UnpackTo(&info)) error.reason = info.reason();
     }
   }
+  // A status without ErrorInfo (a transport failure): its code, as the other clients say.
+  if (error.reason.empty() && !error.ok()) error.reason = error.code_name();
   return error;
 }
 

@@ -14,8 +14,8 @@
 
 namespace llmos {
 
-// A failed call: its gRPC code, message and ErrorInfo reason (empty when the status carried
-// none, as a transport failure does).
+// A failed call: its gRPC code, message and ErrorInfo reason (the code's name when the status
+// carried none, as a transport failure does).
 struct Error {
   grpc::StatusCode code = grpc::StatusCode::OK;
   std::string message;

@@ -13,6 +13,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -116,8 +117,9 @@ def test_one_generate_is_one_trace_across_the_processes(client, trace_receiver):
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         spans = trace_receiver.snapshot()
+        ours = [s for s in spans if s["attributes"].get("gen_ai.response.id") == request_id]
         servers = [s for s in spans if s["name"] == "/llmos.v1.WorkerService/GenerateTokens"
-                   and s["service"] == "llmos-worker"]
+                   and s["service"] == "llmos-worker" and ours and s["trace_id"] == ours[0]["trace_id"]]
         if servers:
             worker_span = servers[-1]
             trace = [s for s in spans if s["trace_id"] == worker_span["trace_id"]]
@@ -205,6 +207,14 @@ def test_each_clients_program_streams_the_answer_and_names_the_reason_of_an_erro
         assert error.reason != error.code().name        # the suite names a reason of its own
         assert failed.stderr.strip().splitlines()[-1] == (
             f"error: {error.code().name} reason={error.reason}: {error.details()}"), failed.stderr
+    # No gateway there: a transport failure, no ErrorInfo; every client names its code as the reason.
+    with socket.socket() as vacant:
+        vacant.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{vacant.getsockname()[1]}"
+    unreachable = run_client(language, "--gateway", nowhere, "hi", key=key)
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.strip().splitlines()[-1].startswith("error: UNAVAILABLE reason=UNAVAILABLE: "), (
+        unreachable.stderr)
 
 
 def _cli(suite) -> list[str]:
@@ -275,17 +285,38 @@ def test_llmos_chat_keeps_the_conversation_and_ctrl_c_stops_only_the_answer(suit
     out, err = (first + out).decode(), err.decode()
     assert chat.returncode == 0, err
     assert "(answer stopped)" in out and "Paris" in out.split("(answer stopped)", 1)[1], out
-    # The second answer's prompt held four turns: the first question, the stopped answer, and the new one.
+    # The second question went with the first and what was written of its answer (the conversation
+    # is then four turns): a longer prompt than the second question alone.
     usage = re.findall(r"\[(\d+) prompt \+ (\d+) generated tokens, (\d+) turns\]", err)
     assert usage and usage[-1][2] == "4", err
+    alone = subprocess.run([*_cli(suite), "generate", "--model", DEFAULT_MODEL, "--max-tokens", "1",
+                            "What is the capital of France?"], capture_output=True, text=True, timeout=120)
+    alone_prompt = int(re.search(r"\[(\d+) prompt", alone.stderr).group(1))
+    first_turn = len("Tell me a long story about a dragon.".split()) + len(first.decode().split())
+    assert int(usage[-1][0]) >= alone_prompt + first_turn, (usage, alone_prompt, first)
 
 
-def test_the_typescript_clients_abort_signal_cancels_the_stream(suite):
-    """Aborting the AbortSignal after two responses ends the call CANCELLED (the program prints it)."""
-    out = run_client("typescript", "--gateway", suite.addresses["gateway"], "--model", "tiny", "--max-tokens", "200",
-                     "--abort-after", "2", "Once upon a time", key=suite.identity.admin_key())
-    assert out.returncode == 1 and "error: CANCELLED" in out.stderr, out.stderr
-    assert out.stdout.strip(), "two responses arrive before the abort"
+@pytest.mark.smollm2
+def test_the_typescript_clients_abort_signal_cancels_the_stream(suite, client):
+    """Aborting the AbortSignal after two responses ends the call CANCELLED (the program prints it),
+    and the suite stops the generation: its slot is freed long before the 200 tokens it asked for."""
+    identity = suite.identity
+    with open_channel(suite.addresses["worker"], identity.tls_dir("cli"), identity.admin_key()) as channel:
+        worker = worker_pb2_grpc.WorkerServiceStub(channel)
+
+        def generated() -> int:
+            return sum(m.tokens_generated for m in worker.GetWorkerStatus(
+                worker_pb2.GetWorkerStatusRequest(), timeout=5).models)
+
+        before = generated()
+        out = run_client("typescript", "--gateway", suite.addresses["gateway"], "--model", DEFAULT_MODEL,
+                         "--max-tokens", "200", "--ignore-eos", "--abort-after", "2", "Tell me a story.",
+                         key=identity.admin_key())
+        assert out.returncode == 1 and "error: CANCELLED" in out.stderr, out.stderr
+        assert out.stdout.strip(), "two responses arrive before the abort"
+        wait_for(lambda: worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=5).running == 0,
+                 timeout=60, what="the aborted generation's slot")
+        assert generated() - before < 100, "stopped, not run to its end"
 
 
 def test_a_200ms_deadline_ends_a_long_generation_and_frees_its_slot(suite, client):

@@ -2,7 +2,7 @@
 127.0.0.1:0, wired to the others as `llmos.cli.launcher` wires processes.
 
 For the integration tests and for benchmarks that must see every hop in one process
-(`llmos.telemetry_bench`). `overrides` sets any service's settings by field name.
+(`benchmarks/telemetry.py`). `overrides` sets any service's settings by field name.
 """
 
 from __future__ import annotations

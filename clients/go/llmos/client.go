@@ -72,8 +72,8 @@ func (c *Client) Generate(ctx context.Context, request *llmosv1.GenerateRequest,
 	}
 }
 
-// Error is a failed call: its gRPC code, message and the ErrorInfo reason (empty when the
-// status carried none, as a transport failure does).
+// Error is a failed call: its gRPC code, message and the ErrorInfo reason (the code's name when
+// the status carried none, as a transport failure does).
 type Error struct {
 	Code    codes.Code
 	Message string
@@ -84,9 +84,6 @@ type Error struct {
 func (e *Error) CodeName() string { return rpccode.Code_name[int32(e.Code)] }
 
 func (e *Error) Error() string {
-	if e.Reason == "" {
-		return fmt.Sprintf("%s: %s", e.CodeName(), e.Message)
-	}
 	return fmt.Sprintf("%s (%s): %s", e.CodeName(), e.Reason, e.Message)
 }
 
@@ -100,6 +97,9 @@ func asError(err error) error {
 		if info, ok := detail.(*errdetails.ErrorInfo); ok {
 			out.Reason = info.Reason
 		}
+	}
+	if out.Reason == "" { // a status without ErrorInfo (a transport failure): its code, as the other clients say
+		out.Reason = out.CodeName()
 	}
 	return out
 }

@@ -21,11 +21,11 @@ const LOADER_OPTIONS: protoLoader.Options = {
 const gateway = grpc.loadPackageDefinition(
   protoLoader.loadSync("llmos/v1/gateway.proto", LOADER_OPTIONS)) as unknown as GatewayProto;
 
-/** A failed call: its gRPC status code (and name), message and ErrorInfo reason ("" when the
- * status carried none, as a transport failure does). */
+/** A failed call: its gRPC status code (and name), message and ErrorInfo reason (the code's
+ * name when the status carried none, as a transport failure does). */
 export class LlmosError extends Error {
   constructor(readonly code: grpc.status, readonly details: string, readonly reason: string) {
-    super(`${grpc.status[code]}${reason ? ` (${reason})` : ""}: ${details}`);
+    super(`${grpc.status[code]} (${reason}): ${details}`);
     this.name = "LlmosError";
   }
 
@@ -34,7 +34,8 @@ export class LlmosError extends Error {
   }
 
   static of(error: grpc.ServiceError): LlmosError {
-    return new LlmosError(error.code, error.details, reasonOf(error.metadata));
+    // A status without ErrorInfo (a transport failure) gives its code's name, as the other clients do.
+    return new LlmosError(error.code, error.details, reasonOf(error.metadata) || grpc.status[error.code]);
   }
 }
 

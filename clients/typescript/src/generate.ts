@@ -4,7 +4,8 @@
 //   LLMOS_API_KEY=... llmos-generate --gateway 127.0.0.1:50051 --model smollm2 "What is 2+2?"
 //
 // On error it prints the status code and the ErrorInfo reason and exits 1. `--abort-after N`
-// cancels the call through its AbortSignal once N responses have arrived.
+// cancels the call through its AbortSignal once N responses have arrived; `--ignore-eos` asks
+// for all `--max-tokens`.
 import { parseArgs } from "node:util";
 
 import { LlmosClient, LlmosError } from "./client.js";
@@ -18,6 +19,7 @@ async function main(): Promise<number> {
       "max-tokens": { type: "string", default: "64" },
       timeout: { type: "string", default: "60" },
       "abort-after": { type: "string" },
+      "ignore-eos": { type: "boolean", default: false },
     },
   });
   const prompt = positionals.join(" ");
@@ -33,7 +35,7 @@ async function main(): Promise<number> {
   try {
     const stream = client.generate(
       { model: values.model, messages: [{ role: "user", content: prompt }],
-        sampling: { maxTokens: Number(values["max-tokens"]) } },
+        sampling: { maxTokens: Number(values["max-tokens"]), ignoreEos: values["ignore-eos"] } },
       { signal: abort.signal, timeoutMs: Number(values.timeout) * 1000 });
     for await (const piece of stream) {
       process.stdout.write(piece.text);

@@ -13,9 +13,7 @@ import time
 
 import grpc
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from llmos_client import Client, every_page
+from llmos_client import Client, LlmosError, every_page, from_call
 
 from llmos.cli.credentials import client_of_args, local_credentials, open_channel
 from llmos.cli.launcher import DEFAULT_HTTP_PORT, DEFAULT_PORTS, Suite, SuiteError
@@ -33,14 +31,8 @@ def _gib(n: int) -> str:
 
 
 def _describe(exc: grpc.RpcError) -> str:
-    text = f"{exc.code().name}: {exc.details()}"
-    status = rpc_status.from_call(exc)
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            text += f" [{info.reason}]"
-    return text
+    error = from_call(exc)
+    return f"{error.code().name}: {error.details()} [{error.reason}]"
 
 
 def _print_json(items) -> None:
@@ -69,6 +61,7 @@ def stream_answer(client: Client, model: str, text: str, *, raw: bool, max_token
               f"finish: {enum_word(final, 'finish_reason')}]", file=sys.stderr)
 
 
+_BEGINS_A_PHASE = {registry_pb2.WatchModelsResponse.KIND_IMPORTING, registry_pb2.WatchModelsResponse.KIND_LOADING}
 _ENDS_A_PHASE = {registry_pb2.WatchModelsResponse.KIND_IMPORTED, registry_pb2.WatchModelsResponse.KIND_READY,
                  registry_pb2.WatchModelsResponse.KIND_FAILED}
 
@@ -83,6 +76,7 @@ class Progress:
         self._out = out or sys.stderr
         self._tty = self._out.isatty()
         self._phase, self._started, self._done = "", time.monotonic(), threading.Event()
+        self._began = threading.Event()     # a phase began (a call that changes nothing has none)
         self._ended = threading.Event()     # the event that ends the call's phase arrived
         self._threads: list[threading.Thread] = []
         self._stream = None
@@ -97,7 +91,7 @@ class Progress:
         return self
 
     def __exit__(self, kind, *exc: object) -> None:
-        if kind is None:                    # the call is done: its last event is on its way
+        if kind is None and self._began.is_set():   # the call is done: its phase's last event is on its way
             self._ended.wait(2.0)
         self._done.set()
         self._stream.cancel()
@@ -117,6 +111,8 @@ class Progress:
                 self._phase = f"{enum_word(event, 'kind')}{where}" + (f", {event.reason}" if event.reason else "")
                 if not self._tty:
                     print(self._line(), file=self._out, flush=True)
+                if event.kind in _BEGINS_A_PHASE:
+                    self._began.set()
                 if event.kind in _ENDS_A_PHASE:
                     self._ended.set()
         except grpc.RpcError:
@@ -259,7 +255,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
         return 0
     print(f"{'NAME':<32} {'WORKER':<20} {'DEVICE':<8} {'SIZE':>10}  {'RUNNING':<8} {'IDLE':<8} UNTIL")
     for r in rows:
-        idle = "busy" if r["idle_seconds"] is None else _age(r["idle_seconds"])
+        idle = ("-" if r["last_request_time"] is None else "busy" if r["idle_seconds"] is None
+                else _age(r["idle_seconds"]))
         size = _gib(r["bytes"]) + (f" {r['quantization']}" if r["quantization"] else "")
         print(f"{r['model']:<32} {r['worker']:<20} {r['device']:<8} {size:>10}  "
               f"{r['running']}/{r['slots']:<6} {idle:<8} {r['until']}")
@@ -308,6 +305,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 stream.cancel()
                 print("\n(answer stopped)", flush=True)
+            except LlmosError as exc:           # this turn failed; the conversation stays as it was
+                print(f"\nerror: {exc}", file=sys.stderr, flush=True)
+                conversation.pop()
+                continue
             conversation.append(("assistant", "".join(answer)))
             if args.verbose and final is not None and final.HasField("usage"):
                 print(f"[{final.usage.prompt_tokens} prompt + {final.usage.completion_tokens} generated tokens, "

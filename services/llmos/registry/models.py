@@ -417,6 +417,7 @@ class ModelRegistry:
     async def _evict(self, ref: ModelRef, worker: Worker, why: str) -> None:
         await self._worker_port.stop_model(worker.address, str(ref))
         self._placements.get(ref, {}).pop(worker.worker_id, None)
+        self._expiry.pop((ref, worker.worker_id), None)
         self.events.emit(str(ref), events.EVICTED, worker.worker_id, why)
         log.info("evicted %s from worker %s %s", ref, worker.worker_id, why)
 
@@ -435,7 +436,7 @@ class ModelRegistry:
                 held = self._held_until.get(ref, 0.0)
                 self._expiry[(ref, worker.worker_id)] = (
                     self._clock(), None if limit < 0 else max(held, (now if in_flight else last) + limit))
-                if in_flight == 0 and limit >= 0 and now - last > limit and now >= self._held_until.get(ref, 0.0):
+                if in_flight == 0 and limit >= 0 and now - last > limit and now >= held:
                     async with self._lock(ref):
                         await self._evict(ref, worker, f"after {limit:.0f}s idle")
                     evicted.append((name, worker.worker_id))

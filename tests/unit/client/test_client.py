@@ -28,6 +28,7 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
         self.responses_before = 0
         self.failure = grpc.StatusCode.UNAVAILABLE
         self.cancelled = False
+        self.retry_after = 0
 
     def Generate(self, request, context):
         self.calls += 1
@@ -36,6 +37,8 @@ class Gateway(gateway_pb2_grpc.GatewayServiceServicer):
             for _ in range(self.responses_before):
                 yield gateway_pb2.GenerateResponse(text="early ")
             status = status_pb2.Status(code=self.failure.value[0], message="the worker went away")
+            if self.retry_after:
+                status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay={"seconds": self.retry_after}))
             status.details.add().Pack(error_details_pb2.ErrorInfo(reason="WORKER_UNREACHABLE", domain="llmos.dev",
                                                                   metadata={"model": request.model}))
             context.abort_with_status(rpc_status.to_status(status))
@@ -108,6 +111,15 @@ def test_only_unavailable_is_retried_and_only_so_often(gateway):
     with Client(gateway.address, retries=2) as client, pytest.raises(errors.Unavailable):
         list(client.generate("m", prompt="hi"))
     assert gateway.calls == 3
+
+
+def test_a_retry_the_server_asks_to_wait_for_past_the_deadline_is_not_made(gateway):
+    """The attempts share the call's deadline: a RetryInfo delay longer than what is left of it
+    ends the call with the server's error at once, rather than a retry that could not finish."""
+    gateway.fail_first, gateway.retry_after = 5, 30
+    with Client(gateway.address, retries=5) as client, pytest.raises(errors.Unavailable) as caught:
+        list(client.generate("m", prompt="hi", timeout=10))
+    assert gateway.calls == 1 and caught.value.retry_after == 30
 
 
 def test_a_server_that_is_not_there_is_unavailable_within_the_deadline():
