@@ -6,6 +6,7 @@ Tests run in file order against one suite; the last one stops it with SIGTERM.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import json
 import os
@@ -296,41 +297,40 @@ def test_llmos_chat_keeps_the_conversation_and_ctrl_c_stops_only_the_answer(suit
     assert int(usage[-1][0]) >= alone_prompt + first_turn, (usage, alone_prompt, first)
 
 
+@contextlib.contextmanager
+def worker_status(suite):
+    """A function that reads the suite's worker's status (with the CLI's certificate)."""
+    identity = suite.identity
+    with open_channel(suite.addresses["worker"], identity.tls_dir("cli"), identity.admin_key()) as channel:
+        worker = worker_pb2_grpc.WorkerServiceStub(channel)
+        yield lambda: worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=5)
+
+
+def tokens_generated(status) -> int:
+    return sum(m.tokens_generated for m in status.models)
+
+
 @pytest.mark.smollm2
 def test_the_typescript_clients_abort_signal_cancels_the_stream(suite, client):
     """Aborting the AbortSignal after two responses ends the call CANCELLED (the program prints it),
     and the suite stops the generation: its slot is freed long before the 200 tokens it asked for."""
     identity = suite.identity
-    with open_channel(suite.addresses["worker"], identity.tls_dir("cli"), identity.admin_key()) as channel:
-        worker = worker_pb2_grpc.WorkerServiceStub(channel)
-
-        def generated() -> int:
-            return sum(m.tokens_generated for m in worker.GetWorkerStatus(
-                worker_pb2.GetWorkerStatusRequest(), timeout=5).models)
-
-        before = generated()
+    with worker_status(suite) as status:
+        before = tokens_generated(status())
         out = run_client("typescript", "--gateway", suite.addresses["gateway"], "--model", DEFAULT_MODEL,
                          "--max-tokens", "200", "--ignore-eos", "--abort-after", "2", "Tell me a story.",
                          key=identity.admin_key())
         assert out.returncode == 1 and "error: CANCELLED" in out.stderr, out.stderr
         assert out.stdout.strip(), "two responses arrive before the abort"
-        wait_for(lambda: worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=5).running == 0,
-                 timeout=60, what="the aborted generation's slot")
-        assert generated() - before < 100, "stopped, not run to its end"
+        wait_for(lambda: status().running == 0, timeout=60, what="the aborted generation's slot")
+        assert tokens_generated(status()) - before < 100, "stopped, not run to its end"
 
 
 def test_a_200ms_deadline_ends_a_long_generation_and_frees_its_slot(suite, client):
     """Behaviour, not wall-clock bounds: the call ends DEADLINE_EXCEEDED, and the worker stops the
     generation and frees its slot long before the 1,000 tokens it would have produced."""
-    identity = suite.identity
-    with open_channel(suite.addresses["worker"], identity.tls_dir("cli"), identity.admin_key()) as channel:
-        worker = worker_pb2_grpc.WorkerServiceStub(channel)
-
-        def generated() -> int:
-            return sum(m.tokens_generated for m in worker.GetWorkerStatus(
-                worker_pb2.GetWorkerStatusRequest(), timeout=5).models)
-
-        before = generated()
+    with worker_status(suite) as status:
+        before = tokens_generated(status())
         request = gateway_pb2.GenerateRequest(model=DEFAULT_MODEL, prompt="Tell me a long story.",
                                               sampling=common_pb2.SamplingParams(max_tokens=1000, ignore_eos=True))
         with pytest.raises(grpc.RpcError) as caught:
@@ -338,13 +338,13 @@ def test_a_200ms_deadline_ends_a_long_generation_and_frees_its_slot(suite, clien
                 pass
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         for _ in range(600):
-            status = worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=5)
-            if status.running == 0 and status.waiting == 0:
+            now = status()
+            if now.running == 0 and now.waiting == 0:
                 break
             time.sleep(0.05)
-        assert status.running == 0 and status.waiting == 0, "the worker still holds the slot"
+        assert now.running == 0 and now.waiting == 0, "the worker still holds the slot"
         # Stopped, not run to its end: far fewer than the 1,000 tokens it asked for.
-        assert generated() - before < 500
+        assert tokens_generated(now) - before < 500
 
 
 @pytest.mark.parametrize("name", ["tiny", DEFAULT_MODEL])
