@@ -102,12 +102,20 @@ def test_every_process_is_a_container_of_the_image_running_unprivileged(cluster)
         assert info["Config"]["Entrypoint"] in (["llmos"], "llmos")
 
 
+def reachable_in(netns: str, ip: str, port: int) -> bool:
+    """Whether a TCP connection to ip:port succeeds from inside network namespace `netns`."""
+    probe = f"import socket; s = socket.socket(); s.settimeout(5); raise SystemExit(s.connect_ex(({ip!r}, {port})))"
+    return subprocess.run(["ip", "netns", "exec", netns, "python3", "-c", probe], timeout=30).returncode == 0
+
+
 def test_every_service_binds_and_advertises_its_own_hosts_address(cluster, network):
     for name, host in cluster.hosts.items():
         ip, port = cluster.addresses[name].rsplit(":", 1)
         assert ip == host.address, f"{name} serves on {ip}, not its host's {host.address}"
-        with socket.socket() as probe:                  # not reachable on this namespace's loopback
-            assert probe.connect_ex(("127.0.0.1", int(port))) != 0
+        # Not reachable on the loopback of its own namespace. (Probed from inside that namespace:
+        # the test's own loopback is shared with the other tests, whose servers may hold the port.)
+        assert not reachable_in(host.netns, "127.0.0.1", int(port)), f"{name} also serves on its loopback"
+        assert reachable_in(host.netns, ip, int(port)), f"{name} is not reachable on {ip} in its namespace"
     with cluster.client() as client:
         workers = {w.worker_id: w.address for w in client.registry.ListWorkers(
             registry_pb2.ListWorkersRequest(), timeout=10).workers}
