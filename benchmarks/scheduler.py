@@ -14,7 +14,7 @@ import asyncio
 import sys
 import time
 
-from llmos.scheduler.admission import AdmissionControl, Ticket
+from llmos.scheduler.admission import AdmissionControl, Resolution, Ticket
 from llmos.scheduler.history import Outcome
 from llmos.scheduler.rotation import Endpoint
 
@@ -24,6 +24,9 @@ WORKERS = [Endpoint(f"w{i}", f"127.0.0.1:{i + 1}") for i in range(4)]
 class _Registry:
     async def ready_endpoints(self, model: str, timeout: float | None) -> tuple[str, list[Endpoint]]:
         return "bench:latest", WORKERS
+
+    async def resolve(self, name: str, timeout: float | None, route_key: str = "") -> Resolution:
+        return Resolution("bench:latest", WORKERS)
 
     async def load(self, model: str, timeout: float | None, keep_alive: float | None = None,
                    hold: bool = False) -> list[Endpoint]:

@@ -14,10 +14,11 @@ RETRY_BACKOFF_SECONDS = 0.1
 
 def generate_request(model: str, *, prompt: str | None = None, messages: list[tuple[str, str]] | None = None,
                      max_tokens: int = 0, temperature: float = 0.0, seed: int | None = None,
-                     ignore_eos: bool = False, request_id: str = "") -> gateway_pb2.GenerateRequest:
+                     ignore_eos: bool = False, request_id: str = "",
+                     conversation_id: str = "") -> gateway_pb2.GenerateRequest:
     """A GenerateRequest for a prompt (raw text) or a conversation of (role, content) turns."""
     request = gateway_pb2.GenerateRequest(
-        model=model, request_id=request_id,
+        model=model, request_id=request_id, conversation_id=conversation_id,
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos))
     if seed is not None:
         request.sampling.seed = seed

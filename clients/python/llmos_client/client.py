@@ -102,11 +102,13 @@ class Client:
     def generate(self, model: str, *, prompt: str | None = None,
                  messages: list[tuple[str, str]] | None = None, max_tokens: int = 0,
                  temperature: float = 0.0, seed: int | None = None, ignore_eos: bool = False,
-                 request_id: str = "", timeout: float | None = None, metadata: tuple = ()) -> GenerateStream:
+                 request_id: str = "", conversation_id: str = "", timeout: float | None = None,
+                 metadata: tuple = ()) -> GenerateStream:
         """Streams the answer to a prompt (raw text) or a conversation of (role, content) turns
         within `timeout` seconds."""
         request = generate_request(model, prompt=prompt, messages=messages, max_tokens=max_tokens,
-                                   temperature=temperature, seed=seed, ignore_eos=ignore_eos, request_id=request_id)
+                                   temperature=temperature, seed=seed, ignore_eos=ignore_eos, request_id=request_id,
+                                   conversation_id=conversation_id)
         return self.stream(request, timeout=timeout, metadata=metadata)
 
     def stream(self, request: gateway_pb2.GenerateRequest, *, timeout: float | None = None,
@@ -120,10 +122,31 @@ class Client:
         except grpc.RpcError as exc:
             raise from_call(exc) from None
 
-    def import_model(self, name: str, source: str, tag: str = "",
+    def import_model(self, name: str, source: str, tag: str = "", base: str = "",
                      timeout: float = 600) -> registry_pb2.ImportModelResponse:
+        """Imports a model, or with `base` a LoRA adapter of that model."""
         return self._unary(self.registry.ImportModel,
-                           registry_pb2.ImportModelRequest(name=name, tag=tag, source=source), timeout)
+                           registry_pb2.ImportModelRequest(name=name, tag=tag, source=source, base=base), timeout)
+
+    def set_alias(self, name: str, targets: dict[str, int] | str, rollback_window: float = 0.0,
+                  timeout: float = 600) -> registry_pb2.SetAliasResponse:
+        """Points alias `name` at one model, or splits it by weight ({"m:v1": 80, "m:v2": 20}); returns
+        once the new versions are warm and the alias flipped."""
+        pairs = {targets: 100} if isinstance(targets, str) else targets
+        request = registry_pb2.SetAliasRequest(
+            name=name, targets=[registry_pb2.AliasTarget(model=m, weight=w) for m, w in pairs.items()])
+        if rollback_window:
+            request.rollback_window.FromNanoseconds(int(rollback_window * 1e9))
+        return self._unary(self.registry.SetAlias, request, timeout)
+
+    def get_alias(self, name: str) -> registry_pb2.Alias:
+        return self._unary(self.registry.GetAlias, registry_pb2.GetAliasRequest(name=name), 10).alias
+
+    def list_aliases(self) -> list[registry_pb2.Alias]:
+        return list(every_page(self.registry.ListAliases, registry_pb2.ListAliasesRequest(), "aliases"))
+
+    def delete_alias(self, name: str) -> None:
+        self._unary(self.registry.DeleteAlias, registry_pb2.DeleteAliasRequest(name=name), 10)
 
     def load_model(self, name: str, timeout: float = 600, quantize: str = "") -> registry_pb2.LoadModelResponse:
         return self._unary(self.registry.LoadModel, registry_pb2.LoadModelRequest(name=name, quantize=quantize),

@@ -102,13 +102,15 @@ class Progress:
             self._out.flush()
 
     def _line(self) -> str:
-        return f"{self._doing} {self._model}: {self._phase or 'waiting'} ({time.monotonic() - self._started:.1f}s)"
+        what = f"{self._doing} {self._model}".strip()
+        return f"{what}: {self._phase or 'waiting'} ({time.monotonic() - self._started:.1f}s)"
 
     def _watch(self) -> None:
         try:
             for event in self._stream:
                 where = f" on {event.worker_id}" if event.worker_id else ""
-                self._phase = f"{enum_word(event, 'kind')}{where}" + (f", {event.reason}" if event.reason else "")
+                who = "" if self._model else f"{event.model} "      # watching every model: say which
+                self._phase = f"{who}{enum_word(event, 'kind')}{where}" + (f", {event.reason}" if event.reason else "")
                 if not self._tty:
                     print(self._line(), file=self._out, flush=True)
                 if event.kind in _BEGINS_A_PHASE:
@@ -335,12 +337,60 @@ def _print_model(m) -> None:
           f"{m.dtype}  ctx {m.context_length}  est {_gib(m.estimated_bytes)}  {m.digest[:19]}")
 
 
+def _targets(words: list[str]) -> dict[str, int]:
+    """`model` or `model=weight` words → {model: weight}."""
+    targets = {}
+    for word in words:
+        model, sep, weight = word.partition("=")
+        if sep and not weight.isdigit():
+            raise SystemExit(f"error: {word!r}: a weight is a whole percent, as model=20")
+        targets[model] = int(weight) if sep else 0
+    return targets
+
+
+def _describe_targets(targets) -> str:
+    return ", ".join(t.model if len(targets) == 1 else f"{t.model}={t.weight}" for t in targets) or "-"
+
+
+def _print_alias(a) -> None:
+    previous = f"  (before: {_describe_targets(a.previous_targets)})" if a.previous_targets else ""
+    print(f"{a.name}  → {_describe_targets(a.targets)}{previous}")
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.alias_action in ("set", "rollback"):
+            if args.alias_action == "rollback":
+                previous = client.get_alias(args.name).previous_targets
+                if not previous:
+                    raise SystemExit(f"error: alias {args.name} has no previous targets to go back to")
+                targets = {t.model: t.weight for t in previous}
+            else:
+                targets = _targets(args.targets)
+            with Progress(client, "", f"alias {args.name}"):
+                response = client.set_alias(args.name, targets, rollback_window=args.rollback_window)
+            print("flipped" if response.changed else "unchanged", end=": ")
+            _print_alias(response.alias)
+        elif args.alias_action == "list":
+            aliases = client.list_aliases()
+            if args.json:
+                _print_json(aliases)
+            for alias in aliases if not args.json else ():
+                _print_alias(alias)
+        elif args.alias_action == "show":
+            _print_alias(client.get_alias(args.name))
+        elif args.alias_action == "rm":
+            client.delete_alias(args.name)
+            print(f"removed alias {args.name}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "import":
             source = args.source if args.source.startswith("bundled:") else os.path.abspath(args.source)
             with Progress(client, f"{args.name}:{args.tag}" if args.tag else args.name, "importing"):
-                response = client.import_model(args.name, source, tag=args.tag)
+                response = client.import_model(args.name, source, tag=args.tag, base=args.base)
             print("imported" if response.created else "already imported", end=": ")
             _print_model(response.model)
         elif args.action == "list":
@@ -637,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("name")
     imp.add_argument("source")
     imp.add_argument("--tag", default="")
+    imp.add_argument("--base", default="", help="import SOURCE as a LoRA adapter (PEFT) of this model")
     msub.add_parser("list", help="list the catalog").add_argument("--json", action="store_true", help="print JSON")
     show = msub.add_parser("show", help="show one model and where it is loaded")
     show.add_argument("name")
@@ -652,6 +703,20 @@ def build_parser() -> argparse.ArgumentParser:
     rm = msub.add_parser("rm", help="remove a model from the catalog (unload it first)")
     rm.add_argument("name")
     models.set_defaults(func=cmd_models)
+    alias = msub.add_parser("alias", help="names that point at model versions: flips, canaries, rollbacks")
+    asub = alias.add_subparsers(dest="alias_action", required=True)
+    aset = asub.add_parser("set", help="warm the targets, then point the alias at them (model or model=weight)")
+    aset.add_argument("name")
+    aset.add_argument("targets", nargs="+", help="smollm2:v2, or a split: smollm2:v1=90 smollm2:v2=10")
+    back = asub.add_parser("rollback", help="point the alias back at what it pointed at before its last change")
+    back.add_argument("name")
+    for parser_ in (aset, back):
+        parser_.add_argument("--rollback-window", type=float, default=0.0,
+                             help="seconds a version left behind stays loaded after its last request")
+    asub.add_parser("list", help="list the aliases").add_argument("--json", action="store_true", help="print JSON")
+    asub.add_parser("show", help="show one alias").add_argument("name")
+    asub.add_parser("rm", help="remove an alias (its versions stay as they are)").add_argument("name")
+    alias.set_defaults(func=cmd_alias)
 
     status = sub.add_parser("status", help="show health, nodes, devices and models")
     status.set_defaults(func=cmd_status)

@@ -59,6 +59,9 @@ TABLE: dict[str, Rule] = {
     _V1 + "RegistryService/RegisterWorker": _rule(None, "worker"),
     _V1 + "RegistryService/ListWorkers": _rule(ADMIN, "monitor", "scheduler"),
     _V1 + "RegistryService/WatchModels": _rule(ADMIN, "monitor"),
+    # Aliases and their flips are the admins'.
+    **{_V1 + f"RegistryService/{m}": _rule(ADMIN) for m in ("SetAlias", "DeleteAlias")},
+    **{_V1 + f"RegistryService/{m}": _rule(ADMIN, "monitor") for m in ("GetAlias", "ListAliases")},
     # Memory leases are the workers' own; the registry reads the inventory to place models.
     _V1 + "ResourceService/ListNodes": _rule(ADMIN, "registry", "monitor"),
     _V1 + "ResourceService/AcquireLease": _rule(None, "worker"),

@@ -73,6 +73,21 @@ models = Table(
     Column("measured_bytes", BigInteger, nullable=False, server_default="0"),
     Column("keep_alive", Double, nullable=True),
     Column("implementation", String(32), nullable=False, server_default="llmos"),
+    # A LoRA adapter's base model ("name:tag") and rank; "" and 0 for a model.
+    Column("base", String(256), nullable=False, server_default=""),
+    Column("adapter_rank", Integer, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("name", "tag"),
+)
+
+# Names that point at model versions: targets as JSON [[model, weight], ...].
+aliases = Table(
+    "aliases", SCHEMA,
+    Column("name", String(128), nullable=False),
+    Column("tag", String(128), nullable=False),
+    Column("targets", String(4096), nullable=False),
+    Column("previous_targets", String(4096), nullable=False, server_default="[]"),
+    Column("rollback_window", Double, nullable=False, server_default="0"),
+    Column("update_time", Double, nullable=False),
     PrimaryKeyConstraint("name", "tag"),
 )
 

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +43,8 @@ class GenerateCall:
     # The tenant's fair-share weight and limits, from its record.
     weight: float = 1.0
     quota: Quota = Quota()
+    # Picks the version of an alias that splits traffic (requests with one id get one version).
+    conversation_id: str = ""
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
@@ -88,6 +90,14 @@ class Assignment:
     worker_address: str
     model: str
     worker_id: str = ""
+    alias: str = ""             # the alias the call's model name resolved through
+    adapter: str = ""           # the LoRA adapter run over `model`
+    adapter_path: str = ""
+
+    @property
+    def version(self) -> str:
+        """The model version that serves the call: the adapter, or the model."""
+        return self.adapter or self.model
 
 
 class SchedulerPort(Protocol):
@@ -99,7 +109,7 @@ class SchedulerPort(Protocol):
 
 
 class WorkerPort(Protocol):
-    def generate(self, address: str, request_id: str, model: str, call: GenerateCall,
+    def generate(self, assignment: Assignment, request_id: str, call: GenerateCall,
                  timeout: float | None) -> AsyncIterator[Chunk]: ...
 
 
@@ -109,8 +119,9 @@ class FrontDoor:
         self._workers = workers
         self._background: set[asyncio.Task] = set()
 
-    async def generate(self, call: GenerateCall, timeout: float | None) -> AsyncIterator[tuple[str, Chunk]]:
-        """Streams (request id, chunk) pairs for one request."""
+    async def generate(self, call: GenerateCall, timeout: float | None,
+                       routed: Callable[[Assignment], None] | None = None) -> AsyncIterator[tuple[str, Chunk]]:
+        """Streams (request id, chunk) pairs for one request; `routed` hears of each admission."""
         request_id = call.request_id or f"req-{uuid.uuid4().hex}"
         deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -124,6 +135,8 @@ class FrontDoor:
                 # The admission may have been granted as the caller left: release it (idempotent).
                 self._report(request_id, FinishReason.CANCELLED, None, False)
                 raise
+            if routed is not None:
+                routed(assignment)
             reason: FinishReason | None = None
             usage: Usage | None = None
             produced = worker_failed = model_not_loaded = False
@@ -132,8 +145,7 @@ class FrontDoor:
                 left = remaining()
                 if left is not None and left <= 0:
                     raise DeadlineExceeded("the deadline passed before generation started")
-                async for chunk in self._workers.generate(assignment.worker_address, request_id,
-                                                          assignment.model, call, left):
+                async for chunk in self._workers.generate(assignment, request_id, call, left):
                     if chunk.finish_reason is not None:
                         reason, usage = chunk.finish_reason, chunk.usage
                     produced = True

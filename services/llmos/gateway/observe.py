@@ -7,7 +7,9 @@ parameters, usage, finish reasons and the time to the first chunk. It is the
 handler's own, so it ends after the handler saw how the call ended (a client's
 cancellation included), whatever the interceptor's span does.
 Metrics: requests by status code, time to first token and duration as the
-client sees them (queue and cold start included), tokens streamed; per tenant, requests,
+client sees them (queue and cold start included), tokens streamed, each by the model name
+the client gave and the version that served it (`model_version`: an alias resolved, an
+adapter; "" when none was reached), so a canary's versions compare; per tenant, requests,
 tokens and quota refusals by limit. Label values a caller chooses are bounded: a model is
 named only once it has streamed a token here (others count as "other"), tenants come from
 the key store.
@@ -25,7 +27,7 @@ from llmos.common.domain import Chunk
 from llmos.common.errors import LlmosError
 from llmos.common.metrics import LATENCY_BUCKETS
 
-from .frontdoor import GenerateCall
+from .frontdoor import Assignment, GenerateCall
 
 # The model label of requests for models that never streamed here (unknown names included).
 OTHER_MODEL = "other"
@@ -37,15 +39,16 @@ class GatewayTelemetry:
     def __init__(self, tracer: trace.Tracer, registry: CollectorRegistry) -> None:
         self.tracer = tracer
         self.requests = Counter("llmos_gateway_requests", "Generate calls that ended, by gRPC status code.",
-                                ["model_name", "code"], registry=registry)
+                                ["model_name", "model_version", "code"], registry=registry)
         self.ttft = Histogram("llmos_gateway_time_to_first_token_seconds", "Time from a Generate call's "
-                              "arrival to its first token going out.", ["model_name"], registry=registry,
+                              "arrival to its first token going out.", ["model_name", "model_version"],
+                              registry=registry,
                               buckets=LATENCY_BUCKETS)
         self.duration = Histogram("llmos_gateway_request_duration_seconds", "Time from a Generate call's "
-                                  "arrival to its end.", ["model_name", "code"], registry=registry,
+                                  "arrival to its end.", ["model_name", "model_version", "code"], registry=registry,
                                   buckets=LATENCY_BUCKETS)
         self.streamed = Counter("llmos_gateway_streamed_tokens", "Tokens streamed to clients.",
-                                ["model_name"], registry=registry)
+                                ["model_name", "model_version"], registry=registry)
         self.tenant_requests = Counter("llmos_tenant_requests", "Generate calls that ended, by tenant and "
                                        "gRPC status code.", ["tenant", "code"], registry=registry)
         self.tenant_tokens = Counter("llmos_tenant_tokens", "Tokens served, by tenant and kind "
@@ -67,6 +70,7 @@ class CallWatch:
     def __init__(self, telemetry: GatewayTelemetry, call: GenerateCall, requested_priority: int | None = None) -> None:
         self._t = telemetry
         self._model = call.model
+        self.version = ""               # the version that serves it, once admitted
         self._tenant = call.tenant
         self._started = time.perf_counter()
         self._first = 0.0
@@ -97,13 +101,23 @@ class CallWatch:
         self.end(exc)
         self._scope.__exit__(kind, exc, tb)
 
+    def routed(self, assignment: Assignment) -> None:
+        """The scheduler admitted the call to `assignment` (the version its model name stands for)."""
+        self.version = assignment.version
+        attributes = {"gen_ai.response.model": self.version, "llmos.model.version": self.version}
+        if assignment.alias:
+            attributes["llmos.model.alias"] = assignment.alias
+        if assignment.adapter:
+            attributes["llmos.adapter"] = assignment.adapter
+        self._span.set_attributes(attributes)
+
     def chunk(self, request_id: str, chunk: Chunk) -> None:
         if not self._first:
             self._first = time.perf_counter()
             if self._model not in self._t.known_models and len(self._t.known_models) < MAX_MODEL_LABELS:
                 self._t.known_models.add(self._model)
             ttft = self._first - self._started
-            self._t.ttft.labels(self._model).observe(ttft)
+            self._t.ttft.labels(self._model, self.version).observe(ttft)
             self._span.set_attributes({"gen_ai.response.id": request_id,
                                        "gen_ai.response.time_to_first_chunk": ttft})
         self._tokens += len(chunk.token_ids)
@@ -131,11 +145,11 @@ class CallWatch:
             self._span.set_attributes({"error.type": code, "llmos.error.reason": getattr(exc, "reason", "")})
             self._span.set_status(trace.Status(trace.StatusCode.ERROR, code))
         model = self._t.model_label(self._model)
-        self._t.requests.labels(model, code).inc()
-        self._t.duration.labels(model, code).observe(time.perf_counter() - self._started)
+        self._t.requests.labels(model, self.version, code).inc()
+        self._t.duration.labels(model, self.version, code).observe(time.perf_counter() - self._started)
         self._t.tenant_requests.labels(self._tenant, code).inc()
         if getattr(exc, "reason", "") == "QUOTA_EXCEEDED":
             limit = exc.metadata.get("limit", "")
             self._t.quota_rejections.labels(self._tenant, limit if limit in QUOTA_LIMITS else "other").inc()
         if self._tokens:
-            self._t.streamed.labels(model).inc(self._tokens)
+            self._t.streamed.labels(model, self.version).inc(self._tokens)

@@ -67,6 +67,7 @@ PARAM_NAMES = {"sampling.max_tokens": "max_tokens", "sampling.temperature": "tem
                "sampling.top_p": "top_p", "sampling.seed": "seed", "sampling.stop": "stop",
                "sampling.top_logprobs": "top_logprobs", "sampling.top_k": "top_k",
                "sampling.repetition_penalty": "repetition_penalty", "request_id": "x-request-id",
+               "conversation_id": "x-llmos-conversation-id",
                "sampling.response_format": "response_format",
                "sampling.response_format.json_schema": "response_format",
                "sampling.response_format.json_object": "response_format"}
@@ -371,21 +372,26 @@ class OpenAiDoor:
             request_id = request.headers.get("x-request-id")
             if request_id:
                 proto.request_id = request_id
+            conversation = request.headers.get("x-llmos-conversation-id")
+            if conversation:
+                proto.conversation_id = conversation
             admin = caller.role is Role.ADMIN or not caller.key_id
             call = await checked_call(proto, caller.tenant, admin=admin)
         except _TooLarge:
-            self.telemetry.requests.labels(OTHER_MODEL, "INVALID_ARGUMENT").inc()
+            self.telemetry.requests.labels(OTHER_MODEL, "", "INVALID_ARGUMENT").inc()
             return _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes", "BODY_TOO_LARGE")
         except LlmosError as exc:        # refused before it started (what starts is counted by its watch)
-            self.telemetry.requests.labels(OTHER_MODEL, exc.code).inc()
+            self.telemetry.requests.labels(OTHER_MODEL, "", exc.code).inc()
             raise
         answer = _Answer(call.model, chat, shape)
-        generation = _Generation(self.telemetry.start(call), self.front.generate(call, None))
+        watch = self.telemetry.start(call)
+        generation = _Generation(watch, self.front.generate(call, None, watch.routed))
         try:
             first = await generation.next()     # errors before the first token are the response's status
         except BaseException:
             await generation.cancel()
             raise
+        answer.model = watch.version or answer.model     # the version that answers (an alias resolved)
         if shape["stream"]:
             async def ended() -> None:
                 await generation.cancel()

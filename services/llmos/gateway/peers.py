@@ -37,11 +37,13 @@ class GrpcScheduler:
             request_id=request_id, model=call.model, tenant=call.tenant, priority=call.priority,
             max_tokens=call.params.max_tokens or 0, prompt_tokens=call.prompt_tokens,
             redispatch=redispatch, keep_alive_hold=call.keep_alive_hold, tenant_weight=call.weight,
-            tenant_quota=quota_to_proto(call.quota), prefix_key=call.prefix_key)
+            tenant_quota=quota_to_proto(call.quota), prefix_key=call.prefix_key,
+            conversation_id=call.conversation_id)
         if call.keep_alive is not None:
             request.keep_alive.CopyFrom(duration(call.keep_alive))
         response = await self._stub.AdmitGeneration(request, timeout=timeout)
-        return Assignment(response.worker_address, response.model, response.worker_id)
+        return Assignment(response.worker_address, response.model, response.worker_id, response.alias,
+                          response.adapter, response.adapter_path)
 
     async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
                      worker_failed: bool = False, model_not_loaded: bool = False) -> None:
@@ -60,13 +62,14 @@ class GrpcWorkers:
     def __init__(self, channels: Channels) -> None:
         self._channels = channels
 
-    async def generate(self, address: str, request_id: str, model: str, call: GenerateCall,
+    async def generate(self, assignment: Assignment, request_id: str, call: GenerateCall,
                        timeout: float | None) -> AsyncIterator[Chunk]:
         request = worker_pb2.GenerateTokensRequest(
-            request_id=request_id, model=model, sampling=sampling_to_proto(call.params),
-            token_budget=call.reserved_tokens if call.quota.tokens_per_minute else 0)
+            request_id=request_id, model=assignment.model, sampling=sampling_to_proto(call.params),
+            token_budget=call.reserved_tokens if call.quota.tokens_per_minute else 0,
+            adapter=assignment.adapter, adapter_path=assignment.adapter_path)
         input_to_proto(call.source, request)
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
+        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(assignment.worker_address))
         stream = stub.GenerateTokens(request, timeout=timeout)
         try:
             async for response in stream:

@@ -52,6 +52,8 @@ def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: Tenant, admin:
         errors.add("priority", f"must be between -10 and 10, got {request.priority}")
     if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
         errors.add("request_id", "must be 1 to 128 printable ASCII characters without spaces")
+    if request.conversation_id and not _REQUEST_ID.fullmatch(request.conversation_id):
+        errors.add("conversation_id", "must be 1 to 128 printable ASCII characters without spaces")
     keep_alive = optional_seconds(request, "keep_alive")
     if keep_alive is not None and admin and abs(keep_alive) > MAX_KEEP_ALIVE:
         errors.add("keep_alive", "must be at most 30 days either way")
@@ -60,7 +62,7 @@ def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: Tenant, admin:
                                  f"most {USER_MAX_KEEP_ALIVE:.0f} s (an admin sets a model's own keep-alive)")
     errors.raise_if_any()
     return GenerateCall(model, source, params, min(request.priority, tenant.priority_ceiling), request.request_id,
-                        tenant.name, keep_alive, not admin, tenant.weight, tenant.quota)
+                        tenant.name, keep_alive, not admin, tenant.weight, tenant.quota, request.conversation_id)
 
 
 async def checked_call(request: gateway_pb2.GenerateRequest, tenant: Tenant, admin: bool = False) -> GenerateCall:
@@ -94,14 +96,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             call = await checked_call(request, caller.tenant, admin=admin)
         except LlmosError as exc:
-            self.telemetry.requests.labels(OTHER_MODEL, exc.code).inc()
+            self.telemetry.requests.labels(OTHER_MODEL, "", exc.code).inc()
             raise
         if call.priority < request.priority:
             context.set_trailing_metadata(((PRIORITY_TRAILER, f"{request.priority}->{call.priority}"),))
         with self.telemetry.start(call, requested_priority=request.priority) as watch:
-            async for request_id, chunk in self.front.generate(call, context.time_remaining()):
+            first = True
+            async for request_id, chunk in self.front.generate(call, context.time_remaining(), watch.routed):
                 watch.chunk(request_id, chunk)
-                yield fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
+                response = fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
+                if first:
+                    response.model, first = watch.version, False
+                yield response
 
 
 def register(host, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,

@@ -25,6 +25,7 @@ from .importer import Importer
 from .models import ModelRegistry
 from .observe import RegistryMetrics
 from .peers import GrpcResources, GrpcWorkers
+from .rollout import Rollouts
 from .servicer import register
 from .sources import SourcePolicy
 from .weights import KvShape
@@ -60,6 +61,8 @@ class RegistrySettings(ServiceSettings):
     conversion_cache: str = ""
     # Import pickle (.bin/.pt) weights, converted to safetensors in a child process. Off: refused.
     allow_pickle: bool = False
+    # The highest rank a LoRA adapter may have; a higher one is refused at import.
+    max_adapter_rank: int = 64
     grace_seconds: float = 5.0
 
 
@@ -79,10 +82,12 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
                              GrpcWorkers(channels, settings.load_timeout_seconds),
                              kv, settings.overhead_bytes,
                              GrpcResources(channels, settings.resources_address),
-                             worker_timeout=settings.worker_timeout_seconds)
+                             worker_timeout=settings.worker_timeout_seconds,
+                             max_adapter_rank=settings.max_adapter_rank)
     host = ServiceHost.of("registry", settings, provider, security)
     registry.events.listeners.append(RegistryMetrics(host.metrics))
-    register(host, registry)
+    rollouts = Rollouts(registry)
+    register(host, registry, rollouts)
     watch = StoreWatch(store, host.set_serving)
     await watch.check()
     leadership: list[Leadership] = []
@@ -106,6 +111,7 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
                 log.exception("watching the workers failed")
 
     async def close() -> None:
+        await rollouts.close()
         await channels.close()
         for lead in leadership:
             await asyncio.to_thread(lead.resign)

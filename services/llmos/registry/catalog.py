@@ -32,6 +32,9 @@ class ModelRecord:
     keep_alive: float | None = None
     # The engine's forward path for it ("llmos" or "transformers", `common.architectures`).
     implementation: str = "llmos"
+    # A LoRA adapter's base model ("name:tag") and rank; "" and 0 for a model.
+    base: str = ""
+    adapter_rank: int = 0
 
     @property
     def ref(self) -> ModelRef:
@@ -79,6 +82,12 @@ class Catalog:
     def delete(self, ref: ModelRef) -> bool:
         with self.store.begin() as db:
             return db.execute(delete(models).where(models.c.name == ref.name, models.c.tag == ref.tag)).rowcount > 0
+
+    def adapters_of(self, ref: ModelRef) -> list[ModelRef]:
+        """The LoRA adapters imported against `ref`."""
+        with self.store.begin() as db:
+            rows = db.execute(select(models.c.name, models.c.tag).where(models.c.base == str(ref))).all()
+        return [ModelRef(row.name, row.tag) for row in rows]
 
     def uses_path(self, path: str) -> bool:
         with self.store.begin() as db:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from llmos.common.convert import duration, timestamp
-from llmos.v1 import common_pb2
+from llmos.v1 import common_pb2, registry_pb2
 
+from .aliases import AliasRecord, Target
 from .models import ModelView, Placement
 
 _FORMATS = {"safetensors": common_pb2.SOURCE_FORMAT_SAFETENSORS, "gguf": common_pb2.SOURCE_FORMAT_GGUF,
@@ -30,7 +31,17 @@ def model_to_proto(view: ModelView) -> common_pb2.Model:
         dtype=r.dtype, context_length=r.context_length, has_chat_template=r.has_chat_template,
         create_time=timestamp(r.create_time), estimated_bytes=r.estimated_bytes, state=_STATES[view.state],
         placements=[placement_to_proto(p) for p in view.placements], store_path=r.path,
-        measured_bytes=r.measured_bytes, implementation=r.implementation)
+        measured_bytes=r.measured_bytes, implementation=r.implementation, base=r.base,
+        adapter_rank=r.adapter_rank)
     if r.keep_alive is not None:
         message.keep_alive.CopyFrom(duration(r.keep_alive))
     return message
+
+
+def _targets(targets: tuple[Target, ...]) -> list[registry_pb2.AliasTarget]:
+    return [registry_pb2.AliasTarget(model=str(t.model), weight=t.weight) for t in targets]
+
+
+def alias_to_proto(record: AliasRecord) -> registry_pb2.Alias:
+    return registry_pb2.Alias(name=str(record.ref), targets=_targets(record.targets),
+                              previous_targets=_targets(record.previous), update_time=timestamp(record.update_time))

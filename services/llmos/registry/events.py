@@ -11,7 +11,11 @@ from llmos.common.broadcast import Broadcast
 IMPORTING, IMPORTED, LOADING, READY = "importing", "imported", "loading", "ready"
 UNLOADING, UNLOADED, EVICTED, UNAVAILABLE, FAILED, DELETED = (
     "unloading", "unloaded", "evicted", "unavailable", "failed", "deleted")
-KINDS = (IMPORTING, IMPORTED, LOADING, READY, UNLOADING, UNLOADED, EVICTED, UNAVAILABLE, FAILED, DELETED)
+# An alias's changes (the event's model is the alias), and a version no alias sends traffic to any more.
+ALIAS_SET, ROLLED_BACK, ALIAS_DELETED, DRAINING, DRAINED = (
+    "alias_set", "rolled_back", "alias_deleted", "draining", "drained")
+KINDS = (IMPORTING, IMPORTED, LOADING, READY, UNLOADING, UNLOADED, EVICTED, UNAVAILABLE, FAILED, DELETED,
+         ALIAS_SET, ROLLED_BACK, ALIAS_DELETED, DRAINING, DRAINED)
 MAX_BEHIND = 1000
 
 

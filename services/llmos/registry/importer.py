@@ -91,6 +91,20 @@ class Importer:
         facts = await asyncio.to_thread(read_facts, target)
         return Imported(digest, source_format, target, facts)
 
+    async def bring_in_adapter(self, path: Path, files: list[Path], digest: str) -> Path:
+        """Copies a LoRA adapter's `files` into the store (unless already there)."""
+        target = self.store / digest.removeprefix("sha256:")
+        if not target.exists():
+            staging = target.with_name(target.name + f".staging-{time.monotonic_ns()}")
+            try:
+                staging.mkdir(parents=True)
+                for file in files:
+                    await asyncio.to_thread(shutil.copyfile, file, staging / file.name)
+                staging.rename(target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return target
+
     def remove(self, path: str) -> None:
         """Deletes a model directory from the store (never anything outside it)."""
         target = Path(path).resolve()

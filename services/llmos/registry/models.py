@@ -7,8 +7,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
+from llmos.common.adapters import CONFIG as ADAPTER_CONFIG
+from llmos.common.adapters import WEIGHTS as ADAPTER_WEIGHTS
+from llmos.common.adapters import read_adapter
 from llmos.common.domain import check_quantization
 from llmos.common.errors import (
     AlreadyExists,
@@ -23,10 +27,11 @@ from llmos.common.names import ModelRef, check_name, check_tag, parse_model_ref
 from llmos.common.paging import page_size as checked_page_size
 
 from . import events
+from .aliases import AliasBook, Resolver
 from .catalog import Catalog, ModelRecord
 from .events import EventHub
 from .importer import Importer
-from .weights import KvShape, estimate_bytes
+from .weights import KvShape, estimate_bytes, read_config, sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +98,12 @@ class ModelRegistry:
     def __init__(self, catalog: Catalog, importer: Importer, workers: WorkerPort,
                  kv: KvShape = KvShape(), overhead_bytes: int = 0,
                  resources: ResourcesPort | None = None, clock: Callable[[], float] = time.monotonic,
-                 worker_timeout: float = 20.0) -> None:
+                 worker_timeout: float = 20.0, max_adapter_rank: int = 64) -> None:
         self.catalog = catalog
+        # The highest LoRA rank an adapter may have at import.
+        self.max_adapter_rank = max_adapter_rank
+        self.aliases = AliasBook(catalog.store)
+        self.resolver = Resolver(self.aliases, lambda ref: catalog.get(ref) is not None)
         # A worker not heard from for this long is gone: its id is free for another.
         self.worker_timeout = worker_timeout
         self.importer = importer
@@ -114,10 +123,15 @@ class ModelRegistry:
 
     # catalog ---------------------------------------------------------------
 
-    async def import_model(self, name: str, tag: str, source: str) -> tuple[ModelView, bool]:
+    async def import_model(self, name: str, tag: str, source: str, base: str = "") -> tuple[ModelView, bool]:
         ref = ModelRef(check_name(name, "name"), check_tag(tag or "latest", "tag"))
         if not source or len(source) > MAX_SOURCE or not source.isprintable():
             raise InvalidArgument.field("source", f"is required, at most {MAX_SOURCE} printable characters")
+        if self.aliases.get(ref) is not None:
+            raise FailedPrecondition(f"{ref} is an alias; a model cannot take its name", reason="NAME_IS_ALIAS",
+                                     metadata={"model": str(ref)})
+        if base:
+            return await self._import_adapter(ref, source, base)
         path = self.importer.resolve(source)
         source_format, digest = await asyncio.to_thread(self.importer.source_digest, path)
         existing = self.catalog.get(ref)
@@ -145,6 +159,47 @@ class ModelRegistry:
         log.info("imported %s (%s, %d parameters)", ref, digest[:19], facts.parameter_count)
         return self.view(record), True
 
+    async def _import_adapter(self, ref: ModelRef, source: str, base: str) -> tuple[ModelView, bool]:
+        """Imports a PEFT LoRA adapter of `base`, checked against the base's shapes and what the
+        engine serves before anything is copied."""
+        base_record = self.get(base).record
+        if base_record.base or base_record.implementation != "llmos":
+            why = "is itself an adapter" if base_record.base else "runs on the transformers forward, which takes none"
+            raise FailedPrecondition(f"model {base_record.ref} {why}: adapters are served over the engine's own "
+                                     "forward of a model", reason="ADAPTER_BASE_UNSUPPORTED",
+                                     metadata={"base": str(base_record.ref)})
+        path = self.importer.resolve(source)
+        if not path.is_dir():
+            raise InvalidArgument.field("source", "an adapter is a directory (adapter_config.json and "
+                                        "adapter_model.safetensors)", reason="ADAPTER_INVALID")
+        base_config = await asyncio.to_thread(read_config, Path(base_record.path))
+        facts = await asyncio.to_thread(read_adapter, path, base_config, self.max_adapter_rank)
+        files = [path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS]
+        digest = await asyncio.to_thread(sha256_files, files)
+        existing = self.catalog.get(ref)
+        if existing is not None:
+            if existing.digest == digest and existing.base == str(base_record.ref):
+                return self.view(existing), False
+            raise AlreadyExists(f"model {ref} already holds other weights ({existing.digest[:19]}…)",
+                                reason="MODEL_TAG_TAKEN", metadata={"model": str(ref)})
+        self.events.emit(str(ref), events.IMPORTING, reason=f"adapter of {base_record.ref} from {source}")
+        stored = await self.importer.bring_in_adapter(path, files, digest)
+        record = replace(base_record, name=ref.name, tag=ref.tag, digest=digest, source_format="safetensors",
+                         source=str(path), path=str(stored), parameter_count=facts.params, create_time=time.time(),
+                         estimated_bytes=facts.nbytes, measured_bytes=0, keep_alive=None, base=str(base_record.ref),
+                         adapter_rank=facts.rank)
+        self.catalog.put(record)
+        self.events.emit(str(ref), events.IMPORTED, reason=f"rank {facts.rank} adapter of {base_record.ref}, "
+                                                           f"{', '.join(facts.target_modules)}")
+        log.info("imported adapter %s of %s (rank %d, %d bytes)", ref, base_record.ref, facts.rank, facts.nbytes)
+        return self.view(record), True
+
+    def route(self, name: str, key: str = "") -> tuple[ModelView, ModelRef | None]:
+        """The model `name` sends a request with route key `key` to (`name` a model or an
+        alias), and the alias it went through (None for a model)."""
+        ref, alias = self.resolver.resolve(parse_model_ref(name, "name"), key)
+        return self.get(str(ref)), alias
+
     def get(self, name: str) -> ModelView:
         ref = parse_model_ref(name, "name")
         record = self.catalog.get(ref)
@@ -168,8 +223,9 @@ class ModelRegistry:
 
     def view(self, record: ModelRecord) -> ModelView:
         placements = []
-        for p in self._placements.get(record.ref, {}).values():
-            read_at, expires = self._expiry.get((record.ref, p.worker_id), (-1.0, None))
+        served_by = parse_model_ref(record.base) if record.base else record.ref    # an adapter: where its base is
+        for p in self._placements.get(served_by, {}).values():
+            read_at, expires = self._expiry.get((served_by, p.worker_id), (-1.0, None))
             placements.append(replace(p, expire_time=expires) if read_at >= p.ready_at and p.state == READY else p)
         return ModelView(record, placements)
 
@@ -260,22 +316,36 @@ class ModelRegistry:
                 log.warning("could not load %s elsewhere after its worker was lost: %s", ref, exc.message)
         return reloaded
 
-    async def unload(self, name: str) -> ModelView:
+    async def unload(self, name: str, reason: str = "on request") -> ModelView:
         view = self.get(name)
         ref = view.record.ref
+        if view.record.base:
+            raise FailedPrecondition(f"{ref} is an adapter, served with its base {view.record.base}: unload "
+                                     "the base, or let the workers' adapter caches drop it",
+                                     reason="ADAPTER_NOT_LOADED_ALONE", metadata={"model": str(ref)})
         async with self._lock(ref):
             for placement in list(self._placements.get(ref, {}).values()):
                 if placement.state != FAILED:
-                    self.events.emit(str(ref), events.UNLOADING, placement.worker_id, "on request")
+                    self.events.emit(str(ref), events.UNLOADING, placement.worker_id, reason)
                     await self._worker_port.stop_model(placement.address, str(ref))
-                    self.events.emit(str(ref), events.UNLOADED, placement.worker_id, "on request")
+                    self.events.emit(str(ref), events.UNLOADED, placement.worker_id, reason)
                 self._placements[ref].pop(placement.worker_id, None)
         log.info("unloaded %s", ref)
         return self.view(view.record)
 
     def delete(self, name: str) -> None:
         view = self.get(name)
-        if any(p.state in (READY, LOADING) for p in view.placements):
+        pointing = self.resolver.pointing_at(view.record.ref)
+        if pointing:
+            raise FailedPrecondition(f"alias {pointing[0]} points at {view.record.ref}; point it elsewhere first",
+                                     reason="MODEL_IN_ALIAS",
+                                     metadata={"model": str(view.record.ref), "alias": str(pointing[0])})
+        adapters = self.catalog.adapters_of(view.record.ref)
+        if adapters:
+            raise FailedPrecondition(f"model {view.record.ref} has adapters ({adapters[0]}, ...); remove them first",
+                                     reason="MODEL_HAS_ADAPTERS",
+                                     metadata={"model": str(view.record.ref), "adapter": str(adapters[0])})
+        if not view.record.base and any(p.state in (READY, LOADING) for p in view.placements):
             raise FailedPrecondition(f"model {view.record.ref} is loaded; unload it first",
                                      reason="MODEL_LOADED", metadata={"model": str(view.record.ref)})
         self.catalog.delete(view.record.ref)
@@ -286,16 +356,20 @@ class ModelRegistry:
         log.info("deleted %s", view.record.ref)
 
     async def load(self, name: str, replicas: int = 1, keep_alive: float | None = None,
-                   hold: float | None = None, quantize: str = "") -> tuple[ModelView, Placement]:
+                   hold: float | None = None, quantize: str = "",
+                   prefer: frozenset[str] = frozenset()) -> tuple[ModelView, Placement]:
         """Makes `replicas` workers serve the model; returns one placement that serves it.
         `keep_alive` (seconds idle before unloading, negative: never) is kept for the model;
         `hold` (seconds) only keeps it loaded at least that long from now. New placements run
         the weights `quantize` names ("int8"), or with "" those of the ready placements (the
-        stored weights when there are none)."""
+        stored weights when there are none). Workers in `prefer` are tried first."""
         if not 0 <= replicas <= 64:
             raise InvalidArgument.field("replicas", "must be between 0 and 64")
         check_quantization(quantize)
         view = self.get(name)
+        if view.record.base:          # an adapter: its base serves it
+            _, placement = await self.load(view.record.base, replicas, keep_alive, hold, quantize, prefer)
+            return self.view(view.record), placement
         if hold is not None:
             ref = view.record.ref
             self._held_until[ref] = max(self._held_until.get(ref, 0.0), time.time() + hold)
@@ -317,7 +391,7 @@ class ModelRegistry:
                     return self.view(view.record), placement or ready[0]
                 try:
                     variant = quantize or (ready[0].quantization if ready else "")
-                    view, placement = await self._load_once(view, {p.worker_id for p in ready}, variant)
+                    view, placement = await self._load_once(view, {p.worker_id for p in ready}, variant, prefer)
                 except LlmosError:
                     if not ready:
                         raise
@@ -332,14 +406,16 @@ class ModelRegistry:
             lock = self._locks[ref] = asyncio.Lock()
         return lock
 
-    async def _load_once(self, view: ModelView, exclude: set[str], quantize: str = "") -> tuple[ModelView, Placement]:
+    async def _load_once(self, view: ModelView, exclude: set[str], quantize: str = "",
+                         prefer: frozenset[str] = frozenset()) -> tuple[ModelView, Placement]:
         """Loads the model on one more worker (not in `exclude`). Holds the model's lock."""
         ref = view.record.ref
         placements = self._placements.setdefault(ref, {})
         needed = view.record.measured_bytes or view.record.estimated_bytes
         await self._check_fits(view.record, needed)
         refusal: LlmosError | None = None
-        for worker in [w for w in self._workers_by_load() if w.worker_id not in exclude]:
+        candidates = sorted(self._workers_by_load(), key=lambda w: w.worker_id not in prefer)    # stable
+        for worker in [w for w in candidates if w.worker_id not in exclude]:
             placement = Placement(worker.worker_id, worker.address, LOADING, quantization=quantize)
             placements[worker.worker_id] = placement
             self.events.emit(str(ref), events.LOADING, worker.worker_id, f"{needed} bytes")
@@ -407,6 +483,22 @@ class ModelRegistry:
                         metadata={"model": str(ref), "needed_bytes": str(needed), "worker": worker.worker_id},
                         retry_after=5.0) from None
                 await self._evict(victim, worker, "to make room for " + str(ref))
+
+    def ready_on(self, ref: ModelRef) -> list[Placement]:
+        return [p for p in self._placements.get(ref, {}).values() if p.state == READY]
+
+    async def in_flight(self, ref: ModelRef) -> int:
+        """Requests running or waiting for `ref` on the workers where it is ready, by their own
+        account (a worker that cannot be read counts as busy)."""
+        busy = 0
+        for placement in self.ready_on(ref):
+            try:
+                activity = await self._worker_port.activity(placement.address)
+            except LlmosError:
+                busy += 1
+                continue
+            busy += activity.get(str(ref), (0, 0.0))[0]
+        return busy
 
     async def _idle_victim(self, worker: Worker, exclude: ModelRef) -> ModelRef | None:
         activity = await self._worker_port.activity(worker.address)

@@ -10,22 +10,25 @@ from llmos.common.paging import page
 from llmos.v1 import registry_pb2, registry_pb2_grpc
 
 from . import events
-from .convert import model_to_proto, placement_to_proto
+from .convert import alias_to_proto, model_to_proto, placement_to_proto
 from .models import ModelRegistry
+from .rollout import Rollouts
 
 _KINDS = {kind: getattr(registry_pb2.WatchModelsResponse, f"KIND_{kind.upper()}") for kind in events.KINDS}
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, rollouts: Rollouts) -> None:
         self.registry = registry
+        self.rollouts = rollouts
 
     async def ImportModel(self, request, context):
-        view, created = await self.registry.import_model(request.name, request.tag, request.source)
+        view, created = await self.registry.import_model(request.name, request.tag, request.source, request.base)
         return registry_pb2.ImportModelResponse(model=model_to_proto(view), created=created)
 
     async def GetModel(self, request, context):
-        return registry_pb2.GetModelResponse(model=model_to_proto(self.registry.get(request.name)))
+        view, alias = self.registry.route(request.name, request.route_key)
+        return registry_pb2.GetModelResponse(model=model_to_proto(view), alias=str(alias) if alias else "")
 
     async def ListModels(self, request, context):
         views, token = self.registry.list(request.page_size, request.page_token)
@@ -74,7 +77,25 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                                                     metrics_address=w.metrics_address) for w in workers])
 
 
-def register(host, registry: ModelRegistry) -> None:
-    servicer = RegistryServicer(registry)
+    async def SetAlias(self, request, context):
+        window = optional_seconds(request, "rollback_window") or 0.0
+        record, changed = await self.rollouts.set(request.name, [(t.model, t.weight) for t in request.targets],
+                                                  window)
+        return registry_pb2.SetAliasResponse(alias=alias_to_proto(record), changed=changed)
+
+    async def GetAlias(self, request, context):
+        return registry_pb2.GetAliasResponse(alias=alias_to_proto(self.rollouts.get(request.name)))
+
+    async def ListAliases(self, request, context):
+        records, token = self.rollouts.list(request.page_size, request.page_token)
+        return registry_pb2.ListAliasesResponse(aliases=[alias_to_proto(r) for r in records], next_page_token=token)
+
+    async def DeleteAlias(self, request, context):
+        await self.rollouts.delete(request.name)
+        return registry_pb2.DeleteAliasResponse()
+
+
+def register(host, registry: ModelRegistry, rollouts: Rollouts) -> None:
+    servicer = RegistryServicer(registry, rollouts)
     host.add(registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
              lambda server: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server))

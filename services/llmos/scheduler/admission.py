@@ -34,7 +34,22 @@ log = logging.getLogger(__name__)
 REDISPATCH_BAND = 1000
 
 
+@dataclass(frozen=True)
+class Resolution:
+    """What a request's model name stands for now."""
+
+    model: str                      # "name:tag" of the model that runs it (an adapter's base)
+    endpoints: list[Endpoint]       # the workers where that model is ready
+    alias: str = ""                 # the alias the name resolved through ("" for none)
+    adapter: str = ""               # the LoRA adapter run over `model` ("" for none)
+    adapter_path: str = ""          # its directory in the model store
+
+
 class RegistryPort(Protocol):
+    async def resolve(self, name: str, timeout: float | None, route_key: str = "") -> Resolution:
+        """What `name` (a model, an adapter or an alias, picking a version by `route_key`)
+        stands for; raises NotFound if it names nothing in the catalog."""
+
     async def ready_endpoints(self, model: str, timeout: float | None) -> tuple[str, list[Endpoint]]:
         """(resolved "name:tag", workers where it is ready); raises NotFound if not in the catalog."""
 
@@ -60,6 +75,7 @@ class Ticket:
     weight: float = 1.0              # its tenant's fair-share weight, from the tenant's record
     quota: Quota = Quota()           # its tenant's limits, from the tenant's record
     prefix_key: int = 0              # a hash of how its input starts (0: none), for prefix affinity
+    conversation_id: str = ""        # picks the version of an alias that splits traffic
 
     @property
     def cost(self) -> int:
@@ -77,6 +93,9 @@ class Admission:
     model: str
     endpoint: Endpoint
     queue_seconds: float
+    alias: str = ""
+    adapter: str = ""
+    adapter_path: str = ""
 
 
 class SchedulerEvents:
@@ -143,7 +162,9 @@ class AdmissionControl:
         self.orphan_grace = orphan_grace
         self.rotation = Rotation(slots_per_worker, report_timeout, affinity_slack, clock)
         self.history = History()
-        self._aliases: dict[str, str] = {}                      # "tiny" → "tiny:latest"
+        # What a name that is not an alias stood for: "tiny" → tiny:latest (an alias's answer may
+        # change at any moment, so it is asked each time).
+        self._resolved: dict[str, Resolution] = {}
         self._abandoned: OrderedDict[str, float] = OrderedDict()  # finished before they were admitted
         self._weights: dict[str, float] = {}                     # tenant → weight, as its requests say
         self._clock = clock
@@ -225,11 +246,13 @@ class AdmissionControl:
             self.quotas.reserve(ticket.tenant, ticket.quota, ticket.request_id, ticket.cost)
             cached = self._cached(ticket.model) if ticket.keep_alive is None else None
             if cached is not None:
-                resolved, endpoints = cached.name, cached.endpoints
+                resolution, endpoints = self._resolved[ticket.model], cached.endpoints
             else:
-                resolved, endpoints = await self._registry.ready_endpoints(ticket.model, remaining())
-                self._aliases[ticket.model] = resolved
-            request.model = resolved
+                resolution = await self._registry.resolve(ticket.model, remaining(), ticket.conversation_id)
+                endpoints = resolution.endpoints
+                if not resolution.alias:
+                    self._resolved[ticket.model] = resolution
+            resolved = request.model = resolution.model
             loaded = False
             if not self.rotation.held_somewhere(resolved, endpoints) or ticket.keep_alive is not None:
                 request.reason = "MODEL_LOADING"
@@ -262,7 +285,8 @@ class AdmissionControl:
         self.admitted_total += 1
         self.admitted_by_tenant[ticket.tenant] += 1
         self.events.admitted(request)
-        return Admission(ticket.request_id, request.model, endpoint, request.started - arrival)
+        return Admission(ticket.request_id, request.model, endpoint, request.started - arrival, resolution.alias,
+                         resolution.adapter, resolution.adapter_path)
 
     def finish(self, request_id: str, tokens: int | None = None, *, outcome: Outcome,
                worker_failed: bool = False, model_not_loaded: bool = False) -> bool:
@@ -359,7 +383,8 @@ class AdmissionControl:
     def _cached(self, name: str) -> ModelQueue | None:
         """The model `name` resolves to, when the registry was asked about it in the last
         `placement_ttl` seconds and it had a worker then."""
-        model = self._models.get(self._aliases.get(name, ""))
+        known = self._resolved.get(name)
+        model = self._models.get(known.model) if known is not None else None
         if model is None or not model.endpoints or self._clock() - model.endpoints_at > self.placement_ttl:
             return None
         return model

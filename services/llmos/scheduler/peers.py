@@ -11,6 +11,7 @@ from llmos.common.channels import Channels
 from llmos.common.convert import duration
 from llmos.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
+from .admission import Resolution
 from .rotation import Endpoint
 
 
@@ -32,6 +33,15 @@ class GrpcRegistry:
         self._stub = registry_pb2_grpc.RegistryServiceStub(channels.get(address))
         self._load_timeout = load_timeout
         self._tracer = tracer or trace.NoOpTracer()
+
+    async def resolve(self, name: str, timeout: float | None, route_key: str = "") -> Resolution:
+        response = await self._stub.GetModel(registry_pb2.GetModelRequest(name=name, route_key=route_key),
+                                             timeout=_within(5.0, timeout))
+        model = response.model
+        if model.base:          # an adapter: run by its base's workers
+            return Resolution(model.base, _ready(model), response.alias, f"{model.name}:{model.tag}",
+                              model.store_path)
+        return Resolution(f"{model.name}:{model.tag}", _ready(model), response.alias)
 
     async def ready_endpoints(self, model: str, timeout: float | None) -> tuple[str, list[Endpoint]]:
         response = await self._stub.GetModel(registry_pb2.GetModelRequest(name=model),

@@ -56,18 +56,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if not request.request_id or len(request.request_id) > 128:
             raise InvalidArgument.field("request_id", "is required, at most 128 characters")
         keep_alive = optional_seconds(request, "keep_alive")
+        if len(request.conversation_id) > 128:
+            raise InvalidArgument.field("conversation_id", "at most 128 characters")
         if not 0 <= request.tenant_weight <= 1000:
             raise InvalidArgument.field("tenant_weight", "must be between 0 (meaning 1) and 1000")
         ticket = Ticket(request.request_id, request.model, request.tenant or "default", request.priority,
                         max(0, request.prompt_tokens), max(0, request.max_tokens), keep_alive, request.redispatch,
                         request.keep_alive_hold, request.tenant_weight or 1.0,
-                        quota_from_proto(request.tenant_quota), request.prefix_key)
+                        quota_from_proto(request.tenant_quota), request.prefix_key, request.conversation_id)
         admission = await self.scheduler.admit(ticket, timeout=context.time_remaining())
         if context.cancelled():     # granted as the caller left: nobody will run it
             self.scheduler.finish(ticket.request_id, outcome=Outcome.CANCELLED)
         return scheduler_pb2.AdmitGenerationResponse(
             worker_id=admission.endpoint.worker_id, worker_address=admission.endpoint.address,
-            model=admission.model, queue_time=duration(admission.queue_seconds))
+            model=admission.model, queue_time=duration(admission.queue_seconds), alias=admission.alias,
+            adapter=admission.adapter, adapter_path=admission.adapter_path)
 
     async def FinishGeneration(self, request, context):
         tokens = None

@@ -100,7 +100,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "tag", "digest", "source_format", "source", "architecture", "parameter_count", "dtype", "context_length", "has_chat_template", "create_time", "estimated_bytes", "state", "placements", "store_path", "measured_bytes", "keep_alive", "implementation")
+    __slots__ = ("name", "tag", "digest", "source_format", "source", "architecture", "parameter_count", "dtype", "context_length", "has_chat_template", "create_time", "estimated_bytes", "state", "placements", "store_path", "measured_bytes", "keep_alive", "implementation", "base", "adapter_rank")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Model.State]
@@ -131,6 +131,8 @@ class Model(_message.Message):
     MEASURED_BYTES_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
     IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_RANK_FIELD_NUMBER: _ClassVar[int]
     name: str
     tag: str
     digest: str
@@ -149,7 +151,9 @@ class Model(_message.Message):
     measured_bytes: int
     keep_alive: _duration_pb2.Duration
     implementation: str
-    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., digest: _Optional[str] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., state: _Optional[_Union[Model.State, str]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., store_path: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., implementation: _Optional[str] = ...) -> None: ...
+    base: str
+    adapter_rank: int
+    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., digest: _Optional[str] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., state: _Optional[_Union[Model.State, str]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., store_path: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., implementation: _Optional[str] = ..., base: _Optional[str] = ..., adapter_rank: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
     __slots__ = ("worker_id", "worker_address", "state", "detail", "measured_bytes", "quantization", "expire_time")

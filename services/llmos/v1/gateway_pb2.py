@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/gateway.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15llmos/v1/common.proto\"C\n\x1aListAvailableModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x90\x01\n\x0e\x41vailableModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x19\n\x11has_chat_template\x18\x04 \x01(\x08\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\"`\n\x1bListAvailableModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.llmos.v1.AvailableModel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xea\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12-\n\nkeep_alive\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\t\n\x07_prompt\"\xd5\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12+\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x15.llmos.v1.TopLogprobs2\xb9\x01\n\x0eGatewayService\x12\x43\n\x08Generate\x12\x19.llmos.v1.GenerateRequest\x1a\x1a.llmos.v1.GenerateResponse0\x01\x12\x62\n\x13ListAvailableModels\x12$.llmos.v1.ListAvailableModelsRequest\x1a%.llmos.v1.ListAvailableModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/gateway.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15llmos/v1/common.proto\"C\n\x1aListAvailableModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x90\x01\n\x0e\x41vailableModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x19\n\x11has_chat_template\x18\x04 \x01(\x08\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\"`\n\x1bListAvailableModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.llmos.v1.AvailableModel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x83\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12-\n\nkeep_alive\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x63onversation_id\x18\x08 \x01(\tB\t\n\x07_prompt\"\xe4\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12+\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x15.llmos.v1.TopLogprobs\x12\r\n\x05model\x18\x08 \x01(\t2\xb9\x01\n\x0eGatewayService\x12\x43\n\x08Generate\x12\x19.llmos.v1.GenerateRequest\x1a\x1a.llmos.v1.GenerateResponse0\x01\x12\x62\n\x13ListAvailableModels\x12$.llmos.v1.ListAvailableModelsRequest\x1a%.llmos.v1.ListAvailableModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,9 +40,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTAVAILABLEMODELSRESPONSE']._serialized_start=307
   _globals['_LISTAVAILABLEMODELSRESPONSE']._serialized_end=403
   _globals['_GENERATEREQUEST']._serialized_start=406
-  _globals['_GENERATEREQUEST']._serialized_end=640
-  _globals['_GENERATERESPONSE']._serialized_start=643
-  _globals['_GENERATERESPONSE']._serialized_end=856
-  _globals['_GATEWAYSERVICE']._serialized_start=859
-  _globals['_GATEWAYSERVICE']._serialized_end=1044
+  _globals['_GENERATEREQUEST']._serialized_end=665
+  _globals['_GENERATERESPONSE']._serialized_start=668
+  _globals['_GENERATERESPONSE']._serialized_end=896
+  _globals['_GATEWAYSERVICE']._serialized_start=899
+  _globals['_GATEWAYSERVICE']._serialized_end=1084
 # @@protoc_insertion_point(module_scope)

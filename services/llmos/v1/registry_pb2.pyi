@@ -13,14 +13,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ImportModelRequest(_message.Message):
-    __slots__ = ("name", "tag", "source")
+    __slots__ = ("name", "tag", "source", "base")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     name: str
     tag: str
     source: str
-    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+    base: str
+    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., source: _Optional[str] = ..., base: _Optional[str] = ...) -> None: ...
 
 class ImportModelResponse(_message.Message):
     __slots__ = ("model", "created")
@@ -31,16 +33,96 @@ class ImportModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[_common_pb2.Model, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
+    __slots__ = ("name", "route_key")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_KEY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    route_key: str
+    def __init__(self, name: _Optional[str] = ..., route_key: _Optional[str] = ...) -> None: ...
+
+class GetModelResponse(_message.Message):
+    __slots__ = ("model", "alias")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.Model
+    alias: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.Model, _Mapping]] = ..., alias: _Optional[str] = ...) -> None: ...
+
+class AliasTarget(_message.Message):
+    __slots__ = ("model", "weight")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weight: int
+    def __init__(self, model: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class Alias(_message.Message):
+    __slots__ = ("name", "targets", "previous_targets", "update_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    targets: _containers.RepeatedCompositeFieldContainer[AliasTarget]
+    previous_targets: _containers.RepeatedCompositeFieldContainer[AliasTarget]
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[AliasTarget, _Mapping]]] = ..., previous_targets: _Optional[_Iterable[_Union[AliasTarget, _Mapping]]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SetAliasRequest(_message.Message):
+    __slots__ = ("name", "targets", "rollback_window")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    targets: _containers.RepeatedCompositeFieldContainer[AliasTarget]
+    rollback_window: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[AliasTarget, _Mapping]]] = ..., rollback_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class SetAliasResponse(_message.Message):
+    __slots__ = ("alias", "changed")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    alias: Alias
+    changed: bool
+    def __init__(self, alias: _Optional[_Union[Alias, _Mapping]] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class GetAliasRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
-class GetModelResponse(_message.Message):
-    __slots__ = ("model",)
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    model: _common_pb2.Model
-    def __init__(self, model: _Optional[_Union[_common_pb2.Model, _Mapping]] = ...) -> None: ...
+class GetAliasResponse(_message.Message):
+    __slots__ = ("alias",)
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    alias: Alias
+    def __init__(self, alias: _Optional[_Union[Alias, _Mapping]] = ...) -> None: ...
+
+class ListAliasesRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListAliasesResponse(_message.Message):
+    __slots__ = ("aliases", "next_page_token")
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    aliases: _containers.RepeatedCompositeFieldContainer[Alias]
+    next_page_token: str
+    def __init__(self, aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteAliasRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteAliasResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
@@ -152,6 +234,11 @@ class WatchModelsResponse(_message.Message):
         KIND_UNAVAILABLE: _ClassVar[WatchModelsResponse.Kind]
         KIND_FAILED: _ClassVar[WatchModelsResponse.Kind]
         KIND_DELETED: _ClassVar[WatchModelsResponse.Kind]
+        KIND_ALIAS_SET: _ClassVar[WatchModelsResponse.Kind]
+        KIND_ROLLED_BACK: _ClassVar[WatchModelsResponse.Kind]
+        KIND_ALIAS_DELETED: _ClassVar[WatchModelsResponse.Kind]
+        KIND_DRAINING: _ClassVar[WatchModelsResponse.Kind]
+        KIND_DRAINED: _ClassVar[WatchModelsResponse.Kind]
     KIND_UNSPECIFIED: WatchModelsResponse.Kind
     KIND_IMPORTING: WatchModelsResponse.Kind
     KIND_IMPORTED: WatchModelsResponse.Kind
@@ -163,6 +250,11 @@ class WatchModelsResponse(_message.Message):
     KIND_UNAVAILABLE: WatchModelsResponse.Kind
     KIND_FAILED: WatchModelsResponse.Kind
     KIND_DELETED: WatchModelsResponse.Kind
+    KIND_ALIAS_SET: WatchModelsResponse.Kind
+    KIND_ROLLED_BACK: WatchModelsResponse.Kind
+    KIND_ALIAS_DELETED: WatchModelsResponse.Kind
+    KIND_DRAINING: WatchModelsResponse.Kind
+    KIND_DRAINED: WatchModelsResponse.Kind
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]

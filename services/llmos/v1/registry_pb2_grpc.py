@@ -82,6 +82,26 @@ class RegistryServiceStub:
                 request_serializer=llmos_dot_v1_dot_registry__pb2.WatchModelsRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_registry__pb2.WatchModelsResponse.FromString,
                 _registered_method=True)
+        self.SetAlias = channel.unary_unary(
+                '/llmos.v1.RegistryService/SetAlias',
+                request_serializer=llmos_dot_v1_dot_registry__pb2.SetAliasRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_registry__pb2.SetAliasResponse.FromString,
+                _registered_method=True)
+        self.GetAlias = channel.unary_unary(
+                '/llmos.v1.RegistryService/GetAlias',
+                request_serializer=llmos_dot_v1_dot_registry__pb2.GetAliasRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_registry__pb2.GetAliasResponse.FromString,
+                _registered_method=True)
+        self.ListAliases = channel.unary_unary(
+                '/llmos.v1.RegistryService/ListAliases',
+                request_serializer=llmos_dot_v1_dot_registry__pb2.ListAliasesRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_registry__pb2.ListAliasesResponse.FromString,
+                _registered_method=True)
+        self.DeleteAlias = channel.unary_unary(
+                '/llmos.v1.RegistryService/DeleteAlias',
+                request_serializer=llmos_dot_v1_dot_registry__pb2.DeleteAliasRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_registry__pb2.DeleteAliasResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -162,8 +182,53 @@ class RegistryServiceServicer:
     def WatchModels(self, request, context):
         """Streams every model lifecycle transition from now on (importing,
         imported, loading, ready, unloading, unloaded, evicted, unavailable,
-        failed, deleted) with its reason, so nobody has to poll. The stream ends
+        failed, deleted; alias set, rolled back and deleted; draining, drained)
+        with its reason, so nobody has to poll. The stream ends
         with RESOURCE_EXHAUSTED if the watcher falls more than 1000 events behind.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlias(self, request, context):
+        """Points an alias at a model version, or splits its traffic between versions
+        by weight (a canary). Clients name the alias wherever they name a model.
+        Every version given traffic is loaded and warm first (where the alias's
+        versions run now, by the usual placement and eviction rules); then the
+        alias flips at once: a request admitted after this call returns goes to
+        the new versions, one in flight finishes where it runs. A version no alias
+        sends traffic to any more is drained: unloaded when its last request ends,
+        or kept loaded for `rollback_window` first. A rollback is the same call
+        with the previous versions (`Alias.previous_targets`). A flip whose load
+        fails changes nothing and says why. Errors: INVALID_ARGUMENT (bad name, no
+        target, a weight out of range, weights not summing to 100, a target named
+        twice); FAILED_PRECONDITION with reason ALIAS_TARGET_NOT_FOUND (a target
+        not in the catalog), ALIAS_CYCLE (the alias would reach itself) or
+        ALIAS_NAME_TAKEN (a model has that name and tag); a load's own error
+        (RESOURCE_EXHAUSTED, UNAVAILABLE), with the alias unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAlias(self, request, context):
+        """Returns one alias. Errors: NOT_FOUND (reason ALIAS_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAliases(self, request, context):
+        """Lists the aliases, ordered by name then tag, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAlias(self, request, context):
+        """Removes an alias; the versions it pointed at stay loaded as they are.
+        Errors: NOT_FOUND (reason ALIAS_NOT_FOUND), FAILED_PRECONDITION (reason
+        ALIAS_IN_USE: another alias points at it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -216,6 +281,26 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.WatchModels,
                     request_deserializer=llmos_dot_v1_dot_registry__pb2.WatchModelsRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_registry__pb2.WatchModelsResponse.SerializeToString,
+            ),
+            'SetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlias,
+                    request_deserializer=llmos_dot_v1_dot_registry__pb2.SetAliasRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_registry__pb2.SetAliasResponse.SerializeToString,
+            ),
+            'GetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAlias,
+                    request_deserializer=llmos_dot_v1_dot_registry__pb2.GetAliasRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_registry__pb2.GetAliasResponse.SerializeToString,
+            ),
+            'ListAliases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliases,
+                    request_deserializer=llmos_dot_v1_dot_registry__pb2.ListAliasesRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_registry__pb2.ListAliasesResponse.SerializeToString,
+            ),
+            'DeleteAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAlias,
+                    request_deserializer=llmos_dot_v1_dot_registry__pb2.DeleteAliasRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_registry__pb2.DeleteAliasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -464,6 +549,114 @@ class RegistryService:
             '/llmos.v1.RegistryService/WatchModels',
             llmos_dot_v1_dot_registry__pb2.WatchModelsRequest.SerializeToString,
             llmos_dot_v1_dot_registry__pb2.WatchModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.RegistryService/SetAlias',
+            llmos_dot_v1_dot_registry__pb2.SetAliasRequest.SerializeToString,
+            llmos_dot_v1_dot_registry__pb2.SetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.RegistryService/GetAlias',
+            llmos_dot_v1_dot_registry__pb2.GetAliasRequest.SerializeToString,
+            llmos_dot_v1_dot_registry__pb2.GetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.RegistryService/ListAliases',
+            llmos_dot_v1_dot_registry__pb2.ListAliasesRequest.SerializeToString,
+            llmos_dot_v1_dot_registry__pb2.ListAliasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.RegistryService/DeleteAlias',
+            llmos_dot_v1_dot_registry__pb2.DeleteAliasRequest.SerializeToString,
+            llmos_dot_v1_dot_registry__pb2.DeleteAliasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,7 +14,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AdmitGenerationRequest(_message.Message):
-    __slots__ = ("request_id", "model", "tenant", "priority", "max_tokens", "keep_alive", "prompt_tokens", "redispatch", "tenant_weight", "tenant_quota", "keep_alive_hold", "prefix_key")
+    __slots__ = ("request_id", "model", "tenant", "priority", "max_tokens", "keep_alive", "prompt_tokens", "redispatch", "tenant_weight", "tenant_quota", "keep_alive_hold", "prefix_key", "conversation_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class AdmitGenerationRequest(_message.Message):
     TENANT_QUOTA_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALIVE_HOLD_FIELD_NUMBER: _ClassVar[int]
     PREFIX_KEY_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     tenant: str
@@ -39,19 +40,26 @@ class AdmitGenerationRequest(_message.Message):
     tenant_quota: _identity_pb2.TenantQuota
     keep_alive_hold: bool
     prefix_key: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., max_tokens: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., redispatch: _Optional[bool] = ..., tenant_weight: _Optional[float] = ..., tenant_quota: _Optional[_Union[_identity_pb2.TenantQuota, _Mapping]] = ..., keep_alive_hold: _Optional[bool] = ..., prefix_key: _Optional[int] = ...) -> None: ...
+    conversation_id: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., max_tokens: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., redispatch: _Optional[bool] = ..., tenant_weight: _Optional[float] = ..., tenant_quota: _Optional[_Union[_identity_pb2.TenantQuota, _Mapping]] = ..., keep_alive_hold: _Optional[bool] = ..., prefix_key: _Optional[int] = ..., conversation_id: _Optional[str] = ...) -> None: ...
 
 class AdmitGenerationResponse(_message.Message):
-    __slots__ = ("worker_id", "worker_address", "model", "queue_time")
+    __slots__ = ("worker_id", "worker_address", "model", "queue_time", "alias", "adapter", "adapter_path")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_PATH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     worker_address: str
     model: str
     queue_time: _duration_pb2.Duration
-    def __init__(self, worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., model: _Optional[str] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    alias: str
+    adapter: str
+    adapter_path: str
+    def __init__(self, worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., model: _Optional[str] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., alias: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_path: _Optional[str] = ...) -> None: ...
 
 class TenantUsage(_message.Message):
     __slots__ = ("tenant", "admitted", "in_flight", "window_tokens")

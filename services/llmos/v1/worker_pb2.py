@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/worker.proto\x12\x08llmos.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/common.proto\"[\n\x11StartModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x17\n\x0f\x65stimated_bytes\x18\x03 \x01(\x03\x12\x10\n\x08quantize\x18\x04 \x01(\t\"K\n\x12StartModelResponse\x12\x16\n\x0emeasured_bytes\x18\x01 \x01(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"!\n\x10StopModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11StopModelResponse\"\xc5\x01\n\x15GenerateTokensRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x06prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\'\n\x08messages\x18\x04 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x03\x42\t\n\x07_prompt\"\xc7\x01\n\x16GenerateTokensResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12+\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x15.llmos.v1.TopLogprobs\"\x18\n\x16GetWorkerStatusRequest\"\x8f\x02\n\x0bLoadedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0emeasured_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x06 \x01(\x03\x12\x0f\n\x07waiting\x18\x07 \x01(\x05\x12\x16\n\x0ekv_tokens_used\x18\x08 \x01(\x03\x12\x1a\n\x12kv_tokens_capacity\x18\t \x01(\x03\x12\x35\n\x11last_request_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmax_running\x18\x0b \x01(\x05\"\xa4\x01\n\x17GetWorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x06models\x18\x02 \x03(\x0b\x32\x15.llmos.v1.LoadedModel\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x04 \x01(\x03\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x13\n\x0brequest_ids\x18\x06 \x03(\t2\xcd\x02\n\rWorkerService\x12G\n\nStartModel\x12\x1b.llmos.v1.StartModelRequest\x1a\x1c.llmos.v1.StartModelResponse\x12\x44\n\tStopModel\x12\x1a.llmos.v1.StopModelRequest\x1a\x1b.llmos.v1.StopModelResponse\x12U\n\x0eGenerateTokens\x12\x1f.llmos.v1.GenerateTokensRequest\x1a .llmos.v1.GenerateTokensResponse0\x01\x12V\n\x0fGetWorkerStatus\x12 .llmos.v1.GetWorkerStatusRequest\x1a!.llmos.v1.GetWorkerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/worker.proto\x12\x08llmos.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/common.proto\"[\n\x11StartModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x17\n\x0f\x65stimated_bytes\x18\x03 \x01(\x03\x12\x10\n\x08quantize\x18\x04 \x01(\t\"K\n\x12StartModelResponse\x12\x16\n\x0emeasured_bytes\x18\x01 \x01(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"!\n\x10StopModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11StopModelResponse\"\xec\x01\n\x15GenerateTokensRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x06prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\'\n\x08messages\x18\x04 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x03\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x08 \x01(\tB\t\n\x07_prompt\"\xc7\x01\n\x16GenerateTokensResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12+\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x15.llmos.v1.TopLogprobs\"\x18\n\x16GetWorkerStatusRequest\"\xb8\x02\n\x0bLoadedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0emeasured_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x06 \x01(\x03\x12\x0f\n\x07waiting\x18\x07 \x01(\x05\x12\x16\n\x0ekv_tokens_used\x18\x08 \x01(\x03\x12\x1a\n\x12kv_tokens_capacity\x18\t \x01(\x03\x12\x35\n\x11last_request_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmax_running\x18\x0b \x01(\x05\x12\x10\n\x08\x61\x64\x61pters\x18\x0c \x03(\t\x12\x15\n\radapter_bytes\x18\r \x01(\x03\"\xa4\x01\n\x17GetWorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x06models\x18\x02 \x03(\x0b\x32\x15.llmos.v1.LoadedModel\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x04 \x01(\x03\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x13\n\x0brequest_ids\x18\x06 \x03(\t2\xcd\x02\n\rWorkerService\x12G\n\nStartModel\x12\x1b.llmos.v1.StartModelRequest\x1a\x1c.llmos.v1.StartModelResponse\x12\x44\n\tStopModel\x12\x1a.llmos.v1.StopModelRequest\x1a\x1b.llmos.v1.StopModelResponse\x12U\n\x0eGenerateTokens\x12\x1f.llmos.v1.GenerateTokensRequest\x1a .llmos.v1.GenerateTokensResponse0\x01\x12V\n\x0fGetWorkerStatus\x12 .llmos.v1.GetWorkerStatusRequest\x1a!.llmos.v1.GetWorkerStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,15 +42,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOPMODELRESPONSE']._serialized_start=296
   _globals['_STOPMODELRESPONSE']._serialized_end=315
   _globals['_GENERATETOKENSREQUEST']._serialized_start=318
-  _globals['_GENERATETOKENSREQUEST']._serialized_end=515
-  _globals['_GENERATETOKENSRESPONSE']._serialized_start=518
-  _globals['_GENERATETOKENSRESPONSE']._serialized_end=717
-  _globals['_GETWORKERSTATUSREQUEST']._serialized_start=719
-  _globals['_GETWORKERSTATUSREQUEST']._serialized_end=743
-  _globals['_LOADEDMODEL']._serialized_start=746
-  _globals['_LOADEDMODEL']._serialized_end=1017
-  _globals['_GETWORKERSTATUSRESPONSE']._serialized_start=1020
-  _globals['_GETWORKERSTATUSRESPONSE']._serialized_end=1184
-  _globals['_WORKERSERVICE']._serialized_start=1187
-  _globals['_WORKERSERVICE']._serialized_end=1520
+  _globals['_GENERATETOKENSREQUEST']._serialized_end=554
+  _globals['_GENERATETOKENSRESPONSE']._serialized_start=557
+  _globals['_GENERATETOKENSRESPONSE']._serialized_end=756
+  _globals['_GETWORKERSTATUSREQUEST']._serialized_start=758
+  _globals['_GETWORKERSTATUSREQUEST']._serialized_end=782
+  _globals['_LOADEDMODEL']._serialized_start=785
+  _globals['_LOADEDMODEL']._serialized_end=1097
+  _globals['_GETWORKERSTATUSRESPONSE']._serialized_start=1100
+  _globals['_GETWORKERSTATUSRESPONSE']._serialized_end=1264
+  _globals['_WORKERSERVICE']._serialized_start=1267
+  _globals['_WORKERSERVICE']._serialized_end=1600
 # @@protoc_insertion_point(module_scope)

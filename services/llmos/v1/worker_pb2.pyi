@@ -43,20 +43,24 @@ class StopModelResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GenerateTokensRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "messages", "sampling", "token_budget")
+    __slots__ = ("request_id", "model", "prompt", "messages", "sampling", "token_budget", "adapter", "adapter_path")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_PATH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     sampling: _common_pb2.SamplingParams
     token_budget: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., token_budget: _Optional[int] = ...) -> None: ...
+    adapter: str
+    adapter_path: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., token_budget: _Optional[int] = ..., adapter: _Optional[str] = ..., adapter_path: _Optional[str] = ...) -> None: ...
 
 class GenerateTokensResponse(_message.Message):
     __slots__ = ("text", "token_ids", "logprobs", "finish_reason", "usage", "top_logprobs")
@@ -79,7 +83,7 @@ class GetWorkerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadedModel(_message.Message):
-    __slots__ = ("model", "device", "dtype", "measured_bytes", "running", "tokens_generated", "waiting", "kv_tokens_used", "kv_tokens_capacity", "last_request_time", "max_running")
+    __slots__ = ("model", "device", "dtype", "measured_bytes", "running", "tokens_generated", "waiting", "kv_tokens_used", "kv_tokens_capacity", "last_request_time", "max_running", "adapters", "adapter_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +95,8 @@ class LoadedModel(_message.Message):
     KV_TOKENS_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     LAST_REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -102,7 +108,9 @@ class LoadedModel(_message.Message):
     kv_tokens_capacity: int
     last_request_time: _timestamp_pb2.Timestamp
     max_running: int
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., last_request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_running: _Optional[int] = ...) -> None: ...
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    adapter_bytes: int
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., last_request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_running: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., adapter_bytes: _Optional[int] = ...) -> None: ...
 
 class GetWorkerStatusResponse(_message.Message):
     __slots__ = ("worker_id", "models", "running", "tokens_generated", "waiting", "request_ids")

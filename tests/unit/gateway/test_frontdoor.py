@@ -34,7 +34,8 @@ class FakeWorkers:
         self.dead = set(dead)
         self.without_model = set(without_model)
 
-    async def generate(self, address, request_id, model, call, timeout):
+    async def generate(self, assignment, request_id, call, timeout):
+        address, model = assignment.worker_address, assignment.model
         if address in self.dead:
             raise Unavailable("connection refused")
         if address in self.without_model:

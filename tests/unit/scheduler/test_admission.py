@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from llmos.common.errors import AlreadyExists, DeadlineExceeded, NotFound, ResourceExhausted
-from llmos.scheduler.admission import AdmissionControl, Ticket
+from llmos.scheduler.admission import AdmissionControl, Resolution, Ticket
 from llmos.scheduler.history import Outcome, Phase
 from llmos.scheduler.rotation import Endpoint
 from tests.support.clock import FakeClock
@@ -26,6 +26,10 @@ class FakeRegistry:
         if name not in self.ready and name not in self.loadable:
             raise NotFound(f"model {name} is not in the catalog", reason="MODEL_NOT_FOUND")
         return name, list(self.ready.get(name, []))
+
+    async def resolve(self, name, timeout, route_key=""):
+        model, endpoints = await self.ready_endpoints(name, timeout)
+        return Resolution(model, endpoints)
 
     async def load(self, model, timeout, keep_alive=None, hold=False):
         self.loads.append(model)
