@@ -8,6 +8,11 @@ running streams). A sequence leaves the batch the step it finishes, and its slot
 is free for the next step; what it computed stays in a free slot for a later prompt
 that starts the same way (`prefix.py`). Results reach asyncio through the callback
 each sequence carries, called on the driver's thread.
+
+A sequence may run under a LoRA adapter (`lora.py`); sequences of different adapters and of
+the base model share steps. A step holds at most `max_adapters_per_step` distinct adapters:
+when more are running, the adapters take turns (those that waited longest first), and the
+others' sequences keep their slots and wait a step or more. Base sequences run every step.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from typing import Any, Protocol
 import torch
 
 from llmos.common.domain import Chunk, FinishReason, SamplingParams, Usage
-from llmos.common.errors import Internal, LlmosError, Unavailable
+from llmos.common.errors import FailedPrecondition, Internal, LlmosError, Unavailable
 
 from .attention import PrefillChunk
+from .lora import Adapter, LoraBatch
 from .prefix import PrefixCache
 from .sampling import make_generator, sample, top_logprobs
 from .textstream import Detokenizer, StopStrings
@@ -53,7 +59,8 @@ class Runner(Protocol):
     def move_slot(self, source: int, target: int, length: int) -> None: ...
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, decode_count: int,
-                active: int, prefills: list[PrefillChunk], logit_rows: torch.Tensor) -> torch.Tensor: ...
+                active: int, prefills: list[PrefillChunk], logit_rows: torch.Tensor) -> torch.Tensor:
+        """(A runner whose `supports_adapters` is true takes `lora: lora.LoraBatch` too.)"""
 
 
 @dataclass
@@ -91,6 +98,8 @@ class Sequence:
     first_token_ns: int = 0
     last_token_ns: int = 0
     cancel_ns: int = 0
+    # The LoRA adapter it runs under (loaded for this engine's runner); None: the base model.
+    adapter: Adapter | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -238,13 +247,19 @@ class EngineDriver:
 class Engine:
     def __init__(self, name: str, runner: Runner, tokenizer: Any, eos_ids: frozenset[int],
                  driver: EngineDriver, prefill_budget: int = 256, events: EngineEvents | None = None,
-                 prefix_cache: bool = True) -> None:
+                 prefix_cache: bool = True, max_adapters_per_step: int = 4) -> None:
+        if max_adapters_per_step < 1:
+            raise ValueError("max_adapters_per_step must be at least 1")
         self.name = name
         self.events = events or EngineEvents()
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.prefill_budget = prefill_budget
+        self.max_adapters_per_step = max_adapters_per_step
+        # When each running adapter last had its turn (by the count of turns taken).
+        self._turns: dict[Adapter, int] = {}
+        self._turns_taken = 0
         self._driver = driver
         self._wake = driver.wake
         self._inbox: deque[Sequence] = deque()
@@ -267,6 +282,10 @@ class Engine:
                            self.runner.kv_positions, self.tokens_generated, self.runner.slots, kept)
 
     def submit(self, seq: Sequence) -> None:
+        if seq.adapter is not None and not getattr(self.runner, "supports_adapters", False):
+            raise FailedPrecondition(f"model {self.name} runs on the {self.runner.implementation} forward, "
+                                     "which takes no LoRA adapters", reason="ADAPTERS_NOT_SUPPORTED",
+                                     metadata={"model": self.name})
         with self._wake:
             if self.closing:
                 raise Unavailable(f"model {self.name} is unloading", reason="MODEL_UNLOADING")
@@ -340,7 +359,7 @@ class Engine:
                 self._reuse_prefix(seq)
                 self._running.append(seq)
                 self.events.joined(self.name, seq, time.time_ns())
-            batch = [s for s in self._running if not s.paused]
+            batch = self._take_turns([s for s in self._running if not s.paused])
         if not batch:
             return
         started = time.perf_counter()
@@ -365,13 +384,31 @@ class Engine:
                       self.name, window[1] / 200 * 1e3, window[2] / 200 * 1e3)
             self._window = [0, 0.0, 0.0]
 
+    def _take_turns(self, batch: list[Sequence]) -> list[Sequence]:
+        """`batch` with the sequences of at most `max_adapters_per_step` adapters: the ones whose
+        last turn is the oldest (an adapter new to the batch first, then in batch order)."""
+        adapters = list(dict.fromkeys(s.adapter for s in batch if s.adapter is not None))
+        if not adapters and not self._turns:
+            return batch
+        last = self._turns
+        chosen = sorted(adapters, key=lambda a: last.get(a, 0))[:self.max_adapters_per_step]
+        self._turns = {a: last.get(a, 0) for a in adapters}
+        for adapter in chosen:            # each turn stamped apart: no ties among adapters that ran
+            self._turns_taken += 1
+            self._turns[adapter] = self._turns_taken
+        if len(chosen) == len(adapters):
+            return batch
+        return [s for s in batch if s.adapter is None or s.adapter in chosen]
+
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Gives a joining sequence the longest prefix of its prompt that the cache keeps or a
         running sequence has computed (requests in flight with the same system prompt)."""
         if self.prefix is None:
             return
-        source, length = self.prefix.match(seq.prompt_ids, seq.slot,
-                                           ((s.slot, s.computed) for s in self._running if s.cached))
+        owner = _owner(seq)
+        source, length = self.prefix.match(
+            seq.prompt_ids, seq.slot, ((s.slot, s.computed) for s in self._running
+                                       if s.cached and _owner(s) == owner), owner)
         self.prefix.drop(seq.slot)
         if length:
             if source != seq.slot:
@@ -389,7 +426,7 @@ class Engine:
             if target is not None:
                 if target != hole:
                     self.runner.move_slot(hole, target, seq.cached)
-                self.prefix.keep(target, seq.computed)
+                self.prefix.keep(target, seq.computed, _owner(seq))
         if hole != last:
             moved = self._running[last]
             self.runner.move_slot(last, hole, moved.cached)
@@ -428,6 +465,15 @@ class Engine:
         def index(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
+        lora = None
+        if any(s.adapter is not None for s in batch):
+            adapters = tuple(sorted({s.adapter for s in batch if s.adapter is not None}, key=lambda a: a.uid))
+            which = {a: i for i, a in enumerate(adapters)}
+            adapter_rows = [which.get(s.adapter, -1) for s in decoding]
+            for s, chunk in chunks:
+                adapter_rows.extend([which.get(s.adapter, -1)] * chunk.length)
+            lora = LoraBatch(adapters, index(adapter_rows))
+
         constrained = [s for s in sampled if s.constraint is not None]
         if constrained:
             if self._masks is None:
@@ -436,8 +482,9 @@ class Engine:
                 s.constraint.prepare(self._masks)
         started = time.perf_counter()
         # Every slot in use takes part (a paused sequence's slot too: it is just not fed).
-        logits = self.runner.forward(index(tokens), index(positions), index(slots), len(decoding),
-                                     len(self._running), [c for _, c in chunks], index(rows))
+        arguments = (index(tokens), index(positions), index(slots), len(decoding), len(self._running),
+                     [c for _, c in chunks], index(rows))
+        logits = self.runner.forward(*arguments) if lora is None else self.runner.forward(*arguments, lora=lora)
         self._window[2] += time.perf_counter() - started
         for s in decoding:
             s.cached += 1
@@ -507,3 +554,8 @@ class Engine:
         if finish is not None:
             self.events.finished(self.name, seq, finish, now)
         return finish is not None
+
+
+def _owner(seq: Sequence) -> int | None:
+    """Whose keys and values a sequence computes: its adapter's (by its id), or the base model's."""
+    return None if seq.adapter is None else seq.adapter.uid

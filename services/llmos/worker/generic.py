@@ -146,6 +146,8 @@ class GenericRunner:
     interface as `LlamaRunner`."""
 
     implementation = "transformers"
+    # LoRA adapters run on the lean forward only.
+    supports_adapters = False
 
     def __init__(self, model: Any, slots: int, max_len: int, quantize: str = "") -> None:
         if quantize not in QUANTIZATIONS:

@@ -14,6 +14,9 @@ Batch-invariant: a sequence's output does not depend on what else is in its step
 reads keys in whole blocks (`attention.py`); bfloat16 matrix products on the CPU keep each
 row's reduction order whatever the number of rows, as do oneDNN's prepacked float32 products,
 so greedy output in either dtype is the same alone and in a batch, bit for bit (tested).
+
+LoRA adapters (`lora.py`) add their part to the fused products' outputs, per row; a row of the
+base model gets zero added, and a step without adapters runs as it would without them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from transformers.activations import ACT2FN
 from llmos.common.domain import QUANTIZATIONS
 
 from .attention import LayerShape, PrefillChunk, SlotCache, Step, attend
+from .lora import Adapter, AdapterStacks, LoraBatch
 from .matmul import Weight, linear, prepare, tensors_of, unique_bytes
 
 
@@ -44,6 +48,8 @@ class _Layer:
 
 class LlamaRunner:
     implementation = "llmos"
+    # Runs LoRA adapters (`lora.py`): a step's rows each through their own adapter, or none.
+    supports_adapters = True
 
     def __init__(self, model: Any, slots: int, max_len: int, quantize: str = "") -> None:
         if quantize not in QUANTIZATIONS:
@@ -74,6 +80,13 @@ class LlamaRunner:
             self.cos, self.sin = cos[0], sin[0]
         shape = LayerShape(self.kv_heads, self.head_dim, self.head_dim)
         self.cache = SlotCache([shape] * len(self.layers), slots, max_len, self.dtype, self.device)
+        hidden, inner = config.hidden_size, config.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
+        # (in, out) features of each projection a LoRA adapter may adapt.
+        self.module_shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+                              "o_proj": (q, hidden), "gate_proj": (hidden, inner), "up_proj": (hidden, inner),
+                              "down_proj": (inner, hidden)}
+        self.adapters = AdapterStacks(self.module_shapes, len(self.layers), self.device, self.dtype)
 
     @staticmethod
     def _fuse(layer: Any) -> _Layer:
@@ -100,6 +113,15 @@ class LlamaRunner:
             self.embed, self.norm, self.lm_head, self.cos, self.sin]
         return unique_bytes([t for w in weights for t in tensors_of(w)] + self.cache.tensors)
 
+    @property
+    def layer_count(self) -> int:
+        return len(self.layers)
+
+    def release_adapter(self, adapter: Adapter) -> None:
+        """Drops what the runner keeps of `adapter` (its stacks with others) once it is unloaded;
+        on the engine driver's thread."""
+        self.adapters.forget(adapter)
+
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Copies the first `length` cached positions of `source` into `target`."""
         self.cache.move(source, target, length)
@@ -119,24 +141,39 @@ class LlamaRunner:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 decode_count: int, active: int, prefills: list[PrefillChunk],
-                logit_rows: torch.Tensor) -> torch.Tensor:
-        """Runs one step (the flat batch `attention.Step` describes); returns float32 logits of
-        the rows `logit_rows` of the flat batch."""
+                logit_rows: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        """Runs one step (the flat batch `attention.Step` describes), each row through its LoRA
+        adapter where `lora` gives it one; returns float32 logits of the rows `logit_rows` of
+        the flat batch."""
         total = tokens.shape[0]
         hq, hk, d = self.num_heads, self.kv_heads, self.head_dim
         step = Step(positions, slots, decode_count, active, prefills)
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        adapted = None if lora is None else self.adapters.step(lora)
         x = F.embedding(tokens, self.embed)
         for index, layer in enumerate(self.layers):
             h = self._rms(x, layer.ln1)
             qkv = linear(h, layer.wqkv, layer.bqkv)
+            if adapted:
+                adapted.add(index, "qkv", h, qkv)
             qk = self._rope(qkv[:, :(hq + hk) * d].view(total, hq + hk, d), cos, sin)   # q and k at once
             v = qkv[:, (hq + hk) * d:].view(total, hk, d)
             self.cache.write(step, index, qk[:, hq:], v)
             out = attend(step, self.cache, index, qk[:, :hq], d ** -0.5)
-            x = x + linear(out.view(total, hq * d), layer.wo)
+            out = out.view(total, hq * d)
+            o = linear(out, layer.wo)
+            if adapted:
+                adapted.add(index, "o", out, o)
+            x = x + o
             h = self._rms(x, layer.ln2)
-            gate, up = linear(h, layer.w_gate_up).chunk(2, dim=-1)
-            x = x + linear(self.act(gate) * up, layer.w_down)
+            gate_up = linear(h, layer.w_gate_up)
+            if adapted:
+                adapted.add(index, "gate_up", h, gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            inner = self.act(gate) * up
+            down = linear(inner, layer.w_down)
+            if adapted:
+                adapted.add(index, "down", inner, down)
+            x = x + down
         h = self._rms(x[logit_rows], self.norm)
         return linear(h, self.lm_head).float()

@@ -13,12 +13,15 @@ flight that share a system prompt compute it once. A kept slot is
 only ever a free one, so it never costs a running sequence room: joins overwrite kept slots
 from the lowest up, and a leaving sequence is kept in the highest free slot that keeps nothing
 (else in the one used least recently).
+
+Keys and values differ under a LoRA adapter, so each kept slot records whose they are (its
+`owner`: the adapter's id, None for the base model), and a prompt reuses only its own owner's.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -40,22 +43,23 @@ class PrefixCache:
     """Which free slots hold which tokens' keys and values; least recently used first."""
 
     def __init__(self) -> None:
-        self._kept: OrderedDict[int, list[int]] = OrderedDict()
+        self._kept: OrderedDict[int, tuple[Hashable, list[int]]] = OrderedDict()
 
     @property
     def tokens(self) -> int:
         """Positions kept over all slots."""
-        return sum(len(tokens) for tokens in self._kept.values())
+        return sum(len(tokens) for _, tokens in self._kept.values())
 
-    def match(self, prompt: list[int], slot: int,
-              running: Iterable[tuple[int, list[int]]] = ()) -> tuple[int, int]:
-        """The slot sharing the longest prefix with `prompt`, among the kept ones and `running`
-        (a running sequence's slot and the tokens it has computed), and how many positions of it
-        to reuse: at most all but the prompt's last token, whose logits the step must compute.
-        On a tie, `slot` itself (nothing to copy), else the most recently kept, else a kept one
-        over a running one. (slot, 0): none."""
+    def match(self, prompt: list[int], slot: int, running: Iterable[tuple[int, list[int]]] = (),
+              owner: Hashable = None) -> tuple[int, int]:
+        """The slot sharing the longest prefix with `prompt`, among the ones kept for `owner` and
+        `running` (a running sequence's slot and the tokens it has computed, under the same
+        owner), and how many positions of it to reuse: at most all but the prompt's last token,
+        whose logits the step must compute. On a tie, `slot` itself (nothing to copy), else the
+        most recently kept, else a kept one over a running one. (slot, 0): none."""
         best, length = slot, 0
-        for source, tokens in [*reversed(self._kept.items()), *running]:
+        kept = [(source, tokens) for source, (whose, tokens) in reversed(self._kept.items()) if whose == owner]
+        for source, tokens in [*kept, *running]:
             shared = min(common_prefix(tokens, prompt), len(prompt) - 1)
             if shared > length or (shared == length and shared and source == slot):
                 best, length = source, shared
@@ -78,9 +82,10 @@ class PrefixCache:
                 return slot
         return None
 
-    def keep(self, slot: int, tokens: list[int]) -> None:
+    def keep(self, slot: int, tokens: list[int], owner: Hashable = None) -> None:
+        """`slot`, free now, holds the keys and values of `tokens` computed under `owner`."""
         self._kept.pop(slot, None)
-        self._kept[slot] = tokens
+        self._kept[slot] = owner, tokens
 
     def clear(self) -> None:
         self._kept.clear()
