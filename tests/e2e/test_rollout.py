@@ -1,6 +1,7 @@
 """Updating a model without downtime: an alias flipped under load, a canary split, a failed flip
-and the input a change refuses. Two versions of the tiny model, made from different seeds, so
-their greedy answers differ; one suite, tests in file order.
+and the input a change refuses; and fine-tunes: LoRA adapters made by PEFT, served over their
+base beside it, and those the engine cannot serve refused at import. Versions of the tiny model
+made from different seeds, so their greedy answers differ; one suite, tests in file order.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from llmos_client import errors
 
 from llmos.cli.launcher import SERVICES, Suite
 from llmos.v1 import common_pb2, registry_pb2
+from tests.support.lora import adapter_of, peft_greedy, save_adapter
 from tests.support.metrics import sample_sum, scrape
 from tests.support.suites import quiet_env
 from tests.support.tiny_model import build_tiny_model
@@ -35,7 +37,8 @@ def versions(tmp_path_factory) -> dict[str, Path]:
 def suite(tmp_path_factory, versions):
     data = tmp_path_factory.mktemp("rollout")
     suite = Suite(data, ports={s: 0 for s in SERVICES}, metrics_port=0, workers=1,
-                  env=quiet_env(next(iter(versions.values())).parent, LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1"))
+                  env=quiet_env(next(iter(versions.values())).parent, LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1",
+                                LLMOS_REGISTRY_MAX_ADAPTER_RANK="16"))
     suite.start(timeout=120)
     try:
         with suite.client() as client:
@@ -223,3 +226,71 @@ def test_a_cycle_through_two_aliases_and_an_alias_named_like_a_model_are_refused
         client.delete_alias("assistant")
         with pytest.raises(errors.NotFound):
             client.get_alias("assistant")
+
+
+# ---- fine-tunes: LoRA adapters over tiny:v1 -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, versions) -> dict[str, Path]:
+    root = versions["v1"].parent
+    return {"lora-a": adapter_of(versions["v1"], root / "lora-a", 1),
+            "lora-b": adapter_of(versions["v1"], root / "lora-b", 2, target_modules=["q_proj", "v_proj"], r=4),
+            "lora-c": adapter_of(versions["v1"], root / "lora-c", 3,
+                                 target_modules=["gate_proj", "up_proj", "down_proj"], lora_alpha=32)}
+
+
+def token_ids(client, model: str, max_tokens: int = ANSWER_TOKENS) -> tuple[str, list[int]]:
+    version, ids = "", []
+    for response in client.generate(model, prompt=PROMPT, max_tokens=max_tokens, ignore_eos=True, timeout=60):
+        version = version or response.model
+        ids += response.token_ids
+    return version, ids
+
+
+def test_adapters_answer_as_peft_generate_each_in_one_batch_with_the_base(suite, versions, adapters):
+    with suite.client() as client:
+        for name, path in adapters.items():
+            imported = client.import_model("tiny", str(path), tag=name, base="tiny:v1").model
+            assert imported.base == "tiny:v1" and imported.adapter_rank in (4, 8)
+        expected = {name: peft_greedy(versions["v1"], path, PROMPT, ANSWER_TOKENS) for name, path in adapters.items()}
+        expected["v1"] = peft_greedy(versions["v1"], None, PROMPT, ANSWER_TOKENS)
+        assert len({tuple(ids) for ids in expected.values()}) == 4, "an adapter does not change the answer"
+        models = [f"tiny:{name}" for name in ("lora-a", "lora-b", "lora-c", "v1")] * 2
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda m: token_ids(client, m), models))
+        for model, (version, ids) in zip(models, answers, strict=True):
+            assert version == model and ids == expected[model.split(":")[1]], model
+        client.set_alias("tuned", "tiny:lora-b")
+        assert token_ids(client, "tuned") == ("tiny:lora-b", expected["lora-b"])
+        client.delete_alias("tuned")
+
+
+def test_adapters_the_engine_cannot_serve_are_refused_at_import(suite, versions, tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    cases = {
+        "pickle": (errors.InvalidArgument, "ADAPTER_PICKLE_WEIGHTS"),
+        "other-base": (errors.FailedPrecondition, "ADAPTER_BASE_MISMATCH"),
+        "rank-32": (errors.FailedPrecondition, "ADAPTER_RANK_UNSUPPORTED"),
+        "lm-head": (errors.FailedPrecondition, "ADAPTER_MODULES_UNSUPPORTED"),
+    }
+    root = versions["v1"].parent
+    pickled = adapter_of(versions["v1"], root / "pickle", 4)
+    (pickled / "adapter_model.safetensors").unlink()
+    torch.save({"weights": torch.zeros(1)}, pickled / "adapter_model.bin")
+    save_adapter(other, root / "other-base", 5)
+    adapter_of(versions["v1"], root / "rank-32", 6, r=32)
+    adapter_of(versions["v1"], root / "lm-head", 7, target_modules=["q_proj", "lm_head"])
+    with suite.client() as client:
+        for name, (kind, reason) in cases.items():
+            with pytest.raises(kind) as refused:
+                client.import_model("tiny", str(root / name), tag=name, base="tiny:v1")
+            assert refused.value.reason == reason, (name, refused.value)
+            with pytest.raises(errors.NotFound):
+                client.get_model(f"tiny:{name}")
+        with pytest.raises(errors.NotFound):
+            client.import_model("tiny", str(adapters_dir := root / "lora-a"), tag="orphan", base="nothing:here")
+        assert adapters_dir.is_dir()

@@ -67,6 +67,10 @@ class WorkerSettings(ServiceSettings):
     # Prefix caching: what a finished request computed stays in a free cache slot, and a
     # prompt that starts with those tokens reuses them (llmos_prefix_cache_* metrics).
     prefix_cache: bool = True
+    # Distinct LoRA adapters one engine step runs (sequences of more take turns), and the adapters
+    # each model keeps loaded (the least recently used idle one makes room; each is leased).
+    max_adapters_per_step: int = 4
+    max_loaded_adapters: int = 8
 
 
 async def announce(stub: registry_pb2_grpc.RegistryServiceStub,
@@ -118,7 +122,8 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     model_host = ModelHost(worker_id, GrpcResources(channels, settings.resources_address), device,
                            pick_dtype(settings.dtype, device), driver,
                            EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget,
-                                        settings.lease_ttl_seconds, settings.max_backlog, settings.prefix_cache),
+                                        settings.lease_ttl_seconds, settings.max_backlog, settings.prefix_cache,
+                                        settings.max_adapters_per_step, settings.max_loaded_adapters),
                            events=EngineTelemetry(provider.get_tracer("llmos.worker.engine"), host.metrics))
     host.metrics.register(WorkerGauges(worker_id, model_host.status, model_host.memory_in_use))
     await host.set_serving(False)       # ready once registered: before that no one sends it work

@@ -28,6 +28,7 @@ from llmos.common.domain import (
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound, ResourceExhausted
 from llmos.common.names import model_lease_holder, worker_lease_prefix
 
+from .adapter_cache import AdapterCache
 from .engine import Engine, EngineDriver, EngineEvents, EngineStats, Sequence
 from .loader import LoadedModel, load_model
 from .structured import Grammars
@@ -62,6 +63,9 @@ class EngineConfig:
     max_backlog: int = 64
     # Keep what leaving sequences computed in free slots for prompts that start the same way.
     prefix_cache: bool = True
+    # Distinct LoRA adapters in one engine step (more take turns), and adapters kept loaded per model.
+    max_adapters_per_step: int = 4
+    max_loaded_adapters: int = 8
 
 
 @dataclass
@@ -70,6 +74,7 @@ class Served:
     engine: Engine
     lease: str
     grammars: Grammars
+    adapters: AdapterCache
     last_request: float = field(default_factory=time.time)
 
 
@@ -81,6 +86,8 @@ class ModelStatus:
     measured_bytes: int
     stats: EngineStats
     last_request: float
+    adapters: list[str] = field(default_factory=list)     # cached LoRA adapters, the most recent first
+    adapter_bytes: int = 0
 
 
 Loader = Callable[[str, str, torch.device, torch.dtype, int, int], LoadedModel]
@@ -157,8 +164,12 @@ class ModelHost:
                 await self._resources.release(lease)
                 raise
             engine = Engine(model, loaded.runner, loaded.tokenizer, loaded.eos_ids, self.driver,
-                            self.config.prefill_budget, self.events, self.config.prefix_cache)
-            served = Served(loaded, engine, lease, Grammars(loaded.tokenizer, loaded.runner.vocab_size, loaded.eos_ids))
+                            self.config.prefill_budget, self.events, self.config.prefix_cache,
+                            self.config.max_adapters_per_step)
+            adapters = AdapterCache(model, path, loaded.runner, self.driver, self._resources, self.worker_id,
+                                    self.device_name, self.config.lease_ttl, self.config.max_loaded_adapters)
+            served = Served(loaded, engine, lease, Grammars(loaded.tokenizer, loaded.runner.vocab_size, loaded.eos_ids),
+                            adapters)
             self._served[model] = served
             return served
 
@@ -168,6 +179,7 @@ class ModelHost:
             if served is None:
                 return
             await asyncio.to_thread(served.engine.stop)
+            await served.adapters.close()
             await self._resources.release(served.lease)
             log.info("unloaded %s", model)
 
@@ -177,7 +189,8 @@ class ModelHost:
 
     def status(self) -> list[ModelStatus]:
         return [ModelStatus(name, self.device_name, s.loaded.dtype_name,
-                            s.loaded.measured_bytes, s.engine.stats(), s.last_request)
+                            s.loaded.measured_bytes, s.engine.stats(), s.last_request, s.adapters.names,
+                            s.adapters.nbytes)
                 for name, s in sorted(self._served.items())]
 
     def _prompt_ids(self, loaded: LoadedModel, source: GenerationInput) -> list[int]:
@@ -228,17 +241,23 @@ class ModelHost:
 
     async def generate(self, request_id: str, model: str, source: GenerationInput,
                        params: SamplingParams, trace_context: object = None,
-                       token_budget: int = 0) -> AsyncIterator[Chunk]:
-        """Streams the generation's chunks. `trace_context`: the request's span context, which
-        the engine's spans link to."""
+                       token_budget: int = 0, adapter: str = "", adapter_path: str = "") -> AsyncIterator[Chunk]:
+        """Streams the generation's chunks, under the LoRA adapter `adapter` (in `adapter_path`)
+        when one is named. `trace_context`: the request's span context, which the engine's
+        spans link to."""
         served = self._served.get(model)
         if served is None:
             raise NotFound(f"model {model} is not loaded on worker {self.worker_id}",
                            reason="MODEL_NOT_LOADED", metadata={"model": model})
+        if adapter and not adapter_path:
+            raise InvalidArgument.field("adapter_path", "is required with an adapter")
         served.last_request = time.time()
         self.active_requests[request_id] += 1      # known here from now until it ends
+        lora = None
         try:
             loaded = served.loaded
+            if adapter:
+                lora = await served.adapters.take(adapter, adapter_path)
             self._check_length(loaded, source)
             prompt_ids = await asyncio.to_thread(self._prompt_ids, loaded, source)  # long prompts: off the loop
             max_new = self._max_new(loaded, len(prompt_ids), params, token_budget)
@@ -255,7 +274,7 @@ class ModelHost:
                     pass
 
             seq = Sequence(request_id, prompt_ids, params, max_new, deliver, trace_context=trace_context,
-                           max_backlog=self.config.max_backlog, constraint=constraint)
+                           max_backlog=self.config.max_backlog, constraint=constraint, adapter=lora)
             served.engine.submit(seq)
             finished = False
             try:
@@ -283,6 +302,8 @@ class ModelHost:
                 if not finished:
                     served.engine.cancel(seq)
         finally:
+            if lora is not None:
+                served.adapters.give_back(adapter)
             self.active_requests[request_id] -= 1
             if not self.active_requests[request_id]:
                 del self.active_requests[request_id]

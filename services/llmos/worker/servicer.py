@@ -53,9 +53,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         errors.raise_if_any()
         span = trace.get_current_span()
         span.set_attributes({"gen_ai.request.model": request.model, "llmos.request.id": request.request_id})
+        if request.adapter:
+            span.set_attribute("llmos.adapter", request.adapter)
         async for chunk in self.host.generate(request.request_id, request.model, source, params,
                                               span.get_span_context() if span.is_recording() else None,
-                                              token_budget=request.token_budget):
+                                              token_budget=request.token_budget, adapter=request.adapter,
+                                              adapter_path=request.adapter_path):
             if chunk.finish_reason is not None:
                 span.set_attributes({"gen_ai.response.finish_reasons": [chunk.finish_reason.name.lower()],
                                      "gen_ai.usage.input_tokens": chunk.usage.prompt_tokens,
@@ -67,7 +70,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             model=s.model, device=s.device, dtype=s.dtype, measured_bytes=s.measured_bytes,
             running=s.stats.running, waiting=s.stats.waiting, kv_tokens_used=s.stats.kv_tokens_used,
             kv_tokens_capacity=s.stats.kv_tokens_capacity, tokens_generated=s.stats.tokens_generated,
-            last_request_time=timestamp(s.last_request), max_running=s.stats.max_running)
+            last_request_time=timestamp(s.last_request), max_running=s.stats.max_running, adapters=s.adapters,
+            adapter_bytes=s.adapter_bytes)
             for s in self.host.status()]
         return worker_pb2.GetWorkerStatusResponse(
             worker_id=self.host.worker_id, models=models,

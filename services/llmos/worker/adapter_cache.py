@@ -1,0 +1,149 @@
+"""One loaded model's LoRA adapters in memory, loaded on first use and dropped least recently
+used first.
+
+Each adapter in the cache holds a memory lease of its own (holder
+`worker/<id>/adapter/<model>/<adapter>`, renewed with the worker's other leases), so adapters
+are counted against the device's budget as the model's weights and KV cache are. A new adapter
+evicts the least recently used idle one when the cache holds `max_loaded` already, or when the
+resource manager has no room for its lease; when every cached adapter is running a request, the
+request is refused with RESOURCE_EXHAUSTED (ADAPTER_CACHE_FULL) and a retry delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from llmos.common.adapters import read_adapter
+from llmos.common.errors import FailedPrecondition, LlmosError, ResourceExhausted
+from llmos.common.names import worker_lease_prefix
+
+from .engine import EngineDriver
+from .lora import Adapter, load_adapter
+
+log = logging.getLogger(__name__)
+
+# The registry checked the rank at import; the worker serves whatever it was given.
+NO_RANK_LIMIT = 1 << 16
+
+
+class Leases(Protocol):
+    async def acquire(self, holder: str, device: str, nbytes: int, ttl: float) -> str: ...
+
+    async def release(self, lease: str) -> None: ...
+
+
+def adapter_lease_holder(worker_id: str, model: str, adapter: str) -> str:
+    return f"{worker_lease_prefix(worker_id)}adapter/{model}/{adapter}"
+
+
+@dataclass
+class _Entry:
+    adapter: Adapter
+    lease: str
+    in_use: int = 0
+
+
+class AdapterCache:
+    def __init__(self, model: str, model_path: str, runner: Any, driver: EngineDriver, leases: Leases,
+                 worker_id: str, device: str, lease_ttl: float, max_loaded: int = 8) -> None:
+        self.model = model
+        self._model_path = Path(model_path)
+        self._runner = runner
+        self._driver = driver
+        self._leases = leases
+        self._worker_id = worker_id
+        self._device = device
+        self._lease_ttl = lease_ttl
+        self.max_loaded = max_loaded
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()      # least recently used first
+        self._loading = asyncio.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        """The cached adapters, the most recently used first."""
+        return list(reversed(self._entries))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.adapter.nbytes for e in self._entries.values())
+
+    async def take(self, name: str, path: str) -> Adapter:
+        """The adapter `name` (from `path`), loaded if it is not cached, marked in use until
+        `give_back`."""
+        entry = self._entries.get(name)
+        if entry is None:
+            async with self._loading:
+                entry = self._entries.get(name) or await self._load(name, path)
+        entry.in_use += 1
+        self._entries.move_to_end(name)
+        return entry.adapter
+
+    def give_back(self, name: str) -> None:
+        entry = self._entries.get(name)
+        if entry is not None and entry.in_use > 0:
+            entry.in_use -= 1
+
+    async def _load(self, name: str, path: str) -> _Entry:
+        if not getattr(self._runner, "supports_adapters", False):
+            raise FailedPrecondition(f"model {self.model} runs on the {self._runner.implementation} forward, which "
+                                     "takes no LoRA adapters", reason="ADAPTER_UNSUPPORTED",
+                                     metadata={"model": self.model, "adapter": name})
+        base_config = json.loads((self._model_path / "config.json").read_text())
+        facts = await asyncio.to_thread(read_adapter, Path(path), base_config, NO_RANK_LIMIT)
+        nbytes = facts.nbytes_as(torch_element_size(self._runner.dtype))
+        while len(self._entries) >= self.max_loaded:
+            await self._evict_one(name)
+        holder = adapter_lease_holder(self._worker_id, self.model, name)
+        while True:
+            try:
+                lease = await self._leases.acquire(holder, self._device, nbytes, self._lease_ttl)
+                break
+            except ResourceExhausted:
+                if not self._idle():
+                    raise
+                await self._evict_one(name)
+        try:
+            adapter = await asyncio.wrap_future(self._driver.call(load_adapter, name, Path(path), self._runner, facts))
+        except BaseException:
+            await self._leases.release(lease)
+            raise
+        entry = self._entries[name] = _Entry(adapter, lease)
+        log.info("adapter %s of %s loaded (%d bytes, rank %d)", name, self.model, adapter.nbytes, facts.rank)
+        return entry
+
+    def _idle(self) -> list[str]:
+        return [n for n, e in self._entries.items() if e.in_use == 0]
+
+    async def _evict_one(self, wanted: str) -> None:
+        idle = self._idle()
+        if not idle:
+            raise ResourceExhausted(
+                f"the adapter cache of {self.model} holds {len(self._entries)} adapters, each running a request; "
+                f"{wanted} waits for one of them to finish", reason="ADAPTER_CACHE_FULL", retry_after=1.0,
+                metadata={"model": self.model, "adapter": wanted, "cached": str(len(self._entries))})
+        await self._drop(idle[0], f"to make room for {wanted}")
+
+    async def _drop(self, name: str, why: str) -> None:
+        entry = self._entries.pop(name)
+        self._driver.call(self._runner.release_adapter, entry.adapter)
+        try:
+            await self._leases.release(entry.lease)
+        except LlmosError as exc:       # it lapses without renewals anyway
+            log.warning("could not release the lease of adapter %s: %s", name, exc.message)
+        log.info("adapter %s of %s dropped %s", name, self.model, why)
+
+    async def close(self) -> None:
+        for name in list(self._entries):
+            await self._drop(name, "with its model")
+
+
+def torch_element_size(dtype: Any) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
