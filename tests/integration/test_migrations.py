@@ -4,6 +4,7 @@ import sqlalchemy as sa
 
 from llmos.common.names import ModelRef
 from llmos.common.store import Store
+from llmos.registry.aliases import AliasBook, AliasRecord, Target
 from llmos.registry.catalog import Catalog
 
 
@@ -21,4 +22,25 @@ def test_a_catalog_from_before_the_implementation_column_reads_its_models_as_the
     assert store.migrate() == ("0001", Store.head())
     record = Catalog(store).get(ModelRef("old", "latest"))
     assert record is not None and record.implementation == "llmos" and record.architecture == "LlamaForCausalLM"
+    store.close()
+
+
+def test_a_catalog_from_before_aliases_and_adapters_gains_them_with_its_models_kept(store_url):
+    store = Store(store_url)
+    with store.engine.begin() as db:     # the store as revision 0002 left it
+        db.execute(sa.text("DROP TABLE aliases"))
+        db.execute(sa.text("ALTER TABLE models DROP COLUMN base"))
+        db.execute(sa.text("ALTER TABLE models DROP COLUMN adapter_rank"))
+        db.execute(sa.text("UPDATE alembic_version SET version_num = '0002'"))
+        db.execute(sa.text(
+            "INSERT INTO models (name, tag, digest, source_format, source, path, architecture, parameter_count, "
+            "dtype, context_length, has_chat_template, create_time, estimated_bytes, measured_bytes, implementation) "
+            "VALUES ('old', 'latest', 'sha256:00', 'safetensors', '/src', '/store/00', 'LlamaForCausalLM', 1, "
+            "'float32', 256, true, 0, 1, 0, 'llmos')"))
+    assert store.migrate() == ("0002", Store.head())
+    record = Catalog(store).get(ModelRef("old", "latest"))
+    assert record is not None and record.base == "" and record.adapter_rank == 0
+    book = AliasBook(store)
+    book.put(AliasRecord(ModelRef("chat"), (Target(ModelRef("old"), 100),), update_time=1.0))
+    assert book.get(ModelRef("chat")).targets == (Target(ModelRef("old"), 100),)
     store.close()

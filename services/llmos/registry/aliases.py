@@ -4,7 +4,8 @@ An alias (`chat`, `chat:stable`) shares the models' name space: no model has an 
 name and tag. Its targets are models or other aliases (never reaching itself), each with a
 weight in percent, summing to 100. A request names the alias and is sent to one target by
 weighted rendezvous hashing of its route key (a conversation id): the same key gets the same
-version while the split stands, and when one version's weight grows, keys only move to it.
+version while the split stands, and a version whose weight grows keeps every key it had (in a
+split of two, keys only move to it).
 """
 
 from __future__ import annotations
