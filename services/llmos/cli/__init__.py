@@ -332,8 +332,9 @@ def _age(seconds: float) -> str:
 
 def _print_model(m) -> None:
     state = enum_word(m, 'state')
-    print(f"{m.name}:{m.tag}  {state}  {m.architecture} ({m.implementation or 'llmos'} forward)  "
-          f"{m.parameter_count / 1e6:.1f}M params  "
+    kind = (f"rank {m.adapter_rank} LoRA adapter of {m.base}" if m.base else
+            f"{m.architecture} ({m.implementation or 'llmos'} forward)")
+    print(f"{m.name}:{m.tag}  {state}  {kind}  {m.parameter_count / 1e6:.1f}M params  "
           f"{m.dtype}  ctx {m.context_length}  est {_gib(m.estimated_bytes)}  {m.digest[:19]}")
 
 
