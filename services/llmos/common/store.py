@@ -230,6 +230,18 @@ class Store:
             raise self._unavailable() from None
         self._mark_up()
 
+    def put(self, table: Table, values: dict, *key: str) -> None:
+        """Writes the row of `table` whose `key` columns hold `values`' (updated, or inserted when
+        there is none), in one transaction."""
+        where = [table.c[k] == values[k] for k in key]
+        try:
+            with self.begin() as db:
+                if db.execute(update(table).where(*where).values(values)).rowcount == 0:
+                    db.execute(insert(table).values(values))
+        except IntegrityError:          # another replica inserted it meanwhile: this one replaces it
+            with self.begin() as db:
+                db.execute(update(table).where(*where).values(values))
+
     def _mark_down(self, exc: Exception) -> None:
         with self._lock:
             if self._down_since is None:

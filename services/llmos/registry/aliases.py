@@ -17,8 +17,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import delete, insert, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, select, tuple_
 
 from llmos.common.errors import FailedPrecondition, InvalidArgument
 from llmos.common.names import ModelRef, parse_model_ref
@@ -105,17 +104,10 @@ class AliasBook:
         return self._record(row) if row else None
 
     def put(self, record: AliasRecord) -> None:
-        values = {"name": record.ref.name, "tag": record.ref.tag, "targets": _dump(record.targets),
-                  "previous_targets": _dump(record.previous), "rollback_window": record.rollback_window,
-                  "update_time": record.update_time}
-        where = (aliases.c.name == record.ref.name, aliases.c.tag == record.ref.tag)
-        try:
-            with self.store.begin() as db:
-                if db.execute(update(aliases).where(*where).values(values)).rowcount == 0:
-                    db.execute(insert(aliases).values(values))
-        except IntegrityError:          # another replica inserted it meanwhile: this one replaces it
-            with self.store.begin() as db:
-                db.execute(update(aliases).where(*where).values(values))
+        self.store.put(aliases, {"name": record.ref.name, "tag": record.ref.tag, "targets": _dump(record.targets),
+                                 "previous_targets": _dump(record.previous),
+                                 "rollback_window": record.rollback_window, "update_time": record.update_time},
+                       "name", "tag")
 
     def delete(self, ref: ModelRef) -> bool:
         with self.store.begin() as db:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from sqlalchemy import delete, insert, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, select, tuple_, update
 
+from llmos.common.errors import InvalidArgument
 from llmos.common.names import ModelRef
+from llmos.common.paging import page_size as checked_page_size
 from llmos.common.store import Store, models
 
 
@@ -43,6 +46,24 @@ class ModelRecord:
 
 _FIELDS = [f.name for f in dataclasses.fields(ModelRecord)]
 
+T = TypeVar("T")
+
+
+def page_by_ref(fetch: Callable[[tuple[str, str] | None, int], list[T]], ref_of: Callable[[T], ModelRef],
+                page_size: int, page_token: str) -> tuple[list[T], str]:
+    """A page of a store listing ordered by (name, tag): `fetch(after, limit)` gives the rows after
+    `after`; the page token is the last row's "name:tag"."""
+    size = checked_page_size(page_size)
+    after = None
+    if page_token:
+        name, sep, tag = page_token.partition(":")
+        if not sep:
+            raise InvalidArgument.field("page_token", "is not a token this service issued",
+                                        reason="INVALID_PAGE_TOKEN")
+        after = (name, tag)
+    rows = fetch(after, size + 1)
+    return rows[:size], str(ref_of(rows[size - 1])) if len(rows) > size else ""
+
 
 class Catalog:
     """Name and tag → model record, in the store's `models` table; every write is one transaction."""
@@ -59,15 +80,7 @@ class Catalog:
         return self._record(row) if row else None
 
     def put(self, record: ModelRecord) -> None:
-        values = dataclasses.asdict(record)
-        where = (models.c.name == record.name, models.c.tag == record.tag)
-        try:
-            with self.store.begin() as db:
-                if db.execute(update(models).where(*where).values(values)).rowcount == 0:
-                    db.execute(insert(models).values(values))
-        except IntegrityError:          # another replica inserted it meanwhile: this one replaces it
-            with self.store.begin() as db:
-                db.execute(update(models).where(*where).values(values))
+        self.store.put(models, dataclasses.asdict(record), "name", "tag")
 
     def set_measured(self, ref: ModelRef, nbytes: int) -> None:
         self._update(ref, measured_bytes=nbytes)

@@ -24,11 +24,10 @@ from llmos.common.errors import (
     Unavailable,
 )
 from llmos.common.names import ModelRef, check_name, check_tag, parse_model_ref
-from llmos.common.paging import page_size as checked_page_size
 
 from . import events
 from .aliases import AliasBook, Resolver
-from .catalog import Catalog, ModelRecord
+from .catalog import Catalog, ModelRecord, page_by_ref
 from .events import EventHub
 from .importer import Importer
 from .weights import KvShape, estimate_bytes, read_config, sha256_files
@@ -209,17 +208,8 @@ class ModelRegistry:
         return self.view(record)
 
     def list(self, page_size: int, page_token: str) -> tuple[list[ModelView], str]:
-        size = checked_page_size(page_size)
-        after = None
-        if page_token:
-            name, sep, tag = page_token.partition(":")
-            if not sep:
-                raise InvalidArgument.field("page_token", "is not a token this service issued",
-                                            reason="INVALID_PAGE_TOKEN")
-            after = (name, tag)
-        records = self.catalog.list(after, size + 1)
-        next_token = f"{records[size - 1].name}:{records[size - 1].tag}" if len(records) > size else ""
-        return [self.view(r) for r in records[:size]], next_token
+        records, next_token = page_by_ref(self.catalog.list, lambda r: r.ref, page_size, page_token)
+        return [self.view(r) for r in records], next_token
 
     def view(self, record: ModelRecord) -> ModelView:
         placements = []

@@ -16,10 +16,10 @@ import time
 
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound
 from llmos.common.names import ModelRef, parse_model_ref
-from llmos.common.paging import page_size as checked_page_size
 
 from . import events
 from .aliases import MAX_ROLLBACK_WINDOW, AliasRecord, check_targets, describe
+from .catalog import page_by_ref
 from .models import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -46,17 +46,7 @@ class Rollouts:
         return record
 
     def list(self, page_size: int, page_token: str) -> tuple[list[AliasRecord], str]:
-        size = checked_page_size(page_size)
-        after = None
-        if page_token:
-            name, sep, tag = page_token.partition(":")
-            if not sep:
-                raise InvalidArgument.field("page_token", "is not a token this service issued",
-                                            reason="INVALID_PAGE_TOKEN")
-            after = (name, tag)
-        records = self.registry.aliases.list(after, size + 1)
-        token = str(records[size - 1].ref) if len(records) > size else ""
-        return records[:size], token
+        return page_by_ref(self.registry.aliases.list, lambda r: r.ref, page_size, page_token)
 
     # changing --------------------------------------------------------------
 
