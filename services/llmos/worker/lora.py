@@ -16,9 +16,13 @@ adapter only (Punica's batched gather-matmul):
 
 A row of the base model is in no group (or in a group only as padding, at scale 0, so zero is
 added to it): its output is the base forward's, bit for bit. A step with no adapter runs none
-of this. Stacks are built for a set of
-adapters the first time a step holds that set and kept for the next steps (the set changes only
-when a sequence of a new adapter joins or the last of one leaves), a few sets at a time.
+of this.
+
+Stacks are built for a set of adapters the first time a step holds that set and kept for the
+next steps (the set changes only when a sequence of a new adapter joins, the last of one leaves,
+or adapters take turns), `STACKS_KEPT` sets at a time; they are copies, so a set costs about
+its adapters' bytes again (`AdapterStacks.nbytes`), and more: each B block spans every output
+column of its fused product, and a fused product's blocks are padded to its widest adapter.
 """
 
 from __future__ import annotations
