@@ -229,6 +229,30 @@ def test_three_adapters_and_the_base_share_steps_each_as_its_own_model(tiny_mode
     assert len({tuple(expected(name, PROMPTS[0])) for name in (None, "all", "attn", "mlp")}) == 4
 
 
+def test_base_rows_beside_adapters_are_bit_for_bit_the_base_alone(tiny_model_dir, base_config, adapters):
+    """Tokens and log-probabilities of a base request alone, and in steps full of adapter rows."""
+    loaded, engine, events, loaded_adapters = engine_with(tiny_model_dir, base_config, adapters)
+    tok = loaded.tokenizer
+    params = SamplingParams(logprobs=True, ignore_eos=True)
+
+    def base(rid):
+        run = Collector()
+        engine.submit(Sequence(rid, tok(PROMPTS[1])["input_ids"], params, MAX_NEW, run))
+        return run
+    try:
+        alone = base("alone")
+        wait_all([alone])
+        others = [submit(engine, tok, p, loaded_adapters[name], f"o{i}")
+                  for i, (p, name) in enumerate(zip(PROMPTS[2:], ["all", "attn", "mlp"] * 2, strict=False))]
+        busy = base("busy")
+        wait_all([*others, busy])
+    finally:
+        engine.stop()
+    assert sum(None in batch and len(batch) > 1 for batch in events.batches) >= MAX_NEW // 2
+    assert [t for c in busy.chunks for t in c.token_ids] == [t for c in alone.chunks for t in c.token_ids]
+    assert [p for c in busy.chunks for p in c.logprobs] == [p for c in alone.chunks for p in c.logprobs]
+
+
 def test_at_most_max_adapters_per_step_run_together_and_each_gets_its_turns(tiny_model_dir, base_config, adapters,
                                                                            expected):
     loaded, engine, events, loaded_adapters = engine_with(tiny_model_dir, base_config, adapters,

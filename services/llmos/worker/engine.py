@@ -472,7 +472,7 @@ class Engine:
             adapter_rows = [which.get(s.adapter, -1) for s in decoding]
             for s, chunk in chunks:
                 adapter_rows.extend([which.get(s.adapter, -1)] * chunk.length)
-            lora = LoraBatch(adapters, index(adapter_rows))
+            lora = LoraBatch(adapters, adapter_rows)
 
         constrained = [s for s in sampled if s.constraint is not None]
         if constrained:

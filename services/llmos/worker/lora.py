@@ -3,19 +3,26 @@ one step, each row through its own adapter (the per-row products of Punica and S
 
 An adapted projection computes `W x + scaling * B (A x)`. The base product `W x` runs over every
 row of the step as before; the adapters' part is added after it, for all the step's adapters at
-once. Per fused product of a layer (q/k/v, o, gate/up, down) the A matrices of the step's
-adapters are stacked into one [columns, in] matrix and the B matrices, transposed, into one
-[columns, out] matrix, each adapter's B in its projection's output columns (zeros elsewhere). A
-step then costs three products per fused product whatever the number of adapters:
+once. Per fused product of a layer (q/k/v, o, gate/up, down) each adapter's A^T of its
+projections sits side by side in one [in, R] block and its B^T in one [R, out] block, each B in
+its projection's output columns (zeros elsewhere), and the step's adapters' blocks are stacked.
+The rows of each adapter are gathered into a group of their own, so a step costs five
+operations per fused product whatever the number of adapters, and each row pays for its own
+adapter only (Punica's batched gather-matmul):
 
-    xa = x @ A_stack.T          every row against every adapter's A (a few dozen columns)
-    xa *= mask                  [rows, columns]: the row's adapter's scaling in its columns, else 0
-    y += xa @ B_stack           the row's own adapter's B (A x), scaled
+    xg = x[groups]              [adapters, rows, in]
+    xa = xg @ A_stack * scale   [adapters, rows, R]
+    y[groups] += xa @ B_stack   [adapters, rows, out]
 
-A row of the base model has an all-zero mask, so zero is added to it: its output is the base
-forward's, bit for bit. A step with no adapter runs none of this. Stacks are built for a set of
-adapters the first time a step holds that set and kept for the next steps (the set changes only
-when a sequence of a new adapter joins or the last of one leaves), a few sets at a time.
+A row of the base model is in no group (or in a group only as padding, at scale 0, so zero is
+added to it): its output is the base forward's, bit for bit. A step with no adapter runs none
+of this.
+
+Stacks are built for a set of adapters the first time a step holds that set and kept for the
+next steps (the set changes only when a sequence of a new adapter joins, the last of one leaves,
+or adapters take turns), `STACKS_KEPT` sets at a time; they are copies, so a set costs about
+its adapters' bytes again (`AdapterStacks.nbytes`), and more: each B block spans every output
+column of its fused product, and a fused product's blocks are padded to its widest adapter.
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from llmos.common.adapters import WEIGHTS, AdapterFacts, parse_key
 from llmos.common.errors import FailedPrecondition
@@ -68,7 +74,7 @@ class LoraBatch:
     adapter in `adapters` (-1: the base model)."""
 
     adapters: tuple[Adapter, ...]
-    rows: torch.Tensor
+    rows: list[int]
 
 
 def _refuse(name: str, message: str, reason: str, **metadata: str) -> FailedPrecondition:
@@ -108,62 +114,80 @@ def load_adapter(name: str, directory: Path, runner: Any, facts: AdapterFacts) -
 
 
 class _Stack:
-    """The stacked A and B of one set of adapters, per layer and fused product, and which
-    adapter owns each stacked column (the masks are built from that)."""
+    """The stacked A and B of one set of adapters, per layer and fused product: for each fused
+    product, the adapters adapting any of its projections (`members`), each one's A^T [in, R] and
+    B^T [R, out] (its projections' blocks side by side, zero-padded to the widest R)."""
 
     def __init__(self, adapters: tuple[Adapter, ...], shapes: dict[str, tuple[int, int]], layer_count: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.adapters = adapters
-        self.owners: dict[str, torch.Tensor] = {}
-        self.scales: dict[str, torch.Tensor] = {}
+        self.members: dict[str, tuple[int, ...]] = {}
         self.weights: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(layer_count)]
         for kind, modules in KINDS.items():
             starts = dict(zip(modules, itertools.accumulate((shapes[m][1] for m in modules), initial=0), strict=False))
             width = sum(shapes[m][1] for m in modules)
-            # (adapter index, module, first column) of each block of `rank` columns.
-            blocks = [(j, m) for j, a in enumerate(adapters) for m in modules if m in a.facts.target_modules]
-            if not blocks:
+            targets = {j: [m for m in modules if m in a.facts.target_modules] for j, a in enumerate(adapters)}
+            members = tuple(j for j in targets if targets[j])
+            if not members:
                 continue
-            ranks = [adapters[j].facts.rank for j, _ in blocks]
-            columns = sum(ranks)
-            self.owners[kind] = torch.tensor([j for (j, _), r in zip(blocks, ranks, strict=True) for _ in range(r)],
-                                             device=device)
-            self.scales[kind] = torch.tensor([adapters[j].scaling for (j, _), r in zip(blocks, ranks, strict=True)
-                                              for _ in range(r)], device=device, dtype=dtype)
+            self.members[kind] = members
+            columns = max(adapters[j].facts.rank * len(targets[j]) for j in members)
             features_in = shapes[modules[0]][0]
             for layer in range(layer_count):
-                if not any(m in adapters[j].layers[layer] for j, m in blocks):
+                if not any(m in adapters[j].layers[layer] for j in members for m in targets[j]):
                     continue
-                a_stack = torch.zeros(columns, features_in, device=device, dtype=dtype)
-                b_stack = torch.zeros(columns, width, device=device, dtype=dtype)
-                column = 0
-                for (j, module), r in zip(blocks, ranks, strict=True):
-                    pair = adapters[j].layers[layer].get(module)
-                    if pair is not None:
-                        a, b = pair
-                        a_stack[column:column + r] = a
-                        b_stack[column:column + r, starts[module]:starts[module] + b.shape[0]] = b.T
-                    column += r
+                a_stack = torch.zeros(len(members), features_in, columns, device=device, dtype=dtype)
+                b_stack = torch.zeros(len(members), columns, width, device=device, dtype=dtype)
+                for q, j in enumerate(members):
+                    rank, column = adapters[j].facts.rank, 0
+                    for module in targets[j]:
+                        pair = adapters[j].layers[layer].get(module)
+                        if pair is not None:
+                            a, b = pair
+                            a_stack[q, :, column:column + rank] = a.T
+                            b_stack[q, column:column + rank, starts[module]:starts[module] + b.shape[0]] = b.T
+                        column += rank
                 self.weights[layer][kind] = a_stack, b_stack
 
 
 class LoraStep:
-    """One step's adapter products: `add` puts each row's adapter part onto a fused product."""
+    """One step's adapter products: `add` puts each row's adapter part onto a fused product.
 
-    def __init__(self, stack: _Stack, rows: torch.Tensor) -> None:
+    The rows of each adapter are gathered into a group of their own (groups padded to the
+    largest with row 0 at scaling 0, so padding adds exact zeros), and each group is multiplied
+    by its own adapter's A and B in one batched product: no row pays for another's adapter."""
+
+    def __init__(self, stack: _Stack, rows: list[int], device: torch.device, dtype: torch.dtype) -> None:
         self.weights = stack.weights
-        zero = torch.zeros((), device=rows.device, dtype=next(iter(stack.scales.values())).dtype)
-        self.masks = {kind: torch.where(rows[:, None] == owners[None, :], stack.scales[kind][None, :], zero)
-                      for kind, owners in stack.owners.items()}
+        groups: dict[int, list[int]] = {}
+        for row, adapter in enumerate(rows):
+            if adapter >= 0:
+                groups.setdefault(adapter, []).append(row)
+        by_members: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        self.groups: dict[str, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        for kind, members in stack.members.items():
+            if members not in by_members:
+                size = max(len(groups.get(j, ())) for j in members)
+                index = [row for j in members for row in groups.get(j, []) + [0] * (size - len(groups.get(j, [])))]
+                scales = [stack.adapters[j].scaling if i < len(groups.get(j, ())) else 0.0
+                          for j in members for i in range(size)]
+                by_members[members] = (torch.tensor(index, dtype=torch.long, device=device),
+                                       torch.tensor(scales, dtype=dtype, device=device).view(len(members), size, 1),
+                                       len(members), size)
+            self.groups[kind] = by_members[members]
 
     def add(self, layer: int, kind: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """Adds to `y` = the fused product `kind` of layer `layer` over the rows `x` what each
         row's adapter adds to it (in place)."""
         pair = self.weights[layer].get(kind)
-        if pair is not None:
-            xa = F.linear(x, pair[0])
-            xa.mul_(self.masks[kind])
-            y.addmm_(xa, pair[1])
+        if pair is None:
+            return
+        index, scales, count, size = self.groups[kind]
+        if size == 0:
+            return
+        xa = torch.bmm(x.index_select(0, index).view(count, size, x.shape[-1]), pair[0])
+        xa.mul_(scales)
+        y.index_add_(0, index, torch.bmm(xa, pair[1]).view(count * size, y.shape[-1]))
 
 
 class AdapterStacks:
@@ -184,7 +208,7 @@ class AdapterStacks:
                 self._kept.popitem(last=False)
         else:
             self._kept.move_to_end(key)
-        return LoraStep(stack, batch.rows)
+        return LoraStep(stack, batch.rows, self.device, self.dtype)
 
     @property
     def nbytes(self) -> int:
