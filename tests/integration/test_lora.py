@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llmos.common.adapters import read_adapter
@@ -22,21 +22,12 @@ from llmos.worker.loader import load_model
 from llmos.worker.lora import load_adapter
 from tests.integration.test_engine import PROMPTS, Collector, Running, wait_all
 from tests.support.device import ENGINE_DEVICE
+from tests.support.lora import ALL_PROJECTIONS as ALL
+from tests.support.lora import save_adapter
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_NEW = 24
 LONG = ("The capital of France is Paris. The capital of Italy is Rome. Once upon a time there was a small "
         "model that answered questions, and llmos streams tokens from workers through the gateway.")
-
-
-def save_adapter(model, directory: Path, seed: int, **config) -> Path:
-    """A random LoRA adapter of `model` (B not zero) saved by PEFT into `directory`."""
-    torch.manual_seed(seed)
-    options = dict(r=8, lora_alpha=16, target_modules=ALL, init_lora_weights=False) | config
-    peft_model = get_peft_model(model, LoraConfig(**options))
-    peft_model.save_pretrained(directory)
-    peft_model.unload()
-    return directory
 
 
 @pytest.fixture(scope="module")

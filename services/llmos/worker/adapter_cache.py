@@ -3,7 +3,9 @@ used first.
 
 Each adapter in the cache holds a memory lease of its own (holder
 `worker/<id>/adapter/<model>/<adapter>`, renewed with the worker's other leases), so adapters
-are counted against the device's budget as the model's weights and KV cache are. A new adapter
+are counted against the device's budget as the model's weights and KV cache are: its tensors,
+and its copies in the stacked sets of adapters the runner keeps for its steps (`lora.py`, at
+most `STACKS_KEPT` sets, each B block as wide as its fused product). A new adapter
 evicts the least recently used idle one when the cache holds `max_loaded` already, or when the
 resource manager has no room for its lease; when every cached adapter is running a request, the
 request is refused with RESOURCE_EXHAUSTED (ADAPTER_CACHE_FULL) and a retry delay.
@@ -19,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from llmos.common.adapters import read_adapter
+from llmos.common.adapters import AdapterFacts, read_adapter
 from llmos.common.errors import FailedPrecondition, LlmosError, ResourceExhausted
 from llmos.common.names import worker_lease_prefix
 
 from .engine import EngineDriver
-from .lora import Adapter, load_adapter
+from .lora import KINDS, STACKS_KEPT, Adapter, load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ class AdapterCache:
                                      metadata={"model": self.model, "adapter": name})
         base_config = json.loads((self._model_path / "config.json").read_text())
         facts = await asyncio.to_thread(read_adapter, Path(path), base_config, NO_RANK_LIMIT)
-        nbytes = facts.nbytes_as(torch_element_size(self._runner.dtype))
+        nbytes = leased_bytes(facts, self._runner)
         while len(self._entries) >= self.max_loaded:
             await self._evict_one(name)
         holder = adapter_lease_holder(self._worker_id, self.model, name)
@@ -143,7 +145,17 @@ class AdapterCache:
             await self._drop(name, "with its model")
 
 
-def torch_element_size(dtype: Any) -> int:
+def leased_bytes(facts: AdapterFacts, runner: Any) -> int:
+    """What an adapter may hold on `runner`: its tensors, and a copy in each kept stack (per
+    layer and fused product, A [in, r x its projections there] and B [that, every output column])."""
     import torch
 
-    return torch.empty((), dtype=dtype).element_size()
+    element = torch.empty((), dtype=runner.dtype).element_size()
+    shapes = runner.module_shapes
+    stacked = 0
+    for modules in KINDS.values():
+        adapted = [m for m in modules if m in facts.target_modules]
+        if adapted:
+            width = facts.rank * len(adapted)
+            stacked += width * (shapes[modules[0]][0] + sum(shapes[m][1] for m in modules))
+    return facts.nbytes_as(element) + STACKS_KEPT * stacked * len(facts.layers) * element

@@ -42,7 +42,7 @@ from llmos.common.errors import FailedPrecondition
 KINDS: dict[str, tuple[str, ...]] = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
                                      "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 # Sets of adapters whose stacks are kept.
-STACKS_KEPT = 8
+STACKS_KEPT = 2
 
 _uids = itertools.count(1)
 
