@@ -184,7 +184,7 @@ def _rank_and_alpha(directory: Path, config: dict[str, Any], max_rank: int) -> t
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         raise _invalid(directory, f"{directory.name} has no numeric lora_alpha in its {CONFIG}")
     if rank > max_rank:
-        raise _unsupported(directory, f"{directory.name} has rank {rank}, above this worker's limit of {max_rank}",
+        raise _unsupported(directory, f"{directory.name} has rank {rank}, above the limit of {max_rank}",
                            "ADAPTER_RANK_UNSUPPORTED", rank=str(rank), max_rank=str(max_rank))
     for field, default in (("rank_pattern", rank), ("alpha_pattern", alpha)):
         pattern = config.get(field) or {}

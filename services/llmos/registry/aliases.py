@@ -172,22 +172,24 @@ class Resolver:
                 raise FailedPrecondition(f"{target.model} is neither a model in the catalog nor an alias",
                                          reason="ALIAS_TARGET_NOT_FOUND",
                                          metadata={"alias": str(ref), "target": str(target.model)})
-        self._walk(ref, [t.model for t in targets], [ref], 1)
+        graph = {r.ref: [t.model for t in r.targets] for r in self.book.all()}
+        graph[ref] = [t.model for t in targets]
+        depths: dict[ModelRef, int] = {}
 
-    def _walk(self, origin: ModelRef, refs: list[ModelRef], path: list[ModelRef], depth: int) -> None:
-        for ref in refs:
-            record = self.book.get(ref)
-            if record is None:
-                continue
-            if depth >= MAX_DEPTH:
-                raise FailedPrecondition(f"alias {origin} would resolve through more than {MAX_DEPTH} aliases",
-                                         reason="ALIAS_TOO_DEEP", metadata={"alias": str(origin)})
-            for target in record.targets:
-                if target.model == origin:
-                    cycle = " → ".join(str(r) for r in [*path, ref, origin])
-                    raise FailedPrecondition(f"alias {origin} would reach itself: {cycle}", reason="ALIAS_CYCLE",
-                                             metadata={"alias": str(origin)})
-            self._walk(origin, [t.model for t in record.targets], [*path, ref], depth + 1)
+        def depth(alias: ModelRef, path: tuple[ModelRef, ...]) -> int:
+            """Aliases `alias` resolves through at most (itself included)."""
+            if alias in path:
+                cycle = " → ".join(str(r) for r in (*path[path.index(alias):], alias))
+                raise FailedPrecondition(f"alias {ref} would make a cycle: {cycle}", reason="ALIAS_CYCLE",
+                                         metadata={"alias": str(ref)})
+            if alias not in depths:
+                depths[alias] = 1 + max((depth(t, (*path, alias)) for t in graph[alias] if t in graph), default=0)
+            return depths[alias]
+
+        for alias in graph:
+            if depth(alias, ()) > MAX_DEPTH:
+                raise FailedPrecondition(f"alias {alias} would resolve through more than {MAX_DEPTH} aliases",
+                                         reason="ALIAS_TOO_DEEP", metadata={"alias": str(ref)})
 
     def leaves(self, targets: tuple[Target, ...], depth: int = 0) -> set[ModelRef]:
         """The models `targets` send traffic to, through any aliases among them."""

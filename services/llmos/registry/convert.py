@@ -44,4 +44,5 @@ def _targets(targets: tuple[Target, ...]) -> list[registry_pb2.AliasTarget]:
 
 def alias_to_proto(record: AliasRecord) -> registry_pb2.Alias:
     return registry_pb2.Alias(name=str(record.ref), targets=_targets(record.targets),
-                              previous_targets=_targets(record.previous), update_time=timestamp(record.update_time))
+                              previous_targets=_targets(record.previous), update_time=timestamp(record.update_time),
+                              rollback_window=duration(record.rollback_window))

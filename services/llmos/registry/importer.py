@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,31 +77,39 @@ class Importer:
 
     async def bring_in(self, path: Path, source_format: str, digest: str) -> Imported:
         """Puts the weights in the store (unless already there) and reads their facts."""
-        target = self.store / digest.removeprefix("sha256:")
-        if not target.exists():
-            staging = target.with_name(target.name + f".staging-{time.monotonic_ns()}")
-            try:
-                if source_format in ("gguf", "pickle"):
-                    await self._converted(source_format, path, staging, digest)
-                else:
-                    await asyncio.to_thread(self._copy_dir, path, staging)
-                await asyncio.to_thread(index_added_tokens, staging)
-                staging.rename(target)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+        async def fill(staging: Path) -> None:
+            if source_format in ("gguf", "pickle"):
+                await self._converted(source_format, path, staging, digest)
+            else:
+                await asyncio.to_thread(self._copy_dir, path, staging)
+            await asyncio.to_thread(index_added_tokens, staging)
+
+        target = await self._stored(digest, fill)
         facts = await asyncio.to_thread(read_facts, target)
         return Imported(digest, source_format, target, facts)
 
-    async def bring_in_adapter(self, path: Path, files: list[Path], digest: str) -> Path:
+    async def bring_in_adapter(self, files: list[Path], digest: str) -> Path:
         """Copies a LoRA adapter's `files` into the store (unless already there)."""
+        async def fill(staging: Path) -> None:
+            staging.mkdir(parents=True)
+            for file in files:
+                await asyncio.to_thread(shutil.copyfile, file, staging / file.name)
+
+        return await self._stored(digest, fill)
+
+    async def _stored(self, digest: str, fill: Callable[[Path], Awaitable[None]]) -> Path:
+        """The store's directory for `digest`, made by `fill` in a staging directory and renamed
+        into place unless it is there already (another import of the same files may finish first)."""
         target = self.store / digest.removeprefix("sha256:")
         if not target.exists():
             staging = target.with_name(target.name + f".staging-{time.monotonic_ns()}")
             try:
-                staging.mkdir(parents=True)
-                for file in files:
-                    await asyncio.to_thread(shutil.copyfile, file, staging / file.name)
-                staging.rename(target)
+                await fill(staging)
+                try:
+                    staging.rename(target)
+                except OSError:
+                    if not target.is_dir():
+                        raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return target

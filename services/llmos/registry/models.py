@@ -182,7 +182,7 @@ class ModelRegistry:
             raise AlreadyExists(f"model {ref} already holds other weights ({existing.digest[:19]}…)",
                                 reason="MODEL_TAG_TAKEN", metadata={"model": str(ref)})
         self.events.emit(str(ref), events.IMPORTING, reason=f"adapter of {base_record.ref} from {source}")
-        stored = await self.importer.bring_in_adapter(path, files, digest)
+        stored = await self.importer.bring_in_adapter(files, digest)
         record = replace(base_record, name=ref.name, tag=ref.tag, digest=digest, source_format="safetensors",
                          source=str(path), path=str(stored), parameter_count=facts.params, create_time=time.time(),
                          estimated_bytes=facts.nbytes, measured_bytes=0, keep_alive=None, base=str(base_record.ref),

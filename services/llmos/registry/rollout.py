@@ -65,7 +65,11 @@ class Rollouts:
             if current is not None and current.targets == checked:
                 return current, False
             old = registry.resolver.leaves(current.targets) if current else set()
-            await self._warm(registry.resolver.leaves(checked), old)
+            old |= {self._served_by(m) for m in old}            # an adapter's base with it
+            new = registry.resolver.leaves(checked)
+            for model in new | {self._served_by(m) for m in new}:   # it gets traffic again: no drain
+                self._stop_drain(model)
+            await self._warm(new, old)
             record = AliasRecord(ref, checked, current.targets if current else (), rollback_window, time.time())
             registry.aliases.put(record)
             rollback = current is not None and checked == current.previous
@@ -124,10 +128,14 @@ class Rollouts:
 
     # draining --------------------------------------------------------------
 
+    def _stop_drain(self, model: ModelRef) -> None:
+        task = self._drains.pop(model, None)
+        if task is not None:
+            task.cancel()
+            log.info("%s gets traffic again: no longer draining", model)
+
     def _start_drain(self, model: ModelRef, alias: ModelRef, window: float) -> None:
-        previous = self._drains.pop(model, None)
-        if previous is not None:
-            previous.cancel()
+        self._stop_drain(model)
         task = asyncio.get_running_loop().create_task(self._drain(model, alias, window))
         self._drains[model] = task
         task.add_done_callback(lambda t: self._drains.pop(model, None) if self._drains.get(model) is t else None)
@@ -151,7 +159,9 @@ class Rollouts:
                     return
             else:
                 emit(str(model), events.DRAINED, reason="unloading")
-            if registry.ready_on(model):
+            async with self._lock:          # no flip may send it traffic while it is unloaded
+                if model in self._with_traffic() or not registry.ready_on(model):
+                    return
                 await registry.unload(str(model), reason=f"drained: alias {alias} moved away from it")
                 audit.info("audit: %s unloaded after draining (alias %s)", model, alias)
         except LlmosError as exc:

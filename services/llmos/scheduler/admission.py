@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # Band offset of re-dispatched requests: above every client band.
 REDISPATCH_BAND = 1000
+# Names whose resolution is remembered (for `placement_ttl`), the oldest forgotten first.
+MAX_RESOLVED = 4096
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ class AdmissionControl:
         self.history = History()
         # What a name that is not an alias stood for: "tiny" → tiny:latest (an alias's answer may
         # change at any moment, so it is asked each time).
-        self._resolved: dict[str, Resolution] = {}
+        self._resolved: dict[str, tuple[Resolution, float]] = {}     # and when the registry said so
         self._abandoned: OrderedDict[str, float] = OrderedDict()  # finished before they were admitted
         self._weights: dict[str, float] = {}                     # tenant → weight, as its requests say
         self._clock = clock
@@ -246,12 +248,14 @@ class AdmissionControl:
             self.quotas.reserve(ticket.tenant, ticket.quota, ticket.request_id, ticket.cost)
             cached = self._cached(ticket.model) if ticket.keep_alive is None else None
             if cached is not None:
-                resolution, endpoints = self._resolved[ticket.model], cached.endpoints
+                resolution, endpoints = self._resolved[ticket.model][0], cached.endpoints
             else:
                 resolution = await self._registry.resolve(ticket.model, remaining(), ticket.conversation_id)
                 endpoints = resolution.endpoints
                 if not resolution.alias:
-                    self._resolved[ticket.model] = resolution
+                    self._resolved[ticket.model] = resolution, self._clock()
+                    while len(self._resolved) > MAX_RESOLVED:
+                        del self._resolved[next(iter(self._resolved))]
             resolved = request.model = resolution.model
             loaded = False
             if not self.rotation.held_somewhere(resolved, endpoints) or ticket.keep_alive is not None:
@@ -383,8 +387,10 @@ class AdmissionControl:
     def _cached(self, name: str) -> ModelQueue | None:
         """The model `name` resolves to, when the registry was asked about it in the last
         `placement_ttl` seconds and it had a worker then."""
-        known = self._resolved.get(name)
-        model = self._models.get(known.model) if known is not None else None
+        known, at = self._resolved.get(name, (None, float("-inf")))
+        if known is None or self._clock() - at > self.placement_ttl:       # what the name is may change
+            return None
+        model = self._models.get(known.model)
         if model is None or not model.endpoints or self._clock() - model.endpoints_at > self.placement_ttl:
             return None
         return model

@@ -57,16 +57,18 @@ class AliasTarget(_message.Message):
     def __init__(self, model: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class Alias(_message.Message):
-    __slots__ = ("name", "targets", "previous_targets", "update_time")
+    __slots__ = ("name", "targets", "previous_targets", "update_time", "rollback_window")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_TARGETS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_WINDOW_FIELD_NUMBER: _ClassVar[int]
     name: str
     targets: _containers.RepeatedCompositeFieldContainer[AliasTarget]
     previous_targets: _containers.RepeatedCompositeFieldContainer[AliasTarget]
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[AliasTarget, _Mapping]]] = ..., previous_targets: _Optional[_Iterable[_Union[AliasTarget, _Mapping]]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    rollback_window: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[AliasTarget, _Mapping]]] = ..., previous_targets: _Optional[_Iterable[_Union[AliasTarget, _Mapping]]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rollback_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class SetAliasRequest(_message.Message):
     __slots__ = ("name", "targets", "rollback_window")

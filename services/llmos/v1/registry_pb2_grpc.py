@@ -204,7 +204,8 @@ class RegistryServiceServicer:
         target, a weight out of range, weights not summing to 100, a target named
         twice); FAILED_PRECONDITION with reason ALIAS_TARGET_NOT_FOUND (a target
         not in the catalog), ALIAS_CYCLE (the alias would reach itself) or
-        ALIAS_NAME_TAKEN (a model has that name and tag); a load's own error
+        ALIAS_NAME_TAKEN (a model has that name and tag), ALIAS_TOO_DEEP (some
+        alias would resolve through more than 8); a load's own error
         (RESOURCE_EXHAUSTED, UNAVAILABLE), with the alias unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -67,7 +67,8 @@ class WorkerServiceServicer:
         """Loads a model from the model store into memory, after taking a memory
         lease from the resource manager. Idempotent: a model already loaded
         returns at once. Errors: NOT_FOUND (no such path), RESOURCE_EXHAUSTED
-        (the lease was refused), FAILED_PRECONDITION (the weights do not load).
+        (the lease was refused), FAILED_PRECONDITION (the weights do not load:
+        reason MODEL_LOAD_FAILED, with the loader's error).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -5,7 +5,8 @@ Each adapter in the cache holds a memory lease of its own (holder
 `worker/<id>/adapter/<model>/<adapter>`, renewed with the worker's other leases), so adapters
 are counted against the device's budget as the model's weights and KV cache are: its tensors,
 and its copies in the stacked sets of adapters the runner keeps for its steps (`lora.py`, at
-most `STACKS_KEPT` sets, each B block as wide as its fused product). A new adapter
+most `STACKS_KEPT` sets, each B block as wide as its fused product; a set that mixes ranks pads
+each adapter to its widest, which this does not count). A new adapter
 evicts the least recently used idle one when the cache holds `max_loaded` already, or when the
 resource manager has no room for its lease; when every cached adapter is running a request, the
 request is refused with RESOURCE_EXHAUSTED (ADAPTER_CACHE_FULL) and a retry delay.
@@ -22,8 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmos.common.adapters import AdapterFacts, read_adapter
-from llmos.common.errors import FailedPrecondition, LlmosError, ResourceExhausted
-from llmos.common.names import worker_lease_prefix
+from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, ResourceExhausted
+from llmos.common.names import parse_model_ref, worker_lease_prefix
 
 from .engine import EngineDriver
 from .lora import KINDS, STACKS_KEPT, Adapter, load_adapter
@@ -63,13 +64,15 @@ class AdapterCache:
         self._device = device
         self._lease_ttl = lease_ttl
         self.max_loaded = max_loaded
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()      # least recently used first
+        # (name, directory) → entry, least recently used first: an adapter deleted and imported again
+        # under its name has another directory (the store's are named by digest).
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._loading = asyncio.Lock()
 
     @property
     def names(self) -> list[str]:
         """The cached adapters, the most recently used first."""
-        return list(reversed(self._entries))
+        return [name for name, _ in reversed(self._entries)]
 
     @property
     def nbytes(self) -> int:
@@ -77,24 +80,34 @@ class AdapterCache:
 
     async def take(self, name: str, path: str) -> Adapter:
         """The adapter `name` (from `path`), loaded if it is not cached, marked in use until
-        `give_back`."""
-        entry = self._entries.get(name)
+        `give_back`. `path` must be a directory of the model store the model itself came from."""
+        path = self._checked(name, path)
+        key = (name, path)
+        entry = self._entries.get(key)
         if entry is None:
             async with self._loading:
-                entry = self._entries.get(name) or await self._load(name, path)
+                entry = self._entries.get(key) or await self._load(name, path)
         entry.in_use += 1
-        self._entries.move_to_end(name)
+        self._entries.move_to_end(key)
         return entry.adapter
 
-    def give_back(self, name: str) -> None:
-        entry = self._entries.get(name)
+    def give_back(self, name: str, path: str) -> None:
+        entry = self._entries.get((name, self._checked(name, path)))
         if entry is not None and entry.in_use > 0:
             entry.in_use -= 1
+
+    def _checked(self, name: str, path: str) -> str:
+        parse_model_ref(name, "adapter")
+        resolved = Path(path).resolve()
+        if resolved.parent != self._model_path.resolve().parent:
+            raise InvalidArgument.field("adapter_path", "is not a directory of the model store this model was "
+                                        "loaded from", reason="ADAPTER_PATH_OUTSIDE_STORE")
+        return str(resolved)
 
     async def _load(self, name: str, path: str) -> _Entry:
         if not getattr(self._runner, "supports_adapters", False):
             raise FailedPrecondition(f"model {self.model} runs on the {self._runner.implementation} forward, which "
-                                     "takes no LoRA adapters", reason="ADAPTER_UNSUPPORTED",
+                                     "takes no LoRA adapters", reason="ADAPTERS_NOT_SUPPORTED",
                                      metadata={"model": self.model, "adapter": name})
         base_config = json.loads((self._model_path / "config.json").read_text())
         facts = await asyncio.to_thread(read_adapter, Path(path), base_config, NO_RANK_LIMIT)
@@ -115,12 +128,12 @@ class AdapterCache:
         except BaseException:
             await self._leases.release(lease)
             raise
-        entry = self._entries[name] = _Entry(adapter, lease)
+        entry = self._entries[name, path] = _Entry(adapter, lease)
         log.info("adapter %s of %s loaded (%d bytes, rank %d)", name, self.model, adapter.nbytes, facts.rank)
         return entry
 
-    def _idle(self) -> list[str]:
-        return [n for n, e in self._entries.items() if e.in_use == 0]
+    def _idle(self) -> list[tuple[str, str]]:
+        return [key for key, e in self._entries.items() if e.in_use == 0]
 
     async def _evict_one(self, wanted: str) -> None:
         idle = self._idle()
@@ -131,8 +144,9 @@ class AdapterCache:
                 metadata={"model": self.model, "adapter": wanted, "cached": str(len(self._entries))})
         await self._drop(idle[0], f"to make room for {wanted}")
 
-    async def _drop(self, name: str, why: str) -> None:
-        entry = self._entries.pop(name)
+    async def _drop(self, key: tuple[str, str], why: str) -> None:
+        name = key[0]
+        entry = self._entries.pop(key)
         self._driver.call(self._runner.release_adapter, entry.adapter)
         try:
             await self._leases.release(entry.lease)
@@ -141,8 +155,8 @@ class AdapterCache:
         log.info("adapter %s of %s dropped %s", name, self.model, why)
 
     async def close(self) -> None:
-        for name in list(self._entries):
-            await self._drop(name, "with its model")
+        for key in list(self._entries):
+            await self._drop(key, "with its model")
 
 
 def leased_bytes(facts: AdapterFacts, runner: Any) -> int:

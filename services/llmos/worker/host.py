@@ -160,8 +160,14 @@ class ModelHost:
                 loaded = await asyncio.wrap_future(self.driver.call(
                     self._loader, model, path, self.device, self.dtype, self.config.slots,
                     self.config.max_seq_len, quantize))
-            except BaseException:
+            except BaseException as exc:
                 await self._resources.release(lease)
+                if isinstance(exc, Exception) and not isinstance(exc, LlmosError):
+                    log.exception("loading %s failed", model)
+                    first = (str(exc).strip().splitlines() or [""])[0][:300]
+                    raise FailedPrecondition(f"model {model} could not be loaded from its files: "
+                                             f"{type(exc).__name__}: {first}", reason="MODEL_LOAD_FAILED",
+                                             metadata={"model": model}) from None
                 raise
             engine = Engine(model, loaded.runner, loaded.tokenizer, loaded.eos_ids, self.driver,
                             self.config.prefill_budget, self.events, self.config.prefix_cache,
@@ -303,7 +309,7 @@ class ModelHost:
                     served.engine.cancel(seq)
         finally:
             if lora is not None:
-                served.adapters.give_back(adapter)
+                served.adapters.give_back(adapter, adapter_path)
             self.active_requests[request_id] -= 1
             if not self.active_requests[request_id]:
                 del self.active_requests[request_id]
