@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from llmos.common.adapters import read_adapter
 from llmos.common.domain import SamplingParams
 from llmos.common.errors import FailedPrecondition, InvalidArgument
+from llmos.worker import lora
 from llmos.worker.engine import Engine, EngineDriver, EngineEvents, Sequence
 from llmos.worker.loader import load_model
 from llmos.worker.lora import load_adapter
@@ -201,8 +202,10 @@ def test_greedy_output_with_an_adapter_equals_peft_generate(tiny_model_dir, base
     assert run.ids != expected(None, PROMPTS[0]), "the adapter does not change the output"
 
 
+@pytest.mark.parametrize("masked_rows", [0, 4096], ids=["gathered", "masked"])
 def test_three_adapters_and_the_base_share_steps_each_as_its_own_model(tiny_model_dir, base_config, adapters,
-                                                                      expected):
+                                                                      expected, masked_rows, monkeypatch):
+    monkeypatch.setattr(lora, "MASKED_ROWS", masked_rows)     # every step one way, then the other
     loaded, engine, events, loaded_adapters = engine_with(tiny_model_dir, base_config, adapters, start=False)
     plan = [(PROMPTS[i], [None, "all", "attn", "mlp"][i % 4]) for i in range(8)]
     try:
