@@ -202,20 +202,26 @@ def test_greedy_output_with_an_adapter_equals_peft_generate(tiny_model_dir, base
     assert run.ids != expected(None, PROMPTS[0]), "the adapter does not change the output"
 
 
-@pytest.mark.parametrize("masked_rows", [0, 4096], ids=["gathered", "masked"])
-def test_three_adapters_and_the_base_share_steps_each_as_its_own_model(tiny_model_dir, base_config, adapters,
-                                                                      expected, masked_rows, monkeypatch):
-    monkeypatch.setattr(lora, "MASKED_ROWS", masked_rows)     # every step one way, then the other
-    loaded, engine, events, loaded_adapters = engine_with(tiny_model_dir, base_config, adapters, start=False)
-    plan = [(PROMPTS[i], [None, "all", "attn", "mlp"][i % 4]) for i in range(8)]
+def run_together(engine, loaded, loaded_adapters, plan) -> list:
+    """Runs (prompt, adapter name or None) pairs, all submitted before the engine's driver starts,
+    so they join its first step; returns their collectors."""
     try:
-        # All submitted before the driver runs: they join the same first step.
         runs = [submit(engine, loaded.tokenizer, prompt, loaded_adapters.get(name), f"r{i}")
                 for i, (prompt, name) in enumerate(plan)]
         engine.driver.start_thread()
         wait_all(runs)
     finally:
         engine.stop()
+    return runs
+
+
+@pytest.mark.parametrize("masked_rows", [0, 4096], ids=["gathered", "masked"])
+def test_three_adapters_and_the_base_share_steps_each_as_its_own_model(tiny_model_dir, base_config, adapters,
+                                                                      expected, masked_rows, monkeypatch):
+    monkeypatch.setattr(lora, "MASKED_ROWS", masked_rows)     # every step one way, then the other
+    loaded, engine, events, loaded_adapters = engine_with(tiny_model_dir, base_config, adapters, start=False)
+    plan = [(PROMPTS[i], [None, "all", "attn", "mlp"][i % 4]) for i in range(8)]
+    runs = run_together(engine, loaded, loaded_adapters, plan)
     assert sorted(events.batches[0], key=str) == sorted([name for _, name in plan], key=str)
     assert sum(len(set(batch)) == 4 for batch in events.batches) >= MAX_NEW // 2
     for run, (prompt, name) in zip(runs, plan, strict=True):
@@ -252,13 +258,7 @@ def test_at_most_max_adapters_per_step_run_together_and_each_gets_its_turns(tiny
     loaded, engine, events, loaded_adapters = engine_with(tiny_model_dir, base_config, adapters,
                                                           max_adapters_per_step=2, start=False)
     plan = [(PROMPTS[i], ["all", "attn", "mlp"][i % 3]) for i in range(6)] + [(PROMPTS[6], None)]
-    try:
-        runs = [submit(engine, loaded.tokenizer, prompt, loaded_adapters.get(name), f"r{i}")
-                for i, (prompt, name) in enumerate(plan)]
-        engine.driver.start_thread()
-        wait_all(runs)
-    finally:
-        engine.stop()
+    runs = run_together(engine, loaded, loaded_adapters, plan)
     distinct = [set(batch) - {None} for batch in events.batches]
     assert max(len(d) for d in distinct) == 2
     # The base sequence runs every step (one per token); the three adapters share turns evenly.
