@@ -30,6 +30,7 @@ import torch
 
 from llmos.common.adapters import MODULES, read_adapter
 from llmos.common.domain import SamplingParams
+from llmos.worker import lora
 from llmos.worker.engine import Engine, EngineDriver, Sequence
 from llmos.worker.loader import load_model, pick_device, pick_dtype
 from llmos.worker.lora import Adapter, load_adapter
@@ -105,7 +106,11 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--masked-rows", type=int, default=lora.MASKED_ROWS,
+                        help="steps of at most this many rows run the masked products, larger ones gather "
+                             "(0: every step gathers)")
     args = parser.parse_args()
+    lora.MASKED_ROWS = args.masked_rows
 
     with tempfile.TemporaryDirectory(prefix="llmos-bench-lora-") as scratch:
         work = Path(scratch)

@@ -229,8 +229,11 @@ def test_three_adapters_and_the_base_share_steps_each_as_its_own_model(tiny_mode
     assert len({tuple(expected(name, PROMPTS[0])) for name in (None, "all", "attn", "mlp")}) == 4
 
 
-def test_base_rows_beside_adapters_are_bit_for_bit_the_base_alone(tiny_model_dir, base_config, adapters):
+@pytest.mark.parametrize("masked_rows", [0, 4096], ids=["gathered", "masked"])
+def test_base_rows_beside_adapters_are_bit_for_bit_the_base_alone(tiny_model_dir, base_config, adapters,
+                                                                  masked_rows, monkeypatch):
     """Tokens and log-probabilities of a base request alone, and in steps full of adapter rows."""
+    monkeypatch.setattr(lora, "MASKED_ROWS", masked_rows)
     loaded, engine, events, loaded_adapters = engine_with(tiny_model_dir, base_config, adapters)
     tok = loaded.tokenizer
     params = SamplingParams(logprobs=True, ignore_eos=True)

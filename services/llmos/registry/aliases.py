@@ -188,8 +188,9 @@ class Resolver:
 
         for alias in graph:
             if depth(alias, ()) > MAX_DEPTH:
-                raise FailedPrecondition(f"alias {alias} would resolve through more than {MAX_DEPTH} aliases",
-                                         reason="ALIAS_TOO_DEEP", metadata={"alias": str(ref)})
+                raise FailedPrecondition(f"with this change to {ref}, alias {alias} would resolve through more than "
+                                         f"{MAX_DEPTH} aliases", reason="ALIAS_TOO_DEEP",
+                                         metadata={"alias": str(ref), "too_deep": str(alias)})
 
     def leaves(self, targets: tuple[Target, ...], depth: int = 0) -> set[ModelRef]:
         """The models `targets` send traffic to, through any aliases among them."""

@@ -67,11 +67,11 @@ class Rollouts:
             old = registry.resolver.leaves(current.targets) if current else set()
             old |= {self._served_by(m) for m in old}            # an adapter's base with it
             new = registry.resolver.leaves(checked)
-            for model in new | {self._served_by(m) for m in new}:   # it gets traffic again: no drain
-                self._stop_drain(model)
             await self._warm(new, old)
             record = AliasRecord(ref, checked, current.targets if current else (), rollback_window, time.time())
             registry.aliases.put(record)
+            for model in new | {self._served_by(m) for m in new}:   # it gets traffic again: no drain
+                self._stop_drain(model)
             rollback = current is not None and checked == current.previous
             what = f"{describe(current.targets) if current else 'nothing'} → {describe(checked)}"
             registry.events.emit(str(ref), events.ROLLED_BACK if rollback else events.ALIAS_SET, reason=what)
@@ -128,14 +128,14 @@ class Rollouts:
 
     # draining --------------------------------------------------------------
 
-    def _stop_drain(self, model: ModelRef) -> None:
+    def _stop_drain(self, model: ModelRef, why: str = "it gets traffic again") -> None:
         task = self._drains.pop(model, None)
         if task is not None:
             task.cancel()
-            log.info("%s gets traffic again: no longer draining", model)
+            log.info("%s no longer draining: %s", model, why)
 
     def _start_drain(self, model: ModelRef, alias: ModelRef, window: float) -> None:
-        self._stop_drain(model)
+        self._stop_drain(model, f"drained anew after alias {alias} moved")
         task = asyncio.get_running_loop().create_task(self._drain(model, alias, window))
         self._drains[model] = task
         task.add_done_callback(lambda t: self._drains.pop(model, None) if self._drains.get(model) is t else None)

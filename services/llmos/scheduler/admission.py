@@ -253,6 +253,7 @@ class AdmissionControl:
                 resolution = await self._registry.resolve(ticket.model, remaining(), ticket.conversation_id)
                 endpoints = resolution.endpoints
                 if not resolution.alias:
+                    self._resolved.pop(ticket.model, None)             # the newest last, the oldest first out
                     self._resolved[ticket.model] = resolution, self._clock()
                     while len(self._resolved) > MAX_RESOLVED:
                         del self._resolved[next(iter(self._resolved))]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmos.common.adapters import AdapterFacts, read_adapter
-from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, ResourceExhausted
+from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, ResourceExhausted, Unavailable
 from llmos.common.names import parse_model_ref, worker_lease_prefix
 
 from .engine import EngineDriver
@@ -68,6 +68,7 @@ class AdapterCache:
         # under its name has another directory (the store's are named by digest).
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._loading = asyncio.Lock()
+        self._closed = False
 
     @property
     def names(self) -> list[str]:
@@ -78,10 +79,11 @@ class AdapterCache:
     def nbytes(self) -> int:
         return sum(e.adapter.nbytes for e in self._entries.values())
 
-    async def take(self, name: str, path: str) -> Adapter:
-        """The adapter `name` (from `path`), loaded if it is not cached, marked in use until
-        `give_back`. `path` must be a directory of the model store the model itself came from."""
-        path = self._checked(name, path)
+    async def take(self, name: str, path: str) -> tuple[Adapter, tuple[str, str]]:
+        """The adapter `name` (from `path`), loaded if it is not cached, and the key to give it
+        back with (`give_back`); in use until then. `path` must be a directory of the model
+        store the model itself came from."""
+        path = await asyncio.to_thread(self._checked, name, path)
         key = (name, path)
         entry = self._entries.get(key)
         if entry is None:
@@ -89,10 +91,10 @@ class AdapterCache:
                 entry = self._entries.get(key) or await self._load(name, path)
         entry.in_use += 1
         self._entries.move_to_end(key)
-        return entry.adapter
+        return entry.adapter, key
 
-    def give_back(self, name: str, path: str) -> None:
-        entry = self._entries.get((name, self._checked(name, path)))
+    def give_back(self, key: tuple[str, str]) -> None:
+        entry = self._entries.get(key)
         if entry is not None and entry.in_use > 0:
             entry.in_use -= 1
 
@@ -109,7 +111,9 @@ class AdapterCache:
             raise FailedPrecondition(f"model {self.model} runs on the {self._runner.implementation} forward, which "
                                      "takes no LoRA adapters", reason="ADAPTERS_NOT_SUPPORTED",
                                      metadata={"model": self.model, "adapter": name})
-        base_config = json.loads((self._model_path / "config.json").read_text())
+        if self._closed:
+            raise Unavailable(f"model {self.model} is unloading", reason="MODEL_UNLOADING")
+        base_config = json.loads(await asyncio.to_thread((self._model_path / "config.json").read_text))
         facts = await asyncio.to_thread(read_adapter, Path(path), base_config, NO_RANK_LIMIT)
         nbytes = leased_bytes(facts, self._runner)
         while len(self._entries) >= self.max_loaded:
@@ -126,7 +130,7 @@ class AdapterCache:
         try:
             adapter = await asyncio.wrap_future(self._driver.call(load_adapter, name, Path(path), self._runner, facts))
         except BaseException:
-            await self._leases.release(lease)
+            await self._release(lease, name)
             raise
         entry = self._entries[name, path] = _Entry(adapter, lease)
         log.info("adapter %s of %s loaded (%d bytes, rank %d)", name, self.model, adapter.nbytes, facts.rank)
@@ -148,15 +152,21 @@ class AdapterCache:
         name = key[0]
         entry = self._entries.pop(key)
         self._driver.call(self._runner.release_adapter, entry.adapter)
-        try:
-            await self._leases.release(entry.lease)
-        except LlmosError as exc:       # it lapses without renewals anyway
-            log.warning("could not release the lease of adapter %s: %s", name, exc.message)
+        await self._release(entry.lease, name)
         log.info("adapter %s of %s dropped %s", name, self.model, why)
 
+    async def _release(self, lease: str, name: str) -> None:
+        try:
+            await self._leases.release(lease)
+        except LlmosError as exc:       # renewed with the worker's leases until the resource manager reclaims it
+            log.warning("could not release the lease of adapter %s: %s", name, exc.message)
+
     async def close(self) -> None:
-        for key in list(self._entries):
-            await self._drop(key, "with its model")
+        """Drops every adapter (the model is unloading); a load under way finishes first."""
+        async with self._loading:
+            self._closed = True
+            for key in list(self._entries):
+                await self._drop(key, "with its model")
 
 
 def leased_bytes(facts: AdapterFacts, runner: Any) -> int:

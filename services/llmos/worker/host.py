@@ -162,6 +162,9 @@ class ModelHost:
                     self.config.max_seq_len, quantize))
             except BaseException as exc:
                 await self._resources.release(lease)
+                if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+                    raise ResourceExhausted(f"model {model} ran out of device memory while loading",
+                                            reason="DEVICE_MEMORY_EXHAUSTED", metadata={"model": model}) from None
                 if isinstance(exc, Exception) and not isinstance(exc, LlmosError):
                     log.exception("loading %s failed", model)
                     first = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -263,7 +266,7 @@ class ModelHost:
         try:
             loaded = served.loaded
             if adapter:
-                lora = await served.adapters.take(adapter, adapter_path)
+                lora, adapter_key = await served.adapters.take(adapter, adapter_path)
             self._check_length(loaded, source)
             prompt_ids = await asyncio.to_thread(self._prompt_ids, loaded, source)  # long prompts: off the loop
             max_new = self._max_new(loaded, len(prompt_ids), params, token_budget)
@@ -309,7 +312,7 @@ class ModelHost:
                     served.engine.cancel(seq)
         finally:
             if lora is not None:
-                served.adapters.give_back(adapter, adapter_path)
+                served.adapters.give_back(adapter_key)
             self.active_requests[request_id] -= 1
             if not self.active_requests[request_id]:
                 del self.active_requests[request_id]
