@@ -43,6 +43,11 @@ class ModelRecord:
     def ref(self) -> ModelRef:
         return ModelRef(self.name, self.tag)
 
+    @property
+    def served_by(self) -> ModelRef:
+        """The model whose placements serve it: its base for an adapter, else itself."""
+        return ModelRef(*self.base.split(":", 1)) if self.base else self.ref
+
 
 _FIELDS = [f.name for f in dataclasses.fields(ModelRecord)]
 

@@ -196,8 +196,12 @@ class ModelRegistry:
     def route(self, name: str, key: str = "") -> tuple[ModelView, ModelRef | None]:
         """The model `name` sends a request with route key `key` to (`name` a model or an
         alias), and the alias it went through (None for a model)."""
-        ref, alias = self.resolver.resolve(parse_model_ref(name, "name"), key)
-        return self.get(str(ref)), alias
+        ref = parse_model_ref(name, "name")
+        record = self.catalog.get(ref)
+        if record is not None:          # a model (no alias has a model's name): one read, as before aliases
+            return self.view(record), None
+        target, alias = self.resolver.resolve(ref, key)
+        return self.get(str(target)), alias
 
     def get(self, name: str) -> ModelView:
         ref = parse_model_ref(name, "name")
@@ -213,7 +217,7 @@ class ModelRegistry:
 
     def view(self, record: ModelRecord) -> ModelView:
         placements = []
-        served_by = parse_model_ref(record.base) if record.base else record.ref    # an adapter: where its base is
+        served_by = record.served_by
         for p in self._placements.get(served_by, {}).values():
             read_at, expires = self._expiry.get((served_by, p.worker_id), (-1.0, None))
             placements.append(replace(p, expire_time=expires) if read_at >= p.ready_at and p.state == READY else p)

@@ -65,7 +65,7 @@ class Rollouts:
             if current is not None and current.targets == checked:
                 return current, False
             old = registry.resolver.leaves(current.targets) if current else set()
-            old |= {self._served_by(m) for m in old}            # an adapter's base with it
+            old |= {self._served_by(m) for m in old}            # an adapter's base with it (its placements)
             new = registry.resolver.leaves(checked)
             await self._warm(new, old)
             record = AliasRecord(ref, checked, current.targets if current else (), rollback_window, time.time())
@@ -98,9 +98,8 @@ class Rollouts:
         run, on their workers first. On a failure, unloads what this call loaded and raises."""
         registry = self.registry
         bases = {self._served_by(m) for m in models}
-        running = [p for m in old for p in registry.ready_on(self._served_by(m))]
-        prefer = frozenset(p.worker_id for p in running)
-        replicas = max([len(registry.ready_on(self._served_by(m))) for m in old] + [1])
+        prefer = frozenset(p.worker_id for m in old for p in registry.ready_on(m))      # `old` holds the bases
+        replicas = max([len(registry.ready_on(m)) for m in old] + [1])
         loaded: list[ModelRef] = []
         try:
             for base in sorted(bases):
@@ -119,7 +118,7 @@ class Rollouts:
     def _served_by(self, ref: ModelRef) -> ModelRef:
         """The model whose placements serve `ref`: its base for an adapter, else itself."""
         record = self.registry.catalog.get(ref)
-        return parse_model_ref(record.base) if record is not None and record.base else ref
+        return record.served_by if record is not None else ref
 
     def _with_traffic(self) -> set[ModelRef]:
         """The models some alias sends traffic to, and the bases of such adapters."""
@@ -150,13 +149,11 @@ class Rollouts:
                 emit(str(model), events.DRAINED, reason="an adapter: its requests end on its base, and it stays "
                                                         "in the workers' adapter caches until they need the room")
                 return
-            if not await self._idle(model):
-                return
+            await self._idle(model)
             if window > 0:
                 emit(str(model), events.DRAINED, reason=f"kept loaded {window:.0f}s for a rollback")
                 await asyncio.sleep(window)
-                if not await self._idle(model):
-                    return
+                await self._idle(model)
             else:
                 emit(str(model), events.DRAINED, reason="unloading")
             async with self._lock:          # no flip may send it traffic while it is unloaded
@@ -167,17 +164,13 @@ class Rollouts:
         except LlmosError as exc:
             log.warning("draining %s after alias %s moved: %s", model, alias, exc.message)
 
-    async def _idle(self, model: ModelRef) -> bool:
-        """Waits until no worker has a request for `model` in flight, polls apart; False when an
-        alias sends it traffic again meanwhile (the drain stops)."""
+    async def _idle(self, model: ModelRef) -> None:
+        """Waits until no worker has a request for `model` in flight, polls apart. (A change
+        that sends it traffic again cancels the drain.)"""
         quiet = 0
         while quiet < QUIET_POLLS:
             await asyncio.sleep(self.poll_seconds)
-            if model in self._with_traffic():
-                log.info("%s gets traffic again: no longer draining", model)
-                return False
             quiet = quiet + 1 if await self.registry.in_flight(model) == 0 else 0
-        return True
 
     async def close(self) -> None:
         for task in list(self._drains.values()):

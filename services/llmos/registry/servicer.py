@@ -76,7 +76,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             registry_pb2.ListWorkersResponse.Worker(worker_id=w.worker_id, address=w.address, node=w.node,
                                                     metrics_address=w.metrics_address) for w in workers])
 
-
     async def SetAlias(self, request, context):
         window = optional_seconds(request, "rollback_window") or 0.0
         record, changed = await self.rollouts.set(request.name, [(t.model, t.weight) for t in request.targets],

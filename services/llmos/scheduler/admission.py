@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 # Band offset of re-dispatched requests: above every client band.
 REDISPATCH_BAND = 1000
-# Names whose resolution is remembered (for `placement_ttl`), the oldest forgotten first.
-MAX_RESOLVED = 4096
 
 
 @dataclass(frozen=True)
@@ -252,11 +250,8 @@ class AdmissionControl:
             else:
                 resolution = await self._registry.resolve(ticket.model, remaining(), ticket.conversation_id)
                 endpoints = resolution.endpoints
-                if not resolution.alias:
-                    self._resolved.pop(ticket.model, None)             # the newest last, the oldest first out
+                if not resolution.alias:     # names of the catalog's entries: as many as it holds
                     self._resolved[ticket.model] = resolution, self._clock()
-                    while len(self._resolved) > MAX_RESOLVED:
-                        del self._resolved[next(iter(self._resolved))]
             resolved = request.model = resolution.model
             loaded = False
             if not self.rotation.held_somewhere(resolved, endpoints) or ticket.keep_alive is not None:
@@ -391,10 +386,8 @@ class AdmissionControl:
         known, at = self._resolved.get(name, (None, float("-inf")))
         if known is None or self._clock() - at > self.placement_ttl:       # what the name is may change
             return None
-        model = self._models.get(known.model)
-        if model is None or not model.endpoints or self._clock() - model.endpoints_at > self.placement_ttl:
-            return None
-        return model
+        model = self._models.get(known.model)       # its endpoints are as new as the resolution, or newer
+        return model if model is not None and model.endpoints else None
 
     def _model(self, name: str) -> ModelQueue:
         model = self._models.get(name)

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from llmos.common.adapters import AdapterFacts, read_adapter
-from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, ResourceExhausted, Unavailable
+from llmos.common.errors import InvalidArgument, LlmosError, ResourceExhausted, Unavailable
 from llmos.common.names import parse_model_ref, worker_lease_prefix
 
 from .engine import EngineDriver
-from .lora import KINDS, STACKS_KEPT, Adapter, load_adapter
+from .lora import KINDS, STACKS_KEPT, Adapter, load_adapter, require_adapters
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class AdapterCache:
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._loading = asyncio.Lock()
         self._closed = False
+        self._base_config: dict | None = None       # the model's config.json, read at the first adapter
 
     @property
     def names(self) -> list[str]:
@@ -107,14 +108,12 @@ class AdapterCache:
         return str(resolved)
 
     async def _load(self, name: str, path: str) -> _Entry:
-        if not getattr(self._runner, "supports_adapters", False):
-            raise FailedPrecondition(f"model {self.model} runs on the {self._runner.implementation} forward, which "
-                                     "takes no LoRA adapters", reason="ADAPTERS_NOT_SUPPORTED",
-                                     metadata={"model": self.model, "adapter": name})
+        require_adapters(self._runner, name, self.model)
         if self._closed:
             raise Unavailable(f"model {self.model} is unloading", reason="MODEL_UNLOADING")
-        base_config = json.loads(await asyncio.to_thread((self._model_path / "config.json").read_text))
-        facts = await asyncio.to_thread(read_adapter, Path(path), base_config, NO_RANK_LIMIT)
+        if self._base_config is None:
+            self._base_config = json.loads(await asyncio.to_thread((self._model_path / "config.json").read_text))
+        facts = await asyncio.to_thread(read_adapter, Path(path), self._base_config, NO_RANK_LIMIT)
         nbytes = leased_bytes(facts, self._runner)
         while len(self._entries) >= self.max_loaded:
             await self._evict_one(name)

@@ -29,10 +29,10 @@ from typing import Any, Protocol
 import torch
 
 from llmos.common.domain import Chunk, FinishReason, SamplingParams, Usage
-from llmos.common.errors import FailedPrecondition, Internal, LlmosError, Unavailable
+from llmos.common.errors import Internal, LlmosError, Unavailable
 
 from .attention import PrefillChunk
-from .lora import Adapter, LoraBatch
+from .lora import Adapter, LoraBatch, require_adapters
 from .prefix import PrefixCache
 from .sampling import make_generator, sample, top_logprobs
 from .textstream import Detokenizer, StopStrings
@@ -282,10 +282,8 @@ class Engine:
                            self.runner.kv_positions, self.tokens_generated, self.runner.slots, kept)
 
     def submit(self, seq: Sequence) -> None:
-        if seq.adapter is not None and not getattr(self.runner, "supports_adapters", False):
-            raise FailedPrecondition(f"model {self.name} runs on the {self.runner.implementation} forward, "
-                                     "which takes no LoRA adapters", reason="ADAPTERS_NOT_SUPPORTED",
-                                     metadata={"model": self.name})
+        if seq.adapter is not None:
+            require_adapters(self.runner, seq.adapter.name, self.name)
         with self._wake:
             if self.closing:
                 raise Unavailable(f"model {self.name} is unloading", reason="MODEL_UNLOADING")

@@ -90,6 +90,14 @@ def _refuse(name: str, message: str, reason: str, **metadata: str) -> FailedPrec
     return FailedPrecondition(message, reason=reason, metadata={"adapter": name, **metadata})
 
 
+def require_adapters(runner: Any, adapter: str, model: str = "") -> None:
+    """Refuses (FAILED_PRECONDITION ADAPTERS_NOT_SUPPORTED) an adapter on a runner that takes none."""
+    if not getattr(runner, "supports_adapters", False):
+        raise _refuse(adapter, f"{f'model {model}' if model else 'the model'} runs on the {runner.implementation} "
+                      f"forward, which takes no LoRA adapters ({adapter})", "ADAPTERS_NOT_SUPPORTED",
+                      implementation=runner.implementation)
+
+
 def load_adapter(name: str, directory: Path, runner: Any, facts: AdapterFacts) -> Adapter:
     """Loads the adapter in `directory` (checked by `read_adapter` into `facts`) for `runner`:
     its tensors onto the runner's device in the runner's dtype. Call it on the engine driver's
@@ -97,9 +105,7 @@ def load_adapter(name: str, directory: Path, runner: Any, facts: AdapterFacts) -
     no adapters (ADAPTERS_NOT_SUPPORTED) or the weights no longer fit what `facts` says."""
     from safetensors.torch import load_file
 
-    if not getattr(runner, "supports_adapters", False):
-        raise _refuse(name, f"the {runner.implementation} forward does not run LoRA adapters",
-                      "ADAPTERS_NOT_SUPPORTED", implementation=runner.implementation)
+    require_adapters(runner, name)
     shapes: dict[str, tuple[int, int]] = runner.module_shapes
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key_name, tensor in load_file(Path(directory) / WEIGHTS, device="cpu").items():
