@@ -105,7 +105,8 @@ def test_one_generate_reads_back_from_phoenix_as_one_trace_through_every_service
             return None
         trace_id = inference[0]["context"]["trace_id"]
         trace = [s for s in every if s["context"]["trace_id"] == trace_id]
-        steps = [s for s in every if s["name"] == "engine step" and "viewer-1" in s["attributes"].get(
+        own_id = inference[0]["attributes"].get("llmos.request.id")     # the gateway's id of the call
+        steps = [s for s in every if s["name"] == "engine step" and own_id in s["attributes"].get(
             "llmos.request.ids", [])]
         services = {s["attributes"].get("llmos.service") for s in trace}
         return (inference[0], trace, steps) if services >= PATH_SERVICES and len(steps) >= TOKENS else None

@@ -10,6 +10,7 @@ process within that time. Every decision on an admin method is an audit log line
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import logging
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import grpc
 
 from . import authz
-from .errors import PermissionDenied, Unauthenticated, Unavailable
+from .errors import PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from .keystore import DEFAULT_TENANT, ApiKey, KeyStore, Role, Tenant, parse_key, secret_matches
 from .tls import peer_identity
 
@@ -29,6 +30,42 @@ audit = logging.getLogger("llmos.audit")
 MAX_CACHED_KEYS = 10_000
 # How long a key seen lately keeps working while the key store cannot be reached, seconds.
 STALE_SECONDS = 300.0
+# Failed authentications one source address, or one key id, may have in a window; past them its
+# calls are refused (RESOURCE_EXHAUSTED, AUTH_RATE_LIMITED, with the delay) before any key is
+# looked up, until its oldest failure leaves the window.
+MAX_AUTH_FAILURES = 50
+AUTH_FAILURE_WINDOW = 10.0
+
+
+class FailureLimiter:
+    """Counts failed authentications per source address and per key id, in a sliding window."""
+
+    def __init__(self, limit: int = MAX_AUTH_FAILURES, window: float = AUTH_FAILURE_WINDOW,
+                 clock: Callable[[], float] = time.monotonic, tracked: int = 10_000) -> None:
+        self.limit, self.window, self._clock, self._tracked = limit, window, clock, tracked
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def check(self, *subjects: str) -> None:
+        """Raises ResourceExhausted when any subject has failed `limit` times in the window."""
+        now = self._clock()
+        for subject in subjects:
+            times = self._failures.get(subject)
+            if not subject or times is None:
+                continue
+            while times and times[0] <= now - self.window:
+                times.popleft()
+            if len(times) >= self.limit:
+                raise ResourceExhausted(
+                    f"too many failed authentications from this client; retry in {times[0] + self.window - now:.1f}s",
+                    retry_after=max(0.1, times[0] + self.window - now), reason="AUTH_RATE_LIMITED")
+
+    def failed(self, *subjects: str) -> None:
+        now = self._clock()
+        if len(self._failures) >= self._tracked:
+            self._failures.clear()
+        for subject in subjects:
+            if subject:
+                self._failures.setdefault(subject, collections.deque(maxlen=self.limit)).append(now)
 
 
 @dataclass(frozen=True)
@@ -120,6 +157,20 @@ class Authenticator:
         raise Unauthenticated("the API key is not valid", reason="API_KEY_INVALID")
 
 
+def _source(peer: str | None) -> str:
+    """The address of a gRPC peer ("ipv4:127.0.0.1:5555" → "ipv4:127.0.0.1"), without its port."""
+    if not peer:
+        return ""
+    kind, _, rest = peer.partition(":")
+    return f"{kind}:{rest.rsplit(':', 1)[0]}" if kind in ("ipv4", "ipv6") else peer
+
+
+def _key_id(authorization: str | None) -> str:
+    scheme, _, token = (authorization or "").partition(" ")
+    parsed = parse_key(token.strip()) if scheme.lower() == "bearer" else None
+    return f"key:{parsed[0]}" if parsed else ""
+
+
 def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == name:
@@ -135,6 +186,7 @@ class Guard:
         self.authenticator = authenticator
         self.table = authz.TABLE if table is None else table
         self.enforce = enforce
+        self.failures = FailureLimiter()
 
     def check(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
         peer = peer_identity(context)
@@ -153,9 +205,9 @@ class Guard:
         if authorization is None and peer is not None and peer[0] != authz.CLI:
             raise PermissionDenied(f"service {peer[0]} may not call {method} ({rule.describe()})",
                                    reason="CALLER_NOT_ALLOWED", metadata={"method": method})
-        return self._by_key(method, rule, authorization)
+        return self._by_key(method, rule, authorization, _source(context.peer()))
 
-    def check_key(self, route: str, authorization: str | None) -> Principal:
+    def check_key(self, route: str, authorization: str | None, source: str = "") -> Principal:
         """Decides an HTTP call ("POST /v1/chat/completions"), which can bring a key only, by
         `authz.HTTP_TABLE`."""
         if not self.enforce:
@@ -164,12 +216,16 @@ class Guard:
         if rule is None or rule.role is None:
             raise PermissionDenied(f"{route} has no authorization rule: refused",
                                    reason="METHOD_NOT_ALLOWED", metadata={"method": route})
-        return self._by_key(route, rule, authorization)
+        return self._by_key(route, rule, authorization, source)
 
-    def _by_key(self, method: str, rule: authz.Rule, authorization: str | None) -> Principal:
+    def _by_key(self, method: str, rule: authz.Rule, authorization: str | None, source: str = "") -> Principal:
+        key_id = _key_id(authorization)
+        self.failures.check(source, key_id)
         try:
             principal = self.authenticator.authenticate(authorization)
         except Unauthenticated as exc:
+            if exc.reason != "API_KEY_MISSING":
+                self.failures.failed(source, key_id)
             if rule.role is Role.ADMIN:
                 audit.info("audit: %s refused (%s)", method, exc.reason)
             raise

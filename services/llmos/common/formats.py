@@ -2,8 +2,12 @@
 
 The gateway refuses a format that does not compile before admitting the request, and the worker
 compiles the same grammar against its model's tokenizer (`llmos.worker.structured`). A format is
-at most `MAX_FORMAT_BYTES`; a JSON Schema at most `MAX_SCHEMA_DEPTH` deep, so no schema can make
-the compiler or a worker's step spend without bound (llguidance's own limits bound the rest).
+at most `MAX_FORMAT_BYTES`; a JSON Schema at most `MAX_SCHEMA_DEPTH` deep; and both compile, and
+the worker's matchers run, under `parser_limits()`: a bound on the lexer's states (its memory,
+about 1-2 kB each), the fuel of building and of each step's mask (its time) and the grammar's
+size. A format past them (a regex like `(b{1000}){1000}`) ends its own request with
+INVALID_ARGUMENT `RESPONSE_FORMAT_TOO_COMPLEX`, at compile time or at the token where the lexer
+hits the bound, and no other.
 """
 
 from __future__ import annotations
@@ -18,6 +22,32 @@ MAX_SCHEMA_DEPTH = 32
 # JSON as `json.dumps` writes it: no whitespace but after separators, so a model cannot spend
 # its tokens on blank lines (a schema's own "x-guidance" options may say otherwise).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+# The lexer's states a matcher may build (llguidance's default is 250,000: ~0.5 GB), the fuel of
+# building its regexes (~50k a ms) and of one mask (~14k a ms), and the grammar's symbols.
+MAX_LEXER_STATES = 20_000
+INITIAL_LEXER_FUEL = 200_000
+STEP_LEXER_FUEL = 200_000
+MAX_GRAMMAR_SIZE = 50_000
+
+
+def parser_limits():
+    """llguidance's limits for every grammar llmos compiles or runs."""
+    from llguidance import LLParserLimits
+
+    return LLParserLimits(max_lexer_states=MAX_LEXER_STATES, initial_lexer_fuel=INITIAL_LEXER_FUEL,
+                          step_lexer_fuel=STEP_LEXER_FUEL, max_grammar_size=MAX_GRAMMAR_SIZE)
+
+
+# Words of llguidance's messages when a limit above (not the format's own syntax) stopped it.
+_LIMIT_WORDS = ("too many", "fuel", "limit", "too large", "too big", "exceeded")
+
+
+def hit_a_limit(message: str) -> bool:
+    """Whether a compiler or matcher error says a resource limit stopped it."""
+    lowered = message.lower()
+    return any(word in lowered for word in _LIMIT_WORDS)
 
 
 class FormatError(ValueError):
@@ -77,7 +107,7 @@ def compiled(fmt: ResponseFormat) -> str:
     from llguidance import LLMatcher
 
     grammar = grammar_text(fmt)
-    error = LLMatcher.validate_grammar(grammar)
+    error = LLMatcher.validate_grammar(grammar, limits=parser_limits())
     if error:
         raise FormatError(error)
     return grammar

@@ -37,6 +37,39 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 PARENT_PID_ENV = "LLMOS_PARENT_PID"
 
+# HTTP/2 streams one connection may have open at once: more are refused (RST_STREAM REFUSED_STREAM)
+# before any handler runs, so a client that opens and resets streams as fast as it can (a "rapid
+# reset" flood) takes a bounded share of the server, as nginx's 128 and Go's 250 do. The public
+# port (the gateway's, reached without a certificate) allows fewer than internal ones, whose
+# clients multiplex every stream to a worker over one connection.
+PUBLIC_STREAMS_PER_CONNECTION = 100
+INTERNAL_STREAMS_PER_CONNECTION = 4096
+# A public connection is sent GOAWAY after living this long (±10%) and closed after the grace,
+# and closed once idle this long: a client cannot hold one for ever. Clients reconnect unnoticed.
+PUBLIC_CONNECTION_AGE_MS = 30 * 60 * 1000
+PUBLIC_CONNECTION_GRACE_MS = 10 * 60 * 1000
+PUBLIC_CONNECTION_IDLE_MS = 15 * 60 * 1000
+
+
+def server_options(public: bool) -> list[tuple[str, int]]:
+    """The transport limits of every llmos gRPC server (grpcio's channel arguments)."""
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               # A port in use is an error, not a port shared with a stale server.
+               ("grpc.so_reuseport", 0),
+               ("grpc.max_concurrent_streams",
+                PUBLIC_STREAMS_PER_CONNECTION if public else INTERNAL_STREAMS_PER_CONNECTION),
+               # Keepalive pings more often than once a minute (or any without a call open) are
+               # strikes; past two, GOAWAY ENHANCE_YOUR_CALM and the connection is closed.
+               ("grpc.http2.min_ping_interval_without_data_ms", 60_000),
+               ("grpc.http2.max_ping_strikes", 2),
+               ("grpc.keepalive_permit_without_calls", 0)]
+    if public:
+        options += [("grpc.max_connection_age_ms", PUBLIC_CONNECTION_AGE_MS),
+                    ("grpc.max_connection_age_grace_ms", PUBLIC_CONNECTION_GRACE_MS),
+                    ("grpc.max_connection_idle_ms", PUBLIC_CONNECTION_IDLE_MS)]
+    return options
+
 
 def die_with_parent(environ: dict[str, str] | None = None) -> None:
     """When started by a launcher (LLMOS_PARENT_PID), ask Linux for SIGTERM when it dies."""
@@ -77,10 +110,7 @@ class ServiceHost:
         self.server = grpc.aio.server(
             interceptors=[server_interceptor(provider), ErrorInterceptor(),
                           AuthInterceptor(self.security.guard)],
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                     # A port in use is an error, not a port shared with a stale server.
-                     ("grpc.so_reuseport", 0)])
+            options=server_options(public))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._health_server: grpc.aio.Server | None = None
@@ -115,7 +145,7 @@ class ServiceHost:
             raise OSError(f"{self.name} cannot listen on {self.listen}: the address is in use or invalid")
         await self.server.start()
         if self.health_listen:
-            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self._health_server = grpc.aio.server(options=server_options(public=True))
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
             health_port = self._health_server.add_insecure_port(self.health_listen)
             if health_port == 0:

@@ -9,15 +9,16 @@ service, so the code and reason pass through every hop unchanged.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
 import grpc
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from .convert import duration, seconds
-from .errors import DOMAIN, FieldViolation, InvalidArgument, LlmosError, RemoteError
+from .errors import DOMAIN, FieldViolation, Internal, InvalidArgument, LlmosError, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,32 @@ _PASSED_THROUGH = {
 }
 
 
+# What a status carries of a message and of each metadata value or violation, in characters: a
+# status travels in trailers, whose size gRPC bounds (8 KiB by default); a longer one would turn
+# into a bare RESOURCE_EXHAUSTED (a client's 10,000-character id quoted back, say).
+MAX_MESSAGE_CHARS = 1024
+MAX_DETAIL_CHARS = 256
+MAX_VIOLATIONS = 16
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def to_status(error: LlmosError) -> status_pb2.Status:
-    """Builds the rich status for a typed error."""
+    """Builds the rich status for a typed error, each part clipped so that it always fits in
+    the trailers."""
     code = grpc.StatusCode[error.code]
-    status = status_pb2.Status(code=code.value[0], message=error.message)
+    status = status_pb2.Status(code=code.value[0], message=_clip(error.message, MAX_MESSAGE_CHARS))
     status.details.add().Pack(error_details_pb2.ErrorInfo(
-        reason=error.reason, domain=DOMAIN, metadata=error.metadata))
+        reason=_clip(error.reason, MAX_DETAIL_CHARS), domain=DOMAIN,
+        metadata={_clip(k, 64): _clip(v, MAX_DETAIL_CHARS) for k, v in list(error.metadata.items())[:16]}))
     violations = getattr(error, "violations", None)
     if violations:
         status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in violations]))
+            error_details_pb2.BadRequest.FieldViolation(field=_clip(v.field, MAX_DETAIL_CHARS),
+                                                        description=_clip(v.description, MAX_DETAIL_CHARS))
+            for v in violations[:MAX_VIOLATIONS]]))
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=duration(retry_after)))
@@ -90,13 +106,23 @@ def _service_word(method: str | bytes) -> str:
     return (service.removesuffix("Service") or service).lower() or "peer"
 
 
+# (method, exception type) whose traceback was logged: each later one is a line, not a traceback.
+_LOGGED: set[tuple[str, str]] = set()
+_MAX_LOGGED = 1024
+
+
 def _as_status(exc: BaseException, method: str) -> status_pb2.Status:
     if isinstance(exc, LlmosError):
         return to_status(exc)
     if isinstance(exc, grpc.aio.AioRpcError):
         return to_status(from_rpc_error(exc))
-    log.error("unexpected error in %s", method, exc_info=exc)
-    return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+    kind = (method, type(exc).__name__)
+    if kind in _LOGGED or len(_LOGGED) >= _MAX_LOGGED:
+        log.error("unexpected error in %s: %s (traceback logged once)", method, type(exc).__name__)
+    else:
+        _LOGGED.add(kind)
+        log.error("unexpected error in %s", method, exc_info=exc)
+    return to_status(Internal("internal error", reason="INTERNAL"))
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
@@ -159,8 +185,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
                     _check_decoded(request, method)
-                    async for item in stream_behavior(request, context):
-                        yield item
+                    stream = stream_behavior(request, context)
+                    if inspect.isawaitable(stream):      # a handler that writes with context.write
+                        await stream                     # (grpc's own Health/Watch)
+                    else:
+                        async for item in stream:
+                            yield item
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:  # noqa: BLE001

@@ -28,6 +28,9 @@ class GatewaySettings(ServiceSettings):
     registry_address: str = "127.0.0.1:50053"
     # The HTTP door in OpenAI's API (`openai_api`); "" serves none. Beyond loopback only with TLS.
     http_listen: str = "127.0.0.1:50057"
+    # A stream whose client has read nothing for this long (while chunks wait for it) ends
+    # CANCELLED (STREAM_STALLED), and its slot is freed, seconds.
+    stall_timeout_seconds: float = 30.0
 
 
 async def build(settings: GatewaySettings, provider: TracerProvider | None = None) -> Service:
@@ -39,11 +42,12 @@ async def build(settings: GatewaySettings, provider: TracerProvider | None = Non
     host = ServiceHost.of("gateway", settings, provider, security, public=True)
     registry = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
     telemetry = GatewayTelemetry(provider.get_tracer("llmos.gateway"), host.metrics)
-    register(host, front, registry, telemetry)
+    register(host, front, registry, telemetry, settings.stall_timeout_seconds)
     door = None
     if settings.http_listen:
         door = OpenAiDoor(settings.http_listen, front, registry, telemetry, security.guard,
-                          provider.get_tracer("llmos.gateway.http"), security.tls_dir)
+                          provider.get_tracer("llmos.gateway.http"), security.tls_dir,
+                          settings.stall_timeout_seconds)
     register_identity(host, security.store)
     await host.set_serving(False)       # ready once the scheduler answers: it admits every request
 

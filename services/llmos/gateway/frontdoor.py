@@ -120,9 +120,14 @@ class FrontDoor:
         self._background: set[asyncio.Task] = set()
 
     async def generate(self, call: GenerateCall, timeout: float | None,
-                       routed: Callable[[Assignment], None] | None = None) -> AsyncIterator[tuple[str, Chunk]]:
-        """Streams (request id, chunk) pairs for one request; `routed` hears of each admission."""
-        request_id = call.request_id or f"req-{uuid.uuid4().hex}"
+                       routed: Callable[[Assignment, str], None] | None = None) -> AsyncIterator[tuple[str, Chunk]]:
+        """Streams (request id, chunk) pairs for one request; `routed` hears of each admission
+        (and the call's own id).
+        The id is the client's when it chose one; the scheduler and the worker know the call by
+        an id of the gateway's own, unique per call, so no client (of this tenant or another) can
+        name, finish or cancel another call's accounting with the id it sends."""
+        request_id = f"req-{uuid.uuid4().hex}"
+        shown = call.request_id or request_id
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def remaining() -> float | None:
@@ -136,7 +141,7 @@ class FrontDoor:
                 self._report(request_id, FinishReason.CANCELLED, None, False)
                 raise
             if routed is not None:
-                routed(assignment)
+                routed(assignment, request_id)
             reason: FinishReason | None = None
             usage: Usage | None = None
             produced = worker_failed = model_not_loaded = False
@@ -150,7 +155,7 @@ class FrontDoor:
                         reason, usage = chunk.finish_reason, chunk.usage
                     produced = True
                     streamed += len(chunk.token_ids)
-                    yield request_id, chunk
+                    yield shown, chunk
                 return
             except LlmosError as exc:
                 if exc.code == "CANCELLED":

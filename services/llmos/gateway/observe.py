@@ -101,10 +101,12 @@ class CallWatch:
         self.end(exc)
         self._scope.__exit__(kind, exc, tb)
 
-    def routed(self, assignment: Assignment) -> None:
-        """The scheduler admitted the call to `assignment` (the version its model name stands for)."""
+    def routed(self, assignment: Assignment, request_id: str) -> None:
+        """The scheduler admitted the call to `assignment` (the version its model name stands for);
+        `request_id` is the call's own id, as the scheduler's and the worker's spans name it."""
         self.version = assignment.version
-        attributes = {"gen_ai.response.model": self.version, "llmos.model.version": self.version}
+        attributes = {"gen_ai.response.model": self.version, "llmos.model.version": self.version,
+                      "llmos.request.id": request_id}
         if assignment.alias:
             attributes["llmos.model.alias"] = assignment.alias
         if assignment.adapter:

@@ -29,28 +29,40 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import h11
 import uvicorn
 from opentelemetry import trace
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from llmos.common.auth import Guard
 from llmos.common.domain import Chunk, FinishReason
-from llmos.common.errors import Internal, InvalidArgument, LlmosError, ResourceExhausted
+from llmos.common.errors import InvalidArgument, LlmosError, ResourceExhausted
 from llmos.common.keystore import Role
 from llmos.common.security import InsecureBind, is_loopback, over_tls
 from llmos.v1 import common_pb2, gateway_pb2, registry_pb2, registry_pb2_grpc
 
 from .frontdoor import FrontDoor
+from .generation import STALL_SECONDS, Generation
 from .observe import OTHER_MODEL, GatewayTelemetry
 from .servicer import checked_call
 
 log = logging.getLogger(__name__)
 
-# Bodies larger than the gRPC door's largest message are refused (413).
+# Bodies larger than the gRPC door's largest message are refused (413), as soon as that many
+# bytes have come, whether the body says its length or comes in chunks.
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# A body must arrive within this many seconds (408 after), and a connection must send a whole
+# request head within HEADER_TIMEOUT of opening or of its last response (closed after).
+BODY_TIMEOUT = 30.0
+HEADER_TIMEOUT = 10.0
+# JSON nested deeper than this is refused (a JSON Schema is at most 32 deep).
+MAX_JSON_DEPTH = 64
+INT32 = 2**31
 # OpenAI's default output limit of a completion (a chat's is the model's).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 MAX_TOP_LOGPROBS = 20
@@ -59,7 +71,8 @@ HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANG
                "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429,
                "CANCELLED": 499, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-              404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
+              404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+              409: "invalid_request_error", 413: "invalid_request_error",
               429: "rate_limit_error", 499: "invalid_request_error", 503: "server_error", 504: "timeout_error"}
 FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 # `GenerateRequest` field paths, as OpenAI's requests name them.
@@ -105,6 +118,10 @@ def _number(body: dict, name: str, kind: type, default: Any = None) -> Any:
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise InvalidArgument.field(name, f"must be a{'n integer' if kind is int else ' number'}")
+    if kind is int and not -INT32 <= value < INT32 and name != "seed":
+        raise InvalidArgument.field(name, f"must be between {-INT32} and {INT32 - 1}")
+    if kind is int and name == "seed" and not -2**63 <= value < 2**64:
+        raise InvalidArgument.field(name, "must fit in 64 bits")
     return value
 
 
@@ -272,17 +289,18 @@ class OpenAiDoor:
     """The HTTP server (Starlette on uvicorn) in the gateway's process and event loop."""
 
     def __init__(self, listen: str, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
-                 telemetry: GatewayTelemetry, guard: Guard, tracer: trace.Tracer, tls_dir: str = "") -> None:
+                 telemetry: GatewayTelemetry, guard: Guard, tracer: trace.Tracer, tls_dir: str = "",
+                 stall_seconds: float = STALL_SECONDS) -> None:
         if not is_loopback(listen) and not tls_dir:
             raise InsecureBind(f"the gateway's HTTP door will not listen on {listen} without TLS: set its "
                                "tls_dir, or listen on 127.0.0.1")
-        self.listen, self.tls_dir = listen, tls_dir
+        self.listen, self.tls_dir, self.stall_seconds = listen, tls_dir, stall_seconds
         self.front, self.registry, self.telemetry, self.guard, self.tracer = front, registry, telemetry, guard, tracer
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self._route("POST /v1/chat/completions", self.chat), methods=["POST"]),
             Route("/v1/completions", self._route("POST /v1/completions", self.completions), methods=["POST"]),
             Route("/v1/models", self._route("GET /v1/models", self.models), methods=["GET"]),
-        ])
+        ], exception_handlers={HTTPException: _http_error, Exception: _unexpected})
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
 
@@ -292,7 +310,8 @@ class OpenAiDoor:
         if over_tls(self.tls_dir, self.listen, public=True):      # as the gRPC door: plaintext on loopback
             tls = {"ssl_certfile": f"{self.tls_dir}/tls.crt", "ssl_keyfile": f"{self.tls_dir}/tls.key"}
         config = uvicorn.Config(self.app, host=host.strip("[]"), port=int(port), lifespan="off", log_config=None,
-                                access_log=False, server_header=False, timeout_graceful_shutdown=None, **tls)
+                                access_log=False, server_header=False, timeout_graceful_shutdown=None,
+                                http=_TimedH11, **tls)
         self._server = _NoSignals(config)
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
@@ -324,11 +343,15 @@ class OpenAiDoor:
             try:
                 with trace.use_span(span, end_on_exit=False):
                     try:
-                        caller = self.guard.check_key(route, request.headers.get("authorization"))
+                        caller = self.guard.check_key(route, request.headers.get("authorization"),
+                                                      request.client.host if request.client else "")
                         response = await handler(request, caller, span)
                     except LlmosError as exc:
                         status, body, headers = error_body(exc)
                         response = JSONResponse(body, status_code=status, headers=headers)
+                    except Exception:  # noqa: BLE001 - a 500 in OpenAI's shape, the connection kept
+                        log.exception("unexpected error in %s", route)
+                        response = _error(500, "internal error", "INTERNAL")
                 span.set_attribute("http.response.status_code", response.status_code)
                 return response
             finally:
@@ -340,13 +363,11 @@ class OpenAiDoor:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
             raise _TooLarge()
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise _TooLarge()
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgument.field("body", f"is not valid JSON: {exc}") from None
+            raw = await asyncio.wait_for(_read_body(request), BODY_TIMEOUT)
+        except TimeoutError:
+            raise _SlowBody() from None
+        return parse_json(raw)
 
     async def chat(self, request: Request, caller, span: trace.Span) -> Response:
         return await self._generate(request, caller, span, chat=True)
@@ -380,12 +401,15 @@ class OpenAiDoor:
         except _TooLarge:
             self.telemetry.requests.labels(OTHER_MODEL, "", "INVALID_ARGUMENT").inc()
             return _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes", "BODY_TOO_LARGE")
+        except _SlowBody:
+            self.telemetry.requests.labels(OTHER_MODEL, "", "DEADLINE_EXCEEDED").inc()
+            return _error(408, f"the body did not arrive within {BODY_TIMEOUT:.0f} s", "BODY_TIMEOUT")
         except LlmosError as exc:        # refused before it started (what starts is counted by its watch)
             self.telemetry.requests.labels(OTHER_MODEL, "", exc.code).inc()
             raise
         answer = _Answer(call.model, chat, shape)
         watch = self.telemetry.start(call)
-        generation = _Generation(watch, self.front.generate(call, None, watch.routed))
+        generation = Generation(watch, self.front.generate(call, None, watch.routed), self.stall_seconds)
         try:
             first = await generation.next()     # errors before the first token are the response's status
         except BaseException:
@@ -412,6 +436,89 @@ class OpenAiDoor:
         return whole.result()
 
 
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (404 no such route, 405 wrong method) in OpenAI's shape."""
+    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "INVALID_REQUEST")
+    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+    return JSONResponse(_error_object(exc.status_code, message.get(exc.status_code, str(exc.detail)), code),
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal error", "INTERNAL")
+
+
+class _TimedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection that has not sent a whole request head
+    within HEADER_TIMEOUT of opening or of its last response (a slow or silent client holds no
+    connection for long)."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(HEADER_TIMEOUT, self._head_late)
+
+    def _head_late(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused (`_TooLarge`) as soon as it passes MAX_BODY_BYTES: a chunked body is
+    never buffered whole first."""
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise _TooLarge()
+        parts.append(part)
+    return b"".join(parts)
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON: valid UTF-8 throughout (no lone surrogates), at most
+    MAX_JSON_DEPTH deep; anything else is INVALID_ARGUMENT."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise InvalidArgument.field("body", f"is nested more than {MAX_JSON_DEPTH} deep") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument.field("body", f"is not valid JSON: {exc}") from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidArgument.field("body", f"is nested more than {MAX_JSON_DEPTH} deep")
+        if isinstance(item, dict):
+            stack.extend((k, depth) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                raise InvalidArgument.field("body", "holds a string that is not valid Unicode (a lone "
+                                                    "surrogate escape such as \\ud800)") from None
+    return value
+
+
 async def _disconnected(request: Request) -> None:
     """Returns when the client closes its connection (its body already read)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -432,43 +539,6 @@ class _Stream(StreamingResponse):
             await self._ended()
 
 
-class _Generation:
-    """One request's chunks, made by a task of its own (started in the request's span, so the
-    gateway's span and the calls below it join the request's trace) into a small queue: a
-    client that stops reading stops the task, and the worker's bound on unread chunks applies."""
-
-    def __init__(self, watch, chunks: AsyncIterator[tuple[str, Chunk]]) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue(maxsize=16)
-        self._task = asyncio.create_task(self._run(watch, chunks))
-
-    async def _run(self, watch, chunks) -> None:
-        try:
-            with watch:
-                async for item in chunks:
-                    watch.chunk(*item)
-                    await self._queue.put(item)
-            await self._queue.put(None)
-        except LlmosError as exc:
-            await self._queue.put(exc)
-        except Exception:
-            log.exception("a generation through the HTTP door failed")
-            await self._queue.put(Internal("the generation failed"))
-        finally:
-            await chunks.aclose()
-
-    async def next(self) -> tuple[str, Chunk] | None:
-        """The next (request id, chunk); None after the last; raises the generation's error."""
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def cancel(self) -> None:
-        """Ends the generation if it still runs (its slot is freed, the scheduler told)."""
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
 class _Answer:
     """OpenAI's objects for one request's chunks: events of a stream, or the whole response."""
 
@@ -482,7 +552,7 @@ class _Answer:
         return {"id": ("chatcmpl-" if self.chat else "cmpl-") + request_id, "object": kind, "created": self.created,
                 "model": self.model}
 
-    async def events(self, first, generation: _Generation) -> AsyncIterator[str]:
+    async def events(self, first, generation: Generation) -> AsyncIterator[str]:
         def event(payload: dict) -> str:
             return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -511,7 +581,7 @@ class _Answer:
         except LlmosError as exc:
             yield event(error_body(exc)[1])
 
-    async def whole(self, first, generation: _Generation) -> Response:
+    async def whole(self, first, generation: Generation) -> Response:
         item, rid, chunks = first, "", []
         while item is not None:
             rid, chunk = item
@@ -532,5 +602,9 @@ class _Answer:
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _SlowBody(Exception):
     pass
 

@@ -38,7 +38,7 @@ class GrpcScheduler:
             max_tokens=call.params.max_tokens or 0, prompt_tokens=call.prompt_tokens,
             redispatch=redispatch, keep_alive_hold=call.keep_alive_hold, tenant_weight=call.weight,
             tenant_quota=quota_to_proto(call.quota), prefix_key=call.prefix_key,
-            conversation_id=call.conversation_id)
+            conversation_id=call.conversation_id, client_request_id=call.request_id)
         if call.keep_alive is not None:
             request.keep_alive.CopyFrom(duration(call.keep_alive))
         response = await self._stub.AdmitGeneration(request, timeout=timeout)

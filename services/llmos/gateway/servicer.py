@@ -27,6 +27,7 @@ from llmos.v1 import (
 )
 
 from .frontdoor import FrontDoor, GenerateCall
+from .generation import STALL_SECONDS, Generation
 from .observe import OTHER_MODEL, GatewayTelemetry
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -75,10 +76,11 @@ async def checked_call(request: gateway_pb2.GenerateRequest, tenant: Tenant, adm
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
-                 telemetry: GatewayTelemetry) -> None:
+                 telemetry: GatewayTelemetry, stall_seconds: float = STALL_SECONDS) -> None:
         self.front = front
         self.registry = registry
         self.telemetry = telemetry
+        self.stall_seconds = stall_seconds
 
     async def ListAvailableModels(self, request, context: grpc.aio.ServicerContext):
         page = await self.registry.ListModels(registry_pb2.ListModelsRequest(
@@ -100,18 +102,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise
         if call.priority < request.priority:
             context.set_trailing_metadata(((PRIORITY_TRAILER, f"{request.priority}->{call.priority}"),))
-        with self.telemetry.start(call, requested_priority=request.priority) as watch:
+        watch = self.telemetry.start(call, requested_priority=request.priority)
+        generation = Generation(watch, self.front.generate(call, context.time_remaining(), watch.routed),
+                                self.stall_seconds)
+        try:
             first = True
-            async for request_id, chunk in self.front.generate(call, context.time_remaining(), watch.routed):
-                watch.chunk(request_id, chunk)
-                response = fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
+            while (item := await generation.next()) is not None:
+                response = fill_chunk(gateway_pb2.GenerateResponse(request_id=item[0]), item[1])
                 if first:
                     response.model, first = watch.version, False
                 yield response
+        finally:
+            await generation.cancel()
 
 
 def register(host, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
-             telemetry: GatewayTelemetry) -> None:
-    servicer = GatewayServicer(front, registry, telemetry)
+             telemetry: GatewayTelemetry, stall_seconds: float = STALL_SECONDS) -> None:
+    servicer = GatewayServicer(front, registry, telemetry, stall_seconds)
     host.add(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
              lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server))

@@ -189,6 +189,13 @@ class LeaseBook:
         with self.store.begin() as db:
             return db.execute(delete(leases).where(leases.c.name == name)).rowcount > 0
 
+    def release_holders(self, holder_prefix: str) -> int:
+        """Gives back every lease whose holder starts with the prefix; returns how many."""
+        if not holder_prefix:
+            raise InvalidArgument.field("holder_prefix", "is required")
+        with self.store.begin() as db:
+            return db.execute(delete(leases).where(_holder_starts_with(holder_prefix))).rowcount
+
     def list(self) -> list[Lease]:
         with self.store.begin() as db:
             rows = db.execute(select(leases).order_by(leases.c.create_time, leases.c.name)).all()

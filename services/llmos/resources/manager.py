@@ -94,5 +94,11 @@ class ResourceManager:
     def release(self, name: str) -> bool:
         return self.leases.release(name)
 
+    def release_holders(self, holder_prefix: str) -> int:
+        """A holder starts again: what its previous incarnation leased is given back."""
+        released = self.leases.release_holders(holder_prefix)
+        self._in_use.pop((holder_prefix, "cpu"), None)
+        return released
+
     def close(self) -> None:
         self.leases.close()

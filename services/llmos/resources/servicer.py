@@ -63,11 +63,17 @@ class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
         return resources_pb2.AcquireLeaseResponse(lease=lease_to_proto(lease))
 
     async def ReleaseLease(self, request, context: grpc.aio.ServicerContext):
+        if bool(request.name) == bool(request.holder_prefix):
+            raise InvalidArgument.field("name", "exactly one of name and holder_prefix is required")
+        if request.holder_prefix:
+            if not request.holder_prefix.endswith("/"):      # "worker/w1" would take w10's leases too
+                raise InvalidArgument.field("holder_prefix", "must end with '/'")
+            _require_holder(request.holder_prefix)
+            return resources_pb2.ReleaseLeaseResponse(released=self.manager.release_holders(request.holder_prefix))
         lease = self.manager.leases.get(request.name)
         if lease is not None:
             _require_holder(lease.holder)
-        self.manager.release(request.name)
-        return resources_pb2.ReleaseLeaseResponse()
+        return resources_pb2.ReleaseLeaseResponse(released=int(self.manager.release(request.name)))
 
     async def RenewLeases(self, request, context: grpc.aio.ServicerContext):
         _require_holder(request.holder_prefix)

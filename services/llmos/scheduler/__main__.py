@@ -46,6 +46,9 @@ class SchedulerSettings(ServiceSettings):
     # Prefix affinity: a request goes to the worker its prefix key went to last while that one
     # is at most this share of its slots busier than the least loaded (0: least loaded only).
     affinity_slack: float = 0.25
+    # Requests (queued and running) of one tenant at once, when its quota sets no limit of its
+    # own: no tenant holds every slot. More are RESOURCE_EXHAUSTED (QUOTA_EXCEEDED); 0: no limit.
+    tenant_max_concurrent: int = 32
 
 
 async def build(settings: SchedulerSettings, provider: TracerProvider | None = None) -> Service:
@@ -59,7 +62,7 @@ async def build(settings: SchedulerSettings, provider: TracerProvider | None = N
         registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model, settings.aging_seconds,
         settings.report_timeout_seconds, settings.placement_ttl_seconds,
         events=SchedulerTelemetry(tracer, host.metrics), orphan_grace=settings.orphan_grace_seconds,
-        affinity_slack=settings.affinity_slack)
+        affinity_slack=settings.affinity_slack, tenant_max_concurrent=settings.tenant_max_concurrent)
     reports = WorkerReports(scheduler, registry, channels, settings.report_interval_seconds)
     host.metrics.register(OnLoop(asyncio.get_running_loop(), lambda: scheduler_metrics(
         scheduler.queue_depths(), scheduler.worker_loads())))

@@ -11,6 +11,7 @@ How each request ended is kept in its `history.History`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from llmos.common.domain import DEFAULT_MAX_TOKENS, QueueDepth
-from llmos.common.errors import AlreadyExists, DeadlineExceeded, ResourceExhausted, Unavailable
+from llmos.common.errors import AlreadyExists, Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 from llmos.common.keystore import Quota
 from llmos.common.names import parse_model_ref
 
@@ -76,6 +77,12 @@ class Ticket:
     quota: Quota = Quota()           # its tenant's limits, from the tenant's record
     prefix_key: int = 0              # a hash of how its input starts (0: none), for prefix affinity
     conversation_id: str = ""        # picks the version of an alias that splits traffic
+    client_id: str = ""              # the id its client chose ("": none), unique within its tenant
+
+    @property
+    def client_key(self) -> tuple[str, str] | None:
+        """(tenant, client id) when the client chose an id: ids belong to their tenant."""
+        return (self.tenant, self.client_id) if self.client_id else None
 
     @property
     def cost(self) -> int:
@@ -152,8 +159,10 @@ class AdmissionControl:
                  max_queue_per_model: int = 0, aging_seconds: float = 30.0, report_timeout: float = 3.0,
                  placement_ttl: float = 1.0, clock: Callable[[], float] = time.monotonic,
                  events: SchedulerEvents | None = None, orphan_grace: float = 5.0,
-                 affinity_slack: float = 0.25) -> None:
+                 affinity_slack: float = 0.25, tenant_max_concurrent: int = 0) -> None:
         self._registry = registry
+        # The concurrency limit of a tenant whose quota sets none (0: none).
+        self.tenant_max_concurrent = tenant_max_concurrent
         self.events = events or SchedulerEvents()
         self.max_queue = max_queue
         self.max_queue_per_model = max_queue_per_model or max_queue
@@ -171,6 +180,9 @@ class AdmissionControl:
         self.quotas = QuotaBook(clock)
         self._models: dict[str, ModelQueue] = {}
         self._active: dict[str, Request] = {}
+        # (tenant, client id) → the active request's own id: a client's id is an idempotency key
+        # within its tenant only.
+        self._clients: dict[tuple[str, str], str] = {}
         self.admitted_total = 0
         self.admitted_by_tenant: Counter[str] = Counter()
 
@@ -199,7 +211,17 @@ class AdmissionControl:
     def worker_loads(self) -> list[WorkerLoad]:
         return self.rotation.loads({m.name: m.endpoints for m in self._models.values()})
 
-    def status(self, request_id: str) -> RequestStatus | None:
+    def status(self, request_id: str, tenant: str | None = None) -> RequestStatus | None:
+        """Where the request is, by its own id or by the id its client chose: within `tenant`,
+        or (None) within any tenant, the newest first."""
+        own = next((rid for (t, client), rid in self._clients.items()
+                    if client == request_id and tenant in (None, t)), None)
+        if own is not None:
+            return self._status(own)
+        done = self.history.by_client(request_id, tenant)
+        return done if done is not None else self._status(request_id)
+
+    def _status(self, request_id: str) -> RequestStatus | None:
         request = self._active.get(request_id)
         if request is None:
             return self.history.get(request_id)
@@ -212,7 +234,7 @@ class AdmissionControl:
                 position = next(i for i, rid in enumerate(model.queue.order(self._clock()), 1) if rid == request_id)
         return RequestStatus(request_id, request.phase, request.model or t.model, t.tenant, t.priority, position,
                              request.reason if request.phase is Phase.QUEUED else "", request.endpoint, queued,
-                             request.start_time)
+                             request.start_time, t.client_id)
 
     def retry_after(self, model: str) -> float:
         """An honest guess of when a request sent now would get a slot: the queue ahead of
@@ -233,17 +255,24 @@ class AdmissionControl:
         def remaining() -> float | None:
             return None if deadline is None else max(0.0, deadline - self._clock())
 
-        if ticket.request_id in self._active:
-            raise AlreadyExists(f"request {ticket.request_id!r} is already admitted",
-                                reason="DUPLICATE_REQUEST_ID", metadata={"request_id": ticket.request_id})
+        client = ticket.client_key
+        if ticket.request_id in self._active or client in self._clients:
+            shown = ticket.client_id or ticket.request_id
+            raise AlreadyExists(f"request {shown!r} is already queued or running",
+                                reason="DUPLICATE_REQUEST_ID", metadata={"request_id": shown})
         parse_model_ref(ticket.model)
         if not 0 < ticket.weight <= 1000:
             raise ValueError(f"tenant weight must be more than 0 and at most 1000, got {ticket.weight}")
         request = self._active[ticket.request_id] = Request(ticket, "", arrival)
+        if client is not None:
+            self._clients[client] = ticket.request_id
         self.history.forget(ticket.request_id)
         try:
             self._weights[ticket.tenant] = ticket.weight
-            self.quotas.reserve(ticket.tenant, ticket.quota, ticket.request_id, ticket.cost)
+            quota = ticket.quota
+            if not quota.max_concurrent and self.tenant_max_concurrent:
+                quota = dataclasses.replace(quota, max_concurrent=self.tenant_max_concurrent)
+            self.quotas.reserve(ticket.tenant, quota, ticket.request_id, ticket.cost)
             cached = self._cached(ticket.model) if ticket.keep_alive is None else None
             if cached is not None:
                 resolution, endpoints = self._resolved[ticket.model][0], cached.endpoints
@@ -267,7 +296,8 @@ class AdmissionControl:
                 self.update_endpoints(resolved, endpoints, dispatch=False)
             given_up = self._abandoned.pop(ticket.request_id, None)
             if request.abandoned or (given_up is not None and self._clock() - given_up < 30.0):
-                raise asyncio.CancelledError()
+                raise Cancelled("the caller went away before the request was admitted",
+                                reason="CANCELLED_IN_QUEUE")
             endpoint = self.rotation.free_endpoint(model.name, model.endpoints, ticket.prefix_key) \
                 if not model.queue else None
             if endpoint is None:
@@ -416,6 +446,11 @@ class AdmissionControl:
         self._dispatch(model)
         try:
             return await asyncio.wait_for(asyncio.shield(request.future), timeout)
+        except asyncio.CancelledError:
+            if request.abandoned and request.future.cancelled():      # its caller finished it first
+                raise Cancelled("the caller went away while the request waited",
+                                reason="CANCELLED_IN_QUEUE") from None
+            raise
         except TimeoutError:
             raise DeadlineExceeded(f"the deadline passed after {timeout:.3f}s in the queue",
                                    reason="DEADLINE_EXCEEDED_IN_QUEUE",
@@ -459,8 +494,11 @@ class AdmissionControl:
         """Forgets an active request, keeping how it ended in the history."""
         t = request.ticket
         self._active.pop(t.request_id, None)
+        if t.client_key is not None and self._clients.get(t.client_key) == t.request_id:
+            del self._clients[t.client_key]
         self.history.record(RequestStatus(t.request_id, Phase.DONE, request.model or t.model, t.tenant, t.priority,
                                           0, reason, request.endpoint,
-                                          (request.started or self._clock()) - request.arrival, request.start_time),
+                                          (request.started or self._clock()) - request.arrival, request.start_time,
+                                          t.client_id),
                             ran=request.phase is Phase.RUNNING)
         request.phase = Phase.DONE

@@ -56,6 +56,7 @@ class RequestStatus:
     endpoint: Endpoint | None = None
     queue_seconds: float = 0.0
     start_time: float | None = None  # Unix time it left the queue, if it did
+    client_id: str = ""              # the id its client chose, if it did
 
 
 class History:
@@ -64,6 +65,8 @@ class History:
     def __init__(self, remembered: int = REMEMBERED_DONE) -> None:
         self._remembered = remembered
         self._done: OrderedDict[str, RequestStatus] = OrderedDict()
+        # (tenant, client id) → the newest done request's own id.
+        self._clients: dict[tuple[str, str], str] = {}
         self.rejected: Counter[str] = Counter()
 
     @property
@@ -73,14 +76,29 @@ class History:
     def get(self, request_id: str) -> RequestStatus | None:
         return self._done.get(request_id)
 
+    def by_client(self, client_id: str, tenant: str | None) -> RequestStatus | None:
+        """The newest done request of `tenant` (None: of any tenant) whose client chose `client_id`."""
+        if tenant is not None:
+            own = self._clients.get((tenant, client_id))
+            return None if own is None else self._done.get(own)
+        return next((s for s in reversed(self._done.values()) if s.client_id == client_id), None)
+
     def forget(self, request_id: str) -> None:
         """A request of this id arrives again."""
-        self._done.pop(request_id, None)
+        self._drop(self._done.pop(request_id, None))
+
+    def _drop(self, status: RequestStatus | None) -> None:
+        if status is not None and status.client_id:
+            key = (status.tenant, status.client_id)
+            if self._clients.get(key) == status.request_id:
+                del self._clients[key]
 
     def record(self, status: RequestStatus, ran: bool) -> None:
         """A request is done; one that never ran (but for its caller leaving) is a rejection."""
         if not ran and status.reason != CANCELLED_IN_QUEUE:
             self.rejected[status.reason] += 1
         self._done[status.request_id] = status
+        if status.client_id:
+            self._clients[(status.tenant, status.client_id)] = status.request_id
         while len(self._done) > self._remembered:
-            self._done.popitem(last=False)
+            self._drop(self._done.popitem(last=False)[1])

@@ -58,12 +58,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         keep_alive = optional_seconds(request, "keep_alive")
         if len(request.conversation_id) > 128:
             raise InvalidArgument.field("conversation_id", "at most 128 characters")
+        if len(request.client_request_id) > 128:
+            raise InvalidArgument.field("client_request_id", "at most 128 characters")
         if not 0 <= request.tenant_weight <= 1000:
             raise InvalidArgument.field("tenant_weight", "must be between 0 (meaning 1) and 1000")
         ticket = Ticket(request.request_id, request.model, request.tenant or "default", request.priority,
                         max(0, request.prompt_tokens), max(0, request.max_tokens), keep_alive, request.redispatch,
                         request.keep_alive_hold, request.tenant_weight or 1.0,
-                        quota_from_proto(request.tenant_quota), request.prefix_key, request.conversation_id)
+                        quota_from_proto(request.tenant_quota), request.prefix_key, request.conversation_id,
+                        request.client_request_id)
         admission = await self.scheduler.admit(ticket, timeout=context.time_remaining())
         if context.cancelled():     # granted as the caller left: nobody will run it
             self.scheduler.finish(ticket.request_id, outcome=Outcome.CANCELLED)
@@ -93,16 +96,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             tenants=[_tenant_usage(s, tenant, admitted) for tenant, admitted in sorted(s.admitted_by_tenant.items())])
 
     async def GetRequestStatus(self, request, context):
-        status = self.scheduler.status(request.request_id)
+        if not request.request_id or len(request.request_id) > 128:
+            raise InvalidArgument.field("request_id", "is required, at most 128 characters")
         caller = current_principal()
-        if status is not None and caller.key_id and caller.role is Role.USER and caller.tenant.name != status.tenant:
+        # A user names its own tenant's ids (a client's ids are unique within its tenant only).
+        user = bool(caller.key_id) and caller.role is Role.USER
+        status = self.scheduler.status(request.request_id, caller.tenant.name if user else None)
+        if status is not None and user and caller.tenant.name != status.tenant:
             status = None       # another tenant's request: as if unknown
         if status is None:
             raise NotFound(f"no request {request.request_id!r} is known", reason="REQUEST_NOT_FOUND",
                            metadata={"request_id": request.request_id})
         endpoint = status.endpoint
         response = scheduler_pb2.GetRequestStatusResponse(
-            request_id=status.request_id, state=_STATE_TO_PROTO[status.phase], model=status.model,
+            request_id=status.client_id or status.request_id, state=_STATE_TO_PROTO[status.phase], model=status.model,
             tenant=status.tenant, priority=status.priority, position=status.position, reason=status.reason,
             worker_id=endpoint.worker_id if endpoint else "", worker_address=endpoint.address if endpoint else "",
             queue_time=duration(status.queue_seconds))

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmos/v1/resources.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x02\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.llmos.v1.Device.Kind\x12\x0f\n\x07product\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x12\n\nused_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cleased_bytes\x18\x06 \x01(\x03\x12\x14\n\x0c\x62udget_bytes\x18\x07 \x01(\x03\x12\r\n\x05\x63ores\x18\x08 \x01(\x05\x12\x19\n\x11unexplained_bytes\x18\t \x01(\x03\"8\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08KIND_CPU\x10\x01\x12\x0c\n\x08KIND_GPU\x10\x02\"7\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x10.llmos.v1.Device\"9\n\x10ListNodesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"K\n\x11ListNodesResponse\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.llmos.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xdc\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"z\n\x13\x41\x63quireLeaseRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"6\n\x14\x41\x63quireLeaseResponse\x12\x1e\n\x05lease\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Lease\"#\n\x13ReleaseLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14ReleaseLeaseResponse\"Q\n\x12RenewLeasesRequest\x12\x15\n\rholder_prefix\x18\x01 \x01(\t\x12\x14\n\x0cin_use_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"&\n\x13RenewLeasesResponse\x12\x0f\n\x07renewed\x18\x01 \x01(\x05\":\n\x11ListLeasesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x12ListLeasesResponse\x12\x1f\n\x06leases\x18\x01 \x03(\x0b\x32\x0f.llmos.v1.Lease\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x8a\x03\n\x0fResourceService\x12\x44\n\tListNodes\x12\x1a.llmos.v1.ListNodesRequest\x1a\x1b.llmos.v1.ListNodesResponse\x12M\n\x0c\x41\x63quireLease\x12\x1d.llmos.v1.AcquireLeaseRequest\x1a\x1e.llmos.v1.AcquireLeaseResponse\x12M\n\x0cReleaseLease\x12\x1d.llmos.v1.ReleaseLeaseRequest\x1a\x1e.llmos.v1.ReleaseLeaseResponse\x12G\n\nListLeases\x12\x1b.llmos.v1.ListLeasesRequest\x1a\x1c.llmos.v1.ListLeasesResponse\x12J\n\x0bRenewLeases\x12\x1c.llmos.v1.RenewLeasesRequest\x1a\x1d.llmos.v1.RenewLeasesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmos/v1/resources.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x02\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.llmos.v1.Device.Kind\x12\x0f\n\x07product\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x12\n\nused_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cleased_bytes\x18\x06 \x01(\x03\x12\x14\n\x0c\x62udget_bytes\x18\x07 \x01(\x03\x12\r\n\x05\x63ores\x18\x08 \x01(\x05\x12\x19\n\x11unexplained_bytes\x18\t \x01(\x03\"8\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08KIND_CPU\x10\x01\x12\x0c\n\x08KIND_GPU\x10\x02\"7\n\x04Node\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x10.llmos.v1.Device\"9\n\x10ListNodesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"K\n\x11ListNodesResponse\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.llmos.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xdc\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"z\n\x13\x41\x63quireLeaseRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"6\n\x14\x41\x63quireLeaseResponse\x12\x1e\n\x05lease\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Lease\":\n\x13ReleaseLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rholder_prefix\x18\x02 \x01(\t\"(\n\x14ReleaseLeaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\"Q\n\x12RenewLeasesRequest\x12\x15\n\rholder_prefix\x18\x01 \x01(\t\x12\x14\n\x0cin_use_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"&\n\x13RenewLeasesResponse\x12\x0f\n\x07renewed\x18\x01 \x01(\x05\":\n\x11ListLeasesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x12ListLeasesResponse\x12\x1f\n\x06leases\x18\x01 \x03(\x0b\x32\x0f.llmos.v1.Lease\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x8a\x03\n\x0fResourceService\x12\x44\n\tListNodes\x12\x1a.llmos.v1.ListNodesRequest\x1a\x1b.llmos.v1.ListNodesResponse\x12M\n\x0c\x41\x63quireLease\x12\x1d.llmos.v1.AcquireLeaseRequest\x1a\x1e.llmos.v1.AcquireLeaseResponse\x12M\n\x0cReleaseLease\x12\x1d.llmos.v1.ReleaseLeaseRequest\x1a\x1e.llmos.v1.ReleaseLeaseResponse\x12G\n\nListLeases\x12\x1b.llmos.v1.ListLeasesRequest\x1a\x1c.llmos.v1.ListLeasesResponse\x12J\n\x0bRenewLeases\x12\x1c.llmos.v1.RenewLeasesRequest\x1a\x1d.llmos.v1.RenewLeasesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,17 +50,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACQUIRELEASERESPONSE']._serialized_start=907
   _globals['_ACQUIRELEASERESPONSE']._serialized_end=961
   _globals['_RELEASELEASEREQUEST']._serialized_start=963
-  _globals['_RELEASELEASEREQUEST']._serialized_end=998
-  _globals['_RELEASELEASERESPONSE']._serialized_start=1000
-  _globals['_RELEASELEASERESPONSE']._serialized_end=1022
-  _globals['_RENEWLEASESREQUEST']._serialized_start=1024
-  _globals['_RENEWLEASESREQUEST']._serialized_end=1105
-  _globals['_RENEWLEASESRESPONSE']._serialized_start=1107
-  _globals['_RENEWLEASESRESPONSE']._serialized_end=1145
-  _globals['_LISTLEASESREQUEST']._serialized_start=1147
-  _globals['_LISTLEASESREQUEST']._serialized_end=1205
-  _globals['_LISTLEASESRESPONSE']._serialized_start=1207
-  _globals['_LISTLEASESRESPONSE']._serialized_end=1285
-  _globals['_RESOURCESERVICE']._serialized_start=1288
-  _globals['_RESOURCESERVICE']._serialized_end=1682
+  _globals['_RELEASELEASEREQUEST']._serialized_end=1021
+  _globals['_RELEASELEASERESPONSE']._serialized_start=1023
+  _globals['_RELEASELEASERESPONSE']._serialized_end=1063
+  _globals['_RENEWLEASESREQUEST']._serialized_start=1065
+  _globals['_RENEWLEASESREQUEST']._serialized_end=1146
+  _globals['_RENEWLEASESRESPONSE']._serialized_start=1148
+  _globals['_RENEWLEASESRESPONSE']._serialized_end=1186
+  _globals['_LISTLEASESREQUEST']._serialized_start=1188
+  _globals['_LISTLEASESREQUEST']._serialized_end=1246
+  _globals['_LISTLEASESRESPONSE']._serialized_start=1248
+  _globals['_LISTLEASESRESPONSE']._serialized_end=1326
+  _globals['_RESOURCESERVICE']._serialized_start=1329
+  _globals['_RESOURCESERVICE']._serialized_end=1723
 # @@protoc_insertion_point(module_scope)

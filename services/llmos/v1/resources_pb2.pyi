@@ -106,14 +106,18 @@ class AcquireLeaseResponse(_message.Message):
     def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
 class ReleaseLeaseRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "holder_prefix")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_PREFIX_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    holder_prefix: str
+    def __init__(self, name: _Optional[str] = ..., holder_prefix: _Optional[str] = ...) -> None: ...
 
 class ReleaseLeaseResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class RenewLeasesRequest(_message.Message):
     __slots__ = ("holder_prefix", "in_use_bytes", "device")

@@ -89,7 +89,9 @@ class ResourceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseLease(self, request, context):
-        """Gives a lease back. Idempotent: an unknown lease is not an error.
+        """Gives a lease back, or every lease of a holder prefix (a holder that
+        starts again gives back what its previous incarnation held). Idempotent:
+        an unknown lease is not an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

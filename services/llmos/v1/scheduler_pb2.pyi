@@ -14,7 +14,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AdmitGenerationRequest(_message.Message):
-    __slots__ = ("request_id", "model", "tenant", "priority", "max_tokens", "keep_alive", "prompt_tokens", "redispatch", "tenant_weight", "tenant_quota", "keep_alive_hold", "prefix_key", "conversation_id")
+    __slots__ = ("request_id", "model", "tenant", "priority", "max_tokens", "keep_alive", "prompt_tokens", "redispatch", "tenant_weight", "tenant_quota", "keep_alive_hold", "prefix_key", "conversation_id", "client_request_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class AdmitGenerationRequest(_message.Message):
     KEEP_ALIVE_HOLD_FIELD_NUMBER: _ClassVar[int]
     PREFIX_KEY_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     tenant: str
@@ -41,7 +42,8 @@ class AdmitGenerationRequest(_message.Message):
     keep_alive_hold: bool
     prefix_key: int
     conversation_id: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., max_tokens: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., redispatch: _Optional[bool] = ..., tenant_weight: _Optional[float] = ..., tenant_quota: _Optional[_Union[_identity_pb2.TenantQuota, _Mapping]] = ..., keep_alive_hold: _Optional[bool] = ..., prefix_key: _Optional[int] = ..., conversation_id: _Optional[str] = ...) -> None: ...
+    client_request_id: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., max_tokens: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., redispatch: _Optional[bool] = ..., tenant_weight: _Optional[float] = ..., tenant_quota: _Optional[_Union[_identity_pb2.TenantQuota, _Mapping]] = ..., keep_alive_hold: _Optional[bool] = ..., prefix_key: _Optional[int] = ..., conversation_id: _Optional[str] = ..., client_request_id: _Optional[str] = ...) -> None: ...
 
 class AdmitGenerationResponse(_message.Message):
     __slots__ = ("worker_id", "worker_address", "model", "queue_time", "alias", "adapter", "adapter_path")

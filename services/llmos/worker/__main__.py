@@ -100,6 +100,8 @@ async def renew_leases(model_host: ModelHost, interval: float) -> None:
             await model_host.heartbeat()
         except LlmosError as exc:
             log.warning("cannot renew leases: %s", exc.code)
+        except Exception:  # noqa: BLE001 - the heartbeat must outlive any one failure
+            log.exception("renewing leases failed")
         await asyncio.sleep(interval)
 
 

@@ -488,13 +488,34 @@ class Engine:
             s.cached += 1
         for s, chunk in chunks:
             s.cached += chunk.length
-        finished = [s for row, s in enumerate(sampled) if self._emit(s, logits[row])]
-        if finished:
+        finished, failed = [], []
+        for row, s in enumerate(sampled):
+            try:
+                if self._emit(s, logits[row]):
+                    finished.append(s)
+            except Exception as exc:  # noqa: BLE001 - one sequence's sampling or format fails it alone
+                failed.append((s, exc))
+        if finished or failed:
             with self._wake:
                 for s in finished:
                     if s.slot >= 0:
                         self._release(s)
+                for s, exc in failed:
+                    self._fail(s, exc)
         return self.prefill_budget - budget
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        """Ends one sequence with `exc` (typed errors as they are, anything else INTERNAL) and frees
+        its slot; the others in its step go on. Holds the lock."""
+        if isinstance(exc, LlmosError):
+            log.info("sequence %s of %s ended: %s (%s)", seq.request_id, self.name, exc.code, exc.reason)
+            error = exc
+        else:
+            log.error("sequence %s of %s failed", seq.request_id, self.name, exc_info=exc)
+            error = Internal("generation failed", reason="SEQUENCE_FAILED")
+        seq.deliver(error)
+        if seq.slot >= 0:
+            self._release(seq, keep=False)
 
     def _begin(self, seq: Sequence) -> None:
         device = self.runner.device

@@ -31,6 +31,7 @@ from llmos.common.names import model_lease_holder, worker_lease_prefix
 from .adapter_cache import AdapterCache
 from .engine import Engine, EngineDriver, EngineEvents, EngineStats, Sequence
 from .loader import LoadedModel, load_model
+from .prompts import prompt_ids
 from .structured import Grammars
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class ResourcesPort(Protocol):
         """Leases memory for `ttl` seconds unless renewed; returns the lease name."""
 
     async def release(self, lease: str) -> None: ...
+
+    async def release_holders(self, holder_prefix: str) -> int:
+        """Gives back every lease under the prefix; returns how many."""
 
     async def renew(self, holder_prefix: str, in_use_bytes: int, device: str) -> int: ...
 
@@ -109,6 +113,9 @@ class ModelHost:
         # The generations served now (from their arrival to their end), by request id.
         self.active_requests: Counter[str] = Counter()
         self._lock = asyncio.Lock()
+        # Set once the leases of this worker's previous incarnation (same id, started again
+        # after a crash) are given back: until then it leases nothing.
+        self._past_released = asyncio.Event()
         self._baseline_rss = psutil.Process().memory_info().rss
 
     @property
@@ -132,7 +139,14 @@ class ModelHost:
         return max(0, psutil.Process().memory_info().rss - self._baseline_rss)
 
     async def heartbeat(self) -> int:
-        """Renews this worker's leases and reports its memory in use; returns the renewals."""
+        """Renews this worker's leases and reports its memory in use; returns the renewals. The
+        first one gives back what a previous incarnation of this worker leased (it holds nothing
+        of it now): a restarted worker's heartbeat would otherwise keep those leases alive."""
+        if not self._past_released.is_set():
+            released = await self._resources.release_holders(self.lease_prefix)
+            if released:
+                log.info("gave back %d lease(s) of this worker's previous incarnation", released)
+            self._past_released.set()
         return await self._resources.renew(self.lease_prefix, self.memory_in_use(), self.device_name)
 
     @property
@@ -154,6 +168,7 @@ class ModelHost:
                 return served
             if estimated_bytes <= 0:
                 raise InvalidArgument.field("estimated_bytes", "must be greater than 0")
+            await self._past_released.wait()      # (the first heartbeat, at start)
             lease = await self._resources.acquire(model_lease_holder(self.worker_id, model),
                                                   self.device_name, estimated_bytes, self.config.lease_ttl)
             try:
@@ -204,15 +219,10 @@ class ModelHost:
 
     def _prompt_ids(self, loaded: LoadedModel, source: GenerationInput) -> list[int]:
         tokenizer = loaded.tokenizer
-        if source.prompt is not None:
-            return tokenizer(source.prompt, add_special_tokens=True)["input_ids"]
-        if not tokenizer.chat_template:
+        if source.prompt is None and not tokenizer.chat_template:
             raise FailedPrecondition(f"model {loaded.name} has no chat template; send a prompt",
                                      reason="NO_CHAT_TEMPLATE", metadata={"model": loaded.name})
-        text = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in source.messages],
-            add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt_ids(tokenizer, source, loaded.special_strings)
 
     @staticmethod
     def _check_length(loaded: LoadedModel, source: GenerationInput) -> None:

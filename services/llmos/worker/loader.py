@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from llmos.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from .engine import Runner
 from .generic import GenericRunner, Unsupported
 from .llama import LlamaRunner
+from .prompts import special_strings
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,11 @@ class LoadedModel:
     eos_ids: frozenset[int]
     # The weight variant it runs ("" as stored, "int8").
     quantization: str = ""
+
+    @functools.cached_property
+    def special_strings(self) -> list[str]:
+        """The text of its tokenizer's special tokens, which message contents keep as text."""
+        return special_strings(self.tokenizer)
 
     @property
     def implementation(self) -> str:

@@ -27,3 +27,8 @@ class GrpcResources:
 
     async def release(self, lease: str) -> None:
         await self._stub.ReleaseLease(resources_pb2.ReleaseLeaseRequest(name=lease), timeout=10)
+
+    async def release_holders(self, holder_prefix: str) -> int:
+        response = await self._stub.ReleaseLease(resources_pb2.ReleaseLeaseRequest(holder_prefix=holder_prefix),
+                                                 timeout=10)
+        return response.released

@@ -3,12 +3,17 @@ llguidance, and the mask of the tokens that keep the output matchable, applied b
 sample.
 
 `Grammars` belongs to one loaded model: its llguidance tokenizer (made at the first constrained
-request) and a few compiled matchers by format (LRU), each request getting its own copy, so a
-schema sent again is not compiled again. A `Constraint` follows one sequence: `mask` the logits,
-`advance` with the sampled token, and `complete` once the structure is whole (the engine then ends
-the sequence with STOP). Compiling runs off the worker's event loop and off the engine's thread;
-each step's masks are computed on a thread of their own while the step's forward runs (the next
-token's mask depends only on the tokens so far), for the sequences that have a format only.
+request) and compiled matchers by format (LRU, bounded in bytes: each counted as the memory the
+process grew by while it was built, at least its grammar's size), each request getting its own
+copy, so a schema sent again is not compiled again. Every matcher runs under
+`formats.parser_limits()`; a format that passes them fails its own request only, with
+INVALID_ARGUMENT `RESPONSE_FORMAT_TOO_COMPLEX` (the engine ends that one sequence).
+
+A `Constraint` follows one sequence: `mask` the logits, `advance` with the sampled token, and
+`complete` once the structure is whole (the engine then ends the sequence with STOP). Compiling
+runs off the worker's event loop and off the engine's thread; each step's masks are computed on
+a thread of their own while the step's forward runs (the next token's mask depends only on the
+tokens so far), for the sequences that have a format only.
 """
 
 from __future__ import annotations
@@ -23,10 +28,24 @@ import torch
 
 from llmos.common.domain import ResponseFormat
 from llmos.common.errors import InvalidArgument
-from llmos.common.formats import FormatError, compiled
+from llmos.common.formats import FormatError, compiled, hit_a_limit, parser_limits
 
-# Compiled formats kept per model.
+# Bytes of compiled formats kept per model (and at most this many formats).
+CACHED_FORMAT_BYTES = 256 * 1024 * 1024
 CACHED_FORMATS = 64
+
+
+def format_failed(message: str, field: str = "sampling.response_format") -> InvalidArgument:
+    """The error of a format the compiler or a matcher gave up on."""
+    if hit_a_limit(message):
+        return InvalidArgument.field(field, f"is too complex to match within llmos's limits: {message[:300]}",
+                                     reason="RESPONSE_FORMAT_TOO_COMPLEX")
+    return InvalidArgument.field(field, message[:300], reason="RESPONSE_FORMAT_FAILED")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
 
 
 class Constraint:
@@ -39,6 +58,8 @@ class Constraint:
     def _allowed(self) -> np.ndarray:
         """One bool per token of the tokenizer: may it come next."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)   # (llguidance drops the GIL)
+        if self._matcher.is_error():
+            raise format_failed(self._matcher.get_error())
         return np.unpackbits(bits, bitorder="little").astype(bool)
 
     def prepare(self, pool: Executor) -> None:
@@ -56,7 +77,7 @@ class Constraint:
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise RuntimeError(f"the format refused token {token}: {self._matcher.get_error()}")
+            raise format_failed(self._matcher.get_error() or f"the format refused token {token}")
 
     @property
     def complete(self) -> bool:
@@ -70,8 +91,13 @@ class Grammars:
         self._vocab = vocab_size
         self._eos = sorted(eos_ids)
         self._tokenizer: Any = None
-        self._matchers: OrderedDict[ResponseFormat, Any] = OrderedDict()
+        self._matchers: OrderedDict[ResponseFormat, tuple[Any, int]] = OrderedDict()   # and its bytes
         self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """What the kept formats are counted as."""
+        return sum(size for _, size in self._matchers.values())
 
     def _llg_tokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -88,18 +114,22 @@ class Grammars:
 
         field = f"sampling.response_format.{fmt.kind.value}"
         with self._lock:
-            template = self._matchers.get(fmt)
-            if template is not None:
+            kept = self._matchers.get(fmt)
+            if kept is not None:
                 self._matchers.move_to_end(fmt)
+                template = kept[0]
             else:
                 try:
                     grammar = compiled(fmt)
                 except FormatError as exc:
-                    raise InvalidArgument.field(field, str(exc)) from None
-                template = LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+                    raise format_failed(str(exc), field) from None
+                tokenizer = self._llg_tokenizer()
+                before = _rss()
+                template = LLMatcher(tokenizer, grammar, log_level=0, limits=parser_limits())
                 if template.is_error():
-                    raise InvalidArgument.field(field, template.get_error())
-                self._matchers[fmt] = template
-                while len(self._matchers) > CACHED_FORMATS:
+                    raise format_failed(template.get_error(), field)
+                self._matchers[fmt] = template, max(len(grammar), _rss() - before)
+                while len(self._matchers) > CACHED_FORMATS or (len(self._matchers) > 1
+                                                               and self.nbytes > CACHED_FORMAT_BYTES):
                     self._matchers.popitem(last=False)
             return Constraint(template.deep_copy())

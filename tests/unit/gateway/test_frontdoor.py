@@ -22,7 +22,9 @@ class FakeScheduler:
         return Assignment(f"127.0.0.1:{n}", "tiny:latest", f"w{n}")
 
     async def finish(self, request_id, reason, usage, worker_failed=False, model_not_loaded=False):
-        self.finished.append((request_id, reason, usage) + (("worker failed",) if worker_failed else ())
+        # The gateway's own id of the call ("own"), which every admission of the call used.
+        assert all(rid == request_id for rid, _ in self.admitted), (request_id, self.admitted)
+        self.finished.append(("own" if request_id.startswith("req-") else request_id, reason, usage) + (("worker failed",) if worker_failed else ())
                              + (("model not loaded",) if model_not_loaded else ()))
 
 
@@ -62,7 +64,7 @@ async def test_streams_in_order_and_reports_the_end():
     chunks = await _collect(front, timeout=5.0)
     await front.drain()
     assert [c.text for c in chunks] == ["a", "b"]
-    assert scheduler.finished == [("r1", FinishReason.STOP, Usage(3, 2))]
+    assert scheduler.finished == [("own", FinishReason.STOP, Usage(3, 2))]
     assert 4.0 < scheduler.admitted[0][1] <= 5.0
 
 
@@ -73,7 +75,7 @@ async def test_a_worker_failure_still_releases_the_slot():
         await _collect(front)
     await front.drain()
     # Charged what was served: the prompt's bound ("hi": 2 bytes + 2) and the one token streamed.
-    assert scheduler.finished == [("r1", None, Usage(4, 1), "worker failed")]
+    assert scheduler.finished == [("own", None, Usage(4, 1), "worker failed")]
     assert len(scheduler.admitted) == 1          # tokens had gone out: no second try
 
 
@@ -84,8 +86,8 @@ async def test_a_worker_that_fails_before_the_first_token_is_replaced():
     await front.drain()
     assert [c.text for c in chunks] == ["a", "b"]
     assert scheduler.redispatched == [False, True, True]
-    failed = ("r1", None, Usage(4, 0), "worker failed")
-    assert scheduler.finished == [failed, failed, ("r1", FinishReason.STOP, Usage(3, 2))]
+    failed = ("own", None, Usage(4, 0), "worker failed")
+    assert scheduler.finished == [failed, failed, ("own", FinishReason.STOP, Usage(3, 2))]
 
 
 async def test_a_worker_that_no_longer_holds_the_model_is_passed_over_and_the_scheduler_told():
@@ -94,7 +96,7 @@ async def test_a_worker_that_no_longer_holds_the_model_is_passed_over_and_the_sc
     chunks = await _collect(front)
     await front.drain()
     assert [c.text for c in chunks] == ["b"] and scheduler.redispatched == [False, True]
-    assert scheduler.finished == [("r1", None, Usage(4, 0), "model not loaded"), ("r1", FinishReason.STOP, Usage(3, 2))]
+    assert scheduler.finished == [("own", None, Usage(4, 0), "model not loaded"), ("own", FinishReason.STOP, Usage(3, 2))]
 
 
 async def test_redispatch_gives_up_after_a_few_workers():
@@ -116,7 +118,7 @@ async def test_cancelling_the_stream_reports_cancelled():
     with pytest.raises(asyncio.CancelledError):
         await task
     await front.drain()
-    assert scheduler.finished == [("r1", FinishReason.CANCELLED, Usage(4, 1))]
+    assert scheduler.finished == [("own", FinishReason.CANCELLED, Usage(4, 1))]
 
 
 async def test_a_consumer_that_closes_the_stream_reports_cancelled():
@@ -126,7 +128,7 @@ async def test_a_consumer_that_closes_the_stream_reports_cancelled():
     await anext(stream)
     await stream.aclose()                 # what the server does to a handler whose caller left
     await front.drain()
-    assert scheduler.finished == [("r1", FinishReason.CANCELLED, Usage(4, 1))]
+    assert scheduler.finished == [("own", FinishReason.CANCELLED, Usage(4, 1))]
 
 
 async def test_admission_errors_pass_through_and_nothing_is_reported():
@@ -162,3 +164,15 @@ def test_every_turn_of_a_conversation_has_its_openings_prefix_key():
     long = "A long shared preamble of a raw prompt. " * 8
     assert key(prompt=long + "Q1") == key(prompt=long + "Q1 A1 Q2") != key(prompt="short")
     assert all(k != 0 for k in (first, key(prompt="")))
+
+
+async def test_the_client_sees_its_own_id_and_the_scheduler_an_id_of_the_gateways_per_call():
+    """A client's id never reaches the scheduler or a worker: another tenant (or a retry) sending
+    the same id names another call, and cannot finish or cancel this one's accounting."""
+    scheduler, seen = FakeScheduler(), []
+    front = FrontDoor(scheduler, FakeWorkers([Chunk("a", [1]), DONE]))
+    for _ in range(2):
+        seen += [rid async for rid, _ in front.generate(CALL, None)]
+    own = [rid for rid, _ in scheduler.admitted]
+    assert seen == ["r1"] * 4
+    assert len(set(own)) == 2 and "r1" not in own and all(rid.startswith("req-") for rid in own)

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from llmos.common.errors import AlreadyExists, DeadlineExceeded, NotFound, ResourceExhausted
+from llmos.common.errors import AlreadyExists, Cancelled, DeadlineExceeded, NotFound, ResourceExhausted
 from llmos.scheduler.admission import AdmissionControl, Resolution, Ticket
 from llmos.scheduler.history import Outcome, Phase
 from llmos.scheduler.rotation import Endpoint
@@ -368,11 +368,11 @@ async def test_a_finish_that_overtakes_its_admission_gives_the_slot_back():
     assert scheduler.waiting == 0
     assert scheduler.finish("a", outcome=Outcome.STOP)        # the same tick: the slot must not go to b
     assert scheduler.running == 0
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(Cancelled):          # a typed error: its RPC ends at once, not at its deadline
         await queued
     await scheduler.admit(ticket("a"))
     scheduler.finish("x", outcome=Outcome.CANCELLED)                # before its admission even arrived
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(Cancelled):
         await scheduler.admit(ticket("x"))
     scheduler.finish("a", outcome=Outcome.STOP)
     assert scheduler.running == 0 and scheduler.waiting == 0
@@ -460,3 +460,26 @@ async def test_without_slack_a_prefix_key_changes_nothing():
     scheduler = AdmissionControl(FakeRegistry({"tiny:latest": [W1, W2]}), slots_per_worker=4, affinity_slack=0.0)
     first = (await scheduler.admit(ticket("c1", prefix_key=7))).endpoint
     assert (await scheduler.admit(ticket("c2", prefix_key=7))).endpoint != first
+
+
+async def test_a_clients_id_is_unique_within_its_tenant_only_and_names_its_own_request():
+    scheduler = AdmissionControl(FakeRegistry(), slots_per_worker=4)
+    await scheduler.admit(ticket("req-a", tenant="acme", client_id="job-1"))
+    await scheduler.admit(ticket("req-b", tenant="umbrella", client_id="job-1"))    # another tenant's: fine
+    with pytest.raises(AlreadyExists) as refused:
+        await scheduler.admit(ticket("req-c", tenant="acme", client_id="job-1"))
+    assert refused.value.reason == "DUPLICATE_REQUEST_ID"
+    assert scheduler.running == 2
+    assert scheduler.status("job-1", "acme").request_id == "req-a"
+    assert scheduler.status("job-1", "umbrella").request_id == "req-b"
+    # Umbrella's end of its job-1 says nothing about acme's.
+    assert scheduler.finish("req-b", outcome=Outcome.CANCELLED)
+    assert scheduler.status("job-1", "acme").phase is Phase.RUNNING
+    assert scheduler.status("job-1", "umbrella").phase is Phase.DONE
+    # Once acme's job-1 ended, the id may be used again at once, and names the new request.
+    assert scheduler.finish("req-a", outcome=Outcome.STOP)
+    await scheduler.admit(ticket("req-d", tenant="acme", client_id="job-1"))
+    assert scheduler.status("job-1", "acme").request_id == "req-d"
+    # A late finish of an abandoned call never touches the call that reused its client's id.
+    assert not scheduler.finish("req-c", outcome=Outcome.CANCELLED)
+    assert scheduler.status("job-1", "acme").phase is Phase.RUNNING
