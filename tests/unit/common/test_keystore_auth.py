@@ -152,6 +152,9 @@ class FakeContext:
     def auth_context(self):
         return self._auth
 
+    def peer(self):
+        return "ipv4:10.1.2.3:40000"
+
 
 def test_a_method_without_a_rule_is_refused_whoever_calls(store):
     from llmos.common.auth import Guard
@@ -172,3 +175,30 @@ def test_a_method_without_a_rule_is_refused_whoever_calls(store):
         Guard(Authenticator(store)).check("/llmos.v1.WorkerService/StartModel",
                                           FakeContext(peer_spiffe_id="spiffe://llmos/gateway/gateway"))
     assert caught.value.reason == "CALLER_NOT_ALLOWED"
+
+
+def test_failed_authentications_are_limited_per_source_and_key_id(store):
+    """Past MAX_AUTH_FAILURES in a window, a source (or a key id) is refused before any key is
+    looked up, with the delay until its oldest failure leaves the window; others are not."""
+    from llmos.common.auth import MAX_AUTH_FAILURES, Authenticator, Guard
+    from llmos.common.errors import ResourceExhausted, Unauthenticated
+
+    now = [1000.0]
+    guard = Guard(Authenticator(store))
+    guard.failures._clock = lambda: now[0]
+    tenant_key = store.create_key("acme", Role.USER)[1]
+    method = "/llmos.v1.GatewayService/Generate"
+    attacker = FakeContext([("authorization", "Bearer llmos_notakey_000")])
+    for _ in range(MAX_AUTH_FAILURES):
+        with pytest.raises(Unauthenticated):
+            guard.check(method, attacker)
+    with pytest.raises(ResourceExhausted) as limited:
+        guard.check(method, attacker)
+    assert limited.value.reason == "AUTH_RATE_LIMITED" and 0 < limited.value.retry_after <= 10.0
+    # Another address with a good key is let in; the window passing lets the first one try again.
+    other = FakeContext([("authorization", f"Bearer {tenant_key}")])
+    other.peer = lambda: "ipv4:10.9.9.9:1"
+    assert guard.check(method, other).tenant.name == "acme"
+    now[0] += 10.5
+    with pytest.raises(Unauthenticated):
+        guard.check(method, attacker)
