@@ -155,7 +155,7 @@ def _load_config(directory: Path) -> dict[str, Any]:
         raise _invalid(directory, f"{directory.name} has no {CONFIG}: not a PEFT adapter")
     try:
         config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise _invalid(directory, f"the {CONFIG} of {directory.name} is not JSON") from None
     if not isinstance(config, dict):
         raise _invalid(directory, f"the {CONFIG} of {directory.name} is not a JSON object")
@@ -228,6 +228,8 @@ def read_adapter(directory: Path, base_config: dict[str, Any], max_rank: int) ->
     _check_config_modules(directory, config)
     try:
         tensors = read_header(weights)
+    except RecursionError:
+        raise _invalid(directory, f"the {WEIGHTS} of {directory.name} has a header nested too deep") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise _invalid(directory, f"the {WEIGHTS} of {directory.name} is not a safetensors file: {exc}") from None
     shapes = module_shapes(base_config)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -183,6 +184,10 @@ class Store:
             database = parsed.database or ""
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
+                # Its owner's only (it holds key hashes and tenants); SQLite gives its journal
+                # files the same mode.
+                Path(database).touch(mode=0o600, exist_ok=True)
+                os.chmod(database, 0o600)
             engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
             _serialize_sqlite_writers(engine)
         elif self.dialect == "postgresql":

@@ -31,6 +31,9 @@ class GatewaySettings(ServiceSettings):
     # A stream whose client has read nothing for this long (while chunks wait for it) ends
     # CANCELLED (STREAM_STALLED), and its slot is freed, seconds.
     stall_timeout_seconds: float = 30.0
+    # An HTTP connection that has not sent a whole request head this long after it opened (or
+    # after its last response) is closed, seconds.
+    http_header_timeout_seconds: float = 10.0
 
 
 async def build(settings: GatewaySettings, provider: TracerProvider | None = None) -> Service:
@@ -47,7 +50,7 @@ async def build(settings: GatewaySettings, provider: TracerProvider | None = Non
     if settings.http_listen:
         door = OpenAiDoor(settings.http_listen, front, registry, telemetry, security.guard,
                           provider.get_tracer("llmos.gateway.http"), security.tls_dir,
-                          settings.stall_timeout_seconds)
+                          settings.stall_timeout_seconds, settings.http_header_timeout_seconds)
     register_identity(host, security.store)
     await host.set_serving(False)       # ready once the scheduler answers: it admits every request
 

@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 # bytes have come, whether the body says its length or comes in chunks.
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # A body must arrive within this many seconds (408 after), and a connection must send a whole
-# request head within HEADER_TIMEOUT of opening or of its last response (closed after).
+# request head within HEADER_TIMEOUT of opening or of its last response (closed after; the
+# gateway's `http_header_timeout_seconds`).
 BODY_TIMEOUT = 30.0
 HEADER_TIMEOUT = 10.0
 # JSON nested deeper than this is refused (a JSON Schema is at most 32 deep).
@@ -290,11 +291,12 @@ class OpenAiDoor:
 
     def __init__(self, listen: str, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
                  telemetry: GatewayTelemetry, guard: Guard, tracer: trace.Tracer, tls_dir: str = "",
-                 stall_seconds: float = STALL_SECONDS) -> None:
+                 stall_seconds: float = STALL_SECONDS, header_timeout: float = HEADER_TIMEOUT) -> None:
         if not is_loopback(listen) and not tls_dir:
             raise InsecureBind(f"the gateway's HTTP door will not listen on {listen} without TLS: set its "
                                "tls_dir, or listen on 127.0.0.1")
         self.listen, self.tls_dir, self.stall_seconds = listen, tls_dir, stall_seconds
+        self.header_timeout = header_timeout
         self.front, self.registry, self.telemetry, self.guard, self.tracer = front, registry, telemetry, guard, tracer
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self._route("POST /v1/chat/completions", self.chat), methods=["POST"]),
@@ -311,7 +313,8 @@ class OpenAiDoor:
             tls = {"ssl_certfile": f"{self.tls_dir}/tls.crt", "ssl_keyfile": f"{self.tls_dir}/tls.key"}
         config = uvicorn.Config(self.app, host=host.strip("[]"), port=int(port), lifespan="off", log_config=None,
                                 access_log=False, server_header=False, timeout_graceful_shutdown=None,
-                                http=_TimedH11, **tls)
+                                http=type("TimedH11", (_TimedH11,), {"header_timeout": self.header_timeout}),
+                                **tls)
         self._server = _NoSignals(config)
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
@@ -451,10 +454,11 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 class _TimedH11(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, closing a connection that has not sent a whole request head
-    within HEADER_TIMEOUT of opening or of its last response (a slow or silent client holds no
+    within `header_timeout` of opening or of its last response (a slow or silent client holds no
     connection for long)."""
 
     _header_timer: asyncio.TimerHandle | None = None
+    header_timeout = HEADER_TIMEOUT
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -472,7 +476,7 @@ class _TimedH11(H11Protocol):
     def _arm(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
-        self._header_timer = self.loop.call_later(HEADER_TIMEOUT, self._head_late)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._head_late)
 
     def _head_late(self) -> None:
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():

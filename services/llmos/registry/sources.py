@@ -3,11 +3,14 @@
 A source is a path inside one of the allowed roots, or a bundled model named
 `bundled:<name>`. Refused: `..` anywhere in the path (INVALID_ARGUMENT), a path
 or a symlink inside a source directory that resolves outside every root
-(PERMISSION_DENIED), and pickle weights unless `allow_pickle` is on.
+(PERMISSION_DENIED), anything but regular files and directories (a named pipe, a
+socket or a device would block or never end a read: INVALID_ARGUMENT), and pickle
+weights unless `allow_pickle` is on.
 """
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,10 +56,23 @@ class SourcePolicy:
             raise PermissionDenied(
                 f"source {source!r} is outside the allowed import roots", reason="SOURCE_OUTSIDE_ALLOWED_ROOTS",
                 metadata={"source": source, "roots": ",".join(str(r) for r in self.roots)})
+        _regular(real, source)
         if real.is_dir():
             for entry in real.iterdir():
                 if entry.is_symlink() and not self._inside(entry.resolve()):
                     raise PermissionDenied(
                         f"{entry.name} in {source!r} links outside the allowed import roots",
                         reason="SYMLINK_OUTSIDE_ALLOWED_ROOTS", metadata={"source": source, "file": entry.name})
+                _regular(entry, source)
         return real
+
+
+def _regular(path: Path, source: str) -> None:
+    """Refuses what is neither a regular file nor a directory (checked without opening it)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return              # a dangling link: the importer says what is missing
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InvalidArgument.field("source", f"{path.name} in {source!r} is not a regular file or a directory",
+                                    reason="SOURCE_NOT_A_FILE")

@@ -49,17 +49,25 @@ def _rss() -> int:
 
 
 class Constraint:
-    """One sequence's matcher."""
+    """One sequence's matcher; `given_up` is called when a limit stopped it (its format is then
+    not kept for later requests)."""
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, given_up: Any = None) -> None:
         self._matcher = matcher
         self._next: Future | None = None
+        self._given_up = given_up
+
+    def _failed(self, message: str) -> InvalidArgument:
+        error = format_failed(message)
+        if error.reason == "RESPONSE_FORMAT_TOO_COMPLEX" and self._given_up is not None:
+            self._given_up()
+        return error
 
     def _allowed(self) -> np.ndarray:
         """One bool per token of the tokenizer: may it come next."""
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)   # (llguidance drops the GIL)
         if self._matcher.is_error():
-            raise format_failed(self._matcher.get_error())
+            raise self._failed(self._matcher.get_error())
         return np.unpackbits(bits, bitorder="little").astype(bool)
 
     def prepare(self, pool: Executor) -> None:
@@ -77,7 +85,7 @@ class Constraint:
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise format_failed(self._matcher.get_error() or f"the format refused token {token}")
+            raise self._failed(self._matcher.get_error() or f"the format refused token {token}")
 
     @property
     def complete(self) -> bool:
@@ -132,4 +140,9 @@ class Grammars:
                 while len(self._matchers) > CACHED_FORMATS or (len(self._matchers) > 1
                                                                and self.nbytes > CACHED_FORMAT_BYTES):
                     self._matchers.popitem(last=False)
-            return Constraint(template.deep_copy())
+            return Constraint(template.deep_copy(), lambda: self.forget(fmt))
+
+    def forget(self, fmt: ResponseFormat) -> None:
+        """Drops a kept format (one a matcher gave up on: its next request compiles it again)."""
+        with self._lock:
+            self._matchers.pop(fmt, None)

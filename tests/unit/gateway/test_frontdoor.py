@@ -24,7 +24,8 @@ class FakeScheduler:
     async def finish(self, request_id, reason, usage, worker_failed=False, model_not_loaded=False):
         # The gateway's own id of the call ("own"), which every admission of the call used.
         assert all(rid == request_id for rid, _ in self.admitted), (request_id, self.admitted)
-        self.finished.append(("own" if request_id.startswith("req-") else request_id, reason, usage) + (("worker failed",) if worker_failed else ())
+        own = "own" if request_id.startswith("req-") else request_id
+        self.finished.append((own, reason, usage) + (("worker failed",) if worker_failed else ())
                              + (("model not loaded",) if model_not_loaded else ()))
 
 
@@ -96,7 +97,8 @@ async def test_a_worker_that_no_longer_holds_the_model_is_passed_over_and_the_sc
     chunks = await _collect(front)
     await front.drain()
     assert [c.text for c in chunks] == ["b"] and scheduler.redispatched == [False, True]
-    assert scheduler.finished == [("own", None, Usage(4, 0), "model not loaded"), ("own", FinishReason.STOP, Usage(3, 2))]
+    assert scheduler.finished == [("own", None, Usage(4, 0), "model not loaded"),
+                                  ("own", FinishReason.STOP, Usage(3, 2))]
 
 
 async def test_redispatch_gives_up_after_a_few_workers():
