@@ -500,3 +500,23 @@ def test_fuzzing_both_doors_finds_no_internal_error_and_spares_the_canary(suite)
     canary.check(f"{sum(codes.values())} fuzzed gRPC calls and {sum(statuses.values())} HTTP requests")
     print(f"gRPC codes {dict(sorted(codes.items()))}; HTTP statuses {dict(sorted(statuses.items()))}")
     assert not failures, failures[:10]
+
+
+def test_a_flood_of_wrong_keys_is_cut_short_and_spares_clients_with_good_keys(suite):
+    """(Last in this module: it leaves the test's address limited for a window, except for keys
+    the gateway has seen valid.)"""
+    outcomes: dict[str, int] = {}
+    with Canary(suite) as canary, grpc.insecure_channel(suite.addresses["gateway"]) as channel:
+        stub = channel.unary_stream(GENERATE, request_serializer=None, response_deserializer=None)
+        request = gateway_pb2.GenerateRequest(model="tiny", prompt="x").SerializeToString()
+        for i in range(300):
+            try:
+                list(stub(request, timeout=10, metadata=(("authorization", f"Bearer llmos-k{i:08d}-{'s' * 43}"),)))
+                outcome = "OK"
+            except grpc.RpcError as exc:
+                outcome = f"{exc.code().name} {from_rpc_error(exc).reason}"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    canary.check("300 requests with made-up keys")
+    print(f"their answers: {outcomes}")
+    assert set(outcomes) == {"UNAUTHENTICATED API_KEY_INVALID", "RESOURCE_EXHAUSTED AUTH_RATE_LIMITED"}
+    assert outcomes["RESOURCE_EXHAUSTED AUTH_RATE_LIMITED"] >= 300 - 2 * 50

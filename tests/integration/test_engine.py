@@ -276,3 +276,42 @@ def test_with_every_slot_paused_a_waiting_sequence_costs_no_spinning(tiny_model_
         wait_all([stalled, waiting])
     finally:
         engine.stop()
+
+
+class _Failing:
+    """A response format whose matcher gives up at the sequence's `after`-th token."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.seen = after, 0
+
+    def prepare(self, pool) -> None:
+        pass
+
+    def mask(self, logits):
+        return logits
+
+    def advance(self, token: int) -> None:
+        self.seen += 1
+        if self.seen == self.after:
+            from llmos.worker.structured import format_failed
+
+            raise format_failed("lexer error: too many expressions constructed")
+
+    complete = False
+
+
+def test_a_sequence_whose_format_fails_ends_alone_and_the_rest_of_its_steps_go_on(tiny_model_dir):
+    loaded, engine = start(tiny_model_dir)
+    try:
+        params = SamplingParams(max_tokens=24, ignore_eos=True)
+        others = [submit(engine, loaded.tokenizer, p, params, 24, rid=f"ok-{i}") for i, p in enumerate(PROMPTS[:4])]
+        failing = Collector()
+        engine.submit(Sequence("bad", loaded.tokenizer("Hello")["input_ids"], params, 24, failing,
+                               constraint=_Failing(after=3)))
+        assert failing.done.wait(60)
+        wait_all(others)
+        assert failing.error.reason == "RESPONSE_FORMAT_TOO_COMPLEX" and len(failing.ids) == 2
+        assert [len(c.ids) for c in others] == [24] * 4
+        assert engine.stats().running == 0
+    finally:
+        engine.stop()

@@ -30,9 +30,11 @@ audit = logging.getLogger("llmos.audit")
 MAX_CACHED_KEYS = 10_000
 # How long a key seen lately keeps working while the key store cannot be reached, seconds.
 STALE_SECONDS = 300.0
-# Failed authentications one source address, or one key id, may have in a window; past them its
-# calls are refused (RESOURCE_EXHAUSTED, AUTH_RATE_LIMITED, with the delay) before any key is
-# looked up, until its oldest failure leaves the window.
+# Failed authentications one key id, or one source address, may have in a window. Past them, calls
+# with that key id are refused (RESOURCE_EXHAUSTED, AUTH_RATE_LIMITED, with the delay) until its
+# oldest failure leaves the window; calls from that address are refused the same way unless their
+# key is one seen valid lately (other clients behind the same address keep working), so a flood of
+# made-up keys costs no key lookup.
 MAX_AUTH_FAILURES = 50
 AUTH_FAILURE_WINDOW = 10.0
 
@@ -45,19 +47,17 @@ class FailureLimiter:
         self.limit, self.window, self._clock, self._tracked = limit, window, clock, tracked
         self._failures: dict[str, collections.deque[float]] = {}
 
-    def check(self, *subjects: str) -> None:
-        """Raises ResourceExhausted when any subject has failed `limit` times in the window."""
-        now = self._clock()
-        for subject in subjects:
-            times = self._failures.get(subject)
-            if not subject or times is None:
-                continue
-            while times and times[0] <= now - self.window:
-                times.popleft()
-            if len(times) >= self.limit:
-                raise ResourceExhausted(
-                    f"too many failed authentications from this client; retry in {times[0] + self.window - now:.1f}s",
-                    retry_after=max(0.1, times[0] + self.window - now), reason="AUTH_RATE_LIMITED")
+    def check(self, subject: str) -> None:
+        """Raises ResourceExhausted when `subject` has failed `limit` times in the window."""
+        if not subject or subject not in self._failures:
+            return
+        now, times = self._clock(), self._failures[subject]
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if len(times) >= self.limit:
+            raise ResourceExhausted(
+                f"too many failed authentications; retry in {times[0] + self.window - now:.1f}s",
+                retry_after=max(0.1, times[0] + self.window - now), reason="AUTH_RATE_LIMITED")
 
     def failed(self, *subjects: str) -> None:
         now = self._clock()
@@ -133,6 +133,11 @@ class Authenticator:
             return self._refuse(why, key_id)
         return Principal(key_id=key_id, role=key.role, tenant=tenant)
 
+    def known_valid(self, key_id: str) -> bool:
+        """Whether `key_id` is a key this process found in the store lately (no lookup)."""
+        cached = self._cache.get(key_id)
+        return cached is not None and cached[1] is not None and self._monotonic() - cached[0] < STALE_SECONDS
+
     def _record(self, key_id: str) -> tuple[ApiKey, str, Tenant] | None:
         now = self._monotonic()
         cached = self._cache.get(key_id)
@@ -168,7 +173,7 @@ def _source(peer: str | None) -> str:
 def _key_id(authorization: str | None) -> str:
     scheme, _, token = (authorization or "").partition(" ")
     parsed = parse_key(token.strip()) if scheme.lower() == "bearer" else None
-    return f"key:{parsed[0]}" if parsed else ""
+    return parsed[0] if parsed else ""
 
 
 def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
@@ -220,12 +225,14 @@ class Guard:
 
     def _by_key(self, method: str, rule: authz.Rule, authorization: str | None, source: str = "") -> Principal:
         key_id = _key_id(authorization)
-        self.failures.check(source, key_id)
+        self.failures.check(key_id and f"key:{key_id}")
+        if not self.authenticator.known_valid(key_id):
+            self.failures.check(source)
         try:
             principal = self.authenticator.authenticate(authorization)
         except Unauthenticated as exc:
             if exc.reason != "API_KEY_MISSING":
-                self.failures.failed(source, key_id)
+                self.failures.failed(source, key_id and f"key:{key_id}")
             if rule.role is Role.ADMIN:
                 audit.info("audit: %s refused (%s)", method, exc.reason)
             raise

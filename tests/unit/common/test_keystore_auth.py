@@ -178,8 +178,8 @@ def test_a_method_without_a_rule_is_refused_whoever_calls(store):
 
 
 def test_failed_authentications_are_limited_per_source_and_key_id(store):
-    """Past MAX_AUTH_FAILURES in a window, a source (or a key id) is refused before any key is
-    looked up, with the delay until its oldest failure leaves the window; others are not."""
+    """Past MAX_AUTH_FAILURES in a window, a source is refused before any key is looked up, with
+    the delay until its oldest failure leaves the window; others are not."""
     from llmos.common.auth import MAX_AUTH_FAILURES, Authenticator, Guard
     from llmos.common.errors import ResourceExhausted, Unauthenticated
 
@@ -195,10 +195,17 @@ def test_failed_authentications_are_limited_per_source_and_key_id(store):
     with pytest.raises(ResourceExhausted) as limited:
         guard.check(method, attacker)
     assert limited.value.reason == "AUTH_RATE_LIMITED" and 0 < limited.value.retry_after <= 10.0
-    # Another address with a good key is let in; the window passing lets the first one try again.
+    # Another address with a good key is let in; so is a good key seen lately from the same address
+    # (a client behind the same address), but not one never seen; the window passing lets all in.
     other = FakeContext([("authorization", f"Bearer {tenant_key}")])
     other.peer = lambda: "ipv4:10.9.9.9:1"
     assert guard.check(method, other).tenant.name == "acme"
+    neighbour = FakeContext([("authorization", f"Bearer {tenant_key}")])
+    assert guard.check(method, neighbour).tenant.name == "acme"
+    unseen = FakeContext([("authorization", f"Bearer {store.create_key('acme', Role.USER)[1]}")])
+    with pytest.raises(ResourceExhausted):
+        guard.check(method, unseen)
     now[0] += 10.5
     with pytest.raises(Unauthenticated):
         guard.check(method, attacker)
+    assert guard.check(method, unseen).tenant.name == "acme"
