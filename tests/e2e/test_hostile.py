@@ -217,7 +217,7 @@ def test_a_rapid_reset_flood_is_refused_and_everyone_else_is_served(suite):
 def test_a_restarted_worker_gives_back_the_leases_of_its_last_life(suite):
     """(No canary: a killed worker ends the streams it runs, by design.)"""
     with suite.client() as admin:
-        for _ in range(3):
+        for _ in range(2):                 # each life used to leave its lease behind: 3 for one model
             process = suite.processes["worker"]
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
@@ -391,7 +391,7 @@ def test_smaller_findings(suite, tiny_model_dir):
     assert stat.S_IMODE(identity.stat().st_mode) == 0o600, oct(identity.stat().st_mode)
 
 
-FUZZ_SECONDS = 20.0
+FUZZ_SECONDS = 15.0
 WEIRD = [0, -1, 1, 2**31 - 1, -2**31, 2**63 - 1, 2**64 - 1, -2**63, 1e308, -1e308, float("nan"), float("inf"), 0.5,
          "", "x" * 5000, "\ud800", "\x00", "<|im_start|>system", "tiny", "tiny:latest", "no-such:model", "::",
          None, True, [], {}, [[[]]], {"a": {"b": {}}}, "[" * 100, "🙂" * 100]

@@ -24,11 +24,14 @@ MAX_SCHEMA_DEPTH = 32
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-# The lexer's states a matcher may build (llguidance's default is 250,000: ~0.5 GB), the fuel of
-# building its regexes (~50k a ms) and of one mask (~14k a ms), and the grammar's symbols.
-MAX_LEXER_STATES = 20_000
-INITIAL_LEXER_FUEL = 200_000
-STEP_LEXER_FUEL = 200_000
+# llguidance's limits (its defaults in brackets). The lexer's states a grammar may build, counted
+# over every copy of a matcher, which share one lexer (250,000: ~0.5 GB); the fuel of building
+# its regexes and of its first mask (1,000,000: ~2 s and ~190 MB for `(b{1000}){1000}`; 100,000
+# is still about twice what a 64 KiB schema needs), and of each later mask (200,000); the
+# grammar's symbols (500,000). Errors never quote the output (`verbose_errors`).
+MAX_LEXER_STATES = 50_000
+INITIAL_LEXER_FUEL = 100_000
+STEP_LEXER_FUEL = 50_000
 MAX_GRAMMAR_SIZE = 50_000
 
 
@@ -37,7 +40,8 @@ def parser_limits():
     from llguidance import LLParserLimits
 
     return LLParserLimits(max_lexer_states=MAX_LEXER_STATES, initial_lexer_fuel=INITIAL_LEXER_FUEL,
-                          step_lexer_fuel=STEP_LEXER_FUEL, max_grammar_size=MAX_GRAMMAR_SIZE)
+                          step_lexer_fuel=STEP_LEXER_FUEL, max_grammar_size=MAX_GRAMMAR_SIZE,
+                          verbose_errors=False)
 
 
 # Words of llguidance's messages when a limit above (not the format's own syntax) stopped it.

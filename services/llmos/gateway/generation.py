@@ -1,18 +1,19 @@
-"""One request's stream as both doors send it: made by a task of its own into a small queue.
+"""A request's stream as the doors send it, and the end of a stream nobody reads.
 
-The generation's task runs in the request's span (so the gateway's span and the calls below it
-join the request's trace) and puts each (request id, chunk) into a queue of `QUEUED_CHUNKS`. The
-door takes them as fast as its client reads. A client that stops reading lets the queue fill;
-if it then takes nothing for `stall_seconds`, the generation ends: CANCELLED with reason
-`STREAM_STALLED`, its worker's sequence cancelled, its scheduler slot and quota reservation given
-back. So a stream nobody reads holds a slot for `stall_seconds` at most, never for ever.
+A client that stops reading a stream must not hold its slot for ever: once a chunk has waited
+`stall_seconds` for it, the generation ends (CANCELLED, reason `STREAM_STALLED`): the front
+door's generator is closed, so the worker's sequence is cancelled and the scheduler's slot and
+quota reservation come back. The gRPC door yields each chunk as the front door makes it and
+watches each write with a `StallGuard`. The HTTP door runs the generation in a task of its own
+(`Generation`) that fills a small queue, which stalls the same way when the queue stays full.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from llmos.common.domain import Chunk
 from llmos.common.errors import Cancelled, Internal, LlmosError
@@ -31,6 +32,30 @@ class StreamStalled(Cancelled):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"the client read nothing of its stream for {seconds:g} s; the generation ended",
                          reason="STREAM_STALLED", metadata={"stall_seconds": f"{seconds:g}"})
+
+
+class StallGuard:
+    """Closes `chunks` (a front door generation, suspended at its yield) when a chunk offered to
+    the client has not been taken within `seconds`."""
+
+    def __init__(self, chunks: AsyncIterator, seconds: float = STALL_SECONDS) -> None:
+        self._chunks, self.seconds = chunks, seconds
+        self.stalled = False
+        self._closing: asyncio.Future | None = None
+
+    @contextlib.contextmanager
+    def offering(self) -> Iterator[None]:
+        """Around the write of one chunk to the client."""
+        timer = asyncio.get_running_loop().call_later(self.seconds, self._stall)
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _stall(self) -> None:
+        self.stalled = True
+        log.info("a client read nothing for %.1f s: its generation ends", self.seconds)
+        self._closing = asyncio.ensure_future(self._chunks.aclose())
 
 
 class Generation:

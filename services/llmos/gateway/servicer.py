@@ -27,7 +27,7 @@ from llmos.v1 import (
 )
 
 from .frontdoor import FrontDoor, GenerateCall
-from .generation import STALL_SECONDS, Generation
+from .generation import STALL_SECONDS, StallGuard, StreamStalled
 from .observe import OTHER_MODEL, GatewayTelemetry
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -102,19 +102,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise
         if call.priority < request.priority:
             context.set_trailing_metadata(((PRIORITY_TRAILER, f"{request.priority}->{call.priority}"),))
-        watch = self.telemetry.start(call, requested_priority=request.priority)
-        generation = Generation(watch, self.front.generate(call, context.time_remaining(), watch.routed),
-                                self.stall_seconds)
-        try:
-            first = True
-            while (item := await generation.next()) is not None:
-                response = fill_chunk(gateway_pb2.GenerateResponse(request_id=item[0]), item[1])
+        with self.telemetry.start(call, requested_priority=request.priority) as watch:
+            chunks = self.front.generate(call, context.time_remaining(), watch.routed)
+            guard, first = StallGuard(chunks, self.stall_seconds), True
+            async for request_id, chunk in chunks:
+                watch.chunk(request_id, chunk)
+                response = fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
                 if first:
                     response.model, first = watch.version, False
-                yield response
-        finally:
-            await generation.cancel()
-
+                with guard.offering():
+                    yield response
+            if guard.stalled:        # the client came back after its generation was ended
+                raise StreamStalled(guard.seconds)
 
 def register(host, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
              telemetry: GatewayTelemetry, stall_seconds: float = STALL_SECONDS) -> None:

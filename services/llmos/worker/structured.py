@@ -43,6 +43,18 @@ def format_failed(message: str, field: str = "sampling.response_format") -> Inva
     return InvalidArgument.field(field, message[:300], reason="RESPONSE_FORMAT_FAILED")
 
 
+def _probe(template: Any) -> str:
+    """The first steps of a fresh copy: the first mask, the tokens the format forces, the mask
+    after them. A format whose lexer blows a limit there (a regex of one byte after another a
+    million times) is refused before its request starts. Returns the error, or "". """
+    probe = template.deep_copy()
+    probe.compute_bitmask()
+    forced = [] if probe.is_error() else probe.compute_ff_tokens()
+    if forced and probe.consume_tokens(forced):
+        probe.compute_bitmask()
+    return probe.get_error() if probe.is_error() else ""
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * 4096
@@ -134,8 +146,9 @@ class Grammars:
                 tokenizer = self._llg_tokenizer()
                 before = _rss()
                 template = LLMatcher(tokenizer, grammar, log_level=0, limits=parser_limits())
-                if template.is_error():
-                    raise format_failed(template.get_error(), field)
+                error = template.get_error() if template.is_error() else _probe(template)
+                if error:                       # (copies share the template's lexer: it is spoilt)
+                    raise format_failed(error, field)
                 self._matchers[fmt] = template, max(len(grammar), _rss() - before)
                 while len(self._matchers) > CACHED_FORMATS or (len(self._matchers) > 1
                                                                and self.nbytes > CACHED_FORMAT_BYTES):
