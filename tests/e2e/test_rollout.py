@@ -38,7 +38,9 @@ def suite(tmp_path_factory, versions):
     data = tmp_path_factory.mktemp("rollout")
     suite = Suite(data, ports={s: 0 for s in SERVICES}, metrics_port=0, workers=1,
                   env=quiet_env(next(iter(versions.values())).parent, LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1",
-                                LLMOS_REGISTRY_MAX_ADAPTER_RANK="16"))
+                                LLMOS_REGISTRY_MAX_ADAPTER_RANK="16",
+                                # PEFT's reference runs float32: so does the worker, on any CPU.
+                                LLMOS_WORKER_DTYPE="float32", LLMOS_REGISTRY_WORKER_DTYPE="float32"))
     suite.start(timeout=120)
     try:
         with suite.client() as client:
