@@ -115,6 +115,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if guard.stalled:        # the client came back after its generation was ended
                 raise StreamStalled(guard.seconds)
 
+
 def register(host, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
              telemetry: GatewayTelemetry, stall_seconds: float = STALL_SECONDS) -> None:
     servicer = GatewayServicer(front, registry, telemetry, stall_seconds)
