@@ -31,7 +31,7 @@ from tests.support.h2client import RawH2
 from tests.support.suites import FREE_PORTS, quiet_env
 from tests.support.wait import wait_for
 
-STALL_SECONDS = 3.0
+STALL_SECONDS = 5.0
 HEADER_SECONDS = 2.0
 GENERATE = "/llmos.v1.GatewayService/Generate"
 
@@ -113,6 +113,15 @@ class Canary:
               f"max {gaps[-1] * 1e3:.1f} ms")
 
 
+@pytest.fixture
+def canary(suite, request):
+    """8 streams of the victim tenant for the whole test; checked whole when it ends."""
+    with Canary(suite) as running:
+        time.sleep(0.2)
+        yield running
+    running.check(request.node.name.removeprefix("test_").replace("_", " "))
+
+
 def _http(suite: Suite, method: str, path: str, body: bytes | dict | None = None, key: str | None = None,
           conn: http.client.HTTPConnection | None = None, headers: dict | None = None):
     """(status, JSON body) of one request to the HTTP door."""
@@ -159,7 +168,7 @@ def test_a_format_no_matcher_can_hold_ends_its_own_request_only(suite):
     assert isinstance(json.loads(body["choices"][0]["message"]["content"])["a"], int)
 
 
-def test_a_request_id_belongs_to_its_tenant_and_a_retry_answers_at_once(suite):
+def test_a_request_id_belongs_to_its_tenant_and_a_retry_answers_at_once(suite, canary):
     victim_key, attacker_key = suite.keys["victim"], suite.keys["attacker"]
     with suite.client(api_key=victim_key) as victim, Client(gateway=suite.addresses["gateway"],
                                                             api_key=attacker_key) as attacker:
@@ -187,8 +196,12 @@ def test_a_request_id_belongs_to_its_tenant_and_a_retry_answers_at_once(suite):
         with pytest.raises(grpc.RpcError) as timed_out:
             list(attacker.generate("tiny", prompt="x", max_tokens=2, request_id="retry-1", timeout=0.002))
         assert timed_out.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        retried = list(attacker.generate("tiny", prompt="x", max_tokens=2, request_id="retry-1", timeout=30))
-        assert retried[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        try:        # the new request, or ALREADY_EXISTS while the first is still being given up
+            retried = list(attacker.generate("tiny", prompt="x", max_tokens=2, request_id="retry-1", timeout=30))
+            assert retried[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        except grpc.RpcError as exc:
+            assert (exc.code(), from_rpc_error(exc).reason) == (grpc.StatusCode.ALREADY_EXISTS,
+                                                                "DUPLICATE_REQUEST_ID")
     # Over HTTP too: a retry after a client that gave up answers (200, or 409 while the first runs).
     host, port = suite.http["gateway"].rsplit(":", 1)
     body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
@@ -215,7 +228,8 @@ def test_a_rapid_reset_flood_is_refused_and_everyone_else_is_served(suite):
 
 
 def test_a_restarted_worker_gives_back_the_leases_of_its_last_life(suite):
-    """(No canary: a killed worker ends the streams it runs, by design.)"""
+    """(No canary: the suite's one worker is killed, and a killed worker ends the streams it runs;
+    that a killed service off a stream's path ends none is tests/e2e/test_supervision.py's.)"""
     with suite.client() as admin:
         for _ in range(2):                 # each life used to leave its lease behind: 3 for one model
             process = suite.processes["worker"]
@@ -251,20 +265,22 @@ def test_streams_nobody_reads_are_ended_and_free_their_slots(suite):
             usage = {t.tenant: t for t in admin.scheduler_stats().tenants}
             return usage["attacker"].in_flight if "attacker" in usage else 0
 
-        wait_for(lambda: attacker_in_flight() == 16, 30, "the 16 unread streams to be admitted")
+        # (Each ends STALL_SECONDS after its first unread chunk: on a busy machine the first may end
+        # before the last is admitted.)
+        wait_for(lambda: attacker_in_flight() >= 12, 30, "the unread streams to be admitted")
         started = time.monotonic()
         with Canary(suite) as canary:
             wait_for(lambda: canary.results, 60, "a canary round")
         canary.check("16 unread streams")
         assert attacker_in_flight() == 0
     print(f"the unread streams' slots were freed and a canary round finished {time.monotonic() - started:.1f} s "
-          f"after they filled every slot (stall timeout {STALL_SECONDS:g} s)")
+          f"after they took the slots (stall timeout {STALL_SECONDS:g} s)")
     unread.pump(0.2)
     unread.close()
     assert len(streams) == 16
 
 
-def test_the_http_door_answers_bad_input_400_in_openais_shape_and_keeps_the_connection(suite):
+def test_the_http_door_answers_bad_input_400_in_openais_shape_and_keeps_the_connection(suite, canary):
     key = suite.keys["attacker"]
     host, port = suite.http["gateway"].rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -301,13 +317,13 @@ def test_the_http_door_answers_bad_input_400_in_openais_shape_and_keeps_the_conn
         s.close()
 
 
-def test_a_chunked_body_past_the_limit_is_refused_as_it_is_read(suite):
+def test_a_chunked_body_past_the_limit_is_refused_as_it_is_read(suite, canary):
     host, port = suite.http["gateway"].rsplit(":", 1)
     before = _rss(suite, "gateway")
     sock = socket.create_connection((host, int(port)), timeout=30)
     sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {suite.keys['attacker']}"
                  "\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
-    chunk, sent, answer = b"x" * 2**20, 0, b""
+    chunk, sent, answer = b"x" * 2**18, 0, b""
     try:
         while sent < 300 * 2**20:
             sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
@@ -334,7 +350,7 @@ def test_a_chunked_body_past_the_limit_is_refused_as_it_is_read(suite):
     print(f"\n413 after {sent / 2**20:.0f} MiB sent; gateway memory {before:.0f} → {_rss(suite, 'gateway'):.0f} MB")
 
 
-def test_health_watch_streams_the_status(suite):
+def test_health_watch_streams_the_status(suite, canary):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     tracebacks = suite.log_tail("gateway", 100_000).count("Traceback")
@@ -346,7 +362,7 @@ def test_health_watch_streams_the_status(suite):
     assert suite.log_tail("gateway", 100_000).count("Traceback") == tracebacks
 
 
-def test_control_tokens_in_a_message_are_plain_text_on_both_doors(suite, tiny_model_dir):
+def test_control_tokens_in_a_message_are_plain_text_on_both_doors(suite, tiny_model_dir, canary):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -361,7 +377,7 @@ def test_control_tokens_in_a_message_are_plain_text_on_both_doors(suite, tiny_mo
     assert grpc_usage.prompt_tokens == body["usage"]["prompt_tokens"] >= 20 * as_text
 
 
-def test_smaller_findings(suite, tiny_model_dir):
+def test_smaller_findings(suite, tiny_model_dir, canary):
     with suite.client(api_key=suite.keys["attacker"]) as user:
         with pytest.raises(grpc.RpcError) as long_id:
             user.scheduler.GetRequestStatus(scheduler_pb2.GetRequestStatusRequest(request_id="x" * 10_000), timeout=10)
