@@ -117,8 +117,7 @@ class Authenticator:
         if not authorization:
             raise Unauthenticated("this method needs an API key: send 'authorization: Bearer <key>'",
                                   reason="API_KEY_MISSING")
-        scheme, _, token = authorization.partition(" ")
-        parsed = parse_key(token.strip()) if scheme.lower() == "bearer" else None
+        parsed = _bearer_key(authorization)
         if parsed is None:
             return self._refuse("malformed", "")
         key_id, secret = parsed
@@ -170,10 +169,10 @@ def _source(peer: str | None) -> str:
     return f"{kind}:{rest.rsplit(':', 1)[0]}" if kind in ("ipv4", "ipv6") else peer
 
 
-def _key_id(authorization: str | None) -> str:
+def _bearer_key(authorization: str | None) -> tuple[str, str] | None:
+    """(key id, secret) of an `authorization: Bearer <key>` value, None when it holds no key."""
     scheme, _, token = (authorization or "").partition(" ")
-    parsed = parse_key(token.strip()) if scheme.lower() == "bearer" else None
-    return parsed[0] if parsed else ""
+    return parse_key(token.strip()) if scheme.lower() == "bearer" else None
 
 
 def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
@@ -224,15 +223,17 @@ class Guard:
         return self._by_key(route, rule, authorization, source)
 
     def _by_key(self, method: str, rule: authz.Rule, authorization: str | None, source: str = "") -> Principal:
-        key_id = _key_id(authorization)
-        self.failures.check(key_id and f"key:{key_id}")
+        parsed = _bearer_key(authorization)
+        key_id = parsed[0] if parsed else ""
+        key_subject = f"key:{key_id}" if key_id else ""
+        self.failures.check(key_subject)
         if not self.authenticator.known_valid(key_id):
             self.failures.check(source)
         try:
             principal = self.authenticator.authenticate(authorization)
         except Unauthenticated as exc:
             if exc.reason != "API_KEY_MISSING":
-                self.failures.failed(source, key_id and f"key:{key_id}")
+                self.failures.failed(source, key_subject)
             if rule.role is Role.ADMIN:
                 audit.info("audit: %s refused (%s)", method, exc.reason)
             raise

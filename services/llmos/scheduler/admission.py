@@ -214,8 +214,10 @@ class AdmissionControl:
     def status(self, request_id: str, tenant: str | None = None) -> RequestStatus | None:
         """Where the request is, by its own id or by the id its client chose: within `tenant`,
         or (None) within any tenant, the newest first."""
-        own = next((rid for (t, client), rid in self._clients.items()
-                    if client == request_id and tenant in (None, t)), None)
+        if tenant is not None:
+            own = self._clients.get((tenant, request_id))
+        else:
+            own = next((rid for (_, client), rid in self._clients.items() if client == request_id), None)
         if own is not None:
             return self._status(own)
         done = self.history.by_client(request_id, tenant)
