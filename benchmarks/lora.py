@@ -30,10 +30,9 @@ import torch
 
 from llmos.common.adapters import MODULES, read_adapter
 from llmos.common.domain import SamplingParams
-from llmos.worker import lora
-from llmos.worker.engine import Engine, EngineDriver, Sequence
-from llmos.worker.loader import load_model, pick_device, pick_dtype
-from llmos.worker.lora import Adapter, load_adapter
+from llmos.engine import Engine, EngineDriver, Sequence, lora
+from llmos.engine.loader import load_model, pick_device, pick_dtype
+from llmos.engine.lora import Adapter, load_adapter
 
 PROMPTS = ["Write a short poem about the sea.", "What is the capital of France?", "Explain photosynthesis.",
            "List three prime numbers and say why.", "Who wrote Hamlet, and when?", "How do planes fly?",

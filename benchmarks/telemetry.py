@@ -64,7 +64,7 @@ def per_token_metrics_seconds(n: int = 20000) -> float:
     """Seconds the worker's metrics spend per generated token (one counter, one histogram)."""
     from prometheus_client import CollectorRegistry
 
-    from llmos.worker.engine import Sequence
+    from llmos.engine import Sequence
     from llmos.worker.observe import EngineTelemetry
 
     telemetry = EngineTelemetry(TracerProvider(sampler=ALWAYS_OFF).get_tracer("bench"), CollectorRegistry())

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from llmos.common.errors import InvalidArgument, ResourceExhausted
+from llmos.engine import EngineDriver
+from llmos.engine.loader import load_model
 from llmos.worker.adapter_cache import AdapterCache
-from llmos.worker.engine import EngineDriver
-from llmos.worker.loader import load_model
 from tests.support.lora import adapter_of
 
 

@@ -9,9 +9,8 @@ import torch
 
 from llmos.common.devices import cpu_has_bf16
 from llmos.common.domain import SamplingParams
-from llmos.worker import attention
-from llmos.worker.engine import Engine, EngineDriver, Sequence
-from llmos.worker.loader import load_model
+from llmos.engine import Engine, EngineDriver, Sequence, attention
+from llmos.engine.loader import load_model
 from tests.integration.test_engine import Collector, Running, wait_all
 from tests.support.device import ENGINE_DEVICE
 

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmos.common.domain import Chunk, SamplingParams
-from llmos.worker.engine import Engine, EngineDriver, Sequence
-from llmos.worker.loader import load_model
+from llmos.engine import Engine, EngineDriver, Sequence
+from llmos.engine.loader import load_model
 from tests.support.device import ENGINE_DEVICE
 from tests.support.wait import wait_for
 
@@ -294,7 +294,7 @@ class _Failing:
     def advance(self, token: int) -> None:
         self.seen += 1
         if self.seen == self.after:
-            from llmos.worker.structured import format_failed
+            from llmos.engine.structured import format_failed
 
             raise format_failed("lexer error: too many expressions constructed")
 

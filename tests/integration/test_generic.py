@@ -14,10 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmos.common.domain import SamplingParams
 from llmos.common.errors import FailedPrecondition
-from llmos.worker import generic
-from llmos.worker.attention import PrefillChunk
-from llmos.worker.engine import Sequence
-from llmos.worker.loader import load_model
+from llmos.engine import Sequence, generic
+from llmos.engine.attention import PrefillChunk
+from llmos.engine.loader import load_model
 from tests.integration.test_engine import PROMPTS, Collector, reference, start, submit, wait_all
 from tests.support.device import ENGINE_DEVICE
 from tests.support.tiny_model import TINY_ARCHITECTURES, build_tiny_architecture, build_tokenizer

@@ -17,10 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from llmos.common.adapters import read_adapter
 from llmos.common.domain import SamplingParams
 from llmos.common.errors import FailedPrecondition, InvalidArgument
-from llmos.worker import lora
-from llmos.worker.engine import Engine, EngineDriver, EngineEvents, Sequence
-from llmos.worker.loader import load_model
-from llmos.worker.lora import load_adapter
+from llmos.engine import Engine, EngineDriver, EngineEvents, Sequence, lora
+from llmos.engine.loader import load_model
+from llmos.engine.lora import load_adapter
 from tests.integration.test_engine import PROMPTS, Collector, Running, wait_all
 from tests.support.device import ENGINE_DEVICE
 from tests.support.lora import ALL_PROJECTIONS as ALL

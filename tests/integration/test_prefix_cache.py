@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmos.common.domain import SamplingParams
-from llmos.worker.engine import Engine, EngineDriver, EngineEvents, Sequence
-from llmos.worker.loader import load_model
+from llmos.engine import Engine, EngineDriver, EngineEvents, Sequence
+from llmos.engine.loader import load_model
 from tests.integration.test_engine import Collector, Running, wait_all
 from tests.support.device import ENGINE_DEVICE
 

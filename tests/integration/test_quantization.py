@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from llmos.common.domain import SamplingParams
-from llmos.worker.attention import PrefillChunk
-from llmos.worker.engine import Engine, EngineDriver, Sequence
-from llmos.worker.loader import load_model
+from llmos.engine import Engine, EngineDriver, Sequence
+from llmos.engine.attention import PrefillChunk
+from llmos.engine.loader import load_model
 from tests.integration.test_engine import PROMPTS, Collector, wait_all
 
 TEXT = ("The river rises in the mountains and runs north through farmland and forest before it reaches the sea. "

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from llmos.common.domain import FinishReason, FormatKind, ResponseFormat, SamplingParams
+from llmos.engine import Engine, EngineDriver, Sequence
+from llmos.engine.loader import load_model
+from llmos.engine.structured import Grammars
 from llmos.v1 import common_pb2, gateway_pb2
-from llmos.worker.engine import Engine, EngineDriver, Sequence
-from llmos.worker.loader import load_model
-from llmos.worker.structured import Grammars
 from tests.integration.test_engine import Collector, Running, reference, wait_all
 from tests.integration.test_generate import error_info
 from tests.support.device import ENGINE_DEVICE

@@ -306,7 +306,7 @@ def measure_load(path: str, dtype: str, slots: int, max_seq_len: int, rounds: in
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmos.worker.loader import load_model
+    from llmos.engine.loader import load_model
 
     device, torch_dtype = torch.device("cpu"), getattr(torch, dtype)
     bare, ours = [], []
@@ -333,7 +333,7 @@ def run_engine(engine, tokenizer, concurrency: int, tokens: int, label: str) -> 
     import threading
 
     from llmos.common.domain import SamplingParams
-    from llmos.worker.engine import Sequence
+    from llmos.engine import Sequence
 
     traces, outputs, done, errors = [], [], [], []
     started = time.perf_counter()
@@ -369,8 +369,8 @@ def compare_implementations(path: str, dtype: str, concurrency: int, tokens: int
     medians and the generic / lean ratios, and whether the greedy tokens agree."""
     import torch
 
-    from llmos.worker.engine import Engine, EngineDriver
-    from llmos.worker.loader import load_model
+    from llmos.engine import Engine, EngineDriver
+    from llmos.engine.loader import load_model
 
     device, torch_dtype = torch.device("cpu"), getattr(torch, dtype)
     paths = ("llmos", "transformers")

@@ -1,8 +1,8 @@
 """Which models the engine serves, and by which of its two forward paths, from config.json alone.
 
-"llmos": the lean forward written for the Llama family (`worker/llama.py`), taken when the config
+"llmos": the lean forward written for the Llama family (`engine/llama.py`), taken when the config
 says nothing it does not implement. "transformers": the model's own transformers code over
-llmos's attention and cache (`worker/generic.py`), for every other causal LM. Refused: what a
+llmos's attention and cache (`engine/generic.py`), for every other causal LM. Refused: what a
 decoder-only engine cannot run (encoder-only and encoder-decoder models), and remote code.
 """
 

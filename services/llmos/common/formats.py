@@ -1,7 +1,7 @@
 """Structured output's formats as llguidance grammars, checked before any tokenizer is at hand.
 
 The gateway refuses a format that does not compile before admitting the request, and the worker
-compiles the same grammar against its model's tokenizer (`llmos.worker.structured`). A format is
+compiles the same grammar against its model's tokenizer (`llmos.engine.structured`). A format is
 at most `MAX_FORMAT_BYTES`; a JSON Schema at most `MAX_SCHEMA_DEPTH` deep; and both compile, and
 the worker's matchers run, under `parser_limits()`: a bound on the lexer's states (its memory,
 about 1-2 kB each), the fuel of building and of each step's mask (its time) and the grammar's

@@ -21,11 +21,11 @@ from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, die_with_parent, run_service
 from llmos.common.settings import ServiceSettings, from_env
 from llmos.common.telemetry import make_tracer_provider, setup_logging
+from llmos.engine import EngineDriver
+from llmos.engine.loader import pick_device, pick_dtype
 from llmos.v1 import registry_pb2, registry_pb2_grpc
 
-from .engine import EngineDriver
 from .host import EngineConfig, ModelHost
-from .loader import pick_device, pick_dtype
 from .observe import EngineTelemetry, WorkerGauges
 from .peers import GrpcResources
 from .servicer import register
@@ -126,7 +126,7 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
                            EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget,
                                         settings.lease_ttl_seconds, settings.max_backlog, settings.prefix_cache,
                                         settings.max_adapters_per_step, settings.max_loaded_adapters),
-                           events=EngineTelemetry(provider.get_tracer("llmos.worker.engine"), host.metrics))
+                           events=EngineTelemetry(provider.get_tracer("llmos.engine.engine"), host.metrics))
     host.metrics.register(WorkerGauges(worker_id, model_host.status, model_host.memory_in_use))
     await host.set_serving(False)       # ready once registered: before that no one sends it work
     register(host, model_host)

@@ -25,9 +25,8 @@ from typing import Any, Protocol
 from llmos.common.adapters import AdapterFacts, read_adapter
 from llmos.common.errors import InvalidArgument, LlmosError, ResourceExhausted, Unavailable
 from llmos.common.names import parse_model_ref, worker_lease_prefix
-
-from .engine import EngineDriver
-from .lora import KINDS, STACKS_KEPT, Adapter, load_adapter, require_adapters
+from llmos.engine import EngineDriver
+from llmos.engine.lora import KINDS, STACKS_KEPT, Adapter, load_adapter, require_adapters
 
 log = logging.getLogger(__name__)
 

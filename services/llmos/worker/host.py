@@ -27,12 +27,12 @@ from llmos.common.domain import (
 )
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound, ResourceExhausted
 from llmos.common.names import model_lease_holder, worker_lease_prefix
+from llmos.engine import Engine, EngineDriver, EngineEvents, EngineStats, Sequence
+from llmos.engine.loader import LoadedModel, load_model
+from llmos.engine.prompts import prompt_ids
+from llmos.engine.structured import Grammars
 
 from .adapter_cache import AdapterCache
-from .engine import Engine, EngineDriver, EngineEvents, EngineStats, Sequence
-from .loader import LoadedModel, load_model
-from .prompts import prompt_ids
-from .structured import Grammars
 
 log = logging.getLogger(__name__)
 

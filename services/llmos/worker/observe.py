@@ -24,8 +24,7 @@ from prometheus_client.registry import Collector
 
 from llmos.common.domain import FinishReason
 from llmos.common.metrics import COUNT_BUCKETS, LATENCY_BUCKETS, TOKEN_BUCKETS
-
-from .engine import EngineEvents, Sequence
+from llmos.engine import EngineEvents, Sequence
 
 
 class EngineTelemetry(EngineEvents):

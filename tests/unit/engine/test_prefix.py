@@ -1,7 +1,7 @@
 """The prefix cache's bookkeeping: which free slot keeps which tokens, what a prompt reuses,
 and where a leaving sequence is kept."""
 
-from llmos.worker.prefix import PrefixCache, common_prefix
+from llmos.engine.prefix import PrefixCache, common_prefix
 
 
 def test_common_prefix_counts_the_shared_leading_tokens():

@@ -1,4 +1,4 @@
-from llmos.worker.textstream import Detokenizer, StopStrings
+from llmos.engine.textstream import Detokenizer, StopStrings
 
 
 def test_stop_string_split_over_pieces_is_cut_exactly():

@@ -18,23 +18,23 @@ others' sequences keep their slots and wait a step or more. Base sequences run e
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from llmos.common.domain import Chunk, FinishReason, SamplingParams, Usage
+from llmos.common.domain import Chunk, FinishReason, Usage
 from llmos.common.errors import Internal, LlmosError, Unavailable
 
 from .attention import PrefillChunk
+from .driver import EngineDriver
 from .lora import Adapter, LoraBatch, require_adapters
 from .prefix import PrefixCache
 from .sampling import make_generator, sample, top_logprobs
+from .sequence import Sequence
 from .textstream import Detokenizer, StopStrings
 
 log = logging.getLogger(__name__)
@@ -61,61 +61,6 @@ class Runner(Protocol):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, decode_count: int,
                 active: int, prefills: list[PrefillChunk], logit_rows: torch.Tensor) -> torch.Tensor:
         """(A runner whose `supports_adapters` is true takes `lora: lora.LoraBatch` too.)"""
-
-
-@dataclass
-class Sequence:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    # Most tokens to generate (max_tokens, or what the slot has room for).
-    max_new: int
-    # Called on the driver's thread with each chunk, or with the error that ended it.
-    deliver: Callable[[Chunk | LlmosError], None]
-    output_ids: list[int] = field(default_factory=list)
-    cancelled: bool = False
-    # Chunks delivered (counted on the driver's thread) and taken by the stream (counted
-    # where it is read); past `max_backlog` undelivered the sequence pauses: it keeps its slot
-    # and its cache, and the engine steps it again once the stream has caught up. 0: no bound.
-    delivered: int = 0
-    taken: int = 0
-    max_backlog: int = 0
-    slot: int = -1
-    cached: int = 0          # positions of this sequence held in its cache slot
-    reused: int = 0          # of those, prompt positions that came from the prefix cache
-    generator: torch.Generator | None = None
-    detok: Detokenizer | None = None
-    stops: StopStrings | None = None
-    # With a repetition penalty: the prompt and output ids so far, in a buffer of the
-    # sequence's full length.
-    seen: torch.Tensor | None = None
-    # With a response format: what the next token may be (`structured.Constraint`).
-    constraint: Any = None
-    # For the telemetry: the request's span (the engine's steps link to it), and when
-    # (time.time_ns) it arrived, got its first and latest token, and was cancelled.
-    trace_context: Any = None
-    arrival_ns: int = field(default_factory=time.time_ns)
-    first_token_ns: int = 0
-    last_token_ns: int = 0
-    cancel_ns: int = 0
-    # The LoRA adapter it runs under (loaded for this engine's runner); None: the base model.
-    adapter: Adapter | None = None
-
-    @property
-    def prefilling(self) -> bool:
-        return self.cached < len(self.prompt_ids)
-
-    @property
-    def computed(self) -> list[int]:
-        """The tokens whose keys and values its slot holds: the first `cached` of prompt + output."""
-        held = self.prompt_ids if self.cached <= len(self.prompt_ids) else self.prompt_ids + self.output_ids
-        return held[:self.cached]
-
-    @property
-    def paused(self) -> bool:
-        """Its stream is `max_backlog` chunks behind: it waits (not cancelled, not prefilling)."""
-        return (self.max_backlog > 0 and not self.cancelled and not self.prefilling
-                and self.delivered - self.taken >= self.max_backlog)
 
 
 @dataclass(frozen=True)
@@ -150,98 +95,6 @@ class EngineEvents:
 
     def released(self, model: str, seq: Sequence, now_ns: int) -> None:
         """`seq` left the engine (its cache slot, if it held one, is free)."""
-
-
-class EngineDriver:
-    """Runs the steps of every engine of a worker on one thread, round robin.
-
-    Every torch call of the worker runs on this one thread: model loads too (`call`).
-    With OpenMP (torch's CPU threading), each thread that runs parallel work gets a
-    team of its own, and once there are more such threads than cores the teams stop
-    spinning between parallel regions; waking them costs tens of microseconds per
-    operation, a large share of a step. The worker process runs the driver on its
-    main thread; tests may run it on a thread of its own.
-    """
-
-    def __init__(self) -> None:
-        self.wake = threading.Condition()
-        self._engines: list[Engine] = []
-        self._calls: deque[tuple[Callable[..., Any], tuple, Future]] = deque()
-        self._stopping = False
-        self.running = False
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Runs `fn(*args)` on the driver's thread between steps; returns its future."""
-        future: Future = Future()
-        with self.wake:
-            if not self.running and self._stopping:
-                future.set_exception(Unavailable("the worker is stopping", reason="WORKER_STOPPING"))
-                return future
-            self._calls.append((fn, args, future))
-            self.wake.notify_all()
-        return future
-
-    def _run_calls(self) -> None:
-        while True:
-            with self.wake:
-                if not self._calls:
-                    return
-                fn, args, future = self._calls.popleft()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    future.set_exception(exc)
-
-    def add(self, engine: Engine) -> None:
-        with self.wake:
-            self._engines.append(engine)
-
-    def run(self) -> None:
-        """Steps the engines until `stop`; returns then."""
-        with self.wake:
-            self.running = True
-        try:
-            self._run()
-        finally:
-            with self.wake:
-                self.running = False
-                for engine in self._engines:
-                    engine.close()
-                self._engines.clear()
-                for _, _, future in self._calls:
-                    future.cancel()
-                self._calls.clear()
-
-    def _run(self) -> None:
-        while True:
-            with self.wake:
-                while not self._stopping and not self._calls and not any(e.has_work() for e in self._engines):
-                    self.wake.wait(timeout=0.5)
-                if self._stopping and not self._engines:
-                    return
-                for engine in [e for e in self._engines if e.closing]:
-                    engine.close()
-                    self._engines.remove(engine)
-                if self._stopping:
-                    continue
-                ready = [e for e in self._engines if e.has_work()]
-            self._run_calls()
-            for engine in ready:
-                engine.step()
-
-    def start_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="engine-driver", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        """Ends `run` once every engine is closed."""
-        with self.wake:
-            self._stopping = True
-            for engine in self._engines:
-                engine.closing = True
-            self.wake.notify_all()
 
 
 class Engine:

@@ -1,7 +1,7 @@
 import torch
 
 from llmos.common.domain import SamplingParams
-from llmos.worker.sampling import apply_repetition_penalty, make_generator, sample
+from llmos.engine.sampling import apply_repetition_penalty, make_generator, sample
 
 CPU = torch.device("cpu")
 

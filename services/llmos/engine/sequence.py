@@ -1,0 +1,71 @@
+"""A sequence: one request's prompt, its output so far and its state in the engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmos.common.domain import Chunk, SamplingParams
+from llmos.common.errors import LlmosError
+
+from .lora import Adapter
+from .textstream import Detokenizer, StopStrings
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    # Most tokens to generate (max_tokens, or what the slot has room for).
+    max_new: int
+    # Called on the driver's thread with each chunk, or with the error that ended it.
+    deliver: Callable[[Chunk | LlmosError], None]
+    output_ids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    # Chunks delivered (counted on the driver's thread) and taken by the stream (counted
+    # where it is read); past `max_backlog` undelivered the sequence pauses: it keeps its slot
+    # and its cache, and the engine steps it again once the stream has caught up. 0: no bound.
+    delivered: int = 0
+    taken: int = 0
+    max_backlog: int = 0
+    slot: int = -1
+    cached: int = 0          # positions of this sequence held in its cache slot
+    reused: int = 0          # of those, prompt positions that came from the prefix cache
+    generator: torch.Generator | None = None
+    detok: Detokenizer | None = None
+    stops: StopStrings | None = None
+    # With a repetition penalty: the prompt and output ids so far, in a buffer of the
+    # sequence's full length.
+    seen: torch.Tensor | None = None
+    # With a response format: what the next token may be (`structured.Constraint`).
+    constraint: Any = None
+    # For the telemetry: the request's span (the engine's steps link to it), and when
+    # (time.time_ns) it arrived, got its first and latest token, and was cancelled.
+    trace_context: Any = None
+    arrival_ns: int = field(default_factory=time.time_ns)
+    first_token_ns: int = 0
+    last_token_ns: int = 0
+    cancel_ns: int = 0
+    # The LoRA adapter it runs under (loaded for this engine's runner); None: the base model.
+    adapter: Adapter | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.prompt_ids)
+
+    @property
+    def computed(self) -> list[int]:
+        """The tokens whose keys and values its slot holds: the first `cached` of prompt + output."""
+        held = self.prompt_ids if self.cached <= len(self.prompt_ids) else self.prompt_ids + self.output_ids
+        return held[:self.cached]
+
+    @property
+    def paused(self) -> bool:
+        """Its stream is `max_backlog` chunks behind: it waits (not cancelled, not prefilling)."""
+        return (self.max_backlog > 0 and not self.cancelled and not self.prefilling
+                and self.delivered - self.taken >= self.max_backlog)
