@@ -117,7 +117,7 @@ def main() -> int:
         base_config = json.loads((directory / "config.json").read_text())
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        loaded = load_model("bench", str(directory), device, dtype, args.concurrency, 512)
+        loaded = load_model("bench", str(directory), device, dtype, args.concurrency * 512, 512)
         adapters = [load_adapter(f"a{i}", path, loaded.runner, read_adapter(path, base_config, args.rank))
                     for i, path in enumerate(save_adapters(directory, args.adapters, args.rank, work))]
         driver = EngineDriver()

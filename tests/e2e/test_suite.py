@@ -97,6 +97,7 @@ def test_cli_status_and_models_show_read_the_suite(suite):
     assert {line.split()[2] for line in lines} >= {"gateway", "scheduler", "registry", "resources", "monitor"}
     show = llmos("models", "show", "tiny")
     assert "memory: estimated" in show and "measured" in show and ": ready" in show
+    assert re.search(r": ready .*computing in (float32|bfloat16) on cpu, KV cache [0-9,]+ positions", show), show
     assert "tiny:latest  ready" in llmos("models", "list")
 
 
@@ -241,10 +242,13 @@ def test_llmos_ps_and_the_listings_json_say_what_is_loaded_where(suite):
         when(t["expire_time"]) - when(t["last_request_time"]) - 1800) < 1e-3 and t, timeout=60,
         what="the registry's expire time of tiny")
     assert tiny["worker"] and tiny["device"] == "cpu" and tiny["bytes"] > 0 and tiny["slots"] > 0
+    # The dtype the worker computes in (bf16 on a CPU with native bf16, float32 elsewhere) and its cache.
+    assert tiny["dtype"] in ("float32", "bfloat16") and tiny["kv_tokens_capacity"] >= 2048
     assert tiny["until"].startswith("in ") and tiny["idle_seconds"] is not None
     table = subprocess.run([*_cli(suite), "ps"], capture_output=True, text=True, timeout=60).stdout
-    assert table.splitlines()[0].split() == ["NAME", "WORKER", "DEVICE", "SIZE", "RUNNING", "IDLE", "UNTIL"]
-    assert re.search(rf"^tiny:latest\s+{re.escape(tiny['worker'])}\s+cpu\s", table, re.M), table
+    assert table.splitlines()[0].split() == ["NAME", "WORKER", "DEVICE", "DTYPE", "SIZE", "RUNNING", "KV", "IDLE",
+                                             "UNTIL"]
+    assert re.search(rf"^tiny:latest\s+{re.escape(tiny['worker'])}\s+cpu\s+{tiny['dtype']}\s", table, re.M), table
     listed = json.loads(subprocess.run([*_cli(suite), "models", "list", "--json"], capture_output=True, text=True,
                                        timeout=60).stdout)
     assert {(m["name"], m["tag"]) for m in listed} >= {("tiny", "latest"), (DEFAULT_MODEL, "latest")}

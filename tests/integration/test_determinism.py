@@ -9,7 +9,7 @@ import torch
 
 from llmos.common.devices import cpu_has_bf16
 from llmos.common.domain import SamplingParams
-from llmos.engine import Engine, EngineDriver, Sequence, attention
+from llmos.engine import Engine, EngineDriver, Sequence, matmul
 from llmos.engine.loader import load_model
 from tests.integration.test_engine import Collector, Running, wait_all
 from tests.support.device import ENGINE_DEVICE
@@ -27,7 +27,7 @@ GREEDY = SamplingParams(logprobs=True, ignore_eos=True)
 
 
 def start(path, dtype, prefix_cache=False, prefill_budget=24):
-    loaded = load_model("m", str(path), ENGINE_DEVICE, dtype, 16, 512)
+    loaded = load_model("m", str(path), ENGINE_DEVICE, dtype, 16 * 512, 512)
     driver = EngineDriver()
     driver.start_thread()
     engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefill_budget,
@@ -68,23 +68,20 @@ def chats_alone_and_together(path, dtype) -> tuple[list, list]:
         engine.stop()
 
 
+# On a CPU with native bf16 (AMX), oneDNN's bf16 kernels reduce in an order that depends on the number of
+# rows; the engine multiplies in tiles of 16 rows there (`matmul.ROW_TILE`), which no test here has run on
+# such a CPU yet: what it gives there is reported, not asserted.
+UNCONFIRMED_ON_NATIVE_BF16 = pytest.mark.xfail(
+    cpu_has_bf16() and ENGINE_DEVICE.type == "cpu", strict=False,
+    reason="bf16 products in row tiles are not yet confirmed batch-invariant on a CPU with native bf16")
+
+
 @pytest.mark.smollm2
-@pytest.mark.xfail(cpu_has_bf16() and ENGINE_DEVICE.type == "cpu", strict=False,
-                   reason="on a CPU with native bf16 (AMX), oneDNN's bf16 matmuls reduce in an order that depends "
-                          "on the number of rows: bf16 batch invariance there is the engine's open work")
+@UNCONFIRMED_ON_NATIVE_BF16
 def test_smollm2_bf16_chats_alone_equal_the_same_chats_together(smollm2_dir):
     """(float32's invariance: the busy-batch tests below.)"""
     alone, together = chats_alone_and_together(smollm2_dir, torch.bfloat16)
     assert together == alone
-
-
-@pytest.mark.smollm2
-def test_without_whole_key_blocks_smollm2_bf16_chats_change_with_their_company(smollm2_dir, monkeypatch):
-    """The check above can fail: with attention reading exactly each batch's longest sequence,
-    log-probabilities of the same chats differ between alone and together."""
-    monkeypatch.setattr(attention, "KEY_BLOCK", 1)
-    alone, together = chats_alone_and_together(smollm2_dir, torch.bfloat16)
-    assert together != alone
 
 
 def answers(path, dtype, prefix_cache=False) -> tuple[list, list]:
@@ -114,3 +111,28 @@ def test_greedy_tokens_and_logprobs_alone_equal_those_in_a_busy_batch(tiny_model
     alone, busy = answers(tiny_model_dir, dtype, prefix_cache)
     assert all(len(ids) == 20 for ids, _ in alone)
     assert busy == alone
+
+
+@UNCONFIRMED_ON_NATIVE_BF16
+def test_bf16_in_row_tiles_greedy_tokens_alone_equal_those_in_a_busy_batch(tiny_model_dir, monkeypatch):
+    """The path of a CPU with native bf16 (products in tiles of 16 rows, attention in float32), taken
+    here whatever the CPU."""
+    monkeypatch.setattr(matmul, "cpu_has_bf16", lambda: True)
+    alone, busy = answers(tiny_model_dir, torch.bfloat16)
+    assert all(len(ids) == 20 for ids, _ in alone)
+    assert busy == alone
+
+
+def test_products_in_row_tiles_are_the_products(monkeypatch):
+    monkeypatch.setattr(matmul, "cpu_has_bf16", lambda: True)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 40, generator=generator).bfloat16()
+    tiled = matmul.prepare(weight, "", torch.device("cpu"), torch.bfloat16)
+    assert isinstance(tiled, matmul.TiledWeight)
+    for rows in (1, 15, 16, 17, 40):
+        x = torch.randn(rows, 40, generator=generator).bfloat16()
+        out = matmul.linear(x, tiled)
+        assert out.shape == (rows, 48)
+        assert torch.allclose(out.float(), (x.float() @ weight.float().t()), atol=0.1, rtol=0.02)
+        # A row's product does not depend on the rows beside it.
+        assert torch.equal(matmul.linear(x[:1], tiled), out[:1])

@@ -58,10 +58,10 @@ class Running:
 
 
 def start(path, slots=16, prefill_budget=256):
-    loaded = load_model("m", str(path), ENGINE_DEVICE, torch.float32, slots, 512)
+    loaded = load_model("m", str(path), ENGINE_DEVICE, torch.float32, slots * 512, 512)
     driver = EngineDriver()
     driver.start_thread()
-    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefill_budget)
+    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefill_budget, max_running=slots)
     return loaded, Running(engine, driver)
 
 

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from llmos.common.domain import SamplingParams
 from llmos.common.errors import FailedPrecondition
 from llmos.engine import Sequence, generic
-from llmos.engine.attention import PrefillChunk
+from llmos.engine.attention import Part, Step, blocks_for
 from llmos.engine.loader import load_model
 from tests.integration.test_engine import PROMPTS, Collector, reference, start, submit, wait_all
 from tests.support.device import ENGINE_DEVICE
@@ -108,7 +108,7 @@ def test_the_lean_families_take_the_lean_path_and_can_take_the_generic_one(tiny_
     # ...and both compute the same thing: a prompt's logits in one prefill step.
     ids = lean.tokenizer(PROMPTS[0], return_tensors="pt").input_ids[0]
     n = ids.shape[0]
-    step = (ids, torch.arange(n), torch.zeros(n, dtype=torch.long), 0, 1, [PrefillChunk(0, 0, n)], torch.arange(n))
+    step = (ids, Step([Part(list(range(1, blocks_for(n) + 1)), 0, n)], ENGINE_DEVICE), torch.arange(n))
     assert torch.allclose(forced.runner.forward(*step), lean.runner.forward(*step), atol=1e-4)
 
 

@@ -88,7 +88,7 @@ class Steps(EngineEvents):
 
 def engine_with(tiny_model_dir, base_config, adapters, max_adapters_per_step=4, prefix_cache=True, start=True):
     """An engine on the tiny model with the adapters loaded, its step events, and the adapters."""
-    loaded = load_model("m", str(tiny_model_dir), ENGINE_DEVICE, torch.float32, 16, 512)
+    loaded = load_model("m", str(tiny_model_dir), ENGINE_DEVICE, torch.float32, 16 * 512, 512)
     driver = EngineDriver()
     events = Steps()
     engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, 256, events,

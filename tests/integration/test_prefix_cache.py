@@ -1,6 +1,6 @@
 """The prefix cache on a real model (float32): a prompt that starts with what an earlier request
-computed reuses those positions, and its output is token for token what `generate()` gives
-alone, however the kept slots were copied, overwritten and reused."""
+computed shares those full blocks, and its output is token for token what `generate()` gives
+alone, however the kept blocks were shared, evicted and reused."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from llmos.common.domain import SamplingParams
 from llmos.engine import Engine, EngineDriver, EngineEvents, Sequence
+from llmos.engine.attention import BLOCK
 from llmos.engine.loader import load_model
 from tests.integration.test_engine import Collector, Running, wait_all
 from tests.support.device import ENGINE_DEVICE
@@ -28,12 +29,13 @@ class Joins(EngineEvents):
         self.reused[seq.request_id] = (len(seq.prompt_ids), seq.reused)
 
 
-def start(path, slots, prefix_cache=True):
-    loaded = load_model("m", str(path), ENGINE_DEVICE, torch.float32, slots, 512)
+def start(path, slots, prefix_cache=True, kv_tokens=None, max_len=512):
+    loaded = load_model("m", str(path), ENGINE_DEVICE, torch.float32, kv_tokens or slots * max_len, max_len)
     driver = EngineDriver()
     driver.start_thread()
     joins = Joins()
-    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, 256, joins, prefix_cache)
+    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, 256, joins, prefix_cache,
+                    max_running=slots)
     return loaded, Running(engine, driver), joins
 
 
@@ -66,10 +68,10 @@ def test_a_conversation_reuses_its_earlier_turns_and_answers_as_without(tiny_mod
             wait_all([reply])
             assert reply.ids == reference(prompt)
             final = reply.chunks[-1].usage
-            # Every position the last turn computed (its prompt, and its reply but the last
+            # Every full block the last turn computed (its prompt, and its reply but the last
             # token, which was sampled and never fed) is there for this one.
             if turn:
-                assert final.cached_prompt_tokens == previous - 1, (turn, final, previous)
+                assert final.cached_prompt_tokens == (previous - 1) // BLOCK * BLOCK > 0, (turn, final, previous)
             prompt = prompt + reply.ids + tok(f" User: and {turn}?")["input_ids"]
             previous = final.prompt_tokens + final.completion_tokens
         assert engine.stats().running == 0 and engine.stats().kv_tokens_kept > 0
@@ -77,14 +79,15 @@ def test_a_conversation_reuses_its_earlier_turns_and_answers_as_without(tiny_mod
         engine.stop()
 
 
-def test_kept_slots_overwritten_copied_and_reused_under_load_never_change_an_answer(tiny_model_dir, reference):
-    """Three slots, prompts that share prefixes of every length, sent in waves that overlap: kept
-    slots are matched, copied into other slots, overwritten by joins and reused in place."""
-    loaded, engine, joins = start(tiny_model_dir, slots=3)
+def test_kept_blocks_shared_evicted_and_reused_under_load_never_change_an_answer(tiny_model_dir, reference):
+    """Three at a time in a pool of 12 blocks, prompts that share prefixes of every length, sent in
+    waves that overlap: kept blocks are shared by several sequences, evicted for new ones and
+    found again."""
+    loaded, engine, joins = start(tiny_model_dir, slots=3, kv_tokens=12 * BLOCK, max_len=128)
     tok = loaded.tokenizer
     rng = random.Random(7)
-    stems = [tok(t)["input_ids"] for t in ("A shared system prompt about rivers and seas.",
-                                            "Another header, of a different kind entirely.")]
+    stems = [tok(t * 3)["input_ids"] for t in ("A shared system prompt about rivers and seas. ",
+                                                "Another header, of a different kind entirely. ")]
     prompts = []
     for i in range(18):
         stem = stems[i % 2]
@@ -98,6 +101,7 @@ def test_kept_slots_overwritten_copied_and_reused_under_load_never_change_an_ans
     finally:
         engine.stop()
     assert sum(1 for _, reused in joins.reused.values() if reused) >= 6, joins.reused
+    assert engine.engine.blocks.evicted > 0
     for i, (prompt, collector) in enumerate(zip(prompts, collectors, strict=True)):
         assert collector.ids == reference(prompt), i
 
@@ -105,7 +109,7 @@ def test_kept_slots_overwritten_copied_and_reused_under_load_never_change_an_ans
 def test_a_prompt_reuses_what_a_running_sequence_has_computed(tiny_model_dir, reference):
     loaded, engine, joins = start(tiny_model_dir, slots=4)
     tok = loaded.tokenizer
-    system = tok("A long system prompt that every request of this tenant starts with.")["input_ids"]
+    system = tok("A long system prompt that every request of this tenant starts with. " * 3)["input_ids"]
     try:
         first = run(engine, system + tok(" First?")["input_ids"], "first", max_new=64)
         while len(first.chunks) < 2:                        # prefilled and decoding
@@ -116,7 +120,7 @@ def test_a_prompt_reuses_what_a_running_sequence_has_computed(tiny_model_dir, re
     finally:
         engine.stop()
     assert first.chunks[-1].finish_reason is not None and len(first.ids) == 64
-    assert joins.reused["second"][1] >= len(system) - 1, joins.reused
+    assert joins.reused["second"][1] == len(system) // BLOCK * BLOCK > 0, joins.reused
     assert first.ids == reference(system + tok(" First?")["input_ids"], 64)
     assert second.ids == reference(system + tok(" Second?")["input_ids"], 24)
 

@@ -8,7 +8,7 @@ import torch
 
 from llmos.common.domain import SamplingParams
 from llmos.engine import Engine, EngineDriver, Sequence
-from llmos.engine.attention import PrefillChunk
+from llmos.engine.attention import Part, Step, blocks_for
 from llmos.engine.loader import load_model
 from tests.integration.test_engine import PROMPTS, Collector, wait_all
 
@@ -21,8 +21,8 @@ TEXT = ("The river rises in the mountains and runs north through farmland and fo
 
 def perplexity(runner, ids: list[int]) -> float:
     n = len(ids)
-    logits = runner.forward(torch.tensor(ids), torch.arange(n), torch.zeros(n, dtype=torch.long), 0, 1,
-                            [PrefillChunk(0, 0, n)], torch.arange(n - 1))
+    step = Step([Part(list(range(1, blocks_for(n) + 1)), 0, n)], runner.device)
+    logits = runner.forward(torch.tensor(ids), step, torch.arange(n - 1))
     return torch.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))).item()
 
 

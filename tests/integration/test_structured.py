@@ -47,10 +47,10 @@ def schemas(n: int, seed: int = 0) -> list[dict]:
 
 
 def start(path, slots=16):
-    loaded = load_model("m", str(path), ENGINE_DEVICE, torch.float32, slots, 512)
+    loaded = load_model("m", str(path), ENGINE_DEVICE, torch.float32, slots * 512, 512)
     driver = EngineDriver()
     driver.start_thread()
-    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, 256)
+    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, 256, max_running=slots)
     return loaded, Running(engine, driver), Grammars(loaded.tokenizer, loaded.runner.vocab_size, loaded.eos_ids)
 
 

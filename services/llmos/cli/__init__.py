@@ -237,7 +237,10 @@ def loaded_models(client: Client, key: str | None, tls_dir) -> list[dict]:
             last = loaded.last_request_time.ToNanoseconds() / 1e9 if loaded else None
             rows.append({
                 "model": name, "worker": p.worker_id, "address": p.worker_address,
-                "device": loaded.device if loaded else "", "bytes": p.measured_bytes or model.measured_bytes,
+                "device": loaded.device if loaded else "", "dtype": loaded.dtype if loaded else "",
+                "bytes": p.measured_bytes or model.measured_bytes,
+                "kv_tokens_used": loaded.kv_tokens_used if loaded else 0,
+                "kv_tokens_capacity": loaded.kv_tokens_capacity if loaded else 0,
                 "quantization": p.quantization, "running": loaded.running if loaded else 0,
                 "slots": loaded.max_running if loaded else 0,
                 "idle_seconds": None if loaded is None or loaded.running else round(now - last, 1),
@@ -255,13 +258,15 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'NAME':<32} {'WORKER':<20} {'DEVICE':<8} {'SIZE':>10}  {'RUNNING':<8} {'IDLE':<8} UNTIL")
+    print(f"{'NAME':<32} {'WORKER':<20} {'DEVICE':<8} {'DTYPE':<9} {'SIZE':>10}  {'RUNNING':<9} {'KV':>4}  "
+          f"{'IDLE':<8} UNTIL")
     for r in rows:
         idle = ("-" if r["last_request_time"] is None else "busy" if r["idle_seconds"] is None
                 else _age(r["idle_seconds"]))
         size = _gib(r["bytes"]) + (f" {r['quantization']}" if r["quantization"] else "")
-        print(f"{r['model']:<32} {r['worker']:<20} {r['device']:<8} {size:>10}  "
-              f"{r['running']}/{r['slots']:<6} {idle:<8} {r['until']}")
+        kv = f"{r['kv_tokens_used'] / r['kv_tokens_capacity']:.0%}" if r["kv_tokens_capacity"] else "-"
+        print(f"{r['model']:<32} {r['worker']:<20} {r['device']:<8} {r['dtype']:<9} {size:>10}  "
+              f"{r['running']}/{r['slots']:<7} {kv:>4}  {idle:<8} {r['until']}")
     return 0
 
 
@@ -410,9 +415,14 @@ def cmd_models(args: argparse.Namespace) -> int:
                       f"({change:+.0f}%)")
             else:
                 print(f"  memory: estimated {_gib(model.estimated_bytes)}, not loaded yet")
+            key, tls_dir = local_credentials(args.data_dir, args.api_key)
+            computes = {(r["model"], r["worker"]): r for r in loaded_models(client, key, tls_dir)}
             for p in model.placements:
+                row = computes.get((f"{model.name}:{model.tag}", p.worker_id))
                 print(f"  on {p.worker_id} ({p.worker_address}): {enum_word(p, 'state')} {p.detail}"
-                      + (f" [{p.quantization} weights]" if p.quantization else ""))
+                      + (f" [{p.quantization} weights]" if p.quantization else "")
+                      + (f" computing in {row['dtype']} on {row['device']}, KV cache {row['kv_tokens_capacity']:,}"
+                         " positions" if row and row["dtype"] else ""))
         elif args.action == "load":
             request = registry_pb2.LoadModelRequest(name=args.name, replicas=args.replicas, quantize=args.quantize)
             if args.keep_alive is not None:

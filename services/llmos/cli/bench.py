@@ -379,7 +379,7 @@ def compare_implementations(path: str, dtype: str, concurrency: int, tokens: int
     engines, tokenizer = {}, None
     for impl in paths:
         # On the driver's thread, as a worker does: torch's threads are then one team for all.
-        loaded = driver.call(load_model, "bench", path, device, torch_dtype, concurrency, 512, "", impl).result()
+        loaded = driver.call(load_model, "bench", path, device, torch_dtype, concurrency * 512, 512, "", impl).result()
         tokenizer = loaded.tokenizer
         engines[impl] = Engine(f"bench-{impl}", loaded.runner, tokenizer, loaded.eos_ids, driver, prefix_cache=False)
         print(f"  {impl} forward: {loaded.measured_bytes / 2**20:.0f} MiB with its KV cache")

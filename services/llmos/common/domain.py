@@ -76,6 +76,10 @@ class Usage:
 
 
 # Weight variants a model may be loaded as: "" as stored, "int8" weight-only int8.
+# KV cache positions a worker holds per model unless told otherwise (the registry's memory
+# estimate counts as many): 68 x 2,048, so 64 sequences of 2,048 positions and more run at once
+# with the room the engine keeps for running ones to grow.
+DEFAULT_KV_CACHE_TOKENS = 139_264
 QUANTIZATIONS = ("", "int8")
 
 

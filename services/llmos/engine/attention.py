@@ -1,20 +1,22 @@
-"""Attention over the slot KV cache, shared by the engine's two forward paths.
+"""Attention over the paged KV cache, shared by the engine's two forward paths.
 
-The cache holds `slots` sequences of up to `max_len` tokens, per layer: K transposed
-([slot, kv_head, head_dim, position]) and V as is ([slot, kv_head, position, head_dim]), so
-the decode batch's K^T and V are strided matrices the matmuls read in place. Sequences occupy
-slots 0..n-1 (the engine moves the last into a hole), so the decoding batch is a leading block
-of the cache and needs no gather.
+The cache of each attention layer is one pool of blocks of `BLOCK` positions: keys
+[kv_head, block, position, key_dim] and values [kv_head, block, position, value_dim]. A sequence
+holds a list of blocks (its block table, `blocks.py`); position p of it lives at offset p % BLOCK of
+its (p // BLOCK)-th block. Block 0 stays zero and pads tables to one length.
 
 One step feeds a flat batch: the newest token of each decoding sequence, then a chunk of each
-prefilling prompt. A `Step` holds what every layer of that step shares (where each token's key
-and value go, the masks); `attend` then runs all decoding sequences together against the cache
-(padded to the longest, masked) and each prefill chunk causally against its own slot.
+prefilling prompt (`Part`s, in that order). A `Step` holds what every layer of that step shares
+(where each token's key and value go, the block tables, the masks); `attend` then runs all decoding
+sequences together, each against the blocks its table names (gathered into one batch, padded with
+block 0 to the longest, masked), and each prefill chunk causally against its own blocks.
 
-Batch-invariant: attention reads every sequence's keys to a length rounded up to `KEY_BLOCK`
-positions (the ones beyond its own masked), so the reductions over keys (softmax, probabilities
-times values) run whole vector blocks padded with exact zeros and sum in the same order whatever
-the longest sequence of the batch is; prompt-chunk products get at least `MIN_ROWS` rows.
+Batch-invariant: attention reads every sequence's keys in whole blocks (the positions beyond its
+own masked), so the reductions over keys (softmax, probabilities times values) run whole vector
+blocks padded with exact zeros and sum in the same order whatever the longest sequence of the batch
+is; prompt-chunk products get at least `MIN_ROWS` rows. Where the weights' bf16 products run in
+tiles of rows (a CPU with native bf16, `matmul.py`), attention computes in float32, whose kernels
+keep their order whatever the batch.
 """
 
 from __future__ import annotations
@@ -25,13 +27,25 @@ from dataclasses import dataclass
 
 import torch
 
-KEY_BLOCK = 16
+from .matmul import tiles_rows
+
+BLOCK = 16
 MIN_ROWS = 4
 
 
+def blocks_for(positions: int) -> int:
+    """Blocks that hold `positions` positions."""
+    return -(-positions // BLOCK)
+
+
 def key_length(positions: int) -> int:
-    """Keys an attention reads for `positions` held: whole blocks of `KEY_BLOCK`."""
-    return -(-positions // KEY_BLOCK) * KEY_BLOCK
+    """Keys an attention reads for `positions` held: whole blocks of `BLOCK`."""
+    return blocks_for(positions) * BLOCK
+
+
+def pool_blocks(kv_tokens: int, max_len: int) -> int:
+    """Blocks of a pool for `kv_tokens` positions: at least one sequence of `max_len`, and block 0."""
+    return max(blocks_for(kv_tokens), blocks_for(max_len)) + 1
 
 
 def rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -59,12 +73,14 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 @dataclass(frozen=True)
-class PrefillChunk:
-    """`length` prompt tokens of the sequence in `slot`, starting at position `start`."""
+class Part:
+    """One sequence's share of a step: `length` tokens from position `start`, over its block table
+    `blocks` (which covers them); a decoding sequence feeds one token."""
 
-    slot: int
+    blocks: list[int]
     start: int
     length: int
+    decode: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,84 +92,89 @@ class LayerShape:
     value_dim: int
 
 
-class SlotCache:
-    """The KV cache of every attention layer: `slots` sequences of up to `max_len` positions."""
+class PagedCache:
+    """The KV cache of every attention layer: `blocks` blocks of `BLOCK` positions."""
 
-    def __init__(self, layers: list[LayerShape], slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.layers, self.slots, self.max_len = layers, slots, max_len
-        self.length = key_length(max_len)
-        self.keys = [zeroed((slots, s.kv_heads, s.key_dim, self.length), dtype, device) for s in layers]
-        self.values = [zeroed((slots, s.kv_heads, self.length, s.value_dim), dtype, device) for s in layers]
+    def __init__(self, layers: list[LayerShape], blocks: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.layers, self.blocks = layers, blocks
+        self.keys = [zeroed((s.kv_heads, blocks, BLOCK, s.key_dim), dtype, device) for s in layers]
+        self.values = [zeroed((s.kv_heads, blocks, BLOCK, s.value_dim), dtype, device) for s in layers]
 
     @property
     def tensors(self) -> list[torch.Tensor]:
         return self.keys + self.values
 
-    def move(self, source: int, target: int, length: int) -> None:
-        """Copies the first `length` cached positions of `source` into `target`."""
-        for keys, values in zip(self.keys, self.values, strict=True):
-            keys[target, :, :, :length] = keys[source, :, :, :length]
-            values[target, :, :length] = values[source, :, :length]
+    @property
+    def bytes_per_block(self) -> int:
+        return sum(t[:, :1].numel() * t.element_size() for t in self.tensors)
 
     def write(self, step: Step, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores the step's keys [T, kv_heads, key_dim] and values [T, kv_heads, value_dim]."""
-        k_index, v_index = step.write_indices(self.layers[layer], self.length)
-        self.keys[layer].view(-1).index_copy_(0, k_index, k.reshape(-1))
-        self.values[layer].view(-1).index_copy_(0, v_index, v.reshape(-1))
+        keys, values = self.keys[layer], self.values[layer]
+        keys.view(keys.shape[0], -1, keys.shape[-1]).index_copy_(1, step.slots, k.transpose(0, 1))
+        values.view(values.shape[0], -1, values.shape[-1]).index_copy_(1, step.slots, v.transpose(0, 1))
+
+    def clear(self, blocks: list[int]) -> None:
+        """Zeroes `blocks` (a check's scratch space)."""
+        for t in self.tensors:
+            t[:, blocks] = 0
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """A chunk of `length` prompt tokens from position `start`, over the blocks `blocks` holding
+    positions 0 to start + length."""
+
+    blocks: torch.Tensor
+    start: int
+    length: int
 
 
 class Step:
-    """What every attention layer of one step shares.
+    """What every attention layer of one step shares, built from its `Part`s: decoding ones first."""
 
-    Each token of the flat batch has its position and its cache slot. The batch starts with the
-    newest token of each of `decode_count` decoding sequences, in ascending slot order; the
-    prefill chunks follow, in `prefills` order. Slots 0..active-1 are in use.
-    """
-
-    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, decode_count: int, active: int,
-                 prefills: list[PrefillChunk]) -> None:
-        self.positions, self.slots = positions, slots
-        self.device = positions.device
-        self.decode_count, self.active, self.prefills = decode_count, active, prefills
-        self.decode_slots = slots[:decode_count]
-        self.dense = decode_count == active
+    def __init__(self, parts: list[Part], device: torch.device) -> None:
+        self.device = device
+        positions: list[int] = []
+        slots: list[int] = []
+        for part in parts:
+            for p in range(part.start, part.start + part.length):
+                positions.append(p)
+                slots.append(part.blocks[p // BLOCK] * BLOCK + p % BLOCK)
+        self.positions = torch.tensor(positions, dtype=torch.long, device=device)
+        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        decoding = [p for p in parts if p.decode]
+        self.decode_count = len(decoding)
         self.longest = 0
-        if decode_count:
-            # Every active slot takes part in the decode attention; rows of slots that are
-            # still prefilling see one position only and their output is dropped.
-            self.seen = torch.ones(active, dtype=torch.long, device=self.device)
-            self.seen[self.decode_slots] = positions[:decode_count] + 1   # positions held after this step
-            self.longest = key_length(int(self.seen.max()))
+        if decoding:
+            # Positions each sequence holds after this step; its keys are read in whole blocks.
+            seen = [p.start + 1 for p in decoding]
+            width = blocks_for(max(seen))
+            tables = []
+            for part, held in zip(decoding, seen, strict=True):
+                tables += part.blocks[:blocks_for(held)] + [0] * (width - blocks_for(held))
+            self.tables = torch.tensor(tables, dtype=torch.long, device=device).view(-1)
+            self.seen = torch.tensor(seen, dtype=torch.long, device=device)
+            self.longest = width * BLOCK
+        self.prefills = [PrefillChunk(torch.tensor(p.blocks[:blocks_for(p.start + p.length)], dtype=torch.long,
+                                                   device=device), p.start, p.length)
+                         for p in parts if not p.decode]
         self._biases: dict[int | None, tuple[torch.Tensor | None, list[torch.Tensor]]] = {}
-        self._indices: dict[tuple[LayerShape, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def write_indices(self, shape: LayerShape, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat indices into one layer's K and V caches for each (token, head, dim) written."""
-        key = (shape, length)
-        if key not in self._indices:
-            hk, m = shape.kv_heads, length
-            heads = self.slots[:, None] * hk + torch.arange(hk, device=self.device)[None, :]      # [T, hk]
-            dk = torch.arange(shape.key_dim, device=self.device)
-            dv = torch.arange(shape.value_dim, device=self.device)
-            k_index = ((heads[:, :, None] * shape.key_dim + dk) * m + self.positions[:, None, None]).reshape(-1)
-            v_index = ((heads * m + self.positions[:, None])[:, :, None] * shape.value_dim + dv).reshape(-1)
-            self._indices[key] = k_index, v_index
-        return self._indices[key]
 
     def biases(self, window: int | None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """The decode batch's mask [active, 1, 1, longest] and each chunk's [c, key_length(end)]:
-        0 where a query may see a key, -inf where it may not (later, or `window` or more
-        positions back)."""
+        """The decode batch's mask [1, n, 1, longest] and each chunk's [c, its blocks' positions]:
+        0 where a query may see a key, -inf where it may not (later, or `window` or more positions
+        back)."""
         if window not in self._biases:
             decode = None
             if self.decode_count:
+                n = self.decode_count
                 keys = torch.arange(self.longest, device=self.device)[None, :]
                 hidden = keys >= self.seen[:, None]
                 if window:
                     hidden |= keys < self.seen[:, None] - window
-                decode = torch.zeros(self.active, 1, 1, self.longest, device=self.device).masked_fill_(
-                    hidden.view(self.active, 1, 1, self.longest), float("-inf"))
+                decode = torch.zeros(1, n, 1, self.longest, device=self.device).masked_fill_(
+                    hidden.view(1, n, 1, self.longest), float("-inf"))
             self._biases[window] = decode, [self._causal_bias(c, window) for c in self.prefills]
         return self._biases[window]
 
@@ -175,20 +196,20 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
                       softcap: float | None) -> torch.Tensor:
     """One query per row: plain batched matmuls beat the flash kernel at this shape.
 
-    q: [n, hq, 1, d]; k: [n, hk, d, L] (transposed); v: [n, hk, L, dv]; bias: [n, 1, 1, L] (0 or -inf). The query
-    heads sharing a KV head are grouped, so K and V are never repeated.
+    q: [n, hq, d]; k: [hk, n, L, d]; v: [hk, n, L, dv]; bias: [1, n, 1, L] (0 or -inf). The query heads
+    sharing a KV head are grouped, so K and V are never repeated.
     """
-    n, hq, _, d = q.shape
-    hk = k.shape[1]
-    qg = q.view(n, hk, hq // hk, d)
-    scores = _capped(torch.matmul(qg, k).float() * scaling, softcap) + bias
+    n, hq, d = q.shape
+    hk = k.shape[0]
+    qg = q.view(n, hk, hq // hk, d).transpose(0, 1)
+    scores = _capped(torch.matmul(qg, k.transpose(-1, -2)).float() * scaling, softcap) + bias
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).view(n, hq, 1, v.shape[-1])
+    return torch.matmul(probs, v).transpose(0, 1).reshape(n, hq, v.shape[-1])
 
 
 def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scaling: float,
                      softcap: float | None) -> torch.Tensor:
-    """Causal attention of one prompt chunk against its slot: q [hq, c, d]; k [hk, d, L]
+    """Causal attention of one prompt chunk against its blocks: q [hq, c, d]; k [hk, d, L]
     (transposed); v [hk, L, dv]."""
     hq, c, d = q.shape
     hk = k.shape[0]
@@ -199,29 +220,33 @@ def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return rows_matmul(probs, v)[:, :rows].reshape(hq, c, v.shape[-1])
 
 
-def attend(step: Step, cache: SlotCache, layer: int, q: torch.Tensor, scaling: float,
+def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: float,
            softcap: float | None = None, window: int | None = None) -> torch.Tensor:
     """Attention of the step's queries q [T, hq, d] against `layer`'s cache (the step's keys and
     values written already); returns [T, hq, value_dim]."""
     total, hq, d = q.shape
     keys, values = cache.keys[layer], cache.values[layer]
+    hk, dk, dv = keys.shape[0], keys.shape[-1], values.shape[-1]
+    upcast = tiles_rows(q.device, q.dtype)
+
+    def gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        out = pool.index_select(1, blocks)
+        return out.float() if upcast else out
+
     decode_bias, chunk_biases = step.biases(window)
-    out = q.new_empty(total, hq, values.shape[-1])
-    n, active, longest = step.decode_count, step.active, step.longest
+    out = q.new_empty(total, hq, dv)
+    queries = q.float() if upcast else q
+    n = step.decode_count
     if n:
-        if step.dense:
-            qd = q[:n].unsqueeze(2)
-        else:
-            qd = q.new_zeros(active, hq, 1, d)
-            qd[step.decode_slots, :, 0] = q[:n]
-        od = _decode_attention(qd, keys[:active, :, :, :longest], values[:active, :, :longest], decode_bias,
-                               scaling, softcap)
-        out[:n] = od.squeeze(2) if step.dense else od[step.decode_slots, :, 0]
+        k = gather(keys, step.tables).view(hk, n, step.longest, dk)
+        v = gather(values, step.tables).view(hk, n, step.longest, dv)
+        out[:n] = _decode_attention(queries[:n], k, v, decode_bias, scaling, softcap)
     offset = n
     for chunk, bias in zip(step.prefills, chunk_biases, strict=True):
-        end = key_length(chunk.start + chunk.length)
-        qp = q[offset:offset + chunk.length].transpose(0, 1)          # [hq, c, d]
-        op = _chunk_attention(qp, keys[chunk.slot, :, :, :end], values[chunk.slot, :, :end], bias, scaling, softcap)
-        out[offset:offset + chunk.length] = op.transpose(0, 1)
+        length = chunk.blocks.shape[0] * BLOCK
+        k = gather(keys, chunk.blocks).view(hk, length, dk).transpose(1, 2)
+        v = gather(values, chunk.blocks).view(hk, length, dv)
+        qp = queries[offset:offset + chunk.length].transpose(0, 1)          # [hq, c, d]
+        out[offset:offset + chunk.length] = _chunk_attention(qp, k, v, bias, scaling, softcap).transpose(0, 1)
         offset += chunk.length
     return out

@@ -1,18 +1,25 @@
-"""The inference engine of one loaded model: iteration-level (continuous) batching.
+"""The inference engine of one loaded model: iteration-level (continuous) batching over a paged
+KV cache.
 
-The worker's engine driver runs steps. Before each step, cancelled sequences leave and
-waiting ones join while there are free cache slots; each step then advances every
-decoding sequence by one token and feeds the next chunk of waiting prompts
-(at most `prefill_budget` prompt tokens a step, so long prompts never stall the
-running streams). A sequence leaves the batch the step it finishes, and its slot
-is free for the next step; what it computed stays in a free slot for a later prompt
-that starts the same way (`prefix.py`). Results reach asyncio through the callback
-each sequence carries, called on the driver's thread.
+The worker's engine driver runs steps. Before each step, cancelled sequences leave, decoding
+sequences that cross into a new block get one, and waiting ones join in arrival order while the
+cache has blocks for their prompts (less what the prefix cache already holds, `blocks.py`) and
+fewer than `max_running` run; each step then advances every decoding sequence by one token and
+feeds the next chunk of waiting prompts (at most `prefill_budget` prompt tokens a step, so long
+prompts never stall the running streams). A sequence leaves the batch the step it finishes, and
+its blocks go back to the pool; its full blocks stay in the prefix cache for a later prompt that
+starts the same way. Results reach asyncio through the callback each sequence carries, called on
+the driver's thread.
+
+When a decoding sequence needs a block and none is free, the sequence that joined last is
+preempted: its blocks go back (its full ones stay in the prefix cache), and it waits at the head of
+the line to compute again what it held, then goes on where it stopped. Its client sees nothing but
+a pause: the computation is batch-invariant, so its output is the one it would have had.
 
 A sequence may run under a LoRA adapter (`lora.py`); sequences of different adapters and of
 the base model share steps. A step holds at most `max_adapters_per_step` distinct adapters:
 when more are running, the adapters take turns (those that waited longest first), and the
-others' sequences keep their slots and wait a step or more. Base sequences run every step.
+others' sequences keep their blocks and wait a step or more. Base sequences run every step.
 """
 
 from __future__ import annotations
@@ -29,10 +36,10 @@ import torch
 from llmos.common.domain import Chunk, FinishReason, Usage
 from llmos.common.errors import Internal, LlmosError, Unavailable
 
-from .attention import PrefillChunk
+from .attention import BLOCK, PagedCache, Part, Step, blocks_for
+from .blocks import BlockManager, block_digest
 from .driver import EngineDriver
 from .lora import Adapter, LoraBatch, require_adapters
-from .prefix import PrefixCache
 from .sampling import make_generator, sample, top_logprobs
 from .sequence import Sequence
 from .textstream import Detokenizer, StopStrings
@@ -41,25 +48,19 @@ log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
-    """A model's batched forward over its slot KV cache: `llama.LlamaRunner` (the lean path) or
+    """A model's batched forward over its paged KV cache: `llama.LlamaRunner` (the lean path) or
     `generic.GenericRunner` (any causal LM through its transformers code)."""
 
     implementation: str
     device: torch.device
-    slots: int
     max_len: int
     vocab_size: int
-
-    @property
-    def kv_positions(self) -> int: ...
+    cache: PagedCache
 
     @property
     def nbytes(self) -> int: ...
 
-    def move_slot(self, source: int, target: int, length: int) -> None: ...
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, decode_count: int,
-                active: int, prefills: list[PrefillChunk], logit_rows: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, step: Step, logit_rows: torch.Tensor) -> torch.Tensor:
         """(A runner whose `supports_adapters` is true takes `lora: lora.LoraBatch` too.)"""
 
 
@@ -71,8 +72,12 @@ class EngineStats:
     kv_tokens_capacity: int
     tokens_generated: int
     max_running: int
-    # Positions kept in free slots by the prefix cache (free for any sequence that joins).
+    # Positions in blocks no sequence holds that the prefix cache keeps (free for any sequence).
     kv_tokens_kept: int = 0
+    blocks_total: int = 0
+    blocks_free: int = 0
+    block_size: int = BLOCK
+    preemptions: int = 0
 
 
 class EngineEvents:
@@ -87,22 +92,27 @@ class EngineEvents:
         """`seq` got a token (its first when `seq.first_token_ns == now_ns`)."""
 
     def joined(self, model: str, seq: Sequence, now_ns: int) -> None:
-        """`seq` left the engine's waiting line for a cache slot, where `seq.reused` of its
-        prompt's positions were found in the prefix cache (when the engine has one)."""
+        """`seq` left the engine's waiting line for the batch, where `seq.reused` of its prompt's
+        positions were found in the prefix cache (when the engine has one)."""
+
+    def preempted(self, model: str, seq: Sequence, now_ns: int) -> None:
+        """`seq` gave its blocks back to let an older sequence grow; it will compute them again."""
 
     def finished(self, model: str, seq: Sequence, reason: FinishReason, now_ns: int) -> None:
         """`seq` ended with `reason` (its last chunk is delivered)."""
 
     def released(self, model: str, seq: Sequence, now_ns: int) -> None:
-        """`seq` left the engine (its cache slot, if it held one, is free)."""
+        """`seq` left the engine (its blocks, if it held any, are back in the pool)."""
 
 
 class Engine:
     def __init__(self, name: str, runner: Runner, tokenizer: Any, eos_ids: frozenset[int],
                  driver: EngineDriver, prefill_budget: int = 256, events: EngineEvents | None = None,
-                 prefix_cache: bool = True, max_adapters_per_step: int = 4) -> None:
+                 prefix_cache: bool = True, max_adapters_per_step: int = 4, max_running: int = 256) -> None:
         if max_adapters_per_step < 1:
             raise ValueError("max_adapters_per_step must be at least 1")
+        if max_running < 1:
+            raise ValueError("max_running must be at least 1")
         self.name = name
         self.events = events or EngineEvents()
         self.runner = runner
@@ -110,14 +120,19 @@ class Engine:
         self.eos_ids = eos_ids
         self.prefill_budget = prefill_budget
         self.max_adapters_per_step = max_adapters_per_step
+        self.max_running = max_running
+        self.blocks = BlockManager(runner.cache.blocks, BLOCK)
+        self.prefix_cache = prefix_cache
+        # Blocks kept free for running sequences to grow into when one joins (1% of the pool).
+        self._headroom = max(1, self.blocks.total // 100)
+        self.preemptions = 0
         # When each running adapter last had its turn (by the count of turns taken).
         self._turns: dict[Adapter, int] = {}
         self._turns_taken = 0
         self._driver = driver
         self._wake = driver.wake
         self._inbox: deque[Sequence] = deque()
-        self._running: list[Sequence] = []   # index == cache slot
-        self.prefix = PrefixCache() if prefix_cache else None
+        self._running: list[Sequence] = []   # in the order they joined
         self.closing = False
         self._closed = False
         self.tokens_generated = 0
@@ -128,15 +143,18 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._wake:           # the driver's thread changes all of these
-            running = list(self._running)
+            running = len(self._running)
             waiting = sum(1 for s in self._inbox if not s.cancelled)
-            kept = self.prefix.tokens if self.prefix else 0
-        return EngineStats(len(running), waiting, sum(s.cached for s in running),
-                           self.runner.kv_positions, self.tokens_generated, self.runner.slots, kept)
+            used, kept, free = self.blocks.used, self.blocks.kept, self.blocks.available
+        return EngineStats(running, waiting, used * BLOCK, self.blocks.total * BLOCK, self.tokens_generated,
+                           self.max_running, kept * BLOCK, self.blocks.total, free, BLOCK, self.preemptions)
 
     def submit(self, seq: Sequence) -> None:
         if seq.adapter is not None:
             require_adapters(self.runner, seq.adapter.name, self.name)
+        if len(seq.prompt_ids) + seq.max_new > self.blocks.total * BLOCK:
+            raise ValueError(f"a sequence of {len(seq.prompt_ids) + seq.max_new} positions cannot fit "
+                             f"{self.blocks.total * BLOCK}")
         with self._wake:
             if self.closing:
                 raise Unavailable(f"model {self.name} is unloading", reason="MODEL_UNLOADING")
@@ -144,7 +162,7 @@ class Engine:
             self._wake.notify_all()
 
     def cancel(self, seq: Sequence) -> None:
-        """Marks the sequence; it leaves before the next step and frees its slot."""
+        """Marks the sequence; it leaves before the next step and frees its blocks."""
         seq.cancel_ns = time.time_ns()
         seq.cancelled = True
         with self._wake:
@@ -161,11 +179,12 @@ class Engine:
                 self._wake.wait()
 
     def has_work(self) -> bool:
-        """Something a step would do: a waiting sequence with a free slot to join (or cancelled,
-        to leave), or a running one that is not paused."""
-        joinable = bool(self._inbox) and (len(self._running) < self.runner.slots
-                                          or any(s.cancelled for s in self._inbox))
-        return self.closing or joinable or any(not s.paused for s in self._running)
+        """Something a step would do: a waiting sequence that can join (or is cancelled, to leave),
+        or a running one that is not paused."""
+        if self.closing or any(not s.paused for s in self._running):
+            return True
+        return bool(self._inbox) and (self._can_join(self._inbox[0]) is not None
+                                      or any(s.cancelled for s in self._inbox))
 
     def took(self, seq: Sequence, chunks: int) -> None:
         """The stream took `chunks` of the sequence's chunks; a paused sequence goes on."""
@@ -182,9 +201,11 @@ class Engine:
         for seq in [*self._inbox, *self._running]:
             seq.deliver(Unavailable(f"model {self.name} was unloaded", reason="MODEL_UNLOADED"))
         self._inbox.clear()
+        for seq in self._running:
+            self.blocks.release(seq.blocks)
+            seq.blocks = []
         self._running.clear()
-        if self.prefix:
-            self.prefix.clear()
+        self.blocks.clear()
         if self._masks is not None:
             self._masks.shutdown(wait=False, cancel_futures=True)
         self._closed = True
@@ -193,7 +214,7 @@ class Engine:
     # on the driver's thread ------------------------------------------------
 
     def step(self) -> None:
-        """Lets cancelled sequences leave and waiting ones join, then runs one step."""
+        """Lets cancelled sequences leave, running ones grow and waiting ones join, then runs one step."""
         with self._wake:
             if self.closing:
                 return
@@ -204,12 +225,8 @@ class Engine:
                 for seq in [s for s in self._inbox if s.cancelled]:
                     self._inbox.remove(seq)
                     self.events.released(self.name, seq, now)
-            while self._inbox and len(self._running) < self.runner.slots:
-                seq = self._inbox.popleft()
-                seq.slot = len(self._running)
-                self._reuse_prefix(seq)
-                self._running.append(seq)
-                self.events.joined(self.name, seq, time.time_ns())
+            self._grow()
+            self._join()
             batch = self._take_turns([s for s in self._running if not s.paused])
         if not batch:
             return
@@ -221,12 +238,12 @@ class Engine:
             log.exception("engine step failed for %s", self.name)
             with self._wake:
                 for seq in batch:
-                    if seq.slot >= 0:
+                    if seq.running:
                         seq.deliver(Internal("generation failed"))
-                        self._release(seq, keep=False)
+                        self._release(seq)
         else:
-            self.events.step(self.name, batch, prefill_tokens, sum(s.cached for s in batch),
-                             self.runner.kv_positions, start_ns, time.time_ns())
+            self.events.step(self.name, batch, prefill_tokens, sum(s.cached for s in batch), self.blocks.total * BLOCK,
+                             start_ns, time.time_ns())
         window = self._window
         window[0] += 1
         window[1] += time.perf_counter() - started
@@ -234,6 +251,77 @@ class Engine:
             log.debug("%s: %.1f ms a step, %.1f ms of it in the forward pass, over the last 200 steps",
                       self.name, window[1] / 200 * 1e3, window[2] / 200 * 1e3)
             self._window = [0, 0.0, 0.0]
+
+    def _grow(self) -> None:
+        """Gives each decoding sequence whose next position starts a block that block, preempting
+        the sequences that joined last while none is free. Holds the lock."""
+        for seq in list(self._running):
+            if not seq.running or seq.paused or seq.prefilling or seq.cached < len(seq.blocks) * BLOCK:
+                continue
+            while not self.blocks.available:
+                self._preempt(self._running[-1])
+            if seq.running:
+                seq.blocks += self.blocks.allocate(1)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Gives the sequence's blocks back and puts it at the head of the waiting line, to compute
+        again what it held. Holds the lock."""
+        self._running.remove(seq)
+        held = len(seq.blocks)
+        self.blocks.release(seq.blocks)
+        seq.blocks = []
+        seq.cached = 0
+        seq.fill_to = len(seq.prompt_ids) + max(0, len(seq.output_ids) - 1)
+        seq.preemptions += 1
+        self.preemptions += 1
+        self._inbox.appendleft(seq)
+        self.events.preempted(self.name, seq, time.time_ns())
+        log.info("preempted %s of %s, holding %d blocks", seq.request_id, self.name, held)
+
+    def _digests(self, seq: Sequence, full: int) -> list[bytes]:
+        """The digests of the sequence's first `full` full blocks (computed once)."""
+        owner = _owner(seq)
+        while len(seq.digests) < full:
+            i = len(seq.digests)
+            previous = seq.digests[-1] if seq.digests else b""
+            seq.digests.append(block_digest(previous, seq.tokens(i * BLOCK, (i + 1) * BLOCK), owner))
+        return seq.digests[:full]
+
+    def _can_join(self, seq: Sequence) -> tuple[list[int], int] | None:
+        """The blocks the prefix cache holds for the sequence's start and how many more it needs,
+        when it may join now: fewer than `max_running` run and the pool has those blocks (and room
+        for the running ones to grow). None when it must wait."""
+        if len(self._running) >= self.max_running:
+            return None
+        shared: list[int] = []
+        if self.prefix_cache:
+            # A new prompt computes at least its last position (its logits); a preempted sequence's
+            # next decode step computes what comes next.
+            usable = seq.fill_to // BLOCK if seq.output_ids else (seq.fill_to - 1) // BLOCK
+            shared = self.blocks.lookup(self._digests(seq, usable))
+        # (A preempted sequence decodes at once when its blocks were all found: room for that too.)
+        fresh = blocks_for(seq.fill_to + (1 if seq.output_ids else 0)) - len(shared)
+        headroom = self._headroom if self._running else 0
+        if self.blocks.cost(shared, fresh) > self.blocks.available - headroom:
+            return None
+        return shared, fresh
+
+    def _join(self) -> None:
+        """Lets waiting sequences join in arrival order while they can. Holds the lock."""
+        while self._inbox:
+            seq = self._inbox[0]
+            plan = self._can_join(seq)
+            if plan is None:
+                return
+            self._inbox.popleft()
+            shared, fresh = plan
+            self.blocks.share(shared)
+            seq.blocks = shared + self.blocks.allocate(fresh)
+            seq.cached = len(shared) * BLOCK
+            self._running.append(seq)
+            if not seq.preemptions:
+                seq.reused = seq.cached
+                self.events.joined(self.name, seq, time.time_ns())
 
     def _take_turns(self, batch: list[Sequence]) -> list[Sequence]:
         """`batch` with the sequences of at most `max_adapters_per_step` adapters: the ones whose
@@ -251,68 +339,49 @@ class Engine:
             return batch
         return [s for s in batch if s.adapter is None or s.adapter in chosen]
 
-    def _reuse_prefix(self, seq: Sequence) -> None:
-        """Gives a joining sequence the longest prefix of its prompt that the cache keeps or a
-        running sequence has computed (requests in flight with the same system prompt)."""
-        if self.prefix is None:
-            return
-        owner = _owner(seq)
-        source, length = self.prefix.match(
-            seq.prompt_ids, seq.slot, ((s.slot, s.computed) for s in self._running
-                                       if s.cached and _owner(s) == owner), owner)
-        self.prefix.drop(seq.slot)
-        if length:
-            if source != seq.slot:
-                self.runner.move_slot(source, seq.slot, length)
-            seq.cached = seq.reused = length
-
-    def _release(self, seq: Sequence, keep: bool = True) -> None:
-        """Frees the sequence's slot; the last slot's sequence moves into it. What the sequence
-        computed is kept in a free slot for the prefix cache (unless its step failed). Holds
-        the lock."""
-        hole, last = seq.slot, len(self._running) - 1
-        if self.prefix is not None and keep and seq.cached:
-            # Free after this: the slots above the running ones, and the hole when it is the last.
-            target = self.prefix.place(last if hole == last else last + 1, self.runner.slots)
-            if target is not None:
-                if target != hole:
-                    self.runner.move_slot(hole, target, seq.cached)
-                self.prefix.keep(target, seq.computed, _owner(seq))
-        if hole != last:
-            moved = self._running[last]
-            self.runner.move_slot(last, hole, moved.cached)
-            moved.slot = hole
-            self._running[hole] = moved
-        self._running.pop()
-        seq.slot = -1
+    def _release(self, seq: Sequence) -> None:
+        """Gives the sequence's blocks back (its full ones stay in the prefix cache); it leaves.
+        Holds the lock."""
+        self._running.remove(seq)
+        self.blocks.release(seq.blocks)
+        seq.blocks = []
         self.events.released(self.name, seq, time.time_ns())
+
+    def _register(self, seq: Sequence, before: int) -> None:
+        """Names the blocks the sequence filled this step (from `before` positions held) in the
+        prefix cache."""
+        full = seq.cached // BLOCK
+        if not self.prefix_cache or full == before // BLOCK:
+            return
+        digests = self._digests(seq, full)
+        for i in range(before // BLOCK, full):
+            self.blocks.register(seq.blocks[i], digests[i])
 
     def _step(self, batch: list[Sequence]) -> int:
         """Runs one step over `batch`; returns the prompt tokens it fed."""
         device = self.runner.device
         decoding = [s for s in batch if not s.prefilling]
         tokens = [s.output_ids[-1] for s in decoding]
-        positions = [s.cached for s in decoding]
-        slots = [s.slot for s in decoding]
-        chunks: list[tuple[Sequence, PrefillChunk]] = []
+        parts = [Part(s.blocks, s.cached, 1, decode=True) for s in decoding]
+        fed: list[tuple[Sequence, int]] = []
         budget = self.prefill_budget
         for s in batch:
             if s.prefilling and budget > 0:
                 if s.detok is None:
                     self._begin(s)
-                n = min(budget, len(s.prompt_ids) - s.cached)
+                n = min(budget, s.fill_to - s.cached)
                 budget -= n
-                chunks.append((s, PrefillChunk(s.slot, s.cached, n)))
-                tokens.extend(s.prompt_ids[s.cached:s.cached + n])
-                positions.extend(range(s.cached, s.cached + n))
-                slots.extend([s.slot] * n)
+                fed.append((s, n))
+                parts.append(Part(s.blocks, s.cached, n))
+                tokens.extend(s.tokens(s.cached, s.cached + n))
         rows, sampled = list(range(len(decoding))), list(decoding)
         offset = len(decoding)
-        for s, chunk in chunks:
-            offset += chunk.length
-            if chunk.start + chunk.length == len(s.prompt_ids):
+        for s, n in fed:
+            offset += n
+            if s.cached + n == s.fill_to and not s.output_ids:     # a prompt's end: its first token
                 rows.append(offset - 1)
                 sampled.append(s)
+
         def index(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
@@ -321,8 +390,8 @@ class Engine:
             adapters = tuple(sorted({s.adapter for s in batch if s.adapter is not None}, key=lambda a: a.uid))
             which = {a: i for i, a in enumerate(adapters)}
             adapter_rows = [which.get(s.adapter, -1) for s in decoding]
-            for s, chunk in chunks:
-                adapter_rows.extend([which.get(s.adapter, -1)] * chunk.length)
+            for s, n in fed:
+                adapter_rows.extend([which.get(s.adapter, -1)] * n)
             lora = LoraBatch(adapters, adapter_rows)
 
         constrained = [s for s in sampled if s.constraint is not None]
@@ -332,15 +401,15 @@ class Engine:
             for s in constrained:
                 s.constraint.prepare(self._masks)
         started = time.perf_counter()
-        # Every slot in use takes part (a paused sequence's slot too: it is just not fed).
-        arguments = (index(tokens), index(positions), index(slots), len(decoding), len(self._running),
-                     [c for _, c in chunks], index(rows))
+        arguments = (index(tokens), Step(parts, device), index(rows))
         logits = self.runner.forward(*arguments) if lora is None else self.runner.forward(*arguments, lora=lora)
         self._window[2] += time.perf_counter() - started
         for s in decoding:
             s.cached += 1
-        for s, chunk in chunks:
-            s.cached += chunk.length
+            self._register(s, s.cached - 1)
+        for s, n in fed:
+            s.cached += n
+            self._register(s, s.cached - n)
         finished, failed = [], []
         for row, s in enumerate(sampled):
             try:
@@ -351,7 +420,7 @@ class Engine:
         if finished or failed:
             with self._wake:
                 for s in finished:
-                    if s.slot >= 0:
+                    if s.running:
                         self._release(s)
                 for s, exc in failed:
                     self._fail(s, exc)
@@ -359,7 +428,7 @@ class Engine:
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
         """Ends one sequence with `exc` (typed errors as they are, anything else INTERNAL) and frees
-        its slot; the others in its step go on. Holds the lock."""
+        its blocks; the others in its step go on. Holds the lock."""
         if isinstance(exc, LlmosError):
             log.info("sequence %s of %s ended: %s (%s)", seq.request_id, self.name, exc.code, exc.reason)
             error = exc
@@ -367,8 +436,8 @@ class Engine:
             log.error("sequence %s of %s failed", seq.request_id, self.name, exc_info=exc)
             error = Internal("generation failed", reason="SEQUENCE_FAILED")
         seq.deliver(error)
-        if seq.slot >= 0:
-            self._release(seq, keep=False)
+        if seq.running:
+            self._release(seq)
 
     def _begin(self, seq: Sequence) -> None:
         device = self.runner.device

@@ -3,7 +3,7 @@
 The model's forward runs as written, over the step's flat batch as one sequence of T tokens
 ([1, T], each token with its own position id), with an attention function of llmos's own in
 place of sdpa (transformers' attention interface). That function writes each layer's keys and
-values into llmos's slot cache and attends each sequence against its own slot (`attention.py`),
+values into llmos's paged cache and attends each sequence against its own blocks (`attention.py`),
 honouring the scaling, sliding window and logit soft-capping the model's layer asks for; the
 model builds no mask (llmos's implementation is not in transformers' mask registry) and keeps
 no cache of its own. So the engine's batching, KV accounting, prefix cache, cancellation and
@@ -34,7 +34,7 @@ from transformers.pytorch_utils import Conv1D
 
 from llmos.common.domain import QUANTIZATIONS
 
-from .attention import LayerShape, PrefillChunk, SlotCache, Step, attend
+from .attention import LayerShape, PagedCache, Part, Step, attend, pool_blocks
 from .matmul import Weight, linear, prepare, tensors_of, unique_bytes
 
 log = logging.getLogger(__name__)
@@ -142,14 +142,14 @@ def _swap_linears(model: nn.Module, quantize: str, device: torch.device, dtype: 
 
 
 class GenericRunner:
-    """Runs any causal LM through its own transformers code over llmos's slot cache; the same
+    """Runs any causal LM through its own transformers code over llmos's paged cache; the same
     interface as `LlamaRunner`."""
 
     implementation = "transformers"
     # LoRA adapters run on the lean forward only.
     supports_adapters = False
 
-    def __init__(self, model: Any, slots: int, max_len: int, quantize: str = "") -> None:
+    def __init__(self, model: Any, kv_tokens: int, max_len: int, quantize: str = "") -> None:
         if quantize not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantize!r}")
         if not getattr(type(model), "_supports_attention_backend", False):
@@ -157,7 +157,7 @@ class GenericRunner:
         self.model = model
         self.quantize = quantize
         self.device, self.dtype = model.device, model.dtype
-        self.slots, self.max_len = slots, max_len
+        self.max_len = max_len
         self.vocab_size = model.config.vocab_size
         self._trims_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         model.set_attn_implementation(ATTENTION)
@@ -170,18 +170,14 @@ class GenericRunner:
                           torch.zeros(1, dtype=torch.long, device=self.device), None)
             if not probe.layers:
                 raise Unsupported("it calls no attention function")
-            self.cache = SlotCache([shape for _, shape in probe.layers], slots, max_len, self.dtype, self.device)
+            self.cache = PagedCache([shape for _, shape in probe.layers], pool_blocks(kv_tokens, max_len), self.dtype,
+                                    self.device)
             self._check()
         except Unsupported:
             raise
         except Exception as exc:  # noqa: BLE001 - the model's own code failed under llmos's attention
             log.exception("the forward of %s fails under llmos's attention", type(model).__name__)
             raise Unsupported(f"its forward fails under llmos's attention ({type(exc).__name__})") from None
-
-    @property
-    def kv_positions(self) -> int:
-        """Token positions the KV cache holds, over all its slots."""
-        return self.slots * self.max_len
 
     @property
     def nbytes(self) -> int:
@@ -192,10 +188,6 @@ class GenericRunner:
             tensors += [*tensors_of(module.weight_), *tensors_of(module.bias)]
         return unique_bytes(tensors)
 
-    def move_slot(self, source: int, target: int, length: int) -> None:
-        """Copies the first `length` cached positions of `source` into `target`."""
-        self.cache.move(source, target, length)
-
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, logit_rows: torch.Tensor | None) -> torch.Tensor:
         extra = {}
         if self._trims_logits and logit_rows is not None:
@@ -205,34 +197,28 @@ class GenericRunner:
         return logits if self._trims_logits or logit_rows is None else logits[logit_rows]
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                decode_count: int, active: int, prefills: list[PrefillChunk],
-                logit_rows: torch.Tensor) -> torch.Tensor:
-        """Runs one step (the flat batch `attention.Step` describes); returns float32 logits of
-        the rows `logit_rows` of the flat batch."""
-        step = Step(positions, slots, decode_count, active, prefills)
+    def forward(self, tokens: torch.Tensor, step: Step, logit_rows: torch.Tensor) -> torch.Tensor:
+        """Runs one step (the flat batch `step` describes); returns float32 logits of the rows
+        `logit_rows` of the flat batch."""
         with _doing((self, step)):
-            return self._run(tokens, positions, logit_rows).float()
+            return self._run(tokens, step.positions, logit_rows).float()
 
     def _check(self, length: int = 8) -> None:
-        """A prompt of `length` random tokens in slot 0, then one decoded token, against the
+        """A prompt of `length` random tokens in block 1, then one decoded token, against the
         model's own eager forward over the same tokens; a mismatch refuses the model."""
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, self.vocab_size, (length,), generator=generator).to(self.device)
         at = torch.arange(length, device=self.device)
-        zeros = torch.zeros(length, dtype=torch.long, device=self.device)
         ours = torch.cat([
-            self.forward(ids[:-1], at[:-1], zeros[:-1], 0, 1, [PrefillChunk(0, 0, length - 1)], at[-2:-1]),
-            self.forward(ids[-1:], at[-1:], zeros[:1], 1, 1, [], at[:1])])
+            self.forward(ids[:-1], Step([Part([1], 0, length - 1)], self.device), at[-2:-1]),
+            self.forward(ids[-1:], Step([Part([1], length - 1, 1, decode=True)], self.device), at[:1])])
         self.model.set_attn_implementation("eager")
         try:
             with torch.inference_mode():
                 theirs = self.model(input_ids=ids[None], use_cache=False).logits[0, -2:].float()
         finally:
             self.model.set_attn_implementation(ATTENTION)
-        for keys, values in zip(self.cache.keys, self.cache.values, strict=True):
-            keys[0].zero_()
-            values[0].zero_()
+        self.cache.clear([1])
         tolerance = 1e-3 if self.dtype == torch.float32 else 5e-2
         scale = theirs.abs().max().clamp(min=1.0)
         if not torch.allclose(ours, theirs, rtol=0, atol=float(tolerance * scale)):

@@ -1,4 +1,4 @@
-"""A lean batched forward pass for Llama-family models, over the slot KV cache.
+"""A lean batched forward pass for Llama-family models, over the paged KV cache.
 
 The weights come from a loaded transformers model (q/k/v and gate/up fused into
 one matrix each); the rotary tables from its own rotary embedding. One call runs
@@ -30,7 +30,7 @@ from transformers.activations import ACT2FN
 
 from llmos.common.domain import QUANTIZATIONS
 
-from .attention import LayerShape, PrefillChunk, SlotCache, Step, attend
+from .attention import LayerShape, PagedCache, Step, attend, pool_blocks
 from .lora import Adapter, AdapterStacks, LoraBatch
 from .matmul import Weight, linear, prepare, tensors_of, unique_bytes
 
@@ -51,14 +51,13 @@ class LlamaRunner:
     # Runs LoRA adapters (`lora.py`): a step's rows each through their own adapter, or none.
     supports_adapters = True
 
-    def __init__(self, model: Any, slots: int, max_len: int, quantize: str = "") -> None:
+    def __init__(self, model: Any, kv_tokens: int, max_len: int, quantize: str = "") -> None:
         if quantize not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantize!r}")
         self.quantize = quantize
         config = model.config
         self.device = model.device
         self.dtype = model.dtype
-        self.slots = slots
         self.max_len = max_len
         self.num_heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -79,7 +78,7 @@ class LlamaRunner:
             cos, sin = inner.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
             self.cos, self.sin = cos[0], sin[0]
         shape = LayerShape(self.kv_heads, self.head_dim, self.head_dim)
-        self.cache = SlotCache([shape] * len(self.layers), slots, max_len, self.dtype, self.device)
+        self.cache = PagedCache([shape] * len(self.layers), pool_blocks(kv_tokens, max_len), self.dtype, self.device)
         hidden, inner = config.hidden_size, config.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
         # (in, out) features of each projection a LoRA adapter may adapt.
@@ -102,11 +101,6 @@ class LlamaRunner:
             w_down=mlp.down_proj.weight)
 
     @property
-    def kv_positions(self) -> int:
-        """Token positions the KV cache holds, over all its slots."""
-        return self.slots * self.max_len
-
-    @property
     def nbytes(self) -> int:
         """Bytes held: weights (shared tensors once) and the KV cache."""
         weights = [v for layer in self.layers for v in vars(layer).values()] + [
@@ -122,10 +116,6 @@ class LlamaRunner:
         on the engine driver's thread."""
         self.adapters.forget(adapter)
 
-    def move_slot(self, source: int, target: int, length: int) -> None:
-        """Copies the first `length` cached positions of `source` into `target`."""
-        self.cache.move(source, target, length)
-
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMS norm computed in float32, as the model was trained (F.rms_norm stays in bf16)."""
         x32 = x.float()
@@ -139,15 +129,14 @@ class LlamaRunner:
         return x * cos + rotated * sin
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                decode_count: int, active: int, prefills: list[PrefillChunk],
-                logit_rows: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
-        """Runs one step (the flat batch `attention.Step` describes), each row through its LoRA
-        adapter where `lora` gives it one; returns float32 logits of the rows `logit_rows` of
-        the flat batch."""
+    def forward(self, tokens: torch.Tensor, step: Step, logit_rows: torch.Tensor,
+                lora: LoraBatch | None = None) -> torch.Tensor:
+        """Runs one step (the flat batch `step` describes), each row through its LoRA adapter
+        where `lora` gives it one; returns float32 logits of the rows `logit_rows` of the flat
+        batch."""
         total = tokens.shape[0]
         hq, hk, d = self.num_heads, self.kv_heads, self.head_dim
-        step = Step(positions, slots, decode_count, active, prefills)
+        positions = step.positions
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         adapted = None if lora is None else self.adapters.step(lora)
         x = F.embedding(tokens, self.embed)

@@ -16,6 +16,7 @@ from llmos.common import architectures
 from llmos.common.devices import cpu_has_bf16
 from llmos.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
+from .attention import BLOCK
 from .engine import Runner
 from .generic import GenericRunner, Unsupported
 from .llama import LlamaRunner
@@ -32,7 +33,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     measured_bytes: int
-    # Longest sequence (prompt + output) one cache slot holds.
+    # Longest sequence (prompt + output) the engine runs.
     max_seq_len: int
     eos_ids: frozenset[int]
     # The weight variant it runs ("" as stored, "int8").
@@ -103,10 +104,11 @@ def _implementation(config: dict, requested: str) -> str:
     return requested
 
 
-def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, slots: int,
+def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, kv_tokens: int,
                max_seq_len: int, quantize: str = "", implementation: str = "auto") -> LoadedModel:
-    """Loads the weights and tokenizer and builds the batched runner with its KV cache of
-    `slots` sequences of up to `max_seq_len` tokens (capped by the model's context), with its
+    """Loads the weights and tokenizer and builds the batched runner with its paged KV cache of
+    `kv_tokens` positions (at least one sequence of `max_seq_len`, itself capped by the model's
+    context) for sequences of up to `max_seq_len` tokens, with its
     weights as `quantize` says ("" as stored, "int8"), on the forward path `implementation`
     names ("auto": the lean one where the model's config allows, else transformers')."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,10 +135,10 @@ def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, s
     context = int(getattr(model.config, "max_position_embeddings", 2048))
     max_len = min(context, max_seq_len)
     if path_taken == architectures.LEAN:
-        runner: Runner = LlamaRunner(model, slots, max_len, quantize)
+        runner: Runner = LlamaRunner(model, kv_tokens, max_len, quantize)
     else:
         try:
-            runner = GenericRunner(model, slots, max_len, quantize)
+            runner = GenericRunner(model, kv_tokens, max_len, quantize)
         except Unsupported as exc:
             architecture = architectures.architecture_of(config)
             raise FailedPrecondition(f"{architecture} does not run on llmos's engine: {exc}",
@@ -144,7 +146,7 @@ def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, s
                                      metadata={"architecture": architecture}) from None
     eos = _eos_ids(model, tokenizer)
     del model  # the runner keeps what it needs
-    log.info("loaded %s on %s in %s%s through the %s forward in %.2fs (%d bytes with a KV cache of %d x %d tokens)",
-             name, device, dtype, f" with {quantize} weights" if quantize else "", path_taken,
-             time.monotonic() - started, runner.nbytes, slots, runner.max_len)
+    log.info("loaded %s on %s in %s%s through the %s forward in %.2fs (%d bytes with a KV cache of %d blocks of "
+             "%d positions; sequences up to %d)", name, device, dtype, f" with {quantize} weights" if quantize else "",
+             path_taken, time.monotonic() - started, runner.nbytes, runner.cache.blocks - 1, BLOCK, runner.max_len)
     return LoadedModel(name, runner, tokenizer, device, dtype, runner.nbytes, runner.max_len, eos, quantize)

@@ -21,21 +21,28 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    # Most tokens to generate (max_tokens, or what the slot has room for).
+    # Most tokens to generate (max_tokens, or what the model's context has room for).
     max_new: int
     # Called on the driver's thread with each chunk, or with the error that ended it.
     deliver: Callable[[Chunk | LlmosError], None]
     output_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
     # Chunks delivered (counted on the driver's thread) and taken by the stream (counted
-    # where it is read); past `max_backlog` undelivered the sequence pauses: it keeps its slot
-    # and its cache, and the engine steps it again once the stream has caught up. 0: no bound.
+    # where it is read); past `max_backlog` undelivered the sequence pauses: it keeps its cache
+    # blocks, and the engine steps it again once the stream has caught up. 0: no bound.
     delivered: int = 0
     taken: int = 0
     max_backlog: int = 0
-    slot: int = -1
-    cached: int = 0          # positions of this sequence held in its cache slot
-    reused: int = 0          # of those, prompt positions that came from the prefix cache
+    # Its block table (`blocks.py`): the cache blocks holding its positions, in order; empty while
+    # it waits. The digests of its full blocks, as far as they were computed.
+    blocks: list[int] = field(default_factory=list)
+    digests: list[bytes] = field(default_factory=list)
+    cached: int = 0          # positions of this sequence its blocks hold
+    reused: int = 0          # of its prompt's positions, those that came from the prefix cache
+    # Positions to compute before it decodes: its prompt; after a preemption, everything it
+    # held but its newest token (which the next decode step feeds).
+    fill_to: int = -1
+    preemptions: int = 0
     generator: torch.Generator | None = None
     detok: Detokenizer | None = None
     stops: StopStrings | None = None
@@ -54,15 +61,25 @@ class Sequence:
     # The LoRA adapter it runs under (loaded for this engine's runner); None: the base model.
     adapter: Adapter | None = None
 
-    @property
-    def prefilling(self) -> bool:
-        return self.cached < len(self.prompt_ids)
+    def __post_init__(self) -> None:
+        if self.fill_to < 0:
+            self.fill_to = len(self.prompt_ids)
 
     @property
-    def computed(self) -> list[int]:
-        """The tokens whose keys and values its slot holds: the first `cached` of prompt + output."""
-        held = self.prompt_ids if self.cached <= len(self.prompt_ids) else self.prompt_ids + self.output_ids
-        return held[:self.cached]
+    def prefilling(self) -> bool:
+        return self.cached < self.fill_to
+
+    @property
+    def running(self) -> bool:
+        """It holds cache blocks (it joined and has not left or been preempted)."""
+        return bool(self.blocks)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """The tokens at positions `start` to `end` (prompt, then output)."""
+        prompt = len(self.prompt_ids)
+        if end <= prompt:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
 
     @property
     def paused(self) -> bool:

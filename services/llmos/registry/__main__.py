@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
 from llmos.common.devices import compute_bytes
+from llmos.common.domain import DEFAULT_KV_CACHE_TOKENS
 from llmos.common.errors import Unavailable
 from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, serve_main
@@ -37,10 +38,9 @@ log = logging.getLogger(__name__)
 class RegistrySettings(ServiceSettings):
     listen: str = "127.0.0.1:50053"
     data_dir: str = ".llmos"
-    # The workers' KV cache, counted in each model's memory estimate: slots of sequences of up
-    # to this many tokens (capped by the model's context), as the worker's defaults.
-    kv_slots: int = 16
-    kv_max_seq_len: int = 2048
+    # The workers' KV cache, counted in each model's memory estimate: positions per model, as the
+    # workers' `kv_cache_tokens`.
+    kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS
     # The dtype the workers compute in (their `dtype` setting): "auto", "float32", "bfloat16", "float16".
     worker_dtype: str = "auto"
     # Runtime overhead added to each model's memory estimate, bytes. 0: the estimate counts what
@@ -75,7 +75,7 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
     store = Store(settings.store_url or sqlite_url(data / "registry.db")).ready()
     catalog = Catalog(store)
     roots = [Path(r) for r in settings.allowed_roots] or [Path.cwd()]
-    kv = KvShape(settings.kv_slots, settings.kv_max_seq_len, compute_bytes(settings.worker_dtype))
+    kv = KvShape(settings.kv_cache_tokens, compute_bytes(settings.worker_dtype))
     cache = Path(settings.conversion_cache) if settings.conversion_cache else None
     registry = ModelRegistry(catalog, Importer(data / "models", SourcePolicy(roots), settings.allow_pickle,
                                                conversion_cache=cache),

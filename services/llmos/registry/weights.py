@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmos.common import architectures
+from llmos.common.domain import DEFAULT_KV_CACHE_TOKENS
 from llmos.common.errors import FailedPrecondition, InvalidArgument
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -113,23 +114,19 @@ def read_facts(directory: Path) -> WeightFacts:
 
 @dataclass(frozen=True)
 class KvShape:
-    """The KV cache a worker allocates per model: `slots` sequences of up to `max_seq_len` tokens,
-    in elements of `compute_bytes` (the dtype the workers compute in; 0: bf16, with the weights
-    kept at their stored dtype)."""
+    """The KV cache a worker allocates per model: a pool of `tokens` positions, in elements of
+    `compute_bytes` (the dtype the workers compute in; 0: bf16, with the weights kept at their
+    stored dtype)."""
 
-    slots: int = 16
-    max_seq_len: int = 2048
+    tokens: int = DEFAULT_KV_CACHE_TOKENS
     compute_bytes: int = 0
-
-    def tokens(self, context_length: int) -> int:
-        return self.slots * min(self.max_seq_len, context_length)
 
 
 def estimate_bytes(facts: WeightFacts, kv: KvShape, overhead_bytes: int) -> int:
     """Weights and the KV cache in the workers' compute dtype (weights at their stored dtype and the
     KV cache in bf16 when it is not known), and runtime overhead."""
     element = kv.compute_bytes or 2
-    kv_bytes = facts.num_layers * 2 * facts.kv_heads * facts.head_dim * element * kv.tokens(facts.context_length)
+    kv_bytes = facts.num_layers * 2 * facts.kv_heads * facts.head_dim * element * kv.tokens
     weights = facts.parameter_count * kv.compute_bytes if kv.compute_bytes else facts.weight_bytes
     return weights + kv_bytes + overhead_bytes
 

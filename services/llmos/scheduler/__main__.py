@@ -25,8 +25,9 @@ from .servicer import register
 class SchedulerSettings(ServiceSettings):
     listen: str = "127.0.0.1:50052"
     registry_address: str = "127.0.0.1:50053"
-    # Running generations per worker before requests queue.
-    slots_per_worker: int = 16
+    # Most running generations per worker and model before requests queue here (a worker's own
+    # `max_running`, as it reports it, when lower; its engine queues what its KV cache has no room for).
+    slots_per_worker: int = 256
     # Waiting requests (all models) before new ones are refused with RESOURCE_EXHAUSTED.
     max_queue: int = 64
     # Waiting requests of one model before its new ones are refused; 0: max_queue.

@@ -16,6 +16,7 @@ import torch
 from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.channels import Channels
+from llmos.common.domain import DEFAULT_KV_CACHE_TOKENS
 from llmos.common.errors import LlmosError
 from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, die_with_parent, run_service
@@ -50,10 +51,13 @@ class WorkerSettings(ServiceSettings):
     dtype: str = "auto"
     # Torch threads; 0 leaves torch's default (one per core).
     threads: int = 0
-    # Sequences running at once per model: the KV cache holds this many.
-    max_running: int = 16
+    # Most sequences running at once per model; fewer run when the KV cache has no blocks for more.
+    max_running: int = 256
+    # KV cache positions per model, in blocks of 16 (at least one sequence of max_seq_len); leased
+    # with the weights. Prompts that start the same way share their full blocks.
+    kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS
     # Longest prompt + output of one sequence, tokens (capped by the model's context).
-    max_seq_len: int = 2048
+    max_seq_len: int = 8192
     # Prompt tokens fed per engine step (chunked prefill).
     prefill_budget: int = 256
     # How often the worker announces itself to the registry (its heartbeat there), seconds.
@@ -61,11 +65,11 @@ class WorkerSettings(ServiceSettings):
     # Seconds a memory lease lives without renewal; renewed every third of it.
     lease_ttl_seconds: float = 15.0
     # Chunks a stream may fall behind (a client that stops reading) before its sequence
-    # pauses, holding its slot and cache but no more memory; it goes on once the stream has
+    # pauses, holding its cache blocks but no more memory; it goes on once the stream has
     # caught up. 0: no bound.
     max_backlog: int = 64
-    # Prefix caching: what a finished request computed stays in a free cache slot, and a
-    # prompt that starts with those tokens reuses them (llmos_prefix_cache_* metrics).
+    # Prefix caching: the full cache blocks of a request stay (until their memory is needed), and
+    # a prompt that starts with those tokens shares them (llmos_prefix_cache_* metrics).
     prefix_cache: bool = True
     # Distinct LoRA adapters one engine step runs (sequences of more take turns), and the adapters
     # each model keeps loaded (the least recently used idle one makes room; each is leased).
@@ -125,7 +129,8 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
                            pick_dtype(settings.dtype, device), driver,
                            EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget,
                                         settings.lease_ttl_seconds, settings.max_backlog, settings.prefix_cache,
-                                        settings.max_adapters_per_step, settings.max_loaded_adapters),
+                                        settings.max_adapters_per_step, settings.max_loaded_adapters,
+                                        settings.kv_cache_tokens),
                            events=EngineTelemetry(provider.get_tracer("llmos.engine.engine"), host.metrics))
     host.metrics.register(WorkerGauges(worker_id, model_host.status, model_host.memory_in_use))
     await host.set_serving(False)       # ready once registered: before that no one sends it work

@@ -18,6 +18,7 @@ import psutil
 import torch
 
 from llmos.common.domain import (
+    DEFAULT_KV_CACHE_TOKENS,
     DEFAULT_MAX_TOKENS,
     Chunk,
     GenerationInput,
@@ -55,21 +56,23 @@ class ResourcesPort(Protocol):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    # Sequences running at once per model (KV cache slots).
-    slots: int = 16
+    # Most sequences running at once per model (fewer when the KV cache has no blocks for more).
+    max_running: int = 256
     # Longest prompt + output per sequence, capped by the model's context.
-    max_seq_len: int = 2048
+    max_seq_len: int = 8192
     # Prompt tokens fed per engine step, so long prompts do not stall running streams.
     prefill_budget: int = 256
     # Seconds a memory lease lives without the worker's heartbeat.
     lease_ttl: float = 15.0
     # Chunks a stream may fall behind before its sequence pauses (keeping its slot); 0: no bound.
     max_backlog: int = 64
-    # Keep what leaving sequences computed in free slots for prompts that start the same way.
+    # Keep the full blocks of leaving sequences for prompts that start the same way.
     prefix_cache: bool = True
     # Distinct LoRA adapters in one engine step (more take turns), and adapters kept loaded per model.
     max_adapters_per_step: int = 4
     max_loaded_adapters: int = 8
+    # KV cache positions per model (blocks of 16), the pool the worker leases with the weights.
+    kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS
 
 
 @dataclass
@@ -173,7 +176,7 @@ class ModelHost:
                                                   self.device_name, estimated_bytes, self.config.lease_ttl)
             try:
                 loaded = await asyncio.wrap_future(self.driver.call(
-                    self._loader, model, path, self.device, self.dtype, self.config.slots,
+                    self._loader, model, path, self.device, self.dtype, self.config.kv_cache_tokens,
                     self.config.max_seq_len, quantize))
             except BaseException as exc:
                 await self._resources.release(lease)
@@ -189,7 +192,7 @@ class ModelHost:
                 raise
             engine = Engine(model, loaded.runner, loaded.tokenizer, loaded.eos_ids, self.driver,
                             self.config.prefill_budget, self.events, self.config.prefix_cache,
-                            self.config.max_adapters_per_step)
+                            self.config.max_adapters_per_step, self.config.max_running)
             adapters = AdapterCache(model, path, loaded.runner, self.driver, self._resources, self.worker_id,
                                     self.device_name, self.config.lease_ttl, self.config.max_loaded_adapters)
             served = Served(loaded, engine, lease, Grammars(loaded.tokenizer, loaded.runner.vocab_size, loaded.eos_ids),

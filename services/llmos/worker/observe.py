@@ -38,7 +38,8 @@ class EngineTelemetry(EngineEvents):
         self.e2e = Histogram("llmos_e2e_request_latency_seconds", "Time from a request's arrival at the "
                              "engine to its last token.", m, registry=registry, buckets=LATENCY_BUCKETS)
         self.queue = Histogram("llmos_request_queue_time_seconds", "Time a request waited in the engine for "
-                               "a cache slot.", m, registry=registry, buckets=LATENCY_BUCKETS)
+                               "KV cache blocks (or a place among its running sequences).", m, registry=registry,
+                               buckets=LATENCY_BUCKETS)
         self.prompt_len = Histogram("llmos_request_prompt_tokens", "Prompt tokens per finished request.",
                                     m, registry=registry, buckets=COUNT_BUCKETS)
         self.gen_len = Histogram("llmos_request_generation_tokens", "Generated tokens per finished request.",
@@ -53,8 +54,10 @@ class EngineTelemetry(EngineEvents):
         self.success = Counter("llmos_request_success", "Requests that ended, by finish reason "
                                "(stop, length, cancelled).", [*m, "finished_reason"], registry=registry)
         self.cancel_release = Histogram("llmos_request_cancel_release_seconds", "Time from a request's "
-                                        "cancellation to its cache slot being free.", m, registry=registry,
+                                        "cancellation to its cache blocks being free.", m, registry=registry,
                                         buckets=LATENCY_BUCKETS)
+        self.preemptions = Counter("llmos_num_preemptions", "Sequences that gave their KV cache blocks back "
+                                   "for an older one to grow, and computed them again later.", m, registry=registry)
         self.step_time = Histogram("llmos_engine_step_seconds", "Duration of one engine step.", m,
                                    registry=registry, buckets=LATENCY_BUCKETS)
         self.batch_size = Histogram("llmos_engine_batch_size", "Sequences in one engine step.", m,
@@ -127,6 +130,9 @@ class EngineTelemetry(EngineEvents):
                                                    "gen_ai.usage.output_tokens": len(seq.output_ids)})
         span.end(end_time=now_ns)
 
+    def preempted(self, model: str, seq: Sequence, now_ns: int) -> None:
+        self.preemptions.labels(model).inc()
+
     def joined(self, model: str, seq: Sequence, now_ns: int) -> None:
         m = self._of(model)
         m.queue.observe((now_ns - seq.arrival_ns) / 1e9)
@@ -158,13 +164,16 @@ class WorkerGauges(Collector):
     def collect(self):
         m = ["model_name"]
         running = GaugeMetricFamily("llmos_num_requests_running", "Requests in the engine's batch.", labels=m)
-        waiting = GaugeMetricFamily("llmos_num_requests_waiting", "Requests waiting in the engine for a "
-                                    "cache slot.", labels=m)
+        waiting = GaugeMetricFamily("llmos_num_requests_waiting", "Requests waiting in the engine for KV "
+                                    "cache blocks.", labels=m)
         usage = GaugeMetricFamily("llmos_kv_cache_usage_perc", "Share of the KV cache in use, 0 to 1.", labels=m)
         used = GaugeMetricFamily("llmos_kv_cache_tokens_used", "KV cache positions in use.", labels=m)
         capacity = GaugeMetricFamily("llmos_kv_cache_tokens_capacity", "KV cache positions in all.", labels=m)
         kept = GaugeMetricFamily("llmos_prefix_cache_tokens", "KV cache positions the prefix cache keeps in "
-                                 "free slots (given up to any sequence that needs the slot).", labels=m)
+                                 "blocks no sequence holds (given up to any sequence that needs them).", labels=m)
+        blocks_used = GaugeMetricFamily("llmos_kv_cache_blocks_used", "KV cache blocks sequences hold.", labels=m)
+        blocks_free = GaugeMetricFamily("llmos_kv_cache_blocks_free", "KV cache blocks no sequence holds (the "
+                                        "prefix cache's among them).", labels=m)
         loaded = GaugeMetricFamily("llmos_model_loaded", "1 for each model loaded on this worker.",
                                    labels=["worker", "model_name", "device", "dtype"])
         size = GaugeMetricFamily("llmos_model_memory_bytes", "Memory a loaded model measured at load.",
@@ -177,9 +186,11 @@ class WorkerGauges(Collector):
             used.add_metric([s.model], st.kv_tokens_used)
             capacity.add_metric([s.model], st.kv_tokens_capacity)
             kept.add_metric([s.model], st.kv_tokens_kept)
+            blocks_used.add_metric([s.model], st.blocks_total - st.blocks_free)
+            blocks_free.add_metric([s.model], st.blocks_free)
             loaded.add_metric([self._worker_id, s.model, s.device, s.dtype], 1)
             size.add_metric([self._worker_id, s.model], s.measured_bytes)
         memory = GaugeMetricFamily("llmos_worker_memory_bytes", "Memory the worker holds for its models.",
                                    labels=["worker"])
         memory.add_metric([self._worker_id], self._memory())
-        yield from (running, waiting, usage, used, capacity, kept, loaded, size, memory)
+        yield from (running, waiting, usage, used, capacity, kept, blocks_used, blocks_free, loaded, size, memory)

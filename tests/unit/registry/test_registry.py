@@ -20,7 +20,7 @@ from llmos.registry.models import ModelRegistry
 from llmos.registry.sources import SourcePolicy
 from llmos.registry.weights import KvShape, estimate_bytes, read_facts
 
-SMALL_KV = KvShape(slots=1, max_seq_len=16)
+SMALL_KV = KvShape(tokens=16)
 CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_attention_heads": 2,
           "num_key_value_heads": 1, "num_hidden_layers": 2, "max_position_embeddings": 128}
 
