@@ -7,9 +7,10 @@ its (p // BLOCK)-th block. Block 0 stays zero and pads tables to one length.
 
 One step feeds a flat batch: the newest token of each decoding sequence, then a chunk of each
 prefilling prompt (`Part`s, in that order). A `Step` holds what every layer of that step shares
-(where each token's key and value go, the block tables, the masks); `attend` then runs all decoding
-sequences together, each against the blocks its table names (gathered into one batch, padded with
-block 0 to the longest, masked), and each prefill chunk causally against its own blocks.
+(where each token's key and value go, the block tables, the masks); `attend` then runs the decoding
+sequences in groups of like length (each group's tables padded with block 0 to a power of two of
+blocks, so one long sequence does not make every short one gather its length), each against the
+blocks its table names, and each prefill chunk causally against its own blocks.
 
 Batch-invariant: attention reads every sequence's keys in whole blocks (the positions beyond its
 own masked), so the reductions over keys (softmax, probabilities times values) run whole vector
@@ -121,6 +122,17 @@ class PagedCache:
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """Decoding sequences whose keys fit `length` positions: their rows in the flat batch, their
+    block tables (flat, `length // BLOCK` each) and the positions each holds after the step."""
+
+    rows: torch.Tensor
+    tables: torch.Tensor
+    seen: torch.Tensor
+    length: int
+
+
+@dataclass(frozen=True)
 class PrefillChunk:
     """A chunk of `length` prompt tokens from position `start`, over the blocks `blocks` holding
     positions 0 to start + length."""
@@ -145,36 +157,40 @@ class Step:
         self.slots = torch.tensor(slots, dtype=torch.long, device=device)
         decoding = [p for p in parts if p.decode]
         self.decode_count = len(decoding)
-        self.longest = 0
-        if decoding:
-            # Positions each sequence holds after this step; its keys are read in whole blocks.
-            seen = [p.start + 1 for p in decoding]
-            width = blocks_for(max(seen))
-            tables = []
-            for part, held in zip(decoding, seen, strict=True):
-                tables += part.blocks[:blocks_for(held)] + [0] * (width - blocks_for(held))
-            self.tables = torch.tensor(tables, dtype=torch.long, device=device).view(-1)
-            self.seen = torch.tensor(seen, dtype=torch.long, device=device)
-            self.longest = width * BLOCK
+        # Positions each sequence holds after this step; its keys are read in whole blocks, as many
+        # as the next power of two of its blocks.
+        widths: dict[int, list[int]] = {}
+        for row, part in enumerate(decoding):
+            widths.setdefault(1 << (blocks_for(part.start + 1) - 1).bit_length(), []).append(row)
+        self.groups = []
+        for width, rows in sorted(widths.items()):
+            tables: list[int] = []
+            for row in rows:
+                held = blocks_for(decoding[row].start + 1)
+                tables += decoding[row].blocks[:held] + [0] * (width - held)
+            self.groups.append(DecodeGroup(torch.tensor(rows, dtype=torch.long, device=device),
+                                           torch.tensor(tables, dtype=torch.long, device=device),
+                                           torch.tensor([decoding[r].start + 1 for r in rows], dtype=torch.long,
+                                                        device=device), width * BLOCK))
         self.prefills = [PrefillChunk(torch.tensor(p.blocks[:blocks_for(p.start + p.length)], dtype=torch.long,
                                                    device=device), p.start, p.length)
                          for p in parts if not p.decode]
-        self._biases: dict[int | None, tuple[torch.Tensor | None, list[torch.Tensor]]] = {}
+        self._biases: dict[int | None, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def biases(self, window: int | None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """The decode batch's mask [1, n, 1, longest] and each chunk's [c, its blocks' positions]:
+    def biases(self, window: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each decode group's mask [1, m, 1, length] and each chunk's [c, its blocks' positions]:
         0 where a query may see a key, -inf where it may not (later, or `window` or more positions
         back)."""
         if window not in self._biases:
-            decode = None
-            if self.decode_count:
-                n = self.decode_count
-                keys = torch.arange(self.longest, device=self.device)[None, :]
-                hidden = keys >= self.seen[:, None]
+            decode = []
+            for group in self.groups:
+                m = group.rows.shape[0]
+                keys = torch.arange(group.length, device=self.device)[None, :]
+                hidden = keys >= group.seen[:, None]
                 if window:
-                    hidden |= keys < self.seen[:, None] - window
-                decode = torch.zeros(1, n, 1, self.longest, device=self.device).masked_fill_(
-                    hidden.view(1, n, 1, self.longest), float("-inf"))
+                    hidden |= keys < group.seen[:, None] - window
+                decode.append(torch.zeros(1, m, 1, group.length, device=self.device).masked_fill_(
+                    hidden.view(1, m, 1, group.length), float("-inf")))
             self._biases[window] = decode, [self._causal_bias(c, window) for c in self.prefills]
         return self._biases[window]
 
@@ -233,14 +249,20 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
         out = pool.index_select(1, blocks)
         return out.float() if upcast else out
 
-    decode_bias, chunk_biases = step.biases(window)
+    decode_biases, chunk_biases = step.biases(window)
     out = q.new_empty(total, hq, dv)
     queries = q.float() if upcast else q
     n = step.decode_count
-    if n:
-        k = gather(keys, step.tables).view(hk, n, step.longest, dk)
-        v = gather(values, step.tables).view(hk, n, step.longest, dv)
-        out[:n] = _decode_attention(queries[:n], k, v, decode_bias, scaling, softcap)
+    for group, bias in zip(step.groups, decode_biases, strict=True):
+        m = group.rows.shape[0]
+        k = gather(keys, group.tables).view(hk, m, group.length, dk)
+        v = gather(values, group.tables).view(hk, m, group.length, dv)
+        rows = queries[:n] if m == n else queries.index_select(0, group.rows)
+        result = _decode_attention(rows, k, v, bias, scaling, softcap)
+        if m == n:
+            out[:n] = result
+        else:
+            out.index_copy_(0, group.rows, result.to(out.dtype))
     offset = n
     for chunk, bias in zip(step.prefills, chunk_biases, strict=True):
         length = chunk.blocks.shape[0] * BLOCK

@@ -163,9 +163,9 @@ class Engine:
 
     def cancel(self, seq: Sequence) -> None:
         """Marks the sequence; it leaves before the next step and frees its blocks."""
-        seq.cancel_ns = time.time_ns()
-        seq.cancelled = True
-        with self._wake:
+        with self._wake:              # never between the step's checks and its batch
+            seq.cancel_ns = time.time_ns()
+            seq.cancelled = True
             self._wake.notify_all()
 
     def stop(self) -> None:
@@ -227,7 +227,7 @@ class Engine:
                     self.events.released(self.name, seq, now)
             self._grow()
             self._join()
-            batch = self._take_turns([s for s in self._running if not s.paused])
+            batch = self._take_turns([s for s in self._running if not s.paused and not s.cancelled])
         if not batch:
             return
         started = time.perf_counter()
@@ -256,10 +256,13 @@ class Engine:
         """Gives each decoding sequence whose next position starts a block that block, preempting
         the sequences that joined last while none is free. Holds the lock."""
         for seq in list(self._running):
-            if not seq.running or seq.paused or seq.prefilling or seq.cached < len(seq.blocks) * BLOCK:
+            if (not seq.running or seq.cancelled or seq.paused or seq.prefilling
+                    or seq.cached < len(seq.blocks) * BLOCK):
                 continue
             while not self.blocks.available:
-                self._preempt(self._running[-1])
+                # The last to join goes first; sequences whose streams stopped reading last of all.
+                victims = [s for s in self._running if not s.paused] or self._running
+                self._preempt(victims[-1])
             if seq.running:
                 seq.blocks += self.blocks.allocate(1)
 
@@ -374,6 +377,8 @@ class Engine:
                 fed.append((s, n))
                 parts.append(Part(s.blocks, s.cached, n))
                 tokens.extend(s.tokens(s.cached, s.cached + n))
+        # Prompt tokens fed (a preempted sequence's recomputation is not counted again).
+        prompt_fed = sum(n for s, n in fed if not s.preemptions)
         rows, sampled = list(range(len(decoding))), list(decoding)
         offset = len(decoding)
         for s, n in fed:
@@ -424,7 +429,7 @@ class Engine:
                         self._release(s)
                 for s, exc in failed:
                     self._fail(s, exc)
-        return self.prefill_budget - budget
+        return prompt_fed
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
         """Ends one sequence with `exc` (typed errors as they are, anything else INTERNAL) and frees

@@ -79,7 +79,9 @@ class Sequence:
         prompt = len(self.prompt_ids)
         if end <= prompt:
             return self.prompt_ids[start:end]
-        return (self.prompt_ids + self.output_ids)[start:end]
+        if start >= prompt:
+            return self.output_ids[start - prompt:end - prompt]
+        return self.prompt_ids[start:] + self.output_ids[:end - prompt]
 
     @property
     def paused(self) -> bool:

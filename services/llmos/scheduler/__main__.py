@@ -48,8 +48,9 @@ class SchedulerSettings(ServiceSettings):
     # is at most this share of its slots busier than the least loaded (0: least loaded only).
     affinity_slack: float = 0.25
     # Requests (queued and running) of one tenant at once, when its quota sets no limit of its
-    # own: no tenant holds every slot. More are RESOURCE_EXHAUSTED (QUOTA_EXCEEDED); 0: no limit.
-    tenant_max_concurrent: int = 32
+    # own: no tenant holds every place a worker has (256 by default): half of them. More are
+    # RESOURCE_EXHAUSTED (QUOTA_EXCEEDED); 0: no limit.
+    tenant_max_concurrent: int = 128
 
 
 async def build(settings: SchedulerSettings, provider: TracerProvider | None = None) -> Service:

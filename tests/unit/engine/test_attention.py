@@ -14,16 +14,17 @@ def filled_cache(blocks: int, seed: int = 0) -> PagedCache:
     return cache
 
 
-def test_a_step_reads_whole_blocks_and_masks_what_each_sequence_does_not_hold():
+def test_a_step_reads_whole_blocks_in_groups_of_like_length_and_masks_what_each_does_not_hold():
     step = Step([Part([3], 4, 1, decode=True), Part([5, 6, 7], 2 * BLOCK + 3, 1, decode=True),
-                 Part([2, 4], 0, BLOCK + 2)], torch.device("cpu"))
-    assert step.longest == 3 * BLOCK
-    assert step.tables.tolist() == [3, 0, 0, 5, 6, 7]          # padded with block 0
-    assert step.slots.tolist()[:2] == [3 * BLOCK + 4, 7 * BLOCK + 3]
-    assert step.slots.tolist()[2:] == [2 * BLOCK + i for i in range(BLOCK)] + [4 * BLOCK, 4 * BLOCK + 1]
-    decode, (chunk,) = step.biases(None)
-    seen = (decode[0, :, 0] == 0).sum(dim=-1).tolist()
-    assert seen == [5, 2 * BLOCK + 4]
+                 Part([8], 9, 1, decode=True), Part([2, 4], 0, BLOCK + 2)], torch.device("cpu"))
+    # One block each for the first and third; the second's three read as four (a power of two, block 0 padding).
+    assert [(g.rows.tolist(), g.tables.tolist(), g.length) for g in step.groups] == [
+        ([0, 2], [3, 8], BLOCK), ([1], [5, 6, 7, 0], 4 * BLOCK)]
+    assert step.slots.tolist()[:3] == [3 * BLOCK + 4, 7 * BLOCK + 3, 8 * BLOCK + 9]
+    assert step.slots.tolist()[3:] == [2 * BLOCK + i for i in range(BLOCK)] + [4 * BLOCK, 4 * BLOCK + 1]
+    (short, long), (chunk,) = step.biases(None)
+    assert (short[0, :, 0] == 0).sum(dim=-1).tolist() == [5, 10]
+    assert (long[0, :, 0] == 0).sum(dim=-1).tolist() == [2 * BLOCK + 4]
     assert chunk.shape == (BLOCK + 2, 2 * BLOCK) and (chunk[-1] == 0).sum() == BLOCK + 2
 
 
@@ -35,6 +36,12 @@ def test_a_sequence_attends_the_same_alone_and_beside_a_longer_one_wherever_its_
     beside = attend(Step([Part([2, 9], BLOCK + 5, 1, decode=True), Part([4, 5, 6, 7, 8], 4 * BLOCK + 9, 1,
                                                                          decode=True)], cpu), cache, 0, q, 0.3)
     assert torch.equal(alone[0], beside[0])
+    # In one group with another of two blocks (a batch of two products, not one): the same.
+    paired = attend(Step([Part([2, 9], BLOCK + 5, 1, decode=True), Part([4, 5], BLOCK + 13, 1, decode=True)], cpu),
+                    cache, 0, q, 0.3)
+    assert len(Step([Part([2, 9], BLOCK + 5, 1, decode=True), Part([4, 5], BLOCK + 13, 1, decode=True)],
+                    cpu).groups) == 1
+    assert torch.equal(alone[0], paired[0])
     # The same keys and values copied to other blocks give the same output.
     for t in cache.tensors:
         t[:, [10, 11]] = t[:, [2, 9]]
