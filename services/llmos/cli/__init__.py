@@ -83,6 +83,10 @@ class Progress:
 
     def __enter__(self) -> Progress:
         self._stream = self._client.registry.WatchModels(registry_pb2.WatchModelsRequest(name=self._model))
+        # The registry answers with its headers once the watch is live: the call starts after that.
+        live = threading.Thread(target=self._live, daemon=True)
+        live.start()
+        live.join(timeout=5)
         self._threads = [threading.Thread(target=self._watch, daemon=True)]
         if self._tty:
             self._threads.append(threading.Thread(target=self._tick, daemon=True))
@@ -104,6 +108,12 @@ class Progress:
     def _line(self) -> str:
         what = f"{self._doing} {self._model}".strip()
         return f"{what}: {self._phase or 'waiting'} ({time.monotonic() - self._started:.1f}s)"
+
+    def _live(self) -> None:
+        try:
+            self._stream.initial_metadata()
+        except grpc.RpcError:
+            pass                                # the watch's own thread reports what it can
 
     def _watch(self) -> None:
         try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from llmos.common.auth import require_worker
 from llmos.common.convert import optional_seconds, timestamp
 from llmos.common.errors import InvalidArgument
@@ -64,10 +67,24 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def WatchModels(self, request, context):
         name = str(parse_model_ref(request.name, "name")) if request.name else ""
-        async for event in self.registry.events.watch(name):
-            yield registry_pb2.WatchModelsResponse(model=event.model, kind=_KINDS[event.kind],
-                                                   worker_id=event.worker_id, reason=event.reason,
-                                                   time=timestamp(event.time))
+        events = self.registry.events.watch(name)
+        # Subscribed before the client hears that the watch is live (initial metadata): a call it
+        # makes after that is seen from its first event on.
+        pending = asyncio.ensure_future(anext(events))
+        try:
+            await asyncio.sleep(0)
+            await context.send_initial_metadata(())
+            while True:
+                event = await pending
+                yield registry_pb2.WatchModelsResponse(model=event.model, kind=_KINDS[event.kind],
+                                                       worker_id=event.worker_id, reason=event.reason,
+                                                       time=timestamp(event.time))
+                pending = asyncio.ensure_future(anext(events))
+        finally:
+            pending.cancel()
+            with contextlib.suppress(BaseException):      # (cancelled, or the watch's own error)
+                await pending
+            await events.aclose()
 
     async def ListWorkers(self, request, context):
         workers, token = page(self.registry.workers.values(), lambda w: w.worker_id, request.page_size,
