@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 
 import grpc
@@ -102,18 +103,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise
         if call.priority < request.priority:
             context.set_trailing_metadata(((PRIORITY_TRAILER, f"{request.priority}->{call.priority}"),))
+        # Closed as this handler ends, however it ends (a client that leaves closes it at a yield):
+        # the front door reports the end to the scheduler then, not when the collector finds it.
         with self.telemetry.start(call, requested_priority=request.priority) as watch:
-            chunks = self.front.generate(call, context.time_remaining(), watch.routed)
-            guard, first = StallGuard(chunks, self.stall_seconds), True
-            async for request_id, chunk in chunks:
-                watch.chunk(request_id, chunk)
-                response = fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
-                if first:
-                    response.model, first = watch.version, False
-                with guard.offering():
-                    yield response
-            if guard.stalled:        # the client came back after its generation was ended
-                raise StreamStalled(guard.seconds)
+            async with contextlib.aclosing(self.front.generate(call, context.time_remaining(), watch.routed)) as chunks:
+                guard, first = StallGuard(chunks, self.stall_seconds), True
+                async for request_id, chunk in chunks:
+                    watch.chunk(request_id, chunk)
+                    response = fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
+                    if first:
+                        response.model, first = watch.version, False
+                    with guard.offering():
+                        yield response
+                if guard.stalled:        # the client came back after its generation was ended
+                    raise StreamStalled(guard.seconds)
 
 
 def register(host, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
