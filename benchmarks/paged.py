@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.lora import PROMPTS, model_directory
 from llmos.common.domain import DEFAULT_KV_CACHE_TOKENS, SamplingParams
-from llmos.engine import Engine, EngineDriver, EngineEvents, Sequence
+from llmos.engine import Engine, EngineDriver, Sequence
 from llmos.engine.loader import load_model, pick_device, pick_dtype
 
 SLOT_CACHE = (16, 16 * 2048)          # what the slot cache held: 16 sequences of 2,048 positions
@@ -45,14 +45,6 @@ class Timing:
         self.times.append(time.perf_counter())
         if item.finish_reason is not None:
             self.done.set()
-
-
-class MostRunning(EngineEvents):
-    def __init__(self) -> None:
-        self.most = 0
-
-    def step(self, model, batch, prefill_tokens, kv_used, kv_capacity, start_ns, end_ns):
-        self.most = max(self.most, len(batch))
 
 
 def admitted(engine: Engine, prompts: list[list[int]]) -> int:
@@ -118,9 +110,8 @@ def main() -> int:
         for label, (running, kv_tokens) in {"paged default": (256, DEFAULT_KV_CACHE_TOKENS),
                                             "16 x 2,048 (the slot cache's capacity)": SLOT_CACHE}.items():
             loaded = driver.call(load_model, label, str(directory), device, dtype, kv_tokens, 4096).result()
-            events = MostRunning()
-            engines[label] = Engine(label, loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, events=events,
-                                    prefix_cache=False, max_running=running), events
+            engines[label] = Engine(label, loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefix_cache=False,
+                                    max_running=running)
         tok = loaded.tokenizer
         labels = list(engines)
         print(f"{args.source} in {str(dtype).removeprefix('torch.')} on {device}; {args.tokens} tokens a request; "
@@ -130,21 +121,21 @@ def main() -> int:
                 prompts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                                                    add_generation_prompt=True, tokenize=True, return_dict=False)
                            for i in range(c)]
-                for engine, _ in engines.values():
+                for engine in engines.values():
                     one_round(engine, prompts, 8)                  # warm: this batch size once
                 figures: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
                 for r in range(args.rounds):
                     for label in labels if r % 2 == 0 else labels[::-1]:
-                        figures[label].append(one_round(engines[label][0], prompts, args.tokens))
+                        figures[label].append(one_round(engines[label], prompts, args.tokens))
                 report(f"C={c}", labels, figures)
             if args.long:
                 words = tok("river " * 2100)["input_ids"]
                 long = [[*tok(f"{i}:")["input_ids"], *words][:2000] for i in range(args.long)]
-                for label, (engine, _) in engines.items():
+                for label, engine in engines.items():
                     print(f"{args.long} x 2,000-token prompts, 64 new tokens: {admitted(engine, long)} of them "
                           f"running at once with {label}", flush=True)
         finally:
-            for engine, _ in engines.values():
+            for engine in engines.values():
                 engine.stop()
             driver.stop()
     return 0

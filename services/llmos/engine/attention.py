@@ -105,10 +105,6 @@ class PagedCache:
     def tensors(self) -> list[torch.Tensor]:
         return self.keys + self.values
 
-    @property
-    def bytes_per_block(self) -> int:
-        return sum(t[:, :1].numel() * t.element_size() for t in self.tensors)
-
     def write(self, step: Step, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores the step's keys [T, kv_heads, key_dim] and values [T, kv_heads, value_dim]."""
         keys, values = self.keys[layer], self.values[layer]
