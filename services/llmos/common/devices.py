@@ -15,9 +15,23 @@ def compute_bytes(dtype: str) -> int:
 
 
 @functools.cache
-def cpu_has_bf16() -> bool:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (none where it cannot be read)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return frozenset()
+    return frozenset(word for line in text.splitlines() if line.startswith("flags")
+                     for word in line.split(":", 1)[1].split())
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 products: avx512_bf16 (AMD Zen 4 and later, Intel since Cooper Lake) or AMX."""
+    return not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_kind() -> str:
+    """How this CPU computes bf16, as `llmos ps` and the tests say it: "amx", "avx512_bf16" or
+    "no native bf16"."""
+    flags = cpu_flags()
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "no native bf16"
