@@ -26,8 +26,9 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "Exp
 GREEDY = SamplingParams(logprobs=True, ignore_eos=True)
 
 
-def start(path, dtype, prefix_cache=False, prefill_budget=24):
-    loaded = load_model("m", str(path), ENGINE_DEVICE, dtype, 16 * 512, 512)
+def start(path, dtype, prefix_cache=False, prefill_budget=24, compile=False):
+    loaded = load_model("m", str(path), ENGINE_DEVICE, dtype, 16 * 512, 512, compile=compile)
+    assert loaded.compiled == (compile and ENGINE_DEVICE.type == "cpu" and dtype == torch.bfloat16)
     driver = EngineDriver()
     driver.start_thread()
     engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefill_budget,
@@ -47,10 +48,10 @@ def result(run) -> tuple[list[int], list[float]]:
     return [t for c in run.chunks for t in c.token_ids], [p for c in run.chunks for p in c.logprobs]
 
 
-def chats_alone_and_together(path, dtype) -> tuple[list, list]:
+def chats_alone_and_together(path, dtype, compile=False) -> tuple[list, list]:
     """SmolLM2's chat prompts one at a time, then all eight at once (prefilled in one step of 256
     tokens, decoded together)."""
-    loaded, engine = start(path, dtype, prefill_budget=256)
+    loaded, engine = start(path, dtype, prefill_budget=256, compile=compile)
     tok = loaded.tokenizer
     submit = submitter(engine, tok)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
@@ -79,15 +80,17 @@ UNCONFIRMED_ON_NATIVE_BF16 = pytest.mark.xfail(
 
 @pytest.mark.smollm2
 @UNCONFIRMED_ON_NATIVE_BF16
-def test_smollm2_bf16_chats_alone_equal_the_same_chats_together(smollm2_dir):
-    """(float32's invariance: the busy-batch tests below.)"""
-    alone, together = chats_alone_and_together(smollm2_dir, torch.bfloat16)
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_smollm2_bf16_chats_alone_equal_the_same_chats_together(smollm2_dir, compile):
+    """(float32's invariance: the busy-batch tests below.) Compiled: decode attention through the
+    kernel that reads the block tables in place."""
+    alone, together = chats_alone_and_together(smollm2_dir, torch.bfloat16, compile)
     assert together == alone
 
 
-def answers(path, dtype, prefix_cache=False) -> tuple[list, list]:
+def answers(path, dtype, prefix_cache=False, compile=False) -> tuple[list, list]:
     """Each prompt alone, then all of them at once among sampling requests that come and go."""
-    loaded, engine = start(path, dtype, prefix_cache)
+    loaded, engine = start(path, dtype, prefix_cache, compile=compile)
     submit = submitter(engine, loaded.tokenizer)
     try:
         alone = []
@@ -106,30 +109,43 @@ def answers(path, dtype, prefix_cache=False) -> tuple[list, list]:
         engine.stop()
 
 
-@pytest.mark.parametrize(("dtype", "prefix_cache"), [(torch.bfloat16, False), (torch.bfloat16, True),
-                                                     (torch.float32, True)])
-def test_greedy_tokens_and_logprobs_alone_equal_those_in_a_busy_batch(tiny_model_dir, dtype, prefix_cache):
-    alone, busy = answers(tiny_model_dir, dtype, prefix_cache)
+@pytest.mark.parametrize(("dtype", "prefix_cache", "compile"), [
+    (torch.bfloat16, False, False), (torch.bfloat16, True, False), (torch.float32, True, False),
+    (torch.bfloat16, True, True)])
+def test_greedy_tokens_and_logprobs_alone_equal_those_in_a_busy_batch(tiny_model_dir, dtype, prefix_cache, compile):
+    alone, busy = answers(tiny_model_dir, dtype, prefix_cache, compile)
     assert all(len(ids) == 20 for ids, _ in alone)
     assert busy == alone
 
 
+# Products of at least 4 rows, run whole, are batch-invariant through avx512_bf16's kernels only: elsewhere
+# they take kernels whose order may depend on the rows, so that path is only tested where it is taken.
+ONLY_WITH_AVX512_BF16 = pytest.mark.skipif(cpu_kind() != "avx512_bf16",
+                                           reason="whole bf16 products are taken on a CPU with avx512_bf16 only")
+KINDS = [pytest.param("amx"), pytest.param("avx512_bf16", marks=ONLY_WITH_AVX512_BF16)]
+
+
 @UNCONFIRMED_ON_NATIVE_BF16
-def test_bf16_in_row_tiles_greedy_tokens_alone_equal_those_in_a_busy_batch(tiny_model_dir, monkeypatch):
-    """The path of a CPU with native bf16 (products in tiles of 16 rows, attention in float32), taken
-    here whatever the CPU."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_in_row_tiles_greedy_tokens_alone_equal_those_in_a_busy_batch(tiny_model_dir, monkeypatch, kind):
+    """The path of a CPU with native bf16 (products in tiles of 16 rows with AMX, of at least 4 rows
+    with avx512_bf16 alone; attention in float32); the tiles taken here whatever the CPU."""
     monkeypatch.setattr(matmul, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(matmul, "cpu_kind", lambda: kind)
     alone, busy = answers(tiny_model_dir, torch.bfloat16)
     assert all(len(ids) == 20 for ids, _ in alone)
     assert busy == alone
 
 
-def test_products_in_row_tiles_are_the_products(monkeypatch):
+@pytest.mark.parametrize(("kind", "tile"), [("amx", matmul.ROW_TILE),
+                                           pytest.param("avx512_bf16", None, marks=ONLY_WITH_AVX512_BF16)])
+def test_products_in_row_tiles_are_the_products(monkeypatch, kind, tile):
     monkeypatch.setattr(matmul, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(matmul, "cpu_kind", lambda: kind)
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 40, generator=generator).bfloat16()
     tiled = matmul.prepare(weight, "", torch.device("cpu"), torch.bfloat16)
-    assert isinstance(tiled, matmul.TiledWeight)
+    assert isinstance(tiled, matmul.TiledWeight) and tiled.tile == tile
     for rows in (1, 15, 16, 17, 40):
         x = torch.randn(rows, 40, generator=generator).bfloat16()
         out = matmul.linear(x, tiled)

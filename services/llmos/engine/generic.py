@@ -149,7 +149,7 @@ class GenericRunner:
     # LoRA adapters run on the lean forward only.
     supports_adapters = False
 
-    def __init__(self, model: Any, kv_tokens: int, max_len: int, quantize: str = "") -> None:
+    def __init__(self, model: Any, kv_tokens: int, max_len: int, quantize: str = "", compile: bool = False) -> None:
         if quantize not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantize!r}")
         if not getattr(type(model), "_supports_attention_backend", False):
@@ -171,7 +171,8 @@ class GenericRunner:
             if not probe.layers:
                 raise Unsupported("it calls no attention function")
             self.cache = PagedCache([shape for _, shape in probe.layers], pool_blocks(kv_tokens, max_len), self.dtype,
-                                    self.device)
+                                    self.device, compile)
+            self.cache.warm(model.config.num_attention_heads)
             self._check()
         except Unsupported:
             raise

@@ -51,7 +51,7 @@ class LlamaRunner:
     # Runs LoRA adapters (`lora.py`): a step's rows each through their own adapter, or none.
     supports_adapters = True
 
-    def __init__(self, model: Any, kv_tokens: int, max_len: int, quantize: str = "") -> None:
+    def __init__(self, model: Any, kv_tokens: int, max_len: int, quantize: str = "", compile: bool = False) -> None:
         if quantize not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantize!r}")
         self.quantize = quantize
@@ -78,7 +78,9 @@ class LlamaRunner:
             cos, sin = inner.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
             self.cos, self.sin = cos[0], sin[0]
         shape = LayerShape(self.kv_heads, self.head_dim, self.head_dim)
-        self.cache = PagedCache([shape] * len(self.layers), pool_blocks(kv_tokens, max_len), self.dtype, self.device)
+        self.cache = PagedCache([shape] * len(self.layers), pool_blocks(kv_tokens, max_len), self.dtype, self.device,
+                                compile)
+        self.cache.warm(self.num_heads)
         hidden, inner = config.hidden_size, config.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
         # (in, out) features of each projection a LoRA adapter may adapt.

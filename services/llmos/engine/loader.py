@@ -45,6 +45,11 @@ class LoadedModel:
         return special_strings(self.tokenizer)
 
     @property
+    def compiled(self) -> bool:
+        """Whether decoding sequences attend through the compiled kernel."""
+        return self.runner.cache.kernel is not None
+
+    @property
     def implementation(self) -> str:
         """The forward path it runs: "llmos" (the lean Llama-family forward) or "transformers"."""
         return self.runner.implementation
@@ -105,12 +110,14 @@ def _implementation(config: dict, requested: str) -> str:
 
 
 def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, kv_tokens: int,
-               max_seq_len: int, quantize: str = "", implementation: str = "auto") -> LoadedModel:
+               max_seq_len: int, quantize: str = "", implementation: str = "auto",
+               compile: bool = False) -> LoadedModel:
     """Loads the weights and tokenizer and builds the batched runner with its paged KV cache of
     `kv_tokens` positions (at least one sequence of `max_seq_len`, itself capped by the model's
     context) for sequences of up to `max_seq_len` tokens, with its
     weights as `quantize` says ("" as stored, "int8"), on the forward path `implementation`
-    names ("auto": the lean one where the model's config allows, else transformers')."""
+    names ("auto": the lean one where the model's config allows, else transformers'), with what pays
+    compiled (and compiled now) when `compile` says so."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(path)
@@ -135,10 +142,10 @@ def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, k
     context = int(getattr(model.config, "max_position_embeddings", 2048))
     max_len = min(context, max_seq_len)
     if path_taken == architectures.LEAN:
-        runner: Runner = LlamaRunner(model, kv_tokens, max_len, quantize)
+        runner: Runner = LlamaRunner(model, kv_tokens, max_len, quantize, compile)
     else:
         try:
-            runner = GenericRunner(model, kv_tokens, max_len, quantize)
+            runner = GenericRunner(model, kv_tokens, max_len, quantize, compile)
         except Unsupported as exc:
             architecture = architectures.architecture_of(config)
             raise FailedPrecondition(f"{architecture} does not run on llmos's engine: {exc}",
@@ -146,7 +153,8 @@ def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, k
                                      metadata={"architecture": architecture}) from None
     eos = _eos_ids(model, tokenizer)
     del model  # the runner keeps what it needs
-    log.info("loaded %s on %s in %s%s through the %s forward in %.2fs (%d bytes with a KV cache of %d blocks of "
+    log.info("loaded %s on %s in %s%s through the %s forward%s in %.2fs (%d bytes with a KV cache of %d blocks of "
              "%d positions; sequences up to %d)", name, device, dtype, f" with {quantize} weights" if quantize else "",
-             path_taken, time.monotonic() - started, runner.nbytes, runner.cache.blocks - 1, BLOCK, runner.max_len)
+             path_taken, ", decode attention compiled" if runner.cache.kernel else "", time.monotonic() - started,
+             runner.nbytes, runner.cache.blocks - 1, BLOCK, runner.max_len)
     return LoadedModel(name, runner, tokenizer, device, dtype, runner.nbytes, runner.max_len, eos, quantize)

@@ -6,11 +6,15 @@ by its prepacked kernel is 14% faster at batch 1, 23% at 16 and 20% in prefill t
 on SmolLM2 (its LM head alone twice as fast), and keeps a row's reduction order whatever the
 number of rows (the plain kernels switch to a matrix-vector product at one row).
 
-In bfloat16 on a CPU with native bf16 (avx512_bf16, AMX), oneDNN picks its kernel, and with it the
-order of each row's reduction, by the number of rows: a token's output would depend on how many
-others share its step. There every product runs in tiles of exactly `ROW_TILE` rows (the last padded
-with zeros), so every call has one shape and a row's output depends on that row alone. An AMX tile
-holds 16 rows, so a decode step of one sequence costs about what it did.
+In bfloat16 on a CPU with native bf16, oneDNN picks its kernel, and with it the order of each
+row's reduction, by the number of rows: a token's output would depend on how many others share its
+step. With AMX every product runs in tiles of exactly `ROW_TILE` rows (the last padded with zeros),
+so every call has one shape and a row's output depends on that row alone; an AMX tile holds 16
+rows, so a decode step of one sequence costs about what it did. With avx512_bf16 and no AMX only a
+single row takes another kernel (a matrix-vector product; measured: every row of 2 to 512 rows
+equal to itself in any other count, on eight shapes up to 8192 x 16384), so products get at least
+`MIN_ROWS` rows and run whole: at 64 rows that is 1.6x faster than tiles of 16 on SmolLM2's
+matrices.
 
 An int8 matrix keeps one float scale per output row (weight-only, symmetric) and is multiplied by
 torch's `_weight_int8pack_mm`, which reads the int8 weights directly. Its fast kernels take
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmos.common.devices import cpu_has_bf16
+from llmos.common.devices import cpu_has_bf16, cpu_kind
 
 
 @dataclass(frozen=True)
@@ -61,13 +65,18 @@ class PackedWeight:
 
 
 ROW_TILE = 16
+# The fewest rows a product (or attention's prompt-chunk product) is given: one to three rows take
+# other kernels than four or more.
+MIN_ROWS = 4
 
 
 @dataclass(frozen=True)
 class TiledWeight:
-    """A [out, in] matrix multiplied `ROW_TILE` rows at a time."""
+    """A [out, in] matrix multiplied `tile` rows at a time, or whole with at least `MIN_ROWS` rows
+    (`tile` None)."""
 
     weight: torch.Tensor
+    tile: int | None = ROW_TILE
 
     def numel(self) -> int:
         return self.weight.numel()
@@ -78,16 +87,19 @@ def tiles_rows(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_bf16()
 
 
-def _tiled(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _tiled(x: torch.Tensor, weight: torch.Tensor, tile: int | None) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     m = rows.shape[0]
-    padded = -(-m // ROW_TILE) * ROW_TILE
+    padded = -(-m // tile) * tile if tile else max(m, MIN_ROWS)
     if padded != m:
         rows = torch.cat([rows, rows.new_zeros(padded - m, rows.shape[1])])
-    out = rows.new_empty(padded, weight.shape[0])
-    transposed = weight.t()
-    for start in range(0, padded, ROW_TILE):
-        torch.mm(rows[start:start + ROW_TILE], transposed, out=out[start:start + ROW_TILE])
+    if tile is None:
+        out = torch.mm(rows, weight.t())
+    else:
+        out = rows.new_empty(padded, weight.shape[0])
+        transposed = weight.t()
+        for start in range(0, padded, tile):
+            torch.mm(rows[start:start + tile], transposed, out=out[start:start + tile])
     return out[:m].view(*x.shape[:-1], weight.shape[0])
 
 
@@ -104,7 +116,7 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight.packed, bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
     if isinstance(weight, TiledWeight):
-        out = _tiled(x, weight.weight)
+        out = _tiled(x, weight.weight, weight.tile)
         return out if bias is None else out + bias
     if isinstance(weight, Int8Weight):
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
@@ -121,7 +133,7 @@ def prepare(weight: torch.Tensor, quantize: str, device: torch.device, dtype: to
     if packs_weights(device, dtype):
         return PackedWeight.of(weight)
     if tiles_rows(device, dtype):
-        return TiledWeight(weight.detach().contiguous())
+        return TiledWeight(weight.detach().contiguous(), ROW_TILE if cpu_kind() == "amx" else None)
     return weight
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -11,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from opentelemetry.sdk.trace import TracerProvider
@@ -75,6 +77,12 @@ class WorkerSettings(ServiceSettings):
     # each model keeps loaded (the least recently used idle one makes room; each is leased).
     max_adapters_per_step: int = 4
     max_loaded_adapters: int = 8
+    # Compile what pays with torch.compile (inductor's CPU code; g++ at load): decode attention in
+    # bf16 on the CPU. Each model compiles as it loads; off, it runs as written.
+    compile: bool = True
+    # Where this worker keeps what lasts across its restarts (inductor's compile cache, in
+    # "inductor"); "" leaves it where torch puts it. `llmos up` gives each its data directory.
+    data_dir: str = ""
 
 
 async def announce(stub: registry_pb2_grpc.RegistryServiceStub,
@@ -116,6 +124,9 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     if driver is None:
         driver = EngineDriver()
         driver.start_thread()
+    if settings.data_dir and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # A second start reads what the first compiled (inductor reads this as it compiles).
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(settings.data_dir) / "inductor")
     if settings.threads > 0:
         # OpenMP's thread count belongs to the thread that sets it: set it where torch runs.
         driver.call(torch.set_num_threads, settings.threads)
@@ -130,7 +141,7 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
                            EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget,
                                         settings.lease_ttl_seconds, settings.max_backlog, settings.prefix_cache,
                                         settings.max_adapters_per_step, settings.max_loaded_adapters,
-                                        settings.kv_cache_tokens),
+                                        settings.kv_cache_tokens, settings.compile),
                            events=EngineTelemetry(provider.get_tracer("llmos.engine.engine"), host.metrics))
     host.metrics.register(WorkerGauges(worker_id, model_host.status, model_host.memory_in_use))
     await host.set_serving(False)       # ready once registered: before that no one sends it work

@@ -73,6 +73,8 @@ class EngineConfig:
     max_loaded_adapters: int = 8
     # KV cache positions per model (blocks of 16), the pool the worker leases with the weights.
     kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS
+    # Compile what pays (decode attention in bf16 on the CPU) as each model loads.
+    compile: bool = True
 
 
 @dataclass
@@ -97,7 +99,8 @@ class ModelStatus:
     adapter_bytes: int = 0
 
 
-Loader = Callable[[str, str, torch.device, torch.dtype, int, int], LoadedModel]
+# (name, path, device, dtype, kv_tokens, max_seq_len, quantize, implementation, compile)
+Loader = Callable[..., LoadedModel]
 
 
 class ModelHost:
@@ -177,7 +180,7 @@ class ModelHost:
             try:
                 loaded = await asyncio.wrap_future(self.driver.call(
                     self._loader, model, path, self.device, self.dtype, self.config.kv_cache_tokens,
-                    self.config.max_seq_len, quantize))
+                    self.config.max_seq_len, quantize, "auto", self.config.compile))
             except BaseException as exc:
                 await self._resources.release(lease)
                 if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):

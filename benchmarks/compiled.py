@@ -1,0 +1,79 @@
+"""What compiling gives one engine: the same model and requests with decode attention compiled (the
+kernel that reads the block tables in place, `engine/attention.py`) and without, in alternating
+rounds in one process, with the worker's defaults otherwise.
+
+    python -m benchmarks.compiled [--source bundled:smollm2-135m-instruct | tiny | DIR] [--rounds 2]
+                                  [--concurrency 1 16 32 64] [--tokens 64] [--dtype auto] [--baseline-tiles]
+
+`--baseline-tiles`: the eager engine also multiplies bf16 in tiles of 16 rows, as on a CPU with AMX
+(what a CPU with avx512_bf16 alone did before its products ran whole). Printed: tokens per second,
+time to first token and the gap between tokens for both (medians over the rounds) and their ratio.
+The compiled engine compiles at load (inductor's cache: TORCHINDUCTOR_CACHE_DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+from benchmarks.lora import PROMPTS, model_directory
+from benchmarks.paged import one_round, report
+from llmos.common.domain import DEFAULT_KV_CACHE_TOKENS
+from llmos.engine import Engine, EngineDriver, matmul
+from llmos.engine.loader import load_model, pick_device, pick_dtype
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default="bundled:smollm2-135m-instruct")
+    parser.add_argument("--conversion-cache", default="", help="the registry's conversion cache directory")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32, 64])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--baseline-tiles", action="store_true",
+                        help="the eager engine's bf16 products in tiles of 16 rows (as with AMX)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="llmos-bench-compiled-") as scratch:
+        directory = model_directory(args.source, Path(scratch), args.conversion_cache)
+        device = pick_device("auto")
+        dtype = pick_dtype(args.dtype, device)
+        driver = EngineDriver()
+        driver.start_thread()
+        engines = {}
+        eager = "eager, bf16 in tiles of 16" if args.baseline_tiles else "eager"
+        for label, compile in (("compiled", True), (eager, False)):
+            with mock.patch.object(matmul, "cpu_kind", lambda: "amx") if args.baseline_tiles and not compile \
+                    else mock.patch.object(matmul, "cpu_kind", matmul.cpu_kind):
+                loaded = driver.call(load_model, label, str(directory), device, dtype, DEFAULT_KV_CACHE_TOKENS,
+                                     4096, "", "auto", compile).result()
+            print(f"{label}: decode attention {'compiled' if loaded.compiled else 'as batched products'}", flush=True)
+            engines[label] = Engine(label, loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefix_cache=False)
+        tok = loaded.tokenizer
+        labels = list(engines)
+        print(f"{args.source} in {str(dtype).removeprefix('torch.')} on {device}; {args.tokens} tokens a request; "
+              f"medians of {args.rounds} alternating rounds", flush=True)
+        try:
+            for c in args.concurrency:
+                prompts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+                           for i in range(c)]
+                for engine in engines.values():
+                    one_round(engine, prompts, 8)                  # warm: this batch size once
+                figures: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
+                for r in range(args.rounds):
+                    for label in labels if r % 2 == 0 else labels[::-1]:
+                        figures[label].append(one_round(engines[label], prompts, args.tokens))
+                report(f"C={c}", labels, figures)
+        finally:
+            for engine in engines.values():
+                engine.stop()
+            driver.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
