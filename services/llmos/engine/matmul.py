@@ -110,6 +110,11 @@ def _tiled(x: torch.Tensor, weight: torch.Tensor, tile: int | None) -> torch.Ten
     return out[:m].view(*x.shape[:-1], weight.shape[0])
 
 
+def packs_bf16() -> bool:
+    """oneDNN has bf16 kernels on this CPU."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
     """Float32 on the CPU multiplies by oneDNN's prepacked weights."""
     return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -154,7 +159,7 @@ def prepare(weight: torch.Tensor, quantize: str, device: torch.device, dtype: to
         return PackedWeight.of(weight)
     if tiles_rows(device, dtype):
         tile = ROW_TILE if cpu_kind() == "amx" else None
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if packs_bf16():
             return PackedWeight.of(weight, tile, MIN_ROWS)
         return TiledWeight(weight.detach().contiguous(), tile)
     return weight
