@@ -22,7 +22,7 @@ up: $(STAMP) $(CLIENT_STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP) $(CLIENT_STAMP) system-deps check-protos lint test-image clients viewer
 	LLMOS_TEST_IMAGE=localhost/llmos:cpu LLMOS_REGISTRY_CONVERSION_CACHE=$${XDG_CACHE_HOME:-$$HOME/.cache}/llmos/converted \
-	  TORCHINDUCTOR_CACHE_DIR=$${XDG_CACHE_HOME:-$$HOME/.cache}/llmos/inductor \
+	  TORCHINDUCTOR_CACHE_DIR=$${XDG_CACHE_HOME:-$$HOME/.cache}/llmos/inductor LLMOS_WORKER_COMPILE_CACHE_DIR=$${XDG_CACHE_HOME:-$$HOME/.cache}/llmos/inductor \
 	  LLMOS_PHOENIX=$(VIEWER_VENV)/bin/phoenix $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Arize Phoenix, the trace viewer tests/e2e/test_viewer.py reads one request's trace back from, in

@@ -80,9 +80,21 @@ class WorkerSettings(ServiceSettings):
     # Compile what pays with torch.compile (inductor's CPU code; g++ at load): decode attention in
     # bf16 on the CPU. Each model compiles as it loads; off, it runs as written.
     compile: bool = True
-    # Where this worker keeps what lasts across its restarts (inductor's compile cache, in
-    # "inductor"); "" leaves it where torch puts it. `llmos up` gives each its data directory.
+    # Where this worker keeps what lasts across its restarts; `llmos up` gives each its data directory.
     data_dir: str = ""
+    # Inductor's compile cache, so a second start reads what the first compiled: "" is "inductor"
+    # in the data directory (torch's default without one).
+    compile_cache_dir: str = ""
+
+
+def keep_compiled(settings: WorkerSettings) -> str | None:
+    """Points inductor's cache where the settings say (inductor reads TORCHINDUCTOR_CACHE_DIR as it
+    compiles; torch sets it to its default once asked, so it is set here whatever it holds);
+    returns the directory, None for torch's default."""
+    directory = settings.compile_cache_dir or (str(Path(settings.data_dir) / "inductor") if settings.data_dir else "")
+    if directory:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
+    return directory or None
 
 
 async def announce(stub: registry_pb2_grpc.RegistryServiceStub,
@@ -124,9 +136,7 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
     if driver is None:
         driver = EngineDriver()
         driver.start_thread()
-    if settings.data_dir and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        # A second start reads what the first compiled (inductor reads this as it compiles).
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(settings.data_dir) / "inductor")
+    keep_compiled(settings)
     if settings.threads > 0:
         # OpenMP's thread count belongs to the thread that sets it: set it where torch runs.
         driver.call(torch.set_num_threads, settings.threads)
