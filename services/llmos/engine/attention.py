@@ -291,8 +291,14 @@ class DecodeKernel:
     dropped; padded columns are masked), and one compilation serves every step (the warm-up at
     load compiles it with sizes that differ from each other, so none is assumed equal to another)."""
 
+    # Models of distinct shapes each compile their own code of `_paged_decode` (dynamo keeps at most
+    # `recompile_limit` per function, 8 by default; past it a model would run it uncompiled).
+    MODEL_SHAPES = 64
+
     def __init__(self) -> None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.MODEL_SHAPES)
         self._compiled = torch.compile(_paged_decode, dynamic=True, fullgraph=True)
+        self._compiled_once = False
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: DecodeGroup,
                  scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
@@ -305,10 +311,12 @@ class DecodeKernel:
             q = torch.cat([q, torch.zeros_like(q)])
             tables = torch.cat([tables, torch.zeros_like(tables)])
             seen = torch.cat([seen, torch.ones_like(seen)])
-        for fixed in (keys, values):
-            torch._dynamo.mark_static(fixed)
-        torch._dynamo.mark_static(q, 1)
-        torch._dynamo.mark_static(q, 2)
+        if not self._compiled_once:        # what is fixed is marked for the compilation (guards keep it)
+            for fixed in (keys, values):
+                torch._dynamo.mark_static(fixed)
+            torch._dynamo.mark_static(q, 1)
+            torch._dynamo.mark_static(q, 2)
+            self._compiled_once = True
         return self._compiled(q, keys, values, tables, seen, scaling, softcap, window)[:n]
 
 
