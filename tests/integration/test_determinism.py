@@ -10,6 +10,7 @@ import torch
 from llmos.common.devices import cpu_kind
 from llmos.common.domain import SamplingParams
 from llmos.engine import Engine, EngineDriver, Sequence, matmul
+from llmos.engine.attention import compiles_attention
 from llmos.engine.loader import load_model
 from tests.integration.test_engine import Collector, Running, wait_all
 from tests.support.device import ENGINE_DEVICE
@@ -28,7 +29,7 @@ GREEDY = SamplingParams(logprobs=True, ignore_eos=True)
 
 def start(path, dtype, prefix_cache=False, prefill_budget=24, compile=False):
     loaded = load_model("m", str(path), ENGINE_DEVICE, dtype, 16 * 512, 512, compile=compile)
-    assert loaded.compiled == (compile and ENGINE_DEVICE.type == "cpu" and dtype == torch.bfloat16)
+    assert loaded.compiled == (compile and compiles_attention(ENGINE_DEVICE, dtype))
     driver = EngineDriver()
     driver.start_thread()
     engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefill_budget,

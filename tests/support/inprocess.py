@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,9 @@ async def start_in_process(data_dir: str | Path, overrides: dict[str, dict] | No
                 values["http_listen"] = LISTEN
             if "data_dir" in fields:
                 values["data_dir"] = str(data_dir)
+            if "compile_cache_dir" in fields and os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+                # (a worker points the process's compile cache where it is told: here where the run's is)
+                values["compile_cache_dir"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
             values |= {k: v for k, v in suite.identity.settings(name, name).items() if k in fields}
             values |= {f"{other}_address": suite.addresses[other] for other in NEEDS[name]
                        if other in suite.addresses}

@@ -28,12 +28,15 @@ tables' fixed; one compiled code for every batch, so a row's result does not dep
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import mmap
 import os
 import shutil
+import sysconfig
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -260,8 +263,15 @@ def compiles_attention(device: torch.device, dtype: torch.dtype) -> bool:
     the CPU (measured on SmolLM2's layer with avx512_bf16: equal at 1 to 16 sequences, 2.9x at 64,
     where the gathered copy in float32 dominates). In float32 it is slower (0.6x to 0.9x: the
     products read a float32 copy as fast as the kernel reads the pool), and a GPU has kernels of
-    its own. Inductor's CPU code needs a C++ compiler (g++, or $CXX)."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and shutil.which(os.environ.get("CXX", "g++")) is not None
+    its own. Inductor's CPU code needs a C++ compiler and Python's headers (`can_compile`)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and can_compile()
+
+
+@functools.cache
+def can_compile() -> bool:
+    """Inductor's CPU code builds here: a C++ compiler (g++, or $CXX) and Python's headers."""
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return shutil.which(os.environ.get("CXX", "g++")) is not None and headers.is_file()
 
 
 def _paged_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
@@ -352,10 +362,17 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
     n = step.decode_count
     for group, bias in zip(step.groups, decode_biases, strict=True):
         m = group.rows.shape[0]
+        result = None
         if cache.kernel is not None:
             rows = q[:n] if m == n else q.index_select(0, group.rows)
-            result = cache.kernel(rows, keys, values, group, scaling, softcap, window)
-        else:
+            try:
+                result = cache.kernel(rows, keys, values, group, scaling, softcap, window)
+            except Exception as exc:  # noqa: BLE001 - a compilation past the load (shapes it was not warmed
+                # for, dynamo's limit of compilations) fails: the model goes on uncompiled, not its step
+                log.warning("the compiled decode kernel failed (%s: %s); this model attends uncompiled from now on",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                cache.kernel = None
+        if result is None:
             k = gather(keys, group.tables).view(hk, m, group.length, dk)
             v = gather(values, group.tables).view(hk, m, group.length, dv)
             rows = queries[:n] if m == n else queries.index_select(0, group.rows)
