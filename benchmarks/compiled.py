@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
-from benchmarks.lora import PROMPTS, model_directory
-from benchmarks.paged import one_round, report
+from benchmarks.lora import model_directory
+from benchmarks.paged import compare
 from llmos.common.domain import DEFAULT_KV_CACHE_TOKENS
 from llmos.engine import Engine, EngineDriver, matmul
 from llmos.engine.loader import load_model, pick_device, pick_dtype
@@ -57,22 +57,10 @@ def main() -> int:
                                      4096, "", "auto", compile).result()
             print(f"{label}: decode attention {'compiled' if loaded.compiled else 'as batched products'}", flush=True)
             engines[label] = Engine(label, loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefix_cache=False)
-        tok = loaded.tokenizer
-        labels = list(engines)
         print(f"{args.source} in {str(dtype).removeprefix('torch.')} on {device}; {args.tokens} tokens a request; "
               f"medians of {args.rounds} alternating rounds", flush=True)
         try:
-            for c in args.concurrency:
-                prompts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
-                           for i in range(c)]
-                for engine in engines.values():
-                    one_round(engine, prompts, 8)                  # warm: this batch size once
-                figures: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
-                for r in range(args.rounds):
-                    for label in labels if r % 2 == 0 else labels[::-1]:
-                        figures[label].append(one_round(engines[label], prompts, args.tokens))
-                report(f"C={c}", labels, figures)
+            compare(engines, loaded.tokenizer, args.concurrency, args.rounds, args.tokens)
         finally:
             for engine in engines.values():
                 engine.stop()

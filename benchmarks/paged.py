@@ -89,6 +89,23 @@ def report(name: str, labels: list[str], figures: dict[str, list[dict[str, float
               + f"  ratio {ratio:.2f}x", flush=True)
 
 
+def compare(engines: dict[str, Engine], tok, concurrency: list[int], rounds: int, tokens: int) -> None:
+    """For each C: C chat requests to each engine, warmed at that C once, then `rounds` alternating
+    rounds; prints each figure's medians and their ratio (the first engine over the second)."""
+    labels = list(engines)
+    for c in concurrency:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False)
+                   for i in range(c)]
+        for engine in engines.values():
+            one_round(engine, prompts, 8)                  # warm: this batch size once
+        figures: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
+        for r in range(rounds):
+            for label in labels if r % 2 == 0 else labels[::-1]:
+                figures[label].append(one_round(engines[label], prompts, tokens))
+        report(f"C={c}", labels, figures)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="bundled:smollm2-135m-instruct")
@@ -113,21 +130,10 @@ def main() -> int:
             engines[label] = Engine(label, loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefix_cache=False,
                                     max_running=running)
         tok = loaded.tokenizer
-        labels = list(engines)
         print(f"{args.source} in {str(dtype).removeprefix('torch.')} on {device}; {args.tokens} tokens a request; "
               f"medians of {args.rounds} alternating rounds", flush=True)
         try:
-            for c in args.concurrency:
-                prompts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
-                           for i in range(c)]
-                for engine in engines.values():
-                    one_round(engine, prompts, 8)                  # warm: this batch size once
-                figures: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
-                for r in range(args.rounds):
-                    for label in labels if r % 2 == 0 else labels[::-1]:
-                        figures[label].append(one_round(engines[label], prompts, args.tokens))
-                report(f"C={c}", labels, figures)
+            compare(engines, tok, args.concurrency, args.rounds, args.tokens)
             if args.long:
                 words = tok("river " * 2100)["input_ids"]
                 long = [[*tok(f"{i}:")["input_ids"], *words][:2000] for i in range(args.long)]
