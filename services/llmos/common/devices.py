@@ -31,7 +31,7 @@ def cpu_has_bf16() -> bool:
 
 
 def cpu_kind() -> str:
-    """How this CPU computes bf16, as `llmos ps` and the tests say it: "amx", "avx512_bf16" or
+    """How this CPU computes bf16, as the engine and the tests tell the kinds apart: "amx", "avx512_bf16" or
     "no native bf16"."""
     flags = cpu_flags()
     return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "no native bf16"

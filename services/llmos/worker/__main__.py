@@ -78,7 +78,7 @@ class WorkerSettings(ServiceSettings):
     max_adapters_per_step: int = 4
     max_loaded_adapters: int = 8
     # Compile what pays with torch.compile (inductor's CPU code; g++ at load): decode attention in
-    # bf16 on the CPU. Each model compiles as it loads; off, it runs as written.
+    # bf16 on the CPU, for models on the lean path. Each model compiles as it loads; off, it runs as written.
     compile: bool = True
     # Where this worker keeps what lasts across its restarts; `llmos up` gives each its data directory.
     data_dir: str = ""
