@@ -186,12 +186,17 @@ def test_a_request_id_belongs_to_its_tenant_and_a_retry_answers_at_once(suite, c
                 outcomes.append(exc.code().name)
         status = victim.scheduler.GetRequestStatus(
             scheduler_pb2.GetRequestStatusRequest(request_id="shared-1"), timeout=10)
-        assert status.state == scheduler_pb2.GetRequestStatusResponse.STATE_RUNNING and status.tenant == "victim"
+        # Still the victim's: running, or, on a machine fast enough to generate its 200 tokens (the
+        # model's context allows no more) before the 100 calls end, done at its length, not ended
+        # by them (its unread stream is buffered by flow control, so it is not paused).
+        state = scheduler_pb2.GetRequestStatusResponse
+        assert status.tenant == "victim" and (status.state == state.STATE_RUNNING or (
+            status.state == state.STATE_DONE and status.reason == "LENGTH")), status
         rest = list(stream)
         assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 200
         assert rest[-1].request_id == "shared-1" and rest[-1].usage.completion_tokens == 200
         print(f"\n100 calls of another tenant with the victim's id: {sorted(set(outcomes))}; the victim's stream "
-              "was whole and its status RUNNING throughout")
+              f"was whole and its status the victim's ({state.State.Name(status.state)})")
         # One client alone: a retry of an id whose first try timed out answers at once.
         with pytest.raises(grpc.RpcError) as timed_out:
             list(attacker.generate("tiny", prompt="x", max_tokens=2, request_id="retry-1", timeout=0.002))
