@@ -17,36 +17,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import tempfile
-from pathlib import Path
 from unittest import mock
 
-from benchmarks.lora import model_directory
-from benchmarks.paged import compare
+from benchmarks.paged import compare, engine_arguments, header, setting_up
 from llmos.common.domain import DEFAULT_KV_CACHE_TOKENS
-from llmos.engine import Engine, EngineDriver, matmul
-from llmos.engine.loader import load_model, pick_device, pick_dtype
+from llmos.engine import Engine, matmul
+from llmos.engine.loader import load_model
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="bundled:smollm2-135m-instruct")
-    parser.add_argument("--conversion-cache", default="", help="the registry's conversion cache directory")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32, 64])
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="auto")
+    engine_arguments(parser)
     parser.add_argument("--baseline", choices=["eager", "tiles"], default="eager",
                         help="uncompiled; 'tiles': bf16 weights as stored, in tiles of 16 rows too")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="llmos-bench-compiled-") as scratch:
-        directory = model_directory(args.source, Path(scratch), args.conversion_cache)
-        device = pick_device("auto")
-        dtype = pick_dtype(args.dtype, device)
-        driver = EngineDriver()
-        driver.start_thread()
-        engines = {}
+    with setting_up(args, "llmos-bench-compiled-") as (directory, device, dtype, driver, engines):
         tiles = args.baseline == "tiles"
         eager = "eager, weights as stored in tiles of 16" if tiles else "eager"
         for label, compile in (("compiled", True), (eager, False)):
@@ -57,14 +43,8 @@ def main() -> int:
                                      4096, "", "auto", compile).result()
             print(f"{label}: decode attention {'compiled' if loaded.compiled else 'as batched products'}", flush=True)
             engines[label] = Engine(label, loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefix_cache=False)
-        print(f"{args.source} in {str(dtype).removeprefix('torch.')} on {device}; {args.tokens} tokens a request; "
-              f"medians of {args.rounds} alternating rounds", flush=True)
-        try:
-            compare(engines, loaded.tokenizer, args.concurrency, args.rounds, args.tokens)
-        finally:
-            for engine in engines.values():
-                engine.stop()
-            driver.stop()
+        header(args, device, dtype)
+        compare(engines, loaded.tokenizer, args.concurrency, args.rounds, args.tokens)
     return 0
 
 

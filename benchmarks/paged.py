@@ -15,11 +15,15 @@ Printed: each figure for both configurations (medians over the rounds) and their
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from benchmarks.lora import PROMPTS, model_directory
 from llmos.common.domain import DEFAULT_KV_CACHE_TOKENS, SamplingParams
@@ -106,44 +110,64 @@ def compare(engines: dict[str, Engine], tok, concurrency: list[int], rounds: int
         report(f"C={c}", labels, figures)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a benchmark comparing engines in one process (`setting_up`, `compare`)."""
     parser.add_argument("--source", default="bundled:smollm2-135m-instruct")
     parser.add_argument("--conversion-cache", default="", help="the registry's conversion cache directory")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32, 64])
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--long", type=int, default=0, help="requests of 2,000 prompt tokens (0: none)")
     parser.add_argument("--dtype", default="auto")
-    args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="llmos-bench-paged-") as scratch:
+
+@contextlib.contextmanager
+def setting_up(args: argparse.Namespace, prefix: str) -> Iterator[tuple[Path, torch.device, torch.dtype, EngineDriver,
+                                                                        dict[str, Engine]]]:
+    """The model directory `args.source` names, the device, the dtype, a running engine driver and a
+    dict for the engines to compare: those are stopped at the end, then the driver."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         directory = model_directory(args.source, Path(scratch), args.conversion_cache)
         device = pick_device("auto")
         dtype = pick_dtype(args.dtype, device)
         driver = EngineDriver()
         driver.start_thread()
-        engines = {}
+        engines: dict[str, Engine] = {}
+        try:
+            yield directory, device, dtype, driver, engines
+        finally:
+            for engine in engines.values():
+                engine.stop()
+            driver.stop()
+
+
+def header(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    print(f"{args.source} in {str(dtype).removeprefix('torch.')} on {device}; {args.tokens} tokens a request; "
+          f"medians of {args.rounds} alternating rounds", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    engine_arguments(parser)
+    parser.add_argument("--long", type=int, default=0, help="requests of 2,000 prompt tokens (0: none)")
+    args = parser.parse_args()
+
+    with setting_up(args, "llmos-bench-paged-") as (directory, device, dtype, driver, engines):
         for label, (running, kv_tokens) in {"paged default": (256, DEFAULT_KV_CACHE_TOKENS),
                                             "16 x 2,048 (the slot cache's capacity)": SLOT_CACHE}.items():
             loaded = driver.call(load_model, label, str(directory), device, dtype, kv_tokens, 4096).result()
             engines[label] = Engine(label, loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefix_cache=False,
                                     max_running=running)
         tok = loaded.tokenizer
-        print(f"{args.source} in {str(dtype).removeprefix('torch.')} on {device}; {args.tokens} tokens a request; "
-              f"medians of {args.rounds} alternating rounds", flush=True)
-        try:
-            compare(engines, tok, args.concurrency, args.rounds, args.tokens)
-            if args.long:
-                words = tok("river " * 2100)["input_ids"]
-                long = [[*tok(f"{i}:")["input_ids"], *words][:2000] for i in range(args.long)]
-                for label, engine in engines.items():
-                    print(f"{args.long} x 2,000-token prompts, 64 new tokens: {admitted(engine, long)} of them "
-                          f"running at once with {label}", flush=True)
-        finally:
-            for engine in engines.values():
-                engine.stop()
-            driver.stop()
+        header(args, device, dtype)
+        compare(engines, tok, args.concurrency, args.rounds, args.tokens)
+        if args.long and loaded.max_seq_len < 2000 + 64:
+            print(f"--long: {args.source} holds {loaded.max_seq_len} positions, fewer than 2,000 + 64", flush=True)
+        elif args.long:
+            words = tok("river " * 2100)["input_ids"]
+            long = [[*tok(f"{i}:")["input_ids"], *words][:2000] for i in range(args.long)]
+            for label, engine in engines.items():
+                print(f"{args.long} x 2,000-token prompts, 64 new tokens: {admitted(engine, long)} of them "
+                      f"running at once with {label}", flush=True)
     return 0
 
 

@@ -23,7 +23,7 @@ Compiled (`PagedCache(compile=True)`, bf16 on the CPU): decoding sequences atten
 inductor generates from `_paged_decode`, which reads each key and value through the block table where
 it lies (no gathered copy, no float32 copy), in float32, with every size but the batch's and the
 tables' fixed; one compiled code for every batch, so a row's result does not depend on the others
-(tested alone against busy, as for the uncompiled path).
+(tested alone against busy, as for the uncompiled path, and against the uncompiled path).
 """
 
 from __future__ import annotations
@@ -132,8 +132,7 @@ class PagedCache:
                                     torch.ones(rows, dtype=torch.long, device=keys.device), width * BLOCK)
                 self.kernel(q, keys, values, group, 1.0, None, None)
         except Exception as exc:  # noqa: BLE001 - a compiler missing or failing costs speed, not the model
-            log.warning("decode attention does not compile here (%s: %s); it runs uncompiled",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            log.warning("decode attention does not compile here (%s); it runs uncompiled", _first_line(exc))
             self.kernel = None
 
     @property
@@ -258,6 +257,12 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     return torch.matmul(probs, v).transpose(0, 1).reshape(n, hq, v.shape[-1])
 
 
+def _first_line(exc: Exception) -> str:
+    """"Type: first line of the message" (a compiler's errors run to pages)."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def compiles_attention(device: torch.device, dtype: torch.dtype) -> bool:
     """Where the compiled decode kernel is faster than gathering blocks for batched products: bf16 on
     the CPU (measured on SmolLM2's layer with avx512_bf16: equal at 1 to 16 sequences, 2.9x at 64,
@@ -369,8 +374,8 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
                 result = cache.kernel(rows, keys, values, group, scaling, softcap, window)
             except Exception as exc:  # noqa: BLE001 - a compilation past the load (shapes it was not warmed
                 # for, dynamo's limit of compilations) fails: the model goes on uncompiled, not its step
-                log.warning("the compiled decode kernel failed (%s: %s); this model attends uncompiled from now on",
-                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                log.warning("the compiled decode kernel failed (%s); this model attends uncompiled from now on",
+                            _first_line(exc))
                 cache.kernel = None
         if result is None:
             k = gather(keys, group.tables).view(hk, m, group.length, dk)
