@@ -44,3 +44,25 @@ def test_a_catalog_from_before_aliases_and_adapters_gains_them_with_its_models_k
     book.put(AliasRecord(ModelRef("chat"), (Target(ModelRef("old"), 100),), update_time=1.0))
     assert book.get(ModelRef("chat")).targets == (Target(ModelRef("old"), 100),)
     store.close()
+
+
+def test_models_imported_before_tool_calls_learn_their_format_from_their_template(store_url, tmp_path):
+    store = Store(store_url)
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "tokenizer_config.json").write_text(
+        '{"chat_template": "{% for tool in tools %}<tool_call>{% endfor %}"}')
+    with store.engine.begin() as db:     # the store as revision 0003 left it
+        db.execute(sa.text("ALTER TABLE models DROP COLUMN tool_call_format"))
+        db.execute(sa.text("UPDATE alembic_version SET version_num = '0003'"))
+        for name, path, chat in [("qwen", tmp_path / "qwen", "true"), ("gone", tmp_path / "gone", "true"),
+                                 ("plain", tmp_path / "qwen", "false")]:
+            db.execute(sa.text(
+                "INSERT INTO models (name, tag, digest, source_format, source, path, architecture, parameter_count, "
+                "dtype, context_length, has_chat_template, create_time, estimated_bytes, measured_bytes) VALUES "
+                f"('{name}', 'latest', 'sha256:00', 'safetensors', '/src', '{path}', 'Qwen2ForCausalLM', 1, "
+                f"'float32', 256, {chat}, 0, 1, 0)"))
+    assert store.migrate() == ("0003", Store.head())
+    catalog = Catalog(store)
+    formats = [catalog.get(ModelRef(n, "latest")).tool_call_format for n in ("qwen", "gone", "plain")]
+    assert formats == ["hermes", "", ""]
+    store.close()

@@ -116,7 +116,8 @@ async def test_keys_refusals_and_unsupported_fields_are_openai_errors(stack):
     with pytest.raises(openai.NotFoundError) as caught:
         await api.chat.completions.create(model="no-such-model", messages=QUESTION)
     assert caught.value.body["type"] == "not_found_error"
-    for fields, param in [({"n": 2}, "n"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    listed = {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}
+    for fields, param in [({"n": 2}, "n"), (listed, "tools[0].function.parameters"),
                           ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
                            "response_format"),
                           ({"temperature": 7}, "temperature"), ({"frequency_penalty": 0.5}, "frequency_penalty")]:

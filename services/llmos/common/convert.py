@@ -7,6 +7,7 @@ INVALID_ARGUMENT with a `BadRequest` listing every field.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -23,11 +24,16 @@ from .domain import (
     QueueDepth,
     ResponseFormat,
     SamplingParams,
+    Tool,
+    ToolCall,
+    ToolMode,
+    Tools,
     Usage,
 )
 from .errors import FieldViolation, InvalidArgument
 from .formats import FormatError, compiled
 from .keystore import Quota
+from .tools import MAX_TOOLS, NAME, check_tools
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
@@ -93,6 +99,7 @@ FINISH_TO_PROTO = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.TOOL_CALLS: common_pb2.FINISH_REASON_TOOL_CALLS,
 }
 FINISH_FROM_PROTO = {v: k for k, v in FINISH_TO_PROTO.items()}
 
@@ -114,7 +121,7 @@ class Violations:
 
 
 def input_from_proto(request: Any, errors: Violations) -> GenerationInput:
-    """Reads the `prompt` / `messages` pair of a request: exactly one must be set."""
+    """Reads the `prompt` / `messages` pair of a request (exactly one must be set) and its tools."""
     has_prompt = request.HasField("prompt")
     if has_prompt and request.messages:
         errors.add("prompt", "exactly one of prompt and messages may be set, not both")
@@ -122,31 +129,101 @@ def input_from_proto(request: Any, errors: Violations) -> GenerationInput:
     if not has_prompt and not request.messages:
         errors.add("prompt", "one of prompt and messages is required")
         return GenerationInput()
+    tools = tools_from_proto(request, errors)
     if has_prompt:
         if not request.prompt:
             errors.add("prompt", "must not be empty")
         elif len(request.prompt) > MAX_PROMPT_CHARS:
             errors.add("prompt", f"is longer than {MAX_PROMPT_CHARS} characters")
+        if tools is not None:
+            errors.add("tools", "need messages (a chat), not a prompt")
         return GenerationInput(prompt=request.prompt)
     if len(request.messages) > MAX_MESSAGES:
         errors.add("messages", f"at most {MAX_MESSAGES} messages are allowed")
-    total = 0
+    total, call_ids, messages = 0, set(), []
     for i, message in enumerate(request.messages):
         if message.role not in CHAT_ROLES:
             errors.add(f"messages[{i}].role", f"must be one of {', '.join(sorted(CHAT_ROLES))}")
-        if not message.content and message.role != "assistant":
+        if not message.content and message.role not in ("assistant", "tool"):
             errors.add(f"messages[{i}].content", "must not be empty")
+        if message.tool_calls and message.role != "assistant":
+            errors.add(f"messages[{i}].tool_calls", "only an assistant turn calls tools")
+        if len(message.tool_calls) > MAX_TOOLS:
+            errors.add(f"messages[{i}].tool_calls", f"at most {MAX_TOOLS} calls are allowed")
+        for j, call in enumerate(message.tool_calls):
+            _check_call(call, f"messages[{i}].tool_calls[{j}]", errors)
+            call_ids.add(call.id)
+            total += len(call.arguments)
+        if message.role == "tool" and message.tool_call_id not in call_ids:
+            errors.add(f"messages[{i}].tool_call_id", "must be the id of a tool call an earlier assistant turn made"
+                       + (f", got {message.tool_call_id[:64]!r}" if message.tool_call_id else ""))
+        elif message.role != "tool" and message.tool_call_id:
+            errors.add(f"messages[{i}].tool_call_id", "is only for a tool turn")
         total += len(message.content)
+        messages.append(ChatMessage(message.role, message.content, tuple(
+            ToolCall(c.id, c.name, c.arguments) for c in message.tool_calls), message.tool_call_id))
     if total > MAX_PROMPT_CHARS:
         errors.add("messages", f"hold more than {MAX_PROMPT_CHARS} characters")
-    return GenerationInput(messages=tuple(ChatMessage(m.role, m.content) for m in request.messages))
+    return GenerationInput(messages=tuple(messages), tools=tools)
+
+
+def _check_call(call: Any, field: str, errors: Violations) -> None:
+    if not 1 <= len(call.id) <= 64 or not call.id.isprintable():
+        errors.add(f"{field}.id", "must be 1 to 64 printable characters")
+    if not NAME.fullmatch(call.name):
+        errors.add(f"{field}.name", "must be 1 to 64 letters, digits, '_' or '-'")
+    try:
+        arguments = json.loads(call.arguments or "{}")
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        errors.add(f"{field}.arguments", "must be a JSON object")
+
+
+_TOOL_MODES = {common_pb2.ToolChoice.MODE_UNSPECIFIED: ToolMode.AUTO, common_pb2.ToolChoice.MODE_AUTO: ToolMode.AUTO,
+               common_pb2.ToolChoice.MODE_NONE: ToolMode.NONE, common_pb2.ToolChoice.MODE_REQUIRED: ToolMode.REQUIRED}
+
+
+def tools_from_proto(request: Any, errors: Violations) -> Tools | None:
+    """A request's tools and tool choice, checked (each schema compiled); None without any."""
+    which = request.tool_choice.WhichOneof("choice") if request.HasField("tool_choice") else None
+    mode = ToolMode.FUNCTION if which == "function" else _TOOL_MODES.get(request.tool_choice.mode)
+    if mode is None:
+        errors.add("tool_choice.mode", f"unknown mode {request.tool_choice.mode}")
+        return None
+    if not request.tools and mode in (ToolMode.AUTO, ToolMode.NONE):
+        return None
+    tools = Tools(tuple(Tool(t.name, t.description, t.parameters) for t in request.tools), mode,
+                  request.tool_choice.function if which == "function" else "",
+                  request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True)
+    check_tools(tools, errors.add)
+    if tools.offered and request.sampling.HasField("response_format"):
+        errors.add("tools", "cannot be combined with sampling.response_format (the calls are structured already)")
+    return tools
+
+
+def _call_to_proto(call: ToolCall) -> common_pb2.ToolCall:
+    return common_pb2.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
+
+
+def tools_to_proto(tools: Tools, request: Any) -> None:
+    request.tools.extend(common_pb2.Tool(name=t.name, description=t.description, parameters=t.parameters)
+                         for t in tools.functions)
+    if tools.mode is ToolMode.FUNCTION:
+        request.tool_choice.function = tools.function
+    else:
+        request.tool_choice.mode = {v: k for k, v in _TOOL_MODES.items() if k}[tools.mode]
+    request.parallel_tool_calls = tools.parallel
 
 
 def input_to_proto(source: GenerationInput, request: Any) -> None:
     if source.prompt is not None:
         request.prompt = source.prompt
     for message in source.messages:
-        request.messages.add(role=message.role, content=message.content)
+        request.messages.add(role=message.role, content=message.content, tool_call_id=message.tool_call_id,
+                             tool_calls=[_call_to_proto(c) for c in message.tool_calls])
+    if source.tools is not None:
+        tools_to_proto(source.tools, request)
 
 
 def sampling_from_proto(p: common_pb2.SamplingParams, errors: Violations,
@@ -241,6 +318,7 @@ def fill_chunk(message: Any, chunk: Chunk) -> Any:
         message.usage.CopyFrom(usage_to_proto(chunk.usage))
     for top in chunk.top_logprobs:
         message.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
+    message.tool_calls.extend(_call_to_proto(c) for c in chunk.tool_calls)
     return message
 
 
@@ -253,7 +331,8 @@ def chunk_from_proto(message: Any) -> Chunk:
                  logprobs=list(message.logprobs),
                  finish_reason=FINISH_FROM_PROTO.get(message.finish_reason), usage=usage,
                  top_logprobs=[list(zip(top.token_ids, top.logprobs, strict=True))
-                               for top in message.top_logprobs])
+                               for top in message.top_logprobs],
+                 tool_calls=[ToolCall(c.id, c.name, c.arguments) for c in message.tool_calls])
 
 
 def queue_depth_to_proto(q: QueueDepth) -> scheduler_pb2.QueueDepth:

@@ -14,12 +14,59 @@ class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
     CANCELLED = "cancelled"
+    TOOL_CALLS = "tool_calls"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call of a function by the model: `arguments` is JSON text (an object)."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
+    # An assistant turn's calls, and a tool turn's answer to one (the id of the call).
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call; `parameters` is its arguments' JSON Schema as text."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""
+
+
+class ToolMode(enum.Enum):
+    """Whether the model may, must or must not call tools, or must call one named function."""
+
+    AUTO = "auto"
+    NONE = "none"
+    REQUIRED = "required"
+    FUNCTION = "function"
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The tools a chat offers and how the model may use them."""
+
+    functions: tuple[Tool, ...]
+    mode: ToolMode = ToolMode.AUTO
+    # The function the model must call, with ToolMode.FUNCTION.
+    function: str = ""
+    parallel: bool = True
+
+    @property
+    def offered(self) -> bool:
+        """Whether the model is shown the tools and may call them."""
+        return bool(self.functions) and self.mode is not ToolMode.NONE
 
 
 class FormatKind(enum.Enum):
@@ -30,6 +77,8 @@ class FormatKind(enum.Enum):
     REGEX = "regex"
     LARK = "lark_grammar"
     GBNF = "gbnf_grammar"
+    # Internal: a request's tools as one Lark grammar (`llmos.common.tools`), never from a client.
+    TOOLS = "tools"
 
 
 @dataclass(frozen=True)
@@ -96,6 +145,7 @@ class GenerationInput:
 
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] = ()
+    tools: Tools | None = None
 
 
 @dataclass
@@ -109,13 +159,15 @@ class Chunk:
     usage: Usage | None = None
     # Per token: the most probable (token id, log-probability) pairs, when asked for.
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # Tools the model called, each whole, in the chunk where its call ended.
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 def merge_chunks(first: Chunk, second: Chunk) -> Chunk:
     """One chunk holding both, in order (the second's end, if it is the last)."""
     return Chunk(first.text + second.text, first.token_ids + second.token_ids,
                  first.logprobs + second.logprobs, second.finish_reason, second.usage,
-                 first.top_logprobs + second.top_logprobs)
+                 first.top_logprobs + second.top_logprobs, first.tool_calls + second.tool_calls)
 
 
 @dataclass(frozen=True)

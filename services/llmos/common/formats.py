@@ -75,6 +75,8 @@ def grammar_text(fmt: ResponseFormat) -> str:
     from llguidance import LLMatcher
     from llguidance.gbnf_to_lark import gbnf_to_lark
 
+    if fmt.kind is FormatKind.TOOLS:            # built by llmos from checked tools: no size of its own
+        return LLMatcher.grammar_from_lark(fmt.spec)
     if len(fmt.spec.encode()) > MAX_FORMAT_BYTES:
         raise FormatError(f"is larger than {MAX_FORMAT_BYTES // 1024} KiB")
     if fmt.kind is FormatKind.JSON_OBJECT:

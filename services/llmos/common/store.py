@@ -77,6 +77,7 @@ models = Table(
     # A LoRA adapter's base model ("name:tag") and rank; "" and 0 for a model.
     Column("base", String(256), nullable=False, server_default=""),
     Column("adapter_rank", Integer, nullable=False, server_default="0"),
+    Column("tool_call_format", String(32), nullable=False, server_default=""),
     PrimaryKeyConstraint("name", "tag"),
 )
 

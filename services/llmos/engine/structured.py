@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmos.common.domain import ResponseFormat
+from llmos.common.domain import FormatKind, ResponseFormat
 from llmos.common.errors import InvalidArgument
 from llmos.common.formats import FormatError, compiled, hit_a_limit, parser_limits
 
@@ -132,7 +132,7 @@ class Grammars:
         against this model's tokenizer. Blocking (run it off the event loop)."""
         from llguidance import LLMatcher
 
-        field = f"sampling.response_format.{fmt.kind.value}"
+        field = "tools" if fmt.kind is FormatKind.TOOLS else f"sampling.response_format.{fmt.kind.value}"
         with self._lock:
             kept = self._matchers.get(fmt)
             if kept is not None:

@@ -27,6 +27,10 @@ from llmos.common.keystore import Quota
 log = logging.getLogger(__name__)
 
 
+# Bytes a chat's tool prompt adds besides the tools' own schemas and descriptions (at most).
+TOOLS_PROMPT_BYTES = 1024
+
+
 @dataclass(frozen=True)
 class GenerateCall:
     model: str
@@ -53,7 +57,12 @@ class GenerateCall:
         source = self.source
         if source.prompt is not None:
             return min(len(source.prompt.encode()) + 2, 2**31 - 1)
-        return min(sum(len(m.content.encode()) + 16 for m in source.messages) + 32, 2**31 - 1)
+        chat = sum(len(m.content.encode()) + 16 + sum(len(c.arguments.encode()) + len(c.name) + 64
+                                                        for c in m.tool_calls) for m in source.messages) + 32
+        if source.tools is not None and source.tools.offered:     # as the template (or llmos's prompt) shows them
+            chat += TOOLS_PROMPT_BYTES + sum(len(t.parameters.encode()) + len(t.description.encode()) + 128
+                                             for t in source.tools.functions)
+        return min(chat, 2**31 - 1)
 
     @functools.cached_property
     def prefix_key(self) -> int:

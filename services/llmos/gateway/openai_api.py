@@ -12,9 +12,13 @@ their gRPC code; `code` is llmos's `ErrorInfo.reason`, and 429 carries `Retry-Af
 
 Log-probabilities name tokens as `token_id:<id>` (the gateway holds no tokenizer), as vLLM's
 `--return-tokens-as-token-ids` does. Unknown fields are ignored, as OpenAI does; fields llmos
-cannot honour yet (`n` > 1, tools, images, penalties, `echo`, `suffix`, `best_of`) are refused with
-400 naming the field. `response_format` takes `json_object` and `json_schema` (structured output:
-the answer is guaranteed to parse and match). vLLM's extensions `top_k`,
+cannot honour yet (`n` > 1, images, penalties, `echo`, `suffix`, `best_of`, the deprecated
+`functions`) are refused with 400 naming the field. `tools`, `tool_choice` and
+`parallel_tool_calls` are OpenAI's: calls come back in `message.tool_calls` (streamed: one
+`tool_calls` delta per call, whole) with finish reason `tool_calls`, and every call's arguments
+parse and validate against its function's schema (`llmos.common.tools`). `response_format`
+takes `json_object` and `json_schema` (structured output: the answer is guaranteed to parse and
+match). vLLM's extensions `top_k`,
 `repetition_penalty` and `ignore_eos` are honoured.
 """
 
@@ -40,10 +44,12 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from llmos.common.auth import Guard
-from llmos.common.domain import Chunk, FinishReason
+from llmos.common.convert import Violations
+from llmos.common.domain import Chunk, FinishReason, ToolCall
 from llmos.common.errors import InvalidArgument, LlmosError, ResourceExhausted
 from llmos.common.keystore import Role
 from llmos.common.security import InsecureBind, is_loopback, over_tls
+from llmos.common.tools import MAX_TOOLS, tool_from_openai
 from llmos.v1 import common_pb2, gateway_pb2, registry_pb2, registry_pb2_grpc
 
 from .frontdoor import FrontDoor
@@ -75,7 +81,7 @@ ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "p
               404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
               409: "invalid_request_error", 413: "invalid_request_error",
               429: "rate_limit_error", 499: "invalid_request_error", 503: "server_error", 504: "timeout_error"}
-FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
+FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.TOOL_CALLS: "tool_calls"}
 # `GenerateRequest` field paths, as OpenAI's requests name them.
 PARAM_NAMES = {"sampling.max_tokens": "max_tokens", "sampling.temperature": "temperature",
                "sampling.top_p": "top_p", "sampling.seed": "seed", "sampling.stop": "stop",
@@ -84,7 +90,8 @@ PARAM_NAMES = {"sampling.max_tokens": "max_tokens", "sampling.temperature": "tem
                "conversation_id": "x-llmos-conversation-id",
                "sampling.response_format": "response_format",
                "sampling.response_format.json_schema": "response_format",
-               "sampling.response_format.json_object": "response_format"}
+               "sampling.response_format.json_object": "response_format", "tool_choice.function": "tool_choice",
+               "tool_choice.mode": "tool_choice"}
 
 
 def _error_object(status: int, message: str, code: str, param: str | None = None) -> dict:
@@ -129,9 +136,9 @@ def _number(body: dict, name: str, kind: type, default: Any = None) -> Any:
 def _refuse_unsupported(body: dict, chat: bool) -> None:
     if _number(body, "n", int, 1) != 1:
         raise InvalidArgument.field("n", "only n=1 is supported")
-    for name in ("tools", "tool_choice", "functions", "function_call"):
+    for name in ("functions", "function_call"):
         if body.get(name):
-            raise InvalidArgument.field(name, "tools and function calling are not supported")
+            raise InvalidArgument.field(name, "is OpenAI's deprecated form: send tools and tool_choice")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, float, 0.0) != 0.0:
             raise InvalidArgument.field(name, "is not supported (llmos has repetition_penalty)")
@@ -164,15 +171,75 @@ def _messages(body: dict) -> list[common_pb2.ChatMessage]:
                                                 f"only text parts are supported, got {kind!r}")
                 texts.append(part["text"])
             content = "".join(texts)
-        elif content is None and message.get("tool_calls"):
-            raise InvalidArgument.field(f"messages[{i}].tool_calls", "tools and function calling are not supported")
+        elif content is None and (message.get("tool_calls") or message.get("role") == "assistant"):
+            content = ""
         if not isinstance(content, str):
             raise InvalidArgument.field(f"messages[{i}].content", "must be a string or an array of text parts")
         role = message.get("role")
         if role == "developer":        # OpenAI's newer name for the system role
             role = "system"
-        out.append(common_pb2.ChatMessage(role=role if isinstance(role, str) else "", content=content))
+        tool_call_id = message.get("tool_call_id") or ""
+        if not isinstance(tool_call_id, str):
+            raise InvalidArgument.field(f"messages[{i}].tool_call_id", "must be a string")
+        out.append(common_pb2.ChatMessage(role=role if isinstance(role, str) else "", content=content,
+                                          tool_call_id=tool_call_id,
+                                          tool_calls=_calls(message.get("tool_calls"), f"messages[{i}].tool_calls")))
     return out
+
+
+def _calls(calls: Any, field: str) -> list[common_pb2.ToolCall]:
+    """An assistant message's `tool_calls` (arguments as JSON text, as OpenAI sends them)."""
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise InvalidArgument.field(field, "must be an array")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(call.get("id"), str):
+            raise InvalidArgument.field(f"{field}[{j}]", "must be {\"id\", \"type\": \"function\", \"function\": "
+                                                         "{\"name\", \"arguments\"}}")
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict):
+            arguments = json.dumps(arguments)
+        if not isinstance(arguments, str) or not isinstance(function.get("name"), str):
+            raise InvalidArgument.field(f"{field}[{j}].function", "needs a name and arguments (JSON text)")
+        out.append(common_pb2.ToolCall(id=call["id"], name=function["name"], arguments=arguments))
+    return out
+
+
+def _tools(body: dict, request: gateway_pb2.GenerateRequest) -> None:
+    """OpenAI's `tools`, `tool_choice` and `parallel_tool_calls` into the request."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise InvalidArgument.field("tools", "must be an array")
+        if len(tools) > MAX_TOOLS:
+            raise InvalidArgument.field("tools", f"at most {MAX_TOOLS} tools are allowed, got {len(tools)}")
+        errors = Violations()
+        for i, entry in enumerate(tools):
+            tool = tool_from_openai(entry, i, errors.add)
+            if tool is not None:
+                request.tools.add(name=tool.name, description=tool.description, parameters=tool.parameters)
+        errors.raise_if_any()
+    if choice is not None:
+        if isinstance(choice, str) and choice in _CHOICES:
+            request.tool_choice.mode = _CHOICES[choice]
+        elif isinstance(choice, dict) and isinstance(choice.get("function"), dict) \
+                and isinstance(choice["function"].get("name"), str):
+            request.tool_choice.function = choice["function"]["name"]
+        else:
+            raise InvalidArgument.field("tool_choice", 'must be "auto", "none", "required" or '
+                                                       '{"type": "function", "function": {"name": ...}}')
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None:
+        if not isinstance(parallel, bool):
+            raise InvalidArgument.field("parallel_tool_calls", "must be true or false")
+        request.parallel_tool_calls = parallel
+
+
+_CHOICES = {"auto": common_pb2.ToolChoice.MODE_AUTO, "none": common_pb2.ToolChoice.MODE_NONE,
+            "required": common_pb2.ToolChoice.MODE_REQUIRED}
 
 
 def _response_format(fmt: Any, sampling: common_pb2.SamplingParams) -> None:
@@ -203,6 +270,7 @@ def request_from_json(body: dict, chat: bool) -> tuple[gateway_pb2.GenerateReque
     request = gateway_pb2.GenerateRequest(model=model)
     if chat:
         request.messages.extend(_messages(body))
+        _tools(body, request)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -276,6 +344,10 @@ def _usage(chunk: Chunk | None) -> dict | None:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "total_tokens": u.prompt_tokens + u.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
+
+
+def _call(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 class _NoSignals(uvicorn.Server):
@@ -560,15 +632,23 @@ class _Answer:
         def event(payload: dict) -> str:
             return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
-        item, rid, last, started = first, "", None, False
+        item, rid, last, started, calls = first, "", None, False, 0
         try:
             while item is not None:
                 rid, chunk = item
                 last = chunk
+                if started and not (chunk.text or chunk.tool_calls or chunk.finish_reason
+                                    or self.shape["logprobs"]):    # (a token held back: nothing to say yet)
+                    item = await generation.next()
+                    continue
                 choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(chunk.finish_reason)}
                 if self.chat:
                     choice["delta"] = {"content": chunk.text} if started else {"role": "assistant",
                                                                                "content": chunk.text}
+                    if chunk.tool_calls:
+                        choice["delta"]["tool_calls"] = [{**_call(c), "index": calls + k}
+                                                         for k, c in enumerate(chunk.tool_calls)]
+                        calls += len(chunk.tool_calls)
                 else:
                     choice["text"] = chunk.text
                 wanted = self.shape["logprobs"] and chunk.token_ids
@@ -599,7 +679,10 @@ class _Answer:
         choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(last.finish_reason) if last else None,
                                   "logprobs": _logprobs(merged, self.chat) if self.shape["logprobs"] else None}
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            calls = [_call(t) for c in chunks for t in c.tool_calls]
+            choice["message"] = {"role": "assistant", "content": text if text or not calls else None}
+            if calls:
+                choice["message"]["tool_calls"] = calls
         else:
             choice["text"] = text
         return JSONResponse({**self._head(rid, False), "choices": [choice], "usage": _usage(last)})

@@ -68,9 +68,9 @@ def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: Tenant, admin:
 
 
 async def checked_call(request: gateway_pb2.GenerateRequest, tenant: Tenant, admin: bool = False) -> GenerateCall:
-    """`call_from_proto`, off the event loop when the request carries a response format:
+    """`call_from_proto`, off the event loop when the request carries a response format or tools:
     compiling a large schema the first time takes long enough to stall every other stream."""
-    if request.sampling.HasField("response_format"):
+    if request.sampling.HasField("response_format") or request.tools:
         return await asyncio.to_thread(call_from_proto, request, tenant, admin)
     return call_from_proto(request, tenant, admin)
 

@@ -38,6 +38,8 @@ class ModelRecord:
     # A LoRA adapter's base model ("name:tag") and rank; "" and 0 for a model.
     base: str = ""
     adapter_rank: int = 0
+    # How it writes tool calls ("hermes", "llama3_json", "mistral"; "" without a chat template).
+    tool_call_format: str = ""
 
     @property
     def ref(self) -> ModelRef:

@@ -152,7 +152,8 @@ class ModelRegistry:
             parameter_count=facts.parameter_count, dtype=facts.dtype,
             context_length=facts.context_length, has_chat_template=facts.has_chat_template,
             create_time=time.time(),
-            estimated_bytes=estimate_bytes(facts, self._kv, self._overhead), implementation=facts.implementation)
+            estimated_bytes=estimate_bytes(facts, self._kv, self._overhead), implementation=facts.implementation,
+            tool_call_format=facts.tool_call_format)
         self.catalog.put(record)
         self.events.emit(str(ref), events.IMPORTED, reason=f"{digest[:19]}, {facts.parameter_count} parameters")
         log.info("imported %s (%s, %d parameters)", ref, digest[:19], facts.parameter_count)

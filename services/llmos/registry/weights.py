@@ -11,6 +11,7 @@ from pathlib import Path
 from llmos.common import architectures
 from llmos.common.domain import DEFAULT_KV_CACHE_TOKENS
 from llmos.common.errors import FailedPrecondition, InvalidArgument
+from llmos.common.tools import format_of
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -31,6 +32,8 @@ class WeightFacts:
     head_dim: int
     # The engine's forward path for it: "llmos" or "transformers" (`common.architectures`).
     implementation: str = architectures.LEAN
+    # How the model writes tool calls (`common.tools.FORMATS`); "" without a chat template.
+    tool_call_format: str = ""
 
 
 def sha256_files(paths: list[Path]) -> str:
@@ -94,22 +97,33 @@ def read_facts(directory: Path) -> WeightFacts:
         return int(next((config[n] for n in names if config.get(n) is not None), default))
     heads = setting("num_attention_heads", "n_head", default=1)
     hidden = setting("hidden_size", "n_embd")
-    tokenizer_config = {}
-    if (directory / "tokenizer_config.json").exists():
-        tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    template = chat_template_of(directory)
     return WeightFacts(
         architecture=architectures.architecture_of(config),
         parameter_count=params,
         weight_bytes=weight_bytes,
         dtype=_DTYPE_NAMES.get(main_dtype, main_dtype.lower()),
         context_length=setting("max_position_embeddings", "n_positions", default=2048),
-        has_chat_template=bool(tokenizer_config.get("chat_template"))
-        or (directory / "chat_template.jinja").exists(),
+        has_chat_template=bool(template),
+        tool_call_format=format_of(template),
         num_layers=setting("num_hidden_layers", "n_layer"),
         kv_heads=setting("num_key_value_heads", default=heads),
         head_dim=setting("head_dim", default=hidden // heads if heads else 0),
         implementation=architectures.implementation(config),
     )
+
+
+def chat_template_of(directory: Path) -> str | None:
+    """The chat template a model directory holds (in `tokenizer_config.json` or
+    `chat_template.jinja`), None without one; a list of named templates reads as their text."""
+    template = None
+    if (directory / "tokenizer_config.json").exists():
+        template = json.loads((directory / "tokenizer_config.json").read_text()).get("chat_template")
+    if isinstance(template, list):
+        template = "\n".join(str(t.get("template", "")) for t in template if isinstance(t, dict))
+    if not template and (directory / "chat_template.jinja").exists():
+        template = (directory / "chat_template.jinja").read_text()
+    return template or None
 
 
 @dataclass(frozen=True)

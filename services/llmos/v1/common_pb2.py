@@ -26,31 +26,39 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/common.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8c\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x12\x31\n\x0fresponse_format\x18\x0b \x01(\x0b\x32\x18.llmos.v1.ResponseFormatB\x07\n\x05_seed\"\x89\x01\n\x0eResponseFormat\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x16\n\x0clark_grammar\x18\x04 \x01(\tH\x00\x12\x16\n\x0cgbnf_grammar\x18\x05 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xfd\x04\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12-\n\rsource_format\x18\x04 \x01(\x0e\x32\x16.llmos.v1.SourceFormat\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\x17\n\x0fparameter_count\x18\x07 \x01(\x03\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\t \x01(\x05\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x65stimated_bytes\x18\x0c \x01(\x03\x12$\n\x05state\x18\r \x01(\x0e\x32\x15.llmos.v1.Model.State\x12\'\n\nplacements\x18\x0e \x03(\x0b\x32\x13.llmos.v1.Placement\x12\x12\n\nstore_path\x18\x0f \x01(\t\x12\x16\n\x0emeasured_bytes\x18\x10 \x01(\x03\x12-\n\nkeep_alive\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0eimplementation\x18\x12 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x13 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_rank\x18\x14 \x01(\x05\"i\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTATE_AVAILABLE\x10\x01\x12\x11\n\rSTATE_LOADING\x10\x02\x12\x0f\n\x0bSTATE_READY\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\"\xcb\x01\n\tPlacement\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.llmos.v1.Model.State\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x16\n\x0emeasured_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*~\n\x0cSourceFormat\x12\x1d\n\x19SOURCE_FORMAT_UNSPECIFIED\x10\x00\x12\x1d\n\x19SOURCE_FORMAT_SAFETENSORS\x10\x01\x12\x16\n\x12SOURCE_FORMAT_GGUF\x10\x02\x12\x18\n\x14SOURCE_FORMAT_PICKLE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/common.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"j\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12&\n\ntool_calls\x18\x03 \x03(\x0b\x32\x12.llmos.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"\xa4\x01\n\nToolChoice\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x19.llmos.v1.ToolChoice.ModeH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\"M\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_AUTO\x10\x01\x12\r\n\tMODE_NONE\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x42\x08\n\x06\x63hoice\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x8c\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x12\x31\n\x0fresponse_format\x18\x0b \x01(\x0b\x32\x18.llmos.v1.ResponseFormatB\x07\n\x05_seed\"\x89\x01\n\x0eResponseFormat\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x16\n\x0clark_grammar\x18\x04 \x01(\tH\x00\x12\x16\n\x0cgbnf_grammar\x18\x05 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x97\x05\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12-\n\rsource_format\x18\x04 \x01(\x0e\x32\x16.llmos.v1.SourceFormat\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\x17\n\x0fparameter_count\x18\x07 \x01(\x03\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\t \x01(\x05\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x65stimated_bytes\x18\x0c \x01(\x03\x12$\n\x05state\x18\r \x01(\x0e\x32\x15.llmos.v1.Model.State\x12\'\n\nplacements\x18\x0e \x03(\x0b\x32\x13.llmos.v1.Placement\x12\x12\n\nstore_path\x18\x0f \x01(\t\x12\x16\n\x0emeasured_bytes\x18\x10 \x01(\x03\x12-\n\nkeep_alive\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0eimplementation\x18\x12 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x13 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_rank\x18\x14 \x01(\x05\x12\x18\n\x10tool_call_format\x18\x15 \x01(\t\"i\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTATE_AVAILABLE\x10\x01\x12\x11\n\rSTATE_LOADING\x10\x02\x12\x0f\n\x0bSTATE_READY\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\"\xcb\x01\n\tPlacement\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.llmos.v1.Model.State\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x16\n\x0emeasured_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x9a\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*~\n\x0cSourceFormat\x12\x1d\n\x19SOURCE_FORMAT_UNSPECIFIED\x10\x00\x12\x1d\n\x19SOURCE_FORMAT_SAFETENSORS\x10\x01\x12\x16\n\x12SOURCE_FORMAT_GGUF\x10\x02\x12\x18\n\x14SOURCE_FORMAT_PICKLE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmos.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1544
-  _globals['_FINISHREASON']._serialized_end=1668
-  _globals['_SOURCEFORMAT']._serialized_start=1670
-  _globals['_SOURCEFORMAT']._serialized_end=1796
+  _globals['_FINISHREASON']._serialized_start=1920
+  _globals['_FINISHREASON']._serialized_end=2074
+  _globals['_SOURCEFORMAT']._serialized_start=2076
+  _globals['_SOURCEFORMAT']._serialized_end=2202
   _globals['_CHATMESSAGE']._serialized_start=100
-  _globals['_CHATMESSAGE']._serialized_end=144
-  _globals['_SAMPLINGPARAMS']._serialized_start=147
-  _globals['_SAMPLINGPARAMS']._serialized_end=415
-  _globals['_RESPONSEFORMAT']._serialized_start=418
-  _globals['_RESPONSEFORMAT']._serialized_end=555
-  _globals['_TOPLOGPROBS']._serialized_start=557
-  _globals['_TOPLOGPROBS']._serialized_end=607
-  _globals['_USAGE']._serialized_start=609
-  _globals['_USAGE']._serialized_end=696
-  _globals['_MODEL']._serialized_start=699
-  _globals['_MODEL']._serialized_end=1336
-  _globals['_MODEL_STATE']._serialized_start=1231
-  _globals['_MODEL_STATE']._serialized_end=1336
-  _globals['_PLACEMENT']._serialized_start=1339
-  _globals['_PLACEMENT']._serialized_end=1542
+  _globals['_CHATMESSAGE']._serialized_end=206
+  _globals['_TOOL']._serialized_start=208
+  _globals['_TOOL']._serialized_end=269
+  _globals['_TOOLCHOICE']._serialized_start=272
+  _globals['_TOOLCHOICE']._serialized_end=436
+  _globals['_TOOLCHOICE_MODE']._serialized_start=349
+  _globals['_TOOLCHOICE_MODE']._serialized_end=426
+  _globals['_TOOLCALL']._serialized_start=438
+  _globals['_TOOLCALL']._serialized_end=493
+  _globals['_SAMPLINGPARAMS']._serialized_start=496
+  _globals['_SAMPLINGPARAMS']._serialized_end=764
+  _globals['_RESPONSEFORMAT']._serialized_start=767
+  _globals['_RESPONSEFORMAT']._serialized_end=904
+  _globals['_TOPLOGPROBS']._serialized_start=906
+  _globals['_TOPLOGPROBS']._serialized_end=956
+  _globals['_USAGE']._serialized_start=958
+  _globals['_USAGE']._serialized_end=1045
+  _globals['_MODEL']._serialized_start=1048
+  _globals['_MODEL']._serialized_end=1711
+  _globals['_MODEL_STATE']._serialized_start=1606
+  _globals['_MODEL_STATE']._serialized_end=1711
+  _globals['_PLACEMENT']._serialized_start=1714
+  _globals['_PLACEMENT']._serialized_end=1917
 # @@protoc_insertion_point(module_scope)

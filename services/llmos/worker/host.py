@@ -21,13 +21,18 @@ from llmos.common.domain import (
     DEFAULT_KV_CACHE_TOKENS,
     DEFAULT_MAX_TOKENS,
     Chunk,
+    FinishReason,
+    FormatKind,
     GenerationInput,
+    ResponseFormat,
     SamplingParams,
     check_quantization,
     merge_chunks,
 )
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound, ResourceExhausted
 from llmos.common.names import model_lease_holder, worker_lease_prefix
+from llmos.common.tools import CallParser, format_of
+from llmos.common.tools import grammar as tool_grammar
 from llmos.engine import Engine, EngineDriver, EngineEvents, EngineStats, Sequence
 from llmos.engine.loader import LoadedModel, load_model
 from llmos.engine.prompts import prompt_ids
@@ -235,6 +240,7 @@ class ModelHost:
         """Refuses, without tokenizing it, a prompt that cannot fit: a token covers at most a
         few characters (MAX_CHARS_PER_TOKEN is generous), so longer text is over the limit."""
         chars = len(source.prompt) if source.prompt is not None else sum(len(m.content) for m in source.messages)
+        chars += sum(len(t.parameters) + len(t.description) for t in source.tools.functions) if source.tools else 0
         if chars > loaded.max_seq_len * MAX_CHARS_PER_TOKEN:
             raise InvalidArgument.field(
                 "prompt", f"is {chars} characters, far more than the {loaded.max_seq_len} tokens this model "
@@ -286,9 +292,15 @@ class ModelHost:
             self._check_length(loaded, source)
             prompt_ids = await asyncio.to_thread(self._prompt_ids, loaded, source)  # long prompts: off the loop
             max_new = self._max_new(loaded, len(prompt_ids), params, token_budget)
-            constraint = None
+            constraint, calls = None, None
+            tools = source.tools if source.tools is not None and source.tools.offered else None
             if params.response_format is not None:        # compiled (or found) off the loop
                 constraint = await asyncio.to_thread(served.grammars.constraint, params.response_format)
+            elif tools is not None:                        # every call the model opens is whole and valid
+                style = format_of(loaded.tokenizer.chat_template)
+                constraint = await asyncio.to_thread(served.grammars.constraint,
+                                                     ResponseFormat(FormatKind.TOOLS, tool_grammar(tools, style)))
+                calls = CallParser(style)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Chunk | LlmosError] = asyncio.Queue()
 
@@ -320,7 +332,7 @@ class ModelHost:
                         finished = True
                         raise item
                     finished = item.finish_reason is not None
-                    yield item
+                    yield item if calls is None else read_calls(calls, item)
                     if finished:
                         return
             finally:
@@ -333,3 +345,15 @@ class ModelHost:
             if not self.active_requests[request_id]:
                 del self.active_requests[request_id]
 
+
+def read_calls(parser: CallParser, chunk: Chunk) -> Chunk:
+    """`chunk` with the tool calls completed in its text taken out of the text; a generation that
+    called tools and stopped ends with TOOL_CALLS."""
+    text, calls = parser.push(chunk.text)
+    if chunk.finish_reason is not None:
+        tail, more = parser.finish()
+        text, calls = text + tail, calls + more
+        if parser.calls and chunk.finish_reason is FinishReason.STOP:
+            chunk.finish_reason = FinishReason.TOOL_CALLS
+    chunk.text, chunk.tool_calls = text, calls
+    return chunk

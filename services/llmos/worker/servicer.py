@@ -43,7 +43,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         errors = Violations()
         if not request.request_id:
             errors.add("request_id", "is required")
-        source = input_from_proto(request, errors)
+        if request.tools:                                       # each schema compiled: off the loop
+            source = await asyncio.to_thread(input_from_proto, request, errors)
+        else:
+            source = input_from_proto(request, errors)
         if request.sampling.HasField("response_format"):       # compiling may take a while: off the loop
             params = await asyncio.to_thread(sampling_from_proto, request.sampling, errors)
         else:
