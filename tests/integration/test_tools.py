@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sys
 
 import grpc
 import jsonschema
@@ -208,3 +209,23 @@ async def test_bad_tools_are_refused_before_anything_is_queued(stack):
         await stack.gateway.Generate(gateway_pb2.GenerateRequest(
             model="weather", prompt="x", tools=[common_pb2.Tool(name="f")])).read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools" in caught.value.details()
+
+
+async def test_llmos_chat_with_tools_prints_the_call_reads_its_result_and_answers(stack, tmp_path):
+    """`llmos chat --tools FILE`: the model's call is printed, the next line is its result, and the
+    model answers with it; `llmos models show` names the model's tool-call format."""
+    (tmp_path / "tools.json").write_text(json.dumps([WEATHER]))
+    a = stack.suite.addresses
+    cli = [sys.executable, "-m", "llmos.cli", "--gateway", a["gateway"], "--registry", a["registry"],
+           "--data-dir", str(stack.suite.data_dir)]
+    chat = await asyncio.create_subprocess_exec(
+        *cli, "chat", "weather", "--tools", str(tmp_path / "tools.json"), "--max-tokens", "96",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(chat.communicate(f"{QUESTION}\n{RESULT}\n".encode()), 120)
+    assert chat.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert f"[call get_weather({json.dumps(ARGUMENTS)})]" in lines and ANSWER in lines, out.decode()
+    show = await asyncio.create_subprocess_exec(*cli, "models", "show", "weather", stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(show.communicate(), 60)
+    assert show.returncode == 0 and "tool calls hermes" in out.decode(), (out, err)

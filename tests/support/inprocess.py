@@ -55,6 +55,8 @@ class InProcessSuite:
     # The gateway's HTTP door (OpenAI's API), once started.
     http_address: str = ""
     identity: SuiteIdentity | None = None
+    # Where its services keep their state (and the CLI finds their certificates and admin key).
+    data_dir: Path | None = None
 
     def channel(self, name: str, api_key: str | None = None, tls_as: str = CLI) -> grpc.aio.Channel:
         """A channel to service `name` with the certificate of `tls_as` (the CLI's by default, or a
@@ -74,7 +76,7 @@ async def start_in_process(data_dir: str | Path, overrides: dict[str, dict] | No
                            services: tuple[str, ...] = SERVICES) -> InProcessSuite:
     """Starts `services` in dependency order (a tracer provider shared by all, or one each)
     and returns once the worker has registered with the registry."""
-    suite, builders = InProcessSuite(), _builders()
+    suite, builders = InProcessSuite(data_dir=Path(data_dir)), _builders()
     worker_id = (overrides or {}).get("worker", {}).get("worker_id") or f"{socket.gethostname()}-worker"
     suite.identity = prepare(data_dir, [(name, name, worker_id if name == "worker" else name) for name in services])
     try:

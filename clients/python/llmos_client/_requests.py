@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
@@ -12,11 +13,19 @@ from .v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 RETRY_BACKOFF_SECONDS = 0.1
 
 
-def generate_request(model: str, *, prompt: str | None = None, messages: list[tuple[str, str]] | None = None,
+_TOOL_MODES = {"auto": common_pb2.ToolChoice.MODE_AUTO, "none": common_pb2.ToolChoice.MODE_NONE,
+               "required": common_pb2.ToolChoice.MODE_REQUIRED}
+
+
+def generate_request(model: str, *, prompt: str | None = None,
+                     messages: list[tuple[str, str] | common_pb2.ChatMessage] | None = None,
                      max_tokens: int = 0, temperature: float = 0.0, seed: int | None = None,
-                     ignore_eos: bool = False, request_id: str = "",
-                     conversation_id: str = "") -> gateway_pb2.GenerateRequest:
-    """A GenerateRequest for a prompt (raw text) or a conversation of (role, content) turns."""
+                     ignore_eos: bool = False, request_id: str = "", conversation_id: str = "",
+                     tools: list[dict] | None = None, tool_choice: str | None = None) -> gateway_pb2.GenerateRequest:
+    """A GenerateRequest for a prompt (raw text) or a conversation of (role, content) turns (or
+    `ChatMessage`s: an assistant turn's `tool_calls`, a tool's answer with its `tool_call_id`).
+    `tools` are OpenAI's function tools ({"type": "function", "function": {"name", "description",
+    "parameters"}}); `tool_choice` is "auto", "none", "required" or the name of one of them."""
     request = gateway_pb2.GenerateRequest(
         model=model, request_id=request_id, conversation_id=conversation_id,
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos))
@@ -24,8 +33,19 @@ def generate_request(model: str, *, prompt: str | None = None, messages: list[tu
         request.sampling.seed = seed
     if prompt is not None:
         request.prompt = prompt
-    for role, content in messages or ():
-        request.messages.add(role=role, content=content)
+    for message in messages or ():
+        if isinstance(message, common_pb2.ChatMessage):
+            request.messages.append(message)
+        else:
+            request.messages.add(role=message[0], content=message[1])
+    for tool in tools or ():
+        function = tool.get("function", tool)
+        request.tools.add(name=function["name"], description=function.get("description", ""),
+                          parameters=json.dumps(function["parameters"]) if "parameters" in function else "")
+    if tool_choice in _TOOL_MODES:
+        request.tool_choice.mode = _TOOL_MODES[tool_choice]
+    elif tool_choice:
+        request.tool_choice.function = tool_choice
     return request
 
 

@@ -65,13 +65,14 @@ class AsyncClient:
         await self.close()
 
     def generate(self, model: str, *, prompt: str | None = None,
-                 messages: list[tuple[str, str]] | None = None, max_tokens: int = 0,
+                 messages: list[tuple[str, str] | common_pb2.ChatMessage] | None = None, max_tokens: int = 0,
                  temperature: float = 0.0, seed: int | None = None, ignore_eos: bool = False,
                  request_id: str = "", conversation_id: str = "", timeout: float | None = None,
-                 metadata: tuple = ()) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+                 metadata: tuple = (), tools: list[dict] | None = None,
+                 tool_choice: str | None = None) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         request = generate_request(model, prompt=prompt, messages=messages, max_tokens=max_tokens,
                                    temperature=temperature, seed=seed, ignore_eos=ignore_eos, request_id=request_id,
-                                   conversation_id=conversation_id)
+                                   conversation_id=conversation_id, tools=tools, tool_choice=tool_choice)
         return self.stream(request, timeout=timeout, metadata=metadata)
 
     def stream(self, request: gateway_pb2.GenerateRequest, *, timeout: float | None = None,

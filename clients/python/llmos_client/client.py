@@ -100,15 +100,17 @@ class Client:
         self.close()
 
     def generate(self, model: str, *, prompt: str | None = None,
-                 messages: list[tuple[str, str]] | None = None, max_tokens: int = 0,
+                 messages: list[tuple[str, str] | common_pb2.ChatMessage] | None = None, max_tokens: int = 0,
                  temperature: float = 0.0, seed: int | None = None, ignore_eos: bool = False,
                  request_id: str = "", conversation_id: str = "", timeout: float | None = None,
-                 metadata: tuple = ()) -> GenerateStream:
+                 metadata: tuple = (), tools: list[dict] | None = None,
+                 tool_choice: str | None = None) -> GenerateStream:
         """Streams the answer to a prompt (raw text) or a conversation of (role, content) turns
-        within `timeout` seconds."""
+        within `timeout` seconds; with `tools`, calls come in the responses' `tool_calls` (see
+        `generate_request`)."""
         request = generate_request(model, prompt=prompt, messages=messages, max_tokens=max_tokens,
                                    temperature=temperature, seed=seed, ignore_eos=ignore_eos, request_id=request_id,
-                                   conversation_id=conversation_id)
+                                   conversation_id=conversation_id, tools=tools, tool_choice=tool_choice)
         return self.stream(request, timeout=timeout, metadata=metadata)
 
     def stream(self, request: gateway_pb2.GenerateRequest, *, timeout: float | None = None,

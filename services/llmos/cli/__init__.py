@@ -19,7 +19,7 @@ from llmos.cli.credentials import client_of_args, local_credentials, open_channe
 from llmos.cli.launcher import DEFAULT_HTTP_PORT, DEFAULT_PORTS, Suite, SuiteError
 from llmos.common.convert import duration, enum_word
 from llmos.registry.bundled import DEFAULT_MODEL
-from llmos.v1 import identity_pb2, monitor_pb2, registry_pb2, resources_pb2, worker_pb2, worker_pb2_grpc
+from llmos.v1 import common_pb2, identity_pb2, monitor_pb2, registry_pb2, resources_pb2, worker_pb2, worker_pb2_grpc
 
 from . import bench
 
@@ -283,14 +283,22 @@ def cmd_ps(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """A conversation with a model: each turn is sent with every turn before it. Ctrl-C stops
     the answer being written (what was written stays in the conversation); Ctrl-D or /bye ends
-    the chat, /clear forgets the conversation."""
+    the chat, /clear forgets the conversation. With `--tools FILE` (a JSON list of OpenAI's
+    function tools), the model's calls are printed and each call's result is read as the next
+    line, then the model goes on with them."""
     interactive = sys.stdin.isatty()
-    conversation: list[tuple[str, str]] = [("system", args.system)] if args.system else []
+    tools = _tools_file(args.tools) if args.tools else None
+    opening = [common_pb2.ChatMessage(role="system", content=args.system)] if args.system else []
+    conversation = list(opening)
+
+    def read(prompt: str) -> str:
+        return input(prompt) if interactive else sys.stdin.readline()
+
     with _client(args) as client:
         client.get_model(args.model)            # a missing model is said at once, not after a question
         while True:
             try:
-                line = input(">>> ") if interactive else sys.stdin.readline()
+                line = read(">>> ")
             except KeyboardInterrupt:
                 print("\n(Ctrl-D or /bye ends the chat)")
                 continue
@@ -303,33 +311,69 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if text in ("/bye", "/exit"):
                 return 0
             if text == "/clear":
-                conversation = conversation[:1] if args.system else []
+                conversation = list(opening)
                 print("(conversation cleared)", flush=True)
                 continue
             if not text:
                 continue
-            conversation.append(("user", text))
-            answer, stream = [], client.generate(args.model, messages=conversation, max_tokens=args.max_tokens,
-                                                 temperature=args.temperature, seed=args.seed)
-            final = None
-            try:
-                for response in stream:
-                    answer.append(response.text)
-                    sys.stdout.write(response.text)
-                    sys.stdout.flush()
-                    final = response
-                print(flush=True)
-            except KeyboardInterrupt:
-                stream.cancel()
-                print("\n(answer stopped)", flush=True)
-            except LlmosError as exc:           # this turn failed; the conversation stays as it was
-                print(f"\nerror: {exc}", file=sys.stderr, flush=True)
-                conversation.pop()
-                continue
-            conversation.append(("assistant", "".join(answer)))
-            if args.verbose and final is not None and final.HasField("usage"):
-                print(f"[{final.usage.prompt_tokens} prompt + {final.usage.completion_tokens} generated tokens, "
-                      f"{len(conversation)} turns]", file=sys.stderr, flush=True)
+            before = len(conversation)
+            conversation.append(common_pb2.ChatMessage(role="user", content=text))
+            while True:                          # the model's turn, and again after the tools answered
+                turn = _chat_turn(client, args, conversation, tools)
+                if turn is None:                 # this turn failed; the conversation stays as it was
+                    del conversation[before:]
+                    break
+                if not turn.tool_calls:
+                    break
+                for call in turn.tool_calls:
+                    try:
+                        result = read(f"result of {call.name}> ").strip()
+                    except (EOFError, KeyboardInterrupt):
+                        result = ""
+                    conversation.append(common_pb2.ChatMessage(role="tool", content=result or "(no result)",
+                                                               tool_call_id=call.id))
+
+
+def _tools_file(path: str) -> list[dict]:
+    try:
+        with open(path) as f:
+            tools = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"llmos: --tools {path}: {exc}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and "name" in t.get("function", t) for t in tools):
+        raise SystemExit(f"llmos: --tools {path}: must be a JSON list of tools ({{\"type\": \"function\", "
+                         "\"function\": {\"name\", \"description\", \"parameters\"}})")
+    return tools
+
+
+def _chat_turn(client, args: argparse.Namespace, conversation: list, tools: list[dict] | None):
+    """Streams one answer of the model and adds it to the conversation (None when it failed)."""
+    answer, calls, final = [], [], None
+    stream = client.generate(args.model, messages=conversation, max_tokens=args.max_tokens,
+                             temperature=args.temperature, seed=args.seed, tools=tools,
+                             tool_choice=args.tool_choice if tools else None)
+    try:
+        for response in stream:
+            answer.append(response.text)
+            sys.stdout.write(response.text)
+            for call in response.tool_calls:
+                sys.stdout.write(f"[call {call.name}({call.arguments})]\n")
+            calls += response.tool_calls
+            sys.stdout.flush()
+            final = response
+        print(flush=True)
+    except KeyboardInterrupt:
+        stream.cancel()
+        print("\n(answer stopped)", flush=True)
+    except LlmosError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr, flush=True)
+        return None
+    turn = common_pb2.ChatMessage(role="assistant", content="".join(answer), tool_calls=calls)
+    conversation.append(turn)
+    if args.verbose and final is not None and final.HasField("usage"):
+        print(f"[{final.usage.prompt_tokens} prompt + {final.usage.completion_tokens} generated tokens, "
+              f"{len(conversation)} turns]", file=sys.stderr, flush=True)
+    return turn
 
 
 def _print_components(health) -> None:
@@ -697,6 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--verbose", action="store_true", help="print each answer's token counts")
+    chat.add_argument("--tools", metavar="FILE", help="a JSON list of tools (OpenAI's function tools) the model "
+                                                      "may call; each call's result is read as the next line")
+    chat.add_argument("--tool-choice", default="auto",
+                      help="auto, none, required, or the name of the function the model must call")
     chat.set_defaults(func=cmd_chat)
 
     ps = sub.add_parser("ps", help="what is loaded where: memory, slots in use, idle time, until when")
