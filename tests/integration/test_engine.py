@@ -316,3 +316,54 @@ def test_a_sequence_whose_format_fails_ends_alone_and_the_rest_of_its_steps_go_o
         wait_for(lambda: engine.stats().running == 0, 10, "every slot to be free")   # (released after the last chunk)
     finally:
         engine.stop()
+
+
+class OpenAiPenalties:
+    """OpenAI's presence and frequency penalties as a transformers logits processor, over the
+    output only (the tokens after `prompt_len`)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros_like(scores)
+        counts.scatter_add_(1, input_ids[:, self.prompt_len:], torch.ones_like(input_ids[:, self.prompt_len:],
+                                                                               dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def test_presence_frequency_penalties_and_logit_bias_match_generate_with_the_same_processors(tiny_model_dir):
+    """Each request beside others in one batch equals generate() with the same processors: OpenAI's
+    penalties (a processor of the test's) and the logit bias (transformers' sequence bias)."""
+    from transformers import LogitsProcessorList, SequenceBiasLogitsProcessor
+
+    loaded, engine = start(tiny_model_dir)
+    tok = loaded.tokenizer
+    first = [tok(text, add_special_tokens=False).input_ids[0] for text in (" the", "a", ".")]
+    bias = {first[0]: 8.0, first[1]: 8.0, first[2]: -100.0}
+    cases = [SamplingParams(presence_penalty=1.5), SamplingParams(frequency_penalty=0.8),
+             SamplingParams(presence_penalty=-0.5, frequency_penalty=1.2, repetition_penalty=1.3),
+             SamplingParams(logit_bias=tuple(sorted(bias.items()))),
+             SamplingParams(logit_bias=tuple(sorted(bias.items())), frequency_penalty=2.0), SamplingParams()]
+    try:
+        runs = [submit(engine, tok, p, params, 24, f"p{i}") for i, (p, params) in enumerate(
+            zip(PROMPTS[:len(cases)], cases, strict=True))]
+        wait_all(runs)
+    finally:
+        engine.stop()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    plain = []
+    for run, prompt, params in zip(runs, PROMPTS[:len(cases)], cases, strict=True):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        processors = LogitsProcessorList()
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(OpenAiPenalties(ids.shape[1], params.presence_penalty, params.frequency_penalty))
+        if params.logit_bias:
+            processors.append(SequenceBiasLogitsProcessor({(t,): b for t, b in params.logit_bias}))
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=24, do_sample=False, logits_processor=processors,
+                                 repetition_penalty=params.repetition_penalty)
+            alone = model.generate(ids, max_new_tokens=24, do_sample=False)
+        assert run.ids == out[0, ids.shape[1]:].tolist(), params
+        plain.append(run.ids == alone[0, ids.shape[1]:].tolist())
+    assert plain[-1] and not any(plain[:-1])        # each setting changed the answer it was given

@@ -47,7 +47,13 @@ async def test_a_streamed_chat_completion_is_the_grpc_doors_answer(stack):
     assert chunks[-2].choices[0].finish_reason == "length"
     entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [e.logprob for e in entries] == pytest.approx(logprobs)
-    assert all(e.token.startswith("token_id:") and len(e.top_logprobs) == 2 for e in entries)
+    assert all(len(e.top_logprobs) == 2 for e in entries)
+    # Tokens named by their text, as the model's tokenizer decodes each alone, with their bytes.
+    sampling = common_pb2.SamplingParams(max_tokens=12, logprobs=True)
+    named = [t async for c in stack.gateway.Generate(gateway_pb2.GenerateRequest(
+        model="tiny", sampling=sampling, messages=[common_pb2.ChatMessage(**QUESTION[0])])) for t in c.tokens]
+    assert [e.token for e in entries] == named and "".join(named) == text
+    assert all(e.bytes == list(e.token.encode()) for e in entries if "\ufffd" not in e.token)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert chunks[-1].usage.prompt_tokens == usage.prompt_tokens
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
@@ -117,10 +123,10 @@ async def test_keys_refusals_and_unsupported_fields_are_openai_errors(stack):
         await api.chat.completions.create(model="no-such-model", messages=QUESTION)
     assert caught.value.body["type"] == "not_found_error"
     listed = {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}
-    for fields, param in [({"n": 2}, "n"), (listed, "tools[0].function.parameters"),
+    for fields, param in [({"n": 17}, "n"), (listed, "tools[0].function.parameters"),
                           ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
                            "response_format"),
-                          ({"temperature": 7}, "temperature"), ({"frequency_penalty": 0.5}, "frequency_penalty")]:
+                          ({"temperature": 7}, "temperature"), ({"frequency_penalty": 5}, "frequency_penalty")]:
         with pytest.raises(openai.BadRequestError) as caught:
             await api.chat.completions.create(model="tiny", messages=QUESTION, **fields)
         assert caught.value.body["param"] == param, (fields, caught.value.body)
@@ -225,3 +231,25 @@ async def test_every_http_route_has_a_rule_and_one_without_is_refused():
     with pytest.raises(PermissionDenied) as caught:
         guard.check_key("POST /v1/embeddings", "Bearer llmos-a.b")
     assert caught.value.reason == "METHOD_NOT_ALLOWED"
+
+
+async def test_n_choices_are_each_the_request_with_its_documented_seed(stack):
+    """`n`=4 with a seed: four choices, choice i the same request alone with seed + i; streamed,
+    the choices' deltas interleave by index and put together give the same texts."""
+    api = client(stack, await stack.user_key("http"))
+    fields = dict(model="tiny", messages=QUESTION, max_tokens=12, temperature=1.0, top_p=0.95)
+    answer = await api.chat.completions.create(n=4, seed=41, **fields)
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    alone = [await api.chat.completions.create(seed=41 + i, **fields) for i in range(4)]
+    assert [c.message.content for c in answer.choices] == [a.choices[0].message.content for a in alone]
+    assert len({c.message.content for c in answer.choices}) > 1          # four draws, not one four times
+    assert answer.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert answer.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    texts = ["", "", "", ""]
+    async for chunk in await api.chat.completions.create(n=4, seed=41, stream=True, **fields):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [c.message.content for c in answer.choices]
+    completions = await api.completions.create(model="tiny", prompt="Once upon a time", n=3, seed=5, max_tokens=6,
+                                               temperature=1.0)
+    assert [c.index for c in completions.choices] == [0, 1, 2] and completions.usage.completion_tokens == 18

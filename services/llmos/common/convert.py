@@ -93,6 +93,7 @@ CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_NEW_TOKENS = 8192
 MAX_STOP_STRINGS = 8
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024
 
 FINISH_TO_PROTO = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -247,6 +248,19 @@ def sampling_from_proto(p: common_pb2.SamplingParams, errors: Violations,
     penalty = p.repetition_penalty
     if not (math.isfinite(penalty) and (penalty == 0.0 or 0.1 <= penalty <= 10.0)):
         errors.add(f"{prefix}.repetition_penalty", f"must be 0 or between 0.1 and 10, got {penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(p, name)
+        if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+            errors.add(f"{prefix}.{name}", f"must be between -2 and 2, got {value}")
+    if len(p.logit_bias) > MAX_LOGIT_BIAS:
+        errors.add(f"{prefix}.logit_bias", f"at most {MAX_LOGIT_BIAS} tokens are allowed, got {len(p.logit_bias)}")
+    for token, bias in sorted(p.logit_bias.items()):
+        if token < 0:
+            errors.add(f"{prefix}.logit_bias", f"names token {token}, which is not a token id")
+            break
+        if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+            errors.add(f"{prefix}.logit_bias", f"the bias of token {token} must be between -100 and 100, got {bias}")
+            break
     fmt = format_from_proto(p, errors, prefix)
     return SamplingParams(
         max_tokens=p.max_tokens or None,
@@ -260,6 +274,9 @@ def sampling_from_proto(p: common_pb2.SamplingParams, errors: Violations,
         ignore_eos=p.ignore_eos,
         top_logprobs=p.top_logprobs,
         response_format=fmt,
+        presence_penalty=float(p.presence_penalty),
+        frequency_penalty=float(p.frequency_penalty),
+        logit_bias=tuple(sorted((int(t), float(b)) for t, b in p.logit_bias.items())),
     )
 
 
@@ -295,7 +312,8 @@ def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
     p = common_pb2.SamplingParams(
         max_tokens=s.max_tokens or 0, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         stop=list(s.stop), repetition_penalty=s.repetition_penalty, logprobs=s.logprobs,
-        ignore_eos=s.ignore_eos, top_logprobs=s.top_logprobs)
+        ignore_eos=s.ignore_eos, top_logprobs=s.top_logprobs, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty, logit_bias=dict(s.logit_bias))
     if s.seed is not None:
         p.seed = s.seed
     if s.response_format is not None:
@@ -316,8 +334,10 @@ def fill_chunk(message: Any, chunk: Chunk) -> Any:
     message.finish_reason = FINISH_TO_PROTO[chunk.finish_reason]
     if chunk.usage is not None:
         message.usage.CopyFrom(usage_to_proto(chunk.usage))
-    for top in chunk.top_logprobs:
-        message.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
+    texts = chunk.top_tokens or [[] for _ in chunk.top_logprobs]
+    for top, text in zip(chunk.top_logprobs, texts, strict=True):
+        message.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top], tokens=text)
+    message.tokens.extend(chunk.tokens)
     message.tool_calls.extend(_call_to_proto(c) for c in chunk.tool_calls)
     return message
 
@@ -332,7 +352,9 @@ def chunk_from_proto(message: Any) -> Chunk:
                  finish_reason=FINISH_FROM_PROTO.get(message.finish_reason), usage=usage,
                  top_logprobs=[list(zip(top.token_ids, top.logprobs, strict=True))
                                for top in message.top_logprobs],
-                 tool_calls=[ToolCall(c.id, c.name, c.arguments) for c in message.tool_calls])
+                 tool_calls=[ToolCall(c.id, c.name, c.arguments) for c in message.tool_calls],
+                 tokens=list(message.tokens), top_tokens=[list(top.tokens) for top in message.top_logprobs]
+                 if any(top.tokens for top in message.top_logprobs) else [])
 
 
 def queue_depth_to_proto(q: QueueDepth) -> scheduler_pb2.QueueDepth:

@@ -105,6 +105,10 @@ class SamplingParams:
     ignore_eos: bool = False
     top_logprobs: int = 0
     response_format: ResponseFormat | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, bias) pairs, in token order.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -161,13 +165,17 @@ class Chunk:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # Tools the model called, each whole, in the chunk where its call ended.
     tool_calls: list[ToolCall] = field(default_factory=list)
+    # With log-probabilities: the text of each token alone, and of each of its top tokens.
+    tokens: list[str] = field(default_factory=list)
+    top_tokens: list[list[str]] = field(default_factory=list)
 
 
 def merge_chunks(first: Chunk, second: Chunk) -> Chunk:
     """One chunk holding both, in order (the second's end, if it is the last)."""
     return Chunk(first.text + second.text, first.token_ids + second.token_ids,
                  first.logprobs + second.logprobs, second.finish_reason, second.usage,
-                 first.top_logprobs + second.top_logprobs, first.tool_calls + second.tool_calls)
+                 first.top_logprobs + second.top_logprobs, first.tool_calls + second.tool_calls,
+                 first.tokens + second.tokens, first.top_tokens + second.top_tokens)
 
 
 @dataclass(frozen=True)

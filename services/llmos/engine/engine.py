@@ -453,6 +453,12 @@ class Engine:
             # Every token the sequence will hold, filled as they come: no allocation per token.
             seq.seen = torch.empty(len(seq.prompt_ids) + seq.max_new, dtype=torch.long, device=device)
             seq.seen[:len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids, dtype=torch.long)
+        if seq.params.presence_penalty or seq.params.frequency_penalty:
+            seq.counts = torch.zeros(self.runner.vocab_size, dtype=torch.float32, device=device)
+        if seq.params.logit_bias:
+            ids, values = zip(*seq.params.logit_bias, strict=True)
+            seq.bias = (torch.tensor(ids, dtype=torch.long, device=device),
+                        torch.tensor(values, dtype=torch.float32, device=device))
 
     def _emit(self, seq: Sequence, logits: torch.Tensor) -> bool:
         """Samples the sequence's next token and delivers it; returns True when it finished."""
@@ -465,8 +471,10 @@ class Engine:
         seen = None if seq.seen is None else seq.seen[:held]
         if seq.constraint is not None:
             logits = seq.constraint.mask(logits)
-        token, logprob = sample(logits, seq.params, seq.generator, seen)
+        token, logprob = sample(logits, seq.params, seq.generator, seen, seq.counts, seq.bias)
         seq.output_ids.append(token)
+        if seq.counts is not None:
+            seq.counts[token] += 1
         if seq.seen is not None:
             seq.seen[held] = token
         self.tokens_generated += 1

@@ -38,16 +38,34 @@ def top_logprobs(logits: torch.Tensor, n: int) -> list[tuple[int, float]]:
     return list(zip(ids.tolist(), values.tolist(), strict=True))
 
 
+def apply_penalties(scores: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: each token's logit less `frequency` times its
+    count in the output, and less `presence` if the output holds it at all."""
+    return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+
+
+def apply_logit_bias(scores: torch.Tensor, bias: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    ids, values = bias
+    return scores.index_add(0, ids, values)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           seen: torch.Tensor | None) -> tuple[int, float]:
+           seen: torch.Tensor | None, counts: torch.Tensor | None = None,
+           bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[int, float]:
     """Returns (token id, its log-probability under the model's own distribution).
 
     `logits` is the 1-D float vector of the last position; `seen` holds the ids of
     the prompt and the output so far (for the repetition penalty), or None when the
-    penalty is off. The log-probability is computed only when `params.logprobs`.
+    penalty is off; `counts` how often the output holds each token (presence and frequency
+    penalties), `bias` the logit bias's ids and values. In that order, as vLLM applies them.
+    The log-probability is computed only when `params.logprobs`.
     """
     logits = logits.float()
     scores = logits if seen is None else apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if counts is not None:
+        scores = apply_penalties(scores, counts, params.presence_penalty, params.frequency_penalty)
+    if bias is not None:
+        scores = apply_logit_bias(scores, bias)
     if params.greedy:
         token = int(torch.argmax(scores))
         return token, _logprob(logits, token, params.logprobs)

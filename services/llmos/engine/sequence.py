@@ -49,6 +49,10 @@ class Sequence:
     # With a repetition penalty: the prompt and output ids so far, in a buffer of the
     # sequence's full length.
     seen: torch.Tensor | None = None
+    # With a presence or frequency penalty: how many times the output holds each token id.
+    counts: torch.Tensor | None = None
+    # With a logit bias: the token ids and what is added to their logits.
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None
     # With a response format: what the next token may be (`structured.Constraint`).
     constraint: Any = None
     # For the telemetry: the request's span (the engine's steps link to it), and when

@@ -10,8 +10,8 @@ that started says an error as a last `data: {"error": ...}` event. Errors before
 are OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with the HTTP status of
 their gRPC code; `code` is llmos's `ErrorInfo.reason`, and 429 carries `Retry-After`.
 
-Log-probabilities name tokens as `token_id:<id>` (the gateway holds no tokenizer), as vLLM's
-`--return-tokens-as-token-ids` does. Unknown fields are ignored, as OpenAI does; fields llmos
+Log-probabilities name tokens by their text, as the worker decodes each alone (with its UTF-8
+`bytes`; none for a token that is part of a character). Unknown fields are ignored, as OpenAI does; fields llmos
 cannot honour yet (`n` > 1, images, penalties, `echo`, `suffix`, `best_of`, the deprecated
 `functions`) are refused with 400 naming the field. `tools`, `tool_choice` and
 `parallel_tool_calls` are OpenAI's: calls come back in `message.tool_calls` (streamed: one
@@ -73,6 +73,8 @@ INT32 = 2**31
 # OpenAI's default output limit of a completion (a chat's is the model's).
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 MAX_TOP_LOGPROBS = 20
+# Most choices (`n`) one request may ask for.
+MAX_CHOICES = 16
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "UNAUTHENTICATED": 401,
                "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429,
@@ -87,6 +89,8 @@ PARAM_NAMES = {"sampling.max_tokens": "max_tokens", "sampling.temperature": "tem
                "sampling.top_p": "top_p", "sampling.seed": "seed", "sampling.stop": "stop",
                "sampling.top_logprobs": "top_logprobs", "sampling.top_k": "top_k",
                "sampling.repetition_penalty": "repetition_penalty", "request_id": "x-request-id",
+               "sampling.presence_penalty": "presence_penalty", "sampling.frequency_penalty": "frequency_penalty",
+               "sampling.logit_bias": "logit_bias",
                "conversation_id": "x-llmos-conversation-id",
                "sampling.response_format": "response_format",
                "sampling.response_format.json_schema": "response_format",
@@ -134,16 +138,11 @@ def _number(body: dict, name: str, kind: type, default: Any = None) -> Any:
 
 
 def _refuse_unsupported(body: dict, chat: bool) -> None:
-    if _number(body, "n", int, 1) != 1:
-        raise InvalidArgument.field("n", "only n=1 is supported")
+    if not 1 <= _number(body, "n", int, 1) <= MAX_CHOICES:
+        raise InvalidArgument.field("n", f"must be between 1 and {MAX_CHOICES}")
     for name in ("functions", "function_call"):
         if body.get(name):
             raise InvalidArgument.field(name, "is OpenAI's deprecated form: send tools and tool_choice")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, float, 0.0) != 0.0:
-            raise InvalidArgument.field(name, "is not supported (llmos has repetition_penalty)")
-    if body.get("logit_bias"):
-        raise InvalidArgument.field("logit_bias", "is not supported")
     if not chat:
         if body.get("echo"):
             raise InvalidArgument.field("echo", "is not supported")
@@ -299,6 +298,17 @@ def request_from_json(body: dict, chat: bool) -> tuple[gateway_pb2.GenerateReque
     sampling.top_k = _number(body, "top_k", int, 0)
     sampling.repetition_penalty = _number(body, "repetition_penalty", float, 1.0)
     sampling.ignore_eos = bool(body.get("ignore_eos"))
+    sampling.presence_penalty = _number(body, "presence_penalty", float, 0.0)
+    sampling.frequency_penalty = _number(body, "frequency_penalty", float, 0.0)
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict):
+        raise InvalidArgument.field("logit_bias", "must be an object of token ids to numbers")
+    for token, value in bias.items():
+        if not (isinstance(token, str) and token.lstrip("-").isdigit() and abs(int(token)) < INT32):
+            raise InvalidArgument.field("logit_bias", f"keys must be token ids, got {token[:32]!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidArgument.field("logit_bias", f"the bias of token {token} must be a number")
+        sampling.logit_bias[int(token)] = float(value)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -322,28 +332,38 @@ def request_from_json(body: dict, chat: bool) -> tuple[gateway_pb2.GenerateReque
     if not isinstance(options, dict):
         raise InvalidArgument.field("stream_options", "must be an object")
     shape = {"stream": bool(body.get("stream")), "include_usage": bool(options.get("include_usage")),
-             "logprobs": wanted}
+             "logprobs": wanted, "n": _number(body, "n", int, 1)}
     return request, shape
 
 
 def _logprobs(chunk: Chunk, chat: bool) -> dict | None:
-    names = [f"token_id:{t}" for t in chunk.token_ids]
-    tops = [[(f"token_id:{t}", lp) for t, lp in top] for top in chunk.top_logprobs] or [[] for _ in names]
+    """OpenAI's logprobs of a chunk's tokens, named by their text (`token_id:<id>` where the worker
+    sent none), with their UTF-8 bytes where the text is whole."""
+    names = chunk.tokens or [f"token_id:{t}" for t in chunk.token_ids]
+    top_names = chunk.top_tokens or [[f"token_id:{t}" for t, _ in top] for top in chunk.top_logprobs]
+    tops = [list(zip(n, (lp for _, lp in top), strict=True)) for n, top in zip(top_names, chunk.top_logprobs,
+                                                                                strict=True)]
+    tops = tops or [[] for _ in names]
     if chat:
-        return {"content": [{"token": name, "logprob": lp, "bytes": None,
-                             "top_logprobs": [{"token": n, "logprob": v, "bytes": None} for n, v in top]}
+        return {"content": [{"token": name, "logprob": lp, "bytes": _bytes(name),
+                             "top_logprobs": [{"token": n, "logprob": v, "bytes": _bytes(n)} for n, v in top]}
                             for name, lp, top in zip(names, chunk.logprobs, tops, strict=False)]}
     return {"tokens": names, "token_logprobs": list(chunk.logprobs),
             "top_logprobs": [dict(top) for top in tops] if chunk.top_logprobs else None, "text_offset": []}
 
 
-def _usage(chunk: Chunk | None) -> dict | None:
-    if chunk is None or chunk.usage is None:
+def _bytes(name: str) -> list[int] | None:
+    return None if "\ufffd" in name or name.startswith("token_id:") else list(name.encode())
+
+
+def _usage(lasts: list[Chunk | None]) -> dict | None:
+    """The usage of a request's choices (their last chunks): the prompt once, every choice's output."""
+    usages = [c.usage for c in lasts if c is not None and c.usage is not None]
+    if not usages:
         return None
-    u = chunk.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
+    prompt, generated = usages[0].prompt_tokens, sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": usages[0].cached_prompt_tokens}}
 
 
 def _call(call: ToolCall) -> dict:
@@ -472,7 +492,7 @@ class OpenAiDoor:
             if conversation:
                 proto.conversation_id = conversation
             admin = caller.role is Role.ADMIN or not caller.key_id
-            call = await checked_call(proto, caller.tenant, admin=admin)
+            calls = [await checked_call(p, caller.tenant, admin=admin) for p in choices(proto, shape["n"])]
         except _TooLarge:
             self.telemetry.requests.labels(OTHER_MODEL, "", "INVALID_ARGUMENT").inc()
             return _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes", "BODY_TOO_LARGE")
@@ -482,33 +502,61 @@ class OpenAiDoor:
         except LlmosError as exc:        # refused before it started (what starts is counted by its watch)
             self.telemetry.requests.labels(OTHER_MODEL, "", exc.code).inc()
             raise
-        answer = _Answer(call.model, chat, shape)
-        watch = self.telemetry.start(call)
-        generation = Generation(watch, self.front.generate(call, None, watch.routed), self.stall_seconds)
-        try:
-            first = await generation.next()     # errors before the first token are the response's status
+        answer = _Answer(calls[0].model, chat, shape)
+        generations: list[Generation] = []
+        watches = []
+
+        def start(call) -> Generation:
+            watch = self.telemetry.start(call)
+            watches.append(watch)
+            generations.append(Generation(watch, self.front.generate(call, None, watch.routed), self.stall_seconds))
+            return generations[-1]
+
+        async def cancel() -> None:
+            for generation in generations:
+                await generation.cancel()
+
+        try:           # errors before the first token are the response's status
+            firsts = [await start(calls[0]).next()]
+            answer.model = watches[0].version or answer.model     # the version that answers (an alias resolved)
+            # The other choices once the first has its prompt in the cache: they find its blocks there.
+            firsts += await asyncio.gather(*(start(call).next() for call in calls[1:]))
         except BaseException:
-            await generation.cancel()
+            await cancel()
             raise
-        answer.model = watch.version or answer.model     # the version that answers (an alias resolved)
         if shape["stream"]:
             async def ended() -> None:
-                await generation.cancel()
+                await cancel()
                 span.end()
-            return _Stream(answer.events(first, generation), ended, media_type="text/event-stream",
+            return _Stream(answer.events(firsts, generations), ended, media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        whole = asyncio.ensure_future(answer.whole(first, generation))
+        whole = asyncio.ensure_future(answer.whole(firsts, generations))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({whole, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             whole.cancel()
             gone.cancel()
-            await generation.cancel()
+            await cancel()
             await asyncio.gather(whole, gone, return_exceptions=True)
         if whole.cancelled():
             return _error(499, "the client closed the connection", "CANCELLED")
         return whole.result()
+
+
+def choices(request: gateway_pb2.GenerateRequest, n: int) -> list[gateway_pb2.GenerateRequest]:
+    """The requests of `n` choices: choice i as the request with seed `seed + i` (mod 2^64) when
+    it has a seed, and request id `<id>-<i>` when it has an id (choice 0 is the request itself)."""
+    out = [request]
+    for i in range(1, n):
+        copy = gateway_pb2.GenerateRequest()
+        copy.CopyFrom(request)
+        if request.sampling.HasField("seed"):
+            copy.sampling.seed = (request.sampling.seed + i) % 2**64
+        if request.request_id:
+            copy.request_id = f"{request.request_id[:120]}-{i}"
+        out.append(copy)
+    return out
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -615,8 +663,48 @@ class _Stream(StreamingResponse):
             await self._ended()
 
 
+async def _items(firsts: list, generations: list[Generation]) -> AsyncIterator[tuple[int, tuple[str, Chunk]]]:
+    """(choice index, (request id, chunk)) of every generation as they come (one: in order, with
+    nothing between; several: each read by a task of its own)."""
+    if len(generations) == 1:
+        item = firsts[0]
+        while item is not None:
+            yield 0, item
+            item = await generations[0].next()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int) -> None:
+        item = firsts[index]
+        try:
+            while item is not None:
+                await queue.put((index, item))
+                item = await generations[index].next()
+        except BaseException as exc:  # noqa: BLE001 - said where they are read
+            await queue.put((index, exc))
+            return
+        await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(generations))]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                running -= 1
+                continue
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class _Answer:
-    """OpenAI's objects for one request's chunks: events of a stream, or the whole response."""
+    """OpenAI's objects for one request's chunks (of each of its `n` choices): events of a
+    stream, or the whole response."""
 
     def __init__(self, model: str, chat: bool, shape: dict) -> None:
         self.model, self.chat, self.shape = model, chat, shape
@@ -628,27 +716,26 @@ class _Answer:
         return {"id": ("chatcmpl-" if self.chat else "cmpl-") + request_id, "object": kind, "created": self.created,
                 "model": self.model}
 
-    async def events(self, first, generation: Generation) -> AsyncIterator[str]:
+    async def events(self, firsts: list, generations: list[Generation]) -> AsyncIterator[str]:
         def event(payload: dict) -> str:
             return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
-        item, rid, last, started, calls = first, "", None, False, 0
+        n = len(generations)
+        rid, last, started, calls = firsts[0][0], [None] * n, [False] * n, [0] * n
         try:
-            while item is not None:
-                rid, chunk = item
-                last = chunk
-                if started and not (chunk.text or chunk.tool_calls or chunk.finish_reason
-                                    or self.shape["logprobs"]):    # (a token held back: nothing to say yet)
-                    item = await generation.next()
+            async for index, (_, chunk) in _items(firsts, generations):
+                last[index] = chunk
+                if started[index] and not (chunk.text or chunk.tool_calls or chunk.finish_reason
+                                           or self.shape["logprobs"]):    # (a token held back: nothing to say)
                     continue
-                choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(chunk.finish_reason)}
+                choice: dict[str, Any] = {"index": index, "finish_reason": FINISH.get(chunk.finish_reason)}
                 if self.chat:
-                    choice["delta"] = {"content": chunk.text} if started else {"role": "assistant",
-                                                                               "content": chunk.text}
+                    choice["delta"] = {"content": chunk.text} if started[index] else {"role": "assistant",
+                                                                                      "content": chunk.text}
                     if chunk.tool_calls:
-                        choice["delta"]["tool_calls"] = [{**_call(c), "index": calls + k}
+                        choice["delta"]["tool_calls"] = [{**_call(c), "index": calls[index] + k}
                                                          for k, c in enumerate(chunk.tool_calls)]
-                        calls += len(chunk.tool_calls)
+                        calls[index] += len(chunk.tool_calls)
                 else:
                     choice["text"] = chunk.text
                 wanted = self.shape["logprobs"] and chunk.token_ids
@@ -657,26 +744,27 @@ class _Answer:
                 if self.shape["include_usage"]:
                     payload["usage"] = None
                 yield event(payload)
-                started = True
-                item = await generation.next()
+                started[index] = True
             if self.shape["include_usage"]:
                 yield event({**self._head(rid, True), "choices": [], "usage": _usage(last)})
             yield "data: [DONE]\n\n"
         except LlmosError as exc:
             yield event(error_body(exc)[1])
 
-    async def whole(self, first, generation: Generation) -> Response:
-        item, rid, chunks = first, "", []
-        while item is not None:
-            rid, chunk = item
-            chunks.append(chunk)
-            item = await generation.next()
+    async def whole(self, firsts: list, generations: list[Generation]) -> Response:
+        chunks: list[list[Chunk]] = [[] for _ in generations]
+        async for index, (_, chunk) in _items(firsts, generations):
+            chunks[index].append(chunk)
+        return JSONResponse({**self._head(firsts[0][0], False), "usage": _usage([c[-1] for c in chunks if c]),
+                             "choices": [self._choice(i, c) for i, c in enumerate(chunks)]})
+
+    def _choice(self, index: int, chunks: list[Chunk]) -> dict:
         last = chunks[-1] if chunks else None
         merged = Chunk(token_ids=[t for c in chunks for t in c.token_ids],
                        logprobs=[p for c in chunks for p in c.logprobs],
                        top_logprobs=[t for c in chunks for t in c.top_logprobs])
         text = "".join(c.text for c in chunks)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(last.finish_reason) if last else None,
+        choice: dict[str, Any] = {"index": index, "finish_reason": FINISH.get(last.finish_reason) if last else None,
                                   "logprobs": _logprobs(merged, self.chat) if self.shape["logprobs"] else None}
         if self.chat:
             calls = [_call(t) for c in chunks for t in c.tool_calls]
@@ -685,7 +773,7 @@ class _Answer:
                 choice["message"]["tool_calls"] = calls
         else:
             choice["text"] = text
-        return JSONResponse({**self._head(rid, False), "choices": [choice], "usage": _usage(last)})
+        return choice
 
 
 class _TooLarge(Exception):

@@ -90,6 +90,20 @@ class Served:
     grammars: Grammars
     adapters: AdapterCache
     last_request: float = field(default_factory=time.time)
+    # Each token's text alone, as log-probabilities name them (filled as tokens are named).
+    token_texts: dict[int, str] = field(default_factory=dict)
+
+    def name_tokens(self, chunk: Chunk) -> Chunk:
+        """`chunk` with the text of each of its tokens, and of each of their top tokens."""
+        def text(token: int) -> str:
+            known = self.token_texts.get(token)
+            if known is None:
+                known = self.token_texts[token] = self.loaded.tokenizer.decode(
+                    [token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            return known
+        chunk.tokens = [text(t) for t in chunk.token_ids]
+        chunk.top_tokens = [[text(t) for t, _ in top] for top in chunk.top_logprobs]
+        return chunk
 
 
 @dataclass(frozen=True)
@@ -292,6 +306,9 @@ class ModelHost:
             self._check_length(loaded, source)
             prompt_ids = await asyncio.to_thread(self._prompt_ids, loaded, source)  # long prompts: off the loop
             max_new = self._max_new(loaded, len(prompt_ids), params, token_budget)
+            if params.logit_bias and params.logit_bias[-1][0] >= loaded.runner.vocab_size:
+                raise InvalidArgument.field("sampling.logit_bias", f"names token {params.logit_bias[-1][0]}, outside "
+                                            f"this model's vocabulary of {loaded.runner.vocab_size}")
             constraint, calls = None, None
             tools = source.tools if source.tools is not None and source.tools.offered else None
             if params.response_format is not None:        # compiled (or found) off the loop
@@ -332,6 +349,8 @@ class ModelHost:
                         finished = True
                         raise item
                     finished = item.finish_reason is not None
+                    if params.logprobs or params.top_logprobs:
+                        served.name_tokens(item)
                     yield item if calls is None else read_calls(calls, item)
                     if finished:
                         return
