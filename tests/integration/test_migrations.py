@@ -53,6 +53,7 @@ def test_models_imported_before_tool_calls_learn_their_format_from_their_templat
         '{"chat_template": "{% for tool in tools %}<tool_call>{% endfor %}"}')
     with store.engine.begin() as db:     # the store as revision 0003 left it
         db.execute(sa.text("ALTER TABLE models DROP COLUMN tool_call_format"))
+        db.execute(sa.text("ALTER TABLE models DROP COLUMN task"))
         db.execute(sa.text("UPDATE alembic_version SET version_num = '0003'"))
         for name, path, chat in [("qwen", tmp_path / "qwen", "true"), ("gone", tmp_path / "gone", "true"),
                                  ("plain", tmp_path / "qwen", "false")]:

@@ -229,7 +229,7 @@ async def test_every_http_route_has_a_rule_and_one_without_is_refused():
     assert routes == set(authz.HTTP_TABLE)
     guard = Guard(Authenticator(None))
     with pytest.raises(PermissionDenied) as caught:
-        guard.check_key("POST /v1/embeddings", "Bearer llmos-a.b")
+        guard.check_key("POST /v1/audio/transcriptions", "Bearer llmos-a.b")
     assert caught.value.reason == "METHOD_NOT_ALLOWED"
 
 

@@ -40,6 +40,9 @@ TABLE: dict[str, Rule] = {
     # The public door.
     _V1 + "GatewayService/Generate": _rule(USER),
     _V1 + "GatewayService/ListAvailableModels": _rule(USER),
+    _V1 + "GatewayService/Embed": _rule(USER),
+    _V1 + "GatewayService/Classify": _rule(USER),
+    _V1 + "GatewayService/Score": _rule(USER),
     # Keys and tenants.
     **{_V1 + f"IdentityService/{m}": _rule(ADMIN) for m in (
         "CreateTenant", "GetTenant", "UpdateTenant", "ListTenants", "DeleteTenant",
@@ -73,6 +76,7 @@ TABLE: dict[str, Rule] = {
     _V1 + "WorkerService/StopModel": _rule(None, "registry"),
     # (An admin may stream from a worker directly: `llmos bench` measures the worker alone.)
     _V1 + "WorkerService/GenerateTokens": _rule(ADMIN, "gateway"),
+    _V1 + "WorkerService/Pool": _rule(ADMIN, "gateway"),
     _V1 + "WorkerService/GetWorkerStatus": _rule(ADMIN, "scheduler", "registry", "monitor"),
     _V1 + "MonitorService/GetClusterHealth": _rule(ADMIN),
     _V1 + "MonitorService/Watch": _rule(ADMIN),
@@ -89,4 +93,8 @@ HTTP_TABLE: dict[str, Rule] = {
     "POST /v1/chat/completions": _rule(USER),
     "POST /v1/completions": _rule(USER),
     "GET /v1/models": _rule(USER),
+    "POST /v1/embeddings": _rule(USER),
+    "POST /v1/classify": _rule(USER),
+    "POST /v1/score": _rule(USER),
+    "POST /v1/rerank": _rule(USER),
 }

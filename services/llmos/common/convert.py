@@ -227,6 +227,30 @@ def input_to_proto(source: GenerationInput, request: Any) -> None:
         tools_to_proto(source.tools, request)
 
 
+MAX_POOL_INPUTS = 2048
+
+
+def check_pool_inputs(inputs: Any, pairs: Any, task: str, errors: Violations, field: str = "inputs",
+                      pairs_field: str = "pairs") -> None:
+    """The inputs of a pooling call: 1 to MAX_POOL_INPUTS texts, none empty, within the size a
+    prompt may have; for a score, a pair text for each."""
+    if task not in ("embed", "classify", "score"):
+        errors.add("task", "must be embed, classify or score")
+    if not inputs:
+        errors.add(field, "must hold at least one text")
+    elif len(inputs) > MAX_POOL_INPUTS:
+        errors.add(field, f"at most {MAX_POOL_INPUTS} texts are allowed, got {len(inputs)}")
+    else:
+        for name, texts in ((field, inputs), (pairs_field, pairs)):
+            empty = next((i for i, text in enumerate(texts) if not text), None)
+            if empty is not None:
+                errors.add(f"{name}[{empty}]", "must not be empty")
+        if sum(len(text) for text in inputs) + sum(len(text) for text in pairs) > MAX_PROMPT_CHARS:
+            errors.add(field, f"hold more than {MAX_PROMPT_CHARS} characters")
+    if (task == "score") != bool(pairs) or (pairs and len(pairs) != len(inputs)):
+        errors.add("pairs", "a score needs one pair text per input; nothing else takes them")
+
+
 def sampling_from_proto(p: common_pb2.SamplingParams, errors: Violations,
                         prefix: str = "sampling") -> SamplingParams:
     """Validates `SamplingParams` and applies its defaults."""

@@ -152,6 +152,28 @@ class GenerationInput:
     tools: Tools | None = None
 
 
+@dataclass(frozen=True)
+class PoolingInput:
+    """A pooling call's input: `task` ("embed", "classify", "score"), its texts, for a score the
+    second text of each pair, the tokens to keep of each (0: none cut, -1: the model's limit) and
+    the size to cut vectors to (0: the model's own)."""
+
+    task: str
+    inputs: tuple[str, ...]
+    pairs: tuple[str, ...] = ()
+    truncate: int = 0
+    dimensions: int = 0
+
+
+@dataclass(frozen=True)
+class PoolOutput:
+    """What a pooling model computed: one row per input (a vector, label probabilities, or a
+    score alone), and for classify the label of each column."""
+
+    rows: list[list[float]]
+    labels: list[str] = field(default_factory=list)
+
+
 @dataclass
 class Chunk:
     """A piece of a token stream; the last one has `finish_reason` and `usage`."""
@@ -168,6 +190,8 @@ class Chunk:
     # With log-probabilities: the text of each token alone, and of each of its top tokens.
     tokens: list[str] = field(default_factory=list)
     top_tokens: list[list[str]] = field(default_factory=list)
+    # A pooling call's whole answer (its one chunk).
+    pooled: PoolOutput | None = None
 
 
 def merge_chunks(first: Chunk, second: Chunk) -> Chunk:

@@ -78,6 +78,7 @@ models = Table(
     Column("base", String(256), nullable=False, server_default=""),
     Column("adapter_rank", Integer, nullable=False, server_default="0"),
     Column("tool_call_format", String(32), nullable=False, server_default=""),
+    Column("task", String(16), nullable=False, server_default="generate"),
     PrimaryKeyConstraint("name", "tag"),
 )
 

@@ -14,19 +14,30 @@ import asyncio
 import functools
 import hashlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from llmos.common.domain import DEFAULT_MAX_TOKENS, Chunk, FinishReason, GenerationInput, SamplingParams, Usage
+from llmos.common.domain import (
+    DEFAULT_MAX_TOKENS,
+    Chunk,
+    FinishReason,
+    GenerationInput,
+    PoolingInput,
+    SamplingParams,
+    Usage,
+)
 from llmos.common.errors import DeadlineExceeded, LlmosError
 from llmos.common.keystore import Quota
 
 log = logging.getLogger(__name__)
 
 
+# A request id or conversation id a client may choose.
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 # Bytes a chat's tool prompt adds besides the tools' own schemas and descriptions (at most).
 TOOLS_PROMPT_BYTES = 1024
 
@@ -49,11 +60,16 @@ class GenerateCall:
     quota: Quota = Quota()
     # Picks the version of an alias that splits traffic (requests with one id get one version).
     conversation_id: str = ""
+    # A pooling call (embed, classify, score): one forward over these inputs, no generation.
+    pooling: PoolingInput | None = None
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
         """An upper bound of the prompt's tokens before it is tokenized: a token covers at least
         one byte, and a chat template adds a few per message and a header."""
+        if self.pooling is not None:        # each text with its pair and a few special tokens
+            texts = (*self.pooling.inputs, *self.pooling.pairs)
+            return min(sum(len(t.encode()) + 4 for t in texts), 2**31 - 1)
         source = self.source
         if source.prompt is not None:
             return min(len(source.prompt.encode()) + 2, 2**31 - 1)
@@ -84,6 +100,8 @@ class GenerateCall:
     @property
     def reserved_tokens(self) -> int:
         """What the request may cost at most (prompt + output), as its quota reserves it."""
+        if self.pooling is not None:
+            return self.prompt_tokens
         return self.prompt_tokens + (self.params.max_tokens or DEFAULT_MAX_TOKENS)
 
 

@@ -75,7 +75,9 @@ class CallWatch:
         self._started = time.perf_counter()
         self._first = 0.0
         self._tokens = 0
-        operation = "chat" if call.source.messages else "text_completion"
+        # (OpenTelemetry's gen_ai operation names; classify and score are llmos's own)
+        operation = (call.pooling.task.replace("embed", "embeddings") if call.pooling is not None
+                     else "chat" if call.source.messages else "text_completion")
         p = call.params
         attributes = {"gen_ai.operation.name": operation,
                       "gen_ai.provider.name": "llmos", "gen_ai.request.model": call.model,

@@ -55,6 +55,17 @@ from llmos.v1 import common_pb2, gateway_pb2, registry_pb2, registry_pb2_grpc
 from .frontdoor import FrontDoor
 from .generation import STALL_SECONDS, Generation
 from .observe import OTHER_MODEL, GatewayTelemetry
+from .openai_pooling import (
+    classify_request,
+    classify_response,
+    embeddings_request,
+    embeddings_response,
+    rerank_request,
+    rerank_response,
+    score_request,
+    score_response,
+)
+from .pooling import ModelTasks, pooling_call, run_pooling
 from .servicer import checked_call
 
 log = logging.getLogger(__name__)
@@ -95,7 +106,7 @@ PARAM_NAMES = {"sampling.max_tokens": "max_tokens", "sampling.temperature": "tem
                "sampling.response_format": "response_format",
                "sampling.response_format.json_schema": "response_format",
                "sampling.response_format.json_object": "response_format", "tool_choice.function": "tool_choice",
-               "tool_choice.mode": "tool_choice"}
+               "tool_choice.mode": "tool_choice", "inputs": "input"}
 
 
 def _error_object(status: int, message: str, code: str, param: str | None = None) -> dict:
@@ -107,14 +118,22 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse(_error_object(status, message, code), status_code=status)
 
 
+def _param(field: str) -> str:
+    """A request field path as OpenAI's body names it (`inputs[3]` is `input[3]`)."""
+    if field in PARAM_NAMES:
+        return PARAM_NAMES[field]
+    head, bracket, rest = field.partition("[")
+    return PARAM_NAMES.get(head, head) + bracket + rest
+
+
 def error_body(exc: LlmosError) -> tuple[int, dict, dict[str, str]]:
     """The HTTP status, OpenAI's error object and headers of a typed error."""
     status = HTTP_STATUS.get(exc.code, 500)
     violations = getattr(exc, "violations", None) or []
-    param = PARAM_NAMES.get(violations[0].field, violations[0].field) if violations else None
+    param = _param(violations[0].field) if violations else None
     message = exc.message
     if violations:
-        message = "; ".join(f"{PARAM_NAMES.get(v.field, v.field)}: {v.description}" for v in violations)
+        message = "; ".join(f"{_param(v.field)}: {v.description}" for v in violations)
     headers = {}
     if isinstance(exc, ResourceExhausted) or exc.code == "RESOURCE_EXHAUSTED":
         retry = getattr(exc, "retry_after", None) or float(exc.metadata.get("retry_after_seconds", 1) or 1)
@@ -390,10 +409,13 @@ class OpenAiDoor:
         self.listen, self.tls_dir, self.stall_seconds = listen, tls_dir, stall_seconds
         self.header_timeout = header_timeout
         self.front, self.registry, self.telemetry, self.guard, self.tracer = front, registry, telemetry, guard, tracer
+        self.tasks = ModelTasks(registry)
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self._route("POST /v1/chat/completions", self.chat), methods=["POST"]),
             Route("/v1/completions", self._route("POST /v1/completions", self.completions), methods=["POST"]),
             Route("/v1/models", self._route("GET /v1/models", self.models), methods=["GET"]),
+            *(Route(f"/v1/{name}", self._route(f"POST /v1/{name}", self._pooling), methods=["POST"])
+              for name in ("embeddings", "classify", "score", "rerank")),
         ], exception_handlers={HTTPException: _http_error, Exception: _unexpected})
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task | None = None
@@ -470,6 +492,34 @@ class OpenAiDoor:
     async def completions(self, request: Request, caller, span: trace.Span) -> Response:
         return await self._generate(request, caller, span, chat=False)
 
+    async def _pooling(self, request: Request, caller, span: trace.Span) -> Response:
+        """/v1/embeddings, /v1/classify, /v1/score and /v1/rerank: one pooling call each."""
+        route = request.url.path.rsplit("/", 1)[-1]
+        try:
+            body = await self._body(request)
+            if route == "embeddings":
+                model, pooling, encoding = embeddings_request(body)
+            elif route == "rerank":
+                model, pooling, top, with_documents = rerank_request(body)
+            else:
+                model, pooling = (classify_request if route == "classify" else score_request)(body)
+            call = pooling_call(model, pooling, 0, request.headers.get("x-request-id") or "", caller.tenant)
+            await self.tasks.check(call.model, pooling.task)
+        except _TooLarge:
+            return _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes", "BODY_TOO_LARGE")
+        except _SlowBody:
+            return _error(408, f"the body did not arrive within {BODY_TIMEOUT:.0f} s", "BODY_TIMEOUT")
+        except LlmosError as exc:
+            self.telemetry.requests.labels(OTHER_MODEL, "", exc.code).inc()
+            raise
+        version, request_id, chunk = await run_pooling(self.front, self.telemetry, call, None)
+        if route == "embeddings":
+            return JSONResponse(embeddings_response(version, chunk, encoding))
+        if route == "rerank":
+            return JSONResponse(rerank_response(version, chunk, pooling.pairs, top, with_documents))
+        made = classify_response if route == "classify" else score_response
+        return JSONResponse(made(version, request_id, chunk))
+
     async def models(self, request: Request, caller, span: trace.Span) -> Response:
         data, token = [], ""
         while True:
@@ -493,6 +543,7 @@ class OpenAiDoor:
                 proto.conversation_id = conversation
             admin = caller.role is Role.ADMIN or not caller.key_id
             calls = [await checked_call(p, caller.tenant, admin=admin) for p in choices(proto, shape["n"])]
+            await self.tasks.check(calls[0].model, "generate")
         except _TooLarge:
             self.telemetry.requests.labels(OTHER_MODEL, "", "INVALID_ARGUMENT").inc()
             return _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes", "BODY_TOO_LARGE")

@@ -18,7 +18,7 @@ from llmos.common.convert import (
     sampling_to_proto,
     usage_to_proto,
 )
-from llmos.common.domain import Chunk, FinishReason, Usage
+from llmos.common.domain import Chunk, FinishReason, PoolingInput, PoolOutput, Usage
 from llmos.common.errors import LlmosError
 from llmos.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -64,6 +64,9 @@ class GrpcWorkers:
 
     async def generate(self, assignment: Assignment, request_id: str, call: GenerateCall,
                        timeout: float | None) -> AsyncIterator[Chunk]:
+        if call.pooling is not None:
+            yield await self._pool(assignment, request_id, call.pooling, timeout)
+            return
         request = worker_pb2.GenerateTokensRequest(
             request_id=request_id, model=assignment.model, sampling=sampling_to_proto(call.params),
             token_budget=call.reserved_tokens if call.quota.tokens_per_minute else 0,
@@ -76,3 +79,19 @@ class GrpcWorkers:
                 yield chunk_from_proto(response)
         finally:
             stream.cancel()
+
+    async def _pool(self, assignment: Assignment, request_id: str, pooling: PoolingInput,
+                    timeout: float | None) -> Chunk:
+        """A pooling call's answer as one last chunk."""
+        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(assignment.worker_address))
+        response = await stub.Pool(worker_pb2.PoolRequest(
+            request_id=request_id, model=assignment.model, inputs=pooling.inputs, pairs=pooling.pairs,
+            truncate_prompt_tokens=pooling.truncate, dimensions=pooling.dimensions, task=pooling.task),
+            timeout=timeout)
+        if pooling.task == "score":
+            rows = [[s] for s in response.scores]
+        else:
+            vectors = response.embeddings if pooling.task == "embed" else response.probabilities
+            rows = [list(v.values) for v in vectors]
+        return Chunk(finish_reason=FinishReason.STOP, usage=Usage(response.usage.prompt_tokens, 0),
+                     pooled=PoolOutput(rows, list(response.labels)))

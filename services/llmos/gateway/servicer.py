@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 
 import grpc
 
@@ -15,7 +14,9 @@ from llmos.common.convert import (
     input_from_proto,
     optional_seconds,
     sampling_from_proto,
+    usage_to_proto,
 )
+from llmos.common.domain import Chunk, PoolingInput
 from llmos.common.errors import InvalidArgument, LlmosError
 from llmos.common.keystore import Role, Tenant
 from llmos.common.names import parse_model_ref
@@ -27,11 +28,11 @@ from llmos.v1 import (
     registry_pb2_grpc,
 )
 
-from .frontdoor import FrontDoor, GenerateCall
+from .frontdoor import REQUEST_ID, FrontDoor, GenerateCall
 from .generation import STALL_SECONDS, StallGuard, StreamStalled
 from .observe import OTHER_MODEL, GatewayTelemetry
+from .pooling import ModelTasks, pooling_call, run_pooling
 
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 # Trailer saying a request's priority was lowered to its tenant's ceiling: "<asked>-><used>".
 PRIORITY_TRAILER = "llmos-priority-lowered"
 MAX_KEEP_ALIVE = 30 * 24 * 3600.0
@@ -52,9 +53,9 @@ def call_from_proto(request: gateway_pb2.GenerateRequest, tenant: Tenant, admin:
     params = sampling_from_proto(request.sampling, errors)
     if not -10 <= request.priority <= 10:
         errors.add("priority", f"must be between -10 and 10, got {request.priority}")
-    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
+    if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
         errors.add("request_id", "must be 1 to 128 printable ASCII characters without spaces")
-    if request.conversation_id and not _REQUEST_ID.fullmatch(request.conversation_id):
+    if request.conversation_id and not REQUEST_ID.fullmatch(request.conversation_id):
         errors.add("conversation_id", "must be 1 to 128 printable ASCII characters without spaces")
     keep_alive = optional_seconds(request, "keep_alive")
     if keep_alive is not None and admin and abs(keep_alive) > MAX_KEEP_ALIVE:
@@ -82,6 +83,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.registry = registry
         self.telemetry = telemetry
         self.stall_seconds = stall_seconds
+        self.tasks = ModelTasks(registry)
 
     async def ListAvailableModels(self, request, context: grpc.aio.ServicerContext):
         page = await self.registry.ListModels(registry_pb2.ListModelsRequest(
@@ -98,6 +100,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         admin = caller.role is Role.ADMIN or not caller.key_id     # no key: security is off (loopback)
         try:
             call = await checked_call(request, caller.tenant, admin=admin)
+            await self.tasks.check(call.model, "generate")
         except LlmosError as exc:
             self.telemetry.requests.labels(OTHER_MODEL, "", exc.code).inc()
             raise
@@ -117,6 +120,43 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                         yield response
                 if guard.stalled:        # the client came back after its generation was ended
                     raise StreamStalled(guard.seconds)
+
+
+    async def _pool(self, context: grpc.aio.ServicerContext, model: str, pooling: PoolingInput, priority: int,
+                    request_id: str, field: str = "inputs") -> tuple[str, str, Chunk]:
+        caller = current_principal()
+        try:
+            call = pooling_call(model, pooling, priority, request_id, caller.tenant, field)
+            await self.tasks.check(call.model, pooling.task)
+        except LlmosError as exc:
+            self.telemetry.requests.labels(OTHER_MODEL, "", exc.code).inc()
+            raise
+        return await run_pooling(self.front, self.telemetry, call, context.time_remaining())
+
+    async def Embed(self, request, context: grpc.aio.ServicerContext):
+        version, request_id, chunk = await self._pool(context, request.model, PoolingInput(
+            "embed", tuple(request.inputs), truncate=request.truncate_prompt_tokens, dimensions=request.dimensions),
+            request.priority, request.request_id)
+        return gateway_pb2.EmbedResponse(embeddings=[common_pb2.Vector(values=r) for r in chunk.pooled.rows],
+                                         usage=usage_to_proto(chunk.usage), model=version, request_id=request_id)
+
+    async def Classify(self, request, context: grpc.aio.ServicerContext):
+        version, request_id, chunk = await self._pool(context, request.model, PoolingInput(
+            "classify", tuple(request.inputs), truncate=request.truncate_prompt_tokens), request.priority,
+            request.request_id)
+        return gateway_pb2.ClassifyResponse(
+            probabilities=[common_pb2.Vector(values=r) for r in chunk.pooled.rows], labels=chunk.pooled.labels,
+            usage=usage_to_proto(chunk.usage), model=version, request_id=request_id)
+
+    async def Score(self, request, context: grpc.aio.ServicerContext):
+        if not request.query:
+            raise InvalidArgument.field("query", "is required")
+        documents = tuple(request.documents)
+        version, request_id, chunk = await self._pool(context, request.model, PoolingInput(
+            "score", (request.query,) * len(documents), documents, truncate=request.truncate_prompt_tokens),
+            request.priority, request.request_id, field="documents")
+        return gateway_pb2.ScoreResponse(scores=[r[0] for r in chunk.pooled.rows], usage=usage_to_proto(chunk.usage),
+                                         model=version, request_id=request_id)
 
 
 def register(host, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,

@@ -40,6 +40,8 @@ class ModelRecord:
     adapter_rank: int = 0
     # How it writes tool calls ("hermes", "llama3_json", "mistral"; "" without a chat template).
     tool_call_format: str = ""
+    # What it serves: "generate", "embed", "classify" or "score".
+    task: str = "generate"
 
     @property
     def ref(self) -> ModelRef:

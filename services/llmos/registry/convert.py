@@ -32,7 +32,7 @@ def model_to_proto(view: ModelView) -> common_pb2.Model:
         create_time=timestamp(r.create_time), estimated_bytes=r.estimated_bytes, state=_STATES[view.state],
         placements=[placement_to_proto(p) for p in view.placements], store_path=r.path,
         measured_bytes=r.measured_bytes, implementation=r.implementation, base=r.base,
-        adapter_rank=r.adapter_rank, tool_call_format=r.tool_call_format)
+        adapter_rank=r.adapter_rank, tool_call_format=r.tool_call_format, task=r.task)
     if r.keep_alive is not None:
         message.keep_alive.CopyFrom(duration(r.keep_alive))
     return message

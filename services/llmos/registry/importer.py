@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 # Files a model directory may carry besides its weights; anything else is left behind.
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json",
-               "merges.txt", "added_tokens.json")
+               "merges.txt", "added_tokens.json", "vocab.txt", "modules.json", "sentence_bert_config.json",
+               "config_sentence_transformers.json", "1_Pooling/config.json")
 
 
 @dataclass(frozen=True)
@@ -53,15 +54,16 @@ class Importer:
     def resolve(self, source: str) -> Path:
         return self.policy.resolve(source)
 
-    def source_digest(self, path: Path) -> tuple[str, str]:
-        """(format, digest) of a source, computed before anything is copied or converted."""
+    def source_digest(self, path: Path, task: str = "") -> tuple[str, str]:
+        """(format, digest) of a source, computed before anything is copied or converted; refused
+        when llmos cannot serve it for `task` (empty: what its files say)."""
         if path.is_dir():
             pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
             if self.allow_pickle and pickles and not any(path.glob("*.safetensors")):
                 source_format, weights = "pickle", pickles
             else:
                 source_format, weights = "safetensors", safetensors_files(path)
-            read_config(path)           # what no engine path serves goes no further
+            read_config(path, task)     # what llmos cannot serve goes no further
             # The weights and the files beside them that define the model (its config, tokenizer
             # and chat template): the same weights under another config are another model.
             sides = [path / name for name in _SIDE_FILES if (path / name).is_file()]
@@ -75,7 +77,7 @@ class Importer:
         raise InvalidArgument.field("source", "must be a safetensors directory or a .gguf file",
                                     reason="UNKNOWN_MODEL_FORMAT")
 
-    async def bring_in(self, path: Path, source_format: str, digest: str) -> Imported:
+    async def bring_in(self, path: Path, source_format: str, digest: str, task: str = "") -> Imported:
         """Puts the weights in the store (unless already there) and reads their facts."""
         async def fill(staging: Path) -> None:
             if source_format in ("gguf", "pickle"):
@@ -85,7 +87,7 @@ class Importer:
             await asyncio.to_thread(index_added_tokens, staging)
 
         target = await self._stored(digest, fill)
-        facts = await asyncio.to_thread(read_facts, target)
+        facts = await asyncio.to_thread(read_facts, target, task)
         return Imported(digest, source_format, target, facts)
 
     async def bring_in_adapter(self, files: list[Path], digest: str) -> Path:
@@ -127,6 +129,7 @@ class Importer:
             shutil.copyfile(path, target / path.name)
         for name in _SIDE_FILES:
             if (source / name).is_file():
+                (target / name).parent.mkdir(exist_ok=True)
                 shutil.copyfile(source / name, target / name)
 
     async def _converted(self, kind: str, source: Path, target: Path, digest: str) -> None:

@@ -13,6 +13,7 @@ from typing import Protocol
 from llmos.common.adapters import CONFIG as ADAPTER_CONFIG
 from llmos.common.adapters import WEIGHTS as ADAPTER_WEIGHTS
 from llmos.common.adapters import read_adapter
+from llmos.common.architectures import GENERATE, TASKS
 from llmos.common.domain import check_quantization
 from llmos.common.errors import (
     AlreadyExists,
@@ -78,8 +79,8 @@ class ModelView:
 
 class WorkerPort(Protocol):
     async def start_model(self, address: str, model: str, path: str, estimated_bytes: int,
-                          quantize: str = "") -> int:
-        """Loads the model on the worker; returns the bytes it measured."""
+                          quantize: str = "", task: str = "generate") -> int:
+        """Loads the model on the worker (for `task`); returns the bytes it measured."""
 
     async def stop_model(self, address: str, model: str) -> None:
         """Unloads the model from the worker."""
@@ -122,17 +123,22 @@ class ModelRegistry:
 
     # catalog ---------------------------------------------------------------
 
-    async def import_model(self, name: str, tag: str, source: str, base: str = "") -> tuple[ModelView, bool]:
+    async def import_model(self, name: str, tag: str, source: str, base: str = "",
+                           task: str = "") -> tuple[ModelView, bool]:
         ref = ModelRef(check_name(name, "name"), check_tag(tag or "latest", "tag"))
         if not source or len(source) > MAX_SOURCE or not source.isprintable():
             raise InvalidArgument.field("source", f"is required, at most {MAX_SOURCE} printable characters")
         if self.aliases.get(ref) is not None:
             raise FailedPrecondition(f"{ref} is an alias; a model cannot take its name", reason="NAME_IS_ALIAS",
                                      metadata={"model": str(ref)})
+        if task and task not in TASKS:
+            raise InvalidArgument.field("task", f"must be one of {', '.join(TASKS)} (or empty: what the files say)")
         if base:
+            if task not in ("", GENERATE):
+                raise InvalidArgument.field("task", "an adapter generates, as its base does")
             return await self._import_adapter(ref, source, base)
         path = self.importer.resolve(source)
-        source_format, digest = await asyncio.to_thread(self.importer.source_digest, path)
+        source_format, digest = await asyncio.to_thread(self.importer.source_digest, path, task)
         existing = self.catalog.get(ref)
         if existing is not None:
             if existing.digest == digest:
@@ -141,7 +147,7 @@ class ModelRegistry:
                                 reason="MODEL_TAG_TAKEN", metadata={"model": str(ref)})
         self.events.emit(str(ref), events.IMPORTING, reason=f"from {source}")
         try:
-            imported = await self.importer.bring_in(path, source_format, digest)
+            imported = await self.importer.bring_in(path, source_format, digest, task)
         except Exception as exc:
             self.events.emit(str(ref), events.FAILED, reason=getattr(exc, "message", "import failed"))
             raise
@@ -153,7 +159,7 @@ class ModelRegistry:
             context_length=facts.context_length, has_chat_template=facts.has_chat_template,
             create_time=time.time(),
             estimated_bytes=estimate_bytes(facts, self._kv, self._overhead), implementation=facts.implementation,
-            tool_call_format=facts.tool_call_format)
+            tool_call_format=facts.tool_call_format if facts.task == GENERATE else "", task=facts.task)
         self.catalog.put(record)
         self.events.emit(str(ref), events.IMPORTED, reason=f"{digest[:19]}, {facts.parameter_count} parameters")
         log.info("imported %s (%s, %d parameters)", ref, digest[:19], facts.parameter_count)
@@ -464,9 +470,11 @@ class ModelRegistry:
                                  quantize: str = "") -> int:
         """Loads on `worker`; while its memory is leased out, evicts the least recently used
         idle model there and tries again. Never evicts a model with requests in flight."""
+        record = self.catalog.get(ref)
+        task = {"task": record.task} if record is not None and record.task != GENERATE else {}
         while True:
             try:
-                return await self._worker_port.start_model(worker.address, str(ref), path, needed, quantize)
+                return await self._worker_port.start_model(worker.address, str(ref), path, needed, quantize, **task)
             except LlmosError as exc:
                 if exc.code != "RESOURCE_EXHAUSTED":
                     raise

@@ -19,10 +19,11 @@ class GrpcWorkers:
         self._timeout = load_timeout
 
     async def start_model(self, address: str, model: str, path: str, estimated_bytes: int,
-                          quantize: str = "") -> int:
+                          quantize: str = "", task: str = "generate") -> int:
         stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
         response = await stub.StartModel(
-            worker_pb2.StartModelRequest(model=model, path=path, estimated_bytes=estimated_bytes, quantize=quantize),
+            worker_pb2.StartModelRequest(model=model, path=path, estimated_bytes=estimated_bytes, quantize=quantize,
+                                         task=task),
             timeout=self._timeout)
         return response.measured_bytes
 

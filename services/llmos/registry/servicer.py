@@ -26,7 +26,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self.rollouts = rollouts
 
     async def ImportModel(self, request, context):
-        view, created = await self.registry.import_model(request.name, request.tag, request.source, request.base)
+        view, created = await self.registry.import_model(request.name, request.tag, request.source, request.base,
+                                                         request.task)
         return registry_pb2.ImportModelResponse(model=model_to_proto(view), created=created)
 
     async def GetModel(self, request, context):

@@ -34,6 +34,8 @@ class WeightFacts:
     implementation: str = architectures.LEAN
     # How the model writes tool calls (`common.tools.FORMATS`); "" without a chat template.
     tool_call_format: str = ""
+    # What it serves (`architectures.TASKS`).
+    task: str = architectures.GENERATE
 
 
 def sha256_files(paths: list[Path]) -> str:
@@ -64,20 +66,26 @@ def _tensor_header(path: Path) -> dict:
         return json.loads(f.read(length))
 
 
-def read_config(directory: Path) -> dict:
-    """The directory's config.json, refused when the engine can serve it on neither of its paths."""
+def read_config(directory: Path, task: str = "") -> dict:
+    """The directory's config.json, refused when llmos cannot serve it for `task` (empty: the task
+    its files say, `architectures.default_task`)."""
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise FailedPrecondition(f"model directory has no readable config.json: {exc.__class__.__name__}",
                                  reason="BAD_MODEL_CONFIG") from None
-    architectures.check_servable(config)
+    architectures.check_servable(config, task or task_of(directory, config))
     return config
 
 
-def read_facts(directory: Path) -> WeightFacts:
+def task_of(directory: Path, config: dict) -> str:
+    """The task a model directory's files say it is for."""
+    return architectures.default_task(config, sentence_transformers=(directory / "modules.json").is_file())
+
+
+def read_facts(directory: Path, task: str = "") -> WeightFacts:
     """Reads config.json, the safetensors headers and the tokenizer config."""
-    config = read_config(directory)
+    config = read_config(directory, task)
     params = weight_bytes = 0
     dtypes: dict[str, int] = {}
     for path in safetensors_files(directory):
@@ -109,7 +117,8 @@ def read_facts(directory: Path) -> WeightFacts:
         num_layers=setting("num_hidden_layers", "n_layer"),
         kv_heads=setting("num_key_value_heads", default=heads),
         head_dim=setting("head_dim", default=hidden // heads if heads else 0),
-        implementation=architectures.implementation(config),
+        implementation=architectures.implementation(config) if architectures.is_causal(config) else "transformers",
+        task=task or task_of(directory, config),
     )
 
 
@@ -141,6 +150,8 @@ def estimate_bytes(facts: WeightFacts, kv: KvShape, overhead_bytes: int) -> int:
     KV cache in bf16 when it is not known), and runtime overhead."""
     element = kv.compute_bytes or 2
     kv_bytes = facts.num_layers * 2 * facts.kv_heads * facts.head_dim * element * kv.tokens
+    if facts.task != architectures.GENERATE:       # a pooling model keeps no cache
+        kv_bytes = 0
     weights = facts.parameter_count * kv.compute_bytes if kv.compute_bytes else facts.weight_bytes
     return weights + kv_bytes + overhead_bytes
 

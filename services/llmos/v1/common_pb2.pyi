@@ -159,7 +159,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "tag", "digest", "source_format", "source", "architecture", "parameter_count", "dtype", "context_length", "has_chat_template", "create_time", "estimated_bytes", "state", "placements", "store_path", "measured_bytes", "keep_alive", "implementation", "base", "adapter_rank", "tool_call_format")
+    __slots__ = ("name", "tag", "digest", "source_format", "source", "architecture", "parameter_count", "dtype", "context_length", "has_chat_template", "create_time", "estimated_bytes", "state", "placements", "store_path", "measured_bytes", "keep_alive", "implementation", "base", "adapter_rank", "tool_call_format", "task")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Model.State]
@@ -193,6 +193,7 @@ class Model(_message.Message):
     BASE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_RANK_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     name: str
     tag: str
     digest: str
@@ -214,7 +215,8 @@ class Model(_message.Message):
     base: str
     adapter_rank: int
     tool_call_format: str
-    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., digest: _Optional[str] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., state: _Optional[_Union[Model.State, str]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., store_path: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., implementation: _Optional[str] = ..., base: _Optional[str] = ..., adapter_rank: _Optional[int] = ..., tool_call_format: _Optional[str] = ...) -> None: ...
+    task: str
+    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., digest: _Optional[str] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., dtype: _Optional[str] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., estimated_bytes: _Optional[int] = ..., state: _Optional[_Union[Model.State, str]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., store_path: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., implementation: _Optional[str] = ..., base: _Optional[str] = ..., adapter_rank: _Optional[int] = ..., tool_call_format: _Optional[str] = ..., task: _Optional[str] = ...) -> None: ...
 
 class Placement(_message.Message):
     __slots__ = ("worker_id", "worker_address", "state", "detail", "measured_bytes", "quantization", "expire_time")
@@ -233,3 +235,9 @@ class Placement(_message.Message):
     quantization: str
     expire_time: _timestamp_pb2.Timestamp
     def __init__(self, worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., state: _Optional[_Union[Model.State, str]] = ..., detail: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., quantization: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Vector(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...

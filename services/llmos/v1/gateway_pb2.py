@@ -26,23 +26,35 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/gateway.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15llmos/v1/common.proto\"C\n\x1aListAvailableModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x90\x01\n\x0e\x41vailableModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x19\n\x11has_chat_template\x18\x04 \x01(\x08\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\"`\n\x1bListAvailableModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.llmos.v1.AvailableModel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12-\n\nkeep_alive\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x63onversation_id\x18\x08 \x01(\t\x12\x1d\n\x05tools\x18\t \x03(\x0b\x32\x0e.llmos.v1.Tool\x12)\n\x0btool_choice\x18\n \x01(\x0b\x32\x14.llmos.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x0b \x01(\x08H\x01\x88\x01\x01\x42\t\n\x07_promptB\x16\n\x14_parallel_tool_calls\"\x9c\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12+\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x15.llmos.v1.TopLogprobs\x12\r\n\x05model\x18\x08 \x01(\t\x12&\n\ntool_calls\x18\t \x03(\x0b\x32\x12.llmos.v1.ToolCall\x12\x0e\n\x06tokens\x18\n \x03(\t2\xb9\x01\n\x0eGatewayService\x12\x43\n\x08Generate\x12\x19.llmos.v1.GenerateRequest\x1a\x1a.llmos.v1.GenerateResponse0\x01\x12\x62\n\x13ListAvailableModels\x12$.llmos.v1.ListAvailableModelsRequest\x1a%.llmos.v1.ListAvailableModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmos/v1/gateway.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15llmos/v1/common.proto\"\x87\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x12\n\ndimensions\x18\x03 \x01(\x05\x12\x1e\n\x16truncate_prompt_tokens\x18\x04 \x01(\x05\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"x\n\rEmbedResponse\x12$\n\nembeddings\x18\x01 \x03(\x0b\x32\x10.llmos.v1.Vector\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"v\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x1e\n\x16truncate_prompt_tokens\x18\x03 \x01(\x05\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x8e\x01\n\x10\x43lassifyResponse\x12\'\n\rprobabilities\x18\x01 \x03(\x0b\x32\x10.llmos.v1.Vector\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x85\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x1e\n\x16truncate_prompt_tokens\x18\x04 \x01(\x05\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"b\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"C\n\x1aListAvailableModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x90\x01\n\x0e\x41vailableModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x19\n\x11has_chat_template\x18\x04 \x01(\x08\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\"`\n\x1bListAvailableModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.llmos.v1.AvailableModel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12-\n\nkeep_alive\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x63onversation_id\x18\x08 \x01(\t\x12\x1d\n\x05tools\x18\t \x03(\x0b\x32\x0e.llmos.v1.Tool\x12)\n\x0btool_choice\x18\n \x01(\x0b\x32\x14.llmos.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x0b \x01(\x08H\x01\x88\x01\x01\x42\t\n\x07_promptB\x16\n\x14_parallel_tool_calls\"\x9c\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12+\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x15.llmos.v1.TopLogprobs\x12\r\n\x05model\x18\x08 \x01(\t\x12&\n\ntool_calls\x18\t \x03(\x0b\x32\x12.llmos.v1.ToolCall\x12\x0e\n\x06tokens\x18\n \x03(\t2\xf0\x02\n\x0eGatewayService\x12\x43\n\x08Generate\x12\x19.llmos.v1.GenerateRequest\x1a\x1a.llmos.v1.GenerateResponse0\x01\x12\x62\n\x13ListAvailableModels\x12$.llmos.v1.ListAvailableModelsRequest\x1a%.llmos.v1.ListAvailableModelsResponse\x12\x38\n\x05\x45mbed\x12\x16.llmos.v1.EmbedRequest\x1a\x17.llmos.v1.EmbedResponse\x12\x41\n\x08\x43lassify\x12\x19.llmos.v1.ClassifyRequest\x1a\x1a.llmos.v1.ClassifyResponse\x12\x38\n\x05Score\x12\x16.llmos.v1.ScoreRequest\x1a\x17.llmos.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmos.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTAVAILABLEMODELSREQUEST']._serialized_start=91
-  _globals['_LISTAVAILABLEMODELSREQUEST']._serialized_end=158
-  _globals['_AVAILABLEMODEL']._serialized_start=161
-  _globals['_AVAILABLEMODEL']._serialized_end=305
-  _globals['_LISTAVAILABLEMODELSRESPONSE']._serialized_start=307
-  _globals['_LISTAVAILABLEMODELSRESPONSE']._serialized_end=403
-  _globals['_GENERATEREQUEST']._serialized_start=406
-  _globals['_GENERATEREQUEST']._serialized_end=797
-  _globals['_GENERATERESPONSE']._serialized_start=800
-  _globals['_GENERATERESPONSE']._serialized_end=1084
-  _globals['_GATEWAYSERVICE']._serialized_start=1087
-  _globals['_GATEWAYSERVICE']._serialized_end=1272
+  _globals['_EMBEDREQUEST']._serialized_start=92
+  _globals['_EMBEDREQUEST']._serialized_end=227
+  _globals['_EMBEDRESPONSE']._serialized_start=229
+  _globals['_EMBEDRESPONSE']._serialized_end=349
+  _globals['_CLASSIFYREQUEST']._serialized_start=351
+  _globals['_CLASSIFYREQUEST']._serialized_end=469
+  _globals['_CLASSIFYRESPONSE']._serialized_start=472
+  _globals['_CLASSIFYRESPONSE']._serialized_end=614
+  _globals['_SCOREREQUEST']._serialized_start=617
+  _globals['_SCOREREQUEST']._serialized_end=750
+  _globals['_SCORERESPONSE']._serialized_start=752
+  _globals['_SCORERESPONSE']._serialized_end=850
+  _globals['_LISTAVAILABLEMODELSREQUEST']._serialized_start=852
+  _globals['_LISTAVAILABLEMODELSREQUEST']._serialized_end=919
+  _globals['_AVAILABLEMODEL']._serialized_start=922
+  _globals['_AVAILABLEMODEL']._serialized_end=1066
+  _globals['_LISTAVAILABLEMODELSRESPONSE']._serialized_start=1068
+  _globals['_LISTAVAILABLEMODELSRESPONSE']._serialized_end=1164
+  _globals['_GENERATEREQUEST']._serialized_start=1167
+  _globals['_GENERATEREQUEST']._serialized_end=1558
+  _globals['_GENERATERESPONSE']._serialized_start=1561
+  _globals['_GENERATERESPONSE']._serialized_end=1845
+  _globals['_GATEWAYSERVICE']._serialized_start=1848
+  _globals['_GATEWAYSERVICE']._serialized_end=2216
 # @@protoc_insertion_point(module_scope)

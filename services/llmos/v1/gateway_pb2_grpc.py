@@ -61,6 +61,21 @@ class GatewayServiceStub:
                 request_serializer=llmos_dot_v1_dot_gateway__pb2.ListAvailableModelsRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_gateway__pb2.ListAvailableModelsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llmos.v1.GatewayService/Embed',
+                request_serializer=llmos_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/llmos.v1.GatewayService/Classify',
+                request_serializer=llmos_dot_v1_dot_gateway__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_gateway__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/llmos.v1.GatewayService/Score',
+                request_serializer=llmos_dot_v1_dot_gateway__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_gateway__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -102,6 +117,34 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeds texts with an embedding model (`Model.task` "embed"): one vector
+        each, in order. Admitted, queued and counted (in input tokens) as a
+        generation is. Errors: INVALID_ARGUMENT (no inputs or more than 2,048, a
+        text over the model's limit without truncation, a model that does not
+        embed: reason MODEL_TASK_MISMATCH), and those of Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Classify(self, request, context):
+        """Classifies texts with a sequence classification model (`Model.task`
+        "classify"): the probability of each label, per text. Errors as Embed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """Scores how well each document answers a query: a cross-encoder's score
+        (`Model.task` "score", the sigmoid of its one logit), or the cosine
+        similarity of an embedding model's vectors. Errors as Embed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +157,21 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ListAvailableModels,
                     request_deserializer=llmos_dot_v1_dot_gateway__pb2.ListAvailableModelsRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_gateway__pb2.ListAvailableModelsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llmos_dot_v1_dot_gateway__pb2.EmbedRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_gateway__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=llmos_dot_v1_dot_gateway__pb2.ClassifyRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_gateway__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=llmos_dot_v1_dot_gateway__pb2.ScoreRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_gateway__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +245,87 @@ class GatewayService:
             '/llmos.v1.GatewayService/ListAvailableModels',
             llmos_dot_v1_dot_gateway__pb2.ListAvailableModelsRequest.SerializeToString,
             llmos_dot_v1_dot_gateway__pb2.ListAvailableModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.GatewayService/Embed',
+            llmos_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
+            llmos_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.GatewayService/Classify',
+            llmos_dot_v1_dot_gateway__pb2.ClassifyRequest.SerializeToString,
+            llmos_dot_v1_dot_gateway__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.GatewayService/Score',
+            llmos_dot_v1_dot_gateway__pb2.ScoreRequest.SerializeToString,
+            llmos_dot_v1_dot_gateway__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,16 +13,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ImportModelRequest(_message.Message):
-    __slots__ = ("name", "tag", "source", "base")
+    __slots__ = ("name", "tag", "source", "base", "task")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     BASE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     name: str
     tag: str
     source: str
     base: str
-    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., source: _Optional[str] = ..., base: _Optional[str] = ...) -> None: ...
+    task: str
+    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., source: _Optional[str] = ..., base: _Optional[str] = ..., task: _Optional[str] = ...) -> None: ...
 
 class ImportModelResponse(_message.Message):
     __slots__ = ("model", "created")

@@ -11,16 +11,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartModelRequest(_message.Message):
-    __slots__ = ("model", "path", "estimated_bytes", "quantize")
+    __slots__ = ("model", "path", "estimated_bytes", "quantize", "task")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     model: str
     path: str
     estimated_bytes: int
     quantize: str
-    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., quantize: _Optional[str] = ...) -> None: ...
+    task: str
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., estimated_bytes: _Optional[int] = ..., quantize: _Optional[str] = ..., task: _Optional[str] = ...) -> None: ...
 
 class StartModelResponse(_message.Message):
     __slots__ = ("measured_bytes", "dtype", "device")
@@ -137,3 +139,35 @@ class GetWorkerStatusResponse(_message.Message):
     waiting: int
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, worker_id: _Optional[str] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., waiting: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PoolRequest(_message.Message):
+    __slots__ = ("request_id", "model", "inputs", "pairs", "truncate_prompt_tokens", "dimensions", "task")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    pairs: _containers.RepeatedScalarFieldContainer[str]
+    truncate_prompt_tokens: int
+    dimensions: int
+    task: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., pairs: _Optional[_Iterable[str]] = ..., truncate_prompt_tokens: _Optional[int] = ..., dimensions: _Optional[int] = ..., task: _Optional[str] = ...) -> None: ...
+
+class PoolResponse(_message.Message):
+    __slots__ = ("embeddings", "probabilities", "labels", "scores", "usage")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Vector]
+    probabilities: _containers.RepeatedCompositeFieldContainer[_common_pb2.Vector]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    usage: _common_pb2.Usage
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[_common_pb2.Vector, _Mapping]]] = ..., probabilities: _Optional[_Iterable[_Union[_common_pb2.Vector, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...

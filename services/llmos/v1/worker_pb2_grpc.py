@@ -51,6 +51,11 @@ class WorkerServiceStub:
                 request_serializer=llmos_dot_v1_dot_worker__pb2.GenerateTokensRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_worker__pb2.GenerateTokensResponse.FromString,
                 _registered_method=True)
+        self.Pool = channel.unary_unary(
+                '/llmos.v1.WorkerService/Pool',
+                request_serializer=llmos_dot_v1_dot_worker__pb2.PoolRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_worker__pb2.PoolResponse.FromString,
+                _registered_method=True)
         self.GetWorkerStatus = channel.unary_unary(
                 '/llmos.v1.WorkerService/GetWorkerStatus',
                 request_serializer=llmos_dot_v1_dot_worker__pb2.GetWorkerStatusRequest.SerializeToString,
@@ -92,6 +97,14 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pool(self, request, context):
+        """Runs a pooling model (embed, classify, score) over a batch of inputs:
+        one forward, no generation, batched with other requests' inputs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetWorkerStatus(self, request, context):
         """Reports the worker's loaded models and load figures. Read only.
         """
@@ -116,6 +129,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.GenerateTokens,
                     request_deserializer=llmos_dot_v1_dot_worker__pb2.GenerateTokensRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_worker__pb2.GenerateTokensResponse.SerializeToString,
+            ),
+            'Pool': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pool,
+                    request_deserializer=llmos_dot_v1_dot_worker__pb2.PoolRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_worker__pb2.PoolResponse.SerializeToString,
             ),
             'GetWorkerStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWorkerStatus,
@@ -206,6 +224,33 @@ class WorkerService:
             '/llmos.v1.WorkerService/GenerateTokens',
             llmos_dot_v1_dot_worker__pb2.GenerateTokensRequest.SerializeToString,
             llmos_dot_v1_dot_worker__pb2.GenerateTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.WorkerService/Pool',
+            llmos_dot_v1_dot_worker__pb2.PoolRequest.SerializeToString,
+            llmos_dot_v1_dot_worker__pb2.PoolResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,6 +17,7 @@ from typing import Protocol
 import psutil
 import torch
 
+from llmos.common.architectures import CLASSIFY, EMBED, GENERATE, SCORE, TASKS
 from llmos.common.domain import (
     DEFAULT_KV_CACHE_TOKENS,
     DEFAULT_MAX_TOKENS,
@@ -35,6 +36,7 @@ from llmos.common.tools import CallParser, format_of
 from llmos.common.tools import grammar as tool_grammar
 from llmos.engine import Engine, EngineDriver, EngineEvents, EngineStats, Sequence
 from llmos.engine.loader import LoadedModel, load_model
+from llmos.engine.pooling import PoolBatcher, PoolingModel, load_pooling_model
 from llmos.engine.prompts import prompt_ids
 from llmos.engine.structured import Grammars
 
@@ -106,6 +108,26 @@ class Served:
         return chunk
 
 
+@dataclass
+class Pooled:
+    """A model loaded for a pooling task (embed, classify, score)."""
+
+    loaded: PoolingModel
+    batcher: PoolBatcher
+    lease: str
+    last_request: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class PoolResult:
+    """What `ModelHost.pool` computed: vectors (embed), label probabilities and the labels
+    (classify) or scores (score), and the tokens read."""
+
+    rows: list[list[float]]
+    labels: list[str]
+    prompt_tokens: int
+
+
 @dataclass(frozen=True)
 class ModelStatus:
     model: str
@@ -135,6 +157,7 @@ class ModelHost:
         self._resources = resources
         self._loader = loader
         self._served: dict[str, Served] = {}
+        self._pooled: dict[str, Pooled] = {}
         # The generations served now (from their arrival to their end), by request id.
         self.active_requests: Counter[str] = Counter()
         self._lock = asyncio.Lock()
@@ -149,7 +172,7 @@ class ModelHost:
 
     @property
     def loaded_models(self) -> list[str]:
-        return sorted(self._served)
+        return sorted([*self._served, *self._pooled])
 
     @property
     def quantizations(self) -> dict[str, str]:
@@ -180,9 +203,17 @@ class ModelHost:
             return f"cuda:{self.device.index or 0}"
         return "cpu"
 
-    async def start_model(self, model: str, path: str, estimated_bytes: int, quantize: str = "") -> Served:
+    async def start_model(self, model: str, path: str, estimated_bytes: int, quantize: str = "",
+                          task: str = GENERATE) -> Served | Pooled:
         check_quantization(quantize)
+        if task not in TASKS:
+            raise InvalidArgument.field("task", f"must be one of {', '.join(TASKS)}")
+        if task != GENERATE:
+            return await self._start_pooling(model, path, estimated_bytes, quantize, task)
         async with self._lock:
+            if model in self._pooled:
+                raise FailedPrecondition(f"{model} is loaded here for {self._pooled[model].loaded.task}; unload it "
+                                         "first", reason="MODEL_TASK_MISMATCH", metadata={"model": model})
             served = self._served.get(model)
             if served is not None:
                 if served.loaded.quantization != quantize:
@@ -222,8 +253,81 @@ class ModelHost:
             self._served[model] = served
             return served
 
+    async def _start_pooling(self, model: str, path: str, estimated_bytes: int, quantize: str, task: str) -> Pooled:
+        if quantize:
+            raise InvalidArgument.field("quantize", "pooling models run their weights as stored")
+        async with self._lock:
+            pooled = self._pooled.get(model)
+            if pooled is not None and pooled.loaded.task == task:
+                return pooled
+            if pooled is not None or model in self._served:
+                raise FailedPrecondition(f"{model} is loaded here for another task; unload it first",
+                                         reason="MODEL_TASK_MISMATCH", metadata={"model": model, "task": task})
+            if estimated_bytes <= 0:
+                raise InvalidArgument.field("estimated_bytes", "must be greater than 0")
+            await self._past_released.wait()
+            lease = await self._resources.acquire(model_lease_holder(self.worker_id, model),
+                                                  self.device_name, estimated_bytes, self.config.lease_ttl)
+            try:
+                loaded = await asyncio.wrap_future(self.driver.call(load_pooling_model, model, path, self.device, task))
+            except BaseException:
+                await self._resources.release(lease)
+                raise
+            pooled = self._pooled[model] = Pooled(loaded, PoolBatcher(loaded, self.driver.call), lease)
+            return pooled
+
+    async def pool(self, request_id: str, model: str, task: str, inputs: list[str], pairs: list[str],
+                   truncate: int = 0, dimensions: int = 0) -> PoolResult:
+        """Runs a pooling model over `inputs` (for score: each with its `pairs` text) in the
+        batches of its batcher: embed, classify or score, as `task` asks."""
+        pooled = self._pooled.get(model)
+        if pooled is None:
+            if model in self._served:
+                raise InvalidArgument.field("model", f"{model} generates text; it does not {task}",
+                                            reason="MODEL_TASK_MISMATCH")
+            raise NotFound(f"model {model} is not loaded on worker {self.worker_id}",
+                           reason="MODEL_NOT_LOADED", metadata={"model": model})
+        loaded = pooled.loaded
+        serves = {EMBED: (EMBED,), CLASSIFY: (CLASSIFY,), SCORE: (SCORE, EMBED)}.get(task, ())
+        if loaded.task not in serves:
+            raise InvalidArgument.field("model", f"{model} serves {loaded.task}; it does not {task}",
+                                        reason="MODEL_TASK_MISMATCH")
+        if dimensions and task == EMBED and dimensions not in loaded.spec.matryoshka:
+            allowed = ", ".join(map(str, loaded.spec.matryoshka)) or "none (no matryoshka_dimensions in its config)"
+            raise InvalidArgument.field("dimensions", f"{model} is trained to be cut to these sizes only: {allowed}",
+                                        reason="DIMENSIONS_UNSUPPORTED")
+        pooled.last_request = time.time()
+        self.active_requests[request_id] += 1
+        try:
+            cosine = task == SCORE and loaded.task == EMBED
+            texts = list(dict.fromkeys([*inputs, *pairs])) if cosine else inputs     # (each text embedded once)
+            encoded = await asyncio.to_thread(loaded.encode, texts, [] if cosine else pairs, truncate)
+            rows = await pooled.batcher.run(encoded)
+            tokens = sum(len(e["input_ids"]) for e in encoded)
+            if cosine:          # each pair: the cosine similarity of its two texts' vectors
+                vectors = torch.nn.functional.normalize(rows.float(), dim=-1)
+                at = {text: i for i, text in enumerate(texts)}
+                rows = (vectors[[at[t] for t in inputs]] * vectors[[at[t] for t in pairs]]).sum(dim=-1)
+            elif dimensions:
+                rows = rows[:, :dimensions]
+                if loaded.spec.normalize:
+                    rows = torch.nn.functional.normalize(rows, dim=-1)
+            values = rows.tolist()
+            return PoolResult([[v] for v in values] if task == SCORE else values,
+                              loaded.labels if task == CLASSIFY else [], tokens)
+        finally:
+            self.active_requests[request_id] -= 1
+            if not self.active_requests[request_id]:
+                del self.active_requests[request_id]
+
     async def stop_model(self, model: str) -> None:
         async with self._lock:
+            pooled = self._pooled.pop(model, None)
+            if pooled is not None:
+                pooled.batcher.close()
+                await self._resources.release(pooled.lease)
+                log.info("unloaded %s", model)
+                return
             served = self._served.pop(model, None)
             if served is None:
                 return
@@ -233,14 +337,18 @@ class ModelHost:
             log.info("unloaded %s", model)
 
     async def stop_all(self) -> None:
-        for model in list(self._served):
+        for model in self.loaded_models:
             await self.stop_model(model)
 
     def status(self) -> list[ModelStatus]:
-        return [ModelStatus(name, self.device_name, s.loaded.dtype_name,
-                            s.loaded.measured_bytes, s.engine.stats(), s.last_request, s.adapters.names,
-                            s.adapters.nbytes)
-                for name, s in sorted(self._served.items())]
+        models = [ModelStatus(name, self.device_name, s.loaded.dtype_name,
+                              s.loaded.measured_bytes, s.engine.stats(), s.last_request, s.adapters.names,
+                              s.adapters.nbytes)
+                  for name, s in self._served.items()]
+        models += [ModelStatus(name, self.device_name, p.loaded.dtype_name, p.loaded.measured_bytes,
+                               EngineStats(p.batcher.running, 0, 0, 0, 0, self.config.max_running), p.last_request)
+                   for name, p in self._pooled.items()]
+        return sorted(models, key=lambda m: m.model)
 
     def _prompt_ids(self, loaded: LoadedModel, source: GenerationInput) -> list[int]:
         tokenizer = loaded.tokenizer
@@ -291,6 +399,9 @@ class ModelHost:
         when one is named. `trace_context`: the request's span context, which the engine's
         spans link to."""
         served = self._served.get(model)
+        if served is None and model in self._pooled:
+            raise InvalidArgument.field("model", f"{model} serves {self._pooled[model].loaded.task}; it does not "
+                                        "generate text", reason="MODEL_TASK_MISMATCH")
         if served is None:
             raise NotFound(f"model {model} is not loaded on worker {self.worker_id}",
                            reason="MODEL_NOT_LOADED", metadata={"model": model})

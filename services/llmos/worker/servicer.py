@@ -6,9 +6,17 @@ import asyncio
 
 from opentelemetry import trace
 
-from llmos.common.convert import Violations, fill_chunk, input_from_proto, sampling_from_proto, timestamp
+from llmos.common.architectures import GENERATE
+from llmos.common.convert import (
+    Violations,
+    check_pool_inputs,
+    fill_chunk,
+    input_from_proto,
+    sampling_from_proto,
+    timestamp,
+)
 from llmos.common.errors import InvalidArgument
-from llmos.v1 import worker_pb2, worker_pb2_grpc
+from llmos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 from .host import ModelHost
 
@@ -25,7 +33,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 "gen_ai.request.model": request.model, "llmos.model.estimated_bytes": request.estimated_bytes,
                 "llmos.model.cold": request.model not in self.host.loaded_models}) as span:
             served = await self.host.start_model(request.model, request.path, request.estimated_bytes,
-                                                 request.quantize)
+                                                 request.quantize, request.task or GENERATE)
             span.set_attributes({"llmos.model.measured_bytes": served.loaded.measured_bytes,
                                  "llmos.model.dtype": served.loaded.dtype_name,
                                  "llmos.model.quantization": served.loaded.quantization,
@@ -67,6 +75,26 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                      "gen_ai.usage.input_tokens": chunk.usage.prompt_tokens,
                                      "gen_ai.usage.output_tokens": chunk.usage.completion_tokens})
             yield fill_chunk(worker_pb2.GenerateTokensResponse(), chunk)
+
+    async def Pool(self, request, context):
+        errors = Violations()
+        if not request.request_id:
+            errors.add("request_id", "is required")
+        check_pool_inputs(request.inputs, request.pairs, request.task, errors)
+        errors.raise_if_any()
+        trace.get_current_span().set_attributes({"gen_ai.request.model": request.model,
+                                                 "llmos.request.id": request.request_id,
+                                                 "gen_ai.operation.name": request.task})
+        result = await self.host.pool(request.request_id, request.model, request.task, list(request.inputs),
+                                      list(request.pairs), request.truncate_prompt_tokens, request.dimensions)
+        response = worker_pb2.PoolResponse(usage=common_pb2.Usage(prompt_tokens=result.prompt_tokens),
+                                           labels=result.labels)
+        if request.task == "score":
+            response.scores.extend(row[0] for row in result.rows)
+        else:
+            field = response.embeddings if request.task == "embed" else response.probabilities
+            field.extend(common_pb2.Vector(values=row) for row in result.rows)
+        return response
 
     async def GetWorkerStatus(self, request, context):
         models = [worker_pb2.LoadedModel(

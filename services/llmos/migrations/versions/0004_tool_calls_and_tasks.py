@@ -1,5 +1,6 @@
 """The catalog records how each model writes tool calls (`common.tools.format_of` of its chat
-template); models already imported get it from the template in their store directory.
+template; models already imported get it from the template in their store directory) and the
+task it serves (models already imported were all causal LMs: "generate").
 
 Revision ID: 0004
 """
@@ -23,6 +24,8 @@ def upgrade() -> None:
     # A store created at 0001 by this version's schema has the column already.
     if "tool_call_format" not in {c["name"] for c in sa.inspect(bind).get_columns("models")}:
         op.add_column("models", sa.Column("tool_call_format", sa.String(32), nullable=False, server_default=""))
+    if "task" not in {c["name"] for c in sa.inspect(bind).get_columns("models")}:
+        op.add_column("models", sa.Column("task", sa.String(16), nullable=False, server_default="generate"))
     models = sa.table("models", sa.column("name"), sa.column("tag"), sa.column("path"),
                       sa.column("has_chat_template"), sa.column("tool_call_format"))
     for name, tag, path in bind.execute(sa.select(models.c.name, models.c.tag, models.c.path).where(
@@ -35,4 +38,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_column("models", "task")
     op.drop_column("models", "tool_call_format")
