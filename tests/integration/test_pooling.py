@@ -215,3 +215,25 @@ async def test_import_takes_a_task_and_refuses_what_a_model_cannot_do(stack, mod
         await stack.registry.ImportModel(registry_pb2.ImportModelRequest(name="x", source=str(models["tiny"]),
                                                                          task="dance"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_the_python_client_and_llmos_embed_give_the_same_vectors(stack, models):
+    import json
+    import sys
+
+    a = stack.suite.addresses
+    cli = [sys.executable, "-m", "llmos.cli", "--gateway", a["gateway"], "--registry", a["registry"],
+           "--data-dir", str(stack.suite.data_dir)]
+    run = await asyncio.create_subprocess_exec(*cli, "embed", "bert-embed", *TEXTS[:2],
+                                               stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(run.communicate(), 60)
+    assert run.returncode == 0, err.decode()
+    printed = torch.tensor([json.loads(line) for line in out.decode().splitlines()])
+    assert torch.allclose(printed, reference(models["bert-embed"], TEXTS[:2]), atol=1e-5)
+    assert "2 vectors of 64" in err.decode()
+
+    from llmos_client.aio import AsyncClient
+
+    async with AsyncClient(a["gateway"], a["registry"], api_key=await stack.user_key("pooling")) as client:
+        response = await client.embed("bert-embed", TEXTS[:2])
+    assert torch.allclose(torch.tensor([list(v.values) for v in response.embeddings]), printed, atol=1e-6)

@@ -93,5 +93,11 @@ class AsyncClient:
     async def load_model(self, name: str, timeout: float = 600) -> registry_pb2.LoadModelResponse:
         return await self._unary(self.registry.LoadModel, registry_pb2.LoadModelRequest(name=name), timeout)
 
+    async def embed(self, model: str, inputs: list[str], *, dimensions: int = 0, truncate_prompt_tokens: int = 0,
+                    timeout: float = 120) -> gateway_pb2.EmbedResponse:
+        """One vector per text, in order (`response.embeddings[i].values`)."""
+        return await self._unary(self.gateway.Embed, gateway_pb2.EmbedRequest(
+            model=model, inputs=inputs, dimensions=dimensions, truncate_prompt_tokens=truncate_prompt_tokens), timeout)
+
     async def get_model(self, name: str) -> common_pb2.Model:
         return (await self._unary(self.registry.GetModel, registry_pb2.GetModelRequest(name=name), 10)).model

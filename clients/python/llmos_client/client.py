@@ -124,11 +124,28 @@ class Client:
         except grpc.RpcError as exc:
             raise from_call(exc) from None
 
-    def import_model(self, name: str, source: str, tag: str = "", base: str = "",
+    def import_model(self, name: str, source: str, tag: str = "", base: str = "", task: str = "",
                      timeout: float = 600) -> registry_pb2.ImportModelResponse:
-        """Imports a model, or with `base` a LoRA adapter of that model."""
-        return self._unary(self.registry.ImportModel,
-                           registry_pb2.ImportModelRequest(name=name, tag=tag, source=source, base=base), timeout)
+        """Imports a model (for `task`: generate, embed, classify or score; empty: what its files
+        say), or with `base` a LoRA adapter of that model."""
+        return self._unary(self.registry.ImportModel, registry_pb2.ImportModelRequest(
+            name=name, tag=tag, source=source, base=base, task=task), timeout)
+
+    def embed(self, model: str, inputs: list[str], *, dimensions: int = 0, truncate_prompt_tokens: int = 0,
+              timeout: float = 120) -> gateway_pb2.EmbedResponse:
+        """One vector per text, in order (`response.embeddings[i].values`)."""
+        return self._unary(self.gateway.Embed, gateway_pb2.EmbedRequest(
+            model=model, inputs=inputs, dimensions=dimensions, truncate_prompt_tokens=truncate_prompt_tokens), timeout)
+
+    def classify(self, model: str, inputs: list[str], *, timeout: float = 120) -> gateway_pb2.ClassifyResponse:
+        """Each text's label probabilities (`response.probabilities[i].values`, in `response.labels` order)."""
+        return self._unary(self.gateway.Classify, gateway_pb2.ClassifyRequest(model=model, inputs=inputs), timeout)
+
+    def score(self, model: str, query: str, documents: list[str], *,
+              timeout: float = 120) -> gateway_pb2.ScoreResponse:
+        """How well each document answers the query (`response.scores`, in order)."""
+        return self._unary(self.gateway.Score, gateway_pb2.ScoreRequest(model=model, query=query,
+                                                                        documents=documents), timeout)
 
     def set_alias(self, name: str, targets: dict[str, int] | str, rollback_window: float = 0.0,
                   timeout: float = 600) -> registry_pb2.SetAliasResponse:

@@ -215,6 +215,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Prints one JSON array of numbers per text (each argument, or each line of stdin)."""
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    with _client(args) as client:
+        response = client.embed(args.model, texts, dimensions=args.dimensions)
+    for vector in response.embeddings:
+        print(json.dumps([round(v, 7) for v in vector.values]))
+    print(f"[{len(response.embeddings)} vectors of {len(response.embeddings[0].values)}, "
+          f"{response.usage.prompt_tokens} tokens, {response.model}]", file=sys.stderr)
+    return 0
+
+
 def _until(model, placement, now: float) -> str:
     """When an idle placement is unloaded: "forever" for a keep-alive below 0, "-" before the
     registry has read its worker's activity."""
@@ -451,7 +463,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         if args.action == "import":
             source = args.source if args.source.startswith("bundled:") else os.path.abspath(args.source)
             with Progress(client, f"{args.name}:{args.tag}" if args.tag else args.name, "importing"):
-                response = client.import_model(args.name, source, tag=args.tag, base=args.base)
+                response = client.import_model(args.name, source, tag=args.tag, base=args.base, task=args.task)
             print("imported" if response.created else "already imported", end=": ")
             _print_model(response.model)
         elif args.action == "list":
@@ -733,6 +745,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send the text as a raw prompt, not a chat turn")
     gen.set_defaults(func=cmd_generate)
 
+    embed = sub.add_parser("embed", help="embed texts with an embedding model (one JSON vector per line)")
+    embed.add_argument("model")
+    embed.add_argument("texts", nargs="*", help="the texts (default: each line of stdin)")
+    embed.add_argument("--dimensions", type=int, default=0, help="cut each vector to this size (Matryoshka models)")
+    embed.set_defaults(func=cmd_embed)
+
     chat = sub.add_parser("chat", help="talk with a model, the conversation kept as it goes (Ctrl-C stops an "
                                        "answer, Ctrl-D or /bye ends)")
     chat.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -758,6 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("source")
     imp.add_argument("--tag", default="")
     imp.add_argument("--base", default="", help="import SOURCE as a LoRA adapter (PEFT) of this model")
+    imp.add_argument("--task", default="", choices=["", "generate", "embed", "classify", "score"],
+                     help="what the model serves (default: what its files say)")
     msub.add_parser("list", help="list the catalog").add_argument("--json", action="store_true", help="print JSON")
     show = msub.add_parser("show", help="show one model and where it is loaded")
     show.add_argument("name")
