@@ -5,6 +5,7 @@ import asyncio
 import grpc
 import pytest
 import torch
+from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -51,6 +52,12 @@ async def test_every_service_serves_health_and_reflection(stack):
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
         services = {s.name for s in responses[0].list_services_response.service}
         assert SERVICE_NAMES[name] in services and "grpc.health.v1.Health" in services
+        # The error details every status carries resolve too (grpcurl prints an ErrorInfo's reason).
+        responses = [r async for r in reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="google.rpc.ErrorInfo")]))]
+        files = [descriptor_pb2.FileDescriptorProto.FromString(f)
+                 for f in responses[0].file_descriptor_response.file_descriptor_proto]
+        assert "google/rpc/error_details.proto" in [f.name for f in files], name
 
 
 async def test_stream_matches_plain_transformers_greedy_output(stack, tiny_reference):
