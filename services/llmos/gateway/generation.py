@@ -74,6 +74,9 @@ class Generation:
             with watch:
                 async for item in chunks:
                     watch.chunk(*item)
+                    if not self._queue.full():      # (the common case: no timer, no task)
+                        self._queue.put_nowait(item)
+                        continue
                     try:
                         await asyncio.wait_for(self._queue.put(item), self._stall)
                     except TimeoutError:
@@ -88,6 +91,11 @@ class Generation:
         self._end = end
         if not self._queue.full():        # a reader waiting on an empty queue hears of it now;
             self._queue.put_nowait(end)   # one behind a full queue, once it has caught up
+
+    @property
+    def ready(self) -> bool:
+        """Whether `next` would answer at once (a chunk is waiting, or the end)."""
+        return not self._queue.empty() or self._end is not _RUNNING
 
     async def next(self) -> tuple[str, Chunk] | None:
         """The next (request id, chunk); None after the last; raises the generation's error."""

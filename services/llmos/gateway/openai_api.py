@@ -768,18 +768,23 @@ class _Answer:
                 "model": self.model}
 
     async def events(self, firsts: list, generations: list[Generation]) -> AsyncIterator[str]:
+        """The stream's server-sent events; those ready together go out in one write."""
         def event(payload: dict) -> str:
             return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
         n = len(generations)
         rid, last, started, calls = firsts[0][0], [None] * n, [False] * n, [0] * n
+        # Every chunk event is this head, its one choice and this tail.
+        head = json.dumps(self._head(rid, True), separators=(",", ":"))[:-1] + ',"choices":['
+        tail = "]" + (',"usage":null' if self.shape["include_usage"] else "") + "}\n\n"
+        out: list[str] = []
         try:
             async for index, (_, chunk) in _items(firsts, generations):
                 last[index] = chunk
                 if started[index] and not (chunk.text or chunk.tool_calls or chunk.finish_reason
                                            or self.shape["logprobs"]):    # (a token held back: nothing to say)
                     continue
-                choice: dict[str, Any] = {"index": index, "finish_reason": FINISH.get(chunk.finish_reason)}
+                choice: dict[str, Any] = {"index": index}
                 if self.chat:
                     choice["delta"] = {"content": chunk.text} if started[index] else {"role": "assistant",
                                                                                       "content": chunk.text}
@@ -791,16 +796,18 @@ class _Answer:
                     choice["text"] = chunk.text
                 wanted = self.shape["logprobs"] and chunk.token_ids
                 choice["logprobs"] = _logprobs(chunk, self.chat) if wanted else None
-                payload = {**self._head(rid, True), "choices": [choice]}
-                if self.shape["include_usage"]:
-                    payload["usage"] = None
-                yield event(payload)
+                choice["finish_reason"] = FINISH.get(chunk.finish_reason)
+                out.append(f"data: {head}{json.dumps(choice, separators=(',', ':'))}{tail}")
                 started[index] = True
+                if not any(g.ready for g in generations):
+                    yield "".join(out)
+                    out.clear()
             if self.shape["include_usage"]:
-                yield event({**self._head(rid, True), "choices": [], "usage": _usage(last)})
-            yield "data: [DONE]\n\n"
+                out.append(event({**self._head(rid, True), "choices": [], "usage": _usage(last)}))
+            out.append("data: [DONE]\n\n")
+            yield "".join(out)
         except LlmosError as exc:
-            yield event(error_body(exc)[1])
+            yield "".join(out) + event(error_body(exc)[1])
 
     async def whole(self, firsts: list, generations: list[Generation]) -> Response:
         chunks: list[list[Chunk]] = [[] for _ in generations]
