@@ -106,6 +106,11 @@ async def test_embeddings_equal_the_models_own_forward_and_pooling(stack, models
     assert torch.allclose(torch.tensor(floats["data"][0]["embedding"]), expected[0], atol=1e-5)
     grpc_answer = await stack.gateway.Embed(gateway_pb2.EmbedRequest(model=name, inputs=TEXTS))
     assert torch.allclose(torch.tensor([list(v.values) for v in grpc_answer.embeddings]), expected, atol=1e-5)
+    # and sentence-transformers' own encode() of the same files
+    from sentence_transformers import SentenceTransformer
+
+    encoded = torch.tensor(SentenceTransformer(str(models[name]), device="cpu").encode(TEXTS, batch_size=2))
+    assert torch.allclose(got, encoded, atol=1e-5), (got - encoded).abs().max()
 
 
 async def test_a_batch_of_64_equals_each_input_alone(stack):

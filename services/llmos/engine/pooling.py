@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # Most inputs, and padded tokens, in one forward.
 BATCH_INPUTS = 64
 BATCH_TOKENS = 16384
+MIN_BATCH = 8
+PADDING = 0.25
 
 
 @dataclass(frozen=True)
@@ -99,17 +101,15 @@ class PoolingModel:
         """Each input tokenized as the model expects (special tokens, and a pair as one input);
         one longer than the model's limit is INVALID_ARGUMENT unless `truncate` says to cut it."""
         limit = self.max_len if truncate < 0 else min(truncate, self.max_len) if truncate else None
-        out = []
-        for i, text in enumerate(texts):
-            encoded = self.tokenizer(text, pairs[i] if pairs else None, add_special_tokens=True,
-                                     truncation=limit is not None and ("longest_first" if pairs else True),
-                                     max_length=limit)
-            ids = encoded["input_ids"]
-            if len(ids) > self.max_len:
-                raise InvalidArgument.field(f"inputs[{i}]", f"is {len(ids)} tokens; this model reads at most "
-                                            f"{self.max_len} (truncate_prompt_tokens cuts it)",
+        encoded = self.tokenizer(texts, pairs or None, add_special_tokens=True, max_length=limit,
+                                 truncation=limit is not None and ("longest_first" if pairs else True))
+        keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
+        out = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
+        for i, item in enumerate(out):
+            if len(item["input_ids"]) > self.max_len:
+                raise InvalidArgument.field(f"inputs[{i}]", f"is {len(item['input_ids'])} tokens; this model reads "
+                                            f"at most {self.max_len} (truncate_prompt_tokens cuts it)",
                                             reason="INPUT_TOO_LONG")
-            out.append({k: list(v) for k, v in encoded.items() if k in ("input_ids", "token_type_ids")})
         return out
 
     @torch.inference_mode()
@@ -241,14 +241,20 @@ class PoolBatcher:
                         waiting.future.set_result(torch.stack(waiting.results))
 
     def _take(self) -> list[tuple[_Waiting, int]]:
-        """The next batch: up to BATCH_INPUTS inputs, shortest first, within BATCH_TOKENS padded."""
+        """The next batch: up to BATCH_INPUTS inputs, shortest first, within BATCH_TOKENS padded,
+        and closed early (from MIN_BATCH inputs on) where the next input would make its padding
+        more than PADDING of its tokens: a forward's time goes with its padded tokens."""
         self._queue.sort(key=lambda entry: len(entry[0].items[entry[1]]["input_ids"]))
         batch: list[tuple[_Waiting, int]] = []
+        tokens = 0
         for entry in self._queue:
             width = len(entry[0].items[entry[1]]["input_ids"])
-            if batch and (len(batch) >= BATCH_INPUTS or width * (len(batch) + 1) > BATCH_TOKENS):
+            padded = width * (len(batch) + 1)
+            if batch and (len(batch) >= BATCH_INPUTS or padded > BATCH_TOKENS
+                          or (len(batch) >= MIN_BATCH and padded > (1 + PADDING) * (tokens + width))):
                 break
             batch.append(entry)
+            tokens += width
         self._queue = self._queue[len(batch):]
         return batch
 

@@ -116,6 +116,9 @@ class Pooled:
     batcher: PoolBatcher
     lease: str
     last_request: float = field(default_factory=time.time)
+    # Tokens it has read: its progress, reported where a generation model reports the tokens it
+    # generated (the monitor tells a stuck worker by progress).
+    tokens_read: int = 0
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,7 @@ class ModelHost:
             encoded = await asyncio.to_thread(loaded.encode, texts, [] if cosine else pairs, truncate)
             rows = await pooled.batcher.run(encoded)
             tokens = sum(len(e["input_ids"]) for e in encoded)
+            pooled.tokens_read += tokens
             if cosine:          # each pair: the cosine similarity of its two texts' vectors
                 vectors = torch.nn.functional.normalize(rows.float(), dim=-1)
                 at = {text: i for i, text in enumerate(texts)}
@@ -346,7 +350,8 @@ class ModelHost:
                               s.adapters.nbytes)
                   for name, s in self._served.items()]
         models += [ModelStatus(name, self.device_name, p.loaded.dtype_name, p.loaded.measured_bytes,
-                               EngineStats(p.batcher.running, 0, 0, 0, 0, self.config.max_running), p.last_request)
+                               EngineStats(p.batcher.running, 0, 0, 0, p.tokens_read, self.config.max_running),
+                               p.last_request)
                    for name, p in self._pooled.items()]
         return sorted(models, key=lambda m: m.model)
 
