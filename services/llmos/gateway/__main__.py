@@ -17,6 +17,7 @@ from .frontdoor import FrontDoor
 from .identity import register as register_identity
 from .observe import GatewayTelemetry
 from .openai_api import OpenAiDoor
+from .pooling import ModelTasks
 from .peers import GrpcScheduler, GrpcWorkers
 from .servicer import register
 
@@ -45,12 +46,13 @@ async def build(settings: GatewaySettings, provider: TracerProvider | None = Non
     host = ServiceHost.of("gateway", settings, provider, security, public=True)
     registry = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
     telemetry = GatewayTelemetry(provider.get_tracer("llmos.gateway"), host.metrics)
-    register(host, front, registry, telemetry, settings.stall_timeout_seconds)
+    tasks = ModelTasks(registry)          # (both doors: one registry client, one view of models' tasks)
+    register(host, front, registry, telemetry, settings.stall_timeout_seconds, tasks)
     door = None
     if settings.http_listen:
         door = OpenAiDoor(settings.http_listen, front, registry, telemetry, security.guard,
                           provider.get_tracer("llmos.gateway.http"), security.tls_dir,
-                          settings.stall_timeout_seconds, settings.http_header_timeout_seconds)
+                          settings.stall_timeout_seconds, settings.http_header_timeout_seconds, tasks)
     register_identity(host, security.store)
     await host.set_serving(False)       # ready once the scheduler answers: it admits every request
 

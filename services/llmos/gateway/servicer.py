@@ -78,12 +78,13 @@ async def checked_call(request: gateway_pb2.GenerateRequest, tenant: Tenant, adm
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
-                 telemetry: GatewayTelemetry, stall_seconds: float = STALL_SECONDS) -> None:
+                 telemetry: GatewayTelemetry, stall_seconds: float = STALL_SECONDS,
+                 tasks: ModelTasks | None = None) -> None:
         self.front = front
         self.registry = registry
         self.telemetry = telemetry
         self.stall_seconds = stall_seconds
-        self.tasks = ModelTasks(registry)
+        self.tasks = tasks or ModelTasks(registry)
 
     async def ListAvailableModels(self, request, context: grpc.aio.ServicerContext):
         page = await self.registry.ListModels(registry_pb2.ListModelsRequest(
@@ -160,7 +161,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 
 def register(host, front: FrontDoor, registry: registry_pb2_grpc.RegistryServiceStub,
-             telemetry: GatewayTelemetry, stall_seconds: float = STALL_SECONDS) -> None:
-    servicer = GatewayServicer(front, registry, telemetry, stall_seconds)
+             telemetry: GatewayTelemetry, stall_seconds: float = STALL_SECONDS,
+             tasks: ModelTasks | None = None) -> None:
+    servicer = GatewayServicer(front, registry, telemetry, stall_seconds, tasks)
     host.add(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
              lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server))
