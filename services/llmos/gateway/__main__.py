@@ -17,8 +17,8 @@ from .frontdoor import FrontDoor
 from .identity import register as register_identity
 from .observe import GatewayTelemetry
 from .openai_api import OpenAiDoor
-from .pooling import ModelTasks
 from .peers import GrpcScheduler, GrpcWorkers
+from .pooling import ModelTasks
 from .servicer import register
 
 
