@@ -126,7 +126,9 @@ async def test_keys_refusals_and_unsupported_fields_are_openai_errors(stack):
     for fields, param in [({"n": 17}, "n"), (listed, "tools[0].function.parameters"),
                           ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
                            "response_format"),
-                          ({"temperature": 7}, "temperature"), ({"frequency_penalty": 5}, "frequency_penalty")]:
+                          ({"temperature": 7}, "temperature"), ({"frequency_penalty": 5}, "frequency_penalty"),
+                          ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+                          ({"logit_bias": {"100000": 1}}, "logit_bias"), ({"n": 0}, "n")]:
         with pytest.raises(openai.BadRequestError) as caught:
             await api.chat.completions.create(model="tiny", messages=QUESTION, **fields)
         assert caught.value.body["param"] == param, (fields, caught.value.body)

@@ -89,6 +89,8 @@ async def test_the_catalog_says_what_each_model_serves(stack):
              for name in ("bert-embed", "bert-classify", "bert-score", "llama-embed", "tiny")}
     assert tasks == {"bert-embed": "embed", "bert-classify": "classify", "bert-score": "score",
                      "llama-embed": "embed", "tiny": "generate"}
+    listed = await stack.gateway.ListAvailableModels(gateway_pb2.ListAvailableModelsRequest(page_size=100))
+    assert {m.name: m.task for m in listed.models} == {f"{name}:latest": task for name, task in tasks.items()}
 
 
 @pytest.mark.parametrize("name,pooling", [("bert-embed", "mean"), ("llama-embed", "last")])

@@ -406,6 +406,7 @@ def _print_model(m) -> None:
     kind = (f"rank {m.adapter_rank} LoRA adapter of {m.base}" if m.base else
             f"{m.architecture} ({m.implementation or 'llmos'} forward)")
     tools = f"  tool calls {m.tool_call_format}" if m.tool_call_format else ""
+    tools += f"  task {m.task}" if m.task and m.task != "generate" else ""
     print(f"{m.name}:{m.tag}  {state}  {kind}  {m.parameter_count / 1e6:.1f}M params  "
           f"{m.dtype}  ctx {m.context_length}{tools}  est {_gib(m.estimated_bytes)}  {m.digest[:19]}")
 

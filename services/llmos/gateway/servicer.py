@@ -93,7 +93,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             gateway_pb2.AvailableModel(
                 name=f"{m.name}:{m.tag}", loaded=m.state == common_pb2.Model.STATE_READY,
                 context_length=m.context_length, has_chat_template=m.has_chat_template,
-                parameter_count=m.parameter_count, architecture=m.architecture)
+                parameter_count=m.parameter_count, architecture=m.architecture, task=m.task or "generate")
             for m in page.models])
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):

@@ -103,20 +103,22 @@ class ListAvailableModelsRequest(_message.Message):
     def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class AvailableModel(_message.Message):
-    __slots__ = ("name", "loaded", "context_length", "has_chat_template", "parameter_count", "architecture")
+    __slots__ = ("name", "loaded", "context_length", "has_chat_template", "parameter_count", "architecture", "task")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     name: str
     loaded: bool
     context_length: int
     has_chat_template: bool
     parameter_count: int
     architecture: str
-    def __init__(self, name: _Optional[str] = ..., loaded: _Optional[bool] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., architecture: _Optional[str] = ...) -> None: ...
+    task: str
+    def __init__(self, name: _Optional[str] = ..., loaded: _Optional[bool] = ..., context_length: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., architecture: _Optional[str] = ..., task: _Optional[str] = ...) -> None: ...
 
 class ListAvailableModelsResponse(_message.Message):
     __slots__ = ("models", "next_page_token")
