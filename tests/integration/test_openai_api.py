@@ -255,3 +255,18 @@ async def test_n_choices_are_each_the_request_with_its_documented_seed(stack):
     completions = await api.completions.create(model="tiny", prompt="Once upon a time", n=3, seed=5, max_tokens=6,
                                                temperature=1.0)
     assert [c.index for c in completions.choices] == [0, 1, 2] and completions.usage.completion_tokens == 18
+
+
+async def test_the_other_choices_of_n_take_the_first_ones_prompt_from_the_prefix_cache(stack):
+    """The choices after the first start once it has its prompt in the cache: their prompt's full
+    blocks are found there, not computed again."""
+    from tests.support.metrics import sample_sum, scrape
+
+    prompt = "A fresh prompt for choices: " + " ".join(f"w{i}" for i in range(30))
+    before = sample_sum(await asyncio.to_thread(scrape, stack.metrics["worker"]), "llmos_prefix_cache_hits_total")
+    answer = await client(stack, await stack.user_key("http")).completions.create(
+        model="tiny", prompt=prompt, n=4, max_tokens=4, temperature=1.0, seed=3)
+    after = sample_sum(await asyncio.to_thread(scrape, stack.metrics["worker"]), "llmos_prefix_cache_hits_total")
+    blocks = answer.usage.prompt_tokens // 16 * 16          # (the cache shares whole blocks of 16 positions)
+    assert len(answer.choices) == 4 and blocks >= 32
+    assert after - before >= 3 * (blocks - 16), (before, after, answer.usage.prompt_tokens)
