@@ -115,9 +115,19 @@ async def test_the_catalog_says_which_forward_serves_a_model_and_refuses_what_no
     bert = tmp_path / "roots" / "bert"
     shutil.copytree(gpt2, bert)
     (bert / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
-    with pytest.raises(FailedPrecondition) as caught:
-        await reg.import_model("bert", "", str(bert))
+    with pytest.raises(FailedPrecondition) as caught:          # an encoder does not generate
+        await reg.import_model("bert", "", str(bert), task="generate")
     assert caught.value.reason == "NOT_A_CAUSAL_LM"
-    assert reg.catalog.get(ModelRef("bert", "latest")) is None
+    t5 = tmp_path / "roots" / "t5"
+    shutil.copytree(gpt2, t5)
+    (t5 / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+                                                "is_encoder_decoder": True}))
+    with pytest.raises(FailedPrecondition) as caught:          # nor is an encoder-decoder served for any task
+        await reg.import_model("t5", "", str(t5))
+    assert caught.value.reason == "ARCHITECTURE_NOT_SUPPORTED"
+    for name in ("bert", "t5"):
+        assert reg.catalog.get(ModelRef(name, "latest")) is None
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(
-        Path(reg.get(name).record.path).name for name in ("gpt2", "llama"))      # nothing of it stored
+        Path(reg.get(name).record.path).name for name in ("gpt2", "llama"))      # nothing of them stored
+    view, _ = await reg.import_model("bert", "", str(bert))    # and for embeddings, an encoder is
+    assert view.record.task == "embed" and view.record.tool_call_format == ""
