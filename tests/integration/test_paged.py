@@ -59,7 +59,10 @@ def test_short_requests_run_together_where_long_ones_take_the_whole_pool(tiny_mo
     loaded, engine, events = start(tiny_model_dir, kv_tokens=16 * BLOCK, max_len=256)
     tok = loaded.tokenizer
     try:
-        short = [run(engine, tok(f"Hi {i}")["input_ids"], f"s{i}", max_new=4) for i in range(12)]
+        # All twelve submitted between two steps (on the driver's thread): none can finish before the
+        # last arrives, however slowly this thread gets its turns.
+        short = engine.driver.call(lambda: [run(engine, tok(f"Hi {i}")["input_ids"], f"s{i}", max_new=4)
+                                            for i in range(12)]).result(timeout=60)
         wait_all(short)
         long = [run(engine, tok(f"{i} " + "word " * 200)["input_ids"][:190], f"l{i}", max_new=4) for i in range(3)]
         wait_all(long)
