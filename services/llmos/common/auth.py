@@ -6,15 +6,22 @@ does not allow, and leaves the caller's `Principal` in a context variable for th
 (the gateway reads the tenant from it). Keys are checked against the shared `KeyStore`; a
 key's record is re-read at least every `refresh_seconds`, so a revocation reaches every
 process within that time. Every decision on an admin method is an audit log line.
+
+Servers look keys up off their event loop (`Guard.check_async`): on a thread of their own, one
+lookup at a time per key, waited for at most `LOOKUP_SECONDS`. A store that does not answer then
+(stalled, half-open) costs a call that long at most and never holds the loop: a key seen lately
+keeps working (for `STALE_SECONDS`), one that was not is UNAVAILABLE (STORE_UNAVAILABLE).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +35,10 @@ from .tls import peer_identity
 audit = logging.getLogger("llmos.audit")
 
 MAX_CACHED_KEYS = 10_000
+# The longest a server waits for the key store to answer one lookup, seconds.
+LOOKUP_SECONDS = 1.0
+# Threads looking keys up (each held as long as its lookup: a stalled store holds them all).
+LOOKUP_THREADS = 4
 # How long a key seen lately keeps working while the key store cannot be reached, seconds.
 STALE_SECONDS = 300.0
 # Failed authentications one key id, or one source address, may have in a window. Past them, calls
@@ -111,17 +122,30 @@ class Authenticator:
         self._clock = clock
         self._monotonic = monotonic
         self._cache: dict[str, tuple[float, tuple[ApiKey, str, Tenant] | None]] = {}
+        self._lookups: dict[str, Future] = {}
+        self._threads: ThreadPoolExecutor | None = None
 
     def authenticate(self, authorization: str | None) -> Principal:
-        """The key's principal; raises Unauthenticated (API_KEY_MISSING / API_KEY_INVALID)."""
+        """The key's principal; raises Unauthenticated (API_KEY_MISSING / API_KEY_INVALID).
+        Looks the key up on this thread (tools and tests; servers use `authenticate_async`)."""
+        key_id, secret = self._parse(authorization)
+        return self._principal(key_id, secret, self._record(key_id) if key_id else None)
+
+    async def authenticate_async(self, authorization: str | None) -> Principal:
+        """`authenticate`, the key looked up off the event loop (see the module's doc)."""
+        key_id, secret = self._parse(authorization)
+        return self._principal(key_id, secret, await self._record_async(key_id) if key_id else None)
+
+    @staticmethod
+    def _parse(authorization: str | None) -> tuple[str, str]:
         if not authorization:
             raise Unauthenticated("this method needs an API key: send 'authorization: Bearer <key>'",
                                   reason="API_KEY_MISSING")
-        parsed = _bearer_key(authorization)
-        if parsed is None:
+        return _bearer_key(authorization) or ("", "")
+
+    def _principal(self, key_id: str, secret: str, record: tuple[ApiKey, str, Tenant] | None) -> Principal:
+        if not key_id:
             return self._refuse("malformed", "")
-        key_id, secret = parsed
-        record = self._record(key_id)
         if record is None:
             return self._refuse("unknown", key_id)
         key, stored_hash, tenant = record
@@ -136,6 +160,40 @@ class Authenticator:
         """Whether `key_id` is a key this process found in the store lately (no lookup)."""
         cached = self._cache.get(key_id)
         return cached is not None and cached[1] is not None and self._monotonic() - cached[0] < STALE_SECONDS
+
+    async def _record_async(self, key_id: str) -> tuple[ApiKey, str, Tenant] | None:
+        now = self._monotonic()
+        cached = self._cache.get(key_id)
+        if (cached is not None and now - cached[0] < self._refresh) or self._store is None:
+            return cached[1] if cached is not None else None
+        lookup = self._lookups.get(key_id)
+        if lookup is None or lookup.done():
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="llmos-key-lookup")
+            lookup = self._lookups[key_id] = self._threads.submit(self._lookup, key_id, now)
+            lookup.add_done_callback(lambda done, k=key_id: self._lookups.pop(k, None) if self._lookups.get(k)
+                                     is done else None)
+        waited = asyncio.wrap_future(lookup)
+        waited.add_done_callback(_retrieved)     # (its error, if nobody waits for it any more)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waited), LOOKUP_SECONDS)
+        except (Unavailable, TimeoutError) as exc:
+            # The store is down or does not answer: a key seen lately still works (nobody can
+            # revoke it meanwhile either), for at most STALE_SECONDS; an unknown one cannot be checked.
+            if cached is not None and now - cached[0] < STALE_SECONDS:
+                return cached[1]
+            if isinstance(exc, Unavailable):
+                raise
+            raise Unavailable(f"the key store did not answer within {LOOKUP_SECONDS:g} s",
+                              reason="STORE_UNAVAILABLE") from None
+
+    def _lookup(self, key_id: str, now: float) -> tuple[ApiKey, str, Tenant] | None:
+        record = self._store.lookup(key_id)
+        if record is not None:
+            if len(self._cache) >= MAX_CACHED_KEYS:
+                self._cache.clear()
+            self._cache[key_id] = (now, record)
+        return record
 
     def _record(self, key_id: str) -> tuple[ApiKey, str, Tenant] | None:
         now = self._monotonic()
@@ -159,6 +217,11 @@ class Authenticator:
     def _refuse(self, why: str, key_id: str) -> Principal:
         audit.info("audit: authentication refused: key %s %s", key_id or "-", why)
         raise Unauthenticated("the API key is not valid", reason="API_KEY_INVALID")
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _source(peer: str | None) -> str:
@@ -193,6 +256,17 @@ class Guard:
         self.failures = FailureLimiter()
 
     def check(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
+        decided = self._without_key(method, context)
+        return decided if isinstance(decided, Principal) else self._by_key(method, *decided)
+
+    async def check_async(self, method: str, context: grpc.aio.ServicerContext) -> Principal:
+        """`check`, with the key looked up off the event loop."""
+        decided = self._without_key(method, context)
+        return decided if isinstance(decided, Principal) else await self._by_key_async(method, *decided)
+
+    def _without_key(self, method: str, context: grpc.aio.ServicerContext
+                     ) -> Principal | tuple[authz.Rule, str | None, str]:
+        """The caller when its certificate decides; else what deciding by its key needs."""
         peer = peer_identity(context)
         if not self.enforce:
             return Principal(*peer) if peer else ANONYMOUS
@@ -209,7 +283,7 @@ class Guard:
         if authorization is None and peer is not None and peer[0] != authz.CLI:
             raise PermissionDenied(f"service {peer[0]} may not call {method} ({rule.describe()})",
                                    reason="CALLER_NOT_ALLOWED", metadata={"method": method})
-        return self._by_key(method, rule, authorization, _source(context.peer()))
+        return rule, authorization, _source(context.peer())
 
     def check_key(self, route: str, authorization: str | None, source: str = "") -> Principal:
         """Decides an HTTP call ("POST /v1/chat/completions"), which can bring a key only, by
@@ -222,21 +296,52 @@ class Guard:
                                    reason="METHOD_NOT_ALLOWED", metadata={"method": route})
         return self._by_key(route, rule, authorization, source)
 
+    async def check_key_async(self, route: str, authorization: str | None, source: str = "") -> Principal:
+        """`check_key`, with the key looked up off the event loop."""
+        if not self.enforce:
+            return ANONYMOUS
+        rule = authz.HTTP_TABLE.get(route)
+        if rule is None or rule.role is None:
+            raise PermissionDenied(f"{route} has no authorization rule: refused",
+                                   reason="METHOD_NOT_ALLOWED", metadata={"method": route})
+        return await self._by_key_async(route, rule, authorization, source)
+
     def _by_key(self, method: str, rule: authz.Rule, authorization: str | None, source: str = "") -> Principal:
+        key_subject = self._attempt(authorization, source)
+        try:
+            principal = self.authenticator.authenticate(authorization)
+        except Unauthenticated as exc:
+            self._refused(method, rule, exc, source, key_subject)
+            raise
+        return self._allowed(method, rule, principal)
+
+    async def _by_key_async(self, method: str, rule: authz.Rule, authorization: str | None,
+                            source: str = "") -> Principal:
+        key_subject = self._attempt(authorization, source)
+        try:
+            principal = await self.authenticator.authenticate_async(authorization)
+        except Unauthenticated as exc:
+            self._refused(method, rule, exc, source, key_subject)
+            raise
+        return self._allowed(method, rule, principal)
+
+    def _attempt(self, authorization: str | None, source: str) -> str:
+        """Refuses a key id, or an address, past its failures; returns the key's subject."""
         parsed = _bearer_key(authorization)
         key_id = parsed[0] if parsed else ""
         key_subject = f"key:{key_id}" if key_id else ""
         self.failures.check(key_subject)
         if not self.authenticator.known_valid(key_id):
             self.failures.check(source)
-        try:
-            principal = self.authenticator.authenticate(authorization)
-        except Unauthenticated as exc:
-            if exc.reason != "API_KEY_MISSING":
-                self.failures.failed(source, key_subject)
-            if rule.role is Role.ADMIN:
-                audit.info("audit: %s refused (%s)", method, exc.reason)
-            raise
+        return key_subject
+
+    def _refused(self, method: str, rule: authz.Rule, exc: Unauthenticated, source: str, key_subject: str) -> None:
+        if exc.reason != "API_KEY_MISSING":
+            self.failures.failed(source, key_subject)
+        if rule.role is Role.ADMIN:
+            audit.info("audit: %s refused (%s)", method, exc.reason)
+
+    def _allowed(self, method: str, rule: authz.Rule, principal: Principal) -> Principal:
         if rule.role is Role.ADMIN and principal.role is not Role.ADMIN:
             audit.info("audit: %s refused for %s: admin role required", method, principal.describe())
             raise PermissionDenied(f"{method} needs an admin key", reason="ROLE_REQUIRED",
@@ -263,7 +368,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             behavior = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                _current.set(guard.check(method, context))
+                _current.set(await guard.check_async(method, context))
                 if not admin:
                     return await behavior(request, context)
                 try:
@@ -281,7 +386,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             stream_behavior = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                _current.set(guard.check(method, context))
+                _current.set(await guard.check_async(method, context))
                 if admin:
                     _audit(method, None, "started")
                 async for item in stream_behavior(request, context):

@@ -27,7 +27,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -51,6 +53,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 
 from .errors import InvalidArgument, Unavailable
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +160,13 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 # How long a call waits for a connection, seconds; while the store is down calls fail at once.
 CONNECT_TIMEOUT = 3.0
+# Every PostgreSQL connection: a connect timeout; TCP keepalives, so a peer gone without a word
+# (a host down, a dropped route) is found within a minute instead of the kernel's two hours; and
+# statement and idle-transaction timeouts, so no statement or forgotten transaction holds rows
+# for ever.
+POSTGRES_CONNECTION = {"connect_timeout": int(CONNECT_TIMEOUT), "keepalives": 1, "keepalives_idle": 30,
+                       "keepalives_interval": 10, "keepalives_count": 3,
+                       "options": "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000"}
 # While the store is down, one call tries it again after this many seconds, doubling up to MAX_RETRY.
 RETRY, MAX_RETRY = 0.5, 4.0
 
@@ -194,8 +205,8 @@ class Store:
             _serialize_sqlite_writers(engine)
         elif self.dialect == "postgresql":
             try:
-                engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
-                                       connect_args={"connect_timeout": int(CONNECT_TIMEOUT)})
+                engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=5,
+                                       connect_args=POSTGRES_CONNECTION)
             except NoSuchModuleError:
                 raise InvalidArgument.field("store_url", "PostgreSQL URLs are postgresql+psycopg://...") from None
         else:
@@ -377,6 +388,26 @@ class Leadership:
                 self.store.resign(self.name, self.holder)
             except Unavailable:
                 pass
+
+
+# The longest a server's handler waits for one store call made off its event loop, seconds.
+CALL_SECONDS = 2.0
+_CALL_THREADS: ThreadPoolExecutor | None = None
+
+
+async def off_loop(fn: Callable[..., T], *args: Any, timeout: float = CALL_SECONDS) -> T:
+    """`fn(*args)` (store calls) on a thread of the store's own pool, waited for at most
+    `timeout`: a stalled or half-open store never holds the event loop, and a call it does not
+    answer in time is UNAVAILABLE (STORE_UNAVAILABLE) while the thread waits it out."""
+    global _CALL_THREADS
+    if _CALL_THREADS is None:
+        _CALL_THREADS = ThreadPoolExecutor(8, thread_name_prefix="llmos-store")
+    call = asyncio.wrap_future(_CALL_THREADS.submit(fn, *args))
+    call.add_done_callback(lambda done: done.cancelled() or done.exception())   # (heard, if nobody waits)
+    try:
+        return await asyncio.wait_for(asyncio.shield(call), timeout)
+    except TimeoutError:
+        raise Unavailable(f"the store did not answer within {timeout:g} s", reason="STORE_UNAVAILABLE") from None
 
 
 class StoreWatch:

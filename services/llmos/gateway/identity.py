@@ -9,6 +9,7 @@ from llmos.common.convert import optional_seconds, quota_from_proto, quota_to_pr
 from llmos.common.errors import FailedPrecondition, InvalidArgument
 from llmos.common.keystore import ApiKey, KeyStore, Role, Tenant
 from llmos.common.paging import page_size
+from llmos.common.store import off_loop
 from llmos.v1 import identity_pb2, identity_pb2_grpc
 
 _ROLE_TO_PROTO = {Role.USER: identity_pb2.ROLE_USER, Role.ADMIN: identity_pb2.ROLE_ADMIN}
@@ -61,10 +62,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
     async def CreateTenant(self, request, context):
         return identity_pb2.CreateTenantResponse(
-            tenant=tenant_to_proto(self.store.create_tenant(tenant_from_proto(request.tenant))))
+            tenant=tenant_to_proto(await off_loop(self.store.create_tenant, tenant_from_proto(request.tenant))))
 
     async def GetTenant(self, request, context):
-        return identity_pb2.GetTenantResponse(tenant=tenant_to_proto(self.store.get_tenant(request.name)))
+        tenant = await off_loop(self.store.get_tenant, request.name)
+        return identity_pb2.GetTenantResponse(tenant=tenant_to_proto(tenant))
 
     async def UpdateTenant(self, request, context):
         paths = list(request.update_mask.paths) or list(_TENANT_FIELDS)
@@ -72,19 +74,19 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         if unknown:
             raise InvalidArgument.field("update_mask", f"unknown field {unknown[0][:64]!r}; "
                                         f"one of {', '.join(_TENANT_FIELDS)}")
-        current = self.store.get_tenant(request.tenant.name)
-        updated = self.store.update_tenant(tenant_from_proto(request.tenant, current, paths))
+        current = await off_loop(self.store.get_tenant, request.tenant.name)
+        updated = await off_loop(self.store.update_tenant, tenant_from_proto(request.tenant, current, paths))
         return identity_pb2.UpdateTenantResponse(tenant=tenant_to_proto(updated))
 
     async def ListTenants(self, request, context):
         size = page_size(request.page_size)
-        tenants = self.store.list_tenants(request.page_token, size + 1)
+        tenants = await off_loop(self.store.list_tenants, request.page_token, size + 1)
         return identity_pb2.ListTenantsResponse(
             tenants=[tenant_to_proto(t) for t in tenants[:size]],
             next_page_token=tenants[size - 1].name if len(tenants) > size else "")
 
     async def DeleteTenant(self, request, context):
-        self.store.delete_tenant(request.name)
+        await off_loop(self.store.delete_tenant, request.name)
         return identity_pb2.DeleteTenantResponse()
 
     async def CreateApiKey(self, request, context):
@@ -92,24 +94,24 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         if role is None:
             raise InvalidArgument.field("role", "is required: ROLE_USER or ROLE_ADMIN")
         expire = optional_seconds(request, "expire_time")
-        key, secret = self.store.create_key(request.tenant, role, request.label, expire)
+        key, secret = await off_loop(self.store.create_key, request.tenant, role, request.label, expire)
         return identity_pb2.CreateApiKeyResponse(api_key=key_to_proto(key, time.time()), secret=secret)
 
     async def ListApiKeys(self, request, context):
         size = page_size(request.page_size)
-        keys = self.store.list_keys(request.tenant, request.page_token, size + 1)
+        keys = await off_loop(self.store.list_keys, request.tenant, request.page_token, size + 1)
         now = time.time()
         return identity_pb2.ListApiKeysResponse(
             api_keys=[key_to_proto(k, now) for k in keys[:size]],
             next_page_token=keys[size - 1].key_id if len(keys) > size else "")
 
     async def RevokeApiKey(self, request, context):
-        return identity_pb2.RevokeApiKeyResponse(api_key=key_to_proto(self.store.revoke_key(request.key_id),
-                                                                      time.time()))
+        revoked = await off_loop(self.store.revoke_key, request.key_id)
+        return identity_pb2.RevokeApiKeyResponse(api_key=key_to_proto(revoked, time.time()))
 
     async def RotateApiKey(self, request, context):
         grace = optional_seconds(request, "grace_period") or 0.0
-        new, secret, old = self.store.rotate_key(request.key_id, grace)
+        new, secret, old = await off_loop(self.store.rotate_key, request.key_id, grace)
         now = time.time()
         return identity_pb2.RotateApiKeyResponse(api_key=key_to_proto(new, now), secret=secret,
                                                  previous=key_to_proto(old, now))

@@ -145,7 +145,7 @@ class OpenAiDoor:
             try:
                 with trace.use_span(span, end_on_exit=False):
                     try:
-                        caller = self.guard.check_key(route, request.headers.get("authorization"),
+                        caller = await self.guard.check_key_async(route, request.headers.get("authorization"),
                                                       request.client.host if request.client else "")
                         response = await handler(request, caller, span)
                     except LlmosError as exc:
