@@ -1,5 +1,5 @@
 """A stalled PostgreSQL (its processes stopped with SIGSTOP: connections stay open, nothing
-answers) never holds the gateway's event loop: keys are looked up off the loop and waited for a
+answers) never holds the gateway's or the resource manager's event loop (they share this one): keys are looked up off the loop and waited for a
 bounded time, a key seen lately keeps working, an unknown one and a call that needs the store are
 UNAVAILABLE within seconds, and everything works again once the store answers."""
 
@@ -20,7 +20,7 @@ import pytest
 from llmos.common.auth import LOOKUP_SECONDS
 from llmos.common.keystore import KeyStore, Role, Tenant
 from llmos.common.store import CALL_SECONDS, Store
-from llmos.v1 import gateway_pb2, gateway_pb2_grpc, identity_pb2, identity_pb2_grpc
+from llmos.v1 import gateway_pb2, gateway_pb2_grpc, identity_pb2, identity_pb2_grpc, resources_pb2, resources_pb2_grpc
 from tests.integration.test_generate import error_info
 from tests.support.inprocess import start_in_process
 from tests.support.postgres import PostgresServer
@@ -53,7 +53,9 @@ async def test_a_stalled_store_never_holds_the_gateways_loop(tmp_path):
         _, seen = keys.create_key("stall", Role.ADMIN)
         _, unseen = keys.create_key("stall", Role.USER)
         store.close()
-        suite = await start_in_process(tmp_path, {"gateway": {"store_url": url}}, services=("gateway",))
+        suite = await start_in_process(tmp_path, {"gateway": {"store_url": url}, "resources": {"store_url": url}},
+                                       services=("resources", "gateway"))
+        resources = resources_pb2_grpc.ResourceServiceStub(suite.channel("resources", api_key=seen))
 
         def gateway(key: str):
             channel = suite.channel("gateway", api_key=key)
@@ -72,6 +74,7 @@ async def test_a_stalled_store_never_holds_the_gateways_loop(tmp_path):
         unseen_gateway, _ = gateway(unseen)
         assert (await code(seen_gateway.Generate(bad).read()))[0] == grpc.StatusCode.INVALID_ARGUMENT
         assert (await code(seen_identity.ListTenants(identity_pb2.ListTenantsRequest())))[0] == grpc.StatusCode.OK
+        assert (await code(resources.ListLeases(resources_pb2.ListLeasesRequest())))[0] == grpc.StatusCode.OK
 
         lags, stop = [], asyncio.Event()
 
@@ -92,6 +95,7 @@ async def test_a_stalled_store_never_holds_the_gateways_loop(tmp_path):
             seen_answer = await code(seen_gateway.Generate(bad).read())
             unseen_answer = await code(unseen_gateway.Generate(bad).read())
             store_answer = await code(seen_identity.ListTenants(identity_pb2.ListTenantsRequest()))
+            leases_answer = await code(resources.ListLeases(resources_pb2.ListLeasesRequest()))
         finally:
             resume.cancel()
             signal_all(server, signal.SIGCONT)
@@ -102,6 +106,8 @@ async def test_a_stalled_store_never_holds_the_gateways_loop(tmp_path):
         assert unseen_answer[2] < LOOKUP_SECONDS + 1
         assert store_answer[:2] == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
         assert store_answer[2] < LOOKUP_SECONDS + CALL_SECONDS + 1
+        assert leases_answer[:2] == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
+        assert leases_answer[2] < LOOKUP_SECONDS + CALL_SECONDS + 1
         assert max(lags) < 0.1, f"the loop was held {max(lags) * 1000:.0f} ms"
         for _ in range(100):                    # back: the unseen key is checked, the store answers
             if (await code(unseen_gateway.Generate(bad).read()))[0] == grpc.StatusCode.INVALID_ARGUMENT:
@@ -110,6 +116,12 @@ async def test_a_stalled_store_never_holds_the_gateways_loop(tmp_path):
         else:
             pytest.fail("the unseen key was never checked after the store came back")
         assert (await code(seen_identity.ListTenants(identity_pb2.ListTenantsRequest())))[0] == grpc.StatusCode.OK
+        for _ in range(100):                    # (the resources service's store thread waits its call out first)
+            if (await code(resources.ListLeases(resources_pb2.ListLeasesRequest())))[0] == grpc.StatusCode.OK:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the resources service never answered after the store came back")
     finally:
         if suite is not None:
             await suite.stop(grace=1.0)

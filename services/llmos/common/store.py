@@ -395,14 +395,18 @@ CALL_SECONDS = 2.0
 _CALL_THREADS: ThreadPoolExecutor | None = None
 
 
-async def off_loop(fn: Callable[..., T], *args: Any, timeout: float = CALL_SECONDS) -> T:
-    """`fn(*args)` (store calls) on a thread of the store's own pool, waited for at most
+async def off_loop(fn: Callable[..., T], *args: Any, timeout: float = CALL_SECONDS,
+                   executor: ThreadPoolExecutor | None = None) -> T:
+    """`fn(*args)` (store calls) on a thread of the store's own pool (or of `executor`: one thread
+    keeps a service's calls in the order they came, as its event loop did), waited for at most
     `timeout`: a stalled or half-open store never holds the event loop, and a call it does not
     answer in time is UNAVAILABLE (STORE_UNAVAILABLE) while the thread waits it out."""
     global _CALL_THREADS
-    if _CALL_THREADS is None:
-        _CALL_THREADS = ThreadPoolExecutor(8, thread_name_prefix="llmos-store")
-    call = asyncio.wrap_future(_CALL_THREADS.submit(fn, *args))
+    if executor is None:
+        if _CALL_THREADS is None:
+            _CALL_THREADS = ThreadPoolExecutor(8, thread_name_prefix="llmos-store")
+        executor = _CALL_THREADS
+    call = asyncio.wrap_future(executor.submit(fn, *args))
     call.add_done_callback(lambda done: done.cancelled() or done.exception())   # (heard, if nobody waits)
     try:
         return await asyncio.wait_for(asyncio.shield(call), timeout)

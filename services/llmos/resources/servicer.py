@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 
 from llmos.common.auth import require_worker
@@ -9,6 +11,7 @@ from llmos.common.convert import duration, optional_seconds, timestamp
 from llmos.common.errors import InvalidArgument
 from llmos.common.names import lease_holder_worker
 from llmos.common.paging import page
+from llmos.common.store import off_loop
 from llmos.v1 import resources_pb2, resources_pb2_grpc
 
 from .leases import Lease
@@ -49,9 +52,15 @@ def _lease_key(lease) -> str:
 class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
     def __init__(self, manager: ResourceManager) -> None:
         self.manager = manager
+        # The manager's store calls, off the event loop, one at a time in the order they came.
+        self._store = ThreadPoolExecutor(1, thread_name_prefix="llmos-resources-store")
+
+    async def _call(self, fn, *args):
+        return await off_loop(fn, *args, executor=self._store)
 
     async def ListNodes(self, request, context: grpc.aio.ServicerContext):
-        nodes, token = page(self.manager.nodes(), lambda n: n.name, request.page_size, request.page_token)
+        nodes = await self._call(self.manager.nodes)
+        nodes, token = page(nodes, lambda n: n.name, request.page_size, request.page_token)
         return resources_pb2.ListNodesResponse(nodes=[node_to_proto(n) for n in nodes], next_page_token=token)
 
     async def AcquireLease(self, request, context: grpc.aio.ServicerContext):
@@ -59,7 +68,8 @@ class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
         ttl = optional_seconds(request, "ttl")
         if ttl is None or ttl <= 0:     # a lease nobody renews must end: no permanent leases
             raise InvalidArgument.field("ttl", "is required: more than 0, at most a day")
-        lease = self.manager.acquire(request.holder, request.node, request.device, request.bytes, ttl)
+        lease = await self._call(self.manager.acquire, request.holder, request.node, request.device, request.bytes,
+                                 ttl)
         return resources_pb2.AcquireLeaseResponse(lease=lease_to_proto(lease))
 
     async def ReleaseLease(self, request, context: grpc.aio.ServicerContext):
@@ -69,19 +79,23 @@ class ResourceServicer(resources_pb2_grpc.ResourceServiceServicer):
             if not request.holder_prefix.endswith("/"):      # "worker/w1" would take w10's leases too
                 raise InvalidArgument.field("holder_prefix", "must end with '/'")
             _require_holder(request.holder_prefix)
-            return resources_pb2.ReleaseLeaseResponse(released=self.manager.release_holders(request.holder_prefix))
-        lease = self.manager.leases.get(request.name)
+            released = await self._call(self.manager.release_holders, request.holder_prefix)
+            return resources_pb2.ReleaseLeaseResponse(released=released)
+        lease = await self._call(self.manager.leases.get, request.name)
         if lease is not None:
             _require_holder(lease.holder)
-        return resources_pb2.ReleaseLeaseResponse(released=int(self.manager.release(request.name)))
+        released = await self._call(self.manager.release, request.name)
+        return resources_pb2.ReleaseLeaseResponse(released=int(released))
 
     async def RenewLeases(self, request, context: grpc.aio.ServicerContext):
         _require_holder(request.holder_prefix)
-        return resources_pb2.RenewLeasesResponse(renewed=self.manager.heartbeat(
-            request.holder_prefix, request.in_use_bytes, request.device))
+        renewed = await self._call(self.manager.heartbeat, request.holder_prefix, request.in_use_bytes,
+                                   request.device)
+        return resources_pb2.RenewLeasesResponse(renewed=renewed)
 
     async def ListLeases(self, request, context: grpc.aio.ServicerContext):
-        leases, token = page(self.manager.leases.list(), _lease_key, request.page_size, request.page_token)
+        leases = await self._call(self.manager.leases.list)
+        leases, token = page(leases, _lease_key, request.page_size, request.page_token)
         return resources_pb2.ListLeasesResponse(leases=[lease_to_proto(lease) for lease in leases],
                                                 next_page_token=token)
 
