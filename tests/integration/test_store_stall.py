@@ -1,7 +1,8 @@
 """A stalled PostgreSQL (its processes stopped with SIGSTOP: connections stay open, nothing
-answers) never holds the gateway's or the resource manager's event loop (they share this one): keys are looked up off the loop and waited for a
-bounded time, a key seen lately keeps working, an unknown one and a call that needs the store are
-UNAVAILABLE within seconds, and everything works again once the store answers."""
+answers) never holds the gateway's or the resource manager's event loop (they share this one):
+keys are looked up off the loop and waited for a bounded time, a key seen lately keeps working,
+an unknown one and a call that needs the store are UNAVAILABLE within seconds, and everything
+works again once the store answers."""
 
 from __future__ import annotations
 
