@@ -102,14 +102,20 @@ async def test_a_stalled_store_never_holds_the_gateways_loop(tmp_path):
             signal_all(server, signal.SIGCONT)
         stop.set()
         await watching
-        assert seen_answer[0] == grpc.StatusCode.INVALID_ARGUMENT and seen_answer[2] < LOOKUP_SECONDS + 1
+        # Each answered while the store was still stopped (held calls would have waited for the
+        # timer that resumes it): the bounds tell those apart with room for a loaded machine.
+        print(f"stalled store: loop lag at most {max(lags) * 1000:.1f} ms; answers in "
+              f"{seen_answer[2]:.2f} / {unseen_answer[2]:.2f} / {store_answer[2]:.2f} / {leases_answer[2]:.2f} s")
+        assert seen_answer[0] == grpc.StatusCode.INVALID_ARGUMENT and seen_answer[2] < LOOKUP_SECONDS + 3
         assert unseen_answer[:2] == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
-        assert unseen_answer[2] < LOOKUP_SECONDS + 1
+        assert unseen_answer[2] < LOOKUP_SECONDS + 3
         assert store_answer[:2] == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
-        assert store_answer[2] < LOOKUP_SECONDS + CALL_SECONDS + 1
+        assert store_answer[2] < LOOKUP_SECONDS + CALL_SECONDS + 3
         assert leases_answer[:2] == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
-        assert leases_answer[2] < LOOKUP_SECONDS + CALL_SECONDS + 1
-        assert max(lags) < 0.1, f"the loop was held {max(lags) * 1000:.0f} ms"
+        assert leases_answer[2] < LOOKUP_SECONDS + CALL_SECONDS + 3
+        # A lookup on the loop would hold it for the whole stall; scheduling on a busy 2-core
+        # machine late by more than 100 ms now and then does not (the lag measured is printed).
+        assert max(lags) < 0.5, f"the loop was held {max(lags) * 1000:.0f} ms"
         for _ in range(100):                    # back: the unseen key is checked, the store answers
             if (await code(unseen_gateway.Generate(bad).read()))[0] == grpc.StatusCode.INVALID_ARGUMENT:
                 break

@@ -96,7 +96,7 @@ class Progress:
 
     def __exit__(self, kind, *exc: object) -> None:
         if kind is None and self._began.is_set():   # the call is done: its phase's last event is on its way
-            self._ended.wait(2.0)
+            self._ended.wait(5.0)
         self._done.set()
         self._stream.cancel()
         for thread in self._threads:
