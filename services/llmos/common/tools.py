@@ -192,7 +192,7 @@ def own_prompt(tools: Tools) -> str:
 
 def call_text(call: ToolCall) -> str:
     """A call as the hermes format writes it (an earlier assistant turn, in llmos's own prompt)."""
-    return f'<tool_call>\n{{"name": {json.dumps(call.name)}, "arguments": {call.arguments}}}\n</tool_call>'
+    return f'<tool_call>\n{{"name": {json.dumps(call.name)}, "arguments": {call.arguments or "{}"}}}\n</tool_call>'
 
 
 def answer_text(content: str) -> str:
