@@ -106,6 +106,8 @@ class Driver:
         self.gateway = gateway_pb2_grpc.GatewayServiceStub(self.channel)
         self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self.scheduler_channel)
         self.calls: list[grpc.aio.UnaryStreamCall] = []
+        # Every request's outcome as it goes (its tokens are counted as they come), by request id.
+        self.outcomes: dict[str, Outcome] = {}
         self.count = 0
 
     async def close(self) -> None:
@@ -119,7 +121,7 @@ class Driver:
             model="tiny", prompt=f"Once upon a time {self.count}", priority=priority,
             request_id=f"{prefix}-{self.count}",
             sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-        outcome = Outcome(request.request_id, time.perf_counter())
+        outcome = self.outcomes[request.request_id] = Outcome(request.request_id, time.perf_counter())
         call = self.gateway.Generate(request, timeout=timeout,
                                      metadata=(("authorization", f"Bearer {self.keys[tenant]}"),))
         self.calls.append(call)
@@ -334,7 +336,7 @@ async def test_a_killed_worker_hands_untouched_streams_to_the_other(suite):
     driver = Driver(suite)
     try:
         tasks = [asyncio.create_task(driver.run(150)) for _ in range(24)]
-        for _ in range(300):
+        for _ in range(3000):               # (a loaded machine takes its time to start them all)
             stats = await driver.stats()
             if stats.running == 16 and stats.waiting == 8:
                 break
@@ -345,6 +347,10 @@ async def test_a_killed_worker_hands_untouched_streams_to_the_other(suite):
             status = await driver.scheduler.GetRequestStatus(
                 scheduler_pb2.GetRequestStatusRequest(request_id=f"r-{i}"))
             placed[f"r-{i}"] = status.worker_id
+        for _ in range(1000):               # the kill must find a stream of worker-2 with tokens
+            if any(driver.outcomes[r].first_token for r, w in placed.items() if w == "worker-2"):
+                break
+            await asyncio.sleep(0.01)
         process = suite.processes["worker-2"]
         os.kill(process.pid, signal.SIGKILL)
         killed = time.perf_counter()
