@@ -18,7 +18,7 @@ from llmos.v1 import gateway_pb2, registry_pb2
 from tests.integration.conftest import Stack
 from tests.integration.test_generate import error_info
 from tests.support.inprocess import start_in_process
-from tests.support.metrics import sample_sum, scrape
+from tests.support.metrics import admitted
 from tests.support.tiny_encoders import LABELS, build_decoder_embedder, build_tiny_bert
 from tests.support.tiny_model import CORPUS, build_tiny_model
 
@@ -171,14 +171,9 @@ async def test_scores_and_reranking_are_the_cross_encoders_and_cosine_for_an_emb
     assert torch.allclose(torch.tensor([d["score"] for d in cosine["data"]]), vectors[1:] @ vectors[0], atol=1e-5)
 
 
-async def admitted(stack) -> float:
-    families = await asyncio.to_thread(scrape, stack.metrics["scheduler"])
-    return sample_sum(families, "llmos_scheduler_admitted_total")
-
-
 async def test_bad_pooling_calls_are_refused_before_anything_is_queued(stack):
     client = api(stack, await stack.user_key("pooling"))
-    before = await admitted(stack)
+    before = await admitted(stack.metrics["scheduler"])
     cases = [(dict(model="tiny", input="x"), "model", "MODEL_TASK_MISMATCH"),
              (dict(model="bert-embed", input=[]), "input", None),
              (dict(model="bert-embed", input=["x"] * 2049), "input", None),
@@ -193,7 +188,7 @@ async def test_bad_pooling_calls_are_refused_before_anything_is_queued(stack):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stack.gateway.Classify(gateway_pb2.ClassifyRequest(model="bert-embed", inputs=["x"]))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert await admitted(stack) == before
+    assert await admitted(stack.metrics["scheduler"]) == before
     # Longer than the model reads: refused, or cut when the request says so.
     long = " ".join(TEXTS * 10)
     with pytest.raises(openai.BadRequestError) as caught:

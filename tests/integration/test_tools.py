@@ -19,7 +19,7 @@ import pytest_asyncio
 from llmos.v1 import common_pb2, gateway_pb2, registry_pb2
 from tests.integration.conftest import Stack
 from tests.support.inprocess import start_in_process
-from tests.support.metrics import sample_sum, scrape
+from tests.support.metrics import admitted
 from tests.support.tiny_model import build_tiny_model
 from tests.support.tool_model import ANSWER, ARGUMENTS, QUESTION, RESULT, WEATHER, build_tool_model
 
@@ -49,12 +49,6 @@ async def stack(tmp_path_factory):
     for channel in channels.values():
         await channel.close()
     await suite.stop(grace=1.0)
-
-
-async def admitted(stack) -> float:
-    """Requests the scheduler has given a slot (read beside the suite, which runs on this loop)."""
-    families = await asyncio.to_thread(scrape, stack.metrics["scheduler"])
-    return sample_sum(families, "llmos_scheduler_admitted_total")
 
 
 def client(stack, key: str) -> openai.AsyncOpenAI:
@@ -199,12 +193,12 @@ async def test_bad_tools_are_refused_before_anything_is_queued(stack):
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
          "messages[1].tool_calls[0].arguments"),
     ]
-    before = await admitted(stack)
+    before = await admitted(stack.metrics["scheduler"])
     for fields, param in cases:
         with pytest.raises(openai.BadRequestError) as caught:
             await api.chat.completions.create(model="weather", **({"messages": ASK} | fields))
         assert caught.value.body["param"] == param, (fields, caught.value.body)
-    assert await admitted(stack) == before
+    assert await admitted(stack.metrics["scheduler"]) == before
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stack.gateway.Generate(gateway_pb2.GenerateRequest(
             model="weather", prompt="x", tools=[common_pb2.Tool(name="f")])).read()

@@ -18,3 +18,12 @@ def sample_sum(families: dict, sample_name: str, **labels: str) -> float:
     """The sum of the samples named `sample_name` whose labels include `labels`."""
     return sum(s.value for family in families.values() for s in family.samples
                if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def admitted(scheduler_metrics: str) -> float:
+    """Requests the scheduler has given a slot, read from a thread (an in-process suite serves its
+    metrics on the caller's event loop)."""
+    import asyncio
+
+    families = await asyncio.to_thread(scrape, scheduler_metrics)
+    return sample_sum(families, "llmos_scheduler_admitted_total")

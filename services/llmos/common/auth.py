@@ -288,23 +288,23 @@ class Guard:
     def check_key(self, route: str, authorization: str | None, source: str = "") -> Principal:
         """Decides an HTTP call ("POST /v1/chat/completions"), which can bring a key only, by
         `authz.HTTP_TABLE`."""
-        if not self.enforce:
-            return ANONYMOUS
-        rule = authz.HTTP_TABLE.get(route)
-        if rule is None or rule.role is None:
-            raise PermissionDenied(f"{route} has no authorization rule: refused",
-                                   reason="METHOD_NOT_ALLOWED", metadata={"method": route})
-        return self._by_key(route, rule, authorization, source)
+        rule = self._http_rule(route)
+        return ANONYMOUS if rule is None else self._by_key(route, rule, authorization, source)
 
     async def check_key_async(self, route: str, authorization: str | None, source: str = "") -> Principal:
         """`check_key`, with the key looked up off the event loop."""
+        rule = self._http_rule(route)
+        return ANONYMOUS if rule is None else await self._by_key_async(route, rule, authorization, source)
+
+    def _http_rule(self, route: str) -> authz.Rule | None:
+        """The route's rule (None: security is off); a route without one is refused."""
         if not self.enforce:
-            return ANONYMOUS
+            return None
         rule = authz.HTTP_TABLE.get(route)
         if rule is None or rule.role is None:
             raise PermissionDenied(f"{route} has no authorization rule: refused",
                                    reason="METHOD_NOT_ALLOWED", metadata={"method": route})
-        return await self._by_key_async(route, rule, authorization, source)
+        return rule
 
     def _by_key(self, method: str, rule: authz.Rule, authorization: str | None, source: str = "") -> Principal:
         key_subject = self._attempt(authorization, source)
