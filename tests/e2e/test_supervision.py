@@ -28,7 +28,8 @@ TOKENS = 120
 def suite(tmp_path_factory, tiny_model_dir):
     env = quiet_env(tiny_model_dir.parent, LLMOS_MONITOR_SCRAPE_INTERVAL_SECONDS="1",
                     LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1", LLMOS_SCHEDULER_SLOTS_PER_WORKER="16",
-                    LLMOS_WORKER_MAX_RUNNING="16")
+                    LLMOS_WORKER_MAX_RUNNING="16",
+                    LLMOS_GATEWAY_SCHEDULER_FAILOVER_SECONDS="1")
     with Suite(tmp_path_factory.mktemp("supervision"), ports=FREE_PORTS, metrics_port=0, env=env) as suite:
         with suite.client() as client:
             client.import_model("tiny", str(tiny_model_dir))

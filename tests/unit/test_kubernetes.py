@@ -254,3 +254,20 @@ def test_the_secrets_command_makes_every_secret_the_manifests_mount(tmp_path):
     # The command line's admin key works against the store.
     key_id, _ = parse_key((tmp_path / "cluster" / "keys" / "admin.key").read_text().strip())
     assert KeyStore(Store(url).ready()).lookup(key_id) is not None
+
+
+def test_schedulers_run_two_one_leading_with_a_budget_that_keeps_one(rendered):
+    _, objects = rendered
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "llmos-scheduler")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LLMOS_SCHEDULER_LEADER_ELECTION"] == "true"
+    assert env["LLMOS_SCHEDULER_ADVERTISE_ADDRESS"] == "$(POD_IP):50052"
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert "LLMOS_STORE_URL" in env                     # the lease lives in the store
+    budget = next(o for o in objects if o["kind"] == "PodDisruptionBudget"
+                  and matches(o["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"]))
+    assert budget["spec"] == {"minAvailable": 1, "selector": budget["spec"]["selector"]}

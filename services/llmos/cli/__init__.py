@@ -162,7 +162,8 @@ def _interrupt(*_: object) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     base = DEFAULT_PORTS["gateway"]
     suite = Suite(args.data_dir, ports={s: args.port_base + p - base for s, p in DEFAULT_PORTS.items()},
-                  metrics_port=args.metrics_port, http_port=args.port_base + DEFAULT_HTTP_PORT - base)
+                  metrics_port=args.metrics_port, http_port=args.port_base + DEFAULT_HTTP_PORT - base,
+                  schedulers=args.replicas)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the suite as Ctrl-C does
     try:
         print(f"starting llmos (data in {os.path.abspath(args.data_dir)})...")
@@ -735,6 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="port of the cluster's Prometheus metrics (the monitor's); 0 picks a free one")
     up.add_argument("--port-base", type=int, default=DEFAULT_PORTS["gateway"],
                     help="gateway port; the other services take the next five")
+    up.add_argument("--replicas", type=int, default=1, choices=range(1, 6), metavar="N",
+                    help="schedulers to run, one leading and the others standing by (1 to 5); kill the "
+                         "leader and another takes over")
     up.set_defaults(func=cmd_up)
 
     gen = sub.add_parser("generate", help="stream an answer to the terminal")

@@ -104,6 +104,10 @@ class Suite:
     workers: int = 1
     # How many gateways (sharing the key store); past the first they are "gateway-2", ...
     gateways: int = 1
+    # How many schedulers; past the first they are "scheduler-2", ... One leads at a time (a
+    # lease in the store: `store_url`, or else the data directory's scheduler.db); the gateways
+    # are told of every one and follow the leader.
+    schedulers: int = 1
     # One store for every service (`llmos.common.store`); "" keeps each one's SQLite file in
     # the data directory. A cluster store is migrated at start, as `llmos migrate` would.
     store_url: str = ""
@@ -142,6 +146,7 @@ class Suite:
         """Process names in start order: each service, and each worker."""
         extra = {"worker": [f"worker-{i}" for i in range(2, self.workers + 1)],
                  "gateway": [f"gateway-{i}" for i in range(2, self.gateways + 1)],
+                 "scheduler": [f"scheduler-{i}" for i in range(2, self.schedulers + 1)],
                  "resources": [f"resources-{i}" for i in range(2, self.resources + 1)]}
         out: list[str] = []
         for service in SERVICES:
@@ -212,6 +217,13 @@ class Suite:
             env[prefix + "NODE_NAME"] = host.name
         for other in NEEDS[service]:
             env[f"{prefix}{other.upper()}_ADDRESS"] = self.addresses[self._peer(name, other)]
+        if service == "gateway":        # every scheduler: the gateway follows their leader
+            env[prefix + "SCHEDULER_ADDRESS"] = ",".join(self.addresses[n] for n in self.names
+                                                         if n.split("-")[0] == "scheduler" and n in self.addresses)
+        if service == "scheduler" and self.schedulers > 1:
+            env[prefix + "LEADER_ELECTION"] = "true"
+            if not self.store_url:
+                env[prefix + "LEASE_STORE_URL"] = f"sqlite:///{self.data_dir / 'scheduler.db'}"
         for key, value in self.identity.settings(service, name).items():
             env.setdefault(prefix + key.upper(), value)
         if metrics_port is None:

@@ -62,16 +62,21 @@ class Channels:
         self._public = set(public)      # gateway addresses: their public port
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def get(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
+    def get(self, address: str, authority: str = "") -> grpc.aio.Channel:
+        """The channel to `address`; `authority`: the name its certificate is checked against
+        when that is not the address's own (a replica reached at its pod's IP, named by its
+        service's name)."""
+        key = f"{address}#{authority}" if authority else address
+        channel = self._channels.get(key)
         if channel is None:
             channel = self._security.channel(
                 address, address in self._public,
                 interceptors=[*typed_errors(), *client_interceptors(self._provider)],
                 options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                         *RECONNECT_OPTIONS])
-            self._channels[address] = channel
+                         *RECONNECT_OPTIONS,
+                         *([("grpc.ssl_target_name_override", authority)] if authority else [])])
+            self._channels[key] = channel
         return channel
 
     async def close(self) -> None:

@@ -184,17 +184,23 @@ class ServiceHost:
             await self.health.set(service, status)
 
 
-async def follow_peer(host: ServiceHost, channel: grpc.aio.Channel, peer: str, interval: float = 2.0) -> None:
-    """Keeps `host` ready only while `peer` (on `channel`) answers its health check SERVING:
-    a service that cannot work without it says so to its load balancer."""
-    stub = health_pb2_grpc.HealthStub(channel)
-    reachable: bool | None = None
-    while True:
+async def follow_peer(host: ServiceHost, channel: grpc.aio.Channel | list[grpc.aio.Channel], peer: str,
+                      interval: float = 2.0) -> None:
+    """Keeps `host` ready only while `peer` (on `channel`, or on any of several: its replicas)
+    answers its health check SERVING: a service that cannot work without it says so to its
+    load balancer."""
+    stubs = [health_pb2_grpc.HealthStub(c) for c in (channel if isinstance(channel, list) else [channel])]
+
+    async def serving(stub: health_pb2_grpc.HealthStub) -> bool:
         try:
-            ok = (await stub.Check(health_pb2.HealthCheckRequest(), timeout=max(1.0, interval))).status == \
+            return (await stub.Check(health_pb2.HealthCheckRequest(), timeout=max(1.0, interval))).status == \
                 health_pb2.HealthCheckResponse.SERVING
         except Exception:  # noqa: BLE001 - unreachable, in whatever way
-            ok = False
+            return False
+
+    reachable: bool | None = None
+    while True:
+        ok = any(await asyncio.gather(*(serving(stub) for stub in stubs)))
         if ok != reachable:
             if reachable is not None or not ok:
                 (log.info if ok else log.warning)("%s %s: %s", peer, "is serving" if ok else "is not serving",
@@ -243,6 +249,8 @@ class Service:
     host: ServiceHost
     background: list[Callable[[str], Awaitable[None]]] = field(default_factory=list)
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # What runs first at stop, before draining (a leader hands its lead over).
+    handovers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     door: Door | None = None
     # Where the door serves, once started ("" when none).
     http_address: str = field(default="", init=False)
@@ -265,6 +273,11 @@ class Service:
         """Marks NOT_SERVING, drains for up to `grace` seconds, ends the background loops,
         then cleans up."""
         log.info("%s stopping: draining for up to %.1fs", self.host.name, grace)
+        for handover in self.handovers:
+            try:
+                await handover()
+            except Exception:  # noqa: BLE001 - stopping must go on
+                log.exception("handing over failed while stopping %s", self.host.name)
         if self.door is not None:
             await self.door.stop(grace)
         await self.host.stop(grace)

@@ -156,6 +156,19 @@ leaders = Table(
     Column("expire_time", Double, nullable=False),
 )
 
+# The scheduler leader's quota charges (`llmos.scheduler.quotas`): one row per request of a
+# tenant with limits, from its admission until a window after its end, so that a scheduler that
+# takes over the lead counts what its tenants used in the last window and a failover cannot be
+# used to pass a quota. Unix times; `end_time` is null while the request runs.
+quota_charges = Table(
+    "quota_charges", SCHEMA,
+    Column("request_id", String(160), primary_key=True),
+    Column("tenant", String(64), nullable=False),
+    Column("start_time", Double, nullable=False),
+    Column("end_time", Double, nullable=True, index=True),
+    Column("tokens", BigInteger, nullable=False),
+)
+
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 # How long a call waits for a connection, seconds; while the store is down calls fail at once.

@@ -25,7 +25,10 @@ from .servicer import register
 @dataclass(frozen=True)
 class GatewaySettings(ServiceSettings):
     listen: str = "127.0.0.1:50051"
+    # The scheduler, or its replicas separated by commas (a call goes to their leader).
     scheduler_address: str = "127.0.0.1:50052"
+    # How long a call keeps looking for a scheduler leader (a failover) before it is UNAVAILABLE.
+    scheduler_failover_seconds: float = 15.0
     registry_address: str = "127.0.0.1:50053"
     # The HTTP door in OpenAI's API (`openai_api`); "" serves none. Beyond loopback only with TLS.
     http_listen: str = "127.0.0.1:50057"
@@ -41,7 +44,8 @@ async def build(settings: GatewaySettings, provider: TracerProvider | None = Non
     provider = provider or make_tracer_provider("gateway")
     security = Security.of("gateway", settings)
     channels = Channels(provider, security)
-    front = FrontDoor(GrpcScheduler(channels, settings.scheduler_address), GrpcWorkers(channels))
+    front = FrontDoor(GrpcScheduler(channels, settings.scheduler_address, settings.scheduler_failover_seconds),
+                      GrpcWorkers(channels))
     # The public port: clients bring keys, not certificates (plaintext on loopback).
     host = ServiceHost.of("gateway", settings, provider, security, public=True)
     registry = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
@@ -57,7 +61,8 @@ async def build(settings: GatewaySettings, provider: TracerProvider | None = Non
     await host.set_serving(False)       # ready once the scheduler answers: it admits every request
 
     async def follow_scheduler(address: str) -> None:
-        await follow_peer(host, channels.get(settings.scheduler_address), "the scheduler")
+        replicas = [a.strip() for a in settings.scheduler_address.split(",") if a.strip()]
+        await follow_peer(host, [channels.get(a) for a in replicas], "the scheduler")
 
     return Service(host, background=[follow_scheduler], cleanups=[front.drain, channels.close], door=door)
 

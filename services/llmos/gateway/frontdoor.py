@@ -132,7 +132,7 @@ class SchedulerPort(Protocol):
                     redispatch: bool = False) -> Assignment: ...
 
     async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
-                     worker_failed: bool = False, model_not_loaded: bool = False) -> None: ...
+                     worker_failed: bool = False, model_not_loaded: bool = False, tenant: str = "") -> None: ...
 
 
 class WorkerPort(Protocol):
@@ -165,7 +165,7 @@ class FrontDoor:
                 assignment = await self._scheduler.admit(call, request_id, remaining(), redispatch=attempt > 0)
             except asyncio.CancelledError:
                 # The admission may have been granted as the caller left: release it (idempotent).
-                self._report(request_id, FinishReason.CANCELLED, None, False)
+                self._report(request_id, FinishReason.CANCELLED, None, False, tenant=call.tenant)
                 raise
             if routed is not None:
                 routed(assignment, request_id)
@@ -201,14 +201,14 @@ class FrontDoor:
             finally:
                 if usage is None:   # it ended early: charge what was served (the prompt at most its bound)
                     usage = Usage(call.prompt_tokens, streamed)
-                reported = self._report(request_id, reason, usage, worker_failed, model_not_loaded)
+                reported = self._report(request_id, reason, usage, worker_failed, model_not_loaded, call.tenant)
             await reported      # the scheduler must know of the failed worker before it admits again
 
     def _report(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
-                worker_failed: bool, model_not_loaded: bool = False) -> asyncio.Task:
+                worker_failed: bool, model_not_loaded: bool = False, tenant: str = "") -> asyncio.Task:
         # Reported from a task of its own: this one may be cancelled already.
         task = asyncio.get_running_loop().create_task(
-            self._scheduler.finish(request_id, reason, usage, worker_failed, model_not_loaded))
+            self._scheduler.finish(request_id, reason, usage, worker_failed, model_not_loaded, tenant))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task

@@ -5,7 +5,9 @@ interceptor.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from llmos.common.channels import Channels
@@ -27,9 +29,68 @@ from .frontdoor import Assignment, GenerateCall
 log = logging.getLogger(__name__)
 
 
+# The errors after which a call goes to another scheduler replica: this one stands by (and may
+# name the leader), or cannot be reached.
+_FAILOVER_REASONS = {"NOT_LEADER", "SCHEDULER_UNREACHABLE"}
+
+
 class GrpcScheduler:
-    def __init__(self, channels: Channels, address: str) -> None:
-        self._stub = scheduler_pb2_grpc.SchedulerServiceStub(channels.get(address))
+    """The gateway's port to the scheduler's leader among its replicas (`address`: one, or
+    several separated by commas). A call that meets a standby or a replica that cannot be reached
+    goes to the leader the standby names, or else to the next replica, again and again for up
+    to `failover_seconds`: across a failover a waiting admission is submitted to the new leader
+    with the time it already waited (it keeps its place in the queue), and an end is reported to
+    whichever leads when it arrives."""
+
+    def __init__(self, channels: Channels, address: str, failover_seconds: float = 15.0) -> None:
+        self._channels = channels
+        self._addresses = [a.strip() for a in address.split(",") if a.strip()] or [address]
+        # A leader named by its pod's address is checked against the configured name.
+        host = self._addresses[0].rsplit(":", 1)[0]
+        self._authority = "" if host.replace(".", "").isdigit() or host.startswith("[") else host
+        self.leader = self._addresses[0]
+        self.failover_seconds = failover_seconds
+        self.failovers = 0          # calls that went to another replica
+
+    def _stub(self, address: str) -> scheduler_pb2_grpc.SchedulerServiceStub:
+        authority = "" if address in self._addresses else self._authority
+        return scheduler_pb2_grpc.SchedulerServiceStub(self._channels.get(address, authority))
+
+    def _move_on(self, failed: str, exc: LlmosError) -> None:
+        if self.leader != failed:       # another call has moved on already
+            return
+        hint = exc.metadata.get("leader", "") if exc.reason == "NOT_LEADER" else ""
+        if hint and hint != failed:
+            self.leader = hint
+        else:
+            at = self._addresses.index(failed) + 1 if failed in self._addresses else 0
+            self.leader = self._addresses[at % len(self._addresses)]
+
+    async def _call(self, method: str, request, timeout: float | None, waited: bool = False):
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        failing_since: float | None = None
+        pause = 0.05
+        while True:
+            address = self.leader
+            if waited and failing_since is not None:
+                request.waited.CopyFrom(duration(time.monotonic() - start))
+            try:
+                return await getattr(self._stub(address), method)(
+                    request, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except LlmosError as exc:
+                if exc.code != "UNAVAILABLE" or exc.reason not in _FAILOVER_REASONS:
+                    raise
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > self.failover_seconds or (deadline is not None and deadline - now < pause):
+                    raise
+                self._move_on(address, exc)
+                self.failovers += 1
+                if self.leader != address:
+                    log.info("scheduler %s: %s; asking %s", address, exc.reason, self.leader)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
     async def admit(self, call: GenerateCall, request_id: str, timeout: float | None,
                     redispatch: bool = False) -> Assignment:
@@ -41,19 +102,19 @@ class GrpcScheduler:
             conversation_id=call.conversation_id, client_request_id=call.request_id)
         if call.keep_alive is not None:
             request.keep_alive.CopyFrom(duration(call.keep_alive))
-        response = await self._stub.AdmitGeneration(request, timeout=timeout)
+        response = await self._call("AdmitGeneration", request, timeout, waited=True)
         return Assignment(response.worker_address, response.model, response.worker_id, response.alias,
                           response.adapter, response.adapter_path)
 
     async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
-                     worker_failed: bool = False, model_not_loaded: bool = False) -> None:
+                     worker_failed: bool = False, model_not_loaded: bool = False, tenant: str = "") -> None:
         request = scheduler_pb2.FinishGenerationRequest(request_id=request_id, worker_failed=worker_failed,
                                                         model_not_loaded=model_not_loaded,
-                                                        finish_reason=FINISH_TO_PROTO[reason])
+                                                        finish_reason=FINISH_TO_PROTO[reason], tenant=tenant)
         if usage is not None:
             request.usage.CopyFrom(usage_to_proto(usage))
         try:
-            await self._stub.FinishGeneration(request, timeout=10)
+            await self._call("FinishGeneration", request, self.failover_seconds + 10)
         except LlmosError as exc:
             log.warning("could not report the end of %s to the scheduler: %s (%s)", request_id, exc.code, exc.reason)
 

@@ -80,8 +80,15 @@ class GrpcProbe:
     async def scheduler(self) -> SchedulerView:
         if self._scheduler is None:
             return SchedulerView([], {})
-        stats = await self._scheduler.GetSchedulerStats(scheduler_pb2.GetSchedulerStatsRequest(),
-                                                        timeout=self._timeout)
+        try:
+            stats = await self._scheduler.GetSchedulerStats(scheduler_pb2.GetSchedulerStatsRequest(),
+                                                            timeout=self._timeout)
+        except LlmosError as exc:       # a standby: the figures are its leader's
+            leader = exc.metadata.get("leader", "") if exc.reason == "NOT_LEADER" else ""
+            if not leader:
+                raise
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channels.get(leader))
+            stats = await stub.GetSchedulerStats(scheduler_pb2.GetSchedulerStatsRequest(), timeout=self._timeout)
         running: dict[str, int] = {}
         for w in stats.workers:
             running[w.worker_id] = running.get(w.worker_id, 0) + w.running

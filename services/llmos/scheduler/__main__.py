@@ -12,11 +12,13 @@ from llmos.common.metrics import OnLoop
 from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.settings import ServiceSettings
+from llmos.common.store import Store
 from llmos.common.telemetry import make_tracer_provider
 
 from .admission import AdmissionControl
 from .observe import SchedulerTelemetry, scheduler_metrics
 from .peers import GrpcRegistry
+from .replica import Replica
 from .reports import WorkerReports
 from .servicer import register
 
@@ -51,6 +53,18 @@ class SchedulerSettings(ServiceSettings):
     # own: no tenant holds every place a worker has (256 by default): half of them. More are
     # RESOURCE_EXHAUSTED (QUOTA_EXCEEDED); 0: no limit.
     tenant_max_concurrent: int = 128
+    # Several schedulers, one leading: a leader lease in the store (`lease_store_url`, or else
+    # `store_url`), the others standing by (`llmos.scheduler.replica`).
+    leader_election: bool = False
+    lease_store_url: str = ""
+    # The lease's TTL: a dead leader is replaced within about this long, seconds.
+    leader_lease_seconds: float = 3.0
+    # How long a new leader waits, its queue filling with the requests re-submitted from the
+    # previous leader's, before it dispatches (it also waits for its first look at the workers).
+    recovery_seconds: float = 1.0
+    # The address the other replicas' callers reach this one at (a pod's IP and port); "": the
+    # address it binds.
+    advertise_address: str = ""
 
 
 async def build(settings: SchedulerSettings, provider: TracerProvider | None = None) -> Service:
@@ -60,16 +74,39 @@ async def build(settings: SchedulerSettings, provider: TracerProvider | None = N
     tracer = provider.get_tracer("llmos.scheduler")
     host = ServiceHost.of("scheduler", settings, provider, security)
     registry = GrpcRegistry(channels, settings.registry_address, settings.load_timeout_seconds, tracer)
-    scheduler = AdmissionControl(
-        registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model, settings.aging_seconds,
-        settings.report_timeout_seconds, settings.placement_ttl_seconds,
-        events=SchedulerTelemetry(tracer, host.metrics), orphan_grace=settings.orphan_grace_seconds,
-        affinity_slack=settings.affinity_slack, tenant_max_concurrent=settings.tenant_max_concurrent)
-    reports = WorkerReports(scheduler, registry, channels, settings.report_interval_seconds)
-    host.metrics.register(OnLoop(asyncio.get_running_loop(), lambda: scheduler_metrics(
-        scheduler.queue_depths(), scheduler.worker_loads())))
-    register(host, scheduler)
-    return Service(host, background=[reports.run], cleanups=[channels.close])
+    events = SchedulerTelemetry(tracer, host.metrics)
+
+    def admission_control() -> AdmissionControl:
+        return AdmissionControl(
+            registry, settings.slots_per_worker, settings.max_queue, settings.max_queue_per_model,
+            settings.aging_seconds, settings.report_timeout_seconds, settings.placement_ttl_seconds,
+            events=events, orphan_grace=settings.orphan_grace_seconds, affinity_slack=settings.affinity_slack,
+            tenant_max_concurrent=settings.tenant_max_concurrent)
+
+    store = None
+    if settings.leader_election:
+        url = settings.lease_store_url or settings.store_url
+        if not url:
+            raise ValueError("leader_election needs a store: set lease_store_url or store_url")
+        store = Store(url).ready()
+    reports = WorkerReports(lambda: replica.admission, registry, channels, settings.report_interval_seconds)
+    replica = Replica(admission_control, store, settings.leader_lease_seconds, settings.recovery_seconds,
+                      settings.advertise_address, learn=reports.learn)
+
+    def metrics():
+        admission = replica.admission
+        return scheduler_metrics(admission.queue_depths() if admission else [],
+                                 admission.worker_loads() if admission else [], replica.leads)
+
+    host.metrics.register(OnLoop(asyncio.get_running_loop(), metrics))
+    register(host, replica)
+
+    async def close_store() -> None:
+        if store is not None:
+            store.close()
+
+    return Service(host, background=[replica.run, reports.run], handovers=[replica.hand_over],
+                   cleanups=[replica.close, channels.close, close_store])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from llmos.common.domain import DEFAULT_MAX_TOKENS, QueueDepth
-from llmos.common.errors import AlreadyExists, Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from llmos.common.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    LlmosError,
+    ResourceExhausted,
+    Unavailable,
+)
 from llmos.common.keystore import Quota
 from llmos.common.names import parse_model_ref
 
@@ -78,6 +85,7 @@ class Ticket:
     prefix_key: int = 0              # a hash of how its input starts (0: none), for prefix affinity
     conversation_id: str = ""        # picks the version of an alias that splits traffic
     client_id: str = ""              # the id its client chose ("": none), unique within its tenant
+    waited: float = 0.0              # seconds it waited at a scheduler that stopped leading since
 
     @property
     def client_key(self) -> tuple[str, str] | None:
@@ -151,9 +159,24 @@ class ModelQueue:
     mean_seconds: float = 1.0                                   # moving average of a generation
 
 
+class NotLeader(Unavailable):
+    """This scheduler does not lead (a standby, or one that handed its lead over): its caller
+    goes to the leader (`leader`, its address, when known) and submits the request there."""
+
+    def __init__(self, leader: str = "") -> None:
+        super().__init__(f"this scheduler does not lead{'; the leader is at ' + leader if leader else ''}",
+                         reason="NOT_LEADER", metadata={"leader": leader} if leader else None)
+
+
 class AdmissionControl:
     """Every model's queue, the requests admitted or waiting, their tenants' quotas, and the
-    workers' rotation they are admitted to."""
+    workers' rotation they are admitted to.
+
+    A scheduler that takes over the lead starts `paused`: requests queue (those re-submitted
+    from the previous leader's queue keep their place, `Ticket.waited`) while it learns the slots
+    in use from the workers' reports (`Rotation`'s inherited requests), and it dispatches once
+    `resume`d. One that stops leading is `close`d: its waiting requests are refused with
+    NOT_LEADER, for their gateways to submit them to the next leader."""
 
     def __init__(self, registry: RegistryPort, slots_per_worker: int = 16, max_queue: int = 64,
                  max_queue_per_model: int = 0, aging_seconds: float = 30.0, report_timeout: float = 3.0,
@@ -178,6 +201,9 @@ class AdmissionControl:
         self._weights: dict[str, float] = {}                     # tenant → weight, as its requests say
         self._clock = clock
         self.quotas = QuotaBook(clock)
+        self.paused = False
+        self.closed = False
+        self._charges_missing: dict[str, float] = {}    # inherited charges no worker serves, since
         self._models: dict[str, ModelQueue] = {}
         self._active: dict[str, Request] = {}
         # (tenant, client id) → the active request's own id: a client's id is an idempotency key
@@ -251,12 +277,15 @@ class AdmissionControl:
 
     async def admit(self, ticket: Ticket, timeout: float | None = None) -> Admission:
         """Admits a generation, waiting at most `timeout` seconds (the caller's deadline)."""
-        arrival = self._clock()
-        deadline = None if timeout is None else arrival + timeout
+        now = self._clock()
+        arrival = now - max(0.0, ticket.waited)
+        deadline = None if timeout is None else now + timeout
 
         def remaining() -> float | None:
             return None if deadline is None else max(0.0, deadline - self._clock())
 
+        if self.closed:
+            raise NotLeader()
         client = ticket.client_key
         if ticket.request_id in self._active or client in self._clients:
             shown = ticket.client_id or ticket.request_id
@@ -279,7 +308,14 @@ class AdmissionControl:
             if cached is not None:
                 resolution, endpoints = self._resolved[ticket.model][0], cached.endpoints
             else:
-                resolution = await self._registry.resolve(ticket.model, remaining(), ticket.conversation_id)
+                try:
+                    resolution = await self._registry.resolve(ticket.model, remaining(), ticket.conversation_id)
+                except LlmosError as exc:
+                    # The registry restarting: the model's last known placements serve meanwhile.
+                    stale = self._stale(ticket.model) if exc.reason == "REGISTRY_UNREACHABLE" else None
+                    if stale is None:
+                        raise
+                    resolution = stale
                 endpoints = resolution.endpoints
                 if not resolution.alias:     # names of the catalog's entries: as many as it holds
                     self._resolved[ticket.model] = resolution, self._clock()
@@ -296,12 +332,14 @@ class AdmissionControl:
             model = self._model(resolved)
             if cached is None or loaded:
                 self.update_endpoints(resolved, endpoints, dispatch=False)
+            if self.closed:      # it stopped leading while the registry answered
+                raise NotLeader()
             given_up = self._abandoned.pop(ticket.request_id, None)
             if request.abandoned or (given_up is not None and self._clock() - given_up < 30.0):
                 raise Cancelled("the caller went away before the request was admitted",
                                 reason="CANCELLED_IN_QUEUE")
             endpoint = self.rotation.free_endpoint(model.name, model.endpoints, ticket.prefix_key) \
-                if not model.queue else None
+                if not model.queue and not self.paused else None
             if endpoint is None:
                 endpoint = await self._wait(request, model, deadline, remaining())
             else:
@@ -321,12 +359,16 @@ class AdmissionControl:
                          resolution.adapter, resolution.adapter_path)
 
     def finish(self, request_id: str, tokens: int | None = None, *, outcome: Outcome,
-               worker_failed: bool = False, model_not_loaded: bool = False) -> bool:
+               worker_failed: bool = False, model_not_loaded: bool = False, tenant: str = "") -> bool:
         """Releases a running generation's slot. `tokens`: what it really cost (prompt +
         generated), to correct its tenant's charge; `worker_failed`: its worker broke the
         stream, so it leaves rotation; `model_not_loaded`: its worker does not hold the model,
-        so it gets no more of its requests until it reports holding it. Idempotent."""
+        so it gets no more of its requests until it reports holding it; `tenant`: its tenant, for
+        a request the previous leader admitted whose charge it had not written down yet.
+        Idempotent."""
         request = self._active.get(request_id)
+        if request is None and self._inherited_ended(request_id, tokens, tenant):
+            return True
         if request is None or request.phase is Phase.QUEUED:
             # The caller gave up before it heard of its admission: whatever is granted later
             # is given back at once.
@@ -346,6 +388,47 @@ class AdmissionControl:
         self.events.finished(request, outcome)
         self._dispatch(model)
         return True
+
+    def _inherited_ended(self, request_id: str, tokens: int | None, tenant: str) -> bool:
+        """A request the previous leader admitted ended: its slot and its charge come back (a
+        charge it died before writing down is counted now, from what the request used)."""
+        model = self.rotation.inherited_ended(request_id)
+        settled = self.quotas.settle_inherited(request_id, tokens)
+        if not settled and model is not None and tenant and tokens is not None:
+            self.quotas.charge_late(tenant, request_id, tokens)
+        if model is not None and model in self._models:
+            self._dispatch(self._models[model])
+        return model is not None or settled
+
+    # ---- leadership ------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Starts dispatching (a new leader, once it knows the slots in use)."""
+        self.paused = False
+        for model in list(self._models.values()):
+            self._dispatch(model)
+
+    def close(self, leader: str = "") -> None:
+        """Stops leading: every waiting request is refused with NOT_LEADER (its gateway submits
+        it to `leader`), and so is every new one. Running requests go on; their ends are the
+        next leader's to hear."""
+        self.closed = True
+        for request in list(self._active.values()):
+            if request.phase is Phase.QUEUED and request.future is not None and not request.future.done():
+                request.future.set_exception(NotLeader(leader))
+
+    def forget_inherited_charges(self) -> None:
+        """Inherited running charges whose request no worker has reported for `orphan_grace`
+        seconds (its gateway died with the previous leader) end at their reservation."""
+        now = self._clock()
+        served = {rid for w in self.rotation.workers.values() for rid in w.inherited}
+        for request_id in self.quotas.inherited - served:
+            since = self._charges_missing.setdefault(request_id, now)
+            if now - since >= self.orphan_grace:
+                self._charges_missing.pop(request_id)
+                self.quotas.settle_inherited(request_id, None)
+        for request_id in set(self._charges_missing) & served:
+            del self._charges_missing[request_id]
 
     def _abandon(self, request_id: str, request: Request | None) -> None:
         if request is None:
@@ -367,15 +450,21 @@ class AdmissionControl:
         if dispatch:
             self._dispatch(known)
 
-    def report(self, worker_id: str, capacity: dict[str, int], serving: set[str] | None = None) -> None:
-        """A worker's status poll answered: its slots per loaded model and the requests it serves.
-        A request running there that the worker has not known for `orphan_grace` seconds (its
-        gateway died before it could say the request ended) gets its slot back."""
+    def report(self, worker_id: str, capacity: dict[str, int], serving: set[str] | None = None,
+               by_model: dict[str, list[str]] | None = None) -> None:
+        """A worker's status poll answered: its slots per loaded model and the requests it serves
+        (`by_model`: each model's). A request running there that the worker has not known for
+        `orphan_grace` seconds (its gateway died before it could say the request ended) gets its
+        slot back; one this scheduler never admitted (the previous leader did) holds a slot."""
         if worker_id not in self.rotation.workers:
             return
         if serving is not None:
             self._reconcile(worker_id, serving)
-        self.rotation.report(worker_id, capacity)
+        inherited = None
+        if by_model is not None:
+            inherited = {rid: model for model, ids in by_model.items() for rid in ids
+                         if rid not in self._active and self.history.get(rid) is None}
+        self.rotation.report(worker_id, capacity, inherited)
         for model in self._models.values():
             if any(e.worker_id == worker_id for e in model.endpoints):
                 self._dispatch(model)
@@ -420,6 +509,14 @@ class AdmissionControl:
             return None
         model = self._models.get(known.model)       # its endpoints are as new as the resolution, or newer
         return model if model is not None and model.endpoints else None
+
+    def _stale(self, name: str) -> Resolution | None:
+        """What `name` last resolved to, with the workers it is ready on now, if any."""
+        known = self._resolved.get(name, (None, 0.0))[0]
+        model = self._models.get(known.model) if known is not None else None
+        if model is None or not model.endpoints:
+            return None
+        return dataclasses.replace(known, endpoints=list(model.endpoints))
 
     def _model(self, name: str) -> ModelQueue:
         model = self._models.get(name)
@@ -483,7 +580,7 @@ class AdmissionControl:
 
     def _dispatch(self, model: ModelQueue) -> None:
         """Hands free slots of the model's workers to its waiting requests, in queue order."""
-        while model.queue:
+        while model.queue and not self.paused:
             if self.rotation.free_endpoint(model.name, model.endpoints) is None:
                 return
             item = model.queue.pop(self._clock())

@@ -13,7 +13,8 @@ Three rules, applied in this order:
    time, so it neither lost its share nor banked credit while away. The cost
    charged at dispatch is an estimate (prompt + max tokens); `charge` corrects it
    with the real count when the request ends.
-3. **Earliest deadline first** among one tenant's requests, then arrival order.
+3. **Earliest deadline first** among one tenant's requests, then arrival order (a request
+   re-submitted after a scheduler failover arrives with the time it already waited).
 
 Pure and synchronous: the clock is passed in.
 """
@@ -42,22 +43,24 @@ class Waiting:
     seq: int = 0                 # set by the queue: arrival order
     removed: bool = field(default=False, repr=False)
 
-    def edf_key(self) -> tuple[float, int]:
-        return (math.inf if self.deadline is None else self.deadline, self.seq)
+    def edf_key(self) -> tuple[float, float, int]:
+        # (Arrival before push order: a request re-submitted after a scheduler failover keeps
+        # its place among its tenant's.)
+        return (math.inf if self.deadline is None else self.deadline, self.arrival, self.seq)
 
 
 class _Tenant:
     __slots__ = ("heap", "count", "vtime")
 
     def __init__(self) -> None:
-        self.heap: list[tuple[float, int, Waiting]] = []
+        self.heap: list[tuple[float, float, int, Waiting]] = []
         self.count = 0
         self.vtime = 0.0
 
     def head(self) -> Waiting | None:
-        while self.heap and self.heap[0][2].removed:
+        while self.heap and self.heap[0][-1].removed:
             heapq.heappop(self.heap)
-        return self.heap[0][2] if self.heap else None
+        return self.heap[0][-1] if self.heap else None
 
 
 class _Band:
@@ -160,7 +163,7 @@ class FairQueue:
                 mine = known.tenants[tenant].count if tenant in known.tenants else 0
                 if name == tenant or largest.count < mine + 2:
                     return None
-            victim = max((w for _, _, w in largest.heap if not w.removed), key=lambda w: w.seq)
+            victim = max((w for *_, w in largest.heap if not w.removed), key=lambda w: w.seq)
             self.remove(victim)
             return victim
         return None

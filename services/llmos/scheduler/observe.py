@@ -89,8 +89,8 @@ class SchedulerTelemetry(SchedulerEvents):
             "llmos.queue.reason": request.reason})
 
 
-def scheduler_metrics(depths: list[QueueDepth], loads: list[WorkerLoad]) -> list[Metric]:
-    """Queue depths and worker loads, for one scrape."""
+def scheduler_metrics(depths: list[QueueDepth], loads: list[WorkerLoad], leads: bool = True) -> list[Metric]:
+    """Queue depths and worker loads, and whether this replica leads, for one scrape."""
     waiting = GaugeMetricFamily("llmos_scheduler_queue_requests", "Requests waiting in the scheduler's "
                                 "queue.", labels=["model_name", "priority", "tenant"])
     for q in depths:
@@ -108,4 +108,7 @@ def scheduler_metrics(depths: list[QueueDepth], loads: list[WorkerLoad]) -> list
         if w.endpoint.worker_id not in seen:
             seen.add(w.endpoint.worker_id)
             rotation.add_metric([w.endpoint.worker_id], 1 if w.in_rotation else 0)
-    return [waiting, running, slots, rotation]
+    leader = GaugeMetricFamily("llmos_scheduler_leader", "1 while this scheduler leads (admits), 0 while "
+                               "it stands by.")
+    leader.add_metric([], 1 if leads else 0)
+    return [waiting, running, slots, rotation, leader]

@@ -48,6 +48,21 @@ class GrpcRegistry:
                                              timeout=_within(5.0, timeout))
         return f"{response.model.name}:{response.model.tag}", _ready(response.model)
 
+    async def placements(self, timeout: float) -> dict[str, list[Endpoint]]:
+        """Every model ready somewhere, with its workers (a new leader's first look)."""
+        ready: dict[str, list[Endpoint]] = {}
+        token = ""
+        while True:
+            response = await self._stub.ListModels(registry_pb2.ListModelsRequest(page_size=1000, page_token=token),
+                                                   timeout=timeout)
+            for model in response.models:
+                endpoints = _ready(model)
+                if endpoints and not model.base:
+                    ready[f"{model.name}:{model.tag}"] = endpoints
+            token = response.next_page_token
+            if not token:
+                return ready
+
     async def load(self, model: str, timeout: float | None, keep_alive: float | None = None,
                    hold: bool = False) -> list[Endpoint]:
         # A hold is of a keep-alive: a user's cold start without one only loads the model.

@@ -18,11 +18,34 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from llmos.common.errors import ResourceExhausted
 from llmos.common.keystore import Quota
 
 WINDOW = 60.0
+
+
+class ChargeLog(Protocol):
+    """Where a leading scheduler writes its charges down (Unix times), so that the next leader
+    counts them (`QuotaBook.restore`)."""
+
+    def reserved(self, request_id: str, tenant: str, start: float, tokens: int) -> None: ...
+
+    def settled(self, request_id: str, end: float, tokens: int) -> None: ...
+
+    def released(self, request_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class KeptCharge:
+    """A charge as the store keeps it: Unix times, `end` None while its request runs."""
+
+    request_id: str
+    tenant: str
+    start: float
+    end: float | None
+    tokens: int
 
 
 @dataclass
@@ -56,13 +79,65 @@ class QuotaExceeded(ResourceExhausted):
 class QuotaBook:
     """The charges of every tenant with a quota. Not thread-safe: the scheduler's loop owns it."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, log: ChargeLog | None = None) -> None:
         self._clock = clock
         self._tenants: dict[str, _Tenant] = {}
         self.rejected: dict[tuple[str, str], int] = {}       # (tenant, limit) → refusals
+        self.log = log
+        # Running charges a previous leader admitted (`restore`), by request id → tenant.
+        self._inherited: dict[str, str] = {}
+        self._restored: set[str] = set()       # every charge `restore` read
+
+    def _unix(self, t: float) -> float:
+        return time.time() - (self._clock() - t)
+
+    def restore(self, charges: list[KeptCharge]) -> None:
+        """Counts the charges a previous leader wrote down: those that ended within the last
+        window, and those still running (settled when their end is reported, `settle_inherited`,
+        or given up by `forget_inherited`)."""
+        now, unix_now = self._clock(), time.time()
+        self._restored |= {c.request_id for c in charges}
+        for kept in sorted(charges, key=lambda c: c.end or c.start):
+            state = self._tenants.setdefault(kept.tenant, _Tenant())
+            charge = _Charge(kept.request_id, now - (unix_now - kept.start), kept.tokens,
+                             None if kept.end is None else now - (unix_now - kept.end))
+            if charge.end is None:
+                state.running[kept.request_id] = charge
+                self._inherited[kept.request_id] = kept.tenant
+            elif charge.end + WINDOW > now:
+                state.ended.append(charge)
+
+    @property
+    def inherited(self) -> set[str]:
+        return set(self._inherited)
+
+    def charge_late(self, tenant: str, request_id: str, used: int) -> None:
+        """A request the previous leader admitted, and died before writing its charge down,
+        ended having used `used` tokens: counted from now (once)."""
+        if request_id in self._restored:
+            return
+        self._restored.add(request_id)
+        state = self._tenants.setdefault(tenant, _Tenant())
+        now = self._clock()
+        state.ended.append(_Charge(request_id, now, max(0, used), now))
+        if self.log is not None:
+            self.log.reserved(request_id, tenant, self._unix(now), max(0, used))
+            self.log.settled(request_id, self._unix(now), max(0, used))
+
+    def settle_inherited(self, request_id: str, used: int | None) -> bool:
+        """A request a previous leader admitted ended; False if its charge is not known here."""
+        tenant = self._inherited.pop(request_id, None)
+        if tenant is None:
+            return False
+        self.settle(tenant, request_id, used)
+        return True
 
     def reserve(self, tenant: str, quota: Quota, request_id: str, tokens: int) -> None:
-        """Reserves one request of up to `tokens` for `tenant`, or raises QuotaExceeded."""
+        """Reserves one request of up to `tokens` for `tenant`, or raises QuotaExceeded. A request
+        the previous leader had queued, submitted again, gives its inherited charge up first."""
+        previous = self._inherited.pop(request_id, None)
+        if previous is not None:
+            self._tenants[previous].running.pop(request_id, None)
         state = self._tenants.get(tenant)
         if state is None:
             if quota == Quota():
@@ -78,6 +153,8 @@ class QuotaBook:
             self.rejected[key] = self.rejected.get(key, 0) + 1
             raise
         state.running[request_id] = _Charge(request_id, now, tokens)
+        if self.log is not None:
+            self.log.reserved(request_id, tenant, self._unix(now), tokens)
 
     def settle(self, tenant: str, request_id: str, used: int | None) -> None:
         """The request ended having used `used` tokens (None: unknown, its reservation stands)."""
@@ -91,12 +168,14 @@ class QuotaBook:
             charge.tokens = min(max(0, used), charge.tokens)
         state.mean_seconds = 0.8 * state.mean_seconds + 0.2 * (now - charge.start)
         state.ended.append(charge)
+        if self.log is not None:
+            self.log.settled(request_id, self._unix(now), charge.tokens)
 
     def release(self, tenant: str, request_id: str) -> None:
         """The request never ran (refused, timed out or cancelled in the queue): nothing is charged."""
         state = self._tenants.get(tenant)
-        if state is not None:
-            state.running.pop(request_id, None)
+        if state is not None and state.running.pop(request_id, None) is not None and self.log is not None:
+            self.log.released(request_id)
 
     def usage(self, tenant: str) -> tuple[int, int, int]:
         """(requests in flight, requests counted in the window, tokens counted in the window)."""

@@ -48,6 +48,12 @@ class Worker:
     out_since: float | None = None                              # out of rotation since
     listed_since: dict[str, float] = field(default_factory=dict)  # model → since the registry lists it here
     denied: dict[str, float] = field(default_factory=dict)        # model → when it said it does not hold it
+    # Requests it serves that this scheduler did not send (a previous leader did), request id →
+    # model, as it last reported them: their slots are in use until they end.
+    inherited: dict[str, str] = field(default_factory=dict)
+
+    def used(self, model: str) -> int:
+        return self.running[model] + sum(1 for m in self.inherited.values() if m == model)
 
 
 class Rotation:
@@ -85,7 +91,7 @@ class Rotation:
         best, best_load, loads = None, 2.0, {}
         for worker in self.in_rotation(endpoints):
             capacity = self.capacity(worker, model)
-            used = worker.running[model]
+            used = worker.used(model)
             if used < capacity:
                 loads[worker.endpoint.worker_id] = (worker.endpoint, used / capacity)
                 if used / capacity < best_load:
@@ -106,7 +112,16 @@ class Rotation:
                 self._affinity.popitem(last=False)
         worker = self.workers[endpoint.worker_id]
         worker.running[model] += 1
-        return worker.running[model], self.capacity(worker, model), len(self.in_rotation(endpoints))
+        return worker.used(model), self.capacity(worker, model), len(self.in_rotation(endpoints))
+
+    def inherited_ended(self, request_id: str) -> str | None:
+        """A request a previous leader sent ended: its slot is free now (not at the worker's next
+        report). Returns its model, None if no worker reported it."""
+        for worker in self.workers.values():
+            model = worker.inherited.pop(request_id, None)
+            if model is not None:
+                return model
+        return None
 
     def give_back(self, worker_id: str, model: str, worker_failed: bool, model_not_loaded: bool) -> None:
         """A request's slot on `worker_id` is free: the worker broke its stream (it leaves
@@ -144,13 +159,16 @@ class Rotation:
             if (worker.last_report is None or worker.last_report < since) and worker.denied.get(model, -1.0) < since:
                 worker.capacity.setdefault(model, self.slots_per_worker)
 
-    def report(self, worker_id: str, capacity: dict[str, int]) -> bool:
-        """A worker's status poll answered with its slots per loaded model; it is back in
-        rotation. False for a worker not known."""
+    def report(self, worker_id: str, capacity: dict[str, int], inherited: dict[str, str] | None = None) -> bool:
+        """A worker's status poll answered with its slots per loaded model (and the requests it
+        serves that this scheduler did not send); it is back in rotation. False for a worker
+        not known."""
         worker = self.workers.get(worker_id)
         if worker is None:
             return False
         worker.capacity = dict(capacity)
+        if inherited is not None:
+            worker.inherited = inherited
         worker.last_report = self._clock()
         for model in capacity:
             worker.denied.pop(model, None)
@@ -175,6 +193,6 @@ class Rotation:
         """Each (worker, model) pair that is listed or has requests running: its use and capacity."""
         pairs = {(e.worker_id, model) for model, endpoints in placements.items() for e in endpoints}
         pairs |= {(w.endpoint.worker_id, model) for w in self.workers.values() for model, n in w.running.items() if n}
-        return [WorkerLoad(self.workers[wid].endpoint, model, self.workers[wid].running[model],
+        return [WorkerLoad(self.workers[wid].endpoint, model, self.workers[wid].used(model),
                            self.capacity(self.workers[wid], model), self.workers[wid].out_since is None)
                 for wid, model in sorted(pairs) if wid in self.workers]

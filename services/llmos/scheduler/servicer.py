@@ -22,6 +22,7 @@ from llmos.v1 import (
 
 from .admission import AdmissionControl, Ticket
 from .history import Outcome, Phase
+from .replica import Replica
 
 _STATE_TO_PROTO = {
     Phase.QUEUED: scheduler_pb2.GetRequestStatusResponse.STATE_QUEUED,
@@ -49,8 +50,10 @@ def _tenant_usage(scheduler: AdmissionControl, tenant: str, admitted: int) -> sc
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, scheduler: AdmissionControl) -> None:
-        self.scheduler = scheduler
+    """Every call goes to the leader's admission control; a standby answers NOT_LEADER."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
 
     async def AdmitGeneration(self, request, context: grpc.aio.ServicerContext):
         if not request.request_id or len(request.request_id) > 128:
@@ -66,10 +69,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                         max(0, request.prompt_tokens), max(0, request.max_tokens), keep_alive, request.redispatch,
                         request.keep_alive_hold, request.tenant_weight or 1.0,
                         quota_from_proto(request.tenant_quota), request.prefix_key, request.conversation_id,
-                        request.client_request_id)
-        admission = await self.scheduler.admit(ticket, timeout=context.time_remaining())
+                        request.client_request_id, max(0.0, optional_seconds(request, "waited") or 0.0))
+        scheduler = self.replica.current()
+        admission = await scheduler.admit(ticket, timeout=context.time_remaining())
         if context.cancelled():     # granted as the caller left: nobody will run it
-            self.scheduler.finish(ticket.request_id, outcome=Outcome.CANCELLED)
+            scheduler.finish(ticket.request_id, outcome=Outcome.CANCELLED)
         return scheduler_pb2.AdmitGenerationResponse(
             worker_id=admission.endpoint.worker_id, worker_address=admission.endpoint.address,
             model=admission.model, queue_time=duration(admission.queue_seconds), alias=admission.alias,
@@ -80,12 +84,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if request.HasField("usage"):
             tokens = request.usage.prompt_tokens + request.usage.completion_tokens
         outcome = outcome_of_finish(request.finish_reason, request.worker_failed)
-        self.scheduler.finish(request.request_id, tokens, outcome=outcome, worker_failed=request.worker_failed,
-                              model_not_loaded=request.model_not_loaded)
+        self.replica.current().finish(request.request_id, tokens, outcome=outcome,
+                                      worker_failed=request.worker_failed, model_not_loaded=request.model_not_loaded,
+                                      tenant=request.tenant)
         return scheduler_pb2.FinishGenerationResponse()
 
     async def GetSchedulerStats(self, request, context):
-        s = self.scheduler
+        s = self.replica.current()
         return scheduler_pb2.GetSchedulerStatsResponse(
             running=s.running, waiting=s.waiting, admitted_total=s.admitted_total,
             rejected_total=s.rejected_total, rejected_by_reason=dict(s.rejected),
@@ -101,7 +106,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         caller = current_principal()
         # A user names its own tenant's ids (a client's ids are unique within its tenant only).
         user = bool(caller.key_id) and caller.role is Role.USER
-        status = self.scheduler.status(request.request_id, caller.tenant.name if user else None)
+        status = self.replica.current().status(request.request_id, caller.tenant.name if user else None)
         if status is not None and user and caller.tenant.name != status.tenant:
             status = None       # another tenant's request: as if unknown
         if status is None:
@@ -118,7 +123,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return response
 
 
-def register(host, scheduler: AdmissionControl) -> None:
-    servicer = SchedulerServicer(scheduler)
+def register(host, replica: Replica) -> None:
+    servicer = SchedulerServicer(replica)
     host.add(scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
              lambda server: scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server))

@@ -28,7 +28,7 @@ from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
 from llmos.v1 import identity_pb2 as llmos_dot_v1_dot_identity__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmos/v1/scheduler.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/common.proto\x1a\x17llmos/v1/identity.proto\"\xf0\x02\n\x16\x41\x64mitGenerationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12-\n\nkeep_alive\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x12\n\nredispatch\x18\x08 \x01(\x08\x12\x15\n\rtenant_weight\x18\t \x01(\x01\x12+\n\x0ctenant_quota\x18\n \x01(\x0b\x32\x15.llmos.v1.TenantQuota\x12\x17\n\x0fkeep_alive_hold\x18\x0b \x01(\x08\x12\x12\n\nprefix_key\x18\x0c \x01(\x06\x12\x17\n\x0f\x63onversation_id\x18\r \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x0e \x01(\t\"\xb8\x01\n\x17\x41\x64mitGenerationResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12-\n\nqueue_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x61lias\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x07 \x01(\t\"Y\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64mitted\x18\x02 \x01(\x03\x12\x11\n\tin_flight\x18\x03 \x01(\x03\x12\x15\n\rwindow_tokens\x18\x04 \x01(\x03\"\xad\x01\n\x17\x46inishGenerationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\x15\n\rworker_failed\x18\x04 \x01(\x08\x12\x18\n\x10model_not_loaded\x18\x05 \x01(\x08\"\x1a\n\x18\x46inishGenerationResponse\"\x1a\n\x18GetSchedulerStatsRequest\"\xf2\x02\n\x19GetSchedulerStatsResponse\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0e\x61\x64mitted_total\x18\x03 \x01(\x03\x12\x16\n\x0erejected_total\x18\x04 \x01(\x03\x12$\n\x06queues\x18\x05 \x03(\x0b\x32\x14.llmos.v1.QueueDepth\x12%\n\x07workers\x18\x06 \x03(\x0b\x32\x14.llmos.v1.WorkerLoad\x12U\n\x12rejected_by_reason\x18\x07 \x03(\x0b\x32\x39.llmos.v1.GetSchedulerStatsResponse.RejectedByReasonEntry\x12&\n\x07tenants\x18\x08 \x03(\x0b\x32\x15.llmos.v1.TenantUsage\x1a\x37\n\x15RejectedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"N\n\nQueueDepth\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\"~\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\x12\x13\n\x0bin_rotation\x18\x06 \x01(\x08\"-\n\x17GetRequestStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x99\x03\n\x18GetRequestStatusResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x37\n\x05state\x18\x02 \x01(\x0e\x32(.llmos.v1.GetRequestStatusResponse.State\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x10\n\x08position\x18\x06 \x01(\x05\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x16\n\x0eworker_address\x18\t \x01(\t\x12-\n\nqueue_time\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x0e\n\nSTATE_DONE\x10\x03\x32\xfe\x02\n\x10SchedulerService\x12V\n\x0f\x41\x64mitGeneration\x12 .llmos.v1.AdmitGenerationRequest\x1a!.llmos.v1.AdmitGenerationResponse\x12Y\n\x10\x46inishGeneration\x12!.llmos.v1.FinishGenerationRequest\x1a\".llmos.v1.FinishGenerationResponse\x12\\\n\x11GetSchedulerStats\x12\".llmos.v1.GetSchedulerStatsRequest\x1a#.llmos.v1.GetSchedulerStatsResponse\x12Y\n\x10GetRequestStatus\x12!.llmos.v1.GetRequestStatusRequest\x1a\".llmos.v1.GetRequestStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmos/v1/scheduler.proto\x12\x08llmos.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/common.proto\x1a\x17llmos/v1/identity.proto\"\x9b\x03\n\x16\x41\x64mitGenerationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12-\n\nkeep_alive\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x12\n\nredispatch\x18\x08 \x01(\x08\x12\x15\n\rtenant_weight\x18\t \x01(\x01\x12+\n\x0ctenant_quota\x18\n \x01(\x0b\x32\x15.llmos.v1.TenantQuota\x12\x17\n\x0fkeep_alive_hold\x18\x0b \x01(\x08\x12\x12\n\nprefix_key\x18\x0c \x01(\x06\x12\x17\n\x0f\x63onversation_id\x18\r \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x0e \x01(\t\x12)\n\x06waited\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\"\xb8\x01\n\x17\x41\x64mitGenerationResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12-\n\nqueue_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x61lias\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x07 \x01(\t\"Y\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64mitted\x18\x02 \x01(\x03\x12\x11\n\tin_flight\x18\x03 \x01(\x03\x12\x15\n\rwindow_tokens\x18\x04 \x01(\x03\"\xbd\x01\n\x17\x46inishGenerationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12\x15\n\rworker_failed\x18\x04 \x01(\x08\x12\x18\n\x10model_not_loaded\x18\x05 \x01(\x08\x12\x0e\n\x06tenant\x18\x06 \x01(\t\"\x1a\n\x18\x46inishGenerationResponse\"\x1a\n\x18GetSchedulerStatsRequest\"\xf2\x02\n\x19GetSchedulerStatsResponse\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0e\x61\x64mitted_total\x18\x03 \x01(\x03\x12\x16\n\x0erejected_total\x18\x04 \x01(\x03\x12$\n\x06queues\x18\x05 \x03(\x0b\x32\x14.llmos.v1.QueueDepth\x12%\n\x07workers\x18\x06 \x03(\x0b\x32\x14.llmos.v1.WorkerLoad\x12U\n\x12rejected_by_reason\x18\x07 \x03(\x0b\x32\x39.llmos.v1.GetSchedulerStatsResponse.RejectedByReasonEntry\x12&\n\x07tenants\x18\x08 \x03(\x0b\x32\x15.llmos.v1.TenantUsage\x1a\x37\n\x15RejectedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"N\n\nQueueDepth\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\"~\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\x12\x13\n\x0bin_rotation\x18\x06 \x01(\x08\"-\n\x17GetRequestStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x99\x03\n\x18GetRequestStatusResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x37\n\x05state\x18\x02 \x01(\x0e\x32(.llmos.v1.GetRequestStatusResponse.State\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x10\n\x08position\x18\x06 \x01(\x05\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x11\n\tworker_id\x18\x08 \x01(\t\x12\x16\n\x0eworker_address\x18\t \x01(\t\x12-\n\nqueue_time\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x0e\n\nSTATE_DONE\x10\x03\x32\xfe\x02\n\x10SchedulerService\x12V\n\x0f\x41\x64mitGeneration\x12 .llmos.v1.AdmitGenerationRequest\x1a!.llmos.v1.AdmitGenerationResponse\x12Y\n\x10\x46inishGeneration\x12!.llmos.v1.FinishGenerationRequest\x1a\".llmos.v1.FinishGenerationResponse\x12\\\n\x11GetSchedulerStats\x12\".llmos.v1.GetSchedulerStatsRequest\x1a#.llmos.v1.GetSchedulerStatsResponse\x12Y\n\x10GetRequestStatus\x12!.llmos.v1.GetRequestStatusRequest\x1a\".llmos.v1.GetRequestStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSCHEDULERSTATSRESPONSE_REJECTEDBYREASONENTRY']._loaded_options = None
   _globals['_GETSCHEDULERSTATSRESPONSE_REJECTEDBYREASONENTRY']._serialized_options = b'8\001'
   _globals['_ADMITGENERATIONREQUEST']._serialized_start=152
-  _globals['_ADMITGENERATIONREQUEST']._serialized_end=520
-  _globals['_ADMITGENERATIONRESPONSE']._serialized_start=523
-  _globals['_ADMITGENERATIONRESPONSE']._serialized_end=707
-  _globals['_TENANTUSAGE']._serialized_start=709
-  _globals['_TENANTUSAGE']._serialized_end=798
-  _globals['_FINISHGENERATIONREQUEST']._serialized_start=801
-  _globals['_FINISHGENERATIONREQUEST']._serialized_end=974
-  _globals['_FINISHGENERATIONRESPONSE']._serialized_start=976
-  _globals['_FINISHGENERATIONRESPONSE']._serialized_end=1002
-  _globals['_GETSCHEDULERSTATSREQUEST']._serialized_start=1004
-  _globals['_GETSCHEDULERSTATSREQUEST']._serialized_end=1030
-  _globals['_GETSCHEDULERSTATSRESPONSE']._serialized_start=1033
-  _globals['_GETSCHEDULERSTATSRESPONSE']._serialized_end=1403
-  _globals['_GETSCHEDULERSTATSRESPONSE_REJECTEDBYREASONENTRY']._serialized_start=1348
-  _globals['_GETSCHEDULERSTATSRESPONSE_REJECTEDBYREASONENTRY']._serialized_end=1403
-  _globals['_QUEUEDEPTH']._serialized_start=1405
-  _globals['_QUEUEDEPTH']._serialized_end=1483
-  _globals['_WORKERLOAD']._serialized_start=1485
-  _globals['_WORKERLOAD']._serialized_end=1611
-  _globals['_GETREQUESTSTATUSREQUEST']._serialized_start=1613
-  _globals['_GETREQUESTSTATUSREQUEST']._serialized_end=1658
-  _globals['_GETREQUESTSTATUSRESPONSE']._serialized_start=1661
-  _globals['_GETREQUESTSTATUSRESPONSE']._serialized_end=2070
-  _globals['_GETREQUESTSTATUSRESPONSE_STATE']._serialized_start=1987
-  _globals['_GETREQUESTSTATUSRESPONSE_STATE']._serialized_end=2070
-  _globals['_SCHEDULERSERVICE']._serialized_start=2073
-  _globals['_SCHEDULERSERVICE']._serialized_end=2455
+  _globals['_ADMITGENERATIONREQUEST']._serialized_end=563
+  _globals['_ADMITGENERATIONRESPONSE']._serialized_start=566
+  _globals['_ADMITGENERATIONRESPONSE']._serialized_end=750
+  _globals['_TENANTUSAGE']._serialized_start=752
+  _globals['_TENANTUSAGE']._serialized_end=841
+  _globals['_FINISHGENERATIONREQUEST']._serialized_start=844
+  _globals['_FINISHGENERATIONREQUEST']._serialized_end=1033
+  _globals['_FINISHGENERATIONRESPONSE']._serialized_start=1035
+  _globals['_FINISHGENERATIONRESPONSE']._serialized_end=1061
+  _globals['_GETSCHEDULERSTATSREQUEST']._serialized_start=1063
+  _globals['_GETSCHEDULERSTATSREQUEST']._serialized_end=1089
+  _globals['_GETSCHEDULERSTATSRESPONSE']._serialized_start=1092
+  _globals['_GETSCHEDULERSTATSRESPONSE']._serialized_end=1462
+  _globals['_GETSCHEDULERSTATSRESPONSE_REJECTEDBYREASONENTRY']._serialized_start=1407
+  _globals['_GETSCHEDULERSTATSRESPONSE_REJECTEDBYREASONENTRY']._serialized_end=1462
+  _globals['_QUEUEDEPTH']._serialized_start=1464
+  _globals['_QUEUEDEPTH']._serialized_end=1542
+  _globals['_WORKERLOAD']._serialized_start=1544
+  _globals['_WORKERLOAD']._serialized_end=1670
+  _globals['_GETREQUESTSTATUSREQUEST']._serialized_start=1672
+  _globals['_GETREQUESTSTATUSREQUEST']._serialized_end=1717
+  _globals['_GETREQUESTSTATUSRESPONSE']._serialized_start=1720
+  _globals['_GETREQUESTSTATUSRESPONSE']._serialized_end=2129
+  _globals['_GETREQUESTSTATUSRESPONSE_STATE']._serialized_start=2046
+  _globals['_GETREQUESTSTATUSRESPONSE_STATE']._serialized_end=2129
+  _globals['_SCHEDULERSERVICE']._serialized_start=2132
+  _globals['_SCHEDULERSERVICE']._serialized_end=2514
 # @@protoc_insertion_point(module_scope)

@@ -14,7 +14,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AdmitGenerationRequest(_message.Message):
-    __slots__ = ("request_id", "model", "tenant", "priority", "max_tokens", "keep_alive", "prompt_tokens", "redispatch", "tenant_weight", "tenant_quota", "keep_alive_hold", "prefix_key", "conversation_id", "client_request_id")
+    __slots__ = ("request_id", "model", "tenant", "priority", "max_tokens", "keep_alive", "prompt_tokens", "redispatch", "tenant_weight", "tenant_quota", "keep_alive_hold", "prefix_key", "conversation_id", "client_request_id", "waited")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class AdmitGenerationRequest(_message.Message):
     PREFIX_KEY_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WAITED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     tenant: str
@@ -43,7 +44,8 @@ class AdmitGenerationRequest(_message.Message):
     prefix_key: int
     conversation_id: str
     client_request_id: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., max_tokens: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., redispatch: _Optional[bool] = ..., tenant_weight: _Optional[float] = ..., tenant_quota: _Optional[_Union[_identity_pb2.TenantQuota, _Mapping]] = ..., keep_alive_hold: _Optional[bool] = ..., prefix_key: _Optional[int] = ..., conversation_id: _Optional[str] = ..., client_request_id: _Optional[str] = ...) -> None: ...
+    waited: _duration_pb2.Duration
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ..., max_tokens: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., redispatch: _Optional[bool] = ..., tenant_weight: _Optional[float] = ..., tenant_quota: _Optional[_Union[_identity_pb2.TenantQuota, _Mapping]] = ..., keep_alive_hold: _Optional[bool] = ..., prefix_key: _Optional[int] = ..., conversation_id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., waited: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AdmitGenerationResponse(_message.Message):
     __slots__ = ("worker_id", "worker_address", "model", "queue_time", "alias", "adapter", "adapter_path")
@@ -76,18 +78,20 @@ class TenantUsage(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., admitted: _Optional[int] = ..., in_flight: _Optional[int] = ..., window_tokens: _Optional[int] = ...) -> None: ...
 
 class FinishGenerationRequest(_message.Message):
-    __slots__ = ("request_id", "finish_reason", "usage", "worker_failed", "model_not_loaded")
+    __slots__ = ("request_id", "finish_reason", "usage", "worker_failed", "model_not_loaded", "tenant")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     WORKER_FAILED_FIELD_NUMBER: _ClassVar[int]
     MODEL_NOT_LOADED_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.Usage
     worker_failed: bool
     model_not_loaded: bool
-    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., worker_failed: _Optional[bool] = ..., model_not_loaded: _Optional[bool] = ...) -> None: ...
+    tenant: str
+    def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., worker_failed: _Optional[bool] = ..., model_not_loaded: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class FinishGenerationResponse(_message.Message):
     __slots__ = ()

@@ -95,7 +95,7 @@ class GetWorkerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadedModel(_message.Message):
-    __slots__ = ("model", "device", "dtype", "measured_bytes", "running", "tokens_generated", "waiting", "kv_tokens_used", "kv_tokens_capacity", "last_request_time", "max_running", "adapters", "adapter_bytes")
+    __slots__ = ("model", "device", "dtype", "measured_bytes", "running", "tokens_generated", "waiting", "kv_tokens_used", "kv_tokens_capacity", "last_request_time", "max_running", "adapters", "adapter_bytes", "request_ids")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class LoadedModel(_message.Message):
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -122,7 +123,8 @@ class LoadedModel(_message.Message):
     max_running: int
     adapters: _containers.RepeatedScalarFieldContainer[str]
     adapter_bytes: int
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., last_request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_running: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., adapter_bytes: _Optional[int] = ...) -> None: ...
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., measured_bytes: _Optional[int] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_tokens_used: _Optional[int] = ..., kv_tokens_capacity: _Optional[int] = ..., last_request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_running: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., adapter_bytes: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetWorkerStatusResponse(_message.Message):
     __slots__ = ("worker_id", "models", "running", "tokens_generated", "waiting", "request_ids")

@@ -163,6 +163,7 @@ class ModelHost:
         self._pooled: dict[str, Pooled] = {}
         # The generations served now (from their arrival to their end), by request id.
         self.active_requests: Counter[str] = Counter()
+        self._request_models: dict[str, str] = {}       # each of them → its model
         self._lock = asyncio.Lock()
         # Set once the leases of this worker's previous incarnation (same id, started again
         # after a crash) are given back: until then it leases nothing.
@@ -300,7 +301,7 @@ class ModelHost:
             raise InvalidArgument.field("dimensions", f"{model} is trained to be cut to these sizes only: {allowed}",
                                         reason="DIMENSIONS_UNSUPPORTED")
         pooled.last_request = time.time()
-        self.active_requests[request_id] += 1
+        self._enter(request_id, model)
         try:
             cosine = task == SCORE and loaded.task == EMBED
             texts = list(dict.fromkeys([*inputs, *pairs])) if cosine else inputs     # (each text embedded once)
@@ -320,9 +321,7 @@ class ModelHost:
             return PoolResult([[v] for v in values] if task == SCORE else values,
                               loaded.labels if task == CLASSIFY else [], tokens)
         finally:
-            self.active_requests[request_id] -= 1
-            if not self.active_requests[request_id]:
-                del self.active_requests[request_id]
+            self._leave(request_id)
 
     async def stop_model(self, model: str) -> None:
         async with self._lock:
@@ -343,6 +342,20 @@ class ModelHost:
     async def stop_all(self) -> None:
         for model in self.loaded_models:
             await self.stop_model(model)
+
+    def _enter(self, request_id: str, model: str) -> None:
+        self.active_requests[request_id] += 1
+        self._request_models[request_id] = model
+
+    def _leave(self, request_id: str) -> None:
+        self.active_requests[request_id] -= 1
+        if not self.active_requests[request_id]:
+            del self.active_requests[request_id]
+            self._request_models.pop(request_id, None)
+
+    def requests_of(self, model: str) -> list[str]:
+        """The ids of the generations (or pooling calls) of `model` served now."""
+        return sorted(rid for rid, m in self._request_models.items() if m == model)
 
     def status(self) -> list[ModelStatus]:
         models = [ModelStatus(name, self.device_name, s.loaded.dtype_name,
@@ -413,7 +426,7 @@ class ModelHost:
         if adapter and not adapter_path:
             raise InvalidArgument.field("adapter_path", "is required with an adapter")
         served.last_request = time.time()
-        self.active_requests[request_id] += 1      # known here from now until it ends
+        self._enter(request_id, model)      # known here from now until it ends
         lora = None
         try:
             loaded = served.loaded
@@ -476,9 +489,7 @@ class ModelHost:
         finally:
             if lora is not None:
                 served.adapters.give_back(adapter_key)
-            self.active_requests[request_id] -= 1
-            if not self.active_requests[request_id]:
-                del self.active_requests[request_id]
+            self._leave(request_id)
 
 
 def read_calls(parser: CallParser, chunk: Chunk) -> Chunk:

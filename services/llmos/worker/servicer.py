@@ -102,7 +102,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             running=s.stats.running, waiting=s.stats.waiting, kv_tokens_used=s.stats.kv_tokens_used,
             kv_tokens_capacity=s.stats.kv_tokens_capacity, tokens_generated=s.stats.tokens_generated,
             last_request_time=timestamp(s.last_request), max_running=s.stats.max_running, adapters=s.adapters,
-            adapter_bytes=s.adapter_bytes)
+            adapter_bytes=s.adapter_bytes, request_ids=self.host.requests_of(s.model))
             for s in self.host.status()]
         return worker_pb2.GetWorkerStatusResponse(
             worker_id=self.host.worker_id, models=models,

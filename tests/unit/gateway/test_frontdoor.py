@@ -21,7 +21,7 @@ class FakeScheduler:
         n = len(self.admitted)
         return Assignment(f"127.0.0.1:{n}", "tiny:latest", f"w{n}")
 
-    async def finish(self, request_id, reason, usage, worker_failed=False, model_not_loaded=False):
+    async def finish(self, request_id, reason, usage, worker_failed=False, model_not_loaded=False, tenant=""):
         # The gateway's own id of the call ("own"), which every admission of the call used.
         assert all(rid == request_id for rid, _ in self.admitted), (request_id, self.admitted)
         own = "own" if request_id.startswith("req-") else request_id

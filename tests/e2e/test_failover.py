@@ -1,0 +1,219 @@
+"""Two schedulers, one leading, on PostgreSQL: the leader killed with 16 streams running and 48
+queued loses none of them, runs none twice and leaves each tenant's quota window as it was; a
+rolling restart of every scheduler and the registry under a steady load fails no request.
+
+Real processes: two workers (8 slots each, the tiny model on both), two schedulers, a gateway,
+the registry, the resource manager, the monitor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from llmos.cli.launcher import Suite
+from llmos.common.channels import open_aio_channel
+from llmos.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    identity_pb2,
+    registry_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
+from tests.e2e.test_scheduling import reason_of
+from tests.support.metrics import sample_sum, scrape
+from tests.support.suites import FREE_PORTS, quiet_env
+
+TENANTS = ("a", "b")
+SCHEDULERS = ("scheduler", "scheduler-2")
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, tiny_model_dir, postgres):
+    env = quiet_env(tiny_model_dir.parent, LLMOS_SCHEDULER_SLOTS_PER_WORKER="8", LLMOS_WORKER_MAX_RUNNING="8",
+                    LLMOS_SCHEDULER_MAX_QUEUE="64", LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1",
+                    LLMOS_SCHEDULER_LEADER_LEASE_SECONDS="2", LLMOS_SCHEDULER_RECOVERY_SECONDS="1")
+    suite = Suite(tmp_path_factory.mktemp("failover"), ports=FREE_PORTS, metrics_port=0, workers=2, schedulers=2,
+                  store_url=postgres.create_database(), env=env)
+    suite.start(timeout=120)
+    try:
+        with suite.client() as client:
+            client.import_model("tiny", str(tiny_model_dir))
+            client.registry.LoadModel(registry_pb2.LoadModelRequest(name="tiny", replicas=2), timeout=120)
+            for tenant in TENANTS:
+                client.identity.CreateTenant(identity_pb2.CreateTenantRequest(tenant=identity_pb2.Tenant(
+                    name=tenant, quota=identity_pb2.TenantQuota(requests_per_minute=10_000,
+                                                                tokens_per_minute=10_000_000))))
+        yield suite
+    finally:
+        suite.stop()
+
+
+@dataclass
+class Result:
+    tenant: str
+    code: grpc.StatusCode | None = None
+    reason: str = ""
+    tokens: int = 0
+    usage: int = 0          # prompt + completion tokens, as the last chunk says
+    first_token: float | None = None
+
+
+class Client:
+    def __init__(self, suite: Suite) -> None:
+        self.suite = suite
+        with suite.client() as client:
+            self.keys = {t: client.identity.CreateApiKey(identity_pb2.CreateApiKeyRequest(
+                tenant=t, role=identity_pb2.ROLE_USER), timeout=10).secret for t in TENANTS}
+        self.channel = open_aio_channel(suite.addresses["gateway"], public=True)
+        self.gateway = gateway_pb2_grpc.GatewayServiceStub(self.channel)
+        self.count = 0
+
+    async def generate(self, tenant: str, max_tokens: int) -> Result:
+        self.count += 1
+        result = Result(tenant)
+        call = self.gateway.Generate(gateway_pb2.GenerateRequest(
+            model="tiny", prompt=f"Once upon a time {self.count}",
+            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True)),
+            timeout=180, metadata=(("authorization", f"Bearer {self.keys[tenant]}"),))
+        try:
+            async for response in call:
+                if result.first_token is None:
+                    result.first_token = time.monotonic()
+                result.tokens += len(response.token_ids)
+                if response.HasField("usage"):
+                    result.usage = response.usage.prompt_tokens + response.usage.completion_tokens
+        except grpc.aio.AioRpcError as exc:
+            result.code, result.reason = exc.code(), reason_of(exc)
+        return result
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def leader_stats(suite: Suite) -> tuple[str, scheduler_pb2.GetSchedulerStatsResponse] | None:
+    """(the leading scheduler's name, its figures), or None while none leads."""
+    for name in SCHEDULERS:
+        if name not in suite.processes:
+            continue
+        channel = open_aio_channel(suite.addresses[name], str(suite.identity.tls_dir("cli")),
+                                   suite.identity.admin_key())
+        try:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            return name, await stub.GetSchedulerStats(scheduler_pb2.GetSchedulerStatsRequest(), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        finally:
+            await channel.close()
+    return None
+
+
+def worker_counts(suite: Suite) -> tuple[float, float]:
+    """(generations ended, tokens generated), summed over the workers' own metrics."""
+    ended = tokens = 0.0
+    for name in ("worker", "worker-2"):
+        families = scrape(suite.metrics[name])
+        ended += sample_sum(families, "llmos_request_success_total")
+        tokens += sample_sum(families, "llmos_generation_tokens_total")
+    return ended, tokens
+
+
+async def test_the_leader_killed_with_16_running_and_48_queued_loses_none_and_runs_none_twice(suite):
+    client = Client(suite)
+    tokens = 160
+    try:
+        ended_before, generated_before = await asyncio.to_thread(worker_counts, suite)
+        tasks = [asyncio.create_task(client.generate(TENANTS[i % 2], tokens)) for i in range(64)]
+        for _ in range(400):
+            leading = await leader_stats(suite)
+            if leading and leading[1].running == 16 and leading[1].waiting == 48:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError(f"never 16 running and 48 queued: {leading}")
+        leader, stats = leading
+        process = suite.processes[leader]
+        os.kill(process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        await asyncio.to_thread(process.wait)
+
+        # The first admission of the new leader.
+        while True:
+            now_leading = await leader_stats(suite)
+            if now_leading and now_leading[1].admitted_total > 0:
+                break
+            assert time.monotonic() - killed < 60, "no scheduler took the lead"
+            await asyncio.sleep(0.05)
+        failover = time.monotonic() - killed
+        new_leader = now_leading[0]
+        assert new_leader != leader
+
+        results = await asyncio.gather(*tasks)
+        failed = [(r.code, r.reason) for r in results if r.code is not None]
+        assert not failed, f"{len(failed)} of 64 failed: {failed[:5]}"
+        assert [r.tokens for r in results] == [tokens] * 64
+
+        # None ran twice: the workers ended 64 generations and generated 64 × tokens, no more.
+        ended, generated = await asyncio.to_thread(worker_counts, suite)
+        assert (ended - ended_before, generated - generated_before) == (64, 64 * tokens)
+
+        # Each tenant's window counts every token of its 32 requests: those the dead leader
+        # admitted (read back from the store) and those the new one did.
+        for _ in range(200):                     # (the ends reach the scheduler after the streams)
+            _, after = await leader_stats(suite)
+            if all(t.in_flight == 0 for t in after.tenants):
+                break
+            await asyncio.sleep(0.05)
+        usage = {t.tenant: t for t in after.tenants}
+        for tenant in TENANTS:
+            spent = sum(r.usage for r in results if r.tenant == tenant)
+            assert usage[tenant].in_flight == 0
+            assert usage[tenant].window_tokens == spent, (tenant, usage[tenant], spent)
+        assert after.running == 0 and after.waiting == 0
+        print(f"failover: {failover:.2f} s from SIGKILL of the leader to the new leader's first admission; "
+              f"{after.admitted_total} admitted by the new leader, 64/64 finished")
+    finally:
+        await client.close()
+    # The killed one comes back as a standby.
+    await asyncio.to_thread(suite.restart, leader)
+    assert (await leader_stats(suite))[0] == new_leader
+
+
+async def test_a_rolling_restart_of_the_schedulers_and_the_registry_fails_no_request(suite):
+    client = Client(suite)
+    stop = asyncio.Event()
+    results: list[Result] = []
+
+    async def steady(i: int) -> None:
+        while not stop.is_set():
+            results.append(await client.generate(TENANTS[i % 2], 48))
+
+    try:
+        load = [asyncio.create_task(steady(i)) for i in range(8)]
+        await asyncio.sleep(2)
+        order = []
+        for name in (*SCHEDULERS, "registry"):
+            before = len(results)
+            await asyncio.to_thread(suite.restart, name)
+            order.append(name)
+            deadline = time.monotonic() + 60
+            while len(results) < before + 8:
+                assert time.monotonic() < deadline, f"requests stopped after {name}'s restart"
+                await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.gather(*load)
+        failed = [(r.code, r.reason) for r in results if r.code is not None]
+        assert not failed, f"{len(failed)} of {len(results)} failed: {failed[:5]}"
+        assert all(r.tokens == 48 for r in results)
+        print(f"rolling restart of {', '.join(order)} under 8 streams: {len(results)} requests, none failed")
+    finally:
+        stop.set()
+        await client.close()
