@@ -136,7 +136,8 @@ def main() -> None:
     from tests.support.tiny_model import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="llmos-failover-"))
-    server = PostgresServer(work / "postgres").init().start()
+    # (A directory of its own: the server may run as another user, who must reach it.)
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="llmos-failover-postgres-"))).init().start()
     model = build_tiny_model(work / "tiny")
     ratios, failovers, lost = [], [], 0
     try:

@@ -87,6 +87,7 @@ class QuotaBook:
         # Running charges a previous leader admitted (`restore`), by request id → tenant.
         self._inherited: dict[str, str] = {}
         self._restored: set[str] = set()       # every charge `restore` read
+        self._logged: set[str] = set()         # running charges written to `log`
 
     def _unix(self, t: float) -> float:
         return time.time() - (self._clock() - t)
@@ -129,6 +130,7 @@ class QuotaBook:
         tenant = self._inherited.pop(request_id, None)
         if tenant is None:
             return False
+        self._logged.add(request_id)        # (its row is in the store)
         self.settle(tenant, request_id, used)
         return True
 
@@ -153,7 +155,10 @@ class QuotaBook:
             self.rejected[key] = self.rejected.get(key, 0) + 1
             raise
         state.running[request_id] = _Charge(request_id, now, tokens)
-        if self.log is not None:
+        # Written down for the next leader: the charges of windowed limits (a concurrency limit
+        # is counted from what runs, which the next leader learns from the workers).
+        if self.log is not None and (quota.requests_per_minute or quota.tokens_per_minute):
+            self._logged.add(request_id)
             self.log.reserved(request_id, tenant, self._unix(now), tokens)
 
     def settle(self, tenant: str, request_id: str, used: int | None) -> None:
@@ -168,14 +173,18 @@ class QuotaBook:
             charge.tokens = min(max(0, used), charge.tokens)
         state.mean_seconds = 0.8 * state.mean_seconds + 0.2 * (now - charge.start)
         state.ended.append(charge)
-        if self.log is not None:
-            self.log.settled(request_id, self._unix(now), charge.tokens)
+        if request_id in self._logged:
+            self._logged.discard(request_id)
+            if self.log is not None:
+                self.log.settled(request_id, self._unix(now), charge.tokens)
 
     def release(self, tenant: str, request_id: str) -> None:
         """The request never ran (refused, timed out or cancelled in the queue): nothing is charged."""
         state = self._tenants.get(tenant)
-        if state is not None and state.running.pop(request_id, None) is not None and self.log is not None:
-            self.log.released(request_id)
+        if state is not None and state.running.pop(request_id, None) is not None and request_id in self._logged:
+            self._logged.discard(request_id)
+            if self.log is not None:
+                self.log.released(request_id)
 
     def usage(self, tenant: str) -> tuple[int, int, int]:
         """(requests in flight, requests counted in the window, tokens counted in the window)."""

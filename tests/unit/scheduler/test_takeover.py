@@ -143,3 +143,30 @@ async def test_while_the_registry_cannot_be_reached_a_known_model_is_admitted_wh
     assert (await scheduler.admit(Ticket("during", "tiny"))).endpoint == W1
     with pytest.raises(RemoteError):
         await scheduler.admit(Ticket("unknown", "other"))    # nothing known of it: the error stands
+
+
+def test_only_charges_of_windowed_limits_are_written_down_each_once_in_order():
+    class Log:
+        def __init__(self):
+            self.ops = []
+
+        def reserved(self, request_id, tenant, start, tokens):
+            self.ops.append(("reserved", request_id, tokens))
+
+        def settled(self, request_id, end, tokens):
+            self.ops.append(("settled", request_id, tokens))
+
+        def released(self, request_id):
+            self.ops.append(("released", request_id))
+
+    log = Log()
+    book = QuotaBook(FakeClock(), log)
+    book.reserve("c", Quota(max_concurrent=4), "concurrency-only", 100)
+    book.settle("c", "concurrency-only", 50)
+    book.reserve("w", Quota(tokens_per_minute=1000), "ran", 100)
+    book.reserve("w", Quota(tokens_per_minute=1000), "never-ran", 100)
+    book.release("w", "never-ran")
+    book.settle("w", "ran", 60)
+    book.settle("w", "ran", 60)
+    assert log.ops == [("reserved", "ran", 100), ("reserved", "never-ran", 100), ("released", "never-ran"),
+                       ("settled", "ran", 60)]
