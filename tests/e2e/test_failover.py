@@ -146,12 +146,13 @@ async def test_the_leader_killed_with_16_running_and_48_queued_loses_none_and_ru
         await asyncio.to_thread(process.wait)
 
         # The first admission of the new leader.
-        while True:
+        for _ in range(1200):
             now_leading = await leader_stats(suite)
             if now_leading and now_leading[1].admitted_total > 0:
                 break
-            assert time.monotonic() - killed < 60, "no scheduler took the lead"
             await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no scheduler took the lead")
         failover = time.monotonic() - killed
         new_leader = now_leading[0]
         assert new_leader != leader
@@ -204,10 +205,12 @@ async def test_a_rolling_restart_of_the_schedulers_and_the_registry_fails_no_req
             before = len(results)
             await asyncio.to_thread(suite.restart, name)
             order.append(name)
-            deadline = time.monotonic() + 60
-            while len(results) < before + 8:
-                assert time.monotonic() < deadline, f"requests stopped after {name}'s restart"
+            for _ in range(600):
+                if len(results) >= before + 8:
+                    break
                 await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"requests stopped after {name}'s restart")
         stop.set()
         await asyncio.gather(*load)
         failed = [(r.code, r.reason) for r in results if r.code is not None]
