@@ -55,7 +55,7 @@ TABLE: dict[str, Rule] = {
     # The catalog: changes are the admins'; the scheduler loads on a cold start.
     _V1 + "RegistryService/ImportModel": _rule(ADMIN),
     _V1 + "RegistryService/GetModel": _rule(ADMIN, "scheduler", "gateway"),
-    _V1 + "RegistryService/ListModels": _rule(ADMIN, "gateway", "monitor"),
+    _V1 + "RegistryService/ListModels": _rule(ADMIN, "gateway", "monitor", "scheduler"),   # (a new leader's look)
     _V1 + "RegistryService/LoadModel": _rule(ADMIN, "scheduler"),
     _V1 + "RegistryService/UnloadModel": _rule(ADMIN),
     _V1 + "RegistryService/DeleteModel": _rule(ADMIN),

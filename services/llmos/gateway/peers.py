@@ -6,6 +6,7 @@ interceptor.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -46,11 +47,14 @@ class GrpcScheduler:
         self._channels = channels
         self._addresses = [a.strip() for a in address.split(",") if a.strip()] or [address]
         # A leader named by its pod's address is checked against the configured name.
-        host = self._addresses[0].rsplit(":", 1)[0]
-        self._authority = "" if host.replace(".", "").isdigit() or host.startswith("[") else host
+        host = self._addresses[0].rsplit(":", 1)[0].strip("[]")
+        try:
+            ipaddress.ip_address(host)
+            self._authority = ""
+        except ValueError:
+            self._authority = host
         self.leader = self._addresses[0]
         self.failover_seconds = failover_seconds
-        self.failovers = 0          # calls that went to another replica
 
     def _stub(self, address: str) -> scheduler_pb2_grpc.SchedulerServiceStub:
         authority = "" if address in self._addresses else self._authority
@@ -86,7 +90,6 @@ class GrpcScheduler:
                 if now - failing_since > self.failover_seconds or (deadline is not None and deadline - now < pause):
                     raise
                 self._move_on(address, exc)
-                self.failovers += 1
                 if self.leader != address:
                     log.info("scheduler %s: %s; asking %s", address, exc.reason, self.leader)
             await asyncio.sleep(pause)

@@ -83,12 +83,14 @@ async def build(settings: SchedulerSettings, provider: TracerProvider | None = N
             events=events, orphan_grace=settings.orphan_grace_seconds, affinity_slack=settings.affinity_slack,
             tenant_max_concurrent=settings.tenant_max_concurrent)
 
-    store = None
+    store = own_store = None
     if settings.leader_election:
-        url = settings.lease_store_url or settings.store_url
-        if not url:
+        if settings.lease_store_url:
+            store = own_store = Store(settings.lease_store_url).ready()
+        elif settings.store_url:        # the suite's store, opened already for the keys
+            store = security.store.store
+        else:
             raise ValueError("leader_election needs a store: set lease_store_url or store_url")
-        store = Store(url).ready()
     reports = WorkerReports(lambda: replica.admission, registry, channels, settings.report_interval_seconds)
     replica = Replica(admission_control, store, settings.leader_lease_seconds, settings.recovery_seconds,
                       settings.advertise_address, learn=reports.learn)
@@ -102,8 +104,8 @@ async def build(settings: SchedulerSettings, provider: TracerProvider | None = N
     register(host, replica)
 
     async def close_store() -> None:
-        if store is not None:
-            store.close()
+        if own_store is not None:
+            own_store.close()
 
     return Service(host, background=[replica.run, reports.run], handovers=[replica.hand_over],
                    cleanups=[replica.close, channels.close, close_store])

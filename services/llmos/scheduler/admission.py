@@ -511,9 +511,11 @@ class AdmissionControl:
         return model if model is not None and model.endpoints else None
 
     def _stale(self, name: str) -> Resolution | None:
-        """What `name` last resolved to, with the workers it is ready on now, if any."""
-        known = self._resolved.get(name, (None, 0.0))[0]
-        model = self._models.get(known.model) if known is not None else None
+        """What `name` last resolved to (or, never asked here, the model of that name and tag, as
+        a new leader's first look at the placements found it), with the workers it is ready on
+        now, if any."""
+        known = self._resolved.get(name, (None, 0.0))[0] or Resolution(str(parse_model_ref(name)), [])
+        model = self._models.get(known.model)
         if model is None or not model.endpoints:
             return None
         return dataclasses.replace(known, endpoints=list(model.endpoints))

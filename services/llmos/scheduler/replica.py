@@ -111,11 +111,8 @@ class ChargeJournal:
                                                        executor=self._thread))
         try:
             await self._writing
-        except Exception as exc:  # noqa: BLE001 - the store is down: keep them for the next try
-            if isinstance(exc, Unavailable) or "store" in str(exc).lower():
-                log.debug("quota charges not written yet: %s", exc)
-            else:
-                log.warning("quota charges not written yet: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - kept for the next try, whatever went wrong
+            (log.debug if isinstance(exc, Unavailable) else log.warning)("quota charges not written yet: %s", exc)
             self._pending[:0] = ops
             return False
         finally:
@@ -195,9 +192,9 @@ class Replica:
                 except Exception as exc:  # noqa: BLE001 - cannot tell: nobody can take the lease meanwhile
                     log.debug("cannot renew the scheduler lease: %s", exc)
                     leads = None
-            if leads and self.admission is None:
-                await self._take_over()
-            elif leads is False:
+                if leads and self.admission is None:     # (under the lock: a hand-over waits for it)
+                    await self._take_over()
+            if leads is False:
                 if self.admission is not None:
                     log.warning("another scheduler took the lead: this one stops leading")
                     self._step_down()

@@ -144,6 +144,11 @@ async def test_while_the_registry_cannot_be_reached_a_known_model_is_admitted_wh
     with pytest.raises(RemoteError):
         await scheduler.admit(Ticket("unknown", "other"))    # nothing known of it: the error stands
 
+    # A new leader never asked about the name: its first look at the placements serves it.
+    fresh = AdmissionControl(registry, slots_per_worker=4)
+    fresh.update_endpoints(MODEL, [W1], dispatch=False)
+    assert (await fresh.admit(Ticket("first", "tiny"))).endpoint == W1
+
 
 def test_only_charges_of_windowed_limits_are_written_down_each_once_in_order():
     class Log:
