@@ -316,7 +316,7 @@ class AdmissionControl:
                     if stale is None:
                         raise
                     resolution = stale
-                endpoints = resolution.endpoints
+                endpoints = resolution.endpoints or self._reported(resolution.model)
                 if not resolution.alias:     # names of the catalog's entries: as many as it holds
                     self._resolved[ticket.model] = resolution, self._clock()
             resolved = request.model = resolution.model
@@ -443,7 +443,9 @@ class AdmissionControl:
     # ---- workers ----------------------------------------------------------------------------
 
     def update_endpoints(self, model: str, endpoints: list[Endpoint], dispatch: bool = True) -> None:
-        """Where the registry says `model` is ready now."""
+        """Where the registry says `model` is ready now (a registry just started knows no worker
+        yet, until they register again: while it lists none, the workers' own reports say)."""
+        endpoints = endpoints or self._reported(model)
         known = self._model(model)
         known.endpoints, known.endpoints_at = list(endpoints), self._clock()
         self.rotation.listed(model, endpoints)
@@ -509,6 +511,11 @@ class AdmissionControl:
             return None
         model = self._models.get(known.model)       # its endpoints are as new as the resolution, or newer
         return model if model is not None and model.endpoints else None
+
+    def _reported(self, model: str) -> list[Endpoint]:
+        """The workers in rotation whose last report says they hold `model`."""
+        return [w.endpoint for w in self.rotation.workers.values()
+                if w.out_since is None and w.last_report is not None and self.rotation.holds(w, model)]
 
     def _stale(self, name: str) -> Resolution | None:
         """What `name` last resolved to (or, never asked here, the model of that name and tag, as

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from llmos.common.errors import Unavailable
 from llmos.common.keystore import Quota
 from llmos.scheduler.admission import AdmissionControl, NotLeader, Ticket
 from llmos.scheduler.history import Outcome
@@ -175,3 +176,19 @@ def test_only_charges_of_windowed_limits_are_written_down_each_once_in_order():
     book.settle("w", "ran", 60)
     assert log.ops == [("reserved", "ran", 100), ("reserved", "never-ran", 100), ("released", "never-ran"),
                        ("settled", "ran", 60)]
+
+
+async def test_a_registry_just_restarted_that_lists_no_worker_yet_does_not_hide_the_workers_reports():
+    registry = FakeRegistry({MODEL: [W1]}, loadable={MODEL: []})
+    scheduler = AdmissionControl(registry, slots_per_worker=4, placement_ttl=0.0)
+    await scheduler.admit(Ticket("before", "tiny"))
+    scheduler.report("w1", {MODEL: 4})                     # the worker says it holds the model
+    registry.ready[MODEL] = []                             # the registry, restarted, knows no worker
+    assert (await scheduler.admit(Ticket("during", "tiny"))).endpoint == W1
+    assert registry.loads == []                            # no cold start sent to a registry with no workers
+    scheduler.report("w1", {})                             # the worker lost it: now it is loaded again
+    scheduler.finish("before", outcome=Outcome.STOP)
+    scheduler.finish("during", outcome=Outcome.STOP)
+    with pytest.raises(Unavailable, match="no worker serves"):
+        await scheduler.admit(Ticket("after", "tiny"))     # (the fake registry has nowhere to load it)
+    assert registry.loads == [MODEL]
