@@ -1,9 +1,10 @@
-"""Two schedulers, one leading, on PostgreSQL: the leader killed with 16 streams running and 48
-queued loses none of them, runs none twice and leaves each tenant's quota window as it was; a
-rolling restart of every scheduler and the registry under a steady load fails no request.
+"""Two schedulers, one leading, and two registries, on PostgreSQL: the scheduler leader killed
+with 16 streams running and 48 queued loses none of them, runs none twice and leaves each
+tenant's quota window as it was; a rolling restart of every scheduler and registry under a
+steady load fails no request.
 
 Real processes: two workers (8 slots each, the tiny model on both), two schedulers, a gateway,
-the registry, the resource manager, the monitor.
+two registries, the resource manager, the monitor.
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ import asyncio
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import pytest
+from sqlalchemy import select
 
 from llmos.cli.launcher import Suite
 from llmos.common.channels import open_aio_channel
+from llmos.common.store import Store, leaders
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
     identity_pb2,
     registry_pb2,
+    registry_pb2_grpc,
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
@@ -34,6 +39,16 @@ from tests.support.suites import FREE_PORTS, quiet_env
 
 TENANTS = ("a", "b")
 SCHEDULERS = ("scheduler", "scheduler-2")
+REGISTRIES = ("registry", "registry-2")
+SOURCE: list[str] = []          # the tiny model's directory
+# Processes are restarted from one thread that lives as long as the module's suite: a child asks
+# for SIGTERM when the thread that started it ends (`die_with_parent`), and the threads of a
+# test's event loop end with the test.
+RESTARTS = ThreadPoolExecutor(1, thread_name_prefix="restarts")
+
+
+async def restart(suite: Suite, name: str) -> None:
+    await asyncio.get_running_loop().run_in_executor(RESTARTS, suite.restart, name)
 
 
 # The running requests are long (they outlast the failover: the new leader must count their slots);
@@ -46,11 +61,13 @@ def suite(tmp_path_factory, postgres):
     from tests.support.tiny_model import build_tiny_model
 
     tiny_model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny-long") / "tiny", context=1024)
+    SOURCE.append(str(tiny_model_dir))
     env = quiet_env(tiny_model_dir.parent, LLMOS_SCHEDULER_SLOTS_PER_WORKER="8", LLMOS_WORKER_MAX_RUNNING="8",
                     LLMOS_SCHEDULER_MAX_QUEUE="64", LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1",
-                    LLMOS_SCHEDULER_LEADER_LEASE_SECONDS="2", LLMOS_SCHEDULER_RECOVERY_SECONDS="1")
+                    LLMOS_SCHEDULER_LEADER_LEASE_SECONDS="2", LLMOS_SCHEDULER_RECOVERY_SECONDS="1",
+                    LLMOS_REGISTRY_LEADER_LEASE_SECONDS="2")
     suite = Suite(tmp_path_factory.mktemp("failover"), ports=FREE_PORTS, metrics_port=0, workers=2, schedulers=2,
-                  store_url=postgres.create_database(), env=env)
+                  registries=2, store_url=postgres.create_database(), env=env)
     suite.start(timeout=120)
     try:
         with suite.client() as client:
@@ -84,18 +101,23 @@ class Client:
         self.channel = open_aio_channel(suite.addresses["gateway"], public=True)
         self.gateway = gateway_pb2_grpc.GatewayServiceStub(self.channel)
         self.count = 0
+        self.started = 0
 
     async def generate(self, tenant: str, max_tokens: int) -> Result:
+        return await self.generate_model(tenant, "tiny", max_tokens)
+
+    async def generate_model(self, tenant: str, model: str, max_tokens: int) -> Result:
         self.count += 1
         result = Result(tenant)
         call = self.gateway.Generate(gateway_pb2.GenerateRequest(
-            model="tiny", prompt=f"Once upon a time {self.count}",
+            model=model, prompt=f"Once upon a time {self.count}",
             sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True)),
             timeout=180, metadata=(("authorization", f"Bearer {self.keys[tenant]}"),))
         try:
             async for response in call:
                 if result.first_token is None:
                     result.first_token = time.monotonic()
+                    self.started += 1
                 result.tokens += len(response.token_ids)
                 if response.HasField("usage"):
                     result.usage = response.usage.prompt_tokens + response.usage.completion_tokens
@@ -207,11 +229,11 @@ async def test_the_leader_killed_with_16_running_and_48_queued_loses_none_and_ru
     finally:
         await client.close()
     # The killed one comes back as a standby.
-    await asyncio.to_thread(suite.restart, leader)
+    await restart(suite, leader)
     assert (await leader_stats(suite))[0] == new_leader
 
 
-async def test_a_rolling_restart_of_the_schedulers_and_the_registry_fails_no_request(suite):
+async def test_a_rolling_restart_of_the_schedulers_and_the_registries_fails_no_request(suite):
     client = Client(suite)
     stop = asyncio.Event()
     results: list[Result] = []
@@ -224,8 +246,8 @@ async def test_a_rolling_restart_of_the_schedulers_and_the_registry_fails_no_req
         load = [asyncio.create_task(steady(i)) for i in range(8)]
         await asyncio.sleep(2)
         order = []
-        for name in (*SCHEDULERS, "registry"):
-            await asyncio.to_thread(suite.restart, name)
+        for name in (*SCHEDULERS, *REGISTRIES):
+            await restart(suite, name)
             before = sum(r.code is None for r in results)
             order.append(name)
             for _ in range(600):        # 8 more served after the restart, before the next one
@@ -243,3 +265,180 @@ async def test_a_rolling_restart_of_the_schedulers_and_the_registry_fails_no_req
     finally:
         stop.set()
         await client.close()
+
+
+# ---- registry replicas -----------------------------------------------------------------------
+
+KIND = {v: k.removeprefix("KIND_").lower() for k, v in registry_pb2.WatchModelsResponse.Kind.items()}
+
+
+def registry_stub(suite: Suite, name: str) -> tuple[grpc.aio.Channel, registry_pb2_grpc.RegistryServiceStub]:
+    channel = open_aio_channel(suite.addresses[name], str(suite.identity.tls_dir("cli")), suite.identity.admin_key())
+    return channel, registry_pb2_grpc.RegistryServiceStub(channel)
+
+
+def registry_leader(suite: Suite) -> str:
+    """The registry process that holds the lead now (it works through the drains)."""
+    store = Store(suite.store_url)
+    try:
+        with store.begin() as db:
+            row = db.execute(select(leaders).where(leaders.c.name == "registry.leader")).first()
+    finally:
+        store.close()
+    assert row is not None and row.expire_time > time.time(), row
+    pid = int(row.holder.rsplit("/", 1)[1])
+    return next(name for name in REGISTRIES if name in suite.processes and suite.processes[name].pid == pid)
+
+
+class Watcher:
+    """`WatchModels` on one registry replica, every event kept as (model, kind)."""
+
+    def __init__(self, suite: Suite, name: str) -> None:
+        self.channel, stub = registry_stub(suite, name)
+        self.events: list[tuple[str, str]] = []
+        self.call = stub.WatchModels(registry_pb2.WatchModelsRequest(), wait_for_ready=True, timeout=300)
+        self.task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for event in self.call:
+                self.events.append((event.model, KIND[event.kind]))
+        except grpc.aio.AioRpcError:
+            pass                # its replica was killed, or the watch closed
+
+    async def ready(self) -> None:
+        await self.call.initial_metadata()
+        assert not self.task.done(), "the watch ended before it began"
+
+    async def wait_for(self, event: tuple[str, str], after: int = 0, polls: int = 1200) -> int:
+        """The index of `event` at or after `after`, once it came."""
+        for _ in range(polls):
+            if event in self.events[after:]:
+                return self.events.index(event, after)
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{event} never came: {self.events[after:]}")
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.channel.close()
+
+
+async def placed(stub, model: str) -> list[str]:
+    response = await stub.GetModel(registry_pb2.GetModelRequest(name=model), timeout=10, wait_for_ready=True)
+    return [common_pb2.Model.State.Name(p.state).removeprefix("STATE_") for p in response.model.placements]
+
+
+async def kill(suite: Suite, name: str) -> None:
+    process = suite.processes[name]
+    os.kill(process.pid, signal.SIGKILL)
+    await asyncio.to_thread(process.wait)
+
+
+async def test_registry_replicas_share_events_in_one_order_and_a_drain_survives_its_leaders_death(suite):
+    """Both replicas' watchers see the same events in the same order; the leading registry killed
+    while a drain waits for a stream: the other replica takes the lead and completes the drain."""
+    client = Client(suite)
+    channels, stubs = zip(*(registry_stub(suite, name) for name in REGISTRIES), strict=True)
+    watchers = [Watcher(suite, name) for name in REGISTRIES]
+    try:
+        await asyncio.gather(*(w.ready() for w in watchers))
+        admin = stubs[0]
+        await admin.ImportModel(registry_pb2.ImportModelRequest(name="tiny", tag="v2", source=SOURCE[0]), timeout=60,
+                                wait_for_ready=True)
+        await admin.SetAlias(registry_pb2.SetAliasRequest(name="chat", targets=[
+            registry_pb2.AliasTarget(model="tiny:latest")]), timeout=120, wait_for_ready=True)
+        stream = asyncio.create_task(client.generate_model("a", "chat", LONG))
+        for _ in range(400):
+            if client.started:
+                break
+            await asyncio.sleep(0.02)
+        # The flip (on the other replica) loads v2, and tiny:latest drains: the stream holds it.
+        await stubs[1].SetAlias(registry_pb2.SetAliasRequest(name="chat", targets=[
+            registry_pb2.AliasTarget(model="tiny:v2")]), timeout=120, wait_for_ready=True)
+        for w in watchers:
+            await w.wait_for(("tiny:latest", "draining"))
+        leader = registry_leader(suite)
+        assert not stream.done(), "the stream ended before the drain could wait for it"
+        await kill(suite, leader)
+        survivor_index = 1 - REGISTRIES.index(leader)
+        survivor, survivor_stub = watchers[survivor_index], stubs[survivor_index]
+        result = await stream
+        assert result.code is None and result.tokens == LONG
+        # The survivor leads now, finds tiny:latest idle and unloads it.
+        drained = await survivor.wait_for(("tiny:latest", "drained"))
+        await survivor.wait_for(("tiny:latest", "unloaded"), after=drained)
+        for _ in range(200):
+            if not await placed(survivor_stub, "tiny:latest"):
+                break
+            await asyncio.sleep(0.05)
+        assert await placed(survivor_stub, "tiny:latest") == []
+        assert set(await placed(survivor_stub, "tiny:v2")) == {"READY"}
+        # Up to the kill, the two replicas' watchers saw the same events in the same order.
+        killed_saw = watchers[1 - survivor_index].events
+        assert killed_saw and survivor.events[:len(killed_saw)] == killed_saw
+        print(f"drain resumed by {REGISTRIES[survivor_index]} after {leader} was killed; both watchers saw "
+              f"{len(killed_saw)} events in one order")
+    finally:
+        for w in watchers:
+            await w.close()
+        for channel in channels:
+            await channel.close()
+        await client.close()
+    for name in REGISTRIES:
+        if name not in suite.processes or suite.processes[name].poll() is not None:
+            await restart(suite, name)
+
+
+async def test_a_registry_killed_in_a_rollback_window_leaves_the_old_version_loaded_for_the_rollback(suite):
+    channels, stubs = zip(*(registry_stub(suite, name) for name in REGISTRIES), strict=True)
+    watchers = [Watcher(suite, name) for name in REGISTRIES]
+    try:
+        await asyncio.gather(*(w.ready() for w in watchers))
+        admin = stubs[0]
+        await admin.ImportModel(registry_pb2.ImportModelRequest(name="tiny", tag="v3", source=SOURCE[0]), timeout=60,
+                                wait_for_ready=True)
+        await admin.SetAlias(registry_pb2.SetAliasRequest(name="chat-b", targets=[
+            registry_pb2.AliasTarget(model="tiny:v3")]), timeout=120, wait_for_ready=True)
+        await admin.SetAlias(registry_pb2.SetAliasRequest(name="chat-b", targets=[
+            registry_pb2.AliasTarget(model="tiny:latest")], rollback_window=duration(8)), timeout=120)
+        for w in watchers:
+            await w.wait_for(("tiny:v3", "drained"))     # idle at once: kept loaded for 8 s from now
+        window_ends = time.monotonic() + 8
+        leader = registry_leader(suite)
+        await kill(suite, leader)
+        survivor = 1 - REGISTRIES.index(leader)
+        seen = len(watchers[survivor].events)
+        await asyncio.sleep(max(0.0, window_ends - 2 - time.monotonic()))
+        assert set(await placed(stubs[survivor], "tiny:v3")) == {"READY"}, "unloaded before its window ended"
+        # The rollback (a flip back to the previous version) finds it loaded: nothing loads.
+        response = await stubs[survivor].SetAlias(registry_pb2.SetAliasRequest(name="chat-b", targets=[
+            registry_pb2.AliasTarget(model="tiny:v3")]), timeout=120, wait_for_ready=True)
+        assert response.changed
+        await watchers[survivor].wait_for(("chat-b:latest", "rolled_back"), after=seen)
+        assert ("tiny:v3", "loading") not in watchers[survivor].events[seen:]
+        assert set(await placed(stubs[survivor], "tiny:v3")) == {"READY"}
+        # Flipped away again with a 3 s window, the survivor (leading now) keeps it for the window
+        # and then unloads it.
+        seen = len(watchers[survivor].events)
+        await stubs[survivor].SetAlias(registry_pb2.SetAliasRequest(name="chat-b", targets=[
+            registry_pb2.AliasTarget(model="tiny:latest")], rollback_window=duration(3)), timeout=120)
+        drained = await watchers[survivor].wait_for(("tiny:v3", "drained"), after=seen)
+        await asyncio.sleep(1)
+        assert set(await placed(stubs[survivor], "tiny:v3")) == {"READY"}
+        await watchers[survivor].wait_for(("tiny:v3", "unloaded"), after=drained)
+        assert await placed(stubs[survivor], "tiny:v3") == []
+    finally:
+        for w in watchers:
+            await w.close()
+        for channel in channels:
+            await channel.close()
+    for name in REGISTRIES:
+        if name not in suite.processes or suite.processes[name].poll() is not None:
+            await restart(suite, name)
+
+
+def duration(seconds: float):
+    from google.protobuf.duration_pb2 import Duration
+
+    return Duration(seconds=int(seconds))

@@ -109,7 +109,7 @@ async def test_the_catalog_says_which_forward_serves_a_model_and_refuses_what_no
     view, _ = await reg.import_model("gpt2", "", str(gpt2))
     assert view.record.implementation == "transformers"
     assert view.record.context_length == 256       # GPT-2's config says n_positions
-    assert reg.get("gpt2").record.implementation == "transformers"
+    assert (await reg.get("gpt2")).record.implementation == "transformers"
     view, _ = await reg.import_model("llama", "", str(llama))
     assert view.record.implementation == "llmos"
     bert = tmp_path / "roots" / "bert"
@@ -128,6 +128,6 @@ async def test_the_catalog_says_which_forward_serves_a_model_and_refuses_what_no
     for name in ("bert", "t5"):
         assert reg.catalog.get(ModelRef(name, "latest")) is None
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(
-        Path(reg.get(name).record.path).name for name in ("gpt2", "llama"))      # nothing of them stored
+        [Path((await reg.get(name)).record.path).name for name in ("gpt2", "llama")])      # nothing of them stored
     view, _ = await reg.import_model("bert", "", str(bert))    # and for embeddings, an encoder is
     assert view.record.task == "embed" and view.record.tool_call_format == ""

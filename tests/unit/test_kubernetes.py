@@ -271,3 +271,19 @@ def test_schedulers_run_two_one_leading_with_a_budget_that_keeps_one(rendered):
     budget = next(o for o in objects if o["kind"] == "PodDisruptionBudget"
                   and matches(o["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"]))
     assert budget["spec"] == {"minAvailable": 1, "selector": budget["spec"]["selector"]}
+
+
+def test_registries_run_two_on_the_store_with_a_budget_that_keeps_one(rendered):
+    _, objects = rendered
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "llmos-registry")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "LLMOS_STORE_URL" in env                     # what the replicas share lives in the store
+    budget = next(o for o in objects if o["kind"] == "PodDisruptionBudget"
+                  and matches(o["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"]))
+    assert budget["spec"] == {"minAvailable": 1, "selector": budget["spec"]["selector"]}
+    assert not any(o["kind"] == "Deployment" and o["spec"].get("strategy", {}).get("type") == "Recreate"
+                   for o in objects if o["metadata"]["name"] in ("llmos-registry", "llmos-scheduler"))

@@ -163,7 +163,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     base = DEFAULT_PORTS["gateway"]
     suite = Suite(args.data_dir, ports={s: args.port_base + p - base for s, p in DEFAULT_PORTS.items()},
                   metrics_port=args.metrics_port, http_port=args.port_base + DEFAULT_HTTP_PORT - base,
-                  schedulers=args.replicas)
+                  schedulers=args.replicas, registries=args.replicas)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the suite as Ctrl-C does
     try:
         print(f"starting llmos (data in {os.path.abspath(args.data_dir)})...")
@@ -737,8 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port-base", type=int, default=DEFAULT_PORTS["gateway"],
                     help="gateway port; the other services take the next five")
     up.add_argument("--replicas", type=int, default=1, choices=range(1, 6), metavar="N",
-                    help="schedulers to run, one leading and the others standing by (1 to 5); kill the "
-                         "leader and another takes over")
+                    help="schedulers and registries to run (1 to 5): one scheduler leading and the others "
+                         "standing by, registries each serving any call; kill any one and the others go on")
     up.set_defaults(func=cmd_up)
 
     gen = sub.add_parser("generate", help="stream an answer to the terminal")

@@ -108,6 +108,10 @@ class Suite:
     # lease in the store: `store_url`, or else the data directory's scheduler.db); the gateways
     # are told of every one and follow the leader.
     schedulers: int = 1
+    # How many registries; past the first they are "registry-2", ... Each serves any call (they
+    # share the store: `store_url`, or else the data directory's registry.db); every client is
+    # told of all of them and moves to another when the one it uses goes away.
+    registries: int = 1
     # One store for every service (`llmos.common.store`); "" keeps each one's SQLite file in
     # the data directory. A cluster store is migrated at start, as `llmos migrate` would.
     store_url: str = ""
@@ -147,6 +151,7 @@ class Suite:
         extra = {"worker": [f"worker-{i}" for i in range(2, self.workers + 1)],
                  "gateway": [f"gateway-{i}" for i in range(2, self.gateways + 1)],
                  "scheduler": [f"scheduler-{i}" for i in range(2, self.schedulers + 1)],
+                 "registry": [f"registry-{i}" for i in range(2, self.registries + 1)],
                  "resources": [f"resources-{i}" for i in range(2, self.resources + 1)]}
         out: list[str] = []
         for service in SERVICES:
@@ -218,8 +223,9 @@ class Suite:
         for other in NEEDS[service]:
             env[f"{prefix}{other.upper()}_ADDRESS"] = self.addresses[self._peer(name, other)]
         if service == "gateway":        # every scheduler: the gateway follows their leader
-            env[prefix + "SCHEDULER_ADDRESS"] = ",".join(self.addresses[n] for n in self.names
-                                                         if n.split("-")[0] == "scheduler" and n in self.addresses)
+            env[prefix + "SCHEDULER_ADDRESS"] = self._every("scheduler")
+        if "registry" in NEEDS[service] and self.registries > 1:     # every registry: any serves any call
+            env[prefix + "REGISTRY_ADDRESS"] = self._every("registry")
         if service == "scheduler" and self.schedulers > 1:
             env[prefix + "LEADER_ELECTION"] = "true"
             if not self.store_url:
@@ -316,6 +322,10 @@ class Suite:
         return [*self.podman, "run", "--rm", "--init", f"--name=llmos-{os.getpid()}-{name}",
                 f"--label=llmos.suite={os.getpid()}", f"--network={network}",
                 f"--volume={self.data_dir}:{self.data_dir}", *settings, self.image, "serve", service]
+
+    def _every(self, service: str) -> str:
+        """The addresses of every started process of `service`, comma-separated."""
+        return ",".join(self.addresses[n] for n in self.names if n.split("-")[0] == service and n in self.addresses)
 
     def _peer(self, name: str, service: str) -> str:
         """The process of `service` that process `name` talks to: the one on its own host

@@ -5,6 +5,8 @@ so no outbound adapter catches `AioRpcError` itself."""
 
 from __future__ import annotations
 
+import json
+
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -69,12 +71,13 @@ class Channels:
         key = f"{address}#{authority}" if authority else address
         channel = self._channels.get(key)
         if channel is None:
+            target, replicas = replicas_target(address)
             channel = self._security.channel(
-                address, address in self._public,
+                target, address in self._public,
                 interceptors=[*typed_errors(), *client_interceptors(self._provider)],
                 options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                         *RECONNECT_OPTIONS,
+                         *RECONNECT_OPTIONS, *replicas,
                          *([("grpc.ssl_target_name_override", authority)] if authority else [])])
             self._channels[key] = channel
         return channel
@@ -83,6 +86,28 @@ class Channels:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
+
+
+# Replicas that each serve any call (registries) named as one comma-separated list of IP
+# addresses: one channel over all of them, on one replica at a time (pick_first, so a client's
+# calls and its watches meet the same replica) moving to the next when it goes away, and a call
+# that found it gone (UNAVAILABLE) tried again there.
+REPLICAS_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"pick_first": {}}],
+    "methodConfig": [{"name": [{}], "retryPolicy": {
+        "maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+
+
+def replicas_target(address: str) -> tuple[str, list[tuple[str, str | int]]]:
+    """(the gRPC target for `address`, the channel options it needs): "a:1,b:2" is one target over
+    both addresses, whose certificates are checked against the first's host."""
+    if "," not in address:
+        return address, []
+    addresses = [a.strip() for a in address.split(",") if a.strip()]
+    scheme = "ipv6" if addresses[0].startswith("[") else "ipv4"
+    return f"{scheme}:{','.join(addresses)}", [("grpc.service_config", REPLICAS_SERVICE_CONFIG),
+                                               ("grpc.default_authority", addresses[0])]
 
 
 class _Bearer:

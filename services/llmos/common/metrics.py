@@ -88,3 +88,27 @@ class OnLoop(Collector):
         except Exception:  # noqa: BLE001 - a busy or stopping loop leaves these out of one scrape
             log.warning("figures not read for this scrape", exc_info=True)
             return []
+
+
+# Event-loop lag buckets in seconds: a healthy loop runs a timer within a millisecond or two.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+async def probe_loop_lag(registry: CollectorRegistry, interval: float = 0.1) -> None:
+    """Observes, every `interval`, how late the event loop runs a timer: a handler or a library
+    call that blocks the loop (a store call made on it, a slow parse) shows as lag
+    (`llmos_event_loop_lag_seconds`, and its largest in `llmos_event_loop_lag_max_seconds`)."""
+    lag = prometheus_client.Histogram("llmos_event_loop_lag_seconds", "How late the event loop ran a timer.",
+                                      buckets=LAG_BUCKETS, registry=registry)
+    worst = prometheus_client.Gauge("llmos_event_loop_lag_max_seconds",
+                                    "The largest event-loop lag seen since the process started.", registry=registry)
+    loop = asyncio.get_running_loop()
+    largest = 0.0
+    while True:
+        before = loop.time()
+        await asyncio.sleep(interval)
+        late = max(0.0, loop.time() - before - interval)
+        lag.observe(late)
+        if late > largest:
+            largest = late
+            worst.set(late)

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from .auth import AuthInterceptor
-from .metrics import MetricsEndpoint, new_registry
+from .metrics import MetricsEndpoint, new_registry, probe_loop_lag
 from .security import Security
 from .settings import from_env
 from .status import ErrorInterceptor
@@ -267,6 +267,7 @@ class Service:
         if self.door is not None:
             self.http_address = await self.door.start()
         self._tasks = [asyncio.create_task(loop(address)) for loop in self.background]
+        self._tasks.append(asyncio.create_task(probe_loop_lag(self.host.metrics)))
         return address
 
     async def stop(self, grace: float) -> None:

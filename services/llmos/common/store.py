@@ -169,6 +169,66 @@ quota_charges = Table(
     Column("tokens", BigInteger, nullable=False),
 )
 
+# The registry's shared state, so that any registry replica serves any call and one that starts
+# resumes where another stopped (`llmos.registry.shared`): the workers heard from (Unix time of
+# the last heartbeat), where each model is placed, the versions draining after an alias moved
+# away from them (`idle_time`: when they were found idle, the start of their rollback window),
+# the loads a request asked to keep until a time, and the lifecycle events in one order for
+# every replica's `WatchModels` (`seq`, written under the `registry.events` row of `leaders`).
+registry_workers = Table(
+    "registry_workers", SCHEMA,
+    Column("worker_id", String(128), primary_key=True),
+    Column("address", String(256), nullable=False),
+    Column("node", String(256), nullable=False),
+    Column("incarnation", String(128), nullable=False),
+    Column("metrics_address", String(256), nullable=False),
+    Column("last_seen", Double, nullable=False),
+)
+
+placements = Table(
+    "placements", SCHEMA,
+    Column("name", String(128), nullable=False),
+    Column("tag", String(128), nullable=False),
+    Column("worker_id", String(128), nullable=False),
+    Column("address", String(256), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("detail", String(1024), nullable=False),
+    Column("measured_bytes", BigInteger, nullable=False),
+    Column("ready_at", Double, nullable=False),
+    Column("quantization", String(16), nullable=False),
+    Column("expire_time", Double, nullable=True),
+    PrimaryKeyConstraint("name", "tag", "worker_id"),
+)
+
+drains = Table(
+    "drains", SCHEMA,
+    Column("name", String(128), nullable=False),
+    Column("tag", String(128), nullable=False),
+    Column("alias", String(256), nullable=False),
+    Column("rollback_window", Double, nullable=False),
+    Column("start_time", Double, nullable=False),
+    Column("idle_time", Double, nullable=True),
+    PrimaryKeyConstraint("name", "tag"),
+)
+
+model_holds = Table(
+    "model_holds", SCHEMA,
+    Column("name", String(128), nullable=False),
+    Column("tag", String(128), nullable=False),
+    Column("until", Double, nullable=False),
+    PrimaryKeyConstraint("name", "tag"),
+)
+
+model_events = Table(
+    "model_events", SCHEMA,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("model", String(256), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("worker_id", String(128), nullable=False),
+    Column("reason", String(2048), nullable=False),
+    Column("time", Double, nullable=False),
+)
+
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 # How long a call waits for a connection, seconds; while the store is down calls fail at once.
@@ -272,6 +332,17 @@ class Store:
         except IntegrityError:          # another replica inserted it meanwhile: this one replaces it
             with self.begin() as db:
                 db.execute(update(table).where(*where).values(values))
+
+    def upsert(self, db: Connection, table: Table, values: dict, *key: str) -> None:
+        """Inside transaction `db`: inserts the row of `table` with `values`, or updates the one
+        whose `key` columns hold theirs (one statement: no conflict can abort the transaction)."""
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        statement = dialect_insert(table).values(values)
+        db.execute(statement.on_conflict_do_update(index_elements=list(key),
+                                                   set_={k: v for k, v in values.items() if k not in key}))
 
     def _mark_down(self, exc: Exception) -> None:
         with self._lock:
@@ -427,6 +498,124 @@ async def off_loop(fn: Callable[..., T], *args: Any, timeout: float = CALL_SECON
         raise Unavailable(f"the store did not answer within {timeout:g} s", reason="STORE_UNAVAILABLE") from None
 
 
+class Journal:
+    """Writes a service's changes to the store in the order they happen, a batch per transaction
+    on a thread of its own (`executor`), so its event loop never waits for the store: while the
+    store cannot be reached, the batch waits and is written when it is back. A subclass writes
+    a batch (`write`) and may add work of its own to each (`due`). Reads made on `executor`
+    after `flush` see every change added before it."""
+
+    def __init__(self, store: Store, name: str, interval: float = 0.05) -> None:
+        self.store = store
+        self.interval = interval
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"llmos-{name}")
+        self._name = name
+        self._pending: list[tuple] = []
+        self._wake = asyncio.Event()
+        self._writing: asyncio.Future | None = None
+        self.open = True
+
+    def add(self, op: tuple) -> None:
+        if self.open:
+            self._pending.append(op)
+            self._wake.set()
+
+    def write(self, db: Connection, ops: list[tuple]) -> None:
+        raise NotImplementedError
+
+    def due(self) -> list[tuple]:
+        """Work to add to the next batch (a sweep now and then)."""
+        return []
+
+    def _write(self, ops: list[tuple]) -> None:
+        with self.store.begin() as db:
+            self.write(db, ops)
+
+    async def flush(self, timeout: float = 5.0) -> bool:
+        """Writes what is pending; False if the store did not take it (it stays pending)."""
+        if self._writing is not None:
+            await asyncio.wait([self._writing])
+        ops, self._pending = self._pending, []
+        ops += self.due()
+        if not ops:
+            return True
+        self._writing = asyncio.ensure_future(off_loop(self._write, ops, timeout=timeout, executor=self.executor))
+        try:
+            await self._writing
+        except Exception as exc:  # noqa: BLE001 - kept for the next try, whatever went wrong
+            (log.debug if isinstance(exc, Unavailable) else log.warning)("%s not written yet: %s", self._name, exc)
+            self._pending[:0] = ops
+            return False
+        finally:
+            self._writing = None
+        return True
+
+    async def read(self, fn: Callable[..., T], *args: Any, timeout: float = CALL_SECONDS) -> T:
+        """`fn(*args)` on the journal's thread, after what is pending was written."""
+        if not await self.flush(timeout):
+            raise Unavailable(f"the store did not take this service's changes within {timeout:g} s",
+                              reason="STORE_UNAVAILABLE")
+        return await off_loop(fn, *args, timeout=timeout, executor=self.executor)
+
+    async def run(self) -> None:
+        backoff = self.interval
+        while self.open:
+            await self._wake.wait()
+            self._wake.clear()
+            if await self.flush():
+                backoff = self.interval
+            else:
+                backoff = min(backoff * 2, 2.0)
+                self._wake.set()
+            await asyncio.sleep(backoff)
+
+    def drop(self) -> None:
+        """Writes nothing more."""
+        self.open = False
+        self._pending.clear()
+        self._wake.set()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False)
+
+
+class StoreMutex:
+    """Locks shared by a service's replicas: a leader lease in the store (`Store.lead`) held for as
+    long as a block runs and renewed every third of its TTL, so that a replica that dies holding
+    one frees it within the TTL. One holder per replica; inside a replica an asyncio lock per name
+    queues its own callers."""
+
+    def __init__(self, store: Store, holder: str, ttl: float = 10.0, poll: float = 0.1) -> None:
+        self.store, self.holder, self.ttl, self.poll = store, holder, ttl, poll
+        self._local: dict[str, asyncio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str, wait: float = 300.0):
+        """Holds lock `name` for the block; waits for another replica's hold at most `wait`
+        seconds (UNAVAILABLE `LOCK_BUSY` after that), and fails at once while the store is down."""
+        local = self._local.setdefault(name, asyncio.Lock())
+        async with local:
+            deadline = time.monotonic() + wait
+            while not await off_loop(self.store.lead, name, self.holder, self.ttl):
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"{name} is held by another replica for more than {wait:g} s",
+                                      reason="LOCK_BUSY", metadata={"lock": name})
+                await asyncio.sleep(self.poll)
+            renewal = asyncio.ensure_future(self._renew(name))
+            try:
+                yield
+            finally:
+                renewal.cancel()
+                with contextlib.suppress(Exception):
+                    await off_loop(self.store.resign, name, self.holder)
+
+    async def _renew(self, name: str) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            with contextlib.suppress(Unavailable):
+                await off_loop(self.store.lead, name, self.holder, self.ttl)
+
+
 class StoreWatch:
     """Keeps a service's health in step with its store: NOT_SERVING (with one log line) while
     the store cannot be reached or is behind on migrations, SERVING again when it is back,
@@ -511,5 +700,6 @@ def _alembic_config():
     return config
 
 
-__all__ = ["SCHEMA", "Leadership", "Store", "StoreWatch", "api_keys", "devices", "leaders", "leases",
-           "models", "redact", "sqlite_url", "tenants"]
+__all__ = ["SCHEMA", "Journal", "Leadership", "Store", "StoreMutex", "StoreWatch", "api_keys", "devices", "drains",
+           "leaders", "leases", "model_events", "model_holds", "models", "placements", "redact", "registry_workers",
+           "sqlite_url", "tenants"]

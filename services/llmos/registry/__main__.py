@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from llmos.common.errors import Unavailable
 from llmos.common.security import Security
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.settings import ServiceSettings
-from llmos.common.store import Leadership, Store, StoreWatch, sqlite_url
+from llmos.common.store import Leadership, Store, StoreMutex, StoreWatch, off_loop, sqlite_url
 from llmos.common.telemetry import make_tracer_provider
 
 from .catalog import Catalog
@@ -28,6 +29,7 @@ from .observe import RegistryMetrics
 from .peers import GrpcResources, GrpcWorkers
 from .rollout import Rollouts
 from .servicer import register
+from .shared import Shared
 from .sources import SourcePolicy
 from .weights import KvShape
 
@@ -64,6 +66,9 @@ class RegistrySettings(ServiceSettings):
     # The highest rank a LoRA adapter may have; a higher one is refused at import.
     max_adapter_rank: int = 64
     grace_seconds: float = 5.0
+    # Replicas share the store (`store_url`): one of them leads (recovers lost workers' models,
+    # unloads idle ones, works through drains), renewing this lease; another takes over within it.
+    leader_lease_seconds: float = 6.0
 
 
 async def build(settings: RegistrySettings, provider: TracerProvider | None = None) -> Service:
@@ -73,6 +78,9 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
     security = Security.of("registry", settings)
     channels = Channels(provider, security)
     store = Store(settings.store_url or sqlite_url(data / "registry.db")).ready()
+    holder = f"{socket.gethostname()}/{os.getpid()}"
+    shared = Shared(store)
+    mutex = StoreMutex(store, holder, ttl=settings.leader_lease_seconds)
     catalog = Catalog(store)
     roots = [Path(r) for r in settings.allowed_roots] or [Path.cwd()]
     kv = KvShape(settings.kv_cache_tokens, compute_bytes(settings.worker_dtype))
@@ -83,41 +91,85 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
                              kv, settings.overhead_bytes,
                              GrpcResources(channels, settings.resources_address),
                              worker_timeout=settings.worker_timeout_seconds,
-                             max_adapter_rank=settings.max_adapter_rank)
+                             max_adapter_rank=settings.max_adapter_rank, shared=shared, mutex=mutex)
     host = ServiceHost.of("registry", settings, provider, security)
     registry.events.listeners.append(RegistryMetrics(host.metrics))
     rollouts = Rollouts(registry)
     register(host, registry, rollouts)
     watch = StoreWatch(store, host.set_serving)
     await watch.check()
-    leadership: list[Leadership] = []
+    ttl = settings.leader_lease_seconds
+    leadership = Leadership(store, "registry.leader", holder, ttl=ttl)
+    stopping = asyncio.Event()
+
+    async def lead(address: str) -> None:
+        while not stopping.is_set():
+            try:
+                await off_loop(leadership.check, timeout=ttl / 3)
+            except Exception:  # noqa: BLE001 - a renewal that did not answer is tried again
+                log.debug("renewing the registry lead did not answer in time")
+            await asyncio.sleep(ttl / 3)
 
     async def watch_workers(address: str) -> None:
-        # Workers and placements are what the workers tell this replica; unloading idle models
-        # is done once for the whole cluster, by the replica that holds the lead.
+        # Every replica hears the heartbeats of the workers that reach it, and shares them; the
+        # lost workers' models are loaded elsewhere, and idle models unloaded, by the leader.
         interval = min(settings.worker_timeout_seconds / 4, 5.0)
-        leadership.append(Leadership(store, "registry.keep-alive", f"{socket.gethostname()}/{address}",
-                                     ttl=max(10.0, 3 * interval)))
         while True:
             await asyncio.sleep(interval)
+            if not leadership.leading:
+                continue
             try:
                 await registry.recover(settings.worker_timeout_seconds)
-                leads, _ = await asyncio.to_thread(leadership[0].check)
-                if leads and settings.keep_alive_seconds > 0:
+                if settings.keep_alive_seconds > 0:
                     await registry.evict_idle(settings.keep_alive_seconds, time.time())
             except Unavailable:
                 pass                                    # the store watch says so, once
             except Exception:  # noqa: BLE001 - the next round tries again; the loop must not end
                 log.exception("watching the workers failed")
 
+    async def tail(address: str) -> None:
+        # Every replica's events, in the store's order, to this replica's watchers, after this
+        # replica's view was refreshed (and the view at least every second).
+        last = None
+        refreshed = 0.0
+        while True:
+            try:
+                if last is None:
+                    last = await shared.read(shared.last_seq)
+                found = await shared.read(shared.events_after, last)
+                if found or time.monotonic() - refreshed > 1.0:
+                    await registry.sync()
+                    refreshed = time.monotonic()
+                for seq, event in found:
+                    registry.events.deliver(event)
+                    last = seq
+                await asyncio.sleep(0.05)
+            except Unavailable:
+                await asyncio.sleep(0.5)
+            except Exception:  # noqa: BLE001 - the next round tries again; the loop must not end
+                log.exception("following the shared state failed")
+                await asyncio.sleep(1.0)
+
+    async def journal(address: str) -> None:
+        await shared.run()
+
+    async def drains(address: str) -> None:
+        await rollouts.run_drains(lambda: leadership.leading)
+
+    async def hand_over() -> None:
+        stopping.set()
+        await shared.flush()
+        await asyncio.to_thread(leadership.resign)
+
     async def close() -> None:
-        await rollouts.close()
+        await shared.flush()
+        shared.close()
+        registry.close()
         await channels.close()
-        for lead in leadership:
-            await asyncio.to_thread(lead.resign)
         catalog.close()
 
-    return Service(host, background=[watch_workers, watch.run], cleanups=[close])
+    return Service(host, background=[journal, lead, tail, watch_workers, drains, watch.run], cleanups=[close],
+                   handovers=[hand_over])
 
 
 

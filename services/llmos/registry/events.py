@@ -29,15 +29,27 @@ class ModelEvent:
 
 
 class EventHub:
-    def __init__(self) -> None:
+    """Events emitted here reach the watchers at once, or with a `sink` (the store's journal:
+    `registry.shared`) only once the sink hands them back (`deliver`), in the order every
+    replica's watchers see."""
+
+    def __init__(self, sink: Callable[[ModelEvent], None] | None = None) -> None:
         self._broadcast: Broadcast[ModelEvent] = Broadcast(MAX_BEHIND)
-        # Called with every event as it is emitted (the metrics); each must be quick.
+        # Called with every event as it is emitted here (the metrics); each must be quick.
         self.listeners: list[Callable[[ModelEvent], None]] = []
+        self.sink = sink
 
     def emit(self, model: str, kind: str, worker_id: str = "", reason: str = "") -> None:
         event = ModelEvent(model, kind, worker_id, reason)
         for listener in self.listeners:
             listener(event)
+        if self.sink is not None:
+            self.sink(event)
+        else:
+            self._broadcast.emit(event)
+
+    def deliver(self, event: ModelEvent) -> None:
+        """Hands an event (of any replica, in the store's order) to this replica's watchers."""
         self._broadcast.emit(event)
 
     async def watch(self, model: str = "") -> AsyncIterator[ModelEvent]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -25,12 +28,14 @@ from llmos.common.errors import (
     Unavailable,
 )
 from llmos.common.names import ModelRef, check_name, check_tag, parse_model_ref
+from llmos.common.store import StoreMutex, off_loop
 
 from . import events
 from .aliases import AliasBook, Resolver
 from .catalog import Catalog, ModelRecord, page_by_ref
 from .events import EventHub
 from .importer import Importer
+from .shared import Shared
 from .weights import KvShape, estimate_bytes, read_config, sha256_files
 
 log = logging.getLogger(__name__)
@@ -97,8 +102,9 @@ class ResourcesPort(Protocol):
 class ModelRegistry:
     def __init__(self, catalog: Catalog, importer: Importer, workers: WorkerPort,
                  kv: KvShape = KvShape(), overhead_bytes: int = 0,
-                 resources: ResourcesPort | None = None, clock: Callable[[], float] = time.monotonic,
-                 worker_timeout: float = 20.0, max_adapter_rank: int = 64) -> None:
+                 resources: ResourcesPort | None = None, clock: Callable[[], float] = time.time,
+                 worker_timeout: float = 20.0, max_adapter_rank: int = 64, shared: Shared | None = None,
+                 mutex: StoreMutex | None = None) -> None:
         self.catalog = catalog
         # The highest LoRA rank an adapter may have at import.
         self.max_adapter_rank = max_adapter_rank
@@ -110,7 +116,17 @@ class ModelRegistry:
         self._worker_port = workers
         self._resources = resources
         self._clock = clock
-        self.events = EventHub()
+        # The state replicas share (`registry.shared`), and the locks they share; None: this
+        # replica's memory is all there is (tests of one replica).
+        self.shared = shared
+        self.mutex = mutex
+        self.events = EventHub(sink=(lambda event: shared.add(("event", event))) if shared else None)
+        # Catalog and alias calls, off the event loop and in the order they came.
+        self._calls = ThreadPoolExecutor(1, thread_name_prefix="llmos-registry-store")
+        # Changes this replica made to its view, by key, numbered: a refresh from the store keeps
+        # those made after it was asked for (`sync`).
+        self._changes = 0
+        self._touched: dict[tuple, int] = {}
         self._kv = kv
         self._overhead = overhead_bytes
         self.workers: dict[str, Worker] = {}
@@ -118,8 +134,81 @@ class ModelRegistry:
         self._locks: dict[ModelRef, asyncio.Lock] = {}
         # Models a request asked to keep loaded until then (Unix time), whatever their keep-alive.
         self._held_until: dict[ModelRef, float] = {}
-        # (model, worker id) → (the registry's clock when read, Unix time it is unloaded if idle till then)
-        self._expiry: dict[tuple[ModelRef, str], tuple[float, float | None]] = {}
+
+    async def db(self, fn: Callable, *args):
+        """`fn(*args)` (catalog and alias calls) off the event loop."""
+        return await off_loop(fn, *args, executor=self._calls)
+
+    def close(self) -> None:
+        self._calls.shutdown(wait=False)
+
+    # the view this replica shares ------------------------------------------
+
+    def _touch(self, key: tuple) -> None:
+        self._changes += 1
+        self._touched[key] = self._changes
+
+    def _put_worker(self, worker: Worker) -> None:
+        self.workers[worker.worker_id] = worker
+        if self.shared:
+            self._touch(("w", worker.worker_id))
+            self.shared.add(("worker", worker))
+
+    def _forget_worker(self, worker_id: str) -> None:
+        self.workers.pop(worker_id, None)
+        if self.shared:
+            self._touch(("w", worker_id))
+            self.shared.add(("worker_gone", worker_id))
+
+    def _place(self, ref: ModelRef, placement: Placement) -> None:
+        """Records `placement` of `ref` (new, or changed in place)."""
+        self._placements.setdefault(ref, {})[placement.worker_id] = placement
+        if self.shared:
+            self._touch(("p", ref, placement.worker_id))
+            self.shared.add(("placement", ref, replace(placement)))
+
+    def _unplace(self, ref: ModelRef, worker_id: str) -> Placement | None:
+        placement = self._placements.get(ref, {}).pop(worker_id, None)
+        if self.shared and placement is not None:
+            self._touch(("p", ref, worker_id))
+            self.shared.add(("unplace", ref, worker_id))
+        return placement
+
+    def _hold(self, ref: ModelRef, until: float) -> None:
+        self._held_until[ref] = until
+        if self.shared:
+            self._touch(("h", ref))
+            self.shared.add(("hold", ref, until))
+
+    async def sync(self) -> None:
+        """Refreshes this replica's view of workers, placements and holds from the store, after
+        its own changes were written; a change made while the read was on its way is kept."""
+        if self.shared is None:
+            return
+        asked_at = self._changes
+        state = await self.shared.read(self.shared.load_state)
+
+        def mine(key: tuple) -> bool:
+            return self._touched.get(key, -1) > asked_at
+
+        for worker_id in set(self.workers) | set(state.workers):
+            if not mine(("w", worker_id)):
+                if worker_id in state.workers:
+                    self.workers[worker_id] = state.workers[worker_id]
+                else:
+                    self.workers.pop(worker_id, None)
+        here = {(ref, wid) for ref, per_model in self._placements.items() for wid in per_model}
+        for ref, worker_id in here | set(state.placements):
+            if not mine(("p", ref, worker_id)):
+                found = state.placements.get((ref, worker_id))
+                if found is not None:
+                    self._placements.setdefault(ref, {})[worker_id] = found
+                else:
+                    self._placements.get(ref, {}).pop(worker_id, None)
+        for ref, until in state.holds.items():
+            if not mine(("h", ref)):
+                self._held_until[ref] = until
+        self._touched = {key: n for key, n in self._touched.items() if n > asked_at}
 
     # catalog ---------------------------------------------------------------
 
@@ -128,7 +217,7 @@ class ModelRegistry:
         ref = ModelRef(check_name(name, "name"), check_tag(tag or "latest", "tag"))
         if not source or len(source) > MAX_SOURCE or not source.isprintable():
             raise InvalidArgument.field("source", f"is required, at most {MAX_SOURCE} printable characters")
-        if self.aliases.get(ref) is not None:
+        if await self.db(self.aliases.get, ref) is not None:
             raise FailedPrecondition(f"{ref} is an alias; a model cannot take its name", reason="NAME_IS_ALIAS",
                                      metadata={"model": str(ref)})
         if task and task not in TASKS:
@@ -139,7 +228,7 @@ class ModelRegistry:
             return await self._import_adapter(ref, source, base)
         path = self.importer.resolve(source)
         source_format, digest = await asyncio.to_thread(self.importer.source_digest, path, task)
-        existing = self.catalog.get(ref)
+        existing = await self.db(self.catalog.get, ref)
         if existing is not None:
             if existing.digest == digest:
                 return self.view(existing), False
@@ -160,7 +249,7 @@ class ModelRegistry:
             create_time=time.time(),
             estimated_bytes=estimate_bytes(facts, self._kv, self._overhead), implementation=facts.implementation,
             tool_call_format=facts.tool_call_format if facts.task == GENERATE else "", task=facts.task)
-        self.catalog.put(record)
+        await self.db(self.catalog.put, record)
         self.events.emit(str(ref), events.IMPORTED, reason=f"{digest[:19]}, {facts.parameter_count} parameters")
         log.info("imported %s (%s, %d parameters)", ref, digest[:19], facts.parameter_count)
         return self.view(record), True
@@ -168,7 +257,7 @@ class ModelRegistry:
     async def _import_adapter(self, ref: ModelRef, source: str, base: str) -> tuple[ModelView, bool]:
         """Imports a PEFT LoRA adapter of `base`, checked against the base's shapes and what the
         engine serves before anything is copied."""
-        base_record = self.get(base).record
+        base_record = (await self.get(base)).record
         if base_record.base or base_record.implementation != "llmos":
             why = "is itself an adapter" if base_record.base else "runs on the transformers forward, which takes none"
             raise FailedPrecondition(f"model {base_record.ref} {why}: adapters are served over the engine's own "
@@ -182,7 +271,7 @@ class ModelRegistry:
         facts = await asyncio.to_thread(read_adapter, path, base_config, self.max_adapter_rank)
         files = [path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS]
         digest = await asyncio.to_thread(sha256_files, files)
-        existing = self.catalog.get(ref)
+        existing = await self.db(self.catalog.get, ref)
         if existing is not None:
             if existing.digest == digest and existing.base == str(base_record.ref):
                 return self.view(existing), False
@@ -194,47 +283,49 @@ class ModelRegistry:
                          source=str(path), path=str(stored), parameter_count=facts.params, create_time=time.time(),
                          estimated_bytes=facts.nbytes, measured_bytes=0, keep_alive=None, base=str(base_record.ref),
                          adapter_rank=facts.rank)
-        self.catalog.put(record)
+        await self.db(self.catalog.put, record)
         self.events.emit(str(ref), events.IMPORTED, reason=f"rank {facts.rank} adapter of {base_record.ref}, "
                                                            f"{', '.join(facts.target_modules)}")
         log.info("imported adapter %s of %s (rank %d, %d bytes)", ref, base_record.ref, facts.rank, facts.nbytes)
         return self.view(record), True
 
-    def route(self, name: str, key: str = "") -> tuple[ModelView, ModelRef | None]:
+    async def route(self, name: str, key: str = "") -> tuple[ModelView, ModelRef | None]:
         """The model `name` sends a request with route key `key` to (`name` a model or an
         alias), and the alias it went through (None for a model)."""
         ref = parse_model_ref(name, "name")
+        record, alias, target = await self.db(self._route, ref, key)
+        if record is None:
+            raise NotFound(f"model {target} is not in the catalog", reason="MODEL_NOT_FOUND",
+                           metadata={"model": str(target)})
+        return self.view(record), alias
+
+    def _route(self, ref: ModelRef, key: str) -> tuple[ModelRecord | None, ModelRef | None, ModelRef]:
         record = self.catalog.get(ref)
         if record is not None:          # a model (no alias has a model's name): one read, as before aliases
-            return self.view(record), None
+            return record, None, ref
         target, alias = self.resolver.resolve(ref, key)
-        return self.get(str(target)), alias
+        return self.catalog.get(target), alias, target
 
-    def get(self, name: str) -> ModelView:
+    async def get(self, name: str) -> ModelView:
         ref = parse_model_ref(name, "name")
-        record = self.catalog.get(ref)
+        record = await self.db(self.catalog.get, ref)
         if record is None:
             raise NotFound(f"model {ref} is not in the catalog", reason="MODEL_NOT_FOUND",
                            metadata={"model": str(ref)})
         return self.view(record)
 
-    def list(self, page_size: int, page_token: str) -> tuple[list[ModelView], str]:
-        records, next_token = page_by_ref(self.catalog.list, lambda r: r.ref, page_size, page_token)
+    async def list(self, page_size: int, page_token: str) -> tuple[list[ModelView], str]:
+        records, next_token = await self.db(page_by_ref, self.catalog.list, lambda r: r.ref, page_size, page_token)
         return [self.view(r) for r in records], next_token
 
     def view(self, record: ModelRecord) -> ModelView:
-        placements = []
-        served_by = record.served_by
-        for p in self._placements.get(served_by, {}).values():
-            read_at, expires = self._expiry.get((served_by, p.worker_id), (-1.0, None))
-            placements.append(replace(p, expire_time=expires) if read_at >= p.ready_at and p.state == READY else p)
-        return ModelView(record, placements)
+        return ModelView(record, [replace(p) for p in self._placements.get(record.served_by, {}).values()])
 
     # workers and placement -------------------------------------------------
 
-    def register_worker(self, worker_id: str, address: str, node: str, incarnation: str = "",
-                        loaded_models: list[str] | None = None, metrics_address: str = "",
-                        quantizations: dict[str, str] | None = None) -> None:
+    async def register_worker(self, worker_id: str, address: str, node: str, incarnation: str = "",
+                              loaded_models: list[str] | None = None, metrics_address: str = "",
+                              quantizations: dict[str, str] | None = None) -> None:
         """Records a worker (and its heartbeat). A new address or incarnation means it lost its
         models; the models it says it holds are placed there, with the weights it says they run
         (a restarted registry relearns)."""
@@ -251,21 +342,25 @@ class ModelRegistry:
                 f"worker id {worker_id!r} is in use by the worker at {known.address} (heard from "
                 f"{now - known.last_seen:.0f}s ago); a second worker may not take it",
                 reason="WORKER_ID_IN_USE", metadata={"worker_id": worker_id, "address": known.address})
+        variants = {str(parse_model_ref(name, "quantizations")): q for name, q in (quantizations or {}).items()}
+        holds = {parse_model_ref(name, "loaded_models") for name in loaded_models or ()}
+        known_models = await self.db(self._in_catalog, list(holds)) if holds else set()
+        known = self.workers.get(worker_id)         # (again: it may have changed meanwhile)
         if known != worker:
             log.info("worker %s registered at %s (incarnation %s)", worker_id, address, incarnation)
             if known is not None:
                 self._drop_placements(worker_id)
-        self.workers[worker_id] = worker
-        variants = {str(parse_model_ref(name, "quantizations")): q for name, q in (quantizations or {}).items()}
-        holds = {parse_model_ref(name, "loaded_models") for name in loaded_models or ()}
+        self._put_worker(worker)
         for ref in holds:
-            placements = self._placements.setdefault(ref, {})
-            if worker_id not in placements and self.catalog.get(ref) is not None:
-                placements[worker_id] = Placement(worker_id, address, READY, ready_at=now,
-                                                  quantization=variants.get(str(ref), ""))
+            if worker_id not in self._placements.get(ref, {}) and ref in known_models:
+                self._place(ref, Placement(worker_id, address, READY, ready_at=now,
+                                           quantization=variants.get(str(ref), "")))
                 self.events.emit(str(ref), events.READY, worker_id, "reported loaded by the worker")
         if known == worker and loaded_models is not None:
             self._drop_unheld(worker_id, holds, since=known.last_seen)
+
+    def _in_catalog(self, refs: list[ModelRef]) -> set[ModelRef]:
+        return {ref for ref in refs if self.catalog.get(ref) is not None}
 
     def _drop_unheld(self, worker_id: str, holds: set[ModelRef], since: float) -> None:
         """Drops the placements on `worker_id` its heartbeat no longer lists (it stopped the
@@ -276,14 +371,14 @@ class ModelRegistry:
             busy = ref in self._locks and self._locks[ref].locked()     # a load or unload decides it
             if (placement is not None and placement.state == READY and ref not in holds
                     and placement.ready_at < since and not busy):
-                del placements[worker_id]
+                self._unplace(ref, worker_id)
                 log.warning("worker %s no longer holds %s: not routed there any more", worker_id, ref)
                 self.events.emit(str(ref), events.UNAVAILABLE, worker_id, "no longer held by the worker")
 
     def _drop_placements(self, worker_id: str, reason: str = "the worker restarted") -> list[ModelRef]:
         dropped = []
-        for ref, placements in self._placements.items():
-            placement = placements.pop(worker_id, None)
+        for ref in list(self._placements):
+            placement = self._unplace(ref, worker_id)
             if placement is not None:
                 self.events.emit(str(ref), events.UNAVAILABLE, worker_id, reason)
                 if placement.state == READY:
@@ -297,7 +392,7 @@ class ModelRegistry:
         silent = [w.worker_id for w in self.workers.values() if now - w.last_seen > timeout]
         lost: list[ModelRef] = []
         for worker_id in silent:
-            del self.workers[worker_id]
+            self._forget_worker(worker_id)
             lost += self._drop_placements(worker_id, f"no heartbeat for {timeout:.0f}s")
             log.warning("worker %s missed its heartbeats for %.0fs: its models are unavailable there",
                         worker_id, timeout)
@@ -318,7 +413,7 @@ class ModelRegistry:
         return reloaded
 
     async def unload(self, name: str, reason: str = "on request") -> ModelView:
-        view = self.get(name)
+        view = await self.get(name)
         ref = view.record.ref
         if view.record.base:
             raise FailedPrecondition(f"{ref} is an adapter, served with its base {view.record.base}: unload "
@@ -330,18 +425,17 @@ class ModelRegistry:
                     self.events.emit(str(ref), events.UNLOADING, placement.worker_id, reason)
                     await self._worker_port.stop_model(placement.address, str(ref))
                     self.events.emit(str(ref), events.UNLOADED, placement.worker_id, reason)
-                self._placements[ref].pop(placement.worker_id, None)
+                self._unplace(ref, placement.worker_id)
         log.info("unloaded %s", ref)
         return self.view(view.record)
 
-    def delete(self, name: str) -> None:
-        view = self.get(name)
-        pointing = self.resolver.pointing_at(view.record.ref)
+    async def delete(self, name: str) -> None:
+        view = await self.get(name)
+        pointing, adapters = await self.db(self._users_of, view.record.ref)
         if pointing:
             raise FailedPrecondition(f"alias {pointing[0]} points at {view.record.ref}; point it elsewhere first",
                                      reason="MODEL_IN_ALIAS",
                                      metadata={"model": str(view.record.ref), "alias": str(pointing[0])})
-        adapters = self.catalog.adapters_of(view.record.ref)
         if adapters:
             raise FailedPrecondition(f"model {view.record.ref} has adapters ({adapters[0]}, ...); remove them first",
                                      reason="MODEL_HAS_ADAPTERS",
@@ -349,12 +443,22 @@ class ModelRegistry:
         if not view.record.base and any(p.state in (READY, LOADING) for p in view.placements):
             raise FailedPrecondition(f"model {view.record.ref} is loaded; unload it first",
                                      reason="MODEL_LOADED", metadata={"model": str(view.record.ref)})
-        self.catalog.delete(view.record.ref)
+        if not await self.db(self._delete, view.record):
+            self.importer.remove(view.record.path)
+        for worker_id in list(self._placements.get(view.record.ref, {})):
+            self._unplace(view.record.ref, worker_id)
         self._placements.pop(view.record.ref, None)
         self.events.emit(str(view.record.ref), events.DELETED)
-        if not self.catalog.uses_path(view.record.path):
-            self.importer.remove(view.record.path)
         log.info("deleted %s", view.record.ref)
+
+    def _users_of(self, ref: ModelRef) -> tuple[list[ModelRef], list[ModelRef]]:
+        """(the aliases pointing at `ref`, its adapters)."""
+        return self.resolver.pointing_at(ref), self.catalog.adapters_of(ref)
+
+    def _delete(self, record: ModelRecord) -> bool:
+        """Deletes the record; whether another record uses its files."""
+        self.catalog.delete(record.ref)
+        return self.catalog.uses_path(record.path)
 
     async def load(self, name: str, replicas: int = 1, keep_alive: float | None = None,
                    hold: float | None = None, quantize: str = "",
@@ -367,15 +471,15 @@ class ModelRegistry:
         if not 0 <= replicas <= 64:
             raise InvalidArgument.field("replicas", "must be between 0 and 64")
         check_quantization(quantize)
-        view = self.get(name)
+        view = await self.get(name)
         if view.record.base:          # an adapter: its base serves it
             _, placement = await self.load(view.record.base, replicas, keep_alive, hold, quantize, prefer)
             return self.view(view.record), placement
         if hold is not None:
             ref = view.record.ref
-            self._held_until[ref] = max(self._held_until.get(ref, 0.0), time.time() + hold)
+            self._hold(ref, max(self._held_until.get(ref, 0.0), time.time() + hold))
         if keep_alive is not None and keep_alive != view.record.keep_alive:
-            self.catalog.set_keep_alive(view.record.ref, keep_alive)
+            await self.db(self.catalog.set_keep_alive, view.record.ref, keep_alive)
             view.record = replace(view.record, keep_alive=keep_alive)
         async with self._lock(view.record.ref):
             placement = None
@@ -400,46 +504,54 @@ class ModelRegistry:
                                 len(ready), replicas)
                     return self.view(view.record), ready[0]
 
-    def _lock(self, ref: ModelRef) -> asyncio.Lock:
-        """The lock that serializes loads, unloads and evictions of one model."""
-        lock = self._locks.get(ref)
-        if lock is None:
-            lock = self._locks[ref] = asyncio.Lock()
-        return lock
+    @contextlib.asynccontextmanager
+    async def _lock(self, ref: ModelRef) -> AsyncIterator[None]:
+        """The lock that serializes loads, unloads and evictions of one model, on every replica;
+        its holder sees what another replica did before it took the lock."""
+        local = self._locks.setdefault(ref, asyncio.Lock())
+        async with local:
+            if self.mutex is None:
+                yield
+                return
+            name = "registry.model:" + hashlib.blake2b(str(ref).encode(), digest_size=16).hexdigest()
+            async with self.mutex.hold(name):
+                await self.sync()
+                yield
 
     async def _load_once(self, view: ModelView, exclude: set[str], quantize: str = "",
                          prefer: frozenset[str] = frozenset()) -> tuple[ModelView, Placement]:
         """Loads the model on one more worker (not in `exclude`). Holds the model's lock."""
         ref = view.record.ref
-        placements = self._placements.setdefault(ref, {})
         needed = view.record.measured_bytes or view.record.estimated_bytes
         await self._check_fits(view.record, needed)
         refusal: LlmosError | None = None
         candidates = sorted(self._workers_by_load(), key=lambda w: w.worker_id not in prefer)    # stable
         for worker in [w for w in candidates if w.worker_id not in exclude]:
             placement = Placement(worker.worker_id, worker.address, LOADING, quantization=quantize)
-            placements[worker.worker_id] = placement
+            self._place(ref, placement)
             self.events.emit(str(ref), events.LOADING, worker.worker_id, f"{needed} bytes")
             try:
                 placement.measured_bytes = await self._start_making_room(worker, ref, view.record.path, needed,
                                                                          quantize)
                 break
             except ResourceExhausted as exc:       # no room there, even after evicting: next worker
-                placements.pop(worker.worker_id, None)
+                self._unplace(ref, worker.worker_id)
                 self.events.emit(str(ref), events.FAILED, worker.worker_id, exc.message)
                 refusal = exc
             except Exception as exc:
                 placement.state = FAILED
                 placement.detail = getattr(exc, "message", "load failed")
+                self._place(ref, placement)
                 self.events.emit(str(ref), events.FAILED, worker.worker_id, placement.detail)
                 raise
         else:
             raise refusal or Unavailable("no worker is registered" if not exclude else
                                          "no other worker is registered", reason="NO_WORKERS")
         placement.state, placement.ready_at = READY, self._clock()
+        self._place(ref, placement)
         self.events.emit(str(ref), events.READY, placement.worker_id, f"{placement.measured_bytes} bytes measured")
         if placement.measured_bytes and not quantize:     # the record's figure is for the stored weights
-            self.catalog.set_measured(ref, placement.measured_bytes)
+            await self.db(self.catalog.set_measured, ref, placement.measured_bytes)
             view.record = replace(view.record, measured_bytes=placement.measured_bytes)
         log.info("model %s ready on worker %s (%d bytes measured, %d estimated)", ref,
                  worker.worker_id, placement.measured_bytes, view.record.estimated_bytes)
@@ -470,7 +582,7 @@ class ModelRegistry:
                                  quantize: str = "") -> int:
         """Loads on `worker`; while its memory is leased out, evicts the least recently used
         idle model there and tries again. Never evicts a model with requests in flight."""
-        record = self.catalog.get(ref)
+        record = await self.db(self.catalog.get, ref)
         task = {"task": record.task} if record is not None and record.task != GENERATE else {}
         while True:
             try:
@@ -511,10 +623,12 @@ class ModelRegistry:
 
     async def _evict(self, ref: ModelRef, worker: Worker, why: str) -> None:
         await self._worker_port.stop_model(worker.address, str(ref))
-        self._placements.get(ref, {}).pop(worker.worker_id, None)
-        self._expiry.pop((ref, worker.worker_id), None)
+        self._unplace(ref, worker.worker_id)
         self.events.emit(str(ref), events.EVICTED, worker.worker_id, why)
         log.info("evicted %s from worker %s %s", ref, worker.worker_id, why)
+
+    def _records(self, refs: list[ModelRef]) -> dict[ModelRef, ModelRecord]:
+        return {ref: record for ref in refs if (record := self.catalog.get(ref)) is not None}
 
     async def evict_idle(self, keep_alive: float, now: float) -> list[tuple[str, str]]:
         """Unloads models that served no request for `keep_alive` seconds; returns (model, worker)."""
@@ -524,13 +638,17 @@ class ModelRegistry:
                 activity = await self._worker_port.activity(worker.address)
             except LlmosError:
                 continue
+            records = await self.db(self._records, [parse_model_ref(name) for name in activity])
             for name, (in_flight, last) in activity.items():
                 ref = parse_model_ref(name)
-                record = self.catalog.get(ref)
+                record = records.get(ref)
                 limit = keep_alive if record is None or record.keep_alive is None else record.keep_alive
                 held = self._held_until.get(ref, 0.0)
-                self._expiry[(ref, worker.worker_id)] = (
-                    self._clock(), None if limit < 0 else max(held, (now if in_flight else last) + limit))
+                placement = self._placements.get(ref, {}).get(worker.worker_id)
+                expires = None if limit < 0 else max(held, (now if in_flight else last) + limit)
+                if placement is not None and placement.state == READY and placement.expire_time != expires:
+                    placement.expire_time = expires
+                    self._place(ref, placement)
                 if in_flight == 0 and limit >= 0 and now - last > limit and now >= held:
                     async with self._lock(ref):
                         await self._evict(ref, worker, f"after {limit:.0f}s idle")

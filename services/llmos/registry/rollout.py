@@ -6,26 +6,37 @@ traffic to any more is drained: the registry watches its workers until none has 
 for it running or waiting, then unloads it (or first keeps it loaded for the alias's rollback
 window). A rollback is a flip to the previous versions. Every step is a `WatchModels` event
 and an audit line.
+
+Drains are rows in the store (`drains`), worked through by the leading registry replica every
+`poll_seconds`: a replica that dies mid-drain or in a rollback window leaves its row, and the
+next leader finishes the drain, keeping the version loaded until the window ends. Alias changes
+and the unloads that end drains take a lock every replica shares (`StoreMutex`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
+
+from sqlalchemy import delete, select
 
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound
 from llmos.common.names import ModelRef, parse_model_ref
+from llmos.common.store import Store, drains
 
 from . import events
 from .aliases import MAX_ROLLBACK_WINDOW, AliasRecord, check_targets, describe
 from .catalog import page_by_ref
 from .models import ModelRegistry
+from .shared import Drain
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("llmos.audit")
 
-# Consecutive polls of a draining version's workers that must find it idle, and their interval.
+# Consecutive polls of a draining version's workers that must find it idle.
 QUIET_POLLS = 2
 
 
@@ -33,22 +44,36 @@ class Rollouts:
     def __init__(self, registry: ModelRegistry, poll_seconds: float = 0.25) -> None:
         self.registry = registry
         self.poll_seconds = poll_seconds
-        self._lock = asyncio.Lock()         # one alias change at a time
-        self._drains: dict[ModelRef, asyncio.Task] = {}
+        self._lock = asyncio.Lock()         # one alias change at a time (on every replica: `_changing`)
+        self._quiet: dict[ModelRef, int] = {}
+
+    @property
+    def store(self) -> Store:
+        return self.registry.catalog.store
 
     # reading ---------------------------------------------------------------
 
-    def get(self, name: str) -> AliasRecord:
+    async def get(self, name: str) -> AliasRecord:
         ref = parse_model_ref(name, "name")
-        record = self.registry.aliases.get(ref)
+        record = await self.registry.db(self.registry.aliases.get, ref)
         if record is None:
             raise NotFound(f"no alias {ref}", reason="ALIAS_NOT_FOUND", metadata={"alias": str(ref)})
         return record
 
-    def list(self, page_size: int, page_token: str) -> tuple[list[AliasRecord], str]:
-        return page_by_ref(self.registry.aliases.list, lambda r: r.ref, page_size, page_token)
+    async def list(self, page_size: int, page_token: str) -> tuple[list[AliasRecord], str]:
+        return await self.registry.db(page_by_ref, self.registry.aliases.list, lambda r: r.ref, page_size,
+                                      page_token)
 
     # changing --------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _changing(self) -> AsyncIterator[None]:
+        async with self._lock:
+            if self.registry.mutex is None:
+                yield
+                return
+            async with self.registry.mutex.hold("registry.aliases"):
+                yield
 
     async def set(self, name: str, targets: list[tuple[str, int]],
                   rollback_window: float = 0.0) -> tuple[AliasRecord, bool]:
@@ -59,36 +84,67 @@ class Rollouts:
         if not 0 <= rollback_window <= MAX_ROLLBACK_WINDOW:
             raise InvalidArgument.field("rollback_window", "must be between 0 and 1 day")
         registry = self.registry
-        async with self._lock:
-            registry.resolver.check(ref, checked)
-            current = registry.aliases.get(ref)
+        async with self._changing():
+            current, old, new = await registry.db(self._plan, ref, checked)
             if current is not None and current.targets == checked:
                 return current, False
-            old = registry.resolver.leaves(current.targets) if current else set()
-            old |= {self._served_by(m) for m in old}            # an adapter's base with it (its placements)
-            new = registry.resolver.leaves(checked)
             await self._warm(new, old)
             record = AliasRecord(ref, checked, current.targets if current else (), rollback_window, time.time())
-            registry.aliases.put(record)
-            for model in new | {self._served_by(m) for m in new}:   # it gets traffic again: no drain
-                self._stop_drain(model)
+            drained, stopped = await registry.db(self._flip, record, old, new)
+            for model in stopped:
+                log.info("%s no longer draining: it gets traffic again", model)
             rollback = current is not None and checked == current.previous
             what = f"{describe(current.targets) if current else 'nothing'} → {describe(checked)}"
             registry.events.emit(str(ref), events.ROLLED_BACK if rollback else events.ALIAS_SET, reason=what)
             audit.info("audit: alias %s %s: %s", ref, "rolled back" if rollback else "flipped", what)
             log.info("alias %s now points at %s", ref, describe(checked))
-            for model in sorted(old - self._with_traffic()):
-                self._start_drain(model, ref, rollback_window)
+            for model, adapter in drained:
+                registry.events.emit(str(model), events.DRAINING,
+                                     reason=f"{ref} sends it no traffic; waiting for its requests in flight")
+                audit.info("audit: %s draining: alias %s moved away from it", model, ref)
+                if adapter:
+                    registry.events.emit(str(model), events.DRAINED, reason=(
+                        "an adapter: its requests end on its base, and it stays in the workers' adapter caches "
+                        "until they need the room"))
         return record, True
 
+    def _plan(self, ref: ModelRef, checked) -> tuple[AliasRecord | None, set[ModelRef], set[ModelRef]]:
+        """(the alias now, the models it sends traffic to with their bases, those it will)."""
+        registry = self.registry
+        registry.resolver.check(ref, checked)
+        current = registry.aliases.get(ref)
+        old = registry.resolver.leaves(current.targets) if current else set()
+        old |= {self._served_by(m) for m in old}            # an adapter's base with it (its placements)
+        return current, old, registry.resolver.leaves(checked)
+
+    def _flip(self, record: AliasRecord, old: set[ModelRef],
+              new: set[ModelRef]) -> tuple[list[tuple[ModelRef, bool]], list[ModelRef]]:
+        """Writes the alias, ends the drains of the versions it sends traffic to again and starts
+        those of the old versions nothing sends traffic to now. Returns ((model, is an adapter)
+        for each drain started, the models whose drain ended)."""
+        self.registry.aliases.put(record)
+        traffic = self._with_traffic()
+        started = [(m, self._served_by(m) != m) for m in sorted(old - traffic)]
+        with self.store.begin() as db:
+            stopped = [ModelRef(r.name, r.tag) for r in db.execute(select(drains.c.name, drains.c.tag)).all()
+                       if ModelRef(r.name, r.tag) in traffic]
+            for model in stopped:
+                db.execute(delete(drains).where(drains.c.name == model.name, drains.c.tag == model.tag))
+            for model, adapter in started:
+                if not adapter:
+                    self.store.upsert(db, drains, {"name": model.name, "tag": model.tag, "alias": str(record.ref),
+                                                   "rollback_window": record.rollback_window,
+                                                   "start_time": time.time(), "idle_time": None}, "name", "tag")
+        return started, stopped
+
     async def delete(self, name: str) -> None:
-        record = self.get(name)
-        async with self._lock:
-            pointing = self.registry.resolver.pointing_at(record.ref)
+        record = await self.get(name)
+        async with self._changing():
+            pointing = await self.registry.db(self.registry.resolver.pointing_at, record.ref)
             if pointing:
                 raise FailedPrecondition(f"alias {pointing[0]} points at alias {record.ref}", reason="ALIAS_IN_USE",
                                          metadata={"alias": str(record.ref), "by": str(pointing[0])})
-            self.registry.aliases.delete(record.ref)
+            await self.registry.db(self.registry.aliases.delete, record.ref)
             self.registry.events.emit(str(record.ref), events.ALIAS_DELETED,
                                       reason=f"pointed at {describe(record.targets)}")
             audit.info("audit: alias %s deleted (pointed at %s)", record.ref, describe(record.targets))
@@ -97,7 +153,7 @@ class Rollouts:
         """Loads every model of `models` (an adapter: its base) as many times as the old versions
         run, on their workers first. On a failure, unloads what this call loaded and raises."""
         registry = self.registry
-        bases = {self._served_by(m) for m in models}
+        bases = await registry.db(lambda: {self._served_by(m) for m in models})
         prefer = frozenset(p.worker_id for m in old for p in registry.ready_on(m))      # `old` holds the bases
         replicas = max([len(registry.ready_on(m)) for m in old] + [1])
         loaded: list[ModelRef] = []
@@ -116,64 +172,77 @@ class Rollouts:
             raise
 
     def _served_by(self, ref: ModelRef) -> ModelRef:
-        """The model whose placements serve `ref`: its base for an adapter, else itself."""
+        """The model whose placements serve `ref`: its base for an adapter, else itself (blocking)."""
         record = self.registry.catalog.get(ref)
         return record.served_by if record is not None else ref
 
     def _with_traffic(self) -> set[ModelRef]:
-        """The models some alias sends traffic to, and the bases of such adapters."""
+        """The models some alias sends traffic to, and the bases of such adapters (blocking)."""
         leaves = self.registry.resolver.with_traffic()
         return leaves | {self._served_by(m) for m in leaves}
 
-    # draining --------------------------------------------------------------
+    # draining (the leading replica) ----------------------------------------
 
-    def _stop_drain(self, model: ModelRef, why: str = "it gets traffic again") -> None:
-        task = self._drains.pop(model, None)
-        if task is not None:
-            task.cancel()
-            log.info("%s no longer draining: %s", model, why)
+    def _drains(self) -> tuple[list[Drain], set[ModelRef]]:
+        with self.store.begin() as db:
+            rows = db.execute(select(drains).order_by(drains.c.start_time)).all()
+        found = [Drain(ModelRef(r.name, r.tag), r.alias, r.rollback_window, r.start_time, r.idle_time) for r in rows]
+        return found, self._with_traffic() if found else set()
 
-    def _start_drain(self, model: ModelRef, alias: ModelRef, window: float) -> None:
-        self._stop_drain(model, f"drained anew after alias {alias} moved")
-        task = asyncio.get_running_loop().create_task(self._drain(model, alias, window))
-        self._drains[model] = task
-        task.add_done_callback(lambda t: self._drains.pop(model, None) if self._drains.get(model) is t else None)
-
-    async def _drain(self, model: ModelRef, alias: ModelRef, window: float) -> None:
-        registry = self.registry
-        emit = registry.events.emit
-        emit(str(model), events.DRAINING, reason=f"{alias} sends it no traffic; waiting for its requests in flight")
-        audit.info("audit: %s draining: alias %s moved away from it", model, alias)
-        try:
-            if self._served_by(model) != model:
-                emit(str(model), events.DRAINED, reason="an adapter: its requests end on its base, and it stays "
-                                                        "in the workers' adapter caches until they need the room")
-                return
-            await self._idle(model)
-            if window > 0:
-                emit(str(model), events.DRAINED, reason=f"kept loaded {window:.0f}s for a rollback")
-                await asyncio.sleep(window)
-                await self._idle(model)
+    def _set_drain(self, model: ModelRef, idle_time: float | None = None, done: bool = False) -> None:
+        where = (drains.c.name == model.name, drains.c.tag == model.tag)
+        with self.store.begin() as db:
+            if done:
+                db.execute(delete(drains).where(*where))
             else:
-                emit(str(model), events.DRAINED, reason="unloading")
-            async with self._lock:          # no flip may send it traffic while it is unloaded
-                if model in self._with_traffic() or not registry.ready_on(model):
-                    return
-                await registry.unload(str(model), reason=f"drained: alias {alias} moved away from it")
-                audit.info("audit: %s unloaded after draining (alias %s)", model, alias)
-        except LlmosError as exc:
-            log.warning("draining %s after alias %s moved: %s", model, alias, exc.message)
+                db.execute(drains.update().where(*where).values(idle_time=idle_time))
 
-    async def _idle(self, model: ModelRef) -> None:
-        """Waits until no worker has a request for `model` in flight, polls apart. (A change
-        that sends it traffic again cancels the drain.)"""
-        quiet = 0
-        while quiet < QUIET_POLLS:
+    async def run_drains(self, leading) -> None:
+        """Works through the drains every `poll_seconds` while `leading()` says this replica leads."""
+        while True:
             await asyncio.sleep(self.poll_seconds)
-            quiet = quiet + 1 if await self.registry.in_flight(model) == 0 else 0
+            if not leading():
+                self._quiet.clear()
+                continue
+            try:
+                await self.drain_step()
+            except LlmosError as exc:
+                log.warning("draining: %s", exc.message)
+            except Exception:  # noqa: BLE001 - the next round tries again; the loop must not end
+                log.exception("draining failed")
 
-    async def close(self) -> None:
-        for task in list(self._drains.values()):
-            task.cancel()
-        if self._drains:
-            await asyncio.gather(*self._drains.values(), return_exceptions=True)
+    async def drain_step(self) -> None:
+        """One round: each draining version found idle QUIET_POLLS times in a row is unloaded,
+        after its rollback window (which starts when it is first found idle)."""
+        registry = self.registry
+        found, traffic = await registry.db(self._drains)
+        for drain in found:
+            model = drain.model
+            if model in traffic:            # a change sent it traffic again
+                await registry.db(self._set_drain, model, None, True)
+                self._quiet.pop(model, None)
+                continue
+            quiet = self._quiet[model] = self._quiet.get(model, 0) + 1 if await registry.in_flight(model) == 0 else 0
+            now = time.time()
+            if quiet < QUIET_POLLS:
+                continue
+            if drain.idle_time is None:
+                await registry.db(self._set_drain, model, now)
+                window = drain.rollback_window
+                registry.events.emit(str(model), events.DRAINED, reason=f"kept loaded {window:.0f}s for a rollback"
+                                     if window > 0 else "unloading")
+                if window > 0:
+                    self._quiet[model] = 0
+                    continue
+            elif now < drain.idle_time + drain.rollback_window:
+                self._quiet[model] = 0
+                continue
+            async with self._changing():    # no flip may send it traffic while it is unloaded
+                still, traffic = await registry.db(self._drains)
+                if drain.model in traffic or drain.model not in {d.model for d in still}:
+                    continue
+                if registry.ready_on(model):
+                    await registry.unload(str(model), reason=f"drained: alias {drain.alias} moved away from it")
+                    audit.info("audit: %s unloaded after draining (alias %s)", model, drain.alias)
+                await registry.db(self._set_drain, model, None, True)
+            self._quiet.pop(model, None)

@@ -31,11 +31,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.ImportModelResponse(model=model_to_proto(view), created=created)
 
     async def GetModel(self, request, context):
-        view, alias = self.registry.route(request.name, request.route_key)
+        view, alias = await self.registry.route(request.name, request.route_key)
         return registry_pb2.GetModelResponse(model=model_to_proto(view), alias=str(alias) if alias else "")
 
     async def ListModels(self, request, context):
-        views, token = self.registry.list(request.page_size, request.page_token)
+        views, token = await self.registry.list(request.page_size, request.page_token)
         return registry_pb2.ListModelsResponse(models=[model_to_proto(v) for v in views],
                                                next_page_token=token)
 
@@ -56,14 +56,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.UnloadModelResponse(model=model_to_proto(await self.registry.unload(request.name)))
 
     async def DeleteModel(self, request, context):
-        self.registry.delete(request.name)
+        await self.registry.delete(request.name)
         return registry_pb2.DeleteModelResponse()
 
     async def RegisterWorker(self, request, context):
         require_worker(request.worker_id)
-        self.registry.register_worker(request.worker_id, request.address, request.node,
-                                      request.incarnation, list(request.loaded_models), request.metrics_address,
-                                      dict(request.quantizations))
+        await self.registry.register_worker(request.worker_id, request.address, request.node,
+                                            request.incarnation, list(request.loaded_models),
+                                            request.metrics_address, dict(request.quantizations))
         return registry_pb2.RegisterWorkerResponse()
 
     async def WatchModels(self, request, context):
@@ -101,10 +101,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.SetAliasResponse(alias=alias_to_proto(record), changed=changed)
 
     async def GetAlias(self, request, context):
-        return registry_pb2.GetAliasResponse(alias=alias_to_proto(self.rollouts.get(request.name)))
+        return registry_pb2.GetAliasResponse(alias=alias_to_proto(await self.rollouts.get(request.name)))
 
     async def ListAliases(self, request, context):
-        records, token = self.rollouts.list(request.page_size, request.page_token)
+        records, token = await self.rollouts.list(request.page_size, request.page_token)
         return registry_pb2.ListAliasesResponse(aliases=[alias_to_proto(r) for r in records], next_page_token=token)
 
     async def DeleteAlias(self, request, context):

@@ -29,12 +29,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import delete, insert, select, update
 
 from llmos.common.errors import Unavailable
-from llmos.common.store import Store, leaders, off_loop, quota_charges
+from llmos.common.store import Journal, Store, leaders, off_loop, quota_charges
 
 from .admission import AdmissionControl, NotLeader
 from .quotas import WINDOW, KeptCharge
@@ -44,34 +43,23 @@ log = logging.getLogger(__name__)
 LEASE = "scheduler.leader"
 
 
-class ChargeJournal:
+class ChargeJournal(Journal):
     """Writes a leader's quota charges to the store in the order they happen, a batch per
     transaction on a thread of its own, so admission never waits for the store: while the store
     cannot be reached, the batch waits and is written when it is back."""
 
     def __init__(self, store: Store, interval: float = 0.05) -> None:
-        self.store = store
-        self.interval = interval
-        self._pending: list[tuple] = []
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="llmos-charges")
-        self._wake = asyncio.Event()
-        self._writing: asyncio.Future | None = None
-        self.open = True
+        super().__init__(store, "quota charges", interval)
         self._last_sweep = 0.0
 
     def reserved(self, request_id: str, tenant: str, start: float, tokens: int) -> None:
-        self._add(("reserve", request_id, tenant, start, tokens))
+        self.add(("reserve", request_id, tenant, start, tokens))
 
     def settled(self, request_id: str, end: float, tokens: int) -> None:
-        self._add(("settle", request_id, end, tokens))
+        self.add(("settle", request_id, end, tokens))
 
     def released(self, request_id: str) -> None:
-        self._add(("release", request_id))
-
-    def _add(self, op: tuple) -> None:
-        if self.open:
-            self._pending.append(op)
-            self._wake.set()
+        self.add(("release", request_id))
 
     def load(self) -> list[KeptCharge]:
         """The charges of the last window and those still running (blocking: off the loop)."""
@@ -80,67 +68,29 @@ class ChargeJournal:
                 (quota_charges.c.end_time.is_(None)) | (quota_charges.c.end_time > time.time() - WINDOW))).all()
         return [KeptCharge(r.request_id, r.tenant, r.start_time, r.end_time, r.tokens) for r in rows]
 
-    def _write(self, ops: list[tuple], sweep: bool) -> None:
-        with self.store.begin() as db:
-            for op in ops:
-                kind, request_id = op[0], op[1]
-                where = quota_charges.c.request_id == request_id
-                if kind == "reserve":
-                    db.execute(delete(quota_charges).where(where))
-                    db.execute(insert(quota_charges).values(request_id=request_id, tenant=op[2], start_time=op[3],
-                                                            end_time=None, tokens=op[4]))
-                elif kind == "settle":
-                    db.execute(update(quota_charges).where(where).values(end_time=op[2], tokens=op[3]))
-                else:
-                    db.execute(delete(quota_charges).where(where))
-            if sweep:       # what left the window, and what a dead leader left running a day ago
+    def due(self) -> list[tuple]:
+        if time.monotonic() - self._last_sweep <= 10.0:
+            return []
+        self._last_sweep = time.monotonic()
+        return [("sweep", "")]
+
+    def write(self, db, ops: list[tuple]) -> None:
+        for op in ops:
+            kind, request_id = op[0], op[1]
+            where = quota_charges.c.request_id == request_id
+            if kind == "reserve":
+                db.execute(delete(quota_charges).where(where))
+                db.execute(insert(quota_charges).values(request_id=request_id, tenant=op[2], start_time=op[3],
+                                                        end_time=None, tokens=op[4]))
+            elif kind == "settle":
+                db.execute(update(quota_charges).where(where).values(end_time=op[2], tokens=op[3]))
+            elif kind == "release":
+                db.execute(delete(quota_charges).where(where))
+            else:       # what left the window, and what a dead leader left running a day ago
                 now = time.time()
                 db.execute(delete(quota_charges).where(quota_charges.c.end_time < now - WINDOW))
                 db.execute(delete(quota_charges).where(quota_charges.c.end_time.is_(None),
                                                        quota_charges.c.start_time < now - 86400))
-
-    async def flush(self, timeout: float = 5.0) -> bool:
-        """Writes what is pending; False if the store did not take it (it stays pending)."""
-        if self._writing is not None:
-            await asyncio.wait([self._writing])
-        ops, self._pending = self._pending, []
-        sweep = time.monotonic() - self._last_sweep > 10.0
-        if not ops and not sweep:
-            return True
-        self._writing = asyncio.ensure_future(off_loop(self._write, ops, sweep, timeout=timeout,
-                                                       executor=self._thread))
-        try:
-            await self._writing
-        except Exception as exc:  # noqa: BLE001 - kept for the next try, whatever went wrong
-            (log.debug if isinstance(exc, Unavailable) else log.warning)("quota charges not written yet: %s", exc)
-            self._pending[:0] = ops
-            return False
-        finally:
-            self._writing = None
-        if sweep:
-            self._last_sweep = time.monotonic()
-        return True
-
-    async def run(self) -> None:
-        backoff = self.interval
-        while self.open:
-            await self._wake.wait()
-            self._wake.clear()
-            if await self.flush():
-                backoff = self.interval
-            else:
-                backoff = min(backoff * 2, 2.0)
-                self._wake.set()
-            await asyncio.sleep(backoff)
-
-    def drop(self) -> None:
-        """Writes nothing more (another replica leads now: the charges are its)."""
-        self.open = False
-        self._pending.clear()
-        self._wake.set()
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=False)
 
 
 class Replica:

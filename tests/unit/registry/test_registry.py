@@ -103,8 +103,8 @@ async def test_list_pages_through_the_catalog(tmp_path, registry):
     source = make_source(tmp_path / "src")
     for name in ["c", "a", "b"]:
         await registry.import_model(name, "", str(source))
-    first, token = registry.list(2, "")
-    second, last = registry.list(2, token)
+    first, token = await registry.list(2, "")
+    second, last = await registry.list(2, token)
     assert [v.record.name for v in first + second] == ["a", "b", "c"] and last == ""
 
 
@@ -112,7 +112,7 @@ async def test_load_places_on_a_worker_and_is_idempotent(tmp_path, registry):
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
     with pytest.raises(Unavailable):
         await registry.load("tiny")
-    registry.register_worker("w1", "127.0.0.1:9", "node")
+    await registry.register_worker("w1", "127.0.0.1:9", "node")
     view, placement = await registry.load("tiny")
     assert (placement.worker_id, placement.state, placement.measured_bytes) == ("w1", "ready", 1234)
     assert view.state == "ready"
@@ -124,22 +124,22 @@ async def test_a_failed_load_is_recorded_with_its_reason(tmp_path, store_url):
     catalog = Catalog(Store(store_url))
     registry = ModelRegistry(catalog, importer(tmp_path), FakeWorkers(fail=True))
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
-    registry.register_worker("w1", "127.0.0.1:9", "node")
+    await registry.register_worker("w1", "127.0.0.1:9", "node")
     with pytest.raises(FailedPrecondition):
         await registry.load("tiny")
-    view = registry.get("tiny")
+    view = await registry.get("tiny")
     assert view.state == "failed" and view.placements[0].detail == "the weights do not load"
     catalog.close()
 
 
 async def test_a_restarted_worker_loses_its_placements(tmp_path, registry):
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
-    registry.register_worker("w1", "127.0.0.1:9", "node", incarnation="first")
+    await registry.register_worker("w1", "127.0.0.1:9", "node", incarnation="first")
     await registry.load("tiny")
-    registry.register_worker("w1", "127.0.0.1:9", "node", incarnation="first")
-    assert registry.get("tiny").state == "ready"
-    registry.register_worker("w1", "127.0.0.1:9", "node", incarnation="second")
-    assert registry.get("tiny").state == "available"
+    await registry.register_worker("w1", "127.0.0.1:9", "node", incarnation="first")
+    assert (await registry.get("tiny")).state == "ready"
+    await registry.register_worker("w1", "127.0.0.1:9", "node", incarnation="second")
+    assert (await registry.get("tiny")).state == "available"
     await registry.load("tiny")
     assert len(registry._worker_port.calls) == 2
 
@@ -167,7 +167,7 @@ async def test_a_model_bigger_than_any_device_is_refused_before_any_worker_is_as
     registry = ModelRegistry(catalog, importer(tmp_path), workers, kv=SMALL_KV, overhead_bytes=100,
                              resources=FakeResources(budget=200))
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
-    registry.register_worker("w1", "127.0.0.1:9", "node")
+    await registry.register_worker("w1", "127.0.0.1:9", "node")
     with pytest.raises(ResourceExhausted) as caught:
         await registry.load("tiny")
     assert caught.value.reason == "MODEL_TOO_LARGE"
@@ -181,16 +181,16 @@ async def test_unload_stops_it_everywhere_and_delete_needs_it_unloaded(tmp_path,
     workers = StoppingWorkers()
     registry = ModelRegistry(catalog, importer(tmp_path), workers)
     view, _ = await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
-    registry.register_worker("w1", "127.0.0.1:9", "node")
+    await registry.register_worker("w1", "127.0.0.1:9", "node")
     await registry.load("tiny")
     assert catalog.get(view.record.ref).measured_bytes == 1234, "the measured size is kept for next time"
     with pytest.raises(FailedPrecondition):
-        registry.delete("tiny")
+        await registry.delete("tiny")
     assert (await registry.unload("tiny")).state == "available"
     assert workers.stopped == [("127.0.0.1:9", "tiny:latest")]
-    registry.delete("tiny")
+    await registry.delete("tiny")
     with pytest.raises(NotFound):
-        registry.get("tiny")
+        await registry.get("tiny")
     assert not (tmp_path / "store" / view.record.digest.removeprefix("sha256:")).exists()
     catalog.close()
 
@@ -200,14 +200,14 @@ async def test_silent_workers_are_dropped_and_a_restarted_registry_relearns_plac
     catalog = Catalog(Store(store_url))
     registry = ModelRegistry(catalog, importer(tmp_path), FakeWorkers(), clock=lambda: now[0])
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
-    registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"])
-    registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
-    assert registry.get("tiny").state == "ready", "the worker's own report places the model"
+    await registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"])
+    await registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
+    assert (await registry.get("tiny")).state == "ready", "the worker's own report places the model"
     now[0] = 15.0
-    registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
+    await registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
     now[0] = 25.0
     assert registry.drop_silent_workers(timeout=20.0) == [ModelRef("tiny")]
-    assert registry.get("tiny").state == "available" and set(registry.workers) == {"w2"}
+    assert (await registry.get("tiny")).state == "available" and set(registry.workers) == {"w2"}
     catalog.close()
 
 
@@ -219,32 +219,32 @@ async def test_a_model_its_worker_no_longer_lists_is_no_longer_placed_there(tmp_
     catalog = Catalog(Store(store_url))
     registry = ModelRegistry(catalog, importer(tmp_path), FakeWorkers(), clock=lambda: now[0])
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
-    registry.register_worker("w1", "127.0.0.1:9", "node", "i1")
+    await registry.register_worker("w1", "127.0.0.1:9", "node", "i1")
     now[0] = 1.0
     await registry.load("tiny")                       # ready at 1.0, after the heartbeat at 0.0
     now[0] = 2.0
-    registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=[])  # composed before the load
-    assert registry.get("tiny").state == "ready"
+    await registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=[])  # composed before the load
+    assert (await registry.get("tiny")).state == "ready"
     now[0] = 3.0
-    registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"])
+    await registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"])
     now[0] = 4.0
-    registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=[])  # it stopped the model
-    assert registry.get("tiny").state == "available" and registry.get("tiny").placements == []
+    await registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=[])  # it stopped the model
+    assert (await registry.get("tiny")).state == "available" and (await registry.get("tiny")).placements == []
     catalog.close()
 
 
-def test_a_second_worker_claiming_a_live_workers_id_is_refused(tmp_path, store_url):
+async def test_a_second_worker_claiming_a_live_workers_id_is_refused(tmp_path, store_url):
     now = [0.0]
     catalog = Catalog(Store(store_url))
     registry = ModelRegistry(catalog, importer(tmp_path), FakeWorkers(), clock=lambda: now[0], worker_timeout=20.0)
-    registry.register_worker("w1", "10.0.0.1:50055", "n1", "first")
+    await registry.register_worker("w1", "10.0.0.1:50055", "n1", "first")
     now[0] = 5.0
     with pytest.raises(AlreadyExists) as caught:
-        registry.register_worker("w1", "10.0.0.2:50055", "n2", "second")
+        await registry.register_worker("w1", "10.0.0.2:50055", "n2", "second")
     assert caught.value.reason == "WORKER_ID_IN_USE" and "10.0.0.1:50055" in caught.value.message
-    registry.register_worker("w1", "10.0.0.1:50055", "n1", "restarted")     # the same worker, restarted: fine
+    await registry.register_worker("w1", "10.0.0.1:50055", "n1", "restarted")     # the same worker, restarted: fine
     now[0] = 30.0                                                          # silent for longer than the timeout
-    registry.register_worker("w1", "10.0.0.2:50055", "n2", "moved")        # its id may move on
+    await registry.register_worker("w1", "10.0.0.2:50055", "n2", "moved")        # its id may move on
     assert registry.workers["w1"].address == "10.0.0.2:50055"
     catalog.close()
 
@@ -255,13 +255,13 @@ async def test_models_of_a_lost_worker_are_loaded_on_another_with_room(tmp_path,
     workers = FakeWorkers()
     registry = ModelRegistry(catalog, importer(tmp_path), workers, clock=lambda: now[0])
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
-    registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"])
-    registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
+    await registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"])
+    await registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
     now[0] = 25.0
-    registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
+    await registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
     assert await registry.recover(timeout=20.0) == ["tiny:latest"]
     assert workers.calls == [("127.0.0.1:8", "tiny:latest")]
-    assert [(p.worker_id, p.state) for p in registry.get("tiny").placements] == [("w2", "ready")]
+    assert [(p.worker_id, p.state) for p in (await registry.get("tiny")).placements] == [("w2", "ready")]
     catalog.close()
 
 
@@ -303,8 +303,8 @@ async def three_models(tmp_path, worker, store_url):
     registry = ModelRegistry(catalog, importer(tmp_path), worker, kv=SMALL_KV, overhead_bytes=100)
     for i, name in enumerate(["a", "b", "c"]):
         await registry.import_model(name, "", str(make_source(tmp_path / name, fill=float(i + 1))))
-    registry.register_worker("w1", "127.0.0.1:9", "node")
-    assert {registry.get(n).record.estimated_bytes for n in "abc"} == {ESTIMATE}
+    await registry.register_worker("w1", "127.0.0.1:9", "node")
+    assert {(await registry.get(n)).record.estimated_bytes for n in "abc"} == {ESTIMATE}
     return registry
 
 
@@ -316,7 +316,7 @@ async def test_loading_a_third_model_evicts_the_least_recently_used_idle_one(tmp
     worker.use("a:latest")                # b is now the least recently used
     await registry.load("c")
     assert set(worker.loaded) == {"a:latest", "c:latest"}
-    assert registry.get("b").state == "available" and registry.get("c").state == "ready"
+    assert (await registry.get("b")).state == "available" and (await registry.get("c")).state == "ready"
 
 
 async def test_a_model_with_requests_in_flight_is_never_evicted(tmp_path, store_url):
@@ -332,7 +332,7 @@ async def test_a_model_with_requests_in_flight_is_never_evicted(tmp_path, store_
         await registry.load("b")
     assert caught.value.reason == "NO_ROOM" and caught.value.retry_after
     assert set(worker.loaded) == {"a:latest", "c:latest"}
-    assert registry.get("b").placements == []
+    assert (await registry.get("b")).placements == []
 
 
 async def test_models_idle_past_keep_alive_are_unloaded(tmp_path, store_url):
@@ -349,7 +349,7 @@ async def test_models_idle_past_keep_alive_are_unloaded(tmp_path, store_url):
 async def test_replicas_load_the_model_on_more_workers(tmp_path, registry):
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
     for i in range(3):
-        registry.register_worker(f"w{i}", f"127.0.0.1:{i}", "node")
+        await registry.register_worker(f"w{i}", f"127.0.0.1:{i}", "node")
     await registry.load("tiny")
     view, _ = await registry.load("tiny", replicas=2)
     assert sorted(p.worker_id for p in view.placements) == ["w0", "w1"]
@@ -367,7 +367,7 @@ async def test_keep_alive_set_at_load_overrides_the_default_for_that_model(tmp_p
     await registry.load("c")                             # the default (1 s below)
     now = max(worker.last.values()) + 5
     assert await registry.evict_idle(keep_alive=1.0, now=now) == [("c:latest", "w1")]
-    assert registry.get("a").record.keep_alive == -1.0
+    assert (await registry.get("a")).record.keep_alive == -1.0
     assert await registry.evict_idle(keep_alive=1.0, now=now + 200) == [("b:latest", "w1")]
     assert set(worker.loaded) == {"a:latest"}
 
@@ -375,7 +375,7 @@ async def test_keep_alive_set_at_load_overrides_the_default_for_that_model(tmp_p
 async def test_a_quantized_load_runs_its_variant_and_more_replicas_follow_it(tmp_path, registry):
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
     for i in range(2):
-        registry.register_worker(f"w{i}", f"127.0.0.1:{i}", "node")
+        await registry.register_worker(f"w{i}", f"127.0.0.1:{i}", "node")
     view, placement = await registry.load("tiny", quantize="int8")
     assert placement.quantization == "int8"
     assert registry._worker_port.calls == [(placement.address, "tiny:latest", "int8")]
@@ -388,7 +388,7 @@ async def test_a_quantized_load_runs_its_variant_and_more_replicas_follow_it(tmp
 
 async def test_a_quantized_load_where_the_stored_weights_run_is_refused_until_unloaded(tmp_path, registry):
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
-    registry.register_worker("w0", "127.0.0.1:0", "node")
+    await registry.register_worker("w0", "127.0.0.1:0", "node")
     await registry.load("tiny")
     with pytest.raises(FailedPrecondition) as refused:
         await registry.load("tiny", quantize="int8")
@@ -400,9 +400,9 @@ async def test_a_quantized_load_where_the_stored_weights_run_is_refused_until_un
 
 async def test_a_restarted_registry_relearns_which_weights_a_placement_runs(tmp_path, registry):
     await registry.import_model("tiny", "", str(make_source(tmp_path / "src")))
-    registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"],
+    await registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest"],
                              quantizations={"tiny:latest": "int8"})
-    assert [p.quantization for p in registry.get("tiny").placements] == ["int8"]
-    registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
+    assert [p.quantization for p in (await registry.get("tiny")).placements] == ["int8"]
+    await registry.register_worker("w2", "127.0.0.1:8", "node", "i2")
     view, _ = await registry.load("tiny", replicas=2)      # the new replica follows the relearned weights
     assert sorted(p.quantization for p in view.placements) == ["int8", "int8"]
