@@ -1,13 +1,15 @@
-"""Scheduler replication: its cost on a steady load, and the failover time.
+"""Control-plane replication: its cost on a steady load, and the failover times.
 
     python -m benchmarks.failover [--rounds 2] [--concurrency 16] [--requests 320] [--max-tokens 32]
 
 Each round starts the suite twice as real processes on one PostgreSQL store (the tests' tiny
-random Llama on one worker): with one scheduler, then with two (one leading: a leader lease, and
-its quota charges written to the store). Each serves `--requests` generations at `--concurrency`
-through the gateway's gRPC door; the throughput of two over one is the cost of replication.
-Then, in the replicated suite under the same load, the leader is killed (SIGKILL): the failover
-time is from the kill to the new leader's first admission, and every request must still end.
+random Llama on one worker): with one scheduler and one registry, then with two of each (one
+scheduler leading on a lease; registries each serving any call, sharing the store). Each serves
+`--requests` generations at `--concurrency` through the gateway's gRPC door; the throughput of
+two over one is the cost of replication. Then, in the replicated suite under the same load, the
+scheduler leader is killed (SIGKILL): the failover time is from the kill to the new leader's
+first admission; and the registry leader is killed: its failover time is from the kill to
+another replica's holding the lead. Every request must still end.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import time
 from pathlib import Path
 
 import grpc
+from sqlalchemy import select
 
 from llmos.cli.launcher import SERVICES, Suite
 from llmos.common.channels import open_aio_channel
+from llmos.common.store import Store, leaders
 from llmos.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -82,7 +86,8 @@ class Load:
 
 
 def start(work: Path, model: Path, store_url: str, schedulers: int, concurrency: int) -> Suite:
-    suite = Suite(work, ports={s: 0 for s in SERVICES}, metrics_port=0, schedulers=schedulers, store_url=store_url,
+    suite = Suite(work, ports={s: 0 for s in SERVICES}, metrics_port=0, schedulers=schedulers, registries=schedulers,
+                  store_url=store_url,
                   env={"LLMOS_MONITOR_PROBE_INTERVAL_SECONDS": "0", "LLMOS_REGISTRY_ALLOWED_ROOTS": str(model.parent),
                        "LLMOS_WORKER_MAX_RUNNING": str(concurrency), "LLMOS_SCHEDULER_MAX_QUEUE": "256",
                        "LLMOS_WORKER_DTYPE": "float32"})
@@ -108,17 +113,52 @@ async def failover(suite: Suite, load: Load, concurrency: int) -> float:
         await asyncio.sleep(0.02)
     seconds = time.perf_counter() - killed
     await running
-    await asyncio.to_thread(suite.restart, name)        # back, as a standby
+    suite.restart(name)        # back, as a standby (from this thread: a child ends with the thread that started it)
     return seconds
 
 
-async def measure(suite: Suite, args: argparse.Namespace, replicated: bool) -> tuple[float, float | None, int]:
-    """(requests per second, the failover time when `replicated`, failed requests)."""
+def registry_leader(suite: Suite) -> str | None:
+    """The registry process holding the lead now, if any."""
+    store = Store(suite.store_url)
+    try:
+        with store.begin() as db:
+            row = db.execute(select(leaders).where(leaders.c.name == "registry.leader")).first()
+    finally:
+        store.close()
+    if row is None or row.expire_time < time.time():
+        return None
+    pid = int(row.holder.rsplit("/", 1)[1])
+    return next((n for n, p in suite.processes.items() if n.startswith("registry") and p.pid == pid), None)
+
+
+async def registry_failover(suite: Suite, load: Load, concurrency: int) -> float:
+    """Seconds from SIGKILL of the leading registry to another replica's holding the lead, under load."""
+    name = await asyncio.to_thread(registry_leader, suite)
+    running = asyncio.ensure_future(load.run(concurrency * 12, concurrency))
+    await asyncio.sleep(1.0)
+    process = suite.processes[name]
+    os.kill(process.pid, signal.SIGKILL)
+    killed = time.perf_counter()
+    while await asyncio.to_thread(registry_leader, suite) in (None, name):
+        await asyncio.sleep(0.05)
+    seconds = time.perf_counter() - killed
+    await running
+    suite.restart(name)
+    return seconds
+
+
+async def measure(suite: Suite, args: argparse.Namespace,
+                  replicated: bool) -> tuple[float, tuple[float, float] | None, int]:
+    """(requests per second, the scheduler's and the registry's failover times when `replicated`,
+    failed requests)."""
     load = Load(suite, args.max_tokens)
     try:
         await load.run(args.concurrency * 2, args.concurrency)        # warm-up
         rate = await load.run(args.requests, args.concurrency)
-        seconds = await failover(suite, load, args.concurrency) if replicated else None
+        seconds = None
+        if replicated:
+            seconds = (await failover(suite, load, args.concurrency),
+                       await registry_failover(suite, load, args.concurrency))
     finally:
         await load.close()
     return rate, seconds, load.failed
@@ -139,7 +179,7 @@ def main() -> None:
     # (A directory of its own: the server may run as another user, who must reach it.)
     server = PostgresServer(Path(tempfile.mkdtemp(prefix="llmos-failover-postgres-"))).init().start()
     model = build_tiny_model(work / "tiny")
-    ratios, failovers, lost = [], [], 0
+    ratios, failovers, registry_failovers, lost = [], [], [], 0
     try:
         for r in range(args.rounds):
             rates = {}
@@ -150,15 +190,18 @@ def main() -> None:
                     rates[schedulers], seconds, failed = asyncio.run(measure(suite, args, schedulers == 2))
                     lost += failed
                     if seconds is not None:
-                        failovers.append(seconds)
+                        failovers.append(seconds[0])
+                        registry_failovers.append(seconds[1])
                 finally:
                     suite.stop()
             ratios.append(rates[2] / rates[1])
-            print(f"round {r + 1}: one scheduler {rates[1]:.1f} req/s, two (one leading) {rates[2]:.1f} req/s: "
-                  f"{ratios[-1]:.3f}x; failover {failovers[-1]:.2f} s", flush=True)
+            print(f"round {r + 1}: one scheduler and registry {rates[1]:.1f} req/s, two of each {rates[2]:.1f} "
+                  f"req/s: {ratios[-1]:.3f}x; failover: scheduler {failovers[-1]:.2f} s, registry "
+                  f"{registry_failovers[-1]:.2f} s", flush=True)
         print(f"\nreplicated / single at C={args.concurrency}: median {statistics.median(ratios):.3f}x "
               f"({', '.join(f'{x:.3f}' for x in ratios)}); failover (SIGKILL to the first new admission): "
               f"median {statistics.median(failovers):.2f} s ({', '.join(f'{x:.2f}' for x in failovers)}); "
+              f"registry (SIGKILL to another's lead): median {statistics.median(registry_failovers):.2f} s; "
               f"failed requests: {lost}")
     finally:
         server.remove()

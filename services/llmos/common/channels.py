@@ -90,13 +90,18 @@ class Channels:
 
 # Replicas that each serve any call (registries) named as one comma-separated list of IP
 # addresses: one channel over all of them, on one replica at a time (pick_first, so a client's
-# calls and its watches meet the same replica) moving to the next when it goes away, and a call
-# that found it gone (UNAVAILABLE) tried again there.
+# calls and its watches meet the same replica) moving to the next when it goes away. A call that
+# never reached a replica is retried by gRPC itself; one that found it going away (UNAVAILABLE)
+# is tried again only if it changes nothing (reads and heartbeats): a load or a flip is not
+# repeated behind its caller's back.
+IDEMPOTENT = {"llmos.v1.RegistryService": ("GetModel", "ListModels", "ListWorkers", "GetAlias", "ListAliases",
+                                           "RegisterWorker")}
 REPLICAS_SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"pick_first": {}}],
-    "methodConfig": [{"name": [{}], "retryPolicy": {
-        "maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+    "methodConfig": [{"name": [{"service": service, "method": method} for service, methods in IDEMPOTENT.items()
+                               for method in methods],
+                      "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "0.5s",
+                                      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 
 
 def replicas_target(address: str) -> tuple[str, list[tuple[str, str | int]]]:

@@ -282,9 +282,18 @@ class Service:
         if self.door is not None:
             await self.door.stop(grace)
         await self.host.stop(grace)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        pending = set(self._tasks)
+        for _ in range(100):            # again while any goes on: asyncio.wait_for (3.11) can lose a cancel
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1) if pending else (set(), set())
+            if not pending:
+                break
+        else:
+            log.warning("%s: %d background loops did not stop", self.host.name, len(pending))
+        for task in self._tasks:        # (an error a loop ended with is heard here, as gather would)
+            if task.done() and not task.cancelled():
+                task.exception()
         for cleanup in self.cleanups:
             try:
                 await cleanup()

@@ -513,6 +513,7 @@ class Journal:
         self._pending: list[tuple] = []
         self._wake = asyncio.Event()
         self._writing: asyncio.Future | None = None
+        self._flushing = asyncio.Lock()
         self.open = True
 
     def add(self, op: tuple) -> None:
@@ -532,23 +533,30 @@ class Journal:
             self.write(db, ops)
 
     async def flush(self, timeout: float = 5.0) -> bool:
-        """Writes what is pending; False if the store did not take it (it stays pending)."""
-        if self._writing is not None:
-            await asyncio.wait([self._writing])
-        ops, self._pending = self._pending, []
-        ops += self.due()
-        if not ops:
-            return True
-        self._writing = asyncio.ensure_future(off_loop(self._write, ops, timeout=timeout, executor=self.executor))
-        try:
-            await self._writing
-        except Exception as exc:  # noqa: BLE001 - kept for the next try, whatever went wrong
+        """Writes what is pending; False if the store did not take it within `timeout` (what
+        failed stays pending; a batch still being written when the time ran out is not written
+        again unless it fails, and nothing after it starts before it ends)."""
+        async with self._flushing:
+            if self._writing is not None and not self._writing.done():
+                await asyncio.wait([self._writing], timeout=timeout)
+                if not self._writing.done():
+                    return False
+            ops, self._pending = self._pending, []
+            ops += self.due()
+            if not ops:
+                return True
+            writing = self._writing = asyncio.wrap_future(self.executor.submit(self._write, ops))
+            writing.add_done_callback(lambda done: self._settle(done, ops))
+            await asyncio.wait([writing], timeout=timeout)
+            return writing.done() and writing.exception() is None
+
+    def _settle(self, done: asyncio.Future, ops: list[tuple]) -> None:
+        """A batch's transaction ended: if it failed (rolled back), its ops go back first in line."""
+        exc = None if done.cancelled() else done.exception()
+        if exc is not None and self.open:
             (log.debug if isinstance(exc, Unavailable) else log.warning)("%s not written yet: %s", self._name, exc)
             self._pending[:0] = ops
-            return False
-        finally:
-            self._writing = None
-        return True
+            self._wake.set()
 
     async def read(self, fn: Callable[..., T], *args: Any, timeout: float = CALL_SECONDS) -> T:
         """`fn(*args)` on the journal's thread, after what is pending was written."""
@@ -612,8 +620,12 @@ class StoreMutex:
     async def _renew(self, name: str) -> None:
         while True:
             await asyncio.sleep(self.ttl / 3)
-            with contextlib.suppress(Unavailable):
-                await off_loop(self.store.lead, name, self.holder, self.ttl)
+            try:
+                if not await off_loop(self.store.lead, name, self.holder, self.ttl):
+                    log.warning("%s lost lock %s while holding it (not renewed within %g s): another replica "
+                                "may act on it too", self.holder, name, self.ttl)
+            except Unavailable:
+                log.debug("could not renew lock %s: the store is unavailable", name)
 
 
 class StoreWatch:

@@ -107,7 +107,11 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
             try:
                 await off_loop(leadership.check, timeout=ttl / 3)
             except Exception:  # noqa: BLE001 - a renewal that did not answer is tried again
+                # Not renewed: it may lapse before the next try, so this replica leads no more.
                 log.debug("renewing the registry lead did not answer in time")
+                leadership.leading = False
+            if stopping.is_set():           # handed over while the renewal was on its way
+                await asyncio.to_thread(leadership.resign)
             await asyncio.sleep(ttl / 3)
 
     async def watch_workers(address: str) -> None:
@@ -128,27 +132,7 @@ async def build(settings: RegistrySettings, provider: TracerProvider | None = No
                 log.exception("watching the workers failed")
 
     async def tail(address: str) -> None:
-        # Every replica's events, in the store's order, to this replica's watchers, after this
-        # replica's view was refreshed (and the view at least every second).
-        last = None
-        refreshed = 0.0
-        while True:
-            try:
-                if last is None:
-                    last = await shared.read(shared.last_seq)
-                found = await shared.read(shared.events_after, last)
-                if found or time.monotonic() - refreshed > 1.0:
-                    await registry.sync()
-                    refreshed = time.monotonic()
-                for seq, event in found:
-                    registry.events.deliver(event)
-                    last = seq
-                await asyncio.sleep(0.05)
-            except Unavailable:
-                await asyncio.sleep(0.5)
-            except Exception:  # noqa: BLE001 - the next round tries again; the loop must not end
-                log.exception("following the shared state failed")
-                await asyncio.sleep(1.0)
+        await registry.follow()
 
     async def journal(address: str) -> None:
         await shared.run()

@@ -104,10 +104,13 @@ class AliasBook:
         return self._record(row) if row else None
 
     def put(self, record: AliasRecord) -> None:
-        self.store.put(aliases, {"name": record.ref.name, "tag": record.ref.tag, "targets": _dump(record.targets),
-                                 "previous_targets": _dump(record.previous),
-                                 "rollback_window": record.rollback_window, "update_time": record.update_time},
-                       "name", "tag")
+        self.store.put(aliases, self.row(record), "name", "tag")
+
+    @staticmethod
+    def row(record: AliasRecord) -> dict:
+        return {"name": record.ref.name, "tag": record.ref.tag, "targets": _dump(record.targets),
+                "previous_targets": _dump(record.previous), "rollback_window": record.rollback_window,
+                "update_time": record.update_time}
 
     def delete(self, ref: ModelRef) -> bool:
         with self.store.begin() as db:
@@ -200,12 +203,20 @@ class Resolver:
             found |= self.leaves(record.targets, depth + 1) if record else {target.model}
         return found
 
-    def with_traffic(self) -> set[ModelRef]:
-        """Every model some alias sends traffic to now."""
-        found: set[ModelRef] = set()
-        for record in self.book.all():
-            found |= self.leaves(record.targets)
-        return found
+    def with_traffic(self, changed: AliasRecord | None = None) -> set[ModelRef]:
+        """Every model some alias sends traffic to now (or once `changed` is written)."""
+        book = {r.ref: r for r in self.book.all()}
+        if changed is not None:
+            book[changed.ref] = changed
+
+        def leaves(targets: tuple[Target, ...], depth: int) -> set[ModelRef]:
+            found: set[ModelRef] = set()
+            for target in targets:
+                record = book.get(target.model) if depth < MAX_DEPTH else None
+                found |= leaves(record.targets, depth + 1) if record else {target.model}
+            return found
+
+        return set().union(*(leaves(r.targets, 0) for r in book.values()))
 
     def pointing_at(self, ref: ModelRef) -> list[ModelRef]:
         """The aliases with `ref` among their targets."""

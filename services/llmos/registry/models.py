@@ -28,7 +28,7 @@ from llmos.common.errors import (
     Unavailable,
 )
 from llmos.common.names import ModelRef, check_name, check_tag, parse_model_ref
-from llmos.common.store import StoreMutex, off_loop
+from llmos.common.store import CALL_SECONDS, StoreMutex, off_loop
 
 from . import events
 from .aliases import AliasBook, Resolver
@@ -41,6 +41,9 @@ from .weights import KvShape, estimate_bytes, read_config, sha256_files
 log = logging.getLogger(__name__)
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
+
+# Events read from the store at once, at most (`follow`).
+EVENTS_PER_READ = 500
 
 # The longest model source (a path or bundled:NAME) an import takes.
 MAX_SOURCE = 4096
@@ -127,6 +130,9 @@ class ModelRegistry:
         # those made after it was asked for (`sync`).
         self._changes = 0
         self._touched: dict[tuple, int] = {}
+        # The last event (its `seq` in the store) this replica's watchers were given (`follow`).
+        self.delivered: int | None = None
+        self._look = asyncio.Event()
         self._kv = kv
         self._overhead = overhead_bytes
         self.workers: dict[str, Worker] = {}
@@ -135,9 +141,9 @@ class ModelRegistry:
         # Models a request asked to keep loaded until then (Unix time), whatever their keep-alive.
         self._held_until: dict[ModelRef, float] = {}
 
-    async def db(self, fn: Callable, *args):
+    async def db(self, fn: Callable, *args, timeout: float = CALL_SECONDS):
         """`fn(*args)` (catalog and alias calls) off the event loop."""
-        return await off_loop(fn, *args, executor=self._calls)
+        return await off_loop(fn, *args, executor=self._calls, timeout=timeout)
 
     def close(self) -> None:
         self._calls.shutdown(wait=False)
@@ -179,6 +185,49 @@ class ModelRegistry:
         if self.shared:
             self._touch(("h", ref))
             self.shared.add(("hold", ref, until))
+
+    async def follow(self, interval: float = 0.05) -> None:
+        """Hands every replica's events, in the store's order, to this replica's watchers, after
+        refreshing its view (and the view at least every second); runs for ever."""
+        shared = self.shared
+        refreshed = 0.0
+        while True:
+            try:
+                if self.delivered is None:
+                    self.delivered = await shared.read(shared.last_seq)
+                found = await shared.read(shared.events_after, self.delivered)
+                if found or time.monotonic() - refreshed > 1.0:
+                    await self.sync()
+                    refreshed = time.monotonic()
+                for seq, event in found:
+                    self.events.deliver(event)
+                    self.delivered = seq
+                if len(found) < EVENTS_PER_READ:       # (asyncio.wait: a cancel is never lost, as wait_for's can be)
+                    self._look.clear()
+                    looking = asyncio.ensure_future(self._look.wait())
+                    try:
+                        await asyncio.wait([looking], timeout=interval)
+                    finally:
+                        looking.cancel()
+            except Unavailable:
+                await asyncio.sleep(0.5)
+            except Exception:  # noqa: BLE001 - the next round tries again; the loop must not end
+                log.exception("following the shared state failed")
+                await asyncio.sleep(1.0)
+
+    async def settle(self, timeout: float = 2.0) -> None:
+        """Returns once this replica's watchers were given every event written so far (those of
+        the call that asks, before it answers), or after `timeout` seconds."""
+        if self.shared is None:
+            return
+        try:
+            target = await self.shared.read(self.shared.last_seq, timeout=timeout)
+        except Unavailable:
+            return
+        deadline = time.monotonic() + timeout
+        while (self.delivered is None or self.delivered < target) and time.monotonic() < deadline:
+            self._look.set()
+            await asyncio.sleep(0.005)
 
     async def sync(self) -> None:
         """Refreshes this replica's view of workers, placements and holds from the store, after
@@ -444,7 +493,7 @@ class ModelRegistry:
             raise FailedPrecondition(f"model {view.record.ref} is loaded; unload it first",
                                      reason="MODEL_LOADED", metadata={"model": str(view.record.ref)})
         if not await self.db(self._delete, view.record):
-            self.importer.remove(view.record.path)
+            await asyncio.to_thread(self.importer.remove, view.record.path)
         for worker_id in list(self._placements.get(view.record.ref, {})):
             self._unplace(view.record.ref, worker_id)
         self._placements.pop(view.record.ref, None)
@@ -516,7 +565,10 @@ class ModelRegistry:
             name = "registry.model:" + hashlib.blake2b(str(ref).encode(), digest_size=16).hexdigest()
             async with self.mutex.hold(name):
                 await self.sync()
-                yield
+                try:
+                    yield
+                finally:            # what it changed is in the store before another replica holds the lock
+                    await self.shared.flush()
 
     async def _load_once(self, view: ModelView, exclude: set[str], quantize: str = "",
                          prefer: frozenset[str] = frozenset()) -> tuple[ModelView, Placement]:
@@ -647,8 +699,9 @@ class ModelRegistry:
                 placement = self._placements.get(ref, {}).get(worker.worker_id)
                 expires = None if limit < 0 else max(held, (now if in_flight else last) + limit)
                 if placement is not None and placement.state == READY and placement.expire_time != expires:
-                    placement.expire_time = expires
-                    self._place(ref, placement)
+                    placement.expire_time = expires         # (in the store only where it is still ready)
+                    if self.shared:
+                        self.shared.add(("expire", ref, worker.worker_id, expires))
                 if in_flight == 0 and limit >= 0 and now - last > limit and now >= held:
                     async with self._lock(ref):
                         await self._evict(ref, worker, f"after {limit:.0f}s idle")

@@ -25,10 +25,10 @@ from sqlalchemy import delete, select
 
 from llmos.common.errors import FailedPrecondition, InvalidArgument, LlmosError, NotFound
 from llmos.common.names import ModelRef, parse_model_ref
-from llmos.common.store import Store, drains
+from llmos.common.store import Store, aliases, drains
 
 from . import events
-from .aliases import MAX_ROLLBACK_WINDOW, AliasRecord, check_targets, describe
+from .aliases import MAX_ROLLBACK_WINDOW, AliasBook, AliasRecord, check_targets, describe
 from .catalog import page_by_ref
 from .models import ModelRegistry
 from .shared import Drain
@@ -38,6 +38,8 @@ audit = logging.getLogger("llmos.audit")
 
 # Consecutive polls of a draining version's workers that must find it idle.
 QUIET_POLLS = 2
+# The longest a flip's write may take (it holds the lock on alias changes meanwhile), seconds.
+FLIP_SECONDS = 30.0
 
 
 class Rollouts:
@@ -73,7 +75,10 @@ class Rollouts:
                 yield
                 return
             async with self.registry.mutex.hold("registry.aliases"):
-                yield
+                try:
+                    yield
+                finally:            # its events and unloads are in the store before another replica changes
+                    await self.registry.shared.flush()
 
     async def set(self, name: str, targets: list[tuple[str, int]],
                   rollback_window: float = 0.0) -> tuple[AliasRecord, bool]:
@@ -90,7 +95,7 @@ class Rollouts:
                 return current, False
             await self._warm(new, old)
             record = AliasRecord(ref, checked, current.targets if current else (), rollback_window, time.time())
-            drained, stopped = await registry.db(self._flip, record, old, new)
+            drained, stopped = await registry.db(self._flip, record, old, timeout=FLIP_SECONDS)
             for model in stopped:
                 log.info("%s no longer draining: it gets traffic again", model)
             rollback = current is not None and checked == current.previous
@@ -117,15 +122,15 @@ class Rollouts:
         old |= {self._served_by(m) for m in old}            # an adapter's base with it (its placements)
         return current, old, registry.resolver.leaves(checked)
 
-    def _flip(self, record: AliasRecord, old: set[ModelRef],
-              new: set[ModelRef]) -> tuple[list[tuple[ModelRef, bool]], list[ModelRef]]:
+    def _flip(self, record: AliasRecord,
+              old: set[ModelRef]) -> tuple[list[tuple[ModelRef, bool]], list[ModelRef]]:
         """Writes the alias, ends the drains of the versions it sends traffic to again and starts
-        those of the old versions nothing sends traffic to now. Returns ((model, is an adapter)
-        for each drain started, the models whose drain ended)."""
-        self.registry.aliases.put(record)
-        traffic = self._with_traffic()
+        those of the old versions nothing sends traffic to now, in one transaction. Returns
+        ((model, is an adapter) for each drain started, the models whose drain ended)."""
+        traffic = self._with_traffic(record)
         started = [(m, self._served_by(m) != m) for m in sorted(old - traffic)]
         with self.store.begin() as db:
+            self.store.upsert(db, aliases, AliasBook.row(record), "name", "tag")
             stopped = [ModelRef(r.name, r.tag) for r in db.execute(select(drains.c.name, drains.c.tag)).all()
                        if ModelRef(r.name, r.tag) in traffic]
             for model in stopped:
@@ -176,9 +181,10 @@ class Rollouts:
         record = self.registry.catalog.get(ref)
         return record.served_by if record is not None else ref
 
-    def _with_traffic(self) -> set[ModelRef]:
-        """The models some alias sends traffic to, and the bases of such adapters (blocking)."""
-        leaves = self.registry.resolver.with_traffic()
+    def _with_traffic(self, changed: AliasRecord | None = None) -> set[ModelRef]:
+        """The models some alias sends traffic to (once `changed` is written), and the bases of
+        such adapters (blocking)."""
+        leaves = self.registry.resolver.with_traffic(changed)
         return leaves | {self._served_by(m) for m in leaves}
 
     # draining (the leading replica) ----------------------------------------
@@ -189,8 +195,10 @@ class Rollouts:
         found = [Drain(ModelRef(r.name, r.tag), r.alias, r.rollback_window, r.start_time, r.idle_time) for r in rows]
         return found, self._with_traffic() if found else set()
 
-    def _set_drain(self, model: ModelRef, idle_time: float | None = None, done: bool = False) -> None:
-        where = (drains.c.name == model.name, drains.c.tag == model.tag)
+    def _set_drain(self, drain: Drain, idle_time: float | None = None, done: bool = False) -> None:
+        """Marks the drain found idle (or ends it), unless a flip started it anew meanwhile."""
+        where = (drains.c.name == drain.model.name, drains.c.tag == drain.model.tag,
+                 drains.c.start_time == drain.start_time)
         with self.store.begin() as db:
             if done:
                 db.execute(delete(drains).where(*where))
@@ -219,30 +227,32 @@ class Rollouts:
         for drain in found:
             model = drain.model
             if model in traffic:            # a change sent it traffic again
-                await registry.db(self._set_drain, model, None, True)
+                await registry.db(self._set_drain, drain, None, True)
                 self._quiet.pop(model, None)
                 continue
             quiet = self._quiet[model] = self._quiet.get(model, 0) + 1 if await registry.in_flight(model) == 0 else 0
-            now = time.time()
             if quiet < QUIET_POLLS:
                 continue
             if drain.idle_time is None:
-                await registry.db(self._set_drain, model, now)
+                await registry.db(self._set_drain, drain, time.time())
                 window = drain.rollback_window
                 registry.events.emit(str(model), events.DRAINED, reason=f"kept loaded {window:.0f}s for a rollback"
                                      if window > 0 else "unloading")
                 if window > 0:
                     self._quiet[model] = 0
                     continue
-            elif now < drain.idle_time + drain.rollback_window:
+            elif time.time() < drain.idle_time + drain.rollback_window:
                 self._quiet[model] = 0
                 continue
             async with self._changing():    # no flip may send it traffic while it is unloaded
-                still, traffic = await registry.db(self._drains)
-                if drain.model in traffic or drain.model not in {d.model for d in still}:
-                    continue
-                if registry.ready_on(model):
+                now, traffic = await registry.db(self._drains)
+                fresh = next((d for d in now if d.model == model), None)
+                if fresh is None or fresh.start_time != drain.start_time or model in traffic:
+                    continue                # a flip changed it meanwhile: the next round sees what it did
+                try:
                     await registry.unload(str(model), reason=f"drained: alias {drain.alias} moved away from it")
                     audit.info("audit: %s unloaded after draining (alias %s)", model, drain.alias)
-                await registry.db(self._set_drain, model, None, True)
+                except NotFound:
+                    pass                    # deleted from the catalog meanwhile: nothing to unload
+                await registry.db(self._set_drain, drain, None, True)
             self._quiet.pop(model, None)

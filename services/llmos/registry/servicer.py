@@ -21,6 +21,8 @@ _KINDS = {kind: getattr(registry_pb2.WatchModelsResponse, f"KIND_{kind.upper()}"
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    """A call that changes something answers once this replica's watchers have its events."""
+
     def __init__(self, registry: ModelRegistry, rollouts: Rollouts) -> None:
         self.registry = registry
         self.rollouts = rollouts
@@ -28,6 +30,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ImportModel(self, request, context):
         view, created = await self.registry.import_model(request.name, request.tag, request.source, request.base,
                                                          request.task)
+        await self.registry.settle()
         return registry_pb2.ImportModelResponse(model=model_to_proto(view), created=created)
 
     async def GetModel(self, request, context):
@@ -49,14 +52,18 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         else:
             view, placement = await self.registry.load(request.name, request.replicas, keep_alive,
                                                        quantize=request.quantize)
+        await self.registry.settle()
         return registry_pb2.LoadModelResponse(model=model_to_proto(view),
                                               placement=placement_to_proto(placement))
 
     async def UnloadModel(self, request, context):
-        return registry_pb2.UnloadModelResponse(model=model_to_proto(await self.registry.unload(request.name)))
+        view = await self.registry.unload(request.name)
+        await self.registry.settle()
+        return registry_pb2.UnloadModelResponse(model=model_to_proto(view))
 
     async def DeleteModel(self, request, context):
         await self.registry.delete(request.name)
+        await self.registry.settle()
         return registry_pb2.DeleteModelResponse()
 
     async def RegisterWorker(self, request, context):
@@ -98,6 +105,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         window = optional_seconds(request, "rollback_window") or 0.0
         record, changed = await self.rollouts.set(request.name, [(t.model, t.weight) for t in request.targets],
                                                   window)
+        await self.registry.settle()
         return registry_pb2.SetAliasResponse(alias=alias_to_proto(record), changed=changed)
 
     async def GetAlias(self, request, context):
@@ -109,6 +117,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def DeleteAlias(self, request, context):
         await self.rollouts.delete(request.name)
+        await self.registry.settle()
         return registry_pb2.DeleteAliasResponse()
 
 

@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, update
 
 from llmos.common.names import ModelRef
 from llmos.common.store import (
@@ -94,6 +94,11 @@ class Shared(Journal):
                 if worker_id:
                     where.append(placements.c.worker_id == worker_id)
                 db.execute(delete(placements).where(*where))
+            elif kind == "expire":
+                ref, worker_id, expires = op[1], op[2], op[3]
+                db.execute(update(placements).where(
+                    placements.c.name == ref.name, placements.c.tag == ref.tag, placements.c.worker_id == worker_id,
+                    placements.c.state == "ready").values(expire_time=expires))
             elif kind == "hold":
                 ref, until = op[1], op[2]
                 self.store.upsert(db, model_holds, {"name": ref.name, "tag": ref.tag, "until": until}, "name", "tag")
