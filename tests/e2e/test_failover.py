@@ -1,7 +1,8 @@
 """Two schedulers, one leading, and two registries, on PostgreSQL: the scheduler leader killed
 with 16 streams running and 48 queued loses none of them, runs none twice and leaves each
 tenant's quota window as it was; a rolling restart of every scheduler and registry under a
-steady load fails no request.
+steady load fails no request; a registry replica killed mid-drain or in a rollback window leaves
+the drain to another; PostgreSQL stalled for 10 s holds no event loop and no stream.
 
 Real processes: two workers (8 slots each, the tiny model on both), two schedulers, a gateway,
 two registries, the resource manager, the monitor.
@@ -90,6 +91,7 @@ class Result:
     tokens: int = 0
     usage: int = 0          # prompt + completion tokens, as the last chunk says
     first_token: float | None = None
+    last_token: float | None = None
 
 
 class Client:
@@ -119,6 +121,7 @@ class Client:
                     result.first_token = time.monotonic()
                     self.started += 1
                 result.tokens += len(response.token_ids)
+                result.last_token = time.monotonic()
                 if response.HasField("usage"):
                     result.usage = response.usage.prompt_tokens + response.usage.completion_tokens
         except grpc.aio.AioRpcError as exc:
@@ -324,9 +327,11 @@ class Watcher:
         await self.channel.close()
 
 
-async def placed(stub, model: str) -> list[str]:
+async def placed(stub, model: str, by_worker: bool = False) -> list[str]:
+    """The states of the model's placements (with their workers' ids)."""
     response = await stub.GetModel(registry_pb2.GetModelRequest(name=model), timeout=10, wait_for_ready=True)
-    return [common_pb2.Model.State.Name(p.state).removeprefix("STATE_") for p in response.model.placements]
+    return [common_pb2.Model.State.Name(p.state).removeprefix("STATE_") + (f" on {p.worker_id}" if by_worker else "")
+            for p in response.model.placements]
 
 
 async def kill(suite: Suite, name: str) -> None:
@@ -410,14 +415,17 @@ async def test_a_registry_killed_in_a_rollback_window_leaves_the_old_version_loa
         survivor = 1 - REGISTRIES.index(leader)
         seen = len(watchers[survivor].events)
         await asyncio.sleep(max(0.0, window_ends - 2 - time.monotonic()))
-        assert set(await placed(stubs[survivor], "tiny:v3")) == {"READY"}, "unloaded before its window ended"
-        # The rollback (a flip back to the previous version) finds it loaded: nothing loads.
+        kept = await placed(stubs[survivor], "tiny:v3", by_worker=True)
+        assert kept and all(p.startswith("READY") for p in kept), f"unloaded before its window ended: {kept}"
+        # The rollback (a flip back to the previous version) finds it loaded where it was (it may load
+        # more replicas of it, as many as the version it replaces runs).
         response = await stubs[survivor].SetAlias(registry_pb2.SetAliasRequest(name="chat-b", targets=[
             registry_pb2.AliasTarget(model="tiny:v3")]), timeout=120, wait_for_ready=True)
         assert response.changed
         await watchers[survivor].wait_for(("chat-b:latest", "rolled_back"), after=seen)
-        assert ("tiny:v3", "loading") not in watchers[survivor].events[seen:]
-        assert set(await placed(stubs[survivor], "tiny:v3")) == {"READY"}
+        assert not {("tiny:v3", kind) for kind in ("unloading", "unloaded", "evicted")} & set(
+            watchers[survivor].events[seen:])
+        assert set(kept) <= set(await placed(stubs[survivor], "tiny:v3", by_worker=True))
         # Flipped away again with a 3 s window, the survivor (leading now) keeps it for the window
         # and then unloads it.
         seen = len(watchers[survivor].events)
@@ -442,3 +450,90 @@ def duration(seconds: float):
     from google.protobuf.duration_pb2 import Duration
 
     return Duration(seconds=int(seconds))
+
+
+# ---- the store stalled -----------------------------------------------------------------------
+
+STALL_SECONDS = 10.0
+
+
+def late_probes(suite: Suite, name: str, over: str = "1.0") -> float:
+    """How many of process `name`'s loop-lag probes ran later than `over` seconds."""
+    families = scrape(suite.metrics[name])
+    total = sample_sum(families, "llmos_event_loop_lag_seconds_count")
+    return total - sample_sum(families, "llmos_event_loop_lag_seconds_bucket", le=over)
+
+
+async def test_postgresql_stalled_for_10_s_holds_no_loop_and_no_stream(suite, postgres):
+    """PostgreSQL stopped (SIGSTOP: connections stay open, nothing answers) for 10 s while 16
+    streams run: every process stays SERVING, no event loop is held (each process's own loop-lag
+    probe), a call that needs the store is UNAVAILABLE within seconds, and every stream ends whole;
+    once the store is back, that call succeeds."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.integration.test_store_stall import signal_all
+
+    client = Client(suite)
+    names = [name for name in suite.processes if name != "monitor"]
+    channels = {name: open_aio_channel(suite.addresses[name], str(suite.identity.tls_dir("cli")),
+                                       suite.identity.admin_key(), public=name.startswith("gateway"))
+                for name in names}
+    health = {name: health_pb2_grpc.HealthStub(channel) for name, channel in channels.items()}
+    registry = registry_pb2_grpc.RegistryServiceStub(channels["registry"])
+    try:
+        await registry.GetModel(registry_pb2.GetModelRequest(name="tiny"), timeout=10, wait_for_ready=True)
+        before = {name: await asyncio.to_thread(late_probes, suite, name) for name in names}
+        streams = [asyncio.create_task(client.generate(TENANTS[i % 2], LONG)) for i in range(16)]
+        for _ in range(400):
+            if client.started >= 16:
+                break
+            await asyncio.sleep(0.05)
+        signal_all(postgres, signal.SIGSTOP)
+        stopped = time.monotonic()
+        running_at_stop = sum(not s.done() for s in streams)
+        try:
+            await asyncio.sleep(1.0)
+            started = time.monotonic()
+            try:
+                await registry.GetModel(registry_pb2.GetModelRequest(name="tiny"), timeout=30)
+                needs_store = (grpc.StatusCode.OK, "", time.monotonic() - started)
+            except grpc.aio.AioRpcError as exc:
+                needs_store = (exc.code(), reason_of(exc), time.monotonic() - started)
+            statuses = {}
+            while time.monotonic() - stopped < STALL_SECONDS:
+                for name, stub in health.items():
+                    answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    statuses.setdefault(name, set()).add(answer.status)
+                await asyncio.sleep(0.5)
+        finally:
+            signal_all(postgres, signal.SIGCONT)
+        results = await asyncio.gather(*streams)
+        assert [(r.code, r.tokens) for r in results] == [(None, LONG)] * 16
+        assert running_at_stop == 16
+        # Tokens kept coming while the store was stopped, to its last seconds or to each stream's end.
+        assert max(r.last_token for r in results) > stopped + STALL_SECONDS / 2
+        assert statuses == {name: {health_pb2.HealthCheckResponse.SERVING} for name in names}
+        assert needs_store[:2] == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"), needs_store
+        assert needs_store[2] < 5.0, needs_store
+        for _ in range(100):
+            try:
+                await registry.GetModel(registry_pb2.GetModelRequest(name="tiny"), timeout=5)
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the registry never answered after the store came back")
+        after = {name: await asyncio.to_thread(late_probes, suite, name) for name in names}
+        held = {name: after[name] - before[name] for name in names if after[name] > before[name]}
+        worst = {name: sample_sum(await asyncio.to_thread(scrape, suite.metrics[name]),
+                                  "llmos_event_loop_lag_max_seconds") for name in names}
+        last = max(r.last_token for r in results) - stopped
+        print(f"store stalled {STALL_SECONDS:.0f} s under 16 streams (their last token {last:.1f} s into it): "
+              f"every process SERVING; a registry call needing the store UNAVAILABLE in {needs_store[2]:.2f} s; "
+              f"largest loop lag per process since start: "
+              + ", ".join(f"{n} {v * 1000:.0f} ms" for n, v in worst.items()))
+        assert not held, f"event loops held more than 1 s during the stall: {held}"
+    finally:
+        for channel in channels.values():
+            await channel.close()
+        await client.close()

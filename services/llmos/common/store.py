@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -242,6 +243,10 @@ POSTGRES_CONNECTION = {"connect_timeout": int(CONNECT_TIMEOUT), "keepalives": 1,
                        "options": "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000"}
 # While the store is down, one call tries it again after this many seconds, doubling up to MAX_RETRY.
 RETRY, MAX_RETRY = 0.5, 4.0
+# A call that has waited this long for the store (connection and statements) means it stalls: a
+# store that stopped answering without closing its connections (a frozen host, SIGSTOP). While one
+# waits that long, every new call fails at once instead of queueing behind it.
+STALLED_SECONDS = 3.0
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -291,6 +296,8 @@ class Store:
         self._retry_in = RETRY
         self._retry_at = 0.0
         self._lock = threading.Lock()
+        self._waiting: dict[int, float] = {}        # calls in the store now, since when (monotonic)
+        self._numbers = itertools.count()
 
     @property
     def embedded(self) -> bool:
@@ -306,11 +313,15 @@ class Store:
         """One transaction; a store that cannot be reached is UNAVAILABLE STORE_UNAVAILABLE.
         While it is down, calls fail at once, but for one attempt every `_retry_in` seconds
         (doubling up to `MAX_RETRY`), whose success brings it back for every caller."""
+        now = time.monotonic()
         with self._lock:
             if self._down_since is not None:
-                if time.monotonic() < self._retry_at:
+                if now < self._retry_at:
                     raise self._unavailable()
-                self._retry_at = time.monotonic() + self._retry_in
+                self._retry_at = now + self._retry_in
+            self._check_stalled(now)
+            call = next(self._numbers)
+            self._waiting[call] = now
         try:
             with self.engine.begin() as connection:
                 yield connection
@@ -319,6 +330,9 @@ class Store:
                 raise
             self._mark_down(exc)
             raise self._unavailable() from None
+        finally:
+            with self._lock:
+                del self._waiting[call]
         self._mark_up()
 
     def put(self, table: Table, values: dict, *key: str) -> None:
@@ -343,6 +357,18 @@ class Store:
         statement = dialect_insert(table).values(values)
         db.execute(statement.on_conflict_do_update(index_elements=list(key),
                                                    set_={k: v for k, v in values.items() if k not in key}))
+
+    def check_stalled(self) -> None:
+        """UNAVAILABLE `STORE_UNAVAILABLE` at once while a call has waited for the store longer
+        than STALLED_SECONDS (cheap: on the event loop, before a call is queued behind it)."""
+        with self._lock:
+            self._check_stalled(time.monotonic())
+
+    def _check_stalled(self, now: float) -> None:
+        oldest = min(self._waiting.values(), default=now)
+        if now - oldest > STALLED_SECONDS:
+            raise Unavailable(f"the store {redact(self.url)} has not answered a call for {now - oldest:.0f} s",
+                              reason="STORE_UNAVAILABLE", metadata={"store": redact(self.url)})
 
     def _mark_down(self, exc: Exception) -> None:
         with self._lock:
@@ -560,6 +586,7 @@ class Journal:
 
     async def read(self, fn: Callable[..., T], *args: Any, timeout: float = CALL_SECONDS) -> T:
         """`fn(*args)` on the journal's thread, after what is pending was written."""
+        self.store.check_stalled()
         if not await self.flush(timeout):
             raise Unavailable(f"the store did not take this service's changes within {timeout:g} s",
                               reason="STORE_UNAVAILABLE")
@@ -631,26 +658,46 @@ class StoreMutex:
 class StoreWatch:
     """Keeps a service's health in step with its store: NOT_SERVING (with one log line) while
     the store cannot be reached or is behind on migrations, SERVING again when it is back,
-    trying again with backoff from `interval` up to `max_interval`."""
+    trying again with backoff from `interval` up to `max_interval`. A service that was serving
+    goes on serving through an outage shorter than `grace` seconds (a stalled or restarting
+    database: what needs the store is UNAVAILABLE meanwhile, the rest is served, and readiness
+    does not flap every replica out of its Service at once)."""
 
     def __init__(self, store: Store, set_serving: Callable[[bool], object],
-                 interval: float = 1.0, max_interval: float = 8.0) -> None:
+                 interval: float = 1.0, max_interval: float = 8.0, grace: float = 15.0) -> None:
         self.store = store
         self._set_serving = set_serving
-        self.interval, self.max_interval = interval, max_interval
+        self.interval, self.max_interval, self.grace = interval, max_interval, grace
         self.problem = ""
+        self._serving = True            # (a host serves once started)
+        self._served = False            # it has had its store at least once
+        self._unreachable_since: float | None = None
 
     async def check(self) -> str:
         problem = await asyncio.to_thread(self.store.probe)
+        now = time.monotonic()
+        outage = bool(problem) and _kind(problem) == "cannot be reached"
+        self._unreachable_since = (self._unreachable_since or now) if outage else None
+        riding = outage and self._served and now - self._unreachable_since < self.grace
+        serve = not problem or riding
         if problem and _kind(problem) != _kind(self.problem):     # one line per kind of trouble
-            log.error("store %s %s; not serving until it is back, trying again with backoff",
-                      redact(self.store.url), problem)
+            if riding:
+                log.warning("store %s %s; serving what needs no store for up to %.0f s", redact(self.store.url),
+                            problem, self.grace)
+            else:
+                log.error("store %s %s; not serving until it is back, trying again with backoff",
+                          redact(self.store.url), problem)
+        elif problem and not serve and self._serving:
+            log.error("store %s %s for %.0f s; not serving until it is back", redact(self.store.url), problem,
+                      now - self._unreachable_since)
         elif not problem and self.problem:
             log.info("store %s is back; serving", redact(self.store.url))
-        if bool(problem) != bool(self.problem):
-            result = self._set_serving(not problem)
+        if serve != self._serving:
+            result = self._set_serving(serve)
             if asyncio.iscoroutine(result):
                 await result
+            self._serving = serve
+        self._served = self._served or not problem
         self.problem = problem
         return problem
 

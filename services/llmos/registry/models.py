@@ -143,6 +143,7 @@ class ModelRegistry:
 
     async def db(self, fn: Callable, *args, timeout: float = CALL_SECONDS):
         """`fn(*args)` (catalog and alias calls) off the event loop."""
+        self.catalog.store.check_stalled()
         return await off_loop(fn, *args, executor=self._calls, timeout=timeout)
 
     def close(self) -> None:
