@@ -187,9 +187,10 @@ class ModelRegistry:
             self._touch(("h", ref))
             self.shared.add(("hold", ref, until))
 
-    async def follow(self, interval: float = 0.05) -> None:
+    async def follow(self, interval: float = 0.2) -> None:
         """Hands every replica's events, in the store's order, to this replica's watchers, after
-        refreshing its view (and the view at least every second); runs for ever."""
+        refreshing its view (and the view at least every second); runs for ever. It looks every
+        `interval` seconds, and at once when a call of this replica waits for its events (`settle`)."""
         shared = self.shared
         refreshed = 0.0
         while True:
