@@ -104,6 +104,7 @@ class Client:
         self.gateway = gateway_pb2_grpc.GatewayServiceStub(self.channel)
         self.count = 0
         self.started = 0
+        self.live: list[Result] = []        # every request's result, filled in as its stream goes
 
     async def generate(self, tenant: str, max_tokens: int) -> Result:
         return await self.generate_model(tenant, "tiny", max_tokens)
@@ -111,6 +112,7 @@ class Client:
     async def generate_model(self, tenant: str, model: str, max_tokens: int) -> Result:
         self.count += 1
         result = Result(tenant)
+        self.live.append(result)
         call = self.gateway.Generate(gateway_pb2.GenerateRequest(
             model=model, prompt=f"Once upon a time {self.count}",
             sampling=common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True)),
@@ -481,7 +483,9 @@ async def test_postgresql_stalled_for_10_s_holds_no_loop_and_no_stream(suite, po
     health = {name: health_pb2_grpc.HealthStub(channel) for name, channel in channels.items()}
     registry = registry_pb2_grpc.RegistryServiceStub(channels["registry"])
     try:
-        await registry.GetModel(registry_pb2.GetModelRequest(name="tiny"), timeout=10, wait_for_ready=True)
+        # On both workers again (an alias test above may have left it on one): 16 slots.
+        await registry.LoadModel(registry_pb2.LoadModelRequest(name="tiny", replicas=2), timeout=120,
+                                 wait_for_ready=True)
         before = {name: await asyncio.to_thread(late_probes, suite, name) for name in names}
         streams = [asyncio.create_task(client.generate(TENANTS[i % 2], LONG)) for i in range(16)]
         for _ in range(400):
@@ -491,6 +495,7 @@ async def test_postgresql_stalled_for_10_s_holds_no_loop_and_no_stream(suite, po
         signal_all(postgres, signal.SIGSTOP)
         stopped = time.monotonic()
         running_at_stop = sum(not s.done() for s in streams)
+        tokens_at_stop = sum(r.tokens for r in client.live)
         try:
             await asyncio.sleep(1.0)
             started = time.monotonic()
@@ -505,13 +510,14 @@ async def test_postgresql_stalled_for_10_s_holds_no_loop_and_no_stream(suite, po
                     answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
                     statuses.setdefault(name, set()).add(answer.status)
                 await asyncio.sleep(0.5)
+            during = sum(r.tokens for r in client.live) - tokens_at_stop
         finally:
             signal_all(postgres, signal.SIGCONT)
         results = await asyncio.gather(*streams)
         assert [(r.code, r.tokens) for r in results] == [(None, LONG)] * 16
         assert running_at_stop == 16
-        # Tokens kept coming while the store was stopped, to its last seconds or to each stream's end.
-        assert max(r.last_token for r in results) > stopped + STALL_SECONDS / 2
+        # Tokens kept coming while the store was stopped.
+        assert during > 0
         assert statuses == {name: {health_pb2.HealthCheckResponse.SERVING} for name in names}
         assert needs_store[:2] == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"), needs_store
         # Answered while the store was still stopped: a call it held would have waited for its return.
@@ -529,7 +535,8 @@ async def test_postgresql_stalled_for_10_s_holds_no_loop_and_no_stream(suite, po
         worst = {name: sample_sum(await asyncio.to_thread(scrape, suite.metrics[name]),
                                   "llmos_event_loop_lag_max_seconds") for name in names}
         last = max(r.last_token for r in results) - stopped
-        print(f"store stalled {STALL_SECONDS:.0f} s under 16 streams (their last token {last:.1f} s into it): "
+        print(f"store stalled {STALL_SECONDS:.0f} s under 16 streams ({during} tokens streamed during it, the last "
+              f"token {last:.1f} s after it began): "
               f"every process SERVING; a registry call needing the store UNAVAILABLE in {needs_store[2]:.2f} s; "
               f"largest loop lag per process since start: "
               + ", ".join(f"{n} {v * 1000:.0f} ms" for n, v in worst.items()))
