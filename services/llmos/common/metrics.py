@@ -90,6 +90,22 @@ class OnLoop(Collector):
             return []
 
 
+class OffLoop(Collector):
+    """Figures read when scraped, on the scrape's own thread: for state in the store (a lease
+    book), whose reads must never hold the service's event loop (a stalled database would hold
+    it as long). Nothing is read between scrapes."""
+
+    def __init__(self, read: Callable[[], Iterable[Metric]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            return list(self._read())
+        except Exception:  # noqa: BLE001 - a store that cannot answer leaves these out of one scrape
+            log.warning("figures not read for this scrape", exc_info=True)
+            return []
+
+
 # Event-loop lag buckets in seconds: a healthy loop runs a timer within a millisecond or two.
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 

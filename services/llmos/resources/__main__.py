@@ -10,7 +10,7 @@ from pathlib import Path
 from opentelemetry.sdk.trace import TracerProvider
 
 from llmos.common.errors import Unavailable
-from llmos.common.metrics import OnLoop
+from llmos.common.metrics import OffLoop
 from llmos.common.server import Service, ServiceHost, serve_main
 from llmos.common.settings import ServiceSettings
 from llmos.common.store import Leadership, Store, StoreWatch, sqlite_url
@@ -47,7 +47,7 @@ async def build(settings: ResourcesSettings, provider: TracerProvider | None = N
                               settings.cpu_budget_bytes, settings.budget_fraction)
     host = ServiceHost.of("resources", settings, provider or make_tracer_provider("resources"))
     register(host, manager)
-    host.metrics.register(OnLoop(asyncio.get_running_loop(), lambda: resource_metrics(
+    host.metrics.register(OffLoop(lambda: resource_metrics(
         manager.nodes(), manager.leases.list(), manager.leases.reclaimed_total)))
 
     watch = StoreWatch(store, host.set_serving)
