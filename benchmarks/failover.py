@@ -25,12 +25,11 @@ import time
 from pathlib import Path
 
 import grpc
-from sqlalchemy import select
 
 from llmos.cli.launcher import SERVICES, Suite
 from llmos.common.channels import open_aio_channel
-from llmos.common.store import Store, leaders
 from llmos.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from tests.support.suites import registry_leader
 
 
 async def leader(suite: Suite) -> tuple[str, int] | None:
@@ -115,20 +114,6 @@ async def failover(suite: Suite, load: Load, concurrency: int) -> float:
     await running
     suite.restart(name)        # back, as a standby (from this thread: a child ends with the thread that started it)
     return seconds
-
-
-def registry_leader(suite: Suite) -> str | None:
-    """The registry process holding the lead now, if any."""
-    store = Store(suite.store_url)
-    try:
-        with store.begin() as db:
-            row = db.execute(select(leaders).where(leaders.c.name == "registry.leader")).first()
-    finally:
-        store.close()
-    if row is None or row.expire_time < time.time():
-        return None
-    pid = int(row.holder.rsplit("/", 1)[1])
-    return next((n for n, p in suite.processes.items() if n.startswith("registry") and p.pid == pid), None)
 
 
 async def registry_failover(suite: Suite, load: Load, concurrency: int) -> float:

@@ -19,11 +19,9 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from sqlalchemy import select
 
 from llmos.cli.launcher import Suite
 from llmos.common.channels import open_aio_channel
-from llmos.common.store import Store, leaders
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
@@ -36,7 +34,7 @@ from llmos.v1 import (
 )
 from tests.e2e.test_scheduling import reason_of
 from tests.support.metrics import sample_sum, scrape
-from tests.support.suites import FREE_PORTS, quiet_env
+from tests.support.suites import FREE_PORTS, quiet_env, registry_leader
 
 TENANTS = ("a", "b")
 SCHEDULERS = ("scheduler", "scheduler-2")
@@ -282,19 +280,6 @@ def registry_stub(suite: Suite, name: str) -> tuple[grpc.aio.Channel, registry_p
     return channel, registry_pb2_grpc.RegistryServiceStub(channel)
 
 
-def registry_leader(suite: Suite) -> str:
-    """The registry process that holds the lead now (it works through the drains)."""
-    store = Store(suite.store_url)
-    try:
-        with store.begin() as db:
-            row = db.execute(select(leaders).where(leaders.c.name == "registry.leader")).first()
-    finally:
-        store.close()
-    assert row is not None and row.expire_time > time.time(), row
-    pid = int(row.holder.rsplit("/", 1)[1])
-    return next(name for name in REGISTRIES if name in suite.processes and suite.processes[name].pid == pid)
-
-
 class Watcher:
     """`WatchModels` on one registry replica, every event kept as (model, kind)."""
 
@@ -366,6 +351,7 @@ async def test_registry_replicas_share_events_in_one_order_and_a_drain_survives_
         for w in watchers:
             await w.wait_for(("tiny:latest", "draining"))
         leader = registry_leader(suite)
+        assert leader is not None, "no registry holds the lead"
         assert not stream.done(), "the stream ended before the drain could wait for it"
         await kill(suite, leader)
         survivor_index = 1 - REGISTRIES.index(leader)
@@ -413,6 +399,7 @@ async def test_a_registry_killed_in_a_rollback_window_leaves_the_old_version_loa
             await w.wait_for(("tiny:v3", "drained"))     # idle at once: kept loaded for 8 s from now
         window_ends = time.monotonic() + 8
         leader = registry_leader(suite)
+        assert leader is not None, "no registry holds the lead"
         await kill(suite, leader)
         survivor = 1 - REGISTRIES.index(leader)
         seen = len(watchers[survivor].events)
