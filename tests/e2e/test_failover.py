@@ -11,6 +11,7 @@ two registries, the resource manager, the monitor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -327,27 +328,49 @@ async def kill(suite: Suite, name: str) -> None:
     await asyncio.to_thread(process.wait)
 
 
-async def test_registry_replicas_share_events_in_one_order_and_a_drain_survives_its_leaders_death(suite):
-    """Both replicas' watchers see the same events in the same order; the leading registry killed
-    while a drain waits for a stream: the other replica takes the lead and completes the drain."""
-    client = Client(suite)
+@contextlib.asynccontextmanager
+async def both_registries(suite: Suite, client: Client | None = None):
+    """(a stub of each registry replica, a live watcher on each); at the end, `client` is closed and
+    every registry the test killed is started again."""
     channels, stubs = zip(*(registry_stub(suite, name) for name in REGISTRIES), strict=True)
     watchers = [Watcher(suite, name) for name in REGISTRIES]
     try:
         await asyncio.gather(*(w.ready() for w in watchers))
+        yield stubs, watchers
+    finally:
+        for w in watchers:
+            await w.close()
+        for channel in channels:
+            await channel.close()
+        if client is not None:
+            await client.close()
+    for name in REGISTRIES:
+        if name not in suite.processes or suite.processes[name].poll() is not None:
+            await restart(suite, name)
+
+
+async def point(stub, alias: str, model: str, window: float = 0.0, **call) -> registry_pb2.SetAliasResponse:
+    """Points `alias` at `model` (a flip), with a rollback window of `window` seconds."""
+    return await stub.SetAlias(registry_pb2.SetAliasRequest(name=alias, targets=[
+        registry_pb2.AliasTarget(model=model)], rollback_window=duration(window)), timeout=120, **call)
+
+
+async def test_registry_replicas_share_events_in_one_order_and_a_drain_survives_its_leaders_death(suite):
+    """Both replicas' watchers see the same events in the same order; the leading registry killed
+    while a drain waits for a stream: the other replica takes the lead and completes the drain."""
+    client = Client(suite)
+    async with both_registries(suite, client) as (stubs, watchers):
         admin = stubs[0]
         await admin.ImportModel(registry_pb2.ImportModelRequest(name="tiny", tag="v2", source=SOURCE[0]), timeout=60,
                                 wait_for_ready=True)
-        await admin.SetAlias(registry_pb2.SetAliasRequest(name="chat", targets=[
-            registry_pb2.AliasTarget(model="tiny:latest")]), timeout=120, wait_for_ready=True)
+        await point(admin, "chat", "tiny:latest", wait_for_ready=True)
         stream = asyncio.create_task(client.generate_model("a", "chat", LONG))
         for _ in range(400):
             if client.started:
                 break
             await asyncio.sleep(0.02)
         # The flip (on the other replica) loads v2, and tiny:latest drains: the stream holds it.
-        await stubs[1].SetAlias(registry_pb2.SetAliasRequest(name="chat", targets=[
-            registry_pb2.AliasTarget(model="tiny:v2")]), timeout=120, wait_for_ready=True)
+        await point(stubs[1], "chat", "tiny:v2", wait_for_ready=True)
         for w in watchers:
             await w.wait_for(("tiny:latest", "draining"))
         leader = registry_leader(suite)
@@ -372,29 +395,15 @@ async def test_registry_replicas_share_events_in_one_order_and_a_drain_survives_
         assert killed_saw and survivor.events[:len(killed_saw)] == killed_saw
         print(f"drain resumed by {REGISTRIES[survivor_index]} after {leader} was killed; both watchers saw "
               f"{len(killed_saw)} events in one order")
-    finally:
-        for w in watchers:
-            await w.close()
-        for channel in channels:
-            await channel.close()
-        await client.close()
-    for name in REGISTRIES:
-        if name not in suite.processes or suite.processes[name].poll() is not None:
-            await restart(suite, name)
 
 
 async def test_a_registry_killed_in_a_rollback_window_leaves_the_old_version_loaded_for_the_rollback(suite):
-    channels, stubs = zip(*(registry_stub(suite, name) for name in REGISTRIES), strict=True)
-    watchers = [Watcher(suite, name) for name in REGISTRIES]
-    try:
-        await asyncio.gather(*(w.ready() for w in watchers))
+    async with both_registries(suite) as (stubs, watchers):
         admin = stubs[0]
         await admin.ImportModel(registry_pb2.ImportModelRequest(name="tiny", tag="v3", source=SOURCE[0]), timeout=60,
                                 wait_for_ready=True)
-        await admin.SetAlias(registry_pb2.SetAliasRequest(name="chat-b", targets=[
-            registry_pb2.AliasTarget(model="tiny:v3")]), timeout=120, wait_for_ready=True)
-        await admin.SetAlias(registry_pb2.SetAliasRequest(name="chat-b", targets=[
-            registry_pb2.AliasTarget(model="tiny:latest")], rollback_window=duration(8)), timeout=120)
+        await point(admin, "chat-b", "tiny:v3", wait_for_ready=True)
+        await point(admin, "chat-b", "tiny:latest", window=8)
         for w in watchers:
             await w.wait_for(("tiny:v3", "drained"))     # idle at once: kept loaded for 8 s from now
         window_ends = time.monotonic() + 8
@@ -408,8 +417,7 @@ async def test_a_registry_killed_in_a_rollback_window_leaves_the_old_version_loa
         assert kept and all(p.startswith("READY") for p in kept), f"unloaded before its window ended: {kept}"
         # The rollback (a flip back to the previous version) finds it loaded where it was (it may load
         # more replicas of it, as many as the version it replaces runs).
-        response = await stubs[survivor].SetAlias(registry_pb2.SetAliasRequest(name="chat-b", targets=[
-            registry_pb2.AliasTarget(model="tiny:v3")]), timeout=120, wait_for_ready=True)
+        response = await point(stubs[survivor], "chat-b", "tiny:v3", wait_for_ready=True)
         assert response.changed
         await watchers[survivor].wait_for(("chat-b:latest", "rolled_back"), after=seen)
         assert not {("tiny:v3", kind) for kind in ("unloading", "unloaded", "evicted")} & set(
@@ -418,21 +426,12 @@ async def test_a_registry_killed_in_a_rollback_window_leaves_the_old_version_loa
         # Flipped away again with a 3 s window, the survivor (leading now) keeps it for the window
         # and then unloads it.
         seen = len(watchers[survivor].events)
-        await stubs[survivor].SetAlias(registry_pb2.SetAliasRequest(name="chat-b", targets=[
-            registry_pb2.AliasTarget(model="tiny:latest")], rollback_window=duration(3)), timeout=120)
+        await point(stubs[survivor], "chat-b", "tiny:latest", window=3)
         drained = await watchers[survivor].wait_for(("tiny:v3", "drained"), after=seen)
         await asyncio.sleep(1)
         assert set(await placed(stubs[survivor], "tiny:v3")) == {"READY"}
         await watchers[survivor].wait_for(("tiny:v3", "unloaded"), after=drained)
         assert await placed(stubs[survivor], "tiny:v3") == []
-    finally:
-        for w in watchers:
-            await w.close()
-        for channel in channels:
-            await channel.close()
-    for name in REGISTRIES:
-        if name not in suite.processes or suite.processes[name].poll() is not None:
-            await restart(suite, name)
 
 
 def duration(seconds: float):
