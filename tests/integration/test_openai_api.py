@@ -162,7 +162,8 @@ async def test_a_quota_refusal_is_429_with_retry_after(stack):
     key = await stack.user_key("http-solo", quota=identity_pb2.TenantQuota(max_concurrent_requests=1))
     base = f"http://{stack.suite.http_address}/v1"
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=60) as raw:
-        body = {"model": "tiny", "prompt": "Once", "max_tokens": 200, "stream": True}
+        # (ignore_eos: a random model may end its answer at once, freeing the slot before the second call)
+        body = {"model": "tiny", "prompt": "Once", "max_tokens": 200, "stream": True, "ignore_eos": True}
         async with raw.stream("POST", f"{base}/completions", json=body) as first:
             await anext(first.aiter_lines())            # running: the tenant's one slot is taken
             refused = await raw.post(f"{base}/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
