@@ -21,6 +21,13 @@ class Broadcast(Generic[T]):
     def __init__(self, max_behind: int = 1000) -> None:
         self.max_behind = max_behind
         self._queues: set[asyncio.Queue] = set()
+        self._handed: set[asyncio.Queue] = set()   # subscribers whose consumer has an event not yet done with
+
+    def pending(self) -> int:
+        """Events emitted that some subscriber's consumer has not finished with yet: queued, or
+        handed out and not yet followed by a request for the next one (a gRPC stream asks for
+        the next message once it has sent the one before)."""
+        return sum(queue.qsize() for queue in self._queues) + len(self._handed)
 
     def emit(self, event: T) -> None:
         for queue in list(self._queues):
@@ -43,6 +50,9 @@ class Broadcast(Generic[T]):
                 if event is _END:
                     raise ResourceExhausted(f"the watcher fell more than {self.max_behind} events behind",
                                             reason="WATCHER_TOO_SLOW", retry_after=0.0)
+                self._handed.add(queue)
                 yield event
+                self._handed.discard(queue)
         finally:
             self._queues.discard(queue)
+            self._handed.discard(queue)

@@ -52,6 +52,10 @@ class EventHub:
         """Hands an event (of any replica, in the store's order) to this replica's watchers."""
         self._broadcast.emit(event)
 
+    def pending(self) -> int:
+        """Events handed to this replica's watchers that some watch has not sent yet."""
+        return self._broadcast.pending()
+
     async def watch(self, model: str = "") -> AsyncIterator[ModelEvent]:
         """Events from now on, for `model` ("name:tag") or every model."""
         async for event in self._broadcast.subscribe():

@@ -218,17 +218,20 @@ class ModelRegistry:
                 await asyncio.sleep(1.0)
 
     async def settle(self, timeout: float = 2.0) -> None:
-        """Returns once this replica's watchers were given every event written so far (those of
-        the call that asks, before it answers), or after `timeout` seconds."""
-        if self.shared is None:
-            return
-        try:
-            target = await self.shared.read(self.shared.last_seq, timeout=timeout)
-        except Unavailable:
-            return
+        """Returns once this replica's watchers have sent every event written so far (those of the
+        call that asks, before it answers), or after `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while (self.delivered is None or self.delivered < target) and time.monotonic() < deadline:
-            self._look.set()
+        if self.shared is not None:
+            try:
+                target = await self.shared.read(self.shared.last_seq, timeout=timeout)
+            except Unavailable:
+                return
+            while (self.delivered is None or self.delivered < target) and time.monotonic() < deadline:
+                self._look.set()
+                await asyncio.sleep(0.005)
+        # Given to the watches is not yet sent: a client that stops watching when the call answers
+        # must have seen the call's last event.
+        while self.events.pending() and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
 
     async def sync(self) -> None:

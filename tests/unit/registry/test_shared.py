@@ -89,3 +89,29 @@ async def test_events_of_both_replicas_are_read_back_in_the_order_they_were_writ
     delivered.append(await reader)
     assert delivered == [found[0][1]]
     await watch.aclose()
+
+
+async def test_a_change_answers_only_once_every_watch_has_sent_its_events(tmp_path, replicas):
+    """`settle` (what a changing call awaits before it answers) waits for the store's events to reach
+    this replica's watchers and for each watch to have sent them (asked for the next event), so a
+    client that stops watching when its call answers has seen the call's last event."""
+    (a, _), _ = replicas
+    following = asyncio.ensure_future(a.follow(interval=0.05))
+    sent: list[str] = []
+
+    async def slow_watch():                 # a gRPC stream whose sends take a while
+        async for event in a.events.watch():
+            await asyncio.sleep(0.2)
+            sent.append(event.kind)
+
+    watching = asyncio.ensure_future(slow_watch())
+    try:
+        await asyncio.sleep(0.1)
+        await a.import_model("tiny", "", str(make_source(tmp_path / "src")))
+        await a.settle(timeout=10.0)
+        assert sent == [events.IMPORTING, events.IMPORTED]
+        assert a.events.pending() == 0
+    finally:
+        for task in (watching, following):
+            task.cancel()
+        await asyncio.gather(watching, following, return_exceptions=True)
