@@ -1,5 +1,5 @@
-"""Compiling at load: the decode kernel against the uncompiled path, and where a worker keeps what
-it compiled."""
+"""Building at load: the engine's decode kernel against the uncompiled path, and where a worker keeps
+what it built."""
 
 from __future__ import annotations
 
@@ -13,23 +13,26 @@ import torch
 from llmos.engine.attention import BLOCK, LayerShape, PagedCache, Part, Step, attend, can_compile
 
 CPU = torch.device("cpu")
-COMPILES = pytest.mark.skipif(not can_compile(), reason="inductor's CPU code needs g++ and Python's headers")
+COMPILES = pytest.mark.skipif(not can_compile(), reason="the decode kernel needs a C++ compiler (g++)")
 
 
 @COMPILES
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 @pytest.mark.parametrize(("softcap", "window"), [(None, None), (30.0, 20)], ids=["plain", "softcap-window"])
-def test_the_decode_kernel_attends_as_the_uncompiled_path(softcap, window):
-    """Grouped query heads (6 over 2), sequences of 1 to 100 positions (tables of 1 to 8 blocks, so
-    several groups and the padded widths), alone and together; the kernel computes in float32 from
-    the bf16 pool, the uncompiled path from a float32 or bf16 copy, so they agree closely, not bit
-    for bit."""
+@pytest.mark.parametrize(("query_heads", "dim"), [(6, 16), (6, 64), (40, 32)], ids=["any", "fixed", "many"])
+def test_the_decode_kernel_attends_as_the_uncompiled_path(softcap, window, dtype, query_heads, dim):
+    """Grouped query heads (6 over 2: head sizes the kernel has code for at run time (16) and at
+    compile time (64); 40 over 2: more than it fixes), sequences of 1 to 100 positions (tables of 1
+    to 8 blocks), alone and together; the kernel computes in float32 from the pool, the uncompiled
+    path from a float32 or bf16 copy, so they agree closely, not bit for bit; a sequence's result is
+    the same alone and in the batch, bit for bit."""
     generator = torch.Generator().manual_seed(0)
-    shape = LayerShape(2, 16, 16)
-    compiled = PagedCache([shape], 64, torch.bfloat16, CPU, compile=True)
-    compiled.warm(6)
-    plain = PagedCache([shape], 64, torch.bfloat16, CPU)
+    shape = LayerShape(2, dim, dim)
+    compiled = PagedCache([shape], 64, dtype, CPU, compile=True)
+    compiled.warm(query_heads)
+    plain = PagedCache([shape], 64, dtype, CPU)
     for pool in compiled.keys + compiled.values:
-        pool[:, 1:] = torch.randn(pool[:, 1:].shape, generator=generator).bfloat16()
+        pool[:, 1:] = torch.randn(pool[:, 1:].shape, generator=generator).to(dtype)
     plain.keys, plain.values = compiled.keys, compiled.values
     lengths = [1, 17, 40, 100, 3]
     tables, first = [], 1
@@ -38,22 +41,29 @@ def test_the_decode_kernel_attends_as_the_uncompiled_path(softcap, window):
         first += len(tables[-1])
     steps = [[Part(tables[i], lengths[i] - 1, 1, True)] for i in range(len(lengths))]
     steps.append([Part(tables[i], lengths[i] - 1, 1, True) for i in range(len(lengths))])
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    alone = []
     for parts in steps:
         step = Step(parts, CPU)
-        q = torch.randn(len(parts), 6, 16, generator=generator).bfloat16()
+        q = torch.randn(len(parts), query_heads, dim, generator=generator).to(dtype)
+        if len(parts) > 1:
+            q = torch.cat([q for q, _ in alone])
         with torch.inference_mode():
             got = attend(step, compiled, 0, q, 0.25, softcap, window)
             expected = attend(step, plain, 0, q, 0.25, softcap, window)
         assert compiled.kernel is not None, "the kernel failed and the path fell back"
-        assert got.dtype == torch.bfloat16 and got.shape == expected.shape
-        assert torch.allclose(got.float(), expected.float(), atol=2e-2, rtol=2e-2), (got - expected).abs().max()
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert torch.allclose(got.float(), expected.float(), atol=tolerance, rtol=tolerance), (got - expected).abs().max()
+        if len(parts) == 1:
+            alone.append((q, got))
+        else:
+            assert torch.equal(got, torch.cat([out for _, out in alone]))
 
 
 @COMPILES
 def test_a_worker_keeps_what_it_compiled_in_its_data_directory(tiny_model_dir, tmp_path):
-    """In a fresh interpreter (this one may have compiled the kernel already, and would not again),
-    as a worker starts: its data directory holds inductor's cache once a bf16 model has loaded, and
-    nothing goes where the environment pointed before."""
+    """In a fresh interpreter, as a worker starts: its data directory holds the built kernel once a
+    bf16 model has loaded, and nothing goes where the environment pointed before."""
     script = f"""
 import torch
 from llmos.engine.loader import load_model

@@ -19,11 +19,11 @@ is; prompt-chunk products get at least `MIN_ROWS` rows. Where the weights' bf16 
 tiles of rows (a CPU with native bf16, `matmul.py`), attention computes in float32, whose kernels
 keep their order whatever the batch.
 
-Compiled (`PagedCache(compile=True)`, bf16 on the CPU): decoding sequences attend through one kernel
-inductor generates from `_paged_decode`, which reads each key and value through the block table where
-it lies (no gathered copy, no float32 copy), in float32, with every size but the batch's and the
-tables' fixed; one compiled code for every batch, so a row's result does not depend on the others
-(tested alone against busy, as for the uncompiled path, and against the uncompiled path).
+With a kernel (`PagedCache(compile=True)`, on the CPU): decoding sequences attend through the
+engine's own C++ kernel (`native.py`, `paged_decode.cpp`), one call a layer for all of them, which
+reads each key and value through the block table where it lies (no gathered copy, no float32 copy)
+and computes each sequence alone in float32, in one order whatever else is in the batch (tested alone
+against busy, as for the uncompiled path, and against the uncompiled path).
 """
 
 from __future__ import annotations
@@ -34,12 +34,11 @@ import math
 import mmap
 import os
 import shutil
-import sysconfig
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from . import native
 from .matmul import MIN_ROWS, tiles_rows
 
 log = logging.getLogger(__name__)
@@ -108,31 +107,30 @@ class LayerShape:
 
 class PagedCache:
     """The KV cache of every attention layer: `blocks` blocks of `BLOCK` positions. With `compile`,
-    decoding sequences attend through a compiled kernel where it pays (`compiles_attention`)."""
+    decoding sequences attend through the engine's kernel where it builds (`compiles_attention`)."""
 
     def __init__(self, layers: list[LayerShape], blocks: int, dtype: torch.dtype, device: torch.device,
                  compile: bool = False) -> None:
         self.layers, self.blocks = layers, blocks
         self.keys = [zeroed((s.kv_heads, blocks, BLOCK, s.key_dim), dtype, device) for s in layers]
         self.values = [zeroed((s.kv_heads, blocks, BLOCK, s.value_dim), dtype, device) for s in layers]
-        self.kernel = DecodeKernel() if compile and compiles_attention(device, dtype) else None
+        self.kernel = native.paged_decode if compile and compiles_attention(device, dtype) else None
 
-    def warm(self, query_heads: int) -> None:
-        """Compiles the decode kernel now (a load's time, not the first request's): over block 0,
-        which stays zero. Where it does not compile, decoding runs as written (logged)."""
+    def warm(self, query_heads: int | None = None) -> None:
+        """Builds (or finds built) the decode kernel now, a load's time and not the first request's,
+        and runs it once a layer over block 0, which stays zero, with `query_heads` (each layer's KV
+        heads when not given). Where it does not build, or has no code for these heads, decoding
+        runs as written (logged)."""
         if self.kernel is None:
             return
-        keys, values = self.keys[0], self.values[0]
         try:
             with torch.inference_mode():
-                rows, width = 37, 8      # sizes like a busy step's: inductor plans its loops by them
-                q = keys.new_zeros(rows, query_heads, keys.shape[-1])
-                group = DecodeGroup(torch.arange(rows, device=keys.device),
-                                    torch.zeros(rows * width, dtype=torch.long, device=keys.device),
-                                    torch.ones(rows, dtype=torch.long, device=keys.device), width * BLOCK)
-                self.kernel(q, keys, values, group, 1.0, None, None)
+                for keys, values in zip(self.keys, self.values, strict=True):
+                    self.kernel(keys.new_zeros(2, query_heads or keys.shape[0], keys.shape[-1]), keys, values,
+                                torch.zeros(2, 1, dtype=torch.long, device=keys.device),
+                                torch.ones(2, dtype=torch.long, device=keys.device), 1.0, None, None)
         except Exception as exc:  # noqa: BLE001 - a compiler missing or failing costs speed, not the model
-            log.warning("decode attention does not compile here (%s); it runs uncompiled", _first_line(exc))
+            log.warning("decode attention has no kernel here (%s); it runs uncompiled", _first_line(exc))
             self.kernel = None
 
     @property
@@ -209,24 +207,37 @@ class Step:
         self.prefills = [PrefillChunk(torch.tensor(p.blocks[:blocks_for(p.start + p.length)], dtype=torch.long,
                                                    device=device), p.start, p.length)
                          for p in parts if not p.decode]
-        self._biases: dict[int | None, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._biases: dict[tuple[int | None, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._decoding = decoding
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def biases(self, window: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each decode group's mask [1, m, 1, length] and each chunk's [c, its blocks' positions]:
-        0 where a query may see a key, -inf where it may not (later, or `window` or more positions
-        back)."""
-        if window not in self._biases:
-            decode = []
-            for group in self.groups:
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every decoding sequence's block table [decode_count, widest] (padded with block 0) and the
+        positions each holds after the step [decode_count], in batch order: what the kernel reads."""
+        if self._tables is None:
+            held = [blocks_for(p.start + 1) for p in self._decoding]
+            width = max(held)
+            rows = [p.blocks[:h] + [0] * (width - h) for p, h in zip(self._decoding, held, strict=True)]
+            self._tables = (torch.tensor(rows, dtype=torch.long, device=self.device),
+                            torch.tensor([p.start + 1 for p in self._decoding], dtype=torch.long, device=self.device))
+        return self._tables
+
+    def biases(self, window: int | None, decode: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each decode group's mask [1, m, 1, length] (none without `decode`: the kernel needs none)
+        and each chunk's [c, its blocks' positions]: 0 where a query may see a key, -inf where it may
+        not (later, or `window` or more positions back)."""
+        if (window, decode) not in self._biases:
+            masks = []
+            for group in self.groups if decode else ():
                 m = group.rows.shape[0]
                 keys = torch.arange(group.length, device=self.device)[None, :]
                 hidden = keys >= group.seen[:, None]
                 if window:
                     hidden |= keys < group.seen[:, None] - window
-                decode.append(torch.zeros(1, m, 1, group.length, device=self.device).masked_fill_(
+                masks.append(torch.zeros(1, m, 1, group.length, device=self.device).masked_fill_(
                     hidden.view(1, m, 1, group.length), float("-inf")))
-            self._biases[window] = decode, [self._causal_bias(c, window) for c in self.prefills]
-        return self._biases[window]
+            self._biases[window, decode] = masks, [self._causal_bias(c, window) for c in self.prefills]
+        return self._biases[window, decode]
 
     def _causal_bias(self, chunk: PrefillChunk, window: int | None) -> torch.Tensor:
         end = chunk.start + chunk.length
@@ -264,75 +275,17 @@ def _first_line(exc: Exception) -> str:
 
 
 def compiles_attention(device: torch.device, dtype: torch.dtype) -> bool:
-    """Where the compiled decode kernel is faster than gathering blocks for batched products: bf16 on
-    the CPU (measured on SmolLM2's layer with avx512_bf16: equal at 1 to 16 sequences, 2.9x at 64,
-    where the gathered copy in float32 dominates). In float32 it is slower (0.6x to 0.9x: the
-    products read a float32 copy as fast as the kernel reads the pool), and a GPU has kernels of
-    its own. Inductor's CPU code needs a C++ compiler and Python's headers (`can_compile`)."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and can_compile()
+    """Where the engine's decode kernel runs: on the CPU, in bf16 or float32, with a C++ compiler to
+    build it (`can_compile`). Against gathering the blocks for batched products, SmolLM2's layer,
+    bf16 on avx512_bf16: 7x at one sequence, 4x at 16, 3x at 64 (see BENCHMARKS.md). A GPU has
+    kernels of its own."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and can_compile()
 
 
 @functools.cache
 def can_compile() -> bool:
-    """Inductor's CPU code builds here: a C++ compiler (g++, or $CXX) and Python's headers."""
-    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
-    return shutil.which(os.environ.get("CXX", "g++")) is not None and headers.is_file()
-
-
-def _paged_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
-                  seen: torch.Tensor, scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
-    """One query per row, its keys and values read through its block table where they lie: inductor
-    turns the indexing of the pool into loads inside the loops of the products (no gathered copy),
-    computing in float32. q: [n, hq, d]; tables: [n, W] blocks; seen: [n] positions held."""
-    n, hq, d = q.shape
-    hk, dv = keys.shape[0], values.shape[-1]
-    length = tables.shape[1] * keys.shape[2]
-    k = keys[:, tables].reshape(hk, n, 1, length, d).float()
-    qg = q.view(n, hk, hq // hk, d).transpose(0, 1).float().unsqueeze(3)              # [hk, n, g, 1, d]
-    positions = torch.arange(length, device=q.device)[None, :]
-    hidden = positions >= seen[:, None]
-    if window:
-        hidden = hidden | (positions < seen[:, None] - window)
-    scores = _capped((qg * k).sum(-1) * scaling, softcap).masked_fill(hidden[None, :, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    v = values[:, tables].reshape(hk, n, 1, length, dv).float()
-    return (probs.unsqueeze(-1) * v).sum(-2).transpose(0, 1).reshape(n, hq, dv).to(q.dtype)
-
-
-class DecodeKernel:
-    """`_paged_decode` compiled once for any batch and key length: those two sizes symbolic, the
-    pool's and the heads' fixed. One and two take code of their own in a compiled graph, so
-    batches and tables are given at least two rows and columns (padded rows read block 0 and are
-    dropped; padded columns are masked), and one compilation serves every step (the warm-up at
-    load compiles it with sizes that differ from each other, so none is assumed equal to another)."""
-
-    # Models of distinct shapes each compile their own code of `_paged_decode` (dynamo keeps at most
-    # `recompile_limit` per function, 8 by default; past it a model would run it uncompiled).
-    MODEL_SHAPES = 64
-
-    def __init__(self) -> None:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.MODEL_SHAPES)
-        self._compiled = torch.compile(_paged_decode, dynamic=True, fullgraph=True)
-        self._compiled_once = False
-
-    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: DecodeGroup,
-                 scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
-        n = q.shape[0]
-        tables, seen = group.tables.view(n, group.length // BLOCK), group.seen
-        q = q.contiguous()
-        if tables.shape[1] < 2:
-            tables = torch.cat([tables, torch.zeros_like(tables)], dim=1)
-        if n < 2:
-            q = torch.cat([q, torch.zeros_like(q)])
-            tables = torch.cat([tables, torch.zeros_like(tables)])
-            seen = torch.cat([seen, torch.ones_like(seen)])
-        if not self._compiled_once:        # what is fixed is marked for the compilation (guards keep it)
-            for fixed in (keys, values):
-                torch._dynamo.mark_static(fixed)
-            torch._dynamo.mark_static(q, 1)
-            torch._dynamo.mark_static(q, 2)
-            self._compiled_once = True
-        return self._compiled(q, keys, values, tables, seen, scaling, softcap, window)[:n]
+    """The kernel builds here: a C++ compiler (g++, or $CXX)."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
 def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scaling: float,
@@ -361,27 +314,25 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
         out = pool.index_select(1, blocks)
         return out.float() if upcast else out
 
-    decode_biases, chunk_biases = step.biases(window)
     out = q.new_empty(total, hq, dv)
     queries = q.float() if upcast else q
     n = step.decode_count
-    for group, bias in zip(step.groups, decode_biases, strict=True):
+    decoded = False                         # by the kernel
+    if n and cache.kernel is not None:
+        tables, seen = step.tables()
+        try:
+            out[:n] = cache.kernel(q[:n], keys, values, tables, seen, scaling, softcap, window)
+            decoded = True
+        except Exception as exc:  # noqa: BLE001 - a kernel that fails goes on uncompiled, not its step
+            log.warning("the decode kernel failed (%s); this model attends uncompiled from now on", _first_line(exc))
+            cache.kernel = None
+    decode_biases, chunk_biases = step.biases(window, decode=not decoded)
+    for group, bias in zip(() if decoded else step.groups, decode_biases, strict=True):
         m = group.rows.shape[0]
-        result = None
-        if cache.kernel is not None:
-            rows = q[:n] if m == n else q.index_select(0, group.rows)
-            try:
-                result = cache.kernel(rows, keys, values, group, scaling, softcap, window)
-            except Exception as exc:  # noqa: BLE001 - a compilation past the load (shapes it was not warmed
-                # for, dynamo's limit of compilations) fails: the model goes on uncompiled, not its step
-                log.warning("the compiled decode kernel failed (%s); this model attends uncompiled from now on",
-                            _first_line(exc))
-                cache.kernel = None
-        if result is None:
-            k = gather(keys, group.tables).view(hk, m, group.length, dk)
-            v = gather(values, group.tables).view(hk, m, group.length, dv)
-            rows = queries[:n] if m == n else queries.index_select(0, group.rows)
-            result = _decode_attention(rows, k, v, bias, scaling, softcap)
+        k = gather(keys, group.tables).view(hk, m, group.length, dk)
+        v = gather(values, group.tables).view(hk, m, group.length, dv)
+        rows = queries[:n] if m == n else queries.index_select(0, group.rows)
+        result = _decode_attention(rows, k, v, bias, scaling, softcap)
         if m == n:
             out[:n] = result
         else:

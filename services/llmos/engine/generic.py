@@ -150,8 +150,6 @@ class GenericRunner:
     supports_adapters = False
 
     def __init__(self, model: Any, kv_tokens: int, max_len: int, quantize: str = "", compile: bool = False) -> None:
-        # (`compile` is taken and not used: the decode kernel is compiled for the lean path's layers,
-        # all of one shape without sliding windows or soft caps; this path's models may have those.)
         if quantize not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantize!r}")
         if not getattr(type(model), "_supports_attention_backend", False):
@@ -173,8 +171,9 @@ class GenericRunner:
             if not probe.layers:
                 raise Unsupported("it calls no attention function")
             self.cache = PagedCache([shape for _, shape in probe.layers], pool_blocks(kv_tokens, max_len), self.dtype,
-                                    self.device)
-            self._check()
+                                    self.device, compile)
+            self.cache.warm()
+            self._check()           # (decoding through the kernel, where it built)
         except Unsupported:
             raise
         except Exception as exc:  # noqa: BLE001 - the model's own code failed under llmos's attention

@@ -1,0 +1,186 @@
+// Decode attention over the paged KV cache: one query per sequence, its keys and values read
+// through its block table where they lie in the pool, computed in float32.
+//
+// Each (sequence, KV head) is one work item, computed by one thread from start to end in a fixed
+// order: a sequence's result depends on nothing but its own query, table and cache, whatever else
+// is in the batch and however the items are shared among threads. Built and loaded by
+// `engine/native.py`; the layouts are those of `engine/attention.py`:
+//   q       [n, hq, d]              (bf16 or float32, contiguous)
+//   keys    [hk, pool, BLOCK, d]    values [hk, pool, BLOCK, dv]
+//   tables  [n, width] block ids    seen [n] positions each sequence holds after the step
+//   out     [n, hq, dv]             in q's dtype
+// A sequence sees positions [seen - window, seen) (all of [0, seen) without a window).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 16;
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {        // bf16: the high half of a float32
+    uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+inline void store(float* out, float v) { *out = v; }
+inline void store(uint16_t* out, float v) {   // float32 to bf16, rounded to nearest even
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        *out = 0x7fc0;                     // NaN
+        return;
+    }
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    *out = static_cast<uint16_t>(bits >> 16);
+}
+
+thread_local std::vector<float> scratch;    // each thread's scores, reused call after call
+
+// One (sequence, KV head): the scores of its `g` query heads against every position it sees, their
+// softmax, then the probabilities times the values. G and D are the group and head sizes where they
+// are known at compile time (0: given at run time); known, the compiler keeps the queries and the
+// sums in vector registers.
+template <typename T, int G, int D>
+void attend_item(const T* q, const T* head_keys, const T* head_values, const int64_t* table, int64_t start,
+                 int64_t end, T* out, int64_t g_, int64_t d_, int64_t dv_, float scaling, float softcap) {
+    const int64_t g = G ? G : g_, d = D ? D : d_, dv = D ? D : dv_;
+    const int64_t length = end - start;
+    if (static_cast<int64_t>(scratch.size()) < g * length) scratch.resize(g * length);
+    float* scores = scratch.data();
+    // Known sizes: arrays the compiler can keep in registers. Others: each thread's buffers.
+    constexpr int64_t QN = G && D ? G * D : 1, RN = D ? D : 1;
+    float fixed_query[QN], fixed_acc[QN], fixed_row[RN];
+    thread_local std::vector<float> any_query, any_acc, any_row;
+    if (!(G && D)) {
+        any_query.resize(g * d);
+        any_acc.resize(g * dv);
+        any_row.resize(std::max(d, dv));
+    }
+    float* query_ = G && D ? fixed_query : any_query.data();
+    float* acc_ = G && D ? fixed_acc : any_acc.data();
+    float* row = D ? fixed_row : any_row.data();
+    auto query = [&](int64_t j) { return query_ + j * d; };
+    auto acc = [&](int64_t j) { return acc_ + j * dv; };
+    for (int64_t j = 0; j < g; ++j) {
+        for (int64_t t = 0; t < d; ++t) query(j)[t] = to_float(q[j * d + t]);
+        for (int64_t t = 0; t < dv; ++t) acc(j)[t] = 0.0f;
+    }
+    for (int64_t p = start; p < end; ++p) {
+        const T* key = head_keys + (table[p / BLOCK] * BLOCK + p % BLOCK) * d;
+#pragma omp simd
+        for (int64_t t = 0; t < d; ++t) row[t] = to_float(key[t]);
+        for (int64_t j = 0; j < g; ++j) {
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t t = 0; t < d; ++t) dot += query(j)[t] * row[t];
+            float s = dot * scaling;
+            if (softcap > 0.0f) s = std::tanh(s / softcap) * softcap;
+            scores[j * length + (p - start)] = s;
+        }
+    }
+    for (int64_t j = 0; j < g; ++j) {     // softmax over the positions seen
+        float* s = scores + j * length;
+        float top = s[0];
+        for (int64_t p = 1; p < length; ++p) top = std::max(top, s[p]);
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t p = 0; p < length; ++p) {
+            s[p] = std::exp(s[p] - top);
+            total += s[p];
+        }
+        const float inverse = 1.0f / total;
+#pragma omp simd
+        for (int64_t p = 0; p < length; ++p) s[p] *= inverse;
+    }
+    for (int64_t p = start; p < end; ++p) {
+        const T* value = head_values + (table[p / BLOCK] * BLOCK + p % BLOCK) * dv;
+#pragma omp simd
+        for (int64_t t = 0; t < dv; ++t) row[t] = to_float(value[t]);
+        for (int64_t j = 0; j < g; ++j) {
+            const float w = scores[j * length + (p - start)];
+#pragma omp simd
+            for (int64_t t = 0; t < dv; ++t) acc(j)[t] += w * row[t];
+        }
+    }
+    for (int64_t j = 0; j < g; ++j)
+        for (int64_t t = 0; t < dv; ++t) store(out + j * dv + t, acc(j)[t]);
+}
+
+template <typename T>
+using Item = void (*)(const T*, const T*, const T*, const int64_t*, int64_t, int64_t, T*, int64_t, int64_t, int64_t,
+                      float, float);
+
+template <typename T, int D>
+Item<T> fixed_group(int64_t g) {
+    switch (g) {
+        case 1: return attend_item<T, 1, D>;
+        case 2: return attend_item<T, 2, D>;
+        case 3: return attend_item<T, 3, D>;
+        case 4: return attend_item<T, 4, D>;
+        case 5: return attend_item<T, 5, D>;
+        case 6: return attend_item<T, 6, D>;
+        case 7: return attend_item<T, 7, D>;
+        case 8: return attend_item<T, 8, D>;
+        default: return nullptr;
+    }
+}
+
+template <typename T>
+Item<T> pick(int64_t g, int64_t d, int64_t dv) {
+    Item<T> fixed = nullptr;
+    if (d == dv && d == 64) fixed = fixed_group<T, 64>(g);
+    if (d == dv && d == 128) fixed = fixed_group<T, 128>(g);
+    return fixed ? fixed : attend_item<T, 0, 0>;
+}
+
+template <typename T>
+int decode(const T* q, const T* keys, const T* values, const int64_t* tables, const int64_t* seen, T* out,
+           int64_t n, int64_t hq, int64_t hk, int64_t d, int64_t dv, int64_t pool, int64_t width,
+           float scaling, float softcap, int64_t window) {
+    const int64_t g = hq / hk;
+    const Item<T> item_fn = pick<T>(g, d, dv);
+    if (!item_fn) return 1;
+    const int64_t items = n * hk;
+    int64_t work = 0;
+    for (int64_t i = 0; i < n; ++i) work += seen[i];
+    // A parallel region costs more than a small step's whole attention.
+#pragma omp parallel for schedule(static) if (work * hk * (d + dv) * g > 65536)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t i = item / hk, h = item % hk;
+        const int64_t end = seen[i];
+        const int64_t start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
+        T* target = out + (i * hq + h * g) * dv;
+        if (end <= start) {                 // nothing to see: zeros (never so for a real sequence)
+            for (int64_t t = 0; t < g * dv; ++t) store(target + t, 0.0f);
+            continue;
+        }
+        item_fn(q + (i * hq + h * g) * d, keys + h * pool * BLOCK * d, values + h * pool * BLOCK * dv,
+                tables + i * width, start, end, target, g, d, dv, scaling, softcap);
+    }
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int llmos_paged_decode_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* values, const int64_t* tables,
+                             const int64_t* seen, uint16_t* out, int64_t n, int64_t hq, int64_t hk, int64_t d,
+                             int64_t dv, int64_t pool, int64_t width, float scaling, float softcap, int64_t window) {
+    return decode(q, keys, values, tables, seen, out, n, hq, hk, d, dv, pool, width, scaling, softcap, window);
+}
+
+int llmos_paged_decode_f32(const float* q, const float* keys, const float* values, const int64_t* tables,
+                            const int64_t* seen, float* out, int64_t n, int64_t hq, int64_t hk, int64_t d,
+                            int64_t dv, int64_t pool, int64_t width, float scaling, float softcap, int64_t window) {
+    return decode(q, keys, values, tables, seen, out, n, hq, hk, d, dv, pool, width, scaling, softcap, window);
+}
+
+}
