@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from llmos.common.errors import Unavailable
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+log = logging.getLogger(__name__)
 
 
 class EngineDriver:
@@ -31,6 +34,10 @@ class EngineDriver:
         self._calls: deque[tuple[Callable[..., Any], tuple, Future]] = deque()
         self._stopping = False
         self.running = False
+        self.thread: threading.Thread | None = None      # the one running it, while it runs
+        # Called on the driver's thread after each round of calls and steps, before it waits again:
+        # a host hands what the round delivered to its streams at once (`worker.host.Outbox`).
+        self.after_round: list[Callable[[], None]] = []
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Runs `fn(*args)` on the driver's thread between steps; returns its future."""
@@ -63,6 +70,7 @@ class EngineDriver:
         """Steps the engines until `stop`; returns then."""
         with self.wake:
             self.running = True
+            self.thread = threading.current_thread()
         try:
             self._run()
         finally:
@@ -74,6 +82,15 @@ class EngineDriver:
                 for _, _, future in self._calls:
                     future.cancel()
                 self._calls.clear()
+                self.thread = None
+            self._after_round()
+
+    def _after_round(self) -> None:
+        for hook in self.after_round:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a host's hook must not end the engines' thread
+                log.exception("an after-round hook of the engine driver failed")
 
     def _run(self) -> None:
         while True:
@@ -91,6 +108,7 @@ class EngineDriver:
             self._run_calls()
             for engine in ready:
                 engine.step()
+            self._after_round()
 
     def start_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="engine-driver", daemon=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -147,6 +148,52 @@ class ModelStatus:
 Loader = Callable[..., LoadedModel]
 
 
+class Outbox:
+    """Hands what the engines deliver to the streams' queues on the event loop. What the driver's
+    thread delivers during a round (a step's tokens for every sequence in it) goes over in one
+    wake-up of the loop at the round's end (`flush`, an after-round hook of the driver), not one
+    each: a wake-up is a write to the loop's pipe, and a loop woken mid-step takes the interpreter
+    from the step. What another thread delivers goes at once."""
+
+    def __init__(self, driver: EngineDriver) -> None:
+        self._driver = driver
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._items: list[tuple[asyncio.Queue, object]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+        driver.after_round.append(self.flush)
+
+    def queue(self) -> asyncio.Queue:
+        """A stream's queue, on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        return asyncio.Queue()
+
+    def put(self, queue: asyncio.Queue, item: object) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+        if threading.current_thread() is not self._driver.thread:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._items or self._scheduled or self._loop is None:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._hand_over)
+        except RuntimeError:        # the event loop is gone; nobody is listening
+            with self._lock:
+                self._items.clear()
+                self._scheduled = False
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class ModelHost:
     def __init__(self, worker_id: str, resources: ResourcesPort, device: torch.device,
                  dtype: torch.dtype, driver: EngineDriver, config: EngineConfig = EngineConfig(),
@@ -169,6 +216,7 @@ class ModelHost:
         # after a crash) are given back: until then it leases nothing.
         self._past_released = asyncio.Event()
         self._baseline_rss = psutil.Process().memory_info().rss
+        self._outbox = Outbox(driver)
 
     @property
     def lease_prefix(self) -> str:
@@ -447,14 +495,10 @@ class ModelHost:
                 constraint = await asyncio.to_thread(served.grammars.constraint,
                                                      ResponseFormat(FormatKind.TOOLS, tool_grammar(tools, style)))
                 calls = CallParser(style)
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[Chunk | LlmosError] = asyncio.Queue()
+            queue: asyncio.Queue[Chunk | LlmosError] = self._outbox.queue()
 
             def deliver(item: Chunk | LlmosError) -> None:
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-                except RuntimeError:  # the event loop is gone; nobody is listening
-                    pass
+                self._outbox.put(queue, item)
 
             seq = Sequence(request_id, prompt_ids, params, max_new, deliver, trace_context=trace_context,
                            max_backlog=self.config.max_backlog, constraint=constraint, adapter=lora)
