@@ -1,5 +1,5 @@
-"""What compiling gives one engine: the same model and requests with decode attention compiled (the
-kernel that reads the block tables in place, `engine/attention.py`) and without, in alternating
+"""What the decode kernel gives one engine: the same model and requests with decode attention through
+the engine's C++ kernel (it reads the block tables in place, `engine/paged_decode.cpp`) and without, in alternating
 rounds in one process, with the worker's defaults otherwise.
 
     python -m benchmarks.compiled [--source bundled:smollm2-135m-instruct | tiny | DIR] [--rounds 2]
@@ -10,7 +10,7 @@ rounds in one process, with the worker's defaults otherwise.
 bf16 weights as stored multiplied in tiles of 16 rows (what every CPU with native bf16 did before
 its weights were prepacked; with AMX they still go in tiles). Printed: tokens per second, time to
 first token and the gap between tokens for both (medians over the rounds) and their ratio. The
-compiled engine compiles at load (inductor's cache: TORCHINDUCTOR_CACHE_DIR).
+compiled engine builds its kernel at load (or finds it built in TORCHINDUCTOR_CACHE_DIR/llmos-kernels).
 """
 
 from __future__ import annotations

@@ -77,13 +77,13 @@ class WorkerSettings(ServiceSettings):
     # each model keeps loaded (the least recently used idle one makes room; each is leased).
     max_adapters_per_step: int = 4
     max_loaded_adapters: int = 8
-    # Compile what pays with torch.compile (inductor's CPU code; g++ at load): decode attention in
-    # bf16 on the CPU, for models on the lean path. Each model compiles as it loads; off, it runs as written.
+    # Build what pays with the system's C++ compiler (g++, once per machine and source): decode
+    # attention on the CPU through the engine's own kernel. Off, it runs as written.
     compile: bool = True
     # Where this worker keeps what lasts across its restarts; `llmos up` gives each its data directory.
     data_dir: str = ""
-    # Inductor's compile cache, so a second start reads what the first compiled: "" is "inductor"
-    # in the data directory (torch's default without one).
+    # The compile cache (inductor's, and the engine's kernel under llmos-kernels/), so a second start
+    # reads what the first built: "" is "inductor" in the data directory (torch's default without one).
     compile_cache_dir: str = ""
 
 
