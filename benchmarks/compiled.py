@@ -1,5 +1,5 @@
 """What the decode kernel gives one engine: the same model and requests with decode attention through
-the engine's C++ kernel (it reads the block tables in place, `engine/paged_decode.cpp`) and without, in alternating
+the engine's C++ kernel (it reads the block tables in place, `engine/paged_attention.cpp`) and without, in alternating
 rounds in one process, with the worker's defaults otherwise.
 
     python -m benchmarks.compiled [--source bundled:smollm2-135m-instruct | tiny | DIR] [--rounds 2]

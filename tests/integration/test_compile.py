@@ -80,3 +80,42 @@ print(loaded.compiled)
     assert kept, "nothing compiled was kept"
     # (torch makes the directory the environment names as it is imported; nothing is compiled there)
     assert not [p for p in (tmp_path / "elsewhere").rglob("*") if p.is_file()]
+
+
+@COMPILES
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
+@pytest.mark.parametrize(("softcap", "window"), [(None, None), (30.0, 20)], ids=["plain", "softcap-window"])
+def test_prompt_chunks_attend_through_the_kernel_as_uncompiled_and_however_they_are_cut(softcap, window, dtype):
+    """A prompt of 70 positions (after 5 cached ones) beside a decoding sequence: each row sees its
+    own position and those before it, as the uncompiled path's causal chunk attention does (closely:
+    another order of sums); and a row's result is the same bit for bit whether the prompt went in one
+    chunk or in three of 7, 33 and 30, and with or without the decoding sequence beside it."""
+    generator = torch.Generator().manual_seed(1)
+    shape = LayerShape(2, 64, 64)
+    compiled = PagedCache([shape], 32, dtype, CPU, compile=True)
+    compiled.warm(6)
+    plain = PagedCache([shape], 32, dtype, CPU)
+    for pool in compiled.keys + compiled.values:
+        pool[:, 1:] = torch.randn(pool[:, 1:].shape, generator=generator).to(dtype)
+    plain.keys, plain.values = compiled.keys, compiled.values
+    prompt, other = list(range(1, 6)), list(range(6, 10))      # 75 positions: 5 blocks; 60: 4
+    q = torch.randn(70, 6, 64, generator=generator).to(dtype)
+    q_other = torch.randn(1, 6, 64, generator=generator).to(dtype)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+
+    def run(cache, cuts, beside):
+        outs, start = [], 5
+        for length in cuts:
+            parts = ([Part(other, 59, 1, True)] if beside else []) + [Part(prompt, start, length)]
+            rows = torch.cat([q_other, q[start - 5:start - 5 + length]]) if beside else q[start - 5:start - 5 + length]
+            with torch.inference_mode():
+                out = attend(Step(parts, CPU), cache, 0, rows, 0.125, softcap, window)
+            outs.append(out[1:] if beside else out)
+            start += length
+        return torch.cat(outs)
+
+    whole = run(compiled, [70], beside=False)
+    assert compiled.kernel is not None, "the kernel failed and the path fell back"
+    expected = run(plain, [70], beside=False)
+    assert torch.allclose(whole.float(), expected.float(), atol=tolerance, rtol=tolerance), (whole - expected).abs()
+    assert torch.equal(run(compiled, [7, 33, 30], beside=True), whole)

@@ -19,10 +19,11 @@ is; prompt-chunk products get at least `MIN_ROWS` rows. Where the weights' bf16 
 tiles of rows (a CPU with native bf16, `matmul.py`), attention computes in float32, whose kernels
 keep their order whatever the batch.
 
-With a kernel (`PagedCache(compile=True)`, on the CPU): decoding sequences attend through the
-engine's own C++ kernel (`native.py`, `paged_decode.cpp`), one call a layer for all of them, which
-reads each key and value through the block table where it lies (no gathered copy, no float32 copy)
-and computes each sequence alone in float32, in one order whatever else is in the batch (tested alone
+With a kernel (`PagedCache(compile=True)`, on the CPU): every query row of the step, decoding and
+prefilling, attends through the engine's own C++ kernel (`native.py`, `paged_attention.cpp`), one
+call a layer, which reads each key and value through the block table where it lies (no gathered
+copy, no float32 copy, no score matrix in memory) and computes each row alone in float32, in one
+order whatever else is in the batch and however the prompt was cut into chunks (tested alone
 against busy, as for the uncompiled path, and against the uncompiled path).
 """
 
@@ -114,10 +115,10 @@ class PagedCache:
         self.layers, self.blocks = layers, blocks
         self.keys = [zeroed((s.kv_heads, blocks, BLOCK, s.key_dim), dtype, device) for s in layers]
         self.values = [zeroed((s.kv_heads, blocks, BLOCK, s.value_dim), dtype, device) for s in layers]
-        self.kernel = native.paged_decode if compile and compiles_attention(device, dtype) else None
+        self.kernel = native.paged_attention if compile and compiles_attention(device, dtype) else None
 
     def warm(self, query_heads: int | None = None) -> None:
-        """Builds (or finds built) the decode kernel now, a load's time and not the first request's,
+        """Builds (or finds built) the attention kernel now, a load's time and not the first request's,
         and runs it once a layer over block 0, which stays zero, with `query_heads` (each layer's KV
         heads when not given). Where it does not build, or has no code for these heads, decoding
         runs as written (logged)."""
@@ -127,10 +128,11 @@ class PagedCache:
             with torch.inference_mode():
                 for keys, values in zip(self.keys, self.values, strict=True):
                     self.kernel(keys.new_zeros(2, query_heads or keys.shape[0], keys.shape[-1]), keys, values,
-                                torch.zeros(2, 1, dtype=torch.long, device=keys.device),
+                                torch.zeros(1, 1, dtype=torch.long, device=keys.device),
+                                torch.zeros(2, dtype=torch.long, device=keys.device),
                                 torch.ones(2, dtype=torch.long, device=keys.device), 1.0, None, None)
         except Exception as exc:  # noqa: BLE001 - a compiler missing or failing costs speed, not the model
-            log.warning("decode attention has no kernel here (%s); it runs uncompiled", _first_line(exc))
+            log.warning("attention has no kernel here (%s); it runs uncompiled", _first_line(exc))
             self.kernel = None
 
     @property
@@ -207,28 +209,34 @@ class Step:
         self.prefills = [PrefillChunk(torch.tensor(p.blocks[:blocks_for(p.start + p.length)], dtype=torch.long,
                                                    device=device), p.start, p.length)
                          for p in parts if not p.decode]
-        self._biases: dict[tuple[int | None, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self._decoding = decoding
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._biases: dict[int | None, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        # Decoding parts first, then the chunks: the order of the flat batch's rows.
+        self._parts = decoding + [p for p in parts if not p.decode]
+        self._rows: tuple[torch.Tensor, ...] | None = None
 
-    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every decoding sequence's block table [decode_count, widest] (padded with block 0) and the
-        positions each holds after the step [decode_count], in batch order: what the kernel reads."""
-        if self._tables is None:
-            held = [blocks_for(p.start + 1) for p in self._decoding]
-            width = max(held)
-            rows = [p.blocks[:h] + [0] * (width - h) for p, h in zip(self._decoding, held, strict=True)]
-            self._tables = (torch.tensor(rows, dtype=torch.long, device=self.device),
-                            torch.tensor([p.start + 1 for p in self._decoding], dtype=torch.long, device=self.device))
-        return self._tables
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the kernel reads for every row of the step (built once a step): the block table of
+        each part [parts, widest] (padded with block 0), each row's part [rows] and the positions
+        each row sees the end of (its own position + 1) [rows]."""
+        if self._rows is None:
+            held = [blocks_for(p.start + p.length) for p in self._parts]
+            width = max(held, default=1)
+            tables = [p.blocks[:h] + [0] * (width - h) for p, h in zip(self._parts, held, strict=True)]
+            which: list[int] = []
+            seen: list[int] = []
+            for i, p in enumerate(self._parts):
+                which += [i] * p.length
+                seen += range(p.start + 1, p.start + p.length + 1)
+            self._rows = tuple(torch.tensor(v, dtype=torch.long, device=self.device) for v in (tables, which, seen))
+        return self._rows
 
-    def biases(self, window: int | None, decode: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each decode group's mask [1, m, 1, length] (none without `decode`: the kernel needs none)
-        and each chunk's [c, its blocks' positions]: 0 where a query may see a key, -inf where it may
-        not (later, or `window` or more positions back)."""
-        if (window, decode) not in self._biases:
+    def biases(self, window: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each decode group's mask [1, m, 1, length] and each chunk's [c, its blocks' positions]:
+        0 where a query may see a key, -inf where it may not (later, or `window` or more positions
+        back)."""
+        if window not in self._biases:
             masks = []
-            for group in self.groups if decode else ():
+            for group in self.groups:
                 m = group.rows.shape[0]
                 keys = torch.arange(group.length, device=self.device)[None, :]
                 hidden = keys >= group.seen[:, None]
@@ -236,8 +244,8 @@ class Step:
                     hidden |= keys < group.seen[:, None] - window
                 masks.append(torch.zeros(1, m, 1, group.length, device=self.device).masked_fill_(
                     hidden.view(1, m, 1, group.length), float("-inf")))
-            self._biases[window, decode] = masks, [self._causal_bias(c, window) for c in self.prefills]
-        return self._biases[window, decode]
+            self._biases[window] = masks, [self._causal_bias(c, window) for c in self.prefills]
+        return self._biases[window]
 
     def _causal_bias(self, chunk: PrefillChunk, window: int | None) -> torch.Tensor:
         end = chunk.start + chunk.length
@@ -314,20 +322,18 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
         out = pool.index_select(1, blocks)
         return out.float() if upcast else out
 
+    if cache.kernel is not None:
+        try:
+            return cache.kernel(q, keys, values, *step.rows(), scaling, softcap, window)
+        except Exception as exc:  # noqa: BLE001 - a kernel that fails goes on uncompiled, not its step
+            log.warning("the attention kernel failed (%s); this model attends uncompiled from now on",
+                        _first_line(exc))
+            cache.kernel = None
     out = q.new_empty(total, hq, dv)
     queries = q.float() if upcast else q
     n = step.decode_count
-    decoded = False                         # by the kernel
-    if n and cache.kernel is not None:
-        tables, seen = step.tables()
-        try:
-            out[:n] = cache.kernel(q[:n], keys, values, tables, seen, scaling, softcap, window)
-            decoded = True
-        except Exception as exc:  # noqa: BLE001 - a kernel that fails goes on uncompiled, not its step
-            log.warning("the decode kernel failed (%s); this model attends uncompiled from now on", _first_line(exc))
-            cache.kernel = None
-    decode_biases, chunk_biases = step.biases(window, decode=not decoded)
-    for group, bias in zip(() if decoded else step.groups, decode_biases, strict=True):
+    decode_biases, chunk_biases = step.biases(window)
+    for group, bias in zip(step.groups, decode_biases, strict=True):
         m = group.rows.shape[0]
         k = gather(keys, group.tables).view(hk, m, group.length, dk)
         v = gather(values, group.tables).view(hk, m, group.length, dv)

@@ -1,8 +1,9 @@
-"""The engine's own C++ kernel (`paged_decode.cpp`): decode attention reading the paged cache in
-place. Built once per CPU kind and source with the system's C++ compiler into the compile cache
-(inductor's directory: `TORCHINDUCTOR_CACHE_DIR`, which the worker points at its data directory),
-loaded with ctypes and called with the tensors' pointers: a call costs a few microseconds, where a
-compiled graph's wrappers cost tens.
+"""The engine's own C++ kernel (`paged_attention.cpp`): attention of each query row (a decoding
+sequence's token, or a prompt chunk's, causally) reading the paged cache in place. Built once per
+CPU kind and source with the system's C++ compiler into the compile cache (inductor's directory:
+`TORCHINDUCTOR_CACHE_DIR`, which the worker points at its data directory), loaded with ctypes and
+called with the tensors' pointers: a call costs a few microseconds, where a compiled graph's
+wrappers cost tens.
 
 OpenMP: the library is linked against `libgomp.so.1`, the name of the runtime torch itself loads,
 so its parallel loops run on torch's threads (one pool, not two fighting for the cores).
@@ -25,7 +26,7 @@ from llmos.common.devices import cpu_kind
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_decode.cpp")
+SOURCE = Path(__file__).with_name("paged_attention.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-shared", "-fPIC",
          "-std=c++17")
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -45,7 +46,7 @@ def library() -> ctypes.CDLL:
     source = SOURCE.read_bytes()
     # -march=native: a build is for the CPU kind it was made on (a data directory may move).
     key = hashlib.sha256(source + repr((compiler, FLAGS, cpu_kind(), _cpu_flags())).encode()).hexdigest()[:16]
-    target = cache_dir() / f"paged_decode-{key}.so"
+    target = cache_dir() / f"paged_attention-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(f".{os.getpid()}.tmp")
@@ -55,11 +56,11 @@ def library() -> ctypes.CDLL:
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:2000]}")
         os.replace(partial, target)         # whole or absent, with several workers building at once
-        log.info("built the decode attention kernel: %s", target)
+        log.info("built the attention kernel: %s", target)
     lib = ctypes.CDLL(str(target))
-    for name in ("llmos_paged_decode_bf16", "llmos_paged_decode_f32"):
+    for name in ("llmos_paged_attention_bf16", "llmos_paged_attention_f32"):
         fn = getattr(lib, name)
-        fn.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _I64]
+        fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _I64]
         fn.restype = ctypes.c_int
     return lib
 
@@ -75,21 +76,24 @@ def _cpu_flags() -> str:
     return ""
 
 
-def paged_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
-                 seen: torch.Tensor, scaling: float, softcap: float | None, window: int | None) -> torch.Tensor:
-    """Decode attention of q [n, hq, d] over the pool `keys` [hk, pool, BLOCK, d] and `values`
-    [hk, pool, BLOCK, dv] through `tables` [n, width] (int64 block ids) for `seen` [n] (int64)
-    positions each; returns [n, hq, dv] in q's dtype. bf16 or float32, on the CPU."""
+def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
+                    which: torch.Tensor, seen: torch.Tensor, scaling: float, softcap: float | None,
+                    window: int | None) -> torch.Tensor:
+    """Attention of the query rows q [n, hq, d] over the pool `keys` [hk, pool, BLOCK, d] and `values`
+    [hk, pool, BLOCK, dv]: row r reads the block table `tables[which[r]]` ([sequences, width], int64
+    block ids) up to position `seen[r]` (int64, exclusive); returns [n, hq, dv] in q's dtype. bf16
+    or float32, on the CPU."""
     n, hq, d = q.shape
     hk, pool, _, dv = values.shape
     if not (q.dtype == keys.dtype == values.dtype and q.dtype in (torch.bfloat16, torch.float32)
             and keys.is_contiguous() and values.is_contiguous() and q.device.type == "cpu"):
-        raise ValueError("the decode kernel takes a contiguous pool and queries of one dtype, bf16 or float32, "
+        raise ValueError("the attention kernel takes a contiguous pool and queries of one dtype, bf16 or float32, "
                          "on the CPU")
-    q, tables, seen = q.contiguous(), tables.contiguous(), seen.contiguous()
+    q, tables, which, seen = q.contiguous(), tables.contiguous(), which.contiguous(), seen.contiguous()
     out = q.new_empty(n, hq, dv)
-    fn = library().llmos_paged_decode_bf16 if q.dtype == torch.bfloat16 else library().llmos_paged_decode_f32
-    if fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), seen.data_ptr(), out.data_ptr(),
-          n, hq, hk, d, dv, pool, tables.shape[1], scaling, softcap or 0.0, window or 0):
-        raise ValueError(f"no decode kernel for {hq // hk} query heads a KV head of sizes {d} and {dv}")
+    lib = library()
+    fn = lib.llmos_paged_attention_bf16 if q.dtype == torch.bfloat16 else lib.llmos_paged_attention_f32
+    if fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), which.data_ptr(), seen.data_ptr(),
+          out.data_ptr(), n, hq, hk, d, dv, pool, tables.shape[1], scaling, softcap or 0.0, window or 0):
+        raise ValueError(f"no attention kernel for {hq // hk} query heads a KV head of sizes {d} and {dv}")
     return out

@@ -1,15 +1,17 @@
-// Decode attention over the paged KV cache: one query per sequence, its keys and values read
-// through its block table where they lie in the pool, computed in float32.
+// Attention over the paged KV cache, one query row at a time: a decoding sequence's newest token,
+// or one token of a prompt chunk (which sees the positions up to its own: causal). Its keys and
+// values are read through its sequence's block table where they lie in the pool, in float32.
 //
-// Each (sequence, KV head) is one work item, computed by one thread from start to end in a fixed
-// order: a sequence's result depends on nothing but its own query, table and cache, whatever else
-// is in the batch and however the items are shared among threads. Built and loaded by
-// `engine/native.py`; the layouts are those of `engine/attention.py`:
+// Each (row, KV head) is one work item, computed by one thread from start to end in a fixed order:
+// a row's result depends on nothing but its own query, table and cache, whatever else is in the
+// batch, however a prompt was cut into chunks and however the items are shared among threads.
+// Built and loaded by `engine/native.py`; the layouts are those of `engine/attention.py`:
 //   q       [n, hq, d]              (bf16 or float32, contiguous)
 //   keys    [hk, pool, BLOCK, d]    values [hk, pool, BLOCK, dv]
-//   tables  [n, width] block ids    seen [n] positions each sequence holds after the step
+//   tables  [sequences, width]      block ids; which [n]: each row's sequence (its table's row)
+//   seen    [n]                     positions the row sees the end of (its own position + 1)
 //   out     [n, hq, dv]             in q's dtype
-// A sequence sees positions [seen - window, seen) (all of [0, seen) without a window).
+// A row sees positions [seen - window, seen) (all of [0, seen) without a window).
 
 #include <algorithm>
 #include <cmath>
@@ -141,9 +143,9 @@ Item<T> pick(int64_t g, int64_t d, int64_t dv) {
 }
 
 template <typename T>
-int decode(const T* q, const T* keys, const T* values, const int64_t* tables, const int64_t* seen, T* out,
-           int64_t n, int64_t hq, int64_t hk, int64_t d, int64_t dv, int64_t pool, int64_t width,
-           float scaling, float softcap, int64_t window) {
+int attend(const T* q, const T* keys, const T* values, const int64_t* tables, const int64_t* which,
+           const int64_t* seen, T* out, int64_t n, int64_t hq, int64_t hk, int64_t d, int64_t dv, int64_t pool,
+           int64_t width, float scaling, float softcap, int64_t window) {
     const int64_t g = hq / hk;
     const Item<T> item_fn = pick<T>(g, d, dv);
     if (!item_fn) return 1;
@@ -152,7 +154,8 @@ int decode(const T* q, const T* keys, const T* values, const int64_t* tables, co
     for (int64_t i = 0; i < n; ++i) work += seen[i];
     // Below about 600k multiply-adds a parallel region costs what it saves (measured: one thread is as
     // fast for one sequence of 800 positions or four of 100, SmolLM2's heads; two are 1.7x at 8 of 100).
-#pragma omp parallel for schedule(static) if (work * hk * (d + dv) * g > 600000 && items > 1)
+// Items dealt round robin: a prompt chunk's rows see ever more positions.
+#pragma omp parallel for schedule(static, 1) if (work * hk * (d + dv) * g > 600000 && items > 1)
     for (int64_t item = 0; item < items; ++item) {
         const int64_t i = item / hk, h = item % hk;
         const int64_t end = seen[i];
@@ -163,7 +166,7 @@ int decode(const T* q, const T* keys, const T* values, const int64_t* tables, co
             continue;
         }
         item_fn(q + (i * hq + h * g) * d, keys + h * pool * BLOCK * d, values + h * pool * BLOCK * dv,
-                tables + i * width, start, end, target, g, d, dv, scaling, softcap);
+                tables + which[i] * width, start, end, target, g, d, dv, scaling, softcap);
     }
     return 0;
 }
@@ -172,16 +175,18 @@ int decode(const T* q, const T* keys, const T* values, const int64_t* tables, co
 
 extern "C" {
 
-int llmos_paged_decode_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* values, const int64_t* tables,
-                             const int64_t* seen, uint16_t* out, int64_t n, int64_t hq, int64_t hk, int64_t d,
-                             int64_t dv, int64_t pool, int64_t width, float scaling, float softcap, int64_t window) {
-    return decode(q, keys, values, tables, seen, out, n, hq, hk, d, dv, pool, width, scaling, softcap, window);
+int llmos_paged_attention_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* values,
+                               const int64_t* tables, const int64_t* which, const int64_t* seen, uint16_t* out,
+                               int64_t n, int64_t hq, int64_t hk, int64_t d, int64_t dv, int64_t pool, int64_t width,
+                               float scaling, float softcap, int64_t window) {
+    return attend(q, keys, values, tables, which, seen, out, n, hq, hk, d, dv, pool, width, scaling, softcap, window);
 }
 
-int llmos_paged_decode_f32(const float* q, const float* keys, const float* values, const int64_t* tables,
-                            const int64_t* seen, float* out, int64_t n, int64_t hq, int64_t hk, int64_t d,
-                            int64_t dv, int64_t pool, int64_t width, float scaling, float softcap, int64_t window) {
-    return decode(q, keys, values, tables, seen, out, n, hq, hk, d, dv, pool, width, scaling, softcap, window);
+int llmos_paged_attention_f32(const float* q, const float* keys, const float* values, const int64_t* tables,
+                              const int64_t* which, const int64_t* seen, float* out, int64_t n, int64_t hq,
+                              int64_t hk, int64_t d, int64_t dv, int64_t pool, int64_t width, float scaling,
+                              float softcap, int64_t window) {
+    return attend(q, keys, values, tables, which, seen, out, n, hq, hk, d, dv, pool, width, scaling, softcap, window);
 }
 
 }
