@@ -116,6 +116,11 @@ class PagedCache:
         self.keys = [zeroed((s.kv_heads, blocks, BLOCK, s.key_dim), dtype, device) for s in layers]
         self.values = [zeroed((s.kv_heads, blocks, BLOCK, s.value_dim), dtype, device) for s in layers]
         self.kernel = native.paged_attention if compile and compiles_attention(device, dtype) else None
+        # Prompt chunks through the kernel too, in float32 only. In bf16 the kernel's sums round to the
+        # bf16 outputs otherwise than the batched float32 products do, and that flipped SmolLM2's
+        # first token on 3 of 4 chat prompts whose two best tokens are within 0.1 of each other in
+        # float32 (neither path nearer float32's logits): the default model stopped answering "Paris".
+        self.prompts_through_kernel = dtype == torch.float32
 
     def warm(self, query_heads: int | None = None) -> None:
         """Builds (or finds built) the attention kernel now, a load's time and not the first request's,
@@ -322,18 +327,24 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
         out = pool.index_select(1, blocks)
         return out.float() if upcast else out
 
-    if cache.kernel is not None:
+    n = step.decode_count
+    out = q.new_empty(total, hq, dv)
+    decoded = False                         # the decoding rows, by the kernel
+    if cache.kernel is not None and (n or cache.prompts_through_kernel):
+        every = cache.prompts_through_kernel or not step.prefills
+        tables, which, seen = step.rows()
         try:
-            return cache.kernel(q, keys, values, *step.rows(), scaling, softcap, window)
+            if every:
+                return cache.kernel(q, keys, values, tables, which, seen, scaling, softcap, window)
+            out[:n] = cache.kernel(q[:n], keys, values, tables, which[:n], seen[:n], scaling, softcap, window)
+            decoded = True
         except Exception as exc:  # noqa: BLE001 - a kernel that fails goes on uncompiled, not its step
             log.warning("the attention kernel failed (%s); this model attends uncompiled from now on",
                         _first_line(exc))
             cache.kernel = None
-    out = q.new_empty(total, hq, dv)
     queries = q.float() if upcast else q
-    n = step.decode_count
     decode_biases, chunk_biases = step.biases(window)
-    for group, bias in zip(step.groups, decode_biases, strict=True):
+    for group, bias in zip(() if decoded else step.groups, decode_biases, strict=True):
         m = group.rows.shape[0]
         k = gather(keys, group.tables).view(hk, m, group.length, dk)
         v = gather(values, group.tables).view(hk, m, group.length, dv)
