@@ -344,7 +344,7 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
             cache.kernel = None
     queries = q.float() if upcast else q
     decode_biases, chunk_biases = step.biases(window)
-    for group, bias in zip(() if decoded else step.groups, decode_biases, strict=True):
+    for group, bias in zip(step.groups, decode_biases, strict=True) if not decoded else ():
         m = group.rows.shape[0]
         k = gather(keys, group.tables).view(hk, m, group.length, dk)
         v = gather(values, group.tables).view(hk, m, group.length, dv)
