@@ -19,12 +19,13 @@ is; prompt-chunk products get at least `MIN_ROWS` rows. Where the weights' bf16 
 tiles of rows (a CPU with native bf16, `matmul.py`), attention computes in float32, whose kernels
 keep their order whatever the batch.
 
-With a kernel (`PagedCache(compile=True)`, on the CPU): every query row of the step, decoding and
-prefilling, attends through the engine's own C++ kernel (`native.py`, `paged_attention.cpp`), one
-call a layer, which reads each key and value through the block table where it lies (no gathered
-copy, no float32 copy, no score matrix in memory) and computes each row alone in float32, in one
-order whatever else is in the batch and however the prompt was cut into chunks (tested alone
-against busy, as for the uncompiled path, and against the uncompiled path).
+With a kernel (`PagedCache(compile=True)`, on the CPU): the decoding rows of the step, and in
+float32 its prompt chunks' rows too (`PagedCache.prompts_through_kernel`), attend through the
+engine's own C++ kernel (`native.py`, `paged_attention.cpp`), one call a layer, which reads each key
+and value through the block table where it lies (no gathered copy, no float32 copy, no score matrix
+in memory) and computes each row alone in float32, in one order whatever else is in the batch and
+however the prompt was cut into chunks (tested alone against busy, as for the uncompiled path, and
+against the uncompiled path).
 """
 
 from __future__ import annotations
