@@ -127,3 +127,22 @@ def test_prompt_chunks_attend_through_the_kernel_as_uncompiled_and_however_they_
         assert torch.equal(cut, whole)
     else:
         assert torch.allclose(cut.float(), expected.float(), atol=tolerance, rtol=tolerance), (cut - expected).abs()
+
+
+@COMPILES
+def test_loading_the_kernel_leaves_the_process_arithmetic_as_it_was(tmp_path):
+    """The kernel is compiled with -ffast-math, which on a link line makes g++ add a start-up routine
+    that switches the whole process to flushing denormal numbers to zero. Loaded in a fresh
+    interpreter (with a fresh build), torch's arithmetic keeps its denormals."""
+    script = """
+import torch
+tiny = torch.tensor([1e-40], dtype=torch.float32)
+from llmos.engine import native
+native.library()
+print((tiny * 1).item() > 0)
+"""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True"]
+    assert list((tmp_path / "llmos-kernels").glob("*.so")), "nothing was built"

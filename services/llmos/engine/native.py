@@ -27,8 +27,10 @@ from llmos.common.devices import cpu_kind
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-shared", "-fPIC",
-         "-std=c++17")
+# -ffast-math compiles the source only: on the link line, g++ adds a start-up routine that switches
+# the whole process to flushing denormals to zero (torch's arithmetic included).
+COMPILE = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17", "-c")
+LINK = ("-shared", "-fopenmp")
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
@@ -45,17 +47,21 @@ def library() -> ctypes.CDLL:
     compiler = os.environ.get("CXX", "g++")
     source = SOURCE.read_bytes()
     # -march=native: a build is for the CPU kind it was made on (a data directory may move).
-    key = hashlib.sha256(source + repr((compiler, FLAGS, cpu_kind(), _cpu_flags())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + repr((compiler, COMPILE, LINK, cpu_kind(), _cpu_flags())).encode()).hexdigest()[:16]
     target = cache_dir() / f"paged_attention-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".{os.getpid()}.tmp")
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
+        partial, objects = target.with_suffix(f".{os.getpid()}.tmp"), target.with_suffix(f".{os.getpid()}.o")
+        try:
+            for command in ([compiler, *COMPILE, str(SOURCE), "-o", str(objects)],
+                            [compiler, *LINK, str(objects), "-o", str(partial)]):
+                done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:2000]}")
+            os.replace(partial, target)     # whole or absent, with several workers building at once
+        finally:
             partial.unlink(missing_ok=True)
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:2000]}")
-        os.replace(partial, target)         # whole or absent, with several workers building at once
+            objects.unlink(missing_ok=True)
         log.info("built the attention kernel: %s", target)
     lib = ctypes.CDLL(str(target))
     for name in ("llmos_paged_attention_bf16", "llmos_paged_attention_f32"):
