@@ -94,11 +94,16 @@ def test_a_model_on_a_killed_worker_is_loaded_again_on_the_other(tmp_path, tiny_
         assert generate_ok(client)
 
 
-def test_slots_held_by_a_killed_gateway_come_back_and_the_next_16_all_run(tmp_path, tiny_model_dir):
+def test_slots_held_by_a_killed_gateway_come_back_and_the_next_16_all_run(tmp_path):
     """A gateway carrying 8 streams is frozen, then killed with SIGKILL: it never tells the
     scheduler they ended. The scheduler learns it from the worker's reports (the worker no longer
     serves them) and frees the slots; then 16 requests on the other gateway all get a slot at once
-    (the queue holds nothing, so any request without a free slot would be refused)."""
+    (the queue holds nothing, so any request without a free slot would be refused). The 8 streams
+    are 3,000 tokens long (a tiny model with a context of 4,096), so they are still running when the
+    gateway dies: the tiny model's usual 256 positions were done before the slots were counted."""
+    from tests.support.tiny_model import build_tiny_model
+
+    tiny_model_dir = build_tiny_model(tmp_path / "tiny-long" / "tiny", context=4096)
     env = quiet_env(tiny_model_dir.parent, LLMOS_SCHEDULER_SLOTS_PER_WORKER="16", LLMOS_SCHEDULER_MAX_QUEUE="0",
                     LLMOS_SCHEDULER_ORPHAN_GRACE_SECONDS="2", LLMOS_WORKER_MAX_RUNNING="16")
     with Suite(tmp_path, ports=FREE_PORTS, metrics_port=0, gateways=2, env=env) as suite, \
@@ -107,7 +112,7 @@ def test_slots_held_by_a_killed_gateway_come_back_and_the_next_16_all_run(tmp_pa
         admin.load_model("tiny")
         key = suite.identity.admin_key()
         doomed = Client(gateway=suite.addresses["gateway-2"], api_key=key)
-        streams = [doomed.generate("tiny", prompt=f"Doomed {i}", max_tokens=200, ignore_eos=True, timeout=60)
+        streams = [doomed.generate("tiny", prompt=f"Doomed {i}", max_tokens=3000, ignore_eos=True, timeout=60)
                    for i in range(8)]
         for stream in streams:
             next(stream)                               # all 8 admitted and streaming
