@@ -50,6 +50,7 @@ def test_the_decode_kernel_attends_as_the_uncompiled_path(softcap, window, dtype
             q = torch.cat([q for q, _ in alone])
         with torch.inference_mode():
             got = attend(step, compiled, 0, q, 0.25, softcap, window)
+            assert "groups" not in vars(step), "a step the kernel served built the uncompiled path's groups"
             expected = attend(step, plain, 0, q, 0.25, softcap, window)
         assert compiled.kernel is not None, "the kernel failed and the path fell back"
         assert got.dtype == dtype and got.shape == expected.shape

@@ -182,8 +182,8 @@ class Step:
     """What every attention layer of one step shares, built from its `Part`s: decoding ones first."""
 
     def __init__(self, parts: list[Part], device: torch.device) -> None:
-        with torch.inference_mode():        # read by forwards in inference mode only (and a compiled
-            self._build(parts, device)      # kernel's guards take tensors of one kind)
+        with torch.inference_mode():        # read by forwards in inference mode only
+            self._build(parts, device)
 
     def _build(self, parts: list[Part], device: torch.device) -> None:
         self.device = device
@@ -195,30 +195,38 @@ class Step:
                 slots.append(part.blocks[p // BLOCK] * BLOCK + p % BLOCK)
         self.positions = torch.tensor(positions, dtype=torch.long, device=device)
         self.slots = torch.tensor(slots, dtype=torch.long, device=device)
-        decoding = [p for p in parts if p.decode]
-        self.decode_count = len(decoding)
-        # Positions each sequence holds after this step; its keys are read in whole blocks, as many
-        # as the next power of two of its blocks.
-        widths: dict[int, list[int]] = {}
-        for row, part in enumerate(decoding):
-            widths.setdefault(1 << (blocks_for(part.start + 1) - 1).bit_length(), []).append(row)
-        self.groups = []
-        for width, rows in sorted(widths.items()):
-            tables: list[int] = []
-            for row in rows:
-                held = blocks_for(decoding[row].start + 1)
-                tables += decoding[row].blocks[:held] + [0] * (width - held)
-            self.groups.append(DecodeGroup(torch.tensor(rows, dtype=torch.long, device=device),
-                                           torch.tensor(tables, dtype=torch.long, device=device),
-                                           torch.tensor([decoding[r].start + 1 for r in rows], dtype=torch.long,
-                                                        device=device), width * BLOCK))
+        self._decoding = [p for p in parts if p.decode]
+        self.decode_count = len(self._decoding)
         self.prefills = [PrefillChunk(torch.tensor(p.blocks[:blocks_for(p.start + p.length)], dtype=torch.long,
                                                    device=device), p.start, p.length)
                          for p in parts if not p.decode]
-        self._biases: dict[int | None, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._decode_biases: dict[int | None, list[torch.Tensor]] = {}
+        self._chunk_biases: dict[int | None, list[torch.Tensor]] = {}
         # Decoding parts first, then the chunks: the order of the flat batch's rows.
-        self._parts = decoding + [p for p in parts if not p.decode]
+        self._parts = self._decoding + [p for p in parts if not p.decode]
         self._rows: tuple[torch.Tensor, ...] | None = None
+
+    @functools.cached_property
+    def groups(self) -> list[DecodeGroup]:
+        """The decoding sequences in groups of like length, for the uncompiled path (built when first
+        asked: a step the kernel serves needs none). Each sequence's keys are read in whole blocks, as
+        many as the next power of two of its blocks."""
+        decoding = self._decoding
+        widths: dict[int, list[int]] = {}
+        for row, part in enumerate(decoding):
+            widths.setdefault(1 << (blocks_for(part.start + 1) - 1).bit_length(), []).append(row)
+        groups = []
+        with torch.inference_mode():
+            for width, rows in sorted(widths.items()):
+                tables: list[int] = []
+                for row in rows:
+                    held = blocks_for(decoding[row].start + 1)
+                    tables += decoding[row].blocks[:held] + [0] * (width - held)
+                groups.append(DecodeGroup(torch.tensor(rows, dtype=torch.long, device=self.device),
+                                          torch.tensor(tables, dtype=torch.long, device=self.device),
+                                          torch.tensor([decoding[r].start + 1 for r in rows], dtype=torch.long,
+                                                       device=self.device), width * BLOCK))
+        return groups
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the kernel reads for every row of the step (built once a step): the block table of
@@ -236,11 +244,10 @@ class Step:
             self._rows = tuple(torch.tensor(v, dtype=torch.long, device=self.device) for v in (tables, which, seen))
         return self._rows
 
-    def biases(self, window: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each decode group's mask [1, m, 1, length] and each chunk's [c, its blocks' positions]:
-        0 where a query may see a key, -inf where it may not (later, or `window` or more positions
-        back)."""
-        if window not in self._biases:
+    def decode_biases(self, window: int | None) -> list[torch.Tensor]:
+        """Each decode group's mask [1, m, 1, length]: 0 where a query may see a key, -inf where it
+        may not (later, or `window` or more positions back)."""
+        if window not in self._decode_biases:
             masks = []
             for group in self.groups:
                 m = group.rows.shape[0]
@@ -250,8 +257,14 @@ class Step:
                     hidden |= keys < group.seen[:, None] - window
                 masks.append(torch.zeros(1, m, 1, group.length, device=self.device).masked_fill_(
                     hidden.view(1, m, 1, group.length), float("-inf")))
-            self._biases[window] = masks, [self._causal_bias(c, window) for c in self.prefills]
-        return self._biases[window]
+            self._decode_biases[window] = masks
+        return self._decode_biases[window]
+
+    def chunk_biases(self, window: int | None) -> list[torch.Tensor]:
+        """Each prompt chunk's mask [c, its blocks' positions], as `decode_biases`."""
+        if window not in self._chunk_biases:
+            self._chunk_biases[window] = [self._causal_bias(c, window) for c in self.prefills]
+        return self._chunk_biases[window]
 
     def _causal_bias(self, chunk: PrefillChunk, window: int | None) -> torch.Tensor:
         end = chunk.start + chunk.length
@@ -344,8 +357,7 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
                         _first_line(exc))
             cache.kernel = None
     queries = q.float() if upcast else q
-    decode_biases, chunk_biases = step.biases(window)
-    for group, bias in zip(step.groups, decode_biases, strict=True) if not decoded else ():
+    for group, bias in zip(step.groups, step.decode_biases(window), strict=True) if not decoded else ():
         m = group.rows.shape[0]
         k = gather(keys, group.tables).view(hk, m, group.length, dk)
         v = gather(values, group.tables).view(hk, m, group.length, dv)
@@ -356,7 +368,7 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
         else:
             out.index_copy_(0, group.rows, result.to(out.dtype))
     offset = n
-    for chunk, bias in zip(step.prefills, chunk_biases, strict=True):
+    for chunk, bias in zip(step.prefills, step.chunk_biases(window), strict=True):
         length = chunk.blocks.shape[0] * BLOCK
         k = gather(keys, chunk.blocks).view(hk, length, dk).transpose(1, 2)
         v = gather(values, chunk.blocks).view(hk, length, dv)

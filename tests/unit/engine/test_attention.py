@@ -22,7 +22,7 @@ def test_a_step_reads_whole_blocks_in_groups_of_like_length_and_masks_what_each_
         ([0, 2], [3, 8], BLOCK), ([1], [5, 6, 7, 0], 4 * BLOCK)]
     assert step.slots.tolist()[:3] == [3 * BLOCK + 4, 7 * BLOCK + 3, 8 * BLOCK + 9]
     assert step.slots.tolist()[3:] == [2 * BLOCK + i for i in range(BLOCK)] + [4 * BLOCK, 4 * BLOCK + 1]
-    (short, long), (chunk,) = step.biases(None)
+    (short, long), (chunk,) = step.decode_biases(None), step.chunk_biases(None)
     assert (short[0, :, 0] == 0).sum(dim=-1).tolist() == [5, 10]
     assert (long[0, :, 0] == 0).sum(dim=-1).tolist() == [2 * BLOCK + 4]
     assert chunk.shape == (BLOCK + 2, 2 * BLOCK) and (chunk[-1] == 0).sum() == BLOCK + 2
