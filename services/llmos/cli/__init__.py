@@ -78,6 +78,8 @@ class Progress:
         self._phase, self._started, self._done = "", time.monotonic(), threading.Event()
         self._began = threading.Event()     # a phase began (a call that changes nothing has none)
         self._ended = threading.Event()     # the event that ends the call's phase arrived
+        # Whether the call changed anything, where its answer says so (an import's `created`); None: unknown.
+        self.changed: bool | None = None
         self._threads: list[threading.Thread] = []
         self._stream = None
 
@@ -95,8 +97,12 @@ class Progress:
         return self
 
     def __exit__(self, kind, *exc: object) -> None:
-        if kind is None and self._began.is_set():   # the call is done: its phase's last event is on its way
-            self._ended.wait(5.0)
+        # The registry answers a call only once every watch has sent the call's events, but this process
+        # may read the answer before the watch's thread has read them. So, unless the answer said nothing
+        # changed: wait a moment for a phase to begin, then for the event that ends it.
+        if kind is None and self.changed is not False:
+            if self._began.wait(1.0):
+                self._ended.wait(5.0)
         self._done.set()
         self._stream.cancel()
         for thread in self._threads:
@@ -123,7 +129,8 @@ class Progress:
                 self._phase = f"{who}{enum_word(event, 'kind')}{where}" + (f", {event.reason}" if event.reason else "")
                 if not self._tty:
                     print(self._line(), file=self._out, flush=True)
-                if event.kind in _BEGINS_A_PHASE:
+                # Set once the line is out: the call's end waits on these, then stops the watch.
+                if event.kind in _BEGINS_A_PHASE or event.kind in _ENDS_A_PHASE:
                     self._began.set()
                 if event.kind in _ENDS_A_PHASE:
                     self._ended.set()
@@ -442,8 +449,9 @@ def cmd_alias(args: argparse.Namespace) -> int:
                 targets = {t.model: t.weight for t in previous}
             else:
                 targets = _targets(args.targets)
-            with Progress(client, "", f"alias {args.name}"):
+            with Progress(client, "", f"alias {args.name}") as progress:
                 response = client.set_alias(args.name, targets, rollback_window=args.rollback_window)
+                progress.changed = response.changed
             print("flipped" if response.changed else "unchanged", end=": ")
             _print_alias(response.alias)
         elif args.alias_action == "list":
@@ -464,8 +472,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.action == "import":
             source = args.source if args.source.startswith("bundled:") else os.path.abspath(args.source)
-            with Progress(client, f"{args.name}:{args.tag}" if args.tag else args.name, "importing"):
+            with Progress(client, f"{args.name}:{args.tag}" if args.tag else args.name, "importing") as progress:
                 response = client.import_model(args.name, source, tag=args.tag, base=args.base, task=args.task)
+                progress.changed = response.created
             print("imported" if response.created else "already imported", end=": ")
             _print_model(response.model)
         elif args.action == "list":
