@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
 
+from llmos.engine import attention
 from llmos.engine.attention import BLOCK, LayerShape, PagedCache, Part, Step, attend, can_compile
 
 CPU = torch.device("cpu")
@@ -92,13 +94,14 @@ def test_prompt_chunks_attend_through_the_kernel_as_uncompiled_and_however_they_
     another order of sums), in steps with and without a decoding row. In float32 the prompt goes
     through the kernel, and a row's result is the same bit for bit whether the prompt went in one
     chunk or in three of 7, 33 and 30, with or without the decoding sequence beside it; in bf16 the
-    prompt keeps the batched products (`PagedCache.prompts_through_kernel`), the decoding row the
-    kernel."""
+    prompt goes through flash attention without a soft cap (`PagedCache.flash_prompts`) and through the
+    batched products with one, the decoding row through the kernel."""
     generator = torch.Generator().manual_seed(1)
     shape = LayerShape(2, 64, 64)
     compiled = PagedCache([shape], 32, dtype, CPU, compile=True)
     compiled.warm(6)
     plain = PagedCache([shape], 32, dtype, CPU)
+    plain.flash_prompts = False                 # the reference: the batched products
     for pool in compiled.keys + compiled.values:
         pool[:, 1:] = torch.randn(pool[:, 1:].shape, generator=generator).to(dtype)
     plain.keys, plain.values = compiled.keys, compiled.values
@@ -118,7 +121,10 @@ def test_prompt_chunks_attend_through_the_kernel_as_uncompiled_and_however_they_
             start += length
         return torch.cat(outs)
 
-    whole = run(compiled, [70], beside=False)
+    flash = torch.nn.functional.scaled_dot_product_attention
+    with mock.patch.object(attention.F, "scaled_dot_product_attention", wraps=flash) as flashed:
+        whole = run(compiled, [70], beside=False)
+    assert flashed.called == (dtype == torch.bfloat16 and not softcap)
     assert compiled.kernel is not None, "the kernel failed and the path fell back"
     assert compiled.prompts_through_kernel == (dtype == torch.float32)
     expected = run(plain, [70], beside=False)

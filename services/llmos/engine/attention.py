@@ -26,6 +26,10 @@ and value through the block table where it lies (no gathered copy, no float32 co
 in memory) and computes each row alone in float32, in one order whatever else is in the batch and
 however the prompt was cut into chunks (tested alone against busy, as for the uncompiled path, and
 against the uncompiled path).
+
+In half precision on the CPU, prompt chunks without a soft cap attend through torch's flash attention
+(`scaled_dot_product_attention`) over their gathered blocks, with or without the kernel
+(`PagedCache.flash_prompts`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import native
 from .matmul import MIN_ROWS, tiles_rows
@@ -122,6 +127,11 @@ class PagedCache:
         # first token on 3 of 4 chat prompts whose two best tokens are within 0.1 of each other in
         # float32 (neither path nearer float32's logits): the default model stopped answering "Paris".
         self.prompts_through_kernel = dtype == torch.float32
+        # Elsewhere in half precision on the CPU, prompt chunks without a soft cap go through torch's flash
+        # attention over their gathered blocks (no float32 copy, no score matrix in memory): a 1,008-token
+        # prompt of SmolLM2 in bf16 took 605 ms against 970 ms with the batched float32 products, with the
+        # same answers (BENCHMARKS.md). Neither path gives a row the same bits however its prompt is cut.
+        self.flash_prompts = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
     def warm(self, query_heads: int | None = None) -> None:
         """Builds (or finds built) the attention kernel now, a load's time and not the first request's,
@@ -201,7 +211,7 @@ class Step:
                                                    device=device), p.start, p.length)
                          for p in parts if not p.decode]
         self._decode_biases: dict[int | None, list[torch.Tensor]] = {}
-        self._chunk_biases: dict[int | None, list[torch.Tensor]] = {}
+        self._chunk_biases: dict[object, list[torch.Tensor]] = {}
         # Decoding parts first, then the chunks: the order of the flat batch's rows.
         self._parts = self._decoding + [p for p in parts if not p.decode]
         self._rows: tuple[torch.Tensor, ...] | None = None
@@ -266,14 +276,27 @@ class Step:
             self._chunk_biases[window] = [self._causal_bias(c, window) for c in self.prefills]
         return self._chunk_biases[window]
 
-    def _causal_bias(self, chunk: PrefillChunk, window: int | None) -> torch.Tensor:
+    def chunk_masks(self, window: int | None) -> list[torch.Tensor]:
+        """Each prompt chunk's mask [c, its blocks' positions] for flash attention: True where a query
+        may see a key."""
+        if ("allowed", window) not in self._chunk_biases:
+            self._chunk_biases["allowed", window] = [~self._hidden(c, window) for c in self.prefills]
+        return self._chunk_biases["allowed", window]
+
+    def _hidden(self, chunk: PrefillChunk, window: int | None) -> torch.Tensor:
+        """[c, its blocks' positions]: True where a query of the chunk may not see a key (a later one,
+        or `window` or more positions back)."""
         end = chunk.start + chunk.length
         keys = torch.arange(key_length(end), device=self.device)[None, :]
         queries = torch.arange(chunk.start, end, device=self.device)[:, None]
         hidden = keys > queries
         if window:
             hidden |= keys <= queries - window
-        return torch.zeros(chunk.length, keys.shape[1], device=self.device).masked_fill_(hidden, float("-inf"))
+        return hidden
+
+    def _causal_bias(self, chunk: PrefillChunk, window: int | None) -> torch.Tensor:
+        hidden = self._hidden(chunk, window)
+        return torch.zeros(hidden.shape, device=self.device).masked_fill_(hidden, float("-inf"))
 
 
 def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -368,6 +391,16 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
         else:
             out.index_copy_(0, group.rows, result.to(out.dtype))
     offset = n
+    if cache.flash_prompts and not softcap:
+        for chunk, allowed in zip(step.prefills, step.chunk_masks(window), strict=True):
+            shape = (1, hk, chunk.blocks.shape[0] * BLOCK)
+            k = keys.index_select(1, chunk.blocks).view(*shape, dk)
+            v = values.index_select(1, chunk.blocks).view(*shape, dv)
+            qp = q[offset:offset + chunk.length].transpose(0, 1)[None]          # [1, hq, c, d]
+            out[offset:offset + chunk.length] = F.scaled_dot_product_attention(
+                qp, k, v, attn_mask=allowed, scale=scaling, enable_gqa=hq != hk)[0].transpose(0, 1)
+            offset += chunk.length
+        return out
     for chunk, bias in zip(step.prefills, step.chunk_biases(window), strict=True):
         length = chunk.blocks.shape[0] * BLOCK
         k = gather(keys, chunk.blocks).view(hk, length, dk).transpose(1, 2)
