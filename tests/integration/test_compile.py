@@ -153,3 +153,49 @@ print((tiny * 1).item() > 0)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["True"]
     assert list((tmp_path / "llmos-kernels").glob("*.so")), "nothing was built"
+
+
+@COMPILES
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
+def test_the_fused_kernels_compute_what_the_operators_they_replace_do_row_by_row(dtype):
+    """The residual add with the RMS norm, the rotary embedding and SiLU(gate) * up against the torch
+    operators of the unfused forward: the rotary embedding and the residual add bit for bit (the same
+    roundings), the norm and SiLU within a bf16 step (their sums and exponentials in another order);
+    and each row the same whatever rows are beside it (one row alone, 5 rows, 300 rows: the last past
+    the size from which rows are shared among threads)."""
+    from llmos.engine import native
+
+    generator = torch.Generator().manual_seed(3)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+
+    hidden, heads, d, inner, eps = 576, 12, 64, 1536, 1e-5
+    weight, cos, sin = randn(hidden), randn(4096, d), randn(4096, d)
+    for rows in (1, 5, 300):
+        x, add = randn(rows, hidden, scale=3.0), randn(rows, hidden)
+        summed = x + add
+        x32 = summed.float()
+        expected = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+        normed = native.add_rms_norm(x, add, weight, eps)
+        assert torch.equal(x, summed)                               # added in place, rounded as torch rounds
+        assert torch.allclose(normed.float(), expected.float(), rtol=tolerance, atol=tolerance)
+        assert torch.equal(native.add_rms_norm(x[:1].clone(), None, weight, eps), normed[:1])
+
+        qkv = randn(rows, (heads + 4) * d)              # the rotated heads at the start of each row
+        positions = torch.randint(0, 4096, (rows,), generator=generator)
+        q = qkv[:, :heads * d].view(rows, heads, d)
+        c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        expected = q * c + torch.cat((-q[..., d // 2:], q[..., :d // 2]), dim=-1) * s
+        rotated = native.rotary(qkv, heads, d, cos, sin, positions)
+        assert torch.equal(rotated, expected)
+        assert torch.equal(native.rotary(qkv[:1], heads, d, cos, sin, positions[:1]), rotated[:1])
+
+        gate_up = randn(rows, 2 * inner, scale=4.0)
+        expected = torch.nn.functional.silu(gate_up[:, :inner]) * gate_up[:, inner:]
+        product = native.silu_mul(gate_up)
+        assert torch.allclose(product.float(), expected.float(), rtol=tolerance, atol=tolerance)
+        assert torch.equal(native.silu_mul(gate_up[:1].contiguous()), product[:1])
+    with pytest.raises(ValueError, match="contiguous"):
+        native.silu_mul(randn(4, 2 * inner)[:, :inner])

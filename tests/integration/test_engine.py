@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmos.common.domain import Chunk, SamplingParams
 from llmos.engine import Engine, EngineDriver, Sequence
+from llmos.engine.attention import compiles_attention
 from llmos.engine.loader import load_model
 from tests.support.device import ENGINE_DEVICE
 from tests.support.wait import wait_for
@@ -57,8 +58,10 @@ class Running:
         self.driver.stop()
 
 
-def start(path, slots=16, prefill_budget=256):
-    loaded = load_model("m", str(path), ENGINE_DEVICE, torch.float32, slots * 512, 512)
+def start(path, slots=16, prefill_budget=256, compile=False):
+    loaded = load_model("m", str(path), ENGINE_DEVICE, torch.float32, slots * 512, 512, compile=compile)
+    if compile:
+        assert loaded.runner.fused == compiles_attention(ENGINE_DEVICE, torch.float32)
     driver = EngineDriver()
     driver.start_thread()
     engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefill_budget, max_running=slots)
@@ -89,8 +92,8 @@ def reference(path, prompts, max_new):
     return outputs
 
 
-def greedy_together_equals_alone(path, max_new, prefill_budget):
-    loaded, engine = start(path, prefill_budget=prefill_budget)
+def greedy_together_equals_alone(path, max_new, prefill_budget, compile=False):
+    loaded, engine = start(path, prefill_budget=prefill_budget, compile=compile)
     try:
         tok = loaded.tokenizer
         # Half start together; the rest join while the first half is decoding.
@@ -105,8 +108,13 @@ def greedy_together_equals_alone(path, max_new, prefill_budget):
         engine.stop()
 
 
-def test_greedy_batch_equals_generate_alone_tiny(tiny_model_dir):
-    greedy_together_equals_alone(tiny_model_dir, max_new=24, prefill_budget=4)
+# Compiled: attention through the engine's kernel and the element-wise work through its fused kernels.
+COMPILED = pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+
+
+@COMPILED
+def test_greedy_batch_equals_generate_alone_tiny(tiny_model_dir, compile):
+    greedy_together_equals_alone(tiny_model_dir, max_new=24, prefill_budget=4, compile=compile)
 
 
 def test_repetition_penalty_matches_generate_in_a_batch(tiny_model_dir):
@@ -126,8 +134,9 @@ def test_repetition_penalty_matches_generate_in_a_batch(tiny_model_dir):
 
 
 @pytest.mark.smollm2
-def test_greedy_batch_equals_generate_alone_smollm2(smollm2_dir):
-    greedy_together_equals_alone(smollm2_dir, max_new=16, prefill_budget=256)
+@COMPILED
+def test_greedy_batch_equals_generate_alone_smollm2(smollm2_dir, compile):
+    greedy_together_equals_alone(smollm2_dir, max_new=16, prefill_budget=256, compile=compile)
 
 
 def test_same_seed_same_text_alone_and_in_a_busy_batch(tiny_model_dir):

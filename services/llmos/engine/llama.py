@@ -30,6 +30,7 @@ from transformers.activations import ACT2FN
 
 from llmos.common.domain import QUANTIZATIONS
 
+from . import native
 from .attention import LayerShape, PagedCache, Step, attend, pool_blocks
 from .lora import Adapter, AdapterStacks, LoraBatch
 from .matmul import Weight, linear, prepare, tensors_of, unique_bytes
@@ -81,6 +82,10 @@ class LlamaRunner:
         self.cache = PagedCache([shape] * len(self.layers), pool_blocks(kv_tokens, max_len), self.dtype, self.device,
                                 compile)
         self.cache.warm(self.num_heads)
+        # The element-wise work between the products through the engine's fused kernels (`native.py`),
+        # where the attention kernel is built: one call each where torch takes five to eight operators.
+        self.fused = self.cache.kernel is not None and self.dtype in (torch.bfloat16, torch.float32)
+        self.fused_silu = self.fused and config.hidden_act == "silu"
         hidden, inner = config.hidden_size, config.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
         # (in, out) features of each projection a LoRA adapter may adapt.
@@ -136,12 +141,14 @@ class LlamaRunner:
         """Runs one step (the flat batch `step` describes), each row through its LoRA adapter
         where `lora` gives it one; returns float32 logits of the rows `logit_rows` of the flat
         batch."""
+        adapted = None if lora is None else self.adapters.step(lora)
+        x = F.embedding(tokens, self.embed)
+        if self.fused:
+            return self._fused_forward(x, step, logit_rows, adapted)
         total = tokens.shape[0]
         hq, hk, d = self.num_heads, self.kv_heads, self.head_dim
         positions = step.positions
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        adapted = None if lora is None else self.adapters.step(lora)
-        x = F.embedding(tokens, self.embed)
         for index, layer in enumerate(self.layers):
             h = self._rms(x, layer.ln1)
             qkv = linear(h, layer.wqkv, layer.bqkv)
@@ -168,3 +175,38 @@ class LlamaRunner:
             x = x + down
         h = self._rms(x[logit_rows], self.norm)
         return linear(h, self.lm_head).float()
+
+    def _fused_forward(self, x: torch.Tensor, step: Step, logit_rows: torch.Tensor, adapted) -> torch.Tensor:
+        """`forward` with the element-wise work in the engine's fused kernels: each residual add with the
+        norm after it, the rotary embedding of q and k at once, SiLU(gate) * up. x is the step's own
+        (embedded) hidden state, added to in place."""
+        total = x.shape[0]
+        hq, hk, d = self.num_heads, self.kv_heads, self.head_dim
+        positions = step.positions
+        pending = None                  # the last product, added to x by the next norm
+        for index, layer in enumerate(self.layers):
+            h = native.add_rms_norm(x, pending, layer.ln1, self.eps)
+            qkv = linear(h, layer.wqkv, layer.bqkv)
+            if adapted:
+                adapted.add(index, "qkv", h, qkv)
+            qk = native.rotary(qkv, hq + hk, d, self.cos, self.sin, positions)     # q and k at once
+            v = qkv[:, (hq + hk) * d:].view(total, hk, d)
+            self.cache.write(step, index, qk[:, hq:], v)
+            out = attend(step, self.cache, index, qk[:, :hq], d ** -0.5).view(total, hq * d)
+            o = linear(out, layer.wo)
+            if adapted:
+                adapted.add(index, "o", out, o)
+            h = native.add_rms_norm(x, o, layer.ln2, self.eps)
+            gate_up = linear(h, layer.w_gate_up)
+            if adapted:
+                adapted.add(index, "gate_up", h, gate_up)
+            if self.fused_silu:
+                inner = native.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                inner = self.act(gate) * up
+            pending = linear(inner, layer.w_down)
+            if adapted:
+                adapted.add(index, "down", inner, pending)
+        h = native.add_rms_norm(x, pending, self.norm, self.eps)
+        return linear(h[logit_rows], self.lm_head).float()

@@ -1,9 +1,10 @@
-"""The engine's own C++ kernel (`paged_attention.cpp`): attention of each query row (a decoding
-sequence's token, or a prompt chunk's, causally) reading the paged cache in place. Built once per
-CPU kind and source with the system's C++ compiler into the compile cache (inductor's directory:
-`TORCHINDUCTOR_CACHE_DIR`, which the worker points at its data directory), loaded with ctypes and
-called with the tensors' pointers: a call costs a few microseconds, where a compiled graph's
-wrappers cost tens.
+"""The engine's own C++ kernels: attention of each query row (a decoding sequence's token, or a prompt
+chunk's, causally) reading the paged cache in place (`paged_attention.cpp`), and the element-wise work
+of a Llama-family layer fused (`fused_ops.cpp`: residual add with RMS norm, rotary embedding, SiLU
+times up). Built once per CPU kind and source with the system's C++ compiler into the compile cache
+(inductor's directory: `TORCHINDUCTOR_CACHE_DIR`, which the worker points at its data directory),
+loaded with ctypes and called with the tensors' pointers: a call costs a few microseconds, where a
+compiled graph's wrappers cost tens.
 
 OpenMP: the library is linked against `libgomp.so.1`, the name of the runtime torch itself loads,
 so its parallel loops run on torch's threads (one pool, not two fighting for the cores).
@@ -26,7 +27,9 @@ from llmos.common.devices import cpu_kind
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "fused_ops.cpp"))
+# The fused operators round each product as torch does: no product fused into a sum (FMA).
+OWN_FLAGS = {"fused_ops.cpp": ("-ffp-contract=off",)}
 # -ffast-math compiles the source only: on the link line, g++ adds a start-up routine that switches
 # the whole process to flushing denormals to zero (torch's arithmetic included).
 COMPILE = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17", "-c")
@@ -45,29 +48,39 @@ def library() -> ctypes.CDLL:
     """The built kernel, loaded (built first when this source, compiler flags and CPU kind have no
     build yet). Raises when it cannot be built."""
     compiler = os.environ.get("CXX", "g++")
-    source = SOURCE.read_bytes()
+    sources = b"".join(source.read_bytes() for source in SOURCES)
     # -march=native: a build is for the CPU kind it was made on (a data directory may move).
-    key = hashlib.sha256(source + repr((compiler, COMPILE, LINK, cpu_kind(), _cpu_flags())).encode()).hexdigest()[:16]
-    target = cache_dir() / f"paged_attention-{key}.so"
+    flags = (COMPILE, OWN_FLAGS, LINK)
+    key = hashlib.sha256(sources + repr((compiler, flags, cpu_kind(), _cpu_flags())).encode()).hexdigest()[:16]
+    target = cache_dir() / f"kernels-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial, objects = target.with_suffix(f".{os.getpid()}.tmp"), target.with_suffix(f".{os.getpid()}.o")
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        objects = [target.with_suffix(f".{os.getpid()}.{source.stem}.o") for source in SOURCES]
         try:
-            for command in ([compiler, *COMPILE, str(SOURCE), "-o", str(objects)],
-                            [compiler, *LINK, str(objects), "-o", str(partial)]):
+            commands = [[compiler, *COMPILE, *OWN_FLAGS.get(source.name, ()), str(source), "-o", str(o)]
+                        for source, o in zip(SOURCES, objects, strict=True)]
+            for command in [*commands, [compiler, *LINK, *map(str, objects), "-o", str(partial)]]:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=300)
                 if done.returncode != 0:
                     raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:2000]}")
             os.replace(partial, target)     # whole or absent, with several workers building at once
         finally:
             partial.unlink(missing_ok=True)
-            objects.unlink(missing_ok=True)
-        log.info("built the attention kernel: %s", target)
+            for o in objects:
+                o.unlink(missing_ok=True)
+        log.info("built the engine's kernels: %s", target)
     lib = ctypes.CDLL(str(target))
     for name in ("llmos_paged_attention_bf16", "llmos_paged_attention_f32"):
         fn = getattr(lib, name)
         fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _I64]
         fn.restype = ctypes.c_int
+    for kind in ("bf16", "f32"):
+        for name, argtypes in ((f"llmos_add_rms_norm_{kind}", [_P, _P, _P, _P, _I64, _I64, _F32]),
+                               (f"llmos_rotary_{kind}", [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64]),
+                               (f"llmos_silu_mul_{kind}", [_P, _P, _I64, _I64])):
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
     return lib
 
 
@@ -102,4 +115,57 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t
     if fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), which.data_ptr(), seen.data_ptr(),
           out.data_ptr(), n, hq, hk, d, dv, pool, tables.shape[1], scaling, softcap or 0.0, window or 0):
         raise ValueError(f"no attention kernel for {hq // hk} query heads a KV head of sizes {d} and {dv}")
+    return out
+
+
+_KINDS = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def _kind(*tensors: torch.Tensor) -> str:
+    """The kernels' name for the tensors' one dtype; raises for another dtype, mixed dtypes, a tensor
+    off the CPU or not contiguous."""
+    dtype = tensors[0].dtype
+    if dtype not in _KINDS or any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()
+                                  for t in tensors):
+        raise ValueError("the fused kernels take contiguous CPU tensors of one dtype, bf16 or float32")
+    return _KINDS[dtype]
+
+
+def add_rms_norm(x: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [rows, hidden] += add (in place, when given); returns weight * x / rms(x), the norm in float32,
+    rounded as torch's operators round."""
+    kind = _kind(x, weight, *(() if add is None else (add,)))
+    rows, hidden = x.shape
+    if weight.shape != (hidden,) or (add is not None and add.shape != x.shape):
+        raise ValueError("add_rms_norm: shapes do not match")
+    out = torch.empty_like(x)
+    getattr(library(), f"llmos_add_rms_norm_{kind}")(
+        x.data_ptr(), None if add is None else add.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, hidden, eps)
+    return out
+
+
+def rotary(x: torch.Tensor, heads: int, d: int, cos: torch.Tensor, sin: torch.Tensor,
+           positions: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding (halves rotated) of the first `heads` heads of size `d` of each row of x
+    [rows, >= heads * d] (rows may be apart, each contiguous) at `positions` [rows] (int64), from the
+    tables cos and sin [positions, d]; returns [rows, heads, d]."""
+    rows = x.shape[0]
+    if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] < heads * d or d % 2:
+        raise ValueError("rotary: x must be [rows, at least heads * d] with contiguous rows, d even")
+    kind = _kind(cos, sin)
+    if x.dtype != cos.dtype or positions.dtype != torch.long or not positions.is_contiguous() \
+            or positions.shape != (rows,) or cos.shape[1] != d:
+        raise ValueError("rotary: dtypes or shapes do not match")
+    out = x.new_empty(rows, heads, d)
+    getattr(library(), f"llmos_rotary_{kind}")(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(),
+                                               positions.data_ptr(), out.data_ptr(), rows, heads, d)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of gate_up [rows, 2 * inner] (gate its first half); returns [rows, inner]."""
+    kind = _kind(gate_up)
+    rows, both = gate_up.shape
+    out = gate_up.new_empty(rows, both // 2)
+    getattr(library(), f"llmos_silu_mul_{kind}")(gate_up.data_ptr(), out.data_ptr(), rows, both // 2)
     return out
