@@ -125,10 +125,11 @@ def _kind(*tensors: torch.Tensor) -> str:
     """The kernels' name for the tensors' one dtype; raises for another dtype, mixed dtypes, a tensor
     off the CPU or not contiguous."""
     dtype = tensors[0].dtype
-    if dtype not in _KINDS or any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous()
-                                  for t in tensors):
-        raise ValueError("the fused kernels take contiguous CPU tensors of one dtype, bf16 or float32")
-    return _KINDS[dtype]
+    kind = _KINDS.get(dtype)
+    for t in tensors:               # (a loop, not a generator: these run some hundred times a step)
+        if kind is None or t.dtype != dtype or t.is_cuda or not t.is_contiguous():
+            raise ValueError("the fused kernels take contiguous CPU tensors of one dtype, bf16 or float32")
+    return kind
 
 
 def add_rms_norm(x: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
