@@ -45,6 +45,19 @@ inline void store(uint16_t* out, float v) {   // float32 to bf16, rounded to nea
 
 thread_local std::vector<float> scratch;    // each thread's scores, reused call after call
 
+// Asks for the block after position p's (when the row reads it) while p's is read: a block is 16 rows
+// of a head (2 KiB in bf16 at size 64), and the next lies anywhere in the pool, so the hardware's own
+// prefetching stops at each block's end. In a step the weights' products have pushed the cache out of
+// every level, so without this each block's first lines cost a trip to memory, one after another.
+template <typename T>
+inline void prefetch_next(const T* pool, const int64_t* table, int64_t p, int64_t end, int64_t width) {
+    const int64_t next = p / BLOCK + 1;
+    if (p % BLOCK != 0 || next * BLOCK >= end) return;
+    const char* block = reinterpret_cast<const char*>(pool + table[next] * BLOCK * width);
+    for (int64_t offset = 0; offset < BLOCK * width * static_cast<int64_t>(sizeof(T)); offset += 64)
+        __builtin_prefetch(block + offset);
+}
+
 // One (sequence, KV head): the scores of its `g` query heads against every position it sees, their
 // softmax, then the probabilities times the values. G and D are the group and head sizes where they
 // are known at compile time (0: given at run time); known, the compiler keeps the queries and the
@@ -75,6 +88,7 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
         for (int64_t t = 0; t < dv; ++t) acc(j)[t] = 0.0f;
     }
     for (int64_t p = start; p < end; ++p) {
+        prefetch_next(head_keys, table, p, end, d);
         const T* key = head_keys + (table[p / BLOCK] * BLOCK + p % BLOCK) * d;
 #pragma omp simd
         for (int64_t t = 0; t < d; ++t) row[t] = to_float(key[t]);
@@ -102,6 +116,7 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
         for (int64_t p = 0; p < length; ++p) s[p] *= inverse;
     }
     for (int64_t p = start; p < end; ++p) {
+        prefetch_next(head_values, table, p, end, dv);
         const T* value = head_values + (table[p / BLOCK] * BLOCK + p % BLOCK) * dv;
 #pragma omp simd
         for (int64_t t = 0; t < dv; ++t) row[t] = to_float(value[t]);
