@@ -130,7 +130,8 @@ class PagedCache:
         # Elsewhere in half precision on the CPU, prompt chunks without a soft cap go through torch's flash
         # attention over their gathered blocks (no float32 copy, no score matrix in memory): a 1,008-token
         # prompt of SmolLM2 in bf16 took 613 ms against 773 ms with the batched float32 products, with the
-        # same answers (`benchmarks/prefill.py`, BENCHMARKS.md). Neither path gives a row the same bits however its prompt is cut.
+        # same answers (`benchmarks/prefill.py`, BENCHMARKS.md). Neither path gives a row the same bits
+        # however its prompt is cut.
         self.flash_prompts = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
     def warm(self, query_heads: int | None = None) -> None:
