@@ -212,7 +212,8 @@ class Step:
                                                    device=device), p.start, p.length)
                          for p in parts if not p.decode]
         self._decode_biases: dict[int | None, list[torch.Tensor]] = {}
-        self._chunk_biases: dict[object, list[torch.Tensor]] = {}
+        self._chunk_biases: dict[int | None, list[torch.Tensor]] = {}
+        self._chunk_masks: dict[int | None, list[torch.Tensor]] = {}
         # Decoding parts first, then the chunks: the order of the flat batch's rows.
         self._parts = self._decoding + [p for p in parts if not p.decode]
         self._rows: tuple[torch.Tensor, ...] | None = None
@@ -280,9 +281,9 @@ class Step:
     def chunk_masks(self, window: int | None) -> list[torch.Tensor]:
         """Each prompt chunk's mask [c, its blocks' positions] for flash attention: True where a query
         may see a key."""
-        if ("allowed", window) not in self._chunk_biases:
-            self._chunk_biases["allowed", window] = [~self._hidden(c, window) for c in self.prefills]
-        return self._chunk_biases["allowed", window]
+        if window not in self._chunk_masks:
+            self._chunk_masks[window] = [~self._hidden(c, window) for c in self.prefills]
+        return self._chunk_masks[window]
 
     def _hidden(self, chunk: PrefillChunk, window: int | None) -> torch.Tensor:
         """[c, its blocks' positions]: True where a query of the chunk may not see a key (a later one,

@@ -135,78 +135,65 @@ class LlamaRunner:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
+    def _add_norm(self, x: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor,
+                  rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x + add (x when none) and its RMS norm (of `rows` only, when given): through the fused kernel
+        (x added to in place) or torch's operators."""
+        if self.fused:
+            h = native.add_rms_norm(x, add, weight, self.eps)
+            return x, h if rows is None else h[rows]
+        if add is not None:
+            x = x + add
+        return x, self._rms(x if rows is None else x[rows], weight)
+
+    def _rotate(self, qkv: torch.Tensor, positions: torch.Tensor,
+                tables: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The rotary embedding of the q and k heads at the start of each row of qkv: [rows, hq + hk, d];
+        through the fused kernel, or torch's operators with the step's cos and sin rows `tables`."""
+        heads, d = self.num_heads + self.kv_heads, self.head_dim
+        if tables is None:
+            return native.rotary(qkv, heads, d, self.cos, self.sin, positions)
+        return self._rope(qkv[:, :heads * d].view(qkv.shape[0], heads, d), *tables)
+
+    def _gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.fused_silu:
+            return native.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, step: Step, logit_rows: torch.Tensor,
                 lora: LoraBatch | None = None) -> torch.Tensor:
         """Runs one step (the flat batch `step` describes), each row through its LoRA adapter
         where `lora` gives it one; returns float32 logits of the rows `logit_rows` of the flat
-        batch."""
-        adapted = None if lora is None else self.adapters.step(lora)
-        x = F.embedding(tokens, self.embed)
-        if self.fused:
-            return self._fused_forward(x, step, logit_rows, adapted)
+        batch. Each residual add is made by the norm after it; with `fused`, the element-wise work
+        runs in the engine's fused kernels (x, the step's own hidden state, added to in place)."""
         total = tokens.shape[0]
         hq, hk, d = self.num_heads, self.kv_heads, self.head_dim
-        positions = step.positions
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        for index, layer in enumerate(self.layers):
-            h = self._rms(x, layer.ln1)
-            qkv = linear(h, layer.wqkv, layer.bqkv)
-            if adapted:
-                adapted.add(index, "qkv", h, qkv)
-            qk = self._rope(qkv[:, :(hq + hk) * d].view(total, hq + hk, d), cos, sin)   # q and k at once
-            v = qkv[:, (hq + hk) * d:].view(total, hk, d)
-            self.cache.write(step, index, qk[:, hq:], v)
-            out = attend(step, self.cache, index, qk[:, :hq], d ** -0.5)
-            out = out.view(total, hq * d)
-            o = linear(out, layer.wo)
-            if adapted:
-                adapted.add(index, "o", out, o)
-            x = x + o
-            h = self._rms(x, layer.ln2)
-            gate_up = linear(h, layer.w_gate_up)
-            if adapted:
-                adapted.add(index, "gate_up", h, gate_up)
-            gate, up = gate_up.chunk(2, dim=-1)
-            inner = self.act(gate) * up
-            down = linear(inner, layer.w_down)
-            if adapted:
-                adapted.add(index, "down", inner, down)
-            x = x + down
-        h = self._rms(x[logit_rows], self.norm)
-        return linear(h, self.lm_head).float()
-
-    def _fused_forward(self, x: torch.Tensor, step: Step, logit_rows: torch.Tensor, adapted) -> torch.Tensor:
-        """`forward` with the element-wise work in the engine's fused kernels: each residual add with the
-        norm after it, the rotary embedding of q and k at once, SiLU(gate) * up. x is the step's own
-        (embedded) hidden state, added to in place."""
-        total = x.shape[0]
-        hq, hk, d = self.num_heads, self.kv_heads, self.head_dim
-        positions = step.positions
+        adapted = None if lora is None else self.adapters.step(lora)
+        x = F.embedding(tokens, self.embed)
         pending = None                  # the last product, added to x by the next norm
+        positions = step.positions
+        tables = None if self.fused else (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
         for index, layer in enumerate(self.layers):
-            h = native.add_rms_norm(x, pending, layer.ln1, self.eps)
+            x, h = self._add_norm(x, pending, layer.ln1)
             qkv = linear(h, layer.wqkv, layer.bqkv)
             if adapted:
                 adapted.add(index, "qkv", h, qkv)
-            qk = native.rotary(qkv, hq + hk, d, self.cos, self.sin, positions)     # q and k at once
+            qk = self._rotate(qkv, positions, tables)             # q and k at once
             v = qkv[:, (hq + hk) * d:].view(total, hk, d)
             self.cache.write(step, index, qk[:, hq:], v)
             out = attend(step, self.cache, index, qk[:, :hq], d ** -0.5).view(total, hq * d)
             o = linear(out, layer.wo)
             if adapted:
                 adapted.add(index, "o", out, o)
-            h = native.add_rms_norm(x, o, layer.ln2, self.eps)
+            x, h = self._add_norm(x, o, layer.ln2)
             gate_up = linear(h, layer.w_gate_up)
             if adapted:
                 adapted.add(index, "gate_up", h, gate_up)
-            if self.fused_silu:
-                inner = native.silu_mul(gate_up)
-            else:
-                gate, up = gate_up.chunk(2, dim=-1)
-                inner = self.act(gate) * up
+            inner = self._gate(gate_up)
             pending = linear(inner, layer.w_down)
             if adapted:
                 adapted.add(index, "down", inner, pending)
-        h = native.add_rms_norm(x, pending, self.norm, self.eps)
-        return linear(h[logit_rows], self.lm_head).float()
+        _, h = self._add_norm(x, pending, self.norm, logit_rows)
+        return linear(h, self.lm_head).float()
