@@ -40,7 +40,7 @@ from .attention import BLOCK, PagedCache, Part, Step, blocks_for
 from .blocks import BlockManager, block_digest
 from .driver import EngineDriver
 from .lora import Adapter, LoraBatch, require_adapters
-from .sampling import make_generator, sample, top_logprobs
+from .sampling import greedy_picks, logprob_of, make_generator, sample, top_logprobs
 from .sequence import Sequence
 from .textstream import Detokenizer, StopStrings
 
@@ -416,9 +416,11 @@ class Engine:
             s.cached += n
             self._register(s, s.cached - n)
         finished, failed = [], []
+        plain = [row for row, s in enumerate(sampled) if s.plainly_greedy]
+        picks = dict(zip(plain, greedy_picks(logits, plain), strict=True))
         for row, s in enumerate(sampled):
             try:
-                if self._emit(s, logits[row]):
+                if self._emit(s, logits[row], picks.get(row)):
                     finished.append(s)
             except Exception as exc:  # noqa: BLE001 - one sequence's sampling or format fails it alone
                 failed.append((s, exc))
@@ -460,8 +462,9 @@ class Engine:
             seq.bias = (torch.tensor(ids, dtype=torch.long, device=device),
                         torch.tensor(values, dtype=torch.float32, device=device))
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        """Samples the sequence's next token and delivers it; returns True when it finished."""
+    def _emit(self, seq: Sequence, logits: torch.Tensor, picked: int | None = None) -> bool:
+        """Samples the sequence's next token (`picked` when the step picked it already) and delivers
+        it; returns True when it finished."""
         if seq.cancelled:
             return True
         now = time.time_ns()
@@ -471,7 +474,10 @@ class Engine:
         seen = None if seq.seen is None else seq.seen[:held]
         if seq.constraint is not None:
             logits = seq.constraint.mask(logits)
-        token, logprob = sample(logits, seq.params, seq.generator, seen, seq.counts, seq.bias)
+        if picked is None:
+            token, logprob = sample(logits, seq.params, seq.generator, seen, seq.counts, seq.bias)
+        else:
+            token, logprob = picked, logprob_of(logits, picked, seq.params.logprobs)
         seq.output_ids.append(token)
         if seq.counts is not None:
             seq.counts[token] += 1

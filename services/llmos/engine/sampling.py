@@ -18,6 +18,16 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
+def greedy_picks(logits: torch.Tensor, rows: list[int]) -> list[int]:
+    """The most probable token of each of `rows` of the [n, vocab] `logits`, in one operator and one
+    copy to the host (one wait for the device on a GPU, not one a row): what `sample` picks for a
+    greedy sequence without penalties, bias or constraint (argmax is exact, ties to the lowest id)."""
+    if not rows:
+        return []
+    picked = logits if len(rows) == logits.shape[0] else logits[torch.tensor(rows, device=logits.device)]
+    return torch.argmax(picked, dim=-1).tolist()
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty: seen tokens' positive logits are divided by it, negative ones multiplied."""
     if penalty == 1.0 or seen.numel() == 0:
@@ -28,7 +38,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits
 
 
-def _logprob(logits: torch.Tensor, token: int, wanted: bool) -> float:
+def logprob_of(logits: torch.Tensor, token: int, wanted: bool) -> float:
     return float(torch.log_softmax(logits, dim=-1)[token]) if wanted else 0.0
 
 
@@ -68,7 +78,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         scores = apply_logit_bias(scores, bias)
     if params.greedy:
         token = int(torch.argmax(scores))
-        return token, _logprob(logits, token, params.logprobs)
+        return token, logprob_of(logits, token, params.logprobs)
     scores = scores / params.temperature
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
@@ -82,4 +92,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     token = int(torch.multinomial(probs, 1, generator=generator))
-    return token, _logprob(logits, token, params.logprobs)
+    return token, logprob_of(logits, token, params.logprobs)

@@ -74,6 +74,12 @@ class Sequence:
         return self.cached < self.fill_to
 
     @property
+    def plainly_greedy(self) -> bool:
+        """Its next token is its logits' argmax: greedy, with no penalty, bias or constraint."""
+        return (self.params.greedy and self.seen is None and self.counts is None and self.bias is None
+                and self.constraint is None)
+
+    @property
     def running(self) -> bool:
         """It holds cache blocks (it joined and has not left or been preempted)."""
         return bool(self.blocks)

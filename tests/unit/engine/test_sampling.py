@@ -1,7 +1,7 @@
 import torch
 
 from llmos.common.domain import SamplingParams
-from llmos.engine.sampling import apply_repetition_penalty, make_generator, sample
+from llmos.engine.sampling import apply_repetition_penalty, greedy_picks, make_generator, sample
 
 CPU = torch.device("cpu")
 
@@ -15,6 +15,17 @@ def test_greedy_picks_the_argmax_and_reports_its_logprob():
     token, logprob = sample(logits, SamplingParams(logprobs=True), None, None)
     assert token == int(torch.argmax(logits))
     assert abs(logprob - float(torch.log_softmax(logits, -1)[token])) < 1e-6
+
+
+def test_a_steps_greedy_picks_are_each_rows_own_greedy_sample_ties_to_the_lowest_id():
+    logits = torch.stack([_logits(i, 300) for i in range(9)])
+    logits[4, 17] = logits[4, 250] = logits[4].max() + 1          # a tie: the lower id, as argmax of one row
+    params = SamplingParams()
+    alone = [sample(row, params, None, None)[0] for row in logits]
+    assert alone[4] == 17
+    assert greedy_picks(logits, list(range(9))) == alone
+    assert greedy_picks(logits, [8, 2, 4]) == [alone[8], alone[2], alone[4]]
+    assert greedy_picks(logits, []) == []
 
 
 def test_same_seed_gives_the_same_tokens():
