@@ -106,9 +106,11 @@ def test_the_lean_families_take_the_lean_path_and_can_take_the_generic_one(tiny_
     # The probe sized the generic cache as the lean path sizes it from the config, layer by layer...
     assert [t.shape for t in forced.runner.cache.tensors] == [t.shape for t in lean.runner.cache.tensors]
     # ...and both compute the same thing: a prompt's logits in one prefill step.
-    ids = lean.tokenizer(PROMPTS[0], return_tensors="pt").input_ids[0]
+    ids = lean.tokenizer(PROMPTS[0], return_tensors="pt").input_ids[0].to(ENGINE_DEVICE)
     n = ids.shape[0]
-    step = (ids, Step([Part(list(range(1, blocks_for(n) + 1)), 0, n)], ENGINE_DEVICE), torch.arange(n))
+    # (the tokens and rows on the engine's device, as the engine gives them: on CUDA too)
+    step = (ids, Step([Part(list(range(1, blocks_for(n) + 1)), 0, n)], ENGINE_DEVICE),
+            torch.arange(n, device=ENGINE_DEVICE))
     assert torch.allclose(forced.runner.forward(*step), lean.runner.forward(*step), atol=1e-4)
 
 
