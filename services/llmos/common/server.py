@@ -41,8 +41,12 @@ PARENT_PID_ENV = "LLMOS_PARENT_PID"
 # before any handler runs, so a client that opens and resets streams as fast as it can (a "rapid
 # reset" flood) takes a bounded share of the server, as nginx's 128 and Go's 250 do. The public
 # port (the gateway's, reached without a certificate) allows fewer than internal ones, whose
-# clients multiplex every stream to a worker over one connection.
-PUBLIC_STREAMS_PER_CONNECTION = 100
+# clients multiplex every stream to a worker over one connection. grpc-core counts against the
+# limit every stream whose call the server has not yet released, not only open ones: a client
+# whose streams all end at once (fixed-length generations started together) and reopen at once
+# holds up to twice its concurrency there while the server's loop is busy. With a limit of 100 a
+# client at 64 streams was refused now and then; 256 serves one at up to 128 without a refusal.
+PUBLIC_STREAMS_PER_CONNECTION = 256
 INTERNAL_STREAMS_PER_CONNECTION = 4096
 # A public connection is sent GOAWAY after living this long (±10%) and closed after the grace,
 # and closed once idle this long: a client cannot hold one for ever. Clients reconnect unnoticed.
