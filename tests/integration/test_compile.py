@@ -158,11 +158,12 @@ print((tiny * 1).item() > 0)
 @COMPILES
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 def test_the_fused_kernels_compute_what_the_operators_they_replace_do_row_by_row(dtype):
-    """The residual add with the RMS norm, the rotary embedding and SiLU(gate) * up against the torch
-    operators of the unfused forward: the rotary embedding and the residual add bit for bit (the same
-    roundings), the norm and SiLU within a bf16 step (their sums and exponentials in another order);
-    and each row the same whatever rows are beside it (one row alone, 5 rows, 300 rows: the last past
-    the size from which rows are shared among threads)."""
+    """The residual add with the RMS norm, the rotary embedding (its keys and values stored in the cache)
+    and SiLU(gate) * up against the torch operators of the unfused forward: the rotary embedding, the
+    stored keys and values and the residual add bit for bit (the same roundings), the norm and SiLU
+    within a bf16 step (their sums and exponentials in another order); and each row the same whatever
+    rows are beside it (one row alone, 5 rows, 300 rows: the last past the size from which rows are
+    shared among threads)."""
     from llmos.engine import native
 
     generator = torch.Generator().manual_seed(3)
@@ -171,7 +172,7 @@ def test_the_fused_kernels_compute_what_the_operators_they_replace_do_row_by_row
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=generator) * scale).to(dtype)
 
-    hidden, heads, d, inner, eps = 576, 12, 64, 1536, 1e-5
+    hidden, d, inner, eps = 576, 64, 1536, 1e-5
     weight, cos, sin = randn(hidden), randn(4096, d), randn(4096, d)
     for rows in (1, 5, 300):
         x, add = randn(rows, hidden, scale=3.0), randn(rows, hidden)
@@ -183,14 +184,25 @@ def test_the_fused_kernels_compute_what_the_operators_they_replace_do_row_by_row
         assert torch.allclose(normed.float(), expected.float(), rtol=tolerance, atol=tolerance)
         assert torch.equal(native.add_rms_norm(x[:1].clone(), None, weight, eps), normed[:1])
 
-        qkv = randn(rows, (heads + 4) * d)              # the rotated heads at the start of each row
+        # 9 query heads, 3 key heads and 3 value heads a row (with room after them, as a fused product's
+        # rows may have); the keys and values go to scattered slots of a pool of 40 blocks.
+        hq, hk = 9, 3
+        qkv = randn(rows, (hq + 2 * hk) * d + 8)[:, :(hq + 2 * hk) * d]
         positions = torch.randint(0, 4096, (rows,), generator=generator)
-        q = qkv[:, :heads * d].view(rows, heads, d)
+        pool = 40
+        slots = torch.randperm(pool * BLOCK, generator=generator)[:rows]
+        qk = qkv[:, :(hq + hk) * d].view(rows, hq + hk, d)
         c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-        expected = q * c + torch.cat((-q[..., d // 2:], q[..., :d // 2]), dim=-1) * s
-        rotated = native.rotary(qkv, heads, d, cos, sin, positions)
-        assert torch.equal(rotated, expected)
-        assert torch.equal(native.rotary(qkv[:1], heads, d, cos, sin, positions[:1]), rotated[:1])
+        expected = qk * c + torch.cat((-qk[..., d // 2:], qk[..., :d // 2]), dim=-1) * s
+        keys, values = randn(hk, pool, BLOCK, d), randn(hk, pool, BLOCK, d)
+        expected_keys, expected_values = keys.clone(), values.clone()
+        expected_keys.view(hk, -1, d).index_copy_(1, slots, expected[:, hq:].transpose(0, 1))
+        expected_values.view(hk, -1, d).index_copy_(1, slots, qkv[:, (hq + hk) * d:].view(rows, hk, d).transpose(0, 1))
+        rotated = native.rotary_store(qkv, hq, hk, d, cos, sin, positions, slots, keys, values)
+        assert torch.equal(rotated, expected[:, :hq])
+        assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+        alone = native.rotary_store(qkv[:1], hq, hk, d, cos, sin, positions[:1], slots[:1], keys, values)
+        assert torch.equal(alone, rotated[:1]) and torch.equal(keys, expected_keys)
 
         gate_up = randn(rows, 2 * inner, scale=4.0)
         expected = torch.nn.functional.silu(gate_up[:, :inner]) * gate_up[:, inner:]

@@ -1,5 +1,6 @@
 // The element-wise work of a Llama-family layer between its products, fused: a residual add with the RMS
-// norm after it, the rotary embedding of queries and keys, and SiLU(gate) * up. Each is one call a
+// norm after it, the rotary embedding of queries and keys (the keys, with the values, written into the
+// paged cache in the same pass), and SiLU(gate) * up. Each is one call a
 // layer where torch takes five to eight operators (and as many trips through its dispatcher), and each
 // row is computed alone, by one thread, in one order: a row's result does not depend on the batch.
 //
@@ -68,31 +69,41 @@ void add_rms_norm(T* x, const T* add, const T* weight, T* out, int64_t rows, int
     }
 }
 
-// out[t, h] = x[t, h] * cos[p] + rotate_half(x[t, h]) * sin[p] for the `heads` heads of size `d` at the
-// start of each row of x (rows `stride` elements apart), p the row's position.
+// o = x * cos + rotate_half(x) * sin for one head of size d at `in`.
 template <typename T>
-void rotary(const T* x, int64_t stride, const T* cos, const T* sin, const int64_t* positions, T* out, int64_t rows,
-            int64_t heads, int64_t d) {
+inline void rotate_head(const T* in, const T* c, const T* s, T* o, int64_t d) {
     const int64_t half = d / 2;
-#pragma omp parallel for schedule(static) if (rows * heads * d > PARALLEL_ELEMENTS)
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+        const float a = held(to_float(in[i]) * to_float(c[i]), static_cast<T*>(nullptr));
+        const float b = held(-to_float(in[i + half]) * to_float(s[i]), static_cast<T*>(nullptr));
+        put(o + i, a + b);
+    }
+#pragma omp simd
+    for (int64_t i = half; i < d; ++i) {
+        const float a = held(to_float(in[i]) * to_float(c[i]), static_cast<T*>(nullptr));
+        const float b = held(to_float(in[i - half]) * to_float(s[i]), static_cast<T*>(nullptr));
+        put(o + i, a + b);
+    }
+}
+
+// Each row of x (rows `stride` elements apart) holds hq query heads, hk key heads (size d) and hk value
+// heads (size dv). The query heads' rotary embedding at the row's position goes to q_out [rows, hq, d];
+// the key heads' goes straight into the cache, with the value heads as they are, at the row's slot:
+// keys [hk, slots_per_head, d] and values [hk, slots_per_head, dv] (the pool's blocks of positions, flat).
+template <typename T>
+void rotary_store(const T* x, int64_t stride, const T* cos, const T* sin, const int64_t* positions,
+                  const int64_t* slots, T* q_out, T* keys, T* values, int64_t rows, int64_t hq, int64_t hk, int64_t d,
+                  int64_t dv, int64_t slots_per_head) {
+#pragma omp parallel for schedule(static) if (rows * (hq + 2 * hk) * d > PARALLEL_ELEMENTS)
     for (int64_t r = 0; r < rows; ++r) {
         const T* c = cos + positions[r] * d;
         const T* s = sin + positions[r] * d;
-        for (int64_t h = 0; h < heads; ++h) {
-            const T* in = x + r * stride + h * d;
-            T* o = out + (r * heads + h) * d;
-#pragma omp simd
-            for (int64_t i = 0; i < half; ++i) {
-                const float a = held(to_float(in[i]) * to_float(c[i]), static_cast<T*>(nullptr));
-                const float b = held(-to_float(in[i + half]) * to_float(s[i]), static_cast<T*>(nullptr));
-                put(o + i, a + b);
-            }
-#pragma omp simd
-            for (int64_t i = half; i < d; ++i) {
-                const float a = held(to_float(in[i]) * to_float(c[i]), static_cast<T*>(nullptr));
-                const float b = held(to_float(in[i - half]) * to_float(s[i]), static_cast<T*>(nullptr));
-                put(o + i, a + b);
-            }
+        const T* row = x + r * stride;
+        for (int64_t h = 0; h < hq; ++h) rotate_head(row + h * d, c, s, q_out + (r * hq + h) * d, d);
+        for (int64_t h = 0; h < hk; ++h) {
+            rotate_head(row + (hq + h) * d, c, s, keys + (h * slots_per_head + slots[r]) * d, d);
+            std::memcpy(values + (h * slots_per_head + slots[r]) * dv, row + (hq + hk) * d + h * dv, dv * sizeof(T));
         }
     }
 }
@@ -128,14 +139,17 @@ void llmos_add_rms_norm_f32(float* x, const float* add, const float* weight, flo
     add_rms_norm(x, add, weight, out, rows, hidden, eps);
 }
 
-void llmos_rotary_bf16(const uint16_t* x, int64_t stride, const uint16_t* cos, const uint16_t* sin,
-                       const int64_t* positions, uint16_t* out, int64_t rows, int64_t heads, int64_t d) {
-    rotary(x, stride, cos, sin, positions, out, rows, heads, d);
+void llmos_rotary_store_bf16(const uint16_t* x, int64_t stride, const uint16_t* cos, const uint16_t* sin,
+                             const int64_t* positions, const int64_t* slots, uint16_t* q_out, uint16_t* keys,
+                             uint16_t* values, int64_t rows, int64_t hq, int64_t hk, int64_t d, int64_t dv,
+                             int64_t slots_per_head) {
+    rotary_store(x, stride, cos, sin, positions, slots, q_out, keys, values, rows, hq, hk, d, dv, slots_per_head);
 }
 
-void llmos_rotary_f32(const float* x, int64_t stride, const float* cos, const float* sin, const int64_t* positions,
-                      float* out, int64_t rows, int64_t heads, int64_t d) {
-    rotary(x, stride, cos, sin, positions, out, rows, heads, d);
+void llmos_rotary_store_f32(const float* x, int64_t stride, const float* cos, const float* sin,
+                            const int64_t* positions, const int64_t* slots, float* q_out, float* keys, float* values,
+                            int64_t rows, int64_t hq, int64_t hk, int64_t d, int64_t dv, int64_t slots_per_head) {
+    rotary_store(x, stride, cos, sin, positions, slots, q_out, keys, values, rows, hq, hk, d, dv, slots_per_head);
 }
 
 void llmos_silu_mul_bf16(const uint16_t* gate_up, uint16_t* out, int64_t rows, int64_t inner) {

@@ -146,14 +146,19 @@ class LlamaRunner:
             x = x + add
         return x, self._rms(x if rows is None else x[rows], weight)
 
-    def _rotate(self, qkv: torch.Tensor, positions: torch.Tensor,
-                tables: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """The rotary embedding of the q and k heads at the start of each row of qkv: [rows, hq + hk, d];
-        through the fused kernel, or torch's operators with the step's cos and sin rows `tables`."""
-        heads, d = self.num_heads + self.kv_heads, self.head_dim
+    def _rotate_store(self, qkv: torch.Tensor, step: Step, index: int,
+                      tables: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The rotary embedding of the q and k heads at the start of each row of qkv [rows, hq + hk, d],
+        the keys with the values stored in layer `index`'s cache; returns the queries [rows, hq, d].
+        Through the fused kernel (one pass, the keys and values straight into their slots), or torch's
+        operators with the step's cos and sin rows `tables`."""
+        hq, hk, d = self.num_heads, self.kv_heads, self.head_dim
         if tables is None:
-            return native.rotary(qkv, heads, d, self.cos, self.sin, positions)
-        return self._rope(qkv[:, :heads * d].view(qkv.shape[0], heads, d), *tables)
+            return native.rotary_store(qkv, hq, hk, d, self.cos, self.sin, step.positions, step.slots,
+                                       self.cache.keys[index], self.cache.values[index])
+        qk = self._rope(qkv[:, :(hq + hk) * d].view(qkv.shape[0], hq + hk, d), *tables)
+        self.cache.write(step, index, qk[:, hq:], qkv[:, (hq + hk) * d:].view(qkv.shape[0], hk, d))
+        return qk[:, :hq]
 
     def _gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         if self.fused_silu:
@@ -169,7 +174,7 @@ class LlamaRunner:
         batch. Each residual add is made by the norm after it; with `fused`, the element-wise work
         runs in the engine's fused kernels (x, the step's own hidden state, added to in place)."""
         total = tokens.shape[0]
-        hq, hk, d = self.num_heads, self.kv_heads, self.head_dim
+        hq, d = self.num_heads, self.head_dim
         adapted = None if lora is None else self.adapters.step(lora)
         x = F.embedding(tokens, self.embed)
         pending = None                  # the last product, added to x by the next norm
@@ -180,10 +185,8 @@ class LlamaRunner:
             qkv = linear(h, layer.wqkv, layer.bqkv)
             if adapted:
                 adapted.add(index, "qkv", h, qkv)
-            qk = self._rotate(qkv, positions, tables)             # q and k at once
-            v = qkv[:, (hq + hk) * d:].view(total, hk, d)
-            self.cache.write(step, index, qk[:, hq:], v)
-            out = attend(step, self.cache, index, qk[:, :hq], d ** -0.5).view(total, hq * d)
+            q = self._rotate_store(qkv, step, index, tables)
+            out = attend(step, self.cache, index, q, d ** -0.5).view(total, hq * d)
             o = linear(out, layer.wo)
             if adapted:
                 adapted.add(index, "o", out, o)

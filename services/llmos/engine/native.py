@@ -77,7 +77,8 @@ def library() -> ctypes.CDLL:
         fn.restype = ctypes.c_int
     for kind in ("bf16", "f32"):
         for name, argtypes in ((f"llmos_add_rms_norm_{kind}", [_P, _P, _P, _P, _I64, _I64, _F32]),
-                               (f"llmos_rotary_{kind}", [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64]),
+                               (f"llmos_rotary_store_{kind}",
+                                [_P, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64]),
                                (f"llmos_silu_mul_{kind}", [_P, _P, _I64, _I64])):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, None
@@ -145,21 +146,30 @@ def add_rms_norm(x: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor
     return out
 
 
-def rotary(x: torch.Tensor, heads: int, d: int, cos: torch.Tensor, sin: torch.Tensor,
-           positions: torch.Tensor) -> torch.Tensor:
-    """The rotary embedding (halves rotated) of the first `heads` heads of size `d` of each row of x
-    [rows, >= heads * d] (rows may be apart, each contiguous) at `positions` [rows] (int64), from the
-    tables cos and sin [positions, d]; returns [rows, heads, d]."""
-    rows = x.shape[0]
-    if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] < heads * d or d % 2:
-        raise ValueError("rotary: x must be [rows, at least heads * d] with contiguous rows, d even")
-    kind = _kind(cos, sin)
-    if x.dtype != cos.dtype or positions.dtype != torch.long or not positions.is_contiguous() \
-            or positions.shape != (rows,) or cos.shape[1] != d:
-        raise ValueError("rotary: dtypes or shapes do not match")
-    out = x.new_empty(rows, heads, d)
-    getattr(library(), f"llmos_rotary_{kind}")(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(),
-                                               positions.data_ptr(), out.data_ptr(), rows, heads, d)
+def rotary_store(qkv: torch.Tensor, hq: int, hk: int, d: int, cos: torch.Tensor, sin: torch.Tensor,
+                 positions: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding (halves rotated) of each row of qkv [rows, >= (hq + hk) * d + hk * dv] (rows may
+    be apart, each contiguous: hq query heads, hk key heads of size d, then hk value heads) at `positions`
+    [rows] (int64), from the tables cos and sin [positions, d]. The keys, rotated, and the values go into
+    the cache `keys` [hk, blocks, BLOCK, d] and `values` [hk, blocks, BLOCK, dv] at each row's slot
+    (`slots` [rows], int64: block * BLOCK + offset); returns the rotated queries [rows, hq, d]."""
+    rows = qkv.shape[0]
+    dv = values.shape[-1]
+    if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.shape[1] < (hq + hk) * d + hk * dv or d % 2:
+        raise ValueError("rotary_store: qkv must be [rows, at least (hq + hk) * d + hk * dv] with contiguous rows, "
+                         "d even")
+    kind = _kind(cos, sin, keys, values)
+    if qkv.dtype != cos.dtype or cos.shape[1] != d or keys.shape[-1] != d or keys.shape[0] != hk \
+            or values.shape[:3] != keys.shape[:3]:
+        raise ValueError("rotary_store: dtypes or shapes do not match")
+    for index in (positions, slots):
+        if index.dtype != torch.long or not index.is_contiguous() or index.shape != (rows,):
+            raise ValueError("rotary_store: positions and slots must be int64 [rows]")
+    out = qkv.new_empty(rows, hq, d)
+    getattr(library(), f"llmos_rotary_store_{kind}")(
+        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+        out.data_ptr(), keys.data_ptr(), values.data_ptr(), rows, hq, hk, d, dv, keys.shape[1] * keys.shape[2])
     return out
 
 
