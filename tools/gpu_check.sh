@@ -16,7 +16,8 @@ nvidia-smi -L | tee "$OUT/devices.txt"
 for d in probe_devices(): print(d)' | tee -a "$OUT/devices.txt"
 
 LLMOS_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/integration/test_engine.py \
-  tests/integration/test_prefix_cache.py tests/integration/test_determinism.py 2>&1 | tee "$OUT/engine-tests.txt" || true
+  tests/integration/test_prefix_cache.py tests/integration/test_determinism.py tests/integration/test_lora.py \
+  tests/integration/test_generic.py 2>&1 | tee "$OUT/engine-tests.txt" || true
 
 LLMOS_WORKER_DEVICE=cuda "$PY" -m llmos.cli --data-dir "$DATA" up --port-base 62000 --metrics-port 0 \
   > "$OUT/up.txt" 2>&1 &
