@@ -6,6 +6,7 @@ so no outbound adapter catches `AioRpcError` itself."""
 from __future__ import annotations
 
 import json
+from typing import TypeVar
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -14,6 +15,8 @@ from .security import Security
 from .server import MAX_MESSAGE_BYTES
 from .status import from_rpc_error
 from .telemetry import client_interceptors
+
+S = TypeVar("S")
 
 
 class _TypedUnary(grpc.aio.UnaryUnaryClientInterceptor):
@@ -63,6 +66,7 @@ class Channels:
         self._security = security or Security("client")
         self._public = set(public)      # gateway addresses: their public port
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[grpc.aio.Channel, type], object] = {}
 
     def get(self, address: str, authority: str = "") -> grpc.aio.Channel:
         """The channel to `address`; `authority`: the name its certificate is checked against
@@ -82,7 +86,17 @@ class Channels:
             self._channels[key] = channel
         return channel
 
+    def stub(self, stub_class: type[S], address: str, authority: str = "") -> S:
+        """A `stub_class` stub over the channel to `address` (see `get`), made once per channel: a stub
+        makes a callable for every method of its service, too much to do for each call."""
+        channel = self.get(address, authority)
+        stub = self._stubs.get((channel, stub_class))
+        if stub is None:
+            stub = self._stubs[channel, stub_class] = stub_class(channel)
+        return stub
+
     async def close(self) -> None:
+        self._stubs.clear()
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()

@@ -58,7 +58,7 @@ class GrpcScheduler:
 
     def _stub(self, address: str) -> scheduler_pb2_grpc.SchedulerServiceStub:
         authority = "" if address in self._addresses else self._authority
-        return scheduler_pb2_grpc.SchedulerServiceStub(self._channels.get(address, authority))
+        return self._channels.stub(scheduler_pb2_grpc.SchedulerServiceStub, address, authority)
 
     def _move_on(self, failed: str, exc: LlmosError) -> None:
         if self.leader != failed:       # another call has moved on already
@@ -136,7 +136,7 @@ class GrpcWorkers:
             token_budget=call.reserved_tokens if call.quota.tokens_per_minute else 0,
             adapter=assignment.adapter, adapter_path=assignment.adapter_path)
         input_to_proto(call.source, request)
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(assignment.worker_address))
+        stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, assignment.worker_address)
         stream = stub.GenerateTokens(request, timeout=timeout)
         try:
             async for response in stream:
@@ -147,7 +147,7 @@ class GrpcWorkers:
     async def _pool(self, assignment: Assignment, request_id: str, pooling: PoolingInput,
                     timeout: float | None) -> Chunk:
         """A pooling call's answer as one last chunk."""
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(assignment.worker_address))
+        stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, assignment.worker_address)
         response = await stub.Pool(worker_pb2.PoolRequest(
             request_id=request_id, model=assignment.model, inputs=pooling.inputs, pairs=pooling.pairs,
             truncate_prompt_tokens=pooling.truncate, dimensions=pooling.dimensions, task=pooling.task),

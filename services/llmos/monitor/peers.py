@@ -57,7 +57,7 @@ class GrpcProbe:
         self._timeout = timeout
 
     async def check(self, address: str) -> tuple[ComponentState, str]:
-        stub = health_pb2_grpc.HealthStub(self._channels.get(address))
+        stub = self._channels.stub(health_pb2_grpc.HealthStub, address)
         try:
             response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=self._timeout)
         except LlmosError as exc:
@@ -72,7 +72,7 @@ class GrpcProbe:
         return [WorkerInfo(w.worker_id, w.address, w.metrics_address) for w in workers]
 
     async def worker_status(self, address: str) -> WorkerReport:
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
+        stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, address)
         status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=self._timeout)
         return WorkerReport(status.running, status.tokens_generated,
                             {m.model: (m.kv_tokens_used, m.kv_tokens_capacity) for m in status.models})
@@ -87,7 +87,7 @@ class GrpcProbe:
             leader = exc.metadata.get("leader", "") if exc.reason == "NOT_LEADER" else ""
             if not leader:
                 raise
-            stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channels.get(leader))
+            stub = self._channels.stub(scheduler_pb2_grpc.SchedulerServiceStub, leader)
             stats = await stub.GetSchedulerStats(scheduler_pb2.GetSchedulerStatsRequest(), timeout=self._timeout)
         running: dict[str, int] = {}
         for w in stats.workers:

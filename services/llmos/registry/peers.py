@@ -20,7 +20,7 @@ class GrpcWorkers:
 
     async def start_model(self, address: str, model: str, path: str, estimated_bytes: int,
                           quantize: str = "", task: str = "generate") -> int:
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
+        stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, address)
         response = await stub.StartModel(
             worker_pb2.StartModelRequest(model=model, path=path, estimated_bytes=estimated_bytes, quantize=quantize,
                                          task=task),
@@ -28,11 +28,11 @@ class GrpcWorkers:
         return response.measured_bytes
 
     async def stop_model(self, address: str, model: str) -> None:
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
+        stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, address)
         await stub.StopModel(worker_pb2.StopModelRequest(model=model), timeout=self._timeout)
 
     async def activity(self, address: str) -> dict[str, tuple[int, float]]:
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(address))
+        stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, address)
         status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(), timeout=5)
         return {m.model: (m.running + m.waiting, seconds(m.last_request_time)) for m in status.models}
 

@@ -52,7 +52,7 @@ class WorkerReports:
             await asyncio.sleep(self._interval)
 
     async def _poll(self, scheduler: AdmissionControl, endpoint: Endpoint) -> None:
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channels.get(endpoint.address))
+        stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, endpoint.address)
         try:
             status = await stub.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest(),
                                                 timeout=max(0.5, self._interval * 2))
