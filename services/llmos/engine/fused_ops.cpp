@@ -15,30 +15,17 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
+
 namespace {
 
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {
-    uint32_t bits = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-inline uint16_t to_bf16(float v) {          // rounded to nearest even, as torch rounds
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return static_cast<uint16_t>(bits >> 16);
-}
+using llmos::put;
+using llmos::to_bf16;
+using llmos::to_float;
 
 // A value as the unfused forward holds it after an operator: rounded to the storage type.
 inline float held(float v, float*) { return v; }
 inline float held(float v, uint16_t*) { return to_float(to_bf16(v)); }
-
-inline void put(float* out, float v) { *out = v; }
-inline void put(uint16_t* out, float v) { *out = to_bf16(v); }
 
 // Rows are shared among threads only past this many elements a call (a decode step's few rows are
 // quicker on one than waking a second).

@@ -28,6 +28,8 @@ from llmos.common.devices import cpu_kind
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "fused_ops.cpp"))
+# What the sources include: part of what a build is keyed by.
+HEADERS = (Path(__file__).with_name("bf16.h"),)
 # The fused operators round each product as torch does: no product fused into a sum (FMA).
 OWN_FLAGS = {"fused_ops.cpp": ("-ffp-contract=off",)}
 # -ffast-math compiles the source only: on the link line, g++ adds a start-up routine that switches
@@ -48,7 +50,7 @@ def library() -> ctypes.CDLL:
     """The built kernel, loaded (built first when this source, compiler flags and CPU kind have no
     build yet). Raises when it cannot be built."""
     compiler = os.environ.get("CXX", "g++")
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in (*SOURCES, *HEADERS))
     # -march=native: a build is for the CPU kind it was made on (a data directory may move).
     flags = (COMPILE, OWN_FLAGS, LINK)
     key = hashlib.sha256(sources + repr((compiler, flags, cpu_kind(), _cpu_flags())).encode()).hexdigest()[:16]

@@ -19,29 +19,14 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
+using llmos::put;
+using llmos::to_float;
+
 constexpr int64_t BLOCK = 16;
-
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {        // bf16: the high half of a float32
-    uint32_t bits = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-inline void store(float* out, float v) { *out = v; }
-inline void store(uint16_t* out, float v) {   // float32 to bf16, rounded to nearest even
-    uint32_t bits;
-    std::memcpy(&bits, &v, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {
-        *out = 0x7fc0;                     // NaN
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    *out = static_cast<uint16_t>(bits >> 16);
-}
 
 thread_local std::vector<float> scratch;    // each thread's scores, reused call after call
 
@@ -127,7 +112,7 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
         }
     }
     for (int64_t j = 0; j < g; ++j)
-        for (int64_t t = 0; t < dv; ++t) store(out + j * dv + t, acc(j)[t]);
+        for (int64_t t = 0; t < dv; ++t) put(out + j * dv + t, acc(j)[t]);
 }
 
 template <typename T>
@@ -177,7 +162,7 @@ int attend(const T* q, const T* keys, const T* values, const int64_t* tables, co
         const int64_t start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
         T* target = out + (i * hq + h * g) * dv;
         if (end <= start) {                 // nothing to see: zeros (never so for a real sequence)
-            for (int64_t t = 0; t < g * dv; ++t) store(target + t, 0.0f);
+            for (int64_t t = 0; t < g * dv; ++t) put(target + t, 0.0f);
             continue;
         }
         item_fn(q + (i * hq + h * g) * d, keys + h * pool * BLOCK * d, values + h * pool * BLOCK * dv,
