@@ -12,6 +12,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+import pytest_asyncio
 
 from llmos.common import authz
 from llmos.common.auth import Authenticator, Guard
@@ -158,15 +159,30 @@ async def test_keys_refusals_and_unsupported_fields_are_openai_errors(stack):
     assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
 
 
-async def test_a_quota_refusal_is_429_with_retry_after(stack):
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def long_model(stack, tiny_model_dir) -> str:
+    """A tiny model of a long context, loaded: the stack's serves 256 tokens, generated in well under
+    a second (and sent in a few merged chunks to a reader that waits), so a generation of it may end
+    before the test's next call; 2,000 tokens of this one are still running then."""
+    long = build_tiny_model(tiny_model_dir.parent / "tiny-long", seed=1, context=2048)
+    await stack.registry.ImportModel(registry_pb2.ImportModelRequest(name="tiny-long", source=str(long)))
+    await stack.registry.LoadModel(registry_pb2.LoadModelRequest(name="tiny-long"))
+    return "tiny-long"
+
+
+async def test_a_quota_refusal_is_429_with_retry_after(stack, long_model):
     key = await stack.user_key("http-solo", quota=identity_pb2.TenantQuota(max_concurrent_requests=1))
     base = f"http://{stack.suite.http_address}/v1"
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=60) as raw:
         # (ignore_eos: a random model may end its answer at once, freeing the slot before the second call)
-        body = {"model": "tiny", "prompt": "Once", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        body = {"model": long_model, "prompt": "Once", "max_tokens": 2000, "stream": True, "ignore_eos": True}
         async with raw.stream("POST", f"{base}/completions", json=body) as first:
-            await anext(first.aiter_lines())            # running: the tenant's one slot is taken
+            # (the lines' iterator held: one dropped is closed at the loop's next turn, and the response
+            # with it, which ended the generation before the second call now and then)
+            lines = first.aiter_lines()
+            await anext(lines)                          # running: the tenant's one slot is taken
             refused = await raw.post(f"{base}/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+            await lines.aclose()
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["code"] == "QUOTA_EXCEEDED"
     assert refused.json()["error"]["type"] == "rate_limit_error"
@@ -182,12 +198,8 @@ async def eventually(check, tries=600):
     return value
 
 
-async def test_a_closed_connection_cancels_the_generation_and_frees_its_slot(stack, tiny_model_dir):
-    """A tiny model of a long context (the stack's serves 256 tokens, generated in well under a
-    second), so the generation is still running when the client leaves."""
-    long = build_tiny_model(tiny_model_dir.parent / "tiny-long", seed=1, context=2048)
-    await stack.registry.ImportModel(registry_pb2.ImportModelRequest(name="tiny-long", source=str(long)))
-    await stack.registry.LoadModel(registry_pb2.LoadModelRequest(name="tiny-long"))
+async def test_a_closed_connection_cancels_the_generation_and_frees_its_slot(stack, long_model):
+    """On the long model, so the generation is still running when the client leaves."""
     key = await stack.user_key("http")
     base = f"http://{stack.suite.http_address}/v1"
     done = scheduler_pb2.GetRequestStatusResponse.STATE_DONE
@@ -213,7 +225,7 @@ async def test_a_closed_connection_cancels_the_generation_and_frees_its_slot(sta
             return rid not in (await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())).request_ids
 
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}", "X-Request-Id": request_id}) as raw:
-            body = {"model": "tiny-long", "prompt": "Once", "max_tokens": 1000, "stream": stream, "ignore_eos": True}
+            body = {"model": long_model, "prompt": "Once", "max_tokens": 1000, "stream": stream, "ignore_eos": True}
             task = asyncio.ensure_future(raw.post(f"{base}/completions", json=body))
             assert await eventually(running), task.done() and task.result().text      # generating on the worker
             task.cancel()                                  # the client goes away mid-generation
