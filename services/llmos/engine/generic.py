@@ -131,10 +131,10 @@ def _swap_linears(model: nn.Module, quantize: str, device: torch.device, dtype: 
                 weight = child.weight.detach().t()
             else:
                 continue
-            prepared = prepare(weight, quantize, device, dtype)
+            bias = None if child.bias is None else child.bias.detach()
+            prepared = prepare(weight, quantize, device, dtype, biased=bias is not None)
             if prepared is weight:
                 continue
-            bias = None if child.bias is None else child.bias.detach()
             module = _Linear(prepared, bias)
             setattr(parent, name, module)
             swapped.append(module)

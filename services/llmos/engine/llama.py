@@ -73,7 +73,8 @@ class LlamaRunner:
             self.norm = inner.norm.weight
             for layer in self.layers:
                 for name in ("wqkv", "wo", "w_gate_up", "w_down"):
-                    setattr(layer, name, prepare(getattr(layer, name), quantize, self.device, self.dtype))
+                    setattr(layer, name, prepare(getattr(layer, name), quantize, self.device, self.dtype,
+                                                 biased=name == "wqkv" and layer.bqkv is not None))
             self.lm_head = prepare(model.lm_head.weight, quantize, self.device, self.dtype)
             positions = torch.arange(max_len, device=self.device)[None]
             cos, sin = inner.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)

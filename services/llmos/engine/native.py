@@ -1,10 +1,11 @@
 """The engine's own C++ kernels: attention of each query row (a decoding sequence's token, or a prompt
-chunk's, causally) reading the paged cache in place (`paged_attention.cpp`), and the element-wise work
+chunk's, causally) reading the paged cache in place (`paged_attention.cpp`), the element-wise work
 of a Llama-family layer fused (`fused_ops.cpp`: residual add with RMS norm, rotary embedding, SiLU
-times up). Built once per CPU kind and source with the system's C++ compiler into the compile cache
-(inductor's directory: `TORCHINDUCTOR_CACHE_DIR`, which the worker points at its data directory),
-loaded with ctypes and called with the tensors' pointers: a call costs a few microseconds, where a
-compiled graph's wrappers cost tens.
+times up), and the weights' bf16 products on a CPU with avx512_bf16 (`pair_products.cpp`). Built once
+per CPU kind and source with the system's C++ compiler into the compile cache (inductor's directory:
+`TORCHINDUCTOR_CACHE_DIR`, which the worker points at its data directory), loaded with ctypes and
+called with the tensors' pointers: a call costs a few microseconds, where a compiled graph's wrappers
+cost tens.
 
 OpenMP: the library is linked against `libgomp.so.1`, the name of the runtime torch itself loads,
 so its parallel loops run on torch's threads (one pool, not two fighting for the cores).
@@ -27,11 +28,13 @@ from llmos.common.devices import cpu_kind
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "fused_ops.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "fused_ops.cpp",
+                                                              "pair_products.cpp"))
 # What the sources include: part of what a build is keyed by.
 HEADERS = (Path(__file__).with_name("bf16.h"),)
-# The fused operators round each product as torch does: no product fused into a sum (FMA).
-OWN_FLAGS = {"fused_ops.cpp": ("-ffp-contract=off",)}
+# The fused operators round each product as torch does: no product fused into a sum (FMA); the
+# products add their blocks' sums in order, as oneDNN does.
+OWN_FLAGS = {"fused_ops.cpp": ("-ffp-contract=off",), "pair_products.cpp": ("-fno-fast-math", "-ffp-contract=off")}
 # -ffast-math compiles the source only: on the link line, g++ adds a start-up routine that switches
 # the whole process to flushing denormals to zero (torch's arithmetic included).
 COMPILE = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17", "-c")
@@ -84,6 +87,8 @@ def library() -> ctypes.CDLL:
                                (f"llmos_silu_mul_{kind}", [_P, _P, _I64, _I64])):
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, None
+    lib.llmos_pair_product_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _I64]
+    lib.llmos_pair_product_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -181,4 +186,20 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, both = gate_up.shape
     out = gate_up.new_empty(rows, both // 2)
     getattr(library(), f"llmos_silu_mul_{kind}")(gate_up.data_ptr(), out.data_ptr(), rows, both // 2)
+    return out
+
+
+def pair_product(x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """x [rows, K] (bf16, rows contiguous) times a weight [N, K] stored in pairs, `pairs` [N / 16, K / 2, 16, 2]
+    (`matmul.PairedWeight`): [rows, N] in bf16, as oneDNN's prepacked kernel gives it on a CPU with
+    avx512_bf16. Raises where the kernel was built without avx512_bf16."""
+    rows, k = x.shape
+    n = pairs.shape[0] * 16
+    if x.dtype != torch.bfloat16 or x.stride(1) != 1 or x.is_cuda or pairs.shape[1:] != (k // 2, 16, 2) or k % 2:
+        raise ValueError("pair_product: x must be bf16 [rows, K] with contiguous rows on the CPU, and the weight "
+                         "[N / 16, K / 2, 16, 2]")
+    out = x.new_empty(rows, n)
+    if rows and library().llmos_pair_product_bf16(x.data_ptr(), rows, x.stride(0), pairs.data_ptr(), n, k,
+                                                  out.data_ptr(), n):
+        raise ValueError("pair_product: the kernels were built for a CPU without avx512_bf16")
     return out
