@@ -11,7 +11,7 @@ from unittest import mock
 import pytest
 import torch
 
-from llmos.engine import attention
+from llmos.engine import attention, native
 from llmos.engine.attention import BLOCK, LayerShape, PagedCache, Part, Step, attend, can_compile
 
 CPU = torch.device("cpu")
@@ -91,11 +91,12 @@ print(loaded.compiled)
 def test_prompt_chunks_attend_through_the_kernel_as_uncompiled_and_however_they_are_cut(softcap, window, dtype):
     """A prompt of 70 positions (after 5 cached ones) beside a decoding sequence: each row sees its
     own position and those before it, as the uncompiled path's causal chunk attention does (closely:
-    another order of sums), in steps with and without a decoding row. In float32 the prompt goes
-    through the kernel, and a row's result is the same bit for bit whether the prompt went in one
-    chunk or in three of 7, 33 and 30, with or without the decoding sequence beside it; in bf16 the
-    prompt goes through flash attention without a soft cap (`PagedCache.flash_prompts`) and through the
-    batched products with one, the decoding row through the kernel."""
+    another order of sums), in steps with and without a decoding row. The prompt goes through the
+    kernel in float32, and in bf16 without a soft cap (its values weighed as flash attention weighs
+    them, as the uncompiled path's flash attention does), and a row's result is the same bit for bit
+    whether the prompt went in one chunk or in three of 7, 33 and 30, with or without the decoding
+    sequence beside it; in bf16 with a soft cap the prompt goes through the batched products, the
+    decoding row through the kernel."""
     generator = torch.Generator().manual_seed(1)
     shape = LayerShape(2, 64, 64)
     compiled = PagedCache([shape], 32, dtype, CPU, compile=True)
@@ -124,16 +125,45 @@ def test_prompt_chunks_attend_through_the_kernel_as_uncompiled_and_however_they_
     flash = torch.nn.functional.scaled_dot_product_attention
     with mock.patch.object(attention.F, "scaled_dot_product_attention", wraps=flash) as flashed:
         whole = run(compiled, [70], beside=False)
-    assert flashed.called == (dtype == torch.bfloat16 and not softcap)
+    assert not flashed.called
     assert compiled.kernel is not None, "the kernel failed and the path fell back"
     assert compiled.prompts_through_kernel == (dtype == torch.float32)
     expected = run(plain, [70], beside=False)
     assert torch.allclose(whole.float(), expected.float(), atol=tolerance, rtol=tolerance), (whole - expected).abs()
+    if dtype == torch.bfloat16 and not softcap:     # and as flash attention, uncompiled
+        plain.flash_prompts = True
+        with mock.patch.object(attention.F, "scaled_dot_product_attention", wraps=flash) as flashed:
+            flashed_out = run(plain, [70], beside=False)
+        assert flashed.called
+        assert torch.allclose(whole.float(), flashed_out.float(), atol=tolerance, rtol=tolerance)
     cut = run(compiled, [7, 33, 30], beside=True)
-    if dtype == torch.float32:
+    if dtype == torch.float32 or not softcap:
         assert torch.equal(cut, whole)
     else:
         assert torch.allclose(cut.float(), expected.float(), atol=tolerance, rtol=tolerance), (cut - expected).abs()
+
+
+@COMPILES
+def test_rows_weighed_as_flash_attention_are_nearer_flash_attention():
+    """The kernel's rows from `rounded_from` on round each weight to bf16 before weighing the values,
+    as flash attention does in bf16: nearer its output than the same rows weighed in float32."""
+    generator = torch.Generator().manual_seed(2)
+    keys = torch.randn(2, 8, BLOCK, 64, generator=generator).bfloat16()
+    values = torch.randn(2, 8, BLOCK, 64, generator=generator).bfloat16()
+    q = (torch.randn(40, 6, 64, generator=generator) * 3).bfloat16()
+    tables = torch.arange(8).view(1, 8)
+    which, seen = torch.zeros(40, dtype=torch.long), torch.arange(89, 129)    # causal rows of one prompt
+    rounded = native.paged_attention(q, keys, values, tables, which, seen, 0.125, None, None, rounded_from=0)
+    plain = native.paged_attention(q, keys, values, tables, which, seen, 0.125, None, None)
+    allowed = torch.arange(128)[None] < seen[:, None]
+    flashed = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.view(1, 2, 128, 64), values.view(1, 2, 128, 64), attn_mask=allowed,
+        scale=0.125, enable_gqa=True)[0].transpose(0, 1)
+    assert not torch.equal(rounded, plain)
+    assert (rounded.float() - flashed.float()).abs().mean() < (plain.float() - flashed.float()).abs().mean()
+    # The rows before `rounded_from` as without it.
+    assert torch.equal(native.paged_attention(q, keys, values, tables, which, seen, 0.125, None, None,
+                                              rounded_from=25)[:25], plain[:25])
 
 
 @COMPILES

@@ -19,16 +19,22 @@ is; prompt-chunk products get at least `MIN_ROWS` rows. Where the weights' bf16 
 tiles of rows (a CPU with native bf16, `matmul.py`), attention computes in float32, whose kernels
 keep their order whatever the batch.
 
-With a kernel (`PagedCache(compile=True)`, on the CPU): the decoding rows of the step, and in
-float32 its prompt chunks' rows too (`PagedCache.prompts_through_kernel`), attend through the
-engine's own C++ kernel (`native.py`, `paged_attention.cpp`), one call a layer, which reads each key
-and value through the block table where it lies (no gathered copy, no float32 copy, no score matrix
-in memory) and computes each row alone in float32, in one order whatever else is in the batch and
-however the prompt was cut into chunks (tested alone against busy, as for the uncompiled path, and
-against the uncompiled path).
+With a kernel (`PagedCache(compile=True)`, on the CPU): the decoding rows of the step, and its
+prompt chunks' rows in float32 (`PagedCache.prompts_through_kernel`) and in bf16 without a soft cap,
+attend through the engine's own C++ kernel (`native.py`, `paged_attention.cpp`), one call a layer,
+which reads each key and value through the block table where it lies (no gathered copy, no float32
+copy, no score matrix in memory) and computes each row alone in float32, in one order whatever else
+is in the batch and however the prompt was cut into chunks (tested alone against busy, as for the
+uncompiled path, and against the uncompiled path). bf16 prompt rows weigh the values as flash
+attention does in bf16 (each weight rounded to bf16 before the division by their sum): weighed in
+float32 they flipped SmolLM2's first token on 3 of 4 chat prompts whose two best tokens are within
+0.1 of each other (it stopped answering "Paris"); weighed as flash does, its answers to 12 chat
+questions matched float32's as often as flash attention's did (10 and 9 of 12; transformers' own
+bf16 generate: 8). A prompt chunk's attention costs ~20 µs a layer through flash attention whatever
+its length, a few through the kernel: a step of 16 chunks of 12 tokens 74 → 58 ms.
 
-In half precision on the CPU, prompt chunks without a soft cap attend through torch's flash attention
-(`scaled_dot_product_attention`) over their gathered blocks, with or without the kernel
+Without the kernel, in half precision on the CPU, prompt chunks without a soft cap attend through
+torch's flash attention (`scaled_dot_product_attention`) over their gathered blocks
 (`PagedCache.flash_prompts`).
 """
 
@@ -122,16 +128,14 @@ class PagedCache:
         self.keys = [zeroed((s.kv_heads, blocks, BLOCK, s.key_dim), dtype, device) for s in layers]
         self.values = [zeroed((s.kv_heads, blocks, BLOCK, s.value_dim), dtype, device) for s in layers]
         self.kernel = native.paged_attention if compile and compiles_attention(device, dtype) else None
-        # Prompt chunks through the kernel too, in float32 only. In bf16 the kernel's sums round to the
-        # bf16 outputs otherwise than the batched float32 products do, and that flipped SmolLM2's
-        # first token on 3 of 4 chat prompts whose two best tokens are within 0.1 of each other in
-        # float32 (neither path nearer float32's logits): the default model stopped answering "Paris".
+        # Prompt chunks through the kernel as it weighs decoding rows, in float32 only (in bf16 with its
+        # weights rounded as flash attention rounds them: `attend`, and the module's notes).
         self.prompts_through_kernel = dtype == torch.float32
         # Elsewhere in half precision on the CPU, prompt chunks without a soft cap go through torch's flash
         # attention over their gathered blocks (no float32 copy, no score matrix in memory): a 1,008-token
         # prompt of SmolLM2 in bf16 took 613 ms against 773 ms with the batched float32 products, with the
         # same answers (`benchmarks/prefill.py`, BENCHMARKS.md). Neither path gives a row the same bits
-        # however its prompt is cut.
+        # however its prompt is cut (the kernel does).
         self.flash_prompts = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
     def warm(self, query_heads: int | None = None) -> None:
@@ -369,12 +373,15 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
     n = step.decode_count
     out = q.new_empty(total, hq, dv)
     decoded = False                         # the decoding rows, by the kernel
-    if cache.kernel is not None and (n or cache.prompts_through_kernel):
-        every = cache.prompts_through_kernel or not step.prefills
+    # bf16 prompt chunks through the kernel, their values weighed as flash attention weighs them.
+    rounded = cache.flash_prompts and not softcap and cache.kernel is not None
+    if cache.kernel is not None and (n or cache.prompts_through_kernel or rounded):
+        every = cache.prompts_through_kernel or not step.prefills or rounded
         tables, which, seen = step.rows()
         try:
             if every:
-                return cache.kernel(q, keys, values, tables, which, seen, scaling, softcap, window)
+                return cache.kernel(q, keys, values, tables, which, seen, scaling, softcap, window,
+                                    n if rounded else None)
             out[:n] = cache.kernel(q[:n], keys, values, tables, which[:n], seen[:n], scaling, softcap, window)
             decoded = True
         except Exception as exc:  # noqa: BLE001 - a kernel that fails goes on uncompiled, not its step

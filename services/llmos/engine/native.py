@@ -78,7 +78,7 @@ def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     for name in ("llmos_paged_attention_bf16", "llmos_paged_attention_f32"):
         fn = getattr(lib, name)
-        fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _I64]
+        fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _I64, _I64]
         fn.restype = ctypes.c_int
     for kind in ("bf16", "f32"):
         for name, argtypes in ((f"llmos_add_rms_norm_{kind}", [_P, _P, _P, _P, _I64, _I64, _F32]),
@@ -105,11 +105,12 @@ def _cpu_flags() -> str:
 
 def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
                     which: torch.Tensor, seen: torch.Tensor, scaling: float, softcap: float | None,
-                    window: int | None) -> torch.Tensor:
+                    window: int | None, rounded_from: int | None = None) -> torch.Tensor:
     """Attention of the query rows q [n, hq, d] over the pool `keys` [hk, pool, BLOCK, d] and `values`
     [hk, pool, BLOCK, dv]: row r reads the block table `tables[which[r]]` ([sequences, width], int64
     block ids) up to position `seen[r]` (int64, exclusive); returns [n, hq, dv] in q's dtype. bf16
-    or float32, on the CPU."""
+    or float32, on the CPU. Rows from `rounded_from` on weigh the values as flash attention does in
+    bf16 (each weight, not yet divided by their sum, rounded to bf16; the sum divides at the end)."""
     n, hq, d = q.shape
     hk, pool, _, dv = values.shape
     if not (q.dtype == keys.dtype == values.dtype and q.dtype in (torch.bfloat16, torch.float32)
@@ -121,7 +122,8 @@ def paged_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t
     lib = library()
     fn = lib.llmos_paged_attention_bf16 if q.dtype == torch.bfloat16 else lib.llmos_paged_attention_f32
     if fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), which.data_ptr(), seen.data_ptr(),
-          out.data_ptr(), n, hq, hk, d, dv, pool, tables.shape[1], scaling, softcap or 0.0, window or 0):
+          out.data_ptr(), n, hq, hk, d, dv, pool, tables.shape[1], scaling, softcap or 0.0, window or 0,
+          n if rounded_from is None else rounded_from):
         raise ValueError(f"no attention kernel for {hq // hk} query heads a KV head of sizes {d} and {dv}")
     return out
 

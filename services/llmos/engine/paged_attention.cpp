@@ -11,7 +11,10 @@
 //   tables  [sequences, width]      block ids; which [n]: each row's sequence (its table's row)
 //   seen    [n]                     positions the row sees the end of (its own position + 1)
 //   out     [n, hq, dv]             in q's dtype
-// A row sees positions [seen - window, seen) (all of [0, seen) without a window).
+// A row sees positions [seen - window, seen) (all of [0, seen) without a window). Rows from `rounded_from`
+// on (a bf16 prompt's) weigh the values as flash attention does in bf16: each weight exp(s - max)
+// rounded to bf16, their float32 sum dividing the weighed values at the end; the others divide the
+// weights first and keep them in float32.
 
 #include <algorithm>
 #include <cmath>
@@ -49,11 +52,13 @@ inline void prefetch_next(const T* pool, const int64_t* table, int64_t p, int64_
 // sums in vector registers.
 template <typename T, int G, int D>
 void attend_item(const T* q, const T* head_keys, const T* head_values, const int64_t* table, int64_t start,
-                 int64_t end, T* out, int64_t g_, int64_t d_, int64_t dv_, float scaling, float softcap) {
+                 int64_t end, T* out, int64_t g_, int64_t d_, int64_t dv_, float scaling, float softcap, bool rounded) {
     const int64_t g = G ? G : g_, d = D ? D : d_, dv = D ? D : dv_;
     const int64_t length = end - start;
     if (static_cast<int64_t>(scratch.size()) < g * length) scratch.resize(g * length);
     float* scores = scratch.data();
+    thread_local std::vector<float> totals;
+    if (static_cast<int64_t>(totals.size()) < g) totals.resize(g);
     // Known sizes: arrays the compiler can keep in registers. Others: each thread's buffers.
     constexpr int64_t QN = G && D ? G * D : 1, RN = D ? D : 1;
     float fixed_query[QN], fixed_acc[QN], fixed_row[RN];
@@ -96,6 +101,12 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
             s[p] = std::exp(s[p] - top);
             total += s[p];
         }
+        if (rounded) {          // as flash attention: the weights, unnormalized, to bf16; the sum of them not
+#pragma omp simd
+            for (int64_t p = 0; p < length; ++p) s[p] = to_float(llmos::to_bf16(s[p]));
+            totals[j] = total;
+            continue;
+        }
         const float inverse = 1.0f / total;
 #pragma omp simd
         for (int64_t p = 0; p < length; ++p) s[p] *= inverse;
@@ -111,13 +122,15 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
             for (int64_t t = 0; t < dv; ++t) acc(j)[t] += w * row[t];
         }
     }
-    for (int64_t j = 0; j < g; ++j)
-        for (int64_t t = 0; t < dv; ++t) put(out + j * dv + t, acc(j)[t]);
+    for (int64_t j = 0; j < g; ++j) {
+        const float scale = rounded ? 1.0f / totals[j] : 1.0f;
+        for (int64_t t = 0; t < dv; ++t) put(out + j * dv + t, rounded ? acc(j)[t] * scale : acc(j)[t]);
+    }
 }
 
 template <typename T>
 using Item = void (*)(const T*, const T*, const T*, const int64_t*, int64_t, int64_t, T*, int64_t, int64_t, int64_t,
-                      float, float);
+                      float, float, bool);
 
 template <typename T, int D>
 Item<T> fixed_group(int64_t g) {
@@ -145,7 +158,7 @@ Item<T> pick(int64_t g, int64_t d, int64_t dv) {
 template <typename T>
 int attend(const T* q, const T* keys, const T* values, const int64_t* tables, const int64_t* which,
            const int64_t* seen, T* out, int64_t n, int64_t hq, int64_t hk, int64_t d, int64_t dv, int64_t pool,
-           int64_t width, float scaling, float softcap, int64_t window) {
+           int64_t width, float scaling, float softcap, int64_t window, int64_t rounded_from) {
     const int64_t g = hq / hk;
     const Item<T> item_fn = pick<T>(g, d, dv);
     if (!item_fn) return 1;
@@ -166,7 +179,7 @@ int attend(const T* q, const T* keys, const T* values, const int64_t* tables, co
             continue;
         }
         item_fn(q + (i * hq + h * g) * d, keys + h * pool * BLOCK * d, values + h * pool * BLOCK * dv,
-                tables + which[i] * width, start, end, target, g, d, dv, scaling, softcap);
+                tables + which[i] * width, start, end, target, g, d, dv, scaling, softcap, i >= rounded_from);
     }
     return 0;
 }
@@ -178,15 +191,17 @@ extern "C" {
 int llmos_paged_attention_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* values,
                                const int64_t* tables, const int64_t* which, const int64_t* seen, uint16_t* out,
                                int64_t n, int64_t hq, int64_t hk, int64_t d, int64_t dv, int64_t pool, int64_t width,
-                               float scaling, float softcap, int64_t window) {
-    return attend(q, keys, values, tables, which, seen, out, n, hq, hk, d, dv, pool, width, scaling, softcap, window);
+                               float scaling, float softcap, int64_t window, int64_t rounded_from) {
+    return attend(q, keys, values, tables, which, seen, out, n, hq, hk, d, dv, pool, width, scaling, softcap, window,
+                  rounded_from);
 }
 
 int llmos_paged_attention_f32(const float* q, const float* keys, const float* values, const int64_t* tables,
                               const int64_t* which, const int64_t* seen, float* out, int64_t n, int64_t hq,
                               int64_t hk, int64_t d, int64_t dv, int64_t pool, int64_t width, float scaling,
-                              float softcap, int64_t window) {
-    return attend(q, keys, values, tables, which, seen, out, n, hq, hk, d, dv, pool, width, scaling, softcap, window);
+                              float softcap, int64_t window, int64_t rounded_from) {
+    return attend(q, keys, values, tables, which, seen, out, n, hq, hk, d, dv, pool, width, scaling, softcap, window,
+                  rounded_from);
 }
 
 }
