@@ -54,13 +54,16 @@ async def restart(suite: Suite, name: str) -> None:
 # The running requests are long (they outlast the failover: the new leader must count their slots);
 # the queued ones short.
 LONG, SHORT = 800, 40
+# A stream that outlasts a version flip's load and drain on the tiny model (800 tokens took 1-2 s, about
+# what the flip takes: a quicker engine ended it first).
+HELD = 3500
 
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory, postgres):
     from tests.support.tiny_model import build_tiny_model
 
-    tiny_model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny-long") / "tiny", context=1024)
+    tiny_model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny-long") / "tiny", context=4096)
     SOURCE.append(str(tiny_model_dir))
     env = quiet_env(tiny_model_dir.parent, LLMOS_SCHEDULER_SLOTS_PER_WORKER="8", LLMOS_WORKER_MAX_RUNNING="8",
                     LLMOS_SCHEDULER_MAX_QUEUE="64", LLMOS_WORKER_REGISTER_INTERVAL_SECONDS="1",
@@ -364,7 +367,7 @@ async def test_registry_replicas_share_events_in_one_order_and_a_drain_survives_
         await admin.ImportModel(registry_pb2.ImportModelRequest(name="tiny", tag="v2", source=SOURCE[0]), timeout=60,
                                 wait_for_ready=True)
         await point(admin, "chat", "tiny:latest", wait_for_ready=True)
-        stream = asyncio.create_task(client.generate_model("a", "chat", LONG))
+        stream = asyncio.create_task(client.generate_model("a", "chat", HELD))
         for _ in range(400):
             if client.started:
                 break
@@ -380,7 +383,7 @@ async def test_registry_replicas_share_events_in_one_order_and_a_drain_survives_
         survivor_index = 1 - REGISTRIES.index(leader)
         survivor, survivor_stub = watchers[survivor_index], stubs[survivor_index]
         result = await stream
-        assert result.code is None and result.tokens == LONG
+        assert result.code is None and result.tokens == HELD
         # The survivor leads now, finds tiny:latest idle and unloads it.
         drained = await survivor.wait_for(("tiny:latest", "drained"))
         await survivor.wait_for(("tiny:latest", "unloaded"), after=drained)

@@ -64,11 +64,15 @@ def _up(base: str) -> bool:
 
 
 def spans(base: str) -> list[dict]:
-    """Every span of Phoenix's default project, through its REST API, a page at a time."""
+    """Every span of Phoenix's default project, through its REST API, a page at a time (none while
+    Phoenix answers a page with an empty body, as it did once while spans were arriving)."""
     found, cursor = [], None
     while True:
         query = {"limit": "1000", **({"cursor": cursor} if cursor else {})}
-        page = _get(f"{base}/v1/projects/default/spans?{urllib.parse.urlencode(query)}")
+        try:
+            page = _get(f"{base}/v1/projects/default/spans?{urllib.parse.urlencode(query)}")
+        except json.JSONDecodeError:
+            return []
         found += page["data"]
         cursor = page.get("next_cursor")
         if not cursor:
