@@ -17,6 +17,11 @@ so greedy output in either dtype is the same alone and in a batch, bit for bit (
 
 LoRA adapters (`lora.py`) add their part to the fused products' outputs, per row; a row of the
 base model gets zero added, and a step without adapters runs as it would without them.
+
+In bf16 with every part through the engine's kernels (the weights in pairs, the fused element-wise
+kernels, attention through its kernel), a step without adapters runs the layers in one native call
+(`native.llama_layers`): the same kernels in the same order, so the same bits, without ~270 trips
+back to the interpreter a step.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from llmos.common.domain import QUANTIZATIONS
 from . import native
 from .attention import LayerShape, PagedCache, Step, attend, pool_blocks
 from .lora import Adapter, AdapterStacks, LoraBatch
-from .matmul import Weight, linear, prepare, tensors_of, unique_bytes
+from .matmul import PairedWeight, Weight, linear, prepare, tensors_of, unique_bytes
 
 
 @dataclass
@@ -94,6 +99,21 @@ class LlamaRunner:
                               "o_proj": (q, hidden), "gate_proj": (hidden, inner), "up_proj": (hidden, inner),
                               "down_proj": (inner, hidden)}
         self.adapters = AdapterStacks(self.module_shapes, len(self.layers), self.device, self.dtype)
+        self.stack = self._stack_weights(inner)
+
+    def _stack_weights(self, inner: int) -> native.StackWeights | None:
+        """The layers' weights for `native.llama_layers`, where every part of a layer has its kernel."""
+        layers = self.layers
+        if not (self.fused_silu and self.dtype == torch.bfloat16 and self.cache.flash_prompts
+                and all(isinstance(w, PairedWeight) for layer in layers
+                        for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
+                and all(layer.bqkv is None for layer in layers)):
+            return None
+        return native.StackWeights(
+            native.pointers([layer.ln1 for layer in layers]), native.pointers([layer.wqkv.pairs for layer in layers]),
+            native.pointers([layer.wo.pairs for layer in layers]), native.pointers([layer.ln2 for layer in layers]),
+            native.pointers([layer.w_gate_up.pairs for layer in layers]),
+            native.pointers([layer.w_down.pairs for layer in layers]), inner)
 
     @staticmethod
     def _fuse(layer: Any) -> _Layer:
@@ -178,6 +198,12 @@ class LlamaRunner:
         hq, d = self.num_heads, self.head_dim
         adapted = None if lora is None else self.adapters.step(lora)
         x = F.embedding(tokens, self.embed)
+        if lora is None and self.stack is not None and self.cache.kernel is not None:
+            pending = native.llama_layers(x, self.stack, self.cache.keys, self.cache.values, self.cos, self.sin,
+                                          step.positions, step.slots, step.rows(), step.decode_count, hq,
+                                          self.kv_heads, d, self.eps)
+            _, h = self._add_norm(x, pending, self.norm, logit_rows)
+            return linear(h, self.lm_head).float()
         pending = None                  # the last product, added to x by the next norm
         positions = step.positions
         tables = None if self.fused else (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))

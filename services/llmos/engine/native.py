@@ -1,7 +1,8 @@
 """The engine's own C++ kernels: attention of each query row (a decoding sequence's token, or a prompt
 chunk's, causally) reading the paged cache in place (`paged_attention.cpp`), the element-wise work
 of a Llama-family layer fused (`fused_ops.cpp`: residual add with RMS norm, rotary embedding, SiLU
-times up), and the weights' bf16 products on a CPU with avx512_bf16 (`pair_products.cpp`). Built once
+times up), the weights' bf16 products on a CPU with avx512_bf16 (`pair_products.cpp`), and a Llama-family
+model's layers through all of these in one call (`layer_stack.cpp`). Built once
 per CPU kind and source with the system's C++ compiler into the compile cache (inductor's directory:
 `TORCHINDUCTOR_CACHE_DIR`, which the worker points at its data directory), loaded with ctypes and
 called with the tensors' pointers: a call costs a few microseconds, where a compiled graph's wrappers
@@ -20,6 +21,7 @@ import logging
 import os
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ from llmos.common.devices import cpu_kind
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "fused_ops.cpp",
-                                                              "pair_products.cpp"))
+                                                              "pair_products.cpp", "layer_stack.cpp"))
 # What the sources include: part of what a build is keyed by.
 HEADERS = (Path(__file__).with_name("bf16.h"),)
 # The fused operators round each product as torch does: no product fused into a sum (FMA); the
@@ -89,6 +91,9 @@ def library() -> ctypes.CDLL:
             fn.argtypes, fn.restype = argtypes, None
     lib.llmos_pair_product_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _I64]
     lib.llmos_pair_product_bf16.restype = ctypes.c_int
+    lib.llmos_llama_layers_bf16.argtypes = [_I64] * 7 + [_F32, _F32] + [_P] * 9 + [_P] * 8 + [_I64] + [_P] * 7 + [
+        _I64, _I64]
+    lib.llmos_llama_layers_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -205,3 +210,49 @@ def pair_product(x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
                                                   out.data_ptr(), n):
         raise ValueError("pair_product: the kernels were built for a CPU without avx512_bf16")
     return out
+
+
+def pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
+    """The tensors' data pointers as a C array (the tensors must outlive its use)."""
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+@dataclass(frozen=True)
+class StackWeights:
+    """A Llama-family model's layer weights as `llama_layers` reads them: each kind's pointers a layer."""
+
+    ln1: ctypes.Array
+    wqkv: ctypes.Array
+    wo: ctypes.Array
+    ln2: ctypes.Array
+    w_gate_up: ctypes.Array
+    w_down: ctypes.Array
+    inner: int
+
+
+def llama_layers(x: torch.Tensor, weights: StackWeights, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rounded_from: int, hq: int, hk: int, d: int,
+                 eps: float) -> torch.Tensor:
+    """Every layer of a Llama-family model over the step's hidden states x [T, hidden] (bf16, added to in
+    place), in one call (`layer_stack.cpp`): what the runner's loop computes through `add_rms_norm`,
+    `pair_product`, `rotary_store`, `paged_attention` (every row; rows from `rounded_from` weighed as
+    flash attention weighs them) and `silu_mul`. `rows`: the step's block tables, each row's table and
+    the positions each row sees the end of (`Step.rows`). Returns the last layer's down product, not
+    yet added to x."""
+    total, hidden = x.shape
+    inner = weights.inner
+    new = x.new_empty
+    h, o, pending = new(total, hidden), new(total, hidden), new(total, hidden)
+    qkv, q, attended = new(total, (hq + 2 * hk) * d), new(total, hq, d), new(total, hq * d)
+    gate_up, act = new(total, 2 * inner), new(total, inner)
+    tables, which, seen = rows
+    code = library().llmos_llama_layers_bf16(
+        len(keys), total, hidden, hq, hk, d, inner, eps, d ** -0.5, x.data_ptr(), h.data_ptr(), qkv.data_ptr(),
+        q.data_ptr(), attended.data_ptr(), o.data_ptr(), gate_up.data_ptr(), act.data_ptr(), pending.data_ptr(),
+        weights.ln1, weights.wqkv, weights.wo, weights.ln2, weights.w_gate_up, weights.w_down, pointers(keys),
+        pointers(values), keys[0].shape[1], cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+        tables.data_ptr(), which.data_ptr(), seen.data_ptr(), tables.shape[1], rounded_from)
+    if code:
+        raise ValueError(f"the layer stack's kernels failed (code {code})")
+    return pending
