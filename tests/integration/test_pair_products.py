@@ -55,6 +55,8 @@ def test_pair_products_take_rows_apart_and_batches_of_rows():
     out = matmul.linear(batched, paired)
     assert out.shape == (7, 3, 64) and torch.equal(out[:, 1], onednn(apart.contiguous(), weight))
     assert matmul.linear(torch.empty(0, 96).bfloat16(), paired).shape == (0, 64)
+    across = torch.randn(96, 5, generator=generator).bfloat16().t()    # a row's values apart: copied first
+    assert torch.equal(matmul.linear(across, paired), onednn(across.contiguous(), weight))
 
 
 @PAIRS_HERE
