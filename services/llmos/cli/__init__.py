@@ -367,11 +367,22 @@ def _tools_file(path: str) -> list[dict]:
 
 
 def _chat_turn(client, args: argparse.Namespace, conversation: list, tools: list[dict] | None):
-    """Streams one answer of the model and adds it to the conversation (None when it failed)."""
+    """Streams one answer of the model and adds it to the conversation (None when it failed).
+
+    Ctrl-C while it streams cancels the call from a thread of its own and the stream then ends
+    CANCELLED: a KeyboardInterrupt raised inside grpc's code could leave one of its locks held, and
+    the channel's next call then waited for ever (seen: 1 in 20 chats stopped at their first words)."""
     answer, calls, final = [], [], None
     stream = client.generate(args.model, messages=conversation, max_tokens=args.max_tokens,
                              temperature=args.temperature, seed=args.seed, tools=tools,
                              tool_choice=args.tool_choice if tools else None)
+    stopping = threading.Event()
+
+    def stop(signum, frame) -> None:
+        stopping.set()
+        threading.Thread(target=stream.cancel, daemon=True).start()
+
+    previous = signal.signal(signal.SIGINT, stop)
     try:
         for response in stream:
             answer.append(response.text)
@@ -382,12 +393,13 @@ def _chat_turn(client, args: argparse.Namespace, conversation: list, tools: list
             sys.stdout.flush()
             final = response
         print(flush=True)
-    except KeyboardInterrupt:
-        stream.cancel()
-        print("\n(answer stopped)", flush=True)
     except LlmosError as exc:
-        print(f"\nerror: {exc}", file=sys.stderr, flush=True)
-        return None
+        if not stopping.is_set():
+            print(f"\nerror: {exc}", file=sys.stderr, flush=True)
+            return None
+        print("\n(answer stopped)", flush=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     turn = common_pb2.ChatMessage(role="assistant", content="".join(answer), tool_calls=calls)
     conversation.append(turn)
     if args.verbose and final is not None and final.HasField("usage"):
