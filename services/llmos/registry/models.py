@@ -140,6 +140,9 @@ class ModelRegistry:
         self._locks: dict[ModelRef, asyncio.Lock] = {}
         # Models a request asked to keep loaded until then (Unix time), whatever their keep-alive.
         self._held_until: dict[ModelRef, float] = {}
+        # When this registry stopped a model on a worker (its clock): a heartbeat that still lists it
+        # may have been composed before, and must not place it there again.
+        self._stopped: dict[tuple[ModelRef, str], float] = {}
 
     async def db(self, fn: Callable, *args, timeout: float = CALL_SECONDS):
         """`fn(*args)` (catalog and alias calls) off the event loop."""
@@ -169,6 +172,7 @@ class ModelRegistry:
 
     def _place(self, ref: ModelRef, placement: Placement) -> None:
         """Records `placement` of `ref` (new, or changed in place)."""
+        self._stopped.pop((ref, placement.worker_id), None)
         self._placements.setdefault(ref, {})[placement.worker_id] = placement
         if self.shared:
             self._touch(("p", ref, placement.worker_id))
@@ -406,6 +410,9 @@ class ModelRegistry:
                 self._drop_placements(worker_id)
         self._put_worker(worker)
         for ref in holds:
+            stopped = self._stopped.get((ref, worker_id))
+            if stopped is not None and known is not None and stopped >= known.last_seen:
+                continue        # stopped there after the previous heartbeat: this one may predate it
             if worker_id not in self._placements.get(ref, {}) and ref in known_models:
                 self._place(ref, Placement(worker_id, address, READY, ready_at=now,
                                            quantization=variants.get(str(ref), "")))
@@ -478,6 +485,7 @@ class ModelRegistry:
                 if placement.state != FAILED:
                     self.events.emit(str(ref), events.UNLOADING, placement.worker_id, reason)
                     await self._worker_port.stop_model(placement.address, str(ref))
+                    self._stopped[(ref, placement.worker_id)] = self._clock()
                     self.events.emit(str(ref), events.UNLOADED, placement.worker_id, reason)
                 self._unplace(ref, placement.worker_id)
         log.info("unloaded %s", ref)
@@ -680,6 +688,7 @@ class ModelRegistry:
 
     async def _evict(self, ref: ModelRef, worker: Worker, why: str) -> None:
         await self._worker_port.stop_model(worker.address, str(ref))
+        self._stopped[(ref, worker.worker_id)] = self._clock()
         self._unplace(ref, worker.worker_id)
         self.events.emit(str(ref), events.EVICTED, worker.worker_id, why)
         log.info("evicted %s from worker %s %s", ref, worker.worker_id, why)

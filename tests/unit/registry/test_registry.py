@@ -233,6 +233,39 @@ async def test_a_model_its_worker_no_longer_lists_is_no_longer_placed_there(tmp_
     catalog.close()
 
 
+async def test_a_heartbeat_composed_before_an_unload_does_not_place_the_model_again(tmp_path, store_url):
+    """A heartbeat on its way while the registry unloads a model still lists it: the model stays
+    unloaded (and can be deleted at once); a heartbeat after the next one that still lists it is
+    believed (the worker holds it)."""
+    now = [0.0]
+    catalog = Catalog(Store(store_url))
+    registry = ModelRegistry(catalog, importer(tmp_path), FakeWorkers(), clock=lambda: now[0])
+    source = str(make_source(tmp_path / "src"))
+    await registry.import_model("tiny", "", source)
+    await registry.import_model("tiny", "second", source)
+    await registry.register_worker("w1", "127.0.0.1:9", "node", "i1")
+    now[0] = 1.0
+    await registry.load("tiny")
+    await registry.load("tiny:second")
+    now[0] = 2.0
+    await registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest", "tiny:second"])
+    now[0] = 3.0
+    await registry.unload("tiny:second")
+    now[0] = 3.5
+    await registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest", "tiny:second"])
+    assert (await registry.get("tiny:second")).state == "available"
+    assert (await registry.get("tiny")).state == "ready"
+    now[0] = 5.0
+    await registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest", "tiny:second"])
+    assert (await registry.get("tiny:second")).state == "ready", "a later heartbeat still lists it: it is held"
+    now[0] = 6.0
+    await registry.unload("tiny:second")
+    now[0] = 6.5
+    await registry.register_worker("w1", "127.0.0.1:9", "node", "i1", loaded_models=["tiny:latest", "tiny:second"])
+    await registry.delete("tiny:second")                              # not "loaded; unload it first"
+    catalog.close()
+
+
 async def test_a_second_worker_claiming_a_live_workers_id_is_refused(tmp_path, store_url):
     now = [0.0]
     catalog = Catalog(Store(store_url))
