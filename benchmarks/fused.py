@@ -24,6 +24,25 @@ from llmos.engine.attention import Part, Step, blocks_for
 from llmos.engine.loader import load_model, pick_device, pick_dtype
 
 
+def forward_cases(row_counts: list[int], positions: int, prompt: int, device: torch.device,
+                  ) -> list[tuple[str, list[Part], torch.Tensor, torch.Tensor]]:
+    """The steps these benchmarks time: decode steps of R sequences holding `positions` positions
+    each, and one prompt chunk of `prompt` tokens; each with its token ids and the rows whose logits
+    it returns."""
+    cases = []
+    for count in row_counts:
+        per = blocks_for(positions + 1)
+        cases.append((f"decode, {count} rows", [Part(list(range(1 + i * per, 1 + (i + 1) * per)), positions, 1, True)
+                                                for i in range(count)], count))
+    cases.append((f"a prompt chunk of {prompt}", [Part(list(range(1, blocks_for(prompt) + 1)), 0, prompt)], 1))
+    steps = []
+    for label, parts, logits in cases:
+        total = sum(p.length for p in parts)
+        steps.append((label, parts, torch.randint(100, 1000, (total,), device=device),
+                      torch.arange(total - logits, total, device=device)))
+    return steps
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="bundled:smollm2-135m-instruct")
@@ -45,17 +64,7 @@ def main() -> int:
             return 1
         print(f"{args.source} in {str(dtype).removeprefix('torch.')} on {device}; fastest of {args.rounds} "
               f"alternating rounds of 10 steps", flush=True)
-        cases: list[tuple[str, list[Part], int]] = []
-        for rows in args.rows:
-            per = blocks_for(args.positions + 1)
-            cases.append((f"decode, {rows} rows", [Part(list(range(1 + i * per, 1 + (i + 1) * per)), args.positions,
-                                                        1, True) for i in range(rows)], rows))
-        cases.append((f"a prompt chunk of {args.prompt}", [Part(list(range(1, blocks_for(args.prompt) + 1)), 0,
-                                                                args.prompt)], 1))
-        for label, parts, logits in cases:
-            total = sum(p.length for p in parts)
-            tokens = torch.randint(100, 1000, (total,), device=device)
-            rows = torch.arange(total - logits, total, device=device)
+        for label, parts, tokens, rows in forward_cases(args.rows, args.positions, args.prompt, device):
             best = {True: float("inf"), False: float("inf")}
             for _ in range(args.rounds):
                 for fused in (True, False):

@@ -1,13 +1,14 @@
 """What the engine's own bf16 product kernel gives a step on a CPU with avx512_bf16 and no AMX: the same
-runner's forward with its weights in pairs (`PairedWeight`, `pair_products.cpp`) and prepacked for
-oneDNN (`PackedWeight`, as before), in alternating rounds in one process.
+runner's forward with its weights prepacked for oneDNN (`PackedWeight`, as before), in pairs
+(`PairedWeight`, `pair_products.cpp`), and in pairs with the layers in one native call
+(`layer_stack.cpp`), in alternating rounds in one process.
 
     python -m benchmarks.products [--source bundled:smollm2-135m-instruct | tiny | DIR] [--rounds 3]
                                   [--rows 1 16 32 64] [--prompt 256] [--positions 80]
 
 Each round times 10 forward steps of each kind: decode steps of R sequences holding `--positions`
 positions, and a prompt chunk of `--prompt` tokens. Printed: the fastest round of each (ms a step),
-their ratio, and whether the two gave the same logits bit for bit (they must).
+the speed-ups over oneDNN, and whether all three gave the same logits bit for bit (they must).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.fused import forward_cases
 from benchmarks.lora import model_directory
 from llmos.common.devices import cpu_kind
-from llmos.engine.attention import Part, Step, blocks_for
+from llmos.engine.attention import Step
 from llmos.engine.loader import load_model, pick_device
 from llmos.engine.matmul import PACKED_BF16_MIN_ROWS, PackedWeight, PairedWeight
 
@@ -61,22 +63,16 @@ def main() -> int:
 
         print(f"{args.source} in bfloat16 on {device} ({cpu_kind()}); fastest of {args.rounds} alternating rounds "
               "of 10 steps", flush=True)
-        cases: list[tuple[str, list[Part], int]] = []
-        for rows in args.rows:
-            per = blocks_for(args.positions + 1)
-            cases.append((f"decode, {rows} rows", [Part(list(range(1 + i * per, 1 + (i + 1) * per)), args.positions,
-                                                        1, True) for i in range(rows)], rows))
-        cases.append((f"a prompt chunk of {args.prompt}", [Part(list(range(1, blocks_for(args.prompt) + 1)), 0,
-                                                                args.prompt)], 1))
-        for label, parts, logits in cases:
-            total = sum(p.length for p in parts)
-            tokens = torch.randint(100, 1000, (total,), device=device)
-            rows = torch.arange(total - logits, total, device=device)
-            best = {"pairs": float("inf"), "oneDNN": float("inf")}
+        stack = runner.stack
+        # Each kind: the weights, and whether the layers run in one call (`native.llama_layers`).
+        kinds = {"oneDNN": (packed, None), "pairs": (paired, None), "pairs, one call": (paired, stack)}
+        for label, parts, tokens, rows in forward_cases(args.rows, args.positions, args.prompt, device):
+            best = dict.fromkeys(kinds, float("inf"))
             outputs = {}
             for _ in range(args.rounds):
-                for kind, kinds in (("pairs", paired), ("oneDNN", packed)):
-                    use(kinds)
+                for kind, (chosen, layers) in kinds.items():
+                    use(chosen)
+                    runner.stack = layers
                     for _ in range(2):
                         outputs[kind] = runner.forward(tokens, Step(parts, device), rows)
                     started = time.perf_counter()
@@ -84,9 +80,11 @@ def main() -> int:
                         runner.forward(tokens, Step(parts, device), rows)
                     best[kind] = min(best[kind], (time.perf_counter() - started) / 10 * 1e3)
             use(paired)
-            same = torch.equal(outputs["pairs"], outputs["oneDNN"])
-            print(f"{label:<26} pairs {best['pairs']:7.2f} ms  oneDNN {best['oneDNN']:7.2f} ms  "
-                  f"speed-up {best['oneDNN'] / best['pairs']:.2f}x  same logits: {same}", flush=True)
+            runner.stack = stack
+            same = all(torch.equal(outputs[kind], outputs["oneDNN"]) for kind in kinds)
+            print(f"{label:<26} oneDNN {best['oneDNN']:7.2f} ms  pairs {best['pairs']:7.2f} ms "
+                  f"({best['oneDNN'] / best['pairs']:.2f}x)  pairs in one call {best['pairs, one call']:7.2f} ms "
+                  f"({best['oneDNN'] / best['pairs, one call']:.2f}x)  same logits: {same}", flush=True)
     return 0
 
 

@@ -198,7 +198,7 @@ class LlamaRunner:
         hq, d = self.num_heads, self.head_dim
         adapted = None if lora is None else self.adapters.step(lora)
         x = F.embedding(tokens, self.embed)
-        if lora is None and self.stack is not None and self.cache.kernel is not None:
+        if lora is None and self.stack is not None and self.fused and self.cache.kernel is not None:
             pending = native.llama_layers(x, self.stack, self.cache.keys, self.cache.values, self.cos, self.sin,
                                           step.positions, step.slots, step.rows(), step.decode_count, hq,
                                           self.kv_heads, d, self.eps)
