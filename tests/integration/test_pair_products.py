@@ -100,3 +100,5 @@ def test_bad_operands_are_refused():
         native.pair_product(torch.randn(64, 3).bfloat16().t(), pairs)
     with pytest.raises(ValueError):
         native.pair_product(torch.randn(3, 62).bfloat16(), pairs)   # another K
+    with pytest.raises(ValueError, match="no bias"):                 # never dropped silently
+        matmul.linear(torch.randn(3, 64).bfloat16(), matmul.PairedWeight(pairs), torch.ones(32).bfloat16())

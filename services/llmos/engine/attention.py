@@ -138,6 +138,11 @@ class PagedCache:
         # however its prompt is cut (the kernel does).
         self.flash_prompts = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
+    def rounds_prompts(self, softcap: float | None = None) -> bool:
+        """Whether half-precision prompt chunks go through the kernel, their values weighed as flash
+        attention weighs them (without a soft cap; with one, through the batched products)."""
+        return self.flash_prompts and not softcap and self.kernel is not None
+
     def warm(self, query_heads: int | None = None) -> None:
         """Builds (or finds built) the attention kernel now, a load's time and not the first request's,
         and runs it once a layer over block 0, which stays zero, with `query_heads` (each layer's KV
@@ -373,8 +378,7 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
     n = step.decode_count
     out = q.new_empty(total, hq, dv)
     decoded = False                         # the decoding rows, by the kernel
-    # bf16 prompt chunks through the kernel, their values weighed as flash attention weighs them.
-    rounded = cache.flash_prompts and not softcap and cache.kernel is not None
+    rounded = cache.rounds_prompts(softcap)
     if cache.kernel is not None and (n or cache.prompts_through_kernel or rounded):
         every = cache.prompts_through_kernel or not step.prefills or rounded
         tables, which, seen = step.rows()

@@ -104,7 +104,7 @@ class LlamaRunner:
     def _stack_weights(self, inner: int) -> native.StackWeights | None:
         """The layers' weights for `native.llama_layers`, where every part of a layer has its kernel."""
         layers = self.layers
-        if not (self.fused_silu and self.dtype == torch.bfloat16 and self.cache.flash_prompts
+        if not (self.fused_silu and self.dtype == torch.bfloat16 and self.cache.rounds_prompts()
                 and all(isinstance(w, PairedWeight) for layer in layers
                         for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
                 and all(layer.bqkv is None for layer in layers)):

@@ -193,7 +193,9 @@ def _packed(rows: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None)
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if isinstance(weight, PairedWeight):        # (bias-free: a biased matrix stays with oneDNN)
+    if isinstance(weight, PairedWeight):
+        if bias is not None:
+            raise ValueError("a paired weight takes no bias: `prepare` keeps a biased product with oneDNN")
         rows = x.reshape(-1, x.shape[-1])
         out = native.pair_product(rows if rows.stride(-1) == 1 else rows.contiguous(), weight.pairs)
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -419,6 +419,9 @@ class ModelRegistry:
                 self.events.emit(str(ref), events.READY, worker_id, "reported loaded by the worker")
         if known == worker and loaded_models is not None:
             self._drop_unheld(worker_id, holds, since=known.last_seen)
+        if known is not None:       # stops before the previous heartbeat: what it lists is the worker's word
+            for key in [k for k, at in self._stopped.items() if k[1] == worker_id and at < known.last_seen]:
+                del self._stopped[key]
 
     def _in_catalog(self, refs: list[ModelRef]) -> set[ModelRef]:
         return {ref for ref in refs if self.catalog.get(ref) is not None}
