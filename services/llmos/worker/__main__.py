@@ -21,7 +21,7 @@ from llmos.common.channels import Channels
 from llmos.common.domain import DEFAULT_KV_CACHE_TOKENS
 from llmos.common.errors import LlmosError
 from llmos.common.security import Security
-from llmos.common.server import Service, ServiceHost, die_with_parent, run_service
+from llmos.common.server import Service, ServiceHost, die_with_parent, run_loop, run_service
 from llmos.common.settings import ServiceSettings, from_env
 from llmos.common.telemetry import make_tracer_provider, setup_logging
 from llmos.engine import EngineDriver
@@ -205,7 +205,7 @@ def main() -> int:
                               grace=settings.grace_seconds, stop=control["stop"])
 
         try:
-            asyncio.run(run())
+            run_loop(run())
         except BaseException:
             control["failed"] = True
             log.exception("worker failed")
