@@ -28,10 +28,8 @@ inline float held(float v, float*) { return v; }
 inline float held(float v, uint16_t*) { return to_float(to_bf16(v)); }
 
 // Rows are shared among threads only past this many elements a call (a decode step's few rows are
-// quicker on one than waking a second). Between the products of a step the team is awake, so a
-// second thread pays from ~16k elements (SmolLM2, one process, alternating: 32 rows 13.6 -> 13.0 ms
-// a step, 64 rows 27.0 -> 26.4, below 16 rows the same).
-constexpr int64_t PARALLEL_ELEMENTS = 1 << 14;
+// quicker on one than waking a second).
+constexpr int64_t PARALLEL_ELEMENTS = 1 << 18;
 
 // x += add (when given, in x's type), then out = weight * (x / rms(x)), the norm in float32.
 template <typename T>
