@@ -35,6 +35,12 @@ from .servicer import register
 
 log = logging.getLogger(__name__)
 
+# Seconds a thread waiting for the interpreter lets the holder run before asking for it (Python's
+# default: 5 ms). The engine driver's thread needs the lock back as each native call of a step
+# returns, while the event loop's thread holds it to relay the last step's tokens to their streams:
+# at 64 streams through the gateway, 1,463-1,497 tok/s with the default, 1,519-1,536 with this.
+SWITCH_INTERVAL = 0.0005
+
 
 @dataclass(frozen=True)
 class WorkerSettings(ServiceSettings):
@@ -193,6 +199,7 @@ def main() -> int:
     die_with_parent()
     settings = from_env(WorkerSettings, "worker")
     setup_logging(settings.log_level)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     driver = EngineDriver()
     control: dict = {}
     ready = threading.Event()
