@@ -96,8 +96,8 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
             if (b + KEYS_AHEAD <= last) prefetch_block(head_keys, table, b + KEYS_AHEAD, d);
             prefetch_block(head_values, table, b, dv);
         }
-        // The next block again, though asked for above: measured quicker than without (5.0-6.3 against
-        // 6.6-7.2 ms in the case above), as if some of the early requests were dropped.
+        // The next block again, though asked for above: measured quicker than without (5.0-6.8 against
+        // 6.8-7.2 ms in the case above), as if some of the early requests were dropped.
         prefetch_next(head_keys, table, p, end, d);
         const T* key = head_keys + (table[p / BLOCK] * BLOCK + p % BLOCK) * d;
 #pragma omp simd
