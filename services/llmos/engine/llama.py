@@ -113,7 +113,8 @@ class LlamaRunner:
             native.pointers([layer.ln1 for layer in layers]), native.pointers([layer.wqkv.pairs for layer in layers]),
             native.pointers([layer.wo.pairs for layer in layers]), native.pointers([layer.ln2 for layer in layers]),
             native.pointers([layer.w_gate_up.pairs for layer in layers]),
-            native.pointers([layer.w_down.pairs for layer in layers]), inner)
+            native.pointers([layer.w_down.pairs for layer in layers]), native.pointers(self.cache.keys),
+            native.pointers(self.cache.values), self.cache.keys[0].shape[1], inner)
 
     @staticmethod
     def _fuse(layer: Any) -> _Layer:
@@ -199,9 +200,8 @@ class LlamaRunner:
         adapted = None if lora is None else self.adapters.step(lora)
         x = F.embedding(tokens, self.embed)
         if lora is None and self.stack is not None and self.fused and self.cache.kernel is not None:
-            pending = native.llama_layers(x, self.stack, self.cache.keys, self.cache.values, self.cos, self.sin,
-                                          step.positions, step.slots, step.rows(), step.decode_count, hq,
-                                          self.kv_heads, d, self.eps)
+            pending = native.llama_layers(x, self.stack, self.cos, self.sin, step.positions, step.slots, step.rows(),
+                                          step.decode_count, hq, self.kv_heads, d, self.eps)
             _, h = self._add_norm(x, pending, self.norm, logit_rows)
             return linear(h, self.lm_head).float()
         pending = None                  # the last product, added to x by the next norm

@@ -219,7 +219,8 @@ def pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
 
 @dataclass(frozen=True)
 class StackWeights:
-    """A Llama-family model's layer weights as `llama_layers` reads them: each kind's pointers a layer."""
+    """A Llama-family model's layer weights and paged cache as `llama_layers` reads them: each kind's
+    pointers a layer, made once at load (the runner keeps the tensors for its life)."""
 
     ln1: ctypes.Array
     wqkv: ctypes.Array
@@ -227,19 +228,21 @@ class StackWeights:
     ln2: ctypes.Array
     w_gate_up: ctypes.Array
     w_down: ctypes.Array
+    keys: ctypes.Array
+    values: ctypes.Array
+    pool: int           # blocks in the cache's pool
     inner: int
 
 
-def llama_layers(x: torch.Tensor, weights: StackWeights, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rounded_from: int, hq: int, hk: int, d: int,
-                 eps: float) -> torch.Tensor:
+def llama_layers(x: torch.Tensor, weights: StackWeights, cos: torch.Tensor, sin: torch.Tensor,
+                 positions: torch.Tensor, slots: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 rounded_from: int, hq: int, hk: int, d: int, eps: float) -> torch.Tensor:
     """Every layer of a Llama-family model over the step's hidden states x [T, hidden] (bf16, added to in
     place), in one call (`layer_stack.cpp`): what the runner's loop computes through `add_rms_norm`,
     `pair_product`, `rotary_store`, `paged_attention` (every row; rows from `rounded_from` weighed as
     flash attention weighs them) and `silu_mul`. `rows`: the step's block tables, each row's table and
-    the positions each row sees the end of (`Step.rows`). Returns the last layer's down product, not
-    yet added to x."""
+    the positions each row sees the end of (`Step.rows`); the cache's keys and values are in `weights`.
+    Returns the last layer's down product, not yet added to x."""
     total, hidden = x.shape
     inner = weights.inner
     new = x.new_empty
@@ -248,10 +251,11 @@ def llama_layers(x: torch.Tensor, weights: StackWeights, keys: list[torch.Tensor
     gate_up, act = new(total, 2 * inner), new(total, inner)
     tables, which, seen = rows
     code = library().llmos_llama_layers_bf16(
-        len(keys), total, hidden, hq, hk, d, inner, eps, d ** -0.5, x.data_ptr(), h.data_ptr(), qkv.data_ptr(),
-        q.data_ptr(), attended.data_ptr(), o.data_ptr(), gate_up.data_ptr(), act.data_ptr(), pending.data_ptr(),
-        weights.ln1, weights.wqkv, weights.wo, weights.ln2, weights.w_gate_up, weights.w_down, pointers(keys),
-        pointers(values), keys[0].shape[1], cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+        len(weights.keys), total, hidden, hq, hk, d, inner, eps, d ** -0.5, x.data_ptr(), h.data_ptr(),
+        qkv.data_ptr(), q.data_ptr(), attended.data_ptr(), o.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
+        pending.data_ptr(),
+        weights.ln1, weights.wqkv, weights.wo, weights.ln2, weights.w_gate_up, weights.w_down, weights.keys,
+        weights.values, weights.pool, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), slots.data_ptr(),
         tables.data_ptr(), which.data_ptr(), seen.data_ptr(), tables.shape[1], rounded_from)
     if code:
         raise ValueError(f"the layer stack's kernels failed (code {code})")

@@ -6,7 +6,7 @@ import sys
 
 from llmos.worker import openmp_binding
 
-WORKER = ["/usr/bin/python3", "-m", "llmos.worker"]
+WORKER = ["python3", "-m", "llmos.worker"]
 BOUND = {"OMP_PROC_BIND": "true", "OMP_PLACES": "cores"}
 
 
