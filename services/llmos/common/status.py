@@ -67,12 +67,13 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, method: str | bytes = "") -> Llmos
     """Reads a failed call's status (with its details) back into a typed error. A peer that
     could not be reached at all (UNAVAILABLE from the transport, no details) is named by the
     service of `method`: reason `SCHEDULER_UNREACHABLE` for "/llmos.v1.SchedulerService/...",
-    and so on."""
+    and so on; so is one whose side cancelled the call without saying why (CANCELLED, no ErrorInfo)."""
     code = exc.code()
     if code not in _PASSED_THROUGH:
         return RemoteError("INTERNAL", "internal error in a downstream service",
                            reason="INTERNAL", metadata={})
     reason, metadata, violations, retry_after = code.name, {}, [], None
+    explained = False       # the peer said why (llmos's ErrorInfo)
     for key, value in exc.trailing_metadata() or ():
         if key != rpc_status.GRPC_DETAILS_METADATA_KEY:
             continue
@@ -81,7 +82,7 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, method: str | bytes = "") -> Llmos
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                reason, metadata = info.reason, dict(info.metadata)
+                reason, metadata, explained = info.reason, dict(info.metadata), True
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
@@ -91,6 +92,12 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, method: str | bytes = "") -> Llmos
                 detail.Unpack(info)
                 retry_after = seconds(info.retry_delay)
     message = exc.details() or code.name.lower()
+    if code == grpc.StatusCode.CANCELLED and not explained and method:
+        # Cancelled by the peer's side, not by a reason of its own: a call this process cancels raises
+        # asyncio's CancelledError instead. A server that stops cancels the calls it still holds (a
+        # scheduler's waiting admissions in a rolling restart): the peer went away, as UNAVAILABLE says,
+        # and a caller that fails over to another replica does so.
+        code, reason, message = grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE", f"it cancelled the call ({message})"
     if code == grpc.StatusCode.UNAVAILABLE and reason == code.name and method:
         peer = _service_word(method)
         reason, message = f"{peer.upper()}_UNREACHABLE", f"the {peer} cannot be reached: {message}"

@@ -2,7 +2,7 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
 
-from llmos.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from llmos.common.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted
 from llmos.common.status import from_rpc_error, to_status
 
 
@@ -60,3 +60,19 @@ def test_unknown_downstream_status_becomes_internal_without_its_message():
     error = from_rpc_error(_rpc_error(grpc.StatusCode.UNKNOWN))
     assert error.code == "INTERNAL"
     assert "boom" not in error.message
+
+
+def test_a_call_the_peer_cancelled_without_a_reason_is_the_peer_gone():
+    """A server that stops cancels the calls it holds (RST_STREAM): a caller must read that as the peer
+    unreachable (and fail over), not as its own request cancelled."""
+    method = "/llmos.v1.SchedulerService/AdmitGeneration"
+    error = from_rpc_error(_rpc_error(grpc.StatusCode.CANCELLED), method)
+    assert (error.code, error.reason) == ("UNAVAILABLE", "SCHEDULER_UNREACHABLE")
+    assert "boom" in error.message
+    cancelled = Cancelled("the request was cancelled in the queue", reason="CANCELLED_IN_QUEUE")
+    error = from_rpc_error(_rpc_error(grpc.StatusCode.CANCELLED, to_status(cancelled)), method)
+    assert (error.code, error.reason) == ("CANCELLED", "CANCELLED_IN_QUEUE")      # the peer's own reason
+    error = from_rpc_error(_rpc_error(grpc.StatusCode.CANCELLED, to_status(Cancelled("gone"))), method)
+    assert (error.code, error.reason) == ("CANCELLED", "CANCELLED")                # its default reason, given
+    error = from_rpc_error(_rpc_error(grpc.StatusCode.UNAVAILABLE), method)
+    assert (error.code, error.reason) == ("UNAVAILABLE", "SCHEDULER_UNREACHABLE")
