@@ -1,9 +1,15 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# Without a GPU, Triton's interpreter runs the engine's GPU kernels (tests/integration/test_gpu_kernels.py,
+# where LLMOS_ENGINE_INTERPRET_GPU_KERNELS asks for them); Triton reads this as it is first imported.
+if os.environ.get("LLMOS_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.support.tiny_model import build_tiny_model, build_tokenizer  # noqa: E402
 

@@ -59,7 +59,8 @@ class Running:
 
 
 def start(path, slots=16, prefill_budget=256, compile=False):
-    loaded = load_model("m", str(path), ENGINE_DEVICE, torch.float32, slots * 512, 512, compile=compile)
+    loaded = load_model("m", str(path), ENGINE_DEVICE, torch.float32, slots * 512, 512, compile=compile,
+                        graphs=slots if compile else 0)
     if compile:
         assert loaded.runner.fused == compiles_attention(ENGINE_DEVICE, torch.float32)
     driver = EngineDriver()

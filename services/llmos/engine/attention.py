@@ -123,14 +123,18 @@ class PagedCache:
     decoding sequences attend through the engine's kernel where it builds (`compiles_attention`)."""
 
     def __init__(self, layers: list[LayerShape], blocks: int, dtype: torch.dtype, device: torch.device,
-                 compile: bool = False) -> None:
+                 compile: bool = False, spare: bool = False) -> None:
         self.layers, self.blocks = layers, blocks
-        self.keys = [zeroed((s.kv_heads, blocks, BLOCK, s.key_dim), dtype, device) for s in layers]
-        self.values = [zeroed((s.kv_heads, blocks, BLOCK, s.value_dim), dtype, device) for s in layers]
-        self.kernel = native.paged_attention if compile and compiles_attention(device, dtype) else None
-        # Prompt chunks through the kernel as it weighs decoding rows, in float32 only (in bf16 with its
-        # weights rounded as flash attention rounds them: `attend`, and the module's notes).
-        self.prompts_through_kernel = dtype == torch.float32
+        # With `spare`, one block more than `blocks`, `scratch`, which no sequence is given: where the
+        # padding rows of a CUDA graph's step write their keys and values (`graphs.py`).
+        self.scratch = blocks if spare else None
+        size = blocks + 1 if spare else blocks
+        self.keys = [zeroed((s.kv_heads, size, BLOCK, s.key_dim), dtype, device) for s in layers]
+        self.values = [zeroed((s.kv_heads, size, BLOCK, s.value_dim), dtype, device) for s in layers]
+        self.kernel = attention_kernel(device, dtype) if compile else None
+        # Prompt chunks through the kernel as it weighs decoding rows: in float32, and on a GPU (in bf16
+        # on the CPU with its weights rounded as flash attention rounds them: `attend`, and the module's notes).
+        self.prompts_through_kernel = dtype == torch.float32 or device.type == "cuda"
         # Elsewhere in half precision on the CPU, prompt chunks without a soft cap go through torch's flash
         # attention over their gathered blocks (no float32 copy, no score matrix in memory): a 1,008-token
         # prompt of SmolLM2 in bf16 took 613 ms against 773 ms with the batched float32 products, with the
@@ -207,14 +211,7 @@ class Step:
 
     def _build(self, parts: list[Part], device: torch.device) -> None:
         self.device = device
-        positions: list[int] = []
-        slots: list[int] = []
-        for part in parts:
-            for p in range(part.start, part.start + part.length):
-                positions.append(p)
-                slots.append(part.blocks[p // BLOCK] * BLOCK + p % BLOCK)
-        self.positions = torch.tensor(positions, dtype=torch.long, device=device)
-        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self._given = parts            # the rows' order (decoding parts first, as the engine feeds them)
         self._decoding = [p for p in parts if p.decode]
         self.decode_count = len(self._decoding)
         self.prefills = [PrefillChunk(torch.tensor(p.blocks[:blocks_for(p.start + p.length)], dtype=torch.long,
@@ -226,6 +223,26 @@ class Step:
         # Decoding parts first, then the chunks: the order of the flat batch's rows.
         self._parts = self._decoding + [p for p in parts if not p.decode]
         self._rows: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def decoding(self) -> list[Part]:
+        """The decoding sequences' parts, in the order of their rows (the first of the step)."""
+        return self._decoding
+
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:
+        """Each row's position [rows] (built when first asked: a step a CUDA graph runs needs none)."""
+        with torch.inference_mode():
+            return torch.tensor([p for part in self._given for p in range(part.start, part.start + part.length)],
+                                dtype=torch.long, device=self.device)
+
+    @functools.cached_property
+    def slots(self) -> torch.Tensor:
+        """Where each row's key and value go in the pool [rows]: block * BLOCK + offset."""
+        with torch.inference_mode():
+            return torch.tensor([part.blocks[p // BLOCK] * BLOCK + p % BLOCK for part in self._given
+                                 for p in range(part.start, part.start + part.length)],
+                                dtype=torch.long, device=self.device)
 
     @functools.cached_property
     def groups(self) -> list[DecodeGroup]:
@@ -336,11 +353,43 @@ def _first_line(exc: Exception) -> str:
 
 
 def compiles_attention(device: torch.device, dtype: torch.dtype) -> bool:
-    """Where the engine's decode kernel runs: on the CPU, in bf16 or float32, with a C++ compiler to
-    build it (`can_compile`). Against gathering the blocks for batched products, SmolLM2's layer,
-    bf16 on avx512_bf16: 7x at one sequence, 4x at 16, 3x at 64 (see BENCHMARKS.md). A GPU has
-    kernels of its own."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and can_compile()
+    """Where the engine's attention kernel runs: on the CPU, in bf16 or float32, with a C++ compiler to
+    build it (`can_compile`); against gathering the blocks for batched products, SmolLM2's layer,
+    bf16 on avx512_bf16: 7x at one sequence, 4x at 16, 3x at 64 (see BENCHMARKS.md). On a GPU, in
+    Triton (`gpu_kernels.py`), where Triton is installed (torch's CUDA builds bring it)."""
+    return attention_kernel(device, dtype) is not None
+
+
+def attention_kernel(device: torch.device, dtype: torch.dtype):  # noqa: ANN201 - one of two functions
+    """The attention kernel for this device and dtype (`native.paged_attention` on the CPU,
+    `gpu_kernels.paged_attention` on a GPU), or None where none runs."""
+    kernels = gpu_kernels(device, dtype)
+    if kernels is not None:
+        return kernels.paged_attention
+    if device.type == "cpu":
+        return native.paged_attention if dtype in (torch.bfloat16, torch.float32) and can_compile() else None
+    return None
+
+
+def triton_interpreted() -> bool:
+    """Whether the engine's GPU kernels run on the CPU, under Triton's interpreter: asked for with
+    `LLMOS_ENGINE_INTERPRET_GPU_KERNELS=1`, with `TRITON_INTERPRET=1` set before Triton was first
+    imported. It is how the tests check the GPU's kernels where no GPU is, far slower than the CPU's own."""
+    return os.environ.get("LLMOS_ENGINE_INTERPRET_GPU_KERNELS") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gpu_kernels(device: torch.device, dtype: torch.dtype):  # noqa: ANN201 - a module
+    """The module of the engine's Triton kernels (`gpu_kernels.py`) where they run for this device and
+    dtype (a GPU, or the CPU under Triton's interpreter), else None (no Triton, or a dtype they do not take)."""
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32) or not (
+            device.type == "cuda" or (device.type == "cpu" and triton_interpreted())):
+        return None
+    try:
+        from . import gpu_kernels as kernels
+    except ImportError as exc:
+        log.warning("no Triton here (%s); the engine runs torch's operators on %s", exc, device)
+        return None
+    return kernels
 
 
 @functools.cache

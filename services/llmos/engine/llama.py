@@ -26,6 +26,7 @@ back to the interpreter a step.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,11 @@ from transformers.activations import ACT2FN
 from llmos.common.domain import QUANTIZATIONS
 
 from . import native
-from .attention import LayerShape, PagedCache, Step, attend, pool_blocks
+from .attention import LayerShape, PagedCache, Step, attend, gpu_kernels, pool_blocks
 from .lora import Adapter, AdapterStacks, LoraBatch
 from .matmul import PairedWeight, Weight, linear, prepare, tensors_of, unique_bytes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,7 +60,8 @@ class LlamaRunner:
     # Runs LoRA adapters (`lora.py`): a step's rows each through their own adapter, or none.
     supports_adapters = True
 
-    def __init__(self, model: Any, kv_tokens: int, max_len: int, quantize: str = "", compile: bool = False) -> None:
+    def __init__(self, model: Any, kv_tokens: int, max_len: int, quantize: str = "", compile: bool = False,
+                 graphs: int = 0) -> None:
         if quantize not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantize!r}")
         self.quantize = quantize
@@ -85,12 +89,19 @@ class LlamaRunner:
             cos, sin = inner.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
             self.cos, self.sin = cos[0], sin[0]
         shape = LayerShape(self.kv_heads, self.head_dim, self.head_dim)
+        gpu = gpu_kernels(self.device, self.dtype) if compile else None
         self.cache = PagedCache([shape] * len(self.layers), pool_blocks(kv_tokens, max_len), self.dtype, self.device,
-                                compile)
+                                compile, spare=gpu is not None and graphs > 0)
         self.cache.warm(self.num_heads)
-        # The element-wise work between the products through the engine's fused kernels (`native.py`),
-        # where the attention kernel is built: one call each where torch takes five to eight operators.
-        self.fused = self.cache.kernel is not None and self.dtype in (torch.bfloat16, torch.float32)
+        # The element-wise work between the products through the engine's fused kernels (`native.py` on the
+        # CPU, `gpu_kernels.py` on a GPU), where the attention kernel runs: one call each where torch takes
+        # five to eight operators.
+        self.ops = None
+        if self.cache.kernel is native.paged_attention and self.dtype in (torch.bfloat16, torch.float32):
+            self.ops = native
+        elif gpu is not None and self.cache.kernel is gpu.paged_attention:
+            self.ops = gpu
+        self.fused = self.ops is not None
         self.fused_silu = self.fused and config.hidden_act == "silu"
         hidden, inner = config.hidden_size, config.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
@@ -100,11 +111,19 @@ class LlamaRunner:
                               "down_proj": (inner, hidden)}
         self.adapters = AdapterStacks(self.module_shapes, len(self.layers), self.device, self.dtype)
         self.stack = self._stack_weights(inner)
+        # Decode steps of up to `graphs` rows as CUDA graphs (`graphs.py`), where every part has its kernel.
+        self.graphs = None
+        if graphs > 0 and self.cache.scratch is not None and self.fused_silu and self.layers[0].bqkv is None:
+            from .graphs import DecodeGraphs
+            try:
+                self.graphs = DecodeGraphs(self, graphs)
+            except Exception as exc:  # noqa: BLE001 - a graph that does not capture costs speed, not the model
+                log.warning("decode steps run without CUDA graphs: %s: %s", type(exc).__name__, exc)
 
     def _stack_weights(self, inner: int) -> native.StackWeights | None:
         """The layers' weights for `native.llama_layers`, where every part of a layer has its kernel."""
         layers = self.layers
-        if not (self.fused_silu and self.dtype == torch.bfloat16 and self.cache.rounds_prompts()
+        if not (self.fused_silu and self.ops is native and self.dtype == torch.bfloat16 and self.cache.rounds_prompts()
                 and all(isinstance(w, PairedWeight) for layer in layers
                         for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
                 and all(layer.bqkv is None for layer in layers)):
@@ -134,7 +153,8 @@ class LlamaRunner:
         """Bytes held: weights (shared tensors once) and the KV cache."""
         weights = [v for layer in self.layers for v in vars(layer).values()] + [
             self.embed, self.norm, self.lm_head, self.cos, self.sin]
-        return unique_bytes([t for w in weights for t in tensors_of(w)] + self.cache.tensors)
+        graphs = 0 if self.graphs is None else self.graphs.bytes
+        return unique_bytes([t for w in weights for t in tensors_of(w)] + self.cache.tensors) + graphs
 
     @property
     def layer_count(self) -> int:
@@ -162,7 +182,7 @@ class LlamaRunner:
         """x + add (x when none) and its RMS norm (of `rows` only, when given): through the fused kernel
         (x added to in place) or torch's operators."""
         if self.fused:
-            h = native.add_rms_norm(x, add, weight, self.eps)
+            h = self.ops.add_rms_norm(x, add, weight, self.eps)
             return x, h if rows is None else h[rows]
         if add is not None:
             x = x + add
@@ -176,7 +196,7 @@ class LlamaRunner:
         operators with the step's cos and sin rows `tables`."""
         hq, hk, d = self.num_heads, self.kv_heads, self.head_dim
         if tables is None:
-            return native.rotary_store(qkv, hq, hk, d, self.cos, self.sin, step.positions, step.slots,
+            return self.ops.rotary_store(qkv, hq, hk, d, self.cos, self.sin, step.positions, step.slots,
                                        self.cache.keys[index], self.cache.values[index])
         qk = self._rope(qkv[:, :(hq + hk) * d].view(qkv.shape[0], hq + hk, d), *tables)
         self.cache.write(step, index, qk[:, hq:], qkv[:, (hq + hk) * d:].view(qkv.shape[0], hk, d))
@@ -184,7 +204,7 @@ class LlamaRunner:
 
     def _gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         if self.fused_silu:
-            return native.silu_mul(gate_up)
+            return self.ops.silu_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up
 
@@ -193,8 +213,22 @@ class LlamaRunner:
                 lora: LoraBatch | None = None) -> torch.Tensor:
         """Runs one step (the flat batch `step` describes), each row through its LoRA adapter
         where `lora` gives it one; returns float32 logits of the rows `logit_rows` of the flat
-        batch. Each residual add is made by the norm after it; with `fused`, the element-wise work
-        runs in the engine's fused kernels (x, the step's own hidden state, added to in place)."""
+        batch. A step of decoding rows only replays a CUDA graph where one was captured."""
+        if lora is None and self.graphs is not None and self.graphs.fits(step):
+            logits = self.graphs.run(tokens, step)
+            return logits if logit_rows.shape[0] == logits.shape[0] else logits[logit_rows]
+        return self._forward(tokens, step, logit_rows, lora)
+
+    @torch.inference_mode()
+    def layers_forward(self, tokens: torch.Tensor, step: Any) -> torch.Tensor:
+        """The float32 logits of every row of `step` (what a CUDA graph captures)."""
+        return self._forward(tokens, step, None, None)
+
+    def _forward(self, tokens: torch.Tensor, step: Step, logit_rows: torch.Tensor | None,
+                 lora: LoraBatch | None) -> torch.Tensor:
+        """`forward` without graphs (every row's logits when `logit_rows` is None). Each residual add is
+        made by the norm after it; with `fused`, the element-wise work runs in the engine's fused
+        kernels (x, the step's own hidden state, added to in place)."""
         total = tokens.shape[0]
         hq, d = self.num_heads, self.head_dim
         adapted = None if lora is None else self.adapters.step(lora)

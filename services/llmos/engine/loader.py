@@ -111,13 +111,14 @@ def _implementation(config: dict, requested: str) -> str:
 
 def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, kv_tokens: int,
                max_seq_len: int, quantize: str = "", implementation: str = "auto",
-               compile: bool = False) -> LoadedModel:
+               compile: bool = False, graphs: int = 0) -> LoadedModel:
     """Loads the weights and tokenizer and builds the batched runner with its paged KV cache of
     `kv_tokens` positions (at least one sequence of `max_seq_len`, itself capped by the model's
     context) for sequences of up to `max_seq_len` tokens, with its
     weights as `quantize` says ("" as stored, "int8"), on the forward path `implementation`
     names ("auto": the lean one where the model's config allows, else transformers'), with what pays
-    compiled (and compiled now) when `compile` says so."""
+    compiled (and compiled now) when `compile` says so; on a GPU, with decode steps of up to `graphs`
+    rows as CUDA graphs (0: none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(path)
@@ -142,7 +143,7 @@ def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, k
     context = int(getattr(model.config, "max_position_embeddings", 2048))
     max_len = min(context, max_seq_len)
     if path_taken == architectures.LEAN:
-        runner: Runner = LlamaRunner(model, kv_tokens, max_len, quantize, compile)
+        runner: Runner = LlamaRunner(model, kv_tokens, max_len, quantize, compile, graphs)
     else:
         try:
             runner = GenericRunner(model, kv_tokens, max_len, quantize, compile)

@@ -86,6 +86,10 @@ class WorkerSettings(ServiceSettings):
     # Build what pays with the system's C++ compiler (g++, once per machine and source): decode
     # attention on the CPU through the engine's own kernel. Off, it runs as written.
     compile: bool = True
+    # On a GPU (with `compile`): the engine's Triton kernels, and decode steps of up to `max_running`
+    # sequences as CUDA graphs captured as each model loads. Off, decode steps launch their kernels one
+    # by one.
+    cuda_graphs: bool = True
     # Where this worker keeps what lasts across its restarts; `llmos up` gives each its data directory.
     data_dir: str = ""
     # The compile cache (inductor's, and the engine's kernel under llmos-kernels/), so a second start
@@ -157,7 +161,7 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
                            EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget,
                                         settings.lease_ttl_seconds, settings.max_backlog, settings.prefix_cache,
                                         settings.max_adapters_per_step, settings.max_loaded_adapters,
-                                        settings.kv_cache_tokens, settings.compile),
+                                        settings.kv_cache_tokens, settings.compile, settings.cuda_graphs),
                            events=EngineTelemetry(provider.get_tracer("llmos.engine.engine"), host.metrics))
     host.metrics.register(WorkerGauges(worker_id, model_host.status, model_host.memory_in_use))
     await host.set_serving(False)       # ready once registered: before that no one sends it work

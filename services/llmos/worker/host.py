@@ -83,6 +83,8 @@ class EngineConfig:
     kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS
     # Compile what pays (decode attention in bf16 on the CPU) as each model loads.
     compile: bool = True
+    # On a GPU, with `compile`: decode steps of up to `max_running` rows replay CUDA graphs captured at load.
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -144,7 +146,7 @@ class ModelStatus:
     adapter_bytes: int = 0
 
 
-# (name, path, device, dtype, kv_tokens, max_seq_len, quantize, implementation, compile)
+# (name, path, device, dtype, kv_tokens, max_seq_len, quantize, implementation, compile, graphs)
 Loader = Callable[..., LoadedModel]
 
 
@@ -282,7 +284,8 @@ class ModelHost:
             try:
                 loaded = await asyncio.wrap_future(self.driver.call(
                     self._loader, model, path, self.device, self.dtype, self.config.kv_cache_tokens,
-                    self.config.max_seq_len, quantize, "auto", self.config.compile))
+                    self.config.max_seq_len, quantize, "auto", self.config.compile,
+                    self.config.max_running if self.config.cuda_graphs else 0))
             except BaseException as exc:
                 await self._resources.release(lease)
                 if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
