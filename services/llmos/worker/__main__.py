@@ -90,6 +90,11 @@ class WorkerSettings(ServiceSettings):
     # sequences as CUDA graphs captured as each model loads. Off, decode steps launch their kernels one
     # by one.
     cuda_graphs: bool = True
+    # On a GPU: the share of its memory this worker's models fill. Each model's KV cache grows from
+    # `kv_cache_tokens` to what the share leaves after its weights (vLLM's gpu_memory_utilization; the
+    # first model loaded takes most of it), less 2 GiB for CUDA graphs and activations; what a model
+    # holds beyond its lease is leased as it loads. 0: the cache is `kv_cache_tokens` there too.
+    gpu_memory_fraction: float = 0.9
     # Where this worker keeps what lasts across its restarts; `llmos up` gives each its data directory.
     data_dir: str = ""
     # The compile cache (inductor's, and the engine's kernel under llmos-kernels/), so a second start
@@ -142,6 +147,9 @@ async def renew_leases(model_host: ModelHost, interval: float) -> None:
 async def build(settings: WorkerSettings, provider: TracerProvider | None = None,
                 driver: EngineDriver | None = None) -> Service:
     """The worker service. Its engines run on `driver`; without one, on a thread of their own."""
+    if not 0 <= settings.gpu_memory_fraction <= 1:
+        raise ValueError("LLMOS_WORKER_GPU_MEMORY_FRACTION must be between 0 and 1, "
+                         f"not {settings.gpu_memory_fraction}")
     own_driver = driver is None
     if driver is None:
         driver = EngineDriver()
@@ -161,7 +169,8 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
                            EngineConfig(settings.max_running, settings.max_seq_len, settings.prefill_budget,
                                         settings.lease_ttl_seconds, settings.max_backlog, settings.prefix_cache,
                                         settings.max_adapters_per_step, settings.max_loaded_adapters,
-                                        settings.kv_cache_tokens, settings.compile, settings.cuda_graphs),
+                                        settings.kv_cache_tokens, settings.compile, settings.cuda_graphs,
+                                        settings.gpu_memory_fraction),
                            events=EngineTelemetry(provider.get_tracer("llmos.engine.engine"), host.metrics))
     host.metrics.register(WorkerGauges(worker_id, model_host.status, model_host.memory_in_use))
     await host.set_serving(False)       # ready once registered: before that no one sends it work

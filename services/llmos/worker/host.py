@@ -85,6 +85,9 @@ class EngineConfig:
     compile: bool = True
     # On a GPU, with `compile`: decode steps of up to `max_running` rows replay CUDA graphs captured at load.
     cuda_graphs: bool = True
+    # On a GPU: each model's KV cache grows to what this share of the device's memory leaves after its
+    # weights (0: `kv_cache_tokens` there too); what it then holds beyond its lease is leased as it loads.
+    gpu_memory_fraction: float = 0.9
 
 
 @dataclass
@@ -94,6 +97,8 @@ class Served:
     lease: str
     grammars: Grammars
     adapters: AdapterCache
+    # The lease of what the model holds beyond its first lease (a KV cache sized once loaded), if any.
+    grown_lease: str = ""
     last_request: float = field(default_factory=time.time)
     # Each token's text alone, as log-probabilities name them (filled as tokens are named).
     token_texts: dict[int, str] = field(default_factory=dict)
@@ -146,7 +151,8 @@ class ModelStatus:
     adapter_bytes: int = 0
 
 
-# (name, path, device, dtype, kv_tokens, max_seq_len, quantize, implementation, compile, graphs)
+# (name, path, device, dtype, kv_tokens, max_seq_len, quantize, implementation, compile, graphs,
+#  memory_fraction)
 Loader = Callable[..., LoadedModel]
 
 
@@ -285,7 +291,7 @@ class ModelHost:
                 loaded = await asyncio.wrap_future(self.driver.call(
                     self._loader, model, path, self.device, self.dtype, self.config.kv_cache_tokens,
                     self.config.max_seq_len, quantize, "auto", self.config.compile,
-                    self.config.max_running if self.config.cuda_graphs else 0))
+                    self.config.max_running if self.config.cuda_graphs else 0, self.config.gpu_memory_fraction))
             except BaseException as exc:
                 await self._resources.release(lease)
                 if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
@@ -298,13 +304,19 @@ class ModelHost:
                                              f"{type(exc).__name__}: {first}", reason="MODEL_LOAD_FAILED",
                                              metadata={"model": model}) from None
                 raise
+            try:
+                grown = await self._lease_the_rest(model, loaded, estimated_bytes)
+            except BaseException:
+                del loaded
+                await self._resources.release(lease)
+                raise
             engine = Engine(model, loaded.runner, loaded.tokenizer, loaded.eos_ids, self.driver,
                             self.config.prefill_budget, self.events, self.config.prefix_cache,
                             self.config.max_adapters_per_step, self.config.max_running)
             adapters = AdapterCache(model, path, loaded.runner, self.driver, self._resources, self.worker_id,
                                     self.device_name, self.config.lease_ttl, self.config.max_loaded_adapters)
             served = Served(loaded, engine, lease, Grammars(loaded.tokenizer, loaded.runner.vocab_size, loaded.eos_ids),
-                            adapters)
+                            adapters, grown_lease=grown)
             self._served[model] = served
             return served
 
@@ -388,7 +400,21 @@ class ModelHost:
             await asyncio.to_thread(served.engine.stop)
             await served.adapters.close()
             await self._resources.release(served.lease)
+            if served.grown_lease:
+                await self._resources.release(served.grown_lease)
             log.info("unloaded %s", model)
+
+    async def _lease_the_rest(self, model: str, loaded: LoadedModel, leased: int) -> str:
+        """Leases what `loaded` holds beyond the `leased` bytes it was loaded under, where its KV cache was
+        sized from a GPU's free memory (`gpu_memory_fraction`); returns the lease, or "" when there is
+        nothing more to lease. Raises what the resource manager refuses with. (On the CPU the cache is
+        the size the registry's estimate assumes; what a model holds beyond it is reported in use.)"""
+        beyond = loaded.measured_bytes - leased
+        if beyond <= 0 or loaded.device.type != "cuda" or self.config.gpu_memory_fraction <= 0:
+            return ""
+        log.info("%s holds %d bytes, %d beyond its lease: leasing them", model, loaded.measured_bytes, beyond)
+        return await self._resources.acquire(model_lease_holder(self.worker_id, model), self.device_name, beyond,
+                                             self.config.lease_ttl)
 
     async def stop_all(self) -> None:
         for model in self.loaded_models:
