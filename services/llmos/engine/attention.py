@@ -134,7 +134,8 @@ class PagedCache:
         self.kernel = attention_kernel(device, dtype) if compile else None
         # Prompt chunks through the kernel as it weighs decoding rows: in float32, and on a GPU (in bf16
         # on the CPU with its weights rounded as flash attention rounds them: `attend`, and the module's notes).
-        self.prompts_through_kernel = dtype == torch.float32 or device.type == "cuda"
+        self.prompts_through_kernel = dtype == torch.float32 or (
+            self.kernel is not None and self.kernel is not native.paged_attention)
         # Elsewhere in half precision on the CPU, prompt chunks without a soft cap go through torch's flash
         # attention over their gathered blocks (no float32 copy, no score matrix in memory): a 1,008-token
         # prompt of SmolLM2 in bf16 took 613 ms against 773 ms with the batched float32 products, with the
@@ -145,7 +146,7 @@ class PagedCache:
     def rounds_prompts(self, softcap: float | None = None) -> bool:
         """Whether half-precision prompt chunks go through the kernel, their values weighed as flash
         attention weighs them (without a soft cap; with one, through the batched products)."""
-        return self.flash_prompts and not softcap and self.kernel is not None
+        return self.flash_prompts and not softcap and self.kernel is native.paged_attention
 
     def warm(self, query_heads: int | None = None) -> None:
         """Builds (or finds built) the attention kernel now, a load's time and not the first request's,
@@ -162,7 +163,7 @@ class PagedCache:
                                 torch.zeros(2, dtype=torch.long, device=keys.device),
                                 torch.ones(2, dtype=torch.long, device=keys.device), 1.0, None, None)
         except Exception as exc:  # noqa: BLE001 - a compiler missing or failing costs speed, not the model
-            log.warning("attention has no kernel here (%s); it runs uncompiled", _first_line(exc))
+            log.warning("attention has no kernel here (%s); it runs uncompiled", first_line(exc))
             self.kernel = None
 
     @property
@@ -346,7 +347,7 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     return torch.matmul(probs, v).transpose(0, 1).reshape(n, hq, v.shape[-1])
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     """"Type: first line of the message" (a compiler's errors run to pages)."""
     lines = str(exc).splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
@@ -439,7 +440,7 @@ def attend(step: Step, cache: PagedCache, layer: int, q: torch.Tensor, scaling: 
             decoded = True
         except Exception as exc:  # noqa: BLE001 - a kernel that fails goes on uncompiled, not its step
             log.warning("the attention kernel failed (%s); this model attends uncompiled from now on",
-                        _first_line(exc))
+                        first_line(exc))
             cache.kernel = None
     queries = q.float() if upcast else q
     for group, bias in zip(step.groups, step.decode_biases(window), strict=True) if not decoded else ():

@@ -7,8 +7,9 @@ a CUDA graph (`graphs.py`) replays a few hundred kernels instead of a thousand.
 
 Attention is batch-invariant, as the CPU kernel is: each program computes one row's query heads of
 one KV head alone, over its own keys in tiles of `TILE_BLOCKS` blocks, in one order whatever else is
-in the step and however its prompt was cut into chunks. The element-wise kernels round as torch's
-operators do (each product rounded to the model's dtype where torch rounds it), in float32 between.
+in the step and however its prompt was cut into chunks. The element-wise kernels round to the model's
+dtype where torch's operators round, and compute in float32 between; on a GPU, whose exponential,
+division and fused multiply-adds are not torch's, that float32 may differ from torch's in its last bits.
 
 Triton runs these under its interpreter on the CPU (`TRITON_INTERPRET=1`, `attention.gpu_kernels`), which
 is how the tests check them where no GPU is.
@@ -163,7 +164,7 @@ def _rotary_store_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, slots_ptr, q_
                          k_head, v_head, HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          DP: tl.constexpr, DVP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)
     base = qkv_ptr + row * qkv_row
     if head < HQ + HK:
         i = tl.arange(0, DP)
@@ -184,11 +185,11 @@ def _rotary_store_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, slots_ptr, q_
             tl.store(k_ptr + (head - HQ) * k_head + slot * D + i, out, mask=inside)
     else:
         j = tl.arange(0, DVP)
-        inside = j < DV
+        in_value = j < DV
         slot = tl.load(slots_ptr + row).to(tl.int64)
         kv = head - HQ - HK
-        value = tl.load(base + (HQ + HK) * D + kv * DV + j, mask=inside, other=0.0)
-        tl.store(v_ptr + kv * v_head + slot * DV + j, value, mask=inside)
+        value = tl.load(base + (HQ + HK) * D + kv * DV + j, mask=in_value, other=0.0)
+        tl.store(v_ptr + kv * v_head + slot * DV + j, value, mask=in_value)
 
 
 def rotary_store(qkv: torch.Tensor, hq: int, hk: int, d: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -201,9 +202,13 @@ def rotary_store(qkv: torch.Tensor, hq: int, hk: int, d: int, cos: torch.Tensor,
     dv = values.shape[-1]
     if (qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.shape[1] < (hq + hk) * d + hk * dv or d % 2
             or not keys.is_contiguous() or not values.is_contiguous() or not cos.is_contiguous()
-            or not sin.is_contiguous()):
+            or not sin.is_contiguous() or cos.shape[-1] != d or sin.shape != cos.shape or keys.shape[0] != hk
+            or keys.shape[-1] != d or values.shape[0] != hk or positions.shape != (rows,) or slots.shape != (rows,)
+            or positions.is_floating_point() or slots.is_floating_point() or keys.dtype != qkv.dtype
+            or len({t.device for t in (qkv, cos, sin, positions, slots, keys, values)}) != 1):
         raise ValueError("rotary_store: qkv must be [rows, at least (hq + hk) * d + hk * dv] with contiguous rows, "
-                         "d even, the cache and the tables contiguous")
+                         "d even, the cache [hk, blocks, BLOCK, d] and the tables [positions, d] contiguous, a "
+                         "position and a slot a row, all on one device")
     q = qkv.new_empty(rows, hq, d)
     if rows:
         _rotary_store_kernel[(rows, hq + 2 * hk)](

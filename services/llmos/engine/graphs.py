@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,13 +53,16 @@ class DecodeGraphs:
         cache = runner.cache
         if cache.scratch is None:
             raise ValueError("CUDA graphs need a cache with a scratch block")
-        self.runner = runner
-        self.buckets = [b for b in BUCKETS if b <= max_rows] or [1]
+        # (No reference to the runner is kept: it holds these graphs, and a cycle would keep the model's
+        # device memory until the collector ran.)
+        largest = max(1, min(max_rows, BUCKETS[-1]))
+        self.buckets = [b for b in BUCKETS if b < largest] + [largest]
         top = self.buckets[-1]
         self.width = blocks_for(runner.max_len)
         device = runner.device
         # Inputs: positions, slots and seen [3, top], then the block tables [top, width], all int32, in
         # pinned memory filled by the host and copied to their twins on the device before each replay.
+        self.device = device
         self.cuda = device.type == "cuda"
         self._host_head = self._pinned(torch.zeros(3, top, dtype=torch.int32))
         self._host_tables = self._pinned(torch.zeros(top, self.width, dtype=torch.int32))
@@ -75,7 +79,7 @@ class DecodeGraphs:
         self.bytes = 0
         self.replays = 0            # steps run through the graphs
         if self.cuda:
-            self._capture()
+            self._capture(runner.layers_forward)
 
     def _pinned(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` in page-locked memory (copied to the GPU without a wait), on CUDA."""
@@ -98,25 +102,28 @@ class DecodeGraphs:
         head = self._head
         return _StaticStep(rows, head[0], head[1], head[2], self._tables, self._which)
 
-    def _capture(self) -> None:
+    def _capture(self, forward: Callable[[torch.Tensor, Any], torch.Tensor]) -> None:
+        """Captures `forward` (the runner's, every row's logits) once per bucket, largest first."""
         started = time.monotonic()
-        before = torch.cuda.memory_reserved(self.runner.device)
+        device = self.device
+        before = torch.cuda.memory_reserved(device)
         pool = None
-        side = torch.cuda.Stream(self.runner.device)
-        side.wait_stream(torch.cuda.current_stream(self.runner.device))
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):          # warm every bucket first: Triton's kernels compile, cuBLAS plans
             for rows in self.buckets:
-                self.runner.layers_forward(self._tokens[:rows], self._step(rows))
-        torch.cuda.current_stream(self.runner.device).wait_stream(side)
-        torch.cuda.synchronize(self.runner.device)
+                forward(self._tokens[:rows], self._step(rows))
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
         for rows in sorted(self.buckets, reverse=True):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.runner.layers_forward(self._tokens[:rows], self._step(rows))
+            # Thread-local: other threads' CUDA calls (a pooling model's batch) neither spoil the capture nor fail.
+            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                logits = forward(self._tokens[:rows], self._step(rows))
             pool = graph.pool()
             self._graphs[rows] = (graph, logits)
-        torch.cuda.synchronize(self.runner.device)
-        self.bytes = torch.cuda.memory_reserved(self.runner.device) - before
+        torch.cuda.synchronize(device)
+        self.bytes = torch.cuda.memory_reserved(device) - before
         log.info("captured %d CUDA graphs of decode steps (up to %d rows) in %.1fs, %d MiB", len(self._graphs),
                  self.largest, time.monotonic() - started, self.bytes >> 20)
 
@@ -124,10 +131,12 @@ class DecodeGraphs:
         """Whether a graph runs `step`: decoding rows only, no more than the largest bucket."""
         return not step.prefills and 0 < step.decode_count <= self.largest
 
-    def run(self, tokens: torch.Tensor, step: Step) -> torch.Tensor:
+    def run(self, tokens: torch.Tensor, step: Step,
+            forward: Callable[[torch.Tensor, Any], torch.Tensor]) -> torch.Tensor:
         """The float32 logits [n, vocab] of the n decoding rows of `step` (their tokens `tokens` [n], on
-        the device), by replaying the graph of the smallest bucket that holds n. The tensor is the
-        graph's own: read it before the next step."""
+        the device), by replaying the graph of the smallest bucket that holds n (on the CPU, calling
+        `forward`, the runner's, over the same buffers). The tensor is the graph's own: read it before
+        the next step."""
         parts = step.decoding
         n = len(parts)
         rows = next(b for b in self.buckets if b >= n)
@@ -150,8 +159,8 @@ class DecodeGraphs:
         self._head.copy_(self._host_head, non_blocking=True)
         self._tables[:rows].copy_(self._host_tables[:rows], non_blocking=True)
         if not self.cuda:       # the same buffers, run as they would be captured (Triton's interpreter)
-            return self.runner.layers_forward(self._tokens[:rows], self._step(rows))[:n]
-        self._copied.record()
+            return forward(self._tokens[:rows], self._step(rows))[:n]
+        self._copied.record(torch.cuda.current_stream(self.device))
         graph, logits = self._graphs[rows]
         graph.replay()
         return logits[:n]

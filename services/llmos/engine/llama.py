@@ -26,6 +26,7 @@ back to the interpreter a step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +38,10 @@ from transformers.activations import ACT2FN
 from llmos.common.domain import QUANTIZATIONS
 
 from . import native
-from .attention import LayerShape, PagedCache, Step, attend, gpu_kernels, pool_blocks
+from .attention import LayerShape, PagedCache, Part, Step, attend, first_line, gpu_kernels, pool_blocks
 from .lora import Adapter, AdapterStacks, LoraBatch
 from .matmul import PairedWeight, Weight, linear, prepare, tensors_of, unique_bytes
+from .memory import fitted_kv_tokens
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class LlamaRunner:
     supports_adapters = True
 
     def __init__(self, model: Any, kv_tokens: int, max_len: int, quantize: str = "", compile: bool = False,
-                 graphs: int = 0) -> None:
+                 graphs: int = 0, memory_fraction: float = 0.0) -> None:
         if quantize not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantize!r}")
         self.quantize = quantize
@@ -89,6 +91,10 @@ class LlamaRunner:
             cos, sin = inner.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
             self.cos, self.sin = cos[0], sin[0]
         shape = LayerShape(self.kv_heads, self.head_dim, self.head_dim)
+        # On a GPU every kernel and graph runs on the model's device, whichever is current.
+        self._on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        kv_tokens = fitted_kv_tokens(self.device, kv_tokens, memory_fraction, len(self.layers) * self.kv_heads
+                                     * self.head_dim * 2 * torch.empty((), dtype=self.dtype).element_size())
         gpu = gpu_kernels(self.device, self.dtype) if compile else None
         self.cache = PagedCache([shape] * len(self.layers), pool_blocks(kv_tokens, max_len), self.dtype, self.device,
                                 compile, spare=gpu is not None and graphs > 0)
@@ -113,12 +119,30 @@ class LlamaRunner:
         self.stack = self._stack_weights(inner)
         # Decode steps of up to `graphs` rows as CUDA graphs (`graphs.py`), where every part has its kernel.
         self.graphs = None
-        if graphs > 0 and self.cache.scratch is not None and self.fused_silu and self.layers[0].bqkv is None:
+        if gpu is not None and self.ops is gpu:
+            self._warm_gpu_ops()
+        if graphs > 0 and self.cache.scratch is not None and self.fused_silu:
             from .graphs import DecodeGraphs
             try:
-                self.graphs = DecodeGraphs(self, graphs)
+                with self._on_device:
+                    self.graphs = DecodeGraphs(self, graphs)
             except Exception as exc:  # noqa: BLE001 - a graph that does not capture costs speed, not the model
-                log.warning("decode steps run without CUDA graphs: %s: %s", type(exc).__name__, exc)
+                log.warning("decode steps run without CUDA graphs: %s: %s", type(exc).__name__, first_line(exc))
+
+    def _warm_gpu_ops(self) -> None:
+        """Builds the GPU's kernels now (a prompt of one token over block 0, which is zeroed again after),
+        a load's time and not the first request's; where one fails, the layers run torch's operators."""
+        try:
+            with torch.inference_mode(), self._on_device:
+                self._forward(torch.zeros(1, dtype=torch.long, device=self.device),
+                              Step([Part([0], 0, 1)], self.device), None, None)
+                torch.cuda.synchronize(self.device) if self.device.type == "cuda" else None
+        except Exception as exc:  # noqa: BLE001 - a kernel that does not build costs speed, not the model
+            log.warning("the engine's GPU kernels do not run here (%s: %s); the layers run torch's operators",
+                        type(exc).__name__, first_line(exc))
+            self.ops, self.fused, self.fused_silu, self.cache.kernel = None, False, False, None
+        finally:
+            self.cache.clear([0])
 
     def _stack_weights(self, inner: int) -> native.StackWeights | None:
         """The layers' weights for `native.llama_layers`, where every part of a layer has its kernel."""
@@ -137,9 +161,12 @@ class LlamaRunner:
 
     @staticmethod
     def _fuse(layer: Any) -> _Layer:
+        """The layer's weights, q/k/v and gate/up each one matrix. The fused copies replace the model's
+        own (dropped from it, so a layer's weights are never held twice for long: on a GPU the KV cache
+        is sized from what is free after them)."""
         attn, mlp = layer.self_attn, layer.mlp
         biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
-        return _Layer(
+        fused = _Layer(
             ln1=layer.input_layernorm.weight,
             wqkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous(),
             bqkv=torch.cat(biases).contiguous() if all(b is not None for b in biases) else None,
@@ -147,6 +174,10 @@ class LlamaRunner:
             ln2=layer.post_attention_layernorm.weight,
             w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
             w_down=mlp.down_proj.weight)
+        for projection in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            projection.weight = None
+            projection.bias = None
+        return fused
 
     @property
     def nbytes(self) -> int:
@@ -214,10 +245,11 @@ class LlamaRunner:
         """Runs one step (the flat batch `step` describes), each row through its LoRA adapter
         where `lora` gives it one; returns float32 logits of the rows `logit_rows` of the flat
         batch. A step of decoding rows only replays a CUDA graph where one was captured."""
-        if lora is None and self.graphs is not None and self.graphs.fits(step):
-            logits = self.graphs.run(tokens, step)
-            return logits if logit_rows.shape[0] == logits.shape[0] else logits[logit_rows]
-        return self._forward(tokens, step, logit_rows, lora)
+        with self._on_device:
+            if lora is None and self.graphs is not None and self.graphs.fits(step):
+                logits = self.graphs.run(tokens, step, self.layers_forward)
+                return logits if logit_rows.shape[0] == logits.shape[0] else logits[logit_rows]
+            return self._forward(tokens, step, logit_rows, lora)
 
     @torch.inference_mode()
     def layers_forward(self, tokens: torch.Tensor, step: Any) -> torch.Tensor:

@@ -20,6 +20,7 @@ from .attention import BLOCK
 from .engine import Runner
 from .generic import GenericRunner, Unsupported
 from .llama import LlamaRunner
+from .memory import fitted_kv_tokens, kv_bytes_per_token
 from .prompts import special_strings
 
 log = logging.getLogger(__name__)
@@ -109,28 +110,6 @@ def _implementation(config: dict, requested: str) -> str:
     return requested
 
 
-# Device memory a model on a GPU leaves free beyond its weights and KV cache: its CUDA graphs' pool and
-# a step's activations (the largest step's logits in float32, its products' outputs). 2 GiB holds them for
-# 256 rows of a 128k vocabulary.
-GPU_RESERVE_BYTES = 2 << 30
-
-
-def gpu_kv_tokens(free: int, total: int, fraction: float, per_token: int, reserve: int = GPU_RESERVE_BYTES) -> int:
-    """KV cache positions a model's pool may hold on a GPU with `free` of `total` bytes free after its
-    weights: what the share `fraction` of the device leaves, less `reserve`, in positions of
-    `per_token` bytes (0 when nothing is left)."""
-    budget = int(fraction * total) - (total - free) - reserve
-    return max(0, budget // per_token)
-
-
-def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
-    """Bytes one position of the KV cache takes: keys and values of every layer's KV heads."""
-    heads = getattr(config, "num_attention_heads", 1)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers * kv_heads * head_dim * 2 * torch.empty((), dtype=dtype).element_size()
-
-
 def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, kv_tokens: int,
                max_seq_len: int, quantize: str = "", implementation: str = "auto",
                compile: bool = False, graphs: int = 0, memory_fraction: float = 0.0) -> LoadedModel:
@@ -165,16 +144,11 @@ def load_model(name: str, path: str, device: torch.device, dtype: torch.dtype, k
     model.to(device).eval()
     context = int(getattr(model.config, "max_position_embeddings", 2048))
     max_len = min(context, max_seq_len)
-    if device.type == "cuda" and memory_fraction > 0:
-        free, total = torch.cuda.mem_get_info(device)
-        fitted = gpu_kv_tokens(free, total, memory_fraction, kv_bytes_per_token(model.config, dtype))
-        log.info("%s: %.1f of %.1f GiB free on %s after its weights; a KV cache of %d positions fills %.0f%% of it",
-                 name, free / 2**30, total / 2**30, device, fitted, memory_fraction * 100)
-        kv_tokens = max(kv_tokens, fitted)
-    if path_taken == architectures.LEAN:
-        runner: Runner = LlamaRunner(model, kv_tokens, max_len, quantize, compile, graphs)
+    if path_taken == architectures.LEAN:      # (sizes its cache once its fused weights replace the model's)
+        runner: Runner = LlamaRunner(model, kv_tokens, max_len, quantize, compile, graphs, memory_fraction)
     else:
         try:
+            kv_tokens = fitted_kv_tokens(device, kv_tokens, memory_fraction, kv_bytes_per_token(model.config, dtype))
             runner = GenericRunner(model, kv_tokens, max_len, quantize, compile)
         except Unsupported as exc:
             architecture = architectures.architecture_of(config)

@@ -305,9 +305,12 @@ class ModelHost:
                                              metadata={"model": model}) from None
                 raise
             try:
-                grown = await self._lease_the_rest(model, loaded, estimated_bytes)
+                grown = await self._lease_the_rest(model, loaded.measured_bytes, loaded.device, estimated_bytes)
             except BaseException:
-                del loaded
+                device = loaded.device
+                del loaded                  # its memory goes back before its lease does
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 await self._resources.release(lease)
                 raise
             engine = Engine(model, loaded.runner, loaded.tokenizer, loaded.eos_ids, self.driver,
@@ -404,15 +407,16 @@ class ModelHost:
                 await self._resources.release(served.grown_lease)
             log.info("unloaded %s", model)
 
-    async def _lease_the_rest(self, model: str, loaded: LoadedModel, leased: int) -> str:
-        """Leases what `loaded` holds beyond the `leased` bytes it was loaded under, where its KV cache was
-        sized from a GPU's free memory (`gpu_memory_fraction`); returns the lease, or "" when there is
-        nothing more to lease. Raises what the resource manager refuses with. (On the CPU the cache is
-        the size the registry's estimate assumes; what a model holds beyond it is reported in use.)"""
-        beyond = loaded.measured_bytes - leased
-        if beyond <= 0 or loaded.device.type != "cuda" or self.config.gpu_memory_fraction <= 0:
+    async def _lease_the_rest(self, model: str, measured: int, device: torch.device, leased: int) -> str:
+        """Leases what a model holding `measured` bytes on `device` holds beyond the `leased` bytes it was
+        loaded under, where its KV cache was sized from a GPU's free memory (`gpu_memory_fraction`);
+        returns the lease, or "" when there is nothing more to lease. Raises what the resource manager
+        refuses with. (On the CPU the cache is the size the registry's estimate assumes; what a model
+        holds beyond it is reported in use.)"""
+        beyond = measured - leased
+        if beyond <= 0 or device.type != "cuda" or self.config.gpu_memory_fraction <= 0:
             return ""
-        log.info("%s holds %d bytes, %d beyond its lease: leasing them", model, loaded.measured_bytes, beyond)
+        log.info("%s holds %d bytes, %d beyond its lease: leasing them", model, measured, beyond)
         return await self._resources.acquire(model_lease_holder(self.worker_id, model), self.device_name, beyond,
                                              self.config.lease_ttl)
 

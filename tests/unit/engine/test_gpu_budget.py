@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig
 
-from llmos.engine.loader import GPU_RESERVE_BYTES, gpu_kv_tokens, kv_bytes_per_token
+from llmos.engine.memory import GPU_RESERVE_BYTES, gpu_kv_tokens, kv_bytes_per_token
 
 GIB = 1 << 30
 
