@@ -136,7 +136,8 @@ class LlamaRunner:
             with torch.inference_mode(), self._on_device:
                 self._forward(torch.zeros(1, dtype=torch.long, device=self.device),
                               Step([Part([0], 0, 1)], self.device), None, None)
-                torch.cuda.synchronize(self.device) if self.device.type == "cuda" else None
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
         except Exception as exc:  # noqa: BLE001 - a kernel that does not build costs speed, not the model
             log.warning("the engine's GPU kernels do not run here (%s: %s); the layers run torch's operators",
                         type(exc).__name__, first_line(exc))
