@@ -24,6 +24,21 @@ def gpu_kv_tokens(free: int, total: int, fraction: float, per_token: int, reserv
     return max(0, budget // per_token)
 
 
+def share_bytes(free: int, total: int, fraction: float) -> int:
+    """Bytes of a GPU with `free` of `total` bytes free that the share `fraction` of it leaves to one
+    more model (what others hold counts against the share): what its lease asks for."""
+    return max(0, int(free - (1 - fraction) * total))
+
+
+def gpu_share(device: torch.device, fraction: float) -> int:
+    """`share_bytes` of `device` now (0 off a GPU, or without a fraction)."""
+    if device.type != "cuda" or fraction <= 0:
+        return 0
+    gc.collect()
+    torch.cuda.empty_cache()
+    return share_bytes(*torch.cuda.mem_get_info(device), fraction)
+
+
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     """Bytes one position of the KV cache takes: keys and values of every layer's KV heads."""
     heads = getattr(config, "num_attention_heads", 1)

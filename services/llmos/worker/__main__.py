@@ -90,10 +90,11 @@ class WorkerSettings(ServiceSettings):
     # sequences as CUDA graphs captured as each model loads. Off, decode steps launch their kernels one
     # by one.
     cuda_graphs: bool = True
-    # On a GPU: the share of its memory this worker's models fill. Each model's KV cache grows from
-    # `kv_cache_tokens` to what the share leaves after its weights (vLLM's gpu_memory_utilization; the
-    # first model loaded takes most of it), less 2 GiB for CUDA graphs and activations; what a model
-    # holds beyond its lease is leased as it loads. 0: the cache is `kv_cache_tokens` there too.
+    # On a GPU: the share of its memory this worker's models fill (vLLM's gpu_memory_utilization). A model
+    # loading leases what the share leaves free of the device (others' memory counts against it) and its KV
+    # cache grows from `kv_cache_tokens` to fill it after its weights, less 2 GiB for CUDA graphs and
+    # activations: the first model takes most of it. Where the resource manager refuses that lease, the
+    # registry's estimate and `kv_cache_tokens`. 0: those always.
     gpu_memory_fraction: float = 0.9
     # Where this worker keeps what lasts across its restarts; `llmos up` gives each its data directory.
     data_dir: str = ""

@@ -37,6 +37,7 @@ from llmos.common.tools import CallParser, format_of
 from llmos.common.tools import grammar as tool_grammar
 from llmos.engine import Engine, EngineDriver, EngineEvents, EngineStats, Sequence
 from llmos.engine.loader import LoadedModel, load_model
+from llmos.engine.memory import gpu_share
 from llmos.engine.pooling import PoolBatcher, PoolingModel, load_pooling_model
 from llmos.engine.prompts import prompt_ids
 from llmos.engine.structured import Grammars
@@ -85,8 +86,8 @@ class EngineConfig:
     compile: bool = True
     # On a GPU, with `compile`: decode steps of up to `max_running` rows replay CUDA graphs captured at load.
     cuda_graphs: bool = True
-    # On a GPU: each model's KV cache grows to what this share of the device's memory leaves after its
-    # weights (0: `kv_cache_tokens` there too); what it then holds beyond its lease is leased as it loads.
+    # On a GPU: each model leases what this share of the device leaves, and its KV cache grows to fill it
+    # after its weights (0: the registry's estimate and `kv_cache_tokens` there too).
     gpu_memory_fraction: float = 0.9
 
 
@@ -97,8 +98,6 @@ class Served:
     lease: str
     grammars: Grammars
     adapters: AdapterCache
-    # The lease of what the model holds beyond its first lease (a KV cache sized once loaded), if any.
-    grown_lease: str = ""
     last_request: float = field(default_factory=time.time)
     # Each token's text alone, as log-probabilities name them (filled as tokens are named).
     token_texts: dict[int, str] = field(default_factory=dict)
@@ -285,13 +284,12 @@ class ModelHost:
             if estimated_bytes <= 0:
                 raise InvalidArgument.field("estimated_bytes", "must be greater than 0")
             await self._past_released.wait()      # (the first heartbeat, at start)
-            lease = await self._resources.acquire(model_lease_holder(self.worker_id, model),
-                                                  self.device_name, estimated_bytes, self.config.lease_ttl)
+            lease, fraction = await self._lease_model(model, estimated_bytes)
             try:
                 loaded = await asyncio.wrap_future(self.driver.call(
                     self._loader, model, path, self.device, self.dtype, self.config.kv_cache_tokens,
                     self.config.max_seq_len, quantize, "auto", self.config.compile,
-                    self.config.max_running if self.config.cuda_graphs else 0, self.config.gpu_memory_fraction))
+                    self.config.max_running if self.config.cuda_graphs else 0, fraction))
             except BaseException as exc:
                 await self._resources.release(lease)
                 if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
@@ -304,22 +302,13 @@ class ModelHost:
                                              f"{type(exc).__name__}: {first}", reason="MODEL_LOAD_FAILED",
                                              metadata={"model": model}) from None
                 raise
-            try:
-                grown = await self._lease_the_rest(model, loaded.measured_bytes, loaded.device, estimated_bytes)
-            except BaseException:
-                device = loaded.device
-                del loaded                  # its memory goes back before its lease does
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                await self._resources.release(lease)
-                raise
             engine = Engine(model, loaded.runner, loaded.tokenizer, loaded.eos_ids, self.driver,
                             self.config.prefill_budget, self.events, self.config.prefix_cache,
                             self.config.max_adapters_per_step, self.config.max_running)
             adapters = AdapterCache(model, path, loaded.runner, self.driver, self._resources, self.worker_id,
                                     self.device_name, self.config.lease_ttl, self.config.max_loaded_adapters)
             served = Served(loaded, engine, lease, Grammars(loaded.tokenizer, loaded.runner.vocab_size, loaded.eos_ids),
-                            adapters, grown_lease=grown)
+                            adapters)
             self._served[model] = served
             return served
 
@@ -403,22 +392,23 @@ class ModelHost:
             await asyncio.to_thread(served.engine.stop)
             await served.adapters.close()
             await self._resources.release(served.lease)
-            if served.grown_lease:
-                await self._resources.release(served.grown_lease)
             log.info("unloaded %s", model)
 
-    async def _lease_the_rest(self, model: str, measured: int, device: torch.device, leased: int) -> str:
-        """Leases what a model holding `measured` bytes on `device` holds beyond the `leased` bytes it was
-        loaded under, where its KV cache was sized from a GPU's free memory (`gpu_memory_fraction`);
-        returns the lease, or "" when there is nothing more to lease. Raises what the resource manager
-        refuses with. (On the CPU the cache is the size the registry's estimate assumes; what a model
-        holds beyond it is reported in use.)"""
-        beyond = measured - leased
-        if beyond <= 0 or device.type != "cuda" or self.config.gpu_memory_fraction <= 0:
-            return ""
-        log.info("%s holds %d bytes, %d beyond its lease: leasing them", model, measured, beyond)
-        return await self._resources.acquire(model_lease_holder(self.worker_id, model), self.device_name, beyond,
-                                             self.config.lease_ttl)
+    async def _lease_model(self, model: str, estimated: int) -> tuple[str, float]:
+        """The model's memory lease, and the share of the GPU its KV cache may fill (0.0: a cache of
+        `kv_cache_tokens`). On a GPU with `gpu_memory_fraction`, the lease is what that share of the
+        device leaves now, taken before anything is allocated so that no two loads size their caches
+        from the same free memory; where the resource manager refuses it, the registry's estimate."""
+        holder = model_lease_holder(self.worker_id, model)
+        fraction = self.config.gpu_memory_fraction
+        share = await asyncio.wrap_future(self.driver.call(gpu_share, self.device, fraction))
+        if share > estimated:
+            try:
+                return await self._resources.acquire(holder, self.device_name, share, self.config.lease_ttl), fraction
+            except ResourceExhausted as exc:
+                log.info("%s: %d bytes of %s are not free to lease (%s); its KV cache holds kv_cache_tokens",
+                         model, share, self.device_name, exc.reason)
+        return await self._resources.acquire(holder, self.device_name, estimated, self.config.lease_ttl), 0.0
 
     async def stop_all(self) -> None:
         for model in self.loaded_models:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig
 
-from llmos.engine.memory import GPU_RESERVE_BYTES, gpu_kv_tokens, kv_bytes_per_token
+from llmos.engine.memory import GPU_RESERVE_BYTES, gpu_kv_tokens, kv_bytes_per_token, share_bytes
 
 GIB = 1 << 30
 
@@ -30,3 +30,17 @@ def test_the_share_left_after_the_weights_and_the_reserve_becomes_positions():
         int(0.9 * total) - weights - 10 * GIB - GPU_RESERVE_BYTES) // per
     # A share the weights already fill leaves none (the worker's kv_cache_tokens is then the cache).
     assert gpu_kv_tokens(total - weights, total, 0.05, per) == 0
+
+
+def test_a_models_lease_is_what_the_share_leaves_free_of_the_device():
+    total = 80 * GIB
+    # An empty device: 90% of it.
+    assert share_bytes(total, total, 0.9) == int(0.9 * total)
+    # 30 GiB held (by another model or process): the share less those.
+    assert share_bytes(total - 30 * GIB, total, 0.9) == int(0.9 * total) - 30 * GIB
+    # More held than the share: nothing (the worker then leases the registry's estimate).
+    assert share_bytes(5 * GIB, total, 0.9) == 0
+    # The cache sized after the weights stays within the lease: weights + cache + reserve = the share.
+    weights, per = 3 * GIB, 32 * 1024
+    cache = gpu_kv_tokens(total - weights, total, 0.9, per) * per
+    assert weights + cache + GPU_RESERVE_BYTES <= share_bytes(total, total, 0.9)
