@@ -119,6 +119,9 @@ G=(--data-dir "$WORK/data" --gateway "127.0.0.1:$PORT" --scheduler "127.0.0.1:$(
 suite_branch() {
   local s i
   s=$(date +%s)
+  # Two models on one GPU: the first (SmolLM2) leases half the device and fills it with its KV cache; the 1B
+  # one then leases the registry's estimate (weights and LLMOS_WORKER_KV_CACHE_TOKENS' cache).
+  LLMOS_WORKER_GPU_MEMORY_FRACTION=${GPU_MEMORY_FRACTION:-0.5} \
   LLMOS_WORKER_DEVICE=$DEVICE LLMOS_WORKER_MAX_RUNNING=$SLOTS LLMOS_WORKER_MAX_SEQ_LEN=1024 \
   LLMOS_REGISTRY_KV_SLOTS=$SLOTS LLMOS_REGISTRY_KV_MAX_SEQ_LEN=1024 LLMOS_REGISTRY_ALLOWED_ROOTS="$WORK/models" \
   LLMOS_SCHEDULER_SLOTS_PER_WORKER=$SLOTS LLMOS_SCHEDULER_MAX_QUEUE=$((SLOTS * 4)) \
