@@ -158,12 +158,13 @@ def test_a_format_no_matcher_can_hold_ends_its_own_request_only(suite):
             assert _openai_error(body)["code"] == "RESPONSE_FORMAT_TOO_COMPLEX"
     canary.check("4 regex bombs")
     print(f"worker memory {before:.0f} → {_rss(suite, 'worker'):.0f} MB after 4 distinct bombs")
-    # A sound schema still works for the same tenant.
+    # A sound schema still works for the same tenant. (Bounded below too: the tiny model samples, and an
+    # integer with no minimum may run to -2267170502... past max_tokens.)
     status, body = _http(suite, "POST", "/v1/chat/completions", key=suite.keys["attacker"], body={
         "model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 100,
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-            "type": "object", "properties": {"a": {"type": "integer", "maximum": 999}}, "required": ["a"],
-            "additionalProperties": False}}}})
+            "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999}},
+            "required": ["a"], "additionalProperties": False}}}})
     assert status == 200, body
     assert isinstance(json.loads(body["choices"][0]["message"]["content"])["a"], int)
 
