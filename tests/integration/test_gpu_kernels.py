@@ -6,7 +6,6 @@ on the CPU Triton's interpreter runs the same kernels and the same static buffer
 from __future__ import annotations
 
 import importlib
-import math
 import os
 
 import pytest
@@ -174,4 +173,6 @@ def test_a_graphs_padding_rows_write_only_the_scratch_block(kernels, tiny_model_
         others = torch.ones(real, dtype=torch.bool)
         others[slots] = False
         assert torch.equal(flat[:, :real][:, others.to(ENGINE_DEVICE)], expected[:, :real][:, others.to(ENGINE_DEVICE)])
-    assert math.isfinite(float(cache.keys[0][:, cache.scratch].abs().sum()))
+    # The padding row's key went to the scratch block's first slot (zero before the step, on the CPU; what
+    # the capture's warm-up put there, on a GPU: the same row, so the same key).
+    assert cache.keys[0][:, cache.scratch, 0].abs().sum() > 0

@@ -41,7 +41,7 @@ from . import native
 from .attention import LayerShape, PagedCache, Part, Step, attend, first_line, gpu_kernels, pool_blocks
 from .lora import Adapter, AdapterStacks, LoraBatch
 from .matmul import PairedWeight, Weight, linear, prepare, tensors_of, unique_bytes
-from .memory import fitted_kv_tokens
+from .memory import fitted_kv_tokens, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ class LlamaRunner:
         shape = LayerShape(self.kv_heads, self.head_dim, self.head_dim)
         # On a GPU every kernel and graph runs on the model's device, whichever is current.
         self._on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        kv_tokens = fitted_kv_tokens(self.device, kv_tokens, memory_fraction, len(self.layers) * self.kv_heads
-                                     * self.head_dim * 2 * torch.empty((), dtype=self.dtype).element_size())
+        kv_tokens = fitted_kv_tokens(self.device, kv_tokens, memory_fraction, kv_bytes_per_token(config, self.dtype))
         gpu = gpu_kernels(self.device, self.dtype) if compile else None
         self.cache = PagedCache([shape] * len(self.layers), pool_blocks(kv_tokens, max_len), self.dtype, self.device,
                                 compile, spare=gpu is not None and graphs > 0)

@@ -30,13 +30,18 @@ def share_bytes(free: int, total: int, fraction: float) -> int:
     return max(0, int(free - (1 - fraction) * total))
 
 
+def _free_and_total(device: torch.device) -> tuple[int, int]:
+    """The GPU's free and total bytes now, what no tensor holds any longer given back to it first."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)
+
+
 def gpu_share(device: torch.device, fraction: float) -> int:
     """`share_bytes` of `device` now (0 off a GPU, or without a fraction)."""
     if device.type != "cuda" or fraction <= 0:
         return 0
-    gc.collect()
-    torch.cuda.empty_cache()
-    return share_bytes(*torch.cuda.mem_get_info(device), fraction)
+    return share_bytes(*_free_and_total(device), fraction)
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -52,9 +57,7 @@ def fitted_kv_tokens(device: torch.device, kv_tokens: int, fraction: float, per_
     leaves now (the weights in place; what no tensor holds any longer given back to the device first)."""
     if device.type != "cuda" or fraction <= 0:
         return kv_tokens
-    gc.collect()
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(device)
+    free, total = _free_and_total(device)
     fitted = gpu_kv_tokens(free, total, fraction, per_token)
     log.info("%.1f of %.1f GiB free on %s after the weights: %d KV positions fill %.0f%% of it",
              free / 2**30, total / 2**30, device, fitted, fraction * 100)
