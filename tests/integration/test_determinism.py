@@ -70,17 +70,9 @@ def chats_alone_and_together(path, dtype, compile=False) -> tuple[list, list]:
         engine.stop()
 
 
-# On a CPU with native bf16, oneDNN's bf16 kernels reduce in an order that depends on the number of rows;
-# the engine multiplies in tiles of 16 rows there (`matmul.ROW_TILE`). Confirmed batch-invariant on a CPU
-# with avx512_bf16 (AMD EPYC); AMX takes other kernels, on which no test here has run yet: what it gives
-# there is reported, not asserted.
-UNCONFIRMED_ON_NATIVE_BF16 = pytest.mark.xfail(
-    cpu_kind() == "amx" and ENGINE_DEVICE.type == "cpu", strict=False,
-    reason="bf16 products in row tiles are not yet confirmed batch-invariant on a CPU with AMX")
-
-
+# bf16 on a CPU with AMX (the engine's pair kernel on AMX's tiles) and on one with avx512_bf16 alone (the pair
+# kernel on vdpbf16ps): a row's products are its own on either (`test_pair_products.py`), and so its answer.
 @pytest.mark.smollm2
-@UNCONFIRMED_ON_NATIVE_BF16
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_smollm2_bf16_chats_alone_equal_the_same_chats_together(smollm2_dir, compile):
     """(float32's invariance: the busy-batch tests below.) Compiled: decode attention through the
@@ -126,13 +118,14 @@ ONLY_WITH_AVX512_BF16 = pytest.mark.skipif(cpu_kind() != "avx512_bf16",
 KINDS = [pytest.param("amx"), pytest.param("avx512_bf16", marks=ONLY_WITH_AVX512_BF16)]
 
 
-@UNCONFIRMED_ON_NATIVE_BF16
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_in_row_tiles_greedy_tokens_alone_equal_those_in_a_busy_batch(tiny_model_dir, monkeypatch, kind):
-    """The path of a CPU with native bf16 (products in tiles of 16 rows with AMX, of at least 4 rows
-    with avx512_bf16 alone; attention in float32); the tiles taken here whatever the CPU."""
+    """oneDNN's products on a CPU with native bf16, where the pair kernel does not take a matrix (in tiles of
+    16 rows with AMX, of at least 4 rows with avx512_bf16 alone; attention in float32); the tiles taken here
+    whatever the CPU."""
     monkeypatch.setattr(matmul, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(matmul, "cpu_kind", lambda: kind)
+    monkeypatch.setattr(matmul, "pairs_take_tiles", lambda n, k: False)
     alone, busy = answers(tiny_model_dir, torch.bfloat16)
     assert all(len(ids) == 20 for ids, _ in alone)
     assert busy == alone

@@ -27,6 +27,12 @@ for each shape at load against oneDNN itself; a shape that differed would stay w
 result its own whatever the rows, and 1.4x to 1.6x quicker at a decode step's 1 to 32 rows, where
 oneDNN reads the weights from memory and then multiplies them instead of both at once.
 
+With AMX the same kernel multiplies the same paired layout with AMX's tiles (where K is a multiple of
+32): a row's result is its own sequence of tile products, so one call takes every row of a step where
+oneDNN needed a call for each 16 rows (its whole calls change a row's bits between 32 and 33 rows). On
+SmolLM2's products (Xeon with AMX, 2 cores): the same time as one 16-row oneDNN tile at 1 to 16 rows,
+2.2x to 3.2x quicker than the tiles at 64 rows; and the layers run in one native call, as above.
+
 An int8 matrix keeps one float scale per output row (weight-only, symmetric) and is multiplied by
 torch's `_weight_int8pack_mm`, which reads the int8 weights directly. Its fast kernels take
 bfloat16 activations, so float32 activations are cast to bfloat16 for those products (and back).
@@ -99,6 +105,18 @@ class PairedWeight:
 
     def numel(self) -> int:
         return self.pairs.numel()
+
+
+@functools.cache
+def pairs_take_tiles(n: int, k: int) -> bool:
+    """Whether the pair kernel multiplies an [n, k] bf16 matrix with AMX's tiles on this CPU (built with a C++
+    compiler, allowed the tiles, n a multiple of 16 and k of 32)."""
+    if n % 16 or k % 32:
+        return False
+    try:
+        return native.pair_product_kind(k) == "amx"
+    except (ValueError, RuntimeError, OSError):     # not built at all
+        return False
 
 
 @functools.cache
@@ -224,6 +242,8 @@ def prepare(weight: torch.Tensor, quantize: str, device: torch.device, dtype: to
     if tiles_rows(device, dtype):
         tile = ROW_TILE if cpu_kind() == "amx" else None
         if packs_bf16() and cpu_kind() == "avx512_bf16" and not biased and pairs_match_onednn(*weight.shape):
+            return PairedWeight.of(weight)
+        if cpu_kind() == "amx" and not biased and pairs_take_tiles(*weight.shape):
             return PairedWeight.of(weight)
         if packs_bf16():
             return PackedWeight.of(weight, tile, PACKED_BF16_MIN_ROWS if cpu_kind() == "avx512_bf16" else MIN_ROWS)

@@ -91,6 +91,8 @@ def library() -> ctypes.CDLL:
             fn.argtypes, fn.restype = argtypes, None
     lib.llmos_pair_product_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _I64]
     lib.llmos_pair_product_bf16.restype = ctypes.c_int
+    lib.llmos_pair_product_kind_bf16.argtypes = [_I64]
+    lib.llmos_pair_product_kind_bf16.restype = ctypes.c_int
     lib.llmos_llama_layers_bf16.argtypes = [_I64] * 7 + [_F32, _F32] + [_P] * 9 + [_P] * 8 + [_I64] + [_P] * 7 + [
         _I64, _I64]
     lib.llmos_llama_layers_bf16.restype = ctypes.c_int
@@ -196,10 +198,17 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def pair_product_kind(k: int) -> str:
+    """Which kernel `pair_product` multiplies a weight of K `k` with: "amx" (AMX's tiles: a CPU with AMX and
+    K a multiple of 32), "avx512_bf16" (oneDNN's prepacked bits), or "" (built without avx512_bf16)."""
+    return {2: "amx", 1: "avx512_bf16"}.get(library().llmos_pair_product_kind_bf16(k), "")
+
+
 def pair_product(x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     """x [rows, K] (bf16, rows contiguous) times a weight [N, K] stored in pairs, `pairs` [N / 16, K / 2, 16, 2]
-    (`matmul.PairedWeight`): [rows, N] in bf16, as oneDNN's prepacked kernel gives it on a CPU with
-    avx512_bf16. Raises where the kernel was built without avx512_bf16."""
+    (`matmul.PairedWeight`): [rows, N] in bf16, each row's result its own whatever the rows: with AMX's tiles
+    (`pair_product_kind`), else as oneDNN's prepacked kernel gives it on a CPU with avx512_bf16. Raises where
+    the kernel was built without avx512_bf16."""
     rows, k = x.shape
     n = pairs.shape[0] * 16
     if x.dtype != torch.bfloat16 or x.stride(1) != 1 or x.is_cuda or pairs.shape[1:] != (k // 2, 16, 2) or k % 2:

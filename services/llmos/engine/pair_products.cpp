@@ -1,8 +1,18 @@
-// The weights' bf16 products on a CPU with avx512_bf16: out [M, N] = x [M, K] times w [N, K] transposed,
-// with the bits of oneDNN's prepacked bf16 kernel on such a CPU, and faster where a step's rows are few.
+// The weights' bf16 products on a CPU with avx512_bf16: out [M, N] = x [M, K] times w [N, K] transposed.
+// Two kernels over one layout, picked by the CPU the library was built on:
+// - With AMX (and K a multiple of 32), AMX's tiles: each 16 x 16 block of outputs is summed by `tdpbf16ps`
+//   over K in chunks of 32 values, always in K's order, on 16 rows of x at a time (the last rows padded with
+//   zeros). An output is its row's own sequence of tile products whatever the other rows, so a row's result
+//   is the same in a batch of any size, by construction. oneDNN's AMX kernels switch kernels by the number of
+//   rows (a row's bits differ between 32 and 33 rows), which is why the engine called them in tiles of 16
+//   rows, one call a tile; here one call takes every row, reading each weight once.
+// - Otherwise `vdpbf16ps`, with the bits of oneDNN's prepacked bf16 kernel on such a CPU (below).
 //
 // Layout: the weight is stored in pairs (`engine/matmul.py`'s `PairedWeight`): [N / 16][K / 2][16][2],
-// so one 64-byte load holds k and k + 1 of 16 output columns, as `vdpbf16ps` multiplies them. Each output
+// so one 64-byte load holds k and k + 1 of 16 output columns, as `vdpbf16ps` multiplies them, and 16 such
+// rows (1 KB) are one AMX tile of the weight, as `tdpbf16ps` takes it.
+//
+// vdpbf16ps, on a CPU without AMX: the bits of oneDNN's prepacked bf16 kernel there. Each output
 // is one float32 sum in k's order, a pair at a time, started afresh in every block of K (512 values when
 // K <= 1024, else 1024) and the blocks' sums added in order: the order oneDNN's kernel keeps (verified
 // bit for bit against it at load, `matmul.py`, and by the tests), rounded to bf16 to nearest even. A row's
@@ -20,6 +30,10 @@
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <vector>
 
 namespace {
 
@@ -99,17 +113,139 @@ void product(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* w, int64
     }
 }
 
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// Whether this process may use AMX's tile registers: Linux hands them out on request (once a process).
+bool tiles_allowed() {
+    static const bool allowed = [] {
+        constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+        return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }();
+    return allowed;
+}
+
+// Palette 1: tiles 0-3 the outputs (16 rows of 16 floats), 4-5 rows of x (16 rows of 32 bf16), 6-7 the weights
+// (16 rows of 16 pairs).
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) {
+        config.colsb[t] = 64;
+        config.rows[t] = 16;
+    }
+    _tile_loadconfig(&config);
+}
+
+// 16 or 32 rows of x (`a`, rows padded to 16s) times two groups of 16 columns (`w0`, `w1`, each [K / 2][16][2]),
+// over all of K in order; writes the rows below `rows` of the 16 x 32 or 32 x 32 outputs.
+template <bool TWO>
+inline void tile_block(const uint16_t* a, int64_t lda, const uint16_t* w0, const uint16_t* w1, int64_t K,
+                       uint16_t* out, int64_t ldo, int64_t rows, int64_t cols) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (TWO) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    for (int64_t k = 0; k < K; k += 32) {
+        _tile_loadd(4, a + k, lda * 2);
+        _tile_loadd(6, w0 + k * 16, 64);
+        _tile_loadd(7, w1 + k * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if constexpr (TWO) {
+            _tile_loadd(5, a + 16 * lda + k, lda * 2);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    alignas(64) float sums[32][32];
+    _tile_stored(0, &sums[0][0], 128);
+    _tile_stored(1, &sums[0][16], 128);
+    if constexpr (TWO) {
+        _tile_stored(2, &sums[16][0], 128);
+        _tile_stored(3, &sums[16][16], 128);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums[r])));
+        if (cols > 16)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + 16),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums[r] + 16)));
+    }
+}
+
+void tile_product(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* w, int64_t N, int64_t K, uint16_t* out,
+                  int64_t ldo) {
+    // x's rows padded with zeros to a multiple of 16 where they are not one (a padding row's outputs are
+    // computed and dropped; no real row's depend on them).
+    const int64_t padded = (M + 15) / 16 * 16;
+    std::vector<uint16_t> copy;
+    const uint16_t* a = x;
+    int64_t lda = ldx;
+    if (padded != M) {
+        copy.assign(padded * K, 0);
+        for (int64_t r = 0; r < M; ++r) std::memcpy(copy.data() + r * K, x + r * ldx, K * sizeof(uint16_t));
+        a = copy.data();
+        lda = K;
+    }
+    const int64_t groups = (N / 16 + 1) / 2;        // of 32 columns (the last of 16 where N / 16 is odd)
+#pragma omp parallel
+    {
+        configure_tiles();
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t cols = N - g * 32 < 32 ? 16 : 32;
+            const uint16_t* w0 = w + g * 32 * K;
+            const uint16_t* w1 = cols > 16 ? w0 + 16 * K : w0;   // (an odd last group multiplies its one twice)
+            if (g + 1 < groups)         // the next group's weights, asked for ahead
+                for (int64_t i = 0; i < 32 * K; i += 32)      // (a line of 64 bytes each)
+                    _mm_prefetch(reinterpret_cast<const char*>(w0 + 32 * K + i), _MM_HINT_T1);
+            int64_t m = 0;
+            for (; m + 32 <= padded; m += 32)
+                tile_block<true>(a + m * lda, lda, w0, w1, K, out + m * ldo + g * 32, ldo,
+                                 M - m < 32 ? M - m : 32, cols);
+            if (m < padded)
+                tile_block<false>(a + m * lda, lda, w0, w1, K, out + m * ldo + g * 32, ldo, M - m, cols);
+        }
+        _tile_release();
+    }
+}
+
+constexpr bool BUILT_WITH_TILES = true;
+#else
+bool tiles_allowed() { return false; }
+void tile_product(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, uint16_t*, int64_t) {}
+constexpr bool BUILT_WITH_TILES = false;
+#endif
+
 }  // namespace
 
 extern "C" int llmos_pair_product_bf16(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* w, int64_t N,
                                        int64_t K, uint16_t* out, int64_t ldo) {
     if (N % 16 != 0 || K % 2 != 0) return 1;
+    if (BUILT_WITH_TILES && K % 32 == 0 && tiles_allowed()) {
+        tile_product(x, M, ldx, w, N, K, out, ldo);
+        return 0;
+    }
     if (M <= 8) product<1>(x, M, ldx, w, N, K, out, ldo);        // few rows: more threads' work to share
     else product<2>(x, M, ldx, w, N, K, out, ldo);
     return 0;
 }
 
+// Which kernel multiplies an [N, K] weight: 2 AMX's tiles, 1 vdpbf16ps.
+extern "C" int llmos_pair_product_kind_bf16(int64_t K) {
+    return BUILT_WITH_TILES && K % 32 == 0 && tiles_allowed() ? 2 : 1;
+}
+
 #else
+
+extern "C" int llmos_pair_product_kind_bf16(int64_t) { return 0; }
 
 extern "C" int llmos_pair_product_bf16(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, uint16_t*,
                                        int64_t) {
