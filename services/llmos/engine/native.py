@@ -31,12 +31,13 @@ from llmos.common.devices import cpu_kind
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "fused_ops.cpp",
-                                                              "pair_products.cpp", "layer_stack.cpp"))
+                                                              "pair_products.cpp", "layer_stack.cpp", "picks.cpp"))
 # What the sources include: part of what a build is keyed by.
 HEADERS = (Path(__file__).with_name("bf16.h"),)
 # The fused operators round each product as torch does: no product fused into a sum (FMA); the
 # products add their blocks' sums in order, as oneDNN does.
-OWN_FLAGS = {"fused_ops.cpp": ("-ffp-contract=off",), "pair_products.cpp": ("-fno-fast-math", "-ffp-contract=off")}
+OWN_FLAGS = {"fused_ops.cpp": ("-ffp-contract=off",), "pair_products.cpp": ("-fno-fast-math", "-ffp-contract=off"),
+             "picks.cpp": ("-fno-fast-math",)}
 # -ffast-math compiles the source only: on the link line, g++ adds a start-up routine that switches
 # the whole process to flushing denormals to zero (torch's arithmetic included).
 COMPILE = ("-O3", "-march=native", "-fopenmp", "-ffast-math", "-fPIC", "-std=c++17", "-c")
@@ -93,6 +94,8 @@ def library() -> ctypes.CDLL:
     lib.llmos_pair_product_bf16.restype = ctypes.c_int
     lib.llmos_pair_product_kind_bf16.argtypes = [_I64]
     lib.llmos_pair_product_kind_bf16.restype = ctypes.c_int
+    lib.llmos_greedy_picks_f32.argtypes = [_P, _I64, _P, _I64, _I64, _P]
+    lib.llmos_greedy_picks_f32.restype = None
     lib.llmos_llama_layers_bf16.argtypes = [_I64] * 7 + [_F32, _F32] + [_P] * 9 + [_P] * 8 + [_I64] + [_P] * 7 + [
         _I64, _I64]
     lib.llmos_llama_layers_bf16.restype = ctypes.c_int
@@ -196,6 +199,24 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty(rows, both // 2)
     getattr(library(), f"llmos_silu_mul_{kind}")(gate_up.data_ptr(), out.data_ptr(), rows, both // 2)
     return out
+
+
+def built() -> bool:
+    """Whether the kernels are already built and loaded in this process (without building them)."""
+    return library.cache_info().currsize > 0
+
+
+def greedy_picks(logits: torch.Tensor, rows: list[int]) -> list[int]:
+    """torch.argmax of each of `rows` of the float32 [n, vocab] CPU `logits` (rows contiguous), as ints."""
+    if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1 or logits.is_cuda:
+        raise ValueError("greedy_picks: logits must be float32 [n, vocab] with contiguous rows on the CPU")
+    if any(not 0 <= row < logits.shape[0] for row in rows):
+        raise ValueError("greedy_picks: a row past the logits")
+    which = torch.tensor(rows, dtype=torch.int64)
+    out = torch.empty(len(rows), dtype=torch.int64)
+    library().llmos_greedy_picks_f32(logits.data_ptr(), logits.stride(0), which.data_ptr(), len(rows),
+                                     logits.shape[1], out.data_ptr())
+    return out.tolist()
 
 
 def pair_product_kind(k: int) -> str:

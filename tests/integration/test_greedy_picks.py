@@ -1,0 +1,63 @@
+"""The engine's greedy picks on the CPU (`picks.cpp`): torch.argmax's ids for every row asked for, ties,
+NaN, infinities and a vocabulary that is no multiple of the vector width included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmos.engine import native, sampling
+from llmos.engine.attention import can_compile
+
+BUILDS = pytest.mark.skipif(not can_compile(), reason="the kernel needs a C++ compiler (g++)")
+
+
+def argmax(logits: torch.Tensor, rows: list[int]) -> list[int]:
+    return [int(torch.argmax(logits[row])) for row in rows]
+
+
+@BUILDS
+@pytest.mark.parametrize("vocab", [49152, 1000, 17, 3])
+def test_picks_are_torchs_argmax(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(40, vocab, generator=generator) * 5
+    logits[1, :] = 2.0                                  # all equal: the first
+    logits[2, vocab // 2] = logits[2, -1] = 1e9         # a tie: the first of the two
+    logits[3, -1] = 1e9                                 # the maximum in the last, partial vector
+    logits[4, :] = float("-inf")                        # nothing but -inf: the first
+    logits[5, vocab // 3] = float("inf")
+    logits[6, vocab - 1] = float("nan")                 # NaN beats any number
+    logits[6, 0] = float("inf")
+    logits[7, [vocab // 2, vocab - 1]] = float("nan")   # the first NaN
+    logits[8, :] = 0.0
+    logits[8, vocab - 1] = -0.0                         # -0 equals 0: the first
+    rows = list(range(40))
+    assert native.greedy_picks(logits, rows) == argmax(logits, rows) == torch.argmax(logits, -1).tolist()
+    some = [39, 6, 6, 0, 17]                            # any rows, in any order, repeated
+    assert native.greedy_picks(logits, some) == argmax(logits, some)
+    assert native.greedy_picks(logits, []) == []
+    wide = torch.randn(5, vocab + 40, generator=generator)[:, 8:8 + vocab]     # rows apart
+    assert native.greedy_picks(wide, [0, 4]) == argmax(wide, [0, 4])
+
+
+@BUILDS
+def test_the_engines_greedy_picks_take_the_kernel_once_it_is_built(monkeypatch):
+    native.library()
+    taken = []
+    real = native.greedy_picks
+    monkeypatch.setattr(native, "greedy_picks", lambda logits, rows: taken.append(rows) or real(logits, rows))
+    logits = torch.randn(6, 300)
+    assert sampling.greedy_picks(logits, [5, 1]) == argmax(logits, [5, 1])
+    assert taken == [[5, 1]]
+    assert sampling.greedy_picks(logits.bfloat16(), [2]) == argmax(logits.bfloat16(), [2])     # torch's
+    assert taken == [[5, 1]]
+
+
+@BUILDS
+def test_bad_logits_are_refused():
+    with pytest.raises(ValueError, match="float32"):
+        native.greedy_picks(torch.randn(2, 8).bfloat16(), [0])
+    with pytest.raises(ValueError, match="contiguous"):
+        native.greedy_picks(torch.randn(8, 2).t(), [0])
+    with pytest.raises(ValueError, match="past"):
+        native.greedy_picks(torch.randn(2, 8), [2])
