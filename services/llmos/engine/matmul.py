@@ -1,5 +1,6 @@
 """The weights' matrix products: as stored, prepacked for oneDNN (float32 on the CPU, bfloat16 on a
-CPU with native bf16), in tiles of rows (bfloat16 with AMX), or int8.
+CPU with native bf16), in pairs for the engine's own kernel (bfloat16 on a CPU with avx512_bf16, on AMX's
+tiles where it has them), in tiles of rows (oneDNN's bfloat16 with AMX, where the pairs do not fit), or int8.
 
 In float32 on the CPU a matrix reordered once at load into oneDNN's blocked layout and multiplied
 by its prepacked kernel is 14% faster at batch 1, 23% at 16 and 20% in prefill than `F.linear`
@@ -10,7 +11,7 @@ In bfloat16 on a CPU with native bf16 the matrices are prepacked too: on SmolLM2
 them, weights read from memory as in a step) 2.2x faster than `F.linear` at 1 to 4 rows, 1.4x to
 1.8x at 16 to 64, and faster than float32's prepacked products (1.7x at 1 row). oneDNN picks its
 kernel, and with it the order of each row's reduction, by the number of rows on some CPUs: with
-AMX every product runs in tiles of exactly `ROW_TILE` rows (the last padded with zeros), so every
+AMX every product oneDNN multiplies runs in tiles of exactly `ROW_TILE` rows (the last padded with zeros), so every
 call has one shape and a row's output depends on that row alone; an AMX tile holds 16 rows, so a
 decode step of one sequence costs about what it did. With avx512_bf16 and no AMX the prepacked
 kernel keeps every row's order whatever the rows but for a single row (measured: each row of 2 to
@@ -30,7 +31,7 @@ oneDNN reads the weights from memory and then multiplies them instead of both at
 With AMX the same kernel multiplies the same paired layout with AMX's tiles (where K is a multiple of
 32): a row's result is its own sequence of tile products, so one call takes every row of a step where
 oneDNN needed a call for each 16 rows (its whole calls change a row's bits between 32 and 33 rows). On
-SmolLM2's products (Xeon with AMX, 2 cores): the same time as one 16-row oneDNN tile at 1 to 16 rows,
+SmolLM2's products (Xeon with AMX, 2 cores): at most one 16-row oneDNN tile's time at 1 to 16 rows,
 2.2x to 3.2x quicker than the tiles at 64 rows; and the layers run in one native call, as above.
 
 An int8 matrix keeps one float scale per output row (weight-only, symmetric) and is multiplied by

@@ -115,7 +115,6 @@ void product(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* w, int64
     }
 }
 
-
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 // Whether this process may use AMX's tile registers: Linux hands them out on request (once a process).
 bool tiles_allowed() {
