@@ -3,6 +3,12 @@ NaN, infinities and a vocabulary that is no multiple of the vector width include
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,9 +22,8 @@ def argmax(logits: torch.Tensor, rows: list[int]) -> list[int]:
     return [int(torch.argmax(logits[row])) for row in rows]
 
 
-@BUILDS
-@pytest.mark.parametrize("vocab", [49152, 1000, 17, 3])
-def test_picks_are_torchs_argmax(vocab):
+def hard_logits(vocab: int) -> torch.Tensor:
+    """40 rows of `vocab` logits, the first nine each a case argmax must rank as torch does."""
     generator = torch.Generator().manual_seed(vocab)
     logits = torch.randn(40, vocab, generator=generator) * 5
     logits[1, :] = 2.0                                  # all equal: the first
@@ -31,13 +36,45 @@ def test_picks_are_torchs_argmax(vocab):
     logits[7, [vocab // 2, vocab - 1]] = float("nan")   # the first NaN
     logits[8, :] = 0.0
     logits[8, vocab - 1] = -0.0                         # -0 equals 0: the first
+    return logits
+
+
+VOCABS = [49152, 1000, 17, 3]
+
+
+@BUILDS
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_picks_are_torchs_argmax(vocab):
+    logits = hard_logits(vocab)
     rows = list(range(40))
     assert native.greedy_picks(logits, rows) == argmax(logits, rows) == torch.argmax(logits, -1).tolist()
     some = [39, 6, 6, 0, 17]                            # any rows, in any order, repeated
     assert native.greedy_picks(logits, some) == argmax(logits, some)
     assert native.greedy_picks(logits, []) == []
-    wide = torch.randn(5, vocab + 40, generator=generator)[:, 8:8 + vocab]     # rows apart
+    wide = torch.randn(5, vocab + 40, generator=torch.Generator().manual_seed(1))[:, 8:8 + vocab]  # rows apart
     assert native.greedy_picks(wide, [0, 4]) == argmax(wide, [0, 4])
+
+
+@BUILDS
+def test_picks_built_for_a_cpu_without_avx512_are_torchs_argmax(tmp_path):
+    """The scalar path a CPU without AVX-512 builds (some CPUs without native bf16): the kernel's source alone,
+    built for x86-64-v3 (AVX2, no AVX-512), on the same cases."""
+    if platform.machine() != "x86_64":
+        pytest.skip("built for an x86-64 level")
+    library = tmp_path / "picks.so"
+    source = Path(native.__file__).with_name("picks.cpp")
+    built = subprocess.run([os.environ.get("CXX", "g++"), "-O2", "-march=x86-64-v3", "-fopenmp", "-fPIC", "-shared",
+                            "-std=c++17", str(source), "-o", str(library)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    kernel = ctypes.CDLL(str(library)).llmos_greedy_picks_f32
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_void_p]
+    for vocab in VOCABS:
+        logits = hard_logits(vocab)
+        rows = torch.tensor([*range(40), 6, 0], dtype=torch.int64)
+        out = torch.empty(len(rows), dtype=torch.int64)
+        kernel(logits.data_ptr(), logits.stride(0), rows.data_ptr(), len(rows), vocab, out.data_ptr())
+        assert out.tolist() == argmax(logits, rows.tolist()), vocab
 
 
 @BUILDS

@@ -184,14 +184,16 @@ inline void tile_block(const uint16_t* a, int64_t lda, const uint16_t* w0, const
 void tile_product(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* w, int64_t N, int64_t K, uint16_t* out,
                   int64_t ldo) {
     // x's rows padded with zeros to a multiple of 16 where they are not one (a padding row's outputs are
-    // computed and dropped; no real row's depend on them).
+    // computed and dropped; no real row's depend on them), in a buffer the calling thread keeps: a decode
+    // step pads every product.
     const int64_t padded = (M + 15) / 16 * 16;
-    std::vector<uint16_t> copy;
+    thread_local std::vector<uint16_t> copy;
     const uint16_t* a = x;
     int64_t lda = ldx;
     if (padded != M) {
-        copy.assign(padded * K, 0);
+        if (copy.size() < static_cast<size_t>(padded * K)) copy.resize(padded * K);
         for (int64_t r = 0; r < M; ++r) std::memcpy(copy.data() + r * K, x + r * ldx, K * sizeof(uint16_t));
+        std::memset(copy.data() + M * K, 0, (padded - M) * K * sizeof(uint16_t));
         a = copy.data();
         lda = K;
     }
