@@ -1,10 +1,12 @@
-// Attention over the paged KV cache, one query row at a time: a decoding sequence's newest token,
-// or one token of a prompt chunk (which sees the positions up to its own: causal). Its keys and
-// values are read through its sequence's block table where they lie in the pool, in float32.
+// Attention over the paged KV cache for each query row: a decoding sequence's newest token, or one
+// token of a prompt chunk (which sees the positions up to its own: causal). Its keys and values are
+// read through its sequence's block table where they lie in the pool, in float32.
 //
-// Each (row, KV head) is one work item, computed by one thread from start to end in a fixed order:
-// a row's result depends on nothing but its own query, table and cache, whatever else is in the
-// batch, however a prompt was cut into chunks and however the items are shared among threads.
+// Each (row, KV head) is one work item, computed by one thread from start to end in a fixed order;
+// where AVX-512 is, a bf16 prompt chunk's rows go up to 16 to an item instead, sharing the reads of
+// each block (`attend_chunk`), each row still its own fixed sequence of operations. Either way a row's
+// result depends on nothing but its own query, table and cache, whatever else is in the batch, however
+// a prompt was cut into chunks and however the items are shared among threads.
 // Built and loaded by `engine/native.py`; the layouts are those of `engine/attention.py`:
 //   q       [n, hq, d]              (bf16 or float32, contiguous)
 //   keys    [hk, pool, BLOCK, d]    values [hk, pool, BLOCK, dv]
@@ -20,7 +22,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "bf16.h"
 
@@ -148,6 +156,191 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
     }
 }
 
+
+#if defined(__AVX512F__)
+// A bf16 prompt chunk's rows, several at a time (where AVX-512 is): up to CHUNK_ROWS consecutive rows of one
+// sequence and one KV head share each block of keys and values they read, converted to float32 once (the
+// keys turned so that a vector holds one dimension of the block's 16 positions), where the row-at-a-time
+// items above read and convert them again for every row. Every row is still its own sequence of operations:
+//   score(p) = sum over t in order of q[t] * k[p][t] (fused multiply-adds), times the scaling;
+//   its weights exp(score - max) over the positions it sees, rounded to bf16 as flash attention rounds them,
+//   and their float32 sum, lane p % 16 summed over blocks in order, the 16 lanes then in a fixed order;
+//   the values weighed over its positions in order, divided by the sum at the end.
+// None of it depends on which rows share the work, so a row's bits are the same however its prompt was cut
+// into chunks and whatever else the step holds (positions outside a row's sight weigh nothing and are
+// never added). They differ from the row-at-a-time path's, which decoding rows keep.
+constexpr int64_t CHUNK_ROWS = 16;
+constexpr int QUERIES = 8;        // query vectors scored together (accumulators in registers)
+
+// Each float rounded to bf16 (to nearest even, as `llmos::to_bf16` rounds a finite float) and back.
+inline __m512 rounded_to_bf16(__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i sum = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    return _mm512_castsi512_ps(_mm512_and_si512(sum, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// A 16 x 16 matrix of 32-bit elements transposed in registers: r[i] holds row i; on return r[j] holds column j.
+inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int k = 0; k < 4; ++k) {
+            t[i + k] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0x88);
+            t[i + k + 4] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0xdd);
+        }
+    for (int k = 0; k < 8; ++k) {
+        r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
+        r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xdd);
+    }
+}
+
+struct ChunkScratch {
+    std::vector<float> query, scores, acc, keys, values, totals;
+};
+thread_local ChunkScratch chunk_scratch;
+
+template <int D>
+void attend_chunk(const uint16_t* q, const uint16_t* head_keys, const uint16_t* head_values, const int64_t* table,
+                  const int64_t* seen, int64_t rows, uint16_t* out, int64_t hq, int64_t g, float scaling,
+                  float softcap, int64_t window) {
+    static_assert(D % 16 == 0, "D must be a multiple of 16");
+    constexpr int V = D / 16;
+    constexpr int HEADS = 16 / V;                        // a row's heads weighed together (16 accumulators)
+    const int64_t u_count = rows * g;                    // query vectors: row r, head j at r * g + j
+    int64_t first_block = INT64_MAX, last_block = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t start = window > 0 ? std::max<int64_t>(0, seen[r] - window) : 0;
+        first_block = std::min(first_block, start / BLOCK);
+        last_block = std::max(last_block, (seen[r] - 1) / BLOCK);
+    }
+    const int64_t base = first_block * BLOCK, span = (last_block - first_block + 1) * BLOCK;   // positions scored
+    ChunkScratch& s = chunk_scratch;
+    // Query vectors padded with zeros to a multiple of QUERIES (their scores land in rows no one reads).
+    const int64_t padded = (u_count + QUERIES - 1) / QUERIES * QUERIES;
+    if (static_cast<int64_t>(s.query.size()) < padded * D) s.query.resize(padded * D);
+    if (static_cast<int64_t>(s.scores.size()) < padded * span) s.scores.resize(padded * span);
+    std::fill(s.query.begin() + u_count * D, s.query.begin() + padded * D, 0.0f);
+    if (static_cast<int64_t>(s.acc.size()) < u_count * D) s.acc.resize(u_count * D);
+    if (static_cast<int64_t>(s.totals.size()) < u_count) s.totals.resize(u_count);
+    s.keys.resize(D * BLOCK);
+    s.values.resize(BLOCK * D);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < g; ++j)
+            for (int64_t t = 0; t < D; ++t) s.query[(r * g + j) * D + t] = to_float(q[(r * hq + j) * D + t]);
+    auto start_of = [&](int64_t r) { return window > 0 ? std::max<int64_t>(0, seen[r] - window) : 0; };
+
+    // Scores, a block of 16 positions at a time.
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    float* turned = s.keys.data();                        // [D][16]: dimension t of the block's positions
+    for (int64_t b = first_block; b <= last_block; ++b) {
+        const uint16_t* block = head_keys + table[b] * BLOCK * D;
+        for (int half = 0; half < D; half += 32) {         // 32 dimensions: 16 pairs of each position
+            __m512i pairs[BLOCK];
+            for (int p = 0; p < BLOCK; ++p)
+                pairs[p] = _mm512_loadu_si512(reinterpret_cast<const void*>(block + p * D + half));
+            transpose16(pairs);                               // pairs[i]: dimensions half + 2i, + 1 of each
+            for (int i = 0; i < 16; ++i) {
+                const int t = half + 2 * i;
+                _mm512_storeu_ps(turned + t * 16, _mm512_castsi512_ps(_mm512_slli_epi32(pairs[i], 16)));
+                _mm512_storeu_ps(turned + (t + 1) * 16, _mm512_castsi512_ps(_mm512_and_si512(pairs[i], high)));
+            }
+        }
+        const int64_t column = (b - first_block) * BLOCK;
+        for (int64_t u0 = 0; u0 < padded; u0 += QUERIES) {
+            __m512 sums[QUERIES];
+            for (int v = 0; v < QUERIES; ++v) sums[v] = _mm512_setzero_ps();
+            const float* query = s.query.data() + u0 * D;
+            for (int t = 0; t < D; ++t) {
+                const __m512 k = _mm512_loadu_ps(turned + t * 16);
+                for (int v = 0; v < QUERIES; ++v)
+                    sums[v] = _mm512_fmadd_ps(_mm512_set1_ps(query[v * D + t]), k, sums[v]);
+            }
+            for (int v = 0; v < QUERIES; ++v)
+                _mm512_storeu_ps(s.scores.data() + (u0 + v) * span + column,
+                                 _mm512_mul_ps(sums[v], _mm512_set1_ps(scaling)));
+        }
+    }
+
+    // Each row's weights over the positions it sees, and their sum.
+    for (int64_t u = 0; u < u_count; ++u) {
+        const int64_t r = u / g, start = start_of(r), end = seen[r];
+        float* row = s.scores.data() + u * span;         // position p at row[p - base]
+        if (softcap > 0.0f)
+            for (int64_t p = start; p < end; ++p) row[p - base] = std::tanh(row[p - base] / softcap) * softcap;
+        float top = row[start - base];
+        for (int64_t p = start + 1; p < end; ++p) top = std::max(top, row[p - base]);
+        __m512 lanes = _mm512_setzero_ps();
+        for (int64_t b = start / BLOCK; b <= (end - 1) / BLOCK; ++b) {
+            const int64_t p0 = b * BLOCK;
+            const __mmask16 sees = static_cast<__mmask16>(
+                ((1u << std::min<int64_t>(BLOCK, end - p0)) - 1) & ~((1u << std::max<int64_t>(0, start - p0)) - 1));
+            alignas(64) float weights[BLOCK];
+            _mm512_store_ps(weights, _mm512_maskz_sub_ps(sees, _mm512_loadu_ps(row + p0 - base), _mm512_set1_ps(top)));
+#pragma omp simd
+            for (int l = 0; l < BLOCK; ++l) weights[l] = std::exp(weights[l]);
+            const __m512 e = _mm512_maskz_mov_ps(sees, _mm512_load_ps(weights));
+            lanes = _mm512_add_ps(lanes, e);
+            _mm512_storeu_ps(row + p0 - base, rounded_to_bf16(e));
+        }
+        s.totals[u] = _mm512_reduce_add_ps(lanes);
+    }
+
+    // The values weighed, a block at a time.
+    std::fill(s.acc.begin(), s.acc.begin() + u_count * D, 0.0f);
+    float* values = s.values.data();
+    for (int64_t b = first_block; b <= last_block; ++b) {
+        const uint16_t* block = head_values + table[b] * BLOCK * D;
+        for (int64_t i = 0; i < BLOCK * D; i += 16)
+            _mm512_storeu_ps(values + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + i))), 16)));
+        const int64_t p0 = b * BLOCK;
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t from = std::max(p0, start_of(r)), to = std::min(p0 + BLOCK, seen[r]);
+            if (from >= to) continue;
+            for (int64_t j0 = 0; j0 < g; j0 += HEADS) {          // up to HEADS of the row's heads at once
+                const int heads = static_cast<int>(std::min<int64_t>(HEADS, g - j0));
+                const float* weights[HEADS];
+                float* acc[HEADS];
+                __m512 sums[HEADS][V];
+                for (int h = 0; h < HEADS; ++h) {
+                    const int64_t u = r * g + j0 + std::min(h, heads - 1);
+                    weights[h] = s.scores.data() + u * span;       // position p at weights[h][p - base]
+                    acc[h] = s.acc.data() + u * D;
+                    for (int v = 0; v < V; ++v) sums[h][v] = _mm512_loadu_ps(acc[h] + v * 16);
+                }
+                for (int64_t p = from; p < to; ++p) {
+                    const float* value = values + (p - p0) * D;
+                    for (int v = 0; v < V; ++v) {
+                        const __m512 x = _mm512_loadu_ps(value + v * 16);
+                        for (int h = 0; h < HEADS; ++h)
+                            if (h < heads)
+                                sums[h][v] = _mm512_fmadd_ps(
+                                    _mm512_set1_ps(weights[h][p - base]), x, sums[h][v]);
+                    }
+                }
+                for (int h = 0; h < heads; ++h)
+                    for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc[h] + v * 16, sums[h][v]);
+            }
+        }
+    }
+    for (int64_t u = 0; u < u_count; ++u) {
+        const int64_t r = u / g, j = u % g;
+        const float scale = 1.0f / s.totals[u];
+        for (int64_t t = 0; t < D; ++t) out[(r * hq + j) * D + t] = llmos::to_bf16(s.acc[u * D + t] * scale);
+    }
+}
+#endif
+
 template <typename T>
 using Item = void (*)(const T*, const T*, const T*, const int64_t*, int64_t, int64_t, T*, int64_t, int64_t, int64_t,
                       float, float, bool);
@@ -175,6 +368,31 @@ Item<T> pick(int64_t g, int64_t d, int64_t dv) {
     return fixed ? fixed : attend_item<T, 0, 0>;
 }
 
+// Rows from `rounded_from` on that a bf16 prompt chunk's kernel takes (`attend_chunk`): runs of up to
+// CHUNK_ROWS consecutive rows of one sequence, as (first row, rows). Empty where there is none.
+template <typename T>
+std::vector<std::pair<int64_t, int64_t>> chunk_runs(const int64_t* which, const int64_t* seen, int64_t n,
+                                                    int64_t d, int64_t dv, int64_t rounded_from) {
+    std::vector<std::pair<int64_t, int64_t>> runs;
+#if defined(__AVX512F__)
+    if (!std::is_same_v<T, uint16_t> || d != dv || (d != 64 && d != 128)) return runs;
+    for (int64_t i = std::max<int64_t>(rounded_from, 0); i < n; ++i) {
+        if (!runs.empty()) {
+            auto& [first, rows] = runs.back();
+            const int64_t last = first + rows - 1;
+            if (rows < CHUNK_ROWS && which[i] == which[last] && seen[i] == seen[last] + 1) {
+                ++rows;
+                continue;
+            }
+        }
+        runs.emplace_back(i, 1);
+    }
+#else
+    (void)which, (void)seen, (void)n, (void)d, (void)dv, (void)rounded_from;
+#endif
+    return runs;
+}
+
 template <typename T>
 int attend(const T* q, const T* keys, const T* values, const int64_t* tables, const int64_t* which,
            const int64_t* seen, T* out, int64_t n, int64_t hq, int64_t hk, int64_t d, int64_t dv, int64_t pool,
@@ -182,7 +400,9 @@ int attend(const T* q, const T* keys, const T* values, const int64_t* tables, co
     const int64_t g = hq / hk;
     const Item<T> item_fn = pick<T>(g, d, dv);
     if (!item_fn) return 1;
-    const int64_t items = n * hk;
+    const std::vector<std::pair<int64_t, int64_t>> runs = chunk_runs<T>(which, seen, n, d, dv, rounded_from);
+    const int64_t single = runs.empty() ? n : rounded_from;         // rows taken one at a time
+    const int64_t items = single * hk + static_cast<int64_t>(runs.size()) * hk;
     int64_t work = 0;
     for (int64_t i = 0; i < n; ++i) work += seen[i];
     // Below about 600k multiply-adds a parallel region costs what it saves (measured: one thread is as
@@ -190,6 +410,19 @@ int attend(const T* q, const T* keys, const T* values, const int64_t* tables, co
 // Items dealt round robin: a prompt chunk's rows see ever more positions.
 #pragma omp parallel for schedule(static, 1) if (work * hk * (d + dv) * g > 600000 && items > 1)
     for (int64_t item = 0; item < items; ++item) {
+        if (item >= single * hk) {          // a run of a prompt chunk's rows
+#if defined(__AVX512F__)
+            if constexpr (std::is_same_v<T, uint16_t>) {
+                const auto [first, rows] = runs[(item - single * hk) / hk];
+                const int64_t h = (item - single * hk) % hk;
+                const auto chunk = d == 64 ? attend_chunk<64> : attend_chunk<128>;
+                chunk(q + (first * hq + h * g) * d, keys + h * pool * BLOCK * d, values + h * pool * BLOCK * dv,
+                      tables + which[first] * width, seen + first, rows, out + (first * hq + h * g) * dv, hq, g,
+                      scaling, softcap, window);
+            }
+#endif
+            continue;
+        }
         const int64_t i = item / hk, h = item % hk;
         const int64_t end = seen[i];
         const int64_t start = window > 0 ? std::max<int64_t>(0, end - window) : 0;

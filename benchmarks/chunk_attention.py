@@ -1,0 +1,139 @@
+"""What the attention kernel's prompt rows gain from sharing their work (`paged_attention.cpp`'s
+`attend_chunk`: up to 16 consecutive rows of a bf16 prompt chunk read each block of keys and values once)
+against the kernels of another tree, where each row reads them alone: both builds loaded in one process,
+timed in alternating rounds.
+
+    git worktree add /tmp/before <commit>      # a tree whose prompt rows go one at a time
+    python -m benchmarks.chunk_attention --baseline /tmp/before/services/llmos/engine
+                                         [--source bundled:smollm2-135m-instruct] [--rounds 5] [--lengths 256 2000]
+
+Printed: SmolLM2's attention alone (9 query heads, 3 KV heads of 64; ms a layer) for a prompt chunk of 256
+rows at the start and at the end of a 2,000-token prompt and for waves of short prompts after a cached
+prefix; then the model's prefill of one prompt of each `--lengths` (chunks of 256 tokens, ms to its
+logits). Each with the largest difference between the two builds' outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.lora import model_directory
+from llmos.common.devices import cpu_kind
+from llmos.engine import native
+from llmos.engine.attention import BLOCK, Part, Step, blocks_for
+from llmos.engine.loader import load_model, pick_device
+
+HQ, HK, D = 9, 3, 64
+
+
+def build(directory: Path):  # noqa: ANN201 - a ctypes.CDLL
+    """The engine's kernels built from the sources in `directory` (with this tree's flags)."""
+    saved = native.SOURCES, native.HEADERS
+    native.SOURCES = tuple(directory / source.name for source in saved[0])
+    native.HEADERS = tuple(directory / header.name for header in saved[1])
+    try:
+        return native.library.__wrapped__()
+    finally:
+        native.SOURCES, native.HEADERS = saved
+
+
+def attention_case(parts: list[tuple[int, int]], generator: torch.Generator) -> tuple:
+    """The kernel's operands for prompt chunks of (cached, new) positions, each sequence's blocks apart."""
+    held = [blocks_for(cached + new) for cached, new in parts]
+    pool = sum(held) + 1
+    keys = torch.randn(HK, pool, BLOCK, D, generator=generator).bfloat16()
+    values = torch.randn(HK, pool, BLOCK, D, generator=generator).bfloat16()
+    width, first, tables, which, seen = max(held), 1, [], [], []
+    for i, ((cached, new), h) in enumerate(zip(parts, held, strict=True)):
+        tables.append(list(range(first, first + h)) + [0] * (width - h))
+        first += h
+        which += [i] * new
+        seen += range(cached + 1, cached + new + 1)
+    q = torch.randn(len(which), HQ, D, generator=generator).bfloat16()
+    return q, keys, values, torch.tensor(tables), torch.tensor(which), torch.tensor(seen)
+
+
+def timed(run, rounds: int, repeats: int) -> dict[str, float]:  # noqa: ANN001 - run(name)
+    """The fastest of `rounds` alternating rounds of `repeats` calls of each build, in ms a call."""
+    best = {"one row at a time": float("inf"), "rows together": float("inf")}
+    for _ in range(rounds):
+        for name in best:
+            started = time.perf_counter()
+            for _ in range(repeats):
+                run(name)
+            best[name] = min(best[name], (time.perf_counter() - started) / repeats * 1e3)
+    return best
+
+
+def report(label: str, best: dict[str, float], difference: float) -> None:
+    before, after = best["one row at a time"], best["rows together"]
+    print(f"  {label:<46} one row at a time {before:8.2f} ms  rows together {after:8.2f} ms  "
+          f"({before / after:.2f}x)  max |difference| {difference:.3g}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", required=True, help="the engine directory of a tree to compare with")
+    parser.add_argument("--source", default="bundled:smollm2-135m-instruct")
+    parser.add_argument("--conversion-cache", default="", help="the registry's conversion cache directory")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 2000])
+    args = parser.parse_args()
+
+    libraries = {"one row at a time": build(Path(args.baseline)), "rows together": native.library()}
+    real_library = native.library
+    print(f"CPU kind {cpu_kind()}; fastest of {args.rounds} alternating rounds", flush=True)
+    print("attention alone, SmolLM2's heads, one layer:")
+    generator = torch.Generator().manual_seed(0)
+    cases = {"a 256-row chunk at a prompt's start": [(0, 256)],
+             "the last 256 rows of a 2,000-token prompt": [(1744, 256)],
+             "16 prompts of 12 rows after 32 cached": [(32, 12)] * 16,
+             "64 prompts of 4 rows after 32 cached": [(32, 4)] * 64}
+    try:
+        for label, parts in cases.items():
+            q, keys, values, tables, which, seen = attention_case(parts, generator)
+            outputs = {}
+
+            def run(name: str, q=q, keys=keys, values=values, tables=tables, which=which, seen=seen,
+                    outputs=outputs) -> None:
+                native.library = lambda name=name: libraries[name]
+                outputs[name] = native.paged_attention(q, keys, values, tables, which, seen, 0.125, None, None,
+                                                       rounded_from=0)
+
+            best = timed(run, args.rounds, 20 if len(parts) > 1 or parts[0][0] == 0 else 3)
+            a, b = outputs.values()
+            report(label, best, (a.float() - b.float()).abs().max().item())
+
+        with tempfile.TemporaryDirectory(prefix="llmos-bench-chunks-") as scratch:
+            directory = model_directory(args.source, Path(scratch), args.conversion_cache)
+            runner = load_model("m", str(directory), pick_device("auto"), torch.bfloat16, 8192, 4096,
+                                compile=True).runner
+            print(f"{args.source} in bf16: one prompt's prefill in chunks of 256 tokens, to its last logits")
+            for length in args.lengths:
+                tokens = torch.randint(0, 1000, (length,), generator=generator)
+                blocks = list(range(1, blocks_for(length) + 2))
+                logits = {}
+
+                def prefill(name: str, length=length, tokens=tokens, blocks=blocks, logits=logits) -> None:
+                    native.library = lambda name=name: libraries[name]
+                    for start in range(0, length, 256):
+                        n = min(256, length - start)
+                        out = runner.forward(tokens[start:start + n], Step([Part(blocks, start, n)], runner.device),
+                                             torch.tensor([n - 1]))
+                    logits[name] = out.float()
+
+                best = timed(prefill, max(2, args.rounds // 2), 1)
+                a, b = logits.values()
+                report(f"a prompt of {length} tokens", best, (a - b).abs().max().item())
+    finally:
+        native.library = real_library
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""The attention kernel's rows of bf16 prompt chunks (`paged_attention.cpp`'s `attend_chunk`, where the CPU
+has AVX-512): up to 16 consecutive rows of a prompt share each block of keys and values they read. A row's
+result must be what attention computes (against float64), the same bits whichever rows share its work (alone,
+in any cut of its prompt, beside other sequences), and its positions outside its sight must weigh nothing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmos.engine import native
+from llmos.engine.attention import BLOCK, can_compile
+
+COMPILES = pytest.mark.skipif(not can_compile(), reason="the attention kernel needs a C++ compiler (g++)")
+
+
+def reference(q, keys, values, table, seen, scaling, softcap, window):
+    """Each row's attention in float64 over the positions it sees, through its block table."""
+    hk, d = keys.shape[0], keys.shape[-1]
+    g = q.shape[1] // hk
+    k = keys[:, table].reshape(hk, -1, d).double()
+    v = values[:, table].reshape(hk, -1, values.shape[-1]).double()
+    out = torch.empty(q.shape[0], q.shape[1], values.shape[-1], dtype=torch.float64)
+    for i, end in enumerate(seen.tolist()):
+        start = max(0, end - window) if window else 0
+        for h in range(q.shape[1]):
+            scores = k[h // g, start:end] @ q[i, h].double() * scaling
+            if softcap:
+                scores = torch.tanh(scores / softcap) * softcap
+            out[i, h] = torch.softmax(scores, 0) @ v[h // g, start:end]
+    return out
+
+
+def pools(hk, blocks, d, seed):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(hk, blocks, BLOCK, d, generator=generator).bfloat16()
+    values = torch.randn(hk, blocks, BLOCK, d, generator=generator).bfloat16()
+    return keys, values, generator
+
+
+def attend(q, keys, values, tables, which, seen, softcap=None, window=None, rounded_from=0):
+    return native.paged_attention(q, keys, values, tables, which, seen, 0.125, softcap, window,
+                                  rounded_from=rounded_from)
+
+
+@COMPILES
+@pytest.mark.parametrize(("hq", "hk", "d"), [(9, 3, 64), (8, 1, 64), (4, 4, 128), (16, 2, 128)],
+                         ids=["smollm2", "group-8", "no-groups", "d128"])
+@pytest.mark.parametrize(("softcap", "window"), [(None, None), (30.0, 20), (None, 37)],
+                         ids=["plain", "softcap-window", "window"])
+def test_prompt_rows_attend_as_float64_whichever_rows_share_their_work(hq, hk, d, softcap, window):
+    """A prompt of 61 rows after 44 cached positions (its blocks scattered in the pool), in one call, then
+    cut into chunks of 1, 7, 16 and 37 rows beside a decoding sequence and another prompt's rows."""
+    keys, values, generator = pools(hk, 20, d, seed=3)
+    table = torch.tensor([17, 3, 11, 6, 1, 14, 9], dtype=torch.long)             # 105 positions: 7 blocks
+    q = (torch.randn(61, hq, d, generator=generator) * 2).bfloat16()
+    seen = torch.arange(45, 106)
+    whole = attend(q, keys, values, table[None], torch.zeros(61, dtype=torch.long), seen, softcap, window)
+    expected = reference(q, keys, values, table, seen, 0.125, softcap, window)
+    assert (whole.double() - expected).abs().max() < 3e-2
+    assert (whole.double() - expected).abs().mean() < 3e-3
+
+    other = torch.tensor([[2, 5, 8, 0, 0, 0, 0]], dtype=torch.long)
+    q_decode = torch.randn(1, hq, d, generator=generator).bfloat16()
+    q_other = torch.randn(5, hq, d, generator=generator).bfloat16()
+    tables = torch.cat([other, table[None], other])
+    start = 0
+    cut = []
+    for length in (1, 7, 16, 37):
+        rows = torch.cat([q_decode, q[start:start + length], q_other])
+        which = torch.tensor([0] + [1] * length + [2] * 5)
+        sees = torch.cat([torch.tensor([40]), seen[start:start + length], torch.arange(30, 35)])
+        out = attend(rows, keys, values, tables, which, sees, softcap, window, rounded_from=1)
+        cut.append(out[1:1 + length])
+        start += length
+    assert torch.equal(torch.cat(cut), whole)
+    # Each row alone, as in a chunk of its own.
+    for i in (0, 8, 9, 33, 60):
+        alone = attend(q[i:i + 1], keys, values, table[None], torch.zeros(1, dtype=torch.long), seen[i:i + 1],
+                       softcap, window)
+        assert torch.equal(alone, whole[i:i + 1])
+
+
+@COMPILES
+def test_positions_a_row_does_not_see_weigh_nothing_whatever_they_hold():
+    """Positions after a row's own and, with a window, before it, hold NaN and infinities here: no row's
+    result is touched by them."""
+    keys, values, generator = pools(2, 8, 64, seed=4)
+    table = torch.tensor([[4, 2, 6, 7]], dtype=torch.long)                     # 64 positions
+    seen = torch.arange(23, 43)
+    q = torch.randn(20, 6, 64, generator=generator).bfloat16()
+    which = torch.zeros(20, dtype=torch.long)
+    clean = attend(q, keys, values, table, which, seen, window=16)
+    poisoned_keys, poisoned_values = keys.clone(), values.clone()
+    flat = [(b, o) for b in table[0].tolist() for o in range(BLOCK)]
+    for position in list(range(0, 6)) + list(range(43, 64)):            # before every row's window, after all
+        block, offset = flat[position]
+        poisoned_keys[:, block, offset] = math.nan if position % 2 else math.inf
+        poisoned_values[:, block, offset] = -math.inf if position % 2 else math.nan
+    assert torch.equal(attend(q, poisoned_keys, poisoned_values, table, which, seen, window=16), clean)
+    assert torch.isfinite(clean.float()).all()
+
+
+@COMPILES
+def test_decoding_rows_keep_the_row_at_a_time_path():
+    """Rows before `rounded_from` (decoding sequences) are computed one at a time as before: the same bits
+    whatever prompt rows follow them, and equal to the call without rounded rows."""
+    keys, values, generator = pools(3, 12, 64, seed=5)
+    tables = torch.tensor([[1, 4, 9, 0], [2, 3, 5, 7]], dtype=torch.long)
+    q = torch.randn(12, 9, 64, generator=generator).bfloat16()
+    which = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1])
+    seen = torch.tensor([10, 30, 45, 47, 50, 51, 52, 53, 54, 55, 56, 57])
+    decoding_alone = attend(q[:4], keys, values, tables, which[:4], seen[:4], rounded_from=4)
+    mixed = attend(q, keys, values, tables, which, seen, rounded_from=4)
+    assert torch.equal(mixed[:4], decoding_alone)
+    assert torch.equal(mixed[4:], attend(q[4:], keys, values, tables, which[4:], seen[4:]))
