@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llmos.engine import native
-from llmos.engine.attention import BLOCK, can_compile
+from llmos.engine.attention import BLOCK, blocks_for, can_compile
 
 COMPILES = pytest.mark.skipif(not can_compile(), reason="the attention kernel needs a C++ compiler (g++)")
 
@@ -116,3 +116,43 @@ def test_decoding_rows_keep_the_row_at_a_time_path():
     mixed = attend(q, keys, values, tables, which, seen, rounded_from=4)
     assert torch.equal(mixed[:4], decoding_alone)
     assert torch.equal(mixed[4:], attend(q[4:], keys, values, tables, which[4:], seen[4:]))
+
+
+@COMPILES
+@pytest.mark.parametrize("seed", range(6))
+def test_random_prompts_cut_at_random_give_the_same_bits_and_attend_as_float64(seed):
+    """Random shapes (query heads per KV head 1-8, head size 64 or 128, with or without a window), a prompt of
+    random length after a random cached prefix, cut at random into chunks (block edges included), each chunk
+    in a step with random other sequences before and after it."""
+    rng = torch.Generator().manual_seed(100 + seed)
+
+    def pick(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=rng))
+
+    hk, g, d = pick(1, 3), pick(1, 8), (64, 128)[pick(0, 1)]
+    window = (None, pick(1, 90))[pick(0, 1)]
+    cached, length = pick(0, 70), pick(1, 150)
+    blocks = blocks_for(cached + length)
+    keys, values, generator = pools(hk, blocks + 8, d, seed=200 + seed)
+    table = torch.randperm(blocks + 7, generator=rng)[:blocks] + 1
+    q = torch.randn(length, hk * g, d, generator=generator).bfloat16()
+    seen = torch.arange(cached + 1, cached + length + 1)
+    whole = attend(q, keys, values, table[None], torch.zeros(length, dtype=torch.long), seen, window=window)
+    expected = reference(q, keys, values, table, seen, 0.125, None, window)
+    assert (whole.double() - expected).abs().max() < 3e-2
+
+    other = torch.randint(1, blocks + 8, (1, blocks), generator=rng)
+    tables = torch.cat([other, table[None], other])
+    pieces, start = [], 0
+    while start < length:
+        n = min(length - start, pick(1, 40))
+        before, after = pick(0, 3), pick(0, 3)
+        rows = torch.cat([torch.randn(before, hk * g, d, generator=generator).bfloat16(), q[start:start + n],
+                          torch.randn(after, hk * g, d, generator=generator).bfloat16()])
+        which = torch.tensor([0] * before + [1] * n + [2] * after)
+        sees = torch.cat([torch.randint(1, 17 * blocks, (before,), generator=rng).clamp(max=16 * blocks),
+                          seen[start:start + n], torch.randint(1, 16 * blocks + 1, (after,), generator=rng)])
+        out = attend(rows, keys, values, tables, which, sees, window=window, rounded_from=before)
+        pieces.append(out[before:before + n])
+        start += n
+    assert torch.equal(torch.cat(pieces), whole)
