@@ -1,7 +1,8 @@
 """The attention kernel's rows of bf16 prompt chunks (`paged_attention.cpp`'s `attend_chunk`, where the CPU
-has AVX-512): up to 16 consecutive rows of a prompt share each block of keys and values they read. A row's
-result must be what attention computes (against float64), the same bits whichever rows share its work (alone,
-in any cut of its prompt, beside other sequences), and its positions outside its sight must weigh nothing."""
+has AVX-512; through AMX's tiles where it has AMX): up to 16 consecutive rows of a prompt share each block of
+keys and values they read. A row's result must be what attention computes (against float64), the same bits
+whichever rows share its work (alone, in any cut of its prompt, beside other sequences), and its positions
+outside its sight must weigh nothing."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@
 //
 // Each (row, KV head) is one work item, computed by one thread from start to end in a fixed order;
 // where AVX-512 is, a bf16 prompt chunk's rows go up to 16 to an item instead, sharing the reads of
-// each block (`attend_chunk`), each row still its own fixed sequence of operations. Either way a row's
+// each block (`attend_chunk`, with AMX's tiles where the CPU has them), each row still its own fixed
+// sequence of operations. Either way a row's
 // result depends on nothing but its own query, table and cache, whatever else is in the batch, however
 // a prompt was cut into chunks and however the items are shared among threads.
 // Built and loaded by `engine/native.py`; the layouts are those of `engine/attention.py`:
@@ -31,6 +32,8 @@
 #endif
 
 #include "bf16.h"
+
+extern "C" int llmos_pair_product_kind_bf16(int64_t K);     // pair_products.cpp, the same library
 
 namespace {
 
@@ -166,9 +169,14 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
 //   its weights exp(score - max) over the positions it sees, rounded to bf16 as flash attention rounds them,
 //   and their float32 sum, lane p % 16 summed over blocks in order, the 16 lanes then in a fixed order;
 //   the values weighed over its positions in order, divided by the sum at the end.
+// With AMX (and Linux's leave to use its tiles), the scores and the weighed values are tile products instead:
+//   score(p) = the tile product of q and k[p] over D, 32 dimensions a product (bf16 products, float sums in
+//   the order AMX sums them), times the scaling; the weighed values the tile products of the weights (bf16,
+//   as rounded) and the values over 32 positions at a time from a multiple of 32, in order.
 // None of it depends on which rows share the work, so a row's bits are the same however its prompt was cut
 // into chunks and whatever else the step holds (positions outside a row's sight weigh nothing and are
-// never added). They differ from the row-at-a-time path's, which decoding rows keep.
+// never added). They differ from the row-at-a-time path's, which decoding rows keep, and between a CPU
+// with AMX and one without.
 constexpr int64_t CHUNK_ROWS = 16;
 constexpr int QUERIES = 8;        // query vectors scored together (accumulators in registers)
 
@@ -206,7 +214,30 @@ inline void transpose16(__m512i r[16]) {
 
 struct ChunkScratch {
     std::vector<float> query, scores, acc, keys, values, totals;
+    std::vector<uint16_t> query_bf16;       // with AMX: the query vectors as they came, 16 to a tile
+    std::vector<uint32_t> pairs;            // with AMX: a block's keys turned, [D / 2][16] pairs of dimensions
+    std::vector<uint16_t> weights_bf16;     // with AMX: the weights, [16s of query vectors][positions from a 32]
+    std::vector<uint16_t> value_pairs;      // with AMX: values in pairs of positions, [32 positions][D / 16][16][32]
 };
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// Whether AMX's tiles score the rows (`pair_products.cpp` asks Linux for them once a process).
+inline bool tiles_score() {
+    static const bool allowed = llmos_pair_product_kind_bf16(64) == 2;
+    return allowed;
+}
+
+// Palette 1, six tiles of 16 rows of 64 bytes. Scoring: tile 0 the scores of 16 query vectors at 16
+// positions (floats), 1 the query vectors' next 32 dimensions (bf16), 2 the block's keys for those dimensions
+// in pairs (16 pairs x 16 positions). Weighing: tiles 0-3 the sums of 16 query vectors in 4 x 16 dimensions
+// (floats), 4 their weights at 32 positions (bf16), 5 the values of those positions for 16 dimensions, in
+// pairs of positions.
+struct alignas(64) ChunkTiles {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {64, 64, 64, 64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16, 16, 16, 16};
+};
+#endif
 thread_local ChunkScratch chunk_scratch;
 
 template <int D>
@@ -240,9 +271,50 @@ void attend_chunk(const uint16_t* q, const uint16_t* head_keys, const uint16_t* 
     auto start_of = [&](int64_t r) { return window > 0 ? std::max<int64_t>(0, seen[r] - window) : 0; };
 
     // Scores, a block of 16 positions at a time.
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-    float* turned = s.keys.data();                        // [D][16]: dimension t of the block's positions
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles_score()) {
+        // Each score the tile product of its query vector and position over D in order, 32 dimensions a
+        // product (bf16 products, float sums, in the order AMX sums them), then times the scaling.
+        const int64_t tiled = (u_count + 15) / 16 * 16;
+        if (static_cast<int64_t>(s.query_bf16.size()) < tiled * D) s.query_bf16.resize(tiled * D);
+        if (static_cast<int64_t>(s.scores.size()) < tiled * span) s.scores.resize(tiled * span);
+        s.pairs.resize(D / 2 * 16);
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < g; ++j)
+                std::memcpy(s.query_bf16.data() + (r * g + j) * D, q + (r * hq + j) * D, D * sizeof(uint16_t));
+        std::fill(s.query_bf16.begin() + u_count * D, s.query_bf16.begin() + tiled * D, uint16_t{0});
+        ChunkTiles config;
+        _tile_loadconfig(&config);
+        for (int64_t b = first_block; b <= last_block; ++b) {
+            const uint16_t* block = head_keys + table[b] * BLOCK * D;
+            for (int half = 0; half < D; half += 32) {
+                __m512i pairs[BLOCK];
+                for (int p = 0; p < BLOCK; ++p)
+                    pairs[p] = _mm512_loadu_si512(reinterpret_cast<const void*>(block + p * D + half));
+                transpose16(pairs);
+                for (int i = 0; i < 16; ++i) _mm512_storeu_si512(s.pairs.data() + (half / 2 + i) * 16, pairs[i]);
+            }
+            const int64_t column = (b - first_block) * BLOCK;
+            for (int64_t u0 = 0; u0 < tiled; u0 += 16) {
+                _tile_zero(0);
+                for (int half = 0; half < D; half += 32) {
+                    _tile_loadd(1, s.query_bf16.data() + u0 * D + half, D * sizeof(uint16_t));
+                    _tile_loadd(2, s.pairs.data() + half / 2 * 16, 64);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                float* target = s.scores.data() + u0 * span + column;
+                _tile_stored(0, target, span * sizeof(float));
+                for (int v = 0; v < 16; ++v)
+                    _mm512_storeu_ps(target + v * span,
+                                     _mm512_mul_ps(_mm512_loadu_ps(target + v * span), _mm512_set1_ps(scaling)));
+            }
+        }
+        _tile_release();
+    } else
+#endif
     for (int64_t b = first_block; b <= last_block; ++b) {
+        const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+        float* turned = s.keys.data();                    // [D][16]: dimension t of the block's positions
         const uint16_t* block = head_keys + table[b] * BLOCK * D;
         for (int half = 0; half < D; half += 32) {         // 32 dimensions: 16 pairs of each position
             __m512i pairs[BLOCK];
@@ -295,7 +367,84 @@ void attend_chunk(const uint16_t* q, const uint16_t* head_keys, const uint16_t* 
         s.totals[u] = _mm512_reduce_add_ps(lanes);
     }
 
-    // The values weighed, a block at a time.
+    // The values weighed.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles_score()) {
+        // By AMX's tiles over 32 positions at a time from a multiple of 32 (the weights, rounded to bf16
+        // already, are bf16 exactly): a row's sums go over the same 32s in order whichever rows share the
+        // tile (32s before its first position add zeros), and positions outside every row's sight are zeros
+        // in both operands, whatever the pool holds there.
+        const int64_t tiled = (u_count + 15) / 16 * 16;
+        int64_t lowest = INT64_MAX, highest = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+            lowest = std::min(lowest, start_of(r));
+            highest = std::max(highest, seen[r]);
+        }
+        const int64_t from = lowest / 32 * 32, width = (highest - from + 31) / 32 * 32;
+        if (static_cast<int64_t>(s.weights_bf16.size()) < tiled * width) s.weights_bf16.resize(tiled * width);
+        if (static_cast<int64_t>(s.value_pairs.size()) < width * D) s.value_pairs.resize(width * D);
+        std::fill(s.weights_bf16.begin(), s.weights_bf16.begin() + tiled * width, uint16_t{0});
+        for (int64_t u = 0; u < u_count; ++u) {
+            const int64_t r = u / g;
+            const float* row = s.scores.data() + u * span;
+            uint16_t* target = s.weights_bf16.data() + u * width;
+            for (int64_t p = start_of(r); p < seen[r]; ++p) {       // bf16 already: its upper half
+                uint32_t bits;
+                std::memcpy(&bits, row + p - base, sizeof bits);
+                target[p - from] = static_cast<uint16_t>(bits >> 16);
+            }
+        }
+        // Values: for each 32 positions and each 16 dimensions, 16 rows of (position 2i, 2i + 1) pairs.
+        const __m512i low_half = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                                  39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+        const __m512i high_half = _mm512_add_epi16(low_half, _mm512_set1_epi16(16));
+        for (int64_t p = from; p < from + width; p += 2) {
+            for (int half = 0; half < D; half += 32) {
+                __m512i rows_of[2];
+                for (int e = 0; e < 2; ++e) {
+                    const int64_t position = p + e;
+                    rows_of[e] = position >= lowest && position < highest
+                        ? _mm512_loadu_si512(reinterpret_cast<const void*>(
+                              head_values + (table[position / BLOCK] * BLOCK + position % BLOCK) * D + half))
+                        : _mm512_setzero_si512();
+                }
+                const int64_t chunk = (p - from) / 32, pair = (p - from) % 32 / 2;
+                uint16_t* target = s.value_pairs.data() + ((chunk * (D / 16) + half / 16) * 16 + pair) * 32;
+                _mm512_storeu_si512(target, _mm512_permutex2var_epi16(rows_of[0], low_half, rows_of[1]));
+                _mm512_storeu_si512(target + 16 * 32, _mm512_permutex2var_epi16(rows_of[0], high_half, rows_of[1]));
+            }
+        }
+        ChunkTiles config;
+        _tile_loadconfig(&config);
+        if (static_cast<int64_t>(s.acc.size()) < tiled * D) s.acc.resize(tiled * D);
+        for (int64_t u0 = 0; u0 < tiled; u0 += 16)
+            for (int dims = 0; dims < D; dims += 64) {        // 4 groups of 16 dimensions at a time
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t chunk = 0; chunk < width / 32; ++chunk) {
+                    _tile_loadd(4, s.weights_bf16.data() + u0 * width + chunk * 32, width * sizeof(uint16_t));
+                    const uint16_t* pairs = s.value_pairs.data() + (chunk * (D / 16) + dims / 16) * 16 * 32;
+                    _tile_loadd(5, pairs, 64);
+                    _tile_dpbf16ps(0, 4, 5);
+                    _tile_loadd(5, pairs + 16 * 32, 64);
+                    _tile_dpbf16ps(1, 4, 5);
+                    _tile_loadd(5, pairs + 2 * 16 * 32, 64);
+                    _tile_dpbf16ps(2, 4, 5);
+                    _tile_loadd(5, pairs + 3 * 16 * 32, 64);
+                    _tile_dpbf16ps(3, 4, 5);
+                }
+                float* target = s.acc.data() + u0 * D + dims;
+                _tile_stored(0, target, D * sizeof(float));
+                _tile_stored(1, target + 16, D * sizeof(float));
+                _tile_stored(2, target + 32, D * sizeof(float));
+                _tile_stored(3, target + 48, D * sizeof(float));
+            }
+        _tile_release();
+    } else
+#endif
+    {
     std::fill(s.acc.begin(), s.acc.begin() + u_count * D, 0.0f);
     float* values = s.values.data();
     for (int64_t b = first_block; b <= last_block; ++b) {
@@ -332,6 +481,7 @@ void attend_chunk(const uint16_t* q, const uint16_t* head_keys, const uint16_t* 
                     for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc[h] + v * 16, sums[h][v]);
             }
         }
+    }
     }
     for (int64_t u = 0; u < u_count; ++u) {
         const int64_t r = u / g, j = u % g;
