@@ -1,12 +1,15 @@
 """The attention kernel's rows of bf16 prompt chunks (`paged_attention.cpp`'s `attend_chunk`, where the CPU
-has AVX-512; through AMX's tiles where it has AMX): up to 16 consecutive rows of a prompt share each block of
-keys and values they read. A row's result must be what attention computes (against float64), the same bits
-whichever rows share its work (alone, in any cut of its prompt, beside other sequences), and its positions
-outside its sight must weigh nothing."""
+has AVX-512; through AMX's tiles where it has AMX, and then built without AMX too): up to 16 consecutive rows
+of a prompt share each block of keys and values they read. A row's result must be what attention computes
+(against float64), the same bits whichever rows share its work (alone, in any cut of its prompt, beside other
+sequences), and its positions outside its sight must weigh nothing."""
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import subprocess
 
 import pytest
 import torch
@@ -15,6 +18,44 @@ from llmos.engine import native
 from llmos.engine.attention import BLOCK, blocks_for, can_compile
 
 COMPILES = pytest.mark.skipif(not can_compile(), reason="the attention kernel needs a C++ compiler (g++)")
+
+
+@pytest.fixture(scope="module")
+def without_tiles(tmp_path_factory):
+    """The kernels built as this CPU builds them but without AMX (what a CPU with AVX-512 and no AMX runs), or
+    None where the engine's own build uses no tiles (it is that path already)."""
+    if not can_compile() or native.pair_product_kind(64) != "amx":
+        return None
+    directory = tmp_path_factory.mktemp("without-tiles")
+    objects = []
+    for source in native.SOURCES:
+        target = directory / f"{source.stem}.o"
+        command = [os.environ.get("CXX", "g++"), *native.COMPILE, *native.OWN_FLAGS.get(source.name, ()),
+                   "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8", str(source), "-o", str(target)]
+        built = subprocess.run(command, capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr
+        objects.append(str(target))
+    library = directory / "kernels.so"
+    linked = subprocess.run([os.environ.get("CXX", "g++"), *native.LINK, *objects, "-o", str(library)],
+                            capture_output=True, text=True)
+    assert linked.returncode == 0, linked.stderr
+    lib = ctypes.CDLL(str(library))
+    lib.llmos_paged_attention_bf16.argtypes = native.library().llmos_paged_attention_bf16.argtypes
+    lib.llmos_paged_attention_bf16.restype = ctypes.c_int
+    lib.llmos_pair_product_kind_bf16.argtypes = [ctypes.c_int64]
+    lib.llmos_pair_product_kind_bf16.restype = ctypes.c_int
+    assert lib.llmos_pair_product_kind_bf16(64) == 1          # built without tiles: vdpbf16ps
+    return lib
+
+
+@pytest.fixture(params=["as-built", "avx512-without-amx"])
+def kernels(request, without_tiles, monkeypatch):
+    """Each test once with the engine's kernels and once, on a CPU with AMX, with them built without AMX."""
+    if request.param == "avx512-without-amx":
+        if without_tiles is None:
+            pytest.skip("this CPU's build uses no AMX tiles: the first run is that path")
+        monkeypatch.setattr(native, "library", lambda: without_tiles)
+    return request.param
 
 
 def reference(q, keys, values, table, seen, scaling, softcap, window):
@@ -51,7 +92,7 @@ def attend(q, keys, values, tables, which, seen, softcap=None, window=None, roun
                          ids=["smollm2", "group-8", "no-groups", "d128"])
 @pytest.mark.parametrize(("softcap", "window"), [(None, None), (30.0, 20), (None, 37)],
                          ids=["plain", "softcap-window", "window"])
-def test_prompt_rows_attend_as_float64_whichever_rows_share_their_work(hq, hk, d, softcap, window):
+def test_prompt_rows_attend_as_float64_whichever_rows_share_their_work(hq, hk, d, softcap, window, kernels):
     """A prompt of 61 rows after 44 cached positions (its blocks scattered in the pool), in one call, then
     cut into chunks of 1, 7, 16 and 37 rows beside a decoding sequence and another prompt's rows."""
     keys, values, generator = pools(hk, 20, d, seed=3)
@@ -85,7 +126,7 @@ def test_prompt_rows_attend_as_float64_whichever_rows_share_their_work(hq, hk, d
 
 
 @COMPILES
-def test_positions_a_row_does_not_see_weigh_nothing_whatever_they_hold():
+def test_positions_a_row_does_not_see_weigh_nothing_whatever_they_hold(kernels):
     """Positions after a row's own and, with a window, before it, hold NaN and infinities here: no row's
     result is touched by them."""
     keys, values, generator = pools(2, 8, 64, seed=4)
@@ -105,7 +146,7 @@ def test_positions_a_row_does_not_see_weigh_nothing_whatever_they_hold():
 
 
 @COMPILES
-def test_decoding_rows_keep_the_row_at_a_time_path():
+def test_decoding_rows_keep_the_row_at_a_time_path(kernels):
     """Rows before `rounded_from` (decoding sequences) are computed one at a time as before: the same bits
     whatever prompt rows follow them, and equal to the call without rounded rows."""
     keys, values, generator = pools(3, 12, 64, seed=5)
@@ -121,7 +162,7 @@ def test_decoding_rows_keep_the_row_at_a_time_path():
 
 @COMPILES
 @pytest.mark.parametrize("seed", range(6))
-def test_random_prompts_cut_at_random_give_the_same_bits_and_attend_as_float64(seed):
+def test_random_prompts_cut_at_random_give_the_same_bits_and_attend_as_float64(seed, kernels):
     """Random shapes (query heads per KV head 1-8, head size 64 or 128, with or without a window), a prompt of
     random length after a random cached prefix, cut at random into chunks (block edges included), each chunk
     in a step with random other sequences before and after it."""
