@@ -212,6 +212,14 @@ inline void transpose16(__m512i r[16]) {
     }
 }
 
+// A block's keys turned, 32 of their D dimensions from `half`: pairs[i] holds dimensions half + 2i and
+// half + 2i + 1 of each of the block's 16 positions (lane p: position p's two bf16).
+template <int D>
+inline void turn(const uint16_t* block, int half, __m512i pairs[BLOCK]) {
+    for (int p = 0; p < BLOCK; ++p) pairs[p] = _mm512_loadu_si512(reinterpret_cast<const void*>(block + p * D + half));
+    transpose16(pairs);
+}
+
 struct ChunkScratch {
     std::vector<float> query, scores, acc, keys, values, totals;
     std::vector<uint16_t> query_bf16;       // with AMX: the query vectors as they came, 16 to a tile
@@ -289,9 +297,7 @@ void attend_chunk(const uint16_t* q, const uint16_t* head_keys, const uint16_t* 
             const uint16_t* block = head_keys + table[b] * BLOCK * D;
             for (int half = 0; half < D; half += 32) {
                 __m512i pairs[BLOCK];
-                for (int p = 0; p < BLOCK; ++p)
-                    pairs[p] = _mm512_loadu_si512(reinterpret_cast<const void*>(block + p * D + half));
-                transpose16(pairs);
+                turn<D>(block, half, pairs);
                 for (int i = 0; i < 16; ++i) _mm512_storeu_si512(s.pairs.data() + (half / 2 + i) * 16, pairs[i]);
             }
             const int64_t column = (b - first_block) * BLOCK;
@@ -318,9 +324,7 @@ void attend_chunk(const uint16_t* q, const uint16_t* head_keys, const uint16_t* 
         const uint16_t* block = head_keys + table[b] * BLOCK * D;
         for (int half = 0; half < D; half += 32) {         // 32 dimensions: 16 pairs of each position
             __m512i pairs[BLOCK];
-            for (int p = 0; p < BLOCK; ++p)
-                pairs[p] = _mm512_loadu_si512(reinterpret_cast<const void*>(block + p * D + half));
-            transpose16(pairs);                               // pairs[i]: dimensions half + 2i, + 1 of each
+            turn<D>(block, half, pairs);
             for (int i = 0; i < 16; ++i) {
                 const int t = half + 2 * i;
                 _mm512_storeu_ps(turned + t * 16, _mm512_castsi512_ps(_mm512_slli_epi32(pairs[i], 16)));
