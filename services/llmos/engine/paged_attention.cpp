@@ -5,9 +5,9 @@
 // Each (row, KV head) is one work item, computed by one thread from start to end in a fixed order;
 // where AVX-512 is, a bf16 prompt chunk's rows go up to 16 to an item instead, sharing the reads of
 // each block (`attend_chunk`, with AMX's tiles where the CPU has them), each row still its own fixed
-// sequence of operations. Either way a row's
-// result depends on nothing but its own query, table and cache, whatever else is in the batch, however
-// a prompt was cut into chunks and however the items are shared among threads.
+// sequence of operations. Either way a row's result depends on nothing but its own query, table and
+// cache, whatever else is in the batch, however a prompt was cut into chunks and however the items are
+// shared among threads.
 // Built and loaded by `engine/native.py`; the layouts are those of `engine/attention.py`:
 //   q       [n, hq, d]              (bf16 or float32, contiguous)
 //   keys    [hk, pool, BLOCK, d]    values [hk, pool, BLOCK, dv]
@@ -159,7 +159,6 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
     }
 }
 
-
 #if defined(__AVX512F__)
 // A bf16 prompt chunk's rows, several at a time (where AVX-512 is): up to CHUNK_ROWS consecutive rows of one
 // sequence and one KV head share each block of keys and values they read, converted to float32 once (the
@@ -220,17 +219,162 @@ inline void turn(const uint16_t* block, int half, __m512i pairs[BLOCK]) {
     transpose16(pairs);
 }
 
+// A run of a prompt chunk's rows for one KV head: its query vectors (row r, head j at r * g + j), the positions
+// each row sees, and the whole blocks that cover them (`base` the first position of the first).
+struct Chunk {
+    const uint16_t* q;
+    const uint16_t* keys;
+    const uint16_t* values;
+    const int64_t* table;
+    const int64_t* seen;
+    int64_t rows, hq, g, window;
+    int64_t vectors, lowest, highest, base, span;      // positions [lowest, highest) seen by some row
+
+    Chunk(const uint16_t* q_, const uint16_t* keys_, const uint16_t* values_, const int64_t* table_,
+          const int64_t* seen_, int64_t rows_, int64_t hq_, int64_t g_, int64_t window_)
+        : q(q_), keys(keys_), values(values_), table(table_), seen(seen_), rows(rows_), hq(hq_), g(g_),
+          window(window_), vectors(rows_ * g_), lowest(INT64_MAX), highest(0) {
+        for (int64_t r = 0; r < rows; ++r) {
+            lowest = std::min(lowest, start(r));
+            highest = std::max(highest, seen[r]);
+        }
+        base = lowest / BLOCK * BLOCK;
+        span = ((highest - 1) / BLOCK + 1) * BLOCK - base;
+    }
+    int64_t start(int64_t r) const { return window > 0 ? std::max<int64_t>(0, seen[r] - window) : 0; }
+};
+
 struct ChunkScratch {
-    std::vector<float> query, scores, acc, keys, values, totals;
+    std::vector<float> query, scores, acc, keys, values, totals;     // scores [query vectors][span], by position
     std::vector<uint16_t> query_bf16;       // with AMX: the query vectors as they came, 16 to a tile
     std::vector<uint32_t> pairs;            // with AMX: a block's keys turned, [D / 2][16] pairs of dimensions
     std::vector<uint16_t> weights_bf16;     // with AMX: the weights, [16s of query vectors][positions from a 32]
     std::vector<uint16_t> value_pairs;      // with AMX: values in pairs of positions, [32 positions][D / 16][16][32]
 };
+thread_local ChunkScratch chunk_scratch;
+
+template <typename V>
+void at_least(std::vector<V>& buffer, int64_t size) {
+    if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+}
+
+// Scores by vector multiply-adds: a block's keys turned to float32 ([D][16]), QUERIES query vectors at a time
+// (the last group padded with zero vectors, whose scores land in rows no one reads).
+template <int D>
+void score_by_vectors(const Chunk& c, ChunkScratch& s, float scaling) {
+    const int64_t padded = (c.vectors + QUERIES - 1) / QUERIES * QUERIES;
+    at_least(s.query, padded * D);
+    at_least(s.scores, padded * c.span);
+    at_least(s.keys, D * BLOCK);
+    for (int64_t r = 0; r < c.rows; ++r)
+        for (int64_t j = 0; j < c.g; ++j)
+            for (int64_t t = 0; t < D; ++t) s.query[(r * c.g + j) * D + t] = to_float(c.q[(r * c.hq + j) * D + t]);
+    std::fill(s.query.begin() + c.vectors * D, s.query.begin() + padded * D, 0.0f);
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    float* turned = s.keys.data();                        // [D][16]: dimension t of the block's positions
+    for (int64_t column = 0; column < c.span; column += BLOCK) {
+        const uint16_t* block = c.keys + c.table[(c.base + column) / BLOCK] * BLOCK * D;
+        for (int half = 0; half < D; half += 32) {         // 32 dimensions: 16 pairs of each position
+            __m512i pairs[BLOCK];
+            turn<D>(block, half, pairs);
+            for (int i = 0; i < 16; ++i) {
+                const int t = half + 2 * i;
+                _mm512_storeu_ps(turned + t * 16, _mm512_castsi512_ps(_mm512_slli_epi32(pairs[i], 16)));
+                _mm512_storeu_ps(turned + (t + 1) * 16, _mm512_castsi512_ps(_mm512_and_si512(pairs[i], high)));
+            }
+        }
+        for (int64_t u0 = 0; u0 < padded; u0 += QUERIES) {
+            __m512 sums[QUERIES];
+            for (int v = 0; v < QUERIES; ++v) sums[v] = _mm512_setzero_ps();
+            const float* query = s.query.data() + u0 * D;
+            for (int t = 0; t < D; ++t) {
+                const __m512 k = _mm512_loadu_ps(turned + t * 16);
+                for (int v = 0; v < QUERIES; ++v)
+                    sums[v] = _mm512_fmadd_ps(_mm512_set1_ps(query[v * D + t]), k, sums[v]);
+            }
+            for (int v = 0; v < QUERIES; ++v)
+                _mm512_storeu_ps(s.scores.data() + (u0 + v) * c.span + column,
+                                 _mm512_mul_ps(sums[v], _mm512_set1_ps(scaling)));
+        }
+    }
+}
+
+// Each query vector's weights over the positions its row sees (rounded to bf16, in place of its scores; zero
+// elsewhere in its blocks), and their float32 sum.
+void weigh(const Chunk& c, ChunkScratch& s, float softcap) {
+    at_least(s.totals, c.vectors);
+    for (int64_t u = 0; u < c.vectors; ++u) {
+        const int64_t r = u / c.g, start = c.start(r), end = c.seen[r];
+        float* row = s.scores.data() + u * c.span;         // position p at row[p - c.base]
+        if (softcap > 0.0f)
+            for (int64_t p = start; p < end; ++p) row[p - c.base] = std::tanh(row[p - c.base] / softcap) * softcap;
+        float top = row[start - c.base];
+        for (int64_t p = start + 1; p < end; ++p) top = std::max(top, row[p - c.base]);
+        __m512 lanes = _mm512_setzero_ps();
+        for (int64_t p0 = start / BLOCK * BLOCK; p0 < end; p0 += BLOCK) {
+            const __mmask16 sees = static_cast<__mmask16>(
+                ((1u << std::min<int64_t>(BLOCK, end - p0)) - 1) & ~((1u << std::max<int64_t>(0, start - p0)) - 1));
+            alignas(64) float weights[BLOCK];
+            const __m512 scores = _mm512_loadu_ps(row + p0 - c.base);
+            _mm512_store_ps(weights, _mm512_maskz_sub_ps(sees, scores, _mm512_set1_ps(top)));
+#pragma omp simd
+            for (int l = 0; l < BLOCK; ++l) weights[l] = std::exp(weights[l]);
+            const __m512 e = _mm512_maskz_mov_ps(sees, _mm512_load_ps(weights));
+            lanes = _mm512_add_ps(lanes, e);
+            _mm512_storeu_ps(row + p0 - c.base, rounded_to_bf16(e));
+        }
+        s.totals[u] = _mm512_reduce_add_ps(lanes);
+    }
+}
+
+// The values weighed by vector multiply-adds, a block at a time (converted to float32 once), each row's heads
+// together, over the row's own positions in order.
+template <int D>
+void values_by_vectors(const Chunk& c, ChunkScratch& s) {
+    constexpr int V = D / 16;
+    constexpr int HEADS = 16 / V;                        // a row's heads weighed together (16 accumulators)
+    at_least(s.acc, c.vectors * D);
+    at_least(s.values, BLOCK * D);
+    std::fill(s.acc.begin(), s.acc.begin() + c.vectors * D, 0.0f);
+    float* values = s.values.data();
+    for (int64_t p0 = c.base; p0 < c.base + c.span; p0 += BLOCK) {
+        const uint16_t* block = c.values + c.table[p0 / BLOCK] * BLOCK * D;
+        for (int64_t i = 0; i < BLOCK * D; i += 16)
+            _mm512_storeu_ps(values + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + i))), 16)));
+        for (int64_t r = 0; r < c.rows; ++r) {
+            const int64_t from = std::max(p0, c.start(r)), to = std::min(p0 + BLOCK, c.seen[r]);
+            if (from >= to) continue;
+            for (int64_t j0 = 0; j0 < c.g; j0 += HEADS) {        // up to HEADS of the row's heads at once
+                const int heads = static_cast<int>(std::min<int64_t>(HEADS, c.g - j0));
+                const float* weights[HEADS];
+                float* acc[HEADS];
+                __m512 sums[HEADS][V];
+                for (int h = 0; h < HEADS; ++h) {
+                    const int64_t u = r * c.g + j0 + std::min(h, heads - 1);
+                    weights[h] = s.scores.data() + u * c.span;      // position p at weights[h][p - c.base]
+                    acc[h] = s.acc.data() + u * D;
+                    for (int v = 0; v < V; ++v) sums[h][v] = _mm512_loadu_ps(acc[h] + v * 16);
+                }
+                for (int64_t p = from; p < to; ++p) {
+                    const float* value = values + (p - p0) * D;
+                    for (int v = 0; v < V; ++v) {
+                        const __m512 x = _mm512_loadu_ps(value + v * 16);
+                        for (int h = 0; h < HEADS; ++h)
+                            if (h < heads)
+                                sums[h][v] = _mm512_fmadd_ps(_mm512_set1_ps(weights[h][p - c.base]), x, sums[h][v]);
+                    }
+                }
+                for (int h = 0; h < heads; ++h)
+                    for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc[h] + v * 16, sums[h][v]);
+            }
+        }
+    }
+}
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// Whether AMX's tiles score the rows (`pair_products.cpp` asks Linux for them once a process).
-inline bool tiles_score() {
+// Whether AMX's tiles take the rows (`pair_products.cpp` asks Linux for them once a process).
+inline bool by_tiles() {
     static const bool allowed = llmos_pair_product_kind_bf16(64) == 2;
     return allowed;
 }
@@ -245,252 +389,137 @@ struct alignas(64) ChunkTiles {
     uint16_t colsb[16] = {64, 64, 64, 64, 64, 64};
     uint8_t rows[16] = {16, 16, 16, 16, 16, 16};
 };
-#endif
-thread_local ChunkScratch chunk_scratch;
 
+// Scores by AMX's tiles: each the tile product of its query vector and position over D, 32 dimensions a
+// product (bf16 products, float sums, in the order AMX sums them), then times the scaling. Query vectors
+// padded with zero vectors to a multiple of 16.
 template <int D>
-void attend_chunk(const uint16_t* q, const uint16_t* head_keys, const uint16_t* head_values, const int64_t* table,
-                  const int64_t* seen, int64_t rows, uint16_t* out, int64_t hq, int64_t g, float scaling,
-                  float softcap, int64_t window) {
-    static_assert(D % 16 == 0, "D must be a multiple of 16");
-    constexpr int V = D / 16;
-    constexpr int HEADS = 16 / V;                        // a row's heads weighed together (16 accumulators)
-    const int64_t u_count = rows * g;                    // query vectors: row r, head j at r * g + j
-    int64_t first_block = INT64_MAX, last_block = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t start = window > 0 ? std::max<int64_t>(0, seen[r] - window) : 0;
-        first_block = std::min(first_block, start / BLOCK);
-        last_block = std::max(last_block, (seen[r] - 1) / BLOCK);
-    }
-    const int64_t base = first_block * BLOCK, span = (last_block - first_block + 1) * BLOCK;   // positions scored
-    ChunkScratch& s = chunk_scratch;
-    // Query vectors padded with zeros to a multiple of QUERIES (their scores land in rows no one reads).
-    const int64_t padded = (u_count + QUERIES - 1) / QUERIES * QUERIES;
-    if (static_cast<int64_t>(s.query.size()) < padded * D) s.query.resize(padded * D);
-    if (static_cast<int64_t>(s.scores.size()) < padded * span) s.scores.resize(padded * span);
-    std::fill(s.query.begin() + u_count * D, s.query.begin() + padded * D, 0.0f);
-    if (static_cast<int64_t>(s.acc.size()) < u_count * D) s.acc.resize(u_count * D);
-    if (static_cast<int64_t>(s.totals.size()) < u_count) s.totals.resize(u_count);
-    s.keys.resize(D * BLOCK);
-    s.values.resize(BLOCK * D);
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t j = 0; j < g; ++j)
-            for (int64_t t = 0; t < D; ++t) s.query[(r * g + j) * D + t] = to_float(q[(r * hq + j) * D + t]);
-    auto start_of = [&](int64_t r) { return window > 0 ? std::max<int64_t>(0, seen[r] - window) : 0; };
-
-    // Scores, a block of 16 positions at a time.
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (tiles_score()) {
-        // Each score the tile product of its query vector and position over D in order, 32 dimensions a
-        // product (bf16 products, float sums, in the order AMX sums them), then times the scaling.
-        const int64_t tiled = (u_count + 15) / 16 * 16;
-        if (static_cast<int64_t>(s.query_bf16.size()) < tiled * D) s.query_bf16.resize(tiled * D);
-        if (static_cast<int64_t>(s.scores.size()) < tiled * span) s.scores.resize(tiled * span);
-        s.pairs.resize(D / 2 * 16);
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t j = 0; j < g; ++j)
-                std::memcpy(s.query_bf16.data() + (r * g + j) * D, q + (r * hq + j) * D, D * sizeof(uint16_t));
-        std::fill(s.query_bf16.begin() + u_count * D, s.query_bf16.begin() + tiled * D, uint16_t{0});
-        ChunkTiles config;
-        _tile_loadconfig(&config);
-        for (int64_t b = first_block; b <= last_block; ++b) {
-            const uint16_t* block = head_keys + table[b] * BLOCK * D;
-            for (int half = 0; half < D; half += 32) {
-                __m512i pairs[BLOCK];
-                turn<D>(block, half, pairs);
-                for (int i = 0; i < 16; ++i) _mm512_storeu_si512(s.pairs.data() + (half / 2 + i) * 16, pairs[i]);
-            }
-            const int64_t column = (b - first_block) * BLOCK;
-            for (int64_t u0 = 0; u0 < tiled; u0 += 16) {
-                _tile_zero(0);
-                for (int half = 0; half < D; half += 32) {
-                    _tile_loadd(1, s.query_bf16.data() + u0 * D + half, D * sizeof(uint16_t));
-                    _tile_loadd(2, s.pairs.data() + half / 2 * 16, 64);
-                    _tile_dpbf16ps(0, 1, 2);
-                }
-                float* target = s.scores.data() + u0 * span + column;
-                _tile_stored(0, target, span * sizeof(float));
-                for (int v = 0; v < 16; ++v)
-                    _mm512_storeu_ps(target + v * span,
-                                     _mm512_mul_ps(_mm512_loadu_ps(target + v * span), _mm512_set1_ps(scaling)));
-            }
-        }
-        _tile_release();
-    } else
-#endif
-    for (int64_t b = first_block; b <= last_block; ++b) {
-        const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-        float* turned = s.keys.data();                    // [D][16]: dimension t of the block's positions
-        const uint16_t* block = head_keys + table[b] * BLOCK * D;
-        for (int half = 0; half < D; half += 32) {         // 32 dimensions: 16 pairs of each position
+void score_by_tiles(const Chunk& c, ChunkScratch& s, float scaling) {
+    const int64_t tiled = (c.vectors + 15) / 16 * 16;
+    at_least(s.query_bf16, tiled * D);
+    at_least(s.scores, tiled * c.span);
+    at_least(s.pairs, D / 2 * 16);
+    for (int64_t r = 0; r < c.rows; ++r)
+        for (int64_t j = 0; j < c.g; ++j)
+            std::memcpy(s.query_bf16.data() + (r * c.g + j) * D, c.q + (r * c.hq + j) * D, D * sizeof(uint16_t));
+    std::fill(s.query_bf16.begin() + c.vectors * D, s.query_bf16.begin() + tiled * D, uint16_t{0});
+    ChunkTiles config;
+    _tile_loadconfig(&config);
+    for (int64_t column = 0; column < c.span; column += BLOCK) {
+        const uint16_t* block = c.keys + c.table[(c.base + column) / BLOCK] * BLOCK * D;
+        for (int half = 0; half < D; half += 32) {
             __m512i pairs[BLOCK];
             turn<D>(block, half, pairs);
-            for (int i = 0; i < 16; ++i) {
-                const int t = half + 2 * i;
-                _mm512_storeu_ps(turned + t * 16, _mm512_castsi512_ps(_mm512_slli_epi32(pairs[i], 16)));
-                _mm512_storeu_ps(turned + (t + 1) * 16, _mm512_castsi512_ps(_mm512_and_si512(pairs[i], high)));
-            }
+            for (int i = 0; i < 16; ++i) _mm512_storeu_si512(s.pairs.data() + (half / 2 + i) * 16, pairs[i]);
         }
-        const int64_t column = (b - first_block) * BLOCK;
-        for (int64_t u0 = 0; u0 < padded; u0 += QUERIES) {
-            __m512 sums[QUERIES];
-            for (int v = 0; v < QUERIES; ++v) sums[v] = _mm512_setzero_ps();
-            const float* query = s.query.data() + u0 * D;
-            for (int t = 0; t < D; ++t) {
-                const __m512 k = _mm512_loadu_ps(turned + t * 16);
-                for (int v = 0; v < QUERIES; ++v)
-                    sums[v] = _mm512_fmadd_ps(_mm512_set1_ps(query[v * D + t]), k, sums[v]);
-            }
-            for (int v = 0; v < QUERIES; ++v)
-                _mm512_storeu_ps(s.scores.data() + (u0 + v) * span + column,
-                                 _mm512_mul_ps(sums[v], _mm512_set1_ps(scaling)));
-        }
-    }
-
-    // Each row's weights over the positions it sees, and their sum.
-    for (int64_t u = 0; u < u_count; ++u) {
-        const int64_t r = u / g, start = start_of(r), end = seen[r];
-        float* row = s.scores.data() + u * span;         // position p at row[p - base]
-        if (softcap > 0.0f)
-            for (int64_t p = start; p < end; ++p) row[p - base] = std::tanh(row[p - base] / softcap) * softcap;
-        float top = row[start - base];
-        for (int64_t p = start + 1; p < end; ++p) top = std::max(top, row[p - base]);
-        __m512 lanes = _mm512_setzero_ps();
-        for (int64_t b = start / BLOCK; b <= (end - 1) / BLOCK; ++b) {
-            const int64_t p0 = b * BLOCK;
-            const __mmask16 sees = static_cast<__mmask16>(
-                ((1u << std::min<int64_t>(BLOCK, end - p0)) - 1) & ~((1u << std::max<int64_t>(0, start - p0)) - 1));
-            alignas(64) float weights[BLOCK];
-            _mm512_store_ps(weights, _mm512_maskz_sub_ps(sees, _mm512_loadu_ps(row + p0 - base), _mm512_set1_ps(top)));
-#pragma omp simd
-            for (int l = 0; l < BLOCK; ++l) weights[l] = std::exp(weights[l]);
-            const __m512 e = _mm512_maskz_mov_ps(sees, _mm512_load_ps(weights));
-            lanes = _mm512_add_ps(lanes, e);
-            _mm512_storeu_ps(row + p0 - base, rounded_to_bf16(e));
-        }
-        s.totals[u] = _mm512_reduce_add_ps(lanes);
-    }
-
-    // The values weighed.
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (tiles_score()) {
-        // By AMX's tiles over 32 positions at a time from a multiple of 32 (the weights, rounded to bf16
-        // already, are bf16 exactly): a row's sums go over the same 32s in order whichever rows share the
-        // tile (32s before its first position add zeros), and positions outside every row's sight are zeros
-        // in both operands, whatever the pool holds there.
-        const int64_t tiled = (u_count + 15) / 16 * 16;
-        int64_t lowest = INT64_MAX, highest = 0;
-        for (int64_t r = 0; r < rows; ++r) {
-            lowest = std::min(lowest, start_of(r));
-            highest = std::max(highest, seen[r]);
-        }
-        const int64_t from = lowest / 32 * 32, width = (highest - from + 31) / 32 * 32;
-        if (static_cast<int64_t>(s.weights_bf16.size()) < tiled * width) s.weights_bf16.resize(tiled * width);
-        if (static_cast<int64_t>(s.value_pairs.size()) < width * D) s.value_pairs.resize(width * D);
-        std::fill(s.weights_bf16.begin(), s.weights_bf16.begin() + tiled * width, uint16_t{0});
-        for (int64_t u = 0; u < u_count; ++u) {
-            const int64_t r = u / g;
-            const float* row = s.scores.data() + u * span;
-            uint16_t* target = s.weights_bf16.data() + u * width;
-            for (int64_t p = start_of(r); p < seen[r]; ++p) {       // bf16 already: its upper half
-                uint32_t bits;
-                std::memcpy(&bits, row + p - base, sizeof bits);
-                target[p - from] = static_cast<uint16_t>(bits >> 16);
-            }
-        }
-        // Values: for each 32 positions and each 16 dimensions, 16 rows of (position 2i, 2i + 1) pairs.
-        const __m512i low_half = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                                  39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-        const __m512i high_half = _mm512_add_epi16(low_half, _mm512_set1_epi16(16));
-        for (int64_t p = from; p < from + width; p += 2) {
+        for (int64_t u0 = 0; u0 < tiled; u0 += 16) {
+            _tile_zero(0);
             for (int half = 0; half < D; half += 32) {
-                __m512i rows_of[2];
-                for (int e = 0; e < 2; ++e) {
-                    const int64_t position = p + e;
-                    rows_of[e] = position >= lowest && position < highest
-                        ? _mm512_loadu_si512(reinterpret_cast<const void*>(
-                              head_values + (table[position / BLOCK] * BLOCK + position % BLOCK) * D + half))
-                        : _mm512_setzero_si512();
-                }
-                const int64_t chunk = (p - from) / 32, pair = (p - from) % 32 / 2;
-                uint16_t* target = s.value_pairs.data() + ((chunk * (D / 16) + half / 16) * 16 + pair) * 32;
-                _mm512_storeu_si512(target, _mm512_permutex2var_epi16(rows_of[0], low_half, rows_of[1]));
-                _mm512_storeu_si512(target + 16 * 32, _mm512_permutex2var_epi16(rows_of[0], high_half, rows_of[1]));
+                _tile_loadd(1, s.query_bf16.data() + u0 * D + half, D * sizeof(uint16_t));
+                _tile_loadd(2, s.pairs.data() + half / 2 * 16, 64);
+                _tile_dpbf16ps(0, 1, 2);
             }
+            float* target = s.scores.data() + u0 * c.span + column;
+            _tile_stored(0, target, c.span * sizeof(float));
+            for (int v = 0; v < 16; ++v)
+                _mm512_storeu_ps(target + v * c.span,
+                                 _mm512_mul_ps(_mm512_loadu_ps(target + v * c.span), _mm512_set1_ps(scaling)));
         }
-        ChunkTiles config;
-        _tile_loadconfig(&config);
-        if (static_cast<int64_t>(s.acc.size()) < tiled * D) s.acc.resize(tiled * D);
-        for (int64_t u0 = 0; u0 < tiled; u0 += 16)
-            for (int dims = 0; dims < D; dims += 64) {        // 4 groups of 16 dimensions at a time
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t chunk = 0; chunk < width / 32; ++chunk) {
-                    _tile_loadd(4, s.weights_bf16.data() + u0 * width + chunk * 32, width * sizeof(uint16_t));
-                    const uint16_t* pairs = s.value_pairs.data() + (chunk * (D / 16) + dims / 16) * 16 * 32;
-                    _tile_loadd(5, pairs, 64);
-                    _tile_dpbf16ps(0, 4, 5);
-                    _tile_loadd(5, pairs + 16 * 32, 64);
-                    _tile_dpbf16ps(1, 4, 5);
-                    _tile_loadd(5, pairs + 2 * 16 * 32, 64);
-                    _tile_dpbf16ps(2, 4, 5);
-                    _tile_loadd(5, pairs + 3 * 16 * 32, 64);
-                    _tile_dpbf16ps(3, 4, 5);
-                }
-                float* target = s.acc.data() + u0 * D + dims;
-                _tile_stored(0, target, D * sizeof(float));
-                _tile_stored(1, target + 16, D * sizeof(float));
-                _tile_stored(2, target + 32, D * sizeof(float));
-                _tile_stored(3, target + 48, D * sizeof(float));
+    }
+    _tile_release();
+}
+
+// The values weighed by AMX's tiles over 32 positions at a time from a multiple of 32 (the weights, rounded to
+// bf16 already, are bf16 exactly): a row's sums go over the same 32s in order whichever rows share the tile
+// (32s before its first position add zeros), and positions outside every row's sight are zeros in both
+// operands, whatever the pool holds there.
+template <int D>
+void values_by_tiles(const Chunk& c, ChunkScratch& s) {
+    const int64_t tiled = (c.vectors + 15) / 16 * 16;
+    const int64_t from = c.lowest / 32 * 32, width = (c.highest - from + 31) / 32 * 32;
+    at_least(s.weights_bf16, tiled * width);
+    at_least(s.value_pairs, width * D);
+    at_least(s.acc, tiled * D);
+    std::fill(s.weights_bf16.begin(), s.weights_bf16.begin() + tiled * width, uint16_t{0});
+    for (int64_t u = 0; u < c.vectors; ++u) {
+        const int64_t r = u / c.g;
+        const float* row = s.scores.data() + u * c.span;
+        uint16_t* target = s.weights_bf16.data() + u * width;
+        for (int64_t p = c.start(r); p < c.seen[r]; ++p) {           // bf16 already: its upper half
+            uint32_t bits;
+            std::memcpy(&bits, row + p - c.base, sizeof bits);
+            target[p - from] = static_cast<uint16_t>(bits >> 16);
+        }
+    }
+    // Values: for each 32 positions and each 16 dimensions, 16 rows of (position 2i, 2i + 1) pairs.
+    const __m512i low_half = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                              39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i high_half = _mm512_add_epi16(low_half, _mm512_set1_epi16(16));
+    for (int64_t p = from; p < from + width; p += 2) {
+        for (int half = 0; half < D; half += 32) {
+            __m512i rows_of[2];
+            for (int e = 0; e < 2; ++e) {
+                const int64_t position = p + e;
+                rows_of[e] = position >= c.lowest && position < c.highest
+                    ? _mm512_loadu_si512(reinterpret_cast<const void*>(
+                          c.values + (c.table[position / BLOCK] * BLOCK + position % BLOCK) * D + half))
+                    : _mm512_setzero_si512();
             }
-        _tile_release();
-    } else
+            const int64_t chunk = (p - from) / 32, pair = (p - from) % 32 / 2;
+            uint16_t* target = s.value_pairs.data() + ((chunk * (D / 16) + half / 16) * 16 + pair) * 32;
+            _mm512_storeu_si512(target, _mm512_permutex2var_epi16(rows_of[0], low_half, rows_of[1]));
+            _mm512_storeu_si512(target + 16 * 32, _mm512_permutex2var_epi16(rows_of[0], high_half, rows_of[1]));
+        }
+    }
+    ChunkTiles config;
+    _tile_loadconfig(&config);
+    for (int64_t u0 = 0; u0 < tiled; u0 += 16)
+        for (int dims = 0; dims < D; dims += 64) {        // 4 groups of 16 dimensions at a time
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t chunk = 0; chunk < width / 32; ++chunk) {
+                _tile_loadd(4, s.weights_bf16.data() + u0 * width + chunk * 32, width * sizeof(uint16_t));
+                const uint16_t* pairs = s.value_pairs.data() + (chunk * (D / 16) + dims / 16) * 16 * 32;
+                _tile_loadd(5, pairs, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_loadd(5, pairs + 16 * 32, 64);
+                _tile_dpbf16ps(1, 4, 5);
+                _tile_loadd(5, pairs + 2 * 16 * 32, 64);
+                _tile_dpbf16ps(2, 4, 5);
+                _tile_loadd(5, pairs + 3 * 16 * 32, 64);
+                _tile_dpbf16ps(3, 4, 5);
+            }
+            float* target = s.acc.data() + u0 * D + dims;
+            _tile_stored(0, target, D * sizeof(float));
+            _tile_stored(1, target + 16, D * sizeof(float));
+            _tile_stored(2, target + 32, D * sizeof(float));
+            _tile_stored(3, target + 48, D * sizeof(float));
+        }
+    _tile_release();
+}
+#else
+inline bool by_tiles() { return false; }
 #endif
-    {
-    std::fill(s.acc.begin(), s.acc.begin() + u_count * D, 0.0f);
-    float* values = s.values.data();
-    for (int64_t b = first_block; b <= last_block; ++b) {
-        const uint16_t* block = head_values + table[b] * BLOCK * D;
-        for (int64_t i = 0; i < BLOCK * D; i += 16)
-            _mm512_storeu_ps(values + i, _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + i))), 16)));
-        const int64_t p0 = b * BLOCK;
-        for (int64_t r = 0; r < rows; ++r) {
-            const int64_t from = std::max(p0, start_of(r)), to = std::min(p0 + BLOCK, seen[r]);
-            if (from >= to) continue;
-            for (int64_t j0 = 0; j0 < g; j0 += HEADS) {          // up to HEADS of the row's heads at once
-                const int heads = static_cast<int>(std::min<int64_t>(HEADS, g - j0));
-                const float* weights[HEADS];
-                float* acc[HEADS];
-                __m512 sums[HEADS][V];
-                for (int h = 0; h < HEADS; ++h) {
-                    const int64_t u = r * g + j0 + std::min(h, heads - 1);
-                    weights[h] = s.scores.data() + u * span;       // position p at weights[h][p - base]
-                    acc[h] = s.acc.data() + u * D;
-                    for (int v = 0; v < V; ++v) sums[h][v] = _mm512_loadu_ps(acc[h] + v * 16);
-                }
-                for (int64_t p = from; p < to; ++p) {
-                    const float* value = values + (p - p0) * D;
-                    for (int v = 0; v < V; ++v) {
-                        const __m512 x = _mm512_loadu_ps(value + v * 16);
-                        for (int h = 0; h < HEADS; ++h)
-                            if (h < heads)
-                                sums[h][v] = _mm512_fmadd_ps(
-                                    _mm512_set1_ps(weights[h][p - base]), x, sums[h][v]);
-                    }
-                }
-                for (int h = 0; h < heads; ++h)
-                    for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc[h] + v * 16, sums[h][v]);
-            }
-        }
-    }
-    }
-    for (int64_t u = 0; u < u_count; ++u) {
-        const int64_t r = u / g, j = u % g;
+
+template <int D>
+void attend_chunk(const Chunk& c, uint16_t* out, float scaling, float softcap) {
+    ChunkScratch& s = chunk_scratch;
+    const bool tiles = by_tiles();
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles) score_by_tiles<D>(c, s, scaling);
+#endif
+    if (!tiles) score_by_vectors<D>(c, s, scaling);
+    weigh(c, s, softcap);
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles) values_by_tiles<D>(c, s);
+#endif
+    if (!tiles) values_by_vectors<D>(c, s);
+    for (int64_t u = 0; u < c.vectors; ++u) {
+        const int64_t r = u / c.g, j = u % c.g;
         const float scale = 1.0f / s.totals[u];
-        for (int64_t t = 0; t < D; ++t) out[(r * hq + j) * D + t] = llmos::to_bf16(s.acc[u * D + t] * scale);
+        for (int64_t t = 0; t < D; ++t) out[(r * c.hq + j) * D + t] = llmos::to_bf16(s.acc[u * D + t] * scale);
     }
 }
 #endif
@@ -569,10 +598,11 @@ int attend(const T* q, const T* keys, const T* values, const int64_t* tables, co
             if constexpr (std::is_same_v<T, uint16_t>) {
                 const auto [first, rows] = runs[(item - single * hk) / hk];
                 const int64_t h = (item - single * hk) % hk;
-                const auto chunk = d == 64 ? attend_chunk<64> : attend_chunk<128>;
-                chunk(q + (first * hq + h * g) * d, keys + h * pool * BLOCK * d, values + h * pool * BLOCK * dv,
-                      tables + which[first] * width, seen + first, rows, out + (first * hq + h * g) * dv, hq, g,
-                      scaling, softcap, window);
+                const Chunk chunk(q + (first * hq + h * g) * d, keys + h * pool * BLOCK * d,
+                                  values + h * pool * BLOCK * dv, tables + which[first] * width, seen + first, rows,
+                                  hq, g, window);
+                (d == 64 ? attend_chunk<64> : attend_chunk<128>)(chunk, out + (first * hq + h * g) * dv, scaling,
+                                                                 softcap);
             }
 #endif
             continue;
