@@ -63,9 +63,12 @@ def attention_case(parts: list[tuple[int, int]], generator: torch.Generator) -> 
     return q, keys, values, torch.tensor(tables), torch.tensor(which), torch.tensor(seen)
 
 
-def timed(run, rounds: int, repeats: int) -> dict[str, float]:  # noqa: ANN001 - run(name)
-    """The fastest of `rounds` alternating rounds of `repeats` calls of each build, in ms a call."""
-    best = {"one row at a time": float("inf"), "rows together": float("inf")}
+BEFORE, AFTER = "one row at a time", "rows together"
+
+
+def timed(run, rounds: int, repeats: int, names: tuple[str, str] = (BEFORE, AFTER)) -> dict[str, float]:  # noqa: ANN001
+    """The fastest of `rounds` alternating rounds of `repeats` calls of each build (`run(name)`), in ms a call."""
+    best = dict.fromkeys(names, float("inf"))
     for _ in range(rounds):
         for name in best:
             started = time.perf_counter()
@@ -76,8 +79,9 @@ def timed(run, rounds: int, repeats: int) -> dict[str, float]:  # noqa: ANN001 -
 
 
 def report(label: str, best: dict[str, float], difference: float) -> None:
-    before, after = best["one row at a time"], best["rows together"]
-    print(f"  {label:<46} one row at a time {before:8.2f} ms  rows together {after:8.2f} ms  "
+    """One line: each build's time (the baseline's first) and the baseline's over the other's."""
+    (first, before), (second, after) = best.items()
+    print(f"  {label:<46} {first} {before:8.2f} ms  {second} {after:8.2f} ms  "
           f"({before / after:.2f}x)  max |difference| {difference:.3g}", flush=True)
 
 
@@ -91,7 +95,7 @@ def main() -> int:
     parser.add_argument("--long", type=int, default=0, help="concurrent requests of 2,000 prompt tokens (0: none)")
     args = parser.parse_args()
 
-    libraries = {"one row at a time": build(Path(args.baseline)), "rows together": native.library()}
+    libraries = {BEFORE: build(Path(args.baseline)), AFTER: native.library()}
     real_library, real_built = native.library, native.built
     native.built = lambda: True         # (it asks the cached library, which the rounds swap)
     print(f"CPU kind {cpu_kind()}; fastest of {args.rounds} alternating rounds", flush=True)
@@ -146,7 +150,8 @@ def main() -> int:
 
 
 def long_prompts(loaded: LoadedModel, n: int, libraries: dict) -> None:
-    """`n` concurrent requests of 2,000 prompt tokens and 64 new ones, through one engine, each build in turn."""
+    """`n` concurrent requests of 2,000 prompt tokens and 64 new ones, through one engine, each build in turn
+    (`libraries`: the baseline's first)."""
     tok = loaded.tokenizer
     driver = EngineDriver()
     driver.start_thread()
@@ -154,9 +159,10 @@ def long_prompts(loaded: LoadedModel, n: int, libraries: dict) -> None:
     words = tok(" ".join(["The quick brown fox jumps over the lazy dog while the river runs to the sea."] * 200))
     prompts = [[*tok(f"{i}:")["input_ids"], *words["input_ids"]][:2000] for i in range(n)]
     print(f"{n} concurrent requests of 2,000 prompt tokens and 64 new ones, one engine, 2 rounds of each build:")
+    first, second = libraries
     figures: dict[str, list[dict[str, float]]] = {name: [] for name in libraries}
     try:
-        native.library = lambda: libraries["rows together"]
+        native.library = lambda: libraries[second]
         one_round(engine, prompts[:2], 4)                          # warm
         for order in (list(libraries), list(libraries)[::-1]):
             for name in order:
@@ -165,11 +171,11 @@ def long_prompts(loaded: LoadedModel, n: int, libraries: dict) -> None:
     finally:
         engine.stop()
         driver.stop()
-    for key in figures["rows together"][0]:
-        before = sum(f[key] for f in figures["one row at a time"]) / 2
-        after = sum(f[key] for f in figures["rows together"]) / 2
-        print(f"  {key:<12} one row at a time {before:10.1f}  rows together {after:10.1f}  "
-              f"(rows together / one at a time {after / before:.2f})", flush=True)
+    for key in figures[second][0]:
+        before = sum(f[key] for f in figures[first]) / 2
+        after = sum(f[key] for f in figures[second]) / 2
+        print(f"  {key:<12} {first} {before:10.1f}  {second} {after:10.1f}  ({second} / {first} {after / before:.2f})",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,37 @@ def test_decoding_rows_keep_the_row_at_a_time_path(kernels):
 
 
 @COMPILES
+@pytest.mark.parametrize(("hq", "hk", "d"), [(9, 3, 64), (8, 1, 64), (4, 4, 128), (16, 2, 128), (14, 2, 64)],
+                         ids=["smollm2", "group-8", "no-groups", "d128", "group-7"])
+@pytest.mark.parametrize(("softcap", "window"), [(None, None), (30.0, 20), (None, 37)],
+                         ids=["plain", "softcap-window", "window"])
+def test_decoding_rows_attend_as_float64_and_weigh_nothing_they_do_not_see(hq, hk, d, softcap, window, kernels):
+    """Decoding rows (before `rounded_from`; where AVX-512 is, scored a block of keys at a time) seeing 1 to 105
+    positions through a table of scattered blocks: each as float64 computes it, and the same bits alone with the
+    positions of its first and last blocks that it does not see holding NaN and infinities."""
+    keys, values, generator = pools(hk, 20, d, seed=11)
+    table = torch.tensor([17, 3, 11, 6, 1, 14, 9], dtype=torch.long)             # 112 positions: 7 blocks
+    seen = torch.tensor([1, 5, 16, 17, 40, 63, 64, 65, 99, 105])
+    q = (torch.randn(len(seen), hq, d, generator=generator) * 2).bfloat16()
+    together = attend(q, keys, values, table[None], torch.zeros(len(seen), dtype=torch.long), seen, softcap, window,
+                      rounded_from=len(seen))
+    expected = reference(q, keys, values, table, seen, 0.125, softcap, window)
+    assert (together.double() - expected).abs().max() < 3e-2
+    assert (together.double() - expected).abs().mean() < 3e-3
+    for i, end in enumerate(seen.tolist()):
+        start = max(0, end - window) if window else 0
+        unseen = list(range(start // BLOCK * BLOCK, start)) + list(range(end, (end - 1) // BLOCK * BLOCK + BLOCK))
+        poisoned_keys, poisoned_values = keys.clone(), values.clone()
+        for position in unseen:
+            block, offset = int(table[position // BLOCK]), position % BLOCK
+            poisoned_keys[:, block, offset] = math.nan if position % 2 else math.inf
+            poisoned_values[:, block, offset] = -math.inf if position % 2 else math.nan
+        alone = attend(q[i:i + 1], poisoned_keys, poisoned_values, table[None], torch.zeros(1, dtype=torch.long),
+                       seen[i:i + 1], softcap, window, rounded_from=1)
+        assert torch.equal(alone, together[i:i + 1]), f"row {i}, seeing {start} to {end}"
+
+
+@COMPILES
 @pytest.mark.parametrize("seed", range(6))
 def test_random_prompts_cut_at_random_give_the_same_bits_and_attend_as_float64(seed, kernels):
     """Random shapes (query heads per KV head 1-8, head size 64 or 128, with or without a window), a prompt of

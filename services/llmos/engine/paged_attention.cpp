@@ -2,10 +2,11 @@
 // token of a prompt chunk (which sees the positions up to its own: causal). Its keys and values are
 // read through its sequence's block table where they lie in the pool, in float32.
 //
-// Each (row, KV head) is one work item, computed by one thread from start to end in a fixed order;
-// where AVX-512 is, a bf16 prompt chunk's rows go up to 16 to an item instead, sharing the reads of
-// each block (`attend_chunk`, with AMX's tiles where the CPU has them), each row still its own fixed
-// sequence of operations. Either way a row's result depends on nothing but its own query, table and
+// Each (row, KV head) is one work item, computed by one thread from start to end in a fixed order
+// (where AVX-512 is, a bf16 row's scores a block of keys at a time: `score_turned`); where AVX-512 is,
+// a bf16 prompt chunk's rows go up to 16 to an item instead, sharing the reads of each block
+// (`attend_chunk`, with AMX's tiles where the CPU has them), each row still its own fixed sequence of
+// operations. Either way a row's result depends on nothing but its own query, table and
 // cache, whatever else is in the batch, however a prompt was cut into chunks and however the items are
 // shared among threads.
 // Built and loaded by `engine/native.py`; the layouts are those of `engine/attention.py`:
@@ -68,6 +69,80 @@ inline void prefetch_next(const T* pool, const int64_t* table, int64_t p, int64_
 // 36 -> 27.5 ms; the same results bit for bit).
 constexpr int64_t KEYS_AHEAD = 32;
 
+#if defined(__AVX512F__)
+// A 16 x 16 matrix of 32-bit elements transposed in registers: r[i] holds row i; on return r[j] holds column j.
+inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int k = 0; k < 4; ++k) {
+            t[i + k] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0x88);
+            t[i + k + 4] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0xdd);
+        }
+    for (int k = 0; k < 8; ++k) {
+        r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
+        r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xdd);
+    }
+}
+
+// A block's keys turned, 32 of their D dimensions from `half`: pairs[i] holds dimensions half + 2i and
+// half + 2i + 1 of each of the block's 16 positions (lane p: position p's two bf16).
+template <int D>
+inline void turn(const uint16_t* block, int half, __m512i pairs[BLOCK]) {
+    for (int p = 0; p < BLOCK; ++p) pairs[p] = _mm512_loadu_si512(reinterpret_cast<const void*>(block + p * D + half));
+    transpose16(pairs);
+}
+
+// A decoding row's scores for one KV head, a block of 16 positions at a time (where AVX-512 is): the block's
+// keys turned once (`turn`) and converted to float32, each of the G query heads' 16 scores a vector of
+// fused multiply-adds: dimensions 0, 2, 4, ... in order in one sum and 1, 3, 5, ... in another, the two added
+// and times the scaling. Where each key was converted and summed across a vector for every score, this reads
+// the block once for the group's heads and sums nothing across lanes. Positions in the first and last blocks
+// that the row does not see are computed in their own lanes and never stored. scores[j * length + p - start].
+template <int G, int D>
+void score_turned(const float* query, const uint16_t* head_keys, const uint16_t* head_values, const int64_t* table,
+                  int64_t start, int64_t end, float* scores, int64_t length, float scaling) {
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    const int64_t first = start / BLOCK, last = (end - 1) / BLOCK;
+    for (int64_t b = first; b <= std::min(last, first + KEYS_AHEAD - 1); ++b) prefetch_block(head_keys, table, b, D);
+    for (int64_t b = first; b <= last; ++b) {
+        if (b + KEYS_AHEAD <= last) prefetch_block(head_keys, table, b + KEYS_AHEAD, D);
+        prefetch_block(head_values, table, b, D);       // a block's values are asked for as its keys are read
+        const uint16_t* block = head_keys + table[b] * BLOCK * D;
+        __m512 even[G], odd[G];
+        for (int j = 0; j < G; ++j) even[j] = odd[j] = _mm512_setzero_ps();
+        for (int half = 0; half < D; half += 32) {         // 32 dimensions: 16 pairs of each position
+            __m512i pairs[BLOCK];
+            turn<D>(block, half, pairs);
+            for (int i = 0; i < 16; ++i) {
+                const int t = half + 2 * i;
+                const __m512 low_keys = _mm512_castsi512_ps(_mm512_slli_epi32(pairs[i], 16));
+                const __m512 high_keys = _mm512_castsi512_ps(_mm512_and_si512(pairs[i], high));
+                for (int j = 0; j < G; ++j) {
+                    even[j] = _mm512_fmadd_ps(_mm512_set1_ps(query[j * D + t]), low_keys, even[j]);
+                    odd[j] = _mm512_fmadd_ps(_mm512_set1_ps(query[j * D + t + 1]), high_keys, odd[j]);
+                }
+            }
+        }
+        const int64_t p0 = b * BLOCK;
+        const __mmask16 sees = static_cast<__mmask16>(
+            ((1u << std::min<int64_t>(BLOCK, end - p0)) - 1) & ~((1u << std::max<int64_t>(0, start - p0)) - 1));
+        for (int j = 0; j < G; ++j)         // (lanes before `start` are masked: never written below the row)
+            _mm512_mask_storeu_ps(scores + j * length + (p0 - start), sees,
+                                  _mm512_mul_ps(_mm512_add_ps(even[j], odd[j]), _mm512_set1_ps(scaling)));
+    }
+}
+#endif
+
 // One (sequence, KV head): the scores of its `g` query heads against every position it sees, their
 // softmax, then the probabilities times the values. G and D are the group and head sizes where they
 // are known at compile time (0: given at run time); known, the compiler keeps the queries and the
@@ -77,8 +152,9 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
                  int64_t end, T* out, int64_t g_, int64_t d_, int64_t dv_, float scaling, float softcap, bool rounded) {
     const int64_t g = G ? G : g_, d = D ? D : d_, dv = D ? D : dv_;
     const int64_t length = end - start;
-    if (static_cast<int64_t>(scratch.size()) < g * length) scratch.resize(g * length);
-    float* scores = scratch.data();
+    // (BLOCK floats ahead of the scores: `score_turned` addresses the lanes of a first block before `start`)
+    if (static_cast<int64_t>(scratch.size()) < BLOCK + g * length) scratch.resize(BLOCK + g * length);
+    float* scores = scratch.data() + BLOCK;
     thread_local std::vector<float> totals;
     if (static_cast<int64_t>(totals.size()) < g) totals.resize(g);
     // Known sizes: arrays the compiler can keep in registers. Others: each thread's buffers.
@@ -100,26 +176,40 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
         for (int64_t t = 0; t < dv; ++t) acc(j)[t] = 0.0f;
     }
     const int64_t first = start / BLOCK, last = (end - 1) / BLOCK;
-    for (int64_t b = first; b <= std::min(last, first + KEYS_AHEAD - 1); ++b) prefetch_block(head_keys, table, b, d);
-    for (int64_t p = start; p < end; ++p) {
-        if (p == start || p % BLOCK == 0) {     // a block's values are asked for as its keys are read
-            const int64_t b = p / BLOCK;
-            if (b + KEYS_AHEAD <= last) prefetch_block(head_keys, table, b + KEYS_AHEAD, d);
-            prefetch_block(head_values, table, b, dv);
-        }
-        // The next block again, though asked for above: measured quicker than without (5.0-6.8 against
-        // 6.8-7.2 ms in the case above), as if some of the early requests were dropped.
-        prefetch_next(head_keys, table, p, end, d);
-        const T* key = head_keys + (table[p / BLOCK] * BLOCK + p % BLOCK) * d;
+#if defined(__AVX512F__)
+    constexpr bool turned = std::is_same_v<T, uint16_t> && G > 0 && (D == 64 || D == 128);
+#else
+    constexpr bool turned = false;
+#endif
+    if constexpr (turned) {
+#if defined(__AVX512F__)
+        score_turned<G, D>(query_, head_keys, head_values, table, start, end, scores, length, scaling);
+        if (softcap > 0.0f)
+            for (int64_t u = 0; u < g * length; ++u) scores[u] = std::tanh(scores[u] / softcap) * softcap;
+#endif
+    } else {
+        for (int64_t b = first; b <= std::min(last, first + KEYS_AHEAD - 1); ++b)
+            prefetch_block(head_keys, table, b, d);
+        for (int64_t p = start; p < end; ++p) {
+            if (p == start || p % BLOCK == 0) {     // a block's values are asked for as its keys are read
+                const int64_t b = p / BLOCK;
+                if (b + KEYS_AHEAD <= last) prefetch_block(head_keys, table, b + KEYS_AHEAD, d);
+                prefetch_block(head_values, table, b, dv);
+            }
+            // The next block again, though asked for above: measured quicker than without (5.0-6.8 against
+            // 6.8-7.2 ms in the case above), as if some of the early requests were dropped.
+            prefetch_next(head_keys, table, p, end, d);
+            const T* key = head_keys + (table[p / BLOCK] * BLOCK + p % BLOCK) * d;
 #pragma omp simd
-        for (int64_t t = 0; t < d; ++t) row[t] = to_float(key[t]);
-        for (int64_t j = 0; j < g; ++j) {
-            float dot = 0.0f;
+            for (int64_t t = 0; t < d; ++t) row[t] = to_float(key[t]);
+            for (int64_t j = 0; j < g; ++j) {
+                float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t t = 0; t < d; ++t) dot += query(j)[t] * row[t];
-            float s = dot * scaling;
-            if (softcap > 0.0f) s = std::tanh(s / softcap) * softcap;
-            scores[j * length + (p - start)] = s;
+                for (int64_t t = 0; t < d; ++t) dot += query(j)[t] * row[t];
+                float s = dot * scaling;
+                if (softcap > 0.0f) s = std::tanh(s / softcap) * softcap;
+                scores[j * length + (p - start)] = s;
+            }
         }
     }
     for (int64_t j = 0; j < g; ++j) {     // softmax over the positions seen
@@ -185,38 +275,6 @@ inline __m512 rounded_to_bf16(__m512 x) {
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     const __m512i sum = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
     return _mm512_castsi512_ps(_mm512_and_si512(sum, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-}
-
-// A 16 x 16 matrix of 32-bit elements transposed in registers: r[i] holds row i; on return r[j] holds column j.
-inline void transpose16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int i = 0; i < 16; i += 8)
-        for (int k = 0; k < 4; ++k) {
-            t[i + k] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0x88);
-            t[i + k + 4] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0xdd);
-        }
-    for (int k = 0; k < 8; ++k) {
-        r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
-        r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xdd);
-    }
-}
-
-// A block's keys turned, 32 of their D dimensions from `half`: pairs[i] holds dimensions half + 2i and
-// half + 2i + 1 of each of the block's 16 positions (lane p: position p's two bf16).
-template <int D>
-inline void turn(const uint16_t* block, int half, __m512i pairs[BLOCK]) {
-    for (int p = 0; p < BLOCK; ++p) pairs[p] = _mm512_loadu_si512(reinterpret_cast<const void*>(block + p * D + half));
-    transpose16(pairs);
 }
 
 // A run of a prompt chunk's rows for one KV head: its query vectors (row r, head j at r * g + j), the positions
