@@ -351,22 +351,33 @@ def usage_to_proto(usage: Usage) -> common_pb2.Usage:
 
 
 def fill_chunk(message: Any, chunk: Chunk) -> Any:
-    """Copies a chunk into a `GenerateResponse` or `GenerateTokensResponse`."""
+    """Copies a chunk into a `GenerateResponse` or `GenerateTokensResponse`. (Every token of every stream
+    passes here: the fields a plain token leaves empty are not touched.)"""
     message.text = chunk.text
     message.token_ids.extend(chunk.token_ids)
-    message.logprobs.extend(chunk.logprobs)
-    message.finish_reason = FINISH_TO_PROTO[chunk.finish_reason]
+    if chunk.logprobs:
+        message.logprobs.extend(chunk.logprobs)
+    if chunk.finish_reason is not None:
+        message.finish_reason = FINISH_TO_PROTO[chunk.finish_reason]
     if chunk.usage is not None:
         message.usage.CopyFrom(usage_to_proto(chunk.usage))
-    texts = chunk.top_tokens or [[] for _ in chunk.top_logprobs]
-    for top, text in zip(chunk.top_logprobs, texts, strict=True):
-        message.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top], tokens=text)
-    message.tokens.extend(chunk.tokens)
-    message.tool_calls.extend(_call_to_proto(c) for c in chunk.tool_calls)
+    if chunk.top_logprobs:
+        texts = chunk.top_tokens or [[] for _ in chunk.top_logprobs]
+        for top, text in zip(chunk.top_logprobs, texts, strict=True):
+            message.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top], tokens=text)
+    if chunk.tokens:
+        message.tokens.extend(chunk.tokens)
+    if chunk.tool_calls:
+        message.tool_calls.extend(_call_to_proto(c) for c in chunk.tool_calls)
     return message
 
 
 def chunk_from_proto(message: Any) -> Chunk:
+    """The chunk a `GenerateTokensResponse` carries. (Every token of every stream passes here: a plain token,
+    without log-probabilities, tool calls or an end, takes the short way.)"""
+    if not (message.finish_reason or message.logprobs or message.top_logprobs or message.tool_calls
+            or message.tokens or message.HasField("usage")):
+        return Chunk(text=message.text, token_ids=list(message.token_ids))
     usage = None
     if message.HasField("usage"):
         usage = Usage(message.usage.prompt_tokens, message.usage.completion_tokens,

@@ -11,9 +11,8 @@ watches each write with a `StallGuard`. The HTTP door runs the generation in a t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 from llmos.common.domain import Chunk
 from llmos.common.errors import Cancelled, Internal, LlmosError
@@ -36,23 +35,45 @@ class StreamStalled(Cancelled):
 
 class StallGuard:
     """Closes `chunks` (a front door generation, suspended at its yield) when a chunk offered to
-    the client has not been taken within `seconds`."""
+    the client has not been taken within `seconds`. One timer a stream, not one a chunk: it is
+    armed by the first offer and, when it fires, stalls the stream if the chunk on offer then has
+    waited `seconds`, or else waits again for what the offer on hand has left (none on hand: the
+    next offer arms it)."""
 
     def __init__(self, chunks: AsyncIterator, seconds: float = STALL_SECONDS) -> None:
         self._chunks, self.seconds = chunks, seconds
         self.stalled = False
         self._closing: asyncio.Future | None = None
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None            # when the chunk on offer was offered
+        self._timer: asyncio.TimerHandle | None = None
 
-    @contextlib.contextmanager
-    def offering(self) -> Iterator[None]:
+    def offering(self) -> StallGuard:
         """Around the write of one chunk to the client."""
-        timer = asyncio.get_running_loop().call_later(self.seconds, self._stall)
-        try:
-            yield
-        finally:
-            timer.cancel()
+        return self
 
-    def _stall(self) -> None:
+    def __enter__(self) -> None:
+        self._since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._since + self.seconds, self._check)
+
+    def __exit__(self, *exc: object) -> None:
+        self._since = None
+
+    def close(self) -> None:
+        """At the stream's end: the timer goes."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._since is None:
+            return
+        due = self._since + self.seconds
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check)
+            return
         self.stalled = True
         log.info("a client read nothing for %.1f s: its generation ends", self.seconds)
         self._closing = asyncio.ensure_future(self._chunks.aclose())

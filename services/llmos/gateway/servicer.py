@@ -112,13 +112,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         with self.telemetry.start(call, requested_priority=request.priority) as watch:
             async with contextlib.aclosing(self.front.generate(call, context.time_remaining(), watch.routed)) as chunks:
                 guard, first = StallGuard(chunks, self.stall_seconds), True
-                async for request_id, chunk in chunks:
-                    watch.chunk(request_id, chunk)
-                    response = fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
-                    if first:
-                        response.model, first = watch.version, False
-                    with guard.offering():
-                        yield response
+                try:
+                    async for request_id, chunk in chunks:
+                        watch.chunk(request_id, chunk)
+                        response = fill_chunk(gateway_pb2.GenerateResponse(request_id=request_id), chunk)
+                        if first:
+                            response.model, first = watch.version, False
+                        with guard.offering():
+                            yield response
+                finally:
+                    guard.close()
                 if guard.stalled:        # the client came back after its generation was ended
                     raise StreamStalled(guard.seconds)
 

@@ -4,7 +4,7 @@ import pytest
 
 from llmos.common.domain import Chunk
 from llmos.common.errors import LlmosError
-from llmos.gateway.generation import QUEUED_CHUNKS, Generation
+from llmos.gateway.generation import QUEUED_CHUNKS, Generation, StallGuard
 
 
 class FakeWatch:
@@ -55,3 +55,24 @@ async def test_a_reader_that_keeps_up_is_never_stalled():
     await generation.cancel()
     assert closed == [True]                              # cancelled by its door, not stalled
     assert not isinstance(watch.ended, LlmosError)
+
+
+async def test_the_grpc_door_ends_a_stream_once_one_chunk_waited_the_timeout_not_when_quick_chunks_add_up_to_it():
+    """The gRPC door's guard: chunks taken at once for three times the timeout leave the stream alone (its one
+    timer fires meanwhile and waits again); one chunk not taken for the timeout closes the generation."""
+    closed = []
+    chunks = endless(closed)
+    await anext(chunks)
+    guard = StallGuard(chunks, 0.1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < 0.3:
+        with guard.offering():
+            await asyncio.sleep(0.005)
+    await asyncio.sleep(0.15)                            # nothing on offer: nothing to stall
+    assert not guard.stalled and closed == []
+    with guard.offering():
+        await asyncio.sleep(0.25)                        # the client reads nothing
+    await asyncio.sleep(0.01)
+    assert guard.stalled and closed == [True]
+    guard.close()
