@@ -19,8 +19,10 @@ build: tokens a second, time to first token, the gap between tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,6 +47,31 @@ def build(directory: Path):  # noqa: ANN201 - a ctypes.CDLL
         return native.library.__wrapped__()
     finally:
         native.SOURCES, native.HEADERS = saved
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options both kernel comparisons take (a module's own come after)."""
+    parsed = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parsed.add_argument("--baseline", required=True, help="the engine directory of a tree to compare with")
+    parsed.add_argument("--source", default="bundled:smollm2-135m-instruct")
+    parsed.add_argument("--conversion-cache", default="", help="the registry's conversion cache directory")
+    parsed.add_argument("--rounds", type=int, default=5)
+    parsed.add_argument("--long", type=int, default=0, help="concurrent requests of 2,000 prompt tokens (0: none)")
+    return parsed
+
+
+@contextlib.contextmanager
+def two_builds(baseline: str, names: tuple[str, str], rounds: int) -> Iterator[dict]:
+    """The kernels of the tree at `baseline` and this tree's, by `names` (the baseline's first), for the rounds to
+    swap in as `native.library`; the engine's own library again after."""
+    libraries = {names[0]: build(Path(baseline)), names[1]: native.library()}
+    real_library, real_built = native.library, native.built
+    native.built = lambda: True         # (it asks the cached library, which the rounds swap)
+    print(f"CPU kind {cpu_kind()}; fastest of {rounds} alternating rounds", flush=True)
+    try:
+        yield libraries
+    finally:
+        native.library, native.built = real_library, real_built
 
 
 def attention_case(parts: list[tuple[int, int]], generator: torch.Generator) -> tuple:
@@ -86,26 +113,16 @@ def report(label: str, best: dict[str, float], difference: float) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", required=True, help="the engine directory of a tree to compare with")
-    parser.add_argument("--source", default="bundled:smollm2-135m-instruct")
-    parser.add_argument("--conversion-cache", default="", help="the registry's conversion cache directory")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 2000])
-    parser.add_argument("--long", type=int, default=0, help="concurrent requests of 2,000 prompt tokens (0: none)")
-    args = parser.parse_args()
-
-    libraries = {BEFORE: build(Path(args.baseline)), AFTER: native.library()}
-    real_library, real_built = native.library, native.built
-    native.built = lambda: True         # (it asks the cached library, which the rounds swap)
-    print(f"CPU kind {cpu_kind()}; fastest of {args.rounds} alternating rounds", flush=True)
-    print("attention alone, SmolLM2's heads, one layer:")
-    generator = torch.Generator().manual_seed(0)
+    options = parser(__doc__)
+    options.add_argument("--lengths", type=int, nargs="+", default=[256, 2000])
+    args = options.parse_args()
     cases = {"a 256-row chunk at a prompt's start": [(0, 256)],
              "the last 256 rows of a 2,000-token prompt": [(1744, 256)],
              "16 prompts of 12 rows after 32 cached": [(32, 12)] * 16,
              "64 prompts of 4 rows after 32 cached": [(32, 4)] * 64}
-    try:
+    with two_builds(args.baseline, (BEFORE, AFTER), args.rounds) as libraries:
+        print("attention alone, SmolLM2's heads, one layer:")
+        generator = torch.Generator().manual_seed(0)
         for label, parts in cases.items():
             q, keys, values, tables, which, seen = attention_case(parts, generator)
             outputs = {}
@@ -144,8 +161,6 @@ def main() -> int:
                 report(f"a prompt of {length} tokens", best, (a - b).abs().max().item())
             if args.long:
                 long_prompts(loaded, args.long, libraries)
-    finally:
-        native.library, native.built = real_library, real_built
     return 0
 
 

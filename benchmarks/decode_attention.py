@@ -15,15 +15,13 @@ outputs; with `--long N`, N concurrent requests of 2,000 prompt tokens and 64 ne
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks.chunk_attention import attention_case, build, long_prompts, report, timed
+from benchmarks.chunk_attention import attention_case, long_prompts, parser, report, timed, two_builds
 from benchmarks.lora import model_directory
-from llmos.common.devices import cpu_kind
 from llmos.engine import native
 from llmos.engine.loader import load_model, pick_device
 
@@ -31,21 +29,10 @@ BEFORE, AFTER = "a key at a time", "a block at a time"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", required=True, help="the engine directory of a tree to compare with")
-    parser.add_argument("--source", default="bundled:smollm2-135m-instruct")
-    parser.add_argument("--conversion-cache", default="", help="the registry's conversion cache directory")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--long", type=int, default=0, help="concurrent requests of 2,000 prompt tokens (0: none)")
-    args = parser.parse_args()
-
-    libraries = {BEFORE: build(Path(args.baseline)), AFTER: native.library()}
-    real_library, real_built = native.library, native.built
-    native.built = lambda: True         # (it asks the cached library, which the rounds swap)
-    print(f"CPU kind {cpu_kind()}; fastest of {args.rounds} alternating rounds", flush=True)
-    print("attention alone, SmolLM2's heads, one layer, every row decoding:")
-    generator = torch.Generator().manual_seed(0)
-    try:
+    args = parser(__doc__).parse_args()
+    with two_builds(args.baseline, (BEFORE, AFTER), args.rounds) as libraries:
+        print("attention alone, SmolLM2's heads, one layer, every row decoding:")
+        generator = torch.Generator().manual_seed(0)
         for rows in (16, 64):
             for positions in (100, 500, 2000):
                 q, keys, values, tables, which, seen = attention_case([(positions - 1, 1)] * rows, generator)
@@ -66,8 +53,6 @@ def main() -> int:
                 loaded = load_model("m", str(directory), pick_device("auto"), torch.bfloat16, 160_000, 4096,
                                     compile=True)
                 long_prompts(loaded, args.long, libraries)
-    finally:
-        native.library, native.built = real_library, real_built
     return 0
 
 
