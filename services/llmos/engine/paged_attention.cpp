@@ -143,6 +143,40 @@ void score_turned(const float* query, const uint16_t* head_keys, const uint16_t*
 }
 #endif
 
+// A row's scores for one KV head, a position at a time: its key converted to float32 (in `row`), then each
+// query head's products summed across a vector (in the order the compiler's reduction takes).
+// scores[j * length + p - start].
+template <typename T, int G, int D>
+void score_each(const float* query, float* row, const T* head_keys, const T* head_values, const int64_t* table,
+                int64_t start, int64_t end, float* scores, int64_t g_, int64_t d_, int64_t dv_, float scaling,
+                float softcap) {
+    const int64_t g = G ? G : g_, d = D ? D : d_, dv = D ? D : dv_;
+    const int64_t length = end - start, first = start / BLOCK, last = (end - 1) / BLOCK;
+    for (int64_t b = first; b <= std::min(last, first + KEYS_AHEAD - 1); ++b) prefetch_block(head_keys, table, b, d);
+    for (int64_t p = start; p < end; ++p) {
+        if (p == start || p % BLOCK == 0) {     // a block's values are asked for as its keys are read
+            const int64_t b = p / BLOCK;
+            if (b + KEYS_AHEAD <= last) prefetch_block(head_keys, table, b + KEYS_AHEAD, d);
+            prefetch_block(head_values, table, b, dv);
+        }
+        // The next block again, though asked for above: measured quicker than without (5.0-6.8 against
+        // 6.8-7.2 ms in the case above), as if some of the early requests were dropped.
+        prefetch_next(head_keys, table, p, end, d);
+        const T* key = head_keys + (table[p / BLOCK] * BLOCK + p % BLOCK) * d;
+#pragma omp simd
+        for (int64_t t = 0; t < d; ++t) row[t] = to_float(key[t]);
+        for (int64_t j = 0; j < g; ++j) {
+            const float* q = query + j * d;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t t = 0; t < d; ++t) dot += q[t] * row[t];
+            float s = dot * scaling;
+            if (softcap > 0.0f) s = std::tanh(s / softcap) * softcap;
+            scores[j * length + (p - start)] = s;
+        }
+    }
+}
+
 // One (sequence, KV head): the scores of its `g` query heads against every position it sees, their
 // softmax, then the probabilities times the values. G and D are the group and head sizes where they
 // are known at compile time (0: given at run time); known, the compiler keeps the queries and the
@@ -175,7 +209,6 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
         for (int64_t t = 0; t < d; ++t) query(j)[t] = to_float(q[j * d + t]);
         for (int64_t t = 0; t < dv; ++t) acc(j)[t] = 0.0f;
     }
-    const int64_t first = start / BLOCK, last = (end - 1) / BLOCK;
 #if defined(__AVX512F__)
     constexpr bool turned = std::is_same_v<T, uint16_t> && G > 0 && (D == 64 || D == 128);
 #else
@@ -188,29 +221,8 @@ void attend_item(const T* q, const T* head_keys, const T* head_values, const int
             for (int64_t u = 0; u < g * length; ++u) scores[u] = std::tanh(scores[u] / softcap) * softcap;
 #endif
     } else {
-        for (int64_t b = first; b <= std::min(last, first + KEYS_AHEAD - 1); ++b)
-            prefetch_block(head_keys, table, b, d);
-        for (int64_t p = start; p < end; ++p) {
-            if (p == start || p % BLOCK == 0) {     // a block's values are asked for as its keys are read
-                const int64_t b = p / BLOCK;
-                if (b + KEYS_AHEAD <= last) prefetch_block(head_keys, table, b + KEYS_AHEAD, d);
-                prefetch_block(head_values, table, b, dv);
-            }
-            // The next block again, though asked for above: measured quicker than without (5.0-6.8 against
-            // 6.8-7.2 ms in the case above), as if some of the early requests were dropped.
-            prefetch_next(head_keys, table, p, end, d);
-            const T* key = head_keys + (table[p / BLOCK] * BLOCK + p % BLOCK) * d;
-#pragma omp simd
-            for (int64_t t = 0; t < d; ++t) row[t] = to_float(key[t]);
-            for (int64_t j = 0; j < g; ++j) {
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t t = 0; t < d; ++t) dot += query(j)[t] * row[t];
-                float s = dot * scaling;
-                if (softcap > 0.0f) s = std::tanh(s / softcap) * softcap;
-                scores[j * length + (p - start)] = s;
-            }
-        }
+        score_each<T, G, D>(query_, row, head_keys, head_values, table, start, end, scores, g, d, dv, scaling,
+                            softcap);
     }
     for (int64_t j = 0; j < g; ++j) {     // softmax over the positions seen
         float* s = scores + j * length;
