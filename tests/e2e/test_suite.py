@@ -440,21 +440,33 @@ def test_llmos_bench_runs_against_the_suite_and_its_baselines(suite):
 
 def test_llmos_bench_drives_an_openai_peer_here_the_suites_own_http_door(suite):
     """`--peer` with the same workload, against the gateway's HTTP door (an llmos key as the
-    peer's key): every request streams its whole length there too, and the ratios are printed."""
+    peer's key): every request streams its whole length there too, and the ratios are printed;
+    with `--peer-rounds 3`, each side three times (llmos, peer; peer, llmos; llmos, peer) and the
+    ratios' medians."""
     a = suite.addresses
     out = subprocess.run(
         [sys.executable, "-m", "llmos.cli", "--registry", a["registry"], "--gateway", a["gateway"],
          "--data-dir", str(suite.data_dir), "bench", "--model", "tiny", "--target", "gateway", "--fixed",
          "--requests", "6", "--concurrency", "3", "--max-tokens", "10", "--no-baselines",
-         "--peer", f"http://{suite.http['gateway']}", "--peer-key", suite.identity.admin_key(),
+         "--peer", f"http://{suite.http['gateway']}", "--peer-key", suite.identity.admin_key(), "--peer-rounds", "3",
          "--json-schema", json.dumps({"type": "object", "properties": {"story": {"type": "string", "minLength": 400}},
                                       "required": ["story"]})],
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    counts = re.findall(r"^  (?:llmos via gateway|peer ).* tok/s +\((\d+) tokens in", out.stdout, re.M)
-    assert counts == ["60", "60", "60"], out.stdout     # free, constrained, the peer
-    assert re.search(r"throughput, llmos / peer: [\d.]+x", out.stdout), out.stdout
+    runs = re.findall(r"^  (llmos via gateway|peer ).* tok/s +\((\d+) tokens in", out.stdout, re.M)
+    assert [tokens for _, tokens in runs] == ["60"] * 7, out.stdout     # free, constrained, then the rounds
+    assert [who.strip() for who, _ in runs[2:]] == ["peer", "peer", "llmos via gateway", "llmos via gateway",
+                                                    "peer"], out.stdout
+    assert len(re.findall(r"^  round \d: throughput [\d.]+x, TTFT p50 [\d.]+x, ITL p50 [\d.]+x$", out.stdout,
+                          re.M)) == 3, out.stdout
+    assert re.search(r"medians of 3 alternating rounds", out.stdout), out.stdout
+    assert re.search(r"throughput, llmos / peer: [\d.]+x \([\d.]+-[\d.]+\)", out.stdout), out.stdout
     assert re.search(r"constrained / free throughput: [\d.]+x", out.stdout), out.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "llmos.cli", "--registry", a["registry"], "--gateway", a["gateway"],
+         "--data-dir", str(suite.data_dir), "bench", "--model", "tiny", "--peer", f"http://{suite.http['gateway']}",
+         "--peer-rounds", "0"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--peer-rounds must be at least 1" in refused.stderr
 
 
 def test_llmos_bench_conversation_times_the_last_turn_with_and_without_the_prefix_cache(suite):

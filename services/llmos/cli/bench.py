@@ -10,7 +10,8 @@ Every figure is printed with its ratio to the baselines measured the same minute
 
 `--peer URL` runs the same workload, in the same invocation, against another server's
 OpenAI-compatible `/v1/completions` (vLLM, TGI, llama.cpp, Ollama: streaming, `ignore_eos`)
-and prints llmos's figures through the gateway as ratios to the peer's.
+and prints llmos's figures through the gateway as ratios to the peer's; `--peer-rounds N`
+measures both N times, alternating which goes first, and prints the ratios' medians.
 
 `--implementations` compares the engine's two forward paths on the model instead, in this
 process: the lean Llama-family forward and the model's own transformers code over llmos's
@@ -30,6 +31,7 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,17 +208,53 @@ async def run_peer(url: str, model: str, jobs: list[tuple[str, int]], concurrenc
                   [g for t in traces for g in t.gaps()])
 
 
-def against_peer(args: argparse.Namespace, name: str, jobs: list[tuple[str, int]], ours: Result) -> None:
-    """The peer's figures on the same workload, measured now, and llmos's ratios to them."""
+def warm_up(jobs: list[tuple[str, int]], concurrency: int) -> tuple[list[tuple[str, int]], int]:
+    """The requests (and their concurrency) that warm a server before it is measured: a whole wave at the measured
+    concurrency, so each side has run its batch shapes and touched the cache it needs at that concurrency once
+    (a server just started ran its first wave of 16 at two thirds of its later speed, warmed by 2 requests)."""
+    return jobs[:max(2, concurrency)], concurrency
+
+
+def ratios(ours: Result, peer: Result) -> dict[str, float]:
+    """llmos's figures over the peer's: throughput, and the medians of time to first token and between tokens."""
+    return {"throughput": ours.tokens_per_s / peer.tokens_per_s,
+            "TTFT p50": percentile(ours.ttft, 50) / percentile(peer.ttft, 50),
+            "ITL p50": percentile(ours.itl, 50) / percentile(peer.itl, 50)}
+
+
+def against_peer(args: argparse.Namespace, name: str, jobs: list[tuple[str, int]], ours: Result,
+                 again: Callable[[], Result]) -> None:
+    """The peer's figures on the same workload, measured now, and llmos's ratios to them. With `--peer-rounds N`,
+    N rounds, llmos first in odd rounds and the peer first in even ones (`again` measures llmos once more): each
+    round's ratios, then their medians and ranges, which a host whose speed drifts by the minute moves less."""
     model = args.peer_model or name.split(":")[0]
     key = args.peer_key or os.environ.get("OPENAI_API_KEY", "")
-    asyncio.run(run_peer(args.peer, model, jobs[:2], 2, key))              # warm-up
-    peer = asyncio.run(run_peer(args.peer, model, jobs, args.concurrency, key))
-    print(describe(peer))
-    print("ratios to the peer:")
-    print(f"  throughput, llmos / peer: {ours.tokens_per_s / peer.tokens_per_s:.2f}x")
-    print(f"  TTFT p50, llmos / peer: {percentile(ours.ttft, 50) / percentile(peer.ttft, 50):.2f}x")
-    print(f"  ITL p50, llmos / peer: {percentile(ours.itl, 50) / percentile(peer.itl, 50):.2f}x")
+    asyncio.run(run_peer(args.peer, model, *warm_up(jobs, args.concurrency), key))
+
+    def peer_run() -> Result:
+        result = asyncio.run(run_peer(args.peer, model, jobs, args.concurrency, key))
+        print(describe(result))
+        return result
+
+    rounds = [ratios(ours, peer_run())]
+    for number in range(2, args.peer_rounds + 1):
+        if number % 2 == 0:                 # the peer first
+            peer = peer_run()
+            rounds.append(ratios(again(), peer))
+        else:
+            ours_again = again()
+            rounds.append(ratios(ours_again, peer_run()))
+    if len(rounds) == 1:
+        print("ratios to the peer:")
+        for figure, value in rounds[0].items():
+            print(f"  {figure}, llmos / peer: {value:.2f}x")
+        return
+    for number, figures in enumerate(rounds, 1):
+        print(f"  round {number}: " + ", ".join(f"{k} {v:.2f}x" for k, v in figures.items()))
+    print(f"ratios to the peer, medians of {len(rounds)} alternating rounds (range):")
+    for figure in rounds[0]:
+        values = sorted(r[figure] for r in rounds)
+        print(f"  {figure}, llmos / peer: {statistics.median(values):.2f}x ({values[0]:.2f}-{values[-1]:.2f})")
 
 
 class Baselines:
@@ -481,6 +519,8 @@ def conversation(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.peer_rounds < 1:
+        raise SystemExit(f"--peer-rounds must be at least 1, got {args.peer_rounds}")
     if args.conversation:
         return conversation(args)
     if args.implementations:
@@ -499,13 +539,18 @@ def main(args: argparse.Namespace) -> int:
           f"output tokens {shape}, seed {args.seed}")
     results: dict[str, Result] = {}
     targets = ["worker", "gateway"] if args.target == "both" else [args.target]
+    def measured(target: str) -> Result:
+        address = worker if target == "worker" else args.gateway
+        result = asyncio.run(run_suite(f"llmos via {target}", target, address, name, jobs, args.concurrency,
+                                       local_credentials(args.data_dir, args.api_key)))
+        print(describe(result))
+        return result
+
     for target in targets:
         address = worker if target == "worker" else args.gateway
-        credentials = local_credentials(args.data_dir, args.api_key)
-        asyncio.run(run_suite("warm-up", target, address, name, jobs[:2], 2, credentials))
-        results[target] = asyncio.run(run_suite(f"llmos via {target}", target, address, name, jobs,
-                                                args.concurrency, credentials))
-        print(describe(results[target]))
+        asyncio.run(run_suite("warm-up", target, address, name, *warm_up(jobs, args.concurrency),
+                              local_credentials(args.data_dir, args.api_key)))
+        results[target] = measured(target)
     if args.json_schema:
         credentials = local_credentials(args.data_dir, args.api_key)
         constrained = asyncio.run(run_suite(
@@ -516,7 +561,8 @@ def main(args: argparse.Namespace) -> int:
                                                                jobs, args.concurrency, credentials))
         print(f"  constrained / free throughput: {constrained.tokens_per_s / free.tokens_per_s:.2f}x")
     if args.peer:
-        against_peer(args, name, jobs, results.get("gateway") or results["worker"])
+        compared = "gateway" if "gateway" in results else "worker"
+        against_peer(args, name, jobs, results[compared], lambda: measured(compared))
     if args.no_baselines:
         return 0
     baselines = Baselines(path, dtype, args.baseline_device)
@@ -565,6 +611,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="also run the workload against this OpenAI-compatible server (e.g. "
                             "http://127.0.0.1:8012) and print llmos's ratios to it")
     bench.add_argument("--peer-model", default="", help="the model's name on the peer (default: llmos's name)")
+    bench.add_argument("--peer-rounds", type=int, default=1,
+                       help="with --peer: rounds of both, alternating which goes first; prints each round's ratios "
+                            "and their medians")
     bench.add_argument("--json-schema", default="", metavar="SCHEMA",
                        help="also run the workload through the gateway with every request constrained to this "
                             "JSON Schema, and print the throughput ratio (a schema of long instances, such as a "
