@@ -208,11 +208,11 @@ async def run_peer(url: str, model: str, jobs: list[tuple[str, int]], concurrenc
                   [g for t in traces for g in t.gaps()])
 
 
-def warm_up(jobs: list[tuple[str, int]], concurrency: int) -> tuple[list[tuple[str, int]], int]:
-    """The requests (and their concurrency) that warm a server before it is measured: a whole wave at the measured
-    concurrency, so each side has run its batch shapes and touched the cache it needs at that concurrency once
-    (a server just started ran its first wave of 16 at two thirds of its later speed, warmed by 2 requests)."""
-    return jobs[:max(2, concurrency)], concurrency
+def warm_up(jobs: list[tuple[str, int]], concurrency: int) -> list[tuple[str, int]]:
+    """The requests that warm a server before it is measured, sent at the measured concurrency: a whole wave, so
+    each side has run its batch shapes and touched the cache it needs at that concurrency once (a server just
+    started ran its first wave of 16 at two thirds of its later speed, warmed by 2 requests)."""
+    return jobs[:max(2, concurrency)]
 
 
 def ratios(ours: Result, peer: Result) -> dict[str, float]:
@@ -229,7 +229,7 @@ def against_peer(args: argparse.Namespace, name: str, jobs: list[tuple[str, int]
     round's ratios, then their medians and ranges, which a host whose speed drifts by the minute moves less."""
     model = args.peer_model or name.split(":")[0]
     key = args.peer_key or os.environ.get("OPENAI_API_KEY", "")
-    asyncio.run(run_peer(args.peer, model, *warm_up(jobs, args.concurrency), key))
+    asyncio.run(run_peer(args.peer, model, warm_up(jobs, args.concurrency), args.concurrency, key))
 
     def peer_run() -> Result:
         result = asyncio.run(run_peer(args.peer, model, jobs, args.concurrency, key))
@@ -240,10 +240,11 @@ def against_peer(args: argparse.Namespace, name: str, jobs: list[tuple[str, int]
     for number in range(2, args.peer_rounds + 1):
         if number % 2 == 0:                 # the peer first
             peer = peer_run()
-            rounds.append(ratios(again(), peer))
+            ours = again()
         else:
-            ours_again = again()
-            rounds.append(ratios(ours_again, peer_run()))
+            ours = again()
+            peer = peer_run()
+        rounds.append(ratios(ours, peer))
     if len(rounds) == 1:
         print("ratios to the peer:")
         for figure, value in rounds[0].items():
@@ -539,18 +540,20 @@ def main(args: argparse.Namespace) -> int:
           f"output tokens {shape}, seed {args.seed}")
     results: dict[str, Result] = {}
     targets = ["worker", "gateway"] if args.target == "both" else [args.target]
-    def measured(target: str) -> Result:
+
+    def measured(target: str, warm: bool = False) -> Result:
         address = worker if target == "worker" else args.gateway
+        credentials = local_credentials(args.data_dir, args.api_key)
+        if warm:
+            asyncio.run(run_suite("warm-up", target, address, name, warm_up(jobs, args.concurrency),
+                                  args.concurrency, credentials))
         result = asyncio.run(run_suite(f"llmos via {target}", target, address, name, jobs, args.concurrency,
-                                       local_credentials(args.data_dir, args.api_key)))
+                                       credentials))
         print(describe(result))
         return result
 
     for target in targets:
-        address = worker if target == "worker" else args.gateway
-        asyncio.run(run_suite("warm-up", target, address, name, *warm_up(jobs, args.concurrency),
-                              local_credentials(args.data_dir, args.api_key)))
-        results[target] = measured(target)
+        results[target] = measured(target, warm=True)
     if args.json_schema:
         credentials = local_credentials(args.data_dir, args.api_key)
         constrained = asyncio.run(run_suite(
