@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -168,27 +169,36 @@ def long_prompts(loaded: LoadedModel, n: int, libraries: dict) -> None:
     """`n` concurrent requests of 2,000 prompt tokens and 64 new ones, through one engine, each build in turn
     (`libraries`: the baseline's first)."""
     tok = loaded.tokenizer
-    driver = EngineDriver()
-    driver.start_thread()
-    engine = Engine("m", loaded.runner, tok, loaded.eos_ids, driver, prefix_cache=False)
     words = tok(" ".join(["The quick brown fox jumps over the lazy dog while the river runs to the sea."] * 200))
     prompts = [[*tok(f"{i}:")["input_ids"], *words["input_ids"]][:2000] for i in range(n)]
     print(f"{n} concurrent requests of 2,000 prompt tokens and 64 new ones, one engine, 2 rounds of each build:")
+    through_one_engine(loaded, prompts, libraries, 2, warm=prompts[:2])
+
+
+def through_one_engine(loaded: LoadedModel, prompts: list[list[int]], libraries: dict, rounds: int,
+                       warm: list[list[int]] | None = None, tokens: int = 64) -> None:
+    """`prompts` submitted at once to one engine (no prefix cache), `tokens` new tokens each, in `rounds` rounds of
+    each build (`libraries`: the baseline's first), alternating which goes first, after a warm-up of `warm` (or of
+    `prompts`); prints each figure's median."""
+    driver = EngineDriver()
+    driver.start_thread()
+    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, prefix_cache=False)
     first, second = libraries
     figures: dict[str, list[dict[str, float]]] = {name: [] for name in libraries}
     try:
-        native.library = lambda: libraries[second]
-        one_round(engine, prompts[:2], 4)                          # warm
-        for order in (list(libraries), list(libraries)[::-1]):
-            for name in order:
+        for name in libraries:
+            native.library = lambda name=name: libraries[name]
+            one_round(engine, warm or prompts, 4)
+        for r in range(rounds):
+            for name in list(libraries) if r % 2 == 0 else list(libraries)[::-1]:
                 native.library = lambda name=name: libraries[name]
-                figures[name].append(one_round(engine, prompts, 64))
+                figures[name].append(one_round(engine, prompts, tokens))
     finally:
         engine.stop()
         driver.stop()
     for key in figures[second][0]:
-        before = sum(f[key] for f in figures[first]) / 2
-        after = sum(f[key] for f in figures[second]) / 2
+        before = statistics.median(f[key] for f in figures[first])
+        after = statistics.median(f[key] for f in figures[second])
         print(f"  {key:<12} {first} {before:10.1f}  {second} {after:10.1f}  ({second} / {first} {after / before:.2f})",
               flush=True)
 
