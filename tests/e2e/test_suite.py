@@ -469,6 +469,26 @@ def test_llmos_bench_drives_an_openai_peer_here_the_suites_own_http_door(suite):
     assert refused.returncode != 0 and "--peer-rounds must be at least 1" in refused.stderr
 
 
+def test_llmos_bench_measures_its_own_openai_door_with_the_peers_client(suite, tmp_path):
+    """`--target openai`: llmos through its OpenAI door (found in the data directory, the local admin key as
+    the bearer token), with the client the peer gets, and the ratios to the peer; without a door to find, a
+    clear refusal."""
+    a = suite.addresses
+    cli = [sys.executable, "-m", "llmos.cli", "--registry", a["registry"], "--gateway", a["gateway"]]
+    out = subprocess.run(
+        [*cli, "--data-dir", str(suite.data_dir), "bench", "--model", "tiny", "--target", "openai", "--fixed",
+         "--requests", "6", "--concurrency", "3", "--max-tokens", "10", "--no-baselines",
+         "--peer", f"http://{suite.http['gateway']}", "--peer-key", suite.identity.admin_key()],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    runs = re.findall(r"^  (llmos via openai|peer ).* tok/s +\((\d+) tokens in", out.stdout, re.M)
+    assert runs == [("llmos via openai", "60"), ("peer ", "60")], out.stdout
+    assert re.search(r"throughput, llmos / peer: [\d.]+x", out.stdout), out.stdout
+    refused = subprocess.run([*cli, "--data-dir", str(tmp_path), "bench", "--model", "tiny", "--target", "openai",
+                              "--requests", "2", "--no-baselines"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "no OpenAI door in" in refused.stderr, refused.stdout + refused.stderr
+
+
 def test_llmos_bench_conversation_times_the_last_turn_with_and_without_the_prefix_cache(suite):
     a = suite.addresses
     out = subprocess.run(

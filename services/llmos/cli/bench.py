@@ -12,6 +12,8 @@ Every figure is printed with its ratio to the baselines measured the same minute
 OpenAI-compatible `/v1/completions` (vLLM, TGI, llama.cpp, Ollama: streaming, `ignore_eos`)
 and prints llmos's figures through the gateway as ratios to the peer's; `--peer-rounds N`
 measures both N times, alternating which goes first, and prints the ratios' medians.
+`--target openai` measures llmos through its own OpenAI door (the one the data directory's
+suite serves, or `--openai URL`) with the client the peer gets: the same client for both.
 
 `--implementations` compares the engine's two forward paths on the model instead, in this
 process: the lean Llama-family forward and the model's own transformers code over llmos's
@@ -37,6 +39,7 @@ from pathlib import Path
 
 from llmos.cli.credentials import client_of_args, local_credentials, open_channel
 from llmos.common.channels import open_aio_channel
+from llmos.common.server import read_http_address
 from llmos.v1 import (
     common_pb2,
     gateway_pb2,
@@ -156,7 +159,8 @@ async def run_suite(label: str, target: str, address: str, model: str, jobs: lis
                   [g for t in traces for g in t.gaps()])
 
 
-async def run_peer(url: str, model: str, jobs: list[tuple[str, int]], concurrency: int, key: str = "") -> Result:
+async def run_peer(url: str, model: str, jobs: list[tuple[str, int]], concurrency: int, key: str = "",
+                   label: str = "") -> Result:
     """The workload against an OpenAI-compatible server: streamed completions, EOS ignored; each
     server-sent event's tokens from its text's share of the final usage (an event is a token
     on the peers measured). The client is aiohttp's, as in vLLM's own serving benchmark: httpx's
@@ -204,8 +208,19 @@ async def run_peer(url: str, model: str, jobs: list[tuple[str, int]], concurrenc
         started = time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         seconds = time.perf_counter() - started
-    return Result(f"peer {url}", sum(t.tokens for t in traces), seconds, [t.ttft for t in traces],
+    return Result(label or f"peer {url}", sum(t.tokens for t in traces), seconds, [t.ttft for t in traces],
                   [g for t in traces for g in t.gaps()])
+
+
+def openai_door(args: argparse.Namespace) -> str:
+    """The URL of llmos's OpenAI door: `--openai`, else the one the gateway of the data directory's suite serves."""
+    if args.openai:
+        return args.openai
+    address_file = Path(args.data_dir) / "run" / "gateway.addr"
+    address = read_http_address(address_file) if address_file.exists() else ""
+    if not address:
+        raise SystemExit(f"--target openai: no OpenAI door in {address_file}; give its URL with --openai")
+    return f"http://{address}"
 
 
 def warm_up(jobs: list[tuple[str, int]], concurrency: int) -> list[tuple[str, int]]:
@@ -533,6 +548,7 @@ def main(args: argparse.Namespace) -> int:
         model = catalog_entry(args)
         print(f"model {model.name}:{model.tag} from {model.store_path} in {args.dtype}")
         return measure_load(model.store_path, args.dtype, args.concurrency, 2048, args.rounds)
+    door = openai_door(args) if args.target == "openai" else ""
     name, path, worker, dtype = resolve(args)
     jobs = workload(args.requests, args.min_tokens, args.max_tokens, args.fixed, args.seed)
     shape = f"fixed {args.max_tokens}" if args.fixed else f"{args.min_tokens}-{args.max_tokens}"
@@ -544,6 +560,13 @@ def main(args: argparse.Namespace) -> int:
     def measured(target: str, warm: bool = False) -> Result:
         address = worker if target == "worker" else args.gateway
         credentials = local_credentials(args.data_dir, args.api_key)
+        if target == "openai":              # the client the peer gets, at llmos's own OpenAI door
+            key = credentials[0] or ""
+            if warm:
+                asyncio.run(run_peer(door, name, warm_up(jobs, args.concurrency), args.concurrency, key))
+            result = asyncio.run(run_peer(door, name, jobs, args.concurrency, key, label="llmos via openai"))
+            print(describe(result))
+            return result
         if warm:
             asyncio.run(run_suite("warm-up", target, address, name, warm_up(jobs, args.concurrency),
                                   args.concurrency, credentials))
@@ -564,7 +587,7 @@ def main(args: argparse.Namespace) -> int:
                                                                jobs, args.concurrency, credentials))
         print(f"  constrained / free throughput: {constrained.tokens_per_s / free.tokens_per_s:.2f}x")
     if args.peer:
-        compared = "gateway" if "gateway" in results else "worker"
+        compared = next(t for t in ("gateway", "openai", "worker") if t in results)
         against_peer(args, name, jobs, results[compared], lambda: measured(compared))
     if args.no_baselines:
         return 0
@@ -591,7 +614,11 @@ def main(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="measure the suite against generate() baselines")
     bench.add_argument("--model", default="smollm2-135m-instruct")
-    bench.add_argument("--target", choices=["gateway", "worker", "both"], default="both")
+    bench.add_argument("--target", choices=["gateway", "worker", "both", "openai"], default="both",
+                       help="llmos's gRPC door, the worker directly, both, or its OpenAI door with the peer's client")
+    bench.add_argument("--openai", default="", metavar="URL",
+                       help="llmos's OpenAI door for --target openai (default: the one the data directory's suite "
+                            "serves)")
     bench.add_argument("--worker", default="", help="worker address (default: where the registry placed the model)")
     bench.add_argument("--requests", type=int, default=64)
     bench.add_argument("--concurrency", type=int, default=16)
