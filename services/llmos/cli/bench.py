@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmos.cli.credentials import client_of_args, local_credentials, open_channel
+from llmos.cli.launcher import address_file_of
 from llmos.common.channels import open_aio_channel
 from llmos.common.server import read_http_address
 from llmos.v1 import (
@@ -216,7 +217,7 @@ def openai_door(args: argparse.Namespace) -> str:
     """The URL of llmos's OpenAI door: `--openai`, else the one the gateway of the data directory's suite serves."""
     if args.openai:
         return args.openai
-    address_file = Path(args.data_dir) / "run" / "gateway.addr"
+    address_file = address_file_of(args.data_dir, "gateway")
     address = read_http_address(address_file) if address_file.exists() else ""
     if not address:
         raise SystemExit(f"--target openai: no OpenAI door in {address_file}; give its URL with --openai")

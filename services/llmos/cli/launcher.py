@@ -42,6 +42,11 @@ NEEDS = {
 }
 
 
+def address_file_of(data_dir: str | Path, name: str) -> Path:
+    """Where process `name` of the suite in `data_dir` writes its addresses (`common.server.write_address_file`)."""
+    return Path(data_dir) / "run" / f"{name}.addr"
+
+
 class SuiteError(RuntimeError):
     pass
 
@@ -202,7 +207,7 @@ class Suite:
                    metrics_port: int | None = None, http_port: int | None = None) -> None:
         service = name.split("-")[0]
         prefix = f"LLMOS_{service.upper()}_"
-        address_file = self.data_dir / "run" / f"{name}.addr"
+        address_file = address_file_of(self.data_dir, name)
         address_file.unlink(missing_ok=True)
         if port is None:
             port = 0 if name != service else self.ports.get(service, DEFAULT_PORTS[service])

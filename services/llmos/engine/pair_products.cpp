@@ -240,10 +240,14 @@ void tile_product(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* w, 
             for (; m + 32 <= padded; m += 32)
                 tile_block<true, true>(a + m * lda, lda, w0, w1, K, out + m * ldo + g * 32, ldo,
                                        M - m < 32 ? M - m : 32, cols, ahead);
-            if (m < padded && step > 0)
-                tile_block<false, true>(a + m * lda, lda, w0, w1, K, out + m * ldo + g * 32, ldo, M - m, cols, ahead);
-            else if (m < padded)
-                tile_block<false, false>(a + m * lda, lda, w0, w1, K, out + m * ldo + g * 32, ldo, M - m, cols, ahead);
+            if (m < padded) {               // the last 16 rows (all of them at 16 rows or fewer: the plain loop)
+                if (step > 0)
+                    tile_block<false, true>(a + m * lda, lda, w0, w1, K, out + m * ldo + g * 32, ldo, M - m, cols,
+                                            ahead);
+                else
+                    tile_block<false, false>(a + m * lda, lda, w0, w1, K, out + m * ldo + g * 32, ldo, M - m, cols,
+                                             ahead);
+            }
         }
         _tile_release();
     }
