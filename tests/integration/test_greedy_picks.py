@@ -1,5 +1,5 @@
-"""The engine's greedy picks on the CPU (`picks.cpp`): torch.argmax's ids for every row asked for, ties,
-NaN, infinities and a vocabulary that is no multiple of the vector width included."""
+"""The engine's greedy picks on the CPU (`picks.cpp`): torch.argmax's ids for every row asked for, of float32
+and of bf16 logits, ties, NaN, infinities and a vocabulary that is no multiple of the vector width included."""
 
 from __future__ import annotations
 
@@ -43,15 +43,16 @@ VOCABS = [49152, 1000, 17, 3]
 
 
 @BUILDS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", VOCABS)
-def test_picks_are_torchs_argmax(vocab):
-    logits = hard_logits(vocab)
+def test_picks_are_torchs_argmax(vocab, dtype):
+    logits = hard_logits(vocab).to(dtype)       # in bf16: ties rounding made, as a bf16 LM head makes them
     rows = list(range(40))
     assert native.greedy_picks(logits, rows) == argmax(logits, rows) == torch.argmax(logits, -1).tolist()
     some = [39, 6, 6, 0, 17]                            # any rows, in any order, repeated
     assert native.greedy_picks(logits, some) == argmax(logits, some)
     assert native.greedy_picks(logits, []) == []
-    wide = torch.randn(5, vocab + 40, generator=torch.Generator().manual_seed(1))[:, 8:8 + vocab]  # rows apart
+    wide = torch.randn(5, vocab + 40, generator=torch.Generator().manual_seed(1)).to(dtype)[:, 8:8 + vocab]  # apart
     assert native.greedy_picks(wide, [0, 4]) == argmax(wide, [0, 4])
 
 
@@ -66,15 +67,16 @@ def test_picks_built_for_a_cpu_without_avx512_are_torchs_argmax(tmp_path):
     built = subprocess.run([os.environ.get("CXX", "g++"), "-O2", "-march=x86-64-v3", "-fopenmp", "-fPIC", "-shared",
                             "-std=c++17", str(source), "-o", str(library)], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
-    kernel = ctypes.CDLL(str(library)).llmos_greedy_picks_f32
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_void_p]
-    for vocab in VOCABS:
-        logits = hard_logits(vocab)
-        rows = torch.tensor([*range(40), 6, 0], dtype=torch.int64)
-        out = torch.empty(len(rows), dtype=torch.int64)
-        kernel(logits.data_ptr(), logits.stride(0), rows.data_ptr(), len(rows), vocab, out.data_ptr())
-        assert out.tolist() == argmax(logits, rows.tolist()), vocab
+    for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        kernel = getattr(ctypes.CDLL(str(library)), f"llmos_greedy_picks_{name}")
+        kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_void_p]
+        for vocab in VOCABS:
+            logits = hard_logits(vocab).to(dtype)
+            rows = torch.tensor([*range(40), 6, 0], dtype=torch.int64)
+            out = torch.empty(len(rows), dtype=torch.int64)
+            kernel(logits.data_ptr(), logits.stride(0), rows.data_ptr(), len(rows), vocab, out.data_ptr())
+            assert out.tolist() == argmax(logits, rows.tolist()), (dtype, vocab)
 
 
 @BUILDS
@@ -86,14 +88,16 @@ def test_the_engines_greedy_picks_take_the_kernel_once_it_is_built(monkeypatch):
     logits = torch.randn(6, 300)
     assert sampling.greedy_picks(logits, [5, 1]) == argmax(logits, [5, 1])
     assert taken == [[5, 1]]
-    assert sampling.greedy_picks(logits.bfloat16(), [2]) == argmax(logits.bfloat16(), [2])     # torch's
-    assert taken == [[5, 1]]
+    assert sampling.greedy_picks(logits.bfloat16(), [2]) == argmax(logits.bfloat16(), [2])
+    assert taken == [[5, 1], [2]]
+    assert sampling.greedy_picks(logits.half(), [3]) == argmax(logits.half(), [3])     # torch's
+    assert taken == [[5, 1], [2]]
 
 
 @BUILDS
 def test_bad_logits_are_refused():
-    with pytest.raises(ValueError, match="float32"):
-        native.greedy_picks(torch.randn(2, 8).bfloat16(), [0])
+    with pytest.raises(ValueError, match="float32 or bf16"):
+        native.greedy_picks(torch.randn(2, 8).half(), [0])
     with pytest.raises(ValueError, match="contiguous"):
         native.greedy_picks(torch.randn(8, 2).t(), [0])
     with pytest.raises(ValueError, match="past"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,7 +43,7 @@ from .driver import EngineDriver
 from .lora import Adapter, LoraBatch, require_adapters
 from .sampling import greedy_picks, logprob_of, make_generator, sample, top_logprobs
 from .sequence import Sequence
-from .textstream import Detokenizer, StopStrings
+from .textstream import Detokenizer, StopStrings, decoder_of
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,11 @@ class Runner(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def forward(self, tokens: torch.Tensor, step: Step, logit_rows: torch.Tensor) -> torch.Tensor:
-        """(A runner whose `supports_adapters` is true takes `lora: lora.LoraBatch` too.)"""
+    def forward(self, tokens: torch.Tensor, step: Step, logit_rows: torch.Tensor,
+                begin: Callable[[], None] | None = None) -> torch.Tensor:
+        """The logits of the rows `logit_rows` of the step's flat batch, in float32 or the model's
+        dtype. Calls `begin` (when given) once the step's inputs are built, as its layers begin. (A
+        runner whose `supports_adapters` is true takes `lora: lora.LoraBatch` too.)"""
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class Engine:
         self.events = events or EngineEvents()
         self.runner = runner
         self.tokenizer = tokenizer
+        self._decode = decoder_of(tokenizer)
         self.eos_ids = eos_ids
         self.prefill_budget = prefill_budget
         self.max_adapters_per_step = max_adapters_per_step
@@ -407,7 +412,10 @@ class Engine:
                 s.constraint.prepare(self._masks)
         started = time.perf_counter()
         arguments = (index(tokens), Step(parts, device), index(rows))
-        logits = self.runner.forward(*arguments) if lora is None else self.runner.forward(*arguments, lora=lora)
+        # The last step's tokens go to their streams as this step's layers begin (`EngineDriver.hand_over`).
+        begin = self._driver.hand_over
+        logits = (self.runner.forward(*arguments, begin=begin) if lora is None
+                  else self.runner.forward(*arguments, lora=lora, begin=begin))
         self._window[2] += time.perf_counter() - started
         for s in decoding:
             s.cached += 1
@@ -449,7 +457,7 @@ class Engine:
     def _begin(self, seq: Sequence) -> None:
         device = self.runner.device
         seq.generator = make_generator(seq.params, device)
-        seq.detok = Detokenizer(self.tokenizer, seq.prompt_ids)
+        seq.detok = Detokenizer(self.tokenizer, seq.prompt_ids, self._decode)
         seq.stops = StopStrings(seq.params.stop)
         if seq.params.repetition_penalty != 1.0:
             # Every token the sequence will hold, filled as they come: no allocation per token.
@@ -467,6 +475,8 @@ class Engine:
         it; returns True when it finished."""
         if seq.cancelled:
             return True
+        if picked is None or seq.params.logprobs or seq.params.top_logprobs:
+            logits = logits.float()     # (a bf16 model's: widened exactly, only where they are read)
         now = time.time_ns()
         if not seq.output_ids:
             seq.first_token_ns = now

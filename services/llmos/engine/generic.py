@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -198,11 +198,15 @@ class GenericRunner:
         return logits if self._trims_logits or logit_rows is None else logits[logit_rows]
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, step: Step, logit_rows: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, step: Step, logit_rows: torch.Tensor,
+                begin: Callable[[], None] | None = None) -> torch.Tensor:
         """Runs one step (the flat batch `step` describes); returns float32 logits of the rows
-        `logit_rows` of the flat batch."""
+        `logit_rows` of the flat batch. `begin` is called as the model's forward begins."""
+        positions = step.positions
+        if begin is not None:
+            begin()
         with _doing((self, step)):
-            return self._run(tokens, step.positions, logit_rows).float()
+            return self._run(tokens, positions, logit_rows).float()
 
     def _check(self, length: int = 8) -> None:
         """A prompt of `length` random tokens in block 1, then one decoded token, against the

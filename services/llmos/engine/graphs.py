@@ -133,7 +133,7 @@ class DecodeGraphs:
 
     def run(self, tokens: torch.Tensor, step: Step,
             forward: Callable[[torch.Tensor, Any], torch.Tensor]) -> torch.Tensor:
-        """The float32 logits [n, vocab] of the n decoding rows of `step` (their tokens `tokens` [n], on
+        """The logits [n, vocab] (the model's dtype) of the n decoding rows of `step` (their tokens `tokens` [n], on
         the device), by replaying the graph of the smallest bucket that holds n (on the CPU, calling
         `forward`, the runner's, over the same buffers). The tensor is the graph's own: read it before
         the next step."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,23 +242,27 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, step: Step, logit_rows: torch.Tensor,
-                lora: LoraBatch | None = None) -> torch.Tensor:
+                lora: LoraBatch | None = None, begin: Callable[[], None] | None = None) -> torch.Tensor:
         """Runs one step (the flat batch `step` describes), each row through its LoRA adapter
-        where `lora` gives it one; returns float32 logits of the rows `logit_rows` of the flat
-        batch. A step of decoding rows only replays a CUDA graph where one was captured."""
+        where `lora` gives it one; returns the logits of the rows `logit_rows` of the flat batch,
+        in the model's dtype (the engine widens to float32 the rows it samples or weighs). A step
+        of decoding rows only replays a CUDA graph where one was captured. `begin` is called as the
+        layers begin."""
         with self._on_device:
             if lora is None and self.graphs is not None and self.graphs.fits(step):
+                if begin is not None:
+                    begin()
                 logits = self.graphs.run(tokens, step, self.layers_forward)
                 return logits if logit_rows.shape[0] == logits.shape[0] else logits[logit_rows]
-            return self._forward(tokens, step, logit_rows, lora)
+            return self._forward(tokens, step, logit_rows, lora, begin)
 
     @torch.inference_mode()
     def layers_forward(self, tokens: torch.Tensor, step: Any) -> torch.Tensor:
-        """The float32 logits of every row of `step` (what a CUDA graph captures)."""
+        """The logits of every row of `step`, in the model's dtype (what a CUDA graph captures)."""
         return self._forward(tokens, step, None, None)
 
     def _forward(self, tokens: torch.Tensor, step: Step, logit_rows: torch.Tensor | None,
-                 lora: LoraBatch | None) -> torch.Tensor:
+                 lora: LoraBatch | None, begin: Callable[[], None] | None = None) -> torch.Tensor:
         """`forward` without graphs (every row's logits when `logit_rows` is None). Each residual add is
         made by the norm after it; with `fused`, the element-wise work runs in the engine's fused
         kernels (x, the step's own hidden state, added to in place)."""
@@ -266,13 +271,18 @@ class LlamaRunner:
         adapted = None if lora is None else self.adapters.step(lora)
         x = F.embedding(tokens, self.embed)
         if lora is None and self.stack is not None and self.fused and self.cache.kernel is not None:
-            pending = native.llama_layers(x, self.stack, self.cos, self.sin, step.positions, step.slots, step.rows(),
+            positions, slots, rows = step.positions, step.slots, step.rows()
+            if begin is not None:
+                begin()                 # the layers' one native call lets the interpreter go
+            pending = native.llama_layers(x, self.stack, self.cos, self.sin, positions, slots, rows,
                                           step.decode_count, hq, self.kv_heads, d, self.eps)
             _, h = self._add_norm(x, pending, self.norm, logit_rows)
-            return linear(h, self.lm_head).float()
+            return linear(h, self.lm_head)
         pending = None                  # the last product, added to x by the next norm
         positions = step.positions
         tables = None if self.fused else (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        if begin is not None:
+            begin()
         for index, layer in enumerate(self.layers):
             x, h = self._add_norm(x, pending, layer.ln1)
             qkv = linear(h, layer.wqkv, layer.bqkv)
@@ -292,4 +302,4 @@ class LlamaRunner:
             if adapted:
                 adapted.add(index, "down", inner, pending)
         _, h = self._add_norm(x, pending, self.norm, logit_rows)
-        return linear(h, self.lm_head).float()
+        return linear(h, self.lm_head)

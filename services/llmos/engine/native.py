@@ -94,8 +94,8 @@ def library() -> ctypes.CDLL:
     lib.llmos_pair_product_bf16.restype = ctypes.c_int
     lib.llmos_pair_product_kind_bf16.argtypes = [_I64]
     lib.llmos_pair_product_kind_bf16.restype = ctypes.c_int
-    lib.llmos_greedy_picks_f32.argtypes = [_P, _I64, _P, _I64, _I64, _P]
-    lib.llmos_greedy_picks_f32.restype = None
+    for name in ("llmos_greedy_picks_f32", "llmos_greedy_picks_bf16"):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = [_P, _I64, _P, _I64, _I64, _P], None
     lib.llmos_llama_layers_bf16.argtypes = [_I64] * 7 + [_F32, _F32] + [_P] * 9 + [_P] * 8 + [_I64] + [_P] * 7 + [
         _I64, _I64]
     lib.llmos_llama_layers_bf16.restype = ctypes.c_int
@@ -206,16 +206,20 @@ def built() -> bool:
     return library.cache_info().currsize > 0
 
 
+PICKED_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
 def greedy_picks(logits: torch.Tensor, rows: list[int]) -> list[int]:
-    """torch.argmax of each of `rows` of the float32 [n, vocab] CPU `logits` (rows contiguous), as ints."""
-    if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1 or logits.is_cuda:
-        raise ValueError("greedy_picks: logits must be float32 [n, vocab] with contiguous rows on the CPU")
+    """torch.argmax of each of `rows` of the float32 or bf16 [n, vocab] CPU `logits` (rows contiguous), as ints."""
+    kind = PICKED_DTYPES.get(logits.dtype)
+    if kind is None or logits.dim() != 2 or logits.stride(1) != 1 or logits.is_cuda:
+        raise ValueError("greedy_picks: logits must be float32 or bf16 [n, vocab] with contiguous rows on the CPU")
     if any(not 0 <= row < logits.shape[0] for row in rows):
         raise ValueError("greedy_picks: a row past the logits")
     which = torch.tensor(rows, dtype=torch.int64)
     out = torch.empty(len(rows), dtype=torch.int64)
-    library().llmos_greedy_picks_f32(logits.data_ptr(), logits.stride(0), which.data_ptr(), len(rows),
-                                     logits.shape[1], out.data_ptr())
+    getattr(library(), f"llmos_greedy_picks_{kind}")(logits.data_ptr(), logits.stride(0), which.data_ptr(), len(rows),
+                                                      logits.shape[1], out.data_ptr())
     return out.tolist()
 
 

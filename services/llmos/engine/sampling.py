@@ -27,8 +27,8 @@ def greedy_picks(logits: torch.Tensor, rows: list[int]) -> list[int]:
     CPU, where the engine's kernels are built, through its own kernel: the same ids."""
     if not rows:
         return []
-    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(-1) == 1
-            and native.built()):
+    if (logits.device.type == "cpu" and logits.dtype in native.PICKED_DTYPES and logits.dim() == 2
+            and logits.stride(-1) == 1 and native.built()):
         return native.greedy_picks(logits, rows)        # the same ids, quicker (`picks.cpp`)
     picked = logits if len(rows) == logits.shape[0] else logits[torch.tensor(rows, device=logits.device)]
     return torch.argmax(picked, dim=-1).tolist()

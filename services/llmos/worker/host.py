@@ -157,10 +157,11 @@ Loader = Callable[..., LoadedModel]
 
 class Outbox:
     """Hands what the engines deliver to the streams' queues on the event loop. What the driver's
-    thread delivers during a round (a step's tokens for every sequence in it) goes over in one
-    wake-up of the loop at the round's end (`flush`, an after-round hook of the driver), not one
-    each: a wake-up is a write to the loop's pipe, and a loop woken mid-step takes the interpreter
-    from the step. What another thread delivers goes at once."""
+    thread delivers (a step's tokens for every sequence in it) goes over in one wake-up of the loop
+    when the driver hands it over (`flush`, a hand-over hook of the driver: as the next step's layers
+    begin, or before the driver waits), not one each: a wake-up is a write to the loop's pipe, and a
+    loop woken while a step's inputs are built takes the interpreter from it. What another thread
+    delivers goes at once."""
 
     def __init__(self, driver: EngineDriver) -> None:
         self._driver = driver
@@ -168,7 +169,7 @@ class Outbox:
         self._items: list[tuple[asyncio.Queue, object]] = []
         self._lock = threading.Lock()
         self._scheduled = False
-        driver.after_round.append(self.flush)
+        driver.on_hand_over.append(self.flush)
 
     def queue(self) -> asyncio.Queue:
         """A stream's queue, on the running loop."""

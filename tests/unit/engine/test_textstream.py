@@ -1,4 +1,6 @@
-from llmos.engine.textstream import Detokenizer, StopStrings
+import random
+
+from llmos.engine.textstream import Detokenizer, StopStrings, decoder_of
 
 
 def test_stop_string_split_over_pieces_is_cut_exactly():
@@ -62,3 +64,49 @@ def test_flush_releases_an_incomplete_character_at_the_end(tiny_tokenizer):
     held = "".join(detok.push(i) for i in ids[:-1])
     assert held == ""
     assert held + detok.flush() == tiny_tokenizer.decode(ids[:-1])
+
+
+def test_a_fast_tokenizers_ids_are_decoded_by_its_backend_as_transformers_decodes_them(tiny_tokenizer):
+    rng = random.Random(0)
+    cases = [[rng.randrange(len(tiny_tokenizer)) for _ in range(rng.randint(1, 8))] for _ in range(300)]
+    # Special tokens among them: skipped by both.
+    expected = [tiny_tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                for ids in cases]
+    real, calls = tiny_tokenizer.backend_tokenizer, []
+
+    class Watched:
+        def decode(self, ids, skip_special_tokens):
+            calls.append(list(ids))
+            return real.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    wrapped = []
+
+    def through_transformers(*args, **kwargs):
+        wrapped.append(args)
+        return type(tiny_tokenizer).decode(tiny_tokenizer, *args, **kwargs)
+
+    tiny_tokenizer._tokenizer = Watched()          # what `backend_tokenizer` returns
+    tiny_tokenizer.decode = through_transformers
+    try:
+        decode = decoder_of(tiny_tokenizer)
+        assert [decode(ids) for ids in cases] == expected
+    finally:
+        tiny_tokenizer._tokenizer = real
+        del tiny_tokenizer.decode
+    assert calls == cases, "each list of ids went to the backend once"
+    assert not wrapped, "and not through transformers' decode"
+
+
+def test_a_tokenizer_whose_class_decodes_its_own_way_is_decoded_through_it(tiny_tokenizer):
+    class Shouting(type(tiny_tokenizer)):
+        def decode(self, token_ids, **kwargs):
+            return super().decode(token_ids, **kwargs).upper()
+
+    tiny_tokenizer.__class__ = Shouting
+    try:
+        ids = tiny_tokenizer("Paris is the capital")["input_ids"]
+        assert decoder_of(tiny_tokenizer)(ids) == "PARIS IS THE CAPITAL"
+        detok = Detokenizer(tiny_tokenizer, prompt_ids=[])
+        assert "".join(detok.push(i) for i in ids) + detok.flush() == "PARIS IS THE CAPITAL"
+    finally:
+        tiny_tokenizer.__class__ = Shouting.__mro__[1]
