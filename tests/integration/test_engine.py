@@ -377,3 +377,35 @@ def test_presence_frequency_penalties_and_logit_bias_match_generate_with_the_sam
         assert run.ids == out[0, ids.shape[1]:].tolist(), params
         plain.append(run.ids == alone[0, ids.shape[1]:].tolist())
     assert plain[-1] and not any(plain[:-1])        # each setting changed the answer it was given
+
+
+def test_a_steps_tokens_are_handed_over_as_the_next_steps_layers_begin_and_the_last_before_the_driver_waits(
+        tiny_model_dir):
+    loaded, engine = start(tiny_model_dir)
+    events: list[tuple[str, int]] = []
+    collector = Collector()
+    runner, forward = loaded.runner, loaded.runner.forward
+
+    def watched(*args, **kwargs):
+        events.append(("step begins", len(collector.chunks)))
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            events.append(("step ends", len(collector.chunks)))
+
+    runner.forward = watched
+    engine.driver.on_hand_over.append(lambda: events.append(("hand over", len(collector.chunks))))
+    try:
+        engine.submit(Sequence("r", loaded.tokenizer(PROMPTS[0])["input_ids"], SamplingParams(), 4, collector))
+        wait_all([collector])
+        # The last step's token before the driver waits (nothing else hands it over): seen before it stops.
+        wait_for(lambda: events and events[-1] == ("hand over", 4), timeout=10)
+    finally:
+        engine.stop()
+    events = events[events.index(("step begins", 0)):]      # (a driver just started may hand over nothing)
+    # Within each step, as its layers begin, a hand-over of what the steps before it delivered, and none
+    # between steps (while the next one's inputs are built)...
+    assert events[:12] == [e for n in range(4) for e in (("step begins", n), ("hand over", n), ("step ends", n))]
+    # ...and after the last step nothing but hand-overs of every token (stopping hands over again).
+    assert events[12] == ("hand over", 4), events
+    assert set(events[12:]) == {("hand over", 4)}, events
