@@ -104,30 +104,37 @@ class EngineDriver:
         return not self._stopping and not self._calls and not any(e.has_work() for e in self._engines)
 
     def _run(self) -> None:
-        while True:
-            with self.wake:
-                idle = self._idle()
-            if idle:
-                self.hand_over()            # before waiting: nothing will hand it over
-            with self.wake:
-                while self._idle():
-                    self.wake.wait(timeout=0.5)
-                if self._stopping and not self._engines:
-                    return
-                for engine in [e for e in self._engines if e.closing]:
-                    engine.close()
-                    self._engines.remove(engine)
-                if self._stopping:
-                    continue
-                ready = [e for e in self._engines if e.has_work()]
-            if self._calls:
-                self.hand_over()            # a call (a load) may take long
-            self._run_calls()
-            handed = self._handed
-            for engine in ready:
-                engine.step()
-            if self._handed == handed:      # no step's layers began (nothing ran, or it failed first)
-                self.hand_over()
+        while self._round():
+            pass
+
+    def _round(self) -> bool:
+        """Waits for work, then runs the calls and a step of each engine that has work; False once
+        stopped. (A round of its own, so that nothing of it, a closed engine least of all, is still
+        held while the driver waits for the next.)"""
+        with self.wake:
+            idle = self._idle()
+        if idle:
+            self.hand_over()            # before waiting: nothing will hand it over
+        with self.wake:
+            while self._idle():
+                self.wake.wait(timeout=0.5)
+            if self._stopping and not self._engines:
+                return False
+            for engine in [e for e in self._engines if e.closing]:
+                engine.close()
+                self._engines.remove(engine)
+            if self._stopping:
+                return True
+            ready = [e for e in self._engines if e.has_work()]
+        if self._calls:
+            self.hand_over()            # a call (a load) may take long
+        self._run_calls()
+        handed = self._handed
+        for engine in ready:
+            engine.step()
+        if self._handed == handed:      # no step's layers began (nothing ran, or it failed first)
+            self.hand_over()
+        return True
 
     def start_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="engine-driver", daemon=True)

@@ -146,8 +146,10 @@ async def renew_leases(model_host: ModelHost, interval: float) -> None:
 
 
 async def build(settings: WorkerSettings, provider: TracerProvider | None = None,
-                driver: EngineDriver | None = None) -> Service:
-    """The worker service. Its engines run on `driver`; without one, on a thread of their own."""
+                driver: EngineDriver | None = None, settle_heap: bool = False) -> Service:
+    """The worker service. Its engines run on `driver`; without one, on a thread of their own. With
+    `settle_heap` (the worker's own process), each model it loads is frozen out of the garbage
+    collector's walks, and unfrozen as it is unloaded (`common.heap`)."""
     if not 0 <= settings.gpu_memory_fraction <= 1:
         raise ValueError("LLMOS_WORKER_GPU_MEMORY_FRACTION must be between 0 and 1, "
                          f"not {settings.gpu_memory_fraction}")
@@ -172,7 +174,8 @@ async def build(settings: WorkerSettings, provider: TracerProvider | None = None
                                         settings.max_adapters_per_step, settings.max_loaded_adapters,
                                         settings.kv_cache_tokens, settings.compile, settings.cuda_graphs,
                                         settings.gpu_memory_fraction),
-                           events=EngineTelemetry(provider.get_tracer("llmos.engine.engine"), host.metrics))
+                           events=EngineTelemetry(provider.get_tracer("llmos.engine.engine"), host.metrics),
+                           settle_heap=settle_heap)
     host.metrics.register(WorkerGauges(worker_id, model_host.status, model_host.memory_in_use))
     await host.set_serving(False)       # ready once registered: before that no one sends it work
     register(host, model_host)
@@ -222,8 +225,9 @@ def main() -> int:
         async def run() -> None:
             control["loop"], control["stop"] = asyncio.get_running_loop(), asyncio.Event()
             ready.set()
-            await run_service(await build(settings, driver=driver), address_file=settings.address_file,
-                              grace=settings.grace_seconds, stop=control["stop"])
+            await run_service(await build(settings, driver=driver, settle_heap=True),
+                              address_file=settings.address_file, grace=settings.grace_seconds,
+                              stop=control["stop"], settle=True)
 
         try:
             run_loop(run())

@@ -18,6 +18,7 @@ from typing import Protocol
 import psutil
 import torch
 
+from llmos.common import heap
 from llmos.common.architectures import CLASSIFY, EMBED, GENERATE, SCORE, TASKS
 from llmos.common.domain import (
     DEFAULT_KV_CACHE_TOKENS,
@@ -205,9 +206,11 @@ class Outbox:
 class ModelHost:
     def __init__(self, worker_id: str, resources: ResourcesPort, device: torch.device,
                  dtype: torch.dtype, driver: EngineDriver, config: EngineConfig = EngineConfig(),
-                 loader: Loader = load_model, events: EngineEvents | None = None) -> None:
+                 loader: Loader = load_model, events: EngineEvents | None = None, settle_heap: bool = False) -> None:
         self.worker_id = worker_id
         self.events = events
+        # A model loaded is frozen out of the garbage collector's walks, and unfrozen as it goes (`common.heap`).
+        self._settle_heap = settle_heap
         self.driver = driver
         self.device = device
         self.dtype = dtype
@@ -311,6 +314,7 @@ class ModelHost:
             served = Served(loaded, engine, lease, Grammars(loaded.tokenizer, loaded.runner.vocab_size, loaded.eos_ids),
                             adapters)
             self._served[model] = served
+            await self._heap(heap.settle)
             return served
 
     async def _start_pooling(self, model: str, path: str, estimated_bytes: int, quantize: str, task: str) -> Pooled:
@@ -334,6 +338,7 @@ class ModelHost:
                 await self._resources.release(lease)
                 raise
             pooled = self._pooled[model] = Pooled(loaded, PoolBatcher(loaded, self.driver.call), lease)
+            await self._heap(heap.settle)
             return pooled
 
     async def pool(self, request_id: str, model: str, task: str, inputs: list[str], pairs: list[str],
@@ -385,6 +390,8 @@ class ModelHost:
             if pooled is not None:
                 pooled.batcher.close()
                 await self._resources.release(pooled.lease)
+                del pooled
+                await self._heap(heap.release)
                 log.info("unloaded %s", model)
                 return
             served = self._served.pop(model, None)
@@ -393,7 +400,14 @@ class ModelHost:
             await asyncio.to_thread(served.engine.stop)
             await served.adapters.close()
             await self._resources.release(served.lease)
+            del served
+            await self._heap(heap.release)
             log.info("unloaded %s", model)
+
+    async def _heap(self, change: Callable[[], None]) -> None:
+        """`heap.settle` or `heap.release` on the driver's thread (between steps), where it is asked for."""
+        if self._settle_heap:
+            await asyncio.wrap_future(self.driver.call(change))
 
     async def _lease_model(self, model: str, estimated: int) -> tuple[str, float]:
         """The model's memory lease, and the share of the GPU its KV cache may fill (0.0: a cache of
