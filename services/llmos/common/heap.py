@@ -5,8 +5,8 @@ some 436,000 (torch, transformers, grpc and the model's own), 180 ms during whic
 is held, so every stream of the process stops; one comes whenever the objects that outlived the
 young collections since the last one reach a quarter of those. What a service holds for its life
 (its modules, its servers, a worker's models) is frozen (`gc.freeze`) once it is up, and a worker's
-again as it loads or unloads a model: full collections then walk only what came since (a
-fraction of a millisecond). Reference counting frees frozen objects as ever; only cycles among
+again as it loads or unloads a model: full collections then walk only what came since (4.6 ms in
+a worker serving 64 streams). Reference counting frees frozen objects as ever; only cycles among
 them wait for `release`.
 """
 

@@ -390,7 +390,7 @@ class ModelHost:
             if pooled is not None:
                 pooled.batcher.close()
                 await self._resources.release(pooled.lease)
-                del pooled
+                del pooled                  # (nothing here holds the model while the collector looks)
                 await self._heap(heap.release)
                 log.info("unloaded %s", model)
                 return
@@ -400,7 +400,7 @@ class ModelHost:
             await asyncio.to_thread(served.engine.stop)
             await served.adapters.close()
             await self._resources.release(served.lease)
-            del served
+            del served                      # (nothing here holds the model while the collector looks)
             await self._heap(heap.release)
             log.info("unloaded %s", model)
 
