@@ -163,6 +163,8 @@ async def test_what_an_outsider_could_do_is_refused(stack):
          "SchedulerService", "AdmitGeneration", scheduler_pb2.AdmitGenerationResponse),
         ("scheduler", scheduler_pb2.FinishGenerationRequest(request_id="x", worker_failed=True),
          "SchedulerService", "FinishGeneration", scheduler_pb2.FinishGenerationResponse),
+        ("scheduler", scheduler_pb2.FinishGenerationsRequest(generations=[{"request_id": "x", "worker_failed": True}]),
+         "SchedulerService", "FinishGenerations", scheduler_pb2.FinishGenerationsResponse),
         ("registry", registry_pb2.RegisterWorkerRequest(worker_id="w1", address="127.0.0.1:1",
                                                         loaded_models=["tiny:latest"]),
          "RegistryService", "RegisterWorker", registry_pb2.RegisterWorkerResponse),

@@ -50,6 +50,7 @@ TABLE: dict[str, Rule] = {
     # Admission and its accounting are the gateway's; a user may ask about their own requests.
     _V1 + "SchedulerService/AdmitGeneration": _rule(None, "gateway"),
     _V1 + "SchedulerService/FinishGeneration": _rule(None, "gateway"),
+    _V1 + "SchedulerService/FinishGenerations": _rule(None, "gateway"),
     _V1 + "SchedulerService/GetSchedulerStats": _rule(ADMIN, "monitor"),
     _V1 + "SchedulerService/GetRequestStatus": _rule(USER, "gateway", "monitor"),
     # The catalog: changes are the admins'; the scheduler loads on a cold start.

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # The errors after which a call goes to another scheduler replica: this one stands by (and may
 # name the leader), or cannot be reached.
 _FAILOVER_REASONS = {"NOT_LEADER", "SCHEDULER_UNREACHABLE"}
+# The most ends one report carries (the scheduler's limit for FinishGenerations).
+MAX_ENDS_A_REPORT = 1024
 
 
 class GrpcScheduler:
@@ -55,6 +57,11 @@ class GrpcScheduler:
             self._authority = host
         self.leader = self._addresses[0]
         self.failover_seconds = failover_seconds
+        # Ends waiting for the report on its way; the task that reports them; False once a
+        # scheduler refused FinishGenerations (an older one): each end goes on its own then.
+        self._ends: list[tuple[scheduler_pb2.FinishGenerationRequest, asyncio.Future]] = []
+        self._reporting: asyncio.Task | None = None
+        self._batches = True
 
     def _stub(self, address: str) -> scheduler_pb2_grpc.SchedulerServiceStub:
         authority = "" if address in self._addresses else self._authority
@@ -111,15 +118,51 @@ class GrpcScheduler:
 
     async def finish(self, request_id: str, reason: FinishReason | None, usage: Usage | None,
                      worker_failed: bool = False, model_not_loaded: bool = False, tenant: str = "") -> None:
+        """Reports an end; returns once the scheduler has it (or could not be told). Ends that
+        come while a report is on its way go together in the next (`FinishGenerations`)."""
         request = scheduler_pb2.FinishGenerationRequest(request_id=request_id, worker_failed=worker_failed,
                                                         model_not_loaded=model_not_loaded,
                                                         finish_reason=FINISH_TO_PROTO[reason], tenant=tenant)
         if usage is not None:
             request.usage.CopyFrom(usage_to_proto(usage))
+        told = asyncio.get_running_loop().create_future()
+        self._ends.append((request, told))
+        if self._reporting is None:
+            self._reporting = asyncio.create_task(self._report_ends())
+        await asyncio.shield(told)      # a caller that leaves does not take its report back
+
+    async def _report_ends(self) -> None:
         try:
-            await self._call("FinishGeneration", request, self.failover_seconds + 10)
-        except LlmosError as exc:
-            log.warning("could not report the end of %s to the scheduler: %s (%s)", request_id, exc.code, exc.reason)
+            while self._ends:
+                batch, self._ends = self._ends[:MAX_ENDS_A_REPORT], self._ends[MAX_ENDS_A_REPORT:]
+                try:
+                    await self._report([request for request, _ in batch])
+                finally:
+                    for _, told in batch:
+                        if not told.done():
+                            told.set_result(None)
+        finally:
+            self._reporting = None
+
+    async def _report(self, ends: list[scheduler_pb2.FinishGenerationRequest]) -> None:
+        timeout = self.failover_seconds + 10
+        if len(ends) > 1 and self._batches:
+            try:
+                await self._call("FinishGenerations", scheduler_pb2.FinishGenerationsRequest(generations=ends), timeout)
+                return
+            except LlmosError as exc:
+                if exc.code != "UNIMPLEMENTED" and exc.reason != "METHOD_NOT_ALLOWED":
+                    log.warning("could not report the end of %d requests (%s, ...) to the scheduler: %s (%s)",
+                                len(ends), ends[0].request_id, exc.code, exc.reason)
+                    return
+                log.info("the scheduler takes no FinishGenerations (%s): reporting each end on its own", exc.code)
+                self._batches = False
+        for end in ends:
+            try:
+                await self._call("FinishGeneration", end, timeout)
+            except LlmosError as exc:
+                log.warning("could not report the end of %s to the scheduler: %s (%s)", end.request_id, exc.code,
+                            exc.reason)
 
 
 class GrpcWorkers:

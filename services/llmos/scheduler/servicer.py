@@ -44,6 +44,19 @@ def outcome_of_finish(finish_reason: int, worker_failed: bool) -> Outcome:
     return Outcome.WORKER_FAILED if worker_failed else _OUTCOME_OF_FINISH.get(finish_reason, Outcome.FAILED)
 
 
+# The most ends one FinishGenerations call reports.
+MAX_FINISHED = 1024
+
+
+def _finish(scheduler: AdmissionControl, request: scheduler_pb2.FinishGenerationRequest) -> None:
+    tokens = None
+    if request.HasField("usage"):
+        tokens = request.usage.prompt_tokens + request.usage.completion_tokens
+    outcome = outcome_of_finish(request.finish_reason, request.worker_failed)
+    scheduler.finish(request.request_id, tokens, outcome=outcome, worker_failed=request.worker_failed,
+                     model_not_loaded=request.model_not_loaded, tenant=request.tenant)
+
+
 def _tenant_usage(scheduler: AdmissionControl, tenant: str, admitted: int) -> scheduler_pb2.TenantUsage:
     in_flight, _, tokens = scheduler.quotas.usage(tenant)
     return scheduler_pb2.TenantUsage(tenant=tenant, admitted=admitted, in_flight=in_flight, window_tokens=tokens)
@@ -80,14 +93,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             adapter=admission.adapter, adapter_path=admission.adapter_path)
 
     async def FinishGeneration(self, request, context):
-        tokens = None
-        if request.HasField("usage"):
-            tokens = request.usage.prompt_tokens + request.usage.completion_tokens
-        outcome = outcome_of_finish(request.finish_reason, request.worker_failed)
-        self.replica.current().finish(request.request_id, tokens, outcome=outcome,
-                                      worker_failed=request.worker_failed, model_not_loaded=request.model_not_loaded,
-                                      tenant=request.tenant)
+        _finish(self.replica.current(), request)
         return scheduler_pb2.FinishGenerationResponse()
+
+    async def FinishGenerations(self, request, context):
+        reports = request.generations
+        if len(reports) > MAX_FINISHED:
+            raise InvalidArgument.field("generations", f"at most {MAX_FINISHED} a call, got {len(reports)}")
+        for i, report in enumerate(reports):
+            if not report.request_id:
+                raise InvalidArgument.field(f"generations[{i}].request_id", "is required")
+        scheduler = self.replica.current()
+        for report in reports:
+            _finish(scheduler, report)
+        return scheduler_pb2.FinishGenerationsResponse()
 
     async def GetSchedulerStats(self, request, context):
         s = self.replica.current()

@@ -97,6 +97,16 @@ class FinishGenerationResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class FinishGenerationsRequest(_message.Message):
+    __slots__ = ("generations",)
+    GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    generations: _containers.RepeatedCompositeFieldContainer[FinishGenerationRequest]
+    def __init__(self, generations: _Optional[_Iterable[_Union[FinishGenerationRequest, _Mapping]]] = ...) -> None: ...
+
+class FinishGenerationsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class GetSchedulerStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -48,6 +48,11 @@ class SchedulerServiceStub:
                 request_serializer=llmos_dot_v1_dot_scheduler__pb2.FinishGenerationRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_scheduler__pb2.FinishGenerationResponse.FromString,
                 _registered_method=True)
+        self.FinishGenerations = channel.unary_unary(
+                '/llmos.v1.SchedulerService/FinishGenerations',
+                request_serializer=llmos_dot_v1_dot_scheduler__pb2.FinishGenerationsRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_scheduler__pb2.FinishGenerationsResponse.FromString,
+                _registered_method=True)
         self.GetSchedulerStats = channel.unary_unary(
                 '/llmos.v1.SchedulerService/GetSchedulerStats',
                 request_serializer=llmos_dot_v1_dot_scheduler__pb2.GetSchedulerStatsRequest.SerializeToString,
@@ -91,6 +96,18 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinishGenerations(self, request, context):
+        """Reports that several admitted generations ended, as `FinishGeneration`
+        does for each, in order: a gateway sends the ends that came while its
+        last report was on its way in one call, so a wave of streams that end in
+        the same step costs the scheduler one call, not one each. Idempotent per
+        request. Errors: INVALID_ARGUMENT (more than 1,024 reports, or one
+        without a `request_id`; none of them is applied).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetSchedulerStats(self, request, context):
         """Reports the queue: running and waiting requests, queue depth per model,
         band and tenant, and each worker's load. Read only.
@@ -121,6 +138,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.FinishGeneration,
                     request_deserializer=llmos_dot_v1_dot_scheduler__pb2.FinishGenerationRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_scheduler__pb2.FinishGenerationResponse.SerializeToString,
+            ),
+            'FinishGenerations': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishGenerations,
+                    request_deserializer=llmos_dot_v1_dot_scheduler__pb2.FinishGenerationsRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_scheduler__pb2.FinishGenerationsResponse.SerializeToString,
             ),
             'GetSchedulerStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSchedulerStats,
@@ -191,6 +213,33 @@ class SchedulerService:
             '/llmos.v1.SchedulerService/FinishGeneration',
             llmos_dot_v1_dot_scheduler__pb2.FinishGenerationRequest.SerializeToString,
             llmos_dot_v1_dot_scheduler__pb2.FinishGenerationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishGenerations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.SchedulerService/FinishGenerations',
+            llmos_dot_v1_dot_scheduler__pb2.FinishGenerationsRequest.SerializeToString,
+            llmos_dot_v1_dot_scheduler__pb2.FinishGenerationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
