@@ -3,6 +3,8 @@ sampling is independent of batch neighbours, stop strings and non-ASCII text str
 
 from __future__ import annotations
 
+import itertools
+import math
 import threading
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmos.common.domain import Chunk, SamplingParams
-from llmos.engine import Engine, EngineDriver, Sequence
+from llmos.engine import Engine, EngineDriver, EngineEvents, Sequence
 from llmos.engine.attention import compiles_attention
 from llmos.engine.loader import load_model
 from tests.support.device import ENGINE_DEVICE
@@ -409,3 +411,43 @@ def test_a_steps_tokens_are_handed_over_as_the_next_steps_layers_begin_and_the_l
     # ...and after the last step nothing but hand-overs of every token (stopping hands over again).
     assert events[12] == ("hand over", 4), events
     assert set(events[12:]) == {("hand over", 4)}, events
+
+
+class StepLog(EngineEvents):
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int]] = []     # (rows decoding, prompt tokens fed) a step
+
+    def step(self, model, batch, prefill_tokens, kv_used, kv_capacity, start_ns, end_ns) -> None:
+        self.steps.append((sum(not s.prefilling for s in batch), prefill_tokens))
+
+
+@pytest.mark.parametrize("step_tokens", [32, 0], ids=["shared", "one-step"])
+def test_prompts_that_arrive_together_are_fed_a_share_a_step_with_the_same_tokens(tiny_model_dir, step_tokens):
+    """On a CPU (`step_tokens` 32, the default there) sixteen prompts that wait together are fed
+    about sqrt(32 x what waits) tokens a step, whole, so the first fed get their first token before
+    the last are fed; with 0 every step feeds the budget. The tokens are the same either way."""
+    loaded = load_model("m", str(tiny_model_dir), ENGINE_DEVICE, torch.float32, 16 * 512, 512, compile=False)
+    driver, log = EngineDriver(), StepLog()
+    engine = Engine("m", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver, 256, log, step_tokens=step_tokens)
+    assert Engine("d", loaded.runner, loaded.tokenizer, loaded.eos_ids, driver).step_tokens == \
+        (32 if ENGINE_DEVICE.type == "cpu" else 0)
+    prompts = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(16)]
+    lengths = [len(loaded.tokenizer(p)["input_ids"]) for p in prompts]
+    # All sixteen wait before the driver runs its first step.
+    runs = [submit(engine, loaded.tokenizer, p, SamplingParams(), 6, f"w{i}") for i, p in enumerate(prompts)]
+    driver.start_thread()
+    try:
+        wait_all(runs)
+    finally:
+        engine.stop()
+        driver.stop()
+    fed = [tokens for _, tokens in log.steps if tokens]
+    assert sum(fed) == sum(lengths)
+    if step_tokens:
+        # The first step: the whole prompts, in arrival order, that fit in isqrt(32 x what waits).
+        share = math.isqrt(32 * sum(lengths))
+        assert fed[0] == max(total for total in itertools.accumulate(lengths) if total <= share)
+        assert len(fed) >= 3
+    else:
+        assert fed == [sum(lengths)]
+    assert [r.ids for r in runs] == reference(tiny_model_dir, prompts, 6)
