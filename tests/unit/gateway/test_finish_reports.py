@@ -3,6 +3,8 @@ while a report is on its way go together in the next; a scheduler without Finish
 told of each on its own."""
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -14,13 +16,19 @@ from llmos.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 
 class OldScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
-    """Records each call; knows FinishGeneration only (as a scheduler before FinishGenerations)."""
+    """Records each call; knows FinishGeneration only (as a scheduler before FinishGenerations),
+    counting the FinishGenerations it was asked and answered UNIMPLEMENTED."""
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []        # the request ids of each call, in order
         self.reports: dict[str, scheduler_pb2.FinishGenerationRequest] = {}
+        self.asked_batches = 0
         self.gate = asyncio.Event()
         self.gate.set()
+
+    async def FinishGenerations(self, request, context):
+        self.asked_batches += 1
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
 
     async def FinishGeneration(self, request, context):
         self.calls.append([request.request_id])
@@ -37,12 +45,19 @@ class Scheduler(OldScheduler):
         return scheduler_pb2.FinishGenerationsResponse()
 
 
-async def _serve(servicer) -> tuple[grpc.aio.Server, str]:
+@contextlib.asynccontextmanager
+async def _gateway_port(servicer) -> AsyncIterator[GrpcScheduler]:
+    """The gateway's port to a real gRPC server run by `servicer`."""
     server = grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return server, f"127.0.0.1:{port}"
+    channels = Channels(TracerProvider())
+    try:
+        yield GrpcScheduler(channels, f"127.0.0.1:{port}")
+    finally:
+        await channels.close()
+        await server.stop(None)
 
 
 async def _wave(scheduler: GrpcScheduler, servicer: OldScheduler, n: int) -> None:
@@ -62,10 +77,7 @@ async def _wave(scheduler: GrpcScheduler, servicer: OldScheduler, n: int) -> Non
 def test_ends_that_come_while_a_report_is_on_its_way_go_together_in_the_next():
     async def main() -> None:
         servicer = Scheduler()
-        server, address = await _serve(servicer)
-        channels = Channels(TracerProvider())
-        try:
-            scheduler = GrpcScheduler(channels, address)
+        async with _gateway_port(servicer) as scheduler:
             await _wave(scheduler, servicer, 20)
             assert servicer.calls == [["r0"], [f"r{i}" for i in range(1, 20)]]
             assert servicer.reports["r0"].finish_reason == common_pb2.FINISH_REASON_LENGTH
@@ -77,9 +89,6 @@ def test_ends_that_come_while_a_report_is_on_its_way_go_together_in_the_next():
             await scheduler.finish("late", None, None, worker_failed=True)
             assert servicer.calls[-1] == ["late"] and servicer.reports["late"].worker_failed
             assert not servicer.reports["late"].HasField("usage")
-        finally:
-            await channels.close()
-            await server.stop(None)
 
     asyncio.run(main())
 
@@ -87,17 +96,13 @@ def test_ends_that_come_while_a_report_is_on_its_way_go_together_in_the_next():
 def test_a_scheduler_without_finish_generations_is_told_of_each_end_on_its_own():
     async def main() -> None:
         servicer = OldScheduler()
-        server, address = await _serve(servicer)
-        channels = Channels(TracerProvider())
-        try:
-            scheduler = GrpcScheduler(channels, address)
+        async with _gateway_port(servicer) as scheduler:
             await _wave(scheduler, servicer, 5)
             assert servicer.calls == [["r0"], ["r1"], ["r2"], ["r3"], ["r4"]]
-            await _wave(scheduler, servicer, 3)        # (it asks no more)
+            assert servicer.asked_batches == 1
+            await _wave(scheduler, servicer, 3)
             assert servicer.calls[5:] == [["r0"], ["r1"], ["r2"]]
-        finally:
-            await channels.close()
-            await server.stop(None)
+            assert servicer.asked_batches == 1          # it asks no more
 
     asyncio.run(main())
 
