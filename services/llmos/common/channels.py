@@ -1,7 +1,9 @@
 """Client channels to other llmos services: traced, over mTLS with this service's
 certificate when it has one, one per address. A peer's failure reaches the caller as the
 typed error it was (`LlmosError`, its code, reason and details kept) from one interceptor,
-so no outbound adapter catches `AioRpcError` itself."""
+so no outbound adapter catches `AioRpcError` itself; the one exception is a stream read once a
+token on a bare channel (`traced=False`), whose caller traces it and types its errors itself
+(`telemetry.client_span`, `status.from_rpc_error`)."""
 
 from __future__ import annotations
 
@@ -68,17 +70,21 @@ class Channels:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[grpc.aio.Channel, type], object] = {}
 
-    def get(self, address: str, authority: str = "") -> grpc.aio.Channel:
+    def get(self, address: str, authority: str = "", traced: bool = True) -> grpc.aio.Channel:
         """The channel to `address`; `authority`: the name its certificate is checked against
         when that is not the address's own (a replica reached at its pod's IP, named by its
-        service's name)."""
+        service's name). `traced=False`: a channel of its own without interceptors, for a hot
+        stream whose every message would otherwise pass through two more generators (the tracing
+        interceptor's and the typed errors'): its caller makes the client span and types errors."""
         key = f"{address}#{authority}" if authority else address
+        if not traced:
+            key += "#bare"
         channel = self._channels.get(key)
         if channel is None:
             target, replicas = replicas_target(address)
             channel = self._security.channel(
                 target, address in self._public,
-                interceptors=[*typed_errors(), *client_interceptors(self._provider)],
+                interceptors=[*typed_errors(), *client_interceptors(self._provider)] if traced else [],
                 options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                          *RECONNECT_OPTIONS, *replicas,
@@ -86,10 +92,10 @@ class Channels:
             self._channels[key] = channel
         return channel
 
-    def stub(self, stub_class: type[S], address: str, authority: str = "") -> S:
+    def stub(self, stub_class: type[S], address: str, authority: str = "", traced: bool = True) -> S:
         """A `stub_class` stub over the channel to `address` (see `get`), made once per channel: a stub
         makes a callable for every method of its service, too much to do for each call."""
-        channel = self.get(address, authority)
+        channel = self.get(address, authority, traced)
         stub = self._stubs.get((channel, stub_class))
         if stub is None:
             stub = self._stubs[channel, stub_class] = stub_class(channel)

@@ -45,7 +45,7 @@ async def build(settings: GatewaySettings, provider: TracerProvider | None = Non
     security = Security.of("gateway", settings)
     channels = Channels(provider, security)
     front = FrontDoor(GrpcScheduler(channels, settings.scheduler_address, settings.scheduler_failover_seconds),
-                      GrpcWorkers(channels))
+                      GrpcWorkers(channels, provider.get_tracer("llmos.gateway")))
     # The public port: clients bring keys, not certificates (plaintext on loopback).
     host = ServiceHost.of("gateway", settings, provider, security, public=True)
     registry = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
