@@ -1,9 +1,9 @@
 """Client channels to other llmos services: traced, over mTLS with this service's
 certificate when it has one, one per address. A peer's failure reaches the caller as the
 typed error it was (`LlmosError`, its code, reason and details kept) from one interceptor,
-so no outbound adapter catches `AioRpcError` itself; the one exception is a stream read once a
-token on a bare channel (`traced=False`), whose caller traces it and types its errors itself
-(`telemetry.client_span`, `status.from_rpc_error`)."""
+so no outbound adapter catches `AioRpcError` itself. The one exception is the gateway's token
+stream from a worker, read on a bare channel (`traced=False`) whose caller traces the call and
+types its errors itself (`telemetry.client_span`, `status.from_rpc_error`)."""
 
 from __future__ import annotations
 
