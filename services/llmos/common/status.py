@@ -163,8 +163,8 @@ def _check_decoded(request: Any, method: str) -> None:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by unary-unary and unary-stream handlers to rich statuses; a
-    request whose bytes do not parse is INVALID_ARGUMENT."""
+    """Maps exceptions raised by handlers to rich statuses; a request whose bytes do not parse
+    is INVALID_ARGUMENT (for calls with one request)."""
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
@@ -205,5 +205,40 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, request_deserializer=_decoding(handler.request_deserializer),
+                response_serializer=handler.response_serializer)
+        # Calls that stream their requests (none of llmos's own yet; the reflection service's):
+        # their errors are statuses too. A request message that does not parse fails as grpc fails it.
+        if handler.stream_unary is not None:
+            client_stream = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await client_stream(requests, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await _abort(context, exc, method)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            both_streams = handler.stream_stream
+
+            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    stream = both_streams(requests, context)
+                    if inspect.isawaitable(stream):      # a handler that writes with context.write
+                        await stream
+                    else:
+                        async for item in stream:
+                            yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await _abort(context, exc, method)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler
