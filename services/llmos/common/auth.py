@@ -30,6 +30,7 @@ import grpc
 from . import authz
 from .errors import PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from .keystore import DEFAULT_TENANT, ApiKey, KeyStore, Role, Tenant, parse_key, secret_matches
+from .status import rewrap
 from .tls import peer_identity
 
 audit = logging.getLogger("llmos.audit")
@@ -364,10 +365,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         guard = self._guard
         admin = guard.table.get(method, authz.Rule()).role is Role.ADMIN
-        if handler.unary_unary is not None:
-            behavior = handler.unary_unary
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def answered(behavior: Any, one_request: bool) -> Any:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 _current.set(await guard.check_async(method, context))
                 if not admin:
                     return await behavior(request, context)
@@ -378,57 +378,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 _audit(method, None)
                 return response
+            return call
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
-            stream_behavior = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def streamed(behavior: Any, one_request: bool) -> Any:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 _current.set(await guard.check_async(method, context))
                 if admin:
                     _audit(method, None, "started")
-                async for item in stream_behavior(request, context):
+                async for item in behavior(request, context):
                     yield item
+            return call
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        # Calls that stream their requests (none of llmos's own yet) are decided the same way: a
-        # handler passed on unchecked would let any caller in.
-        if handler.stream_unary is not None:
-            client_stream = handler.stream_unary
-
-            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                _current.set(await guard.check_async(method, context))
-                if not admin:
-                    return await client_stream(requests, context)
-                try:
-                    response = await client_stream(requests, context)
-                except BaseException as exc:
-                    _audit(method, exc)
-                    raise
-                _audit(method, None)
-                return response
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.stream_stream is not None:
-            both_streams = handler.stream_stream
-
-            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                _current.set(await guard.check_async(method, context))
-                if admin:
-                    _audit(method, None, "started")
-                async for item in both_streams(requests, context):
-                    yield item
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        raise RuntimeError(f"{method}: a handler of no kind the authorization knows")   # (grpc has no other)
+        # Every kind, those that stream their requests too (none of llmos's own yet): a handler
+        # passed on unchecked would let any caller in.
+        return rewrap(handler, answered, streamed)
 
 
 def _audit(method: str, exc: BaseException | None, outcome: str = "") -> None:

@@ -162,37 +162,58 @@ def _check_decoded(request: Any, method: str) -> None:
                               reason="MALFORMED_REQUEST", metadata={"method": method})
 
 
+# The four kinds of gRPC handler: (attribute, maker, whether the call answers once, whether it has one request).
+_KINDS = (("unary_unary", grpc.unary_unary_rpc_method_handler, True, True),
+          ("unary_stream", grpc.unary_stream_rpc_method_handler, False, True),
+          ("stream_unary", grpc.stream_unary_rpc_method_handler, True, False),
+          ("stream_stream", grpc.stream_stream_rpc_method_handler, False, False))
+
+
+def rewrap(handler: grpc.RpcMethodHandler, answered: Any, streamed: Any,
+           one_request_deserializer: Any = None) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour wrapped, whatever its kind: `answered(behavior, one_request)`
+    makes the wrapper of a call that answers once, `streamed(behavior, one_request)` of one that
+    streams its answer (an async generator: no layer added to what it passes on). Calls with one
+    request may have their deserializer wrapped too (`one_request_deserializer`)."""
+    for kind, make, answers_once, one_request in _KINDS:
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            deserializer = handler.request_deserializer
+            if one_request and one_request_deserializer is not None:
+                deserializer = one_request_deserializer(deserializer)
+            return make((answered if answers_once else streamed)(behavior, one_request),
+                        request_deserializer=deserializer, response_serializer=handler.response_serializer)
+    raise RuntimeError("a gRPC handler of no kind gRPC has")
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by handlers to rich statuses; a request whose bytes do not parse
-    is INVALID_ARGUMENT (for calls with one request)."""
+    """Maps exceptions raised by handlers of every kind to rich statuses; a call's one request
+    whose bytes do not parse is INVALID_ARGUMENT (a streamed request that does not, as grpc fails it)."""
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
-        if handler.unary_unary is not None:
-            behavior = handler.unary_unary
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def answered(behavior: Any, one_request: bool) -> Any:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    _check_decoded(request, method)
+                    if one_request:
+                        _check_decoded(request, method)
                     return await behavior(request, context)
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - every error must become a status
                     await _abort(context, exc, method)
+            return call
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=_decoding(handler.request_deserializer),
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
-            stream_behavior = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def streamed(behavior: Any, one_request: bool) -> Any:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    _check_decoded(request, method)
-                    stream = stream_behavior(request, context)
+                    if one_request:
+                        _check_decoded(request, method)
+                    stream = behavior(request, context)
                     if inspect.isawaitable(stream):      # a handler that writes with context.write
                         await stream                     # (grpc's own Health/Watch)
                     else:
@@ -202,43 +223,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except Exception as exc:  # noqa: BLE001
                     await _abort(context, exc, method)
+            return call
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, request_deserializer=_decoding(handler.request_deserializer),
-                response_serializer=handler.response_serializer)
-        # Calls that stream their requests (none of llmos's own yet; the reflection service's):
-        # their errors are statuses too. A request message that does not parse fails as grpc fails it.
-        if handler.stream_unary is not None:
-            client_stream = handler.stream_unary
-
-            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await client_stream(requests, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    await _abort(context, exc, method)
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.stream_stream is not None:
-            both_streams = handler.stream_stream
-
-            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    stream = both_streams(requests, context)
-                    if inspect.isawaitable(stream):      # a handler that writes with context.write
-                        await stream
-                    else:
-                        async for item in stream:
-                            yield item
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    await _abort(context, exc, method)
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return handler
+        return rewrap(handler, answered, streamed, _decoding)
