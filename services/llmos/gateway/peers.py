@@ -176,9 +176,9 @@ GENERATE_TOKENS = "/llmos.v1.WorkerService/GenerateTokens"
 
 
 class GrpcWorkers:
-    def __init__(self, channels: Channels, tracer: trace.Tracer | None = None) -> None:
+    def __init__(self, channels: Channels, tracer: trace.Tracer) -> None:
         self._channels = channels
-        self._tracer = tracer or trace.NoOpTracer()
+        self._tracer = tracer       # (the token stream's client span: a no-op tracer would carry no trace on)
 
     async def generate(self, assignment: Assignment, request_id: str, call: GenerateCall,
                        timeout: float | None) -> AsyncIterator[Chunk]:
