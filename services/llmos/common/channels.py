@@ -158,8 +158,19 @@ class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(client_call_details), request)
 
 
+class _BearerStreamingRequests(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _BearerBothWays(_Bearer, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
 def bearer_interceptors(key: str) -> list:
-    return [_BearerUnary(key), _BearerStream(key)]
+    """The key on calls of every kind (`GenerateMany` streams its requests)."""
+    return [_BearerUnary(key), _BearerStream(key), _BearerStreamingRequests(key), _BearerBothWays(key)]
 
 
 def open_aio_channel(address: str, tls_dir: str | None = None, api_key: str | None = None,

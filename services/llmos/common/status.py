@@ -68,30 +68,43 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, method: str | bytes = "") -> Llmos
     could not be reached at all (UNAVAILABLE from the transport, no details) is named by the
     service of `method`: reason `SCHEDULER_UNREACHABLE` for "/llmos.v1.SchedulerService/...",
     and so on; so is one whose side cancelled the call without saying why (CANCELLED, no ErrorInfo)."""
-    code = exc.code()
+    status = None
+    for key, value in exc.trailing_metadata() or ():
+        if key == rpc_status.GRPC_DETAILS_METADATA_KEY:
+            status = status_pb2.Status.FromString(value)
+    return _typed(exc.code(), exc.details(), status, method)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def from_status(status: status_pb2.Status, method: str | bytes = "") -> LlmosError:
+    """Reads a status that came inside a message (a generation's end in `GenerateMany`) back into
+    a typed error, as `from_rpc_error` reads a failed call's."""
+    return _typed(_CODES.get(status.code, grpc.StatusCode.UNKNOWN), status.message, status, method)
+
+
+def _typed(code: grpc.StatusCode, details: str | None, status: status_pb2.Status | None,
+           method: str | bytes) -> LlmosError:
     if code not in _PASSED_THROUGH:
         return RemoteError("INTERNAL", "internal error in a downstream service",
                            reason="INTERNAL", metadata={})
     reason, metadata, violations, retry_after = code.name, {}, [], None
     explained = False       # the peer said why (llmos's ErrorInfo)
-    for key, value in exc.trailing_metadata() or ():
-        if key != rpc_status.GRPC_DETAILS_METADATA_KEY:
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason, metadata, explained = info.reason, dict(info.metadata), True
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                retry_after = seconds(info.retry_delay)
-    message = exc.details() or code.name.lower()
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata, explained = info.reason, dict(info.metadata), True
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            retry_after = seconds(info.retry_delay)
+    message = details or code.name.lower()
     if code == grpc.StatusCode.CANCELLED and not explained and method:
         # Cancelled by the peer's side, not by a reason of its own: a call this process cancels raises
         # asyncio's CancelledError instead. A server that stops cancels the calls it still holds (a
@@ -118,7 +131,9 @@ _LOGGED: set[tuple[str, str]] = set()
 _MAX_LOGGED = 1024
 
 
-def _as_status(exc: BaseException, method: str) -> status_pb2.Status:
+def status_of(exc: BaseException, method: str) -> status_pb2.Status:
+    """The status a handler's exception answers with: a typed error's own; anything unexpected
+    INTERNAL, its traceback logged (once a method and kind)."""
     if isinstance(exc, LlmosError):
         return to_status(exc)
     if isinstance(exc, grpc.aio.AioRpcError):
@@ -133,7 +148,7 @@ def _as_status(exc: BaseException, method: str) -> status_pb2.Status:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
-    status = _as_status(exc, method)
+    status = status_of(exc, method)
     log.debug("%s failed with code %d: %s", method, status.code, status.message)
     await context.abort_with_status(rpc_status.to_status(status))
 

@@ -27,6 +27,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Status, StatusCode
 
+from .errors import LlmosError
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [trace=%(otel_trace_id)s span=%(otel_span_id)s] %(message)s"
 
 
@@ -70,6 +72,11 @@ PERIODIC_METHODS = ("GetWorkerStatus", "GetSchedulerStats", "RegisterWorker", "R
 
 _PLUMBING_SERVICES = ("grpc.health.v1.Health", "grpc.reflection")
 
+# Calls that carry many requests' work for as long as a channel lives (a gateway's generations on a
+# worker): each request gets spans of its own, made by hand (`client_span`, `server_span`); a span of
+# the call would be a trace of its own hours long.
+CARRIER_METHODS = ("GenerateMany",)
+
 
 def _not_plumbing() -> Callable[[object], bool]:
     """Traces every RPC but health checks, reflection and the periodic polls and heartbeats. (What
@@ -81,7 +88,7 @@ def _not_plumbing() -> Callable[[object], bool]:
         if isinstance(method, bytes):
             method = method.decode()
         service, _, name = method.lstrip("/").rpartition("/")
-        return not (service.startswith(_PLUMBING_SERVICES) or name in PERIODIC_METHODS)
+        return not (service.startswith(_PLUMBING_SERVICES) or name in PERIODIC_METHODS or name in CARRIER_METHODS)
     return traced
 
 
@@ -107,9 +114,25 @@ def client_span(tracer: trace.Tracer, method: str) -> tuple[trace.Span, list[tup
     return span, list(carrier.items())
 
 
+def server_span(tracer: trace.Tracer, method: str, carrier: Mapping[str, str]) -> trace.Span:
+    """A SERVER span for one request carried inside a call (`CARRIER_METHODS`), named and described
+    as the tracing interceptor names a call's own, the child of the span whose context `carrier`
+    holds (what `client_span`'s metadata carried). The caller ends it."""
+    service, name = method.lstrip("/").split("/", 1)
+    return tracer.start_span(method, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER, attributes={
+        "rpc.system": "grpc", "rpc.grpc.status_code": grpc.StatusCode.OK.value[0], "rpc.method": name,
+        "rpc.service": service})
+
+
 def client_span_failed(span: trace.Span, exc: grpc.RpcError) -> None:
     span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc.details()}"))
+
+
+def client_span_ended_with(span: trace.Span, error: LlmosError) -> None:
+    """A hand-made span (`client_span`, `server_span`) whose request ended with a typed error."""
+    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[error.code].value[0])
+    span.set_status(Status(StatusCode.ERROR, f"{error.code}: {error.message}"))
 
 
 class _TraceIds(logging.Filter):
