@@ -70,7 +70,12 @@ async def call(channel: grpc.aio.Channel, service, method) -> grpc.StatusCode | 
     response_type = symbol_database.Default().GetSymbol(method.output_type.full_name)
     path = f"/{service.full_name}/{method.name}"
     try:
-        if method.server_streaming:
+        if method.client_streaming:
+            stream = channel.stream_stream(path, request_serializer=request_type.SerializeToString,
+                                           response_deserializer=response_type.FromString)
+            async for _ in stream(iter([request_type()]), timeout=1.0):
+                pass
+        elif method.server_streaming:
             stream = channel.unary_stream(path, request_serializer=request_type.SerializeToString,
                                           response_deserializer=response_type.FromString)
             async for _ in stream(request_type(), timeout=1.0):

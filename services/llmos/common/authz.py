@@ -77,6 +77,7 @@ TABLE: dict[str, Rule] = {
     _V1 + "WorkerService/StopModel": _rule(None, "registry"),
     # (An admin may stream from a worker directly: `llmos bench` measures the worker alone.)
     _V1 + "WorkerService/GenerateTokens": _rule(ADMIN, "gateway"),
+    _V1 + "WorkerService/GenerateMany": _rule(ADMIN, "gateway"),
     _V1 + "WorkerService/Pool": _rule(ADMIN, "gateway"),
     _V1 + "WorkerService/GetWorkerStatus": _rule(ADMIN, "scheduler", "registry", "monitor"),
     _V1 + "MonitorService/GetClusterHealth": _rule(ADMIN),

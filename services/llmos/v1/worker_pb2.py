@@ -22,39 +22,55 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/worker.proto\x12\x08llmos.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/common.proto\"i\n\x11StartModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x17\n\x0f\x65stimated_bytes\x18\x03 \x01(\x03\x12\x10\n\x08quantize\x18\x04 \x01(\t\x12\x0c\n\x04task\x18\x05 \x01(\t\"K\n\x12StartModelResponse\x12\x16\n\x0emeasured_bytes\x18\x01 \x01(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"!\n\x10StopModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11StopModelResponse\"\xf0\x02\n\x15GenerateTokensRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x06prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\'\n\x08messages\x18\x04 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x03\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x08 \x01(\t\x12\x1d\n\x05tools\x18\t \x03(\x0b\x32\x0e.llmos.v1.Tool\x12)\n\x0btool_choice\x18\n \x01(\x0b\x32\x14.llmos.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x0b \x01(\x08H\x01\x88\x01\x01\x42\t\n\x07_promptB\x16\n\x14_parallel_tool_calls\"\xff\x01\n\x16GenerateTokensResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12+\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x15.llmos.v1.TopLogprobs\x12&\n\ntool_calls\x18\x07 \x03(\x0b\x32\x12.llmos.v1.ToolCall\x12\x0e\n\x06tokens\x18\x08 \x03(\t\"\x18\n\x16GetWorkerStatusRequest\"\xcd\x02\n\x0bLoadedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0emeasured_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x06 \x01(\x03\x12\x0f\n\x07waiting\x18\x07 \x01(\x05\x12\x16\n\x0ekv_tokens_used\x18\x08 \x01(\x03\x12\x1a\n\x12kv_tokens_capacity\x18\t \x01(\x03\x12\x35\n\x11last_request_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmax_running\x18\x0b \x01(\x05\x12\x10\n\x08\x61\x64\x61pters\x18\x0c \x03(\t\x12\x15\n\radapter_bytes\x18\r \x01(\x03\x12\x13\n\x0brequest_ids\x18\x0e \x03(\t\"\xa4\x01\n\x17GetWorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x06models\x18\x02 \x03(\x0b\x32\x15.llmos.v1.LoadedModel\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x04 \x01(\x03\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x13\n\x0brequest_ids\x18\x06 \x03(\t\"\x91\x01\n\x0bPoolRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12\r\n\x05pairs\x18\x04 \x03(\t\x12\x1e\n\x16truncate_prompt_tokens\x18\x05 \x01(\x05\x12\x12\n\ndimensions\x18\x06 \x01(\x05\x12\x0c\n\x04task\x18\x07 \x01(\t\"\x9d\x01\n\x0cPoolResponse\x12$\n\nembeddings\x18\x01 \x03(\x0b\x32\x10.llmos.v1.Vector\x12\'\n\rprobabilities\x18\x02 \x03(\x0b\x32\x10.llmos.v1.Vector\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x0e\n\x06scores\x18\x04 \x03(\x02\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage2\x84\x03\n\rWorkerService\x12G\n\nStartModel\x12\x1b.llmos.v1.StartModelRequest\x1a\x1c.llmos.v1.StartModelResponse\x12\x44\n\tStopModel\x12\x1a.llmos.v1.StopModelRequest\x1a\x1b.llmos.v1.StopModelResponse\x12U\n\x0eGenerateTokens\x12\x1f.llmos.v1.GenerateTokensRequest\x1a .llmos.v1.GenerateTokensResponse0\x01\x12\x35\n\x04Pool\x12\x15.llmos.v1.PoolRequest\x1a\x16.llmos.v1.PoolResponse\x12V\n\x0fGetWorkerStatus\x12 .llmos.v1.GetWorkerStatusRequest\x1a!.llmos.v1.GetWorkerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15llmos/v1/worker.proto\x12\x08llmos.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/common.proto\"i\n\x11StartModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x17\n\x0f\x65stimated_bytes\x18\x03 \x01(\x03\x12\x10\n\x08quantize\x18\x04 \x01(\t\x12\x0c\n\x04task\x18\x05 \x01(\t\"K\n\x12StartModelResponse\x12\x16\n\x0emeasured_bytes\x18\x01 \x01(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"!\n\x10StopModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11StopModelResponse\"\xf0\x02\n\x15GenerateTokensRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x06prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\'\n\x08messages\x18\x04 \x03(\x0b\x32\x15.llmos.v1.ChatMessage\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.llmos.v1.SamplingParams\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x03\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x08 \x01(\t\x12\x1d\n\x05tools\x18\t \x03(\x0b\x32\x0e.llmos.v1.Tool\x12)\n\x0btool_choice\x18\n \x01(\x0b\x32\x14.llmos.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x0b \x01(\x08H\x01\x88\x01\x01\x42\t\n\x07_promptB\x16\n\x14_parallel_tool_calls\"\xff\x01\n\x16GenerateTokensResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.llmos.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage\x12+\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x15.llmos.v1.TopLogprobs\x12&\n\ntool_calls\x18\x07 \x03(\x0b\x32\x12.llmos.v1.ToolCall\x12\x0e\n\x06tokens\x18\x08 \x03(\t\"]\n\x13GenerateManyRequest\x12*\n\x05start\x18\x01 \x01(\x0b\x32\x19.llmos.v1.StartGenerationH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\x04H\x00\x42\x08\n\x06\x61\x63tion\"\xf4\x01\n\x0fStartGeneration\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x30\n\x07request\x18\x02 \x01(\x0b\x32\x1f.llmos.v1.GenerateTokensRequest\x12\x42\n\rtrace_context\x18\x03 \x03(\x0b\x32+.llmos.v1.StartGeneration.TraceContextEntry\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x14GenerateManyResponse\x12)\n\x06pieces\x18\x01 \x03(\x0b\x32\x19.llmos.v1.GenerationPiece\"x\n\x0fGenerationPiece\x12\n\n\x02id\x18\x01 \x01(\x04\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32 .llmos.v1.GenerateTokensResponse\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.llmos.v1.GenerationError\"W\n\x0fGenerationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"\x18\n\x16GetWorkerStatusRequest\"\xcd\x02\n\x0bLoadedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0emeasured_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x06 \x01(\x03\x12\x0f\n\x07waiting\x18\x07 \x01(\x05\x12\x16\n\x0ekv_tokens_used\x18\x08 \x01(\x03\x12\x1a\n\x12kv_tokens_capacity\x18\t \x01(\x03\x12\x35\n\x11last_request_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmax_running\x18\x0b \x01(\x05\x12\x10\n\x08\x61\x64\x61pters\x18\x0c \x03(\t\x12\x15\n\radapter_bytes\x18\r \x01(\x03\x12\x13\n\x0brequest_ids\x18\x0e \x03(\t\"\xa4\x01\n\x17GetWorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x06models\x18\x02 \x03(\x0b\x32\x15.llmos.v1.LoadedModel\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x04 \x01(\x03\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x13\n\x0brequest_ids\x18\x06 \x03(\t\"\x91\x01\n\x0bPoolRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12\r\n\x05pairs\x18\x04 \x03(\t\x12\x1e\n\x16truncate_prompt_tokens\x18\x05 \x01(\x05\x12\x12\n\ndimensions\x18\x06 \x01(\x05\x12\x0c\n\x04task\x18\x07 \x01(\t\"\x9d\x01\n\x0cPoolResponse\x12$\n\nembeddings\x18\x01 \x03(\x0b\x32\x10.llmos.v1.Vector\x12\'\n\rprobabilities\x18\x02 \x03(\x0b\x32\x10.llmos.v1.Vector\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x0e\n\x06scores\x18\x04 \x03(\x02\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.llmos.v1.Usage2\xd7\x03\n\rWorkerService\x12G\n\nStartModel\x12\x1b.llmos.v1.StartModelRequest\x1a\x1c.llmos.v1.StartModelResponse\x12\x44\n\tStopModel\x12\x1a.llmos.v1.StopModelRequest\x1a\x1b.llmos.v1.StopModelResponse\x12U\n\x0eGenerateTokens\x12\x1f.llmos.v1.GenerateTokensRequest\x1a .llmos.v1.GenerateTokensResponse0\x01\x12Q\n\x0cGenerateMany\x12\x1d.llmos.v1.GenerateManyRequest\x1a\x1e.llmos.v1.GenerateManyResponse(\x01\x30\x01\x12\x35\n\x04Pool\x12\x15.llmos.v1.PoolRequest\x1a\x16.llmos.v1.PoolResponse\x12V\n\x0fGetWorkerStatus\x12 .llmos.v1.GetWorkerStatusRequest\x1a!.llmos.v1.GetWorkerStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmos.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STARTMODELREQUEST']._serialized_start=91
-  _globals['_STARTMODELREQUEST']._serialized_end=196
-  _globals['_STARTMODELRESPONSE']._serialized_start=198
-  _globals['_STARTMODELRESPONSE']._serialized_end=273
-  _globals['_STOPMODELREQUEST']._serialized_start=275
-  _globals['_STOPMODELREQUEST']._serialized_end=308
-  _globals['_STOPMODELRESPONSE']._serialized_start=310
-  _globals['_STOPMODELRESPONSE']._serialized_end=329
-  _globals['_GENERATETOKENSREQUEST']._serialized_start=332
-  _globals['_GENERATETOKENSREQUEST']._serialized_end=700
-  _globals['_GENERATETOKENSRESPONSE']._serialized_start=703
-  _globals['_GENERATETOKENSRESPONSE']._serialized_end=958
-  _globals['_GETWORKERSTATUSREQUEST']._serialized_start=960
-  _globals['_GETWORKERSTATUSREQUEST']._serialized_end=984
-  _globals['_LOADEDMODEL']._serialized_start=987
-  _globals['_LOADEDMODEL']._serialized_end=1320
-  _globals['_GETWORKERSTATUSRESPONSE']._serialized_start=1323
-  _globals['_GETWORKERSTATUSRESPONSE']._serialized_end=1487
-  _globals['_POOLREQUEST']._serialized_start=1490
-  _globals['_POOLREQUEST']._serialized_end=1635
-  _globals['_POOLRESPONSE']._serialized_start=1638
-  _globals['_POOLRESPONSE']._serialized_end=1795
-  _globals['_WORKERSERVICE']._serialized_start=1798
-  _globals['_WORKERSERVICE']._serialized_end=2186
+  _globals['_STARTGENERATION_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_STARTGENERATION_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_STARTMODELREQUEST']._serialized_start=150
+  _globals['_STARTMODELREQUEST']._serialized_end=255
+  _globals['_STARTMODELRESPONSE']._serialized_start=257
+  _globals['_STARTMODELRESPONSE']._serialized_end=332
+  _globals['_STOPMODELREQUEST']._serialized_start=334
+  _globals['_STOPMODELREQUEST']._serialized_end=367
+  _globals['_STOPMODELRESPONSE']._serialized_start=369
+  _globals['_STOPMODELRESPONSE']._serialized_end=388
+  _globals['_GENERATETOKENSREQUEST']._serialized_start=391
+  _globals['_GENERATETOKENSREQUEST']._serialized_end=759
+  _globals['_GENERATETOKENSRESPONSE']._serialized_start=762
+  _globals['_GENERATETOKENSRESPONSE']._serialized_end=1017
+  _globals['_GENERATEMANYREQUEST']._serialized_start=1019
+  _globals['_GENERATEMANYREQUEST']._serialized_end=1112
+  _globals['_STARTGENERATION']._serialized_start=1115
+  _globals['_STARTGENERATION']._serialized_end=1359
+  _globals['_STARTGENERATION_TRACECONTEXTENTRY']._serialized_start=1308
+  _globals['_STARTGENERATION_TRACECONTEXTENTRY']._serialized_end=1359
+  _globals['_GENERATEMANYRESPONSE']._serialized_start=1361
+  _globals['_GENERATEMANYRESPONSE']._serialized_end=1426
+  _globals['_GENERATIONPIECE']._serialized_start=1428
+  _globals['_GENERATIONPIECE']._serialized_end=1548
+  _globals['_GENERATIONERROR']._serialized_start=1550
+  _globals['_GENERATIONERROR']._serialized_end=1637
+  _globals['_GETWORKERSTATUSREQUEST']._serialized_start=1639
+  _globals['_GETWORKERSTATUSREQUEST']._serialized_end=1663
+  _globals['_LOADEDMODEL']._serialized_start=1666
+  _globals['_LOADEDMODEL']._serialized_end=1999
+  _globals['_GETWORKERSTATUSRESPONSE']._serialized_start=2002
+  _globals['_GETWORKERSTATUSRESPONSE']._serialized_end=2166
+  _globals['_POOLREQUEST']._serialized_start=2169
+  _globals['_POOLREQUEST']._serialized_end=2314
+  _globals['_POOLRESPONSE']._serialized_start=2317
+  _globals['_POOLRESPONSE']._serialized_end=2474
+  _globals['_WORKERSERVICE']._serialized_start=2477
+  _globals['_WORKERSERVICE']._serialized_end=2948
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,11 @@ class WorkerServiceStub:
                 request_serializer=llmos_dot_v1_dot_worker__pb2.GenerateTokensRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_worker__pb2.GenerateTokensResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/llmos.v1.WorkerService/GenerateMany',
+                request_serializer=llmos_dot_v1_dot_worker__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_worker__pb2.GenerateManyResponse.FromString,
+                _registered_method=True)
         self.Pool = channel.unary_unary(
                 '/llmos.v1.WorkerService/Pool',
                 request_serializer=llmos_dot_v1_dot_worker__pb2.PoolRequest.SerializeToString,
@@ -97,6 +102,21 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateMany(self, request_iterator, context):
+        """Runs many generations over one call, as the gateway streams from a
+        worker: each request message starts a generation or cancels one; each
+        response message carries what generations produced since the last one
+        (an engine step's tokens for all of them in one message, where
+        `GenerateTokens` sends a message a generation). A generation runs as
+        `GenerateTokens` runs it; one that fails ends alone, its status in its
+        last piece, and the call goes on. Ending the call cancels the generations
+        it still runs. Errors of the call itself: INVALID_ARGUMENT (a message
+        that neither starts nor cancels, or a start whose `id` is running).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Pool(self, request, context):
         """Runs a pooling model (embed, classify, score) over a batch of inputs:
         one forward, no generation, batched with other requests' inputs.
@@ -129,6 +149,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.GenerateTokens,
                     request_deserializer=llmos_dot_v1_dot_worker__pb2.GenerateTokensRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_worker__pb2.GenerateTokensResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=llmos_dot_v1_dot_worker__pb2.GenerateManyRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_worker__pb2.GenerateManyResponse.SerializeToString,
             ),
             'Pool': grpc.unary_unary_rpc_method_handler(
                     servicer.Pool,
@@ -224,6 +249,33 @@ class WorkerService:
             '/llmos.v1.WorkerService/GenerateTokens',
             llmos_dot_v1_dot_worker__pb2.GenerateTokensRequest.SerializeToString,
             llmos_dot_v1_dot_worker__pb2.GenerateTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/llmos.v1.WorkerService/GenerateMany',
+            llmos_dot_v1_dot_worker__pb2.GenerateManyRequest.SerializeToString,
+            llmos_dot_v1_dot_worker__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
+import grpc
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from llmos.common.architectures import GENERATE
 from llmos.common.convert import (
@@ -13,12 +16,19 @@ from llmos.common.convert import (
     fill_chunk,
     input_from_proto,
     sampling_from_proto,
+    seconds,
     timestamp,
 )
-from llmos.common.errors import InvalidArgument
+from llmos.common.domain import Chunk
+from llmos.common.errors import DeadlineExceeded, InvalidArgument
+from llmos.common.status import status_of
+from llmos.common.telemetry import server_span
 from llmos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 from .host import ModelHost
+from .many import ManyGenerations
+
+GENERATE_MANY = "/llmos.v1.WorkerService/GenerateMany"
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -48,6 +58,42 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return worker_pb2.StopModelResponse()
 
     async def GenerateTokens(self, request, context):
+        async for chunk in self._generation(request, trace.get_current_span()):
+            yield fill_chunk(worker_pb2.GenerateTokensResponse(), chunk)
+
+    async def GenerateMany(self, request_iterator, context):
+        async for response in ManyGenerations(request_iterator, self._run_one).stream():
+            yield response
+
+    async def _run_one(self, start: worker_pb2.StartGeneration, put) -> None:
+        """One generation of a `GenerateMany` call, under a span of its own: its pieces to `put`,
+        a failure as its last piece."""
+        span = server_span(self.tracer, GENERATE_MANY, start.trace_context)
+        try:
+            timeout = seconds(start.timeout) if start.HasField("timeout") else None
+            with trace.use_span(span, end_on_exit=False):
+                try:
+                    async with asyncio.timeout(timeout):
+                        async for chunk in self._generation(start.request, span):
+                            put(worker_pb2.GenerationPiece(
+                                id=start.id, chunk=fill_chunk(worker_pb2.GenerateTokensResponse(), chunk)))
+                except TimeoutError:
+                    raise DeadlineExceeded(f"the generation ran past its timeout of {timeout:g} s",
+                                           reason="DEADLINE_EXCEEDED") from None
+        except asyncio.CancelledError:
+            span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
+            raise
+        except Exception as exc:        # noqa: BLE001 (any failure ends this generation alone)
+            status = status_of(exc, GENERATE_MANY)
+            span.set_attribute("rpc.grpc.status_code", status.code)
+            span.set_status(Status(StatusCode.ERROR, status.message))
+            put(worker_pb2.GenerationPiece(id=start.id, error=worker_pb2.GenerationError(
+                code=status.code, message=status.message, details=status.details)))
+        finally:
+            span.end()
+
+    async def _generation(self, request: worker_pb2.GenerateTokensRequest, span: trace.Span) -> AsyncIterator[Chunk]:
+        """A generation's chunks, its request checked first; `span` is the request's."""
         errors = Violations()
         if not request.request_id:
             errors.add("request_id", "is required")
@@ -62,7 +108,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if request.token_budget < 0:
             errors.add("token_budget", "must be 0 (no limit) or more")
         errors.raise_if_any()
-        span = trace.get_current_span()
         span.set_attributes({"gen_ai.request.model": request.model, "llmos.request.id": request.request_id})
         if request.adapter:
             span.set_attribute("llmos.adapter", request.adapter)
@@ -74,7 +119,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 span.set_attributes({"gen_ai.response.finish_reasons": [chunk.finish_reason.name.lower()],
                                      "gen_ai.usage.input_tokens": chunk.usage.prompt_tokens,
                                      "gen_ai.usage.output_tokens": chunk.usage.completion_tokens})
-            yield fill_chunk(worker_pb2.GenerateTokensResponse(), chunk)
+            yield chunk
 
     async def Pool(self, request, context):
         errors = Violations()
