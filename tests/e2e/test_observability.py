@@ -68,7 +68,7 @@ def one(spans, **match):
     return found[0]
 
 
-WORKER_SPAN = {"service": "llmos-worker", "name": "/llmos.v1.WorkerService/GenerateTokens"}
+WORKER_SPAN = {"service": "llmos-worker", "name": "/llmos.v1.WorkerService/GenerateMany"}
 GATEWAY_ROOT = {"service": "llmos-gateway", "parent_id": ""}
 
 

@@ -120,7 +120,7 @@ def test_one_generate_is_one_trace_across_the_processes(client, trace_receiver):
     while time.monotonic() < deadline:
         spans = trace_receiver.snapshot()
         ours = [s for s in spans if s["attributes"].get("gen_ai.response.id") == request_id]
-        servers = [s for s in spans if s["name"] == "/llmos.v1.WorkerService/GenerateTokens"
+        servers = [s for s in spans if s["name"] == "/llmos.v1.WorkerService/GenerateMany"
                    and s["service"] == "llmos-worker" and ours and s["trace_id"] == ours[0]["trace_id"]]
         if servers:
             worker_span = servers[-1]
@@ -143,7 +143,7 @@ def test_one_generate_is_one_trace_across_the_processes(client, trace_receiver):
     # span: parent to child across the processes.
     inference = next(s for s in trace if s["service"] == "llmos-gateway" and s["name"] == "text_completion tiny")
     assert inference["parent_id"] == gateway_span["span_id"]
-    for method, service in [("/llmos.v1.WorkerService/GenerateTokens", "llmos-worker"),
+    for method, service in [("/llmos.v1.WorkerService/GenerateMany", "llmos-worker"),
                             ("/llmos.v1.SchedulerService/AdmitGeneration", "llmos-scheduler")]:
         server = next(s for s in trace if s["name"] == method and s["service"] == service
                       and s["parent_id"])

@@ -124,7 +124,7 @@ def test_one_generate_reads_back_from_phoenix_as_one_trace_through_every_service
     assert all(s["parent_id"] in by_id for s in trace if s["parent_id"] is not None)
     names = {(s["attributes"]["llmos.service"], s["name"]) for s in trace}
     assert {("llmos-scheduler", "queue wait"), ("llmos-scheduler", "cold start"), ("llmos-worker", "prefill"),
-            ("llmos-worker", "/llmos.v1.WorkerService/GenerateTokens"),
+            ("llmos-worker", "/llmos.v1.WorkerService/GenerateMany"),
             ("llmos-resources", "/llmos.v1.ResourceService/AcquireLease")} <= names, names
     # Phoenix reads the gen_ai attributes as an LLM span, with its token counts.
     a = inference["attributes"]

@@ -38,14 +38,18 @@ class GatewaySettings(ServiceSettings):
     # An HTTP connection that has not sent a whole request head this long after it opened (or
     # after its last response) is closed, seconds.
     http_header_timeout_seconds: float = 10.0
+    # A worker's generations share one call (`GenerateMany`: a step's tokens in one message); off:
+    # a `GenerateTokens` call each, as with a worker that has no `GenerateMany`.
+    share_worker_calls: bool = True
 
 
 async def build(settings: GatewaySettings, provider: TracerProvider | None = None) -> Service:
     provider = provider or make_tracer_provider("gateway")
     security = Security.of("gateway", settings)
     channels = Channels(provider, security)
+    workers = GrpcWorkers(channels, provider.get_tracer("llmos.gateway"), settings.share_worker_calls)
     front = FrontDoor(GrpcScheduler(channels, settings.scheduler_address, settings.scheduler_failover_seconds),
-                      GrpcWorkers(channels, provider.get_tracer("llmos.gateway")))
+                      workers)
     # The public port: clients bring keys, not certificates (plaintext on loopback).
     host = ServiceHost.of("gateway", settings, provider, security, public=True)
     registry = registry_pb2_grpc.RegistryServiceStub(channels.get(settings.registry_address))
@@ -64,7 +68,8 @@ async def build(settings: GatewaySettings, provider: TracerProvider | None = Non
         replicas = [a.strip() for a in settings.scheduler_address.split(",") if a.strip()]
         await follow_peer(host, [channels.get(a) for a in replicas], "the scheduler")
 
-    return Service(host, background=[follow_scheduler], cleanups=[front.drain, channels.close], door=door)
+    return Service(host, background=[follow_scheduler], cleanups=[front.drain, workers.close, channels.close],
+                   door=door)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,13 @@ from llmos.common.convert import (
     usage_to_proto,
 )
 from llmos.common.domain import Chunk, FinishReason, PoolingInput, PoolOutput, Usage
-from llmos.common.errors import LlmosError
+from llmos.common.errors import LlmosError, RemoteError
 from llmos.common.status import from_rpc_error
-from llmos.common.telemetry import client_span, client_span_failed
+from llmos.common.telemetry import client_span, client_span_ended_with, client_span_failed
 from llmos.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from .frontdoor import Assignment, GenerateCall
+from .worker_link import GENERATE_MANY, NotServed, WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -170,15 +171,21 @@ class GrpcScheduler:
                             exc.reason)
 
 
-# The token stream: on a bare channel (every token would otherwise pass two more generators in
-# the gateway, ~7% of its CPU at 64 streams), traced and typed here as the interceptors would.
+# The token streams: on a bare channel (every token would otherwise pass two more generators in
+# the gateway, ~7% of its CPU at 64 streams), traced and typed here as the interceptors would. A
+# worker's generations share one `GenerateMany` call (`WorkerLink`); a worker without it streams a
+# `GenerateTokens` call each.
 GENERATE_TOKENS = "/llmos.v1.WorkerService/GenerateTokens"
 
 
 class GrpcWorkers:
-    def __init__(self, channels: Channels, tracer: trace.Tracer) -> None:
+    def __init__(self, channels: Channels, tracer: trace.Tracer, share_calls: bool = True) -> None:
         self._channels = channels
         self._tracer = tracer       # (the token stream's client span: a no-op tracer would carry no trace on)
+        self._links: dict[str, WorkerLink] = {}
+        # Workers that take no GenerateMany; with `share_calls` off, every worker is treated so.
+        self._one_call_each: set[str] = set()
+        self._share_calls = share_calls
 
     async def generate(self, assignment: Assignment, request_id: str, call: GenerateCall,
                        timeout: float | None) -> AsyncIterator[Chunk]:
@@ -190,7 +197,15 @@ class GrpcWorkers:
             token_budget=call.reserved_tokens if call.quota.tokens_per_minute else 0,
             adapter=assignment.adapter, adapter_path=assignment.adapter_path)
         input_to_proto(call.source, request)
-        stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, assignment.worker_address, traced=False)
+        address = assignment.worker_address
+        if self._share_calls and address not in self._one_call_each:
+            try:
+                async for chunk in self._over_link(address, request, timeout):
+                    yield chunk
+                return
+            except NotServed:       # (raised before any chunk)
+                self._one_call_each.add(address)
+        stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, address, traced=False)
         span, metadata = client_span(self._tracer, GENERATE_TOKENS)
         stream = stub.GenerateTokens(request, timeout=timeout, metadata=metadata)
         try:
@@ -202,6 +217,30 @@ class GrpcWorkers:
         finally:
             stream.cancel()
             span.end()
+
+    async def _over_link(self, address: str, request: worker_pb2.GenerateTokensRequest,
+                         timeout: float | None) -> AsyncIterator[Chunk]:
+        link = self._links.get(address)
+        if link is None or not link.open:
+            stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, address, traced=False)
+            link = self._links[address] = WorkerLink(stub, address)
+        span, metadata = client_span(self._tracer, GENERATE_MANY)
+        try:
+            async for response in link.generate(request, timeout, dict(metadata)):
+                yield chunk_from_proto(response)
+        except LlmosError as exc:
+            client_span_ended_with(span, exc)
+            raise
+        except NotServed:
+            client_span_ended_with(span, RemoteError("UNIMPLEMENTED", "the worker takes no GenerateMany: streamed with "
+                                                     "GenerateTokens", reason="UNIMPLEMENTED", metadata={}))
+            raise
+        finally:
+            span.end()
+
+    async def close(self) -> None:
+        links, self._links = list(self._links.values()), {}
+        await asyncio.gather(*(link.close() for link in links))
 
     async def _pool(self, assignment: Assignment, request_id: str, pooling: PoolingInput,
                     timeout: float | None) -> Chunk:

@@ -1,4 +1,5 @@
-"""The gateway's token stream from a worker, against a real gRPC server: it reads a channel
+"""The gateway's token stream from a worker, against a real gRPC server that has no GenerateMany (an older
+worker: each generation a GenerateTokens call of its own): it reads a channel
 without interceptors, so the client span, the trace context the worker continues and the typed
 errors are the gateway's own work, checked here as the interceptors would have made them."""
 
@@ -21,6 +22,7 @@ from llmos.common.errors import FailedPrecondition, LlmosError
 from llmos.common.status import to_status
 from llmos.gateway.frontdoor import Assignment, GenerateCall
 from llmos.gateway.peers import GENERATE_TOKENS, GrpcWorkers
+from llmos.gateway.worker_link import GENERATE_MANY
 from llmos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 CALL = GenerateCall("tiny", GenerationInput(prompt="hi"), SamplingParams(), request_id="r1")
@@ -104,7 +106,7 @@ def test_a_workers_error_mid_stream_is_its_typed_error_and_fails_the_client_span
             assert [c.text for c in chunks] == ["Par"]
             assert caught.value.code == "FAILED_PRECONDITION" and caught.value.message == "the adapter went away"
             assert caught.value.reason == "ADAPTER_GONE" and caught.value.metadata == {"adapter": "a1"}
-            (span,) = exporter.get_finished_spans()
+            (span,) = [s for s in exporter.get_finished_spans() if s.name == GENERATE_TOKENS]
             assert span.status.status_code is trace.StatusCode.ERROR
             assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     asyncio.run(main())
@@ -130,3 +132,18 @@ def socket_closed():
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     yield address
+
+
+def test_a_worker_without_generate_many_is_asked_once_then_streamed_a_call_a_generation():
+    async def main() -> None:
+        servicer, exporter = Worker(), InMemorySpanExporter()
+        async with _workers(servicer, exporter) as (workers, address, tracer):
+            for _ in range(2):
+                *chunks, _parent = await _read(workers, address, "tiny:latest", tracer)
+                assert [c.text for c in chunks] == ["Par", "is"]
+            assert len(servicer.traceparents) == 2
+            names = [s.name for s in exporter.get_finished_spans() if s.name != "inference"]
+            assert names == [GENERATE_MANY, GENERATE_TOKENS, GENERATE_TOKENS]
+            (attempt,) = [s for s in exporter.get_finished_spans() if s.name == GENERATE_MANY]
+            assert attempt.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    asyncio.run(main())

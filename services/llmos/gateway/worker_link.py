@@ -1,0 +1,125 @@
+"""The gateway's one `GenerateMany` call to a worker, carrying every generation it streams from it.
+
+A generation is started by a message on the call and read from a mailbox that the call's reader
+fills: a step's tokens for all of them arrive as one message, where a stream each took one message
+(and one read) a token each. A generation that ends early (its client left) is cancelled by a
+message; one that fails gets its own typed error; when the call itself fails, every generation on
+it gets the call's error (a worker that went away: UNAVAILABLE, `WORKER_UNREACHABLE`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import grpc
+
+from llmos.common.convert import duration
+from llmos.common.errors import DeadlineExceeded, LlmosError, Unavailable
+from llmos.common.status import from_rpc_error, from_status
+from llmos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+GENERATE_MANY = "/llmos.v1.WorkerService/GenerateMany"
+
+# How long past a generation's timeout the gateway waits for the worker to end it before it ends it
+# itself (a worker that has stopped answering), seconds.
+DEADLINE_GRACE = 1.0
+
+
+class NotServed(Exception):
+    """The worker takes no `GenerateMany` (an older one): nothing was generated; stream one call a
+    generation instead."""
+
+
+class WorkerLink:
+    def __init__(self, stub: worker_pb2_grpc.WorkerServiceStub, address: str) -> None:
+        self.address = address
+        self._call = stub.GenerateMany()
+        self._mailboxes: dict[int, asyncio.Queue] = {}
+        self._next_id = 0
+        self._writing = asyncio.Lock()
+        self._chores: set[asyncio.Task] = set()
+        self.failure: LlmosError | NotServed | None = None     # set once the call has ended
+        self._reader = asyncio.create_task(self._read())
+
+    @property
+    def open(self) -> bool:
+        return self.failure is None
+
+    async def _read(self) -> None:
+        failure: LlmosError | NotServed = Unavailable(f"worker {self.address} ended the generations' call",
+                                                      reason="WORKER_UNREACHABLE")
+        try:
+            async for response in self._call:
+                for piece in response.pieces:
+                    mailbox = self._mailboxes.get(piece.id)
+                    if mailbox is not None:         # (one cancelled may still have had a piece on its way)
+                        mailbox.put_nowait(piece)
+        except grpc.aio.AioRpcError as exc:
+            failure = from_rpc_error(exc, GENERATE_MANY)
+            if failure.code == "UNIMPLEMENTED" or failure.reason == "METHOD_NOT_ALLOWED":
+                log.info("worker %s takes no GenerateMany (%s): a call a generation", self.address, failure.code)
+                failure = NotServed()
+        except asyncio.CancelledError:
+            failure = Unavailable("the gateway is stopping", reason="GATEWAY_STOPPING")
+            raise
+        finally:
+            self.failure = failure
+            for mailbox in self._mailboxes.values():
+                mailbox.put_nowait(failure)
+
+    async def _write(self, message: worker_pb2.GenerateManyRequest) -> None:
+        try:
+            async with self._writing:
+                await self._call.write(message)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass        # the call has ended: its reader hands every generation the reason
+
+    async def generate(self, request: worker_pb2.GenerateTokensRequest, timeout: float | None,
+                       trace_context: Mapping[str, str]) -> AsyncIterator[worker_pb2.GenerateTokensResponse]:
+        """A generation's chunks. Raises its typed error, the call's, or `NotServed` (before any chunk)."""
+        if self.failure is not None:
+            raise self.failure.with_traceback(None)
+        id_ = self._next_id
+        self._next_id += 1
+        mailbox: asyncio.Queue = asyncio.Queue()
+        self._mailboxes[id_] = mailbox
+        start = worker_pb2.StartGeneration(id=id_, request=request, trace_context=trace_context)
+        late = None
+        if timeout is not None:
+            start.timeout.CopyFrom(duration(timeout))
+            late = asyncio.get_running_loop().call_later(
+                timeout + DEADLINE_GRACE, mailbox.put_nowait,
+                DeadlineExceeded(f"worker {self.address} did not end the generation by its deadline"))
+        ended = False
+        try:
+            await self._write(worker_pb2.GenerateManyRequest(start=start))
+            while True:
+                piece = await mailbox.get()
+                if not isinstance(piece, worker_pb2.GenerationPiece):
+                    ended = True
+                    raise piece.with_traceback(None)       # (the call's failure, one for all its generations)
+                if piece.HasField("error"):
+                    ended = True
+                    raise from_status(piece.error, GENERATE_MANY)
+                ended = piece.chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                yield piece.chunk
+                if ended:
+                    return
+        finally:
+            if late is not None:
+                late.cancel()
+            del self._mailboxes[id_]
+            if not ended and self.failure is None:      # its reader left: the worker stops it
+                chore = asyncio.get_running_loop().create_task(
+                    self._write(worker_pb2.GenerateManyRequest(cancel=id_)))
+                self._chores.add(chore)
+                chore.add_done_callback(self._chores.discard)
+
+    async def close(self) -> None:
+        self._call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, *self._chores, return_exceptions=True)
