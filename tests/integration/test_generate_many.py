@@ -42,10 +42,10 @@ async def drain(call, pieces: dict, messages: list, until_ended: set) -> None:
 
 
 async def quiet(stack) -> worker_pb2.GetWorkerStatusResponse:
-    """The worker's status once it serves nothing (or after two seconds)."""
+    """The worker's status once it serves nothing and its engine runs nothing (or after two seconds)."""
     for _ in range(100):
         status = await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())
-        if not status.request_ids:
+        if not status.request_ids and status.running == 0:
             break
         await asyncio.sleep(0.02)
     return status

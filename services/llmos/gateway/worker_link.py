@@ -10,6 +10,7 @@ it gets the call's error (a worker that went away: UNAVAILABLE, `WORKER_UNREACHA
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Mapping
 
@@ -40,10 +41,15 @@ class WorkerLink:
         self._call = stub.GenerateMany()
         self._mailboxes: dict[int, asyncio.Queue] = {}
         self._next_id = 0
-        self._writing = asyncio.Lock()
-        self._chores: set[asyncio.Task] = set()
+        # What to send, written by a task of the link's own: a task cancelled while it writes on a
+        # call cancels the call (grpc.aio's way), and a generation's task is cancelled whenever its
+        # client leaves.
+        self._outgoing: asyncio.Queue[worker_pb2.GenerateManyRequest] = asyncio.Queue()
         self.failure: LlmosError | NotServed | None = None     # set once the call has ended
-        self._reader = asyncio.create_task(self._read())
+        # (in a context of their own: not the first generation's trace)
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read(), context=contextvars.Context())
+        self._writer = loop.create_task(self._write_all(), context=contextvars.Context())
 
     @property
     def open(self) -> bool:
@@ -71,10 +77,10 @@ class WorkerLink:
             for mailbox in self._mailboxes.values():
                 mailbox.put_nowait(failure)
 
-    async def _write(self, message: worker_pb2.GenerateManyRequest) -> None:
+    async def _write_all(self) -> None:
         try:
-            async with self._writing:
-                await self._call.write(message)
+            while True:
+                await self._call.write(await self._outgoing.get())
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass        # the call has ended: its reader hands every generation the reason
 
@@ -96,7 +102,7 @@ class WorkerLink:
                 DeadlineExceeded(f"worker {self.address} did not end the generation by its deadline"))
         ended = False
         try:
-            await self._write(worker_pb2.GenerateManyRequest(start=start))
+            self._outgoing.put_nowait(worker_pb2.GenerateManyRequest(start=start))
             while True:
                 piece = await mailbox.get()
                 if not isinstance(piece, worker_pb2.GenerationPiece):
@@ -114,12 +120,10 @@ class WorkerLink:
                 late.cancel()
             del self._mailboxes[id_]
             if not ended and self.failure is None:      # its reader left: the worker stops it
-                chore = asyncio.get_running_loop().create_task(
-                    self._write(worker_pb2.GenerateManyRequest(cancel=id_)))
-                self._chores.add(chore)
-                chore.add_done_callback(self._chores.discard)
+                self._outgoing.put_nowait(worker_pb2.GenerateManyRequest(cancel=id_))
 
     async def close(self) -> None:
         self._call.cancel()
         self._reader.cancel()
-        await asyncio.gather(self._reader, *self._chores, return_exceptions=True)
+        self._writer.cancel()
+        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
