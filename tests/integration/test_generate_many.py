@@ -150,3 +150,39 @@ async def test_a_caller_done_sending_gets_every_generation_then_the_end(stack):
             pieces.setdefault(piece.id, []).append(piece)
     assert sorted(pieces) == [0, 1, 2]
     assert all(p[-1].chunk.usage.completion_tokens == 5 for p in pieces.values())
+
+
+async def test_a_generation_its_caller_does_not_read_waits_at_its_window_and_pauses_then_ends_whole(stack):
+    before = (await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())).models[0].tokens_generated
+    call = stack.worker.GenerateMany()
+    message = start(5, tokens_request(5, max_tokens=200))
+    message.start.window = 1
+    await call.write(message)
+    pieces = []
+    arrived = asyncio.Event()
+
+    async def read():       # (a read cancelled by a timeout would cancel the call: grpc.aio's way)
+        async for response in call:
+            pieces.extend(response.pieces)
+            arrived.set()
+
+    reader = asyncio.create_task(read())
+    await asyncio.wait_for(arrived.wait(), 30)
+    await asyncio.sleep(0.5)
+    assert len(pieces) == 1                     # its window is full: nothing more comes
+    status = await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())
+    generated = status.models[0].tokens_generated - before
+    await asyncio.sleep(0.3)
+    again = (await stack.worker.GetWorkerStatus(worker_pb2.GetWorkerStatusRequest())).models[0]
+    # Still served, and paused: the engine stopped once the worker's own backlog bound (64 chunks) was
+    # reached behind the one piece sent.
+    assert "many-5" in status.request_ids and again.tokens_generated - before == generated < 200
+    while not pieces[-1].chunk.finish_reason:
+        arrived.clear()
+        await call.write(worker_pb2.GenerateManyRequest(taken=worker_pb2.PiecesTaken(ids=[5], pieces=[1])))
+        await asyncio.wait_for(arrived.wait(), 30)
+    call.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert len(pieces) < 200        # what waited went out merged
+    assert sum(len(p.chunk.token_ids) for p in pieces) == 200
+    assert pieces[-1].chunk.usage.completion_tokens == 200

@@ -4,7 +4,9 @@ A generation is started by a message on the call and read from a mailbox that th
 fills: a step's tokens for all of them arrive as one message, where a stream each took one message
 (and one read) a token each. A generation that ends early (its client left) is cancelled by a
 message; one that fails gets its own typed error; when the call itself fails, every generation on
-it gets the call's error (a worker that went away: UNAVAILABLE, `WORKER_UNREACHABLE`).
+it gets the call's error (a worker that went away: UNAVAILABLE, `WORKER_UNREACHABLE`). A generation
+whose reader stops reading (a client that does not read its stream) stops the worker at `WINDOW`
+pieces ahead, and the engine pauses its sequence, as behind a stream of its own.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ GENERATE_MANY = "/llmos.v1.WorkerService/GenerateMany"
 # How long past a generation's timeout the gateway waits for the worker to end it before it ends it
 # itself (a worker that has stopped answering), seconds.
 DEADLINE_GRACE = 1.0
+# Pieces a worker may send a generation ahead of what its reader has taken (then it waits, and the
+# engine pauses a sequence nobody reads, as it would behind a stream of its own), and how many the
+# gateway takes before it says so: at one piece a step, a generation says so every 16 steps, and
+# the generations that do in a step share one message.
+WINDOW = 32
+TAKEN_EVERY = 16
+_TAKEN = object()       # (on the outgoing queue: send what was taken since the last time)
 
 
 class NotServed(Exception):
@@ -44,7 +53,8 @@ class WorkerLink:
         # What to send, written by a task of the link's own: a task cancelled while it writes on a
         # call cancels the call (grpc.aio's way), and a generation's task is cancelled whenever its
         # client leaves.
-        self._outgoing: asyncio.Queue[worker_pb2.GenerateManyRequest] = asyncio.Queue()
+        self._outgoing: asyncio.Queue[worker_pb2.GenerateManyRequest | object] = asyncio.Queue()
+        self._taken: dict[int, int] = {}        # pieces read since the last `PiecesTaken`, by generation
         self.failure: LlmosError | NotServed | None = None     # set once the call has ended
         # (in a context of their own: not the first generation's trace)
         loop = asyncio.get_running_loop()
@@ -80,7 +90,12 @@ class WorkerLink:
     async def _write_all(self) -> None:
         try:
             while True:
-                await self._call.write(await self._outgoing.get())
+                message = await self._outgoing.get()
+                if message is _TAKEN:
+                    taken, self._taken = self._taken, {}
+                    message = worker_pb2.GenerateManyRequest(taken=worker_pb2.PiecesTaken(
+                        ids=list(taken), pieces=list(taken.values())))
+                await self._call.write(message)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass        # the call has ended: its reader hands every generation the reason
 
@@ -93,14 +108,14 @@ class WorkerLink:
         self._next_id += 1
         mailbox: asyncio.Queue = asyncio.Queue()
         self._mailboxes[id_] = mailbox
-        start = worker_pb2.StartGeneration(id=id_, request=request, trace_context=trace_context)
+        start = worker_pb2.StartGeneration(id=id_, request=request, trace_context=trace_context, window=WINDOW)
         late = None
         if timeout is not None:
             start.timeout.CopyFrom(duration(timeout))
             late = asyncio.get_running_loop().call_later(
                 timeout + DEADLINE_GRACE, mailbox.put_nowait,
                 DeadlineExceeded(f"worker {self.address} did not end the generation by its deadline"))
-        ended = False
+        ended, read = False, 0
         try:
             self._outgoing.put_nowait(worker_pb2.GenerateManyRequest(start=start))
             while True:
@@ -115,12 +130,21 @@ class WorkerLink:
                 yield piece.chunk
                 if ended:
                     return
+                read += 1
+                if read == TAKEN_EVERY:
+                    self._took(id_, read)
+                    read = 0
         finally:
             if late is not None:
                 late.cancel()
             del self._mailboxes[id_]
             if not ended and self.failure is None:      # its reader left: the worker stops it
                 self._outgoing.put_nowait(worker_pb2.GenerateManyRequest(cancel=id_))
+
+    def _took(self, id_: int, pieces: int) -> None:
+        if not self._taken:
+            self._outgoing.put_nowait(_TAKEN)
+        self._taken[id_] = self._taken.get(id_, 0) + pieces
 
     async def close(self) -> None:
         self._call.cancel()

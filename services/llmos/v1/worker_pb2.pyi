@@ -93,15 +93,25 @@ class GenerateTokensResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., top_logprobs: _Optional[_Iterable[_Union[_common_pb2.TopLogprobs, _Mapping]]] = ..., tool_calls: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateManyRequest(_message.Message):
-    __slots__ = ("start", "cancel")
+    __slots__ = ("start", "cancel", "taken")
     START_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_FIELD_NUMBER: _ClassVar[int]
     start: StartGeneration
     cancel: int
-    def __init__(self, start: _Optional[_Union[StartGeneration, _Mapping]] = ..., cancel: _Optional[int] = ...) -> None: ...
+    taken: PiecesTaken
+    def __init__(self, start: _Optional[_Union[StartGeneration, _Mapping]] = ..., cancel: _Optional[int] = ..., taken: _Optional[_Union[PiecesTaken, _Mapping]] = ...) -> None: ...
+
+class PiecesTaken(_message.Message):
+    __slots__ = ("ids", "pieces")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    pieces: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., pieces: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StartGeneration(_message.Message):
-    __slots__ = ("id", "request", "trace_context", "timeout")
+    __slots__ = ("id", "request", "trace_context", "timeout", "window")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,11 +123,13 @@ class StartGeneration(_message.Message):
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
     id: int
     request: GenerateTokensRequest
     trace_context: _containers.ScalarMap[str, str]
     timeout: _duration_pb2.Duration
-    def __init__(self, id: _Optional[int] = ..., request: _Optional[_Union[GenerateTokensRequest, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    window: int
+    def __init__(self, id: _Optional[int] = ..., request: _Optional[_Union[GenerateTokensRequest, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., window: _Optional[int] = ...) -> None: ...
 
 class GenerateManyResponse(_message.Message):
     __slots__ = ("pieces",)

@@ -15,9 +15,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from llmos.common.errors import InvalidArgument
 from llmos.v1 import worker_pb2
 
-# Runs one generation, handing each piece it produces to the callback; raises nothing but
-# cancellation (a failure is its last piece).
-RunOne = Callable[[worker_pb2.StartGeneration, Callable[[worker_pb2.GenerationPiece], None]], Awaitable[None]]
+# Runs one generation, handing each piece it produces to `ManyGenerations.put` (and waiting for
+# `room` where `full`); raises nothing but cancellation (a failure is its last piece).
+RunOne = Callable[[worker_pb2.StartGeneration, "ManyGenerations"], Awaitable[None]]
+
+
+class _Window:
+    """A generation's pieces sent and not yet read by the caller, and their bound."""
+
+    __slots__ = ("size", "ahead", "room")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.ahead = 0
+        self.room: asyncio.Event | None = None      # while its generation waits for the caller
 
 
 class ManyGenerations:
@@ -30,14 +41,42 @@ class ManyGenerations:
         self._pieces: list[worker_pb2.GenerationPiece] = []
         self._ready = asyncio.Event()
         self._running: dict[int, asyncio.Task] = {}
+        self._windows: dict[int, _Window] = {}
 
-    def _put(self, piece: worker_pb2.GenerationPiece) -> None:
+    def put(self, piece: worker_pb2.GenerationPiece) -> None:
         self._pieces.append(piece)
         self._ready.set()
+        window = self._windows.get(piece.id)
+        if window is not None:
+            window.ahead += 1
+
+    def full(self, id_: int) -> bool:
+        """Whether the generation has sent its window's worth of pieces the caller has not read."""
+        window = self._windows.get(id_)
+        return window is not None and window.ahead >= window.size
+
+    async def room(self, id_: int) -> None:
+        """Returns once the caller has read enough of the generation's pieces to send another."""
+        window = self._windows[id_]
+        while window.ahead >= window.size:
+            window.room = asyncio.Event()
+            await window.room.wait()
+        window.room = None
+
+    def _taken(self, taken: worker_pb2.PiecesTaken) -> None:
+        if len(taken.ids) != len(taken.pieces):
+            raise InvalidArgument.field("taken.pieces", f"has {len(taken.pieces)} counts for {len(taken.ids)} ids")
+        for id_, pieces in zip(taken.ids, taken.pieces, strict=True):
+            window = self._windows.get(id_)
+            if window is not None:
+                window.ahead = max(0, window.ahead - pieces)
+                if window.room is not None and window.ahead < window.size:
+                    window.room.set()
 
     def _ended(self, id_: int, task: asyncio.Task) -> None:
         if self._running.get(id_) is task:
             del self._running[id_]
+            self._windows.pop(id_, None)
         self._ready.set()
 
     async def _read(self) -> None:
@@ -48,15 +87,21 @@ class ManyGenerations:
                     id_ = message.start.id
                     if id_ in self._running:
                         raise InvalidArgument.field("start.id", f"generation {id_} is running on this call")
-                    task = asyncio.create_task(self._run_one(message.start, self._put))
+                    if message.start.window:
+                        self._windows[id_] = _Window(message.start.window)
+                    task = asyncio.create_task(self._run_one(message.start, self))
                     self._running[id_] = task
                     task.add_done_callback(lambda done, id_=id_: self._ended(id_, done))
                 elif action == "cancel":
                     task = self._running.pop(message.cancel, None)
+                    self._windows.pop(message.cancel, None)
                     if task is not None:
                         task.cancel()
+                elif action == "taken":
+                    self._taken(message.taken)
                 else:
-                    raise InvalidArgument.field("action", "is required: each message starts or cancels a generation")
+                    raise InvalidArgument.field(
+                        "action", "is required: each message starts or cancels a generation, or says what was read")
         finally:
             self._ready.set()
 

@@ -65,9 +65,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         async for response in ManyGenerations(request_iterator, self._run_one).stream():
             yield response
 
-    async def _run_one(self, start: worker_pb2.StartGeneration, put) -> None:
-        """One generation of a `GenerateMany` call, under a span of its own: its pieces to `put`,
-        a failure as its last piece."""
+    async def _run_one(self, start: worker_pb2.StartGeneration, out: ManyGenerations) -> None:
+        """One generation of a `GenerateMany` call, under a span of its own: its pieces to `out`, a
+        failure as its last piece. Where its window is full it waits for the caller before it takes
+        the next chunk, so its stream falls behind and the engine pauses it, as it pauses a
+        `GenerateTokens` stream nobody reads."""
         span = server_span(self.tracer, GENERATE_MANY, start.trace_context)
         try:
             timeout = seconds(start.timeout) if start.HasField("timeout") else None
@@ -75,8 +77,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 try:
                     async with asyncio.timeout(timeout):
                         async for chunk in self._generation(start.request, span):
-                            put(worker_pb2.GenerationPiece(
+                            out.put(worker_pb2.GenerationPiece(
                                 id=start.id, chunk=fill_chunk(worker_pb2.GenerateTokensResponse(), chunk)))
+                            if out.full(start.id):
+                                await out.room(start.id)
                 except TimeoutError:
                     raise DeadlineExceeded(f"the generation ran past its timeout of {timeout:g} s",
                                            reason="DEADLINE_EXCEEDED") from None
@@ -87,7 +91,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             status = status_of(exc, GENERATE_MANY)
             span.set_attribute("rpc.grpc.status_code", status.code)
             span.set_status(Status(StatusCode.ERROR, status.message))
-            put(worker_pb2.GenerationPiece(id=start.id, error=worker_pb2.GenerationError(
+            out.put(worker_pb2.GenerationPiece(id=start.id, error=worker_pb2.GenerationError(
                 code=status.code, message=status.message, details=status.details)))
         finally:
             span.end()
