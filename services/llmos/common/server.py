@@ -124,6 +124,8 @@ class ServiceHost:
         # Whether it can serve (see `set_serving`), and whether it is up and not stopping.
         self._serving = True
         self._up = False
+        # Set as it begins to stop: calls that carry many requests take no more.
+        self.stopping = asyncio.Event()
 
     @classmethod
     def of(cls, name: str, settings: object, provider: TracerProvider, security: Security | None = None,
@@ -179,6 +181,7 @@ class ServiceHost:
     async def stop(self, grace: float) -> None:
         """Marks NOT_SERVING, then lets in-flight calls finish for up to `grace` seconds."""
         self._up = False
+        self.stopping.set()
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -176,6 +176,12 @@ class GrpcScheduler:
 # worker's generations share one `GenerateMany` call (`WorkerLink`); a worker without it streams a
 # `GenerateTokens` call each.
 GENERATE_TOKENS = "/llmos.v1.WorkerService/GenerateTokens"
+# A request larger than this goes on a call of its own (a message over gRPC's limit would fail the
+# shared call, every generation on it), bytes.
+MAX_SHARED_REQUEST_BYTES = 1 << 20
+# How long a worker that took no GenerateMany is streamed a call a generation before it is asked
+# again, seconds.
+ASK_AGAIN_SECONDS = 600.0
 
 
 class GrpcWorkers:
@@ -183,9 +189,19 @@ class GrpcWorkers:
         self._channels = channels
         self._tracer = tracer       # (the token stream's client span: a no-op tracer would carry no trace on)
         self._links: dict[str, WorkerLink] = {}
-        # Workers that take no GenerateMany; with `share_calls` off, every worker is treated so.
-        self._one_call_each: set[str] = set()
+        # Workers that took no GenerateMany, and when they are asked again (one upgraded in place
+        # serves it then); with `share_calls` off, every worker is treated so.
+        self._one_call_each: dict[str, float] = {}
         self._share_calls = share_calls
+
+    def _shares(self, address: str, request: worker_pb2.GenerateTokensRequest) -> bool:
+        if not self._share_calls or request.ByteSize() > MAX_SHARED_REQUEST_BYTES:
+            return False
+        again = self._one_call_each.get(address)
+        if again is not None and time.monotonic() < again:
+            return False
+        self._one_call_each.pop(address, None)
+        return True
 
     async def generate(self, assignment: Assignment, request_id: str, call: GenerateCall,
                        timeout: float | None) -> AsyncIterator[Chunk]:
@@ -198,13 +214,13 @@ class GrpcWorkers:
             adapter=assignment.adapter, adapter_path=assignment.adapter_path)
         input_to_proto(call.source, request)
         address = assignment.worker_address
-        if self._share_calls and address not in self._one_call_each:
+        if self._shares(address, request):
             try:
                 async for chunk in self._over_link(address, request, timeout):
                     yield chunk
                 return
             except NotServed:       # (raised before any chunk)
-                self._one_call_each.add(address)
+                self._one_call_each[address] = time.monotonic() + ASK_AGAIN_SECONDS
         stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, address, traced=False)
         span, metadata = client_span(self._tracer, GENERATE_TOKENS)
         stream = stub.GenerateTokens(request, timeout=timeout, metadata=metadata)
@@ -218,12 +234,16 @@ class GrpcWorkers:
             stream.cancel()
             span.end()
 
+    def _ended(self, link: WorkerLink) -> None:
+        if self._links.get(link.address) is link:
+            del self._links[link.address]
+
     async def _over_link(self, address: str, request: worker_pb2.GenerateTokensRequest,
                          timeout: float | None) -> AsyncIterator[Chunk]:
         link = self._links.get(address)
         if link is None or not link.open:
             stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, address, traced=False)
-            link = self._links[address] = WorkerLink(stub, address)
+            link = self._links[address] = WorkerLink(stub, address, self._ended)
         span, metadata = client_span(self._tracer, GENERATE_MANY)
         try:
             async for response in link.generate(request, timeout, dict(metadata)):

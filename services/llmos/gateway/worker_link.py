@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 
 from llmos.common.convert import duration
-from llmos.common.errors import DeadlineExceeded, LlmosError, Unavailable
+from llmos.common.errors import DeadlineExceeded, Unavailable
 from llmos.common.status import from_rpc_error, from_status
 from llmos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -36,6 +37,9 @@ DEADLINE_GRACE = 1.0
 # the generations that do in a step share one message.
 WINDOW = 32
 TAKEN_EVERY = 16
+assert WINDOW >= TAKEN_EVERY        # (a worker waits only while at least WINDOW - TAKEN_EVERY + 1 pieces are unread)
+# The worker's initial metadata that says it serves the call, and which version of it.
+CAPABILITY_KEY = "llmos-generate-many"
 _TAKEN = object()       # (on the outgoing queue: send what was taken since the last time)
 
 
@@ -44,9 +48,15 @@ class NotServed(Exception):
     generation instead."""
 
 
+class _Late(DeadlineExceeded):
+    """The worker did not end a generation by its deadline (and a grace): the gateway ends it."""
+
+
 class WorkerLink:
-    def __init__(self, stub: worker_pb2_grpc.WorkerServiceStub, address: str) -> None:
+    def __init__(self, stub: worker_pb2_grpc.WorkerServiceStub, address: str,
+                 on_end: Callable[[WorkerLink], None] | None = None) -> None:
         self.address = address
+        self._on_end = on_end
         self._call = stub.GenerateMany()
         self._mailboxes: dict[int, asyncio.Queue] = {}
         self._next_id = 0
@@ -55,7 +65,10 @@ class WorkerLink:
         # client leaves.
         self._outgoing: asyncio.Queue[worker_pb2.GenerateManyRequest | object] = asyncio.Queue()
         self._taken: dict[int, int] = {}        # pieces read since the last `PiecesTaken`, by generation
-        self.failure: LlmosError | NotServed | None = None     # set once the call has ended
+        self._says_taken = False                # whether the worker takes `PiecesTaken` (its CAPABILITY)
+        self._answered = False                  # whether any piece came
+        # Once the call has ended: makes the error each generation on it gets (one each).
+        self._failure: Callable[[], Exception] | None = None
         # (in a context of their own: not the first generation's trace)
         loop = asyncio.get_running_loop()
         self._reader = loop.create_task(self._read(), context=contextvars.Context())
@@ -63,47 +76,67 @@ class WorkerLink:
 
     @property
     def open(self) -> bool:
-        return self.failure is None
+        return self._failure is None
 
     async def _read(self) -> None:
-        failure: LlmosError | NotServed = Unavailable(f"worker {self.address} ended the generations' call",
-                                                      reason="WORKER_UNREACHABLE")
+        failure: Callable[[], Exception] = functools.partial(
+            Unavailable, f"worker {self.address} ended the generations' call", reason="WORKER_UNREACHABLE")
         try:
             async for response in self._call:
+                self._answered = True
                 for piece in response.pieces:
                     mailbox = self._mailboxes.get(piece.id)
                     if mailbox is not None:         # (one cancelled may still have had a piece on its way)
                         mailbox.put_nowait(piece)
         except grpc.aio.AioRpcError as exc:
-            failure = from_rpc_error(exc, GENERATE_MANY)
-            if failure.code == "UNIMPLEMENTED" or failure.reason == "METHOD_NOT_ALLOWED":
-                log.info("worker %s takes no GenerateMany (%s): a call a generation", self.address, failure.code)
-                failure = NotServed()
+            typed = from_rpc_error(exc, GENERATE_MANY)
+            if not self._answered and (typed.code == "UNIMPLEMENTED" or typed.reason == "METHOD_NOT_ALLOWED"):
+                log.info("worker %s takes no GenerateMany (%s): a call a generation", self.address, typed.code)
+                failure = NotServed
+            else:
+                failure = functools.partial(from_rpc_error, exc, GENERATE_MANY)
         except asyncio.CancelledError:
-            failure = Unavailable("the gateway is stopping", reason="GATEWAY_STOPPING")
+            failure = functools.partial(Unavailable, "the gateway is stopping", reason="GATEWAY_STOPPING")
             raise
+        except Exception:
+            log.exception("the generations' call to worker %s failed", self.address)
         finally:
-            self.failure = failure
+            self._failure = failure
+            self._call.cancel()         # (whatever ended the reading: the worker stops what it still runs)
+            self._writer.cancel()
             for mailbox in self._mailboxes.values():
-                mailbox.put_nowait(failure)
+                mailbox.put_nowait(failure())
+            if self._on_end is not None:
+                self._on_end(self)
 
     async def _write_all(self) -> None:
         try:
+            # Nothing is written before the worker answers the call (a call it does not serve ends at
+            # once, and a write into it would turn its status into another).
+            metadata = await self._call.initial_metadata()
+            if self._call.done():
+                return
+            version = dict(metadata or ()).get(CAPABILITY_KEY, "")
+            self._says_taken = version.isdigit() and int(version) >= 2
             while True:
                 message = await self._outgoing.get()
                 if message is _TAKEN:
                     taken, self._taken = self._taken, {}
+                    if not self._says_taken:
+                        continue
                     message = worker_pb2.GenerateManyRequest(taken=worker_pb2.PiecesTaken(
                         ids=list(taken), pieces=list(taken.values())))
                 await self._call.write(message)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass        # the call has ended: its reader hands every generation the reason
+        finally:
+            self._call.cancel()         # (a writer that stopped for any reason ends the call: its reader says why)
 
     async def generate(self, request: worker_pb2.GenerateTokensRequest, timeout: float | None,
                        trace_context: Mapping[str, str]) -> AsyncIterator[worker_pb2.GenerateTokensResponse]:
         """A generation's chunks. Raises its typed error, the call's, or `NotServed` (before any chunk)."""
-        if self.failure is not None:
-            raise self.failure.with_traceback(None)
+        if self._failure is not None:
+            raise self._failure()
         id_ = self._next_id
         self._next_id += 1
         mailbox: asyncio.Queue = asyncio.Queue()
@@ -114,15 +147,15 @@ class WorkerLink:
             start.timeout.CopyFrom(duration(timeout))
             late = asyncio.get_running_loop().call_later(
                 timeout + DEADLINE_GRACE, mailbox.put_nowait,
-                DeadlineExceeded(f"worker {self.address} did not end the generation by its deadline"))
+                _Late(f"worker {self.address} did not end the generation by its deadline"))
         ended, read = False, 0
         try:
             self._outgoing.put_nowait(worker_pb2.GenerateManyRequest(start=start))
             while True:
                 piece = await mailbox.get()
                 if not isinstance(piece, worker_pb2.GenerationPiece):
-                    ended = True
-                    raise piece.with_traceback(None)       # (the call's failure, one for all its generations)
+                    ended = not isinstance(piece, _Late)        # (a late one is cancelled on the worker)
+                    raise piece
                 if piece.HasField("error"):
                     ended = True
                     raise from_status(piece.error, GENERATE_MANY)
@@ -138,7 +171,7 @@ class WorkerLink:
             if late is not None:
                 late.cancel()
             del self._mailboxes[id_]
-            if not ended and self.failure is None:      # its reader left: the worker stops it
+            if not ended and self._failure is None:     # its reader left: the worker stops it
                 self._outgoing.put_nowait(worker_pb2.GenerateManyRequest(cancel=id_))
 
     def _took(self, id_: int, pieces: int) -> None:

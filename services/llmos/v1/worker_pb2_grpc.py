@@ -110,8 +110,13 @@ class WorkerServiceServicer:
         `GenerateTokens` sends a message a generation). A generation runs as
         `GenerateTokens` runs it; one that fails ends alone, its status in its
         last piece, and the call goes on. Ending the call cancels the generations
-        it still runs. Errors of the call itself: INVALID_ARGUMENT (a message
-        that neither starts nor cancels, or a start whose `id` is running).
+        it still runs. The worker answers the call's initial metadata at once,
+        with "llmos-generate-many" (the version it speaks: "2"), before any
+        piece; a message with an action it does not know is passed over. While
+        the worker stops, a start ends at once with UNAVAILABLE (reason
+        WORKER_STOPPING), and the call ends once its generations have. Errors of
+        the call itself: INVALID_ARGUMENT (an empty message, a start whose `id`
+        is running, a `PiecesTaken` whose lists differ in length).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -26,15 +27,16 @@ from llmos.common.telemetry import server_span
 from llmos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 from .host import ModelHost
-from .many import ManyGenerations
+from .many import CAPABILITY, ManyGenerations
 
 GENERATE_MANY = "/llmos.v1.WorkerService/GenerateMany"
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, host: ModelHost, tracer: trace.Tracer) -> None:
+    def __init__(self, host: ModelHost, tracer: trace.Tracer, stopping: asyncio.Event | None = None) -> None:
         self.host = host
         self.tracer = tracer
+        self._stopping = stopping or asyncio.Event()       # set as the worker stops
 
     async def StartModel(self, request, context):
         if not request.model or not request.path:
@@ -62,7 +64,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             yield fill_chunk(worker_pb2.GenerateTokensResponse(), chunk)
 
     async def GenerateMany(self, request_iterator, context):
-        async for response in ManyGenerations(request_iterator, self._run_one).stream():
+        await context.send_initial_metadata((CAPABILITY,))
+        async for response in ManyGenerations(request_iterator, self._run_one, self._refuse, self._stopping).stream():
             yield response
 
     async def _run_one(self, start: worker_pb2.StartGeneration, out: ManyGenerations) -> None:
@@ -75,11 +78,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             timeout = seconds(start.timeout) if start.HasField("timeout") else None
             with trace.use_span(span, end_on_exit=False):
                 try:
-                    async with asyncio.timeout(timeout):
-                        async for chunk in self._generation(start.request, span):
+                    async with asyncio.timeout(timeout), contextlib.aclosing(
+                            self._generation(start.request, span)) as chunks:
+                        async for chunk in chunks:
                             out.put(worker_pb2.GenerationPiece(
                                 id=start.id, chunk=fill_chunk(worker_pb2.GenerateTokensResponse(), chunk)))
-                            if out.full(start.id):
+                            if chunk.finish_reason is None and out.full(start.id):
                                 await out.room(start.id)
                 except TimeoutError:
                     raise DeadlineExceeded(f"the generation ran past its timeout of {timeout:g} s",
@@ -88,13 +92,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
             raise
         except Exception as exc:        # noqa: BLE001 (any failure ends this generation alone)
-            status = status_of(exc, GENERATE_MANY)
-            span.set_attribute("rpc.grpc.status_code", status.code)
-            span.set_status(Status(StatusCode.ERROR, status.message))
-            out.put(worker_pb2.GenerationPiece(id=start.id, error=worker_pb2.GenerationError(
-                code=status.code, message=status.message, details=status.details)))
+            self._refuse(start, exc, out, span)
         finally:
             span.end()
+
+    @staticmethod
+    def _refuse(start: worker_pb2.StartGeneration, exc: Exception, out: ManyGenerations,
+                span: trace.Span | None = None) -> None:
+        """Ends a generation with `exc`'s status as its last piece."""
+        status = status_of(exc, GENERATE_MANY)
+        if span is not None:
+            span.set_attribute("rpc.grpc.status_code", status.code)
+            span.set_status(Status(StatusCode.ERROR, status.message))
+        out.put(worker_pb2.GenerationPiece(id=start.id, error=worker_pb2.GenerationError(
+            code=status.code, message=status.message, details=status.details)))
 
     async def _generation(self, request: worker_pb2.GenerateTokensRequest, span: trace.Span) -> AsyncIterator[Chunk]:
         """A generation's chunks, its request checked first; `span` is the request's."""
@@ -160,6 +171,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
 
 def register(host, model_host: ModelHost) -> None:
-    servicer = WorkerServicer(model_host, host.provider.get_tracer("llmos.worker"))
+    servicer = WorkerServicer(model_host, host.provider.get_tracer("llmos.worker"), host.stopping)
     host.add(worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
              lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server))

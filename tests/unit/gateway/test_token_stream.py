@@ -21,7 +21,7 @@ from llmos.common.domain import FinishReason, GenerationInput, SamplingParams
 from llmos.common.errors import FailedPrecondition, LlmosError
 from llmos.common.status import to_status
 from llmos.gateway.frontdoor import Assignment, GenerateCall
-from llmos.gateway.peers import GENERATE_TOKENS, GrpcWorkers
+from llmos.gateway.peers import GENERATE_TOKENS, MAX_SHARED_REQUEST_BYTES, GrpcWorkers
 from llmos.gateway.worker_link import GENERATE_MANY
 from llmos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -146,4 +146,16 @@ def test_a_worker_without_generate_many_is_asked_once_then_streamed_a_call_a_gen
             assert names == [GENERATE_MANY, GENERATE_TOKENS, GENERATE_TOKENS]
             (attempt,) = [s for s in exporter.get_finished_spans() if s.name == GENERATE_MANY]
             assert attempt.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    asyncio.run(main())
+
+
+def test_a_request_too_large_to_share_a_call_goes_on_a_call_of_its_own():
+    async def main() -> None:
+        servicer, exporter = Worker(), InMemorySpanExporter()
+        big = GenerateCall("tiny", GenerationInput(prompt="x" * (MAX_SHARED_REQUEST_BYTES + 1)), SamplingParams(),
+                           request_id="r1")
+        async with _workers(servicer, exporter) as (workers, address, _):
+            chunks = [c async for c in workers.generate(Assignment(address, "tiny:latest"), "r1", big, 10.0)]
+            assert [c.text for c in chunks] == ["Par", "is"]
+            assert [s.name for s in exporter.get_finished_spans()] == [GENERATE_TOKENS]     # no shared call tried
     asyncio.run(main())
