@@ -105,10 +105,7 @@ def client_span(tracer: trace.Tracer, method: str) -> tuple[trace.Span, list[tup
     ("/package.Service/Method") under the current span, named and described as the tracing
     interceptor names its own, and the metadata that carries it to the server. The caller ends it
     (`client_span_failed` first where the call failed)."""
-    service, name = method.lstrip("/").split("/", 1)
-    span = tracer.start_span(method, kind=trace.SpanKind.CLIENT, attributes={
-        "rpc.system": "grpc", "rpc.grpc.status_code": grpc.StatusCode.OK.value[0], "rpc.method": name,
-        "rpc.service": service})
+    span = tracer.start_span(method, kind=trace.SpanKind.CLIENT, attributes=_rpc_attributes(method))
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=trace.set_span_in_context(span))
     return span, list(carrier.items())
@@ -118,10 +115,15 @@ def server_span(tracer: trace.Tracer, method: str, carrier: Mapping[str, str]) -
     """A SERVER span for one request carried inside a call (`CARRIER_METHODS`), named and described
     as the tracing interceptor names a call's own, the child of the span whose context `carrier`
     holds (what `client_span`'s metadata carried). The caller ends it."""
+    return tracer.start_span(method, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER,
+                             attributes=_rpc_attributes(method))
+
+
+def _rpc_attributes(method: str) -> dict[str, str | int]:
+    """What the tracing interceptor says of a call of `method` ("/package.Service/Method") that went well."""
     service, name = method.lstrip("/").split("/", 1)
-    return tracer.start_span(method, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER, attributes={
-        "rpc.system": "grpc", "rpc.grpc.status_code": grpc.StatusCode.OK.value[0], "rpc.method": name,
-        "rpc.service": service})
+    return {"rpc.system": "grpc", "rpc.grpc.status_code": grpc.StatusCode.OK.value[0], "rpc.method": name,
+            "rpc.service": service}
 
 
 def client_span_failed(span: trace.Span, exc: grpc.RpcError) -> None:
