@@ -57,6 +57,11 @@ def typed_errors() -> list:
 # every call on the channel fails at once.
 RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
                      ("grpc.max_reconnect_backoff_ms", 2000)]
+# A bare channel carries calls that stay open as long as the gateway runs (`GenerateMany`): a
+# keepalive ping every 90 s while one is open (servers allow one a minute), so a peer gone without a
+# word (its host lost, no reset) fails the call within two minutes instead of never.
+KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 90_000), ("grpc.keepalive_timeout_ms", 20_000),
+                     ("grpc.keepalive_permit_without_calls", 0)]
 
 
 class Channels:
@@ -87,7 +92,7 @@ class Channels:
                 interceptors=[*typed_errors(), *client_interceptors(self._provider)] if traced else [],
                 options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                         *RECONNECT_OPTIONS, *replicas,
+                         *RECONNECT_OPTIONS, *replicas, *([] if traced else KEEPALIVE_OPTIONS),
                          *([("grpc.ssl_target_name_override", authority)] if authority else [])])
             self._channels[key] = channel
         return channel
