@@ -1,10 +1,9 @@
 """A worker that stops with a `GenerateMany` call open (the gateway's, which never ends on its own):
 a generation started while it stops is refused UNAVAILABLE / WORKER_STOPPING (the gateway sends it to
-another worker), the call ends once the generations it ran have, and the worker's stop does not wait
-out its grace for it. A suite of its own: this one's worker stops."""
+another worker), the call ends once the generations it ran have, and the worker's stop returns then,
+not at the end of its grace (ten minutes here). A suite of its own: this one's worker stops."""
 
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -46,8 +45,7 @@ async def test_a_stopping_worker_refuses_new_generations_on_an_open_call_and_end
         reader = asyncio.create_task(read())
         await asyncio.wait_for(arrived.wait(), 30)
         worker = suite.services["worker"]
-        began = time.monotonic()
-        stopping = asyncio.create_task(worker.stop(10.0))
+        stopping = asyncio.create_task(worker.stop(600.0))
         await asyncio.wait_for(worker.host.stopping.wait(), 5)
         arrived.clear()
         await call.write(start(2))
@@ -60,8 +58,7 @@ async def test_a_stopping_worker_refuses_new_generations_on_an_open_call_and_end
         await call.write(worker_pb2.GenerateManyRequest(cancel=1))
         await asyncio.wait_for(reader, 10)          # its last generation gone, the call ends, OK
         assert await call.code() == grpc.StatusCode.OK
-        await asyncio.wait_for(stopping, 10)
-        assert time.monotonic() - began < 8         # (the grace was 10 s)
+        await asyncio.wait_for(stopping, 120)       # (a stop that waited out its grace would hang here)
     finally:
         for channel in channels:
             await channel.close()

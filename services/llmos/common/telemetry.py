@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Status, StatusCode
 
-from .errors import LlmosError
+from .generate_many import METHOD as GENERATE_MANY
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [trace=%(otel_trace_id)s span=%(otel_span_id)s] %(message)s"
 
@@ -75,7 +75,7 @@ _PLUMBING_SERVICES = ("grpc.health.v1.Health", "grpc.reflection")
 # Calls that carry many requests' work for as long as a channel lives (a gateway's generations on a
 # worker): each request gets spans of its own, made by hand (`client_span`, `server_span`); a span of
 # the call would be a trace of its own hours long.
-CARRIER_METHODS = ("GenerateMany",)
+CARRIER_METHODS = (GENERATE_MANY.rsplit("/", 1)[1],)
 
 
 def _not_plumbing() -> Callable[[object], bool]:
@@ -126,15 +126,14 @@ def _rpc_attributes(method: str) -> dict[str, str | int]:
             "rpc.service": service}
 
 
+def span_failed(span: trace.Span, code: int, description: str) -> None:
+    """A hand-made span (`client_span`, `server_span`) whose call or request ended with status `code`."""
+    span.set_attribute("rpc.grpc.status_code", code)
+    span.set_status(Status(StatusCode.ERROR, description))
+
+
 def client_span_failed(span: trace.Span, exc: grpc.RpcError) -> None:
-    span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc.details()}"))
-
-
-def client_span_ended_with(span: trace.Span, error: LlmosError) -> None:
-    """A hand-made span (`client_span`, `server_span`) whose request ended with a typed error."""
-    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[error.code].value[0])
-    span.set_status(Status(StatusCode.ERROR, f"{error.code}: {error.message}"))
+    span_failed(span, exc.code().value[0], f"{type(exc).__name__}: {exc.details()}")
 
 
 class _TraceIds(logging.Filter):

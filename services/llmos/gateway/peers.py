@@ -25,13 +25,14 @@ from llmos.common.convert import (
     usage_to_proto,
 )
 from llmos.common.domain import Chunk, FinishReason, PoolingInput, PoolOutput, Usage
-from llmos.common.errors import LlmosError, RemoteError
+from llmos.common.errors import LlmosError
+from llmos.common.generate_many import METHOD as GENERATE_MANY
 from llmos.common.status import from_rpc_error
-from llmos.common.telemetry import client_span, client_span_ended_with, client_span_failed
+from llmos.common.telemetry import client_span, client_span_failed, span_failed
 from llmos.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from .frontdoor import Assignment, GenerateCall
-from .worker_link import GENERATE_MANY, NotServed, WorkerLink
+from .worker_link import NotServed, WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +241,8 @@ class GrpcWorkers:
 
     async def _over_link(self, address: str, request: worker_pb2.GenerateTokensRequest,
                          timeout: float | None) -> AsyncIterator[Chunk]:
-        link = self._links.get(address)
-        if link is None or not link.open:
+        link = self._links.get(address)        # (one whose call ended has left the table: `_ended`)
+        if link is None:
             stub = self._channels.stub(worker_pb2_grpc.WorkerServiceStub, address, traced=False)
             link = self._links[address] = WorkerLink(stub, address, self._ended)
         span, metadata = client_span(self._tracer, GENERATE_MANY)
@@ -249,11 +250,11 @@ class GrpcWorkers:
             async for response in link.generate(request, timeout, dict(metadata)):
                 yield chunk_from_proto(response)
         except LlmosError as exc:
-            client_span_ended_with(span, exc)
+            span_failed(span, grpc.StatusCode[exc.code].value[0], f"{exc.code}: {exc.message}")
             raise
         except NotServed:
-            client_span_ended_with(span, RemoteError("UNIMPLEMENTED", "the worker takes no GenerateMany: streamed with "
-                                                     "GenerateTokens", reason="UNIMPLEMENTED", metadata={}))
+            span_failed(span, grpc.StatusCode.UNIMPLEMENTED.value[0],
+                        "the worker takes no GenerateMany: streamed with GenerateTokens")
             raise
         finally:
             span.end()

@@ -21,12 +21,12 @@ import grpc
 
 from llmos.common.convert import duration
 from llmos.common.errors import DeadlineExceeded, Unavailable
+from llmos.common.generate_many import CAPABILITY_KEY, VERSION
+from llmos.common.generate_many import METHOD as GENERATE_MANY
 from llmos.common.status import from_rpc_error, from_status
 from llmos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-GENERATE_MANY = "/llmos.v1.WorkerService/GenerateMany"
 
 # How long past a generation's timeout the gateway waits for the worker to end it before it ends it
 # itself (a worker that has stopped answering), seconds.
@@ -38,8 +38,6 @@ DEADLINE_GRACE = 1.0
 WINDOW = 32
 TAKEN_EVERY = 16
 assert WINDOW >= TAKEN_EVERY        # (a worker waits only while at least WINDOW - TAKEN_EVERY + 1 pieces are unread)
-# The worker's initial metadata that says it serves the call, and which version of it.
-CAPABILITY_KEY = "llmos-generate-many"
 _TAKEN = object()       # (on the outgoing queue: send what was taken since the last time)
 
 
@@ -73,10 +71,6 @@ class WorkerLink:
         loop = asyncio.get_running_loop()
         self._reader = loop.create_task(self._read(), context=contextvars.Context())
         self._writer = loop.create_task(self._write_all(), context=contextvars.Context())
-
-    @property
-    def open(self) -> bool:
-        return self._failure is None
 
     async def _read(self) -> None:
         failure: Callable[[], Exception] = functools.partial(
@@ -117,7 +111,7 @@ class WorkerLink:
             if self._call.done():
                 return
             version = dict(metadata or ()).get(CAPABILITY_KEY, "")
-            self._says_taken = version.isdigit() and int(version) >= 2
+            self._says_taken = version.isdigit() and int(version) >= VERSION
             while True:
                 message = await self._outgoing.get()
                 if message is _TAKEN:

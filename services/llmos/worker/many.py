@@ -19,23 +19,24 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from google.rpc import status_pb2
+
 from llmos.common.errors import InvalidArgument, Unavailable
+from llmos.common.generate_many import CAPABILITY_KEY, METHOD, VERSION
+from llmos.common.status import status_of
 from llmos.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 
-# Initial metadata of a served call: the protocol's version this side speaks ("2": windows and
-# `PiecesTaken`).
-CAPABILITY = ("llmos-generate-many", "2")
+# Initial metadata of a served call: the version of the call this side speaks.
+CAPABILITY = (CAPABILITY_KEY, str(VERSION))
 # Pieces a message carries at most (a generation's piece is small; this bounds a message's size
 # far below gRPC's limit when many generations' pieces waited together).
 PIECES_A_MESSAGE = 256
 
 # Runs one generation, handing each piece it produces to `ManyGenerations.put` (and waiting for
-# `room` where `full`); raises nothing but cancellation (a failure is its last piece).
+# `room` where `full`); raises nothing but cancellation (a failure is its last piece: `fail`).
 RunOne = Callable[[worker_pb2.StartGeneration, "ManyGenerations"], Awaitable[None]]
-# Hands a generation that is refused its error piece.
-Refuse = Callable[[worker_pb2.StartGeneration, Exception, "ManyGenerations"], None]
 
 
 class _Window:
@@ -53,11 +54,10 @@ class ManyGenerations:
     """One `GenerateMany` call: reads its starts, cancels and what was read, runs a task a
     generation, streams their pieces. However the call ends, its generations' tasks end with it."""
 
-    def __init__(self, requests: AsyncIterator[worker_pb2.GenerateManyRequest], run_one: RunOne, refuse: Refuse,
+    def __init__(self, requests: AsyncIterator[worker_pb2.GenerateManyRequest], run_one: RunOne,
                  stopping: asyncio.Event) -> None:
         self._requests = requests
         self._run_one = run_one
-        self._refuse = refuse
         self._stopping = stopping
         self._pieces: list[worker_pb2.GenerationPiece] = []
         self._ready = asyncio.Event()
@@ -70,6 +70,13 @@ class ManyGenerations:
         window = self._windows.get(piece.id)
         if window is not None:
             window.ahead += 1
+
+    def fail(self, id_: int, exc: BaseException) -> status_pb2.Status:
+        """Ends generation `id_` with `exc`'s status as its last piece; returns the status."""
+        status = status_of(exc, METHOD)
+        self.put(worker_pb2.GenerationPiece(id=id_, error=worker_pb2.GenerationError(
+            code=status.code, message=status.message, details=status.details)))
+        return status
 
     def full(self, id_: int) -> bool:
         """Whether the generation has sent its window's worth of pieces the caller has not read."""
@@ -112,7 +119,7 @@ class ManyGenerations:
         if id_ in self._running:
             raise InvalidArgument.field("start.id", f"generation {id_} is running on this call")
         if self._stopping.is_set():
-            self._refuse(start, Unavailable("the worker is stopping", reason="WORKER_STOPPING"), self)
+            self.fail(id_, Unavailable("the worker is stopping", reason="WORKER_STOPPING"))
             return
         if start.window:
             self._windows[id_] = _Window(start.window)

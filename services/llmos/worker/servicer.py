@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 
 from llmos.common.architectures import GENERATE
 from llmos.common.convert import (
@@ -22,14 +21,12 @@ from llmos.common.convert import (
 )
 from llmos.common.domain import Chunk
 from llmos.common.errors import DeadlineExceeded, InvalidArgument
-from llmos.common.status import status_of
-from llmos.common.telemetry import server_span
+from llmos.common.generate_many import METHOD as GENERATE_MANY
+from llmos.common.telemetry import server_span, span_failed
 from llmos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 from .host import ModelHost
 from .many import CAPABILITY, ManyGenerations
-
-GENERATE_MANY = "/llmos.v1.WorkerService/GenerateMany"
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -65,7 +62,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def GenerateMany(self, request_iterator, context):
         await context.send_initial_metadata((CAPABILITY,))
-        async for response in ManyGenerations(request_iterator, self._run_one, self._refuse, self._stopping).stream():
+        async for response in ManyGenerations(request_iterator, self._run_one, self._stopping).stream():
             yield response
 
     async def _run_one(self, start: worker_pb2.StartGeneration, out: ManyGenerations) -> None:
@@ -92,20 +89,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
             raise
         except Exception as exc:        # noqa: BLE001 (any failure ends this generation alone)
-            self._refuse(start, exc, out, span)
+            status = out.fail(start.id, exc)
+            span_failed(span, status.code, status.message)
         finally:
             span.end()
-
-    @staticmethod
-    def _refuse(start: worker_pb2.StartGeneration, exc: Exception, out: ManyGenerations,
-                span: trace.Span | None = None) -> None:
-        """Ends a generation with `exc`'s status as its last piece."""
-        status = status_of(exc, GENERATE_MANY)
-        if span is not None:
-            span.set_attribute("rpc.grpc.status_code", status.code)
-            span.set_status(Status(StatusCode.ERROR, status.message))
-        out.put(worker_pb2.GenerationPiece(id=start.id, error=worker_pb2.GenerationError(
-            code=status.code, message=status.message, details=status.details)))
 
     async def _generation(self, request: worker_pb2.GenerateTokensRequest, span: trace.Span) -> AsyncIterator[Chunk]:
         """A generation's chunks, its request checked first; `span` is the request's."""

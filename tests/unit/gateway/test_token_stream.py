@@ -19,10 +19,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from llmos.common.channels import Channels
 from llmos.common.domain import FinishReason, GenerationInput, SamplingParams
 from llmos.common.errors import FailedPrecondition, LlmosError
+from llmos.common.generate_many import METHOD as GENERATE_MANY
 from llmos.common.status import to_status
 from llmos.gateway.frontdoor import Assignment, GenerateCall
 from llmos.gateway.peers import GENERATE_TOKENS, MAX_SHARED_REQUEST_BYTES, GrpcWorkers
-from llmos.gateway.worker_link import GENERATE_MANY
 from llmos.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 CALL = GenerateCall("tiny", GenerationInput(prompt="hi"), SamplingParams(), request_id="r1")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 
-from llmos.common.status import status_of
 from llmos.v1 import common_pb2, worker_pb2
 from llmos.worker.many import PIECES_A_MESSAGE, ManyGenerations
 
@@ -23,12 +22,6 @@ def piece(id_: int, last: bool = False) -> worker_pb2.GenerationPiece:
     if last:
         chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
     return worker_pb2.GenerationPiece(id=id_, chunk=chunk)
-
-
-def refuse(start_: worker_pb2.StartGeneration, exc: Exception, out: ManyGenerations) -> None:
-    status = status_of(exc, "/test")
-    out.put(worker_pb2.GenerationPiece(id=start_.id, error=worker_pb2.GenerationError(
-        code=status.code, message=status.message, details=status.details)))
 
 
 class Requests:
@@ -74,7 +67,7 @@ async def collect(stream, pieces: list) -> None:
 
 async def test_a_stopping_worker_refuses_starts_and_ends_the_call_once_its_generations_have():
     requests, generations, stopping = Requests(), Generations(5), asyncio.Event()
-    many = ManyGenerations(requests, generations.run_one, refuse, stopping)
+    many = ManyGenerations(requests, generations.run_one, stopping)
     pieces: list = []
     streaming = asyncio.create_task(collect(many.stream(), pieces))
     requests.send(start(1))
@@ -90,7 +83,7 @@ async def test_a_stopping_worker_refuses_starts_and_ends_the_call_once_its_gener
 
 async def test_a_cancelled_generations_waiting_pieces_are_dropped_and_it_stops():
     requests, generations = Requests(), Generations(1000, tick=0.001)
-    many = ManyGenerations(requests, generations.run_one, refuse, asyncio.Event())
+    many = ManyGenerations(requests, generations.run_one, asyncio.Event())
     requests.send(start(1, window=3))
     requests.send(start(2, window=3))
     stream = many.stream()
@@ -108,7 +101,7 @@ async def test_a_cancelled_generations_waiting_pieces_are_dropped_and_it_stops()
 
 async def test_a_caller_done_sending_lifts_the_windows_and_gets_every_generation_whole():
     requests, generations = Requests(), Generations(40, tick=0.001)
-    many = ManyGenerations(requests, generations.run_one, refuse, asyncio.Event())
+    many = ManyGenerations(requests, generations.run_one, asyncio.Event())
     for i in range(3):
         requests.send(start(i, window=2))
     requests.send(worker_pb2.GenerateManyRequest.FromString(b"\x22\x00"))   # field 4: a later version's action
@@ -125,7 +118,7 @@ async def test_a_message_carries_at_most_its_bound_of_pieces():
         for i in range(PIECES_A_MESSAGE * 2 + 1):
             out.put(piece(start_.id, last=i == PIECES_A_MESSAGE * 2))
 
-    many = ManyGenerations(requests, burst, refuse, asyncio.Event())
+    many = ManyGenerations(requests, burst, asyncio.Event())
     requests.send(start(1))
     requests.done()
     sizes = [len(r.pieces) async for r in many.stream()]
