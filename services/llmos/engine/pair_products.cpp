@@ -104,8 +104,11 @@ template <int NR>
 void product(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* w, int64_t N, int64_t K, uint16_t* out,
              int64_t ldo) {
     const int64_t blocks = N / 16, groups = blocks / NR, group = NR * 16 * K;
+    // The blocks left over (N / 16 not a multiple of NR) are one more item; none, no item: an empty one would
+    // give one thread a group more than the other (SmolLM2's 576 columns: 10 against 8, the step 4% longer).
+    const int64_t items = groups + (blocks % NR != 0);
 #pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < groups + 1; ++g) {
+    for (int64_t g = 0; g < items; ++g) {
         if (g < groups) {
             column_group<NR>(x, M, ldx, w + g * group, K, out + g * NR * 16, ldo,
                              g + 1 < groups ? w + (g + 1) * group : nullptr);
