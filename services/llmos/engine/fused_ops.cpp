@@ -29,7 +29,7 @@ inline float held(float v, uint16_t*) { return to_float(to_bf16(v)); }
 
 // Rows are shared among threads only past this many elements a call (a decode step's few rows are
 // quicker on one than waking a second). From 32k (SmolLM2: SiLU from 22 rows, the rotary embedding from
-// 34, the norms from 57): a 64-row decode step alone 0.955x the time; served at 64 streams through the
+// 35, the norms from 57): a 64-row decode step alone 0.955x the time; served at 64 streams through the
 // gateway, five restarts each, alternating, 1,519 → 1,558 tok/s (at 16k, which shares 16-row steps too,
 // served runs lost).
 constexpr int64_t PARALLEL_ELEMENTS = 1 << 15;
